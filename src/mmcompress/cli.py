@@ -1,0 +1,220 @@
+"""Command line: ``mmcompress quantize | eval | testbed | bench | ...``.
+
+Each subcommand lives in a function ``cmd_<name>(args)`` returning a dict (the JSON result) or
+``None``.  With ``--json`` the result is printed as one JSON object on the last line of stdout.
+Errors on bad input are one line on stderr and a non-zero exit status (set ``MMCOMPRESS_DEBUG=1``
+for a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An error to report as one line."""
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
+
+
+def _add_calib(p: argparse.ArgumentParser):
+    p.add_argument("--calib", required=True,
+                   help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
+                        "(wiki, testbed)")
+    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per text calibration sample (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mmcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mmcompress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="post-training quantization of a local Hugging Face model")
+    q.add_argument("model", help="local Hugging Face model directory")
+    q.add_argument("--method", default="rtn", help="rtn | smoothquant (see README for the full list)")
+    q.add_argument("--scheme", default="w8a8", help="w8a8 | w4a8 | w4a6 | w4a16")
+    q.add_argument("--wbits", type=int, help="override the scheme's weight bits (2..16)")
+    q.add_argument("--abits", type=int, help="override the scheme's activation bits (2..16; 16 = off)")
+    q.add_argument("--group-size", type=int, help="weight group size (0 = per output channel)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric weight grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid")
+    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
+    _add_calib(q)
+    q.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
+    q.add_argument("--no-progress", action="store_true")
+    _add_common(q)
+
+    e = sub.add_parser("eval", help="evaluate a model or compressed artifact")
+    e.add_argument("model", help="local Hugging Face directory or mmcompress artifact")
+    e.add_argument("--ppl", action="append", default=[], help="text file (or testbed split name) for perplexity")
+    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--no-progress", action="store_true")
+    _add_common(e)
+
+    for register in _plugins():
+        register(sub)
+    return parser
+
+
+def _plugins():
+    """Subcommands that live next to their feature (testbed, bench, sparsify, ...)."""
+    out = []
+    for modname in ("mmcompress.testbed.cli", "mmcompress.sparse.cli", "mmcompress.bench"):
+        try:
+            mod = __import__(modname, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        out.append(mod.register)
+    return out
+
+
+# -- quantize ----------------------------------------------------------------------------------
+
+
+def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int):
+    """Resolve ``--calib``: a file path, or a testbed name."""
+    from .data.calibration import CalibrationSet
+    from .models.loading import load_tokenizer
+
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {spec} does not exist")
+        if path.suffix == ".jsonl":
+            from .models.processing import load_processor
+
+            return CalibrationSet.from_jsonl(path, load_processor(model_dir), nsamples=nsamples, seed=seed)
+        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir), nsamples, seqlen, seed)
+    try:
+        from .testbed.data import calibration_set
+    except ImportError:
+        raise FileNotFoundError(f"calibration file {spec} does not exist") from None
+    return calibration_set(spec, model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def cmd_quantize(args) -> dict:
+    from .engine import temporary_dir_for
+    from .export.serialization import save
+    from .models.adapters import get_adapter
+    from .models.loading import load_hf_model, read_config
+    from .quant.api import make_method, quantize
+    from .quant.quantizer import resolve_scheme
+
+    scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
+    options = {}
+    if args.alpha is not None:
+        if args.method != "smoothquant" and args.method not in ("masquant", "mbq"):
+            raise CLIError(f"--alpha does not apply to --method {args.method}")
+        options["alpha"] = args.alpha
+    make_method(args.method, scheme, **options)  # validate before any heavy work
+    read_config(args.model)
+    out = Path(args.output)
+    model = load_hf_model(args.model, dtype=args.dtype)
+    get_adapter(model)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.ckpt"
+    quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ckpt, resume=args.resume,
+             progress=not args.no_progress, **options)
+    save(model, out, source_dir=args.model)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    desc = model._mmcompress_description
+    result = {"output": str(out), "method": args.method, "scheme": scheme.name,
+              "calibration": desc["calibration"], "seconds": desc["seconds"]}
+    print(f"quantized {args.model} with {args.method} {scheme.name} -> {out} ({desc['seconds']} s; "
+          f"calibration tokens {desc['calibration']['tokens']})", file=sys.stderr)
+    return result
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+
+def resolve_text(spec: str) -> tuple[str, str]:
+    """A text file path, or a testbed evaluation split name; returns (name, text)."""
+    path = Path(spec)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise CLIError(f"evaluation file {spec} is empty")
+        return path.name, text
+    try:
+        from .testbed.data import eval_text
+    except ImportError:
+        raise FileNotFoundError(f"evaluation file {spec} does not exist") from None
+    return spec, eval_text(spec)
+
+
+def cmd_eval(args) -> dict:
+    from .eval.perplexity import text_perplexity
+    from .models.loading import load_hf_model, load_tokenizer
+
+    if not args.ppl:
+        raise CLIError("nothing to evaluate: give --ppl TEXTFILE")
+    texts = [resolve_text(s) for s in args.ppl]
+    model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    result: dict = {"model": str(args.model)}
+    for name, text in texts:
+        r = text_perplexity(model, tok, text, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
+                            progress=not args.no_progress)
+        print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens", file=sys.stderr)
+        if len(texts) == 1:
+            result.update(r)
+        result.setdefault("ppl_by_set", {})[name] = r
+    return result
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def register_command(name, fn):
+    COMMANDS[name] = fn
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    fn = COMMANDS.get(args.command) or getattr(args, "func", None)
+    try:
+        result = fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; a traceback only on request
+        if os.environ.get("MMCOMPRESS_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmcompress {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False) and result is not None:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from .calibration import CalibrationError, CalibrationSet
+
+__all__ = ["CalibrationSet", "CalibrationError"]

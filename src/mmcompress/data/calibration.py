@@ -1,0 +1,168 @@
+"""Calibration sets: text windows, multimodal JSONL samples or in-memory objects.
+
+A :class:`CalibrationSet` is a list of model-input dicts (``input_ids`` plus, for multimodal
+samples, ``pixel_values``/``image_grid_thw``/``input_features``/... as the model's processor makes
+them), each with batch size 1, on the CPU.  Sampling is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.modality import modality_ids, token_counts
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class CalibrationSet:
+    samples: list[dict]
+    source: str = "memory"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def token_counts(self, token_ids: dict[str, int] | None = None) -> dict[str, int]:
+        """Number of calibration tokens per modality (text/image/audio/video)."""
+        total = {"text": 0, "image": 0, "audio": 0, "video": 0}
+        for s in self.samples:
+            ids = modality_ids(s["input_ids"], token_ids or {}, decode=False)
+            for k, v in token_counts(ids).items():
+                total[k] += v
+        return total
+
+    def summary(self, token_ids=None) -> dict:
+        return {"source": self.source, "nsamples": len(self), "tokens": self.token_counts(token_ids), **self.meta}
+
+    # -- builders --------------------------------------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str, tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0, source="text") -> "CalibrationSet":
+        """``nsamples`` random windows of ``seqlen`` tokens from one tokenised text (seeded)."""
+        _check_counts(nsamples, seqlen)
+        if not text or not text.strip():
+            raise CalibrationError(f"calibration text ({source}) is empty")
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if ids.numel() < seqlen:
+            raise CalibrationError(f"calibration text ({source}) has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+        rng = random.Random(seed)
+        last = ids.numel() - seqlen
+        starts = [rng.randint(0, last) for _ in range(nsamples)]
+        samples = [{"input_ids": ids[s : s + seqlen].unsqueeze(0).clone()} for s in starts]
+        return cls(samples, source=source, meta={"seqlen": seqlen, "seed": seed})
+
+    @classmethod
+    def from_text_file(cls, path, tokenizer, nsamples=128, seqlen=512, seed=0) -> "CalibrationSet":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise CalibrationError(f"calibration file {path} is empty")
+        return cls.from_text(text, tokenizer, nsamples, seqlen, seed, source=str(path))
+
+    @classmethod
+    def from_records(cls, records: list[dict], processor, nsamples: int | None = None, seqlen: int | None = None,
+                     seed: int = 0, source="memory", base_dir=None) -> "CalibrationSet":
+        """Samples ``{"text": str, "images": [path | PIL.Image], "audio": [path | array]}`` through
+        the model's processor (or tokenizer for text-only records)."""
+        if not records:
+            raise CalibrationError(f"calibration set ({source}) is empty")
+        records = list(records)
+        if nsamples is not None and nsamples < len(records):
+            rng = random.Random(seed)
+            records = rng.sample(records, nsamples)
+        samples = [encode_record(r, processor, seqlen=seqlen, base_dir=base_dir) for r in records]
+        return cls(samples, source=source, meta={"seed": seed})
+
+    @classmethod
+    def from_jsonl(cls, path, processor, nsamples=None, seqlen=None, seed=0) -> "CalibrationSet":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise CalibrationError(f'{path}:{n}: each line must be an object with a "text" field')
+            records.append(rec)
+        if not records:
+            raise CalibrationError(f"calibration file {path} is empty")
+        return cls.from_records(records, processor, nsamples, seqlen, seed, source=str(path), base_dir=path.parent)
+
+
+def _check_counts(nsamples, seqlen):
+    if nsamples is None or nsamples < 1:
+        raise CalibrationError(f"--nsamples must be >= 1, got {nsamples}")
+    if seqlen is None or seqlen < 2:
+        raise CalibrationError(f"--seqlen must be >= 2, got {seqlen}")
+
+
+def _resolve(p, base_dir):
+    if isinstance(p, (str, Path)):
+        path = Path(p)
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration media file {path} does not exist")
+        return path
+    return p
+
+
+def encode_record(record: dict, processor, seqlen=None, base_dir=None) -> dict:
+    from .media import load_audio, load_image
+
+    images = [load_image(_resolve(p, base_dir)) for p in record.get("images", []) or []]
+    audio = [load_audio(_resolve(p, base_dir)) for p in record.get("audio", []) or []]
+    text = record["text"]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not images and not audio:
+        enc = tokenizer(text, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"]}
+    else:
+        text = _with_placeholders(text, processor, len(images), len(audio))
+        kwargs = {"text": [text], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        if audio:
+            kwargs["audio"] = audio
+        enc = processor(**kwargs)
+        out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+    if seqlen is not None and out["input_ids"].shape[1] > seqlen and not images and not audio:
+        out["input_ids"] = out["input_ids"][:, :seqlen]
+    return out
+
+
+def _with_placeholders(text: str, processor, n_images: int, n_audio: int) -> str:
+    """Prefix one placeholder per image/audio item unless the text already has them."""
+    tok = processor.tokenizer
+    prefix = ""
+    image_token = getattr(processor, "image_token", None) or getattr(tok, "image_token", None)
+    audio_token = getattr(processor, "audio_token", None) or getattr(tok, "audio_token", None)
+    if n_images and image_token and image_token not in text:
+        vb = getattr(tok, "vision_bos_token", "") or ""
+        ve = getattr(tok, "vision_eos_token", "") or ""
+        prefix += (vb + image_token + ve) * n_images
+    if n_audio and audio_token and audio_token not in text:
+        ab = getattr(tok, "audio_bos_token", "") or ""
+        ae = getattr(tok, "audio_eos_token", "") or ""
+        prefix += (ab + audio_token + ae) * n_audio
+    return prefix + text

@@ -1,0 +1,112 @@
+"""Modality is data, not control flow.
+
+Every token of a (possibly multimodal) input gets one integer modality id, built once from
+``input_ids`` and the placeholder token ids the model's processor expands:
+
+* ``TEXT = 0``  every ordinary token, chat special tokens and the image/audio begin/end markers;
+* ``IMAGE = 1`` image placeholder (``<|image_pad|>``) positions, overwritten by vision features;
+* ``AUDIO = 2`` audio placeholder (``<|AUDIO|>``) positions, overwritten by audio features;
+* ``VIDEO = 3`` video placeholder positions.  MASQuant's reference counts video as text; methods map
+  it with :func:`method_modalities`.
+
+Decode steps (sequence length 1) and text-only inputs are all text.  The ids of the sequence being
+processed are published in a context (:func:`modality_context`) that modality-aware modules read
+(:func:`current_modality_ids`), so no model code has to thread an extra argument through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+TEXT, IMAGE, AUDIO, VIDEO = 0, 1, 2, 3
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio", VIDEO: "video"}
+NAME_TO_ID = {v: k for k, v in MODALITY_NAMES.items()}
+
+
+def modality_ids(input_ids: torch.Tensor, token_ids: dict[str, int], *, decode: bool | None = None) -> torch.Tensor:
+    """``[B, L]`` int8 modality ids from ``input_ids`` and ``{"image": id, "audio": id, ...}``.
+
+    A sequence of length 1 (a decode step) or ``decode=True`` gives all text.
+    """
+    ids = torch.zeros(input_ids.shape, dtype=torch.int8, device=input_ids.device)
+    if decode or (decode is None and input_ids.shape[-1] == 1):
+        return ids
+    for name, tok in token_ids.items():
+        ids[input_ids == tok] = NAME_TO_ID[name]
+    return ids
+
+
+def masks(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Boolean masks per modality name from modality ids."""
+    return {name: ids == mid for mid, name in MODALITY_NAMES.items()}
+
+
+def method_modalities(ids: torch.Tensor, video_as: int = TEXT) -> torch.Tensor:
+    """Map video tokens to ``video_as`` (text by default, as the MASQuant reference does)."""
+    if video_as == VIDEO:
+        return ids
+    out = ids.clone()
+    out[ids == VIDEO] = video_as
+    return out
+
+
+def token_counts(ids: torch.Tensor) -> dict[str, int]:
+    return {name: int((ids == mid).sum()) for mid, name in MODALITY_NAMES.items()}
+
+
+_state = threading.local()
+
+
+def current_modality_ids() -> torch.Tensor | None:
+    """The modality ids of the sequence now running through the model, or ``None`` (all text)."""
+    return getattr(_state, "ids", None)
+
+
+@contextlib.contextmanager
+def modality_context(ids: torch.Tensor | None):
+    prev = getattr(_state, "ids", None)
+    _state.ids = ids
+    try:
+        yield
+    finally:
+        _state.ids = prev
+
+
+class ModalityRouter:
+    """Forward pre-hook on a whole model that publishes modality ids of its ``input_ids``.
+
+    Installed by :func:`install_router` on compressed multimodal models so that evaluation and
+    generation route tokens without any change to the modelling code.  Generation's decode steps
+    carry one new token, hence all text.
+    """
+
+    def __init__(self, token_ids: dict[str, int]):
+        self.token_ids = dict(token_ids)
+
+    def pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = None
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            ids = modality_ids(input_ids, self.token_ids)
+        _state.ids = ids
+        return None
+
+    def post_hook(self, module, args, kwargs, output):
+        _state.ids = None
+        return None
+
+
+def install_router(model: torch.nn.Module, token_ids: dict[str, int]):
+    """Install a :class:`ModalityRouter` on ``model`` (idempotent); returns the hook handles."""
+    if getattr(model, "_mmcompress_router", None) is not None:
+        return model._mmcompress_router
+    router = ModalityRouter(token_ids)
+    handles = (
+        model.register_forward_pre_hook(router.pre_hook, with_kwargs=True),
+        model.register_forward_hook(router.post_hook, with_kwargs=True),
+    )
+    model._mmcompress_router = handles
+    return handles

@@ -1,0 +1,174 @@
+"""Tiny random models (and a matching tokenizer/processor) built from configs, for tests and demos.
+
+No download: a byte-level BPE tokenizer is trained in well under a second on a fixed text, the
+special tokens of Qwen2.5-VL / Qwen2.5-Omni are added, and the model configs use their ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "audio_token": "<|AUDIO|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A model compresses weights and activations. "
+    "Quantization maps real numbers to a small grid; sparsity keeps the largest channels. "
+    "Images, audio and text tokens flow through one decoder. 0 1 2 3 4 5 6 7 8 9 red green blue "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", *SPECIAL.values()]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS * 20], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=dict(SPECIAL))
+    return fast
+
+
+def _text_cfg(vocab, hidden=64, inter=128, layers=2, heads=4, kv=2, **kw):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, **kw)
+
+
+_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1], patch_size=14,
+               temporal_patch_size=2, spatial_merge_size=2, window_size=112)
+
+
+def tiny_model(kind: str = "llama", *, layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4,
+               kv_heads: int = 2, tie: bool = False, seed: int = 0, tokenizer=None, dtype=torch.float32):
+    """A random model of ``kind`` in {llama, qwen2, mistral, gemma3, qwen2_5_vl, qwen2_5_omni}
+    with the ids of :func:`tiny_tokenizer`; returns ``(model, tokenizer)``."""
+    import transformers as T
+
+    tok = tokenizer or tiny_tokenizer()
+    vocab = len(tok)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
+    torch.manual_seed(seed)
+    text = _text_cfg(vocab, hidden, intermediate, layers, heads, kv_heads, tie_word_embeddings=tie)
+    eos = tok.eos_token_id
+    if kind == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(**text, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    elif kind == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**text, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    elif kind == "mistral":
+        model = T.MistralForCausalLM(T.MistralConfig(**text, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    elif kind == "gemma3":
+        cfg = T.Gemma3TextConfig(**text, head_dim=hidden // heads, sliding_window=16, bos_token_id=eos, eos_token_id=eos,
+                                 pad_token_id=eos)
+        model = T.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma norms start at 0 (= scale 1); make them non-trivial
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.uniform_(-0.5, 1.0)
+    elif kind in ("qwen2_5_vl", "qwen2_5_omni"):
+        rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=1e6)
+        text_mm = dict(text, rope_parameters=rope)
+        head_dim = hidden // heads
+        if head_dim != 16:
+            text_mm["rope_parameters"] = dict(rope, mrope_section=_mrope_section(head_dim))
+        vision = dict(_VISION, out_hidden_size=hidden)
+        if kind == "qwen2_5_vl":
+            cfg = T.Qwen2_5_VLConfig(text_config=text_mm, vision_config=vision, image_token_id=ids["image_token"],
+                                     video_token_id=ids["video_token"], vision_start_token_id=ids["vision_bos_token"],
+                                     vision_end_token_id=ids["vision_eos_token"], bos_token_id=eos, eos_token_id=eos,
+                                     tie_word_embeddings=tie)
+            model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+        else:
+            audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                         output_dim=hidden)
+            cfg = T.Qwen2_5OmniThinkerConfig(
+                text_config=text_mm, vision_config=vision, audio_config=audio, audio_token_index=ids["audio_token"],
+                image_token_index=ids["image_token"], video_token_index=ids["video_token"],
+                audio_start_token_id=ids["audio_bos_token"], audio_end_token_id=ids["audio_eos_token"],
+                vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
+                bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=tie)
+            model = T.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    _randomize_norms(model)
+    return model.to(dtype).eval(), tok
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    a = half // 4
+    b = (half - a) // 2
+    return [a, b, half - a - b]
+
+
+@torch.no_grad()
+def _randomize_norms(model):
+    """Random RMSNorm scales so that folding tests are not vacuous (transformers inits them to 1)."""
+    g = torch.Generator().manual_seed(1234)
+    for n, p in model.named_parameters():
+        if n.endswith("layernorm.weight") or n.endswith(".norm.weight"):
+            if "language_model" in n or n.startswith("model.layers") or n.startswith("model.norm"):
+                p.copy_(p + torch.rand(p.shape, generator=g) * 0.8 - 0.2)
+
+
+def tiny_processor(kind: str, tokenizer):
+    """A Qwen2.5-VL or Qwen2.5-Omni processor around ``tokenizer`` (no torchvision, no video)."""
+    from transformers import Qwen2VLImageProcessor
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
+    if kind == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor
+
+        with allow_missing_video_processor():
+            return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    if kind == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
+
+        with allow_missing_video_processor():
+            return Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None,
+                                        feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer)
+    raise ValueError(f"no processor for {kind!r}")
+
+
+class allow_missing_video_processor:
+    """The Qwen video processors need torchvision; let processors be built without one."""
+
+    def __enter__(self):
+        from transformers import ProcessorMixin
+
+        self._orig = ProcessorMixin.check_argument_for_proper_class
+
+        def check(inner_self, argument_name, argument):
+            if argument is None:
+                return None
+            return self._orig(inner_self, argument_name, argument)
+
+        ProcessorMixin.check_argument_for_proper_class = check
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import ProcessorMixin
+
+        ProcessorMixin.check_argument_for_proper_class = self._orig
+        return False
+
+
+def save_tiny(path, kind="llama", **kw) -> Path:
+    """Write a tiny random model and its tokenizer to ``path`` with ``save_pretrained``."""
+    model, tok = tiny_model(kind, **kw)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,53 @@
+"""``mmcompress.quantize``: one verb over the layer-by-layer engine."""
+
+from __future__ import annotations
+
+import time
+
+from ..data.calibration import CalibrationError, CalibrationSet
+from ..engine import run_layerwise
+from ..models.adapters import get_adapter
+from .quantizer import QuantScheme, resolve_scheme
+
+
+def make_method(method: str, scheme: QuantScheme, **options):
+    from .methods import QUANT_METHODS
+
+    name = method.lower()
+    if name not in QUANT_METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
+    return QUANT_METHODS[name](scheme, **options)
+
+
+def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
+             checkpoint_dir=None, resume=False, progress=True, **options):
+    """Quantize ``model`` in place with ``method`` and return it.
+
+    ``calib`` is a :class:`~mmcompress.data.CalibrationSet` (or a list of model-input dicts);
+    ``scheme`` a name (``w8a8``, ``w4a8``, ``w4a6``, ``w4a16``) or a :class:`QuantScheme`.
+    Extra keyword ``options`` go to the method (e.g. ``alpha=0.5`` for SmoothQuant).
+    """
+    if isinstance(scheme, str):
+        scheme = resolve_scheme(scheme)
+    adapter = get_adapter(model)
+    if not isinstance(calib, CalibrationSet):
+        calib = CalibrationSet(list(calib))
+    if len(calib) == 0:
+        raise CalibrationError("calibration set is empty")
+    m = make_method(method, scheme, **options)
+    t0 = time.time()
+    infos = run_layerwise(model, adapter, m, calib.samples, device=device, checkpoint_dir=checkpoint_dir,
+                          resume=resume, progress=progress)
+    model._mmcompress_description = {
+        "kind": "quantization",
+        "method": m.config(),
+        "scheme": scheme.name,
+        "calibration": calib.summary(adapter.modality_token_ids),
+        "layers": infos,
+        "seconds": round(time.time() - t0, 2),
+    }
+    if adapter.modality_token_ids:
+        from ..models.modality import install_router
+
+        install_router(model, adapter.modality_token_ids)
+    return model

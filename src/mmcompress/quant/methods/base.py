@@ -1,0 +1,90 @@
+"""Shared machinery of the quantization methods: replacing a layer's linears, smoothing folds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...engine import LayerContext, Method
+from ...models.adapters import LinearGroup, ModelAdapter
+from ..linear import QuantLinear
+from ..quantizer import QuantScheme
+
+
+class QuantMethod(Method):
+    """A quantization method: the scheme, plus the step that subclasses fill in."""
+
+    def __init__(self, scheme: QuantScheme):
+        self.scheme = scheme
+
+    def config(self) -> dict:
+        return {"method": self.name, "scheme": self.scheme.to_dict()}
+
+
+def replace_linear(layer: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(layer.get_submodule(parent_path) if parent_path else layer, child, new)
+
+
+def quantize_layer_linears(layer: nn.Module, adapter: ModelAdapter, scheme: QuantScheme, *, pack: bool = True) -> dict[str, QuantLinear]:
+    """Swap every decoder linear of ``layer`` for a :class:`QuantLinear` (weights as they are now)."""
+    out = {}
+    for path in adapter.linear_names():
+        mod = layer.get_submodule(path)
+        q = mod if isinstance(mod, QuantLinear) else QuantLinear.from_linear(mod, scheme)
+        replace_linear(layer, path, q)
+        if pack:
+            q.pack()
+        out[path] = q
+    return out
+
+
+def weight_column_absmax(modules: list[nn.Module]) -> torch.Tensor:
+    """``max_i |W_ij|`` over the output rows of all readers of a group (per input channel j)."""
+    return torch.stack([m.weight.detach().abs().amax(0).double() for m in modules]).amax(0)
+
+
+def smoothing_foldable(layer: nn.Module, group: LinearGroup, config) -> bool:
+    """Can the division ``x / s`` of this group be folded offline into its producer?"""
+    if group.producer is None:
+        return False
+    if group.producer_kind == "norm":
+        return True
+    producer = layer.get_submodule(group.producer)
+    readers = group.modules(layer)
+    if producer.weight.shape[0] != readers[0].weight.shape[1]:
+        return False  # e.g. v_proj -> o_proj under grouped-query attention
+    return True
+
+
+@torch.no_grad()
+def apply_smoothing(layer: nn.Module, adapter: ModelAdapter, group: LinearGroup, s: torch.Tensor) -> str:
+    """Apply the equivalence ``X Wᵀ = (X / s)(W ⊙ s)ᵀ`` to one group (E1).
+
+    The readers' columns are multiplied by ``s``.  The division is folded into the producer
+    (a norm's γ, or the output rows and bias of the producing linear) when possible; otherwise the
+    readers become :class:`QuantLinear` modules that divide their input at run time.  Returns
+    ``"folded"`` or ``"runtime"``.
+    """
+    s = s.double()
+    readers = group.modules(layer)
+    foldable = smoothing_foldable(layer, group, adapter.text_config)
+    if foldable:
+        producer = layer.get_submodule(group.producer)
+        if group.producer_kind == "norm":
+            adapter.set_norm_scale(producer, adapter.norm_scale(producer) / s)
+        else:
+            w = producer.weight
+            w.data.copy_((w.data.double() / s[:, None]).to(w.dtype))
+            if producer.bias is not None:
+                producer.bias.data.copy_((producer.bias.data.double() / s).to(producer.bias.dtype))
+    for path, mod in zip(group.readers, readers):
+        w = mod.weight
+        w.data.copy_((w.data.double() * s[None, :]).to(w.dtype))
+        if not foldable:
+            if not isinstance(mod, QuantLinear):
+                raise TypeError("run-time smoothing needs QuantLinear readers; quantize the layer first")
+            if mod.input_smoothing is None:
+                mod.input_smoothing = torch.ones(1, mod.in_features, device=w.device)
+            mod.input_smoothing.mul_(s.to(mod.input_smoothing.dtype)[None, :])
+    return "folded" if foldable else "runtime"

@@ -1,0 +1,13 @@
+"""RTN: round-to-nearest min–max quantization, ``Ŵ = Q_w(W)``, ``ŷ = Q_a(x) Ŵᵀ + b``; no calibration."""
+
+from __future__ import annotations
+
+from ...engine import LayerContext
+from .base import QuantMethod, quantize_layer_linears
+
+
+class RTN(QuantMethod):
+    name = "rtn"
+
+    def step(self, ctx: LayerContext) -> None:
+        quantize_layer_linears(ctx.layer, ctx.adapter, self.scheme)

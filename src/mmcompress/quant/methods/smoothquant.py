@@ -1,0 +1,69 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights, then quantize.
+
+For each group of linears that read the same input X (q/k/v; o; gate/up; optionally down):
+
+    s_j = max_t |X_tj|^α / max_i |W_ij|^(1−α)                           (E2)
+    X Wᵀ = (X / s)(W ⊙ s)ᵀ,   quantized: Q_a(X / s) · Q_w(W ⊙ s)ᵀ       (E1, E3)
+
+The activation statistic ``max_t |X_tj|`` is taken over **all** calibration tokens (every modality),
+which is exactly what MASQuant's modality-aware smoothing replaces.  ``max_i |W_ij|`` is taken over
+the rows of every reader in the group.  ``1/s`` is folded into the preceding RMSNorm (q/k/v,
+gate/up) or into the producing linear's output rows (v → o without GQA, up → down); otherwise it
+stays a run-time division inside :class:`~mmcompress.quant.linear.QuantLinear`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...engine import LayerContext
+from ..quantizer import QuantScheme
+from .base import QuantMethod, apply_smoothing, quantize_layer_linears, weight_column_absmax
+
+DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
+
+
+class SmoothQuant(QuantMethod):
+    name = "smoothquant"
+
+    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, groups=DEFAULT_GROUPS):
+        super().__init__(scheme)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.groups = tuple(groups)
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha, "groups": list(self.groups)}
+
+    def step(self, ctx: LayerContext) -> None:
+        layer, adapter = ctx.layer, ctx.adapter
+        groups = [g for g in adapter.groups if g.name in self.groups]
+        act_absmax = collect_absmax(ctx, groups)
+        quantize_layer_linears(layer, adapter, self.scheme, pack=False)
+        placement = {}
+        for g in groups:
+            s = smoothing_factors(act_absmax[g.name], weight_column_absmax(g.modules(layer)), self.alpha)
+            placement[g.name] = apply_smoothing(layer, adapter, g, s)
+        for path in adapter.linear_names():
+            layer.get_submodule(path).pack()
+        ctx.info["smoothing"] = placement
+
+
+def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """E2 with the clamps of the reference: ``s = clamp(a^α / w^(1−α), ≥ 1e-5)``."""
+    a = act_absmax.double().clamp(min=1e-5)
+    w = w_absmax.double().clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(name, x, ids):
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
+        stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
+    ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record)
+    return stats

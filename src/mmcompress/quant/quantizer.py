@@ -1,0 +1,197 @@
+"""Uniform fake quantizers: small pure functions, no model knowledge.
+
+Weights (``W ∈ R^{out×in}``), per output channel (``group_size = 0``) or per group of ``g``
+consecutive input channels, min–max (round-to-nearest) statistics:
+
+* symmetric:  ``Δ = max|w| / (2^{b−1} − 1)``,  ``q = clamp(round(w/Δ), −(2^{b−1}−1), 2^{b−1}−1)``,
+  ``ŵ = q·Δ`` — e.g. 4 bits gives the 15 levels ``{−7..7}·Δ``;
+* asymmetric: ``Δ = (max − min) / (2^b − 1)``, ``z = round(−min/Δ)``,
+  ``q = clamp(round(w/Δ) + z, 0, 2^b − 1)``, ``ŵ = (q − z)·Δ``; the range always contains 0
+  (``min ≤ 0 ≤ max``, the GPTQ convention), so zero-padding a partial last group is harmless and the
+  zero point fits the code range.
+
+Activations: per token (last dimension), dynamic, symmetric ``b``-bit absmax.
+
+``bits >= 16`` switches a quantizer off (identity).  Rounding uses the straight-through estimator
+``round_ste(x) = x + stopgrad(round(x) − x)``; the min/max statistics are not detached, so gradients
+also reach the step size through them (OmniQuant's learnable-equivalent-transform setting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 16
+_EPS = 1e-10
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through (identity) gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer between {MIN_BITS} and {MAX_BITS} (16 = no quantization), got {bits!r}")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Bit widths and granularity of one quantization setting (e.g. W4A8)."""
+
+    wbits: int = 8
+    abits: int = 8
+    group_size: int = 0  # 0 = per output channel
+    sym: bool = True
+
+    def __post_init__(self):
+        check_bits(self.wbits, "weight bits")
+        check_bits(self.abits, "activation bits")
+        if self.group_size < 0:
+            raise ValueError(f"group size must be >= 0 (0 = per channel), got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
+        s = "" if self.sym else "-asym"
+        return f"w{self.wbits}a{self.abits}{g}{s}"
+
+    @property
+    def weight_only(self) -> bool:
+        return self.abits >= 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SCHEMES: dict[str, QuantScheme] = {
+    "w8a8": QuantScheme(8, 8, 0, True),
+    "w4a8": QuantScheme(4, 8, 0, True),
+    "w4a6": QuantScheme(4, 6, 0, True),
+    "w4a16": QuantScheme(4, 16, 128, False),
+    "w8a16": QuantScheme(8, 16, 0, True),
+    "fp": QuantScheme(16, 16, 0, True),
+}
+
+
+def resolve_scheme(name: str | None = None, *, wbits=None, abits=None, group_size=None, sym=None) -> QuantScheme:
+    """A named scheme with optional explicit overrides."""
+    if name is None:
+        base = SCHEMES["w8a8"]
+    elif name.lower() in SCHEMES:
+        base = SCHEMES[name.lower()]
+    else:
+        raise ValueError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}")
+    return QuantScheme(
+        wbits=base.wbits if wbits is None else wbits,
+        abits=base.abits if abits is None else abits,
+        group_size=base.group_size if group_size is None else group_size,
+        sym=base.sym if sym is None else sym,
+    )
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """View ``[out, in]`` as ``[out, n_groups, g]`` (zero-padding a partial last group)."""
+    out_f, in_f = w.shape
+    g = in_f if group_size <= 0 else group_size
+    pad = (-in_f) % g
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, -1, g), pad
+
+
+def weight_qparams(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True):
+    """Step size ``Δ`` and zero point ``z`` (both ``[out, n_groups]``, float) of ``w``."""
+    wg, _ = _grouped(w, group_size)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        scale = wg.abs().amax(-1) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        qmax = 2**bits - 1
+        wmin = wg.amin(-1).clamp(max=0)
+        wmax = wg.amax(-1).clamp(min=0)
+        scale = (wmax - wmin) / qmax
+        zero = torch.round(-wmin / scale.clamp(min=_EPS))
+    return scale.clamp(min=_EPS), zero
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (differentiable through STE and through the statistics)."""
+    if bits >= 16:
+        return w
+    scale, zero = weight_qparams(w, bits, group_size, sym)
+    wg, pad = _grouped(w, group_size)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        q = torch.clamp(round_ste(wg / s), -qmax, qmax)
+        out = q * s
+    else:
+        q = torch.clamp(round_ste(wg / s) + z, 0, 2**bits - 1)
+        out = (q - z) * s
+    out = out.reshape(w.shape[0], -1)
+    return out[:, : w.shape[1]] if pad else out
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True):
+    """Integer codes (int8 tensor, ``[out, in]``), step sizes and zero points of ``w``."""
+    with torch.no_grad():
+        w = w.float()
+        scale, zero = weight_qparams(w, bits, group_size, sym)
+        wg, pad = _grouped(w, group_size)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        if sym:
+            qmax = 2 ** (bits - 1) - 1
+            q = torch.clamp(torch.round(wg / s), -qmax, qmax)
+        else:
+            q = torch.clamp(torch.round(wg / s) + z, 0, 2**bits - 1)
+        q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
+        # asymmetric codes live in [0, 2^b - 1]; shift them to int8 range for storage
+        if not sym:
+            q = q - 2 ** (bits - 1)
+        return q.to(torch.int8), scale, zero
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    q = codes.float()
+    if not sym:
+        q = q + 2 ** (bits - 1)
+    out_f, in_f = q.shape
+    qg, pad = _grouped(q, group_size)
+    w = (qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    w = w.reshape(out_f, -1)
+    return w[:, :in_f] if pad else w
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] two per byte along the last dimension (padded to even)."""
+    c = codes.to(torch.int16) & 0xF
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    c = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    return torch.where(c > 7, c - 16, c).to(torch.int8)
+
+
+# -- activations -----------------------------------------------------------------------------
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token dynamic symmetric fake quantization over the last dimension."""
+    if bits >= 16:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=_EPS)
+    return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
