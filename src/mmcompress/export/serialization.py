@@ -53,12 +53,18 @@ def _module_class(name: str):
 
 
 def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
-    """Replace the modules at the given paths by fresh compressed modules built from their specs."""
+    """Replace the modules at the given paths by fresh compressed modules built from their specs.
+
+    A class with ``from_spec_wrapping(spec, existing, device)`` wraps the module that is already at
+    the path (e.g. a decoder layer plus a residual adapter) instead of building one from scratch."""
     for path, spec in specs.items():
         cls = _module_class(spec["class"])
         parent_path, _, child = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        setattr(parent, child, cls.from_spec(spec, device=device))
+        if hasattr(cls, "from_spec_wrapping"):  # a wrapper around the module already at `path`
+            setattr(parent, child, cls.from_spec_wrapping(spec, getattr(parent, child), device=device))
+        else:
+            setattr(parent, child, cls.from_spec(spec, device=device))
 
 
 def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None) -> Path:
@@ -117,33 +123,29 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype)
     apply_specs(model, manifest.get("modules", {}))
-    for name, mod in model.named_modules():
+    materialized: dict[int, nn.Parameter] = {}  # keep tied parameters tied
+    for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:
-                mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False)
+                if id(p) not in materialized:
+                    materialized[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False)
+                mod._parameters[pname] = materialized[id(p)]
+    model.tie_weights()  # tie before loading: a tied pair is stored once
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors in model.safetensors: {unexpected[:5]}")
-    model.tie_weights()
-    tied = {n for n, p in model.named_parameters()}  # named_parameters dedups shared tensors
-    still_missing = [m for m in missing if m in tied and m not in state]
-    if still_missing and not _all_tied(model, still_missing, state):
-        raise ValueError(f"{path}: missing tensors in model.safetensors: {still_missing[:5]}")
+    if missing:
+        current = model.state_dict()
+        loaded = {current[k].data_ptr() for k in state if k in current}
+        really_missing = [k for k in missing if current[k].data_ptr() not in loaded]
+        if really_missing:
+            raise ValueError(f"{path}: missing tensors in model.safetensors: {really_missing[:5]}")
     model.eval().to(device)
     model._mmcompress_description = {k: v for k, v in manifest.items() if k != "modules"}
     model._mmcompress_source = str(path)
     _install_runtime(model)
     return model
-
-
-def _all_tied(model, names, state) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for n in names:
-        p = params.get(n)
-        if p is None or p.is_meta:
-            return False
-    return True
 
 
 def _install_runtime(model: nn.Module) -> None:
