@@ -1,0 +1,116 @@
+"""``mmcompress.sparse.api.sparsify``: activation sparsity (LaRoSA, TEAL, CATS) in one verb.
+
+    sparsify(model, calib, method="larosa", sparsity=0.4, plan="exact", mode="merged", prefill="all")
+
+``sparsity`` is the target *model-level* sparsity (parameter-weighted over q, k, v, o, gate, up, down);
+the description attached to the model (``model._mmcompress_description``, saved into
+``mmcompress.json``) states the method, the mode (LaRoSA: merged M or reference R), the plan, the
+prefill policy and the achieved model-level sparsity.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..data.calibration import CalibrationError, CalibrationSet
+from ..models.adapters import get_adapter
+from . import plan as plans
+from .linear import SparseLinear
+from .merge import ThresholdedActivation, inner_layer
+
+METHODS = ("larosa", "teal", "cats")
+
+
+def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
+             mode: str = "merged", prefill: str = "all", device="cpu", progress: bool = True, **options) -> nn.Module:
+    """Sparsify ``model`` in place and return it (see module docstring).
+
+    ``plan``: LaRoSA ``exact`` (default) | ``uniform`` (reference 0.8/1.2 split) | ``grid``;
+    TEAL ``uniform`` (default); CATS has none.  ``mode`` (LaRoSA only): ``merged`` | ``reference``.
+    ``prefill``: ``all`` (paper protocol) | ``none`` (dense prefill) | ``last_half`` (TEAL protocol).
+    """
+    name = method.lower()
+    if name not in METHODS:
+        raise ValueError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+    adapter = get_adapter(model)
+    if not isinstance(calib, CalibrationSet):
+        calib = CalibrationSet(list(calib))
+    if len(calib) == 0:
+        raise CalibrationError("calibration set is empty")
+    t0 = time.time()
+    model.eval()
+    if name == "larosa":
+        from .methods.larosa import larosa
+
+        info = larosa(model, adapter, calib.samples, sparsity, plan=plan or "exact", mode=mode, prefill=prefill,
+                      device=device, progress=progress, **options)
+    elif name == "teal":
+        from .methods.teal import teal
+
+        if mode not in ("merged", "reference", None):
+            raise ValueError(f"unknown mode {mode!r}")
+        info = teal(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
+                    progress=progress, **options)
+    else:
+        from .methods.cats import cats
+
+        if plan not in (None, "exact", "uniform"):
+            raise ValueError(f"CATS has no {plan!r} plan")
+        info = cats(model, adapter, calib.samples, sparsity, prefill=prefill, device=device, progress=progress,
+                    **options)
+    model._mmcompress_description = {
+        "kind": "activation_sparsity",
+        "method": info,
+        "calibration": calib.summary(adapter.modality_token_ids),
+        "seconds": round(time.time() - t0, 2),
+    }
+    if adapter.modality_token_ids:
+        from ..models.modality import install_router
+
+        install_router(model, adapter.modality_token_ids)
+    return model
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
+    """Run ``samples`` and measure the zero fraction of every projection's effective input.
+
+    Returns ``{"model_sparsity": S, "per_activation": {h1..h4: mean over layers}}`` where S is the
+    parameter-weighted mean over q, k, v, o, gate, up, down (up counts the zeros of the CATS gate)."""
+    adapter = adapter or get_adapter(model)
+    shapes = plans.layer_shapes(adapter)
+    counts = [{p: [0.0, 0] for p in plans.PROJECTIONS} for _ in shapes]
+    handles = []
+    for i, layer in enumerate(adapter.layers):
+        layer = inner_layer(layer)
+        cats_gate = any(isinstance(m, ThresholdedActivation) for m in layer.modules())
+        for g in adapter.groups:
+            for path in g.readers:
+                proj = plans.projection_name(path)
+                mod = layer.get_submodule(path)
+
+                def hook(m, args, i=i, proj=proj, cats_gate=cats_gate):
+                    x = args[0]
+                    if isinstance(m, SparseLinear):
+                        x = m.sparsify(x)
+                    z = float((x == 0).sum())
+                    for p in ((proj, "up") if (cats_gate and proj == "down") else (proj,)):
+                        counts[i][p][0] += z
+                        counts[i][p][1] += x.numel()
+
+                handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        for s in samples:
+            model(**s, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    levels = [{p: (c[0] / c[1] if c[1] else 0.0) for p, c in lc.items()} for lc in counts]
+    pl = plans.per_projection(shapes, levels, "measured", 0.0)
+    per_act = {a: sum(pl.level(i, a) for i in range(len(shapes))) / len(shapes) for a in plans.READERS_OF}
+    return {"model_sparsity": pl.model_sparsity(), "per_activation": per_act, "levels": levels}

@@ -1,0 +1,315 @@
+"""Model surgery for rotated activation sparsity, and the modules it inserts.
+
+Mode M (``merge_rotations``, merged, deployable; docs/larosa.md §2.4-2.6).  Row convention
+``y = x Wᵀ``; ``Q_l`` is layer l's basis, the residual stream of layer l lives in basis Q_l::
+
+    readers  (q,k,v | gate,up):  W' = W diag(γ) Q_l          (γ of the norm that feeds them; norm γ → 1)
+    writers  (o | down):         W' = Q_lᵀ W,  b' = b Q_l
+    embedding                    E' = E Q_1   (and every module writing into the input embeddings:
+                                               the vision merger's / audio tower's output projection)
+    head                         H' = H diag(γ_f) Q_L      (final norm γ → 1; tied embeddings are untied)
+    residual adapter after l:    r ← r A_l,  A_l = Q_lᵀ Q_{l+1}       (``ResidualAdaptedLayer``)
+
+With no sparsity the merged model reproduces the original (computational invariance: RMS(rQ) =
+RMS(r)Q).  All products are done in float64, then cast to the model dtype.
+
+Mode R (``rotate_reference``, the published code's semantics): the residual stream is not rotated;
+each block input norm becomes ``RotatedNorm`` = (γ ⊙ RMS(r))·Q_l and the readers become W Q_l, so
+Top-K acts on (γ ⊙ RMS(r))·Q_l exactly as the reference's rotate → Top-K → unrotate simulation.
+
+Gemma3 supports Mode R only: its sandwich norms (post_attention_layernorm / post_feedforward_layernorm)
+apply γ ⊙ RMS(·) to each block *output* before the residual add.  RMS commutes with Q but γ does
+not, so writing those outputs into a rotated residual stream needs an explicit d×d rotation after
+each post-norm (two more GEMVs per layer): it is no longer a merge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import SparseLinear
+from .registry import register_sparse_module
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
+@register_sparse_module
+class ResidualAdaptedLayer(nn.Module):
+    """A decoder layer followed by the residual adapter ``r ← r A_l`` (``A_l = Q_lᵀ Q_{l+1}``).
+
+    ``residual_adapter`` is a bias-free linear holding ``A_lᵀ``.  Attribute access falls through to
+    the wrapped layer (``wrapper.self_attn`` is ``wrapper.layer.self_attn``)."""
+
+    def __init__(self, layer: nn.Module, hidden_size: int, adapter: bool = True, dtype=torch.float32, device=None):
+        super().__init__()
+        self.layer = layer
+        self.hidden_size = hidden_size
+        if adapter:
+            self.residual_adapter = nn.Linear(hidden_size, hidden_size, bias=False, dtype=dtype, device=device)
+            self.residual_adapter.weight.requires_grad_(False)
+        else:
+            self.residual_adapter = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.layer(hidden_states, *args, **kwargs)
+        if self.residual_adapter is None:
+            return out
+        if isinstance(out, tuple):
+            return (self.residual_adapter(out[0]),) + tuple(out[1:])
+        return self.residual_adapter(out)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("layer")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def spec(self) -> dict:
+        from ..export.serialization import module_specs
+
+        w = self.residual_adapter
+        return {"class": type(self).__name__, "hidden_size": self.hidden_size, "adapter": w is not None,
+                "dtype": _dtype_name(w.weight.dtype) if w is not None else None, "inner": module_specs(self.layer)}
+
+    @classmethod
+    def from_spec_wrapping(cls, spec: dict, existing: nn.Module, device=None) -> "ResidualAdaptedLayer":
+        from ..export.serialization import apply_specs
+
+        apply_specs(existing, spec.get("inner", {}), device=device)
+        dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else torch.float32
+        return cls(existing, spec["hidden_size"], spec["adapter"], dtype=dtype, device=device)
+
+
+@register_sparse_module
+class RotatedNorm(nn.Module):
+    """Mode R block input: ``u = norm(x) · Q`` (the norm keeps its γ; ``rotation`` holds Q)."""
+
+    def __init__(self, norm: nn.Module, hidden_size: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.norm = norm
+        self.hidden_size = hidden_size
+        self.rotation = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return (y.to(self.rotation.dtype) @ self.rotation).to(y.dtype)
+
+    def spec(self) -> dict:
+        return {"class": type(self).__name__, "hidden_size": self.hidden_size, "dtype": _dtype_name(self.rotation.dtype)}
+
+    @classmethod
+    def from_spec_wrapping(cls, spec: dict, existing: nn.Module, device=None) -> "RotatedNorm":
+        return cls(existing, spec["hidden_size"], dtype=getattr(torch, spec["dtype"]), device=device)
+
+
+@register_sparse_module
+class ThresholdedActivation(nn.Module):
+    """CATS: ``z = act(x)``, then ``z · 1[|z| ≥ t]`` (wraps the MLP's activation module)."""
+
+    def __init__(self, act: nn.Module, threshold: float = 0.0):
+        super().__init__()
+        self.act = act
+        self.threshold = float(threshold)
+        self.sparse_prefill = True
+
+    def forward(self, x):
+        z = self.act(x)
+        if not self.sparse_prefill and z.dim() >= 2 and z.shape[-2] > 1:
+            return z
+        return z * (z.abs() >= self.threshold)
+
+    def spec(self) -> dict:
+        return {"class": type(self).__name__, "threshold": self.threshold, "sparse_prefill": self.sparse_prefill}
+
+    @classmethod
+    def from_spec_wrapping(cls, spec: dict, existing: nn.Module, device=None) -> "ThresholdedActivation":
+        m = cls(existing, spec["threshold"])
+        m.sparse_prefill = spec.get("sparse_prefill", True)
+        return m
+
+
+@register_sparse_module
+class PrefillPolicySparseLinear(SparseLinear):
+    """``SparseLinear`` that sparsifies only the last ``sparse_fraction`` of the tokens of a multi-token
+    call (TEAL's evaluation protocol uses ½: the first half of a prefill stays dense)."""
+
+    def __init__(self, *args, sparse_fraction: float = 0.5, **kw):
+        super().__init__(*args, **kw)
+        self.sparse_fraction = float(sparse_fraction)
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and x.shape[-2] > 1:
+            t = x.shape[-2]
+            n = int(t * self.sparse_fraction)
+            if n <= 0:
+                return x
+            return torch.cat([x[..., : t - n, :], super().sparsify(x[..., t - n :, :])], dim=-2)
+        return super().sparsify(x)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep: int, sparse_fraction: float = 0.5, **kw):
+        m = super().from_linear(linear, keep, **kw)
+        m.sparse_fraction = float(sparse_fraction)
+        return m
+
+    def spec(self) -> dict:
+        return {**super().spec(), "sparse_fraction": self.sparse_fraction}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None):
+        m = super().from_spec(spec, device=device)
+        m.sparse_fraction = spec.get("sparse_fraction", 0.5)
+        return m
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def inner_layer(layer: nn.Module) -> nn.Module:
+    return layer.layer if isinstance(layer, ResidualAdaptedLayer) else layer
+
+
+def embedding_writers(model: nn.Module, adapter) -> list[nn.Linear]:
+    """Linears whose outputs are scattered into the text decoder's input embeddings (multimodal
+    towers' last projections).  In Mode M they must write in basis Q_1 as the embedding does."""
+    out = []
+    d = adapter.text_config.hidden_size
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod.out_features != d:
+            continue
+        if name.endswith("visual.merger.mlp.2") or name.endswith("audio_tower.proj"):
+            out.append(mod)
+    return out
+
+
+@torch.no_grad()
+def _rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
+    """Output side: ``W' = Qᵀ W``, ``b' = b Q``."""
+    w = linear.weight.data.double()
+    linear.weight.data.copy_((q.T @ w).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.data.copy_((linear.bias.data.double() @ q).to(linear.bias.dtype))
+
+
+@torch.no_grad()
+def _rotate_reader(linear: nn.Linear, q: torch.Tensor, gamma: torch.Tensor | None = None) -> None:
+    """Input side: ``W' = W diag(γ) Q`` (biases unchanged)."""
+    w = linear.weight.data.double()
+    if gamma is not None:
+        w = w * gamma.double()[None, :]
+    linear.weight.data.copy_((w @ q).to(linear.weight.dtype))
+
+
+def _groups(adapter):
+    return {g.name: g for g in adapter.groups}
+
+
+def _check_rotations(adapter, rotations):
+    mats = rotations.matrices if hasattr(rotations, "matrices") else list(rotations)
+    n = len(adapter.layers)
+    if len(mats) != n:
+        raise ValueError(f"{len(mats)} rotations for {n} decoder layers")
+    d = adapter.text_config.hidden_size
+    for q in mats:
+        if tuple(q.shape) != (d, d):
+            raise ValueError(f"rotation of shape {tuple(q.shape)} for hidden size {d}")
+    return [q.double().cpu() for q in mats]
+
+
+def supports_merged(adapter) -> tuple[bool, str]:
+    if adapter.family == "gemma3":
+        return False, ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before "
+                       "the residual add, so the rotation cannot be merged (it would need two extra d×d "
+                       "rotations per layer); use mode 'reference'")
+    return True, ""
+
+
+@torch.no_grad()
+def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None) -> nn.Module:
+    """Mode M: fold every RMSNorm γ into its readers and merge the per-layer rotations into the weights
+    (see the module docstring).  In place; returns ``model``."""
+    ok, why = supports_merged(adapter)
+    if not ok:
+        raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
+    qs = _check_rotations(adapter, rotations)
+    groups = _groups(adapter)
+    layers = adapter.layers
+    n = len(layers)
+    d = adapter.text_config.hidden_size
+    dtype = adapter.embed_tokens.weight.dtype
+    for i in range(n):
+        layer = inner_layer(layers[i])
+        q = qs[i]
+        for gname in ("attn_in", "mlp_in"):
+            g = groups[gname]
+            norm = layer.get_submodule(g.producer)
+            gamma = adapter.norm_scale(norm)
+            for lin in g.modules(layer):
+                _rotate_reader(lin, q, gamma)
+            adapter.set_norm_scale(norm, torch.ones_like(gamma))
+        for gname in ("attn_out", "mlp_out"):
+            for lin in groups[gname].modules(layer):
+                _rotate_writer(lin, q)
+    # embedding and head (untie first)
+    emb, head = adapter.embed_tokens, adapter.lm_head
+    if adapter.tied:
+        head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
+        for cfg in {id(c): c for c in (model.config, adapter.text_config)}.values():
+            if hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys") and isinstance(model._tied_weights_keys, dict):
+            model._tied_weights_keys = {}
+    emb.weight.data.copy_((emb.weight.data.double() @ qs[0]).to(emb.weight.dtype))
+    for lin in embedding_writers(model, adapter):
+        _rotate_writer(lin, qs[0])
+    gamma_f = adapter.norm_scale(adapter.final_norm)
+    _rotate_reader(head, qs[-1], gamma_f)
+    adapter.set_norm_scale(adapter.final_norm, torch.ones_like(gamma_f))
+    # residual adapters between layers
+    adtype = adapter_dtype or dtype
+    for i in range(n):
+        layer = layers[i]
+        if isinstance(layer, ResidualAdaptedLayer):
+            raise ValueError("the model is already merged (ResidualAdaptedLayer found)")
+        dev = next(layer.parameters()).device
+        wrapped = ResidualAdaptedLayer(layer, d, adapter=i < n - 1, dtype=adtype, device=dev)
+        if i < n - 1:  # r' ← r' A, A = Q_iᵀ Q_{i+1}; as a linear, weight = Aᵀ = Q_{i+1}ᵀ Q_i
+            wrapped.residual_adapter.weight.data.copy_((qs[i + 1].T @ qs[i]).to(adtype))
+        layers[i] = wrapped
+    return model
+
+
+@torch.no_grad()
+def rotate_reference(model: nn.Module, adapter, rotations) -> nn.Module:
+    """Mode R: block-input norms become ``RotatedNorm`` (γ⊙RMS(r))·Q_l and readers W Q_l.  The
+    residual stream, embedding and head are untouched.  In place; returns ``model``."""
+    qs = _check_rotations(adapter, rotations)
+    groups = _groups(adapter)
+    d = adapter.text_config.hidden_size
+    for i, layer in enumerate(adapter.layers):
+        layer = inner_layer(layer)
+        q = qs[i]
+        for gname in ("attn_in", "mlp_in"):
+            g = groups[gname]
+            parent_path, _, child = g.producer.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            norm = getattr(parent, child)
+            if isinstance(norm, RotatedNorm):
+                raise ValueError("the model is already rotated (RotatedNorm found)")
+            w = norm.weight
+            rot_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            wrapped = RotatedNorm(norm, d, dtype=rot_dtype, device=w.device)
+            wrapped.rotation.data.copy_(q.to(rot_dtype))
+            setattr(parent, child, wrapped)
+            for lin in g.modules(layer):
+                _rotate_reader(lin, q)
+    return model

@@ -1,0 +1,66 @@
+"""CATS: contextually-aware thresholding of the gate activation (Lee et al., 2024; docs/larosa.md §7).
+
+``CATS(z) = z·1[|z| ≥ t]`` on ``z = act(x W_gateᵀ)`` in every gated MLP, with ``t`` per layer the
+empirical quantile of ``|z|`` on calibration data at the MLP sparsity ``k``.  A zero in ``z`` skips
+the matching row of up_proj and column of down_proj, so under the model-level accounting (q, k, v,
+o, gate, up, down) only up and down count::
+
+    S_model = k·(|W_up| + |W_down|) / Σ|W|   ≤   2fd / block mass   (44.6% for LLaMA2-7B).
+
+A target above that is unreachable: k is capped (``max_mlp_sparsity``, default 0.99) and the
+achieved model-level sparsity is reported.
+"""
+
+from __future__ import annotations
+
+from .. import plan as plans
+from ..merge import ThresholdedActivation, inner_layer
+from .teal import calibrate_magnitudes, quantile
+
+
+def _act_path(adapter) -> str:
+    g = {g.name: g for g in adapter.groups}["mlp_in"]
+    return g.readers[0].rpartition(".")[0] + ".act_fn"
+
+
+def _cats_select(layer, adapter):
+    return {"gate_act": (layer.get_submodule(_act_path(adapter)), "output")}
+
+
+def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_mlp_sparsity: float = 0.99,
+         device="cpu", progress=True, magnitudes=None) -> dict:
+    """Apply CATS in place; ``sparsity`` is the target *model-level* sparsity."""
+    if prefill not in ("all", "none"):
+        raise ValueError(f"CATS supports prefill policies 'all' and 'none', not {prefill!r}")
+    shapes = plans.layer_shapes(adapter)
+    if magnitudes is None:
+        magnitudes = calibrate_magnitudes(model, adapter, samples, device=device, progress=progress,
+                                          select=_cats_select)
+    path = _act_path(adapter)
+    levels, thresholds, capped = [], [], False
+    for i, layer in enumerate(adapter.layers):
+        layer = inner_layer(layer)
+        sh = shapes[i]
+        k = sparsity * sh.total / (sh.masses["up"] + sh.masses["down"])
+        if k > max_mlp_sparsity:
+            k, capped = max_mlp_sparsity, True
+        t = quantile(magnitudes[i]["gate_act"], k)
+        parent_path, _, child = path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        act = getattr(parent, child)
+        if isinstance(act, ThresholdedActivation):
+            act.threshold = t
+        else:
+            act = ThresholdedActivation(act, t)
+            setattr(parent, child, act)
+        act.sparse_prefill = prefill == "all"
+        levels.append({"up": k, "down": k})
+        thresholds.append(round(t, 6))
+    chosen = plans.per_projection(shapes, levels, "cats", sparsity)
+    out = {"method": "cats", "prefill": prefill, **chosen.summary(), "thresholds": thresholds,
+           "max_model_sparsity": round(max_mlp_sparsity * sum(s.masses["up"] + s.masses["down"] for s in shapes)
+                                       / sum(s.total for s in shapes), 6)}
+    if capped:
+        out["note"] = (f"target {sparsity} is above what CATS can reach (MLP sparsity capped at {max_mlp_sparsity}); "
+                       f"achieved model-level sparsity {out['model_sparsity']}")
+    return out

@@ -1,0 +1,135 @@
+"""LaRoSA: layer-wise rotated Top-K activation sparsity (Liu et al., ICML 2025; docs/larosa.md).
+
+1. Calibrate one PCA basis ``Q_l`` per decoder layer (:mod:`..rotation`), dense model chain.
+2. Mode M (``mode="merged"``, default, deployable): fold γ and merge Q into readers, writers,
+   embedding and head, residual adapters ``Q_lᵀQ_{l+1}`` between layers (:func:`..merge.merge_rotations`).
+   Mode R (``mode="reference"``): ``(γ⊙RMS(r))·Q_l`` at run time, readers ``W Q_l``.
+3. Per token Top-K on the (rotated) inputs of q,k,v (h1) and gate,up (h3), magnitude Top-K on the
+   inputs of o (h2) and down (h4), with K from a :class:`..plan.SparsityPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import plan as plans
+from ..linear import SparseLinear
+from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
+from ..rotation import calibrate_rotations
+
+PREFILL_POLICIES = ("all", "none", "last_half")
+
+
+def make_sparse_linear(linear: nn.Module, keep: int, prefill: str = "all", **kw) -> SparseLinear:
+    """A ``SparseLinear`` for ``linear`` with the given prefill policy (``all`` | ``none`` | ``last_half``)."""
+    if prefill not in PREFILL_POLICIES:
+        raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
+    if isinstance(linear, SparseLinear):
+        lin = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                        dtype=linear.weight.dtype, device=linear.weight.device)
+        lin.weight.data, lin.bias = linear.weight.data, linear.bias
+        linear = lin
+    if prefill == "last_half":
+        m = PrefillPolicySparseLinear.from_linear(linear, keep, sparse_fraction=0.5, **kw)
+    else:
+        m = SparseLinear.from_linear(linear, keep, **kw)
+        m.sparse_prefill = prefill == "all"
+    return m
+
+
+def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = layer.get_submodule(parent_path) if parent_path else layer
+    setattr(parent, child, module)
+
+
+def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
+    """Replace every reader by a Top-K ``SparseLinear`` with the plan's K (or update K in place)."""
+    for i, layer in enumerate(adapter.layers):
+        layer = inner_layer(layer)
+        for g in adapter.groups:
+            act = plans.GROUP_ACTIVATION[g.name]
+            k = plan.keep(i, act)
+            for path in g.readers:
+                mod = layer.get_submodule(path)
+                if isinstance(mod, SparseLinear) and mod.mode == "topk":
+                    mod.keep = k
+                else:
+                    _set(layer, path, make_sparse_linear(mod, k, prefill))
+
+
+@torch.no_grad()
+def calibration_nll(model, samples, max_samples: int = 4) -> float:
+    """Mean next-token NLL of ``model`` on the first calibration samples (for the grid plan)."""
+    nll, n = 0.0, 0
+    for s in list(samples)[:max_samples]:
+        ids = s["input_ids"]
+        logits = model(**s, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:].to(logits.device), reduction="sum")
+        nll += float(loss)
+        n += ids.shape[1] - 1
+    return nll / max(n, 1)
+
+
+def build_plan(kind: str, shapes, sparsity: float, *, ratio_in: float = 0.8):
+    if kind == "uniform":
+        return plans.uniform(shapes, sparsity)
+    if kind == "exact":
+        return plans.exact(shapes, sparsity, ratio_in=ratio_in)
+    raise ValueError(f"unknown plan {kind!r}; choose exact, uniform or grid")
+
+
+def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", ratios=plans.GRID_RATIOS,
+                max_samples: int = 4, log=None):
+    """Our reconstruction of the paper's Algorithm 1: ``exact`` plans over a grid of input-side
+    ratios (shared by attention and MLP blocks); the one with the lowest calibration NLL wins."""
+    results = []
+    for r in ratios:
+        if r * sparsity >= plans.MAX_LEVEL:
+            continue
+        p = plans.exact(shapes, sparsity, ratio_in=r)
+        apply_topk_plan(model, adapter, p, prefill)
+        loss = calibration_nll(model, samples, max_samples)
+        results.append((loss, r, p))
+        if log:
+            log(f"grid ratio_in={r:.2f}: calibration nll {loss:.4f}")
+    loss, r, best = min(results, key=lambda t: (t[0] if math.isfinite(t[0]) else float("inf")))
+    best.kind = "grid"
+    best.info.update({"grid": {f"{rr:.2f}": round(ll, 5) for ll, rr, _ in results}, "calibration_nll": round(loss, 5)})
+    return best
+
+
+def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mode: str = "merged",
+           prefill: str = "all", basis: str = "attn", ratio_in: float = 0.8, device="cpu", progress=True,
+           grid_samples: int = 4, rotations=None) -> dict:
+    """Apply LaRoSA in place; returns a description (mode, plan, achieved model-level sparsity)."""
+    if mode == "merged":
+        ok, why = supports_merged(adapter)
+        if not ok:
+            raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
+    elif mode != "reference":
+        raise ValueError(f"mode must be 'merged' or 'reference', got {mode!r}")
+    if prefill not in PREFILL_POLICIES:
+        raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
+    shapes = plans.layer_shapes(adapter)
+    if plan != "grid":
+        build_plan(plan, shapes, sparsity, ratio_in=ratio_in)  # validate before the calibration
+    if rotations is None:
+        rotations = calibrate_rotations(model, adapter, samples, mode=mode, basis=basis, device=device,
+                                        progress=progress)
+    elif rotations.mode != mode:
+        raise ValueError(f"rotations were calibrated for mode {rotations.mode!r}, not {mode!r}")
+    if mode == "merged":
+        merge_rotations(model, adapter, rotations)
+    else:
+        rotate_reference(model, adapter, rotations)
+    if plan == "grid":
+        chosen = grid_search(model, adapter, shapes, sparsity, samples, prefill, max_samples=grid_samples)
+    else:
+        chosen = build_plan(plan, shapes, sparsity, ratio_in=ratio_in)
+    apply_topk_plan(model, adapter, chosen, prefill)
+    return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": rotations.tokens,
+            **chosen.summary()}

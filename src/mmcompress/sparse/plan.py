@@ -1,0 +1,164 @@
+"""Sparsity plans and model-level accounting (docs/larosa.md §3.1).
+
+A plan gives, for every decoder layer, the sparsity of the input of each projection
+``q, k, v, o, gate, up, down``.  For Top-K (LaRoSA) projections that share an input share its level:
+``h1`` (q,k,v), ``h2`` (o), ``h3`` (gate,up), ``h4`` (down); the level is realised as an integer
+``K = round((1 − s)·D)`` and the plan stores the *achieved* level ``1 − K/D``.
+
+Model-level sparsity (the paper's definition, embedding and head excluded)::
+
+    S_model = Σ_m s_m·|W_m| / Σ_m |W_m|,   m over q, k, v, o, gate, up, down of every layer.
+
+Constructors: ``uniform`` (the reference code's 0.8 / 1.2 split of a nominal level: the achieved
+S_model is *below* the nominal one), ``exact`` (input side at ``ratio_in·p``, output side solved per
+block so each block, hence the model, has parameter-weighted sparsity p up to integer rounding),
+and ``grid`` candidates (``exact`` over a grid of ``ratio_in``; the caller picks the best on
+calibration loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .topk import keep_count
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ACTIVATION_OF = {"q": "h1", "k": "h1", "v": "h1", "o": "h2", "gate": "h3", "up": "h3", "down": "h4"}
+READERS_OF = {"h1": ("q", "k", "v"), "h2": ("o",), "h3": ("gate", "up"), "h4": ("down",)}
+GROUP_ACTIVATION = {"attn_in": "h1", "attn_out": "h2", "mlp_in": "h3", "mlp_out": "h4"}
+MAX_LEVEL = 0.99
+GRID_RATIOS = (0.5, 0.65, 0.8, 0.9, 1.0, 1.1)
+
+
+def projection_name(path: str) -> str:
+    """``self_attn.q_proj`` -> ``q``."""
+    return path.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+@dataclass
+class LayerShape:
+    masses: dict[str, int]  # projection -> number of weights
+    dims: dict[str, int]  # activation h1..h4 -> width D
+
+    @property
+    def total(self) -> int:
+        return sum(self.masses.values())
+
+    def mass_of(self, act: str) -> int:
+        return sum(self.masses[p] for p in READERS_OF[act])
+
+
+def layer_shapes(adapter) -> list[LayerShape]:
+    """Masses and activation widths per decoder layer, read from the weights."""
+    from .merge import inner_layer
+
+    shapes = []
+    for layer in adapter.layers:
+        layer = inner_layer(layer)
+        masses, dims = {}, {}
+        for g in adapter.groups:
+            act = GROUP_ACTIVATION[g.name]
+            for path in g.readers:
+                w = layer.get_submodule(path).weight
+                masses[projection_name(path)] = w.shape[0] * w.shape[1]
+                dims[act] = w.shape[1]
+        missing = set(PROJECTIONS) - set(masses)
+        if missing:
+            raise ValueError(f"decoder layer has no projections {sorted(missing)}")
+        shapes.append(LayerShape(masses, dims))
+    return shapes
+
+
+@dataclass
+class SparsityPlan:
+    """Per-layer input sparsity of every projection (see module docstring)."""
+
+    levels: list[dict[str, float]]  # [layer][projection] -> sparsity of its input
+    shapes: list[LayerShape]
+    kind: str = "exact"
+    target: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def level(self, layer: int, act: str) -> float:
+        return self.levels[layer][READERS_OF[act][0]]
+
+    def keep(self, layer: int, act: str) -> int:
+        """Top-K ``K`` of activation ``act`` in ``layer``."""
+        d = self.shapes[layer].dims[act]
+        return max(1, min(d, int(round((1.0 - self.level(layer, act)) * d))))
+
+    def model_sparsity(self) -> float:
+        num = sum(lv[p] * sh.masses[p] for lv, sh in zip(self.levels, self.shapes) for p in PROJECTIONS)
+        den = sum(sh.total for sh in self.shapes)
+        return num / den
+
+    def summary(self) -> dict:
+        acts = {a: [round(self.level(i, a), 6) for i in range(len(self.levels))] for a in READERS_OF}
+        return {"plan": self.kind, "target": self.target, "model_sparsity": round(self.model_sparsity(), 6),
+                "levels": acts, **self.info}
+
+
+def _achieved(dim: int, s: float) -> float:
+    if s <= 0:
+        return 0.0
+    return 1.0 - keep_count(dim, min(s, MAX_LEVEL)) / dim
+
+
+def _topk_levels(shape: LayerShape, s_by_act: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for act, s in s_by_act.items():
+        a = _achieved(shape.dims[act], s)
+        for p in READERS_OF[act]:
+            out[p] = a
+    return out
+
+
+def uniform(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8, ratio_out: float = 1.2) -> SparsityPlan:
+    """The reference code's plan: h1, h3 at ``0.8·s`` and h2, h4 at ``1.2·s`` in every layer."""
+    if not 0 <= sparsity < 1 or ratio_out * sparsity >= 1:
+        raise ValueError(f"uniform plan needs {ratio_out}·s < 1 (the reference crashes for s ≥ 0.834); got s={sparsity}")
+    levels = [_topk_levels(sh, {"h1": ratio_in * sparsity, "h3": ratio_in * sparsity,
+                                "h2": ratio_out * sparsity, "h4": ratio_out * sparsity}) for sh in shapes]
+    return SparsityPlan(levels, shapes, kind="uniform", target=sparsity,
+                        info={"nominal": sparsity, "ratio_in": ratio_in, "ratio_out": ratio_out})
+
+
+def _solve_block(p: float, in_mass: int, out_mass: int, d_in: int, d_out: int, ratio_in: float) -> tuple[float, float]:
+    """Achieved (s_in, s_out) with ``s_in ≈ ratio_in·p`` and parameter-weighted block sparsity ≈ p."""
+    total = in_mass + out_mass
+    s_in = _achieved(d_in, min(max(ratio_in * p, 0.0), MAX_LEVEL))
+    s_out = (p * total - s_in * in_mass) / out_mass
+    if s_out > MAX_LEVEL or s_out < 0:  # the output side cannot absorb it: move the rest to the input side
+        s_out = min(max(s_out, 0.0), MAX_LEVEL)
+        s_out = _achieved(d_out, s_out)
+        s_in = _achieved(d_in, min(max((p * total - s_out * out_mass) / in_mass, 0.0), MAX_LEVEL))
+        return s_in, s_out
+    # pick the integer K_out closest to the exact solution
+    cands = {keep_count(d_out, min(s_out, MAX_LEVEL))}
+    k = keep_count(d_out, min(s_out, MAX_LEVEL))
+    cands.update({max(1, k - 1), min(d_out, k + 1)})
+    best = min(cands, key=lambda kk: abs(s_in * in_mass + (1 - kk / d_out) * out_mass - p * total))
+    return s_in, (1.0 - best / d_out) if p > 0 else 0.0
+
+
+def exact(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8) -> SparsityPlan:
+    """Exact model-level sparsity ``p``: inputs (h1, h3) at ``ratio_in·p``, outputs (h2, h4) solved
+    per block (attention, MLP) so that each block's parameter-weighted sparsity is p."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    levels = []
+    for sh in shapes:
+        s1, s2 = _solve_block(sparsity, sh.mass_of("h1"), sh.mass_of("h2"), sh.dims["h1"], sh.dims["h2"], ratio_in)
+        s3, s4 = _solve_block(sparsity, sh.mass_of("h3"), sh.mass_of("h4"), sh.dims["h3"], sh.dims["h4"], ratio_in)
+        lv = {}
+        for act, s in (("h1", s1), ("h2", s2), ("h3", s3), ("h4", s4)):
+            for p in READERS_OF[act]:
+                lv[p] = s
+        levels.append(lv)
+    return SparsityPlan(levels, shapes, kind="exact", target=sparsity, info={"ratio_in": ratio_in})
+
+
+def per_projection(shapes: list[LayerShape], levels: list[dict[str, float]], kind: str, target: float, **info) -> SparsityPlan:
+    """A plan from explicit per-projection levels (TEAL, CATS)."""
+    full = [{p: float(lv.get(p, 0.0)) for p in PROJECTIONS} for lv in levels]
+    return SparsityPlan(full, shapes, kind=kind, target=target, info=info)
