@@ -113,6 +113,20 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
     return calibration_set(spec, model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
 
+def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
+    """Cheap checks of ``--calib`` before the model is loaded."""
+    if nsamples < 1:
+        raise CLIError(f"--nsamples must be >= 1, got {nsamples}")
+    if seqlen < 2:
+        raise CLIError(f"--seqlen must be >= 2, got {seqlen}")
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {spec} does not exist")
+        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise CLIError(f"calibration file {spec} is empty")
+
+
 def cmd_quantize(args) -> dict:
     from .engine import temporary_dir_for
     from .export.serialization import save
@@ -129,6 +143,7 @@ def cmd_quantize(args) -> dict:
         options["alpha"] = args.alpha
     make_method(args.method, scheme, **options)  # validate before any heavy work
     read_config(args.model)
+    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
     model = load_hf_model(args.model, dtype=args.dtype)
     get_adapter(model)

@@ -317,6 +317,9 @@ def run_layerwise(
             inputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
         if fp_inputs is not None:
             fp_inputs = ctx.fp_outputs
+        for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
+            if hasattr(mod, "clear_cache"):
+                mod.clear_cache()
         layer.to(orig_device)
         info = {"layer": i, **ctx.info}
         infos.append(info)

@@ -141,6 +141,10 @@ class QuantLinear(nn.Module):
             self._dequant_cache = w.to(self._weight_dtype_marker.dtype)
         return self._dequant_cache
 
+    def clear_cache(self) -> None:
+        """Drop the dequantized-weight cache (the engine does this when a layer is offloaded)."""
+        self._dequant_cache = None
+
     def _apply(self, fn, recurse=True):
         self._dequant_cache = None
         return super()._apply(fn, recurse)
