@@ -1,0 +1,81 @@
+"""``mmcompress sparsify MODEL --method {larosa,teal,cats} --sparsity P ...`` (a CLI plugin)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from ..cli import _add_calib, _add_common
+
+    p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS")
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument("--method", default="larosa", choices=["larosa", "teal", "cats"])
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="target model-level sparsity in [0, 1) (parameter-weighted over q,k,v,o,gate,up,down)")
+    p.add_argument("--plan", choices=["exact", "uniform", "grid"], default=None,
+                   help="LaRoSA: exact (default; exact model-level sparsity), uniform (reference 0.8/1.2 split of a "
+                        "nominal level), grid (input/output split searched on calibration loss); TEAL: uniform")
+    p.add_argument("--mode", choices=["merged", "reference"], default="merged",
+                   help="LaRoSA: merged (Mode M: γ folded, rotations merged, residual adapters) or reference "
+                        "(Mode R: (γ⊙RMS(r))·Q at run time, as the published code)")
+    p.add_argument("--prefill", choices=["all", "none", "last_half"], default="all",
+                   help="which prompt tokens are sparsified: all (paper protocol), none (dense prefill), "
+                        "last_half (TEAL's protocol)")
+    p.add_argument("--basis", choices=["attn", "both"], default="attn",
+                   help="LaRoSA: fit Q_l to the attention input (reference) or to attention + MLP inputs")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
+    _add_calib(p)
+    p.set_defaults(nsamples=16, seqlen=1024)
+    p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_sparsify)
+
+
+def cmd_sparsify(args) -> dict:
+    from ..cli import CLIError, load_calibration
+    from ..export.serialization import save
+    from ..models.adapters import get_adapter
+    from ..models.loading import load_hf_model, read_config
+    from .api import sparsify
+
+    if not 0.0 <= args.sparsity < 1.0:
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.method != "larosa" and args.plan == "grid":
+        raise CLIError(f"--plan grid applies to --method larosa only")
+    if args.method != "larosa" and args.mode != "merged":
+        raise CLIError(f"--mode applies to --method larosa only")
+    if args.method == "cats" and args.prefill == "last_half":
+        raise CLIError("--prefill last_half applies to larosa and teal")
+    read_config(args.model)
+    model = load_hf_model(args.model, dtype=args.dtype)
+    adapter = get_adapter(model)
+    if args.method == "larosa" and args.mode == "merged":
+        from .merge import supports_merged
+
+        ok, why = supports_merged(adapter)
+        if not ok:
+            raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    options = {"basis": args.basis} if args.method == "larosa" else {}
+    sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
+             device=args.device, progress=not args.no_progress, **options)
+    out = Path(args.output)
+    save(model, out, source_dir=args.model)
+    desc = model._mmcompress_description
+    info = desc["method"]
+    result = {"output": str(out), "method": args.method, "target": args.sparsity,
+              "model_sparsity": info["model_sparsity"], "plan": info.get("plan"), "prefill": args.prefill,
+              "calibration": desc["calibration"], "seconds": desc["seconds"]}
+    if args.method == "larosa":
+        result["mode"] = args.mode
+    if "note" in info:
+        result["note"] = info["note"]
+    print(f"sparsified {args.model} with {args.method}" + (f" (mode {args.mode})" if args.method == "larosa" else "")
+          + f": model-level sparsity {info['model_sparsity']:.4f} (target {args.sparsity}, plan {info.get('plan')}, "
+          f"prefill {args.prefill}) -> {out} ({desc['seconds']} s)", file=sys.stderr)
+    shutil.rmtree(out.parent / f"{out.name}.ckpt", ignore_errors=True)
+    return result

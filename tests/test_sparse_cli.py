@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from mmcompress.cli import main
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sparsify_cli_roundtrip(tmp_path, tiny_llama_dir, calib_text, capsys):
+    out = tmp_path / "sparse"
+    rc = main(["sparsify", str(tiny_llama_dir), "--method", "larosa", "--sparsity", "0.4", "--calib", str(calib_text),
+               "--nsamples", "2", "--seqlen", "32", "--output", str(out), "--json", "--no-progress"])
+    assert rc == 0
+    r = _last_json(capsys)
+    assert r["mode"] == "merged" and r["plan"] == "exact" and r["model_sparsity"] == pytest.approx(0.4, abs=0.02)
+    rc = main(["eval", str(out), "--ppl", str(calib_text), "--seqlen", "32", "--max-windows", "2", "--json",
+               "--no-progress"])
+    assert rc == 0
+    assert _last_json(capsys)["ppl"] > 1
+
+
+def test_sparsify_cli_errors(tmp_path, tiny_llama_dir, calib_text, capsys):
+    rc = main(["sparsify", str(tiny_llama_dir), "--method", "teal", "--sparsity", "0.4", "--plan", "grid",
+               "--calib", str(calib_text), "--output", str(tmp_path / "o")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grid" in err[0]
+    rc = main(["sparsify", str(tiny_llama_dir), "--sparsity", "1.2", "--calib", str(calib_text),
+               "--output", str(tmp_path / "o")])
+    assert rc == 1 and not (tmp_path / "o").exists()
