@@ -1,10 +1,33 @@
 """A linear layer whose input is Top-K sparsified per token: ``y = S_k(x) Wᵀ + b``.
 
-This is the PyTorch reference path (the oracle in tests).  Kernel backends (CPU C++, GPU Triton)
-plug in behind the same module through ``backend``; see :mod:`mmcompress.sparse.kernels`.
+``backend = "torch"`` is the PyTorch reference path (the oracle in tests).  Kernel backends plug in
+behind the same module (see :mod:`mmcompress.sparse.kernels`):
+
+* ``"cpu"``: the C++/OpenMP sparse GEMV (1..8 tokens per call);
+* ``"triton"``: the split-K Triton GEMV on CUDA (1..8 tokens per call);
+* ``"auto"``: whichever of those fits the weight's device, else ``"torch"``.
+
+Weight layout.  The kernels read the weight input-channel-major, ``WT = Wᵀ`` contiguous ``[in, out]``.
+:meth:`SparseLinear.set_backend` re-lays the weight out in place: ``self.weight`` stays an
+``[out, in]`` parameter (same name, shape and values, so ``state_dict``, artifacts and
+``load_state_dict`` are unchanged), but it becomes the transposed *view* of a contiguous ``WT``
+(strides ``(1, out)``), so no second copy is kept.  ``.to(device)`` preserves the layout.
+``set_backend("torch")`` restores the row-major ``[out, in]`` layout.
+
+Which tokens use a kernel.  A call whose tokens are single-token steps (decode: ``x [..., 1, in]``), or
+any call of at most 8 tokens that the module sparsifies in full, runs the kernel; anything else
+(prefill) runs the PyTorch path, a dense GEMM on ``sparsify(x)``, which honours ``sparse_prefill``
+(``False``: multi-token calls stay dense) and subclasses overriding :meth:`sparsify`.
+
+Shared selection.  q/k/v (and gate/up) read the same input tensor with the same K: on the CPU backend
+the Top-K selection of that exact tensor object is computed once and reused (a weak reference plus
+the tensor's version counter guard the cache, so a new or modified tensor is always re-selected).
 """
 
 from __future__ import annotations
+
+import time
+import weakref
 
 import torch
 from torch import nn
@@ -12,11 +35,46 @@ from torch import nn
 from .registry import register_sparse_module
 from .topk import topk_sparsify
 
+_BACKENDS = ("torch", "cpu", "triton", "auto")
+
+
+class _SelectionCache:
+    """The last Top-K selection: (weakref to x, x._version, k) -> (indices, values)."""
+
+    def __init__(self):
+        self.ref = None
+        self.key = None
+        self.value = None
+
+    def get(self, x: torch.Tensor, k: int):
+        if self.ref is not None and self.ref() is x and self.key == (x._version, k):
+            return self.value
+        return None
+
+    def put(self, x: torch.Tensor, k: int, value):
+        try:
+            self.ref = weakref.ref(x)
+        except TypeError:
+            self.ref = None
+            return
+        self.key = (x._version, k)
+        self.value = value
+
+    def clear(self):
+        self.ref = self.key = self.value = None
+
+
+_SELECTION = _SelectionCache()
+
+# Optional profiler: when a dict, the CPU path adds Top-K selection seconds / calls to it
+# (used by ``mmcompress bench decode`` to report the Top-K overhead).
+PROFILE: dict | None = None
+
 
 @register_sparse_module
 class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, dtype=torch.float32, device=None,
-                 mode: str = "topk", threshold: float = 0.0):
+                 mode: str = "topk", threshold: float = 0.0, backend: str = "torch"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
@@ -26,14 +84,19 @@ class SparseLinear(nn.Module):
         self.threshold = float(threshold)
         self.backend = "torch"
         self.sparse_prefill = True  # False: tokens of a multi-token call run dense
+        if backend != "torch":
+            self.set_backend(backend)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep: int, **kw) -> "SparseLinear":
+        backend = kw.pop("backend", "torch")
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, keep,
                 dtype=linear.weight.dtype, device=linear.weight.device, **kw)
         m.weight.data.copy_(linear.weight.data)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.data)
+        if backend != "torch":
+            m.set_backend(backend)
         return m
 
     def spec(self) -> dict:
@@ -53,6 +116,34 @@ class SparseLinear(nn.Module):
     def sparsity(self) -> float:
         return 1.0 - self.keep / self.in_features
 
+    # -- layout / backend ----------------------------------------------------------------------
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        """``Wᵀ [in, out]`` (contiguous once the kernel layout is set; a view, never a copy)."""
+        return self.weight.t()
+
+    @property
+    def kernel_layout(self) -> bool:
+        """True when ``weight`` is the transposed view of a contiguous ``[in, out]`` tensor."""
+        return self.weight.t().is_contiguous()
+
+    @torch.no_grad()
+    def set_backend(self, backend: str) -> "SparseLinear":
+        """Select the backend and lay the weight out for it (in place; returns ``self``)."""
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS)}")
+        self.backend = backend
+        if backend == "torch":
+            if not self.weight.is_contiguous():
+                self.weight = nn.Parameter(self.weight.data.contiguous(), requires_grad=False)
+        elif not self.kernel_layout:
+            wt = self.weight.data.t().contiguous()
+            self.weight = nn.Parameter(wt.t(), requires_grad=False)
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------
+
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense" or (not self.sparse_prefill and x.dim() >= 2 and x.shape[-2] > 1):
             return x
@@ -60,8 +151,80 @@ class SparseLinear(nn.Module):
             return x * (x.abs() >= self.threshold)
         return topk_sparsify(x, self.keep)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch" or x.dim() == 0:
+            return False
+        tokens = x.numel() // max(1, x.shape[-1])
+        if tokens == 0 or tokens > 8:
+            return False
+        if x.dim() < 2 or x.shape[-2] == 1:
+            return True  # decode steps
+        # a short multi-token call: the kernel is exact only if the module sparsifies every token
+        return self.mode == "dense" or (self.sparse_prefill and type(self).sparsify is SparseLinear.sparsify)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            return self._kernel_forward(x)
         return torch.nn.functional.linear(self.sparsify(x), self.weight, self.bias)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import resolve_backend, sparse_linear, topk_select
+
+        be = resolve_backend(self.backend, x.device)
+        if be == "torch":
+            return torch.nn.functional.linear(self.sparsify(x), self.weight, self.bias)
+        if not self.kernel_layout:
+            self.set_backend(self.backend)
+        wt = self.weight.t()
+        k = self.in_features if self.mode == "dense" else self.keep
+        if self.mode == "threshold":
+            return sparse_linear(x, wt, bias=self.bias, backend=be, threshold=self.threshold)
+        if be == "cpu" and k < self.in_features:
+            sel = _SELECTION.get(x, k)
+            if sel is None:
+                t0 = time.perf_counter() if PROFILE is not None else 0.0
+                sel = topk_select(x, k, backend="cpu")
+                if PROFILE is not None:
+                    PROFILE["topk_s"] = PROFILE.get("topk_s", 0.0) + time.perf_counter() - t0
+                    PROFILE["topk_calls"] = PROFILE.get("topk_calls", 0) + 1
+                _SELECTION.put(x, k, sel)
+            return sparse_linear(x, wt, bias=self.bias, backend=be, indices=sel[0], values=sel[1])
+        return sparse_linear(x, wt, k, self.bias, backend=be)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, keep={self.keep}, mode={self.mode}, backend={self.backend}"
+
+
+# -- whole-model helpers -----------------------------------------------------------------------------
+
+
+def sparse_linears(model: nn.Module) -> list[SparseLinear]:
+    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+
+
+def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: bool | None = None) -> int:
+    """Switch every :class:`SparseLinear` of ``model`` to ``backend`` (re-laying out its weight).
+
+    ``sparse_prefill``: ``None`` leaves each module's setting alone; ``False`` makes multi-token calls
+    (prefill) run dense, ``True`` sparsifies them (PyTorch path).  Other modules (e.g. LaRoSA's dense
+    residual adapters, the LM head) are untouched.  Returns the number of modules switched.
+    """
+    mods = sparse_linears(model)
+    for m in mods:
+        m.set_backend(backend)
+        if sparse_prefill is not None:
+            m.sparse_prefill = bool(sparse_prefill)
+    _SELECTION.clear()
+    return len(mods)
+
+
+def enable_sparse_decode(model: nn.Module, backend: str = "auto", sparse_prefill: bool = False) -> int:
+    """Fast sparse decoding: every ``SparseLinear`` uses the kernel ``backend`` for decode steps while
+    prefill runs dense (unless ``sparse_prefill``).  Note: dense prefill changes the numerics relative
+    to an all-token evaluation (docs/larosa.md §3.2).  Returns the number of modules switched."""
+    return set_sparse_backend(model, backend, sparse_prefill=sparse_prefill)
+
+
+def disable_sparse_decode(model: nn.Module) -> int:
+    """Back to the PyTorch reference path and the row-major weight layout."""
+    return set_sparse_backend(model, "torch")

@@ -1,0 +1,536 @@
+"""``mmcompress bench kernel | decode``: sparse-GEMV and sparse-decode speed (a CLI plugin).
+
+``mmcompress bench kernel --shape OUTxIN --sparsity P --dtype bf16|fp32 --batch B [--backend cpu]``
+    One linear ``W [OUT, IN]`` (``--shape 4096x11008`` is LLaMA-2-7B's down_proj, ``11008x4096`` its
+    gate/up_proj).  Cold cache: the benchmark rotates through enough weight copies to exceed the
+    last-level cache (``--cache-mb``, default 1200 MB per layout; capped by ``--max-mb``), so every
+    call streams its weight from DRAM as in real decoding.  Dense (``F.linear`` on the row-major
+    weight, same dtype) and sparse (the backend's kernel on ``WT``, Top-K selection included) are
+    timed interleaved in the same process; the reported ratio is median(sparse) / median(dense).
+    Also: the kernel at 0% sparsity (no selection) and the Top-K selection alone (its share).
+
+``mmcompress bench decode SPEC --sparsity P --tokens N``
+    ``SPEC`` is a synthetic shape ``llama2-7b:L`` (L LLaMA-2-7B decoder layers, hidden 4096,
+    intermediate 11008, 32 heads, random bf16 weights, KV cache; ``llama2-7b`` alone = 4 layers) or a
+    model directory (an mmcompress artifact whose linears are ``SparseLinear``).  Synthetic: dense
+    layers (row-major ``nn.Linear``, no adapters) vs LaRoSA's merged form (``SparseLinear`` on q/k/v
+    sharing one Top-K, o, gate/up sharing one Top-K, down, plus a dense 4096×4096 residual adapter per
+    layer), greedy single-token decode after a short prompt; reports tokens/s, the speed-up, the Top-K
+    and adapter overheads, and the 0%-sparsity sparse path vs dense.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use bf16 or fp32") from None
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", s)
+    if not m:
+        raise ValueError(f"--shape must look like OUTxIN (e.g. 4096x11008), got {s!r}")
+    out, inn = int(m.group(1)), int(m.group(2))
+    if out <= 0 or inn <= 0:
+        raise ValueError(f"--shape dimensions must be positive, got {s!r}")
+    return out, inn
+
+
+def _median_us(ts) -> float:
+    return statistics.median(ts) * 1e6
+
+
+# -- kernel ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def kernel_benchmark(out_features: int, in_features: int, sparsity: float = 0.4, dtype="bf16", batch: int = 1,
+                     backend: str = "auto", repeats: int = 20, cache_mb: float = 1200.0, max_mb: float = 3000.0,
+                     seed: int = 0, log=None) -> dict:
+    """Cold-cache dense vs sparse GEMV, interleaved in one process (see module docstring)."""
+    from .sparse.kernels import resolve_backend, sparse_linear, topk_select
+    from .sparse.topk import keep_count
+
+    dt = _dtype(dtype) if isinstance(dtype, str) else dtype
+    if not 1 <= batch <= 8:
+        raise ValueError(f"--batch must be 1..8 (decode), got {batch}")
+    k = keep_count(in_features, sparsity)
+    be = resolve_backend(backend, "cpu")
+    nbytes = out_features * in_features * torch.finfo(dt).bits // 8
+    ncopy = max(2, math.ceil(cache_mb * 1e6 / nbytes))
+    ncopy = max(2, min(ncopy, int(max_mb * 1e6 // (2 * nbytes))))
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(out_features, in_features, generator=g) * 0.02).to(dt)
+    Ws = [base] + [base.clone() for _ in range(ncopy - 1)]  # distinct memory, same values
+    WTs = [w.t().contiguous() for w in Ws]
+    x = torch.randn(batch, in_features, generator=g).to(dt)
+
+    # correctness spot check against the reference on the same selection
+    idx, vals = topk_select(x, k, backend=be)  # bf16 inputs have magnitude ties: compare on one selection
+    ref = sparse_linear(x.float(), WTs[0].float(), indices=idx, values=vals, backend="torch")
+    got = sparse_linear(x, WTs[0], k, backend=be).float()
+    rel_err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+    fns = {
+        "dense": lambda i: F.linear(x, Ws[i]),
+        "sparse": lambda i: sparse_linear(x, WTs[i], k, backend=be),
+        "kernel_dense": lambda i: sparse_linear(x, WTs[i], in_features, backend=be),
+    }
+    offset = {"dense": 0, "sparse": 0, "kernel_dense": ncopy // 2}
+    times = {n: [] for n in fns}
+    for n, f in fns.items():  # warm-up (page faults, thread pool, first-call dispatch)
+        for i in range(ncopy):
+            f(i)
+    names = list(fns)
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for i in range(ncopy):
+            for n in order:
+                j = (i + offset[n]) % ncopy
+                t0 = time.perf_counter()
+                fns[n](j)
+                times[n].append(time.perf_counter() - t0)
+    pair = sorted(s / d for s, d in zip(times["sparse"], times["dense"]))
+    sel = []
+    for _ in range(max(50, repeats * 5)):
+        t0 = time.perf_counter()
+        topk_select(x, k, backend=be)
+        sel.append(time.perf_counter() - t0)
+    dense_us, sparse_us, kd_us = (_median_us(times[n]) for n in names)
+    topk_us = _median_us(sel)
+    res = {
+        "shape": f"{out_features}x{in_features}", "dtype": str(dt).replace("torch.", ""), "batch": batch,
+        "sparsity": sparsity, "keep": k, "backend": be, "threads": torch.get_num_threads(),
+        "weight_copies": ncopy, "weight_mb_rotated": round(2 * ncopy * nbytes / 1e6, 1),
+        "repeats": repeats, "samples": len(times["dense"]),
+        "dense_us": round(dense_us, 1), "sparse_us": round(sparse_us, 1),
+        "ratio": round(sparse_us / dense_us, 3), "ratio_paired_median": round(pair[len(pair) // 2], 3),
+        "ideal_ratio": round(k / in_features, 3),
+        "kernel_at_0pct_us": round(kd_us, 1), "kernel_at_0pct_ratio": round(kd_us / dense_us, 3),
+        "sparse_vs_kernel_at_0pct": round(sparse_us / kd_us, 3),
+        "topk_us": round(topk_us, 1), "topk_share": round(topk_us / sparse_us, 4),
+        "dense_gb_s": round(nbytes / (dense_us * 1e-6) / 1e9, 1),
+        "max_rel_err": rel_err,
+    }
+    if log is not None:
+        print(f"W {res['shape']} {res['dtype']} batch {batch}, sparsity {sparsity} (K={k}/{in_features}), "
+              f"backend {be}, {res['threads']} threads, {ncopy} copies ({res['weight_mb_rotated']} MB rotated), "
+              f"{res['samples']} samples each", file=log)
+        print(f"  dense  {dense_us:9.1f} us  ({res['dense_gb_s']} GB/s)", file=log)
+        print(f"  sparse {sparse_us:9.1f} us  ratio {res['ratio']:.3f} (paired median {res['ratio_paired_median']:.3f};"
+              f" ideal {res['ideal_ratio']:.3f})", file=log)
+        print(f"  kernel at 0% {kd_us:9.1f} us  ratio {res['kernel_at_0pct_ratio']:.3f}", file=log)
+        print(f"  top-k selection {topk_us:.1f} us = {100 * res['topk_share']:.2f}% of the sparse call", file=log)
+    return res
+
+
+# -- decode: synthetic LLaMA-2-7B-shaped stack ------------------------------------------------------
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    # a small shape for smoke tests (not a real model)
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
+}
+DEFAULT_LAYERS = 4
+
+
+def parse_decode_spec(spec: str):
+    """``NAME[:LAYERS]`` for a synthetic stack, else ``None`` (a model directory)."""
+    m = re.fullmatch(r"([a-z0-9.\-]+?)(?::(\d+))?", spec.strip().lower())
+    if m and m.group(1) in SHAPES:
+        n = int(m.group(2)) if m.group(2) else DEFAULT_LAYERS
+        if n < 1:
+            raise ValueError(f"layer count must be >= 1 in {spec!r}")
+        return m.group(1), n
+    return None
+
+
+class _AdaptedLayer(nn.Module):
+    """A decoder layer followed by LaRoSA's dense residual adapter ``r ← r A`` (one d×d GEMV)."""
+
+    def __init__(self, layer: nn.Module, adapter: nn.Linear | None):
+        super().__init__()
+        self.layer = layer
+        self.adapter = adapter
+        self.use_adapter = adapter is not None
+
+    def forward(self, h, **kw):
+        out = self.layer(h, **kw)
+        if isinstance(out, tuple):
+            out = out[0]
+        return self.adapter(out) if self.use_adapter else out
+
+
+def _llama_config(name: str, layers: int, dtype):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[name], num_hidden_layers=layers, max_position_embeddings=4096, vocab_size=32000,
+                      rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    cfg.dtype = dtype
+    return cfg
+
+
+@torch.no_grad()
+def _random_layer(cfg, idx: int, dtype, gen):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(cfg, idx)
+    layer = layer.to(dtype=dtype).to_empty(device="cpu")
+    for name, p in layer.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    return layer.eval()
+
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+
+
+@torch.no_grad()
+def _sparsify_layer(layer: nn.Module, sparsity: float, backend: str) -> nn.Module:
+    """Replace the 7 projections by SparseLinear with kernel layout (in place, one weight copy each)."""
+    from .sparse.linear import SparseLinear
+    from .sparse.topk import keep_count
+
+    for path in _PROJ:
+        parent_name, attr = path.rsplit(".", 1)
+        parent = layer.get_submodule(parent_name)
+        lin = getattr(parent, attr)
+        sl = SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                          keep_count(lin.in_features, sparsity), dtype=lin.weight.dtype, device="meta")
+        sl.weight = nn.Parameter(lin.weight.data.t().contiguous().t(), requires_grad=False)  # WT layout
+        if lin.bias is not None:
+            sl.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        sl.set_backend(backend)
+        sl.sparse_prefill = False
+        setattr(parent, attr, sl)
+    return layer
+
+
+def _set_keep(layers, sparsity: float):
+    from .sparse.linear import SparseLinear
+    from .sparse.topk import keep_count
+
+    for m in layers.modules():
+        if isinstance(m, SparseLinear):
+            m.keep = keep_count(m.in_features, sparsity)
+
+
+@torch.no_grad()
+def _decode_run(layers: nn.ModuleList, rotary, cfg, prompt: torch.Tensor, steps: torch.Tensor) -> list[float]:
+    """Prefill ``prompt [1, P, d]`` then feed ``steps [N, 1, 1, d]`` one token at a time; per-token seconds."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=cfg)
+    p = prompt.shape[1]
+    pos = torch.arange(p).unsqueeze(0)
+    h = prompt
+    pe = rotary(h, pos)
+    for layer in layers:
+        h = layer(h, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
+    out = []
+    for t in range(steps.shape[0]):
+        t0 = time.perf_counter()
+        pos = torch.tensor([[p + t]])
+        h = steps[t]
+        pe = rotary(h, pos)
+        for layer in layers:
+            h = layer(h, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.no_grad()
+def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, sparsity: float = 0.4,
+                               tokens: int = 16, prompt: int = 16, rounds: int = 3, backend: str = "auto",
+                               dtype="bf16", seed: int = 0, log=None) -> dict:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from .sparse import linear as sl_mod
+    from .sparse.kernels import resolve_backend
+
+    dt = _dtype(dtype) if isinstance(dtype, str) else dtype
+    be = resolve_backend(backend, "cpu")
+    cfg = _llama_config(name, layers, dt)
+    d = cfg.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    t_build = time.time()
+    dense = nn.ModuleList(_random_layer(cfg, i, dt, gen) for i in range(layers))
+    sparse_layers = []
+    for i in range(layers):
+        inner = _random_layer(cfg, i, dt, gen)
+        _sparsify_layer(inner, sparsity, be)
+        adapter = nn.Linear(d, d, bias=False, dtype=dt)
+        adapter.weight.requires_grad_(False)
+        adapter.weight.normal_(0.0, d ** -0.5, generator=gen)
+        sparse_layers.append(_AdaptedLayer(inner, adapter))
+    sparse = nn.ModuleList(sparse_layers)
+    rotary = LlamaRotaryEmbedding(cfg)
+    prompt_h = (torch.randn(1, prompt, d, generator=gen)).to(dt)
+    steps = (torch.randn(tokens, 1, 1, d, generator=gen)).to(dt)
+    build_s = time.time() - t_build
+
+    def set_adapters(on: bool):
+        for m in sparse:
+            m.use_adapter = on
+
+    variants = {
+        "dense": (dense, None),
+        "sparse": (sparse, (sparsity, True)),
+        "sparse_no_adapter": (sparse, (sparsity, False)),
+        "sparse_0pct_no_adapter": (sparse, (0.0, False)),
+        "sparse_0pct": (sparse, (0.0, True)),
+    }
+    per_tok = {n: [] for n in variants}
+    topk = {"topk_s": 0.0, "topk_calls": 0, "tokens": 0}
+    _decode_run(dense, rotary, cfg, prompt_h, steps[:2])  # warm-up both paths
+    _set_keep(sparse, sparsity)
+    _decode_run(sparse, rotary, cfg, prompt_h, steps[:2])
+    names = list(variants)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            mods, setting = variants[n]
+            if setting is not None:
+                _set_keep(sparse, setting[0])
+                set_adapters(setting[1])
+            prof = n == "sparse"
+            sl_mod.PROFILE = {} if prof else None
+            ts = _decode_run(mods, rotary, cfg, prompt_h, steps)
+            if prof:
+                topk["topk_s"] += sl_mod.PROFILE.get("topk_s", 0.0)
+                topk["topk_calls"] += sl_mod.PROFILE.get("topk_calls", 0)
+                topk["tokens"] += len(ts)
+            sl_mod.PROFILE = None
+            per_tok[n].extend(ts)
+    med = {n: statistics.median(v) for n, v in per_tok.items()}
+    topk_ms = 1e3 * topk["topk_s"] / max(1, topk["tokens"])
+    adapter_ms = 1e3 * (med["sparse"] - med["sparse_no_adapter"])
+    res = {
+        "spec": f"{name}:{layers}", "layers": layers, "dtype": str(dt).replace("torch.", ""), "backend": be,
+        "threads": torch.get_num_threads(), "sparsity": sparsity, "tokens": tokens, "prompt": prompt,
+        "rounds": rounds, "build_s": round(build_s, 1),
+        "dense_tok_s": round(1 / med["dense"], 3), "sparse_tok_s": round(1 / med["sparse"], 3),
+        "speedup": round(med["dense"] / med["sparse"], 3),
+        "dense_ms_per_token": round(1e3 * med["dense"], 2), "sparse_ms_per_token": round(1e3 * med["sparse"], 2),
+        "topk_ms_per_token": round(topk_ms, 3), "topk_share": round(topk_ms / (1e3 * med["sparse"]), 4),
+        "topk_calls_per_token": round(topk["topk_calls"] / max(1, topk["tokens"]), 2),
+        "adapter_ms_per_token": round(adapter_ms, 2), "adapter_share": round(adapter_ms / (1e3 * med["sparse"]), 4),
+        "speedup_without_adapters": round(med["dense"] / med["sparse_no_adapter"], 3),
+        "sparse_0pct_vs_dense": round(med["sparse_0pct_no_adapter"] / med["dense"], 3),
+        "sparse_0pct_with_adapters_vs_dense": round(med["sparse_0pct"] / med["dense"], 3),
+        "ms_per_token": {n: round(1e3 * v, 2) for n, v in med.items()},
+    }
+    if log is not None:
+        print(f"{res['spec']} {res['dtype']} decode, {tokens} tokens after a {prompt}-token prompt, {rounds} rounds, "
+              f"backend {be}, {res['threads']} threads (built in {res['build_s']} s)", file=log)
+        for n, v in med.items():
+            print(f"  {n:24s} {1e3 * v:9.2f} ms/token  {1 / v:7.3f} tok/s", file=log)
+        print(f"  speed-up {res['speedup']:.3f}x (without adapters {res['speedup_without_adapters']:.3f}x); "
+              f"Top-K {topk_ms:.3f} ms/token ({100 * res['topk_share']:.2f}%, {res['topk_calls_per_token']} "
+              f"selections/token); adapters {adapter_ms:.2f} ms/token ({100 * res['adapter_share']:.2f}%); "
+              f"0% sparse path / dense = {res['sparse_0pct_vs_dense']:.3f}", file=log)
+    return res
+
+
+# -- decode: a real (already sparsified) model -------------------------------------------------------
+
+
+@torch.no_grad()
+def _greedy(model, ids: torch.Tensor, tokens: int) -> tuple[list[float], list[int]]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                         else model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    times, toks = [], []
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t0)
+        toks.append(int(nxt.item()))
+    return times, toks
+
+
+@torch.no_grad()
+def model_decode_benchmark(model: nn.Module, tokens: int = 32, prompt_ids: torch.Tensor | None = None,
+                           rounds: int = 3, backend: str = "auto", sparsity: float | None = None,
+                           log=None) -> dict:
+    """Greedy decode of ``tokens`` tokens after a short prompt: dense vs sparse on ``model`` whose
+    linears are ``SparseLinear`` (e.g. a LaRoSA artifact).  Dense = every SparseLinear in mode
+    ``dense`` on the PyTorch path (row-major weight); sparse = :func:`enable_sparse_decode` (kernel
+    backend, dense prefill).  ``sparsity`` overrides every Top-K module's K.  The model is left in the
+    sparse-decode state."""
+    from .sparse import linear as sl_mod
+    from .sparse.kernels import resolve_backend
+    from .sparse.linear import enable_sparse_decode, set_sparse_backend, sparse_linears
+    from .sparse.topk import keep_count
+
+    mods = sparse_linears(model)
+    if not mods:
+        raise ValueError("the model has no SparseLinear modules: sparsify it first (mmcompress sparsify)")
+    dev = next(model.parameters()).device
+    be = resolve_backend(backend, dev)
+    if sparsity is not None:
+        for m in mods:
+            if m.mode == "topk":
+                m.keep = keep_count(m.in_features, sparsity)
+    modes = [m.mode for m in mods]
+    prefill = [m.sparse_prefill for m in mods]
+    if prompt_ids is None:
+        vocab = getattr(model.config.get_text_config(), "vocab_size", 1000)
+        prompt_ids = torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt_ids = prompt_ids.to(dev)
+    model.eval()
+
+    def dense_state():
+        set_sparse_backend(model, "torch")
+        for m in mods:
+            m.mode = "dense"
+
+    def sparse_state():
+        for m, mode in zip(mods, modes):
+            m.mode = mode
+        enable_sparse_decode(model, be, sparse_prefill=False)
+
+    per = {"dense": [], "sparse": []}
+    topk_s, ntok = 0.0, 0
+    toks = {}
+    for r in range(rounds):
+        for n in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+            (dense_state if n == "dense" else sparse_state)()
+            if r == 0:
+                _greedy(model, prompt_ids, 2)  # warm-up
+            sl_mod.PROFILE = {} if n == "sparse" else None
+            ts, tk = _greedy(model, prompt_ids, tokens)
+            if n == "sparse":
+                topk_s += sl_mod.PROFILE.get("topk_s", 0.0)
+                ntok += len(ts)
+            sl_mod.PROFILE = None
+            per[n].extend(ts)
+            toks[n] = tk
+    for m, p in zip(mods, prefill):
+        m.sparse_prefill = p
+    sparse_state()
+    md, ms = statistics.median(per["dense"]), statistics.median(per["sparse"])
+    agree = sum(a == b for a, b in zip(toks["dense"], toks["sparse"])) / max(1, tokens)
+    res = {"modules": len(mods), "backend": be, "tokens": tokens, "rounds": rounds,
+           "dense_tok_s": round(1 / md, 3), "sparse_tok_s": round(1 / ms, 3), "speedup": round(md / ms, 3),
+           "topk_ms_per_token": round(1e3 * topk_s / max(1, ntok), 3),
+           "topk_share": round(topk_s / max(1, ntok) / ms, 4), "greedy_token_agreement": round(agree, 3)}
+    if log is not None:
+        print(f"{len(mods)} SparseLinear modules, backend {be}: dense {res['dense_tok_s']} tok/s, sparse "
+              f"{res['sparse_tok_s']} tok/s, speed-up {res['speedup']}x, Top-K {res['topk_ms_per_token']} ms/token; "
+              f"greedy tokens agree {100 * agree:.0f}%", file=log)
+    return res
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    from .cli import _add_common
+
+    p = subparsers.add_parser("bench", help="sparse kernel / sparse decode speed benchmarks")
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+
+    k = sub.add_parser("kernel", help="one sparse GEMV vs dense, cold cache")
+    k.add_argument("--shape", default="4096x11008",
+                   help="W's shape OUTxIN as nn.Linear.weight (4096x11008 = LLaMA-2-7B down_proj; 11008x4096 = "
+                        "gate/up_proj)")
+    k.add_argument("--sparsity", type=float, default=0.4, help="fraction of input channels dropped, in [0, 1)")
+    k.add_argument("--dtype", default="bf16", help="bf16 | fp32")
+    k.add_argument("--batch", type=int, default=1, help="tokens per call, 1..8")
+    k.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
+    k.add_argument("--repeats", type=int, default=20, help="passes over the rotated weight copies (default 20)")
+    k.add_argument("--cache-mb", type=float, default=1200.0, help="weight bytes rotated per layout (default 1200)")
+    k.add_argument("--max-mb", type=float, default=3000.0, help="cap on all weight copies (default 3000)")
+    k.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
+    _add_common(k)
+    k.set_defaults(func=cmd_bench_kernel)
+
+    d = sub.add_parser("decode", help="decode tokens/s, dense vs sparse")
+    d.add_argument("model", help="llama2-7b:LAYERS (synthetic LLaMA-2-7B-shaped stack, random bf16 weights; "
+                                 "default 4 layers) or a sparsified model directory")
+    d.add_argument("--sparsity", type=float, default=None,
+                   help="input sparsity of every projection (synthetic default 0.4; for a model it overrides K)")
+    d.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (default 16)")
+    d.add_argument("--prompt", type=int, default=16, help="prompt tokens (synthetic; default 16)")
+    d.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
+    d.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
+    d.add_argument("--dtype", default="bf16", help="synthetic weights dtype (bf16 | fp32)")
+    d.add_argument("--threads", type=int, default=None)
+    _add_common(d)
+    d.set_defaults(func=cmd_bench_decode)
+
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("choose one: mmcompress bench kernel | decode")))
+
+
+def _threads(args):
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def cmd_bench_kernel(args) -> dict:
+    if args.device != "cpu":
+        raise ValueError("bench kernel runs on the CPU here; GPU checks: python benchmarks/gpu_check.py")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    _threads(args)
+    out, inn = parse_shape(args.shape)
+    return kernel_benchmark(out, inn, args.sparsity, args.dtype, args.batch, backend=args.backend,
+                            repeats=args.repeats, cache_mb=args.cache_mb, max_mb=args.max_mb, log=sys.stderr)
+
+
+def cmd_bench_decode(args) -> dict:
+    if args.tokens < 1:
+        raise ValueError("--tokens must be >= 1")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    _threads(args)
+    spec = parse_decode_spec(args.model)
+    if spec is not None:
+        if args.device != "cpu":
+            raise ValueError("the synthetic decode benchmark runs on the CPU; GPU: python benchmarks/gpu_check.py")
+        return synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
+                                          tokens=args.tokens, prompt=args.prompt, rounds=args.rounds,
+                                          backend=args.backend, dtype=args.dtype, log=sys.stderr)
+    path = Path(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{args.model} is neither a shape spec ({', '.join(s + ':LAYERS' for s in SHAPES)}) "
+                                "nor a model directory")
+    from .export.serialization import is_artifact, load
+
+    if not is_artifact(path):
+        raise ValueError(f"{path} is not an mmcompress artifact; sparsify it first (mmcompress sparsify)")
+    model = load(path, device=args.device)
+    return model_decode_benchmark(model, tokens=args.tokens, rounds=args.rounds, backend=args.backend,
+                                  sparsity=args.sparsity, log=sys.stderr)

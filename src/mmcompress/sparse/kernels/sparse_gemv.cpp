@@ -1,0 +1,391 @@
+// Batch-1..8 sparse GEMV over an input-channel-major weight (mmcompress CPU backend).
+//
+//   y[b, :] = sum_{i in S_b} x[b, i] * WT[i, :] (+ bias)
+//
+// WT is the pre-transposed weight [in, out] (fp32 or bf16, contiguous), so every kept input channel
+// is one contiguous row of WT and every skipped channel is a skipped contiguous chunk of memory.
+// S_b is the Top-K set of |x[b, :]| (selected here with a radix pre-pass + nth_element, no sort),
+// a magnitude threshold, or a given index list.  For several tokens the kernel walks the union of
+// the kept rows once (token b contributes 0 on rows it did not keep), so each weight row is read once.
+//
+// Parallelism: the output columns are split into one contiguous block per thread; each thread keeps
+// an fp32 accumulator for its block and walks the kept rows four at a time (4-row unrolling) with an
+// inner SIMD loop; bf16 weights are widened to fp32 on load.  Threads come from ATen's pool
+// (at::parallel_for), i.e. the same OpenMP runtime and thread count as torch.
+//
+// Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename W>
+inline float ldw(const W* p, int64_t j);
+template <>
+inline float ldw<float>(const float* p, int64_t j) { return p[j]; }
+template <>
+inline float ldw<uint16_t>(const uint16_t* p, int64_t j) { return bf16_to_f32(p[j]); }
+
+inline uint32_t abs_bits(float v) {  // order-preserving key of |v| (non-negative float bits)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u & 0x7fffffffu;
+}
+
+// Rows of token-input x (fp32 copy) -> magnitude keys.
+template <typename X>
+void load_row(const X* x, int64_t d, float* out);
+template <>
+void load_row<float>(const float* x, int64_t d, float* out) { std::memcpy(out, x, d * sizeof(float)); }
+template <>
+void load_row<uint16_t>(const uint16_t* x, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] = bf16_to_f32(x[i]);
+}
+
+// Exact Top-K by magnitude of one row (NaN counts as largest).  Appends the kept indices in increasing
+// order.  Radix pre-pass: a 2048-bin histogram of the top key bits finds the bin holding the K-th
+// largest key; only that bin's keys go through nth_element.  Ties at the K-th key keep the lowest
+// indices.
+void topk_row(const float* xr, int64_t d, int64_t k, std::vector<uint32_t>& keys, std::vector<uint32_t>& cand,
+              std::vector<int32_t>& out) {
+  if (k >= d) {
+    for (int64_t i = 0; i < d; ++i) out.push_back(static_cast<int32_t>(i));
+    return;
+  }
+  if (k <= 0) return;
+  keys.resize(d);
+  uint32_t hist[2048];
+  std::memset(hist, 0, sizeof(hist));
+  for (int64_t i = 0; i < d; ++i) {
+    uint32_t u = abs_bits(xr[i]);
+    keys[i] = u;
+    hist[u >> 20]++;
+  }
+  int64_t above = 0;  // keys in bins strictly above the K-th key's bin
+  int bin = 2047;
+  for (; bin >= 0; --bin) {
+    if (above + hist[bin] >= k) break;
+    above += hist[bin];
+  }
+  cand.clear();
+  for (int64_t i = 0; i < d; ++i)
+    if ((keys[i] >> 20) == static_cast<uint32_t>(bin)) cand.push_back(keys[i]);
+  const int64_t r = k - above;  // rank of the K-th key inside its bin (1-based, from the top)
+  std::nth_element(cand.begin(), cand.begin() + (r - 1), cand.end(), std::greater<uint32_t>());
+  const uint32_t tau = cand[r - 1];
+  int64_t gt = above;
+  for (int64_t j = 0; j < r - 1; ++j)
+    if (cand[j] > tau) ++gt;  // elements before the pivot are >= tau
+  int64_t ties = k - gt;
+  for (int64_t i = 0; i < d; ++i) {
+    uint32_t u = keys[i];
+    if (u > tau || (u == tau && ties-- > 0)) out.push_back(static_cast<int32_t>(i));
+  }
+}
+
+void threshold_row(const float* xr, int64_t d, float thr, std::vector<int32_t>& out) {
+  for (int64_t i = 0; i < d; ++i)
+    if (!(std::fabs(xr[i]) < thr)) out.push_back(static_cast<int32_t>(i));  // |x| >= thr (NaN kept)
+}
+
+// Union of the per-token kept sets -> sorted rows + packed values [nrows, B].
+void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<float>>& val,
+                 int64_t d, std::vector<int32_t>& rows, std::vector<float>& vals) {
+  const int64_t B = static_cast<int64_t>(sel.size());
+  rows.clear();
+  if (B == 1) {
+    rows = sel[0];
+    vals = val[0];
+    return;
+  }
+  std::vector<int32_t> pos(d, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int32_t i : sel[b]) pos[i] = 0;
+  for (int64_t i = 0; i < d; ++i)
+    if (pos[i] == 0) {
+      pos[i] = static_cast<int32_t>(rows.size());
+      rows.push_back(static_cast<int32_t>(i));
+    }
+  vals.assign(rows.size() * B, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
+}
+
+// acc[b*len + (j - j0)] += sum_r vals[r*B + b] * WT[rows[r], j]  for j in [j0, j1)
+template <typename W, int B>
+void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const float* vals, int64_t nrows, int64_t j0,
+                int64_t j1, float* __restrict acc) {
+  const int64_t len = j1 - j0;
+  int64_t r = 0;
+  for (; r + 4 <= nrows; r += 4) {
+    const W* __restrict w0 = wt + static_cast<int64_t>(rows[r]) * n + j0;
+    const W* __restrict w1 = wt + static_cast<int64_t>(rows[r + 1]) * n + j0;
+    const W* __restrict w2 = wt + static_cast<int64_t>(rows[r + 2]) * n + j0;
+    const W* __restrict w3 = wt + static_cast<int64_t>(rows[r + 3]) * n + j0;
+    float xv[B][4];
+    for (int b = 0; b < B; ++b)
+      for (int q = 0; q < 4; ++q) xv[b][q] = vals[(r + q) * B + b];
+    if (r + 8 <= nrows) {  // the next group's rows start far away: prefetch their first lines
+      for (int q = 4; q < 8; ++q) __builtin_prefetch(wt + static_cast<int64_t>(rows[r + q]) * n + j0, 0, 0);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float a0 = ldw(w0, j), a1 = ldw(w1, j), a2 = ldw(w2, j), a3 = ldw(w3, j);
+      for (int b = 0; b < B; ++b)
+        acc[b * len + j] += xv[b][0] * a0 + xv[b][1] * a1 + xv[b][2] * a2 + xv[b][3] * a3;
+    }
+  }
+  for (; r < nrows; ++r) {
+    const W* __restrict w0 = wt + static_cast<int64_t>(rows[r]) * n + j0;
+    float xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = vals[r * B + b];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float a0 = ldw(w0, j);
+      for (int b = 0; b < B; ++b) acc[b * len + j] += xv[b] * a0;
+    }
+  }
+}
+
+template <typename W>
+using block_fn = void (*)(const W*, int64_t, const int32_t*, const float*, int64_t, int64_t, int64_t, float*);
+
+template <typename W>
+block_fn<W> pick_block(int64_t B) {
+  switch (B) {
+    case 1: return gemv_block<W, 1>;
+    case 2: return gemv_block<W, 2>;
+    case 3: return gemv_block<W, 3>;
+    case 4: return gemv_block<W, 4>;
+    case 5: return gemv_block<W, 5>;
+    case 6: return gemv_block<W, 6>;
+    case 7: return gemv_block<W, 7>;
+    default: return gemv_block<W, 8>;
+  }
+}
+
+// y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over contiguous column blocks.
+template <typename W>
+void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const std::vector<float>& vals, int64_t B,
+              const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int nt = std::max<int>(1, at::get_num_threads());
+  // one block per thread, rounded to 16 columns (a 64-byte line of fp32 / a 32-byte half-line of bf16)
+  int64_t blk = (n + nt - 1) / nt;
+  blk = (blk + 15) / 16 * 16;
+  const int64_t nblocks = (n + blk - 1) / blk;
+  auto fn = pick_block<W>(B);
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  void* yptr = y.data_ptr();
+  at::parallel_for(0, nblocks, 1, [&](int64_t s, int64_t e) {
+    std::vector<float> acc;
+    for (int64_t t = s; t < e; ++t) {
+      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+      acc.assign(B * len, 0.f);
+      fn(wt, n, rows.data(), vals.data(), static_cast<int64_t>(rows.size()), j0, j1, acc.data());
+      for (int64_t b = 0; b < B; ++b) {
+        float* a = acc.data() + b * len;
+        if (bptr) {
+          for (int64_t j = 0; j < len; ++j)
+            a[j] += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
+                              : static_cast<const float*>(bptr)[j0 + j];
+        }
+        if (out_bf16) {
+          uint16_t* yo = static_cast<uint16_t*>(yptr) + b * n + j0;
+          for (int64_t j = 0; j < len; ++j) yo[j] = f32_to_bf16(a[j]);
+        } else {
+          std::memcpy(static_cast<float*>(yptr) + b * n + j0, a, len * sizeof(float));
+        }
+      }
+    }
+  });
+}
+
+void check_weight(const at::Tensor& wt) {
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "WT must be a contiguous [in, out] tensor");
+  TORCH_CHECK(wt.device().is_cpu(), "WT must be on the CPU");
+  TORCH_CHECK(wt.scalar_type() == at::kFloat || wt.scalar_type() == at::kBFloat16, "WT must be float32 or bfloat16");
+}
+
+void check_input(const at::Tensor& x, const at::Tensor& wt) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [B, in] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(x.size(1) == wt.size(0), "x has ", x.size(1), " channels, WT has ", wt.size(0), " rows");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", x.size(0));
+}
+
+// Selection for every token: kind 0 = Top-K (param = k), 1 = threshold (param = thr).
+void select_all(const at::Tensor& x, int kind, double param, std::vector<std::vector<int32_t>>& sel,
+                std::vector<std::vector<float>>& val) {
+  const int64_t B = x.size(0), d = x.size(1);
+  sel.assign(B, {});
+  val.assign(B, {});
+  std::vector<float> xr(d);
+  std::vector<uint32_t> keys, cand;
+  for (int64_t b = 0; b < B; ++b) {
+    if (x.scalar_type() == at::kBFloat16)
+      load_row(reinterpret_cast<const uint16_t*>(x.data_ptr()) + b * d, d, xr.data());
+    else
+      load_row(x.data_ptr<float>() + b * d, d, xr.data());
+    auto& s = sel[b];
+    s.reserve(kind == 0 ? static_cast<size_t>(std::min<int64_t>(d, static_cast<int64_t>(param))) : d);
+    if (kind == 0 && static_cast<int64_t>(param) >= d) {
+      s.resize(d);
+      for (int64_t i = 0; i < d; ++i) s[i] = static_cast<int32_t>(i);
+      val[b] = xr;
+      continue;
+    }
+    if (kind == 0)
+      topk_row(xr.data(), d, static_cast<int64_t>(param), keys, cand, s);
+    else
+      threshold_row(xr.data(), d, static_cast<float>(param), s);
+    auto& v = val[b];
+    v.resize(s.size());
+    for (size_t j = 0; j < s.size(); ++j) v[j] = xr[s[j]];
+  }
+}
+
+at::Tensor gemv_from_selection(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<float>>& val,
+                               const at::Tensor& wt, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t B = static_cast<int64_t>(sel.size()), d = wt.size(0), n = wt.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n && bias->is_contiguous(), "bias must be contiguous [out]");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16, "bias dtype");
+  }
+  std::vector<int32_t> rows;
+  std::vector<float> vals;
+  build_union(sel, val, d, rows, vals);
+  at::Tensor y = at::empty({B, n}, wt.options().dtype(out_dtype));
+  if (wt.scalar_type() == at::kBFloat16)
+    run_gemv(reinterpret_cast<const uint16_t*>(wt.data_ptr()), n, rows, vals, B, bias, y);
+  else
+    run_gemv(wt.data_ptr<float>(), n, rows, vals, B, bias, y);
+  return y;
+}
+
+// ---- operators -------------------------------------------------------------------------------
+
+at::Tensor topk_gemv(const at::Tensor& x, const at::Tensor& wt, int64_t k, const std::optional<at::Tensor>& bias) {
+  check_weight(wt);
+  check_input(x, wt);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  select_all(x, 0, static_cast<double>(k), sel, val);
+  return gemv_from_selection(sel, val, wt, bias, x.scalar_type());
+}
+
+at::Tensor threshold_gemv(const at::Tensor& x, const at::Tensor& wt, double thr, const std::optional<at::Tensor>& bias) {
+  check_weight(wt);
+  check_input(x, wt);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  select_all(x, 1, thr, sel, val);
+  return gemv_from_selection(sel, val, wt, bias, x.scalar_type());
+}
+
+// Given per-token indices [B, k] (any order, int64 or int32) and values [B, k].
+at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wt,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_weight(wt);
+  TORCH_CHECK(idx.dim() == 2 && values.sizes() == idx.sizes(), "indices and values must both be [B, k]");
+  TORCH_CHECK(idx.size(0) >= 1 && idx.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", idx.size(0));
+  const int64_t B = idx.size(0), k = idx.size(1), d = wt.size(0);
+  at::Tensor i64 = idx.to(at::kLong).contiguous();
+  at::Tensor v32 = values.to(at::kFloat).contiguous();
+  const int64_t* ip = i64.data_ptr<int64_t>();
+  const float* vp = v32.data_ptr<float>();
+  std::vector<std::vector<int32_t>> sel(B);
+  std::vector<std::vector<float>> val(B);
+  std::vector<int32_t> order(k);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < k; ++j) {
+      TORCH_CHECK(ip[b * k + j] >= 0 && ip[b * k + j] < d, "index ", ip[b * k + j], " out of range [0, ", d, ")");
+      order[j] = static_cast<int32_t>(j);
+    }
+    bool sorted = true;
+    for (int64_t j = 1; j < k && sorted; ++j) sorted = ip[b * k + j - 1] < ip[b * k + j];
+    if (!sorted)
+      std::sort(order.begin(), order.end(), [&](int32_t a, int32_t c) { return ip[b * k + a] < ip[b * k + c]; });
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t i = static_cast<int32_t>(ip[b * k + order[j]]);
+      if (!sel[b].empty() && sel[b].back() == i) {  // duplicate index: add the values
+        val[b].back() += vp[b * k + order[j]];
+        continue;
+      }
+      sel[b].push_back(i);
+      val[b].push_back(vp[b * k + order[j]]);
+    }
+  }
+  return gemv_from_selection(sel, val, wt, bias, out_dtype);
+}
+
+// Top-K selection only: (indices [B, k] int64 sorted ascending, values [B, k] fp32).
+std::tuple<at::Tensor, at::Tensor> topk_select(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [B, D] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t B = x.size(0), d = x.size(1);
+  const int64_t kk = std::max<int64_t>(0, std::min(k, d));
+  at::Tensor idx = at::empty({B, kk}, x.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({B, kk}, x.options().dtype(at::kFloat));
+  std::vector<float> xr(d);
+  std::vector<uint32_t> keys, cand;
+  std::vector<int32_t> s;
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float* vp = vals.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    if (x.scalar_type() == at::kBFloat16)
+      load_row(reinterpret_cast<const uint16_t*>(x.data_ptr()) + b * d, d, xr.data());
+    else
+      load_row(x.data_ptr<float>() + b * d, d, xr.data());
+    s.clear();
+    topk_row(xr.data(), d, kk, keys, cand, s);
+    for (int64_t j = 0; j < kk; ++j) {
+      ip[b * kk + j] = s[j];
+      vp[b * kk + j] = xr[s[j]];
+    }
+  }
+  return {idx, vals};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mmcompress_sparse, m) {
+  m.def("topk_gemv(Tensor x, Tensor wt, int k, Tensor? bias=None) -> Tensor");
+  m.def("threshold_gemv(Tensor x, Tensor wt, float thr, Tensor? bias=None) -> Tensor");
+  m.def("indexed_gemv(Tensor idx, Tensor values, Tensor wt, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("topk_select(Tensor x, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mmcompress_sparse, CPU, m) {
+  m.impl("topk_gemv", &topk_gemv);
+  m.impl("threshold_gemv", &threshold_gemv);
+  m.impl("indexed_gemv", &indexed_gemv);
+  m.impl("topk_select", &topk_select);
+}

@@ -1,0 +1,314 @@
+"""Sparse decode kernels: the C++ CPU kernel and SparseLinear backends vs the PyTorch reference.
+
+No timing assertions here (speed lives in ``mmcompress bench``).  The C++ extension is built once per
+session (module fixture); without a C++ compiler the kernel tests skip, with one they must build.
+"""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mmcompress.sparse.kernels import cpu as cpu_backend
+from mmcompress.sparse.kernels import resolve_backend, sparse_linear, sparsify_reference, topk_select
+from mmcompress.sparse.linear import SparseLinear, disable_sparse_decode, enable_sparse_decode, set_sparse_backend
+from mmcompress.sparse.topk import keep_count, topk_sparsify
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    ok = cpu_backend.load()
+    if not ok:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is present but the sparse kernel did not build: {cpu_backend.error()}")
+        pytest.skip(f"no C++ compiler: {cpu_backend.error()}")
+    return cpu_backend.ops()
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+SHAPES = [(384, 200), (1000, 129), (64, 4096)]  # (in, out): odd sizes exercise the row and column tails
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_cpu_kernel_matches_reference(cpu_kernel, dtype, batch, sparsity):
+    g = torch.Generator().manual_seed(int(sparsity * 100) + batch)
+    for din, dout in SHAPES:
+        x = torch.randn(batch, din, generator=g).to(dtype)
+        wt = torch.randn(din, dout, generator=g).to(dtype)
+        bias = torch.randn(dout, generator=g).to(dtype)
+        k = keep_count(din, sparsity)
+        y = sparse_linear(x, wt, k, bias, backend="cpu")
+        assert y.shape == (batch, dout) and y.dtype == dtype
+        # reference on the kernel's own selection (bf16 magnitudes tie; any tied choice is a valid Top-K)
+        idx, vals = topk_select(x, k, backend="cpu")
+        ref = sparse_linear(x.double(), wt.double(), bias=bias.double(), indices=idx, values=vals.double(),
+                            backend="torch")
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert _rel(y, ref) < tol, (din, dout)
+        if dtype == torch.float32:  # no ties in fp32 randn: the oracle's own Top-K must agree too
+            oracle = torch.nn.functional.linear(topk_sparsify(x.double(), k), wt.double().t(), bias.double())
+            assert _rel(y, oracle) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_select_is_a_valid_topk(cpu_kernel, dtype):
+    g = torch.Generator().manual_seed(1)
+    for d, k in [(11008, 6605), (4096, 1), (4096, 4095), (100, 100), (333, 17)]:
+        x = torch.randn(3, d, generator=g).to(dtype)
+        idx, vals = topk_select(x, k, backend="cpu")
+        assert idx.shape == (3, k) and vals.dtype == torch.float32
+        assert torch.all(idx[:, 1:] > idx[:, :-1])  # ascending, no duplicates
+        assert torch.equal(vals, x.float().gather(1, idx))
+        if k < d:
+            mask = torch.zeros_like(x, dtype=torch.bool).scatter(1, idx, True)
+            a = x.float().abs()
+            kept_min = torch.where(mask, a, torch.inf).min(1).values
+            drop_max = torch.where(mask, -torch.inf, a).max(1).values
+            assert torch.all(kept_min >= drop_max)
+
+
+def test_topk_select_ties_and_zeros(cpu_kernel):
+    x = torch.tensor([[0.0, 1.0, -1.0, 1.0, 0.5, -1.0, 0.0, 2.0]])
+    idx, vals = topk_select(x, 3, backend="cpu")
+    assert idx.tolist() == [[1, 2, 7]]  # ties at |x| = 1 keep the lowest indices
+    idx, _ = topk_select(torch.zeros(1, 10), 4, backend="cpu")
+    assert idx.tolist() == [[0, 1, 2, 3]]
+
+
+def test_indexed_and_threshold_paths(cpu_kernel):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 300, generator=g)
+    wt = torch.randn(300, 77, generator=g)
+    idx = torch.tensor([[5, 3, 299, 0, 3], [7, 8, 9, 10, 11]])  # unsorted, duplicate 3 (values add)
+    vals = torch.randn(2, 5, generator=g)
+    y = sparse_linear(x, wt, backend="cpu", indices=idx, values=vals)
+    ref = sparse_linear(x, wt, backend="torch", indices=idx, values=vals)
+    assert _rel(y, ref) < 1e-5
+    y = sparse_linear(x, wt, backend="cpu", threshold=0.8)
+    ref = (x * (x.abs() >= 0.8)) @ wt
+    assert _rel(y, ref) < 1e-5
+    with pytest.raises(RuntimeError, match="out of range"):
+        sparse_linear(x, wt, backend="cpu", indices=torch.tensor([[0, 300]] * 2), values=torch.ones(2, 2))
+
+
+def test_leading_dims_batch8_and_prefill_fallback(cpu_kernel):
+    g = torch.Generator().manual_seed(3)
+    wt = torch.randn(256, 96, generator=g)
+    for shape in [(256,), (1, 1, 256), (8, 1, 256), (2, 4, 256), (3, 5, 256)]:  # 15 tokens -> PyTorch path
+        x = torch.randn(*shape, generator=g)
+        y = sparse_linear(x, wt, 100, backend="cpu")
+        assert y.shape == (*shape[:-1], 96)
+        ref = topk_sparsify(x, 100) @ wt
+        assert _rel(y, ref) < 1e-5
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="channels"):
+        sparse_linear(torch.randn(1, 10), torch.randn(11, 4), 5, backend="torch")
+    with pytest.raises(ValueError, match="unknown sparse backend"):
+        resolve_backend("cuda-magic", "cpu")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("triton", "cpu")
+
+
+def test_fallback_without_compiler(monkeypatch):
+    monkeypatch.setitem(cpu_backend._STATE, "loaded", False)
+    monkeypatch.setitem(cpu_backend._STATE, "error", "no compiler (test)")
+    monkeypatch.setitem(cpu_backend._STATE, "warned", False)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        assert resolve_backend("cpu", "cpu") == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
+    x, wt = torch.randn(1, 50), torch.randn(50, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        y = sparse_linear(x, wt, 20, backend="cpu")
+    assert _rel(y, topk_sparsify(x, 20) @ wt) < 1e-6
+
+
+# -- SparseLinear ------------------------------------------------------------------------------------
+
+
+def _module(din=320, dout=144, keep=100, dtype=torch.float32, bias=True, seed=0, **kw):
+    lin = nn.Linear(din, dout, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        lin.weight.copy_(torch.randn(dout, din, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(dout, generator=g))
+    return lin, SparseLinear.from_linear(lin, keep, **kw)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_backends_agree(cpu_kernel, mode, dtype):
+    lin, ref = _module(dtype=dtype, mode=mode, threshold=0.7)
+    _, fast = _module(dtype=dtype, mode=mode, threshold=0.7)
+    fast.set_backend("cpu")
+    assert fast.kernel_layout and fast.weight.shape == (144, 320) and torch.equal(fast.weight, ref.weight)
+    g = torch.Generator().manual_seed(4)
+    for shape in [(1, 1, 320), (4, 1, 320), (320,), (1, 6, 320), (2, 9, 320)]:
+        x = torch.randn(*shape, generator=g).to(torch.float32)  # fp32 randn: no magnitude ties
+        x = x.to(dtype)
+        if dtype == torch.bfloat16:  # make magnitudes distinct in bf16 so both Top-Ks agree
+            x = (torch.randperm(320, generator=g).float() / 64 + 0.01).to(dtype) * torch.sign(x)
+        ya, yb = ref(x), fast(x)
+        assert ya.shape == yb.shape == (*shape[:-1], 144)
+        assert _rel(yb, ya) < (1e-5 if dtype == torch.float32 else 1.5e-2), shape
+
+
+def test_sparse_linear_layout_state_dict_and_spec(cpu_kernel):
+    lin, m = _module()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    m.set_backend("cpu")
+    assert m.weight_t.is_contiguous() and m.weight_t.shape == (320, 144)
+    sd = m.state_dict()
+    assert set(sd) == set(sd0) and sd["weight"].shape == (144, 320) and torch.equal(sd["weight"], sd0["weight"])
+    # load into a kernel-layout module: values land in WT, layout kept
+    _, other = _module(seed=5)
+    other.set_backend("cpu")
+    other.load_state_dict(sd0)
+    assert other.kernel_layout and torch.equal(other.weight, lin.weight)
+    spec = m.spec()
+    assert "backend" not in spec and SparseLinear.from_spec(spec).spec() == spec
+    m.set_backend("torch")
+    assert m.weight.is_contiguous() and torch.equal(m.weight, lin.weight)
+    assert SparseLinear(8, 4, False, 3, backend="cpu").kernel_layout  # constructor keyword
+
+
+def test_sparse_linear_backend_attribute_without_set_backend(cpu_kernel):
+    lin, m = _module()
+    m.backend = "cpu"  # relayout happens lazily on the first kernel call
+    x = torch.randn(1, 1, 320)
+    assert _rel(m(x), topk_sparsify(x, 100) @ lin.weight.t() + lin.bias) < 1e-5
+    assert m.kernel_layout
+
+
+def test_shared_selection_cache_is_safe(cpu_kernel):
+    _, q = _module(seed=1)
+    _, k = _module(seed=2)
+    for mod in (q, k):
+        mod.set_backend("cpu")
+    x = torch.randn(1, 1, 320)
+    ya, yb = q(x), k(x)  # the second call reuses the selection of the same tensor
+    assert _rel(yb, topk_sparsify(x, 100) @ k.weight.t() + k.bias) < 1e-5
+    x.mul_(-1.0).add_(torch.randn(1, 1, 320))  # in-place change: must be re-selected
+    assert _rel(k(x), topk_sparsify(x, 100) @ k.weight.t() + k.bias) < 1e-5
+    k.keep = 7  # another K: re-selected
+    assert _rel(k(x), topk_sparsify(x, 7) @ k.weight.t() + k.bias) < 1e-5
+    del ya, yb
+
+
+class _Block(nn.Module):
+    """Two SparseLinear readers sharing an input, a SparseLinear writer and a dense adapter."""
+
+    def __init__(self, d=192, f=320):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        mk = lambda i, o, keep: SparseLinear.from_linear(_init(nn.Linear(i, o, bias=False), g), keep)  # noqa: E731
+        self.gate, self.up, self.down = mk(d, f, 96), mk(d, f, 96), mk(f, d, 160)
+        self.adapter = _init(nn.Linear(d, d, bias=False), g)
+
+    def forward(self, h):
+        return self.adapter(h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h)))
+
+
+def _init(lin, g):
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
+    return lin
+
+
+def test_enable_sparse_decode(cpu_kernel):
+    block = _Block()
+    dec = torch.randn(1, 1, 192)
+    pre = torch.randn(1, 12, 192)
+    ref_dec = block(dec)
+    ref_pre_sparse = block(pre)  # sparse_prefill=True (default): every prompt token sparsified
+    for m in (block.gate, block.up, block.down):
+        m.sparse_prefill = False
+    ref_pre_dense = block(pre)
+    assert _rel(ref_pre_dense, ref_pre_sparse) > 1e-3  # the two prefill policies really differ
+    for m in (block.gate, block.up, block.down):
+        m.sparse_prefill = True
+    assert enable_sparse_decode(block, "cpu") == 3
+    assert all(m.backend == "cpu" and m.kernel_layout and not m.sparse_prefill
+               for m in (block.gate, block.up, block.down))
+    assert block.adapter.weight.is_contiguous()  # the dense adapter is untouched
+    assert _rel(block(dec), ref_dec) < 1e-5
+    assert _rel(block(pre), ref_pre_dense) < 1e-5
+    assert set_sparse_backend(block, "cpu", sparse_prefill=True) == 3
+    assert _rel(block(pre), ref_pre_sparse) < 1e-5
+    assert _rel(block(dec), ref_dec) < 1e-5
+    assert disable_sparse_decode(block) == 3 and block.gate.weight.is_contiguous()
+    assert _rel(block(dec), ref_dec) < 1e-5
+
+
+# -- bench (functional only, no timing assertions) ----------------------------------------------------
+
+
+def test_bench_parsing():
+    from mmcompress.bench import parse_decode_spec, parse_shape
+
+    assert parse_shape("4096x11008") == (4096, 11008)
+    with pytest.raises(ValueError):
+        parse_shape("4096")
+    assert parse_decode_spec("llama2-7b:3") == ("llama2-7b", 3)
+    assert parse_decode_spec("llama2-7b") == ("llama2-7b", 4)
+    assert parse_decode_spec("/some/model") is None
+
+
+def test_bench_cli_small(cpu_kernel, capsys):
+    import json
+
+    from mmcompress.cli import main
+
+    rc = main(["bench", "kernel", "--shape", "96x200", "--sparsity", "0.5", "--dtype", "fp32", "--repeats", "2",
+               "--cache-mb", "1", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["keep"] == 100 and res["backend"] == "cpu" and res["max_rel_err"] < 1e-5
+    assert {"dense_us", "sparse_us", "ratio", "topk_share", "kernel_at_0pct_ratio"} <= set(res)
+    assert main(["bench", "kernel", "--shape", "nonsense"]) == 1
+    assert main(["bench", "decode", "no/such/dir", "--tokens", "2"]) == 1
+
+
+def test_bench_decode_synthetic_tiny(cpu_kernel):
+    from mmcompress.bench import synthetic_decode_benchmark
+
+    res = synthetic_decode_benchmark("tiny", 1, sparsity=0.5, tokens=2, prompt=3, rounds=1, backend="cpu")
+    assert res["backend"] == "cpu" and res["topk_calls_per_token"] == 4  # qkv, o, gate/up, down
+    assert res["dense_tok_s"] > 0 and res["sparse_tok_s"] > 0 and "adapter_ms_per_token" in res
+
+
+# -- Triton (needs CUDA) ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_triton_matches_reference(dtype, batch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("triton")
+    from mmcompress.sparse.kernels import triton_gemv
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for din, dout in [(4096, 4096), (1000, 129), (11008, 4096)]:
+        x = torch.randn(batch, din, device="cuda", generator=g).to(dtype)
+        wt = (torch.randn(din, dout, device="cuda", generator=g) / din ** 0.5).to(dtype)
+        for s in (0.0, 0.5, 0.9):
+            k = keep_count(din, s)
+            xs = sparsify_reference(x, k)
+            y = triton_gemv.sparse_gemv(xs, wt)
+            ref = xs.float() @ wt.float()
+            assert _rel(y, ref) < 1e-2
+            y2 = sparse_linear(x, wt, k, backend="triton")
+            assert _rel(y2, ref) < 1e-2
