@@ -98,6 +98,10 @@ def read_ct2(path) -> tuple[dict[str, np.ndarray], dict]:
     return variables, {"spec": spec, "revision": revision, "version": version, "aliases": aliases}
 
 
+def _layer_ids(variables, side: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+
 def _t(a):
     import torch
 
@@ -128,8 +132,7 @@ def ct2_to_hf_state_dict(variables: dict[str, np.ndarray]) -> dict:
                 sd[f"{d}.bias"] = _t(b[i * rows : (i + 1) * rows])
 
     for side in ("encoder", "decoder"):
-        layers = sorted({int(m.group(1)) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
-        for i in layers:
+        for i in _layer_ids(variables, side):
             src, dst = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
             norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
             # fused Q,K,V; the key bias is dropped (transformers' Whisper k_proj has no bias)
@@ -160,16 +163,17 @@ def config_from_variables(variables: dict[str, np.ndarray], **overrides) -> dict
     emb = variables["decoder/embeddings/weight"]
     conv1 = variables["encoder/conv1/weight"]
     fc1 = variables["encoder/layer_0/ffn/linear_0/weight"]
-    n_enc = len({k.split("/")[1] for k in variables if k.startswith("encoder/layer_")})
-    n_dec = len({k.split("/")[1] for k in variables if k.startswith("decoder/layer_")})
-    heads = variables.get("num_heads")
+    n_enc = len(_layer_ids(variables, "encoder"))
+    n_dec = len(_layer_ids(variables, "decoder"))
     cfg.update(vocab_size=emb.shape[0], d_model=emb.shape[1], num_mel_bins=conv1.shape[1], encoder_layers=n_enc,
                decoder_layers=n_dec, encoder_ffn_dim=fc1.shape[0],
                decoder_ffn_dim=variables["decoder/layer_0/ffn/linear_0/weight"].shape[0],
                max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
                max_target_positions=variables["decoder/position_encodings/encodings"].shape[0])
-    if heads is not None:
-        cfg["encoder_attention_heads"] = cfg["decoder_attention_heads"] = int(np.asarray(heads).reshape(-1)[0])
+    for side in ("encoder", "decoder"):
+        heads = variables.get(f"{side}/num_heads", variables.get("num_heads"))
+        if heads is not None:
+            cfg[f"{side}_attention_heads"] = int(np.asarray(heads).reshape(-1)[0])
     cfg.update(overrides)
     return cfg
 

