@@ -224,8 +224,8 @@ class Method:
     def config(self) -> dict:
         return {"method": self.name}
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter) -> None:
-        """Called once before the first layer."""
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, samples=None) -> None:
+        """Called once before the first layer (``samples``: the calibration inputs)."""
 
     def step(self, ctx: LayerContext) -> None:
         raise NotImplementedError
@@ -272,7 +272,7 @@ def run_layerwise(
     """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts."""
     device = torch.device(device)
     model.eval()
-    method.prepare(model, adapter)
+    method.prepare(model, adapter, samples)
     captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
     inputs = captured.hidden
     fp_inputs = list(inputs) if method.needs_fp_chain else None

@@ -30,6 +30,14 @@ from .quantizer import (
 )
 
 
+def modality_rows(ids: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Row index per token: its modality id if the layer has a row for it, else text (row 0).
+
+    Video tokens (id 3) therefore use the text row, as in the MASQuant reference."""
+    ids = ids.long()
+    return torch.where(ids < n_rows, ids, torch.zeros_like(ids))
+
+
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
 
@@ -157,8 +165,7 @@ class QuantLinear(nn.Module):
             return x
         if s.shape[0] == 1 or ids is None or ids.shape != x.shape[:-1]:
             return x / s[0].to(x.dtype)
-        rows = ids.long().clamp(max=s.shape[0] - 1)
-        return x / s.to(x.dtype)[rows]
+        return x / s.to(x.dtype)[modality_rows(ids, s.shape[0])]
 
     def correction(self, x_smoothed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A method's extra per-modality term added to the output (MASQuant's CMC); none here."""

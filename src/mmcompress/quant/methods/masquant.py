@@ -1,0 +1,429 @@
+"""MASQuant: Modality-Aware Smoothing Quantization (Hu et al., CVPR 2026, arXiv 2603.04800).
+
+Notation (one linear ``y = x Wᵀ + b``, ``W ∈ R^{out×in}``; modalities ``m ∈ {T, V, A}``):
+
+* ``s_m ∈ R^{in}``  the smoothing vector of modality ``m`` (``smoothing[m]`` here); ``x / s_m``
+  divides channel ``j`` by ``s_mj``; ``W ⊙ s_m`` multiplies column ``j`` of ``W`` by ``s_mj``.
+* ``Q_w``, ``Q_a``  weight and per-token activation fake-quantizers (:mod:`..quantizer`).
+
+**Modality-Aware Smoothing (MAS).**  Each smoothed linear (q, k, v, o, gate, up; down keeps
+``s ≡ 1``) learns one vector per modality, initialised per modality as SmoothQuant would (E7)::
+
+    s_m = clamp(max_{t∈m} |x_t|^α / max_i |W_i|^(1−α), ≥ 1e-5)
+
+and trained layer by layer on the cached inputs with the training forward (E8, one quantized weight
+per modality)::
+
+    Y = Σ_m Q_a((M_m ⊙ X) / s_m) · Q_w(W ⊙ s_m)ᵀ + b
+
+to minimise the modality-balanced reconstruction loss (E9, a weighted mean absolute error)::
+
+    L_MBR = (Σ_{t∈T} ||Δ_t||₁ + λ_V Σ_{t∈V} ||Δ_t||₁ + λ_A Σ_{t∈A} ||Δ_t||₁) / (L·d),   Δ = Ŷ − Y_fp
+
+**Cross-Modal Compensation (CMC).**  One quantized weight ``Ŵ = Q_w(W ⊙ s_T)`` is stored.  For
+``m ≠ T`` the residual ``ΔW_m = W ⊙ s_m − Ŵ`` is approximated by ``L_m R_m`` of rank ``r``, optimal
+in the space whitened by the modality's smoothed activations ``X̃_m = X_m / s_m`` (E11–E16)::
+
+    C_m = X̃_mᵀ X̃_m = U Σ Uᵀ,   T_m = Σ^{1/2} Uᵀ,   T_m ΔW_mᵀ = P S Qᵀ,
+    L_m = U Σ^{−1/2} P_{:r},   R_m = S_{:r} Q_{:r}ᵀ,   min_{rank ≤ r} ||X̃_m (ΔW_mᵀ − L R)||_F
+
+and the deployed layer computes, for a token of modality ``m`` (E17; text and decode tokens pay
+nothing extra)::
+
+    y_t = Q_a(x_t / s_m) Ŵᵀ + b + 1[m ≠ T] · (x_t / s_m) L_m R_m
+
+Differences from the reference code (see ``masquant.md`` §11): explicit configuration, smoothing
+vectors kept positive with one floor used everywhere, fp32 master copies of ``s``, covariances in
+float64 with damping and ``T⁻¹ = U Σ^{−1/2}``, calibration disjoint from evaluation.  On a text-only
+model every token is text and MASQuant reduces to learned SmoothQuant (run-time smoothing vectors
+trained with the reconstruction loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ...engine import LayerContext
+from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modality_ids
+from ..linear import QuantLinear, modality_rows, register_quant_module
+from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
+from .base import QuantMethod, replace_linear, weight_column_absmax
+from .smoothquant import smoothing_factors
+from .stats import collect_group_stats
+
+log = logging.getLogger(__name__)
+
+ROWS = 3  # smoothing rows: text, image (vision), audio
+SMOOTHED_GROUPS = ("attn_in", "attn_out", "mlp_in")
+# λ per modality.  "scripted" is what every reference script uses (1 : 1 : 0.5 for T : A : V);
+# "auto" measures MBQ-style gradient ratios on the calibration set (the paper's best setting).
+LOSS_WEIGHT_PRESETS = {"scripted": {IMAGE: 0.5, AUDIO: 1.0}, "uniform": {IMAGE: 1.0, AUDIO: 1.0},
+                       "omni-3b": {IMAGE: 0.15, AUDIO: 0.55}, "vl-3b": {IMAGE: 0.126, AUDIO: 1.0}}
+
+
+# -- modules -------------------------------------------------------------------------------------
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    ids = current_modality_ids()
+    if ids is None or ids.shape != x.shape[:-1]:
+        return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    return modality_rows(ids.to(x.device), ROWS)
+
+
+class MASTrainLinear(nn.Module):
+    """Training form of a smoothed linear (E8): one quantized weight per modality."""
+
+    def __init__(self, linear: nn.Module, scheme: QuantScheme, init: torch.Tensor, trainable: bool = True,
+                 shared: nn.Parameter | None = None):
+        super().__init__()
+        self.weight = linear.weight.detach().float()
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.scheme = scheme
+        if shared is not None:
+            self.smoothing = shared
+        elif trainable:
+            self.smoothing = nn.Parameter(init.float().clone())
+        else:
+            self.register_buffer("smoothing", init.float().clone())
+
+    def quantized_weight(self, m: int) -> torch.Tensor:
+        s = self.scheme
+        return fake_quantize_weight(self.weight * self.smoothing[m], s.wbits, s.group_size, s.sym)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _token_rows(x).reshape(-1)
+        xf = x.reshape(-1, x.shape[-1]).float()
+        out = xf.new_zeros(xf.shape[0], self.weight.shape[0])
+        for m in rows.unique().tolist():
+            sel = rows == m
+            xm = fake_quantize_activation(xf[sel] / self.smoothing[m], self.scheme.abits)
+            out = out.index_put((sel.nonzero().squeeze(1),), xm @ self.quantized_weight(m).T)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@register_quant_module
+class MASLinear(QuantLinear):
+    """Deployed MASQuant linear (E17): one quantized weight ``Ŵ = Q_w(W ⊙ s_T)``, per-modality
+    run-time smoothing rows, and per-modality low-rank compensation ``L_m R_m`` (``rank > 0``).
+
+    ``split=True`` instead stores one fake-quantized weight per modality (the training form E8,
+    "MAS only"): a research variant used to measure what CMC approximates, not a deployment format.
+    """
+
+    def __init__(self, in_features, out_features, bias, scheme, smoothing_rows=ROWS, dtype=torch.float32, device=None,
+                 rank: int = 0, split: bool = False):
+        super().__init__(in_features, out_features, bias, scheme, smoothing_rows, dtype=dtype, device=device)
+        self.rank, self.split = int(rank), bool(split)
+        if self.rank:
+            self.register_buffer("cmc_left", torch.zeros(smoothing_rows, in_features, self.rank, dtype=dtype, device=device))
+            self.register_buffer("cmc_right", torch.zeros(smoothing_rows, self.rank, out_features, dtype=dtype, device=device))
+        if self.split:
+            self.register_buffer("split_weight", torch.zeros(smoothing_rows, out_features, in_features, dtype=dtype,
+                                                             device=device))
+
+    def spec(self) -> dict:
+        return {**super().spec(), "rank": self.rank, "split": self.split}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "MASLinear":
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        q = cls(spec["in_features"], spec["out_features"], spec["bias"], QuantScheme(**spec["scheme"]),
+                spec.get("smoothing_rows", ROWS), dtype=dtype, device=device, rank=spec.get("rank", 0),
+                split=spec.get("split", False))
+        if spec.get("packed"):
+            q._make_packed_buffers(device)
+        return q
+
+    def correction(self, x_smoothed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.rank or ids is None or ids.shape != x_smoothed.shape[:-1]:
+            return None
+        rows = modality_rows(ids.to(x_smoothed.device), self.input_smoothing.shape[0])
+        present = [m for m in rows.unique().tolist() if m != TEXT]
+        if not present:
+            return None
+        out = x_smoothed.new_zeros(*x_smoothed.shape[:-1], self.out_features)
+        for m in present:
+            sel = rows == m
+            out[sel] = (x_smoothed[sel] @ self.cmc_left[m].to(x_smoothed.dtype)) @ self.cmc_right[m].to(x_smoothed.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(x)
+        ids = current_modality_ids()
+        rows = (modality_rows(ids.to(x.device), ROWS) if ids is not None and ids.shape == x.shape[:-1]
+                else torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device))
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        for m in rows.unique().tolist():
+            sel = rows == m
+            xm = fake_quantize_activation(x[sel] / self.input_smoothing[m].to(x.dtype), self.scheme.abits)
+            out[sel] = xm @ self.split_weight[m].to(x.dtype).T
+        return out if self.bias is None else out + self.bias
+
+
+# -- the method ----------------------------------------------------------------------------------
+
+
+def cmc_rank(rank_ratio: float, in_features: int, out_features: int, floor: int = 32) -> int:
+    """``r = max(floor, ⌊ρ·min(in, out)⌋)`` for ``ρ ≤ 1`` (``ρ = 1``: full rank), ``r = ρ`` for ``ρ > 1``."""
+    full = min(in_features, out_features)
+    if rank_ratio <= 0:
+        return 0
+    r = int(rank_ratio) if rank_ratio > 1 else max(floor, int(math.floor(rank_ratio * full)))
+    return min(r, full)
+
+
+def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float = 1e-6):
+    """Factors ``L [in×r]``, ``R [r×out]`` minimising ``||X̃ (ΔWᵀ − L R)||_F`` given ``C = X̃ᵀX̃``
+    (``moment``; ``None`` = plain SVD, the no-whitening ablation).  All in float64."""
+    dwt = delta_w.double().T  # [in, out]
+    if moment is None:
+        p, s, qh = torch.linalg.svd(dwt, full_matrices=False)
+        return p[:, :rank], s[:rank, None] * qh[:rank]
+    evals, u = torch.linalg.eigh(moment.double())
+    evals = evals.clamp(min=0)
+    evals = evals + damping * evals.mean().clamp(min=1e-30)
+    sq = evals.sqrt()
+    t = sq[:, None] * u.T  # T = Σ^{1/2} Uᵀ
+    p, s, qh = torch.linalg.svd(t @ dwt, full_matrices=False)
+    left = (u / sq[None, :]) @ p[:, :rank]  # T⁻¹ P_r = U Σ^{−1/2} P_r
+    return left, s[:rank, None] * qh[:rank]
+
+
+class MASQuant(QuantMethod):
+    """MAS (+ CMC).  ``cmc``: ``"whitened"`` (default), ``"plain"`` (unwhitened SVD ablation),
+    ``"none"`` (shared weight, per-modality smoothing only) or ``"split"`` (one weight per modality,
+    the training form E8, for measurement)."""
+
+    name = "masquant"
+    needs_fp_chain = True
+
+    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
+                 loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,
+                 cmc_target: str = "fp", cmc_bits: int = 16, tie: bool = False, scale_floor: float = 1e-2,
+                 damping: float = 1e-6, train_samples: int | None = None, probe_samples: int = 16, seed: int = 0):
+        super().__init__(scheme)
+        if cmc not in ("whitened", "plain", "none", "split"):
+            raise ValueError(f"cmc must be whitened, plain, none or split, got {cmc!r}")
+        if cmc_target not in ("fp", "quantized"):
+            raise ValueError(f"cmc_target must be fp or quantized, got {cmc_target!r}")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha, self.epochs, self.lr = alpha, int(epochs), lr
+        self.loss_weights_spec = loss_weights
+        self.cmc, self.rank, self.rank_floor, self.cmc_target, self.cmc_bits = cmc, rank, rank_floor, cmc_target, cmc_bits
+        self.tie, self.scale_floor, self.damping = tie, scale_floor, damping
+        self.train_samples, self.probe_samples, self.seed = train_samples, probe_samples, seed
+        self.loss_weights: dict[int, float] = {TEXT: 1.0, IMAGE: 1.0, AUDIO: 1.0}
+        self.summary: dict = {}
+
+    def config(self) -> dict:
+        return {**super().config(), "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
+                "loss_weights": self.loss_weights_spec if isinstance(self.loss_weights_spec, str) else
+                {MODALITY_NAMES.get(k, k): v for k, v in dict(self.loss_weights_spec).items()},
+                "cmc": self.cmc, "rank": self.rank, "rank_floor": self.rank_floor, "cmc_target": self.cmc_target,
+                "cmc_bits": self.cmc_bits, "tie": self.tie, "scale_floor": self.scale_floor,
+                "train_samples": self.train_samples, "seed": self.seed}
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def prepare(self, model, adapter, samples=None) -> None:
+        from .gradients import modality_gradient_ratios
+        from ...models.modality import modality_ids
+
+        present = set()
+        for s in samples or []:
+            present |= set(modality_ids(s["input_ids"], adapter.modality_token_ids, decode=False).unique().tolist())
+        self.present = sorted(m for m in present if m in (TEXT, IMAGE, AUDIO))
+        spec = self.loss_weights_spec
+        if isinstance(spec, dict):
+            weights = {IMAGE: 1.0, AUDIO: 1.0, **{_mod_id(k): float(v) for k, v in spec.items()}}
+        elif spec in LOSS_WEIGHT_PRESETS:
+            weights = dict(LOSS_WEIGHT_PRESETS[spec])
+        elif spec == "auto":
+            if any(m != TEXT for m in self.present):
+                ratios = modality_gradient_ratios(model, adapter, samples[: self.probe_samples])
+                weights = {m: ratios.get(m, 1.0) for m in (IMAGE, AUDIO)}
+                self.summary["gradient_ratios"] = {MODALITY_NAMES[m]: v for m, v in ratios.items()}
+            else:
+                weights = {IMAGE: 1.0, AUDIO: 1.0}
+        else:
+            raise ValueError(f"loss_weights must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or a dict, got {spec!r}")
+        self.loss_weights = {TEXT: 1.0, **weights}
+        self.summary["loss_weights"] = {MODALITY_NAMES[m]: round(v, 4) for m, v in self.loss_weights.items()}
+        self.summary["modalities"] = [MODALITY_NAMES[m] for m in self.present]
+        if self.present == [TEXT] or not self.present:
+            self.summary["note"] = "text-only calibration: MASQuant reduces to learned SmoothQuant (one text vector)"
+            log.info(self.summary["note"])
+        self.summary.update({"cmc_bytes": 0, "weight_bytes": 0, "cmc_macs_per_token": {}, "linear_macs_per_token": 0})
+
+    # -- one decoder layer ------------------------------------------------------------------------
+    def step(self, ctx: LayerContext) -> None:
+        layer, adapter, scheme = ctx.layer, ctx.adapter, self.scheme
+        groups = [g for g in adapter.groups if g.name in SMOOTHED_GROUPS]
+        need_moments = self.cmc in ("whitened",) and any(m != TEXT for m in self.present)
+        stats = collect_group_stats(ctx, groups, moments=need_moments, inputs=ctx.fp_inputs)
+        # E7 initialisation, per group from its first reader's weight (k, v copy q; gate copies up)
+        init, wrappers, shared = {}, {}, {}
+        for g in groups:
+            st = stats[g.name]
+            w_absmax = weight_column_absmax([layer.get_submodule(g.readers[0])])
+            text_s = smoothing_factors(st.absmax.get(TEXT, st.absmax_all()), w_absmax, self.alpha)
+            rows = [smoothing_factors(st.absmax[m], w_absmax, self.alpha) if m in st.absmax else text_s
+                    for m in range(ROWS)]
+            init[g.name] = torch.stack(rows).clamp(min=self.scale_floor)
+            if self.tie:
+                shared[g.name] = nn.Parameter(init[g.name].float().clone())
+            for path in g.readers:
+                wrappers[path] = MASTrainLinear(layer.get_submodule(path), scheme, init[g.name],
+                                                shared=shared.get(g.name))
+        originals = {p: layer.get_submodule(p) for p in wrappers}
+        for path, w in wrappers.items():
+            replace_linear(layer, path, w)
+        others = [p for p in adapter.linear_names() if p not in wrappers]
+        for path in others:  # down_proj: s ≡ 1, still W/A quantized during training
+            replace_linear(layer, path, QuantLinear.from_linear(layer.get_submodule(path), scheme))
+        losses = self._train(ctx, wrappers) if self.epochs > 0 else []
+        for path, w in wrappers.items():
+            replace_linear(layer, path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
+        for path in others:
+            layer.get_submodule(path).pack()
+        ctx.info["masquant"] = {
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "tokens": {MODALITY_NAMES[m]: n for m, n in stats[groups[0].name].count.items()},
+            "divergence": {p: _divergence(w.smoothing.detach(), self.present) for p, w in wrappers.items()},
+        }
+        self._account(layer, adapter)
+
+    def _train(self, ctx: LayerContext, wrappers: dict) -> list[float]:
+        params = list({id(w.smoothing): w.smoothing for w in wrappers.values() if isinstance(w.smoothing, nn.Parameter)}.values())
+        if not params:
+            return []
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        n = len(ctx.inputs) if self.train_samples is None else min(self.train_samples, len(ctx.inputs))
+        losses = []
+        for _ in range(self.epochs):
+            total = 0.0
+            for j in range(n):
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(min=self.scale_floor)  # keep s positive (reference: |s| ≥ 1e-2)
+                with torch.enable_grad():
+                    y = ctx.run(j)
+                    loss = mbr_loss(y, ctx.fp_outputs[j].to(y.device), ctx.modality_ids[j].to(y.device),
+                                    self.loss_weights)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            losses.append(total / max(1, n))
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(min=self.scale_floor)
+        return losses
+
+    @torch.no_grad()
+    def _deploy(self, original: nn.Module, trained: MASTrainLinear, st) -> MASLinear:
+        scheme = self.scheme
+        s = trained.smoothing.detach().double()  # [ROWS, in]
+        w = original.weight.detach().double()
+        in_f, out_f = w.shape[1], w.shape[0]
+        present_other = [m for m in self.present if m != TEXT and m in st.count]
+        rank = 0
+        if self.cmc in ("whitened", "plain") and present_other:
+            rank = cmc_rank(self.rank, in_f, out_f, self.rank_floor)
+        dtype = original.weight.dtype
+        q = MASLinear(in_f, out_f, original.bias is not None, scheme, ROWS, dtype=dtype, device=w.device, rank=rank,
+                      split=self.cmc == "split")
+        q.weight.data.copy_((w * s[TEXT]).to(dtype))
+        if original.bias is not None:
+            q.bias.data.copy_(original.bias.data)
+        q.input_smoothing.copy_(s.float())
+        w_hat = fake_quantize_weight((w * s[TEXT]).float(), scheme.wbits, scheme.group_size, scheme.sym).double()
+        if self.cmc == "split":
+            for m in range(ROWS):
+                q.split_weight[m].copy_(fake_quantize_weight((w * s[m]).float(), scheme.wbits, scheme.group_size,
+                                                             scheme.sym).to(dtype))
+        for m in present_other if rank else []:
+            target = w * s[m]
+            if self.cmc_target == "quantized":
+                target = fake_quantize_weight(target.float(), scheme.wbits, scheme.group_size, scheme.sym).double()
+            moment = None
+            if self.cmc == "whitened":
+                moment = st.moment[m] / s[m][:, None] / s[m][None, :]  # C_m of X̃_m = X_m / s_m (E11)
+            left, right = whitened_low_rank(target - w_hat, moment, rank, self.damping)
+            if self.cmc_bits < 16:
+                left = fake_quantize_weight(left.T.float(), self.cmc_bits).T.double()
+                right = fake_quantize_weight(right.float(), self.cmc_bits).double()
+            q.cmc_left[m].copy_(left.to(dtype))
+            q.cmc_right[m].copy_(right.to(dtype))
+        if self.cmc != "split":
+            q.pack()
+        return q
+
+    def _account(self, layer, adapter) -> None:
+        """Exact memory and per-token FLOP overhead of the CMC branches (model dtype bytes)."""
+        for path in adapter.linear_names():
+            mod = layer.get_submodule(path)
+            self.summary["linear_macs_per_token"] += mod.in_features * mod.out_features
+            self.summary["weight_bytes"] += mod.in_features * mod.out_features * self.scheme.wbits / 8
+            if isinstance(mod, MASLinear) and mod.rank:
+                elem = mod.cmc_left.element_size()
+                per_mod = mod.rank * (mod.in_features + mod.out_features)
+                for m in self.present:
+                    if m == TEXT:
+                        continue
+                    self.summary["cmc_bytes"] += per_mod * elem
+                    key = MODALITY_NAMES[m]
+                    self.summary["cmc_macs_per_token"][key] = self.summary["cmc_macs_per_token"].get(key, 0) + per_mod
+
+    def finalize(self, model, adapter) -> None:
+        s = self.summary
+        if s.get("weight_bytes"):
+            s["cmc_bytes_fraction"] = s["cmc_bytes"] / s["weight_bytes"]
+        if s.get("linear_macs_per_token"):
+            s["cmc_flops_per_token"] = {k: 2 * v for k, v in s["cmc_macs_per_token"].items()}
+            s["cmc_flops_fraction"] = {k: v / s["linear_macs_per_token"] for k, v in s["cmc_macs_per_token"].items()}
+        model._mmcompress_method_summary = s
+
+
+def _mod_id(key) -> int:
+    if isinstance(key, int):
+        return key
+    names = {"text": TEXT, "image": IMAGE, "vision": IMAGE, "audio": AUDIO}
+    if key not in names:
+        raise ValueError(f"unknown modality {key!r} in loss weights")
+    return names[key]
+
+
+def _group_of(adapter, path: str) -> str:
+    for g in adapter.groups:
+        if path in g.readers:
+            return g.name
+    raise KeyError(path)
+
+
+def _divergence(s: torch.Tensor, present: list[int]) -> dict:
+    """Mean |log s_m − log s_T| per non-text modality (0 = identical smoothing)."""
+    out = {}
+    log_s = s.double().clamp(min=1e-12).log()
+    for m in present:
+        if m != TEXT:
+            out[MODALITY_NAMES[m]] = round(float((log_s[m] - log_s[TEXT]).abs().mean()), 4)
+    return out
+
+
+def mbr_loss(y: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, weights: dict[int, float]) -> torch.Tensor:
+    """E9: modality-weighted sum of per-token L1 errors over ``L·d`` (an absent modality adds 0)."""
+    rows = modality_rows(ids.reshape(y.shape[:-1]), ROWS)
+    lam = torch.ones(rows.shape, dtype=y.dtype, device=y.device)
+    for m, v in weights.items():
+        lam = torch.where(rows == m, torch.full_like(lam, v), lam)
+    per_token = (y.float() - target.float()).abs().sum(-1)
+    return (per_token * lam).sum() / per_token.numel() / y.shape[-1]

@@ -1,0 +1,170 @@
+import copy
+
+import pytest
+import torch
+
+import mmcompress
+from mmcompress.data import CalibrationSet
+from mmcompress.models.modality import AUDIO, IMAGE, TEXT, modality_context
+from mmcompress.quant.linear import QuantLinear
+from mmcompress.quant.methods.masquant import (
+    MASLinear,
+    MASTrainLinear,
+    cmc_rank,
+    mbr_loss,
+    whitened_low_rank,
+)
+from mmcompress.quant.quantizer import QuantScheme, fake_quantize_weight
+
+from .conftest import mm_inputs, text_samples, tiny_model
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def omni(tokenizer):
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
+    x = mm_inputs("qwen2_5_omni", tok, seed=9, text=" over the lazy dog")[0]
+    return model, calib, x
+
+
+def test_mas_training_form_is_invariant_without_quantization():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    s = torch.rand(3, 32) * 3 + 0.1
+    mas = MASTrainLinear(lin, QuantScheme(16, 16), s)
+    x = torch.randn(1, 10, 32)
+    ids = torch.tensor([[0, 1, 1, 2, 2, 0, 3, 0, 1, 2]])
+    with modality_context(ids):
+        assert torch.allclose(mas(x), lin(x), atol=1e-5)
+
+
+def test_equal_vectors_reduce_to_smoothquant_and_ones_to_rtn():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 16)
+    scheme = QuantScheme(4, 8)
+    x = torch.randn(1, 9, 32)
+    ids = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2]])
+    s = torch.rand(32) + 0.5
+    mas = MASTrainLinear(lin, scheme, s.expand(3, 32))
+    sq = QuantLinear.from_linear(lin, scheme, smoothing_rows=1)
+    sq.weight.data.mul_(s)
+    sq.input_smoothing.mul_(s)
+    rtn = QuantLinear.from_linear(lin, scheme)
+    with modality_context(ids):
+        assert torch.allclose(mas(x), sq(x), atol=1e-5)
+        ones = MASTrainLinear(lin, scheme, torch.ones(3, 32))
+        assert torch.allclose(ones(x), rtn(x), atol=1e-5)
+
+
+def test_full_rank_cmc_reproduces_split_weights_exactly():
+    """Quantized target, no activation quantization, full rank: E17 == E8 on every modality."""
+    torch.manual_seed(2)
+    in_f, out_f = 24, 20
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    s = torch.rand(3, in_f, dtype=torch.float64) * 2 + 0.2
+    scheme = QuantScheme(4, 16, 0, True)
+    w_hat = fake_quantize_weight(w * s[TEXT], 4).double()
+    x = torch.randn(1, 12, in_f, dtype=torch.float64)
+    ids = torch.tensor([[0, 1, 2] * 4])
+    mas = MASLinear(in_f, out_f, False, scheme, 3, dtype=torch.float64, rank=min(in_f, out_f))
+    mas.weight.data.copy_(w * s[TEXT])
+    mas.input_smoothing.copy_(s.float())
+    mas.input_smoothing.data = s.clone()
+    for m in (IMAGE, AUDIO):
+        xm = x[0][ids[0] == m] / s[m]
+        moment = xm.T @ xm + torch.eye(in_f, dtype=torch.float64)
+        target = fake_quantize_weight(w * s[m], 4).double()
+        left, right = whitened_low_rank(target - w_hat, moment, min(in_f, out_f))
+        mas.cmc_left[m].copy_(left)
+        mas.cmc_right[m].copy_(right)
+    with modality_context(ids):
+        y = mas(x)
+    for m in (TEXT, IMAGE, AUDIO):
+        sel = ids[0] == m
+        expected = (x[0][sel] / s[m]) @ fake_quantize_weight(w * s[m], 4).double().T
+        assert torch.allclose(y[0][sel], expected, atol=1e-9), m
+
+
+def test_whitened_low_rank_error_decreases_with_rank_and_beats_plain_svd():
+    torch.manual_seed(3)
+    in_f, out_f = 48, 40
+    # activations with a few dominant directions (as real activations have)
+    basis = torch.randn(in_f, in_f, dtype=torch.float64)
+    x = torch.randn(500, in_f, dtype=torch.float64) @ torch.diag(torch.logspace(1, -2, in_f, dtype=torch.float64)) @ basis
+    dw = torch.randn(out_f, in_f, dtype=torch.float64)
+    moment = x.T @ x
+    errs, plain = [], []
+    for r in (2, 4, 8, 16, 32, 40):
+        left, right = whitened_low_rank(dw, moment, r)
+        errs.append((x @ (dw.T - left @ right)).norm().item())
+        pl, pr = whitened_low_rank(dw, None, r)
+        plain.append((x @ (dw.T - pl @ pr)).norm().item())
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-6 * errs[0]
+    assert all(w <= p + 1e-9 for w, p in zip(errs, plain))
+    assert errs[1] < 0.9 * plain[1]
+
+
+def test_rank_rule():
+    assert cmc_rank(0.05, 2048, 11008) == 102
+    assert cmc_rank(0.05, 2048, 256) == 32  # floor
+    assert cmc_rank(1.0, 64, 32) == 32  # 1 = full rank
+    assert cmc_rank(16, 64, 32) == 16  # absolute
+    assert cmc_rank(0, 64, 32) == 0
+
+
+def test_mbr_loss_weights_and_absent_modality():
+    y, t = torch.zeros(1, 4, 2), torch.ones(1, 4, 2)
+    ids = torch.tensor([[0, 0, 1, 1]])
+    assert torch.isclose(mbr_loss(y, t, ids, {0: 1.0, 1: 1.0, 2: 1.0}), (y - t).abs().mean())
+    assert torch.isclose(mbr_loss(y, t, ids, {0: 1.0, 1: 0.5, 2: 7.0}), torch.tensor(0.75))
+    assert torch.isfinite(mbr_loss(y, t, torch.zeros(1, 4, dtype=torch.long), {0: 1.0, 1: 0.5, 2: 1.0}))
+
+
+def test_masquant_without_quantization_leaves_logits_unchanged(omni):
+    model, calib, x = omni
+    ref = model(**x).logits
+    for cmc in ("split", "whitened"):
+        m = copy.deepcopy(model)
+        mmcompress.quantize(m, calib, "masquant", QuantScheme(16, 16), progress=False, cmc=cmc, rank=1.0, epochs=1)
+        assert _rel(m(**x).logits, ref) < 1e-4, cmc
+
+
+def test_masquant_learns_and_cmc_tracks_split(omni):
+    model, calib, x = omni
+    ref = model(**x).logits
+    errs = {}
+    for name, method, kw in [("sq", "smoothquant", {}), ("split", "masquant", {"cmc": "split"}),
+                             ("cmc", "masquant", {"cmc": "whitened"})]:
+        m = copy.deepcopy(model)
+        mmcompress.quantize(m, calib, method, "w4a8", progress=False, **kw)
+        errs[name] = _rel(m(**x).logits, ref)
+        if name == "cmc":
+            info = m._mmcompress_description["layers"][0]["masquant"]
+            assert info["loss_last"] < info["loss_first"]
+            q = m.model.language_model.layers[0].self_attn.q_proj
+            assert isinstance(q, MASLinear) and q.rank > 0 and q.packed
+            assert set(info["divergence"]["self_attn.q_proj"]) == {"image", "audio"}
+            summary = m._mmcompress_method_summary
+            assert summary["cmc_bytes"] > 0 and summary["cmc_flops_per_token"]["audio"] > 0
+    assert errs["cmc"] < errs["sq"], errs
+
+
+def test_masquant_on_text_only_model_is_learned_smoothquant(tokenizer):
+    model, tok = tiny_model("llama", tokenizer=tokenizer)
+    m = mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=3)), "masquant", "w4a8", progress=False, epochs=1)
+    assert "learned SmoothQuant" in m._mmcompress_method_summary["note"]
+    assert m.model.layers[0].self_attn.q_proj.rank == 0
+
+
+def test_masquant_save_load_roundtrip(omni, tmp_path):
+    model, calib, x = omni
+    m = copy.deepcopy(model)
+    mmcompress.quantize(m, calib, "masquant", "w4a8", progress=False, epochs=1)
+    y = m(**x).logits
+    loaded = mmcompress.load(mmcompress.save(m, tmp_path / "mas"))
+    assert torch.equal(loaded(**x).logits, y)
