@@ -125,8 +125,9 @@ def load_wiki_articles(path) -> list[dict]:
     return out
 
 
-def split_articles(articles: list, n_eval: int = WIKI_EVAL_ARTICLES) -> tuple[list, list]:
-    """(calibration, evaluation): the last ``n_eval`` articles are held out for evaluation."""
+def split_articles(articles: list, n_eval: int | None = None) -> tuple[list, list]:
+    """(calibration, evaluation): the last ``n_eval`` (default ``WIKI_EVAL_ARTICLES``) articles are held out."""
+    n_eval = WIKI_EVAL_ARTICLES if n_eval is None else n_eval
     if len(articles) <= n_eval:
         raise TestbedError(f"the wiki data has {len(articles)} articles, need more than {n_eval}")
     return list(articles[:-n_eval]), list(articles[-n_eval:])
