@@ -52,7 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric weight grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid")
-    q.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument("--alpha", type=float, default=None, help="smoothing migration strength (default 0.5)")
+    mas = q.add_argument_group("MASQuant / MBQ options")
+    mas.add_argument("--epochs", type=int, help="MASQuant training epochs per layer (default 2)")
+    mas.add_argument("--lr", type=float, help="MASQuant learning rate (default 5e-2)")
+    mas.add_argument("--loss-weights", help="modality loss weights: auto (gradient ratios), scripted, uniform, "
+                                            "omni-3b, vl-3b, or image=0.15,audio=0.55")
+    mas.add_argument("--cmc", choices=["whitened", "plain", "none", "split"],
+                     help="MASQuant cross-modal compensation (default whitened; split = one weight per modality)")
+    mas.add_argument("--rank", type=float, help="CMC rank: ratio of min(in, out) if <= 1, else absolute (default 0.05)")
+    mas.add_argument("--rank-floor", type=int, help="smallest CMC rank (default 32)")
+    mas.add_argument("--cmc-target", choices=["fp", "quantized"], help="CMC target weight (default fp)")
+    mas.add_argument("--cmc-bits", type=int, help="quantize the CMC factors to this many bits (default 16 = off)")
+    mas.add_argument("--tie", action="store_true", default=None, help="tie q/k/v and gate/up vectors per modality")
+    mas.add_argument("--train-samples", type=int, help="train on at most this many calibration samples")
+    q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
     q.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
     _add_calib(q)
     q.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
@@ -66,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", action="append", default=[], help="text file (or testbed split name) for perplexity")
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--asr", metavar="NAME", help="speech set for word error rate (e.g. speech-test; Omni models)")
+    e.add_argument("--vqa", metavar="NAME", help="image QA set for exact-match accuracy (e.g. image-qa-test)")
+    e.add_argument("--mm-limit", type=int, default=None, help="evaluate at most this many ASR clips / VQA items per type")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--no-progress", action="store_true")
     _add_common(e)
@@ -113,6 +130,37 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
     return calibration_set(spec, model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
 
+_OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
+                 "cmc": "--cmc", "rank": "--rank", "rank_floor": "--rank-floor", "cmc_target": "--cmc-target",
+                 "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples"}
+
+
+def _method_options(args) -> dict:
+    """Method keyword options from the CLI; an option the method does not take is an error."""
+    import inspect
+
+    from .quant.methods import QUANT_METHODS
+
+    cls = QUANT_METHODS.get(args.method.lower())
+    if cls is None:
+        raise CLIError(f"unknown quantization method {args.method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {}
+    for key, flag in _OPTION_FLAGS.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise CLIError(f"{flag} does not apply to --method {args.method}")
+        if key == "loss_weights" and "=" in value:
+            try:
+                value = {k.strip(): float(v) for k, v in (item.split("=") for item in value.split(","))}
+            except ValueError:
+                raise CLIError(f"--loss-weights: expected e.g. image=0.15,audio=0.55, got {value!r}") from None
+        options[key] = value
+    return options
+
+
 def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
     """Cheap checks of ``--calib`` before the model is loaded."""
     if nsamples < 1:
@@ -136,11 +184,7 @@ def cmd_quantize(args) -> dict:
     from .quant.quantizer import resolve_scheme
 
     scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
-    options = {}
-    if args.alpha is not None:
-        if args.method != "smoothquant" and args.method not in ("masquant", "mbq"):
-            raise CLIError(f"--alpha does not apply to --method {args.method}")
-        options["alpha"] = args.alpha
+    options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
     read_config(args.model)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
@@ -150,7 +194,7 @@ def cmd_quantize(args) -> dict:
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.ckpt"
     quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ckpt, resume=args.resume,
-             progress=not args.no_progress, **options)
+             progress=not args.no_progress, report_dir=args.report, **options)
     save(model, out, source_dir=args.model)
     import shutil
 
@@ -158,6 +202,10 @@ def cmd_quantize(args) -> dict:
     desc = model._mmcompress_description
     result = {"output": str(out), "method": args.method, "scheme": scheme.name,
               "calibration": desc["calibration"], "seconds": desc["seconds"]}
+    if "method_summary" in desc:
+        result["method_summary"] = desc["method_summary"]
+    if "report" in desc:
+        result["report"] = desc["report"]
     print(f"quantized {args.model} with {args.method} {scheme.name} -> {out} ({desc['seconds']} s; "
           f"calibration tokens {desc['calibration']['tokens']})", file=sys.stderr)
     return result
@@ -185,8 +233,8 @@ def cmd_eval(args) -> dict:
     from .eval.perplexity import text_perplexity
     from .models.loading import load_hf_model, load_tokenizer
 
-    if not args.ppl:
-        raise CLIError("nothing to evaluate: give --ppl TEXTFILE")
+    if not args.ppl and not getattr(args, "asr", None) and not getattr(args, "vqa", None):
+        raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
     texts = [resolve_text(s) for s in args.ppl]
     model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(args.model)
@@ -198,7 +246,31 @@ def cmd_eval(args) -> dict:
         if len(texts) == 1:
             result.update(r)
         result.setdefault("ppl_by_set", {})[name] = r
+    if getattr(args, "asr", None) or getattr(args, "vqa", None):
+        result.update(_eval_multimodal(model, args))
     return result
+
+
+def _eval_multimodal(model, args) -> dict:
+    from .models.processing import load_processor
+
+    src = getattr(model, "_mmcompress_source", None) or args.model
+    processor = load_processor(src)
+    out: dict = {}
+    if args.asr:
+        from .eval.asr import word_error_rate
+
+        r = word_error_rate(model, processor, args.asr, limit=args.mm_limit, progress=not args.no_progress)
+        print(f"{args.asr}: WER {r['wer']:.4f} (digits {r['wer_digits']}, sentences {r['wer_sentences']})",
+              file=sys.stderr)
+        out["asr"] = r
+    if args.vqa:
+        from .eval.vqa import accuracy
+
+        r = accuracy(model, processor, args.vqa, limit_per_type=args.mm_limit, progress=not args.no_progress)
+        print(f"{args.vqa}: accuracy {r['accuracy']:.4f} {r['by_type']}", file=sys.stderr)
+        out["vqa"] = r
+    return out
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -268,6 +269,7 @@ def run_layerwise(
     resume: bool = False,
     progress: bool = True,
     on_layer_done: Callable[[int, dict], None] | None = None,
+    diagnostics=None,
 ) -> list[dict]:
     """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts."""
     device = torch.device(device)
@@ -275,7 +277,7 @@ def run_layerwise(
     method.prepare(model, adapter, samples)
     captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
     inputs = captured.hidden
-    fp_inputs = list(inputs) if method.needs_fp_chain else None
+    fp_inputs = list(inputs) if (method.needs_fp_chain or diagnostics is not None) else None
     layers = adapter.layers
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -312,9 +314,15 @@ def run_layerwise(
         with torch.no_grad():
             if fp_inputs is not None:
                 ctx.fp_outputs = [ctx.run(j, fp_inputs[j]).to("cpu") for j in range(len(captured))]
+        fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         method.step(ctx)
+        if diagnostics is not None:
+            diagnostics.layer(ctx, fp_layer)
+            del fp_layer
         with torch.no_grad():
             inputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
+        if diagnostics is not None:
+            diagnostics.accumulated(i, inputs, ctx.fp_outputs, captured.modality)
         if fp_inputs is not None:
             fp_inputs = ctx.fp_outputs
         for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand

@@ -16,7 +16,7 @@ def load_processor(model_dir):
         with allow_missing_video_processor():
             try:
                 return AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-            except (AttributeError, ValueError, OSError, TypeError):
+            except (AttributeError, ValueError, OSError, TypeError, ImportError):
                 pass
         return _manual_processor(model_dir)
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -31,15 +31,40 @@ def _manual_processor(model_dir: Path):
     from .tiny import allow_missing_video_processor
 
     cfg = json.loads((model_dir / "config.json").read_text())
+    pre = json.loads((model_dir / "preprocessor_config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    image_processor = Qwen2VLImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    image_keys = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                  "image_std", "do_resize", "do_rescale", "do_normalize", "rescale_factor", "do_convert_rgb")
+    image_processor = Qwen2VLImageProcessor(**{k: pre[k] for k in image_keys if k in pre})
     with allow_missing_video_processor():
         if cfg.get("model_type") == "qwen2_5_omni_thinker":
             from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
 
-            fe = WhisperFeatureExtractor.from_pretrained(str(model_dir), local_files_only=True)
+            fe_keys = ("feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft", "padding_value",
+                       "return_attention_mask")
+            fe = WhisperFeatureExtractor(**{k: pre[k] for k in fe_keys if k in pre})
             return Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None, feature_extractor=fe,
                                         tokenizer=tok)
         from transformers import Qwen2_5_VLProcessor
 
         return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None)
+
+
+def save_processor(processor, model_dir) -> None:
+    """Save a Qwen2.5-VL/Omni processor that has no video processor (``save_pretrained`` refuses).
+
+    Writes the tokenizer files and one ``preprocessor_config.json`` holding the image processor's
+    settings and, for Omni, the audio feature extractor's, which :func:`load_processor` reads back.
+    """
+    import json
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.save_pretrained(str(model_dir))
+    config = {}
+    fe = getattr(processor, "feature_extractor", None)
+    if fe is not None:
+        config.update(fe.to_dict())
+    config.update(processor.image_processor.to_dict())
+    config["processor_class"] = type(processor).__name__
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=1, default=str))

@@ -20,12 +20,13 @@ def make_method(method: str, scheme: QuantScheme, **options):
 
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
-             checkpoint_dir=None, resume=False, progress=True, **options):
+             checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, **options):
     """Quantize ``model`` in place with ``method`` and return it.
 
     ``calib`` is a :class:`~mmcompress.data.CalibrationSet` (or a list of model-input dicts);
     ``scheme`` a name (``w8a8``, ``w4a8``, ``w4a6``, ``w4a16``) or a :class:`QuantScheme`.
     Extra keyword ``options`` go to the method (e.g. ``alpha=0.5`` for SmoothQuant).
+    ``report_dir``: write per-modality diagnostics (JSON) and the SQNR-by-modality plot there.
     """
     if isinstance(scheme, str):
         scheme = resolve_scheme(scheme)
@@ -35,9 +36,14 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
     m = make_method(method, scheme, **options)
+    diagnostics = None
+    if report_dir is not None:
+        from ..eval.diagnostics import Diagnostics
+
+        diagnostics = Diagnostics()
     t0 = time.time()
     infos = run_layerwise(model, adapter, m, calib.samples, device=device, checkpoint_dir=checkpoint_dir,
-                          resume=resume, progress=progress)
+                          resume=resume, progress=progress, diagnostics=diagnostics)
     model._mmcompress_description = {
         "kind": "quantization",
         "method": m.config(),
@@ -46,6 +52,14 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
         "layers": infos,
         "seconds": round(time.time() - t0, 2),
     }
+    summary = getattr(model, "_mmcompress_method_summary", None)
+    if summary:
+        model._mmcompress_description["method_summary"] = summary
+    if diagnostics is not None:
+        from ..eval.diagnostics import write_report
+
+        desc = dict(model._mmcompress_description, report_tag=report_tag)
+        model._mmcompress_description["report"] = str(write_report(report_dir, diagnostics, desc))
     if adapter.modality_token_ids:
         from ..models.modality import install_router
 

@@ -1,0 +1,214 @@
+"""Per-modality diagnostics of a quantization run, layer by layer and linear by linear.
+
+For every decoder layer ℓ, every quantized linear and every modality m present in the calibration
+data (text / image / audio; video counts as text):
+
+* activation statistics of the linear's input over the tokens of m: the largest absolute value,
+  the median over channels of the per-channel absmax, and their ratio (an outlier measure);
+* SQNR of the quantized linear's output against the original linear on the same input::
+
+      SQNR_m = 10 · log10( Σ_{t∈m} ||y_t||² / Σ_{t∈m} ||y_t − ŷ_t||² )   [dB]
+
+* SQNR of the decoder layer's output, locally (original vs compressed layer on the same input) and
+  accumulated (the compressed chain against the original model's chain);
+* for modality-aware smoothing, the divergence of each modality's smoothing vector from text's
+  (mean |log s_m − log s_T|).
+
+The engine calls :meth:`Diagnostics.layer` after a method's step with a copy of the original layer.
+:func:`write_report` writes ``diagnostics-<method>-<scheme>.json`` into a directory and redraws the
+comparison plot of per-layer SQNR by modality for every run found there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..models.modality import MODALITY_NAMES, TEXT, VIDEO
+
+
+def _sqnr(signal: float, noise: float) -> float | None:
+    if signal <= 0:
+        return None
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+class _Acc:
+    def __init__(self):
+        self.signal: dict[int, float] = {}
+        self.noise: dict[int, float] = {}
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor):
+        ref = ref.detach().double().reshape(-1, ref.shape[-1])
+        err = (out.detach().double().reshape(-1, out.shape[-1]) - ref).pow(2).sum(-1)
+        sig = ref.pow(2).sum(-1)
+        for m in ids.unique().tolist():
+            sel = ids == m
+            self.signal[m] = self.signal.get(m, 0.0) + float(sig[sel].sum())
+            self.noise[m] = self.noise.get(m, 0.0) + float(err[sel].sum())
+
+    def result(self) -> dict:
+        return {MODALITY_NAMES[m]: _sqnr(self.signal[m], self.noise[m]) for m in sorted(self.signal)}
+
+
+def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.reshape(-1).long()
+    return torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
+
+
+class Diagnostics:
+    """Collects the per-layer records of one run."""
+
+    def __init__(self):
+        self.layers: list[dict] = []
+
+    @torch.no_grad()
+    def layer(self, ctx, fp_layer) -> dict:
+        from ..quant.linear import QuantLinear
+
+        layer = ctx.layer
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        accs = {n: _Acc() for n in linears}
+        act: dict[str, dict[int, torch.Tensor]] = {n: {} for n in linears}
+        current = {}
+
+        def hook(name):
+            def h(mod, args, output):
+                x = args[0]
+                ids = current["ids"]
+                ref = fp_layer.get_submodule(name)(x)
+                accs[name].add(ref, output, ids)
+                xf = x.detach().reshape(-1, x.shape[-1]).abs()
+                for m in ids.unique().tolist():
+                    amax = xf[ids == m].amax(0).double().cpu()
+                    prev = act[name].get(m)
+                    act[name][m] = amax if prev is None else torch.maximum(prev, amax)
+            return h
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+        local = _Acc()
+        try:
+            for j in range(len(ctx.inputs)):
+                ids = _flat_ids(ctx.modality_ids[j]).to(ctx.device)
+                current["ids"] = ids
+                out = ctx.run(j)
+                from ..models.modality import modality_context
+
+                with modality_context(ctx.modality_ids[j].to(ctx.device)):
+                    ref = fp_layer(ctx.inputs[j].to(ctx.device), **ctx.kwargs(j))
+                ref = ref[0] if isinstance(ref, tuple) else ref
+                local.add(ref, out, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        record = {"layer": ctx.index, "sqnr_local": local.result(), "linears": {}}
+        for name, mod in linears.items():
+            stats = {}
+            for m, amax in act[name].items():
+                med = float(amax.median())
+                stats[MODALITY_NAMES[m]] = {"absmax": float(amax.max()), "median_channel_absmax": med,
+                                            "outlier_ratio": float(amax.max()) / med if med > 0 else None}
+            entry = {"sqnr": accs[name].result(), "activations": stats}
+            s = getattr(mod, "input_smoothing", None)
+            if s is not None and s.shape[0] > 1:
+                log_s = s.double().clamp(min=1e-12).log()
+                entry["smoothing_divergence"] = {MODALITY_NAMES[m]: float((log_s[m] - log_s[0]).abs().mean())
+                                                 for m in act[name] if m != TEXT and m < s.shape[0]}
+            record["linears"][name] = entry
+        self.layers.append(record)
+        return record
+
+    def accumulated(self, index: int, outputs, fp_outputs, modality) -> None:
+        acc = _Acc()
+        for y, ref, ids in zip(outputs, fp_outputs, modality):
+            acc.add(ref, y, _flat_ids(ids))
+        for rec in self.layers:
+            if rec["layer"] == index:
+                rec["sqnr_accumulated"] = acc.result()
+
+    def summary(self) -> dict:
+        out = {}
+        for key in ("sqnr_local", "sqnr_accumulated"):
+            vals: dict[str, list] = {}
+            for rec in self.layers:
+                for m, v in rec.get(key, {}).items():
+                    if v is not None and math.isfinite(v):
+                        vals.setdefault(m, []).append(v)
+            out[f"mean_{key}"] = {m: sum(v) / len(v) for m, v in vals.items()}
+        return out
+
+
+def write_report(report_dir, diagnostics: Diagnostics, description: dict) -> Path:
+    """Write this run's JSON and redraw the comparison plot of all runs in ``report_dir``."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    method = description.get("method", {}).get("method", "run") if isinstance(description.get("method"), dict) else "run"
+    name = f"diagnostics-{method}-{description.get('scheme', '')}".rstrip("-")
+    tag = description.get("report_tag")
+    if tag:
+        name += f"-{tag}"
+    data = {"name": name, **{k: v for k, v in description.items() if k != "layers"},
+            "summary": diagnostics.summary(), "layers": diagnostics.layers}
+    path = report_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    tmp.replace(path)
+    plot_sqnr(report_dir)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    return str(o)
+
+
+def plot_sqnr(report_dir) -> Path | None:
+    """``sqnr_by_modality.png``: per-layer accumulated SQNR, one panel per modality, one line per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    report_dir = Path(report_dir)
+    runs = []
+    for p in sorted(report_dir.glob("diagnostics-*.json")):
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if not runs:
+        return None
+    modalities = sorted({m for r in runs for rec in r["layers"] for m in rec.get("sqnr_accumulated", rec.get("sqnr_local", {}))},
+                        key=lambda m: ["text", "image", "audio"].index(m) if m in ("text", "image", "audio") else 9)
+    fig, axes = plt.subplots(1, len(modalities), figsize=(4.5 * len(modalities), 3.6), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], modalities):
+        for r in runs:
+            key = "sqnr_accumulated" if any("sqnr_accumulated" in rec for rec in r["layers"]) else "sqnr_local"
+            xs, ys = [], []
+            for rec in r["layers"]:
+                v = rec.get(key, {}).get(m)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    xs.append(rec["layer"])
+                    ys.append(v)
+            if xs:
+                ax.plot(xs, ys, marker=".", label=r["name"].removeprefix("diagnostics-"))
+        ax.set_title(f"{m} tokens")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("SQNR of layer output (dB)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    out = report_dir / "sqnr_by_modality.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
