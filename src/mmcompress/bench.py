@@ -190,12 +190,12 @@ def _llama_config(name: str, layers: int, dtype):
 
 
 @torch.no_grad()
-def _random_layer(cfg, idx: int, dtype, gen):
+def _random_layer(cfg, idx: int, dtype, gen, device="cpu"):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     with torch.device("meta"):
         layer = LlamaDecoderLayer(cfg, idx)
-    layer = layer.to(dtype=dtype).to_empty(device="cpu")
+    layer = layer.to(dtype=dtype).to_empty(device=device)
     for name, p in layer.named_parameters():
         if p.dim() == 1:
             p.fill_(1.0)
@@ -238,58 +238,66 @@ def _set_keep(layers, sparsity: float):
             m.keep = keep_count(m.in_features, sparsity)
 
 
-@torch.no_grad()
-def _decode_run(layers: nn.ModuleList, rotary, cfg, prompt: torch.Tensor, steps: torch.Tensor) -> list[float]:
-    """Prefill ``prompt [1, P, d]`` then feed ``steps [N, 1, 1, d]`` one token at a time; per-token seconds."""
-    from transformers import DynamicCache
+class _Decoder:
+    """One decode stream: its own KV cache; :meth:`step` feeds one token through ``layers``."""
 
-    cache = DynamicCache(config=cfg)
-    p = prompt.shape[1]
-    pos = torch.arange(p).unsqueeze(0)
-    h = prompt
-    pe = rotary(h, pos)
-    for layer in layers:
-        h = layer(h, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
-    out = []
-    for t in range(steps.shape[0]):
-        t0 = time.perf_counter()
-        pos = torch.tensor([[p + t]])
-        h = steps[t]
+    @torch.no_grad()
+    def __init__(self, layers: nn.ModuleList, rotary, cfg, prompt: torch.Tensor):
+        from transformers import DynamicCache
+
+        self.layers, self.rotary = layers, rotary
+        self.device = prompt.device
+        self.sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+        self.cache = DynamicCache(config=cfg)
+        self.pos = prompt.shape[1]
+        pos = torch.arange(self.pos, device=self.device).unsqueeze(0)
+        h = prompt
         pe = rotary(h, pos)
         for layer in layers:
-            h = layer(h, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
-        out.append(time.perf_counter() - t0)
-    return out
+            h = layer(h, position_ids=pos, cache=self.cache, use_cache=True, position_embeddings=pe)
+
+    @torch.no_grad()
+    def step(self, h: torch.Tensor) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        pos = torch.tensor([[self.pos]], device=self.device)
+        pe = self.rotary(h, pos)
+        for layer in self.layers:
+            h = layer(h, position_ids=pos, cache=self.cache, use_cache=True, position_embeddings=pe)
+        self.sync()
+        self.pos += 1
+        return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, sparsity: float = 0.4,
                                tokens: int = 16, prompt: int = 16, rounds: int = 3, backend: str = "auto",
-                               dtype="bf16", seed: int = 0, log=None) -> dict:
+                               dtype="bf16", seed: int = 0, device="cpu", log=None) -> dict:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from .sparse import linear as sl_mod
     from .sparse.kernels import resolve_backend
 
     dt = _dtype(dtype) if isinstance(dtype, str) else dtype
-    be = resolve_backend(backend, "cpu")
+    device = torch.device(device)
+    be = resolve_backend(backend, device)
     cfg = _llama_config(name, layers, dt)
     d = cfg.hidden_size
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     t_build = time.time()
-    dense = nn.ModuleList(_random_layer(cfg, i, dt, gen) for i in range(layers))
+    dense = nn.ModuleList(_random_layer(cfg, i, dt, gen, device) for i in range(layers))
     sparse_layers = []
     for i in range(layers):
-        inner = _random_layer(cfg, i, dt, gen)
+        inner = _random_layer(cfg, i, dt, gen, device)
         _sparsify_layer(inner, sparsity, be)
-        adapter = nn.Linear(d, d, bias=False, dtype=dt)
+        adapter = nn.Linear(d, d, bias=False, dtype=dt, device=device)
         adapter.weight.requires_grad_(False)
         adapter.weight.normal_(0.0, d ** -0.5, generator=gen)
         sparse_layers.append(_AdaptedLayer(inner, adapter))
     sparse = nn.ModuleList(sparse_layers)
-    rotary = LlamaRotaryEmbedding(cfg)
-    prompt_h = (torch.randn(1, prompt, d, generator=gen)).to(dt)
-    steps = (torch.randn(tokens, 1, 1, d, generator=gen)).to(dt)
+    rotary = LlamaRotaryEmbedding(cfg).to(device)
+    prompt_h = (torch.randn(1, prompt, d, generator=gen, device=device)).to(dt)
+    steps = (torch.randn(max(tokens, 1), 1, 1, d, generator=gen, device=device)).to(dt)
     build_s = time.time() - t_build
 
     def set_adapters(on: bool):
@@ -305,31 +313,41 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     }
     per_tok = {n: [] for n in variants}
     topk = {"topk_s": 0.0, "topk_calls": 0, "tokens": 0}
-    _decode_run(dense, rotary, cfg, prompt_h, steps[:2])  # warm-up both paths
-    _set_keep(sparse, sparsity)
-    _decode_run(sparse, rotary, cfg, prompt_h, steps[:2])
     names = list(variants)
+
+    def configure(n):
+        mods, setting = variants[n]
+        if setting is not None:
+            _set_keep(sparse, setting[0])
+            set_adapters(setting[1])
+        return mods
+
+    # Lockstep: every variant decodes the same token right after the others (own KV caches), so
+    # machine noise hits all variants alike; the order rotates every step.
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            mods, setting = variants[n]
-            if setting is not None:
-                _set_keep(sparse, setting[0])
-                set_adapters(setting[1])
-            prof = n == "sparse"
-            sl_mod.PROFILE = {} if prof else None
-            ts = _decode_run(mods, rotary, cfg, prompt_h, steps)
-            if prof:
-                topk["topk_s"] += sl_mod.PROFILE.get("topk_s", 0.0)
-                topk["topk_calls"] += sl_mod.PROFILE.get("topk_calls", 0)
-                topk["tokens"] += len(ts)
-            sl_mod.PROFILE = None
-            per_tok[n].extend(ts)
+        streams = {}
+        for n in names:
+            streams[n] = _Decoder(configure(n), rotary, cfg, prompt_h)
+            streams[n].step(steps[0])  # warm-up step, untimed
+        for t in range(tokens):
+            rot = (t + r) % len(names)
+            for n in names[rot:] + names[:rot]:
+                configure(n)
+                prof = n == "sparse"
+                sl_mod.PROFILE = {} if prof else None
+                per_tok[n].append(streams[n].step(steps[t]))
+                if prof:
+                    topk["topk_s"] += sl_mod.PROFILE.get("topk_s", 0.0)
+                    topk["topk_calls"] += sl_mod.PROFILE.get("topk_calls", 0)
+                    topk["tokens"] += 1
+                sl_mod.PROFILE = None
+        del streams
     med = {n: statistics.median(v) for n, v in per_tok.items()}
     topk_ms = 1e3 * topk["topk_s"] / max(1, topk["tokens"])
     adapter_ms = 1e3 * (med["sparse"] - med["sparse_no_adapter"])
     res = {
         "spec": f"{name}:{layers}", "layers": layers, "dtype": str(dt).replace("torch.", ""), "backend": be,
+        "device": str(device),
         "threads": torch.get_num_threads(), "sparsity": sparsity, "tokens": tokens, "prompt": prompt,
         "rounds": rounds, "build_s": round(build_s, 1),
         "dense_tok_s": round(1 / med["dense"], 3), "sparse_tok_s": round(1 / med["sparse"], 3),
@@ -341,6 +359,9 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
         "speedup_without_adapters": round(med["dense"] / med["sparse_no_adapter"], 3),
         "sparse_0pct_vs_dense": round(med["sparse_0pct_no_adapter"] / med["dense"], 3),
         "sparse_0pct_with_adapters_vs_dense": round(med["sparse_0pct"] / med["dense"], 3),
+        "speedup_paired_median": round(statistics.median(a / b for a, b in zip(per_tok["dense"], per_tok["sparse"])), 3),
+        "sparse_0pct_vs_dense_paired_median": round(statistics.median(
+            a / b for a, b in zip(per_tok["sparse_0pct_no_adapter"], per_tok["dense"])), 3),
         "ms_per_token": {n: round(1e3 * v, 2) for n, v in med.items()},
     }
     if log is not None:

@@ -28,6 +28,13 @@
 #include <optional>
 #include <vector>
 
+#ifndef MMC_SPLIT
+#define MMC_SPLIT 1
+#endif
+#ifndef MMC_DYNAMIC
+#define MMC_DYNAMIC 0
+#endif
+
 namespace {
 
 inline float bf16_to_f32(uint16_t v) {
@@ -151,11 +158,31 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
     float xv[B][4];
     for (int b = 0; b < B; ++b)
       for (int q = 0; q < 4; ++q) xv[b][q] = vals[(r + q) * B + b];
-    if (r + 8 <= nrows) {  // the next group's rows start far away: prefetch their first lines
-      for (int q = 4; q < 8; ++q) __builtin_prefetch(wt + static_cast<int64_t>(rows[r + q]) * n + j0, 0, 0);
-    }
+    // Skipped rows break the hardware prefetcher's stream at every kept row, so prefetch the next
+    // group's four rows at the same column offset while this group is processed (one line per row
+    // per 64-byte chunk), i.e. about one group ahead.
+    const bool pf = r + 8 <= nrows;
+    const W* p0 = pf ? wt + static_cast<int64_t>(rows[r + 4]) * n + j0 : w0;
+    const W* p1 = pf ? wt + static_cast<int64_t>(rows[r + 5]) * n + j0 : w1;
+    const W* p2 = pf ? wt + static_cast<int64_t>(rows[r + 6]) * n + j0 : w2;
+    const W* p3 = pf ? wt + static_cast<int64_t>(rows[r + 7]) * n + j0 : w3;
+    constexpr int64_t CH = 64 / sizeof(W);  // elements per cache line
+    int64_t c = 0;
+    for (; c + CH <= len; c += CH) {
+      if (pf) {
+        __builtin_prefetch(p0 + c, 0, 0);
+        __builtin_prefetch(p1 + c, 0, 0);
+        __builtin_prefetch(p2 + c, 0, 0);
+        __builtin_prefetch(p3 + c, 0, 0);
+      }
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = c; j < c + CH; ++j) {
+        const float a0 = ldw(w0, j), a1 = ldw(w1, j), a2 = ldw(w2, j), a3 = ldw(w3, j);
+        for (int b = 0; b < B; ++b)
+          acc[b * len + j] += xv[b][0] * a0 + xv[b][1] * a1 + xv[b][2] * a2 + xv[b][3] * a3;
+      }
+    }
+    for (int64_t j = c; j < len; ++j) {
       const float a0 = ldw(w0, j), a1 = ldw(w1, j), a2 = ldw(w2, j), a3 = ldw(w3, j);
       for (int b = 0; b < B; ++b)
         acc[b * len + j] += xv[b][0] * a0 + xv[b][1] * a1 + xv[b][2] * a2 + xv[b][3] * a3;
@@ -195,16 +222,17 @@ template <typename W>
 void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const std::vector<float>& vals, int64_t B,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int nt = std::max<int>(1, at::get_num_threads());
-  // one block per thread, rounded to 16 columns (a 64-byte line of fp32 / a 32-byte half-line of bf16)
-  int64_t blk = (n + nt - 1) / nt;
-  blk = (blk + 15) / 16 * 16;
+  // MMC_SPLIT blocks per thread (default 1: one contiguous block per thread), 32-column aligned.
+  int64_t nb = static_cast<int64_t>(nt) * MMC_SPLIT;
+  int64_t blk = (n + nb - 1) / nb;
+  blk = std::max<int64_t>(32, (blk + 31) / 32 * 32);
   const int64_t nblocks = (n + blk - 1) / blk;
   auto fn = pick_block<W>(B);
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
   const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
   void* yptr = y.data_ptr();
-  at::parallel_for(0, nblocks, 1, [&](int64_t s, int64_t e) {
+  auto body = [&](int64_t s, int64_t e) {
     std::vector<float> acc;
     for (int64_t t = s; t < e; ++t) {
       const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
@@ -225,7 +253,18 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
         }
       }
     }
-  });
+  };
+  if (nblocks == 1 || nt == 1) {
+    body(0, nblocks);
+    return;
+  }
+#if MMC_DYNAMIC
+  // Dynamic schedule: a thread that the OS parks (a busy, shared machine) does not hold up the call.
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t t = 0; t < nblocks; ++t) body(t, t + 1);
+#else
+  at::parallel_for(0, nblocks, 1, body);
+#endif
 }
 
 void check_weight(const at::Tensor& wt) {
