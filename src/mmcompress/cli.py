@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
     _add_common(q)
 
+    c = sub.add_parser("compress", help="apply a recipe of steps (e.g. LaRoSA then W8A8) and save one artifact")
+    c.add_argument("model", help="local Hugging Face model directory")
+    c.add_argument("--recipe", required=True, help="recipe file (YAML or JSON) with a list of steps")
+    c.add_argument("--dtype", default="float32")
+    _add_calib(c)
+    c.add_argument("--output", "-o", required=True)
+    c.add_argument("--no-progress", action="store_true")
+    _add_common(c)
+
     e = sub.add_parser("eval", help="evaluate a model or compressed artifact")
     e.add_argument("model", help="local Hugging Face directory or mmcompress artifact")
     e.add_argument("--ppl", action="append", default=[], help="text file (or testbed split name) for perplexity")
@@ -273,7 +282,28 @@ def _eval_multimodal(model, args) -> dict:
     return out
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+def cmd_compress(args) -> dict:
+    from .export.serialization import save
+    from .models.adapters import get_adapter
+    from .models.loading import load_hf_model, read_config
+    from .recipe import apply_recipe, load_recipe
+
+    steps = load_recipe(args.recipe)
+    read_config(args.model)
+    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    model = load_hf_model(args.model, dtype=args.dtype)
+    get_adapter(model)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
+    save(model, args.output, source_dir=args.model)
+    desc = model._mmcompress_description
+    print(f"compressed {args.model} with {len(steps)} steps -> {args.output} ({desc['seconds']} s)", file=sys.stderr)
+    return {"output": str(args.output), "steps": [
+        {"kind": s["kind"], "method": s.get("method")} for s in steps], "seconds": desc["seconds"],
+        "descriptions": desc["steps"]}
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress}
 
 
 def register_command(name, fn):

@@ -62,6 +62,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_smoothing", None)
         self.packed = False
         self._dequant_cache: torch.Tensor | None = None
+        self.input_sparsifier: nn.Module | None = None  # activation sparsity applied before quantization
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -71,6 +72,8 @@ class QuantLinear(nn.Module):
         q.weight.data.copy_(linear.weight.data)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
+        if hasattr(linear, "sparsify") and hasattr(linear, "spec"):  # a SparseLinear: keep its Top-K / threshold
+            q.input_sparsifier = _weightless_sparsifier(linear.spec())
         return q
 
     def spec(self) -> dict:
@@ -84,6 +87,7 @@ class QuantLinear(nn.Module):
             "smoothing_rows": 0 if self.input_smoothing is None else int(self.input_smoothing.shape[0]),
             "packed": self.packed,
             "dtype": str(self._float_dtype()).replace("torch.", ""),
+            **({"input_sparsifier": self.input_sparsifier.spec()} if self.input_sparsifier is not None else {}),
         }
 
     @classmethod
@@ -93,6 +97,8 @@ class QuantLinear(nn.Module):
                 spec.get("smoothing_rows", 0), dtype=dtype, device=device)
         if spec.get("packed"):
             q._make_packed_buffers(device)
+        if spec.get("input_sparsifier"):
+            q.input_sparsifier = _weightless_sparsifier(spec["input_sparsifier"])
         return q
 
     def _float_dtype(self) -> torch.dtype:
@@ -173,6 +179,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = current_modality_ids()
+        if self.input_sparsifier is not None:
+            x = self.input_sparsifier.sparsify(x)
         xs = self.smooth_input(x, ids)
         xq = fake_quantize_activation(xs, self.scheme.abits)
         y = torch.nn.functional.linear(xq, self.quantized_weight(), self.bias)
@@ -183,6 +191,14 @@ class QuantLinear(nn.Module):
         sm = 0 if self.input_smoothing is None else self.input_smoothing.shape[0]
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme.name}, smoothing_rows={sm}, packed={self.packed}")
+
+
+def _weightless_sparsifier(spec: dict) -> nn.Module:
+    """The input sparsifier of a ``SparseLinear`` spec, rebuilt with no weight (``out_features = 0``)."""
+    from ..sparse.registry import SPARSE_MODULES
+
+    spec = dict(spec, out_features=0, bias=False)
+    return SPARSE_MODULES[spec["class"]].from_spec(spec)
 
 
 QUANT_MODULES: dict[str, type[QuantLinear]] = {"QuantLinear": QuantLinear}

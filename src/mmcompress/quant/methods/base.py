@@ -48,6 +48,8 @@ def smoothing_foldable(layer: nn.Module, group: LinearGroup, config) -> bool:
     """Can the division ``x / s`` of this group be folded offline into its producer?"""
     if group.producer is None:
         return False
+    if any(getattr(m, "input_sparsifier", None) is not None or hasattr(m, "sparsify") for m in group.modules(layer)):
+        return False  # Top-K must see the unscaled input: keep the division at run time
     if group.producer_kind == "norm":
         return True
     producer = layer.get_submodule(group.producer)
