@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     _add_common(c)
 
+    r = sub.add_parser("report", help="render the JSON results in a run directory as Markdown + PNG plots")
+    r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true")
+
     e = sub.add_parser("eval", help="evaluate a model or compressed artifact")
     e.add_argument("model", help="local Hugging Face directory or mmcompress artifact")
     e.add_argument("--ppl", action="append", default=[], help="text file (or testbed split name) for perplexity")
@@ -303,7 +307,15 @@ def cmd_compress(args) -> dict:
         "descriptions": desc["steps"]}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress}
+def cmd_report(args) -> dict:
+    from .eval.report import render_report
+
+    out = render_report(args.run_dir)
+    print(out)
+    return {"report": str(out), "files": sorted(p.name for p in out.parent.glob("*.png"))}
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
 
 
 def register_command(name, fn):
