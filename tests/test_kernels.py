@@ -312,3 +312,32 @@ def test_triton_matches_reference(dtype, batch):
             assert _rel(y, ref) < 1e-2
             y2 = sparse_linear(x, wt, k, backend="triton")
             assert _rel(y2, ref) < 1e-2
+
+
+def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
+    from mmcompress.bench import model_decode_benchmark
+    from mmcompress.models.tiny import tiny_model
+
+    model, _ = tiny_model("llama", tokenizer=tokenizer)
+    n = 0
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                lin = getattr(parent, name)
+                setattr(parent, name, SparseLinear.from_linear(lin, keep_count(lin.in_features, 0.5)))
+                n += 1
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    res = model_decode_benchmark(model, tokens=3, prompt_ids=ids, rounds=1, backend="cpu")
+    assert res["modules"] == n and res["backend"] == "cpu" and res["dense_tok_s"] > 0
+    assert all(m.backend == "cpu" and m.mode == "topk" and m.kernel_layout for m in
+               model.modules() if isinstance(m, SparseLinear))
+    # decode steps on the kernel give the same logits as the reference path
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            m.sparse_prefill = True
+    with torch.no_grad():
+        last = model(input_ids=ids[:, -1:]).logits  # one token: the C++ kernel
+    disable_sparse_decode(model)  # the PyTorch reference path
+    with torch.no_grad():
+        assert _rel(model(input_ids=ids[:, -1:]).logits, last) < 1e-4
