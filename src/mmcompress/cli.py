@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     _add_common(c)
 
+    d = sub.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
+                                     "(40%%, smollm2-135m) on real models, one table and a report")
+    d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
+    d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
+    d.add_argument("--no-progress", action="store_true")
+    _add_common(d)
+
     r = sub.add_parser("report", help="render the JSON results in a run directory as Markdown + PNG plots")
     r.add_argument("run_dir")
     r.add_argument("--json", action="store_true")
@@ -307,6 +314,15 @@ def cmd_compress(args) -> dict:
         "descriptions": desc["steps"]}
 
 
+def cmd_demo(args) -> dict:
+    from .demo import format_table, run_demo
+
+    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
+    print(format_table(result["rows"]))
+    print(f"report: {result['report']}  ({result['seconds']} s)")
+    return result
+
+
 def cmd_report(args) -> dict:
     from .eval.report import render_report
 
@@ -315,7 +331,7 @@ def cmd_report(args) -> dict:
     return {"report": str(out), "files": sorted(p.name for p in out.parent.glob("*.png"))}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report, "demo": cmd_demo}
 
 
 def register_command(name, fn):
