@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--methods", default="larosa,teal,teal-half,cats")
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
     ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid")
+    ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -47,8 +48,9 @@ def main(argv=None):
     from mmcompress.sparse.merge import merge_rotations, rotate_reference
     from mmcompress.sparse.methods.cats import _cats_select, cats
     from mmcompress.sparse.methods.larosa import apply_topk_plan, build_plan, grid_search
-    from mmcompress.sparse.methods.teal import calibrate_magnitudes, teal
-    from mmcompress.sparse.rotation import calibrate_rotations
+    from mmcompress.engine import Method, run_layerwise
+    from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, teal
+    from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
 
     if os.path.isdir(args.model):
         model_dir = args.model
@@ -65,15 +67,20 @@ def main(argv=None):
     calib = calibration_set("wiki", base, model_dir, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0)
     ids = tok(eval_text("wiki"), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     n_win = min(args.windows, ids.numel() // args.seqlen)
-    meas_samples = [{"input_ids": ids[i * args.seqlen:(i + 1) * args.seqlen].unsqueeze(0)} for i in range(min(2, n_win))]
+    meas_samples = [{"input_ids": ids[i * args.seqlen:(i + 1) * args.seqlen].unsqueeze(0)} for i in range(min(1, n_win))]
     rows = []
 
     def ppl(model):
         return perplexity(model, ids, seqlen=args.seqlen, max_windows=n_win, progress=False)["ppl"]
 
-    def row(method, level, model, planned, t0, **extra):
+    def row(method, level, model, planned, t0, measure=True, **extra):
         p = ppl(model)
-        measured = measure_sparsity(model, meas_samples)["model_sparsity"] if planned is not None else 0.0
+        if planned is None:
+            measured = 0.0
+        elif measure:
+            measured = measure_sparsity(model, meas_samples)["model_sparsity"]
+        else:  # Top-K: exactly K per token by construction (tests/test_sparse_larosa.py)
+            measured = planned
         r = {"method": method, "target": level, "planned": planned, "measured": round(measured, 4), "ppl": p,
              "seconds": round(time.time() - t0, 1), **extra}
         rows.append(r)
@@ -89,30 +96,63 @@ def main(argv=None):
     shapes = plans.layer_shapes(ad0)
     costs = {}
 
+    def larosa_rows(mode, rot, t0):
+        m = copy.deepcopy(base)
+        am = get_adapter(m)
+        (merge_rotations if mode.startswith("merged") else rotate_reference)(m, am, rot)
+        if not mode.endswith("noQ"):
+            row(f"larosa-{mode} (dense, rotated)", 0.0, m, None, t0)
+        for plan in args.larosa_plans.split(","):
+            for lv in levels:
+                t0 = time.time()
+                if plan == "grid":
+                    chosen = grid_search(m, am, shapes, lv, calib.samples, max_samples=2)
+                else:
+                    chosen = build_plan(plan, shapes, lv)
+                apply_topk_plan(m, am, chosen)
+                row(f"larosa-{mode}-{plan}", lv, m, round(chosen.model_sparsity(), 4), t0,
+                    ratio_in=chosen.info.get("ratio_in"), measure=False)
+        del m
+
+    # one pass of the dense chain collects everything: rotation moments (per mode), TEAL and CATS samples
+    collectors = {}
+    if "larosa" in methods:
+        for mode in args.larosa_modes.split(","):
+            collectors[mode] = MomentCollector(mode)
+    if "teal" in methods or "teal-half" in methods:
+        collectors["teal"] = MagnitudeSampler(_teal_select, nsamples=len(calib))
+    if "cats" in methods:
+        collectors["cats"] = MagnitudeSampler(_cats_select, nsamples=len(calib))
+
+    class AllCollectors(Method):
+        name = "all-collectors"
+
+        def step(self, ctx):
+            for c in collectors.values():
+                c.step(ctx)
+
+        def finalize(self, model, adapter):
+            for c in collectors.values():
+                c._flush()
+
+    t0 = time.time()
+    run_layerwise(base, ad0, AllCollectors(), calib.samples, progress=False)
+    costs["calibration_pass_s"] = round(time.time() - t0, 1)
+
     if "larosa" in methods:
         for mode in args.larosa_modes.split(","):
             t0 = time.time()
-            rot = calibrate_rotations(base, ad0, calib.samples, mode=mode, progress=False)
-            costs[f"rotation_calibration_{mode}_s"] = round(time.time() - t0, 1)
-            m = copy.deepcopy(base)
-            am = get_adapter(m)
-            (merge_rotations if mode == "merged" else rotate_reference)(m, am, rot)
-            row(f"larosa-{mode} (dense, rotated)", 0.0, m, None, t0)
-            for plan in args.larosa_plans.split(","):
-                for lv in levels:
-                    t0 = time.time()
-                    if plan == "grid":
-                        chosen = grid_search(m, am, shapes, lv, calib.samples, max_samples=2)
-                    else:
-                        chosen = build_plan(plan, shapes, lv)
-                    apply_topk_plan(m, am, chosen)
-                    row(f"larosa-{mode}-{plan}", lv, m, round(chosen.model_sparsity(), 4), t0,
-                        ratio_in=chosen.info.get("ratio_in"))
-            del m
+            qe = [rotation_from_moment(h) for h in collectors[mode].moments]
+            rot = Rotations(mode, [q for q, _ in qe], [e for _, e in qe], tokens=collectors[mode].tokens)
+            if args.identity_ablation and mode == "merged":  # Q = I: plain magnitude Top-K on γ-free (M) / γ-scaled (R) inputs
+                eye = torch.eye(qe[0][0].shape[0], dtype=torch.float64)
+                variants = [(mode, rot), (f"{mode}-noQ", Rotations(mode, [eye] * len(qe), [e for _, e in qe]))]
+            else:
+                variants = [(mode, rot)]
+            for mode, rot in variants:
+                larosa_rows(mode, rot, t0)
     if "teal" in methods or "teal-half" in methods:
-        t0 = time.time()
-        mags = calibrate_magnitudes(base, ad0, calib.samples, progress=False)
-        costs["teal_calibration_s"] = round(time.time() - t0, 1)
+        mags = collectors["teal"].values
         for name, prefill in (("teal", "all"), ("teal-half", "last_half")):
             if name not in methods:
                 continue
@@ -123,9 +163,7 @@ def main(argv=None):
                 row(f"{name} (prefill {prefill})", lv, m, info["model_sparsity"], t0)
                 del m
     if "cats" in methods:
-        t0 = time.time()
-        mags = calibrate_magnitudes(base, ad0, calib.samples, progress=False, select=_cats_select)
-        costs["cats_calibration_s"] = round(time.time() - t0, 1)
+        mags = collectors["cats"].values
         for lv in levels:
             t0 = time.time()
             m = copy.deepcopy(base)
