@@ -1,0 +1,53 @@
+"""``mmcompress export DIR --format compressed-tensors --output OUT [--check] [--requantize] [--json]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    from ..cli import _add_common
+
+    p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM)")
+    p.add_argument("model", help="mmcompress artifact directory (from `mmcompress quantize`)")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    p.add_argument("--output", "-o", help="output directory (written atomically)")
+    p.add_argument("--check", action="store_true",
+                   help="pre-flight only: print the vLLM kernel table and what would be folded; write nothing")
+    p.add_argument("--requantize", action="store_true",
+                   help="where run-time smoothing cannot be folded exactly (MASQuant untied q/k/v, o_proj under "
+                        "grouped-query attention), fold a common vector and re-quantize those linears with RTN")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1,
+                   help="check that row-parallel linears split into whole groups on this many GPUs")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> dict:
+    from ..cli import CLIError
+    from .compressed_tensors import format_kernel_table
+
+    if args.tp < 1:
+        raise CLIError(f"--tensor-parallel-size must be >= 1, got {args.tp}")
+    if not args.check and not args.output:
+        raise CLIError("--output is required (or use --check)")
+    if args.check:
+        print(format_kernel_table(), file=sys.stderr)
+    from .compressed_tensors import export_compressed_tensors
+
+    report = export_compressed_tensors(args.model, args.output, requantize=args.requantize, tp=args.tp,
+                                       check_only=args.check)
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if args.check:
+        f = report["folds"]
+        print(f"{args.model}: {report['scheme']} -> {report['vllm_scheme']} ({report['compression_format']}), "
+              f"compute capability >= {report['min_compute_capability'] / 10:.1f}; run-time smoothing folds: "
+              f"{f['exact']} exact, {f['inexact']} inexact", file=sys.stderr)
+    else:
+        print(f"exported {args.model} -> {report['output']} ({report['compression_format']}, "
+              f"{report['codes_identical']}/{report['quantized_linears']} linears with the artifact's codes, "
+              f"{len(report['requantized'])} re-quantized)", file=sys.stderr)
+    if report["dropped"]["note"]:
+        print(f"note: {report['dropped']['note']}", file=sys.stderr)
+    return report
