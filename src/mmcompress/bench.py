@@ -508,7 +508,11 @@ def register(subparsers) -> None:
     _add_common(d)
     d.set_defaults(func=cmd_bench_decode)
 
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("choose one: mmcompress bench kernel | decode")))
+    p.set_defaults(func=_cmd_bench_none)
+
+
+def _cmd_bench_none(args):
+    raise ValueError("choose a benchmark: mmcompress bench kernel | decode (see --help)")
 
 
 def _threads(args):
