@@ -383,14 +383,18 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
 def _greedy(model, ids: torch.Tensor, tokens: int) -> tuple[list[float], list[int]]:
     from transformers import DynamicCache
 
+    import inspect
+
     cache = DynamicCache(config=model.config.get_text_config() if hasattr(model.config, "get_text_config")
                          else model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{key: cache})
     nxt = out.logits[:, -1:].argmax(-1)
     times, toks = [], []
     for _ in range(tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})  # the cache object is updated in place
         nxt = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t0)
         toks.append(int(nxt.item()))
