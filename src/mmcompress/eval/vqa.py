@@ -1,0 +1,91 @@
+"""Visual question answering metric: exact-match accuracy of greedy short answers."""
+
+from __future__ import annotations
+
+import re
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower().strip()
+    text = re.sub(r"[^a-z0-9 ]+", " ", text)
+    words = text.split()
+    return " ".join(words)
+
+
+def _prompt(model, default):
+    import json
+    from pathlib import Path
+
+    src = getattr(model, "_mmcompress_source", None)
+    if src and (Path(src) / "mm_testbed.json").is_file():
+        return json.loads((Path(src) / "mm_testbed.json").read_text()).get("prompts", {}).get("image", default)
+    return default
+
+
+def answer(model, processor, image, question: str, *, prompt: str | None = None, max_new_tokens: int = 6) -> str:
+    """Greedy short answer to ``question`` about a PIL ``image``."""
+    import torch
+
+    from ..testbed.multimodal import IMAGE_PROMPT
+
+    template = prompt or _prompt(model, IMAGE_PROMPT)
+    inputs = processor(text=[template.format(question=question)], images=[image], return_tensors="pt")
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
+    if "pixel_values" in inputs and dtype.is_floating_point:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    seq = out.sequences if hasattr(out, "sequences") else out
+    return processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def load_vqa_set(spec):
+    """A VQA set: the name ``image-qa-test`` or a list of ``{"image", "question", "answer", "type"}``."""
+    if isinstance(spec, str):
+        from ..testbed.mm_data import image_qa_test
+
+        return image_qa_test(spec)
+    return list(spec)
+
+
+def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | None = None,
+             limit_per_type: int | None = None, progress: bool = False) -> dict:
+    """Exact-match accuracy (normalized: lower case, punctuation removed) overall and per question type.
+
+    ``replace_image="blank"`` answers every question about a blank white image instead (an ablation)."""
+    from tqdm.auto import tqdm
+
+    items = load_vqa_set(dataset)
+    if limit_per_type is not None:
+        seen: dict = {}
+        kept = []
+        for it in items:
+            t = it.get("type", "all")
+            if seen.get(t, 0) < limit_per_type:
+                kept.append(it)
+                seen[t] = seen.get(t, 0) + 1
+        items = kept
+    if replace_image not in (None, "blank"):
+        raise ValueError(f"replace_image must be None or 'blank', not {replace_image!r}")
+    by_type: dict = {}
+    correct = 0
+    examples = []
+    for it in tqdm(items, desc="vqa", disable=not progress):
+        img = it["image"]
+        if replace_image == "blank":
+            from ..testbed.mm_data import blank_image
+
+            img = blank_image()
+        pred = answer(model, processor, img, it["question"])
+        ok = normalize_answer(pred) == normalize_answer(it["answer"])
+        correct += ok
+        t = it.get("type", "all")
+        c, n = by_type.get(t, (0, 0))
+        by_type[t] = (c + ok, n + 1)
+        if len(examples) < 4 or (not ok and len(examples) < 8):
+            examples.append({"q": it["question"], "answer": it["answer"], "pred": pred})
+    n = len(items)
+    return {"accuracy": correct / n if n else None, "n": n,
+            "by_type": {t: c / m for t, (c, m) in by_type.items()}, "examples": examples}

@@ -1,0 +1,87 @@
+"""``--calib testbed`` for the multimodal testbed models: wiki text windows plus a fixed mix of
+calibration images (with question + answer text) and speech clips (with prompt + transcript).
+
+Disjoint from the evaluation sets: images come from their own seed stream (``CALIB_IMAGE_SEED``),
+speech uses the training voices only (never the held-out test voice), sentences from Wikipedia
+articles [8000, 9000) (the test sentences come from the last 400 articles) and digit strings that are
+not in ``speech-test``.  For models that are not Qwen2.5-VL / Omni it falls back to the text builder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CALIB_IMAGE_SEED = 3001
+CALIB_SPEECH_SEED = 3002
+CALIB_VERSION = 1
+
+
+def _kind(model_dir) -> str | None:
+    try:
+        mt = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return {"qwen2_5_omni_thinker": "omni", "qwen2_5_vl": "vl"}.get(mt)
+
+
+def calibration_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> list[dict]:
+    """Multimodal records ``{"text", "images"?, "audio"?}`` (deterministic for a seed)."""
+    from . import mm_data as D
+    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
+
+    recs = []
+    rng = random.Random(CALIB_IMAGE_SEED + 1000 * seed)
+    qtypes = list(D.QUESTIONS)
+    for i in range(n_images):
+        qt = qtypes[i % len(qtypes)]
+        kw = {"count": 1} if qt == "position" else {}
+        img, attrs = D.make_image(rng, **kw)
+        q, a = D.qa_for(attrs, qt)
+        recs.append({"text": IMAGE_PROMPT.format(question=q) + " " + a, "images": [img]})
+    if kind == "omni" and n_audio:
+        sents = D.wiki_sentences(8000, 9000)
+        n_d = n_audio // 2
+        items = D.make_speech_items("digits", n_d, CALIB_SPEECH_SEED + 1000 * seed, D.TRAIN_VOICES,
+                                    exclude_digits=D.test_digit_keys())
+        items += D.make_speech_items("sentence", n_audio - n_d, CALIB_SPEECH_SEED + 1 + 1000 * seed,
+                                     D.TRAIN_VOICES, sentences=sents)
+        for it, wav in zip(items, D.render(items)):
+            recs.append({"text": AUDIO_PROMPT + " " + it["transcript"], "audio": [wav]})
+    return recs
+
+
+def testbed_multimodal_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                                   cache=None):
+    """Half wiki text windows, the rest split between images and (Omni) speech clips."""
+    from . import data as tb_data
+
+    kind = _kind(model_dir)
+    if kind is None:
+        return tb_data.wiki_calibration(model, model_dir, nsamples, seqlen, seed, cache)
+    from ..data.calibration import CalibrationSet
+    from ..models.processing import load_processor
+
+    n_text = max(1, nsamples // 2)
+    n_mm = nsamples - n_text
+    n_audio = n_mm // 2 if kind == "omni" else 0
+    n_img = n_mm - n_audio
+    text = tb_data.wiki_calibration(model, model_dir, n_text, seqlen, seed, cache)
+    proc = load_processor(model_dir)
+    mm = CalibrationSet.from_records(calibration_records(kind, n_img, n_audio, seed), proc, seed=seed,
+                                     source="testbed:mm")
+    samples = list(text.samples) + list(mm.samples)
+    random.Random(seed).shuffle(samples)
+    return CalibrationSet(samples, source=f"testbed:{kind} (wiki text + images"
+                          + (" + speech" if kind == "omni" else "") + f", v{CALIB_VERSION})",
+                          meta={"seqlen": seqlen, "seed": seed, "n_text": n_text, "n_images": n_img,
+                                "n_audio": n_audio})
+
+
+def register_calibration_hook():
+    try:
+        from .data import register_calibration
+    except ImportError:  # pragma: no cover
+        return
+    register_calibration("testbed", testbed_multimodal_calibration)

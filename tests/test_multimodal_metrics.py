@@ -1,0 +1,115 @@
+"""ASR / VQA metrics and the multimodal data generators (fast, offline)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mmcompress.eval.asr import edit_distance, wer, word_error_rate
+from mmcompress.eval.vqa import accuracy, normalize_answer
+from mmcompress.testbed import mm_data as D
+
+
+def test_edit_distance_and_wer():
+    assert edit_distance("a b c".split(), "a b c".split()) == 0
+    assert edit_distance("a b c".split(), "a x c".split()) == 1
+    assert edit_distance("a b c".split(), "a c".split()) == 1
+    assert edit_distance("a b".split(), "a b c d".split()) == 2
+    assert edit_distance([], "a b".split()) == 2
+    # normalization: case, punctuation, digits spelled out one by one
+    assert wer("7 3 9 1", "seven, three, nine, one.") == 0.0
+    assert wer("The quick brown fox.", "the quick brown fox") == 0.0
+    assert wer("7 3 9 1", "7 3 9") == pytest.approx(0.25)
+    assert wer(["1 2", "3 4 5 6"], ["1 2", "3 4"]) == pytest.approx(2 / 6)  # corpus-level
+    assert wer("one two", "") == 1.0
+    assert wer("a b", "a b c d e") == pytest.approx(1.5)  # insertions can exceed 100 %
+    with pytest.raises(ValueError):
+        wer(["a"], ["a", "b"])
+
+
+def test_normalizers():
+    assert D.normalize_transcript("Hello, World's END-game 42!") == ["hello", "world's", "end", "game", "four", "two"]
+    assert normalize_answer(" Top Left.") == "top left"
+    assert normalize_answer("3") == "3"
+
+
+def test_image_generator_is_deterministic_and_exact():
+    a, attrs_a = D.make_image(random.Random(5))
+    b, attrs_b = D.make_image(random.Random(5))
+    assert attrs_a == attrs_b and np.array_equal(np.asarray(a), np.asarray(b))
+    for seed in range(20):
+        img, at = D.make_image(random.Random(seed), count=1)
+        arr = np.asarray(img).astype(int)
+        ink = (np.abs(arr - 255).sum(-1) > 60)
+        ys, xs = np.nonzero(ink)
+        assert ink.sum() > 50
+        top = ys.mean() < 56
+        left = xs.mean() < 56
+        assert at["position"] == ("top" if top else "bottom") + " " + ("left" if left else "right")
+        # the drawn colour is the named one (within the jitter)
+        mean = arr[ink].mean(0)
+        assert np.abs(mean - np.array(D.COLOURS[at["colour"]])).max() < 40
+
+
+def test_eval_sets_are_fixed_balanced_and_disjoint():
+    qa = D.image_qa_test_items()
+    assert len(qa) == 200
+    assert {t: sum(1 for x in qa if x["type"] == t) for t in D.QUESTIONS} == {t: 50 for t in D.QUESTIONS}
+    assert [x["answer"] for x in qa[:10]] == [x["answer"] for x in D.image_qa_test_items()[:10]]
+    sp = D.speech_test_items()
+    assert sum(x["kind"] == "digits" for x in sp) == 50 and sum(x["kind"] == "sentence" for x in sp) == 30
+    assert {x["voice"] for x in sp} == {D.TEST_VOICE} and D.TEST_VOICE not in D.TRAIN_VOICES
+    train_d = D.make_speech_items("digits", 300, 101, D.TRAIN_VOICES, exclude_digits=D.test_digit_keys())
+    assert not {tuple(int(c) for c in x["transcript"].split()) for x in train_d} & D.test_digit_keys()
+    test_sents = {x["transcript"] for x in sp if x["kind"] == "sentence"}
+    assert not test_sents & set(D.wiki_sentences(0, 8000))
+    assert not test_sents & set(D.wiki_sentences(8000, 9000))
+
+
+class _EchoTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+class _FakeProcessor:
+    """Puts the clip's 'label' into input_ids so that a fake model can 'transcribe' it."""
+
+    tokenizer = _EchoTok()
+
+    def __call__(self, text, audio=None, images=None, return_tensors="pt"):
+        if audio is not None:
+            n = int(round(float(np.abs(audio[0]).max()) * 10))
+            return {"input_ids": torch.tensor([[100, n]])}
+        arr = np.asarray(images[0])
+        return {"input_ids": torch.tensor([[100, int(arr[0, 0, 0] > 128)]])}
+
+
+class _FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, max_new_tokens=8, do_sample=False, **kw):
+        return torch.cat([input_ids, input_ids[:, 1:]], 1)
+
+
+def test_word_error_rate_and_accuracy_plumbing():
+    items = [{"audio": np.full(1600, 0.3, np.float32), "transcript": "3", "kind": "digits"},
+             {"audio": np.full(1600, 0.5, np.float32), "transcript": "5", "kind": "digits"},
+             {"audio": np.full(1600, 0.4, np.float32), "transcript": "four words", "kind": "sentence"}]
+    r = word_error_rate(_FakeModel(), _FakeProcessor(), items)
+    assert r["wer_digits"] == 0.0 and r["n_digits"] == 2 and r["n_sentences"] == 1
+    assert r["wer_sentences"] == pytest.approx(0.5)  # "four words" vs "4" (= "four") -> 1 deletion of 2 words
+    assert r["wer"] == pytest.approx(1 / 4)
+    silent = word_error_rate(_FakeModel(), _FakeProcessor(), items, replace_audio="silence")
+    assert silent["wer_digits"] == 1.0
+
+    from PIL import Image
+
+    qa = [{"image": Image.new("RGB", (8, 8), (255, 0, 0)), "question": "q", "answer": "1", "type": "colour"},
+          {"image": Image.new("RGB", (8, 8), (0, 0, 0)), "question": "q", "answer": "0", "type": "count"},
+          {"image": Image.new("RGB", (8, 8), (0, 0, 0)), "question": "q", "answer": "1", "type": "count"}]
+    acc = accuracy(_FakeModel(), _FakeProcessor(), qa)
+    assert acc["accuracy"] == pytest.approx(2 / 3)
+    assert acc["by_type"] == {"colour": 1.0, "count": 0.5}
