@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins():
     """Subcommands that live next to their feature (testbed, bench, sparsify, ...)."""
     out = []
-    for modname in ("mmcompress.testbed.cli", "mmcompress.sparse.cli", "mmcompress.bench", "mmcompress.export.cli"):
+    for modname in ("mmcompress.testbed.cli", "mmcompress.sparse.cli", "mmcompress.bench", "mmcompress.export.cli",
+                    "mmcompress.eval.lm_eval_adapter"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:
