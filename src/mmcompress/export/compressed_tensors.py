@@ -197,7 +197,7 @@ def plan_folds(model: nn.Module, adapter) -> list[dict]:
     return plan
 
 
-def _fix_advice(inexact: list[dict], method: str | None) -> str:
+def _fix_advice(inexact: list[dict]) -> str:
     untied = any("untied" in (e["reason"] or "") for e in inexact)
     advice = []
     if untied:
@@ -380,9 +380,13 @@ def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
     report["folds"] = {"exact": sum(e["exact"] for e in plan), "inexact": len(inexact),
                        "inexact_examples": [f"layer {e['layer']} {e['group']}: {e['reason']}" for e in inexact[:4]]}
     report["plan"] = plan
+    impossible = [e for e in inexact if e.get("gqa") is False or e["producer"] is None]
+    if impossible:
+        e = impossible[0]
+        raise ExportError(f"cannot express the run-time smoothing of layer {e['layer']} {e['group']} in "
+                          f"compressed-tensors ({e['reason']})")
     if inexact and not requantize:
-        method = (getattr(model, "_mmcompress_description", {}) or {}).get("method", {})
-        raise ExportError(_fix_advice(inexact, method.get("method") if isinstance(method, dict) else method))
+        raise ExportError(_fix_advice(inexact))
     mas = [n for n, m in quant.items() if m.input_smoothing is not None and m.input_smoothing.shape[0] > 1]
     cmc = [n for n, m in quant.items() if getattr(m, "rank", 0)]
     report["dropped"] = {
