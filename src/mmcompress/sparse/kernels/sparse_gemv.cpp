@@ -8,10 +8,12 @@
 // a magnitude threshold, or a given index list.  For several tokens the kernel walks the union of
 // the kept rows once (token b contributes 0 on rows it did not keep), so each weight row is read once.
 //
-// Parallelism: the output columns are split into one contiguous block per thread; each thread keeps
-// an fp32 accumulator for its block and walks the kept rows four at a time (4-row unrolling) with an
-// inner SIMD loop; bf16 weights are widened to fp32 on load.  Threads come from ATen's pool
-// (at::parallel_for), i.e. the same OpenMP runtime and thread count as torch.
+// Parallelism: the output columns are split into one contiguous block per thread (torch's thread
+// count); each thread keeps an fp32 accumulator for its block and walks the kept rows four at a time
+// (4-row unrolling, next group's rows prefetched) with an inner SIMD loop; bf16 weights are widened
+// to fp32 on load.  Blocks are handed out from an atomic counter to the caller plus helpers from
+// ATen's inter-op pool, without a fork-join barrier (MMC_STEAL=1, default; see run_gemv), so a helper
+// that a busy machine has not scheduled does not stall the call.  MMC_STEAL=0 uses at::parallel_for.
 //
 // Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
 
@@ -22,6 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +38,9 @@
 #endif
 #ifndef MMC_DYNAMIC
 #define MMC_DYNAMIC 0
+#endif
+#ifndef MMC_STEAL
+#define MMC_STEAL 1
 #endif
 
 namespace {
@@ -258,7 +266,29 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
     body(0, nblocks);
     return;
   }
-#if MMC_DYNAMIC
+#if MMC_STEAL
+  // Work sharing without a fork-join barrier: the calling thread and nt-1 helpers from ATen's
+  // inter-op pool take column blocks from an atomic counter; the caller returns as soon as every
+  // *taken* block is finished.  A helper that the OS has not scheduled yet (a busy, shared machine)
+  // therefore costs nothing: the caller simply does its blocks too.  A late helper finds the counter
+  // exhausted and exits without touching the (by then released) buffers.
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto st = std::make_shared<Shared>();
+  auto work = [st, nblocks, body]() {
+    for (;;) {
+      const int64_t t = st->next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= nblocks) return;
+      body(t, t + 1);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int i = 1; i < nt; ++i) at::launch(work);
+  work();
+  while (st->done.load(std::memory_order_acquire) < nblocks) std::this_thread::yield();
+#elif MMC_DYNAMIC
   // Dynamic schedule: a thread that the OS parks (a busy, shared machine) does not hold up the call.
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t t = 0; t < nblocks; ++t) body(t, t + 1);
