@@ -202,7 +202,8 @@ def _fix_advice(inexact: list[dict]) -> str:
     advice = []
     if untied:
         advice.append("re-quantize with `mmcompress quantize ... --method masquant --tie` (one vector per norm)")
-    advice.append("or pass --requantize to re-quantize the affected linears with RTN after a common fold (inexact)")
+    advice.append(("or " if advice else "") + "pass --requantize to re-quantize the affected linears with RTN after a "
+                  "common fold (inexact)")
     e = inexact[0]
     return (f"cannot fold the run-time smoothing of {sum(len(x['readers']) for x in inexact)} linears exactly into "
             f"compressed-tensors (e.g. layer {e['layer']} {e['group']}: {e['reason']}); " + "; ".join(advice))
