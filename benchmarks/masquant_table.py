@@ -92,7 +92,9 @@ def main():
     for scheme in args.schemes:
         for name in args.methods:
             method, opts = name, {}
-            if name == "masquant":
+            if name == "smoothquant":
+                opts = {"runtime_smoothing": True}  # as MASQuant's baseline: o_proj smoothed too
+            elif name == "masquant":
                 opts = {"epochs": args.epochs, "cmc": "whitened"}
             elif name == "masquant-split":
                 method, opts = "masquant", {"epochs": args.epochs, "cmc": "split"}

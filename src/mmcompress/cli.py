@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     mas.add_argument("--cmc-bits", type=int, help="quantize the CMC factors to this many bits (default 16 = off)")
     mas.add_argument("--tie", action="store_true", default=None, help="tie q/k/v and gate/up vectors per modality")
     mas.add_argument("--train-samples", type=int, help="train on at most this many calibration samples")
+    q.add_argument("--runtime-smoothing", action="store_true", default=None,
+                   help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
+                        "division (not exportable)")
     q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
     q.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
     _add_calib(q)
@@ -153,7 +156,8 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
 
 _OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
                  "cmc": "--cmc", "rank": "--rank", "rank_floor": "--rank-floor", "cmc_target": "--cmc-target",
-                 "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples"}
+                 "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples",
+                 "runtime_smoothing": "--runtime-smoothing"}
 
 
 def _method_options(args) -> dict:

@@ -27,9 +27,16 @@ _PROCESSOR_FILES = (
 )
 
 
+def _register_all() -> None:
+    """Import every module that defines compressed module classes (they register themselves)."""
+    from ..quant import methods  # noqa: F401  (MASLinear)
+    from ..sparse import merge  # noqa: F401  (ResidualAdaptedLayer, RotatedNorm, ...)
+
+
 def _compressed_module_types() -> tuple[type, ...]:
     from ..sparse.registry import SPARSE_MODULES
 
+    _register_all()
     return tuple(QUANT_MODULES.values()) + tuple(SPARSE_MODULES.values())
 
 
@@ -46,6 +53,7 @@ def module_specs(root: nn.Module) -> dict[str, dict]:
 def _module_class(name: str):
     from ..sparse.registry import SPARSE_MODULES
 
+    _register_all()
     registry = {**QUANT_MODULES, **SPARSE_MODULES}
     if name not in registry:
         raise ValueError(f"unknown module class {name!r} in {MANIFEST}; is this artifact from a newer mmcompress?")

@@ -8,8 +8,11 @@ For each group of linears that read the same input X (q/k/v; o; gate/up; optiona
 The activation statistic ``max_t |X_tj|`` is taken over **all** calibration tokens (every modality),
 which is exactly what MASQuant's modality-aware smoothing replaces.  ``max_i |W_ij|`` is taken over
 the rows of every reader in the group.  ``1/s`` is folded into the preceding RMSNorm (q/k/v,
-gate/up) or into the producing linear's output rows (v → o without GQA, up → down); otherwise it
-stays a run-time division inside :class:`~mmcompress.quant.linear.QuantLinear`.
+gate/up) or into the producing linear's output rows (v → o without GQA, up → down).  A group whose
+division cannot be folded (o_proj under grouped-query attention) is not smoothed by default, so
+the result exports to a stock checkpoint; ``runtime_smoothing=True`` smooths it with a run-time
+division inside :class:`~mmcompress.quant.linear.QuantLinear`, as MASQuant's SmoothQuant baseline
+does.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from ...engine import LayerContext
 from ..quantizer import QuantScheme
-from .base import QuantMethod, apply_smoothing, quantize_layer_linears, weight_column_absmax
+from .base import QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable, weight_column_absmax
 
 DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
 
@@ -26,19 +29,22 @@ DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
 class SmoothQuant(QuantMethod):
     name = "smoothquant"
 
-    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, groups=DEFAULT_GROUPS):
+    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, groups=DEFAULT_GROUPS, runtime_smoothing: bool = False):
         super().__init__(scheme)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
         self.groups = tuple(groups)
+        self.runtime_smoothing = bool(runtime_smoothing)
 
     def config(self) -> dict:
-        return {**super().config(), "alpha": self.alpha, "groups": list(self.groups)}
+        return {**super().config(), "alpha": self.alpha, "groups": list(self.groups),
+                "runtime_smoothing": self.runtime_smoothing}
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter
-        groups = [g for g in adapter.groups if g.name in self.groups]
+        groups = [g for g in adapter.groups if g.name in self.groups
+                  and (self.runtime_smoothing or smoothing_foldable(layer, g, None))]
         act_absmax = collect_absmax(ctx, groups)
         quantize_layer_linears(layer, adapter, self.scheme, pack=False)
         placement = {}
