@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -85,8 +86,7 @@ def fetch_data(name: str, cache=None, progress: bool = True, verify: bool = Fals
         ok, reason = check_record(out, build_id, full=verify)
         if ok:
             return out
-        print(f"mmcompress testbed: data {name}: {reason}; fetching again", flush=True,
-              file=__import__("sys").stderr)
+        print(f"mmcompress testbed: data {name}: {reason}; fetching again", file=sys.stderr, flush=True)
     with locked(root / f".data-{name}.lock"):
         if out.exists() and check_record(out, build_id)[0]:
             return out

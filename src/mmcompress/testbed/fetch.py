@@ -169,7 +169,7 @@ def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]
             f = dest / p.filename
             if not f.is_file():
                 raise TestbedError(f"pip download did not produce {p.filename} (is {p.name}=={p.version} on the index?)")
-            check_sha256(f, p.sha256, f"downloaded package file")
+            check_sha256(f, p.sha256, "downloaded package file")
             out[p.name] = f
     return out
 
