@@ -35,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
     ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid")
     ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
+    ap.add_argument("--extra-levels", default=None,
+                    help="levels for the secondary rows (Mode R, Q = I, TEAL half-prefill); default: --levels")
+    ap.add_argument("--check-rotated-dense", action="store_true", help="also evaluate the rotated model at sparsity 0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -61,6 +64,7 @@ def main(argv=None):
     from mmcompress.testbed.data import calibration_set, eval_text
 
     levels = [float(x) for x in args.levels.split(",")]
+    extra_levels = [float(x) for x in args.extra_levels.split(",")] if args.extra_levels else levels
     methods = args.methods.split(",")
     tok = load_tokenizer(model_dir)
     base = load_hf_model(model_dir, dtype="float32")
@@ -100,10 +104,10 @@ def main(argv=None):
         m = copy.deepcopy(base)
         am = get_adapter(m)
         (merge_rotations if mode.startswith("merged") else rotate_reference)(m, am, rot)
-        if not mode.endswith("noQ"):
+        if args.check_rotated_dense and not mode.endswith("noQ"):
             row(f"larosa-{mode} (dense, rotated)", 0.0, m, None, t0)
         for plan in args.larosa_plans.split(","):
-            for lv in levels:
+            for lv in (levels if mode == "merged" else extra_levels):
                 t0 = time.time()
                 if plan == "grid":
                     chosen = grid_search(m, am, shapes, lv, calib.samples, max_samples=2)
@@ -139,6 +143,7 @@ def main(argv=None):
     run_layerwise(base, ad0, AllCollectors(), calib.samples, progress=False)
     costs["calibration_pass_s"] = round(time.time() - t0, 1)
 
+    deferred = []
     if "larosa" in methods:
         for mode in args.larosa_modes.split(","):
             t0 = time.time()
@@ -150,13 +155,16 @@ def main(argv=None):
             else:
                 variants = [(mode, rot)]
             for mode, rot in variants:
-                larosa_rows(mode, rot, t0)
+                if mode == "merged":
+                    larosa_rows(mode, rot, t0)
+                else:
+                    deferred.append((mode, rot))
     if "teal" in methods or "teal-half" in methods:
         mags = collectors["teal"].values
         for name, prefill in (("teal", "all"), ("teal-half", "last_half")):
             if name not in methods:
                 continue
-            for lv in levels:
+            for lv in (levels if name == "teal" else extra_levels):
                 t0 = time.time()
                 m = copy.deepcopy(base)
                 info = teal(m, get_adapter(m), calib.samples, lv, prefill=prefill, magnitudes=mags, progress=False)
@@ -170,6 +178,8 @@ def main(argv=None):
             info = cats(m, get_adapter(m), calib.samples, lv, magnitudes=mags, progress=False)
             row("cats", lv, m, info["model_sparsity"], t0, note=info.get("note"))
             del m
+    for mode, rot in deferred:  # secondary LaRoSA rows: Mode R, Q = I
+        larosa_rows(mode, rot, time.time())
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\n## {args.model}: held-out wiki perplexity ({n_win} x {args.seqlen} tokens; all prompt tokens sparsified "
