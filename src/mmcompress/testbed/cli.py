@@ -41,10 +41,11 @@ def cmd_list(args) -> dict:
     if not args.json:
         for m in models:
             mark = "*" if m["cached"] else " "
-            print(f"{mark} {m['name']:<16} {m['architecture']:<34} {m['licence'].split(' (')[0]:<22} {m['description']}")
+            lic = m["licence"].split(" (")[0].split(";")[0]
+            print(f"{mark} {m['name']:<16} {m['architecture']:<44} {lic:<22} {m['description']}")
         for d in data:
             mark = "*" if d["cached"] else " "
-            print(f"{mark} data:{d['name']:<11} {d['package']:<34} {d['licence']}")
+            print(f"{mark} data:{d['name']:<11} {d['package']:<44} {d['licence']}")
         print("(* = in the cache)", file=sys.stderr)
     return {"models": models, "data": data}
 
