@@ -17,11 +17,18 @@
     sharing one Top-K, o, gate/up sharing one Top-K, down, plus a dense 4096×4096 residual adapter per
     layer), greedy single-token decode after a short prompt; reports tokens/s, the speed-up, the Top-K
     and adapter overheads, and the 0%-sparsity sparse path vs dense.
+
+Shared / oversubscribed machines: OpenMP worker threads spin-wait between parallel regions by default,
+which on a CPU shared with other jobs turns every GEMV (dense and sparse alike) into a scheduling
+wait.  Run ``OMP_WAIT_POLICY=PASSIVE mmcompress bench ...`` there (it must be set before torch is
+imported, hence an environment variable); both the dense and the sparse path run under it.  Results
+report the setting as ``omp_wait_policy``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 import sys
@@ -119,7 +126,7 @@ def kernel_benchmark(out_features: int, in_features: int, sparsity: float = 0.4,
         "shape": f"{out_features}x{in_features}", "dtype": str(dt).replace("torch.", ""), "batch": batch,
         "sparsity": sparsity, "keep": k, "backend": be, "threads": torch.get_num_threads(),
         "weight_copies": ncopy, "weight_mb_rotated": round(2 * ncopy * nbytes / 1e6, 1),
-        "repeats": repeats, "samples": len(times["dense"]),
+        "repeats": repeats, "samples": len(times["dense"]), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "dense_us": round(dense_us, 1), "sparse_us": round(sparse_us, 1),
         "ratio": round(sparse_us / dense_us, 3), "ratio_paired_median": round(pair[len(pair) // 2], 3),
         "ideal_ratio": round(k / in_features, 3),
@@ -348,7 +355,8 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     res = {
         "spec": f"{name}:{layers}", "layers": layers, "dtype": str(dt).replace("torch.", ""), "backend": be,
         "device": str(device),
-        "threads": torch.get_num_threads(), "sparsity": sparsity, "tokens": tokens, "prompt": prompt,
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "sparsity": sparsity, "tokens": tokens, "prompt": prompt,
         "rounds": rounds, "build_s": round(build_s, 1),
         "dense_tok_s": round(1 / med["dense"], 3), "sparse_tok_s": round(1 / med["sparse"], 3),
         "speedup": round(med["dense"] / med["sparse"], 3),

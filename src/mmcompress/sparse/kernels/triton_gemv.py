@@ -24,47 +24,18 @@ import warnings
 
 import torch
 
-_STATE: dict = {"checked": False, "ok": False, "error": None, "warned": False}
-_kernel = None
 
-
-def available() -> bool:
-    if not _STATE["checked"]:
-        _STATE["checked"] = True
-        try:
-            if not torch.cuda.is_available():
-                raise RuntimeError("no CUDA device")
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _STATE["ok"] = True
-        except Exception as e:  # ImportError, no CUDA, broken install
-            _STATE["error"] = f"{type(e).__name__}: {e}"
-    return _STATE["ok"]
-
-
-def error() -> str | None:
-    return _STATE["error"]
-
-
-def warn_fallback() -> None:
-    if not _STATE["warned"]:
-        _STATE["warned"] = True
-        warnings.warn(f"mmcompress: the Triton sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
-                      "sparse path.", RuntimeWarning, stacklevel=3)
-
-
-_CONFIGS = ((16, 256, 4), (32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (128, 128, 4),
-            (16, 512, 4), (32, 512, 4), (64, 512, 8), (128, 64, 4), (8, 1024, 4), (16, 1024, 8))
-_BEST: dict = {}  # (N, K, B, dtype) -> (BLOCK_K, BLOCK_N, num_warps)
-
-
-def _build():
-    global _kernel
-    if _kernel is not None:
-        return _kernel
+try:  # guarded: Triton is optional (CPU-only installs have none)
     import triton
     import triton.language as tl
+
+    _IMPORT_ERROR = None
+except Exception as _e:  # ImportError, or a broken install
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+_splitk_sparse_gemv = None
+if triton is not None:
 
     @triton.jit
     def _splitk_sparse_gemv(X, WT, Y, N, K, stride_xb, stride_wk, stride_yb,
@@ -89,13 +60,47 @@ def _build():
             part = tl.sum(xb[:, None] * w, axis=0)
             tl.atomic_add(Y + b * stride_yb + offs_n, part, mask=mask_n, sem="relaxed")
 
-    _kernel = _splitk_sparse_gemv
-    return _kernel
+
+_STATE: dict = {"checked": False, "ok": False, "error": None, "warned": False}
+
+
+def available() -> bool:
+    if not _STATE["checked"]:
+        _STATE["checked"] = True
+        try:
+            if triton is None:
+                raise ImportError(_IMPORT_ERROR)
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            _STATE["ok"] = True
+        except Exception as e:  # ImportError, no CUDA, broken install
+            _STATE["error"] = f"{type(e).__name__}: {e}"
+    return _STATE["ok"]
+
+
+def error() -> str | None:
+    return _STATE["error"]
+
+
+def warn_fallback() -> None:
+    if not _STATE["warned"]:
+        _STATE["warned"] = True
+        warnings.warn(f"mmcompress: the Triton sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
+                      "sparse path.", RuntimeWarning, stacklevel=3)
+
+
+_CONFIGS = ((16, 256, 4), (32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (128, 128, 4),
+            (16, 512, 4), (32, 512, 4), (64, 512, 8), (128, 64, 4), (8, 1024, 4), (16, 1024, 8))
+_BEST: dict = {}  # (N, K, B, dtype) -> (BLOCK_K, BLOCK_N, num_warps)
+
+
+def _build():
+    if _splitk_sparse_gemv is None:
+        raise RuntimeError(f"Triton is not available ({_IMPORT_ERROR})")
+    return _splitk_sparse_gemv
 
 
 def _launch(x, wt, y, cfg):
-    import triton
-
     bk, bn, warps = cfg
     B, K = x.shape
     N = wt.shape[1]
