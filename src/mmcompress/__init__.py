@@ -1,20 +1,37 @@
 """mmcompress: post-training compression for LLMs and multimodal LLMs.
 
-Public API::
+Public API (imported lazily, so ``mmcompress --version`` and cached testbed fetches start fast)::
 
     model = mmcompress.load_model("path/to/hf-dir")
     calib = mmcompress.CalibrationSet.from_text_file("wiki.txt", tokenizer, nsamples=128, seqlen=512)
     mmcompress.quantize(model, calib, method="smoothquant", scheme="w8a8")
+    mmcompress.sparsify(model, calib, method="larosa", sparsity=0.4)
     mmcompress.save(model, "out/")
     model = mmcompress.load("out/")
 """
 
 __version__ = "0.1.0"
 
-from .data.calibration import CalibrationSet  # noqa: E402
-from .export.serialization import load, save  # noqa: E402
-from .models.loading import load_hf_model as load_model  # noqa: E402
-from .quant.api import quantize  # noqa: E402
-from .quant.quantizer import QuantScheme  # noqa: E402
+_LAZY = {
+    "CalibrationSet": ("mmcompress.data.calibration", "CalibrationSet"),
+    "QuantScheme": ("mmcompress.quant.quantizer", "QuantScheme"),
+    "load": ("mmcompress.export.serialization", "load"),
+    "save": ("mmcompress.export.serialization", "save"),
+    "load_model": ("mmcompress.models.loading", "load_hf_model"),
+    "quantize": ("mmcompress.quant.api", "quantize"),
+    "sparsify": ("mmcompress.sparse.api", "sparsify"),
+    "apply_recipe": ("mmcompress.recipe", "apply_recipe"),
+}
 
-__all__ = ["__version__", "CalibrationSet", "QuantScheme", "load", "load_model", "quantize", "save"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmcompress' has no attribute {name!r}")

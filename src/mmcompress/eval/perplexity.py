@@ -38,5 +38,6 @@ def perplexity(model, input_ids: torch.Tensor, seqlen: int = 1024, max_windows: 
 def text_perplexity(model, tokenizer, text: str, seqlen: int = 1024, max_windows=None, device="cpu", progress=True) -> dict:
     if not text.strip():
         raise ValueError("the evaluation text is empty")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    # the tokenizer's own special tokens once at the start (Gemma's <bos>; SmolLM2 and Qwen add none)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     return perplexity(model, ids, seqlen, max_windows, device, progress)
