@@ -142,13 +142,20 @@ def test_refuses_schemes_without_kernel(tmp_path, tokenizer):
 
 
 def test_gqa_smoothing_needs_requantize(tmp_path, tokenizer):
-    art = _artifact(tmp_path, tokenizer, "smoothquant", "w8a8", kv_heads=2)  # o_proj keeps a run-time divisor
+    # o_proj keeps a run-time divisor (MASQuant's SmoothQuant baseline; the default skips that group)
+    art = _artifact(tmp_path, tokenizer, "smoothquant", "w8a8", kv_heads=2, runtime_smoothing=True)
     with pytest.raises(ExportError, match="grouped-query attention.*--requantize"):
         export_compressed_tensors(art, tmp_path / "ct")
     rep = export_compressed_tensors(art, tmp_path / "ct", requantize=True)
     assert sorted(rep["requantized"]) == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
     assert rep["codes_identical"] == 12
     assert json.loads((tmp_path / "ct" / "mmcompress_export.json").read_text())["requantized"] == rep["requantized"]
+
+
+def test_default_smoothquant_exports_exactly_under_gqa(tmp_path, tokenizer):
+    art = _artifact(tmp_path, tokenizer, "smoothquant", "w8a8", kv_heads=2)
+    rep = export_compressed_tensors(art, tmp_path / "ct-default")
+    assert not rep.get("requantized")
 
 
 def test_untied_masquant_vectors_are_refused(tokenizer):
