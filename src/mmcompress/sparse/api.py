@@ -95,6 +95,8 @@ def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
                 mod = layer.get_submodule(path)
 
                 def hook(m, args, i=i, proj=proj, cats_gate=cats_gate):
+                    if cats_gate and proj == "up":  # counted from the gate's zeros at the down input
+                        return
                     x = args[0]
                     if isinstance(m, SparseLinear):
                         x = m.sparsify(x)
