@@ -220,6 +220,11 @@ def stage_audio(args):
     chk_items = D.make_speech_items("digits", 8, 555, [D.TEST_VOICE], exclude_digits=D.test_digit_keys())
     chk = audio_features(tower, fe, D.render(chk_items), progress=False)
 
+    if args.resume:  # continue from the committed / last saved connector
+        prev = M.load_asset(f"audio_connector-{args.decoder}.safetensors")
+        missing, unexpected = tower.load_state_dict(prev, strict=False)
+        assert not unexpected, unexpected
+        log(f"resumed from the saved connector ({len(prev)} tensors)")
     conn = torch.nn.ModuleDict(dict(layer=tower.layers[-1], ln_post=tower.ln_post, proj=tower.proj)).float().train()
     for p in conn.parameters():
         p.requires_grad_(True)
@@ -304,15 +309,23 @@ def ctc_phase(args, lm, tok, conn, digits, sents, rng):
     at spoken words point at those words' embeddings, which the decoder can copy."""
     E = lm.get_input_embeddings().weight.detach().float()
     space = set(tok(" ", add_special_tokens=False)["input_ids"])
-    vocab = sorted({i for d in digits + sents for i in tok(" " + d["transcript"], add_special_tokens=False)["input_ids"]
+    pool = digits if args.ctc_digits_only else digits + sents
+    vocab = sorted({i for d in pool for i in tok(" " + d["transcript"], add_special_tokens=False)["input_ids"]
                     if i not in space})
     index = {v: j + 1 for j, v in enumerate(vocab)}
     Ev = F.normalize(E[torch.tensor(vocab)], dim=-1)
     target_norm = E[torch.tensor(vocab)].norm(dim=-1).median().item()
-    blank = torch.nn.Parameter(torch.randn(E.shape[1]) * 0.02)
+    if args.ctc_digits_only:
+        # blank frames are pulled towards the embedding of the space token: the decoder then reads the
+        # audio tokens like "   7   3    9  1  "
+        blank = E[sorted(space)[0]].clone()
+        extra = []
+    else:
+        blank = torch.nn.Parameter(torch.randn(E.shape[1]) * 0.02)
+        extra = [blank]
     params = list(conn.parameters())
     opt = torch.optim.AdamW([dict(params=list(conn["layer"].parameters()), lr=args.lr * 0.3),
-                             dict(params=list(conn["ln_post"].parameters()) + list(conn["proj"].parameters()) + [blank],
+                             dict(params=list(conn["ln_post"].parameters()) + list(conn["proj"].parameters()) + extra,
                                   lr=args.lr)], weight_decay=0.01)
     bases = [g["lr"] for g in opt.param_groups]
     t0, step, ema, hist = time.time(), 0, None, []
@@ -322,7 +335,7 @@ def ctc_phase(args, lm, tok, conn, digits, sents, rng):
         frac = (time.time() - t0) / budget
         for g, b in zip(opt.param_groups, bases):
             g["lr"] = lr_at(frac, step, args.warmup, b)
-        n_d = sum(rng.random() < 0.7 for _ in range(16))
+        n_d = 16 if args.ctc_digits_only else sum(rng.random() < 0.7 for _ in range(16))
         batch = rng.sample(digits, n_d) + rng.sample(sents, 16 - n_d)
         aud = connector_forward(conn, [(b["n"], b["x"]) for b in batch])
         lens = torch.tensor([a.shape[0] for a in aud])
@@ -339,7 +352,7 @@ def ctc_phase(args, lm, tok, conn, digits, sents, rng):
         loss = ctc + 0.1 * ((norms / target_norm - 1) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + [blank], 1.0)
+        torch.nn.utils.clip_grad_norm_(params + extra, 1.0)
         opt.step()
         step += 1
         ema = ctc.item() if ema is None else 0.95 * ema + 0.05 * ctc.item()
@@ -378,6 +391,9 @@ def main(argv=None):
     ap.add_argument("--stage", choices=["audio", "vision"], required=True)
     ap.add_argument("--decoder", default="smollm2", choices=list(M.DECODERS))
     ap.add_argument("--minutes", type=float, default=28.0, help="training wall-clock budget (after data prep)")
+    ap.add_argument("--ctc-digits-only", action="store_true", help="CTC phase on digit clips, blank = space token")
+    ap.add_argument("--resume", action="store_true", help="start from the saved connector asset (audio: connector; "
+                    "vision: tower + merger, merger stage only)")
     ap.add_argument("--ctc-minutes", type=float, default=5.0, help="audio: CTC pre-alignment budget (no decoder)")
     ap.add_argument("--pretrain-minutes", type=float, default=3.0, help="vision tower pre-training budget")
     ap.add_argument("--n-digits", type=int, default=1600)

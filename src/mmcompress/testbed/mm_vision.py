@@ -176,11 +176,20 @@ def train(args, load_decoder, embed, lm_loss, lr_at, save_fp16, log):
     H = lm.config.hidden_size
     tower = vision_tower(H)
     t_start = time.time()
-    hist1, heads = pretrain(tower, args.pretrain_minutes, args.seed, log)
+    prev_hist = None
+    if getattr(args, "resume", False):  # continue the merger stage from the saved tower + merger
+        tower.load_state_dict(M.load_asset(f"vision-{args.decoder}.safetensors"))
+        prev = json.loads((M.ASSETS / f"vision-{args.decoder}.json").read_text())
+        hist1, prev_hist = prev.get("pretrain_history", []), prev.get("merger_history", [])
+        args.prev_record = {k: prev.get(k) for k in ("command", "minutes", "merger_steps")}
+        log("resumed vision tower + merger from the saved asset")
+    else:
+        hist1, heads = pretrain(tower, args.pretrain_minutes, args.seed, log)
     for p in tower.parameters():
         p.requires_grad_(False)
     merger = tower.merger
-    init_merger_from_heads(tower, heads, lm.get_input_embeddings().weight, tok, log)
+    if prev_hist is None:
+        init_merger_from_heads(tower, heads, lm.get_input_embeddings().weight, tok, log)
     for p in merger.parameters():
         p.requires_grad_(True)
     # the frozen decoder inside the stock VL wrapper (M-RoPE positions from its get_rope_index)
@@ -192,13 +201,14 @@ def train(args, load_decoder, embed, lm_loss, lr_at, save_fp16, log):
     vl.lm_head.to(torch.bfloat16)
     rope_model = vl.model
     ip = image_processor()
-    rng = random.Random(args.seed + 1)
+    rng = random.Random(args.seed + 1 + (7 if prev_hist is not None else 0))
     lr = args.lr * 0.3
     opt = torch.optim.AdamW(merger.parameters(), lr=lr, weight_decay=0.0)
     for g in opt.param_groups:
         g["base"] = lr
     budget = args.minutes * 60
     t0, step, ema, hist = time.time(), 0, None, []
+    step0 = prev_hist[-1]["step"] if prev_hist else 0
     bar = tqdm(total=int(budget), desc="vision merger", unit="s", mininterval=5)
     last = t0
     img_id = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -245,12 +255,13 @@ def train(args, load_decoder, embed, lm_loss, lr_at, save_fp16, log):
             bar.update(int(now - last))
             last = now
         if step % 10 == 0:
-            hist.append(dict(step=step, minutes=round((now - t0) / 60, 2), loss=round(ema, 4)))
+            hist.append(dict(step=step0 + step, minutes=round((now - t0) / 60, 2), loss=round(ema, 4),
+                             resumed=prev_hist is not None))
             log(f"merger step {step} {(now - t0) / 60:.1f} min loss(ema) {ema:.3f}")
         if step % 100 == 0:
-            _save(tower, args, hist1, hist, step, t_start, save_fp16)
+            _save(tower, args, hist1, (prev_hist or []) + hist, step0 + step, t_start, save_fp16)
     bar.close()
-    _save(tower, args, hist1, hist, step, t_start, save_fp16)
+    _save(tower, args, hist1, (prev_hist or []) + hist, step0 + step, t_start, save_fp16)
     log("vision done")
 
 
@@ -292,6 +303,10 @@ def _save(tower, args, hist1, hist2, step, t_start, save_fp16):
     meta = dict(decoder=args.decoder, merger_steps=step, minutes=round((time.time() - t_start) / 60, 2),
                 seed=args.seed, final_loss=hist2[-1]["loss"] if hist2 else None,
                 pretrain_final=json.dumps(hist1[-1]) if hist1 else None, command=" ".join(sys.argv))
+    prev = getattr(args, "prev_record", None)
+    if prev:
+        meta["command"] = f"{prev['command']}  THEN  {meta['command']}"
+        meta["minutes"] = round(meta["minutes"] + (prev["minutes"] or 0), 2)
     save_fp16(sd, M.ASSETS / f"vision-{args.decoder}.safetensors", meta)
     (M.ASSETS / f"vision-{args.decoder}.json").write_text(
         json.dumps(dict(meta, pretrain_history=hist1, merger_history=hist2), indent=1))
