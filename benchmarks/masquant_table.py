@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--ppl-windows", type=int, default=8)
-    ap.add_argument("--asr", type=int, default=40, help="speech-test clips (balanced digits/sentences)")
+    ap.add_argument("--asr", type=int, default=50, help="speech-test spoken-digit clips")
     ap.add_argument("--vqa", type=int, default=20, help="image-qa-test items per question type")
     ap.add_argument("--out", default="runs/masquant")
     args = ap.parse_args()
@@ -82,9 +82,9 @@ def main():
 
     def evaluate(model):
         ppl = text_perplexity(model, tok, wiki, seqlen=1024, max_windows=args.ppl_windows, progress=False)
-        asr = word_error_rate(model, proc, "speech-test", limit=args.asr)
+        asr = word_error_rate(model, proc, "speech-test", limit=args.asr, kinds=("digits",), max_new_tokens=16)
         vqa = accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
-        return {"wiki_ppl": round(ppl["ppl"], 3), "wer_digits": asr["wer_digits"], "wer_sentences": asr["wer_sentences"],
+        return {"wiki_ppl": round(ppl["ppl"], 3), "wer_digits": asr["wer_digits"],
                 "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"]}
 
     rows = [{"scheme": "fp32", "method": "dense", **evaluate(base)}]

@@ -83,7 +83,8 @@ def load_speech_set(spec):
 
 
 def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: str | None = None,
-                    limit: int | None = None, progress: bool = False, max_new_tokens: int = 48) -> dict:
+                    limit: int | None = None, progress: bool = False, max_new_tokens: int = 48,
+                    kinds: tuple[str, ...] | None = None) -> dict:
     """Greedy-decode every clip of ``dataset`` and score it against its transcript (normalized text).
 
     Returns ``{"wer", "wer_digits", "wer_sentences", "n", "n_digits", "n_sentences", "examples"}`` (a part is
@@ -93,6 +94,8 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
     from tqdm.auto import tqdm
 
     items = load_speech_set(dataset)
+    if kinds is not None:  # e.g. ("digits",): only the clips of these kinds
+        items = [it for it in items if it.get("kind", "sentence") in kinds]
     if limit is not None:
         items = _balanced_head(items, limit)
     refs, hyps, kinds = [], [], []
