@@ -22,6 +22,17 @@ import threading
 import torch
 
 TEXT, IMAGE, AUDIO, VIDEO = 0, 1, 2, 3
+
+#: Qwen2.5-VL / Qwen2.5-Omni placeholder and marker tokens, by the tokenizer role that names them
+QWEN_MM_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+    "audio_token": "<|AUDIO|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image", AUDIO: "audio", VIDEO: "video"}
 NAME_TO_ID = {v: k for k, v in MODALITY_NAMES.items()}
 

@@ -10,15 +10,7 @@ from pathlib import Path
 
 import torch
 
-SPECIAL = {
-    "image_token": "<|image_pad|>",
-    "video_token": "<|video_pad|>",
-    "vision_bos_token": "<|vision_start|>",
-    "vision_eos_token": "<|vision_end|>",
-    "audio_token": "<|AUDIO|>",
-    "audio_bos_token": "<|audio_bos|>",
-    "audio_eos_token": "<|audio_eos|>",
-}
+from .modality import QWEN_MM_TOKENS as SPECIAL
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A model compresses weights and activations. "
     "Quantization maps real numbers to a small grid; sparsity keeps the largest channels. "

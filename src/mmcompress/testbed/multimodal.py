@@ -26,15 +26,7 @@ import torch
 
 ASSETS = Path(__file__).with_name("assets")
 
-MM_TOKENS = {
-    "image_token": "<|image_pad|>",
-    "video_token": "<|video_pad|>",
-    "vision_bos_token": "<|vision_start|>",
-    "vision_eos_token": "<|vision_end|>",
-    "audio_token": "<|AUDIO|>",
-    "audio_bos_token": "<|audio_bos|>",
-    "audio_eos_token": "<|audio_eos|>",
-}
+from ..models.modality import QWEN_MM_TOKENS as MM_TOKENS  # noqa: E402
 
 # the small vision tower (1.4 M parameters with the merger into a 576-wide decoder)
 VISION_CFG = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, in_channels=3, patch_size=14,
