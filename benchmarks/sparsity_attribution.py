@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import time
 
 import torch
 
@@ -40,12 +38,9 @@ def main(argv=None):
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
     from mmcompress.testbed.data import calibration_set, eval_text
 
-    if os.path.isdir(args.model):
-        model_dir = args.model
-    else:
-        from mmcompress.testbed.registry import fetch
+    from mmcompress.testbed.registry import resolve_model_dir
 
-        model_dir = str(fetch(args.model))
+    model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)
     base = load_hf_model(model_dir, dtype="float32")
     ad0 = get_adapter(base)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 
@@ -31,12 +30,9 @@ def main(argv=None):
     from mmcompress.models.loading import load_hf_model
     from mmcompress.sparse.rotation import calibrate_rotations
 
-    if os.path.isdir(args.model):
-        model_dir = args.model
-    else:
-        from mmcompress.testbed.registry import fetch
+    from mmcompress.testbed.registry import resolve_model_dir
 
-        model_dir = str(fetch(args.model))
+    model_dir = resolve_model_dir(args.model)
     from mmcompress.testbed.data import calibration_set
 
     t_load = time.time()

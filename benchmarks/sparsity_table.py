@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import sys
 import time
@@ -55,12 +54,9 @@ def main(argv=None):
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, teal
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
 
-    if os.path.isdir(args.model):
-        model_dir = args.model
-    else:
-        from mmcompress.testbed.registry import fetch
+    from mmcompress.testbed.registry import resolve_model_dir
 
-        model_dir = str(fetch(args.model))
+    model_dir = resolve_model_dir(args.model)
     from mmcompress.testbed.data import calibration_set, eval_text
 
     levels = [float(x) for x in args.levels.split(",")]

@@ -201,7 +201,6 @@ def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
 
 
 def cmd_quantize(args) -> dict:
-    from .engine import temporary_dir_for
     from .export.serialization import save
     from .models.adapters import get_adapter
     from .models.loading import load_hf_model, read_config

@@ -165,6 +165,13 @@ def fetch_info(name: str, cache=None, progress: bool = True, verify: bool = Fals
             "seconds": round(time.perf_counter() - t0, 3), "sha256": _weights_sha(rec)}
 
 
+def resolve_model_dir(spec: str, **fetch_kwargs) -> str:
+    """A local model directory as given, else the directory of the testbed model named ``spec``."""
+    import os
+
+    return spec if os.path.isdir(spec) else str(fetch(spec, **fetch_kwargs))
+
+
 def fetch(name: str, cache=None, progress: bool = True, verify: bool = False, keep_downloads: bool = False,
           repair: bool = True) -> Path:
     """Path of the Hugging Face directory of testbed model ``name`` (built on first use)."""

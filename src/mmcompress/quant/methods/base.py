@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...engine import LayerContext, Method
+from ...engine import Method
 from ...models.adapters import LinearGroup, ModelAdapter
 from ..linear import QuantLinear
 from ..quantizer import QuantScheme
