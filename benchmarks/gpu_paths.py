@@ -79,12 +79,17 @@ def main() -> int:
         calib, probe = samples_for(kind, tok)
         ref = logits(base, probe, "cpu")
         res = {}
-        for dev in ("cpu", gpu):
-            m = copy.deepcopy(base)
-            torch.manual_seed(0)
-            t = time.time()
-            quantize(m, calib, method, scheme, device=dev, progress=False, **opts)
-            res[dev] = (logits(m, probe, dev), time.time() - t)
+        try:
+            for dev in ("cpu", gpu):
+                m = copy.deepcopy(base)
+                torch.manual_seed(0)
+                t = time.time()
+                quantize(m, calib, method, scheme, device=dev, progress=False, **opts)
+                res[dev] = (logits(m, probe, dev), time.time() - t)
+        except Exception as e:  # record and go on: one broken path must not hide the others
+            log(f"quantize {kind} {method} {scheme} on {dev}: {type(e).__name__}: {e}")
+            fails.append(f"quantize {kind} {method} on {dev}: {type(e).__name__}: {e}")
+            continue
         e_cpu, e_gpu = rel(res["cpu"][0], ref), rel(res[gpu][0], ref)
         d = rel(res[gpu][0], res["cpu"][0])
         ok = e_gpu <= 1.1 * e_cpu + 1e-4
@@ -100,10 +105,15 @@ def main() -> int:
         calib, probe = samples_for("qwen2", tok, n=8)
         ref = logits(base, probe, "cpu")
         res = {}
-        for dev in ("cpu", gpu):
-            m = copy.deepcopy(base)
-            sparsify(m, calib, method, 0.4, device=dev, progress=False, **kw)
-            res[dev] = logits(m, probe, dev)
+        try:
+            for dev in ("cpu", gpu):
+                m = copy.deepcopy(base)
+                sparsify(m, calib, method, 0.4, device=dev, progress=False, **kw)
+                res[dev] = logits(m, probe, dev)
+        except Exception as e:
+            log(f"sparsify {method} on {dev}: {type(e).__name__}: {e}")
+            fails.append(f"sparsify {method} on {dev}: {type(e).__name__}: {e}")
+            continue
         e_cpu, e_gpu, d = rel(res["cpu"], ref), rel(res[gpu], ref), rel(res[gpu], res["cpu"])
         ok = e_gpu <= 1.1 * e_cpu + 1e-3
         rows.append(dict(kind="qwen2", method=method, scheme="sparsity 0.4", err_cpu=e_cpu, err_cuda=e_gpu,
@@ -113,26 +123,27 @@ def main() -> int:
         if not ok:
             fails.append(f"sparsify {method}")
 
-    # save on a CUDA-calibrated model, load, compare
-    import tempfile
+    def save_load():
+        # save on a CUDA-calibrated model, load, compare
+        import tempfile
 
-    from mmcompress import load, save
+        from mmcompress import load, save
 
-    base, _ = tiny_model("qwen2_5_omni", layers=2, tokenizer=tok)
-    calib, probe = samples_for("qwen2_5_omni", tok)
-    quantize(base, calib, "masquant", "w4a8", device=gpu, progress=False, epochs=1)
-    before = logits(base, probe, gpu)
-    with tempfile.TemporaryDirectory() as d:
-        save(base, Path(d) / "m")
-        again = load(Path(d) / "m")
-        after = logits(again, probe, gpu)
-    r = rel(after, before)
-    log(f"save/load of a CUDA-calibrated MASQuant model: rel {r:.2e}")
-    rows.append(dict(kind="qwen2_5_omni", method="masquant save/load", rel=r, ok=r < 1e-5))
-    if r >= 1e-5:
-        fails.append("save/load")
+        base, _ = tiny_model("qwen2_5_omni", layers=2, tokenizer=tok)
+        calib, probe = samples_for("qwen2_5_omni", tok)
+        quantize(base, calib, "masquant", "w4a8", device=gpu, progress=False, epochs=1)
+        before = logits(base, probe, gpu)
+        with tempfile.TemporaryDirectory() as d:
+            save(base, Path(d) / "m")
+            again = load(Path(d) / "m")
+            after = logits(again, probe, gpu)
+        r = rel(after, before)
+        log(f"save/load of a CUDA-calibrated MASQuant model: rel {r:.2e}")
+        rows.append(dict(kind="qwen2_5_omni", method="masquant save/load", rel=r, ok=r < 1e-5))
+        if r >= 1e-5:
+            fails.append("save/load")
 
-    if args.big:
+    def big():
         for method, scheme in (("smoothquant", "w4a8"), ("masquant", "w4a8")):
             m, _ = tiny_model("qwen2_5_omni", layers=24, hidden=896, intermediate=4864, heads=14, kv_heads=2,
                               tokenizer=tok)
@@ -145,6 +156,13 @@ def main() -> int:
                 f"({s / 24:.2f} s/layer), peak CUDA {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             rows.append(dict(kind="big-omni", method=method, scheme=scheme, seconds=s))
             torch.cuda.reset_peak_memory_stats()
+
+    for section in (save_load,) + ((big,) if args.big else ()):
+        try:
+            section()
+        except Exception as e:
+            log(f"{section.__name__}: {type(e).__name__}: {e}")
+            fails.append(f"{section.__name__}: {type(e).__name__}: {e}")
     log("FAILURES:\n  " + "\n  ".join(fails) if fails else "all CUDA-path checks passed")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "fails": fails,

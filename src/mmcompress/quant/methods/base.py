@@ -68,8 +68,8 @@ def apply_smoothing(layer: nn.Module, adapter: ModelAdapter, group: LinearGroup,
     readers become :class:`QuantLinear` modules that divide their input at run time.  Returns
     ``"folded"`` or ``"runtime"``.
     """
-    s = s.double()
     readers = group.modules(layer)
+    s = s.double().to(readers[0].weight.device)
     foldable = smoothing_foldable(layer, group, adapter.text_config)
     if foldable:
         producer = layer.get_submodule(group.producer)

@@ -58,8 +58,8 @@ class SmoothQuant(QuantMethod):
 
 def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """E2 with the clamps of the reference: ``s = clamp(a^α / w^(1−α), ≥ 1e-5)``."""
-    a = act_absmax.double().clamp(min=1e-5)
-    w = w_absmax.double().clamp(min=1e-5)
+    a = act_absmax.detach().double().cpu().clamp(min=1e-5)  # statistics live on the CPU, weights anywhere
+    w = w_absmax.detach().double().cpu().clamp(min=1e-5)
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
