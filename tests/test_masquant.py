@@ -168,3 +168,22 @@ def test_masquant_save_load_roundtrip(omni, tmp_path):
     y = m(**x).logits
     loaded = mmcompress.load(mmcompress.save(m, tmp_path / "mas"))
     assert torch.equal(loaded(**x).logits, y)
+
+
+def test_randomized_top_svd_is_near_optimal_and_reproducible():
+    """The CMC truncation on a 576-wide layer (rank 32) uses a randomized SVD: its whitened residual must
+    be within 1 % of the exact truncated SVD's (Eckart–Young optimum), and two calls must agree bitwise."""
+    from mmcompress.quant.methods.masquant import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 576, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 576, dtype=torch.float64)
+    dw = torch.randn(576, 1536, generator=g, dtype=torch.float64) * 0.01  # quantization-noise-like residual
+    c = x.T @ x
+    left, right = whitened_low_rank(dw.T, c, 32)
+    err = (x @ (dw - left @ right)).norm()
+    p, s, qh = torch.linalg.svd(torch.linalg.cholesky(c).T @ dw, full_matrices=False)
+    optimum = (s[32:] ** 2).sum().sqrt()
+    assert err <= 1.01 * optimum
+    a, b, c2 = top_svd(dw, 32)
+    a2, b2, c3 = top_svd(dw, 32)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(c2, c3)

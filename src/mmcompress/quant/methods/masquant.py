@@ -180,21 +180,52 @@ def cmc_rank(rank_ratio: float, in_features: int, out_features: int, floor: int 
     return min(r, full)
 
 
+def top_svd(a: torch.Tensor, rank: int, *, oversample: int = 16, power_iters: int = 4):
+    """The ``rank`` leading singular triplets ``(P_r, σ_r, Q_rᵀ)`` of ``a``.
+
+    Exact SVD when ``rank`` is a large part of ``min(a.shape)``; otherwise a randomized range finder
+    (Halko et al. 2011: Gaussian sketch with ``rank + oversample`` columns, ``power_iters`` power
+    iterations with re-orthonormalisation) with a fixed seed, so calibration stays reproducible.  With
+    the spectra of weight residuals its error is within a fraction of a percent of the exact SVD's,
+    at a small fraction of its cost (the CMC rank floor 32 against 576..4864 wide layers)."""
+    full = min(a.shape)
+    q = min(full, rank + oversample)
+    if 4 * q >= full:
+        p, s, qh = torch.linalg.svd(a, full_matrices=False)
+        return p[:, :rank], s[:rank], qh[:rank]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn(a.shape[1], q, generator=g, dtype=a.dtype).to(a.device)
+    y = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        y = torch.linalg.qr(a @ torch.linalg.qr(a.T @ y).Q).Q
+    ub, s, qh = torch.linalg.svd(y.T @ a, full_matrices=False)
+    return (y @ ub)[:, :rank], s[:rank], qh[:rank]
+
+
 def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float = 1e-6):
     """Factors ``L [in×r]``, ``R [r×out]`` minimising ``||X̃ (ΔWᵀ − L R)||_F`` given ``C = X̃ᵀX̃``
-    (``moment``; ``None`` = plain SVD, the no-whitening ablation).  All in float64."""
+    (``moment``; ``None`` = plain SVD, the no-whitening ablation).  All in float64.
+
+    With any ``T`` such that ``TᵀT = C`` the objective is ``||T ΔWᵀ − T L R||_F``, so ``T L R`` is the
+    rank-``r`` truncated SVD ``P_r Σ_r Q_rᵀ`` of ``T ΔWᵀ`` (Eckart–Young) and ``L = T⁻¹ P_r``,
+    ``R = Σ_r Q_rᵀ``.  ``T = Uᵀ`` from the Cholesky factor of ``C + λ·mean(diag C)·I`` (``λ`` =
+    ``damping``); an eigen-decomposition is the fallback when the factorisation fails."""
     dwt = delta_w.double().T  # [in, out]
     if moment is None:
-        p, s, qh = torch.linalg.svd(dwt, full_matrices=False)
-        return p[:, :rank], s[:rank, None] * qh[:rank]
-    evals, u = torch.linalg.eigh(moment.double())
-    evals = evals.clamp(min=0)
-    evals = evals + damping * evals.mean().clamp(min=1e-30)
-    sq = evals.sqrt()
-    t = sq[:, None] * u.T  # T = Σ^{1/2} Uᵀ
-    p, s, qh = torch.linalg.svd(t @ dwt, full_matrices=False)
-    left = (u / sq[None, :]) @ p[:, :rank]  # T⁻¹ P_r = U Σ^{−1/2} P_r
-    return left, s[:rank, None] * qh[:rank]
+        p, s, qh = top_svd(dwt, rank)
+        return p, s[:, None] * qh
+    c = moment.double()
+    c = c + damping * c.diagonal().mean().clamp(min=1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0:
+        t = chol.T  # upper triangular, tᵀt = C
+        p, s, qh = top_svd(t @ dwt, rank)
+        left = torch.linalg.solve_triangular(t, p, upper=True)
+        return left, s[:, None] * qh
+    evals, u = torch.linalg.eigh(c)
+    sq = evals.clamp(min=damping * evals.clamp(min=0).mean().clamp(min=1e-30)).sqrt()
+    p, s, qh = top_svd((sq[:, None] * u.T) @ dwt, rank)  # T = Σ^{1/2} Uᵀ
+    return (u / sq[None, :]) @ p, s[:, None] * qh
 
 
 class MASQuant(QuantMethod):
