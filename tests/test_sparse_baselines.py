@@ -38,3 +38,33 @@ def test_teal_half_prefill_sparsifies_only_the_second_half(tokenizer):
     q = model.model.layers[0].self_attn.q_proj
     h = model.model.layers[0].input_layernorm(model.model.embed_tokens(x))
     assert float((q.sparsify(h) == 0).float().mean()) > 0.2
+
+
+def test_teal_greedy_reaches_target_per_layer_and_beats_uniform_on_layer_error(tokenizer):
+    """Greedy allocation: every layer ends at the target parameter-weighted sparsity (exactly, up to the
+    quantile grid), the split across matrices is not uniform, the realised sparsity on the calibration
+    data matches, and the model output is no worse than the uniform allocation's."""
+    model, tok = tiny_model("llama", tokenizer=tokenizer, layers=2)
+    samples = text_samples(tok, n=4, seqlen=64)
+    ref = model(**samples[0]).logits
+    import copy
+
+    uni = copy.deepcopy(model)
+    sparsify(uni, samples, "teal", 0.4, progress=False)
+    sparsify(model, samples, "teal", 0.4, plan="greedy", progress=False)
+    info = model._mmcompress_description["method"]
+    assert info["plan"] == "greedy" and info["model_sparsity"] == pytest.approx(0.4, abs=1e-6)
+    levels = info["levels"]
+    assert any(abs(v - 0.4) > 0.02 for lv in levels.values() for v in lv)  # a non-uniform split
+    assert measure_sparsity(model, samples)["model_sparsity"] == pytest.approx(0.4, abs=0.03)
+    err_greedy = (model(**samples[0]).logits - ref).pow(2).mean()
+    err_uniform = (uni(**samples[0]).logits - ref).pow(2).mean()
+    assert err_greedy <= err_uniform * 1.05
+
+
+def test_teal_greedy_rejected_for_other_methods(tiny_llama_dir, calib_text, tmp_path):
+    from mmcompress.cli import main
+
+    rc = main(["sparsify", str(tiny_llama_dir), "--method", "larosa", "--sparsity", "0.4", "--plan", "greedy",
+               "--calib", str(calib_text), "--output", str(tmp_path / "o")])
+    assert rc == 1 and not (tmp_path / "o").exists()

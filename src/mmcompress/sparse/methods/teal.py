@@ -5,12 +5,28 @@ that a fraction ``p`` of the calibration activations fall below it.  Calibration
 model chain one layer at a time and keeps a seeded random sample of ``|x|`` per activation (h1: q,k,v
 input; h2: o input; h3: gate,up input; h4: down input); the threshold for level ``p`` is its
 empirical ``p``-quantile (equivalent to TEAL's ``icdf(0.5 + p/2)`` for a symmetric distribution,
-without the symmetry assumption).  Allocation: ``uniform`` (every projection at ``p``: the model-level
-sparsity is p in expectation; realised sparsity fluctuates per token).  Prefill policies: ``all``
-(LaRoSA's evaluation protocol), ``last_half`` (TEAL's own), ``none`` (dense prefill).
+without the symmetry assumption).  Prefill policies: ``all`` (LaRoSA's evaluation protocol),
+``last_half`` (TEAL's own), ``none`` (dense prefill).
+
+Allocation (``plan``):
+
+* ``uniform``: every projection at ``p`` (the model-level sparsity is p in expectation; realised
+  sparsity fluctuates per token);
+* ``greedy``: TEAL's block-wise greedy optimisation (its ``greedyopt.py``, docs/larosa.md §6.3).  Per
+  layer, from all levels ``s_j = 0`` (``j`` over q, k, v, o, gate, up, down), each move tries raising
+  one ``s_j`` by ``δ·M/M_j`` (``M_j`` its weight count, ``M`` the layer's: every move adds exactly
+  ``δ`` to the layer's parameter-weighted sparsity ``Σ_j s_j M_j / M``), runs the layer with the
+  thresholds ``t_j = quantile(|x_j|, s_j)`` on its dense calibration inputs, and keeps the move with
+  the least error ``‖Y_sparse − Y_dense‖²`` on the last 25 % of each sample's tokens; it stops when the
+  layer reaches ``p``.  Every layer ends at the same effective sparsity ``p``; only the split across
+  its seven matrices differs.  TEAL steps by ``base_step/weight_j`` up to 0.9 and reads the row
+  closest to ``p`` at run time; we step to ``p`` directly (``δ = p / ⌈p / step⌉``, default
+  ``step = 0.01``), and use a plain squared error (TEAL's takes a norm over the sequence axis first).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -88,13 +104,15 @@ def calibrate_magnitudes(model, adapter, samples, device="cpu", progress=True, s
 def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", prefill: str = "all", device="cpu",
          progress=True, magnitudes=None) -> dict:
     """Apply TEAL in place (per-projection thresholds); returns a description."""
-    if plan not in ("uniform", "exact"):
-        raise ValueError(f"TEAL supports the uniform allocation only (every projection at p), not {plan!r}")
+    if plan not in ("uniform", "exact", "greedy"):
+        raise ValueError(f"TEAL allocations are uniform (every projection at p) and greedy, not {plan!r}")
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
     shapes = plans.layer_shapes(adapter)
+    if plan == "greedy":
+        return teal_greedy(model, adapter, samples, sparsity, prefill=prefill, device=device, progress=progress)
     if magnitudes is None:
         magnitudes = calibrate_magnitudes(model, adapter, samples, device=device, progress=progress)
     thresholds = []
@@ -114,3 +132,118 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     return {"method": "teal", "prefill": prefill, **chosen.summary(),
             "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in thresholds],
             "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target"}
+
+
+class GreedyAllocation(Method):
+    """Engine method for TEAL's block-wise greedy allocation (see the module docstring)."""
+
+    name = "teal-greedy"
+    needs_fp_chain = True  # the search runs each layer on its dense inputs against its dense outputs
+
+    def __init__(self, sparsity: float, step: float = 0.01, tail: float = 0.25, search_samples: int = 8,
+                 max_values: int = 1 << 16, prefill: str = "all", seed: int = 0):
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if not 0 < step <= 0.5:
+            raise ValueError(f"greedy step must be in (0, 0.5], got {step}")
+        self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
+        self.moves = 0 if sparsity == 0 else max(1, math.ceil(sparsity / step - 1e-9))
+        self.delta = self.sparsity / self.moves if self.moves else 0.0
+        self.max_values, self.prefill = max_values, prefill
+        self.gen = torch.Generator().manual_seed(seed)
+        self.levels: list[dict[str, float]] = []
+        self.thresholds: list[dict[str, float]] = []
+        self.errors: list[dict[str, float]] = []
+
+    def config(self) -> dict:
+        return {"method": self.name, "sparsity": self.sparsity, "delta": self.delta, "tail": self.tail,
+                "search_samples": self.search_samples, "prefill": self.prefill}
+
+    def _magnitudes(self, ctx, layer, groups, n) -> dict[str, torch.Tensor]:
+        """Sorted seeded samples of ``|x|`` per projection input (the projections of a group share one)."""
+        vals: dict[str, list[torch.Tensor]] = {}
+        per_call = max(1024, self.max_values // max(n, 1) + 1)
+
+        def take(name, x, ids):
+            a = x.detach().reshape(-1).abs().float().cpu()
+            if a.numel() > per_call:
+                a = a[torch.randint(0, a.numel(), (per_call,), generator=self.gen)]
+            vals.setdefault(name, []).append(a)
+
+        ctx.collect({g.name: layer.get_submodule(g.readers[0]) for g in groups}, take, inputs=ctx.fp_inputs[:n])
+        return {name: torch.sort(torch.cat(v)).values for name, v in vals.items()}
+
+    @torch.no_grad()
+    def step(self, ctx) -> None:
+        layer, adapter = inner_layer(ctx.layer), ctx.adapter
+        n = min(self.search_samples, len(ctx.fp_inputs))
+        groups = list(adapter.groups)
+        mags = self._magnitudes(ctx, layer, groups, n)
+        masses, group_of, modules = {}, {}, {}
+        for g in groups:
+            for path in g.readers:
+                proj = plans.projection_name(path)
+                mod = layer.get_submodule(path)
+                masses[proj] = mod.weight.shape[0] * mod.weight.shape[1]
+                group_of[proj] = g.name
+                sparse = make_sparse_linear(mod, mod.in_features, "all", mode="threshold", threshold=0.0)
+                _set(layer, path, sparse)
+                modules[proj] = (path, sparse)
+        total = sum(masses.values())
+        levels = {p: 0.0 for p in modules}
+
+        def set_level(p, lv):
+            modules[p][1].threshold = quantile(mags[group_of[p]], lv)
+
+        def error() -> float:
+            err = 0.0
+            for j in range(n):
+                y = ctx.run(j, ctx.fp_inputs[j]).float()
+                ref = ctx.fp_outputs[j].to(y.device).float()
+                keep = max(1, int(round(self.tail * y.shape[-2])))
+                err += (y[..., -keep:, :] - ref[..., -keep:, :]).pow(2).sum().item()
+            return err
+
+        errs = {}
+        for _ in range(self.moves):
+            best = None
+            for p in modules:
+                new = levels[p] + self.delta * total / masses[p]
+                if new > plans.MAX_LEVEL:
+                    continue
+                set_level(p, new)
+                e = error()
+                set_level(p, levels[p])
+                if best is None or e < best[0]:
+                    best = (e, p, new)
+            if best is None:  # every projection at the cap
+                break
+            levels[best[1]] = best[2]
+            set_level(best[1], best[2])
+            errs = {"error": best[0]}
+        final = {}
+        for p, (path, sparse) in modules.items():
+            final[p] = sparse.threshold
+            if self.prefill != "all":  # rebuild with the requested prefill policy, same threshold
+                _set(layer, path, make_sparse_linear(sparse, sparse.in_features, self.prefill, mode="threshold",
+                                                     threshold=sparse.threshold))
+        self.levels.append(dict(levels))
+        self.thresholds.append(final)
+        self.errors.append(errs)
+        ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
+                                   "effective": round(sum(levels[p] * masses[p] for p in levels) / total, 4), **errs}
+
+
+def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all", device="cpu", progress=True,
+                step: float = 0.01, search_samples: int = 8) -> dict:
+    """TEAL with the block-wise greedy allocation, in place; returns a description."""
+    method = GreedyAllocation(sparsity, step=step, search_samples=search_samples, prefill=prefill)
+    run_layerwise(model, adapter, method, samples, device=device, progress=progress)
+    shapes = plans.layer_shapes(adapter)
+    chosen = plans.per_projection(shapes, method.levels, "greedy", sparsity)
+    return {"method": "teal", "prefill": prefill, **chosen.summary(),
+            "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in method.thresholds],
+            "greedy": {"delta": method.delta, "moves_per_layer": method.moves, "search_samples": search_samples,
+                       "tail": method.tail},
+            "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target; "
+                    "levels per projection from TEAL's block-wise greedy search"}
