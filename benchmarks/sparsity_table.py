@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows (held-out wiki)")
     ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     ap.add_argument("--calib-seqlen", type=int, default=1024)
-    ap.add_argument("--methods", default="larosa,teal,teal-half,cats")
+    ap.add_argument("--methods", default="larosa,teal,teal-greedy,teal-half,cats")
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
     ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid")
     ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
@@ -166,6 +166,14 @@ def main(argv=None):
                 info = teal(m, get_adapter(m), calib.samples, lv, prefill=prefill, magnitudes=mags, progress=False)
                 row(f"{name} (prefill {prefill})", lv, m, info["model_sparsity"], t0)
                 del m
+    if "teal-greedy" in methods:  # its own layer-wise search over the dense chain, per level
+        for lv in levels:
+            t0 = time.time()
+            m = copy.deepcopy(base)
+            info = teal(m, get_adapter(m), calib.samples, lv, plan="greedy", progress=False)
+            row("teal-greedy (prefill all)", lv, m, info["model_sparsity"], t0)
+            costs[f"teal_greedy_{lv}_s"] = round(time.time() - t0, 1)
+            del m
     if "cats" in methods:
         mags = collectors["cats"].values
         for lv in levels:
@@ -194,6 +202,11 @@ def main(argv=None):
         if lk and tk in by:
             dl, dt = by[lk] - dense, by[tk] - dense
             print(f"s={lv:.2f}: LaRoSA Δppl {dl:+.3f} vs TEAL Δppl {dt:+.3f} (ratio {dl / dt if dt else float('nan'):.2f})")
+        gk = ("teal-greedy (prefill all)", lv)
+        if lk and gk in by:
+            dl, dg = by[lk] - dense, by[gk] - dense
+            print(f"s={lv:.2f}: LaRoSA Δppl {dl:+.3f} vs TEAL-greedy Δppl {dg:+.3f} "
+                  f"(ratio {dl / dg if dg else float('nan'):.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "dense": dense, "rows": rows, "costs": costs, "args": vars(args)}, f, indent=1)
