@@ -187,3 +187,30 @@ def test_randomized_top_svd_is_near_optimal_and_reproducible():
     a, b, c2 = top_svd(dw, 32)
     a2, b2, c3 = top_svd(dw, 32)
     assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(c2, c3)
+
+
+def test_project_divergence_keeps_k_channels():
+    from mmcompress.quant.methods.masquant import project_divergence
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(3, 40, generator=g) + 0.5
+    s[AUDIO, 7] = 50.0  # the largest divergence must survive
+    out = project_divergence(s.clone(), [TEXT, IMAGE, AUDIO], 5)
+    for m in (IMAGE, AUDIO):
+        assert int((out[m] != out[TEXT]).sum()) <= 5
+    assert out[AUDIO, 7] == 50.0 and torch.equal(out[TEXT], s[TEXT])
+    assert torch.equal(project_divergence(s.clone(), [TEXT, IMAGE, AUDIO], 40), s)  # k >= width: unchanged
+
+
+def test_divergence_budget_is_respected_in_the_deployed_model(omni):
+    model, calib, x = omni
+    ref = model(**x).logits
+    m = copy.deepcopy(model)
+    mmcompress.quantize(m, calib, "masquant", "w4a8", progress=False, epochs=1, divergence=4)
+    q = m.model.language_model.layers[0].self_attn.q_proj
+    rows = q.input_smoothing
+    for mod in (IMAGE, AUDIO):
+        assert 0 < int((rows[mod] != rows[TEXT]).sum()) <= 4
+    assert _rel(m(**x).logits, ref) < 0.5  # still a working model
+    with pytest.raises(ValueError, match="divergence"):
+        mmcompress.quantize(copy.deepcopy(model), calib, "masquant", "w4a8", progress=False, divergence="some")

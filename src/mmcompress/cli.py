@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     mas.add_argument("--cmc-bits", type=int, help="quantize the CMC factors to this many bits (default 16 = off)")
     mas.add_argument("--tie", action="store_true", default=None, help="tie q/k/v and gate/up vectors per modality")
     mas.add_argument("--train-samples", type=int, help="train on at most this many calibration samples")
+    mas.add_argument("--divergence", type=_divergence_arg,
+                     help="MASQuant: channels on which a non-text smoothing vector may differ from the text one: "
+                          "free (the paper), cmc (at most the CMC rank, so CMC can represent the difference), or N")
     q.add_argument("--runtime-smoothing", action="store_true", default=None,
                    help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
                         "division (not exportable)")
@@ -157,7 +160,19 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
 _OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
                  "cmc": "--cmc", "rank": "--rank", "rank_floor": "--rank-floor", "cmc_target": "--cmc-target",
                  "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples",
-                 "runtime_smoothing": "--runtime-smoothing"}
+                 "runtime_smoothing": "--runtime-smoothing", "divergence": "--divergence"}
+
+
+def _divergence_arg(value: str):
+    if value in ("free", "cmc"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected free, cmc or a channel count, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"channel count must be >= 0, got {n}")
+    return n
 
 
 def _method_options(args) -> dict:
