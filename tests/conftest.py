@@ -8,6 +8,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton's CPU interpreter (tests/test_triton_interpret.py) needs TRITON_INTERPRET before anything imports
+# triton (compressed_tensors does, at collection).  Only without CUDA, where compiled Triton cannot run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from mmcompress.models.tiny import tiny_model, tiny_processor, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -291,6 +291,18 @@ def test_bench_decode_synthetic_tiny(cpu_kernel):
 # -- Triton (needs CUDA) ------------------------------------------------------------------------------
 
 
+# The same kernels run on CPU tensors under Triton's interpreter in test_triton_interpret.py (no GPU).
+
+
+def _tie_aware_topk(x, k):
+    """S(x) with the Triton rule: keep |x| >= the K-th largest magnitude (ties at it all kept)."""
+    a = x.double().abs()
+    if k >= x.shape[-1]:
+        return x.double()
+    kth = a.topk(k, dim=-1).values[..., -1:]
+    return torch.where(a >= kth, x.double(), 0.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4, 8])
@@ -304,14 +316,45 @@ def test_triton_matches_reference(dtype, batch):
     for din, dout in [(4096, 4096), (1000, 129), (11008, 4096)]:
         x = torch.randn(batch, din, device="cuda", generator=g).to(dtype)
         wt = (torch.randn(din, dout, device="cuda", generator=g) / din ** 0.5).to(dtype)
+        bias = torch.randn(dout, device="cuda", generator=g).to(dtype)
         for s in (0.0, 0.5, 0.9):
             k = keep_count(din, s)
             xs = sparsify_reference(x, k)
-            y = triton_gemv.sparse_gemv(xs, wt)
-            ref = xs.float() @ wt.float()
-            assert _rel(y, ref) < 1e-2
-            y2 = sparse_linear(x, wt, k, backend="triton")
-            assert _rel(y2, ref) < 1e-2
+            y = triton_gemv.sparse_gemv(xs, wt, config=(16, 256, 4))  # pre-sparsified input, legacy config
+            assert _rel(y, xs.double() @ wt.double()) < 1e-2
+            # threshold kernel: exactly torch.topk's K-th magnitude; >= K kept, exactly K without ties
+            a = x.float().abs()
+            thr = triton_gemv.topk_threshold(x, k)
+            assert torch.equal(thr, a.topk(k, dim=-1).values[:, -1])
+            assert torch.all((a >= thr[:, None]).sum(1) >= k) and torch.all((a > thr[:, None]).sum(1) < k)
+            ref = _tie_aware_topk(x, k) @ wt.double() + bias.double()
+            for cfg in (("rows", 32, 32, 4), ("splitk", 16, 256, 4)):
+                y = triton_gemv.topk_sparse_gemv(x, wt, k, bias, config=cfg)
+                assert y.dtype == dtype and _rel(y, ref) < 1e-2, cfg
+            if batch == 1:  # the per-shape tuned config through the public API (tuning compiles every candidate)
+                y2 = sparse_linear(x, wt, k, bias, backend="triton")
+                assert _rel(y2, ref) < 1e-2
+        xf = torch.randn(batch, din, device="cuda", generator=g)  # fp32: no ties, exactly K
+        k = keep_count(din, 0.4)
+        thr = triton_gemv.topk_threshold(xf, k)
+        assert torch.all((xf.abs() >= thr[:, None]).sum(1) == k)
+
+
+@pytest.mark.gpu
+def test_triton_threshold_mode_and_sparse_linear_module():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 1, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    wt = (torch.randn(4096, 512, device="cuda", generator=g) / 64).to(torch.bfloat16)
+    y = sparse_linear(x, wt, backend="triton", threshold=0.7)
+    ref = torch.where(x.double().abs() >= 0.7, x.double(), 0.0) @ wt.double()
+    assert _rel(y, ref) < 1e-2
+    lin = nn.Linear(4096, 512, device="cuda", dtype=torch.bfloat16)
+    m = SparseLinear.from_linear(lin, 1638, backend="triton")
+    ref = torch.nn.functional.linear(_tie_aware_topk(x, 1638), lin.weight.double(), lin.bias.double())
+    assert _rel(m(x), ref) < 1e-2
 
 
 def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):

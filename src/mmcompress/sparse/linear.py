@@ -4,7 +4,8 @@
 behind the same module (see :mod:`mmcompress.sparse.kernels`):
 
 * ``"cpu"``: the C++/OpenMP sparse GEMV (1..8 tokens per call);
-* ``"triton"``: the split-K Triton GEMV on CUDA (1..8 tokens per call);
+* ``"triton"``: Triton kernels on CUDA (1..8 tokens per call): a per-token Top-K threshold kernel and
+  a masked GEMV that keeps ``|x| >= threshold`` (magnitudes tied with the K-th largest are all kept);
 * ``"auto"``: whichever of those fits the weight's device, else ``"torch"``.
 
 Weight layout.  The kernels read the weight input-channel-major, ``WT = Wᵀ`` contiguous ``[in, out]``.
@@ -20,8 +21,9 @@ any call of at most 8 tokens that the module sparsifies in full, runs the kernel
 (``False``: multi-token calls stay dense) and subclasses overriding :meth:`sparsify`.
 
 Shared selection.  q/k/v (and gate/up) read the same input tensor with the same K: on the CPU backend
-the Top-K selection of that exact tensor object is computed once and reused (a weak reference plus
-the tensor's version counter guard the cache, so a new or modified tensor is always re-selected).
+the Top-K selection of that exact tensor object is computed once and reused, on the Triton backend
+its per-token thresholds (a weak reference plus the tensor's version counter guard the cache, so a new
+or modified tensor is always re-selected; during CUDA graph capture the cache is bypassed).
 """
 
 from __future__ import annotations
@@ -189,6 +191,21 @@ class SparseLinear(nn.Module):
                     PROFILE["topk_calls"] = PROFILE.get("topk_calls", 0) + 1
                 _SELECTION.put(x, k, sel)
             return sparse_linear(x, wt, bias=self.bias, backend=be, indices=sel[0], values=sel[1])
+        tokens = x.numel() // self.in_features
+        if be == "triton" and k < self.in_features and 1 <= tokens <= 8:
+            from .kernels import triton_gemv
+
+            xc = x.reshape(tokens, self.in_features).to(wt.dtype)
+            # per-token thresholds, shared by q/k/v and gate/up; not while a CUDA graph is being captured (a
+            # cached threshold computed outside the graph would be baked in as a stale constant)
+            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+            thr = None if capturing else _SELECTION.get(x, ("triton", k))
+            if thr is None:
+                thr = triton_gemv.topk_threshold(xc, k)
+                if not capturing:
+                    _SELECTION.put(x, ("triton", k), thr)
+            y = triton_gemv.sparse_gemv(xc, wt, self.bias, thr=thr)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return sparse_linear(x, wt, k, self.bias, backend=be)
 
     def extra_repr(self) -> str:

@@ -5,7 +5,10 @@ One interface, three backends:
 * ``"torch"``: the PyTorch reference (the oracle in tests); any device, any number of tokens;
 * ``"cpu"``: a C++/OpenMP kernel (``sparse_gemv.cpp``) compiled on first use; 1..8 tokens per call,
   fp32 or bf16 weights, fp32 accumulation, Top-K selection in C++ (radix pre-pass + nth_element);
-* ``"triton"``: a split-K GEMV over the column-major weight on CUDA (fp16/bf16, 1..8 tokens);
+* ``"triton"``: Triton kernels on CUDA (fp16/bf16/fp32, 1..8 tokens): a per-token Top-K threshold
+  kernel (exact K-th largest ``|x|``) and a masked GEMV over the column-major weight that reads the
+  dense ``x`` and keeps ``|x| >= threshold`` (see ``triton_gemv``; ties at the K-th magnitude are all
+  kept, so a token may keep slightly more than ``k`` channels when magnitudes tie);
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"cpu"`` on CPU when the extension builds,
   else ``"torch"``.
 
@@ -127,16 +130,28 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, k: int | None = None,
                 raise ValueError("give k, threshold, or indices and values")
             y = ops.topk_gemv(x2.contiguous(), wt, int(k), b)
         return y.reshape(*lead, dout)
+    y = _triton_linear(x2, weight_t, k, bias, threshold, indices, values)
+    return y.reshape(*lead, dout).to(x.dtype)
+
+
+def _triton_linear(x2: torch.Tensor, weight_t: torch.Tensor, k: int | None, bias: torch.Tensor | None,
+                   threshold: float | None, indices: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
+    """The Triton path of :func:`sparse_linear` for ``x2 [tokens <= 8, in]``.
+
+    Top-K: the fused threshold kernel + masked GEMV (``triton_gemv.topk_sparse_gemv``; magnitudes tied
+    with the K-th largest are all kept).  Threshold (TEAL): the same masked GEMV with a constant threshold.
+    Given indices/values: scattered in PyTorch, then the GEMV skips the zero rows.  ``k`` None or
+    ``>= in``: dense."""
     from . import triton_gemv
 
+    tokens = x2.shape[0]
     if indices is not None:
         xs = sparsify_reference(x2, indices=indices.reshape(tokens, -1), values=values.reshape(tokens, -1))
-    elif threshold is not None or (k is not None and k < din):
-        xs = sparsify_reference(x2, k, threshold)
-    else:
-        xs = x2
-    y = triton_gemv.sparse_gemv(xs, weight_t, bias)
-    return y.reshape(*lead, dout).to(x.dtype)
+        return triton_gemv.sparse_gemv(xs, weight_t, bias)
+    if threshold is not None:
+        return triton_gemv.sparse_gemv(x2, weight_t, bias, thr=float(threshold))
+    din = x2.shape[1]
+    return triton_gemv.topk_sparse_gemv(x2, weight_t, din if k is None else int(k), bias)
 
 
 def topk_select(x: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
