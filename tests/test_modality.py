@@ -60,3 +60,16 @@ def test_router_publishes_ids_during_forward(tokenizer):
     model(**enc)
     assert seen[-1] is not None and int((seen[-1] == IMAGE).sum()) > 0
     assert current_modality_ids() is None  # cleared after the forward
+
+
+def test_processors_without_video_refuse_video_clearly(tokenizer):
+    """Our Qwen processors carry a stand-in video processor (transformers 5.17 reads its merge_size even
+    for image/audio-only inputs); asking it for video gives a clear error."""
+    from mmcompress.models.tiny import NoVideoProcessor, tiny_processor
+
+    for kind in ("qwen2_5_vl", "qwen2_5_omni"):
+        proc = tiny_processor(kind, tokenizer)
+        assert isinstance(proc.video_processor, NoVideoProcessor)
+        assert proc.video_processor.merge_size == proc.image_processor.merge_size
+        with pytest.raises(ValueError, match="video inputs"):
+            proc.video_processor(videos=[None])

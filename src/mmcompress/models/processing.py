@@ -9,13 +9,13 @@ def load_processor(model_dir):
     """``AutoProcessor`` for multimodal directories (without torchvision), else the tokenizer."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    from .tiny import allow_missing_video_processor
+    from .tiny import allow_missing_video_processor, without_video
 
     model_dir = Path(model_dir)
     if (model_dir / "preprocessor_config.json").is_file() or (model_dir / "processor_config.json").is_file():
         with allow_missing_video_processor():
             try:
-                return AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+                return without_video(AutoProcessor.from_pretrained(str(model_dir), local_files_only=True))
             except (AttributeError, ValueError, OSError, TypeError, ImportError):
                 pass
         return _manual_processor(model_dir)
@@ -28,7 +28,7 @@ def _manual_processor(model_dir: Path):
 
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
-    from .tiny import allow_missing_video_processor
+    from .tiny import allow_missing_video_processor, without_video
 
     cfg = json.loads((model_dir / "config.json").read_text())
     pre = json.loads((model_dir / "preprocessor_config.json").read_text())
@@ -43,11 +43,11 @@ def _manual_processor(model_dir: Path):
             fe_keys = ("feature_size", "sampling_rate", "hop_length", "chunk_length", "n_fft", "padding_value",
                        "return_attention_mask")
             fe = WhisperFeatureExtractor(**{k: pre[k] for k in fe_keys if k in pre})
-            return Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None, feature_extractor=fe,
-                                        tokenizer=tok)
+            return without_video(Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None,
+                                                      feature_extractor=fe, tokenizer=tok))
         from transformers import Qwen2_5_VLProcessor
 
-        return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None)
+        return without_video(Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None))
 
 
 def save_processor(processor, model_dir) -> None:

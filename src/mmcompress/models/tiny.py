@@ -124,14 +124,38 @@ def tiny_processor(kind: str, tokenizer):
         from transformers import Qwen2_5_VLProcessor
 
         with allow_missing_video_processor():
-            return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+            return without_video(Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                     video_processor=None))
     if kind == "qwen2_5_omni":
         from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
 
         with allow_missing_video_processor():
-            return Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None,
-                                        feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer)
+            return without_video(Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=None,
+                                                      feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                                                      tokenizer=tokenizer))
     raise ValueError(f"no processor for {kind!r}")
+
+
+class NoVideoProcessor:
+    """Stands in for the torchvision-only video processor: carries the merge geometry that some
+    transformers versions read even for image/audio-only inputs (5.17 reads ``merge_size``), and
+    refuses video with a clear message."""
+
+    def __init__(self, image_processor):
+        self.merge_size = getattr(image_processor, "merge_size", 2)
+        self.temporal_patch_size = getattr(image_processor, "temporal_patch_size", 2)
+        self.patch_size = getattr(image_processor, "patch_size", 14)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("video inputs need the Qwen video processor (torchvision); mmcompress builds these "
+                         "processors for text, image and audio only")
+
+
+def without_video(processor):
+    """Give a processor built with ``video_processor=None`` the :class:`NoVideoProcessor` stand-in."""
+    if getattr(processor, "video_processor", None) is None and hasattr(processor, "image_processor"):
+        processor.video_processor = NoVideoProcessor(processor.image_processor)
+    return processor
 
 
 class allow_missing_video_processor:

@@ -232,19 +232,19 @@ def assemble(kind: str, src_model, tok, *, vision: dict | None = None, audio: di
 def make_processor(kind: str, tok, *, num_mel_bins: int = 80):
     from transformers import Qwen2VLImageProcessor
 
-    from ..models.tiny import allow_missing_video_processor
+    from ..models.tiny import allow_missing_video_processor, without_video
 
     ip = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
     with allow_missing_video_processor():
         if kind == "omni":
             from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
 
-            return Qwen2_5OmniProcessor(image_processor=ip, video_processor=None,
-                                        feature_extractor=WhisperFeatureExtractor(feature_size=num_mel_bins),
-                                        tokenizer=tok)
+            return without_video(Qwen2_5OmniProcessor(image_processor=ip, video_processor=None,
+                                                      feature_extractor=WhisperFeatureExtractor(feature_size=num_mel_bins),
+                                                      tokenizer=tok))
         from transformers import Qwen2_5_VLProcessor
 
-        return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None)
+        return without_video(Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None))
 
 
 def save_model_dir(model, tok, kind: str, out_dir, *, info: dict | None = None, num_mel_bins: int = 80) -> Path:
