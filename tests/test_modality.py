@@ -73,3 +73,17 @@ def test_processors_without_video_refuse_video_clearly(tokenizer):
         assert proc.video_processor.merge_size == proc.image_processor.merge_size
         with pytest.raises(ValueError, match="video inputs"):
             proc.video_processor(videos=[None])
+
+
+def test_adapter_finds_the_text_model_in_either_omni_layout(tokenizer):
+    """transformers 5.2x nests the Omni thinker's text model at ``model.language_model``; 5.17 has it at
+    ``model``: the adapter takes whichever holds the decoder layers."""
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.models.tiny import tiny_model
+
+    model, _ = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    assert get_adapter(model).lm_path == "model.language_model"
+    n = len(model.model.language_model.layers)
+    model.model = model.model.language_model  # the 5.17 layout
+    ad = get_adapter(model)
+    assert ad.lm_path == "model" and len(ad.layers) == n

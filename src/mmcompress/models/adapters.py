@@ -122,7 +122,7 @@ _GEMMA3_GROUPS = [
 @dataclass(frozen=True)
 class _Family:
     family: str
-    lm_path: str
+    lm_path: str | tuple  # candidates, first match wins (layouts differ across transformers versions)
     groups: list
     token_attrs: dict  # modality -> config attribute holding the placeholder id
     norm_offset: float = 0.0
@@ -139,8 +139,8 @@ FAMILIES: dict[str, _Family] = {
         "qwen2_5_vl", "model.language_model", _LLAMA_GROUPS,
         {"image": "image_token_id", "video": "video_token_id"}, multimodal=True,
     ),
-    "qwen2_5_omni_thinker": _Family(
-        "qwen2_5_omni_thinker", "model.language_model", _LLAMA_GROUPS,
+    "qwen2_5_omni_thinker": _Family(  # transformers >= 5.2x nests the text model; 5.17 puts it at `model`
+        "qwen2_5_omni_thinker", ("model.language_model", "model"), _LLAMA_GROUPS,
         {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"},
         multimodal=True,
     ),
@@ -176,12 +176,22 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         value = getattr(config, attr, None)
         if value is not None:
             token_ids[modality] = int(value)
+    candidates = (fam.lm_path,) if isinstance(fam.lm_path, str) else tuple(fam.lm_path)
+    lm_path = next((c for c in candidates if _has_layers(model, c)), candidates[0])
     adapter = ModelAdapter(
-        model=model, family=fam.family, lm_path=fam.lm_path, groups=list(fam.groups),
+        model=model, family=fam.family, lm_path=lm_path, groups=list(fam.groups),
         modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
     )
     try:
         adapter.layers  # noqa: B018 - validate the layout
     except AttributeError as e:  # pragma: no cover - a config/model mismatch
-        raise UnsupportedModelError(f"model of type {model_type!r} has no decoder layers at {fam.lm_path}.layers") from e
+        raise UnsupportedModelError(f"model of type {model_type!r} has no decoder layers at "
+                                    f"{' or '.join(c + '.layers' for c in candidates)}") from e
     return adapter
+
+
+def _has_layers(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(getattr(model.get_submodule(path), "layers", None), nn.ModuleList)
+    except AttributeError:
+        return False

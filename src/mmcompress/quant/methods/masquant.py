@@ -319,7 +319,7 @@ class MASQuant(QuantMethod):
             text_s = smoothing_factors(st.absmax.get(TEXT, st.absmax_all()), w_absmax, self.alpha)
             rows = [smoothing_factors(st.absmax[m], w_absmax, self.alpha) if m in st.absmax else text_s
                     for m in range(ROWS)]
-            init[g.name] = torch.stack(rows).clamp(min=self.scale_floor)
+            init[g.name] = torch.stack(rows).clamp(min=self.scale_floor).to(w_absmax.device)
             k = self._divergence_channels(layer, g)
             if k is not None:
                 project_divergence(init[g.name], self.present, k)
@@ -425,7 +425,7 @@ class MASQuant(QuantMethod):
                 target = fake_quantize_weight(target.float(), scheme.wbits, scheme.group_size, scheme.sym).double()
             moment = None
             if self.cmc == "whitened":
-                moment = st.moment[m] / s[m][:, None] / s[m][None, :]  # C_m of X̃_m = X_m / s_m (E11)
+                moment = st.moment[m].to(s.device) / s[m][:, None] / s[m][None, :]  # C_m of X̃_m = X_m / s_m (E11)
             left, right = whitened_low_rank(target - w_hat, moment, rank, self.damping)
             if self.cmc_bits < 16:
                 left = fake_quantize_weight(left.T.float(), self.cmc_bits).T.double()
