@@ -32,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--calib-seqlen", type=int, default=1024)
     ap.add_argument("--methods", default="larosa,teal,teal-greedy,teal-half,cats")
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
-    ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid")
+    ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid,greedy")
     ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
     ap.add_argument("--extra-levels", default=None,
                     help="levels for the secondary rows (Mode R, Q = I, TEAL half-prefill); default: --levels")
@@ -49,7 +49,7 @@ def main(argv=None):
     from mmcompress.sparse.api import measure_sparsity
     from mmcompress.sparse.merge import merge_rotations, rotate_reference
     from mmcompress.sparse.methods.cats import _cats_select, cats
-    from mmcompress.sparse.methods.larosa import apply_topk_plan, build_plan, grid_search
+    from mmcompress.sparse.methods.larosa import apply_topk_plan, build_plan, greedy_plan, grid_search
     from mmcompress.engine import Method, run_layerwise
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, teal
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
@@ -107,9 +107,13 @@ def main(argv=None):
                 t0 = time.time()
                 if plan == "grid":
                     chosen = grid_search(m, am, shapes, lv, calib.samples, max_samples=2)
+                    apply_topk_plan(m, am, chosen)
+                elif plan == "greedy":
+                    chosen = greedy_plan(m, am, shapes, lv, calib.samples, progress=False)
+                    costs[f"larosa_greedy_{lv}_s"] = round(time.time() - t0, 1)
                 else:
                     chosen = build_plan(plan, shapes, lv)
-                apply_topk_plan(m, am, chosen)
+                    apply_topk_plan(m, am, chosen)
                 row(f"larosa-{mode}-{plan}", lv, m, round(chosen.model_sparsity(), 4), t0,
                     ratio_in=chosen.info.get("ratio_in"), measure=False)
         del m
@@ -203,6 +207,12 @@ def main(argv=None):
             dl, dt = by[lk] - dense, by[tk] - dense
             print(f"s={lv:.2f}: LaRoSA Δppl {dl:+.3f} vs TEAL Δppl {dt:+.3f} (ratio {dl / dt if dt else float('nan'):.2f})")
         gk = ("teal-greedy (prefill all)", lv)
+        lg = ("larosa-merged-greedy", lv)
+        if lg in by and tk in by:
+            print(f"s={lv:.2f}: LaRoSA-greedy Δppl {by[lg] - dense:+.3f} vs TEAL Δppl {by[tk] - dense:+.3f} "
+                  f"(ratio {(by[lg] - dense) / (by[tk] - dense) if by[tk] != dense else float('nan'):.2f})")
+        if lg in by and gk in by:
+            print(f"s={lv:.2f}: LaRoSA-greedy Δppl {by[lg] - dense:+.3f} vs TEAL-greedy Δppl {by[gk] - dense:+.3f}")
         if lk and gk in by:
             dl, dg = by[lk] - dense, by[gk] - dense
             print(f"s={lv:.2f}: LaRoSA Δppl {dl:+.3f} vs TEAL-greedy Δppl {dg:+.3f} "

@@ -17,8 +17,9 @@ def register(subparsers) -> None:
                    help="target model-level sparsity in [0, 1) (parameter-weighted over q,k,v,o,gate,up,down)")
     p.add_argument("--plan", choices=["exact", "uniform", "grid", "greedy"], default=None,
                    help="LaRoSA: exact (default; exact model-level sparsity), uniform (reference 0.8/1.2 split of a "
-                        "nominal level), grid (input/output split searched on calibration loss); TEAL: uniform (default) "
-                        "or greedy (TEAL's block-wise greedy split across the seven matrices)")
+                        "nominal level), grid (input/output split searched on calibration loss), greedy (TEAL's block-wise "
+                        "greedy search over the four Top-K levels of each layer); TEAL: uniform (default) or greedy "
+                        "(TEAL's block-wise greedy split across the seven matrices)")
     p.add_argument("--mode", choices=["merged", "reference"], default="merged",
                    help="LaRoSA: merged (Mode M: γ folded, rotations merged, residual adapters) or reference "
                         "(Mode R: (γ⊙RMS(r))·Q at run time, as the published code)")
@@ -47,8 +48,8 @@ def cmd_sparsify(args) -> dict:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.method != "larosa" and args.plan == "grid":
         raise CLIError("--plan grid applies to --method larosa only")
-    if args.method != "teal" and args.plan == "greedy":
-        raise CLIError("--plan greedy applies to --method teal only")
+    if args.method == "cats" and args.plan == "greedy":
+        raise CLIError("--plan greedy applies to --method larosa or teal")
     if args.method != "larosa" and args.mode != "merged":
         raise CLIError(f"--mode applies to --method larosa only")
     if args.method == "cats" and args.prefill == "last_half":

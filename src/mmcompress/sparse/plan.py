@@ -162,3 +162,54 @@ def per_projection(shapes: list[LayerShape], levels: list[dict[str, float]], kin
     """A plan from explicit per-projection levels (TEAL, CATS)."""
     full = [{p: float(lv.get(p, 0.0)) for p in PROJECTIONS} for lv in levels]
     return SparsityPlan(full, shapes, kind=kind, target=target, info=info)
+
+
+def greedy_levels(masses: dict[str, int], target: float, delta: float, error, apply, snap=None,
+                  cap: float = MAX_LEVEL) -> tuple[dict[str, float], float | None]:
+    """TEAL's block-wise greedy allocation for one layer, over any set of knobs (docs/larosa.md §6.3).
+
+    From all levels 0, each move tries raising one knob ``j`` by ``δ·M/M_j`` (``M_j`` its weight count,
+    ``M`` the layer's, so every move adds about ``δ`` to the parameter-weighted sparsity), calls
+    ``apply(levels)`` and ``error()``, and keeps the move with the least error; it stops once
+    ``Σ_j s_j M_j / M ≥ target``.  ``snap(knob, level)`` maps a level to an achievable one (Top-K:
+    ``1 − K/D``).  Returns the levels (applied) and the last error."""
+    snap = snap or (lambda knob, lv: lv)
+    total = sum(masses.values())
+    levels = {j: 0.0 for j in masses}
+    last = None
+
+    def effective(lv):
+        return sum(lv[j] * masses[j] for j in lv) / total
+
+    while effective(levels) < target - 1e-9:
+        best = None
+        for j in masses:
+            raw = levels[j] + delta * total / masses[j]
+            if raw > cap:  # a knob that would pass the cap is out (moves stay exactly δ)
+                continue
+            new = snap(j, raw)
+            if new <= levels[j] + 1e-12:
+                continue
+            trial = dict(levels, **{j: new})
+            apply(trial)
+            e = error()
+            if best is None or e < best[0]:
+                best = (e, j, new)
+        if best is None:  # every knob at the cap
+            break
+        levels[best[1]] = best[2]
+        last = best[0]
+    apply(levels)
+    return levels, last
+
+
+def layer_tail_error(ctx, n: int, tail: float) -> float:
+    """``Σ_j ‖Y_j − Y_j^dense‖²`` over the last ``tail`` fraction of each sample's tokens, the layer run
+    on its dense inputs (TEAL's greedy objective, without its norm over the sequence axis)."""
+    err = 0.0
+    for j in range(n):
+        y = ctx.run(j, ctx.fp_inputs[j]).float()
+        ref = ctx.fp_outputs[j].to(y.device).float()
+        keep = max(1, int(round(tail * y.shape[-2])))
+        err += (y[..., -keep:, :] - ref[..., -keep:, :]).pow(2).sum().item()
+    return err

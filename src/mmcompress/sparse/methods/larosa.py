@@ -18,6 +18,7 @@ from torch import nn
 from .. import plan as plans
 from ..linear import SparseLinear
 from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
+from ...engine import Method
 from ..rotation import calibrate_rotations
 
 PREFILL_POLICIES = ("all", "none", "last_half")
@@ -79,7 +80,66 @@ def build_plan(kind: str, shapes, sparsity: float, *, ratio_in: float = 0.8):
         return plans.uniform(shapes, sparsity)
     if kind == "exact":
         return plans.exact(shapes, sparsity, ratio_in=ratio_in)
-    raise ValueError(f"unknown plan {kind!r}; choose exact, uniform or grid")
+    raise ValueError(f"unknown plan {kind!r}; choose exact, uniform, grid or greedy")
+
+
+class TopKGreedy(Method):
+    """TEAL's block-wise greedy allocation applied to LaRoSA's Top-K (our extension): per layer the
+    knobs are the four rotated activations h1 (q,k,v), h2 (o), h3 (gate,up), h4 (down), each move
+    raises one ``K`` so the layer's parameter-weighted sparsity grows by about ``δ``, keeping the move
+    with the least layer-output error on the last 25 % of the tokens (:func:`plan.greedy_levels`)."""
+
+    name = "larosa-greedy"
+    needs_fp_chain = True
+
+    def __init__(self, sparsity: float, step: float = 0.01, tail: float = 0.25, search_samples: int = 8):
+        self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
+        moves = max(1, math.ceil(self.sparsity / step - 1e-9)) if self.sparsity > 0 else 1
+        self.delta = self.sparsity / moves
+        self.levels: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def step(self, ctx) -> None:
+        layer, adapter = inner_layer(ctx.layer), ctx.adapter
+        n = min(self.search_samples, len(ctx.fp_inputs))
+        readers, masses, dims = {}, {}, {}
+        for g in adapter.groups:
+            act = plans.GROUP_ACTIVATION[g.name]
+            readers[act] = [layer.get_submodule(p) for p in g.readers]
+            masses[act] = sum(m.weight.shape[0] * m.weight.shape[1] for m in readers[act])
+            dims[act] = readers[act][0].in_features
+
+        def apply(levels):
+            for act, lv in levels.items():
+                k = max(1, min(dims[act], int(round((1.0 - lv) * dims[act]))))
+                for m in readers[act]:
+                    m.keep = k
+
+        levels, _ = plans.greedy_levels(masses, self.sparsity, self.delta,
+                                        lambda: plans.layer_tail_error(ctx, n, self.tail), apply,
+                                        snap=lambda act, lv: plans._achieved(dims[act], lv))
+        self.levels.append({p: levels[plans.ACTIVATION_OF[p]] for p in plans.PROJECTIONS})
+        ctx.info["larosa_greedy"] = {a: round(v, 4) for a, v in levels.items()}
+
+
+def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", *, device="cpu",
+                progress=True, step: float = 0.01, search_samples: int = 8) -> plans.SparsityPlan:
+    """Search per-layer Top-K levels with :class:`TopKGreedy` on the (rotated) model and apply them."""
+    from ...engine import run_layerwise
+
+    apply_topk_plan(model, adapter, plans.exact(shapes, 0.0), "all")  # K = D everywhere, all tokens
+    method = TopKGreedy(sparsity, step=step, search_samples=search_samples)
+    run_layerwise(model, adapter, method, samples, device=device, progress=progress)
+    chosen = plans.per_projection(shapes, method.levels, "greedy", sparsity,
+                                  greedy={"delta": round(method.delta, 6), "search_samples": search_samples})
+    for layer in adapter.layers:  # the requested prefill policy (the search sparsified every token)
+        layer = inner_layer(layer)
+        for g in adapter.groups:
+            for path in g.readers:
+                mod = layer.get_submodule(path)
+                if prefill != "all":
+                    _set(layer, path, make_sparse_linear(mod, mod.keep, prefill))
+    return chosen
 
 
 def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", ratios=plans.GRID_RATIOS,
@@ -115,7 +175,7 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
     shapes = plans.layer_shapes(adapter)
-    if plan != "grid":
+    if plan not in ("grid", "greedy"):
         build_plan(plan, shapes, sparsity, ratio_in=ratio_in)  # validate before the calibration
     if rotations is None:
         rotations = calibrate_rotations(model, adapter, samples, mode=mode, basis=basis, device=device,
@@ -128,8 +188,11 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
         rotate_reference(model, adapter, rotations)
     if plan == "grid":
         chosen = grid_search(model, adapter, shapes, sparsity, samples, prefill, max_samples=grid_samples)
+        apply_topk_plan(model, adapter, chosen, prefill)
+    elif plan == "greedy":
+        chosen = greedy_plan(model, adapter, shapes, sparsity, samples, prefill, device=device, progress=progress)
     else:
         chosen = build_plan(plan, shapes, sparsity, ratio_in=ratio_in)
-    apply_topk_plan(model, adapter, chosen, prefill)
+        apply_topk_plan(model, adapter, chosen, prefill)
     return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": rotations.tokens,
             **chosen.summary()}

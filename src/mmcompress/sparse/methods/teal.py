@@ -189,38 +189,14 @@ class GreedyAllocation(Method):
                 sparse = make_sparse_linear(mod, mod.in_features, "all", mode="threshold", threshold=0.0)
                 _set(layer, path, sparse)
                 modules[proj] = (path, sparse)
-        total = sum(masses.values())
-        levels = {p: 0.0 for p in modules}
 
-        def set_level(p, lv):
-            modules[p][1].threshold = quantile(mags[group_of[p]], lv)
+        def apply(levels):
+            for p, lv in levels.items():
+                modules[p][1].threshold = quantile(mags[group_of[p]], lv)
 
-        def error() -> float:
-            err = 0.0
-            for j in range(n):
-                y = ctx.run(j, ctx.fp_inputs[j]).float()
-                ref = ctx.fp_outputs[j].to(y.device).float()
-                keep = max(1, int(round(self.tail * y.shape[-2])))
-                err += (y[..., -keep:, :] - ref[..., -keep:, :]).pow(2).sum().item()
-            return err
-
-        errs = {}
-        for _ in range(self.moves):
-            best = None
-            for p in modules:
-                new = levels[p] + self.delta * total / masses[p]
-                if new > plans.MAX_LEVEL:
-                    continue
-                set_level(p, new)
-                e = error()
-                set_level(p, levels[p])
-                if best is None or e < best[0]:
-                    best = (e, p, new)
-            if best is None:  # every projection at the cap
-                break
-            levels[best[1]] = best[2]
-            set_level(best[1], best[2])
-            errs = {"error": best[0]}
+        levels, err = plans.greedy_levels(masses, self.sparsity, self.delta, lambda: plans.layer_tail_error(ctx, n, self.tail),
+                                          apply)
+        errs = {} if err is None else {"error": err}
         final = {}
         for p, (path, sparse) in modules.items():
             final[p] = sparse.threshold
@@ -231,7 +207,8 @@ class GreedyAllocation(Method):
         self.thresholds.append(final)
         self.errors.append(errs)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
-                                   "effective": round(sum(levels[p] * masses[p] for p in levels) / total, 4), **errs}
+                                   "effective": round(sum(levels[p] * masses[p] for p in levels)
+                                                      / sum(masses.values()), 4), **errs}
 
 
 def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all", device="cpu", progress=True,
