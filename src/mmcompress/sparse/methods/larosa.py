@@ -92,7 +92,7 @@ class TopKGreedy(Method):
     name = "larosa-greedy"
     needs_fp_chain = True
 
-    def __init__(self, sparsity: float, step: float = 0.01, tail: float = 0.25, search_samples: int = 8):
+    def __init__(self, sparsity: float, step: float = 0.02, tail: float = 0.25, search_samples: int = 4):
         self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
         moves = max(1, math.ceil(self.sparsity / step - 1e-9)) if self.sparsity > 0 else 1
         self.delta = self.sparsity / moves
@@ -123,7 +123,7 @@ class TopKGreedy(Method):
 
 
 def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", *, device="cpu",
-                progress=True, step: float = 0.01, search_samples: int = 8) -> plans.SparsityPlan:
+                progress=True, step: float = 0.02, search_samples: int = 4) -> plans.SparsityPlan:
     """Search per-layer Top-K levels with :class:`TopKGreedy` on the (rotated) model and apply them."""
     from ...engine import run_layerwise
 

@@ -21,7 +21,7 @@ Allocation (``plan``):
   layer reaches ``p``.  Every layer ends at the same effective sparsity ``p``; only the split across
   its seven matrices differs.  TEAL steps by ``base_step/weight_j`` up to 0.9 and reads the row
   closest to ``p`` at run time; we step to ``p`` directly (``δ = p / ⌈p / step⌉``, default
-  ``step = 0.01``), and use a plain squared error (TEAL's takes a norm over the sequence axis first).
+  ``step = 0.02``, on 4 calibration samples), and use a plain squared error (TEAL's takes a norm over the sequence axis first).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class GreedyAllocation(Method):
     name = "teal-greedy"
     needs_fp_chain = True  # the search runs each layer on its dense inputs against its dense outputs
 
-    def __init__(self, sparsity: float, step: float = 0.01, tail: float = 0.25, search_samples: int = 8,
+    def __init__(self, sparsity: float, step: float = 0.02, tail: float = 0.25, search_samples: int = 4,
                  max_values: int = 1 << 16, prefill: str = "all", seed: int = 0):
         if not 0 <= sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -212,7 +212,7 @@ class GreedyAllocation(Method):
 
 
 def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all", device="cpu", progress=True,
-                step: float = 0.01, search_samples: int = 8) -> dict:
+                step: float = 0.02, search_samples: int = 4) -> dict:
     """TEAL with the block-wise greedy allocation, in place; returns a description."""
     method = GreedyAllocation(sparsity, step=step, search_samples=search_samples, prefill=prefill)
     run_layerwise(model, adapter, method, samples, device=device, progress=progress)
