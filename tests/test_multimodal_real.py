@@ -40,7 +40,7 @@ def test_omni_mini_transcribes_held_out_voice_digits(omni):
     _, model, proc = omni
     r = word_error_rate(model, proc, "speech-test-digits", limit=8)
     assert r["n_digits"] == 8
-    assert r["wer_digits"] <= 0.25, r["examples"]
+    assert r["wer_digits"] <= 0.1, r["examples"]  # 0.009 on all 50 digit clips (connector v3)
     silent = word_error_rate(model, proc, "speech-test-digits", limit=4, replace_audio="silence")
     assert silent["wer_digits"] >= 0.6, silent["examples"]
 
