@@ -31,3 +31,17 @@ def test_sparsify_cli_errors(tmp_path, tiny_llama_dir, calib_text, capsys):
     rc = main(["sparsify", str(tiny_llama_dir), "--sparsity", "1.2", "--calib", str(calib_text),
                "--output", str(tmp_path / "o")])
     assert rc == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["teal", "larosa"])
+def test_sparsify_cli_greedy_plan_saves_and_reloads(tmp_path, tiny_llama_dir, calib_text, capsys, method):
+    out = tmp_path / f"greedy-{method}"
+    rc = main(["sparsify", str(tiny_llama_dir), "--method", method, "--sparsity", "0.3", "--plan", "greedy",
+               "--calib", str(calib_text), "--nsamples", "2", "--seqlen", "32", "--output", str(out), "--json",
+               "--no-progress"])
+    assert rc == 0
+    r = _last_json(capsys)
+    assert r["plan"] == "greedy" and r["model_sparsity"] == pytest.approx(0.3, abs=0.02)
+    rc = main(["eval", str(out), "--ppl", str(calib_text), "--seqlen", "32", "--max-windows", "2", "--json",
+               "--no-progress"])
+    assert rc == 0 and _last_json(capsys)["ppl"] > 1
