@@ -18,11 +18,17 @@ import time
 import torch
 
 
-def decode_tps(model, prompt, tokens: int) -> float:
+def decode_tps(model, prompt, tokens: int, warmup: int = 3) -> float:
+    """Greedy decode speed (tokens/s) after ``warmup`` untimed steps (the first sparse step loads the
+    compiled kernel, which must not be timed)."""
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True)
         cache = out["cache"]  # transformers 5: the decoding cache is `cache`
         nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(warmup):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache = out["cache"]
+            nxt = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(tokens):
             out = model(input_ids=nxt, cache=cache, use_cache=True)
