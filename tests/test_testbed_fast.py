@@ -441,3 +441,17 @@ def test_cli_list_and_fetch(fake_index, monkeypatch, capsys):
     assert names[entry.name]["cached"] and "smollm2-135m" in names
     assert main(["testbed", "fetch", "no-such-model", "--cache", cache]) == 1
     assert "unknown testbed model" in capsys.readouterr().err
+
+
+def test_speech_rendering_is_repeatable():
+    """SoX must not dither: the same text renders to the same samples (calibration sets and the speech
+    evaluation set are then identical across runs and machines)."""
+    import numpy as np
+    import pytest
+
+    from mmcompress.testbed.mm_data import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng / sox not installed")
+    a, b = synthesize("one two three four"), synthesize("one two three four")
+    assert a.size > 1000 and np.array_equal(a, b)

@@ -46,7 +46,9 @@ def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 5
         raise RuntimeError("espeak-ng and sox are required (apt-get install -y espeak-ng sox)")
     es = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
                         check=True, capture_output=True).stdout
-    wav = subprocess.run(["sox", "-t", "wav", "-", "-r", str(SR), "-c", "1", "-b", "16", "-t", "wav", "-"],
+    # -D: no dither.  SoX dithers with random noise when it requantizes to 16 bits after resampling,
+    # which made every rendering of the same text differ (and calibration sets differ between runs)
+    wav = subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", str(SR), "-c", "1", "-b", "16", "-t", "wav", "-"],
                          input=es, check=True, capture_output=True).stdout
     with wave.open(io.BytesIO(wav)) as w:
         n = w.getnframes()
