@@ -18,6 +18,7 @@ calibration loss).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .topk import keep_count
@@ -98,7 +99,7 @@ class SparsityPlan:
                 "levels": acts, **self.info}
 
 
-def _achieved(dim: int, s: float) -> float:
+def achieved_level(dim: int, s: float) -> float:
     if s <= 0:
         return 0.0
     return 1.0 - keep_count(dim, min(s, MAX_LEVEL)) / dim
@@ -107,7 +108,7 @@ def _achieved(dim: int, s: float) -> float:
 def _topk_levels(shape: LayerShape, s_by_act: dict[str, float]) -> dict[str, float]:
     out = {}
     for act, s in s_by_act.items():
-        a = _achieved(shape.dims[act], s)
+        a = achieved_level(shape.dims[act], s)
         for p in READERS_OF[act]:
             out[p] = a
     return out
@@ -126,12 +127,12 @@ def uniform(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8, ra
 def _solve_block(p: float, in_mass: int, out_mass: int, d_in: int, d_out: int, ratio_in: float) -> tuple[float, float]:
     """Achieved (s_in, s_out) with ``s_in ≈ ratio_in·p`` and parameter-weighted block sparsity ≈ p."""
     total = in_mass + out_mass
-    s_in = _achieved(d_in, min(max(ratio_in * p, 0.0), MAX_LEVEL))
+    s_in = achieved_level(d_in, min(max(ratio_in * p, 0.0), MAX_LEVEL))
     s_out = (p * total - s_in * in_mass) / out_mass
     if s_out > MAX_LEVEL or s_out < 0:  # the output side cannot absorb it: move the rest to the input side
         s_out = min(max(s_out, 0.0), MAX_LEVEL)
-        s_out = _achieved(d_out, s_out)
-        s_in = _achieved(d_in, min(max((p * total - s_out * out_mass) / in_mass, 0.0), MAX_LEVEL))
+        s_out = achieved_level(d_out, s_out)
+        s_in = achieved_level(d_in, min(max((p * total - s_out * out_mass) / in_mass, 0.0), MAX_LEVEL))
         return s_in, s_out
     # pick the integer K_out closest to the exact solution
     cands = {keep_count(d_out, min(s_out, MAX_LEVEL))}
@@ -162,6 +163,14 @@ def per_projection(shapes: list[LayerShape], levels: list[dict[str, float]], kin
     """A plan from explicit per-projection levels (TEAL, CATS)."""
     full = [{p: float(lv.get(p, 0.0)) for p in PROJECTIONS} for lv in levels]
     return SparsityPlan(full, shapes, kind=kind, target=target, info=info)
+
+
+def greedy_moves(target: float, step: float) -> tuple[int, float]:
+    """``(moves, δ)`` of a greedy search to ``target``: ``δ = target / ⌈target / step⌉`` (0 moves at 0)."""
+    if target <= 0:
+        return 0, 0.0
+    moves = max(1, math.ceil(target / step - 1e-9))
+    return moves, target / moves
 
 
 def greedy_levels(masses: dict[str, int], target: float, delta: float, error, apply, snap=None,

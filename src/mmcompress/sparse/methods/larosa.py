@@ -94,8 +94,7 @@ class TopKGreedy(Method):
 
     def __init__(self, sparsity: float, step: float = 0.02, tail: float = 0.25, search_samples: int = 4):
         self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
-        moves = max(1, math.ceil(self.sparsity / step - 1e-9)) if self.sparsity > 0 else 1
-        self.delta = self.sparsity / moves
+        _, self.delta = plans.greedy_moves(self.sparsity, step)
         self.levels: list[dict[str, float]] = []
 
     @torch.no_grad()
@@ -117,7 +116,7 @@ class TopKGreedy(Method):
 
         levels, _ = plans.greedy_levels(masses, self.sparsity, self.delta,
                                         lambda: plans.layer_tail_error(ctx, n, self.tail), apply,
-                                        snap=lambda act, lv: plans._achieved(dims[act], lv))
+                                        snap=lambda act, lv: plans.achieved_level(dims[act], lv))
         self.levels.append({p: levels[plans.ACTIVATION_OF[p]] for p in plans.PROJECTIONS})
         ctx.info["larosa_greedy"] = {a: round(v, 4) for a, v in levels.items()}
 

@@ -26,8 +26,6 @@ Allocation (``plan``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ...engine import Method, run_layerwise
@@ -147,13 +145,11 @@ class GreedyAllocation(Method):
         if not 0 < step <= 0.5:
             raise ValueError(f"greedy step must be in (0, 0.5], got {step}")
         self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
-        self.moves = 0 if sparsity == 0 else max(1, math.ceil(sparsity / step - 1e-9))
-        self.delta = self.sparsity / self.moves if self.moves else 0.0
+        self.moves, self.delta = plans.greedy_moves(self.sparsity, step)
         self.max_values, self.prefill = max_values, prefill
         self.gen = torch.Generator().manual_seed(seed)
         self.levels: list[dict[str, float]] = []
         self.thresholds: list[dict[str, float]] = []
-        self.errors: list[dict[str, float]] = []
 
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "delta": self.delta, "tail": self.tail,
@@ -205,7 +201,6 @@ class GreedyAllocation(Method):
                                                      threshold=sparse.threshold))
         self.levels.append(dict(levels))
         self.thresholds.append(final)
-        self.errors.append(errs)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
                                    "effective": round(sum(levels[p] * masses[p] for p in levels)
                                                       / sum(masses.values()), 4), **errs}
