@@ -7,7 +7,8 @@ For every scheme: RTN, SmoothQuant, MBQ, MASQuant with CMC (one shared weight) a
 (one weight per modality, the training form) are calibrated on the SAME samples (the testbed mix of
 wiki text, calibration images and speech, disjoint from the test sets), then evaluated on wiki
 perplexity, speech-test word error rate (digits; sentences reported too), image-qa-test accuracy and
-the mean per-modality SQNR of decoder-layer outputs.  Calibration wall time and peak RSS are
+the mean per-modality SQNR of decoder-layer outputs (pooled over tokens, and the per-token median that
+an attention-sink token cannot dominate).  Calibration wall time and peak RSS are
 measured per method in this process (ratios are what to compare: the machine is shared).
 """
 
@@ -80,12 +81,16 @@ def main():
     counts = calib.token_counts(get_adapter(base).modality_token_ids)
     print(f"calibration: {len(calib)} samples, tokens {counts}", flush=True)
 
+    has_audio = "audio" in get_adapter(base).modality_token_ids  # vl-mini: text + image only
+
     def evaluate(model):
         ppl = text_perplexity(model, tok, wiki, seqlen=1024, max_windows=args.ppl_windows, progress=False)
-        asr = word_error_rate(model, proc, "speech-test", limit=args.asr, kinds=("digits",), max_new_tokens=16)
+        row = {"wiki_ppl": round(ppl["ppl"], 3)}
+        if has_audio:
+            asr = word_error_rate(model, proc, "speech-test", limit=args.asr, kinds=("digits",), max_new_tokens=16)
+            row["wer_digits"] = asr["wer_digits"]
         vqa = accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
-        return {"wiki_ppl": round(ppl["ppl"], 3), "wer_digits": asr["wer_digits"],
-                "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"]}
+        return {**row, "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"]}
 
     rows = [{"scheme": "fp32", "method": "dense", **evaluate(base)}]
     print(json.dumps(rows[-1]), flush=True)
@@ -106,7 +111,9 @@ def main():
             rep = json.loads(Path(model._mmcompress_description["report"]).read_text())
             row = {"scheme": scheme, "method": name, **evaluate(model), "calib_s": round(secs, 1),
                    "calib_peak_rss_gib": round(mem.peak / 2**30, 2), "calib_extra_rss_gib": round((mem.peak - mem.base) / 2**30, 2),
-                   **{f"sqnr_{m}": round(v, 2) for m, v in rep["summary"].get("mean_sqnr_accumulated", {}).items()}}
+                   **{f"sqnr_{m}": round(v, 2) for m, v in rep["summary"].get("mean_sqnr_accumulated", {}).items()},
+                   **{f"sqnr_tok_{m}": round(v, 2)
+                      for m, v in rep["summary"].get("mean_sqnr_accumulated_token_median", {}).items()}}
             summary = model._mmcompress_description.get("method_summary")
             if summary and "cmc_bytes" in summary:
                 row["cmc_overhead"] = {k: summary.get(k) for k in ("cmc_bytes", "cmc_bytes_fraction", "cmc_flops_fraction",

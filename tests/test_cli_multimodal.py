@@ -46,6 +46,7 @@ def test_jsonl_calibration_masquant_report(omni_dir, tmp_path, capsys):
     assert set(lin["sqnr"]) == {"text", "image", "audio"}
     assert "outlier_ratio" in lin["activations"]["audio"] and "audio" in lin["smoothing_divergence"]
     assert (tmp_path / "rep" / "sqnr_by_modality.png").stat().st_size > 1000
+    assert set(report["summary"]["mean_sqnr_accumulated_token_median"]) == {"text", "image", "audio"}
     loaded = mmcompress.load(tmp_path / "q")
     assert (tmp_path / "q" / "preprocessor_config.json").is_file()
     assert loaded.config.model_type == "qwen2_5_omni_thinker"

@@ -11,6 +11,13 @@ data (text / image / audio; video counts as text):
 
 * SQNR of the decoder layer's output, locally (original vs compressed layer on the same input) and
   accumulated (the compressed chain against the original model's chain);
+* the same accumulated SQNR per token, summarised by its median over the tokens of m::
+
+      SQNR_m^tok = median_{t∈m} 10 · log10( ||y_t||² / ||y_t − ŷ_t||² )   [dB]
+
+  The pooled SQNR above is an energy ratio, so in a model with an attention-sink token (one token whose
+  residual stream is 100× larger than the others) it measures that one token; the token median is not
+  moved by it;
 * for modality-aware smoothing, the divergence of each modality's smoothing vector from text's
   (mean |log s_m − log s_T|).
 
@@ -39,9 +46,11 @@ def _sqnr(signal: float, noise: float) -> float | None:
 
 
 class _Acc:
-    def __init__(self):
+    def __init__(self, per_token: bool = False):
         self.signal: dict[int, float] = {}
         self.noise: dict[int, float] = {}
+        self.per_token = per_token
+        self.token_db: dict[int, list[torch.Tensor]] = {}
 
     def add(self, ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor):
         ref = ref.detach().double().reshape(-1, ref.shape[-1])
@@ -51,9 +60,15 @@ class _Acc:
             sel = ids == m
             self.signal[m] = self.signal.get(m, 0.0) + float(sig[sel].sum())
             self.noise[m] = self.noise.get(m, 0.0) + float(err[sel].sum())
+            if self.per_token:
+                db = 10.0 * torch.log10(sig[sel].clamp(min=1e-30) / err[sel].clamp(min=1e-30))
+                self.token_db.setdefault(m, []).append(db.float().cpu())
 
     def result(self) -> dict:
         return {MODALITY_NAMES[m]: _sqnr(self.signal[m], self.noise[m]) for m in sorted(self.signal)}
+
+    def token_median(self) -> dict:
+        return {MODALITY_NAMES[m]: float(torch.cat(v).median()) for m, v in sorted(self.token_db.items())}
 
 
 def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -124,16 +139,17 @@ class Diagnostics:
         return record
 
     def accumulated(self, index: int, outputs, fp_outputs, modality) -> None:
-        acc = _Acc()
+        acc = _Acc(per_token=True)
         for y, ref, ids in zip(outputs, fp_outputs, modality):
             acc.add(ref, y, _flat_ids(ids))
         for rec in self.layers:
             if rec["layer"] == index:
                 rec["sqnr_accumulated"] = acc.result()
+                rec["sqnr_accumulated_token_median"] = acc.token_median()
 
     def summary(self) -> dict:
         out = {}
-        for key in ("sqnr_local", "sqnr_accumulated"):
+        for key in ("sqnr_local", "sqnr_accumulated", "sqnr_accumulated_token_median"):
             vals: dict[str, list] = {}
             for rec in self.layers:
                 for m, v in rec.get(key, {}).items():

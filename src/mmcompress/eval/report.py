@@ -118,10 +118,15 @@ def render_report(run_dir) -> Path:
         if png:
             lines += [f"![SQNR by modality]({png.name})", ""]
         mods = sorted({m for _, d in diag for m in d.get("summary", {}).get("mean_sqnr_accumulated", {})})
-        lines += ["| run | " + " | ".join(f"{m} (dB)" for m in mods) + " |", "|---|" + "---|" * len(mods)]
+        lines += ["Pooled over tokens (energy ratio) and, after the slash, the median of the per-token SQNR "
+                  "(an attention-sink token cannot dominate it).", "",
+                  "| run | " + " | ".join(f"{m} (dB)" for m in mods) + " |", "|---|" + "---|" * len(mods)]
         for name, d in diag:
-            means = d.get("summary", {}).get("mean_sqnr_accumulated") or d.get("summary", {}).get("mean_sqnr_local", {})
-            lines.append(f"| {name.removeprefix('diagnostics-')} | " + " | ".join(_fmt(means.get(m)) for m in mods) + " |")
+            summ = d.get("summary", {})
+            means = summ.get("mean_sqnr_accumulated") or summ.get("mean_sqnr_local", {})
+            tok = summ.get("mean_sqnr_accumulated_token_median", {})
+            cells = [_fmt(means.get(m)) + (f" / {_fmt(tok[m])}" if m in tok else "") for m in mods]
+            lines.append(f"| {name.removeprefix('diagnostics-')} | " + " | ".join(cells) + " |")
         lines.append("")
     ppl = _plot_xy(_points(others, ("ppl", "wiki_ppl")), "perplexity", run_dir / "sparsity_vs_ppl.png",
                    "perplexity vs sparsity")
