@@ -6,7 +6,9 @@
 For every scheme: RTN, SmoothQuant, MBQ, MASQuant with CMC (one shared weight) and MASQuant "split"
 (one weight per modality, the training form) are calibrated on the SAME samples (the testbed mix of
 wiki text, calibration images and speech, disjoint from the test sets), then evaluated on wiki
-perplexity, speech-test word error rate (digits; sentences reported too), image-qa-test accuracy and
+perplexity, speech-test word error rate (digits; sentences reported too), image-qa-test accuracy (exact
+match of the greedy answer, and multiple choice by likelihood: it still ranks methods when W4 breaks
+the answer format) and
 the mean per-modality SQNR of decoder-layer outputs (pooled over tokens, and the per-token median that
 an attention-sink token cannot dominate).  Calibration wall time and peak RSS are
 measured per method in this process (ratios are what to compare: the machine is shared).
@@ -63,7 +65,7 @@ def main():
     from mmcompress.eval.asr import word_error_rate
     from mmcompress.eval.perplexity import text_perplexity
     from mmcompress.eval.report import render_report
-    from mmcompress.eval.vqa import accuracy
+    from mmcompress.eval.vqa import accuracy, choice_accuracy
     from mmcompress.models.adapters import get_adapter
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.models.processing import load_processor
@@ -90,7 +92,9 @@ def main():
             asr = word_error_rate(model, proc, "speech-test", limit=args.asr, kinds=("digits",), max_new_tokens=16)
             row["wer_digits"] = asr["wer_digits"]
         vqa = accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
-        return {**row, "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"]}
+        choice = choice_accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
+        return {**row, "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"],
+                "image_qa_choice": choice["accuracy"], "image_qa_choice_by_type": choice["by_type"]}
 
     rows = [{"scheme": "fp32", "method": "dense", **evaluate(base)}]
     print(json.dumps(rows[-1]), flush=True)

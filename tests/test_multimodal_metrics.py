@@ -113,3 +113,30 @@ def test_word_error_rate_and_accuracy_plumbing():
     acc = accuracy(_FakeModel(), _FakeProcessor(), qa)
     assert acc["accuracy"] == pytest.approx(2 / 3)
     assert acc["by_type"] == {"colour": 1.0, "count": 0.5}
+
+
+def test_choice_accuracy_picks_the_most_likely_candidate(monkeypatch):
+    from PIL import Image
+
+    from mmcompress.eval import vqa
+
+    img = Image.new("RGB", (8, 8))
+    qa = [{"image": img, "question": "q1", "answer": "red", "type": "colour"},
+          {"image": img, "question": "q2", "answer": "blue", "type": "colour"},
+          {"image": img, "question": "q3", "answer": "green", "type": "colour"},
+          {"image": img, "question": "q4", "answer": "2", "type": "count"}]
+    seen = []
+
+    def truthful(model, processor, image, prompt, cand):  # log-likelihood 0 for the true answer, -1 otherwise
+        q = prompt.split("Question: ")[1].split(" ")[0]
+        seen.append((q, cand))
+        return 0.0 if cand == {"q1": "red", "q2": "blue", "q3": "green", "q4": "2"}[q] else -1.0
+
+    monkeypatch.setattr(vqa, "_answer_logprob", truthful)
+    r = vqa.choice_accuracy(_FakeModel(), _FakeProcessor(), qa)
+    assert r["accuracy"] == 1.0 and r["chance"] == {"colour": pytest.approx(1 / 3), "count": 1.0}
+    # candidates are the answers of the question's own type only
+    assert {c for q, c in seen if q == "q1"} == {"red", "blue", "green"} and {c for q, c in seen if q == "q4"} == {"2"}
+    monkeypatch.setattr(vqa, "_answer_logprob", lambda m, p, i, prompt, cand: -len(cand))  # shortest answer wins
+    r = vqa.choice_accuracy(_FakeModel(), _FakeProcessor(), qa)
+    assert r["by_type"] == {"colour": pytest.approx(1 / 3), "count": 1.0}  # "red" is the only right pick

@@ -53,3 +53,11 @@ def test_omni_mini_answers_image_questions(omni):
     assert r["accuracy"] >= 0.8, r  # measured 1.0 on all 200 (connector v2; see assets)
     blank = accuracy(model, proc, "image-qa-test", limit_per_type=5, replace_image="blank")
     assert blank["accuracy"] <= r["accuracy"] - 0.2, blank
+
+
+def test_omni_mini_choice_accuracy_is_high_and_image_dependent(omni):
+    from mmcompress.eval.vqa import choice_accuracy
+
+    _, model, proc = omni
+    r = choice_accuracy(model, proc, "image-qa-test", limit_per_type=3)
+    assert r["accuracy"] >= 0.9, r  # 1.0 on 40 questions

@@ -45,3 +45,24 @@ def test_sparsify_cli_greedy_plan_saves_and_reloads(tmp_path, tiny_llama_dir, ca
     rc = main(["eval", str(out), "--ppl", str(calib_text), "--seqlen", "32", "--max-windows", "2", "--json",
                "--no-progress"])
     assert rc == 0 and _last_json(capsys)["ppl"] > 1
+
+
+def test_sparsify_cli_column_scale_saves_and_reloads(tmp_path, tiny_llama_dir, calib_text, capsys):
+    import torch
+
+    import mmcompress
+
+    out = tmp_path / "colscale"
+    rc = main(["sparsify", str(tiny_llama_dir), "--sparsity", "0.4", "--column-scale", "--calib", str(calib_text),
+               "--nsamples", "2", "--seqlen", "32", "--output", str(out), "--json", "--no-progress"])
+    assert rc == 0
+    assert _last_json(capsys)["model_sparsity"] == pytest.approx(0.4, abs=0.02)
+    model = mmcompress.load(out)
+    assert model._mmcompress_description["method"]["column_scale"] is True
+    from mmcompress.sparse.merge import inner_layer
+
+    norm = inner_layer(model.model.layers[0]).input_layernorm  # the column scale lives in the saved norm weights
+    assert not torch.allclose(norm.weight, torch.ones_like(norm.weight))
+    rc = main(["sparsify", str(tiny_llama_dir), "--method", "teal", "--sparsity", "0.4", "--column-scale",
+               "--calib", str(calib_text), "--output", str(tmp_path / "o")])
+    assert rc == 1 and "--column-scale" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -244,3 +244,36 @@ def test_multimodal_merged_dense_equals_original(tokenizer, kind):
     sparsify(model, calib, "larosa", 0.0, progress=False)  # rotates the towers' output projections too
     y1 = model(**x).logits
     assert ((y1 - y0).abs().max() / y0.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind,tie", KINDS)
+def test_column_scale_is_exact_dense_and_changes_the_selection(tokenizer, f64_norms, kind, tie):
+    model, tok, ad = _model(kind, tie, tokenizer)
+    x = torch.randint(0, len(tok) - 10, (1, 17))
+    y0 = model(input_ids=x).logits
+    rot = calibrate_rotations(model, ad, text_samples(tok), progress=False)
+    plain, _, ap = _model(kind, tie, tokenizer)
+    merge_rotations(plain, ap, rot)
+    merge_rotations(model, ad, rot, column_scale=True)
+    assert (model(input_ids=x).logits - y0).abs().max() <= 1e-10  # dense: still the original model
+    groups = {g.name: g for g in ad.groups}
+    layer, layer_p = inner_layer(ad.layers[0]), inner_layer(ap.layers[0])
+    g = groups["mlp_in"]
+    c = ad.norm_scale(layer.get_submodule(g.producer))
+    assert not torch.allclose(c, torch.ones_like(c))  # the norm carries the column scale ...
+    w = torch.cat([layer.get_submodule(r).weight for r in g.readers])
+    w_p = torch.cat([layer_p.get_submodule(r).weight for r in g.readers])
+    torch.testing.assert_close(w * c, w_p)  # ... and the readers its inverse
+    cols = w.pow(2).sum(0).sqrt()
+    assert torch.allclose(cols, cols.mean().expand_as(cols), rtol=1e-9)  # every reader column has the same norm
+    shapes = plans.layer_shapes(ad)
+    plan = plans.uniform(shapes, 0.5)
+    apply_topk_plan(model, ad, plan)
+    apply_topk_plan(plain, ap, plan)
+    assert (model(input_ids=x).logits - plain(input_ids=x).logits).abs().max() > 1e-4  # another selection
+
+
+def test_column_scale_only_in_merged_mode(tokenizer):
+    model, tok, ad = _model("llama", False, tokenizer, dtype=torch.float32)
+    with pytest.raises(ValueError, match="merged mode only"):
+        sparsify(model, text_samples(tok), "larosa", 0.4, mode="reference", column_scale=True, progress=False)

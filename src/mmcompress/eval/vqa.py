@@ -1,4 +1,14 @@
-"""Visual question answering metric: exact-match accuracy of greedy short answers."""
+"""Visual question answering metrics.
+
+* :func:`accuracy`: exact-match accuracy of greedy short answers (the task metric).
+* :func:`choice_accuracy`: multiple-choice accuracy by likelihood.  For every question the candidate
+  answers are the answers of its type in the data set; the prediction is the candidate with the largest
+  summed log-probability after the prompt, ``argmax_c Σ_t log p(c_t | image, question, c_<t)``.  It
+  still measures what the model sees when quantization has broken its answer *format* (greedy output
+  empty or off-topic, so exact match is 0 for every method) and separates methods there; chance is
+  1 / (number of candidates of the type).
+"""
+
 
 from __future__ import annotations
 
@@ -89,3 +99,60 @@ def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | 
     n = len(items)
     return {"accuracy": correct / n if n else None, "n": n,
             "by_type": {t: c / m for t, (c, m) in by_type.items()}, "examples": examples}
+
+
+def _answer_logprob(model, processor, image, prompt_text: str, answer_text: str) -> float:
+    import torch
+
+    prefix = processor(text=[prompt_text], images=[image], return_tensors="pt")
+    full = processor(text=[prompt_text + " " + answer_text], images=[image], return_tensors="pt")
+    n = prefix["input_ids"].shape[1]
+    ids = full["input_ids"]
+    if ids.shape[1] <= n or not torch.equal(ids[0, :n], prefix["input_ids"][0]):
+        raise ValueError(f"the answer {answer_text!r} does not tokenize as a continuation of the prompt")
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in full.items()}
+    if "pixel_values" in inputs and dtype.is_floating_point:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, n - 1:-1].double()
+    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None].to(dev)).sum())
+
+
+def choice_accuracy(model, processor, dataset="image-qa-test", *, limit_per_type: int | None = None,
+                    progress: bool = False) -> dict:
+    """Multiple-choice accuracy by likelihood (see the module docstring), overall and per type."""
+    from tqdm.auto import tqdm
+
+    from ..testbed.multimodal import IMAGE_PROMPT
+
+    items = load_vqa_set(dataset)
+    candidates: dict = {}
+    for it in items:
+        candidates.setdefault(it.get("type", "all"), set()).add(it["answer"])
+    if limit_per_type is not None:
+        seen: dict = {}
+        kept = []
+        for it in items:
+            t = it.get("type", "all")
+            if seen.get(t, 0) < limit_per_type:
+                kept.append(it)
+                seen[t] = seen.get(t, 0) + 1
+        items = kept
+    template = _prompt(model, IMAGE_PROMPT)
+    by_type: dict = {}
+    correct = 0
+    for it in tqdm(items, desc="vqa-choice", disable=not progress):
+        t = it.get("type", "all")
+        text = template.format(question=it["question"])
+        cands = sorted(candidates[t])
+        scores = [_answer_logprob(model, processor, it["image"], text, c) for c in cands]
+        ok = cands[max(range(len(cands)), key=scores.__getitem__)] == it["answer"]
+        correct += ok
+        c, m = by_type.get(t, (0, 0))
+        by_type[t] = (c + ok, m + 1)
+    n = len(items)
+    return {"accuracy": correct / n if n else None, "n": n,
+            "by_type": {t: c / m for t, (c, m) in by_type.items()},
+            "chance": {t: 1.0 / len(candidates[t]) for t in by_type}}

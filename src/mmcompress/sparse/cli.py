@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                         "last_half (TEAL's protocol)")
     p.add_argument("--basis", choices=["attn", "both"], default="attn",
                    help="LaRoSA: fit Q_l to the attention input (reference) or to attention + MLP inputs")
+    p.add_argument("--column-scale", action="store_true",
+                   help="LaRoSA merged mode (ours): Top-K ranks each rotated coordinate by |x̃_i| times the norm of "
+                        "the readers' weight column it multiplies (folded into the norm scale; exact, free at run time)")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
     _add_calib(p)
     p.set_defaults(nsamples=16, seqlen=1024)
@@ -54,6 +57,8 @@ def cmd_sparsify(args) -> dict:
         raise CLIError(f"--mode applies to --method larosa only")
     if args.method == "cats" and args.prefill == "last_half":
         raise CLIError("--prefill last_half applies to larosa and teal")
+    if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
+        raise CLIError("--column-scale applies to --method larosa --mode merged only")
     read_config(args.model)
     model = load_hf_model(args.model, dtype=args.dtype)
     adapter = get_adapter(model)
@@ -64,7 +69,7 @@ def cmd_sparsify(args) -> dict:
         if not ok:
             raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
-    options = {"basis": args.basis} if args.method == "larosa" else {}
+    options = {"basis": args.basis, **({"column_scale": True} if args.column_scale else {})} if args.method == "larosa" else {}
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
              device=args.device, progress=not args.no_progress, **options)
     out = Path(args.output)

@@ -13,6 +13,13 @@ Mode M (``merge_rotations``, merged, deployable; docs/larosa.md §2.4-2.6).  Row
 With no sparsity the merged model reproduces the original (computational invariance: RMS(rQ) =
 RMS(r)Q).  All products are done in float64, then cast to the model dtype.
 
+``column_scale=True`` (ours, not in the paper): after the merge, each block-input norm gets the
+scale ``c = ‖W'_{:,i}‖₂ / mean_i ‖W'_{:,i}‖₂`` (column norms of its readers' merged weights, stacked)
+and the readers become ``W' diag(1/c)``.  The product is unchanged, but Top-K on the norm's output now
+ranks ``|x̃_i|·‖W'_{:,i}‖`` (the output energy each coordinate carries) instead of ``|x̃_i|``: the
+weight-awareness that folding γ took away from the selection, at no run-time cost
+(``benchmarks/sparsity_why.py``).
+
 Mode R (``rotate_reference``, the published code's semantics): the residual stream is not rotated;
 each block input norm becomes ``RotatedNorm`` = (γ ⊙ RMS(r))·Q_l and the readers become W Q_l, so
 Top-K acts on (γ ⊙ RMS(r))·Q_l exactly as the reference's rotate → Top-K → unrotate simulation.
@@ -234,9 +241,20 @@ def supports_merged(adapter) -> tuple[bool, str]:
 
 
 @torch.no_grad()
-def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None) -> nn.Module:
+def _scale_readers(adapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """``column_scale``: norm scale ← c, readers ← W' diag(1/c), c = stacked column norms / their mean."""
+    w = torch.cat([lin.weight.data.double() for lin in readers])
+    c = w.pow(2).sum(0).sqrt()
+    c = c / c.mean()
+    c = c.clamp(min=1e-6)
+    for lin in readers:
+        lin.weight.data.copy_((lin.weight.data.double() / c[None, :]).to(lin.weight.dtype))
+    adapter.set_norm_scale(norm, c * adapter.norm_scale(norm))
+
+
+def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, column_scale: bool = False) -> nn.Module:
     """Mode M: fold every RMSNorm γ into its readers and merge the per-layer rotations into the weights
-    (see the module docstring).  In place; returns ``model``."""
+    (see the module docstring; ``column_scale`` there too).  In place; returns ``model``."""
     ok, why = supports_merged(adapter)
     if not ok:
         raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
@@ -256,6 +274,8 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None) ->
             for lin in g.modules(layer):
                 _rotate_reader(lin, q, gamma)
             adapter.set_norm_scale(norm, torch.ones_like(gamma))
+            if column_scale:
+                _scale_readers(adapter, norm, g.modules(layer))
         for gname in ("attn_out", "mlp_out"):
             for lin in groups[gname].modules(layer):
                 _rotate_writer(lin, q)

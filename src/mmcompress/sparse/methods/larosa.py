@@ -163,8 +163,11 @@ def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str =
 
 def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mode: str = "merged",
            prefill: str = "all", basis: str = "attn", ratio_in: float = 0.8, device="cpu", progress=True,
-           grid_samples: int = 4, rotations=None) -> dict:
-    """Apply LaRoSA in place; returns a description (mode, plan, achieved model-level sparsity)."""
+           grid_samples: int = 4, rotations=None, column_scale: bool = False) -> dict:
+    """Apply LaRoSA in place; returns a description (mode, plan, achieved model-level sparsity).
+
+    ``column_scale`` (merged mode only; ours): Top-K ranks rotated coordinates by |x̃_i|·‖W'_{:,i}‖
+    (see :mod:`..merge`)."""
     if mode == "merged":
         ok, why = supports_merged(adapter)
         if not ok:
@@ -173,6 +176,8 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
         raise ValueError(f"mode must be 'merged' or 'reference', got {mode!r}")
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
+    if column_scale and mode != "merged":
+        raise ValueError("column_scale applies to the merged mode only")
     shapes = plans.layer_shapes(adapter)
     if plan not in ("grid", "greedy"):
         build_plan(plan, shapes, sparsity, ratio_in=ratio_in)  # validate before the calibration
@@ -182,7 +187,7 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
     elif rotations.mode != mode:
         raise ValueError(f"rotations were calibrated for mode {rotations.mode!r}, not {mode!r}")
     if mode == "merged":
-        merge_rotations(model, adapter, rotations)
+        merge_rotations(model, adapter, rotations, column_scale=column_scale)
     else:
         rotate_reference(model, adapter, rotations)
     if plan == "grid":
@@ -194,4 +199,4 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
         chosen = build_plan(plan, shapes, sparsity, ratio_in=ratio_in)
         apply_topk_plan(model, adapter, chosen, prefill)
     return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": rotations.tokens,
-            **chosen.summary()}
+            **({"column_scale": True} if column_scale else {}), **chosen.summary()}
