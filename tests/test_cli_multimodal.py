@@ -58,3 +58,15 @@ def test_option_not_for_method_is_an_error(omni_dir, tmp_path, capsys):
     assert rc == 1
     assert "--epochs does not apply to --method rtn" in capsys.readouterr().err
     assert not (tmp_path / "q2").exists()
+
+
+def test_eval_vqa_choice(omni_dir, capsys):
+    rc = main(["eval", str(omni_dir), "--vqa", "image-qa-test", "--vqa-choice", "--mm-limit", "1", "--json",
+               "--no-progress"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["vqa"]["n"] == 4 and res["vqa_choice"]["n"] == 4
+    assert set(res["vqa_choice"]["by_type"]) == {"colour", "shape", "count", "position"}
+    assert res["vqa_choice"]["chance"]["shape"] == 1 / 3
+    rc = main(["eval", str(omni_dir), "--ppl", "wiki", "--vqa-choice"])
+    assert rc == 1 and "--vqa-choice needs --vqa" in capsys.readouterr().err

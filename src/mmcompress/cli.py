@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("--asr", metavar="NAME", help="speech set for word error rate (e.g. speech-test; Omni models)")
     e.add_argument("--vqa", metavar="NAME", help="image QA set for exact-match accuracy (e.g. image-qa-test)")
+    e.add_argument("--vqa-choice", action="store_true",
+                   help="with --vqa: also multiple-choice accuracy by likelihood over the answers of each question type "
+                        "(still informative when compression has broken the greedy answers)")
     e.add_argument("--mm-limit", type=int, default=None, help="evaluate at most this many ASR clips / VQA items per type")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--no-progress", action="store_true")
@@ -274,6 +277,8 @@ def cmd_eval(args) -> dict:
 
     if not args.ppl and not getattr(args, "asr", None) and not getattr(args, "vqa", None):
         raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
+    if getattr(args, "vqa_choice", False) and not getattr(args, "vqa", None):
+        raise CLIError("--vqa-choice needs --vqa NAME")
     texts = [resolve_text(s) for s in args.ppl]
     model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(args.model)
@@ -309,6 +314,13 @@ def _eval_multimodal(model, args) -> dict:
         r = accuracy(model, processor, args.vqa, limit_per_type=args.mm_limit, progress=not args.no_progress)
         print(f"{args.vqa}: accuracy {r['accuracy']:.4f} {r['by_type']}", file=sys.stderr)
         out["vqa"] = r
+        if args.vqa_choice:
+            from .eval.vqa import choice_accuracy
+
+            r = choice_accuracy(model, processor, args.vqa, limit_per_type=args.mm_limit, progress=not args.no_progress)
+            print(f"{args.vqa}: multiple-choice accuracy {r['accuracy']:.4f} {r['by_type']} (chance {r['chance']})",
+                  file=sys.stderr)
+            out["vqa_choice"] = r
     return out
 
 
