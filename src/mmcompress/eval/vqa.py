@@ -60,6 +60,20 @@ def load_vqa_set(spec):
     return list(spec)
 
 
+def _first_per_type(items: list, limit: int | None) -> list:
+    """The first ``limit`` items of each question type (all items when ``limit`` is None)."""
+    if limit is None:
+        return items
+    seen: dict = {}
+    kept = []
+    for it in items:
+        t = it.get("type", "all")
+        if seen.get(t, 0) < limit:
+            kept.append(it)
+            seen[t] = seen.get(t, 0) + 1
+    return kept
+
+
 def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | None = None,
              limit_per_type: int | None = None, progress: bool = False) -> dict:
     """Exact-match accuracy (normalized: lower case, punctuation removed) overall and per question type.
@@ -67,16 +81,7 @@ def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | 
     ``replace_image="blank"`` answers every question about a blank white image instead (an ablation)."""
     from tqdm.auto import tqdm
 
-    items = load_vqa_set(dataset)
-    if limit_per_type is not None:
-        seen: dict = {}
-        kept = []
-        for it in items:
-            t = it.get("type", "all")
-            if seen.get(t, 0) < limit_per_type:
-                kept.append(it)
-                seen[t] = seen.get(t, 0) + 1
-        items = kept
+    items = _first_per_type(load_vqa_set(dataset), limit_per_type)
     if replace_image not in (None, "blank"):
         raise ValueError(f"replace_image must be None or 'blank', not {replace_image!r}")
     by_type: dict = {}
@@ -131,15 +136,7 @@ def choice_accuracy(model, processor, dataset="image-qa-test", *, limit_per_type
     candidates: dict = {}
     for it in items:
         candidates.setdefault(it.get("type", "all"), set()).add(it["answer"])
-    if limit_per_type is not None:
-        seen: dict = {}
-        kept = []
-        for it in items:
-            t = it.get("type", "all")
-            if seen.get(t, 0) < limit_per_type:
-                kept.append(it)
-                seen[t] = seen.get(t, 0) + 1
-        items = kept
+    items = _first_per_type(items, limit_per_type)
     template = _prompt(model, IMAGE_PROMPT)
     by_type: dict = {}
     correct = 0
