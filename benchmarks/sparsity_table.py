@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
     ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid,greedy")
     ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
+    ap.add_argument("--column-scale", action="store_true", help="also run merged LaRoSA with --column-scale (ours)")
     ap.add_argument("--extra-levels", default=None,
                     help="levels for the secondary rows (Mode R, Q = I, TEAL half-prefill); default: --levels")
     ap.add_argument("--check-rotated-dense", action="store_true", help="also evaluate the rotated model at sparsity 0")
@@ -99,11 +100,14 @@ def main(argv=None):
     def larosa_rows(mode, rot, t0):
         m = copy.deepcopy(base)
         am = get_adapter(m)
-        (merge_rotations if mode.startswith("merged") else rotate_reference)(m, am, rot)
+        if mode.startswith("merged"):
+            merge_rotations(m, am, rot, column_scale=mode.endswith("colscale"))
+        else:
+            rotate_reference(m, am, rot)
         if args.check_rotated_dense and not mode.endswith("noQ"):
             row(f"larosa-{mode} (dense, rotated)", 0.0, m, None, t0)
         for plan in args.larosa_plans.split(","):
-            for lv in (levels if mode == "merged" else extra_levels):
+            for lv in (levels if mode in ("merged", "merged-colscale") else extra_levels):
                 t0 = time.time()
                 if plan == "grid":
                     chosen = grid_search(m, am, shapes, lv, calib.samples, max_samples=2)
@@ -154,8 +158,10 @@ def main(argv=None):
                 variants = [(mode, rot), (f"{mode}-noQ", Rotations(mode, [eye] * len(qe), [e for _, e in qe]))]
             else:
                 variants = [(mode, rot)]
+            if args.column_scale and mode == "merged":
+                variants.insert(1, ("merged-colscale", rot))
             for mode, rot in variants:
-                if mode == "merged":
+                if mode in ("merged", "merged-colscale"):
                     larosa_rows(mode, rot, t0)
                 else:
                     deferred.append((mode, rot))
