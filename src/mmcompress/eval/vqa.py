@@ -32,6 +32,16 @@ def _prompt(model, default):
     return default
 
 
+def _to_model(model, inputs: dict) -> dict:
+    """Processor outputs on the model's device; pixel values in its floating dtype."""
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
+    if "pixel_values" in inputs and dtype.is_floating_point:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
 def answer(model, processor, image, question: str, *, prompt: str | None = None, max_new_tokens: int = 6) -> str:
     """Greedy short answer to ``question`` about a PIL ``image``."""
     import torch
@@ -40,11 +50,7 @@ def answer(model, processor, image, question: str, *, prompt: str | None = None,
 
     template = prompt or _prompt(model, IMAGE_PROMPT)
     inputs = processor(text=[template.format(question=question)], images=[image], return_tensors="pt")
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
-    if "pixel_values" in inputs and dtype.is_floating_point:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs = _to_model(model, inputs)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seq = out.sequences if hasattr(out, "sequences") else out
@@ -116,10 +122,7 @@ def _answer_logprob(model, processor, image, prompt_text: str, answer_text: str)
     if ids.shape[1] <= n or not torch.equal(ids[0, :n], prefix["input_ids"][0]):
         raise ValueError(f"the answer {answer_text!r} does not tokenize as a continuation of the prompt")
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in full.items()}
-    if "pixel_values" in inputs and dtype.is_floating_point:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs = _to_model(model, full)
     with torch.no_grad():
         logits = model(**inputs).logits[0, n - 1:-1].double()
     return float(torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None].to(dev)).sum())
