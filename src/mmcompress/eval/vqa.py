@@ -9,7 +9,6 @@
   1 / (number of candidates of the type).
 """
 
-
 from __future__ import annotations
 
 import re

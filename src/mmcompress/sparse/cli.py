@@ -69,7 +69,7 @@ def cmd_sparsify(args) -> dict:
         if not ok:
             raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
-    options = {"basis": args.basis, **({"column_scale": True} if args.column_scale else {})} if args.method == "larosa" else {}
+    options = {"basis": args.basis, "column_scale": args.column_scale} if args.method == "larosa" else {}
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
              device=args.device, progress=not args.no_progress, **options)
     out = Path(args.output)

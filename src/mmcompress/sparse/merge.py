@@ -240,7 +240,6 @@ def supports_merged(adapter) -> tuple[bool, str]:
     return True, ""
 
 
-@torch.no_grad()
 def _scale_readers(adapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
     """``column_scale``: norm scale ← c, readers ← W' diag(1/c), c = stacked column norms / their mean."""
     w = torch.cat([lin.weight.data.double() for lin in readers])
@@ -252,6 +251,7 @@ def _scale_readers(adapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
     adapter.set_norm_scale(norm, c * adapter.norm_scale(norm))
 
 
+@torch.no_grad()
 def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, column_scale: bool = False) -> nn.Module:
     """Mode M: fold every RMSNorm γ into its readers and merge the per-layer rotations into the weights
     (see the module docstring; ``column_scale`` there too).  In place; returns ``model``."""
