@@ -69,3 +69,12 @@ def test_bad_input_one_line_error_no_output(tmp_path, tiny_llama_dir, calib_text
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".out")]
     if case == "unsupported":
         assert "llama" in lines[0] and "qwen2_5_vl" in lines[0]
+
+
+def test_quantize_help_names_every_method():
+    from mmcompress.cli import build_parser
+    from mmcompress.quant.methods import QUANT_METHODS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    method = next(a for a in sub.choices["quantize"]._actions if a.dest == "method")
+    assert set(method.help.replace(" ", "").split("|")) == set(QUANT_METHODS)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization of a local Hugging Face model")
     q.add_argument("model", help="local Hugging Face model directory")
-    q.add_argument("--method", default="rtn", help="rtn | smoothquant (see README for the full list)")
+    q.add_argument("--method", default="rtn", help="rtn | smoothquant | awq | mbq | masquant")
     q.add_argument("--scheme", default="w8a8", help="w8a8 | w4a8 | w4a6 | w4a16")
     q.add_argument("--wbits", type=int, help="override the scheme's weight bits (2..16)")
     q.add_argument("--abits", type=int, help="override the scheme's activation bits (2..16; 16 = off)")
