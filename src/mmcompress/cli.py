@@ -307,6 +307,11 @@ def _eval_multimodal(model, args) -> dict:
         r = word_error_rate(model, processor, args.asr, limit=args.mm_limit, progress=not args.no_progress)
         print(f"{args.asr}: WER {r['wer']:.4f} (digits {r['wer_digits']}, sentences {r['wer_sentences']})",
               file=sys.stderr)
+        for kind in ("digits", "sentences"):
+            if r[f"errors_{kind}"]:
+                e = r[f"errors_{kind}"]
+                print(f"  {kind}: substitutions {e['sub']:.3f}, deletions {e['del']:.3f}, insertions {e['ins']:.3f} "
+                      f"of {e['words']} words", file=sys.stderr)
         out["asr"] = r
     if args.vqa:
         from .eval.vqa import accuracy

@@ -14,6 +14,52 @@ def edit_distance(ref: list[str], hyp: list[str]) -> int:
     return prev[-1]
 
 
+def edit_ops(ref: list[str], hyp: list[str]) -> dict:
+    """One minimum-cost alignment's edit counts: ``{"sub", "del", "ins"}`` (they sum to ``edit_distance``).
+
+    Ties prefer substitutions, then deletions.  With ``N`` reference words, ``ins / N`` is the part of the
+    WER that comes from extra words (e.g. a decoder repeating itself), which a WER above 1 must contain."""
+    n, m = len(ref), len(hyp)
+    d = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n + 1):
+        d[i][0] = i
+    for j in range(m + 1):
+        d[0][j] = j
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]))
+    ops = {"sub": 0, "del": 0, "ins": 0}
+    i, j = n, m
+    while i or j:
+        if i and j and d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
+            ops["sub"] += ref[i - 1] != hyp[j - 1]
+            i, j = i - 1, j - 1
+        elif i and d[i][j] == d[i - 1][j] + 1:
+            ops["del"] += 1
+            i -= 1
+        else:
+            ops["ins"] += 1
+            j -= 1
+    return ops
+
+
+def wer_breakdown(refs, hyps) -> dict:
+    """Corpus substitution, deletion and insertion rates (each over the reference words; they sum to the WER)."""
+    from ..testbed.mm_data import normalize_transcript
+
+    if len(refs) != len(hyps):
+        raise ValueError("refs and hyps differ in length")
+    tot, words = {"sub": 0, "del": 0, "ins": 0}, 0
+    for r, h in zip(refs, hyps):
+        rw = normalize_transcript(r)
+        for k, v in edit_ops(rw, normalize_transcript(h)).items():
+            tot[k] += v
+        words += len(rw)
+    if words == 0:
+        raise ValueError("empty references")
+    return {k: v / words for k, v in tot.items()} | {"words": words}
+
+
 def wer(refs, hyps) -> float:
     """Corpus word error rate: total word edits / total reference words, after normalization
     (lower case, punctuation removed, digits spelled out one by one)."""
@@ -87,8 +133,9 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
                     kinds: tuple[str, ...] | None = None) -> dict:
     """Greedy-decode every clip of ``dataset`` and score it against its transcript (normalized text).
 
-    Returns ``{"wer", "wer_digits", "wer_sentences", "n", "n_digits", "n_sentences", "examples"}`` (a part is
-    ``None`` when the set has no such clips).  ``replace_audio="silence"`` feeds zeros of the same
+    Returns ``{"wer", "wer_digits", "wer_sentences", "n", "n_digits", "n_sentences", "errors_digits",
+    "errors_sentences", "examples"}`` (a part is ``None`` when the set has no such clips); ``errors_*`` splits
+    the WER into substitution, deletion and insertion rates (``wer_breakdown``).  ``replace_audio="silence"`` feeds zeros of the same
     length instead of the speech (an ablation: the scores must collapse)."""
     import numpy as np
     from tqdm.auto import tqdm
@@ -113,6 +160,7 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
         sel = [i for i, k in enumerate(kinds) if k == kind]
         out[f"wer_{key}"] = wer([refs[i] for i in sel], [hyps[i] for i in sel]) if sel else None
         out[f"n_{key}"] = len(sel)
+        out[f"errors_{key}"] = wer_breakdown([refs[i] for i in sel], [hyps[i] for i in sel]) if sel else None
     out["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]] + \
         [{"ref": refs[i], "hyp": hyps[i]} for i in range(len(refs)) if kinds[i] == "sentence"][:2]
     return out
