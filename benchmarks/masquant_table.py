@@ -60,7 +60,14 @@ def main():
     ap.add_argument("--asr", type=int, default=50, help="speech-test spoken-digit clips")
     ap.add_argument("--vqa", type=int, default=20, help="image-qa-test items per question type")
     ap.add_argument("--out", default="runs/masquant")
+    ap.add_argument("--skip-dense", action="store_true", help="do not evaluate the unquantized model")
+    ap.add_argument("--part", help="run a slice of the table in its own process: rows go to OUT/parts/PART.json "
+                                   "(same --out, calibration set and seed for every part); join them with --merge")
+    ap.add_argument("--merge", action="store_true", help="join OUT/parts/*.json into one table and render it")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        return merge_parts(out)
 
     from mmcompress.eval.asr import word_error_rate
     from mmcompress.eval.perplexity import text_perplexity
@@ -73,8 +80,11 @@ def main():
     from mmcompress.testbed.data import calibration_set, eval_text
     from mmcompress.testbed.registry import fetch
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    table = out / "masquant_table.json"
+    if args.part:
+        (out / "parts").mkdir(exist_ok=True)
+        table = out / "parts" / f"{args.part}.json"
     path = fetch(args.model)
     base = load_hf_model(path)
     proc, tok = load_processor(path), load_tokenizer(path)
@@ -91,13 +101,15 @@ def main():
         if has_audio:
             asr = word_error_rate(model, proc, "speech-test", limit=args.asr, kinds=("digits",), max_new_tokens=16)
             row["wer_digits"] = asr["wer_digits"]
+            row["wer_digits_ins"] = round(asr["errors_digits"]["ins"], 4)  # the part of the WER from extra words
         vqa = accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
         choice = choice_accuracy(model, proc, "image-qa-test", limit_per_type=args.vqa)
         return {**row, "image_qa_acc": vqa["accuracy"], "image_qa_by_type": vqa["by_type"],
                 "image_qa_choice": choice["accuracy"], "image_qa_choice_by_type": choice["by_type"]}
 
-    rows = [{"scheme": "fp32", "method": "dense", **evaluate(base)}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = [] if args.skip_dense else [{"scheme": "fp32", "method": "dense", **evaluate(base)}]
+    if rows:
+        print(json.dumps(rows[-1]), flush=True)
     for scheme in args.schemes:
         for name in args.methods:
             method, opts = name, {}
@@ -125,8 +137,29 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
-            (out / "masquant_table.json").write_text(json.dumps({"model": args.model, "calibration_tokens": counts,
-                                                                 "args": vars(args), "rows": rows}, indent=1))
+            table.write_text(json.dumps({"model": args.model, "calibration_tokens": counts,
+                                         "args": vars(args), "rows": rows}, indent=1))
+    if not args.part:
+        print(render_report(out))
+
+
+def merge_parts(out: Path) -> None:
+    """Join the ``--part`` tables in ``out/parts`` (dense first, then scheme and method order) and render them."""
+    from mmcompress.eval.report import render_report
+
+    parts = [json.loads(f.read_text()) for f in sorted((out / "parts").glob("*.json"))]
+    if not parts:
+        raise SystemExit(f"no part tables in {out / 'parts'}")
+    tokens = {json.dumps(p["calibration_tokens"], sort_keys=True) for p in parts}
+    if len(tokens) != 1:
+        raise SystemExit(f"the parts were calibrated on different data: {sorted(tokens)}")
+    order = ["rtn", "smoothquant", "awq", "mbq", "masquant", "masquant-split"]
+    rows = [r for p in parts for r in p["rows"]]
+    rows.sort(key=lambda r: (r["method"] != "dense", r["scheme"],
+                             order.index(r["method"]) if r["method"] in order else len(order)))
+    (out / "masquant_table.json").write_text(json.dumps({"model": parts[0]["model"], "calibration_tokens":
+                                                         parts[0]["calibration_tokens"], "parts": [p["args"] for p in parts],
+                                                         "rows": rows}, indent=1))
     print(render_report(out))
 
 
