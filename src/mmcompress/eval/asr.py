@@ -5,13 +5,7 @@ from __future__ import annotations
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
     """Levenshtein distance over words (substitutions, insertions, deletions all cost 1)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
+    return sum(edit_ops(ref, hyp).values())
 
 
 def edit_ops(ref: list[str], hyp: list[str]) -> dict:
@@ -44,9 +38,12 @@ def edit_ops(ref: list[str], hyp: list[str]) -> dict:
 
 
 def wer_breakdown(refs, hyps) -> dict:
-    """Corpus substitution, deletion and insertion rates (each over the reference words; they sum to the WER)."""
+    """Corpus word error rate split into substitution, deletion and insertion rates, each over the
+    reference words: ``{"wer", "sub", "del", "ins", "words"}`` with ``wer = sub + del + ins``."""
     from ..testbed.mm_data import normalize_transcript
 
+    if isinstance(refs, str):
+        refs, hyps = [refs], [hyps]
     if len(refs) != len(hyps):
         raise ValueError("refs and hyps differ in length")
     tot, words = {"sub": 0, "del": 0, "ins": 0}, 0
@@ -57,26 +54,13 @@ def wer_breakdown(refs, hyps) -> dict:
         words += len(rw)
     if words == 0:
         raise ValueError("empty references")
-    return {k: v / words for k, v in tot.items()} | {"words": words}
+    return {"wer": sum(tot.values()) / words, **{k: v / words for k, v in tot.items()}, "words": words}
 
 
 def wer(refs, hyps) -> float:
     """Corpus word error rate: total word edits / total reference words, after normalization
     (lower case, punctuation removed, digits spelled out one by one)."""
-    from ..testbed.mm_data import normalize_transcript
-
-    if isinstance(refs, str):
-        refs, hyps = [refs], [hyps]
-    if len(refs) != len(hyps):
-        raise ValueError("refs and hyps differ in length")
-    errs = words = 0
-    for r, h in zip(refs, hyps):
-        rw, hw = normalize_transcript(r), normalize_transcript(h)
-        errs += edit_distance(rw, hw)
-        words += len(rw)
-    if words == 0:
-        raise ValueError("empty references")
-    return errs / words
+    return wer_breakdown(refs, hyps)["wer"]
 
 
 def _prompt(model, default):
@@ -134,9 +118,9 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
     """Greedy-decode every clip of ``dataset`` and score it against its transcript (normalized text).
 
     Returns ``{"wer", "wer_digits", "wer_sentences", "n", "n_digits", "n_sentences", "errors_digits",
-    "errors_sentences", "examples"}`` (a part is ``None`` when the set has no such clips); ``errors_*`` splits
-    the WER into substitution, deletion and insertion rates (``wer_breakdown``).  ``replace_audio="silence"`` feeds zeros of the same
-    length instead of the speech (an ablation: the scores must collapse)."""
+    "errors_sentences", "examples"}`` (a part is ``None`` when the set has no such clips); ``errors_*`` is
+    ``wer_breakdown`` (substitution, deletion and insertion rates).  ``replace_audio="silence"`` feeds
+    zeros of the same length instead of the speech (an ablation: the scores must collapse)."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -158,9 +142,10 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
     out = {"wer": wer(refs, hyps), "n": len(refs)}
     for kind, key in (("digits", "digits"), ("sentence", "sentences")):
         sel = [i for i, k in enumerate(kinds) if k == kind]
-        out[f"wer_{key}"] = wer([refs[i] for i in sel], [hyps[i] for i in sel]) if sel else None
+        errors = wer_breakdown([refs[i] for i in sel], [hyps[i] for i in sel]) if sel else None
+        out[f"wer_{key}"] = errors["wer"] if errors else None
         out[f"n_{key}"] = len(sel)
-        out[f"errors_{key}"] = wer_breakdown([refs[i] for i in sel], [hyps[i] for i in sel]) if sel else None
+        out[f"errors_{key}"] = errors
     out["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]] + \
         [{"ref": refs[i], "hyp": hyps[i]} for i in range(len(refs)) if kinds[i] == "sentence"][:2]
     return out
