@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._inputs import testbed_prompt, to_model
+
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
     """Levenshtein distance over words (substitutions, insertions, deletions all cost 1)."""
@@ -63,38 +65,14 @@ def wer(refs, hyps) -> float:
     return wer_breakdown(refs, hyps)["wer"]
 
 
-def _prompt(model, default):
-    import json
-    from pathlib import Path
-
-    src = getattr(model, "_mmcompress_source", None)
-    if src and (Path(src) / "mm_testbed.json").is_file():
-        return json.loads((Path(src) / "mm_testbed.json").read_text()).get("prompts", {}).get("audio", default)
-    return default
-
-
-def _first_device(model):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        import torch
-
-        return torch.device("cpu")
-
-
 def transcribe(model, processor, audio, *, prompt: str | None = None, max_new_tokens: int = 48) -> str:
     """Greedy transcription of one 16 kHz waveform with an Omni thinker and its processor."""
     import torch
 
     from ..testbed.multimodal import AUDIO_PROMPT
 
-    prompt = prompt or _prompt(model, AUDIO_PROMPT)
-    inputs = processor(text=[prompt], audio=[audio], return_tensors="pt")
-    dev = _first_device(model)
-    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
-    if "input_features" in inputs:
-        dtype = next(model.parameters()).dtype
-        inputs["input_features"] = inputs["input_features"].to(dtype if dtype.is_floating_point else torch.float32)
+    prompt = prompt or testbed_prompt(model, "audio", AUDIO_PROMPT)
+    inputs = to_model(model, processor(text=[prompt], audio=[audio], return_tensors="pt"))
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seq = out.sequences if hasattr(out, "sequences") else out

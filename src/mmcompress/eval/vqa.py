@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from ._inputs import testbed_prompt, to_model
+
 
 def normalize_answer(text: str) -> str:
     text = text.lower().strip()
@@ -21,35 +23,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def _prompt(model, default):
-    import json
-    from pathlib import Path
-
-    src = getattr(model, "_mmcompress_source", None)
-    if src and (Path(src) / "mm_testbed.json").is_file():
-        return json.loads((Path(src) / "mm_testbed.json").read_text()).get("prompts", {}).get("image", default)
-    return default
-
-
-def _to_model(model, inputs: dict) -> dict:
-    """Processor outputs on the model's device; pixel values in its floating dtype."""
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
-    if "pixel_values" in inputs and dtype.is_floating_point:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
-
-
 def answer(model, processor, image, question: str, *, prompt: str | None = None, max_new_tokens: int = 6) -> str:
     """Greedy short answer to ``question`` about a PIL ``image``."""
     import torch
 
     from ..testbed.multimodal import IMAGE_PROMPT
 
-    template = prompt or _prompt(model, IMAGE_PROMPT)
+    template = prompt or testbed_prompt(model, "image", IMAGE_PROMPT)
     inputs = processor(text=[template.format(question=question)], images=[image], return_tensors="pt")
-    inputs = _to_model(model, inputs)
+    inputs = to_model(model, inputs)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seq = out.sequences if hasattr(out, "sequences") else out
@@ -120,11 +102,10 @@ def _answer_logprob(model, processor, image, prompt_text: str, answer_text: str)
     ids = full["input_ids"]
     if ids.shape[1] <= n or not torch.equal(ids[0, :n], prefix["input_ids"][0]):
         raise ValueError(f"the answer {answer_text!r} does not tokenize as a continuation of the prompt")
-    dev = next(model.parameters()).device
-    inputs = _to_model(model, full)
+    inputs = to_model(model, full)
     with torch.no_grad():
         logits = model(**inputs).logits[0, n - 1:-1].double()
-    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None].to(dev)).sum())
+    return float(torch.log_softmax(logits, -1).gather(-1, inputs["input_ids"][0, n:, None]).sum())
 
 
 def choice_accuracy(model, processor, dataset="image-qa-test", *, limit_per_type: int | None = None,
@@ -139,7 +120,7 @@ def choice_accuracy(model, processor, dataset="image-qa-test", *, limit_per_type
     for it in items:
         candidates.setdefault(it.get("type", "all"), set()).add(it["answer"])
     items = _first_per_type(items, limit_per_type)
-    template = _prompt(model, IMAGE_PROMPT)
+    template = testbed_prompt(model, "image", IMAGE_PROMPT)
     by_type: dict = {}
     correct = 0
     for it in tqdm(items, desc="vqa-choice", disable=not progress):
