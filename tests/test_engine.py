@@ -64,9 +64,11 @@ def test_kill_after_layer_3_then_resume_is_bit_identical(tmp_path, calib_text):
             "--seqlen", 32, "--no-progress"]
     run_cli(*args, "--output", tmp_path / "full")
     ckpt = tmp_path / "ck"
-    killed = run_cli(*args, "--output", tmp_path / "resumed", "--checkpoint-dir", ckpt,
-                     env={**ENV, "MMCOMPRESS_DEBUG_EXIT_AFTER_LAYER": "3"}, check=False)
-    assert killed.returncode == 137
+    from . import _kill_at_step
+
+    killed = _kill_at_step.run([*args, "--output", tmp_path / "resumed", "--checkpoint-dir", ckpt],
+                               kill="checkpoint.pruned:3@1")  # kill -9 right after layer 3 is committed
+    assert killed == -9
     assert not (tmp_path / "resumed").exists()
     assert json.loads((ckpt / "state.json").read_text())["next_layer"] == 4
     run_cli(*args, "--output", tmp_path / "resumed", "--checkpoint-dir", ckpt, "--resume")

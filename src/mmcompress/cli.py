@@ -35,6 +35,12 @@ def _add_calib(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_overwrite(p: argparse.ArgumentParser):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --output (atomically; never one that is, contains or is "
+                        "inside the input, nor the working directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
     _add_calib(q)
     q.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
+    _add_overwrite(q)
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32")
     _add_calib(c)
     c.add_argument("--output", "-o", required=True)
+    _add_overwrite(c)
     c.add_argument("--no-progress", action="store_true")
     _add_common(c)
 
@@ -99,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="render the JSON results in a run directory as Markdown + PNG plots")
     r.add_argument("run_dir")
+    r.add_argument("--output", "-o", help="directory for report.md and the plots (default: RUN_DIR; a report.md "
+                                          "there that mmcompress did not write is never replaced)")
     r.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a model or compressed artifact")
@@ -218,8 +228,15 @@ def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
             raise CLIError(f"calibration file {spec} is empty")
 
 
+def _inputs(model, calib=None) -> list:
+    """Paths an --output must not overlap: the model directory and a calibration file."""
+    return [model] + ([calib] if calib and Path(calib).exists() else [])
+
+
 def cmd_quantize(args) -> dict:
+    from .engine import is_checkpoint_file
     from .export.serialization import save
+    from .fileio import CheckpointDir, check_output
     from .models.adapters import get_adapter
     from .models.loading import load_hf_model, read_config
     from .quant.api import make_method, quantize
@@ -231,16 +248,28 @@ def cmd_quantize(args) -> dict:
     read_config(args.model)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
-    model = load_hf_model(args.model, dtype=args.dtype)
-    get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.ckpt"
-    quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ckpt, resume=args.resume,
-             progress=not args.no_progress, report_dir=args.report, **options)
-    save(model, out, source_dir=args.model)
-    import shutil
-
-    shutil.rmtree(ckpt, ignore_errors=True)
+    inputs = _inputs(args.model, args.calib)
+    real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else real_out.parent / f"{real_out.name}.ckpt"
+    real_ck = Path(os.path.realpath(ckpt))
+    if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
+        raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
+    check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
+    ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
+    try:
+        model = load_hf_model(args.model, dtype=args.dtype)
+        get_adapter(model)
+        calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+        quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
+                 progress=not args.no_progress, report_dir=args.report, **options)
+        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        ck.remove(is_checkpoint_file)
+    except BaseException:
+        if not (ck.path / "state.json").exists():  # nothing worth resuming: leave nothing behind
+            ck.remove(is_checkpoint_file)
+        raise
+    finally:
+        ck.close()
     desc = model._mmcompress_description
     result = {"output": str(out), "method": args.method, "scheme": scheme.name,
               "calibration": desc["calibration"], "seconds": desc["seconds"]}
@@ -335,14 +364,18 @@ def cmd_compress(args) -> dict:
     from .models.loading import load_hf_model, read_config
     from .recipe import apply_recipe, load_recipe
 
+    from .fileio import check_output
+
     steps = load_recipe(args.recipe)
     read_config(args.model)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    inputs = _inputs(args.model, args.calib) + [args.recipe]
+    check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_hf_model(args.model, dtype=args.dtype)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
     apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
-    save(model, args.output, source_dir=args.model)
+    save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
     desc = model._mmcompress_description
     print(f"compressed {args.model} with {len(steps)} steps -> {args.output} ({desc['seconds']} s)", file=sys.stderr)
     return {"output": str(args.output), "steps": [
@@ -362,7 +395,7 @@ def cmd_demo(args) -> dict:
 def cmd_report(args) -> dict:
     from .eval.report import render_report
 
-    out = render_report(args.run_dir)
+    out = render_report(args.run_dir, getattr(args, "output", None))
     print(out)
     return {"report": str(out), "files": sorted(p.name for p in out.parent.glob("*.png"))}
 

@@ -9,8 +9,12 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
-3. **Checkpoint.** After each layer its state and the next layer's inputs are written atomically to
-   a checkpoint directory; ``resume=True`` restores finished layers and continues bit-identically.
+3. **Checkpoint.** After each layer, its state (``layer_N.safetensors``, the module structure in the
+   metadata) and the next layer's inputs (``acts_N.safetensors``) are written, then ``state.json``
+   naming them is replaced atomically: that rename is the one commit point, so a kill at any instant
+   resumes from a consistent layer.  ``resume=True`` restores finished layers and continues
+   bit-identically, if the fingerprint (model weights, full method configuration, calibration
+   inputs) matches.  The directory is ours alone and locked while in use (:class:`fileio.CheckpointDir`).
 """
 
 from __future__ import annotations
@@ -19,17 +23,18 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import fileio
 from .models.adapters import ModelAdapter
 from .models.modality import modality_context, modality_ids
 
@@ -247,15 +252,17 @@ class Method:
 
 
 def _atomic_save_tensors(tensors: dict, path: Path, meta: dict | None = None):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    fileio.atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                    metadata=meta))
 
 
-def _atomic_write_json(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+_CHECKPOINT_FILE = re.compile(r"(layer_\d{4}\.(safetensors|json)|acts_\d{4}\.safetensors|activations\.safetensors"
+                              r"|state\.json)")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """A file name that :func:`run_layerwise` writes into a checkpoint directory."""
+    return _CHECKPOINT_FILE.fullmatch(name) is not None
 
 
 def run_layerwise(
@@ -274,35 +281,54 @@ def run_layerwise(
     """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts."""
     device = torch.device(device)
     model.eval()
+    ckpt = checkpoint_dir
+    if ckpt is not None and not isinstance(ckpt, fileio.CheckpointDir):
+        ckpt = fileio.CheckpointDir(ckpt).open()
+        own_lock = True
+    else:
+        own_lock = False
+    try:
+        return _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done,
+                              diagnostics)
+    finally:
+        if own_lock:
+            ckpt.close()
+
+
+def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics):
+    model_digest = _model_digest(model, adapter) if ckpt is not None else None  # before any method touches it
     method.prepare(model, adapter, samples)
     captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
     inputs = captured.hidden
     fp_inputs = list(inputs) if (method.needs_fp_chain or diagnostics is not None) else None
     layers = adapter.layers
     start = 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    fingerprint = _fingerprint(method, captured)
     if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        state_path = ckpt / "state.json"
+        fingerprint = {"model": model_digest, "method": _method_digest(method, fp_inputs is not None),
+                       "calibration": _calibration_digest(captured)}
+        ckdir = ckpt.path
+        state_path = ckdir / "state.json"
         if resume and state_path.exists():
             state = json.loads(state_path.read_text())
-            if state.get("fingerprint") != fingerprint:
-                raise RuntimeError(f"checkpoint in {ckpt} was made with another method, scheme or calibration set; "
-                                   "remove it or run without --resume")
+            _check_fingerprint(state.get("fingerprint"), fingerprint, ckdir)
             start = state["next_layer"]
             for i in range(start):
-                structure = json.loads((ckpt / f"layer_{i:04d}.json").read_text())
-                method.rebuild_layer(layers[i], structure)
-                layers[i].load_state_dict(load_file(str(ckpt / f"layer_{i:04d}.safetensors")), strict=True)
-            acts = load_file(str(ckpt / "activations.safetensors"))
-            inputs = [acts[f"x.{j}"] for j in range(len(captured))]
-            if fp_inputs is not None:
-                fp_inputs = [acts[f"fp.{j}"] for j in range(len(captured))]
-        elif not resume:
-            for p in ckpt.glob("*"):
-                if p.is_file() and (p.name.startswith("layer_") or p.name in ("state.json", "activations.safetensors")):
+                with safe_open(str(ckdir / f"layer_{i:04d}.safetensors"), "pt") as f:
+                    meta = f.metadata() or {}
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                _check_fingerprint(json.loads(meta.get("fingerprint", "null")), fingerprint, ckdir)
+                method.rebuild_layer(layers[i], json.loads(meta["structure"]))
+                layers[i].load_state_dict(tensors, strict=True)
+            if start:
+                acts = load_file(str(ckdir / state["activations"]))
+                inputs = [acts[f"x.{j}"] for j in range(len(captured))]
+                if fp_inputs is not None:
+                    fp_inputs = [acts[f"fp.{j}"] for j in range(len(captured))]
+        else:  # start afresh: our files only
+            for p in ckdir.iterdir():
+                if p.is_file() and is_checkpoint_file(p.name):
                     p.unlink()
+        fp_json = json.dumps(fingerprint, sort_keys=True)
     infos: list[dict] = []
     bar = tqdm(range(start, len(layers)), desc=f"{method.name}", unit="layer", disable=not progress,
                initial=start, total=len(layers))
@@ -332,44 +358,111 @@ def run_layerwise(
         info = {"layer": i, **ctx.info}
         infos.append(info)
         if ckpt is not None:
-            _atomic_write_json(method.layer_structure(layer), ckpt / f"layer_{i:04d}.json")
-            _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()}, ckpt / f"layer_{i:04d}.safetensors")
-            acts = {f"x.{j}": t for j, t in enumerate(inputs)}
-            if fp_inputs is not None:
-                acts.update({f"fp.{j}": t for j, t in enumerate(fp_inputs)})
-            _atomic_save_tensors(acts, ckpt / "activations.safetensors")
-            _atomic_write_json({"next_layer": i + 1, "fingerprint": fingerprint}, ckpt / "state.json")
-            stop_after = os.environ.get("MMCOMPRESS_DEBUG_EXIT_AFTER_LAYER")
-            if stop_after is not None and int(stop_after) == i:
-                os._exit(137)  # simulate a killed process (used by the resume test)
+            _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json)
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
     return infos
 
 
-def _fingerprint(method: Method, captured: CapturedInputs) -> str:
-    h = hashlib.sha256(json.dumps(method.config(), sort_keys=True, default=str).encode())
-    for x in captured.hidden:
-        h.update(x.float().numpy().tobytes()[:4096])
-        h.update(str(tuple(x.shape)).encode())
-    return h.hexdigest()[:16]
+def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str) -> None:
+    """Write layer ``i``'s state and the next inputs, then commit both by replacing ``state.json``."""
+    meta = {"structure": json.dumps(method.layer_structure(layer), sort_keys=True), "fingerprint": fp_json}
+    _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()},
+                         ckdir / f"layer_{i:04d}.safetensors", meta)
+    fileio.step(f"checkpoint.layer:{i}")
+    acts = {f"x.{j}": t for j, t in enumerate(inputs)}
+    if fp_inputs is not None:
+        acts.update({f"fp.{j}": t for j, t in enumerate(fp_inputs)})
+    _atomic_save_tensors(acts, ckdir / f"acts_{i:04d}.safetensors", {"fingerprint": fp_json})
+    fileio.step(f"checkpoint.acts:{i}")
+    fileio.atomic_write_json(ckdir / "state.json", {"next_layer": i + 1, "activations": f"acts_{i:04d}.safetensors",
+                                                    "fingerprint": fingerprint}, indent=1, sort_keys=True)
+    fileio.step(f"checkpoint.state:{i}")
+    for p in ckdir.glob("acts_*.safetensors"):  # inputs of earlier layers are no longer needed
+        if p.name != f"acts_{i:04d}.safetensors":
+            p.unlink()
+    fileio.step(f"checkpoint.pruned:{i}")
 
 
-@contextmanager
-def temporary_dir_for(output: str | os.PathLike):
-    """Yield a temporary sibling directory that is renamed to ``output`` on success, removed on error."""
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def _check_fingerprint(found, expected: dict, ckdir: Path) -> None:
+    if found == expected:
+        return
+    if not isinstance(found, dict):
+        raise RuntimeError(f"checkpoint in {ckdir} was made by another mmcompress version; "
+                           "remove it or run without --resume")
+    what = {"model": "another model", "method": "another method or method configuration",
+            "calibration": "another calibration set"}
+    diff = [what.get(k, k) for k in expected if found.get(k) != expected[k]]
+    raise RuntimeError(f"checkpoint in {ckdir} was made with {' and '.join(diff)}; remove it or run without --resume")
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+_DIGEST_ELEMENTS = 1 << 16
+
+
+def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
+    """All bytes of a small tensor; of a large one, two interleaved strided samples of 64 Ki elements
+    each (milliseconds per tensor; any other model — a fine-tune, another seed — differs there)."""
+    t = t.detach()
+    flat = t.reshape(-1)
+    if flat.numel() <= 2 * _DIGEST_ELEMENTS:
+        _hash_tensor(h, name, t)
+        return
+    step = -(-flat.numel() // _DIGEST_ELEMENTS)
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+    _hash_tensor(h, name, flat[::step])
+    _hash_tensor(h, name, flat[step // 2::step])
+
+
+def _model_digest(model: nn.Module, adapter: ModelAdapter) -> str:
+    """Hash of the configuration plus a digest of every decoder layer's tensors."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for i, layer in enumerate(adapter.layers):
+        lh = hashlib.sha256()
+        for name, t in layer.state_dict().items():
+            _tensor_digest(lh, name, t)
+        h.update(f"layer{i}:{lh.hexdigest()};".encode())
+    return h.hexdigest()[:32]
+
+
+def _method_digest(method: Method, fp_chain: bool) -> str:
+    """The method's configuration and every plain attribute of it (a seed a config() forgot counts too)."""
+    plain = (int, float, str, bool, type(None), list, tuple, dict)
+    attrs = {k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and isinstance(v, plain)}
+    blob = json.dumps({"class": f"{type(method).__module__}.{type(method).__qualname__}", "config": method.config(),
+                       "attrs": attrs, "fp_chain": fp_chain}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _calibration_digest(captured: CapturedInputs) -> str:
+    """Hash of every captured layer-0 input, its layer-0 keyword tensors and its modality ids."""
+    h = hashlib.sha256()
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            _hash_tensor(h, prefix, obj)
+        elif isinstance(obj, (tuple, list)):
+            for k, o in enumerate(obj):
+                walk(f"{prefix}.{k}", o)
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                walk(f"{prefix}.{k}", obj[k])
+        elif isinstance(obj, (int, float, str, bool, type(None))):
+            h.update(f"{prefix}={obj!r};".encode())
+
+    for j in range(len(captured)):
+        walk(f"x{j}", captured.hidden[j])
+        walk(f"m{j}", captured.modality[j])
+        walk(f"kw{j}", captured.layer_kwargs[j][0] if captured.layer_kwargs[j] else {})
+    return h.hexdigest()[:32]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write, atomic_write_text
 from ..models.modality import MODALITY_NAMES, TEXT, VIDEO
 
 
@@ -171,9 +172,7 @@ def write_report(report_dir, diagnostics: Diagnostics, description: dict) -> Pat
     data = {"name": name, **{k: v for k, v in description.items() if k != "layers"},
             "summary": diagnostics.summary(), "layers": diagnostics.layers}
     path = report_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
     plot_sqnr(report_dir)
     return path
 
@@ -184,8 +183,12 @@ def _json_default(o):
     return str(o)
 
 
-def plot_sqnr(report_dir) -> Path | None:
-    """``sqnr_by_modality.png``: per-layer accumulated SQNR, one panel per modality, one line per run."""
+PNG_METADATA = {"Software": "mmcompress"}  # how `mmcompress report` knows a plot is its own
+
+
+def plot_sqnr(report_dir, out_dir=None) -> Path | None:
+    """``sqnr_by_modality.png`` (in ``out_dir``, default ``report_dir``): per-layer accumulated SQNR, one
+    panel per modality, one line per run."""
     try:
         import matplotlib
 
@@ -224,7 +227,7 @@ def plot_sqnr(report_dir) -> Path | None:
     axes[0][0].set_ylabel("SQNR of layer output (dB)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    out = report_dir / "sqnr_by_modality.png"
-    fig.savefig(out, dpi=110)
+    out = Path(out_dir or report_dir) / "sqnr_by_modality.png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=PNG_METADATA))
     plt.close(fig)
     return out

@@ -8,6 +8,11 @@ A run directory holds JSON files written by mmcompress: the ``--json`` output of
 * results with ``sparsity`` and ``ppl`` → ``sparsity_vs_ppl.png``;
 * results with ``sparsity`` and a speed-up (``speedup`` / ``ratio``) → ``speed_vs_sparsity.png``;
 * anything else → a table of its top-level numbers.
+
+The report goes to ``report.md`` and the plots beside it, in ``output_dir`` (default: the run
+directory).  A ``report.md`` or plot that exists there and was not written by ``mmcompress report``
+(its first line / PNG metadata say so) is never overwritten: the command refuses and names
+``--output``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from ..fileio import atomic_write, atomic_write_text
+
+MARK = "<!-- written by mmcompress report; the next `mmcompress report` replaces this file -->"
+PLOTS = ("sqnr_by_modality.png", "sparsity_vs_ppl.png", "speed_vs_sparsity.png")
 
 
 def _load_runs(run_dir: Path) -> list[tuple[str, dict]]:
@@ -88,13 +98,32 @@ def _plot_xy(points, ylabel, path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .diagnostics import PNG_METADATA
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=PNG_METADATA))
     plt.close(fig)
     return path
 
 
-def render_report(run_dir) -> Path:
-    """Write ``report.md`` (and plots) into ``run_dir``; returns the Markdown path."""
+def _written_by_us(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.suffix == ".md":
+        return head.startswith(MARK.encode())
+    return head.startswith(b"\x89PNG") and b"mmcompress" in head
+
+
+def _check_targets(out_dir: Path) -> None:
+    """Refuse before writing anything if a file we would replace is not ours."""
+    for name in ("report.md", *PLOTS):
+        p = out_dir / name
+        if (p.exists() or p.is_symlink()) and (not p.is_file() or not _written_by_us(p)):
+            raise FileExistsError(f"{p} exists and was not written by mmcompress report; move it away or "
+                                  "pass --output DIR to write the report elsewhere")
+
+
+def render_report(run_dir, output_dir=None) -> Path:
+    """Write ``report.md`` (and plots) into ``output_dir`` (default ``run_dir``); returns the Markdown path."""
     from .diagnostics import plot_sqnr
 
     run_dir = Path(run_dir)
@@ -103,7 +132,10 @@ def render_report(run_dir) -> Path:
     runs = _load_runs(run_dir)
     if not runs:
         raise ValueError(f"no mmcompress JSON results in {run_dir}")
-    lines = [f"# mmcompress report: {run_dir.name}", ""]
+    out_dir = Path(output_dir) if output_dir is not None else run_dir
+    _check_targets(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [MARK, f"# mmcompress report: {run_dir.name}", ""]
     diag = [(n, d) for n, d in runs if n.startswith("diagnostics-")]
     others = [(n, d) for n, d in runs if not n.startswith("diagnostics-")]
     for name, d in others:
@@ -113,7 +145,7 @@ def render_report(run_dir) -> Path:
             lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in d["rows"]]
             lines.append("")
     if diag:
-        png = plot_sqnr(run_dir)
+        png = plot_sqnr(run_dir, out_dir)
         lines += ["## Per-modality SQNR of decoder-layer outputs", ""]
         if png:
             lines += [f"![SQNR by modality]({png.name})", ""]
@@ -128,12 +160,12 @@ def render_report(run_dir) -> Path:
             cells = [_fmt(means.get(m)) + (f" / {_fmt(tok[m])}" if m in tok else "") for m in mods]
             lines.append(f"| {name.removeprefix('diagnostics-')} | " + " | ".join(cells) + " |")
         lines.append("")
-    ppl = _plot_xy(_points(others, ("ppl", "wiki_ppl")), "perplexity", run_dir / "sparsity_vs_ppl.png",
+    ppl = _plot_xy(_points(others, ("ppl", "wiki_ppl")), "perplexity", out_dir / "sparsity_vs_ppl.png",
                    "perplexity vs sparsity")
     if ppl:
         lines += ["## Perplexity vs sparsity", "", f"![perplexity vs sparsity]({ppl.name})", ""]
     speed = _plot_xy(_points(others, ("speedup", "decode_speedup", "ratio")), "speed-up (dense time / sparse time)",
-                     run_dir / "speed_vs_sparsity.png", "speed vs sparsity")
+                     out_dir / "speed_vs_sparsity.png", "speed vs sparsity")
     if speed:
         lines += ["## Speed vs sparsity", "", f"![speed vs sparsity]({speed.name})", ""]
     plain = [(n, d) for n, d in others if not isinstance(d.get("rows"), list)]
@@ -145,8 +177,4 @@ def render_report(run_dir) -> Path:
                 lines += [f"**{name}**", "", "| key | value |", "|---|---|"]
                 lines += [f"| {k} | {_fmt(v)} |" for k, v in sc.items()]
                 lines.append("")
-    out = run_dir / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines))

@@ -6,12 +6,13 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_common
+    from ..cli import _add_common, _add_overwrite
 
     p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM)")
     p.add_argument("model", help="mmcompress artifact directory (from `mmcompress quantize`)")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
     p.add_argument("--output", "-o", help="output directory (written atomically)")
+    _add_overwrite(p)
     p.add_argument("--check", action="store_true",
                    help="pre-flight only: print the vLLM kernel table and what would be folded; write nothing")
     p.add_argument("--requantize", action="store_true",
@@ -36,7 +37,7 @@ def cmd_export(args) -> dict:
     from .compressed_tensors import export_compressed_tensors
 
     report = export_compressed_tensors(args.model, args.output, requantize=args.requantize, tp=args.tp,
-                                       check_only=args.check)
+                                       check_only=args.check, overwrite=args.overwrite)
     for w in report.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if args.check:

@@ -415,12 +415,12 @@ Serve: `vllm serve {out}` (add `--tensor-parallel-size N` for N GPUs), or in Pyt
 
 @torch.no_grad()
 def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp: int = 1,
-                              check_only: bool = False) -> dict:
+                              check_only: bool = False, overwrite: bool = False) -> dict:
     """Export the artifact at ``src`` to ``output`` (atomically); returns the JSON report.
 
     ``check_only``: run the pre-flight checks and return the report without writing anything."""
     from .. import __version__
-    from ..engine import temporary_dir_for
+    from ..fileio import atomic_output_dir, check_output
     from ..models.adapters import get_adapter
     from .serialization import _PROCESSOR_FILES, is_artifact, load
 
@@ -429,6 +429,8 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     src = Path(src)
     if not is_artifact(src):
         raise ExportError(f"{src} is not an mmcompress artifact (run `mmcompress quantize` first)")
+    if output is not None and not check_only:
+        check_output(output, overwrite=overwrite, inputs=[src])  # refuse before the work
     model = load(src)
     report = preflight(model, requantize=requantize, tp=tp)
     description = getattr(model, "_mmcompress_description", {}) or {}
@@ -477,12 +479,12 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         ignore=ignore,
     )
     output = Path(output)
-    with temporary_dir_for(output) as tmp:
+    with atomic_output_dir(output, overwrite=overwrite, inputs=[src]) as tmp:
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         for fname in _PROCESSOR_FILES:
             if (src / fname).is_file():
-                shutil.copy2(src / fname, tmp / fname)
+                shutil.copyfile(src / fname, tmp / fname)
         drop_line = f"* **Text path only.** {dropped['note']}.\n" if dropped["note"] else ""
         (tmp / "README.md").write_text(_README.format(
             name=output.name, version=__version__, source=src, method=report["method"], scheme=scheme.name, fmt=fmt,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from ..engine import temporary_dir_for
+from ..fileio import atomic_output_dir
 from ..quant.linear import QUANT_MODULES
 
 FORMAT_VERSION = 1
@@ -76,8 +76,12 @@ def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
             setattr(parent, child, cls.from_spec(spec, device=device))
 
 
-def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None) -> Path:
-    """Save a (compressed) model as a plain directory; written to a temporary dir, then renamed."""
+def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None, overwrite: bool = False,
+         inputs=()) -> Path:
+    """Save a (compressed) model as a plain directory, atomically (:func:`fileio.atomic_output_dir`).
+
+    An existing non-empty ``output_dir`` is refused unless ``overwrite``; one that overlaps
+    ``source_dir`` or ``inputs`` is always refused."""
     from .. import __version__
 
     output_dir = Path(output_dir)
@@ -93,7 +97,8 @@ def save(model: nn.Module, output_dir, *, description: dict | None = None, sourc
         **(description or {}),
         "modules": module_specs(model),
     }
-    with temporary_dir_for(output_dir) as tmp:
+    sources = [source_dir, *inputs] if source_dir and Path(source_dir).exists() else list(inputs)
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=sources) as tmp:
         model.config.architectures = [manifest["architecture"]]
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
@@ -102,7 +107,7 @@ def save(model: nn.Module, output_dir, *, description: dict | None = None, sourc
             for fname in _PROCESSOR_FILES:
                 src = Path(source_dir) / fname
                 if src.is_file():
-                    shutil.copy2(src, tmp / fname)
+                    shutil.copyfile(src, tmp / fname)  # the user's umask, not the source's mode
     return output_dir
 
 

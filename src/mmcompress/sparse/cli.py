@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_calib, _add_common
+    from ..cli import _add_calib, _add_common, _add_overwrite
 
     p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS, WINA")
     p.add_argument("model", help="local Hugging Face model directory")
@@ -36,13 +35,15 @@ def register(subparsers) -> None:
     _add_calib(p)
     p.set_defaults(nsamples=16, seqlen=1024)
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
+    _add_overwrite(p)
     p.add_argument("--no-progress", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_sparsify)
 
 
 def cmd_sparsify(args) -> dict:
-    from ..cli import CLIError, load_calibration
+    from ..cli import CLIError, _inputs, load_calibration
+    from ..fileio import check_output
     from ..export.serialization import save
     from ..models.adapters import get_adapter
     from ..models.loading import load_hf_model, read_config
@@ -63,6 +64,8 @@ def cmd_sparsify(args) -> dict:
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
     read_config(args.model)
+    inputs = _inputs(args.model, args.calib)
+    check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_hf_model(args.model, dtype=args.dtype)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
@@ -76,7 +79,7 @@ def cmd_sparsify(args) -> dict:
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
              device=args.device, progress=not args.no_progress, **options)
     out = Path(args.output)
-    save(model, out, source_dir=args.model)
+    save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": args.sparsity,
@@ -89,5 +92,4 @@ def cmd_sparsify(args) -> dict:
     print(f"sparsified {args.model} with {args.method}" + (f" (mode {args.mode})" if args.method == "larosa" else "")
           + f": model-level sparsity {info['model_sparsity']:.4f} (target {args.sparsity}, plan {info.get('plan')}, "
           f"prefill {args.prefill}) -> {out} ({desc['seconds']} s)", file=sys.stderr)
-    shutil.rmtree(out.parent / f"{out.name}.ckpt", ignore_errors=True)
     return result
