@@ -110,7 +110,7 @@ def test_working_directory_and_its_parents_are_refused(tmp_path, assets, capsys,
     assert keep.read_text() == SENTINEL
 
 
-def test_sparsify_and_export_refuse_and_take_overwrite(tmp_path, assets, capsys):
+def test_sparsify_and_export_refuse_and_take_overwrite(tmp_path, assets, capsys, tokenizer):
     model, calib = assets
     keep = _sentinel(tmp_path / "out")
     sp = ["sparsify", str(model), "--method", "teal", "--sparsity", "0.3", "--calib", str(calib), "--nsamples", "2",
@@ -119,9 +119,16 @@ def test_sparsify_and_export_refuse_and_take_overwrite(tmp_path, assets, capsys)
     _one_error(capsys, "--overwrite")
     assert _main(capsys, sp + [str(model), "--overwrite"]) == 1
     _one_error(capsys, "is the input")
-    assert _main(capsys, ["export", str(model), "--output", str(tmp_path / "out")]) == 1
-    capsys.readouterr()  # (the model is no artifact: either refusal is fine, nothing is written)
-    assert keep.read_text() == SENTINEL
+    art = tmp_path / "art"
+    tiny, _ = tiny_model("llama", layers=1, tokenizer=tokenizer)
+    mmcompress.save(mmcompress.quantize(tiny, [{"input_ids": torch.arange(8)[None]}], "rtn", "w8a8", progress=False),
+                    art)
+    before = _tree(art)
+    assert _main(capsys, ["export", art, "--output", tmp_path / "out"]) == 1
+    _one_error(capsys, "exists and is not empty", "--overwrite")
+    assert _main(capsys, ["export", art, "--output", art, "--overwrite"]) == 1
+    _one_error(capsys, "is the input")
+    assert keep.read_text() == SENTINEL and _tree(art) == before
 
 
 def test_sparsify_leaves_an_unrelated_ckpt_directory_alone(tmp_path, assets, capsys):
@@ -136,7 +143,7 @@ def test_sparsify_leaves_an_unrelated_ckpt_directory_alone(tmp_path, assets, cap
 def test_overwrite_replaces_an_unrelated_output_and_cleans_up(tmp_path, assets):
     model, calib = assets
     _sentinel(tmp_path / "out")
-    assert main(_q(model, calib, tmp_path / "out", "--overwrite")) == 0
+    assert main(_q(model, calib, tmp_path / "out" / ".." / "out", "--overwrite")) == 0
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "mmcompress.json").is_file()
     assert _leftovers(tmp_path) == []  # no work directory, no checkpoint directory
 

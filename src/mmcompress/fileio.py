@@ -13,8 +13,8 @@ Rules (see the README's "Bad input" paragraph):
   one renamed in), then the work directory (holding the old output) is deleted.  A kill at any
   instant leaves the old or the new artifact complete at the output path (on the fallback path the
   next run renames the old one back if the kill fell between the two renames).
-* **Nothing without our marker is deleted.**  Stale work directories (marker present, lock free:
-  their owner is dead) next to an output are cleaned by the next run that writes that output.
+* **Nothing without our marker is deleted.**  Stale work directories (marker present, lock free,
+  owner pid dead) next to an output are cleaned by the next run that writes that output.
 * **Checkpoint directories** (:class:`CheckpointDir`): a marker file says they are ours, an
   exclusive lock says they are in use; a user directory without the marker is refused unless empty.
 
@@ -253,6 +253,9 @@ def clean_stale(output) -> list[Path]:
     real = _real(output)
     removed = []
     for work in _work_dirs(real):
+        pid = _read_pid(work / MARKER)
+        if pid is not None and _pid_alive(pid):
+            continue
         fd = _try_lock(work / MARKER)
         if fd is None:  # alive
             continue
