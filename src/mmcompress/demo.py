@@ -138,7 +138,9 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
                         "omni-mini's decoder was distributed as dequantized 4-bit weights (see docs/testbed.md)",
                         "speech_wer is the word error rate on the spoken-digit clips of speech-test",
                         "LaRoSA numbers come from the merged (Mode M) model"]}
-    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    from .fileio import atomic_write_text
+
+    atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     result["report"] = str(render_report(out))
     return result
 
