@@ -26,6 +26,12 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
 
 
+def _add_trust(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python files shipped in the model directory (a config's auto_map: custom model, "
+                        "tokenizer or processor classes); off by default, when such code is never imported")
+
+
 def _add_calib(p: argparse.ArgumentParser):
     p.add_argument("--calib", required=True,
                    help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
     _add_common(q)
+    _add_trust(q)
 
     c = sub.add_parser("compress", help="apply a recipe of steps (e.g. LaRoSA then W8A8) and save one artifact")
     c.add_argument("model", help="local Hugging Face model directory")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", required=True)
     c.add_argument("--no-progress", action="store_true")
     _add_common(c)
+    _add_trust(c)
 
     d = sub.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
                                      "(40%%, smollm2-135m) on real models, one table and a report")
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32")
     e.add_argument("--no-progress", action="store_true")
     _add_common(e)
+    _add_trust(e)
 
     for register in _plugins():
         register(sub)
@@ -139,7 +148,8 @@ def _plugins():
 # -- quantize ----------------------------------------------------------------------------------
 
 
-def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int):
+def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int, *,
+                     trust_remote_code: bool = False):
     """Resolve ``--calib``: a file path, or a testbed name."""
     from .data.calibration import CalibrationSet
     from .models.loading import load_tokenizer
@@ -151,8 +161,10 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
         if path.suffix == ".jsonl":
             from .models.processing import load_processor
 
-            return CalibrationSet.from_jsonl(path, load_processor(model_dir), nsamples=nsamples, seed=seed)
-        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir), nsamples, seqlen, seed)
+            return CalibrationSet.from_jsonl(path, load_processor(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples=nsamples, seed=seed)
+        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples, seqlen, seed)
     try:
         from .testbed.data import calibration_set
     except ImportError:
@@ -228,12 +240,14 @@ def cmd_quantize(args) -> dict:
     scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
     options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
-    read_config(args.model)
+    trust = args.trust_remote_code
+    read_config(args.model, trust_remote_code=trust)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
     get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=trust)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.ckpt"
     quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ckpt, resume=args.resume,
              progress=not args.no_progress, report_dir=args.report, **options)
@@ -280,8 +294,8 @@ def cmd_eval(args) -> dict:
     if getattr(args, "vqa_choice", False) and not getattr(args, "vqa", None):
         raise CLIError("--vqa-choice needs --vqa NAME")
     texts = [resolve_text(s) for s in args.ppl]
-    model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
-    tok = load_tokenizer(args.model)
+    model = load_hf_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     result: dict = {"model": str(args.model)}
     for name, text in texts:
         r = text_perplexity(model, tok, text, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
@@ -299,7 +313,7 @@ def _eval_multimodal(model, args) -> dict:
     from .models.processing import load_processor
 
     src = getattr(model, "_mmcompress_source", None) or args.model
-    processor = load_processor(src)
+    processor = load_processor(src, trust_remote_code=getattr(args, "trust_remote_code", False))
     out: dict = {}
     if args.asr:
         from .eval.asr import word_error_rate
@@ -336,11 +350,13 @@ def cmd_compress(args) -> dict:
     from .recipe import apply_recipe, load_recipe
 
     steps = load_recipe(args.recipe)
-    read_config(args.model)
+    trust = args.trust_remote_code
+    read_config(args.model, trust_remote_code=trust)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
     get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=trust)
     apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
     save(model, args.output, source_dir=args.model)
     desc = model._mmcompress_description

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_calib, _add_common
+    from ..cli import _add_calib, _add_common, _add_trust
 
     p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS")
     p.add_argument("model", help="local Hugging Face model directory")
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--no-progress", action="store_true")
     _add_common(p)
+    _add_trust(p)
     p.set_defaults(func=cmd_sparsify)
 
 
@@ -59,8 +60,8 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--prefill last_half applies to larosa and teal")
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
-    read_config(args.model)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    read_config(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged
@@ -68,7 +69,8 @@ def cmd_sparsify(args) -> dict:
         ok, why = supports_merged(adapter)
         if not ok:
             raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=args.trust_remote_code)
     options = {"basis": args.basis, "column_scale": args.column_scale} if args.method == "larosa" else {}
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
              device=args.device, progress=not args.no_progress, **options)
