@@ -191,21 +191,20 @@ def _divergence_arg(value: str):
 
 
 def _method_options(args) -> dict:
-    """Method keyword options from the CLI; an option the method does not take is an error."""
-    import inspect
-
+    """Method keyword options from the CLI, validated by the method's option table (the same
+    checks and messages as recipe steps); an option the method does not take is an error."""
+    from .options import OptionError, check_options
     from .quant.methods import QUANT_METHODS
 
     cls = QUANT_METHODS.get(args.method.lower())
     if cls is None:
         raise CLIError(f"unknown quantization method {args.method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    accepted = inspect.signature(cls.__init__).parameters
     options = {}
     for key, flag in _OPTION_FLAGS.items():
         value = getattr(args, key, None)
         if value is None:
             continue
-        if key not in accepted:
+        if key not in cls.OPTIONS:
             raise CLIError(f"{flag} does not apply to --method {args.method}")
         if key == "loss_weights" and "=" in value:
             try:
@@ -213,7 +212,21 @@ def _method_options(args) -> dict:
             except ValueError:
                 raise CLIError(f"--loss-weights: expected e.g. image=0.15,audio=0.55, got {value!r}") from None
         options[key] = value
-    return options
+    try:
+        return check_options(cls.OPTIONS, options)
+    except OptionError as e:
+        raise CLIError(e.message(_OPTION_FLAGS.get(e.key, e.key))) from None
+
+
+def _check_counts(args, **minimum) -> None:
+    """``--flag`` integers (given ones only) against their minimum, before anything is loaded."""
+    from .options import OptionError, check_options, integer
+
+    try:
+        check_options({k: integer(lo) for k, lo in minimum.items()},
+                      {k: getattr(args, k) for k in minimum if getattr(args, k, None) is not None})
+    except OptionError as e:
+        raise CLIError(e.message("--" + e.key.replace("_", "-"))) from None
 
 
 def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
@@ -293,6 +306,7 @@ def cmd_eval(args) -> dict:
         raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
     if getattr(args, "vqa_choice", False) and not getattr(args, "vqa", None):
         raise CLIError("--vqa-choice needs --vqa NAME")
+    _check_counts(args, seqlen=2, max_windows=1, mm_limit=1)
     texts = [resolve_text(s) for s in args.ppl]
     model = load_hf_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

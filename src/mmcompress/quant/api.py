@@ -11,12 +11,14 @@ from .quantizer import QuantScheme, resolve_scheme
 
 
 def make_method(method: str, scheme: QuantScheme, **options):
+    from ..options import check_options
     from .methods import QUANT_METHODS
 
     name = method.lower()
     if name not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    return QUANT_METHODS[name](scheme, **options)
+    cls = QUANT_METHODS[name]
+    return cls(scheme, **check_options(cls.OPTIONS, options))
 
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def cmd_sparsify(args) -> dict:
-    from ..cli import CLIError, load_calibration
+    from ..cli import CLIError, _check_calib_spec, load_calibration
     from ..export.serialization import save
     from ..models.adapters import get_adapter
     from ..models.loading import load_hf_model, read_config
@@ -60,6 +60,7 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--prefill last_half applies to larosa and teal")
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
+    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=args.trust_remote_code)
     model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
