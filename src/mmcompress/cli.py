@@ -239,8 +239,13 @@ def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
     if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {spec} does not exist")
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+        text = path.read_text(encoding="utf-8", errors="replace") if path.stat().st_size else ""
+        if not text.strip():
             raise CLIError(f"calibration file {spec} is empty")
+        if path.suffix != ".jsonl":
+            from .data.calibration import check_text
+
+            check_text(text, f"calibration file {spec}", warn=False)
 
 
 def cmd_quantize(args) -> dict:
@@ -290,6 +295,9 @@ def resolve_text(spec: str) -> tuple[str, str]:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CLIError(f"evaluation file {spec} is empty")
+        from .data.calibration import check_text
+
+        check_text(text, f"evaluation file {spec}")
         return path.name, text
     try:
         from .testbed.data import eval_text
@@ -423,7 +431,14 @@ def main(argv=None) -> int:
         print(f"mmcompress {args.command}: error: {msg}", file=sys.stderr)
         return 1
     if getattr(args, "json", False) and result is not None:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        from .finite import json_safe
+
+        nulled: list[str] = []
+        result = json_safe(json.loads(json.dumps(result, default=str)), replaced=nulled)
+        if nulled:
+            print(f"warning: non-finite values written as null in the JSON output: {', '.join(nulled[:8])}"
+                  + (f" (and {len(nulled) - 8} more)" if len(nulled) > 8 else ""), file=sys.stderr)
+        sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     return 0
 
 

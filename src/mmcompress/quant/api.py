@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from .. import finite
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..engine import run_layerwise
 from ..models.adapters import get_adapter
@@ -38,6 +39,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
     m = make_method(method, scheme, **options)
+    finite.check_module(model, "input weight")
     diagnostics = None
     if report_dir is not None:
         from ..eval.diagnostics import Diagnostics
@@ -54,6 +56,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
         "layers": infos,
         "seconds": round(time.time() - t0, 2),
     }
+    finite.check_module(model, f"the {m.name} result")
     summary = getattr(model, "_mmcompress_method_summary", None)
     if summary:
         model._mmcompress_description["method_summary"] = summary

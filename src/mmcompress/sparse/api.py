@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from .. import finite
 from .. import options as opt
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..models.adapters import get_adapter
@@ -55,6 +56,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
+    finite.check_module(model, "input weight")
     t0 = time.time()
     model.eval()
     if name == "larosa":
@@ -76,6 +78,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
             raise ValueError(f"CATS has no {plan!r} plan")
         info = cats(model, adapter, calib.samples, sparsity, prefill=prefill, device=device, progress=progress,
                     **options)
+    finite.check_module(model, f"the {name} result")
     model._mmcompress_description = {
         "kind": "activation_sparsity",
         "method": info,
