@@ -259,8 +259,8 @@ def cmd_quantize(args) -> dict:
     options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
     trust = args.trust_remote_code
-    read_config(args.model, trust_remote_code=trust)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    read_config(args.model, trust_remote_code=trust)
     out = Path(args.output)
     model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
     get_adapter(model)
@@ -373,8 +373,8 @@ def cmd_compress(args) -> dict:
 
     steps = load_recipe(args.recipe)
     trust = args.trust_remote_code
-    read_config(args.model, trust_remote_code=trust)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    read_config(args.model, trust_remote_code=trust)
     model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
