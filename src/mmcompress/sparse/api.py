@@ -1,4 +1,4 @@
-"""``mmcompress.sparse.api.sparsify``: activation sparsity (LaRoSA, TEAL, CATS) in one verb.
+"""``mmcompress.sparse.api.sparsify``: activation sparsity (LaRoSA, TEAL, CATS, WINA) in one verb.
 
     sparsify(model, calib, method="larosa", sparsity=0.4, plan="exact", mode="merged", prefill="all")
 
@@ -23,7 +23,7 @@ from . import plan as plans
 from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
 
-METHODS = ("larosa", "teal", "cats")
+METHODS = ("larosa", "teal", "cats", "wina")
 _SPARSITY = opt.real(0, 1, hi_open=True)
 _PREFILL = opt.choice("all", "none", "last_half")
 # the options of each method (recipe step keys; the CLI flags map onto them), with their validators
@@ -34,6 +34,8 @@ OPTIONS = {
     "teal": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": _PREFILL},
     "cats": {"sparsity": _SPARSITY, "plan": opt.choice("exact", "uniform"), "prefill": opt.choice("all", "none"),
              "max_mlp_sparsity": opt.real(0, 1, hi_open=True)},
+    "wina": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
+             "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)},
 }
 
 
@@ -70,6 +72,13 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         if mode not in ("merged", "reference", None):
             raise ValueError(f"unknown mode {mode!r}")
         info = teal(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
+                    progress=progress, **options)
+    elif name == "wina":
+        from .methods.wina import wina
+
+        if mode not in ("merged", "reference", None):
+            raise ValueError(f"unknown mode {mode!r}")
+        info = wina(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
                     progress=progress, **options)
     else:
         from .methods.cats import cats
@@ -114,7 +123,7 @@ def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
                     if cats_gate and proj == "up":  # counted from the gate's zeros at the down input
                         return
                     x = args[0]
-                    if isinstance(m, SparseLinear):
+                    if hasattr(m, "sparsify"):  # SparseLinear, WinaLinear
                         x = m.sparsify(x)
                     z = float((x == 0).sum())
                     for p in ((proj, "up") if (cats_gate and proj == "down") else (proj,)):
