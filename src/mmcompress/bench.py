@@ -486,7 +486,7 @@ def model_decode_benchmark(model: nn.Module, tokens: int = 32, prompt_ids: torch
 
 
 def register(subparsers) -> None:
-    from .cli import _add_common
+    from .cli import _add_common, _add_trust
 
     p = subparsers.add_parser("bench", help="sparse kernel / sparse decode speed benchmarks")
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
@@ -518,6 +518,7 @@ def register(subparsers) -> None:
     d.add_argument("--dtype", default="bf16", help="synthetic weights dtype (bf16 | fp32)")
     d.add_argument("--threads", type=int, default=None)
     _add_common(d)
+    _add_trust(d)
     d.set_defaults(func=cmd_bench_decode)
 
     p.set_defaults(func=_cmd_bench_none)
@@ -568,6 +569,6 @@ def cmd_bench_decode(args) -> dict:
 
     if not is_artifact(path):
         raise ValueError(f"{path} is not an mmcompress artifact; sparsify it first (mmcompress sparsify)")
-    model = load(path, device=args.device)
+    model = load(path, device=args.device, trust_remote_code=args.trust_remote_code)
     return model_decode_benchmark(model, tokens=args.tokens, rounds=args.rounds, backend=args.backend,
                                   sparsity=args.sparsity, log=sys.stderr)

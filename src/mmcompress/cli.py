@@ -26,6 +26,12 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
 
 
+def _add_trust(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python files shipped in the model directory (a config's auto_map: custom model, "
+                        "tokenizer or processor classes); off by default, when such code is never imported")
+
+
 def _add_calib(p: argparse.ArgumentParser):
     p.add_argument("--calib", required=True,
                    help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
     _add_common(q)
+    _add_trust(q)
 
     c = sub.add_parser("compress", help="apply a recipe of steps (e.g. LaRoSA then W8A8) and save one artifact")
     c.add_argument("model", help="local Hugging Face model directory")
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(c)
     c.add_argument("--no-progress", action="store_true")
     _add_common(c)
+    _add_trust(c)
 
     d = sub.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
                                      "(40%%, smollm2-135m) on real models, one table and a report")
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32")
     e.add_argument("--no-progress", action="store_true")
     _add_common(e)
+    _add_trust(e)
 
     for register in _plugins():
         register(sub)
@@ -149,7 +158,8 @@ def _plugins():
 # -- quantize ----------------------------------------------------------------------------------
 
 
-def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int):
+def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int, *,
+                     trust_remote_code: bool = False):
     """Resolve ``--calib``: a file path, or a testbed name."""
     from .data.calibration import CalibrationSet
     from .models.loading import load_tokenizer
@@ -161,8 +171,10 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
         if path.suffix == ".jsonl":
             from .models.processing import load_processor
 
-            return CalibrationSet.from_jsonl(path, load_processor(model_dir), nsamples=nsamples, seed=seed)
-        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir), nsamples, seqlen, seed)
+            return CalibrationSet.from_jsonl(path, load_processor(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples=nsamples, seed=seed)
+        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples, seqlen, seed)
     try:
         from .testbed.data import calibration_set
     except ImportError:
@@ -189,21 +201,20 @@ def _divergence_arg(value: str):
 
 
 def _method_options(args) -> dict:
-    """Method keyword options from the CLI; an option the method does not take is an error."""
-    import inspect
-
+    """Method keyword options from the CLI, validated by the method's option table (the same
+    checks and messages as recipe steps); an option the method does not take is an error."""
+    from .options import OptionError, check_options
     from .quant.methods import QUANT_METHODS
 
     cls = QUANT_METHODS.get(args.method.lower())
     if cls is None:
         raise CLIError(f"unknown quantization method {args.method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    accepted = inspect.signature(cls.__init__).parameters
     options = {}
     for key, flag in _OPTION_FLAGS.items():
         value = getattr(args, key, None)
         if value is None:
             continue
-        if key not in accepted:
+        if key not in cls.OPTIONS:
             raise CLIError(f"{flag} does not apply to --method {args.method}")
         if key == "loss_weights" and "=" in value:
             try:
@@ -211,7 +222,21 @@ def _method_options(args) -> dict:
             except ValueError:
                 raise CLIError(f"--loss-weights: expected e.g. image=0.15,audio=0.55, got {value!r}") from None
         options[key] = value
-    return options
+    try:
+        return check_options(cls.OPTIONS, options)
+    except OptionError as e:
+        raise CLIError(e.message(_OPTION_FLAGS.get(e.key, e.key))) from None
+
+
+def _check_counts(args, **minimum) -> None:
+    """``--flag`` integers (given ones only) against their minimum, before anything is loaded."""
+    from .options import OptionError, check_options, integer
+
+    try:
+        check_options({k: integer(lo) for k, lo in minimum.items()},
+                      {k: getattr(args, k) for k in minimum if getattr(args, k, None) is not None})
+    except OptionError as e:
+        raise CLIError(e.message("--" + e.key.replace("_", "-"))) from None
 
 
 def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
@@ -224,8 +249,13 @@ def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
     if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {spec} does not exist")
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8", errors="replace").strip():
+        text = path.read_text(encoding="utf-8", errors="replace") if path.stat().st_size else ""
+        if not text.strip():
             raise CLIError(f"calibration file {spec} is empty")
+        if path.suffix != ".jsonl":
+            from .data.calibration import check_text
+
+            check_text(text, f"calibration file {spec}", warn=False)
 
 
 def _inputs(model, calib=None) -> list:
@@ -245,8 +275,9 @@ def cmd_quantize(args) -> dict:
     scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
     options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
-    read_config(args.model)
+    trust = args.trust_remote_code
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    read_config(args.model, trust_remote_code=trust)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
@@ -257,9 +288,10 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_hf_model(args.model, dtype=args.dtype)
+        model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
         get_adapter(model)
-        calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+        calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                                 trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
                  progress=not args.no_progress, report_dir=args.report, **options)
         save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
@@ -292,6 +324,9 @@ def resolve_text(spec: str) -> tuple[str, str]:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CLIError(f"evaluation file {spec} is empty")
+        from .data.calibration import check_text
+
+        check_text(text, f"evaluation file {spec}")
         return path.name, text
     try:
         from .testbed.data import eval_text
@@ -308,9 +343,10 @@ def cmd_eval(args) -> dict:
         raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
     if getattr(args, "vqa_choice", False) and not getattr(args, "vqa", None):
         raise CLIError("--vqa-choice needs --vqa NAME")
+    _check_counts(args, seqlen=2, max_windows=1, mm_limit=1)
     texts = [resolve_text(s) for s in args.ppl]
-    model = load_hf_model(args.model, dtype=args.dtype, device=args.device)
-    tok = load_tokenizer(args.model)
+    model = load_hf_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     result: dict = {"model": str(args.model)}
     for name, text in texts:
         r = text_perplexity(model, tok, text, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
@@ -328,7 +364,7 @@ def _eval_multimodal(model, args) -> dict:
     from .models.processing import load_processor
 
     src = getattr(model, "_mmcompress_source", None) or args.model
-    processor = load_processor(src)
+    processor = load_processor(src, trust_remote_code=getattr(args, "trust_remote_code", False))
     out: dict = {}
     if args.asr:
         from .eval.asr import word_error_rate
@@ -367,13 +403,15 @@ def cmd_compress(args) -> dict:
     from .fileio import check_output
 
     steps = load_recipe(args.recipe)
-    read_config(args.model)
+    trust = args.trust_remote_code
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    read_config(args.model, trust_remote_code=trust)
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
     get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=trust)
     apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
     save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
     desc = model._mmcompress_description
@@ -426,7 +464,14 @@ def main(argv=None) -> int:
         print(f"mmcompress {args.command}: error: {msg}", file=sys.stderr)
         return 1
     if getattr(args, "json", False) and result is not None:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        from .finite import json_safe
+
+        nulled: list[str] = []
+        result = json_safe(json.loads(json.dumps(result, default=str)), replaced=nulled)
+        if nulled:
+            print(f"warning: non-finite values written as null in the JSON output: {', '.join(nulled[:8])}"
+                  + (f" (and {len(nulled) - 8} more)" if len(nulled) > 8 else ""), file=sys.stderr)
+        sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     return 0
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import fileio
+from . import fileio, finite
 from .models.adapters import ModelAdapter
 from .models.modality import modality_context, modality_ids
 
@@ -300,6 +300,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     method.prepare(model, adapter, samples)
     captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
     inputs = captured.hidden
+    layers_path = finite.module_path(model, adapter.layers)
+    finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
     fp_inputs = list(inputs) if (method.needs_fp_chain or diagnostics is not None) else None
     layers = adapter.layers
     start = 0
@@ -342,11 +344,13 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                 ctx.fp_outputs = [ctx.run(j, fp_inputs[j]).to("cpu") for j in range(len(captured))]
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         method.step(ctx)
+        finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         if diagnostics is not None:
             diagnostics.layer(ctx, fp_layer)
             del fp_layer
         with torch.no_grad():
             inputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
+        finite.check_activations(inputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
             diagnostics.accumulated(i, inputs, ctx.fp_outputs, captured.modality)
         if fp_inputs is not None:

@@ -61,8 +61,33 @@ def parse_recipe(data, source="recipe") -> list[dict]:
             raise RecipeError(f"{source}: step {n}: {opts['method']} cannot follow activation sparsity; "
                               f"use one of {', '.join(QUANT_AFTER_SPARSITY)}")
         seen_sparsity |= kind == "sparsify"
-        out.append({"kind": kind, **opts})
+        out.append({"kind": kind, **_check_step(kind, opts, f"{source}: recipe step {n}")})
     return out
+
+
+def _check_step(kind: str, opts: dict, where: str) -> dict:
+    """Validate a step's options with the method's own option table (the CLI's checks and messages)."""
+    from .options import OptionError, check_options
+    from .quant.methods import QUANT_METHODS
+    from .quant.quantizer import resolve_scheme
+    from .sparse.api import OPTIONS as SPARSE_OPTIONS
+
+    method = opts.pop("method")
+    tables = QUANT_METHODS if kind == "quantize" else SPARSE_OPTIONS
+    if not isinstance(method, str) or method.lower() not in tables:
+        raise RecipeError(f"{where} ({kind}): unknown method {method!r}; choose one of {', '.join(sorted(tables))}")
+    method = method.lower()
+    table = tables[method].OPTIONS if kind == "quantize" else tables[method]
+    if kind == "quantize" and "scheme" in opts:
+        try:
+            resolve_scheme(opts["scheme"])
+        except (ValueError, AttributeError) as e:
+            raise RecipeError(f"{where} ({method}): scheme {e}") from None
+    try:
+        checked = check_options(table, {k: v for k, v in opts.items() if not (kind == "quantize" and k == "scheme")})
+    except OptionError as e:
+        raise RecipeError(f"{where} ({method}): {e.message(e.key)}") from None
+    return {"method": method, **opts, **checked}
 
 
 def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True):

@@ -8,7 +8,9 @@ them), each with batch size 1, on the CPU.  Sampling is seeded.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,34 @@ import torch
 
 from ..models.modality import modality_ids, token_counts
 
+log = logging.getLogger(__name__)
+
 
 class CalibrationError(ValueError):
     pass
+
+
+NOT_TEXT_WARN = 0.2  # warn when more than this fraction of the characters is not text
+
+
+def check_text(text: str, source: str, *, warn: bool = True) -> float:
+    """The fraction of ``text`` that is not text: U+FFFD replacement characters (bytes that were not
+    UTF-8) and control characters other than newline, tab and carriage return.  Nothing usable left
+    is an error; more than :data:`NOT_TEXT_WARN` a warning on stderr (``warn``)."""
+    if not text:
+        return 0.0
+    bad = sum(1 for ch in text if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn")
+                                                     and ch not in "\n\r\t"))
+    frac = bad / len(text)
+    if frac > NOT_TEXT_WARN:
+        usable = "".join(ch for ch in text if ch.isprintable() and ch != "\ufffd")
+        if not any(ch.isalnum() for ch in usable):
+            raise CalibrationError(f"{source} is not text ({frac:.0%} of it is binary or invalid UTF-8); "
+                                   "nothing usable remains")
+        if warn:
+            log.warning(f"warning: {source}: {frac:.0%} of the text is binary or invalid UTF-8 (replacement or "
+                        "control characters); is it the right file?")
+    return frac
 
 
 @dataclass
@@ -72,6 +99,7 @@ class CalibrationSet:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration file {path} is empty")
+        check_text(text, f"calibration file {path}")
         return cls.from_text(text, tokenizer, nsamples, seqlen, seed, source=str(path))
 
     @classmethod
@@ -106,6 +134,7 @@ class CalibrationSet:
             records.append(rec)
         if not records:
             raise CalibrationError(f"calibration file {path} is empty")
+        check_text("\n".join(str(r["text"]) for r in records), f"calibration file {path}")
         return cls.from_records(records, processor, nsamples, seqlen, seed, source=str(path), base_dir=path.parent)
 
 

@@ -42,7 +42,7 @@ def register_lm_eval_model():
         plain Hugging Face directories only (artifacts keep their saved dtype)."""
 
         def __init__(self, path: str | None = None, pretrained=None, device: str | None = "cpu", dtype=None,
-                     batch_size=1, max_length=None, **kwargs):
+                     batch_size=1, max_length=None, trust_remote_code: bool = False, **kwargs):
             import torch
 
             from ..models.loading import load_hf_model, load_tokenizer
@@ -55,9 +55,9 @@ def register_lm_eval_model():
             if device == "cuda" and not torch.cuda.is_available():
                 device = "cpu"  # lm-eval's default device
             dtype = dtype if dtype not in (None, "auto") else torch.float32
-            model = load_hf_model(str(path), dtype=dtype, device=device)
+            model = load_hf_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             kwargs.pop("backend", None)
-            super().__init__(pretrained=model, tokenizer=load_tokenizer(str(path)), backend="causal",
+            super().__init__(pretrained=model, tokenizer=load_tokenizer(str(path), trust_remote_code=trust_remote_code), backend="causal",
                              batch_size=batch_size, max_length=max_length, **kwargs)
             self.mmcompress_path = str(path)
             self.mmcompress_description = getattr(model, "_mmcompress_description", None)
@@ -73,7 +73,8 @@ def __getattr__(name):  # ``from mmcompress.eval.lm_eval_adapter import MMCompre
 
 
 def evaluate(path, tasks, *, limit=None, num_fewshot=None, batch_size=1, device="cpu", include_path=None,
-             include_defaults: bool = True, seed: int = 0, log_samples: bool = False) -> dict:
+             include_defaults: bool = True, seed: int = 0, log_samples: bool = False,
+             trust_remote_code: bool = False) -> dict:
     """Run ``lm_eval.simple_evaluate`` on the artifact at ``path``; returns lm-eval's result dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -82,7 +83,7 @@ def evaluate(path, tasks, *, limit=None, num_fewshot=None, batch_size=1, device=
     tasks = [t for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t]
     if not tasks:
         raise ValueError("no tasks given")
-    lm = cls(path=str(path), device=device, batch_size=batch_size)
+    lm = cls(path=str(path), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples,
@@ -110,7 +111,7 @@ def _version():
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_common
+    from ..cli import _add_common, _add_trust
 
     p = subparsers.add_parser("lm-eval", help="evaluate a model or artifact with lm-evaluation-harness tasks")
     p.add_argument("model", help="mmcompress artifact or local Hugging Face directory")
@@ -123,6 +124,7 @@ def register(subparsers) -> None:
                    help="only index tasks under --include-path (faster start-up)")
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
+    _add_trust(p)
     p.set_defaults(func=cmd_lm_eval)
 
 
@@ -141,7 +143,7 @@ def cmd_lm_eval(args) -> dict:
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     res = evaluate(args.model, args.tasks, limit=limit, num_fewshot=args.num_fewshot, batch_size=batch,
                    device=args.device, include_path=args.include_path, include_defaults=not args.no_default_tasks,
-                   seed=args.seed)
+                   seed=args.seed, trust_remote_code=args.trust_remote_code)
     out = {"model": str(args.model), "tasks": args.tasks.split(","), "limit": limit, **summarize(res)}
     for task, metrics in out["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)

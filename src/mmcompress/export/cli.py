@@ -6,7 +6,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_common, _add_overwrite
+    from ..cli import _add_common, _add_overwrite, _add_trust
 
     p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM)")
     p.add_argument("model", help="mmcompress artifact directory (from `mmcompress quantize`)")
@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1,
                    help="check that row-parallel linears split into whole groups on this many GPUs")
     _add_common(p)
+    _add_trust(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -37,7 +38,8 @@ def cmd_export(args) -> dict:
     from .compressed_tensors import export_compressed_tensors
 
     report = export_compressed_tensors(args.model, args.output, requantize=args.requantize, tp=args.tp,
-                                       check_only=args.check, overwrite=args.overwrite)
+                                       check_only=args.check, overwrite=args.overwrite,
+                                       trust_remote_code=args.trust_remote_code)
     for w in report.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     if args.check:

@@ -415,7 +415,8 @@ Serve: `vllm serve {out}` (add `--tensor-parallel-size N` for N GPUs), or in Pyt
 
 @torch.no_grad()
 def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp: int = 1,
-                              check_only: bool = False, overwrite: bool = False) -> dict:
+                              check_only: bool = False, overwrite: bool = False,
+                              trust_remote_code: bool = False) -> dict:
     """Export the artifact at ``src`` to ``output`` (atomically); returns the JSON report.
 
     ``check_only``: run the pre-flight checks and return the report without writing anything."""
@@ -431,7 +432,7 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         raise ExportError(f"{src} is not an mmcompress artifact (run `mmcompress quantize` first)")
     if output is not None and not check_only:
         check_output(output, overwrite=overwrite, inputs=[src])  # refuse before the work
-    model = load(src)
+    model = load(src, trust_remote_code=trust_remote_code)
     report = preflight(model, requantize=requantize, tp=tp)
     description = getattr(model, "_mmcompress_description", {}) or {}
     method = description.get("method", {})

@@ -119,7 +119,63 @@ def read_manifest(path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def load(path, device: str | torch.device = "cpu") -> nn.Module:
+def _empty_model(cls, config, dtype):
+    if cls.__name__.startswith("Auto"):  # a class from the directory's own code (--trust-remote-code)
+        return cls.from_config(config, dtype=dtype, trust_remote_code=True)
+    return cls._from_config(config, dtype=dtype)
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_header(path) -> dict[str, tuple[str, list[int]]]:
+    """``{name: (dtype, shape)}`` from a safetensors file's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = (sl.get_dtype(), list(sl.get_shape()))
+    return out
+
+
+def check_specs(cls, config, dtype, specs: dict, header: dict, where) -> None:
+    """Check every manifest spec against the safetensors header before anything is allocated.
+
+    The model skeleton and the spec modules are built on the meta device (no memory); every tensor
+    of a spec module must be in the header with the same shape and dtype."""
+    from accelerate import init_empty_weights
+
+    if not isinstance(specs, dict):
+        raise ValueError(f"{where}: {MANIFEST} 'modules' must be an object")
+    with init_empty_weights(include_buffers=True):
+        skeleton = _empty_model(cls, config, dtype)
+    for mpath, spec in specs.items():
+        what = f"{MANIFEST} module {mpath!r} ({spec.get('class') if isinstance(spec, dict) else spec!r})"
+        try:
+            if not isinstance(spec, dict):
+                raise ValueError("the spec is not an object")
+            apply_specs(skeleton, {mpath: spec}, device="meta")
+        except Exception as e:  # KeyError, TypeError, AttributeError, ... from a hand-edited spec
+            raise ValueError(f"{where}: {what}: invalid spec ({type(e).__name__}: {e})") from None
+        prefix = mpath + "."
+        for name, t in skeleton.get_submodule(mpath).state_dict(prefix=prefix).items():
+            want = (_SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), list(t.shape))
+            if name not in header:
+                raise ValueError(f"{where}: {what}: tensor {name} ({want[0]} {want[1]}) is not in model.safetensors")
+            if header[name] != want:
+                raise ValueError(f"{where}: {what}: tensor {name} is {want[0]} {want[1]} by the spec but "
+                                 f"{header[name][0]} {header[name][1]} in model.safetensors")
+    for name, t in skeleton.state_dict().items():  # the rest of the model (config.json vs the weights)
+        if name in header and header[name][1] != list(t.shape):
+            raise ValueError(f"{where}: tensor {name} has shape {list(t.shape)} by config.json but "
+                             f"{header[name][1]} in model.safetensors")
+
+
+def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False) -> nn.Module:
     """Load a directory written by :func:`save` (the same logits as the saved in-memory model)."""
     from accelerate import init_empty_weights
 
@@ -128,14 +184,25 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
     path = Path(path)
     if not is_artifact(path):
         raise FileNotFoundError(f"{path} is not an mmcompress artifact (no {MANIFEST})")
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path / MANIFEST} must hold a JSON object")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer mmcompress (format {manifest['format_version']})")
-    config = read_config(path)
-    cls = model_class_for(config)
-    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    config = read_config(path, trust_remote_code=trust_remote_code)
+    cls = model_class_for(config, path, trust_remote_code=trust_remote_code)
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{path / MANIFEST}: unknown dtype {manifest.get('dtype')!r}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: model.safetensors is missing")
+    check_specs(cls, config, dtype, manifest.get("modules", {}), safetensors_header(weights), path)
     with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=dtype)
+        model = _empty_model(cls, config, dtype)
     apply_specs(model, manifest.get("modules", {}))
     materialized: dict[int, nn.Parameter] = {}  # keep tied parameters tied
     for mod in model.modules():

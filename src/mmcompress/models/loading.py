@@ -1,8 +1,15 @@
-"""Loading Hugging Face model directories (local only; nothing is downloaded)."""
+"""Loading Hugging Face model directories (local only; nothing is downloaded).
+
+Every transformers loader here gets ``trust_remote_code`` explicitly (default ``False``): a
+directory's ``auto_map`` (Python files shipped next to the weights) is never imported and
+transformers never asks on stdin, unless the caller passes ``trust_remote_code=True`` (the CLI's
+``--trust-remote-code``).
+"""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +29,48 @@ def _check_dir(path) -> Path:
     return path
 
 
-def read_config(path):
+class RemoteCodeError(ValueError):
+    """A directory needs Python code of its own and ``--trust-remote-code`` was not given."""
+
+
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def auto_map_refs(path) -> dict[str, str]:
+    """``{"AutoTokenizer": "evil.EvilTokenizer", ...}``: the ``auto_map`` entries of a directory's configs."""
+    refs: dict[str, str] = {}
+    for fname in REMOTE_CODE_FILES:
+        f = Path(path) / fname
+        try:
+            raw = json.loads(f.read_text()) if f.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+        for k, v in (auto_map or {}).items() if isinstance(auto_map, dict) else ():
+            refs.setdefault(k, ", ".join(x for x in v if x) if isinstance(v, (list, tuple)) else str(v))
+    return refs
+
+
+def remote_code_message(path, what: str, keys=()) -> str:
+    refs = auto_map_refs(path)
+    shown = {k: v for k, v in refs.items() if not keys or k in keys} or refs
+    where = "; ".join(f"{k} -> {v}" for k, v in shown.items())
+    return (f"{path}: the {what} is Python code shipped in the directory (auto_map {where or '?'}); mmcompress runs "
+            "such code only with --trust-remote-code")
+
+
+@contextmanager
+def remote_code_guard(path, what: str, trust_remote_code: bool, keys=()):
+    """Turn transformers' "contains custom code" refusal into one line that names ``--trust-remote-code``."""
+    try:
+        yield
+    except ValueError as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise RemoteCodeError(remote_code_message(path, what, keys)) from None
+        raise
+
+
+def read_config(path, *, trust_remote_code: bool = False):
     path = _check_dir(path)
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -35,15 +83,26 @@ def read_config(path):
             f"unsupported architecture {model_type!r}" + (f" ({note})" if note else "")
             + f"; supported model types: {', '.join(supported_model_types())}"
         )
-    return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with remote_code_guard(path, "configuration class", trust_remote_code, ("AutoConfig",)):
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                       trust_remote_code=trust_remote_code)
 
 
-def model_class_for(config):
+def model_class_for(config, path=None, *, trust_remote_code: bool = False):
+    """The transformers class of ``config``; a class that only the directory's own code defines
+    (``architectures`` names no transformers class and ``auto_map`` provides it) needs
+    ``trust_remote_code`` (then the Auto class imports it)."""
     archs = getattr(config, "architectures", None) or []
     for name in archs:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
+    auto_map = getattr(config, "auto_map", None) or {}
+    remote = [k for k, v in auto_map.items() if k.startswith("AutoModel") and str(v).rpartition(".")[2] in archs]
+    if remote:
+        if not trust_remote_code:
+            raise RemoteCodeError(remote_code_message(path or "model directory", f"model class {archs[0]}", remote))
+        return getattr(transformers, remote[0])
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
@@ -54,23 +113,24 @@ def model_class_for(config):
     raise UnsupportedModelError(f"no transformers model class for {config.model_type!r}")
 
 
-def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu"):
+def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", *, trust_remote_code: bool = False):
     """Load a local model directory (plain Hugging Face or an mmcompress artifact)."""
     from ..export.serialization import is_artifact, load
 
     if is_artifact(path):
-        return load(path, device=device)
-    config = read_config(path)
+        return load(path, device=device, trust_remote_code=trust_remote_code)
+    config = read_config(path, trust_remote_code=trust_remote_code)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    cls = model_class_for(config)
-    model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    cls = model_class_for(config, path, trust_remote_code=trust_remote_code)
+    model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code)
     model.eval().to(device)
     model._mmcompress_source = str(path)
     return model
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with remote_code_guard(path, "tokenizer class", trust_remote_code, ("AutoTokenizer",)):
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)

@@ -5,34 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_processor(model_dir):
-    """``AutoProcessor`` for multimodal directories (without torchvision), else the tokenizer."""
-    from transformers import AutoProcessor, AutoTokenizer
+def load_processor(model_dir, *, trust_remote_code: bool = False):
+    """``AutoProcessor`` for multimodal directories (without torchvision), else the tokenizer.
 
+    Without ``trust_remote_code`` a processor that the directory's ``auto_map`` points to is not
+    imported: the standard Qwen2.5-VL / Omni processor is built from the same files instead."""
+    from transformers import AutoProcessor
+
+    from .loading import auto_map_refs, load_tokenizer
     from .tiny import allow_missing_video_processor, without_video
 
     model_dir = Path(model_dir)
     if (model_dir / "preprocessor_config.json").is_file() or (model_dir / "processor_config.json").is_file():
-        with allow_missing_video_processor():
-            try:
-                return without_video(AutoProcessor.from_pretrained(str(model_dir), local_files_only=True))
-            except (AttributeError, ValueError, OSError, TypeError, ImportError):
-                pass
-        return _manual_processor(model_dir)
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        if trust_remote_code or not any(k.startswith(("AutoProcessor", "AutoImageProcessor", "AutoFeatureExtractor"))
+                                        for k in auto_map_refs(model_dir)):
+            with allow_missing_video_processor():
+                try:
+                    return without_video(AutoProcessor.from_pretrained(str(model_dir), local_files_only=True,
+                                                                       trust_remote_code=trust_remote_code))
+                except (AttributeError, ValueError, OSError, TypeError, ImportError):
+                    pass
+        return _manual_processor(model_dir, trust_remote_code=trust_remote_code)
+    return load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
 
 
-def _manual_processor(model_dir: Path):
+def _manual_processor(model_dir: Path, *, trust_remote_code: bool = False):
     """Build the Qwen2.5-VL / Omni processor by hand when ``AutoProcessor`` needs a video processor."""
     import json
 
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor
 
+    from .loading import load_tokenizer
     from .tiny import allow_missing_video_processor, without_video
 
     cfg = json.loads((model_dir / "config.json").read_text())
     pre = json.loads((model_dir / "preprocessor_config.json").read_text())
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     image_keys = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
                   "image_std", "do_resize", "do_rescale", "do_normalize", "rescale_factor", "do_convert_rgb")
     image_processor = Qwen2VLImageProcessor(**{k: pre[k] for k in image_keys if k in pre})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from .. import finite
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..engine import run_layerwise
 from ..models.adapters import get_adapter
@@ -11,12 +12,14 @@ from .quantizer import QuantScheme, resolve_scheme
 
 
 def make_method(method: str, scheme: QuantScheme, **options):
+    from ..options import check_options
     from .methods import QUANT_METHODS
 
     name = method.lower()
     if name not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    return QUANT_METHODS[name](scheme, **options)
+    cls = QUANT_METHODS[name]
+    return cls(scheme, **check_options(cls.OPTIONS, options))
 
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
@@ -36,6 +39,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
     m = make_method(method, scheme, **options)
+    finite.check_module(model, "input weight")
     diagnostics = None
     if report_dir is not None:
         from ..eval.diagnostics import Diagnostics
@@ -52,6 +56,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
         "layers": infos,
         "seconds": round(time.time() - t0, 2),
     }
+    finite.check_module(model, f"the {m.name} result")
     summary = getattr(model, "_mmcompress_method_summary", None)
     if summary:
         model._mmcompress_description["method_summary"] = summary

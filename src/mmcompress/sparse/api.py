@@ -15,6 +15,8 @@ import time
 import torch
 from torch import nn
 
+from .. import finite
+from .. import options as opt
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..models.adapters import get_adapter
 from . import plan as plans
@@ -22,6 +24,19 @@ from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
 
 METHODS = ("larosa", "teal", "cats", "wina")
+_SPARSITY = opt.real(0, 1, hi_open=True)
+_PREFILL = opt.choice("all", "none", "last_half")
+# the options of each method (recipe step keys; the CLI flags map onto them), with their validators
+OPTIONS = {
+    "larosa": {"sparsity": _SPARSITY, "plan": opt.choice("exact", "uniform", "grid", "greedy"),
+               "mode": opt.choice("merged", "reference"), "prefill": _PREFILL, "basis": opt.choice("attn", "both"),
+               "ratio_in": opt.real(0, 1), "grid_samples": opt.integer(1), "column_scale": opt.boolean},
+    "teal": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": _PREFILL},
+    "cats": {"sparsity": _SPARSITY, "plan": opt.choice("exact", "uniform"), "prefill": opt.choice("all", "none"),
+             "max_mlp_sparsity": opt.real(0, 1, hi_open=True)},
+    "wina": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
+             "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)},
+}
 
 
 def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
@@ -37,11 +52,13 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         raise ValueError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+    options = opt.check_options(OPTIONS[name], options)
     adapter = get_adapter(model)
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
+    finite.check_module(model, "input weight")
     t0 = time.time()
     model.eval()
     if name == "larosa":
@@ -70,6 +87,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
             raise ValueError(f"CATS has no {plan!r} plan")
         info = cats(model, adapter, calib.samples, sparsity, prefill=prefill, device=device, progress=progress,
                     **options)
+    finite.check_module(model, f"the {name} result")
     model._mmcompress_description = {
         "kind": "activation_sparsity",
         "method": info,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_calib, _add_common, _add_overwrite
+    from ..cli import _add_calib, _add_common, _add_overwrite, _add_trust
 
     p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS, WINA")
     p.add_argument("model", help="local Hugging Face model directory")
@@ -38,11 +38,12 @@ def register(subparsers) -> None:
     _add_overwrite(p)
     p.add_argument("--no-progress", action="store_true")
     _add_common(p)
+    _add_trust(p)
     p.set_defaults(func=cmd_sparsify)
 
 
 def cmd_sparsify(args) -> dict:
-    from ..cli import CLIError, _inputs, load_calibration
+    from ..cli import CLIError, _check_calib_spec, _inputs, load_calibration
     from ..fileio import check_output
     from ..export.serialization import save
     from ..models.adapters import get_adapter
@@ -63,10 +64,11 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--prefill last_half applies to larosa and teal")
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
-    read_config(args.model)
+    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    read_config(args.model, trust_remote_code=args.trust_remote_code)
     inputs = _inputs(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged
@@ -74,7 +76,8 @@ def cmd_sparsify(args) -> dict:
         ok, why = supports_merged(adapter)
         if not ok:
             raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=args.trust_remote_code)
     options = {"basis": args.basis, "column_scale": args.column_scale} if args.method == "larosa" else {}
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
              device=args.device, progress=not args.no_progress, **options)

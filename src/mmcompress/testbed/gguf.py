@@ -35,8 +35,8 @@ def convert_gguf(gguf_path, out_dir, dtype="float32", progress: bool = True) -> 
     if not progress:
         transformers.logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, gguf_file=name, dtype=getattr(torch, dtype),
                                                      local_files_only=True)
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -122,9 +122,9 @@ def report(name: str, quick: bool = False, cache=None) -> dict:
     windows = 2 if quick else 4
     text = eval_text("wiki")
     src_dir = fetch(REGISTRY_DECODER[decoder], cache=cache)
-    src = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32).eval()
+    src = AutoModelForCausalLM.from_pretrained(str(src_dir), trust_remote_code=False, dtype=torch.float32).eval()
     res["wiki_ppl"] = {"model": _ppl(model, proc.tokenizer, text, windows),
-                       "decoder_alone": _ppl(src, AutoTokenizer.from_pretrained(str(src_dir)), text, windows),
+                       "decoder_alone": _ppl(src, AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=False), text, windows),
                        "windows": windows, "seqlen": 1024}
     res["activation_magnitude_vs_text"] = modality_activation_stats(
         model, proc, layers=(0, model.config.text_config.num_hidden_layers // 2))

@@ -99,8 +99,8 @@ def _fallback_decoder_dir(name: str) -> Path:
         folder, fname = asm.parent, asm.name
     else:
         raise ValueError(name)
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, gguf_file=fname, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

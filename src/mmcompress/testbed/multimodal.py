@@ -299,8 +299,8 @@ def write_model(name: str, out_dir, *, decoder_dir=None, cache=None, progress: b
         from .registry import fetch
 
         decoder_dir = fetch(REGISTRY_DECODER[decoder], cache=cache, progress=progress)
-    src = AutoModelForCausalLM.from_pretrained(str(decoder_dir), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(decoder_dir))
+    src = AutoModelForCausalLM.from_pretrained(str(decoder_dir), trust_remote_code=False, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(decoder_dir), trust_remote_code=False)
     audio_conn, vision_state = connector_assets(decoder)
     audio_state = mm_sources.whisper_encoder_state(cache=cache, progress=progress) if kind == "omni" else None
     model, tok = assemble(kind, src, tok, audio_state=audio_state, audio_connector=audio_conn,

@@ -325,8 +325,8 @@ def transcribe(model_dir, audio, max_new_tokens: int = 120, model=None, processo
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    processor = processor or WhisperProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    model = model or WhisperForConditionalGeneration.from_pretrained(str(model_dir), local_files_only=True).eval()
+    processor = processor or WhisperProcessor.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    model = model or WhisperForConditionalGeneration.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True).eval()
     if isinstance(audio, (str, Path)):
         audio = load_audio_16k(audio)
     feats = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import options as opt
 from ...engine import LayerContext
 from ...models.modality import TEXT, VIDEO
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
@@ -34,6 +35,7 @@ class ScaleSearch(QuantMethod):
     """Grid search of one shared smoothing vector per group (AWQ / MBQ)."""
 
     groups = ALL_GROUPS
+    OPTIONS = {"grid": opt.integer(1), "max_tokens": opt.integer(1), "seed": opt.integer()}
 
     def __init__(self, scheme: QuantScheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0):
         super().__init__(scheme)

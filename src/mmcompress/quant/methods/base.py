@@ -12,7 +12,12 @@ from ..quantizer import QuantScheme
 
 
 class QuantMethod(Method):
-    """A quantization method: the scheme, plus the step that subclasses fill in."""
+    """A quantization method: the scheme, plus the step that subclasses fill in.
+
+    ``OPTIONS``: the keyword options of ``__init__`` with their validators (:mod:`mmcompress.options`);
+    :func:`~mmcompress.quant.api.make_method`, the CLI and recipes check options against it."""
+
+    OPTIONS: dict = {}
 
     def __init__(self, scheme: QuantScheme):
         self.scheme = scheme

@@ -47,6 +47,7 @@ import math
 import torch
 from torch import nn
 
+from ... import options as opt
 from ...engine import LayerContext
 from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modality_ids
 from ..linear import QuantLinear, modality_rows, register_quant_module
@@ -228,6 +229,33 @@ def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: 
     return (u / sq[None, :]) @ p, s[:, None] * qh
 
 
+def check_loss_weights(v):
+    """``auto``, a preset name, or ``{modality: weight}`` with finite weights >= 0."""
+    if isinstance(v, str) and (v == "auto" or v in LOSS_WEIGHT_PRESETS):
+        return v
+    if isinstance(v, dict) and v:
+        for k, w in v.items():
+            _mod_id(k)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"must give finite weights >= 0, got {k}={w!r}")
+        return dict(v)
+    raise ValueError(f"must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or modality=weight pairs, got {v!r}")
+
+
+def check_rank(v):
+    """A ratio in [0, 1] of min(in, out), or an absolute rank (an integer > 1)."""
+    opt.real(0)(v)
+    if v > 1 and not float(v).is_integer():
+        raise ValueError(f"must be a ratio in [0, 1] or an integer rank > 1, got {v!r}")
+    return v
+
+
+def check_divergence(v):
+    if not (v in ("free", "cmc") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+        raise ValueError(f"must be 'free', 'cmc' or a channel count >= 0, got {v!r}")
+    return v
+
+
 class MASQuant(QuantMethod):
     """MAS (+ CMC).  ``cmc``: ``"whitened"`` (default), ``"plain"`` (unwhitened SVD ablation),
     ``"none"`` (shared weight, per-modality smoothing only) or ``"split"`` (one weight per modality,
@@ -242,6 +270,12 @@ class MASQuant(QuantMethod):
 
     name = "masquant"
     needs_fp_chain = True
+    OPTIONS = {"alpha": opt.real(0, 1), "epochs": opt.integer(0), "lr": opt.real(0, lo_open=True),
+               "loss_weights": check_loss_weights, "cmc": opt.choice("whitened", "plain", "none", "split"),
+               "rank": check_rank, "rank_floor": opt.integer(0), "cmc_target": opt.choice("fp", "quantized"),
+               "cmc_bits": opt.bits, "tie": opt.boolean, "scale_floor": opt.real(0, lo_open=True),
+               "damping": opt.real(0), "train_samples": opt.integer(1, optional=True),
+               "probe_samples": opt.integer(1), "seed": opt.integer(), "divergence": check_divergence}
 
     def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
                  loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,
@@ -249,19 +283,11 @@ class MASQuant(QuantMethod):
                  damping: float = 1e-6, train_samples: int | None = None, probe_samples: int = 16, seed: int = 0,
                  divergence="cmc"):
         super().__init__(scheme)
-        if cmc not in ("whitened", "plain", "none", "split"):
-            raise ValueError(f"cmc must be whitened, plain, none or split, got {cmc!r}")
-        if cmc_target not in ("fp", "quantized"):
-            raise ValueError(f"cmc_target must be fp or quantized, got {cmc_target!r}")
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha, self.epochs, self.lr = alpha, int(epochs), lr
         self.loss_weights_spec = loss_weights
         self.cmc, self.rank, self.rank_floor, self.cmc_target, self.cmc_bits = cmc, rank, rank_floor, cmc_target, cmc_bits
         self.tie, self.scale_floor, self.damping = tie, scale_floor, damping
         self.train_samples, self.probe_samples, self.seed = train_samples, probe_samples, seed
-        if not (divergence in ("free", "cmc") or (isinstance(divergence, int) and divergence >= 0)):
-            raise ValueError(f"divergence must be 'free', 'cmc' or a channel count >= 0, got {divergence!r}")
         self.divergence = divergence
         self.loss_weights: dict[int, float] = {TEXT: 1.0, IMAGE: 1.0, AUDIO: 1.0}
         self.summary: dict = {}

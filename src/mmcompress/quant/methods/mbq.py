@@ -17,13 +17,16 @@ from __future__ import annotations
 import torch
 
 from ...models.modality import MODALITY_NAMES, TEXT
+from ... import options as opt
 from .awq import ScaleSearch
+from .masquant import check_loss_weights
 from .smoothquant import DEFAULT_GROUPS, smoothing_factors
 
 
 class MBQ(ScaleSearch):
     name = "mbq"
     groups = DEFAULT_GROUPS
+    OPTIONS = {**ScaleSearch.OPTIONS, "loss_weights": check_loss_weights, "probe_samples": opt.integer(1)}
 
     def __init__(self, scheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0, loss_weights="auto",
                  probe_samples: int = 16):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import options as opt
 from ...engine import LayerContext
 from ..quantizer import QuantScheme
 from .base import QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable, weight_column_absmax
@@ -29,10 +30,11 @@ DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
 class SmoothQuant(QuantMethod):
     name = "smoothquant"
 
+    OPTIONS = {"alpha": opt.real(0, 1), "groups": opt.subset("attn_in", "attn_out", "mlp_in", "mlp_out"),
+               "runtime_smoothing": opt.boolean}
+
     def __init__(self, scheme: QuantScheme, alpha: float = 0.5, groups=DEFAULT_GROUPS, runtime_smoothing: bool = False):
         super().__init__(scheme)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
         self.groups = tuple(groups)
         self.runtime_smoothing = bool(runtime_smoothing)
