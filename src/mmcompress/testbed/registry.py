@@ -202,7 +202,7 @@ def build_env() -> dict[str, str]:
     out = {}
     for lib in PIN_LIBRARIES:
         try:
-            out[lib] = md.version(lib)
+            out[lib] = md.version(lib).split("+")[0]  # torch 2.13.0+cpu and the CUDA build write the same bytes
         except md.PackageNotFoundError:
             out[lib] = None
     return out
