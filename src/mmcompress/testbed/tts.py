@@ -105,6 +105,13 @@ def _espeak_once(lib_path: Path, data_parent: Path, text: str, voice: str, speed
             rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data_parent).encode(), _INITIALIZE_DONT_EXIT)
             if rate <= 0:
                 raise TestbedError(f"libespeak-ng failed to initialise with the data in {data_parent}")
+            # voices with breath noise (the +f2/+f3/+m4 variants) draw random numbers: espeak-ng 1.52 seeds its
+            # generator with the time at initialisation, older versions use libc's rand(), seeded 1 in a new
+            # process.  Fix both, so a clip is the same in any process at any time.
+            if hasattr(lib, "espeak_ng_SetRandSeed"):
+                lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+                lib.espeak_ng_SetRandSeed(1)
+            ctypes.CDLL(None).srand(1)
             chunks: list[np.ndarray] = []
 
             def _cb(wav, n, events):
