@@ -24,7 +24,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 MIN_BITS, MAX_BITS = 2, 16
-_EPS = 1e-10
+_EPS = 1e-10  # the smallest step size; raised to the dtype's smallest normal where that is larger (fp16)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return max(_EPS, torch.finfo(dtype).tiny) if dtype.is_floating_point else _EPS
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +122,8 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = 
         wmin = wg.amin(-1).clamp(max=0)
         wmax = wg.amax(-1).clamp(min=0)
         scale = (wmax - wmin) / qmax
-        zero = torch.round(-wmin / scale.clamp(min=_EPS))
-    return scale.clamp(min=_EPS), zero
+        zero = torch.round(-wmin / scale.clamp(min=_eps(scale.dtype)))
+    return scale.clamp(min=_eps(scale.dtype)), zero
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True) -> torch.Tensor:
@@ -193,5 +197,5 @@ def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits >= 16:
         return x
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=_EPS)
+    scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=_eps(x.dtype))
     return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
