@@ -4,7 +4,9 @@
   (seqlen 1024, 8 windows, docs/testbed.md §10);
 * qwen2.5-0.5b / gemma3-270m: the same, only when already in the cache or MMCOMPRESS_TESTBED_ALL=1
   (each takes ~45 s of CPU to convert and 0.5-2.5 GB of disk);
-* whisper-base: transcribes espeak-ng speech (skipped without espeak-ng and sox).
+* whisper-base: transcribes espeak-ng speech (the pinned libespeak-ng);
+* integrity: the real cache matches the pinned hashes, a flipped byte in a copy is caught by plain fetch;
+* the calibration speech is identical in two processes.
 """
 
 from __future__ import annotations
@@ -58,19 +60,66 @@ def test_full_verify_passes_on_intact_model():
     assert info["cached"] and info["verified"]
 
 
-def _espeak(text, path):
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True, capture_output=True)
-    return path
-
-
-@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("sox")), reason="needs espeak-ng and sox")
-def test_whisper_transcribes_espeak(tmp_path):
+def test_whisper_transcribes_espeak():
+    """Speech from the pinned libespeak-ng (no system espeak-ng / sox needed)."""
+    from mmcompress.testbed.mm_data import have_espeak, synthesize
     from mmcompress.testbed.whisper import transcribe
 
+    if not have_espeak():
+        pytest.skip("no pinned espeak-ng build for this platform")
     path = registry.fetch("whisper-base", progress=False)
     digits = ["7", "3", "9", "1", "5"]
-    wav = _espeak(", ".join(digits), tmp_path / "digits.wav")
-    text = transcribe(path, wav)
+    text = transcribe(path, synthesize(", ".join(digits), "en-us"))
     assert re.findall(r"\d", text) == digits, text
+
+
+def test_real_cache_matches_pins_and_catches_a_flipped_byte(tmp_path):
+    """whisper-base in the real cache: its record agrees with the hashes pinned in the repository (when
+    the pinned library versions are installed), and in a copy of it a byte flipped with the mtime put
+    back is found by a plain fetch (repair off: nothing is rebuilt here)."""
+    import json
+
+    from mmcompress.testbed import fetch as tbfetch
+    from mmcompress.testbed.fetch import IntegrityError
+
+    entry = registry.MODELS["whisper-base"]
+    src = registry.fetch(entry.name, progress=False, verify=True)
+    pins = registry.pinned_files(entry)
+    rec = {k: v["sha256"] for k, v in tbfetch.read_record(src)["files"].items()}
+    if pins is not None:
+        assert rec == pins
+    copy = tmp_path / "cache" / entry.name
+    shutil.copytree(src, copy)
+    assert registry.fetch_info(entry.name, cache=tmp_path / "cache", progress=False)["cached"]  # re-stamped
+    w = copy / "model.safetensors"
+    st = w.stat()
+    with open(w, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        b = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([b[0] ^ 0x10]))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="corrupted"):
+        registry.fetch(entry.name, cache=tmp_path / "cache", progress=False, repair=False)
+    assert json.loads((copy / "testbed.json").read_text())["files"]["model.safetensors"]["sha256"] == rec["model.safetensors"]
+
+
+_CALIB = ("import hashlib, sys; from mmcompress.testbed.mm_calib import calibration_records; "
+          "recs = calibration_records('omni', 0, 6, seed=0); "
+          "sys.stdout.write(hashlib.sha256(b''.join(r['audio'][0].tobytes() for r in recs)).hexdigest())")
+
+
+def test_calibration_speech_is_identical_across_processes():
+    import sys
+
+    from mmcompress.testbed.mm_data import have_espeak
+
+    if not have_espeak():
+        pytest.skip("no pinned espeak-ng build for this platform")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    outs = set()
+    for _ in range(2):
+        outs.add(subprocess.run([sys.executable, "-c", _CALIB], capture_output=True, text=True, env=env,
+                                check=True).stdout)
+        time.sleep(1.1)
+    assert len(outs) == 1 and len(next(iter(outs))) == 64

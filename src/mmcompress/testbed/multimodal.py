@@ -203,8 +203,12 @@ def assemble(kind: str, src_model, tok, *, vision: dict | None = None, audio: di
 
     add_mm_tokens(tok)
     cfg = make_config(kind, src_model.config, tok, vision=vision, audio=audio)
-    model = (T.Qwen2_5OmniThinkerForConditionalGeneration if kind == "omni" else
-             T.Qwen2_5_VLForConditionalGeneration)(cfg)
+    cls = T.Qwen2_5OmniThinkerForConditionalGeneration if kind == "omni" else T.Qwen2_5_VLForConditionalGeneration
+    # weights that no source provides (e.g. the audio tower's unused ``audio_bos_eos_token``) keep their
+    # initialisation: seed it, so that every build writes the same bytes (the pinned hashes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(cfg)
     model = model.float()
     sd = decoder_state(src_model, cfg.text_config.vocab_size)
     if kind == "omni":
@@ -295,14 +299,26 @@ def write_model(name: str, out_dir, *, decoder_dir=None, cache=None, progress: b
     from . import mm_sources
 
     kind, decoder = MODEL_SPECS[name]
+    whisper_dir = None
     if decoder_dir is None:
         from .registry import fetch
 
-        decoder_dir = fetch(REGISTRY_DECODER[decoder], cache=cache, progress=progress)
+        # the sources are re-hashed in full (against their pins where they apply) before building from
+        # them: a repair must not rebuild from a corrupted decoder or Whisper directory
+        decoder_dir = fetch(REGISTRY_DECODER[decoder], cache=cache, progress=progress, verify=True)
+        if kind == "omni":
+            whisper_dir = fetch("whisper-base", cache=cache, progress=progress, verify=True)
     src = AutoModelForCausalLM.from_pretrained(str(decoder_dir), trust_remote_code=False, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(decoder_dir), trust_remote_code=False)
     audio_conn, vision_state = connector_assets(decoder)
-    audio_state = mm_sources.whisper_encoder_state(cache=cache, progress=progress) if kind == "omni" else None
+    audio_state = None
+    if kind == "omni":
+        if whisper_dir is not None:
+            from .whisper import omni_audio_tower_state_dict
+
+            audio_state = {k: v.float() for k, v in omni_audio_tower_state_dict(model_dir=whisper_dir).items()}
+        else:
+            audio_state = mm_sources.whisper_encoder_state(cache=cache, progress=progress)
     model, tok = assemble(kind, src, tok, audio_state=audio_state, audio_connector=audio_conn,
                           vision_state=vision_state)
     info = dict(name=name, kind=kind, decoder=DECODERS[decoder], audio_connector_trained=audio_conn is not None,

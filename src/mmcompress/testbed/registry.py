@@ -16,10 +16,19 @@ Cache layout (``cache_root()``: ``cache=``, else ``$MMCOMPRESS_CACHE``, else
     <root>/_downloads/<name>/      wheels and assembled intermediates (deleted after a build unless
                                    keep_downloads=True)
     <root>/data/                   text data sets (testbed/data.py)
+
+Integrity: the files of every built model are pinned in the repository (``testbed/assets/pins.json``:
+SHA-256 per file, with the build id and the library versions that reproduce them byte for byte).  A
+build must reproduce them when it runs with those versions (an :class:`IntegrityError` otherwise); a
+cached directory is checked against its ``testbed.json`` and, with those versions, the pins; sources
+(wheels, assembled files, and for derived models the source models themselves, fully re-hashed) are
+verified before anything is built from them.  With other library versions the bytes can differ (e.g.
+``config.json`` names the transformers version); the build is then checked against its own record only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -143,8 +152,9 @@ def fetch_info(name: str, cache=None, progress: bool = True, verify: bool = Fals
     out = root / name
     t0 = time.perf_counter()
     problem = None
+    pins = pinned_files(entry)
     if out.exists() and not force:
-        ok, reason = check_record(out, entry.build_id, full=verify, progress=progress)
+        ok, reason = check_record(out, entry.build_id, full=verify, progress=progress, expected=pins)
         if ok:
             rec = read_record(out)
             return {"name": name, "path": str(out), "cached": True, "verified": bool(verify),
@@ -155,7 +165,7 @@ def fetch_info(name: str, cache=None, progress: bool = True, verify: bool = Fals
         _log(f"{name}: {reason}; rebuilding", True)
     with locked(root / f".{name}.lock"):
         if out.exists() and not force and problem is None:  # built by another process meanwhile
-            ok, _ = check_record(out, entry.build_id)
+            ok, _ = check_record(out, entry.build_id, expected=pins)
             if ok:
                 rec = read_record(out)
                 return {"name": name, "path": str(out), "cached": True, "verified": False,
@@ -177,6 +187,64 @@ def fetch(name: str, cache=None, progress: bool = True, verify: bool = False, ke
     """Path of the Hugging Face directory of testbed model ``name`` (built on first use)."""
     return Path(fetch_info(name, cache=cache, progress=progress, verify=verify, keep_downloads=keep_downloads,
                            repair=repair)["path"])
+
+
+# -- hashes pinned in the repository --------------------------------------------------------------------
+
+PINS_FILE = Path(__file__).with_name("assets") / "pins.json"
+PIN_LIBRARIES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy")
+
+
+def build_env() -> dict[str, str]:
+    """Versions of the libraries whose output the pinned bytes depend on."""
+    import importlib.metadata as md
+
+    out = {}
+    for lib in PIN_LIBRARIES:
+        try:
+            out[lib] = md.version(lib).split("+")[0]  # torch 2.13.0+cpu and the CUDA build write the same bytes
+        except md.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def load_pins() -> dict:
+    try:
+        return json.loads(PINS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def pinned_files(entry: "ModelEntry") -> dict[str, str] | None:
+    """{file: sha256} pinned for ``entry`` when they apply here (same build id and library versions)."""
+    pins = load_pins()
+    p = (pins.get("models") or {}).get(entry.name)
+    if not p or p.get("build_id") != entry.build_id or pins.get("env") != build_env():
+        return None
+    return dict(p["files"])
+
+
+def _check_pins(entry: "ModelEntry", rec: dict) -> None:
+    """A fresh build must reproduce the pinned hashes (when they apply)."""
+    pins = pinned_files(entry)
+    if pins is None:
+        known = load_pins()
+        p = (known.get("models") or {}).get(entry.name)
+        why = ("no hashes are pinned for it" if not p else
+               "its pinned hashes are for another recipe" if p.get("build_id") != entry.build_id else
+               f"its hashes are pinned for {_env_diff(known.get('env') or {})}")
+        _log(f"{entry.name}: {why}; the build is checked against its own record only", True)
+        return
+    got = {k: v["sha256"] for k, v in rec["files"].items()}
+    bad = sorted(k for k in set(got) | set(pins) if got.get(k) != pins.get(k))
+    if bad:
+        raise IntegrityError(f"testbed model {entry.name}: the build does not reproduce the hashes pinned in "
+                             f"{PINS_FILE.name} ({', '.join(bad[:4])}); refusing to cache it")
+
+
+def _env_diff(pinned: dict) -> str:
+    here = build_env()
+    return ", ".join(f"{k} {pinned.get(k)} (here {here.get(k)})" for k in PIN_LIBRARIES if pinned.get(k) != here.get(k))
 
 
 def _weights_sha(rec: dict | None) -> dict:
@@ -206,6 +274,7 @@ def _build(entry: ModelEntry, root: Path, progress: bool, keep_downloads: bool) 
                 "assembled": entry.assembled_name or None, "assembled_sha256": entry.assembled_sha256,
                 "build_seconds": round(time.perf_counter() - t0, 1)}
         rec = write_record(tmp, info)
+        _check_pins(entry, rec)
         commit_dir(tmp, out)
     finally:
         if tmp.exists():
