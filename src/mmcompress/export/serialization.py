@@ -75,14 +75,12 @@ def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
             setattr(parent, child, cls.from_spec(spec, device=device))
 
 
-def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None) -> Path:
-    """Save a (compressed) model as a plain directory; written to a temporary dir, then renamed."""
+def build_manifest(model: nn.Module, description: dict | None = None) -> dict:
+    """``mmcompress.json`` of ``model`` (its architecture, dtype, what was done, module specs)."""
     from .. import __version__
 
-    output_dir = Path(output_dir)
-    source_dir = source_dir or getattr(model, "_mmcompress_source", None) or getattr(model.config, "_name_or_path", None)
     prior = getattr(model, "_mmcompress_description", {}) or {}
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "mmcompress_version": __version__,
         "architecture": (model.config.architectures or [type(model).__name__])[0],
@@ -92,17 +90,41 @@ def save(model: nn.Module, output_dir, *, description: dict | None = None, sourc
         **(description or {}),
         "modules": module_specs(model),
     }
+
+
+def write_side_files(tmp: Path, model: nn.Module, manifest: dict, source_dir) -> None:
+    """``config.json``, ``mmcompress.json`` and the tokenizer/processor files of ``source_dir``."""
+    model.config.architectures = [manifest["architecture"]]
+    model.config.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    if source_dir and Path(source_dir).is_dir():
+        for fname in _PROCESSOR_FILES:
+            src = Path(source_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, tmp / fname)
+
+
+def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None) -> Path:
+    """Save a (compressed) model as a plain directory; written to a temporary dir, then renamed."""
+    output_dir = Path(output_dir)
+    source_dir = source_dir or getattr(model, "_mmcompress_source", None) or getattr(model.config, "_name_or_path", None)
+    manifest = build_manifest(model, description)
     with temporary_dir_for(output_dir) as tmp:
-        model.config.architectures = [manifest["architecture"]]
-        model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if source_dir and Path(source_dir).is_dir():
-            for fname in _PROCESSOR_FILES:
-                src = Path(source_dir) / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
+        write_side_files(tmp, model, manifest, source_dir)
     return output_dir
+
+
+def load_state(path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(path / shard)))
+    return state
 
 
 def is_artifact(path) -> bool:
@@ -130,7 +152,7 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype)
-    apply_specs(model, manifest.get("modules", {}))
+    apply_specs(model, _with_model_dtype(manifest.get("modules", {}), manifest.get("dtype", "float32")))
     materialized: dict[int, nn.Parameter] = {}  # keep tied parameters tied
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
@@ -139,7 +161,7 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
                     materialized[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False)
                 mod._parameters[pname] = materialized[id(p)]
     model.tie_weights()  # tie before loading: a tied pair is stored once
-    state = load_file(str(path / "model.safetensors"))
+    state = load_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors in model.safetensors: {unexpected[:5]}")
@@ -154,6 +176,18 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
     model._mmcompress_source = str(path)
     _install_runtime(model)
     return model
+
+
+def _with_model_dtype(specs: dict, dtype: str) -> dict:
+    """Artifacts written before the fix recorded float32 (the dtype of the step sizes) in the spec of a
+    packed bias-free ``QuantLinear`` of a bf16/fp16 model, so it could not run: it computes in the model dtype."""
+    out = {}
+    for path, spec in specs.items():
+        if (spec.get("packed") and not spec.get("bias") and spec.get("dtype") == "float32" and dtype != "float32"
+                and "in_features" in spec and "scheme" in spec):
+            spec = dict(spec, dtype=dtype)
+        out[path] = spec
+    return out
 
 
 def _install_runtime(model: nn.Module) -> None:

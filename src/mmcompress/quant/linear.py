@@ -41,6 +41,8 @@ def modality_rows(ids: torch.Tensor, n_rows: int) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
 
+    float32_tensors = ("weight_scale", "weight_zero", "input_smoothing")  # float32 whatever the model dtype
+
     def __init__(
         self,
         in_features: int,
@@ -102,9 +104,10 @@ class QuantLinear(nn.Module):
         return q
 
     def _float_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (the model's dtype; step sizes stay float32 when packed)."""
         if self.bias is not None:
             return self.bias.dtype
-        return self.weight.dtype if not self.packed else self.weight_scale.dtype
+        return self.weight.dtype if not self.packed else self._weight_dtype_marker.dtype
 
     # -- packing -------------------------------------------------------------------------------
     def _make_packed_buffers(self, device=None):

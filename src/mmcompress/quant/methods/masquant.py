@@ -242,6 +242,7 @@ class MASQuant(QuantMethod):
 
     name = "masquant"
     needs_fp_chain = True
+    float32_math = True  # the smoothing vectors are trained by backpropagation through the layer
 
     def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
                  loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,
