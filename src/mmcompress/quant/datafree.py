@@ -68,7 +68,8 @@ def _meta_model(model_dir, dtype: torch.dtype):
 
 
 def _plan(model: nn.Module, scheme: QuantScheme):
-    """Output tensors in order: ``(names, sources, build)`` per unit, plus the module specs.
+    """Output tensors in order: ``(names, sources, build)`` per unit, the module specs, and the tied
+    parameters (``{kept name: other names}``; the checkpoint may store the tensor under any of them).
 
     A unit is one decoder linear (its weight and bias in, its packed tensors out) or one other tensor."""
     adapter = get_adapter(model)
@@ -81,6 +82,7 @@ def _plan(model: nn.Module, scheme: QuantScheme):
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
     dropped = {n for names in names_of.values() for n in sorted(names)[1:]}
+    tied = {sorted(names)[0]: sorted(names)[1:] for names in names_of.values() if len(names) > 1}
     state = {k: v for k, v in model.state_dict().items() if k not in dropped}
     units, specs, seen = [], {}, set()
     for key, t in state.items():
@@ -89,27 +91,34 @@ def _plan(model: nn.Module, scheme: QuantScheme):
         mod_name = key.rsplit(".", 1)[0]
         if mod_name in linears:
             lin = linears[mod_name]
-            q = QuantLinear.from_linear(lin, scheme).pack()  # on the meta device: names, shapes and dtypes
+            q = _meta_quant_linear(lin, scheme, t.dtype)  # names, shapes and dtypes of the stored tensors
             out = {f"{mod_name}.{k}": (v.dtype, tuple(v.shape)) for k, v in q.state_dict().items()}
             sources = [f"{mod_name}.weight"] + ([f"{mod_name}.bias"] if lin.bias is not None else [])
             seen.update(sources)
             specs[mod_name] = q.spec()
-            units.append((out, sources, _quantize_unit(mod_name, lin, scheme)))
+            units.append((out, sources, _quantize_unit(mod_name, scheme)))
         else:
             seen.add(key)
             units.append(({key: (t.dtype, tuple(t.shape))}, [key], None))
-    return units, specs
+    return units, specs, tied
 
 
-def _quantize_unit(mod_name: str, meta_linear: nn.Module, scheme: QuantScheme):
+def _meta_quant_linear(lin: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> QuantLinear:
+    """The :class:`QuantLinear` that RTN makes of ``lin``, packed, on the meta device (no arithmetic)."""
+    q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype=dtype, device="meta")
+    if scheme.wbits < 16:
+        q._make_packed_buffers("meta")
+    return q
+
+
+def _quantize_unit(mod_name: str, scheme: QuantScheme):
+    """What ``QuantLinear.from_linear(linear, scheme).pack()`` stores, from the weight (and bias) alone."""
     def build(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        lin = nn.Linear(meta_linear.in_features, meta_linear.out_features, bias=meta_linear.bias is not None,
-                        device="meta")
-        lin.weight = nn.Parameter(tensors[f"{mod_name}.weight"], requires_grad=False)
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(tensors[f"{mod_name}.bias"], requires_grad=False)
-        q = QuantLinear.from_linear(lin, scheme).pack()
-        return {f"{mod_name}.{k}": v for k, v in q.state_dict().items()}
+        weight = tensors[f"{mod_name}.weight"]
+        out = {"weight": weight} if scheme.wbits >= 16 else QuantLinear.packed_weight(weight, scheme)
+        if f"{mod_name}.bias" in tensors:
+            out["bias"] = tensors[f"{mod_name}.bias"]
+        return {f"{mod_name}.{k}": v for k, v in out.items()}
 
     return build
 
@@ -136,9 +145,14 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
     t0 = time.time()
     model = _meta_model(model_dir, dtype)
     sources = checkpoint_tensors(model_dir)
-    units, specs = _plan(model, scheme)
+    units, specs, tied = _plan(model, scheme)
+    stored_as = {k: k for k in sources}
+    for kept, others in tied.items():
+        for name in [kept, *others]:
+            if kept not in stored_as and name in sources:
+                stored_as[kept] = name
     needed = [k for _, srcs, _ in units for k in srcs]
-    absent = [k for k in needed if k not in sources]
+    absent = [k for k in needed if k not in stored_as]
     n_layers = len(get_adapter(model).layers)
     if absent:  # tensor names differ from the model's: load the model, RTN layer by layer, no forward
         return _in_memory(model_dir, output, scheme, dtype, t0, n_layers)
@@ -157,10 +171,10 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
     handles: dict[Path, object] = {}
 
     def read(key):
-        path = sources[key]
+        path = sources[stored_as[key]]
         if path not in handles:
             handles[path] = safe_open(str(path), "pt")
-        return handles[path].get_tensor(key)
+        return handles[path].get_tensor(stored_as[key])
 
     with temporary_dir_for(output) as tmp:
         weight_map, total = {}, 0

@@ -147,15 +147,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool =
         scale, zero = weight_qparams(w, bits, group_size, sym)
         wg, pad = _grouped(w, group_size)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        q = torch.div(wg, s).round_()  # in place from here: one temporary the size of w
         if sym:
             qmax = 2 ** (bits - 1) - 1
-            q = torch.clamp(torch.round(wg / s), -qmax, qmax)
+            q.clamp_(-qmax, qmax)
         else:
-            q = torch.clamp(torch.round(wg / s) + z, 0, 2**bits - 1)
+            q.add_(z).clamp_(0, 2**bits - 1)
         q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
         # asymmetric codes live in [0, 2^b - 1]; shift them to int8 range for storage
         if not sym:
-            q = q - 2 ** (bits - 1)
+            q = q.sub_(2 ** (bits - 1))
         return q.to(torch.int8), scale, zero
 
 
