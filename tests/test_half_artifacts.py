@@ -2,11 +2,11 @@
 
 Every method goes through the CLI from the same fp32 checkpoint twice, once loaded in float32 and
 once in the half dtype; the half artifact must load, give finite logits close to the float32
-artifact's (relative L2 distance of the logits below ``REL_TOL``) and generate.
+artifact's (relative L2 distance of the logits, bound below) and generate.
 """
 
 import json
-import wave
+import os
 
 import numpy as np
 import pytest
@@ -15,15 +15,24 @@ import torch
 import mmcompress
 from mmcompress.cli import main
 from mmcompress.models.loading import load_hf_model
-from mmcompress.models.processing import save_processor
-from mmcompress.models.tiny import tiny_model, tiny_processor
 
-from .conftest import make_audio, make_image, mm_inputs
+from .conftest import mm_inputs
+from .test_cli_multimodal import omni_dir  # noqa: F401  (the tiny Omni model + image/audio calibration jsonl)
 
-# Measured (tiny random models, 2-3 layers): 0.004-0.03 for bf16, less for fp16.  bf16 rounds the
-# weights before quantization, so a few codes move by one step; 0.08 leaves room without hiding a
-# broken artifact (a wrong scale or a dropped correction gives > 0.3).
+# The half artifact may differ from the float32 one by as much as compression itself moves the float32
+# model (rel. L2 of the logits: artifact vs dense), or by REL_TOL where that is smaller.  bf16 rounds the
+# weights before quantization, so codes move by a step and, on these tiny random models, Top-K picks
+# flip near ties (LaRoSA and the recipe: 0.27-0.28).  Set MMCOMPRESS_TEST_RECORD=FILE to
+# append the measured distances to FILE.
 REL_TOL = 0.08
+
+
+def _record(name, dtype, rel_half, rel_compression):
+    path = os.environ.get("MMCOMPRESS_TEST_RECORD")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"method": name, "dtype": dtype, "rel_half_vs_fp32_artifact": round(rel_half, 4),
+                                "rel_fp32_artifact_vs_dense": rel_compression and round(rel_compression, 4)}) + "\n")
 
 TEXT_RUNS = {
     "rtn": ["quantize", "--method", "rtn", "--scheme", "w8a8"],
@@ -75,7 +84,7 @@ def test_half_artifact_runs(name, dtype, tmp_path, tiny_llama_dir, calib_text, c
     y_half, y_ref = half(input_ids=x).logits, ref(input_ids=x).logits
     assert y_half.dtype == getattr(torch, dtype) and torch.isfinite(y_half).all()
     y_dense = load_hf_model(tiny_llama_dir)(input_ids=x).logits
-    print("REL", name, dtype, _rel(y_half, y_ref), _rel(y_ref, y_dense))
+    _record(name, dtype, _rel(y_half, y_ref), _rel(y_ref, y_dense))
     assert _rel(y_half, y_ref) < max(REL_TOL, _rel(y_ref, y_dense))
     gen = half.generate(input_ids=x, max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 28)
@@ -85,27 +94,8 @@ def test_half_artifact_runs(name, dtype, tmp_path, tiny_llama_dir, calib_text, c
     assert np.isfinite(ppl)
 
 
-@pytest.fixture
-def omni_half(tmp_path, tokenizer):
-    d = tmp_path / "omni"
-    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
-    model.save_pretrained(d)
-    save_processor(tiny_processor("qwen2_5_omni", tok), d)
-    make_image(1).save(tmp_path / "img.png")
-    pcm = (make_audio(1.5) * 32767).astype(np.int16)
-    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    lines = [{"text": "describe the red fox", "images": ["img.png"]}, {"text": "transcribe", "audio": ["a.wav"]},
-             {"text": "both", "images": ["img.png"], "audio": ["a.wav"]}, {"text": "just text here"}]
-    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    return d, tok
-
-
-def test_masquant_omni_bf16_artifact_runs(tmp_path, omni_half, capsys):
-    model_dir, tok = omni_half
+def test_masquant_omni_bf16_artifact_runs(tmp_path, omni_dir, tokenizer, capsys):
+    model_dir, tok = omni_dir, tokenizer
     arts = {}
     for dtype in ("float32", "bfloat16"):
         _run(["quantize", str(model_dir), "--method", "masquant", "--scheme", "w4a8", "--epochs", "1",
@@ -118,7 +108,7 @@ def test_masquant_omni_bf16_artifact_runs(tmp_path, omni_half, capsys):
     x, _ = mm_inputs("qwen2_5_omni", tok, seed=2)
     y = {k: m(**x).logits for k, m in arts.items()}
     assert y["bfloat16"].dtype == torch.bfloat16 and torch.isfinite(y["bfloat16"]).all()
-    print("REL omni", _rel(y["bfloat16"], y["float32"]))
+    _record("masquant-omni", "bfloat16", _rel(y["bfloat16"], y["float32"]), None)
     assert _rel(y["bfloat16"], y["float32"]) < REL_TOL
     gen = arts["bfloat16"].generate(**x, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == x["input_ids"].shape[1] + 3
