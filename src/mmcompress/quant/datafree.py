@@ -19,6 +19,7 @@ without a forward pass instead.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 import time
@@ -123,6 +124,35 @@ def _quantize_unit(mod_name: str, scheme: QuantScheme):
     return build
 
 
+class _ShardReader:
+    """Tensors of one safetensors file read with plain ``pread`` (no memory map: the pages read do not
+    stay in this process's resident set, so peak memory is one tensor, not the checkpoint)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        n = struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
+        self.header = json.loads(os.pread(self.fd, n, 8))
+        self.base = 8 + n
+        self.dtypes = {v: k for k, v in _ST_DTYPES.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if got <= 0:
+                raise OSError(f"{self.path.name} is truncated (tensor {key})")
+            done += got
+        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
+        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _header(entries: list[tuple[str, torch.dtype, tuple]], metadata: dict) -> bytes:
     header, offset = {"__metadata__": metadata}, 0
     for name, dtype, shape in entries:
@@ -168,13 +198,13 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         size += b
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    handles: dict[Path, object] = {}
+    readers: dict[Path, _ShardReader] = {}
 
     def read(key):
         path = sources[stored_as[key]]
-        if path not in handles:
-            handles[path] = safe_open(str(path), "pt")
-        return handles[path].get_tensor(stored_as[key])
+        if path not in readers:
+            readers[path] = _ShardReader(path)
+        return readers[path].read(stored_as[key])
 
     with temporary_dir_for(output) as tmp:
         weight_map, total = {}, 0
@@ -205,7 +235,8 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         manifest = build_manifest(model, description)
         manifest["modules"] = specs
         write_side_files(tmp, model, manifest, model_dir)
-        handles.clear()
+        for r in readers.values():
+            r.close()
     return description
 
 
