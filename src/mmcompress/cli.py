@@ -32,10 +32,10 @@ def _add_trust(p: argparse.ArgumentParser):
                         "tokenizer or processor classes); off by default, when such code is never imported")
 
 
-def _add_calib(p: argparse.ArgumentParser):
-    p.add_argument("--calib", required=True,
+def _add_calib(p: argparse.ArgumentParser, required: bool = True):
+    p.add_argument("--calib", required=required,
                    help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
-                        "(wiki, testbed)")
+                        "(wiki, testbed)" + ("" if required else "; without it, rtn runs data-free (tensor by tensor)"))
     p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per text calibration sample (default 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
                         "division (not exportable)")
     q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
-    q.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
-    _add_calib(q)
+    q.add_argument("--dtype", default="auto",
+                   help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")
+    _add_calib(q, required=False)
     q.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     _add_overwrite(q)
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="apply a recipe of steps (e.g. LaRoSA then W8A8) and save one artifact")
     c.add_argument("model", help="local Hugging Face model directory")
     c.add_argument("--recipe", required=True, help="recipe file (YAML or JSON) with a list of steps")
-    c.add_argument("--dtype", default="float32")
+    c.add_argument("--dtype", default="auto", help="auto (the checkpoint's dtype), float32, bfloat16, float16")
     _add_calib(c)
     c.add_argument("--output", "-o", required=True)
     _add_overwrite(c)
@@ -276,8 +277,10 @@ def cmd_quantize(args) -> dict:
     options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
     trust = args.trust_remote_code
-    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=trust)
+    if args.calib is None:
+        return _quantize_data_free(args, scheme)
+    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
@@ -312,6 +315,24 @@ def cmd_quantize(args) -> dict:
     print(f"quantized {args.model} with {args.method} {scheme.name} -> {out} ({desc['seconds']} s; "
           f"calibration tokens {desc['calibration']['tokens']})", file=sys.stderr)
     return result
+
+
+def _quantize_data_free(args, scheme) -> dict:
+    """RTN without ``--calib``: tensor by tensor from the input shards to the output shards."""
+    from .models.loading import resolve_dtype
+    from .quant.datafree import quantize_checkpoint
+
+    if args.method.lower() != "rtn":
+        raise CLIError(f"--method {args.method} needs calibration data (--calib); only rtn runs without it")
+    for flag, value in (("--report", args.report), ("--resume", args.resume)):
+        if value:
+            raise CLIError(f"{flag} needs --calib (data-free rtn has no calibration pass)")
+    desc = quantize_checkpoint(args.model, args.output, scheme, dtype=resolve_dtype(args.model, args.dtype),
+                               progress=not args.no_progress, overwrite=args.overwrite)
+    print(f"quantized {args.model} with rtn {scheme.name} (data-free) -> {args.output} ({desc['seconds']} s)",
+          file=sys.stderr)
+    return {"output": str(args.output), "method": "rtn", "scheme": scheme.name, "data_free": True,
+            "calibration": desc["calibration"], "seconds": desc["seconds"]}
 
 
 # -- eval --------------------------------------------------------------------------------------

@@ -184,19 +184,22 @@ class LayerContext:
     fp_outputs: list[torch.Tensor] | None = None  # outputs of the uncompressed layer (if requested)
     fp_inputs: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)  # per-layer metrics a method wants reported
+    compute_dtype: torch.dtype | None = None  # set while the layer is upcast for a method's float32 math
 
     @property
     def modality_ids(self) -> list[torch.Tensor]:
         return self.captured.modality
 
     def kwargs(self, j: int) -> dict:
-        return _to(self.captured.layer_kwargs[j][self.index], self.device)
+        kw = _to(self.captured.layer_kwargs[j][self.index], self.device)
+        return kw if self.compute_dtype is None else _cast_floating(kw, self.compute_dtype)
 
     def run(self, j: int, x: torch.Tensor | None = None) -> torch.Tensor:
         """Run this layer on sample ``j`` (or on ``x`` with sample ``j``'s kwargs); output on device."""
         x = self.inputs[j] if x is None else x
+        x = x.to(self.device) if self.compute_dtype is None else x.to(self.device, self.compute_dtype)
         with modality_context(self.captured.modality[j].to(self.device)):
-            out = self.layer(x.to(self.device), **self.kwargs(j))
+            out = self.layer(x, **self.kwargs(j))
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -221,11 +224,67 @@ class LayerContext:
                 h.remove()
 
 
+def _cast_floating(obj, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floating(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+class upcast_layer:
+    """Run a method's step on a bf16/fp16 layer in float32, then return the layer to the model dtype.
+
+    On entry every floating parameter and buffer of ``layer`` is cast to float32.  On exit a tensor that
+    was there before gets its old dtype back; a tensor of a module the step created is cast to
+    ``model_dtype`` unless the module lists it in ``float32_tensors`` (step sizes, smoothing vectors:
+    kept in float32 whatever the model dtype, as a step on a bf16 layer would have made them)."""
+
+    def __init__(self, layer: nn.Module, model_dtype: torch.dtype):
+        self.layer, self.model_dtype = layer, model_dtype
+
+    def _tensors(self):
+        for mod in self.layer.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_floating_point():
+                        yield mod, store, name, t
+
+    def __enter__(self):
+        self.before = {(id(mod), name): t.dtype for mod, _, name, t in self._tensors()}
+        self._alive = list(self.layer.modules())  # ids stay unique while we hold the modules
+        self._cast(lambda mod, name: torch.float32)
+        return self
+
+    def __exit__(self, *exc):
+        keep = lambda mod, name: torch.float32 if name in getattr(mod, "float32_tensors", ()) else self.model_dtype
+        self._cast(lambda mod, name: self.before.get((id(mod), name)) or keep(mod, name))
+        for mod in self.layer.modules():  # dequantized-weight caches were made in float32
+            if hasattr(mod, "clear_cache"):
+                mod.clear_cache()
+        del self._alive
+        return False
+
+    @torch.no_grad()
+    def _cast(self, dtype_of) -> None:
+        for mod, store, name, t in list(self._tensors()):
+            dtype = dtype_of(mod, name)
+            if t.dtype == dtype:
+                continue
+            if isinstance(t, nn.Parameter):
+                store[name] = nn.Parameter(t.data.to(dtype), requires_grad=t.requires_grad)
+            else:
+                store[name] = t.to(dtype)
+
+
 class Method:
     """A compression method over the engine.  Subclasses implement :meth:`step`."""
 
     name = "method"
     needs_fp_chain = False  # keep the uncompressed chain of activations (targets for learning)
+    float32_math = False  # on a bf16/fp16 model, run step() on the layer upcast to float32 (see upcast_layer)
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -302,6 +361,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     inputs = captured.hidden
     layers_path = finite.module_path(model, adapter.layers)
     finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
+    model_dtype = inputs[0].dtype if inputs else torch.float32
     fp_inputs = list(inputs) if (method.needs_fp_chain or diagnostics is not None) else None
     layers = adapter.layers
     start = 0
@@ -339,11 +399,20 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         orig_device = next(layer.parameters()).device
         layer.to(device)
         ctx = LayerContext(i, layer, adapter, captured, inputs, device, fp_inputs=fp_inputs)
+        fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
+        upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
+        if upcast is not None:
+            upcast.__enter__()
+            ctx.compute_dtype = torch.float32
         with torch.no_grad():
             if fp_inputs is not None:
                 ctx.fp_outputs = [ctx.run(j, fp_inputs[j]).to("cpu") for j in range(len(captured))]
-        fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         method.step(ctx)
+        if upcast is not None:
+            upcast.__exit__(None, None, None)
+            ctx.compute_dtype = None
+            if ctx.fp_outputs is not None:
+                ctx.fp_outputs = [t.to(model_dtype) for t in ctx.fp_outputs]
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         if diagnostics is not None:
             diagnostics.layer(ctx, fp_layer)

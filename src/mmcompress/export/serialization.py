@@ -76,18 +76,12 @@ def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
             setattr(parent, child, cls.from_spec(spec, device=device))
 
 
-def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None, overwrite: bool = False,
-         inputs=()) -> Path:
-    """Save a (compressed) model as a plain directory, atomically (:func:`fileio.atomic_output_dir`).
-
-    An existing non-empty ``output_dir`` is refused unless ``overwrite``; one that overlaps
-    ``source_dir`` or ``inputs`` is always refused."""
+def build_manifest(model: nn.Module, description: dict | None = None) -> dict:
+    """``mmcompress.json`` of ``model`` (its architecture, dtype, what was done, module specs)."""
     from .. import __version__
 
-    output_dir = Path(output_dir)
-    source_dir = source_dir or getattr(model, "_mmcompress_source", None) or getattr(model.config, "_name_or_path", None)
     prior = getattr(model, "_mmcompress_description", {}) or {}
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "mmcompress_version": __version__,
         "architecture": (model.config.architectures or [type(model).__name__])[0],
@@ -97,18 +91,46 @@ def save(model: nn.Module, output_dir, *, description: dict | None = None, sourc
         **(description or {}),
         "modules": module_specs(model),
     }
+
+
+def write_side_files(tmp: Path, model: nn.Module, manifest: dict, source_dir) -> None:
+    """``config.json``, ``mmcompress.json`` and the tokenizer/processor files of ``source_dir``."""
+    model.config.architectures = [manifest["architecture"]]
+    model.config.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    if source_dir and Path(source_dir).is_dir():
+        for fname in _PROCESSOR_FILES:
+            src = Path(source_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)  # the user's umask, not the source's mode
+
+
+def save(model: nn.Module, output_dir, *, description: dict | None = None, source_dir=None, overwrite: bool = False,
+         inputs=()) -> Path:
+    """Save a (compressed) model as a plain directory, atomically (:func:`fileio.atomic_output_dir`).
+
+    An existing non-empty ``output_dir`` is refused unless ``overwrite``; one that overlaps
+    ``source_dir`` or ``inputs`` is always refused."""
+    output_dir = Path(output_dir)
+    source_dir = source_dir or getattr(model, "_mmcompress_source", None) or getattr(model.config, "_name_or_path", None)
+    manifest = build_manifest(model, description)
     sources = [source_dir, *inputs] if source_dir and Path(source_dir).exists() else list(inputs)
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=sources) as tmp:
-        model.config.architectures = [manifest["architecture"]]
-        model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if source_dir and Path(source_dir).is_dir():
-            for fname in _PROCESSOR_FILES:
-                src = Path(source_dir) / fname
-                if src.is_file():
-                    shutil.copyfile(src, tmp / fname)  # the user's umask, not the source's mode
+        write_side_files(tmp, model, manifest, source_dir)
     return output_dir
+
+
+def load_state(path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(path / shard)))
+    return state
 
 
 def is_artifact(path) -> bool:
@@ -197,13 +219,20 @@ def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = 
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{path / MANIFEST}: unknown dtype {manifest.get('dtype')!r}")
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: model.safetensors is missing")
-    check_specs(cls, config, dtype, manifest.get("modules", {}), safetensors_header(weights), path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a sharded artifact (data-free RTN of a large model)
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    header = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"{path}: {shard} is missing")
+        header.update(safetensors_header(path / shard))
+    check_specs(cls, config, dtype, manifest.get("modules", {}), header, path)
     with init_empty_weights(include_buffers=False):
         model = _empty_model(cls, config, dtype)
-    apply_specs(model, manifest.get("modules", {}))
+    apply_specs(model, _with_model_dtype(manifest.get("modules", {}), manifest.get("dtype", "float32")))
     materialized: dict[int, nn.Parameter] = {}  # keep tied parameters tied
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
@@ -212,7 +241,7 @@ def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = 
                     materialized[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False)
                 mod._parameters[pname] = materialized[id(p)]
     model.tie_weights()  # tie before loading: a tied pair is stored once
-    state = load_file(str(path / "model.safetensors"))
+    state = load_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors in model.safetensors: {unexpected[:5]}")
@@ -227,6 +256,18 @@ def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = 
     model._mmcompress_source = str(path)
     _install_runtime(model)
     return model
+
+
+def _with_model_dtype(specs: dict, dtype: str) -> dict:
+    """Artifacts written before the fix recorded float32 (the dtype of the step sizes) in the spec of a
+    packed bias-free ``QuantLinear`` of a bf16/fp16 model, so it could not run: it computes in the model dtype."""
+    out = {}
+    for path, spec in specs.items():
+        if (spec.get("packed") and not spec.get("bias") and spec.get("dtype") == "float32" and dtype != "float32"
+                and "in_features" in spec and "scheme" in spec):
+            spec = dict(spec, dtype=dtype)
+        out[path] = spec
+    return out
 
 
 def _install_runtime(model: nn.Module) -> None:

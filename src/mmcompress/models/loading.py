@@ -113,15 +113,38 @@ def model_class_for(config, path=None, *, trust_remote_code: bool = False):
     raise UnsupportedModelError(f"no transformers model class for {config.model_type!r}")
 
 
+def checkpoint_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint is stored in (``torch_dtype`` or ``dtype`` of its config.json; float32 if absent)."""
+    raw = json.loads((_check_dir(path) / "config.json").read_text())
+    for cfg in (raw, raw.get("text_config") or {}, (raw.get("thinker_config") or {}).get("text_config") or {}):
+        name = cfg.get("dtype") or cfg.get("torch_dtype")
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+    return torch.float32
+
+
+def resolve_dtype(path, dtype: torch.dtype | str) -> torch.dtype:
+    """``"auto"``: the checkpoint's own dtype; otherwise a dtype name (float32, bfloat16, float16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype(path)
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return value
+
+
 def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", *, trust_remote_code: bool = False):
-    """Load a local model directory (plain Hugging Face or an mmcompress artifact)."""
+    """Load a local model directory (plain Hugging Face or an mmcompress artifact).
+
+    ``dtype="auto"`` loads in the checkpoint's own dtype (bf16 stays bf16)."""
     from ..export.serialization import is_artifact, load
 
     if is_artifact(path):
         return load(path, device=device, trust_remote_code=trust_remote_code)
     config = read_config(path, trust_remote_code=trust_remote_code)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(path, dtype)
     cls = model_class_for(config, path, trust_remote_code=trust_remote_code)
     model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code)
     model.eval().to(device)

@@ -41,6 +41,8 @@ def modality_rows(ids: torch.Tensor, n_rows: int) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
 
+    float32_tensors = ("weight_scale", "weight_zero", "input_smoothing")  # float32 whatever the model dtype
+
     def __init__(
         self,
         in_features: int,
@@ -102,9 +104,10 @@ class QuantLinear(nn.Module):
         return q
 
     def _float_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (the model's dtype; step sizes stay float32 when packed)."""
         if self.bias is not None:
             return self.bias.dtype
-        return self.weight.dtype if not self.packed else self.weight_scale.dtype
+        return self.weight.dtype if not self.packed else self._weight_dtype_marker.dtype
 
     # -- packing -------------------------------------------------------------------------------
     def _make_packed_buffers(self, device=None):
@@ -122,18 +125,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("_weight_dtype_marker", torch.zeros(0, dtype=dtype, device=device), persistent=False)
         self.packed = True
 
+    @staticmethod
+    @torch.no_grad()
+    def packed_weight(weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+        """The stored form of ``weight``: ``weight_codes`` (int8, or two int4 per uint8), ``weight_scale``
+        and ``weight_zero`` (float32, ``[out, n_groups]``)."""
+        codes, scale, zero = quantize_weight(weight, scheme.wbits, scheme.group_size, scheme.sym)
+        return {"weight_codes": pack_int4(codes) if scheme.wbits <= 4 else codes,
+                "weight_scale": scale.float(), "weight_zero": zero.float()}
+
     @torch.no_grad()
     def pack(self) -> "QuantLinear":
         """Replace the float weight by integer codes + step sizes + zero points (no-op at 16 bits)."""
         if self.packed or self.scheme.wbits >= 16:
             return self
-        s = self.scheme
-        codes, scale, zero = quantize_weight(self.weight.data, s.wbits, s.group_size, s.sym)
-        device = self.weight.device
-        self._make_packed_buffers(device)
-        self.weight_codes.copy_(pack_int4(codes) if s.wbits <= 4 else codes)
-        self.weight_scale.copy_(scale)
-        self.weight_zero.copy_(zero)
+        packed = self.packed_weight(self.weight.data, self.scheme)
+        self._make_packed_buffers(self.weight.device)
+        for name, t in packed.items():
+            getattr(self, name).copy_(t)
         self._dequant_cache = None
         return self
 

@@ -147,19 +147,27 @@ def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: b
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True):
     """Integer codes (int8 tensor, ``[out, in]``), step sizes and zero points of ``w``."""
     with torch.no_grad():
-        w = w.float()
-        scale, zero = weight_qparams(w, bits, group_size, sym)
+        if sym and w.dtype in (torch.bfloat16, torch.float16):
+            # max|w| is exact in the weight's own dtype: one pass over the half-size tensor, same step sizes
+            lo, hi = torch.aminmax(_grouped(w, group_size)[0], dim=-1)
+            scale = (torch.maximum(-lo, hi).float() / (2 ** (bits - 1) - 1)).clamp(min=_EPS)
+            zero = torch.zeros_like(scale)
+            w = w.float()
+        else:
+            w = w.float()
+            scale, zero = weight_qparams(w, bits, group_size, sym)
         wg, pad = _grouped(w, group_size)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        q = torch.div(wg, s).round_()  # in place from here: one temporary the size of w
         if sym:
             qmax = 2 ** (bits - 1) - 1
-            q = torch.clamp(torch.round(wg / s), -qmax, qmax)
+            q.clamp_(-qmax, qmax)
         else:
-            q = torch.clamp(torch.round(wg / s) + z, 0, 2**bits - 1)
+            q.add_(z).clamp_(0, 2**bits - 1)
         q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
         # asymmetric codes live in [0, 2^b - 1]; shift them to int8 range for storage
         if not sym:
-            q = q - 2 ** (bits - 1)
+            q = q.sub_(2 ** (bits - 1))
         return q.to(torch.int8), scale, zero
 
 

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--column-scale", action="store_true",
                    help="LaRoSA merged mode (ours): Top-K ranks each rotated coordinate by |x̃_i| times the norm of "
                         "the readers' weight column it multiplies (folded into the norm scale; exact, free at run time)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the model in (float32, bfloat16)")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")
     _add_calib(p)
     p.set_defaults(nsamples=16, seqlen=1024)
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")

@@ -276,6 +276,7 @@ class MASQuant(QuantMethod):
                "cmc_bits": opt.bits, "tie": opt.boolean, "scale_floor": opt.real(0, lo_open=True),
                "damping": opt.real(0), "train_samples": opt.integer(1, optional=True),
                "probe_samples": opt.integer(1), "seed": opt.integer(), "divergence": check_divergence}
+    float32_math = True  # the smoothing vectors are trained by backpropagation through the layer
 
     def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
                  loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,

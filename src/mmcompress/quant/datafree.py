@@ -1,0 +1,266 @@
+"""Data-free RTN: quantize a checkpoint tensor by tensor, from its safetensors shards to the output shards.
+
+RTN with dynamic (per-token) activation quantization needs no calibration data: ``Ŵ = Q_w(W)`` depends
+on the weight alone.  So no forward pass and no model in memory:
+
+1. the model skeleton is built on the meta device, only to learn through the model adapter which
+   tensors are decoder-layer linears, and the name, dtype and shape of every output tensor (a
+   :class:`~mmcompress.quant.linear.QuantLinear` packed on the meta device gives those of its codes,
+   step sizes and zero points);
+2. the output shards' headers are written first, then each tensor is read from its input shard,
+   cast to the load dtype, quantized if it is a decoder linear (the same ``QuantLinear.pack`` as the
+   in-memory path, so the artifact is byte-identical), written and freed.
+
+Peak memory is one linear; the time is that of reading and writing the checkpoint.  Checkpoints whose
+tensor names are not the model's own (transformers renames some on load) take the in-memory path
+without a forward pass instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..fileio import atomic_output_dir, check_output
+from ..export.serialization import build_manifest, write_side_files
+from ..models.adapters import get_adapter
+from .linear import QuantLinear
+from .methods.rtn import RTN
+from .quantizer import QuantScheme
+
+MAX_SHARD_BYTES = 5 * 1024**3  # like save_pretrained's shards
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL"}
+
+
+def checkpoint_tensors(model_dir) -> dict[str, Path]:
+    """``{tensor name: shard}`` of a safetensors checkpoint (single file or index + shards)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard {missing[0]} listed in {index.name} is missing")
+        return {k: model_dir / f for k, f in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir} has no model.safetensors (only safetensors checkpoints are read)")
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _meta_model(model_dir, dtype: torch.dtype):
+    from ..models.loading import model_class_for, read_config
+
+    config = read_config(model_dir)
+    with torch.device("meta"):
+        model = model_class_for(config)._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _plan(model: nn.Module, scheme: QuantScheme):
+    """Output tensors in order: ``(names, sources, build)`` per unit, the module specs, and the tied
+    parameters (``{kept name: other names}``; the checkpoint may store the tensor under any of them).
+
+    A unit is one decoder linear (its weight and bias in, its packed tensors out) or one other tensor."""
+    adapter = get_adapter(model)
+    linears = {}
+    for i in range(len(adapter.layers)):
+        for path in adapter.linear_names():
+            linears[f"{adapter.layer_prefix(i)}.{path}"] = adapter.layers[i].get_submodule(path)
+    # tied parameters are stored once, under the name safetensors' save_model keeps (the first sorted)
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    dropped = {n for names in names_of.values() for n in sorted(names)[1:]}
+    tied = {sorted(names)[0]: sorted(names)[1:] for names in names_of.values() if len(names) > 1}
+    state = {k: v for k, v in model.state_dict().items() if k not in dropped}
+    units, specs, seen = [], {}, set()
+    for key, t in state.items():
+        if key in seen:
+            continue
+        mod_name = key.rsplit(".", 1)[0]
+        if mod_name in linears:
+            lin = linears[mod_name]
+            q = _meta_quant_linear(lin, scheme, t.dtype)  # names, shapes and dtypes of the stored tensors
+            out = {f"{mod_name}.{k}": (v.dtype, tuple(v.shape)) for k, v in q.state_dict().items()}
+            sources = [f"{mod_name}.weight"] + ([f"{mod_name}.bias"] if lin.bias is not None else [])
+            seen.update(sources)
+            specs[mod_name] = q.spec()
+            units.append((out, sources, _quantize_unit(mod_name, scheme)))
+        else:
+            seen.add(key)
+            units.append(({key: (t.dtype, tuple(t.shape))}, [key], None))
+    return units, specs, tied
+
+
+def _meta_quant_linear(lin: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> QuantLinear:
+    """The :class:`QuantLinear` that RTN makes of ``lin``, packed, on the meta device (no arithmetic)."""
+    q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, dtype=dtype, device="meta")
+    if scheme.wbits < 16:
+        q._make_packed_buffers("meta")
+    return q
+
+
+def _quantize_unit(mod_name: str, scheme: QuantScheme):
+    """What ``QuantLinear.from_linear(linear, scheme).pack()`` stores, from the weight (and bias) alone."""
+    def build(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = tensors[f"{mod_name}.weight"]
+        out = {"weight": weight} if scheme.wbits >= 16 else QuantLinear.packed_weight(weight, scheme)
+        if f"{mod_name}.bias" in tensors:
+            out["bias"] = tensors[f"{mod_name}.bias"]
+        return {f"{mod_name}.{k}": v for k, v in out.items()}
+
+    return build
+
+
+class _ShardReader:
+    """Tensors of one safetensors file read with plain ``pread`` (no memory map: the pages read do not
+    stay in this process's resident set, so peak memory is one tensor, not the checkpoint)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        n = struct.unpack("<Q", os.pread(self.fd, 8, 0))[0]
+        self.header = json.loads(os.pread(self.fd, n, 8))
+        self.base = 8 + n
+        self.dtypes = {v: k for k, v in _ST_DTYPES.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if got <= 0:
+                raise OSError(f"{self.path.name} is truncated (tensor {key})")
+            done += got
+        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
+        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _header(entries: list[tuple[str, torch.dtype, tuple]], metadata: dict) -> bytes:
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape in entries:
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _nbytes(spec) -> int:
+    dtype, shape = spec
+    return torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+
+
+def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.dtype,
+                        max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write the RTN artifact of the checkpoint in ``model_dir`` to ``output``; returns its description.
+
+    ``output`` follows :func:`fileio.atomic_output_dir` (refused if it exists and is not empty unless
+    ``overwrite``, or if it overlaps ``model_dir``)."""
+    check_output(output, overwrite=overwrite, inputs=[model_dir])  # refuse before any work
+    t0 = time.time()
+    model = _meta_model(model_dir, dtype)
+    sources = checkpoint_tensors(model_dir)
+    units, specs, tied = _plan(model, scheme)
+    stored_as = {k: k for k in sources}
+    for kept, others in tied.items():
+        for name in [kept, *others]:
+            if kept not in stored_as and name in sources:
+                stored_as[kept] = name
+    needed = [k for _, srcs, _ in units for k in srcs]
+    absent = [k for k in needed if k not in stored_as]
+    n_layers = len(get_adapter(model).layers)
+    if absent:  # tensor names differ from the model's: load the model, RTN layer by layer, no forward
+        return _in_memory(model_dir, output, scheme, dtype, t0, n_layers)
+    description = _description(scheme, n_layers)
+    # output shards: consecutive units, at most max_shard_bytes each (a unit is never split)
+    shards, size = [[]], 0
+    for unit in units:
+        b = sum(_nbytes(v) for v in unit[0].values())
+        if shards[-1] and size + b > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += b
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    readers: dict[Path, _ShardReader] = {}
+
+    def read(key):
+        path = sources[stored_as[key]]
+        if path not in readers:
+            readers[path] = _ShardReader(path)
+        return readers[path].read(stored_as[key])
+
+    with atomic_output_dir(output, overwrite=overwrite, inputs=[model_dir]) as tmp:
+        weight_map, total = {}, 0
+        done = 0
+        for fname, shard in zip(names, shards):
+            entries = [(k, *v) for out, _, _ in shard for k, v in out.items()]
+            with open(tmp / fname, "wb") as f:
+                f.write(_header(entries, {"format": "pt"}))
+                for out, srcs, build in shard:
+                    got = {k: read(k).to(out[k][0] if build is None else dtype) for k in srcs}
+                    produced = got if build is None else build(got)
+                    for k, (dt, shape) in out.items():
+                        t = produced[k]
+                        if t.dtype != dt or tuple(t.shape) != shape:
+                            raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
+                        f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                        weight_map[k] = fname
+                        total += _nbytes((dt, shape))
+                    done += 1
+                    if progress and done % 50 == 0:
+                        print(f"\rdata-free rtn: {done}/{len(units)} tensors", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+        if len(names) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        description["seconds"] = round(time.time() - t0, 2)
+        manifest = build_manifest(model, description)
+        manifest["modules"] = specs
+        write_side_files(tmp, model, manifest, model_dir)
+        for r in readers.values():
+            r.close()
+    return description
+
+
+def _description(scheme: QuantScheme, n_layers: int) -> dict:
+    """What the in-memory RTN run records, with an empty calibration marked data-free."""
+    return {"kind": "quantization", "method": RTN(scheme).config(), "scheme": scheme.name,
+            "calibration": {"source": None, "nsamples": 0, "data_free": True,
+                            "tokens": {"text": 0, "image": 0, "audio": 0, "video": 0}},
+            "layers": [{"layer": i} for i in range(n_layers)]}
+
+
+def _in_memory(model_dir, output, scheme, dtype, t0, n_layers) -> dict:
+    from ..export.serialization import save
+    from ..models.loading import load_hf_model
+    from .methods.base import quantize_layer_linears
+
+    model = load_hf_model(model_dir, dtype=dtype)
+    adapter = get_adapter(model)
+    for layer in adapter.layers:
+        quantize_layer_linears(layer, adapter, scheme)
+    description = dict(_description(scheme, n_layers), seconds=round(time.time() - t0, 2))
+    save(model, output, description=description, source_dir=model_dir)
+    return description
