@@ -24,6 +24,8 @@ class CLIError(Exception):
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--runtime", choices=["int", "reference"], default=None,
+                   help="how loaded artifacts run: int (integer kernels, default) or reference (fake-quant)")
 
 
 def _add_calib(p: argparse.ArgumentParser):
@@ -231,7 +233,7 @@ def cmd_quantize(args) -> dict:
     read_config(args.model)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference")
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.ckpt"
@@ -338,7 +340,7 @@ def cmd_compress(args) -> dict:
     steps = load_recipe(args.recipe)
     read_config(args.model)
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference")
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed)
     apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
@@ -381,6 +383,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_USAGE
     fn = COMMANDS.get(args.command) or getattr(args, "func", None)
+    if getattr(args, "runtime", None):
+        from .export.serialization import set_default_runtime
+
+        set_default_runtime(args.runtime)
     try:
         result = fn(args)
     except KeyboardInterrupt:

@@ -429,7 +429,7 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     src = Path(src)
     if not is_artifact(src):
         raise ExportError(f"{src} is not an mmcompress artifact (run `mmcompress quantize` first)")
-    model = load(src)
+    model = load(src, runtime="reference")  # the export reads the fake-quant modules
     report = preflight(model, requantize=requantize, tp=tp)
     description = getattr(model, "_mmcompress_description", {}) or {}
     method = description.get("method", {})

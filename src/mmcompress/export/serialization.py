@@ -29,7 +29,7 @@ _PROCESSOR_FILES = (
 
 def _register_all() -> None:
     """Import every module that defines compressed module classes (they register themselves)."""
-    from ..quant import methods  # noqa: F401  (MASLinear)
+    from ..quant import deployed, methods  # noqa: F401  (MASLinear, IntLinear)
     from ..sparse import merge  # noqa: F401  (ResidualAdaptedLayer, RotatedNorm, ...)
 
 
@@ -113,8 +113,26 @@ def read_manifest(path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def load(path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a directory written by :func:`save` (the same logits as the saved in-memory model)."""
+_DEFAULT_RUNTIME = {"runtime": "int"}
+
+
+def set_default_runtime(runtime: str) -> None:
+    """The runtime :func:`load` uses when none is given (the CLI's ``--runtime``)."""
+    from ..quant.deployed import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    _DEFAULT_RUNTIME["runtime"] = runtime
+
+
+def load(path, device: str | torch.device = "cpu", runtime: str | None = None) -> nn.Module:
+    """Load a directory written by :func:`save` (the same logits as the saved in-memory model).
+
+    ``runtime="int"`` (default) runs packed quantized layers on integer kernels
+    (:mod:`mmcompress.quant.deployed`); ``"reference"`` keeps the fake-quant forward."""
+    from ..quant.deployed import deploy
+
+    runtime = runtime or _DEFAULT_RUNTIME["runtime"]
     from accelerate import init_empty_weights
 
     from ..models.loading import model_class_for, read_config
@@ -153,7 +171,7 @@ def load(path, device: str | torch.device = "cpu") -> nn.Module:
     model._mmcompress_description = {k: v for k, v in manifest.items() if k != "modules"}
     model._mmcompress_source = str(path)
     _install_runtime(model)
-    return model
+    return deploy(model, runtime)
 
 
 def _install_runtime(model: nn.Module) -> None:

@@ -54,12 +54,13 @@ def model_class_for(config):
     raise UnsupportedModelError(f"no transformers model class for {config.model_type!r}")
 
 
-def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu"):
-    """Load a local model directory (plain Hugging Face or an mmcompress artifact)."""
+def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", runtime: str | None = None):
+    """Load a local model directory (plain Hugging Face or an mmcompress artifact; ``runtime``: see
+    :func:`mmcompress.load`)."""
     from ..export.serialization import is_artifact, load
 
     if is_artifact(path):
-        return load(path, device=device)
+        return load(path, device=device, runtime=runtime)
     config = read_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

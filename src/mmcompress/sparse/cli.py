@@ -60,7 +60,7 @@ def cmd_sparsify(args) -> dict:
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
     read_config(args.model)
-    model = load_hf_model(args.model, dtype=args.dtype)
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference")
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged
