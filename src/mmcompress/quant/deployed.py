@@ -102,7 +102,7 @@ def _deployed_class(q: QuantLinear):
     return IntLinear, ""
 
 
-def deploy(model: nn.Module, runtime: str = "int", *, notice=sys.stderr) -> nn.Module:
+def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn.Module:
     """Swap packed quantized linears for their integer form (``runtime="int"``), in place."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
@@ -120,9 +120,9 @@ def deploy(model: nn.Module, runtime: str = "int", *, notice=sys.stderr) -> nn.M
     for name, new in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    if kept and notice is not None:
+    if kept and not quiet:
         print("mmcompress: reference (fake-quant) forward for "
-              + "; ".join(f"{n} layer(s) ({why})" for why, n in kept.items()), file=notice)
+              + "; ".join(f"{n} layer(s) ({why})" for why, n in kept.items()), file=sys.stderr)
     model._mmcompress_runtime = runtime
     return model
 
