@@ -13,13 +13,13 @@
 // Everything up to the per-group result is exact int32 arithmetic; the float epilogue is
 // scale * (int) per group (per channel: once per output).
 //
-// float_act_gemm (W4A16 / W8A16): float activations, weights widened in registers:
-//   y[b, n] = sum_g scale[n, g] * sum_{k in g} x[b, k] * (u[n, k] - zc[n, g])   (u - zc exact in int32)
+// float_act_gemm (W4A16 / W8A16): float activations, unsigned codes u widened to float in registers:
+//   y[b, n] = sum_g scale[n, g] * (sum_{k in g} x[b, k] * u[n, k] - zc[n, g] * sum_{k in g} x[b, k])
 //
 // int4 weights are unpacked in registers as [even k of a 64-block | odd k of the block], so the
 // activations are permuted the same way per 64-block once per call (cheap: B x K).
 // Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel).  Any number of
-// tokens: rows are split over threads (at::parallel_for), tokens are walked in tiles of up to 4.
+// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4.
 //
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
 
@@ -29,11 +29,44 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 namespace {
+
+// Work sharing without a fork-join barrier (the scheme of sparse_gemv.cpp's run_gemv): the caller and
+// nt-1 helpers from ATen's inter-op pool take units from an atomic counter; the caller returns when every
+// taken unit is done, so a helper that a busy machine has not scheduled does not stall the call.
+template <typename F>
+void share_work(int64_t nunits, const F& body) {
+  const int nt = std::max<int>(1, at::get_num_threads());
+  if (nt == 1 || nunits == 1) {
+    for (int64_t u = 0; u < nunits; ++u) body(u);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto st = std::make_shared<Shared>();
+  auto work = [st, nunits, &body]() {
+    for (;;) {
+      const int64_t u = st->next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= nunits) return;  // a late helper exits here without touching the caller's data
+      body(u);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int i = 1; i < nt; ++i) at::launch(work);
+  work();
+  while (st->done.load(std::memory_order_acquire) < nunits) std::this_thread::yield();
+}
+
+constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
 
 constexpr int R = 4;  // output rows per register tile
 
@@ -49,6 +82,20 @@ inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   }
+}
+
+template <int BITS>
+inline __m512 load16_w_f32(const uint8_t* row, int64_t k, int q) {  // 16 unsigned codes of sub-block q, as float
+  __m128i b;
+  if constexpr (BITS == 8) {
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16 * q)), _mm_set1_epi8((char)0x80));
+  } else {  // q = 0, 1: low nibbles of bytes 0..15, 16..31 (even k); q = 2, 3: high nibbles (odd k)
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + 16 * (q & 1))),
+                      _mm_set1_epi8((char)0x88));
+    if (q >= 2) b = _mm_srli_epi16(b, 4);
+    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 
 struct Prep {  // activations in kernel order and their per-group sums
@@ -168,10 +215,9 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   const float* ze = zero.data_ptr<float>();
   const float* sxd = sx.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  const int64_t nblocks = (N + R - 1) / R;
-  at::parallel_for(0, nblocks, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      int64_t n0 = blk * R;
+  const int64_t nunits = (N + UNIT_ROWS - 1) / UNIT_ROWS;
+  share_work(nunits, [&](int64_t u) {
+    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
       if (n0 + R <= N) {
         if (bits == 8) int_rows<8, R>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
         else int_rows<4, R>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
@@ -189,55 +235,57 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
 // ---- float activations (weight-only) -------------------------------------------------------------
 
 template <int BITS, int RR, int T>
-void float_tile(const float* xp, const uint8_t* w, int64_t wstride, const float* scale, const float* zero, bool sym,
-                int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y, int64_t N) {
+void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
+                const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
+                int64_t N) {
+  // per group: lanes accumulate sum x * u (u = unsigned code, exact in float); at the group end
+  // y += scale * lanes, and the scalar scale * zc * sum x is removed at the end.
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
-  __m512 acc[RR][T];
+  __m512 accf[RR][T];
+  double corr[RR][T];
   for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
   for (int64_t g = 0; g < G; ++g) {
-    __m512i zc[RR];
-    __m512 sv[RR];
-    for (int r = 0; r < RR; ++r) {
-      zc[r] = _mm512_set1_epi32(sym ? OFF : static_cast<int32_t>(zero[(n0 + r) * G + g]));
-      sv[r] = _mm512_set1_ps(scale[(n0 + r) * G + g]);
-    }
+    __m512 acc[RR][T];
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
-      __m512i wb[RR];
-      for (int r = 0; r < RR; ++r) wb[r] = load_w_u8<BITS>(rows[r], k);
+#pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
         __m512 xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(xp + (b0 + t) * K + k + 16 * q);
         for (int r = 0; r < RR; ++r) {
-          __m128i b16;
-          switch (q) {  // extract needs an immediate
-            case 0: b16 = _mm512_extracti32x4_epi32(wb[r], 0); break;
-            case 1: b16 = _mm512_extracti32x4_epi32(wb[r], 1); break;
-            case 2: b16 = _mm512_extracti32x4_epi32(wb[r], 2); break;
-            default: b16 = _mm512_extracti32x4_epi32(wb[r], 3); break;
-          }
-          __m512i wi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(b16), zc[r]);  // exact (u - zc)
-          __m512 wf = _mm512_mul_ps(_mm512_cvtepi32_ps(wi), sv[r]);        // the reference's (q - z) * scale
+          __m512 wf = load16_w_f32<BITS>(rows[r], k, q);
           for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xv[t], acc[r][t]);
         }
       }
     }
+    for (int r = 0; r < RR; ++r) {
+      const float sc = scale[(n0 + r) * G + g];
+      const float zc = sym ? static_cast<float>(OFF) : zero[(n0 + r) * G + g];
+      const __m512 sv = _mm512_set1_ps(sc);
+      for (int t = 0; t < T; ++t) {
+        accf[r][t] = _mm512_fmadd_ps(acc[r][t], sv, accf[r][t]);
+        corr[r][t] += static_cast<double>(sc) * zc * xsum[(b0 + t) * G + g];
+      }
+    }
   }
   for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) y[(b0 + t) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < T; ++t)
+      y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
 }
 
 template <int BITS, int RR>
-void float_rows(const float* xp, const uint8_t* w, int64_t ws, const float* sc, const float* ze, bool sym, int64_t n0,
+void float_rows(const float* xp, const float* xsum, const uint8_t* w, int64_t ws, const float* sc, const float* ze, bool sym, int64_t n0,
                 int64_t B, int64_t K, int64_t G, int64_t gs, float* y, int64_t N) {
   int64_t b = 0;
-  for (; b + 4 <= B; b += 4) float_tile<BITS, RR, 4>(xp, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N);
+  for (; b + 4 <= B; b += 4) float_tile<BITS, RR, 4>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N);
   switch (B - b) {
-    case 3: float_tile<BITS, RR, 3>(xp, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
-    case 2: float_tile<BITS, RR, 2>(xp, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
-    case 1: float_tile<BITS, RR, 1>(xp, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
+    case 3: float_tile<BITS, RR, 3>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
+    case 2: float_tile<BITS, RR, 2>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
+    case 1: float_tile<BITS, RR, 1>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
     default: break;
   }
 }
@@ -256,23 +304,29 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
   std::vector<float> xp(B * K);
   permute_rows(x.data_ptr<float>(), xp.data(), B, K, bits == 4);
+  std::vector<float> xsum(B * G, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += xp[b * K + k];
+      xsum[b * G + g] = static_cast<float>(acc);
+    }
   at::Tensor y = at::empty({B, N}, x.options());
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
   const int64_t ws = w.size(1);
   const float* sc = scale.data_ptr<float>();
   const float* ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  const int64_t nblocks = (N + R - 1) / R;
-  at::parallel_for(0, nblocks, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      int64_t n0 = blk * R;
+  const int64_t nunits = (N + UNIT_ROWS - 1) / UNIT_ROWS;
+  share_work(nunits, [&](int64_t u) {
+    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
       if (n0 + R <= N) {
-        if (bits == 8) float_rows<8, R>(xp.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
-        else float_rows<4, R>(xp.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
+        if (bits == 8) float_rows<8, R>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
+        else float_rows<4, R>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
       } else {
         for (int64_t n = n0; n < N; ++n) {
-          if (bits == 8) float_rows<8, 1>(xp.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
-          else float_rows<4, 1>(xp.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
+          if (bits == 8) float_rows<8, 1>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
+          else float_rows<4, 1>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
         }
       }
     }
