@@ -120,6 +120,52 @@ void permute_rows(const X* x, X* out, int64_t B, int64_t K, bool int4) {
   }
 }
 
+// tile.template operator()<BITS, RR, T>(n0, b0) over every 4-row block (1-row blocks at the end) and
+// every token tile of up to 4 tokens; row blocks are shared by the threads in 64-row units.
+template <int BITS, int RR, typename F>
+void token_tiles(int64_t B, int64_t n0, const F& tile) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) tile.template operator()<BITS, RR, 4>(n0, b);
+  switch (B - b) {
+    case 3: tile.template operator()<BITS, RR, 3>(n0, b); break;
+    case 2: tile.template operator()<BITS, RR, 2>(n0, b); break;
+    case 1: tile.template operator()<BITS, RR, 1>(n0, b); break;
+    default: break;
+  }
+}
+
+template <int BITS, typename F>
+void run_tiles(int64_t B, int64_t N, const F& tile) {
+  share_work((N + UNIT_ROWS - 1) / UNIT_ROWS, [&](int64_t u) {
+    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
+      if (n0 + R <= N) {
+        token_tiles<BITS, R>(B, n0, tile);
+      } else {
+        for (int64_t n = n0; n < N; ++n) token_tiles<BITS, 1>(B, n, tile);
+      }
+    }
+  });
+}
+
+struct Dims {
+  int64_t B, K, N, G, gs;
+};
+
+Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "activations: contiguous [B, K]");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
+  const int64_t gs = group > 0 ? group : K;
+  TORCH_CHECK(gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
+  const int64_t G = K / gs;
+  TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
+  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
+  return {B, K, N, G, gs};
+}
+
 // ---- int8 activations ---------------------------------------------------------------------------
 
 template <int BITS, int RR, int T>
@@ -170,33 +216,11 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
     }
 }
 
-template <int BITS, int RR>
-void int_rows(const int8_t* xp, const int32_t* xsum, const float* sx, const uint8_t* w, int64_t wstride,
-              const float* scale, const float* zero, bool sym, int64_t n0, int64_t B, int64_t K, int64_t G,
-              int64_t gs, float* y, int64_t N) {
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) int_tile<BITS, RR, 4>(xp, xsum, sx, w, wstride, scale, zero, sym, n0, b, K, G, gs, y, N);
-  switch (B - b) {
-    case 3: int_tile<BITS, RR, 3>(xp, xsum, sx, w, wstride, scale, zero, sym, n0, b, K, G, gs, y, N); break;
-    case 2: int_tile<BITS, RR, 2>(xp, xsum, sx, w, wstride, scale, zero, sym, n0, b, K, G, gs, y, N); break;
-    case 1: int_tile<BITS, RR, 1>(xp, xsum, sx, w, wstride, scale, zero, sym, n0, b, K, G, gs, y, N); break;
-    default: break;
-  }
-}
-
 at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::Tensor& w, const at::Tensor& scale,
                          const at::Tensor& zero, int64_t bits, int64_t group, bool sym) {
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.is_contiguous(), "xq: contiguous int8 [B, K]");
+  TORCH_CHECK(xq.scalar_type() == at::kChar, "xq: int8");
   TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == xq.size(0), "sx: float [B]");
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
-  const int64_t B = xq.size(0), K = xq.size(1), N = w.size(0);
-  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
-  const int64_t gs = group > 0 ? group : K;
-  TORCH_CHECK(gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
-  const int64_t G = K / gs;
-  TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
-  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
+  const auto [B, K, N, G, gs] = check_args(xq, w, scale, zero, bits, group);
   Prep p;
   p.xp.resize(B * K);
   permute_rows(xq.data_ptr<int8_t>(), p.xp.data(), B, K, bits == 4);
@@ -211,24 +235,13 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   at::Tensor y = at::empty({B, N}, xq.options().dtype(at::kFloat));
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
   const int64_t ws = w.size(1);
-  const float* sc = scale.data_ptr<float>();
-  const float* ze = zero.data_ptr<float>();
-  const float* sxd = sx.data_ptr<float>();
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(), *sxd = sx.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  const int64_t nunits = (N + UNIT_ROWS - 1) / UNIT_ROWS;
-  share_work(nunits, [&](int64_t u) {
-    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
-      if (n0 + R <= N) {
-        if (bits == 8) int_rows<8, R>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
-        else int_rows<4, R>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
-      } else {
-        for (int64_t n = n0; n < N; ++n) {
-          if (bits == 8) int_rows<8, 1>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
-          else int_rows<4, 1>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
-        }
-      }
-    }
-  });
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+    int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  };
+  if (bits == 8) run_tiles<8>(B, N, tile);
+  else run_tiles<4>(B, N, tile);
   return y;
 }
 
@@ -277,31 +290,10 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
       y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
 }
 
-template <int BITS, int RR>
-void float_rows(const float* xp, const float* xsum, const uint8_t* w, int64_t ws, const float* sc, const float* ze, bool sym, int64_t n0,
-                int64_t B, int64_t K, int64_t G, int64_t gs, float* y, int64_t N) {
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) float_tile<BITS, RR, 4>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N);
-  switch (B - b) {
-    case 3: float_tile<BITS, RR, 3>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
-    case 2: float_tile<BITS, RR, 2>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
-    case 1: float_tile<BITS, RR, 1>(xp, xsum, w, ws, sc, ze, sym, n0, b, K, G, gs, y, N); break;
-    default: break;
-  }
-}
-
 at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                           int64_t bits, int64_t group, bool sym) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float [B, K]");
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
-  const int64_t gs = group > 0 ? group : K;
-  TORCH_CHECK(gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
-  const int64_t G = K / gs;
-  TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
-  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: float32");
+  const auto [B, K, N, G, gs] = check_args(x, w, scale, zero, bits, group);
   std::vector<float> xp(B * K);
   permute_rows(x.data_ptr<float>(), xp.data(), B, K, bits == 4);
   std::vector<float> xsum(B * G, 0.f);
@@ -314,23 +306,13 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   at::Tensor y = at::empty({B, N}, x.options());
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
   const int64_t ws = w.size(1);
-  const float* sc = scale.data_ptr<float>();
-  const float* ze = zero.data_ptr<float>();
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  const int64_t nunits = (N + UNIT_ROWS - 1) / UNIT_ROWS;
-  share_work(nunits, [&](int64_t u) {
-    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
-      if (n0 + R <= N) {
-        if (bits == 8) float_rows<8, R>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
-        else float_rows<4, R>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, B, K, G, gs, yd, N);
-      } else {
-        for (int64_t n = n0; n < N; ++n) {
-          if (bits == 8) float_rows<8, 1>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
-          else float_rows<4, 1>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n, B, K, G, gs, yd, N);
-        }
-      }
-    }
-  });
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+    float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  };
+  if (bits == 8) run_tiles<8>(B, N, tile);
+  else run_tiles<4>(B, N, tile);
   return y;
 }
 
