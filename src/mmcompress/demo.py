@@ -135,7 +135,7 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
               "calibration_tokens": counts, "threads": torch.get_num_threads(),
               "notes": ["W4A8 = per-channel symmetric 4-bit weights, per-token dynamic 8-bit activations "
                         "on the decoder's linears; attention matmuls and the KV cache stay in floating point",
-                        "omni-mini's decoder was distributed as dequantized 4-bit weights (see README, Testbed)",
+                        "omni-mini's decoder was distributed as dequantized 4-bit weights (see docs/testbed.md)",
                         "speech_wer is the word error rate on the spoken-digit clips of speech-test",
                         "LaRoSA numbers come from the merged (Mode M) model"]}
     (out / "demo.json").write_text(json.dumps(result, indent=1))

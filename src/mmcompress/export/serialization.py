@@ -31,6 +31,7 @@ def _register_all() -> None:
     """Import every module that defines compressed module classes (they register themselves)."""
     from ..quant import deployed, methods  # noqa: F401  (MASLinear, IntLinear)
     from ..sparse import merge  # noqa: F401  (ResidualAdaptedLayer, RotatedNorm, ...)
+    from ..sparse.methods import wina  # noqa: F401  (WinaLinear)
 
 
 def _compressed_module_types() -> tuple[type, ...]:

@@ -102,11 +102,15 @@ class ModalityRouter:
         ids = None
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             ids = modality_ids(input_ids, self.token_ids)
+        if not hasattr(_state, "saved"):
+            _state.saved = []
+        _state.saved.append(getattr(_state, "ids", None))  # restored by post_hook (nested calls keep theirs)
         _state.ids = ids
         return None
 
     def post_hook(self, module, args, kwargs, output):
-        _state.ids = None
+        saved = getattr(_state, "saved", None)
+        _state.ids = saved.pop() if saved else None
         return None
 
 

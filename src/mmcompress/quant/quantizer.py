@@ -24,7 +24,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 MIN_BITS, MAX_BITS = 2, 16
-_EPS = 1e-10
+_EPS = 1e-10  # the smallest step size; raised to the dtype's smallest normal where that is larger (fp16)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return max(_EPS, torch.finfo(dtype).tiny) if dtype.is_floating_point else _EPS
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +122,8 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = 
         wmin = wg.amin(-1).clamp(max=0)
         wmax = wg.amax(-1).clamp(min=0)
         scale = (wmax - wmin) / qmax
-        zero = torch.round(-wmin / scale.clamp(min=_EPS))
-    return scale.clamp(min=_EPS), zero
+        zero = torch.round(-wmin / scale.clamp(min=_eps(scale.dtype)))
+    return scale.clamp(min=_eps(scale.dtype)), zero
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int = 0, sym: bool = True) -> torch.Tensor:
@@ -190,7 +194,7 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def activation_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token step size ``max|x_t| / (2^{b−1} − 1)`` (``[..., 1]``, in ``x``'s dtype)."""
-    return (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=_EPS)
+    return (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=_eps(x.dtype))
 
 
 def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:

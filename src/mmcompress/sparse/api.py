@@ -1,4 +1,4 @@
-"""``mmcompress.sparse.api.sparsify``: activation sparsity (LaRoSA, TEAL, CATS) in one verb.
+"""``mmcompress.sparse.api.sparsify``: activation sparsity (LaRoSA, TEAL, CATS, WINA) in one verb.
 
     sparsify(model, calib, method="larosa", sparsity=0.4, plan="exact", mode="merged", prefill="all")
 
@@ -21,7 +21,7 @@ from . import plan as plans
 from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
 
-METHODS = ("larosa", "teal", "cats")
+METHODS = ("larosa", "teal", "cats", "wina")
 
 
 def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
@@ -55,6 +55,13 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         if mode not in ("merged", "reference", None):
             raise ValueError(f"unknown mode {mode!r}")
         info = teal(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
+                    progress=progress, **options)
+    elif name == "wina":
+        from .methods.wina import wina
+
+        if mode not in ("merged", "reference", None):
+            raise ValueError(f"unknown mode {mode!r}")
+        info = wina(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
                     progress=progress, **options)
     else:
         from .methods.cats import cats
@@ -98,7 +105,7 @@ def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
                     if cats_gate and proj == "up":  # counted from the gate's zeros at the down input
                         return
                     x = args[0]
-                    if isinstance(m, SparseLinear):
+                    if hasattr(m, "sparsify"):  # SparseLinear, WinaLinear
                         x = m.sparsify(x)
                     z = float((x == 0).sum())
                     for p in ((proj, "up") if (cats_gate and proj == "down") else (proj,)):

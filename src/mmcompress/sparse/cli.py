@@ -1,4 +1,4 @@
-"""``mmcompress sparsify MODEL --method {larosa,teal,cats} --sparsity P ...`` (a CLI plugin)."""
+"""``mmcompress sparsify MODEL --method {larosa,teal,cats,wina} --sparsity P ...`` (a CLI plugin)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from pathlib import Path
 def register(subparsers) -> None:
     from ..cli import _add_calib, _add_common
 
-    p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS")
+    p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS, WINA")
     p.add_argument("model", help="local Hugging Face model directory")
-    p.add_argument("--method", default="larosa", choices=["larosa", "teal", "cats"])
+    p.add_argument("--method", default="larosa", choices=["larosa", "teal", "cats", "wina"])
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-level sparsity in [0, 1) (parameter-weighted over q,k,v,o,gate,up,down)")
     p.add_argument("--plan", choices=["exact", "uniform", "grid", "greedy"], default=None,
                    help="LaRoSA: exact (default; exact model-level sparsity), uniform (reference 0.8/1.2 split of a "
                         "nominal level), grid (input/output split searched on calibration loss), greedy (TEAL's block-wise "
                         "greedy search over the four Top-K levels of each layer); TEAL: uniform (default) or greedy "
-                        "(TEAL's block-wise greedy split across the seven matrices)")
+                        "(TEAL's block-wise greedy split across the seven matrices); WINA: uniform (default) or greedy "
+                        "(over the four activations of each layer)")
     p.add_argument("--mode", choices=["merged", "reference"], default="merged",
                    help="LaRoSA: merged (Mode M: γ folded, rotations merged, residual adapters) or reference "
                         "(Mode R: (γ⊙RMS(r))·Q at run time, as the published code)")
@@ -55,7 +56,9 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--plan greedy applies to --method larosa or teal")
     if args.method != "larosa" and args.mode != "merged":
         raise CLIError(f"--mode applies to --method larosa only")
-    if args.method == "cats" and args.prefill == "last_half":
+    if args.method == "wina" and args.plan not in (None, "uniform", "greedy"):
+        raise CLIError("--plan for --method wina: uniform (default) or greedy")
+    if args.method in ("cats", "wina") and args.prefill == "last_half":
         raise CLIError("--prefill last_half applies to larosa and teal")
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")

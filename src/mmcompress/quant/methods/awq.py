@@ -6,6 +6,9 @@ exponent α on a grid and keep the scales that minimise the group's output error
     s = mean_t(|X_t|)^α / sqrt(max · min),   α ∈ {0, 1/n, ..., 1}
     α* = argmin_α Σ_readers || X Wᵀ − Q_a(X / s) · Q_w(W ⊙ s)ᵀ ||²
 
+The identity ``s = 1`` (plain RTN of the group) is always a candidate, so the search can never be
+worse than RTN on its own objective, whatever the scale family.
+
 then fold ``1/s`` into the producer (norm or linear) and ``s`` into the readers, and quantize.
 Groups whose division cannot be folded (o under grouped-query attention) are left unscaled, as in
 AWQ.  AWQ is a weight-only method (W4A16 group-128 asymmetric in the paper); with ``abits < 16``
@@ -95,10 +98,12 @@ class ScaleSearch(QuantMethod):
         x_max = x.abs().amax(0).double()
         w_max = weight_column_absmax(readers).to(x_mean.device)
         sc = self.scheme
-        best = (float("inf"), 0.0, torch.ones_like(x_mean))
-        for i in range(self.grid + 1):
-            alpha = i / self.grid
-            s = self.candidate(x_mean.cpu(), x_max.cpu(), w_max.cpu(), alpha).to(dev)
+        ones = torch.ones_like(x_mean, device=dev)
+        candidates = [(None, ones)] + [
+            (i / self.grid, self.candidate(x_mean.cpu(), x_max.cpu(), w_max.cpu(), i / self.grid).to(dev))
+            for i in range(self.grid + 1)]
+        best = (float("inf"), None, ones)
+        for alpha, s in candidates:  # alpha None: the identity, s = 1
             xs = fake_quantize_activation(x / s.float(), sc.abits)
             err = 0.0
             for w, ref in zip(weights, biasless_ref):

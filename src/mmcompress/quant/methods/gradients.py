@@ -4,7 +4,17 @@ For decoder layer ℓ and modality m, ``g_m^ℓ`` is the mean absolute gradient 
 cross-entropy (on text targets) with respect to the layer's output hidden states, averaged over the
 tokens of modality m.  The loss weight of a modality is its largest ratio to text over the layers::
 
-    λ_m = max_ℓ g_m^ℓ / g_T^ℓ
+    λ_m = max_ℓ r_m^ℓ,     r_m^ℓ = mean_{t ∈ m} ĝ_t^ℓ / mean_{t ∈ T} ĝ_t^ℓ     over the samples that contain m,
+    ĝ_t^ℓ = mean_d |∂L_n/∂h^ℓ_{t,d}| / c_n^ℓ,     c_n^ℓ = the mean of that over every token of t's sample n
+
+A ratio of raw pools would not be a property of the modality: a token's gradient scales with its
+sample's loss normalisation (1 / text targets for a per-sample mean) and with how many later targets
+attend to it (a long text-only window gives its tokens larger gradients than a short caption does), so
+text-only windows mixed into the calibration set would move λ although no image or audio token
+changed.  Dividing each token by its own sample's mean gradient ``c_n`` removes that scale, and taking
+both pools from the samples that contain m makes λ_m blind to text-only samples.  (A mean of
+per-sample ratios would be invariant too, but biased upward by noisy denominators in short samples.)
+Samples without a text target are skipped.
 
 (the MASQuant reference found a constant equal to the maximum over layers better than per-layer
 ratios).  The layer-wise ratios are also returned for reports.
@@ -19,11 +29,10 @@ from ...models.modality import TEXT, VIDEO, modality_ids
 
 
 def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]:
-    """``{m: [g_m^ℓ / g_T^ℓ for each layer ℓ]}`` over the given samples."""
+    """``{m: [r_m^ℓ for each layer ℓ]}`` over the given samples (see the module docstring)."""
     layers = adapter.layers
     n = len(layers)
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+    pooled: dict[int, torch.Tensor] = {}  # m -> [4, layers]: Σ ĝ over m, count of m, Σ ĝ over text, count of text
     state = {}
 
     def make_hook(i):
@@ -34,11 +43,16 @@ def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]
         return fwd
 
     def _acc(i, g):
-        ids = state["ids"]
         a = g.detach().abs().mean(-1).reshape(-1).double().cpu()  # per token
-        for m in ids.unique().tolist():
-            sel = ids == m
-            sums.setdefault(m, torch.zeros(n, dtype=torch.float64))[i] += a[sel].sum()
+        c = a.mean()
+        if c <= 0:
+            return
+        a = a / c
+        text = state["masks"][TEXT]
+        for m, sel in state["masks"].items():
+            if m != TEXT:
+                acc = pooled.setdefault(m, torch.zeros(4, n, dtype=torch.float64))
+                acc[:, i] += torch.stack([a[sel].sum(), sel.sum(), a[text].sum(), text.sum()]).double()
 
     def make_input_grad(mod, args, kwargs):
         return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
@@ -53,31 +67,23 @@ def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]
             for sample in samples:
                 ids = modality_ids(sample["input_ids"], adapter.modality_token_ids, decode=False).reshape(-1)
                 ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
-                state["ids"] = ids
-                for m in ids.unique().tolist():
-                    counts[m] = counts.get(m, 0) + int((ids == m).sum())
+                is_text = ids[1:] == TEXT
+                present = [m for m in ids.unique().tolist() if m != TEXT]
+                if not is_text.any() or not present:
+                    continue  # no text target, or nothing to compare with text
+                state["masks"] = {m: ids == m for m in [TEXT, *present]}
                 out = model(**sample, use_cache=False)
                 logits = out.logits[0, :-1].float()
                 target = sample["input_ids"][0, 1:]
-                is_text = ids[1:] == TEXT
-                if not is_text.any():
-                    continue
-                loss = F.cross_entropy(logits[is_text], target[is_text])
-                loss.backward()
+                F.cross_entropy(logits[is_text], target[is_text], reduction="sum").backward()
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    if TEXT not in sums:
-        return {}
-    g_text = sums[TEXT] / max(1, counts[TEXT])
     profile = {}
-    for m, s in sums.items():
-        if m == TEXT:
-            continue
-        g = s / max(1, counts[m])
-        profile[m] = (g / g_text.clamp(min=1e-30)).tolist()
+    for m, (g_m, n_m, g_t, n_t) in pooled.items():
+        profile[m] = ((g_m / n_m.clamp(min=1)) / (g_t / n_t.clamp(min=1)).clamp(min=1e-30)).tolist()
     return profile
 
 

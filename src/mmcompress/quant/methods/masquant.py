@@ -317,11 +317,11 @@ class MASQuant(QuantMethod):
         groups = [g for g in adapter.groups if g.name in SMOOTHED_GROUPS]
         need_moments = self.cmc in ("whitened",) and any(m != TEXT for m in self.present)
         stats = collect_group_stats(ctx, groups, moments=need_moments, inputs=ctx.fp_inputs)
-        # E7 initialisation, per group from its first reader's weight (k, v copy q; gate copies up)
+        # E7 initialisation, per group; max|W| over the rows of every reader (q/k/v, gate/up), as SmoothQuant
         init, wrappers, shared = {}, {}, {}
         for g in groups:
             st = stats[g.name]
-            w_absmax = weight_column_absmax([layer.get_submodule(g.readers[0])])
+            w_absmax = weight_column_absmax(g.modules(layer))
             text_s = smoothing_factors(st.absmax.get(TEXT, st.absmax_all()), w_absmax, self.alpha)
             rows = [smoothing_factors(st.absmax[m], w_absmax, self.alpha) if m in st.absmax else text_s
                     for m in range(ROWS)]

@@ -6,7 +6,10 @@ error of each token is weighted by its modality's gradient sensitivity (:mod:`.g
     α* = argmin_α Σ_t λ_{m(t)} || x_t Wᵀ − Q_a(x_t / s) Q_w(W ⊙ s)ᵀ ||²,   λ_T = 1
 
 Scale family: SmoothQuant's ``s = max|X|^α / max|W|^(1−α)`` when activations are quantized
-(W8A8, W4A8, W4A6), AWQ's ``s = mean|X|^α`` (normalised) for weight-only schemes (W4A16).
+(W8A8, W4A8, W4A6), AWQ's ``s = mean|X|^α`` (normalised) for weight-only schemes (W4A16); the
+identity ``s = 1`` is always a candidate.  The smoothed groups are SmoothQuant's (q/k/v, o where the
+division folds, gate/up); down_proj keeps ``s ≡ 1`` as in SmoothQuant and MASQuant, so the three
+methods differ only in how they choose ``s``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import torch
 
 from ...models.modality import MODALITY_NAMES, TEXT
 from .awq import ScaleSearch
-from .smoothquant import smoothing_factors
+from .smoothquant import DEFAULT_GROUPS, smoothing_factors
 
 
 class MBQ(ScaleSearch):
     name = "mbq"
+    groups = DEFAULT_GROUPS
 
     def __init__(self, scheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0, loss_weights="auto",
                  probe_samples: int = 16):

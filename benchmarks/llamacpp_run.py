@@ -1,0 +1,62 @@
+"""Runs inside the llama.cpp venv (benchmarks/llamacpp_env.sh): perplexity of a GGUF model on given token
+windows, or greedy decode speed.  Prints one JSON object.  Called by gguf_verify.py and llamacpp_compare.py.
+
+    python llamacpp_run.py ppl MODEL.gguf IDS.json --threads 2
+    python llamacpp_run.py decode MODEL.gguf --prompt-ids 1,2,3 --tokens 64 --threads 2 --repeats 3
+"""
+
+import argparse
+import json
+import math
+import time
+
+
+def main():
+    import numpy as np
+    from llama_cpp import Llama
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["ppl", "decode"])
+    ap.add_argument("model")
+    ap.add_argument("ids", nargs="?")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-ids", default="")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ctx", type=int, default=2048)
+    a = ap.parse_args()
+    if a.mode == "ppl":
+        windows = json.load(open(a.ids))
+        llm = Llama(model_path=a.model, n_ctx=max(len(w) for w in windows) + 8, logits_all=True,
+                    n_threads=a.threads, verbose=False)
+        nll, n = 0.0, 0
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            logits = np.asarray(llm.scores[: len(w)], dtype=np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+            n += len(w) - 1
+        print(json.dumps({"ppl": math.exp(nll / n), "tokens": n}))
+        return
+    prompt = [int(t) for t in a.prompt_ids.split(",") if t]
+    llm = Llama(model_path=a.model, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    best, prefill_best = 0.0, 0.0
+    for _ in range(a.repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(a.tokens):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        best = max(best, a.tokens / (t2 - t1))
+        prefill_best = max(prefill_best, len(prompt) / (t1 - t0))
+    print(json.dumps({"tok_s": best, "prefill_tok_s": prefill_best, "tokens": a.tokens, "prompt": len(prompt)}))
+
+
+if __name__ == "__main__":
+    main()

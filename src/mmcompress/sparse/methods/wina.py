@@ -1,0 +1,154 @@
+"""WINA: Weight-Informed Neuron Activation (Chen et al., ICLR 2026, arXiv 2505.19427), as a baseline.
+
+TEAL keeps the input channels with the largest ``|x_i|``.  WINA scores a channel by what it can add to
+the output, the activation times the ℓ2 norm of the weight column it multiplies::
+
+    keep_i  ⇔  |x_i| · c_i  among the K largest,      c_i = ‖W_{:,i}‖₂                      (WINA §3)
+    y = (x ⊙ m) Wᵀ                                                                         (the kept x, unscaled)
+
+Its error bound is tight when the columns of W are orthogonal.  To get there WINA first folds the
+RMSNorm scale γ into the readers and rotates each block input by the right singular vectors of one
+of its readers (the published code: ``W_k diag(γ)`` for the attention input, ``W_gate diag(γ)`` for the
+MLP input, SliceGPT-style computational invariance), so that reader's rotated weight ``U Σ`` has
+orthogonal columns and ``c = σ``::
+
+    W diag(γ) = U Σ Vᵀ,   Q = V,   x̃ = RMS(x) Q,   W' = W diag(γ) Q
+
+Here the rotation runs at the block input (``RotatedNorm``, γ folded into the readers), which is the
+same function as folding Q into the residual stream; o_proj and down_proj read unrotated inputs.
+Every reader scores with its own column norms (the paper's criterion for every matrix; the published
+code scores q, v, up, o and down by ``|x|`` alone).  Per token exactly K channels are kept
+(``mask_by='topk'`` of the published evaluation).  Plans: ``uniform`` (every projection at the target)
+or ``greedy`` (the block-wise greedy allocation of TEAL, which WINA uses, over the four activations
+h1–h4 of a layer; the published code searches seven per-matrix levels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import plan as plans
+from ..merge import RotatedNorm, inner_layer
+from ..registry import register_sparse_module
+
+ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
+
+
+@register_sparse_module
+class WinaLinear(nn.Module):
+    """``y = (x ⊙ m) Wᵀ + b`` with ``m`` the K channels of largest ``|x_i|·c_i`` per token."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, keep: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.keep = in_features, out_features, int(keep)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.register_buffer("column_norm", torch.ones(in_features, dtype=torch.float32, device=device))
+        self.sparse_prefill = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep: int) -> "WinaLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, keep,
+                dtype=linear.weight.dtype, device=linear.weight.device)
+        m.weight.data.copy_(linear.weight.data)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.data)
+        m.column_norm.copy_(linear.weight.data.float().norm(dim=0))
+        return m
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep >= self.in_features or (not self.sparse_prefill and x.dim() >= 2 and x.shape[-2] > 1):
+            return x
+        score = x.abs().float() * self.column_norm.to(x.device)
+        idx = score.topk(self.keep, dim=-1).indices
+        return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.sparsify(x), self.weight, self.bias)
+
+    def spec(self) -> dict:
+        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "keep": self.keep, "sparse_prefill": self.sparse_prefill,
+                "dtype": str(self.weight.dtype).replace("torch.", "")}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "WinaLinear":
+        m = cls(spec["in_features"], spec["out_features"], spec["bias"], spec["keep"],
+                dtype=getattr(torch, spec["dtype"]), device=device)
+        m.sparse_prefill = spec.get("sparse_prefill", True)
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, keep={self.keep}"
+
+
+@torch.no_grad()
+def orthogonalize_block_inputs(adapter) -> None:
+    """Fold γ into the q/k/v and gate/up readers and rotate each block input by ``V`` of its source
+    reader's SVD (``W diag(γ) = U Σ Vᵀ``).  Exact: the model's function does not change."""
+    groups = {g.name: g for g in adapter.groups}
+    d = adapter.text_config.hidden_size
+    for layer in adapter.layers:
+        layer = inner_layer(layer)
+        for gname, source in ROTATION_SOURCES.items():
+            g = groups[gname]
+            parent_path, _, child = g.producer.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            norm = getattr(parent, child)
+            if isinstance(norm, RotatedNorm):
+                raise ValueError("the model is already rotated (RotatedNorm found)")
+            gamma = adapter.norm_scale(norm)
+            readers = g.modules(layer)
+            src = next(m for p, m in zip(g.readers, readers) if p.endswith(source))
+            q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
+            for lin in readers:
+                lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
+            adapter.set_norm_scale(norm, torch.ones_like(gamma))
+            rot_dtype = torch.float32 if norm.weight.dtype in (torch.float16, torch.bfloat16) else norm.weight.dtype
+            wrapped = RotatedNorm(norm, d, dtype=rot_dtype, device=norm.weight.device)
+            wrapped.rotation.data.copy_(q.to(rot_dtype))
+            setattr(parent, child, wrapped)
+
+
+def apply_plan(adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
+    """Every reader becomes a :class:`WinaLinear` with the plan's K (or gets the new K in place)."""
+    for i, layer in enumerate(adapter.layers):
+        layer = inner_layer(layer)
+        for g in adapter.groups:
+            k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
+            for path in g.readers:
+                mod = layer.get_submodule(path)
+                if not isinstance(mod, WinaLinear):
+                    mod = WinaLinear.from_linear(mod, k)
+                    layer.set_submodule(path, mod)
+                mod.keep = k
+                mod.sparse_prefill = prefill == "all"
+
+
+def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", prefill: str = "all",
+         transform: bool = True, device="cpu", progress=True, step: float = 0.02, search_samples: int = 4) -> dict:
+    """Apply WINA in place; returns a description (plan, achieved model-level sparsity)."""
+    if plan not in ("uniform", "greedy"):
+        raise ValueError(f"WINA plans are uniform or greedy, got {plan!r}")
+    if prefill not in ("all", "none"):
+        raise ValueError(f"WINA prefill policy must be all or none, got {prefill!r}")
+    if transform:
+        orthogonalize_block_inputs(adapter)
+    shapes = plans.layer_shapes(adapter)
+    if plan == "uniform":
+        chosen = plans.exact(shapes, sparsity, ratio_in=1.0)
+        chosen.kind = "uniform"
+    else:
+        from ...engine import run_layerwise
+        from .larosa import TopKGreedy
+
+        apply_plan(adapter, plans.exact(shapes, 0.0), "all")
+        search = TopKGreedy(sparsity, step=step, search_samples=search_samples)
+        run_layerwise(model, adapter, search, samples, device=device, progress=progress)
+        chosen = plans.per_projection(shapes, search.levels, "greedy", sparsity,
+                                      greedy={"delta": round(search.delta, 6), "search_samples": search_samples})
+    apply_plan(adapter, chosen, prefill)
+    return {"method": "wina", "transform": bool(transform), "prefill": prefill, **chosen.summary()}
