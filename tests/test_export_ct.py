@@ -78,7 +78,7 @@ def test_w8a8_round_trip(tmp_path, tokenizer, method, monkeypatch):
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized" and qc["ignore"] == ["lm_head"]
     assert g["weights"]["strategy"] == "channel" and g["weights"]["symmetric"] and g["weights"]["num_bits"] == 8
     assert g["input_activations"]["strategy"] == "token" and g["input_activations"]["dynamic"]
-    ours, ct, x = mmcompress.load(art), _reload(tmp_path / "ct"), _ids()
+    ours, ct, x = mmcompress.load(art, runtime="reference"), _reload(tmp_path / "ct"), _ids()
     with torch.no_grad():
         full = _rel(ct(x).logits, ours(x).logits)  # different activation grids (127.5 vs 127): reported, not exact
         for name, m in ours.named_modules():
@@ -114,7 +114,7 @@ def test_w4a16_round_trip(tmp_path, tokenizer, method, opts):
         assert rep["folds"] == {"exact": 6, "inexact": 0, "inexact_examples": []}
         assert rep["dropped"]["non_text_smoothing_linears"] == 12 and "text path only" in rep["dropped"]["note"]
         assert "Text path only" in (tmp_path / "ct" / "README.md").read_text()
-    ours, ct, x = mmcompress.load(art), _reload(tmp_path / "ct", dequantize=True), _ids()
+    ours, ct, x = mmcompress.load(art, runtime="reference"), _reload(tmp_path / "ct", dequantize=True), _ids()
     with torch.no_grad():
         err = _rel(ct(x).logits, ours(x).logits)
     print(f"W4A16 {method}: rel err {err:.2e}")
@@ -126,7 +126,7 @@ def test_w4a16_symmetric_plain_from_pretrained(tmp_path, tokenizer):
 
     art = _artifact(tmp_path, tokenizer, "rtn", resolve_scheme("w4a16", sym=True))
     export_compressed_tensors(art, tmp_path / "ct")
-    ours, ct, x = mmcompress.load(art), _reload(tmp_path / "ct"), _ids()
+    ours, ct, x = mmcompress.load(art, runtime="reference"), _reload(tmp_path / "ct"), _ids()
     with torch.no_grad():
         assert _rel(ct(x).logits, ours(x).logits) < 1e-3
 

@@ -53,10 +53,10 @@ def artifact(tmp_path, tokenizer):
 
 def test_lm_eval_local_task_is_deterministic(artifact, local_task):
     from mmcompress.eval.lm_eval_adapter import MMCompressLM, evaluate, summarize
-    from mmcompress.quant.linear import QuantLinear
+    from mmcompress.quant.deployed import IntLinear
 
     lm = MMCompressLM(path=str(artifact))
-    assert any(isinstance(m, QuantLinear) for m in lm.model.modules())  # our modules run, not a float copy
+    assert any(isinstance(m, IntLinear) for m in lm.model.modules())  # our (integer) modules run, not a float copy
     runs = [summarize(evaluate(artifact, "mmc_tiny_mc", include_path=str(local_task), include_defaults=False))
             for _ in range(2)]
     r = runs[0]["results"]["mmc_tiny_mc"]

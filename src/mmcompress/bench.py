@@ -517,6 +517,9 @@ def register(subparsers) -> None:
     d.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
     d.add_argument("--dtype", default="bf16", help="synthetic weights dtype (bf16 | fp32)")
     d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--scheme", default=None,
+                   help="synthetic stack: integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | w4a16) vs the "
+                        "fastest dense path (torch bf16, torch fp32, our kernel at 0%%)")
     _add_common(d)
     _add_trust(d)
     d.set_defaults(func=cmd_bench_decode)
@@ -558,6 +561,11 @@ def cmd_bench_decode(args) -> dict:
     if spec is not None:
         if args.device != "cpu":
             raise ValueError("the synthetic decode benchmark runs on the CPU; GPU: python benchmarks/gpu_check.py")
+        if getattr(args, "scheme", None):
+            from .quant.bench_decode import quant_decode_benchmark
+
+            return quant_decode_benchmark(spec[0], spec[1], args.scheme, tokens=args.tokens, prompt=args.prompt,
+                                          rounds=args.rounds, log=sys.stderr)
         return synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
                                           tokens=args.tokens, prompt=args.prompt, rounds=args.rounds,
                                           backend=args.backend, dtype=args.dtype, log=sys.stderr)

@@ -24,6 +24,8 @@ class CLIError(Exception):
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--runtime", choices=["int", "reference"], default=None,
+                   help="how loaded artifacts run: int (integer kernels, default) or reference (fake-quant)")
 
 
 def _add_trust(p: argparse.ArgumentParser):
@@ -291,7 +293,7 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
+        model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
@@ -429,7 +431,7 @@ def cmd_compress(args) -> dict:
     read_config(args.model, trust_remote_code=trust)
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=trust)
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)
@@ -473,6 +475,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_USAGE
     fn = COMMANDS.get(args.command) or getattr(args, "func", None)
+    if getattr(args, "runtime", None):
+        from .export.serialization import set_default_runtime
+
+        set_default_runtime(args.runtime)
     try:
         result = fn(args)
     except KeyboardInterrupt:

@@ -432,7 +432,7 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         raise ExportError(f"{src} is not an mmcompress artifact (run `mmcompress quantize` first)")
     if output is not None and not check_only:
         check_output(output, overwrite=overwrite, inputs=[src])  # refuse before the work
-    model = load(src, trust_remote_code=trust_remote_code)
+    model = load(src, runtime="reference", trust_remote_code=trust_remote_code)  # the export reads the fake-quant modules
     report = preflight(model, requantize=requantize, tp=tp)
     description = getattr(model, "_mmcompress_description", {}) or {}
     method = description.get("method", {})

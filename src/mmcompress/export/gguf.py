@@ -162,7 +162,7 @@ def export_gguf(src, output, *, overwrite: bool = False) -> dict:
         raise GGUFExportError(f"the directory of --output {output} does not exist")
     config = read_config(src)
     arch = check_exportable(read_manifest(src), config)
-    model = load(src)
+    model = load(src, runtime="reference")  # the export reads the fake-quant modules
     adapter = get_adapter(model)
     if adapter.modality_token_ids:
         raise GGUFExportError("multimodal models are not exported to GGUF (their towers and routing are not expressible)")

@@ -29,7 +29,7 @@ _PROCESSOR_FILES = (
 
 def _register_all() -> None:
     """Import every module that defines compressed module classes (they register themselves)."""
-    from ..quant import methods  # noqa: F401  (MASLinear)
+    from ..quant import deployed, methods  # noqa: F401  (MASLinear, IntLinear)
     from ..sparse import merge  # noqa: F401  (ResidualAdaptedLayer, RotatedNorm, ...)
     from ..sparse.methods import wina  # noqa: F401  (WinaLinear)
 
@@ -197,8 +197,27 @@ def check_specs(cls, config, dtype, specs: dict, header: dict, where) -> None:
                              f"{header[name][1]} in model.safetensors")
 
 
-def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False) -> nn.Module:
-    """Load a directory written by :func:`save` (the same logits as the saved in-memory model)."""
+_DEFAULT_RUNTIME = {"runtime": "int"}
+
+
+def set_default_runtime(runtime: str) -> None:
+    """The runtime :func:`load` uses when none is given (the CLI's ``--runtime``)."""
+    from ..quant.deployed import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    _DEFAULT_RUNTIME["runtime"] = runtime
+
+
+def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *,
+         trust_remote_code: bool = False) -> nn.Module:
+    """Load a directory written by :func:`save` (the same logits as the saved in-memory model).
+
+    ``runtime="int"`` (default) runs packed quantized layers on integer kernels
+    (:mod:`mmcompress.quant.deployed`); ``"reference"`` keeps the fake-quant forward."""
+    from ..quant.deployed import deploy
+
+    runtime = runtime or _DEFAULT_RUNTIME["runtime"]
     from accelerate import init_empty_weights
 
     from ..models.loading import model_class_for, read_config
@@ -255,7 +274,7 @@ def load(path, device: str | torch.device = "cpu", *, trust_remote_code: bool = 
     model._mmcompress_description = {k: v for k, v in manifest.items() if k != "modules"}
     model._mmcompress_source = str(path)
     _install_runtime(model)
-    return model
+    return deploy(model, runtime)
 
 
 def _with_model_dtype(specs: dict, dtype: str) -> dict:

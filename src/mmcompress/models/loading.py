@@ -135,14 +135,14 @@ def resolve_dtype(path, dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", *, trust_remote_code: bool = False):
-    """Load a local model directory (plain Hugging Face or an mmcompress artifact).
-
-    ``dtype="auto"`` loads in the checkpoint's own dtype (bf16 stays bf16)."""
+def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", runtime: str | None = None, *,
+                  trust_remote_code: bool = False):
+    """Load a local model directory (plain Hugging Face or an mmcompress artifact; ``runtime``: see
+    :func:`mmcompress.load`).  ``dtype="auto"`` loads in the checkpoint's own dtype (bf16 stays bf16)."""
     from ..export.serialization import is_artifact, load
 
     if is_artifact(path):
-        return load(path, device=device, trust_remote_code=trust_remote_code)
+        return load(path, device=device, runtime=runtime, trust_remote_code=trust_remote_code)
     config = read_config(path, trust_remote_code=trust_remote_code)
     dtype = resolve_dtype(path, dtype)
     cls = model_class_for(config, path, trust_remote_code=trust_remote_code)

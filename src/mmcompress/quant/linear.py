@@ -38,6 +38,15 @@ def modality_rows(ids: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.where(ids < n_rows, ids, torch.zeros_like(ids))
 
 
+def smooth(x: torch.Tensor, s: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
+    """``x / s_m``: the row of the smoothing divisors ``s`` (``[n_rows, in]`` or ``None``) per token."""
+    if s is None:
+        return x
+    if s.shape[0] == 1 or ids is None or ids.shape != x.shape[:-1]:
+        return x / s[0].to(x.dtype)
+    return x / s.to(x.dtype)[modality_rows(ids, s.shape[0])]
+
+
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
 
@@ -175,12 +184,7 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def smooth_input(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """``x / s_m`` with the row of ``input_smoothing`` selected per token by its modality id."""
-        s = self.input_smoothing
-        if s is None:
-            return x
-        if s.shape[0] == 1 or ids is None or ids.shape != x.shape[:-1]:
-            return x / s[0].to(x.dtype)
-        return x / s.to(x.dtype)[modality_rows(ids, s.shape[0])]
+        return smooth(x, self.input_smoothing, ids)
 
     def correction(self, x_smoothed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A method's extra per-modality term added to the output (MASQuant's CMC); none here."""

@@ -200,10 +200,23 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
 # -- activations -----------------------------------------------------------------------------
 
 
+def activation_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token step size ``max|x_t| / (2^{b−1} − 1)`` (``[..., 1]``, in ``x``'s dtype)."""
+    return (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=_eps(x.dtype))
+
+
 def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token dynamic symmetric fake quantization over the last dimension."""
     if bits >= 16:
         return x
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=_eps(x.dtype))
+    scale = activation_scale(x, bits)
     return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int8, on the ``±(2^{b−1}−1)`` grid) and per-token step sizes of ``x``: the same
+    arithmetic as :func:`fake_quantize_activation`, so ``codes · scale`` is its output."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = activation_scale(x, bits)
+    return torch.clamp(torch.round(x / scale), -qmax, qmax).to(torch.int8), scale

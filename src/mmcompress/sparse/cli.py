@@ -69,7 +69,7 @@ def cmd_sparsify(args) -> dict:
     read_config(args.model, trust_remote_code=args.trust_remote_code)
     inputs = _inputs(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged

@@ -109,6 +109,22 @@ class MASTrainLinear(nn.Module):
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def cmc_correction(x_smoothed: torch.Tensor, ids: torch.Tensor | None, left: torch.Tensor,
+                   right: torch.Tensor) -> torch.Tensor | None:
+    """E17's ``1[m ≠ T] · (x_t / s_m) L_m R_m`` per token; ``None`` when every token is text (decode)."""
+    if ids is None or ids.shape != x_smoothed.shape[:-1]:
+        return None
+    rows = modality_rows(ids.to(x_smoothed.device), left.shape[0])
+    present = [m for m in rows.unique().tolist() if m != TEXT]
+    if not present:
+        return None
+    out = x_smoothed.new_zeros(*x_smoothed.shape[:-1], right.shape[-1])
+    for m in present:
+        sel = rows == m
+        out[sel] = (x_smoothed[sel] @ left[m].to(x_smoothed.dtype)) @ right[m].to(x_smoothed.dtype)
+    return out
+
+
 @register_quant_module
 class MASLinear(QuantLinear):
     """Deployed MASQuant linear (E17): one quantized weight ``Ŵ = Q_w(W ⊙ s_T)``, per-modality
@@ -143,17 +159,7 @@ class MASLinear(QuantLinear):
         return q
 
     def correction(self, x_smoothed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.rank or ids is None or ids.shape != x_smoothed.shape[:-1]:
-            return None
-        rows = modality_rows(ids.to(x_smoothed.device), self.input_smoothing.shape[0])
-        present = [m for m in rows.unique().tolist() if m != TEXT]
-        if not present:
-            return None
-        out = x_smoothed.new_zeros(*x_smoothed.shape[:-1], self.out_features)
-        for m in present:
-            sel = rows == m
-            out[sel] = (x_smoothed[sel] @ self.cmc_left[m].to(x_smoothed.dtype)) @ self.cmc_right[m].to(x_smoothed.dtype)
-        return out
+        return cmc_correction(x_smoothed, ids, self.cmc_left, self.cmc_right) if self.rank else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.split:

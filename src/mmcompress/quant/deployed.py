@@ -1,0 +1,139 @@
+"""The deployed (integer) form of a packed quantized linear, and the load-time runtime choice.
+
+:class:`IntLinear` holds only what a packed :class:`~mmcompress.quant.linear.QuantLinear` stores —
+integer codes (int8, or int4 two per byte), step sizes, zero points, bias, smoothing rows — and runs
+``y = int_matmul(x / s_m) + b`` (:mod:`.kernels`): integer codes × integer codes with int32
+accumulation, scales applied afterwards.  It never materialises a float copy of its weight (the
+weight-only prefill path builds one per call and drops it).  The buffers keep the packed
+``QuantLinear``'s names and :meth:`spec` returns its spec, so a deployed model saves to the same
+artifact.
+
+:class:`IntMASLinear` is MASQuant's E17 on that path: every token goes through the one shared integer
+weight with its own modality's smoothing row; image/audio tokens add ``(x/s_m) L_m R_m`` in floating
+point; text tokens and decode steps pay nothing extra.
+
+:func:`deploy` swaps every packed quantized linear of a model for its deployed form
+(``runtime="int"``, the default of :func:`mmcompress.load`) or leaves the model as it is
+(``"reference"``: the fake-quant forward).  A layer whose scheme has no integer path on its device
+stays on the reference forward, and one line on stderr says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from ..models.modality import current_modality_ids
+from . import kernels
+from .linear import QuantLinear, register_quant_module, smooth
+from .quantizer import QuantScheme
+
+RUNTIMES = ("int", "reference")
+
+
+@register_quant_module  # saved under the spec of the layer it came from
+class IntLinear(nn.Module):
+    """Packed codes + scales (+ zero points) and an integer forward (gpt-fast style)."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = q.in_features, q.out_features, q.scheme
+        self._spec = q.spec()
+        self.register_buffer("weight_codes", q.weight_codes)
+        self.register_buffer("weight_scale", q.weight_scale)
+        self.register_buffer("weight_zero", q.weight_zero)
+        self.bias = q.bias
+        self.register_buffer("input_smoothing", q.input_smoothing)
+        self.input_sparsifier = q.input_sparsifier
+
+    def spec(self) -> dict:
+        return dict(self._spec)
+
+    def correction(self, xs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = current_modality_ids()
+        if self.input_sparsifier is not None:
+            x = self.input_sparsifier.sparsify(x)
+        xs = smooth(x, self.input_smoothing, ids)
+        y = kernels.int_matmul(xs.reshape(-1, self.in_features), self.weight_codes, self.weight_scale,
+                               self.weight_zero, self.scheme, self.in_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        extra = self.correction(xs, ids)
+        return y if extra is None else y + extra
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}, runtime=int"
+
+
+@register_quant_module
+class IntMASLinear(IntLinear):
+    """MASQuant's deployed layer (E17) on the integer path."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__(q)
+        self.register_buffer("cmc_left", getattr(q, "cmc_left", None))
+        self.register_buffer("cmc_right", getattr(q, "cmc_right", None))
+
+    def correction(self, xs, ids):
+        from .methods.masquant import cmc_correction
+
+        return None if self.cmc_left is None else cmc_correction(xs, ids, self.cmc_left, self.cmc_right)
+
+
+def _deployed_class(q: QuantLinear):
+    """The deployed class for ``q``, or ``None`` (with the reason) when it stays on the reference path."""
+    from .methods.masquant import MASLinear
+
+    if not q.packed:
+        return None, "not packed"
+    if isinstance(q, MASLinear):
+        return (None, "MASQuant split (research) form") if q.split else (IntMASLinear, "")
+    if type(q) is not QuantLinear:
+        return None, f"{type(q).__name__} has no deployed form"
+    device = q.weight_codes.device
+    if not kernels.has_kernel(q.scheme, device):
+        return None, f"no integer kernel for {q.scheme.name} on {device.type}"
+    return IntLinear, ""
+
+
+def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn.Module:
+    """Swap packed quantized linears for their integer form (``runtime="int"``), in place."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime == "reference":
+        return model
+    kept: dict[str, int] = {}
+    swaps = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            cls, why = _deployed_class(mod)
+            if cls is None:
+                kept[f"{mod.scheme.name}: {why}"] = kept.get(f"{mod.scheme.name}: {why}", 0) + 1
+            else:
+                swaps.append((name, cls(mod)))
+    for name, new in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    if kept and not quiet:
+        print("mmcompress: reference (fake-quant) forward for "
+              + "; ".join(f"{n} layer(s) ({why})" for why, n in kept.items()), file=sys.stderr)
+    model._mmcompress_runtime = runtime
+    return model
+
+
+def deployed_scheme_counts(model: nn.Module) -> dict[str, int]:
+    """``{scheme name: number of integer-path layers}`` (for reports)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, IntLinear):
+            out[m.scheme.name] = out.get(m.scheme.name, 0) + 1
+    return out
+
+
+__all__ = ["IntLinear", "IntMASLinear", "QuantScheme", "RUNTIMES", "deploy", "deployed_scheme_counts"]

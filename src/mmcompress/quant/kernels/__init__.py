@@ -1,0 +1,101 @@
+"""Integer matmuls of the deployed quantized linear, behind one dispatch function (:func:`int_matmul`).
+
+Inputs: a float activation matrix ``x`` ``[B, K]`` and a packed weight (``codes``: int8 ``[N, K]`` or
+int4 two per byte ``[N, K/2]``; ``scale``/``zero``: float ``[N, G]``, the layout of a packed
+:class:`~mmcompress.quant.linear.QuantLinear`).  Output: float32 ``[B, N]`` without bias.
+
+* ``abits <= 8`` (W8A8, W4A8, W4A6): ``x`` becomes per-token int8 codes with the reference quantizer's
+  arithmetic (:func:`~mmcompress.quant.quantizer.quantize_activation`), then int8 × int8 products are
+  summed exactly in int32 per group, the zero point is removed with the activation group sums, and
+  only then the float step sizes are applied.
+* ``abits >= 16`` (W4A16, W8A16): float activations × weight codes widened in registers.
+
+Paths (chosen per call; measurements in ``docs/runtime.md``):
+
+* ``"cpu"``: our AVX-512 VNNI kernel (``int_gemm.cpp``) for every token count, for 4- and 8-bit weights
+  when ``K`` and the group size are multiples of 64;
+* ``"torch"``: any device, any shape: ``torch._int_mm`` per group (float64 products of the integer
+  codes, also exact, where ``_int_mm`` refuses a shape), weight-only by a temporary dequantized weight
+  that is dropped after the call.  This is the CUDA path (untuned).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantizer import QuantScheme, dequantize_weight, quantize_activation, unpack_int4
+from . import cpu as _cpu
+
+KERNEL_BITS = {w: (4 if w <= 4 else 8) for w in range(2, 9)}  # weight bits -> code container
+
+
+def has_kernel(scheme: QuantScheme, device) -> bool:
+    """Whether :func:`int_matmul` runs ``scheme`` on ``device`` (else: the reference forward)."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        return False
+    return scheme.wbits <= 8 and (scheme.abits <= 8 or scheme.abits >= 16)
+
+
+PREFILL_ROWS = 16  # above this many tokens, per-channel A8 and weight-only calls go to torch (measured)
+
+
+def path_for(scheme: QuantScheme, in_features: int, device, rows: int = 1) -> str:
+    """``"cpu"`` (our kernel) or ``"torch"`` for a call with ``rows`` tokens (docs/runtime.md)."""
+    gs = scheme.group_size if 0 < scheme.group_size < in_features else in_features
+    if not (torch.device(device).type == "cpu" and scheme.wbits in (4, 8) and in_features % 64 == 0
+            and gs % 64 == 0 and in_features % gs == 0 and _cpu.available()):
+        return "torch"
+    if rows > PREFILL_ROWS and (scheme.weight_only or gs == in_features):
+        return "torch"  # prefill: oneDNN's _int_mm / a float GEMM on a temporary weight beat our kernel
+    return "cpu"
+
+
+def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               scheme: QuantScheme, in_features: int) -> torch.Tensor:
+    """``Q_a(x) · Ŵᵀ`` (float32 ``[B, N]``) computed on the integer codes; see the module docstring."""
+    bits = KERNEL_BITS[scheme.wbits]
+    group = scheme.group_size if 0 < scheme.group_size < in_features else 0
+    if path_for(scheme, in_features, x.device, x.shape[0]) == "cpu":
+        ops = torch.ops.mmcompress_int
+        if scheme.weight_only:
+            return ops.float_act_gemm(x.float().contiguous(), codes, scale, zero, bits, group, scheme.sym)
+        xq, sx = quantize_activation(x, scheme.abits)
+        return ops.int8_act_gemm(xq.contiguous(), sx.float().reshape(-1).contiguous(), codes, scale, zero, bits,
+                                 group, scheme.sym)
+    q = unpack_int4(codes, in_features) if bits == 4 else codes
+    if scheme.weight_only:  # a temporary dequantized weight, freed on return
+        w = dequantize_weight(q, scale, zero, scheme.wbits, scheme.group_size, scheme.sym)
+        return (x @ w.to(x.dtype).t()).float()
+    xq, sx = quantize_activation(x, scheme.abits)
+    return _torch_int(xq, sx.float(), q, scale, zero, scheme, group)
+
+
+def _int_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a · bᵀ`` of int8 matrices, exact (int32, or int64 via float64 where ``_int_mm`` refuses)."""
+    m = a.shape[0]
+    try:
+        if a.is_cuda and m <= 16:  # cuBLASLt int8 wants more than 16 rows
+            return torch._int_mm(torch.nn.functional.pad(a, (0, 0, 0, 17 - m)), b.t().contiguous())[:m]
+        return torch._int_mm(a.contiguous(), b.t().contiguous())
+    except RuntimeError:
+        return (a.double() @ b.double().t()).round().long()
+
+
+def _torch_int(xq, sx, q, scale, zero, scheme: QuantScheme, group: int) -> torch.Tensor:
+    B, K = xq.shape
+    gs = group or K
+    pad = (-K) % gs
+    if pad:  # zero codes in the padding: no contribution, as in the quantizer's own padding
+        xq, q = torch.nn.functional.pad(xq, (0, pad)), torch.nn.functional.pad(q, (0, pad))
+    G = (K + pad) // gs
+    xg, qg = xq.reshape(B, G, gs), q.reshape(q.shape[0], G, gs)
+    # z' = zero point in the stored (shifted) code domain; symmetric: 0
+    zc = zero - 2 ** (scheme.wbits - 1) if not scheme.sym else torch.zeros_like(zero)
+    xsum = xg.sum(-1, dtype=torch.int64)  # [B, G]
+    y = None
+    for g in range(G):
+        d = _int_dot(xg[:, g], qg[:, g]).long() - xsum[:, g, None] * zc[:, g].long()[None, :]
+        term = d.float() * scale[:, g][None, :]
+        y = term if y is None else y + term
+    return y * sx.reshape(-1, 1)

@@ -1,0 +1,329 @@
+// Integer GEMM/GEMV for deployed quantized linears (mmcompress CPU runtime, AVX-512 VNNI).
+//
+// Weights: codes q[n, k] stored as in QuantLinear: int8 [N, K] (8 bits) or int4 packed two per byte
+// [N, K/2] (low nibble = even k, high nibble = odd k, two's complement nibbles).  Asymmetric codes are
+// stored shifted by -2^(b-1), as QuantLinear does.  Step sizes scale[n, g] and zero points zero[n, g]
+// per output channel (G = 1) or per group of `group` input channels (G = K / group).
+//
+// int8_act_gemm (W8A8 / W4A8 / W4A6):  x codes xq[b, k] (int8, per-token scale sx[b])
+//   y[b, n] = sx[b] * sum_g scale[n, g] * (sum_{k in g} xq[b, k] * q[n, k] - z'[n, g] * sum_{k in g} xq[b, k])
+// with z' the zero point in the shifted code domain (0 for symmetric weights).  VPDPBUSD multiplies
+// unsigned by signed bytes, so the weight byte is made unsigned on load (u = q + o, o = 128 for int8,
+// o = 8 for int4: one XOR) and the offset folded into the zero point: sum u*x - (o + z') * sum x.
+// Everything up to the per-group result is exact int32 arithmetic; the float epilogue is
+// scale * (int) per group (per channel: once per output).
+//
+// float_act_gemm (W4A16 / W8A16): float activations, unsigned codes u widened to float in registers:
+//   y[b, n] = sum_g scale[n, g] * (sum_{k in g} x[b, k] * u[n, k] - zc[n, g] * sum_{k in g} x[b, k])
+//
+// int4 weights are unpacked in registers as [even k of a 64-block | odd k of the block], so the
+// activations are permuted the same way per 64-block once per call (cheap: B x K).
+// Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel).  Any number of
+// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4.
+//
+// Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// Work sharing without a fork-join barrier (the scheme of sparse_gemv.cpp's run_gemv): the caller and
+// nt-1 helpers from ATen's inter-op pool take units from an atomic counter; the caller returns when every
+// taken unit is done, so a helper that a busy machine has not scheduled does not stall the call.
+template <typename F>
+void share_work(int64_t nunits, const F& body) {
+  const int nt = std::max<int>(1, at::get_num_threads());
+  if (nt == 1 || nunits == 1) {
+    for (int64_t u = 0; u < nunits; ++u) body(u);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto st = std::make_shared<Shared>();
+  auto work = [st, nunits, &body]() {
+    for (;;) {
+      const int64_t u = st->next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= nunits) return;  // a late helper exits here without touching the caller's data
+      body(u);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int i = 1; i < nt; ++i) at::launch(work);
+  work();
+  while (st->done.load(std::memory_order_acquire) < nunits) std::this_thread::yield();
+}
+
+constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
+
+constexpr int R = 4;  // output rows per register tile
+
+template <int BITS>
+inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight bytes for k..k+63
+  if constexpr (BITS == 8) {
+    return _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80));
+  } else {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+    b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x88));
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    __m256i lo = _mm256_and_si256(b, m);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+}
+
+template <int BITS>
+inline __m512 load16_w_f32(const uint8_t* row, int64_t k, int q) {  // 16 unsigned codes of sub-block q, as float
+  __m128i b;
+  if constexpr (BITS == 8) {
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16 * q)), _mm_set1_epi8((char)0x80));
+  } else {  // q = 0, 1: low nibbles of bytes 0..15, 16..31 (even k); q = 2, 3: high nibbles (odd k)
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + 16 * (q & 1))),
+                      _mm_set1_epi8((char)0x88));
+    if (q >= 2) b = _mm_srli_epi16(b, 4);
+    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+
+struct Prep {  // activations in kernel order and their per-group sums
+  std::vector<int8_t> xp;
+  std::vector<int32_t> xsum;  // [B, G]
+};
+
+template <typename X>
+void permute_rows(const X* x, X* out, int64_t B, int64_t K, bool int4) {
+  for (int64_t b = 0; b < B; ++b) {
+    const X* s = x + b * K;
+    X* d = out + b * K;
+    if (!int4) {
+      std::memcpy(d, s, K * sizeof(X));
+      continue;
+    }
+    for (int64_t c = 0; c < K; c += 64)
+      for (int i = 0; i < 32; ++i) {
+        d[c + i] = s[c + 2 * i];
+        d[c + 32 + i] = s[c + 2 * i + 1];
+      }
+  }
+}
+
+// tile.template operator()<BITS, RR, T>(n0, b0) over every 4-row block (1-row blocks at the end) and
+// every token tile of up to 4 tokens; row blocks are shared by the threads in 64-row units.
+template <int BITS, int RR, typename F>
+void token_tiles(int64_t B, int64_t n0, const F& tile) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) tile.template operator()<BITS, RR, 4>(n0, b);
+  switch (B - b) {
+    case 3: tile.template operator()<BITS, RR, 3>(n0, b); break;
+    case 2: tile.template operator()<BITS, RR, 2>(n0, b); break;
+    case 1: tile.template operator()<BITS, RR, 1>(n0, b); break;
+    default: break;
+  }
+}
+
+template <int BITS, typename F>
+void run_tiles(int64_t B, int64_t N, const F& tile) {
+  share_work((N + UNIT_ROWS - 1) / UNIT_ROWS, [&](int64_t u) {
+    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
+      if (n0 + R <= N) {
+        token_tiles<BITS, R>(B, n0, tile);
+      } else {
+        for (int64_t n = n0; n < N; ++n) token_tiles<BITS, 1>(B, n, tile);
+      }
+    }
+  });
+}
+
+struct Dims {
+  int64_t B, K, N, G, gs;
+};
+
+Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "activations: contiguous [B, K]");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
+  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
+  const int64_t gs = group > 0 ? group : K;
+  TORCH_CHECK(gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
+  const int64_t G = K / gs;
+  TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
+  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
+  return {B, K, N, G, gs};
+}
+
+// ---- int8 activations ---------------------------------------------------------------------------
+
+template <int BITS, int RR, int T>
+void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint8_t* w, int64_t wstride,
+              const float* scale, const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G,
+              int64_t gs, float* y, int64_t N) {
+  constexpr int OFF = BITS == 8 ? 128 : 8;
+  const uint8_t* rows[RR];
+  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  const int8_t* xr[T];
+  for (int t = 0; t < T; ++t) xr[t] = xp + (b0 + t) * K;
+  __m512 accf[RR][T];
+  double corr[RR][T];
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[RR][T];
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+    const int64_t k0 = g * gs, k1 = k0 + gs;
+    for (int64_t k = k0; k < k1; k += 64) {
+      __m512i xv[T];
+      for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
+      for (int r = 0; r < RR; ++r) {
+        __m512i wv = load_w_u8<BITS>(rows[r], k);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float s = scale[(n0 + r) * G + g];
+      const int32_t zc = sym ? OFF : static_cast<int32_t>(zero[(n0 + r) * G + g]);
+      for (int t = 0; t < T; ++t) {
+        if (G == 1) {  // per channel: one exact integer per output
+          int64_t d = static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][t])) -
+                      static_cast<int64_t>(zc) * xsum[(b0 + t) * G + g];
+          corr[r][t] = static_cast<double>(s) * static_cast<double>(d);
+        } else {
+          accf[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t]), _mm512_set1_ps(s), accf[r][t]);
+          corr[r][t] += static_cast<double>(s) * zc * xsum[(b0 + t) * G + g];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) {
+      double v = G == 1 ? corr[r][t] : static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t];
+      y[(b0 + t) * N + n0 + r] = static_cast<float>(v * sx[b0 + t]);
+    }
+}
+
+at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::Tensor& w, const at::Tensor& scale,
+                         const at::Tensor& zero, int64_t bits, int64_t group, bool sym) {
+  TORCH_CHECK(xq.scalar_type() == at::kChar, "xq: int8");
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == xq.size(0), "sx: float [B]");
+  const auto [B, K, N, G, gs] = check_args(xq, w, scale, zero, bits, group);
+  Prep p;
+  p.xp.resize(B * K);
+  permute_rows(xq.data_ptr<int8_t>(), p.xp.data(), B, K, bits == 4);
+  p.xsum.assign(B * G, 0);
+  const int8_t* xd = xq.data_ptr<int8_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t s = 0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += xd[b * K + k];
+      p.xsum[b * G + g] = s;
+    }
+  at::Tensor y = at::empty({B, N}, xq.options().dtype(at::kFloat));
+  const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
+  const int64_t ws = w.size(1);
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(), *sxd = sx.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+    int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  };
+  if (bits == 8) run_tiles<8>(B, N, tile);
+  else run_tiles<4>(B, N, tile);
+  return y;
+}
+
+// ---- float activations (weight-only) -------------------------------------------------------------
+
+template <int BITS, int RR, int T>
+void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
+                const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
+                int64_t N) {
+  // per group: lanes accumulate sum x * u (u = unsigned code, exact in float); at the group end
+  // y += scale * lanes, and the scalar scale * zc * sum x is removed at the end.
+  constexpr int OFF = BITS == 8 ? 128 : 8;
+  const uint8_t* rows[RR];
+  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  __m512 accf[RR][T];
+  double corr[RR][T];
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[RR][T];
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        __m512 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(xp + (b0 + t) * K + k + 16 * q);
+        for (int r = 0; r < RR; ++r) {
+          __m512 wf = load16_w_f32<BITS>(rows[r], k, q);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xv[t], acc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float sc = scale[(n0 + r) * G + g];
+      const float zc = sym ? static_cast<float>(OFF) : zero[(n0 + r) * G + g];
+      const __m512 sv = _mm512_set1_ps(sc);
+      for (int t = 0; t < T; ++t) {
+        accf[r][t] = _mm512_fmadd_ps(acc[r][t], sv, accf[r][t]);
+        corr[r][t] += static_cast<double>(sc) * zc * xsum[(b0 + t) * G + g];
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t)
+      y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
+}
+
+at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                          int64_t bits, int64_t group, bool sym) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: float32");
+  const auto [B, K, N, G, gs] = check_args(x, w, scale, zero, bits, group);
+  std::vector<float> xp(B * K);
+  permute_rows(x.data_ptr<float>(), xp.data(), B, K, bits == 4);
+  std::vector<float> xsum(B * G, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += xp[b * K + k];
+      xsum[b * G + g] = static_cast<float>(acc);
+    }
+  at::Tensor y = at::empty({B, N}, x.options());
+  const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
+  const int64_t ws = w.size(1);
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+    float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  };
+  if (bits == 8) run_tiles<8>(B, N, tile);
+  else run_tiles<4>(B, N, tile);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mmcompress_int, m) {
+  m.def("int8_act_gemm(Tensor xq, Tensor sx, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
+  m.def("float_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mmcompress_int, CPU, m) {
+  m.impl("int8_act_gemm", &int8_act_gemm);
+  m.impl("float_act_gemm", &float_act_gemm);
+}

@@ -1,0 +1,205 @@
+"""The integer runtime (``mmcompress.quant.deployed`` / ``quant.kernels``) against the fake-quant reference.
+
+Why the two agree to float round-off: both paths compute the *same* activation codes (one function,
+``quantize_activation``, with the reference's arithmetic in the same dtype) and the same weight codes
+(the stored ones).  The integer path sums code × code products exactly (int32 per group; the
+zero point is removed with the exact activation group sums), so its only rounding is the float
+epilogue ``sx · Σ_g Δ_g · int_g``; the reference rounds ``(q·sx) · ((c − z)·Δ)`` and a float sum of K
+terms.  The measured bound (fp32): ≤ 1e-6 of the output's scale per layer, ≤ 2e-6 on logits after a
+few layers; tests allow 1e-5.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import mmcompress
+from mmcompress.data import CalibrationSet
+from mmcompress.quant import kernels
+from mmcompress.quant.deployed import IntLinear, IntMASLinear, deploy
+from mmcompress.quant.linear import QuantLinear
+from mmcompress.quant.methods.masquant import MASLinear
+from mmcompress.quant.quantizer import QuantScheme
+
+from .conftest import mm_inputs, text_samples, tiny_model
+
+TOL = 1e-5  # relative to max |reference|
+
+
+def _rel_max(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+def _packed(out_f, in_f, scheme, seed=0, bias=True, smoothing_rows=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.05 + 0.01)  # offset: asym zero points != mid
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    q = QuantLinear.from_linear(lin, scheme, smoothing_rows=smoothing_rows)
+    if smoothing_rows:
+        q.input_smoothing.copy_(torch.rand(smoothing_rows, in_f, generator=g) + 0.5)
+    return q.pack()
+
+
+SCHEMES = [QuantScheme(w, a, gsz, sym) for (w, a) in [(8, 8), (4, 8), (4, 6), (4, 16), (8, 16)]
+           for gsz in (0, 64, 32) for sym in (True, False)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
+def test_layer_equals_reference(scheme, tokens):
+    q = _packed(72, 256, scheme)
+    x = torch.randn(2, tokens, 256) * 3
+    x[..., 5] *= 40  # an outlier channel, as in real activations
+    ref = q(x)
+    d = IntLinear(copy.deepcopy(q))
+    y = d(x)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert _rel_max(y, ref) <= TOL
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(8, 8, 0, True), QuantScheme(4, 8, 64, False), QuantScheme(4, 6, 0, True),
+                                    QuantScheme(4, 16, 64, False)], ids=lambda s: s.name)
+def test_torch_path_equals_reference(monkeypatch, scheme):
+    """The device-independent path (CUDA's, and CPUs without the kernel) on the same layers."""
+    monkeypatch.setattr(kernels, "path_for", lambda *a, **k: "torch")
+    q = _packed(40, 192, scheme)
+    x = torch.randn(5, 192)
+    assert _rel_max(IntLinear(copy.deepcopy(q))(x), q(x)) <= TOL
+
+
+def test_kernel_is_used_for_decode_when_available():
+    s = QuantScheme(4, 8, 64, False)
+    assert kernels.path_for(s, 4096, "cpu", rows=1) == ("cpu" if kernels._cpu.available() else "torch")
+    assert kernels.path_for(s, 100, "cpu", rows=1) == "torch"  # K not a multiple of 64
+    assert kernels.path_for(QuantScheme(3, 8), 4096, "cpu") == "torch"  # 3-bit codes: torch path
+
+
+def test_integer_path_differs_from_a_wrong_weight():
+    """The tolerance is tight enough to notice one flipped weight code."""
+    q = _packed(16, 128, QuantScheme(8, 8))
+    x = torch.randn(3, 128)
+    d = IntLinear(copy.deepcopy(q))
+    d.weight_codes[3, 7] += 1
+    assert _rel_max(d(x), q(x)) > 10 * TOL
+
+
+def test_no_float_weight_after_forward():
+    """Structure check of the resident-memory claim: only codes, scales and zero points stay."""
+    for scheme in (QuantScheme(8, 8), QuantScheme(4, 8, 64, False), QuantScheme(4, 16, 64, False)):
+        q = _packed(96, 256, scheme)
+        d = IntLinear(q)
+        for rows in (1, 40):  # decode (kernel) and prefill (temporary float weight for weight-only)
+            d(torch.randn(rows, 256))
+        big = 96 * 256 // 4
+        tensors = list(d.parameters()) + list(d.buffers()) + [v for v in vars(d).values() if torch.is_tensor(v)]
+        floats = [t for t in tensors if t.is_floating_point() and t.numel() >= big]
+        assert not floats, [tuple(t.shape) for t in floats]
+        codes = d.weight_codes
+        assert codes.dtype == (torch.uint8 if scheme.wbits == 4 else torch.int8)
+        assert codes.numel() == 96 * 256 // (2 if scheme.wbits == 4 else 1)
+
+
+@pytest.mark.parametrize("kind,method,scheme", [
+    ("llama", "rtn", "w8a8"),
+    ("llama", "rtn", "w4a16"),
+    ("qwen2", "smoothquant", "w8a8"),
+    ("gemma3", "rtn", "w4a8"),
+    ("qwen2_5_vl", "smoothquant", "w4a6"),
+    ("qwen2_5_omni", "rtn", "w4a8"),
+])
+def test_save_load_integer_forward(tmp_path, tokenizer, kind, method, scheme):
+    model, tok = tiny_model(kind, tokenizer=tokenizer, tie=(kind == "qwen2"))
+    if kind.startswith("qwen2_5"):
+        calib = CalibrationSet([mm_inputs(kind, tok, seed=s)[0] for s in range(2)])
+        x = mm_inputs(kind, tok, seed=5)[0]
+    else:
+        calib = CalibrationSet(text_samples(tok, n=2))
+        x = {"input_ids": torch.randint(0, len(tok) - 10, (1, 20))}
+    mmcompress.quantize(model, calib, method, scheme, progress=False)
+    out = mmcompress.save(model, tmp_path / "art")
+    ref = mmcompress.load(out, runtime="reference")
+    fast = mmcompress.load(out)
+    assert not any(isinstance(m, QuantLinear) for m in fast.modules())
+    assert any(isinstance(m, IntLinear) for m in fast.modules())
+    with torch.no_grad():
+        a, b = ref(**x, use_cache=True), fast(**x, use_cache=True)
+        assert _rel_max(b.logits, a.logits) <= TOL
+        # one decode step (1 token: the kernel path) from each model's own cache
+        nxt = a.logits[:, -1:].argmax(-1)
+        step = {"input_ids": nxt}
+        if kind.startswith("qwen2_5"):
+            n = x["input_ids"].shape[1]
+            step.update(cache_position=torch.tensor([n]))
+        a2 = ref(**step, past_key_values=a.past_key_values, use_cache=True).logits
+        b2 = fast(**step, past_key_values=b.past_key_values, use_cache=True).logits
+    assert _rel_max(b2, a2) <= TOL
+
+
+def test_masquant_image_and_audio_tokens(tmp_path, tokenizer):
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(2)])
+    x = mm_inputs("qwen2_5_omni", tok, seed=9, text=" over the lazy dog")[0]
+    mmcompress.quantize(model, calib, "masquant", "w4a8", progress=False, epochs=1)
+    out = mmcompress.save(model, tmp_path / "mas")
+    ref, fast = mmcompress.load(out, runtime="reference"), mmcompress.load(out)
+    mas = [m for m in fast.modules() if isinstance(m, IntMASLinear)]
+    assert mas and all(m.cmc_left is not None for m in mas if m.spec()["rank"])
+    assert not any(isinstance(m, MASLinear) for m in fast.modules())
+    calls = []
+    orig = IntMASLinear.correction
+    IntMASLinear.correction = lambda self, xs, ids: calls.append(orig(self, xs, ids)) or calls[-1]
+    try:
+        with torch.no_grad():
+            assert _rel_max(fast(**x).logits, ref(**x).logits) <= TOL
+            assert any(c is not None for c in calls)  # image/audio tokens took the low-rank correction
+            calls.clear()
+            ids = {"input_ids": torch.randint(0, len(tok) - 10, (1, 6))}  # text only: nothing extra
+            assert _rel_max(fast(**ids).logits, ref(**ids).logits) <= TOL
+            assert calls and all(c is None for c in calls)
+    finally:
+        IntMASLinear.correction = orig
+
+
+def test_no_kernel_falls_back_with_one_line_notice(capsys):
+    q = _packed(32, 128, QuantScheme(8, 12))  # 12-bit activations: no int8 container
+    model = torch.nn.Sequential(q, _packed(32, 32, QuantScheme(8, 8)))
+    deploy(model)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "w8a12" in err[0] and "reference" in err[0]
+    assert isinstance(model[0], QuantLinear) and isinstance(model[1], IntLinear)
+
+
+def test_deployed_model_saves_the_same_artifact(tmp_path, tokenizer):
+    model, tok = tiny_model("llama", tokenizer=tokenizer)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w4a8", progress=False)
+    x = torch.randint(0, len(tok) - 10, (1, 12))
+    first = mmcompress.save(model, tmp_path / "a")
+    fast = mmcompress.load(first)
+    again = mmcompress.load(mmcompress.save(fast, tmp_path / "b"), runtime="reference")
+    assert torch.equal(again(input_ids=x).logits, mmcompress.load(first, runtime="reference")(input_ids=x).logits)
+
+
+def test_cli_runtime_flag(tmp_path, tiny_llama_dir, calib_text, capsys):
+    from mmcompress.cli import main
+    from mmcompress.export import serialization
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "--scheme", "w8a8", "--calib", str(calib_text), "--nsamples", "2",
+                 "--seqlen", "32", "-o", str(out), "--no-progress"]) == 0
+    try:
+        ppl = {}
+        for rt in ("reference", "int"):
+            assert main(["eval", str(out), "--ppl", str(calib_text), "--seqlen", "32", "--max-windows", "2",
+                         "--runtime", rt, "--json", "--no-progress"]) == 0
+            assert serialization._DEFAULT_RUNTIME["runtime"] == rt
+            import json
+
+            res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            ppl[rt] = next(v for k, v in res.items() if "ppl" in k.lower() or "perplexity" in k.lower())
+        assert ppl["int"] == pytest.approx(ppl["reference"], rel=1e-4)
+    finally:
+        serialization.set_default_runtime("int")
