@@ -112,3 +112,122 @@ def test_int8_kernel_errors(cpu_kernel):
     x = torch.randn(10, 64)
     torch.testing.assert_close(sparse_int8_linear(x, wq, scale, zc, 20, backend="cpu"),
                                sparse_int8_reference(x, wq, scale, zc, 20))
+
+
+# -- the deployed joint module (LaRoSA + RTN W8A8 recipe) -----------------------------------------------
+
+
+def _joint_model(tokenizer, scheme="w8a8", layers=2):
+    from mmcompress.data import CalibrationSet
+    from mmcompress.recipe import apply_recipe, parse_recipe
+
+    from .conftest import text_samples, tiny_model
+
+    model, tok = tiny_model("llama", layers=layers, tokenizer=tokenizer)
+    calib = CalibrationSet(text_samples(tok, n=2, seqlen=32))
+    steps = parse_recipe({"steps": [{"sparsify": {"method": "larosa", "sparsity": 0.4}},
+                                    {"quantize": {"method": "rtn", "scheme": scheme}}]})
+    apply_recipe(model, calib, steps, progress=False)
+    return model.eval(), tok
+
+
+def _decode_logits(model, ids, steps=4):
+    """Prefill then greedy single-token steps (the kernel path), logits of every step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits)
+
+
+@pytest.fixture
+def stable_topk(monkeypatch):
+    """The reference forward with the kernel's tie policy (ties at the K-th magnitude keep the lowest
+    indices; ``torch.topk`` leaves it unspecified).  Exact ties are common in tiny GQA models: a one-token
+    attention output repeats each value head, and two valid Top-K sets then differ a lot."""
+    from mmcompress.sparse import linear as sl
+    from mmcompress.sparse.kernels import _stable_topk
+
+    def topk_sparsify(x, k):
+        if k >= x.shape[-1]:
+            return x
+        idx, vals = _stable_topk(x.reshape(-1, x.shape[-1]), k)
+        out = torch.zeros(idx.shape[0], x.shape[-1], dtype=x.dtype).scatter(-1, idx, vals.to(x.dtype))
+        return out.reshape(x.shape)
+
+    monkeypatch.setattr(sl, "topk_sparsify", topk_sparsify)
+
+
+def test_joint_deploy_matches_reference_and_saves_the_same_artifact(cpu_kernel, tokenizer, tmp_path, stable_topk):
+    import mmcompress
+    from mmcompress.quant.linear import QuantLinear
+    from mmcompress.sparse.joint import SparseInt8Linear, deploy
+    from mmcompress.sparse.linear import enable_sparse_decode
+    from mmcompress.sparse.merge import ResidualAdaptedLayer
+
+    model, tok = _joint_model(tokenizer)
+    ids = torch.randint(0, len(tok) - 10, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _decode_logits(model, ids)
+        ref_full = model(input_ids=ids).logits
+    ref_dir = mmcompress.save(model, tmp_path / "ref")
+    deployed = copy.deepcopy(model)
+    n = enable_sparse_decode(deployed, "cpu", sparse_prefill=True)
+    mods = [m for m in deployed.modules() if isinstance(m, SparseInt8Linear)]
+    assert n >= len(mods) == 14 and not any(type(m) is QuantLinear for m in deployed.modules())
+    assert all(t.numel() <= max(m.in_features, m.out_features) for m in mods
+               for t in list(m.buffers()) + list(m.parameters()) if t.is_floating_point())  # no float copy of a weight: codes (uint8) and per-channel vectors only
+    assert any(isinstance(m, ResidualAdaptedLayer) and m.adapter_backend == "cpu" for m in deployed.modules())
+    with torch.no_grad():
+        got = _decode_logits(deployed, ids)
+        got_full = deployed(input_ids=ids).logits  # 12 tokens: the kernel 8 tokens at a time
+    # fp32 model: integer accumulation vs the fake-quant float matmul differ by float round-off only
+    # (measured ~1e-6 relative); the bound leaves room for bf16-free accumulation-order effects
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() / scale < 1e-4
+    assert (got_full - ref_full).abs().max() / ref_full.abs().max() < 1e-4
+    # the deployed model saves the same artifact (manifest modules and tensors) as the reference one
+    dep_dir = mmcompress.save(deployed, tmp_path / "dep")
+    import json
+
+    from safetensors.torch import load_file
+
+    m_ref = json.loads((ref_dir / "mmcompress.json").read_text())["modules"]
+    m_dep = json.loads((dep_dir / "mmcompress.json").read_text())["modules"]
+    assert m_ref == m_dep
+    t_ref, t_dep = load_file(ref_dir / "model.safetensors"), load_file(dep_dir / "model.safetensors")
+    assert t_ref.keys() == t_dep.keys() and all(torch.equal(t_ref[k], t_dep[k]) for k in t_ref)
+    # loading and deploying again gives the deployed numbers
+    again = mmcompress.load(dep_dir)
+    assert deploy(again, "cpu") == (14, 0)
+    enable_sparse_decode(again, "cpu", sparse_prefill=True)  # adapters on the GEMV kernel too
+    with torch.no_grad():
+        assert torch.equal(_decode_logits(again, ids), got)
+
+
+def test_joint_deploy_w4a8_and_ineligible(cpu_kernel, tokenizer, stable_topk):
+    from mmcompress.quant.linear import QuantLinear
+    from mmcompress.sparse.joint import SparseInt8Linear, deploy
+
+    model, tok = _joint_model(tokenizer, "w4a8", layers=1)
+    ids = torch.randint(0, len(tok) - 10, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = _decode_logits(model, ids, steps=2)
+    q = model.model.layers[0].self_attn.q_proj
+    assert SparseInt8Linear.eligible(q) is None
+    saved = {k: v.clone() for k, v in q.state_dict().items()}
+    assert deploy(model, "cpu") == (7, 0)
+    q2 = model.model.layers[0].self_attn.q_proj
+    assert all(torch.equal(saved[k], v) for k, v in q2.state_dict().items())  # 4-bit packed codes round-trip
+    with torch.no_grad():
+        got = _decode_logits(model, ids, steps=2)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+    # a group-wise scheme is left to the reference forward
+    lin = QuantLinear(64, 32, False, __import__("mmcompress.quant.quantizer", fromlist=["x"]).QuantScheme(4, 16, 32))
+    assert "group-wise" in SparseInt8Linear.eligible(lin.pack()) or SparseInt8Linear.eligible(lin) is not None

@@ -218,9 +218,9 @@ def sparse_int8_reference(x: torch.Tensor, wq: torch.Tensor, wscale: torch.Tenso
     qmax = 2 ** (abits - 1) - 1
     sa = (v.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10) if v.shape[-1] else \
         torch.full((v.shape[0], 1), 1e-10)
-    q = torch.clamp(torch.round(v / sa), -qmax, qmax).long()
-    qd = torch.zeros(x2.shape[0], din, dtype=torch.long, device=x.device).scatter(-1, idx, q)
-    acc = qd @ (wq.long() - zc.long())
+    q = torch.clamp(torch.round(v / sa), -qmax, qmax)
+    qd = torch.zeros(x2.shape[0], din, dtype=torch.float64, device=x.device).scatter(-1, idx, q.double())
+    acc = (qd @ (wq.double() - zc.double())).round().long()  # integer partial sums < 2^53: exact in float64
     y = acc.float() * (sa * wscale.float())
     if bias is not None:
         y = y + bias.float()
