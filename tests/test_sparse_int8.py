@@ -268,3 +268,24 @@ def test_bench_decode_joint_tiny(cpu_kernel, capsys):
     assert res["dense_weight_bytes"] == 2 * proj
     assert res["weight_bytes"] == proj + 8 * outs + 2 * 256 * 256
     assert main(["bench", "decode", "tiny:1", "--scheme", "w8a8", "--tokens", "1"]) == 1  # joint needs --sparsity
+
+
+def test_work_split_keeps_results(cpu_kernel):
+    """Row parts (split-K) x column blocks: the int8 kernel is exact whatever the split; the float kernel
+    changes only the fp32 summation order."""
+    from mmcompress.sparse.kernels import sparse_linear
+
+    din, dout = 1003, 517
+    _, codes, scale, zero, wq, zc = _weights(din, dout, seed=9)
+    x = torch.randn(3, din)
+    wt = torch.randn(din, dout)
+    prev = cpu_kernel.set_row_split(1)
+    try:
+        ref8 = sparse_int8_linear(x, wq, scale, zc, 400, backend="cpu")
+        reff = sparse_linear(x, wt, 400, backend="cpu")
+        for parts in (2, 3, 7):
+            cpu_kernel.set_row_split(parts)
+            assert torch.equal(sparse_int8_linear(x, wq, scale, zc, 400, backend="cpu"), ref8)
+            torch.testing.assert_close(sparse_linear(x, wt, 400, backend="cpu"), reff, rtol=1e-5, atol=1e-4)
+    finally:
+        cpu_kernel.set_row_split(prev)

@@ -227,6 +227,17 @@ block_fn<W> pick_block(int64_t B) {
   }
 }
 
+// Row parts of the GEMV kernels' work split (0 = one per thread, i.e. pure split-K at batch 1;
+// 1 = column blocks only).  Settable for measurements (torch.ops.mmcompress_sparse.set_row_split).
+std::atomic<int64_t> g_row_split{0};
+
+int64_t row_split_parts(int nt) {
+  const int64_t v = g_row_split.load(std::memory_order_relaxed);
+  return v <= 0 ? nt : v;
+}
+
+int64_t set_row_split(int64_t parts) { return g_row_split.exchange(parts); }
+
 // Run body(t, t + 1) for every block t in [0, nblocks) on nt threads (see the file header).
 template <typename Body>
 void parallel_blocks(int64_t nblocks, int nt, const Body& body) {
@@ -265,13 +276,16 @@ void parallel_blocks(int64_t nblocks, int nt, const Body& body) {
 #endif
 }
 
-// y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over contiguous column blocks.
+// y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over rp row parts x contiguous column blocks
+// (see row_split_parts: split-K lets each thread stream whole kept rows; partial sums added at the end).
 template <typename W>
 void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const std::vector<float>& vals, int64_t B,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int nt = std::max<int>(1, at::get_num_threads());
-  // MMC_SPLIT blocks per thread (default 1: one contiguous block per thread), 32-column aligned.
-  int64_t nb = static_cast<int64_t>(nt) * MMC_SPLIT;
+  const int64_t nrows = static_cast<int64_t>(rows.size());
+  const int64_t rp = std::max<int64_t>(1, std::min<int64_t>(row_split_parts(nt), std::max<int64_t>(1, nrows / 4)));
+  // MMC_SPLIT column blocks per thread of a row part (default 1), 32-column aligned.
+  int64_t nb = (nt + rp - 1) / rp * MMC_SPLIT;
   int64_t blk = (n + nb - 1) / nb;
   blk = std::max<int64_t>(32, (blk + 31) / 32 * 32);
   const int64_t nblocks = (n + blk - 1) / blk;
@@ -280,29 +294,45 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
   const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
   const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
   void* yptr = y.data_ptr();
-  auto body = [&](int64_t s, int64_t e) {
-    std::vector<float> acc;
-    for (int64_t t = s; t < e; ++t) {
-      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-      acc.assign(B * len, 0.f);
-      fn(wt, n, rows.data(), vals.data(), static_cast<int64_t>(rows.size()), j0, j1, acc.data());
-      for (int64_t b = 0; b < B; ++b) {
-        float* a = acc.data() + b * len;
-        if (bptr) {
-          for (int64_t j = 0; j < len; ++j)
-            a[j] += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
-                              : static_cast<const float*>(bptr)[j0 + j];
-        }
-        if (out_bf16) {
-          uint16_t* yo = static_cast<uint16_t*>(yptr) + b * n + j0;
-          for (int64_t j = 0; j < len; ++j) yo[j] = f32_to_bf16(a[j]);
-        } else {
-          std::memcpy(static_cast<float*>(yptr) + b * n + j0, a, len * sizeof(float));
-        }
+  std::vector<float> part(rp > 1 ? static_cast<size_t>(rp * B * n) : 0);
+  auto finish = [&](int64_t j0, int64_t len, float* acc) {  // acc [B, len] += bias, then store
+    for (int64_t b = 0; b < B; ++b) {
+      float* a = acc + b * len;
+      if (bptr) {
+        for (int64_t j = 0; j < len; ++j)
+          a[j] += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
+                            : static_cast<const float*>(bptr)[j0 + j];
+      }
+      if (out_bf16) {
+        uint16_t* yo = static_cast<uint16_t*>(yptr) + b * n + j0;
+        for (int64_t j = 0; j < len; ++j) yo[j] = f32_to_bf16(a[j]);
+      } else {
+        std::memcpy(static_cast<float*>(yptr) + b * n + j0, a, len * sizeof(float));
       }
     }
   };
-  parallel_blocks(nblocks, nt, body);
+  auto body = [&](int64_t s, int64_t e) {
+    std::vector<float> acc;
+    for (int64_t task = s; task < e; ++task) {
+      const int64_t t = task % nblocks, p = task / nblocks;
+      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+      const int64_t r0 = nrows * p / rp, r1 = nrows * (p + 1) / rp;
+      acc.assign(B * len, 0.f);
+      fn(wt, n, rows.data() + r0, vals.data() + r0 * B, r1 - r0, j0, j1, acc.data());
+      if (rp == 1) {
+        finish(j0, len, acc.data());
+      } else {
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(float));
+      }
+    }
+  };
+  parallel_blocks(nblocks * rp, nt, body);
+  if (rp > 1) {
+    for (int64_t p = 1; p < rp; ++p)
+      for (int64_t i = 0; i < B * n; ++i) part[i] += part[p * B * n + i];
+    finish(0, n, part.data());  // part[0 .. B*n) is [B, n]
+  }
 }
 
 void check_weight(const at::Tensor& wt) {
@@ -626,7 +656,12 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
 
   at::Tensor y = at::empty({B, n}, wq.options().dtype(out_dtype));
   const int nt = std::max<int>(1, at::get_num_threads());
-  int64_t blk = (n + nt - 1) / nt;
+  // Work split: rp row parts (split-K: each thread streams whole kept rows, the partial int32 sums are
+  // added at the end) x cb column blocks (64-aligned).  Longer contiguous runs per kept row help the
+  // hardware prefetcher; see set_row_split.
+  const int64_t rp = std::max<int64_t>(1, std::min<int64_t>(row_split_parts(nt), std::max<int64_t>(1, ngroups)));
+  const int64_t cb = (nt + rp - 1) / rp;
+  int64_t blk = (n + cb - 1) / cb;
   blk = std::max<int64_t>(64, (blk + 63) / 64 * 64);
   const int64_t nblocks = (n + blk - 1) / blk;
   auto fn = pick_int8(B);
@@ -638,40 +673,56 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
   const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
   void* yptr = y.data_ptr();
-  auto body = [&](int64_t s, int64_t e) {
-    std::vector<int32_t> acc;
-    std::vector<float> out;
-    for (int64_t t = s; t < e; ++t) {
-      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-      const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
-      acc.assign(B * len, 0);
-      out.resize(len);
-      fn(wp, n, rows.data(), qp.data(), ngroups, j0, j1, acc.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const int32_t* a = acc.data() + b * len;
-        // undo the lane order of the 64-column chunks: column 16L + 4m + i sits at 16m + 4L + i
-        for (int64_t c = 0; c < full; c += 64)
-          for (int m = 0; m < 4; ++m)
-            for (int L = 0; L < 4; ++L)
-              for (int i = 0; i < 4; ++i) {
-                const int64_t j = c + 16 * L + 4 * m + i;
-                out[j] = static_cast<float>(a[c + 16 * m + 4 * L + i] - zp[j0 + j] * qsum[b]);
-              }
-        for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum[b]);
-        for (int64_t j = 0; j < len; ++j) {
-          float v = out[j] * (sa[b] * dw[j0 + j]);
-          if (bptr)
-            v += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
-                           : static_cast<const float*>(bptr)[j0 + j];
-          if (out_bf16)
-            static_cast<uint16_t*>(yptr)[b * n + j0 + j] = f32_to_bf16(v);
-          else
-            static_cast<float*>(yptr)[b * n + j0 + j] = v;
-        }
+  // partial sums of row part p, column block t: part[(p * B + b) * n + j0 + (j - j0)] (chunk lane order)
+  std::vector<int32_t> part(static_cast<size_t>(rp * B * n), 0);
+  auto epilogue = [&](int64_t t) {  // sum the row parts of column block t, undo the lane order, scale
+    const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+    const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
+    std::vector<int32_t> a(len);
+    std::vector<float> out(len);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(a.data(), part.data() + b * n + j0, len * sizeof(int32_t));
+      for (int64_t p = 1; p < rp; ++p) {
+        const int32_t* q = part.data() + (p * B + b) * n + j0;
+        for (int64_t j = 0; j < len; ++j) a[j] += q[j];
+      }
+      // column 16L + 4m + i of a 64-column chunk sits at 16m + 4L + i
+      for (int64_t c = 0; c < full; c += 64)
+        for (int m = 0; m < 4; ++m)
+          for (int L = 0; L < 4; ++L)
+            for (int i = 0; i < 4; ++i) {
+              const int64_t j = c + 16 * L + 4 * m + i;
+              out[j] = static_cast<float>(a[c + 16 * m + 4 * L + i] - zp[j0 + j] * qsum[b]);
+            }
+      for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum[b]);
+      for (int64_t j = 0; j < len; ++j) {
+        float v = out[j] * (sa[b] * dw[j0 + j]);
+        if (bptr)
+          v += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
+                         : static_cast<const float*>(bptr)[j0 + j];
+        if (out_bf16)
+          static_cast<uint16_t*>(yptr)[b * n + j0 + j] = f32_to_bf16(v);
+        else
+          static_cast<float*>(yptr)[b * n + j0 + j] = v;
       }
     }
   };
-  parallel_blocks(nblocks, nt, body);
+  auto body = [&](int64_t s, int64_t e) {
+    std::vector<int32_t> acc;
+    for (int64_t task = s; task < e; ++task) {
+      const int64_t t = task % nblocks, p = task / nblocks;
+      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+      const int64_t g0 = ngroups * p / rp, g1 = ngroups * (p + 1) / rp;
+      acc.assign(B * len, 0);
+      fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, acc.data());
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(int32_t));
+      if (rp == 1) epilogue(t);
+    }
+  };
+  parallel_blocks(nblocks * rp, nt, body);
+  if (rp > 1)
+    for (int64_t t = 0; t < nblocks; ++t) epilogue(t);
   return y;
 }
 
@@ -721,6 +772,7 @@ TORCH_LIBRARY(mmcompress_sparse, m) {
   m.def("threshold_gemv(Tensor x, Tensor wt, float thr, Tensor? bias=None) -> Tensor");
   m.def("indexed_gemv(Tensor idx, Tensor values, Tensor wt, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("topk_select(Tensor x, int k) -> (Tensor, Tensor)");
+  m.def("set_row_split(int parts) -> int", &set_row_split);  // no tensor: a catch-all kernel
   m.def("topk_int8_gemv(Tensor x, Tensor wq, Tensor wscale, Tensor zc, int k, Tensor? smooth, Tensor? bias, int abits) -> Tensor");
   m.def("indexed_int8_gemv(Tensor idx, Tensor values, Tensor wq, Tensor wscale, Tensor zc, Tensor? smooth, Tensor? bias, int abits, ScalarType out_dtype) -> Tensor");
 }
