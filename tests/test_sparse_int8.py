@@ -5,13 +5,11 @@ skip; with one the kernel must build.
 """
 
 import copy
-import shutil
 
 import pytest
 import torch
 
 from mmcompress.quant.quantizer import fake_quantize_activation, quantize_weight
-from mmcompress.sparse.kernels import cpu as cpu_backend
 from mmcompress.sparse.kernels import (
     pack_int8_weight,
     sparse_int8_linear,
@@ -20,15 +18,7 @@ from mmcompress.sparse.kernels import (
     unpack_int8_weight,
 )
 
-
-@pytest.fixture(scope="module")
-def cpu_kernel():
-    ok = cpu_backend.load()
-    if not ok:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is present but the sparse kernel did not build: {cpu_backend.error()}")
-        pytest.skip(f"no C++ compiler: {cpu_backend.error()}")
-    return cpu_backend.ops()
+from .test_kernels import cpu_kernel  # noqa: F401  (the module fixture: builds the extension or skips)
 
 
 def _weights(din, dout, seed=0, sym=True):

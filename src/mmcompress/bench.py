@@ -7,7 +7,10 @@
     call streams its weight from DRAM as in real decoding.  Dense (``F.linear`` on the row-major
     weight, same dtype) and sparse (the backend's kernel on ``WT``, Top-K selection included) are
     timed interleaved in the same process; the reported ratio is median(sparse) / median(dense).
-    Also: the kernel at 0% sparsity (no selection) and the Top-K selection alone (its share).
+    Also: the kernel at 0% sparsity (no selection) and the Top-K selection alone (its share), torch in
+    the other float dtype, and every sparse kernel against the fastest dense GEMV (``best_dense``: torch
+    bf16, torch fp32 or our kernel at 0 %) as well as against torch bf16.  ``--scheme w8a8`` adds the
+    sparse int8 kernel (Top-K + per-token int8 activations × int8 weights) and that kernel at 0 %.
 
 ``mmcompress bench decode SPEC --sparsity P --tokens N``
     ``SPEC`` is a synthetic shape ``llama2-7b:L`` (L LLaMA-2-7B decoder layers, hidden 4096,
@@ -15,8 +18,12 @@
     model directory (an mmcompress artifact whose linears are ``SparseLinear``).  Synthetic: dense
     layers (row-major ``nn.Linear``, no adapters) vs LaRoSA's merged form (``SparseLinear`` on q/k/v
     sharing one Top-K, o, gate/up sharing one Top-K, down, plus a dense 4096×4096 residual adapter per
-    layer), greedy single-token decode after a short prompt; reports tokens/s, the speed-up, the Top-K
-    and adapter overheads, and the 0%-sparsity sparse path vs dense.
+    layer; decode steps run it on our GEMV kernel at 0 %), greedy single-token decode after a short
+    prompt; reports tokens/s, the speed-up against the fastest dense path (``dense_baseline``: torch in
+    ``--dtype`` or our kernel at 0 %), the Top-K and adapter overheads, weight bytes, bytes read per
+    token and the effective bandwidth, and the process's peak RSS.  ``--scheme w8a8`` (with
+    ``--sparsity``) adds LaRoSA + W8A8 deployed on the sparse int8 kernel (``SparseInt8Linear``, built
+    as from a ``compress --recipe`` artifact) and reports it as the compressed variant (``tok_s``).
 
 Shared / oversubscribed machines: OpenMP worker threads spin-wait between parallel regions by default,
 which on a CPU shared with other jobs turns every GEMV (dense and sparse alike) into a scheduling

@@ -12,6 +12,10 @@ One interface, three backends:
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"cpu"`` on CPU when the extension builds,
   else ``"torch"``.
 
+Sparse int8 (LaRoSA + W8A8, :func:`sparse_int8_linear`): the same Top-K, then per-token int8 codes of
+the kept values and int8 weight codes (``[in, out]`` uint8 = code + 128), int32 accumulation with
+AVX-512 VNNI on the CPU kernel; :func:`sparse_int8_reference` is its PyTorch oracle.
+
 The selection ``S`` is one of: Top-K (``k``: exactly ``k`` channels of largest ``|x|`` per token),
 a magnitude threshold (``threshold``: keep ``|x| >= t``), or given ``indices``/``values`` ([tokens, k]).
 Calls with more tokens than a kernel takes (prefill) use the PyTorch path, which is a dense GEMM on the

@@ -8,10 +8,12 @@
 // a magnitude threshold, or a given index list.  For several tokens the kernel walks the union of
 // the kept rows once (token b contributes 0 on rows it did not keep), so each weight row is read once.
 //
-// Parallelism: the output columns are split into one contiguous block per thread (torch's thread
-// count); each thread keeps an fp32 accumulator for its block and walks the kept rows four at a time
-// (4-row unrolling, next group's rows prefetched) with an inner SIMD loop; bf16 weights are widened
-// to fp32 on load.  Blocks are handed out from an atomic counter to the caller plus helpers from
+// Parallelism: the kept rows are split into one part per thread (split-K, default; set_row_split(1)
+// gives the former split of the output columns into one contiguous block per thread), so each thread
+// streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
+// accumulator for its columns and walks its rows four at a time (4-row unrolling, next group's rows
+// prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row parts'
+// partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the caller plus helpers from
 // ATen's inter-op pool, without a fork-join barrier (MMC_STEAL=1, default; see run_gemv), so a helper
 // that a busy machine has not scheduled does not stall the call.  MMC_STEAL=0 uses at::parallel_for.
 //
@@ -131,9 +133,11 @@ void threshold_row(const float* xr, int64_t d, float thr, std::vector<int32_t>& 
     if (!(std::fabs(xr[i]) < thr)) out.push_back(static_cast<int32_t>(i));  // |x| >= thr (NaN kept)
 }
 
-// Union of the per-token kept sets -> sorted rows + packed values [nrows, B].
-void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<float>>& val,
-                 int64_t d, std::vector<int32_t>& rows, std::vector<float>& vals) {
+// Union of the per-token kept sets -> sorted rows + packed values [nrows, B] (0 where a token did not keep
+// the row).
+template <typename V>
+void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<V>>& val,
+                 int64_t d, std::vector<int32_t>& rows, std::vector<V>& vals) {
   const int64_t B = static_cast<int64_t>(sel.size());
   rows.clear();
   if (B == 1) {
@@ -149,7 +153,7 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
       pos[i] = static_cast<int32_t>(rows.size());
       rows.push_back(static_cast<int32_t>(i));
     }
-  vals.assign(rows.size() * B, 0.f);
+  vals.assign(rows.size() * B, V(0));
   for (int64_t b = 0; b < B; ++b)
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
@@ -629,22 +633,7 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   }
   std::vector<int32_t> rows;
   std::vector<int8_t> qr;  // [nrows, B]
-  if (B == 1) {
-    rows = sel[0];
-    qr = q[0];
-  } else {
-    std::vector<int32_t> pos(d, -1);
-    for (int64_t b = 0; b < B; ++b)
-      for (int32_t i : sel[b]) pos[i] = 0;
-    for (int64_t i = 0; i < d; ++i)
-      if (pos[i] == 0) {
-        pos[i] = static_cast<int32_t>(rows.size());
-        rows.push_back(static_cast<int32_t>(i));
-      }
-    qr.assign(rows.size() * B, 0);
-    for (int64_t b = 0; b < B; ++b)
-      for (size_t j = 0; j < sel[b].size(); ++j) qr[pos[sel[b][j]] * B + b] = q[b][j];
-  }
+  build_union(sel, q, d, rows, qr);
   const int64_t nr = static_cast<int64_t>(rows.size());
   const int64_t ngroups = (nr + 3) / 4;
   const int32_t pad_row = nr > 0 ? rows[0] : 0;
