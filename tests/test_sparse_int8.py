@@ -218,6 +218,13 @@ def test_joint_deploy_w4a8_and_ineligible(cpu_kernel, tokenizer, stable_topk):
     with torch.no_grad():
         got = _decode_logits(model, ids, steps=2)
     assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+    # K follows the sparsifier at call time (mode "dense" = every channel), as in the reference forward
+    x = torch.randn(1, 1, q2.in_features)
+    q2.input_sparsifier.mode = "dense"
+    args = (q2.weight_q, q2.weight_scale.reshape(-1), q2.zero_corr)
+    torch.testing.assert_close(q2(x), sparse_int8_reference(x, *args, q2.in_features), rtol=2e-7, atol=1e-6)
+    q2.input_sparsifier.mode = "topk"
+    torch.testing.assert_close(q2(x), sparse_int8_reference(x, *args, q2.input_sparsifier.keep), rtol=2e-7, atol=1e-6)
     # a group-wise scheme is left to the reference forward
     lin = QuantLinear(64, 32, False, __import__("mmcompress.quant.quantizer", fromlist=["x"]).QuantScheme(4, 16, 32))
     assert "group-wise" in SparseInt8Linear.eligible(lin.pack()) or SparseInt8Linear.eligible(lin) is not None

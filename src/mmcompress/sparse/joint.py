@@ -136,9 +136,16 @@ class SparseInt8Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.weight_q, self.weight_scale, self.zero_corr))
 
     def _k(self, x: torch.Tensor) -> int:
+        """K for this call; the sparsifier's mode, keep and sparse_prefill are read at call time (as the
+        reference forward does), so ``enable_sparse_decode`` or a K override applies here too."""
+        sp = self.input_sparsifier
         multi = x.dim() >= 2 and x.shape[-2] > 1
-        prefill = getattr(self.input_sparsifier, "sparse_prefill", self.sparse_prefill)  # enable_sparse_decode sets it
-        return self.in_features if (multi and not prefill) else self.keep
+        prefill = getattr(sp, "sparse_prefill", self.sparse_prefill)
+        if sp is None:
+            return self.in_features if (multi and not prefill) else self.keep
+        if sp.mode == "dense" or (multi and not prefill):
+            return self.in_features
+        return sp.keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import MAX_KERNEL_TOKENS, resolve_backend, sparse_int8_linear, topk_select
