@@ -184,16 +184,18 @@ def deploy(model: nn.Module, backend: str = "auto") -> tuple[int, int]:
     """Replace every eligible packed ``QuantLinear`` with a Top-K input sparsifier (a LaRoSA/CATS-style
     sparse + quantized projection) by a :class:`SparseInt8Linear`, in place.
 
-    Returns ``(deployed, left)``: ``left`` counts the sparse quantized projections that are not eligible
-    (they keep the reference forward)."""
+    Only where the CPU kernel runs (``backend`` resolving to ``"cpu"`` on the module's device).  Returns
+    ``(deployed, left)``: ``left`` counts the sparse quantized projections that are not eligible or have
+    no kernel on their device (they keep the reference forward)."""
     from ..quant.linear import QuantLinear
+    from .kernels import resolve_backend
 
     done = left = 0
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, QuantLinear) or mod.input_sparsifier is None:
             continue
-        if SparseInt8Linear.eligible(mod) is not None:
-            left += 1
+        if SparseInt8Linear.eligible(mod) is not None or resolve_backend(backend, mod.weight_codes.device) != "cpu":
+            left += 1  # no sparse integer kernel here (e.g. CUDA): the reference forward stays
             continue
         new = SparseInt8Linear.from_quant_linear(mod)
         new.backend = backend
