@@ -95,9 +95,15 @@ def test_int8_kernel_errors(cpu_kernel):
         sparse_int8_linear(torch.randn(1, 63), wq, scale, zc, 10, backend="cpu")
     with pytest.raises(RuntimeError, match="uint8"):
         cpu_kernel.topk_int8_gemv(torch.randn(1, 64), wq.to(torch.int8), scale, zc, 10, None, None, 8)
-    with pytest.raises(RuntimeError, match="ascending"):
-        idx = torch.tensor([[3, 1]])
-        cpu_kernel.indexed_int8_gemv(idx, torch.ones(1, 2), wq, scale, zc, None, None, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernel.indexed_int8_gemv(torch.tensor([[3, 64]]), torch.ones(1, 2), wq, scale, zc, None, None, 8,
+                                     torch.float32)
+    # indices in any order give the same result as ascending ones
+    idx, vals = torch.tensor([[5, 40, 2, 17]]), torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    perm = torch.tensor([2, 0, 3, 1])
+    a = cpu_kernel.indexed_int8_gemv(idx, vals, wq, scale, zc, None, None, 8, torch.float32)
+    b = cpu_kernel.indexed_int8_gemv(idx[:, perm], vals[:, perm], wq, scale, zc, None, None, 8, torch.float32)
+    assert torch.equal(a, b)
     # more than 8 tokens: the PyTorch path, same numbers
     x = torch.randn(10, 64)
     torch.testing.assert_close(sparse_int8_linear(x, wq, scale, zc, 20, backend="cpu"),

@@ -239,7 +239,7 @@ def sparse_int8_linear(x: torch.Tensor, wq: torch.Tensor, wscale: torch.Tensor, 
     """``y = sa·Δ ⊙ (Q_a(S_k(x)/s) · (C − z)) + b`` for ``x [..., in]``, codes ``wq [in, out]`` (see
     :func:`pack_int8_weight`), per-output-channel steps ``wscale [out]``; returns ``[..., out]`` in
     ``x.dtype``.  ``Q_a``: per-token symmetric ``abits`` codes over the kept values; ``S_k``: Top-K by
-    magnitude (or the given ``indices`` ascending / ``values``).  CPU kernel for 1..8 tokens, else the
+    magnitude (or the given ``indices`` / ``values``).  CPU kernel for 1..8 tokens, else the
     PyTorch reference (same numbers)."""
     if wq.dim() != 2 or x.shape[-1] != wq.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} channels but wq is {tuple(wq.shape)} ([in, out])")

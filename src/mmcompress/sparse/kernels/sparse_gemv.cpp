@@ -421,19 +421,19 @@ at::Tensor threshold_gemv(const at::Tensor& x, const at::Tensor& wt, double thr,
   return gemv_from_selection(sel, val, wt, bias, x.scalar_type());
 }
 
-// Given per-token indices [B, k] (any order, int64 or int32) and values [B, k].
-at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wt,
-                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  check_weight(wt);
+// Per-token indices [B, k] (any order, int64 or int32; duplicates add their values) and values [B, k]
+// -> ascending kept channels + values per token.
+void parse_indexed(const at::Tensor& idx, const at::Tensor& values, int64_t d, std::vector<std::vector<int32_t>>& sel,
+                   std::vector<std::vector<float>>& val) {
   TORCH_CHECK(idx.dim() == 2 && values.sizes() == idx.sizes(), "indices and values must both be [B, k]");
   TORCH_CHECK(idx.size(0) >= 1 && idx.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", idx.size(0));
-  const int64_t B = idx.size(0), k = idx.size(1), d = wt.size(0);
+  const int64_t B = idx.size(0), k = idx.size(1);
   at::Tensor i64 = idx.to(at::kLong).contiguous();
   at::Tensor v32 = values.to(at::kFloat).contiguous();
   const int64_t* ip = i64.data_ptr<int64_t>();
   const float* vp = v32.data_ptr<float>();
-  std::vector<std::vector<int32_t>> sel(B);
-  std::vector<std::vector<float>> val(B);
+  sel.assign(B, {});
+  val.assign(B, {});
   std::vector<int32_t> order(k);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < k; ++j) {
@@ -454,6 +454,15 @@ at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const a
       val[b].push_back(vp[b * k + order[j]]);
     }
   }
+}
+
+// Given per-token indices [B, k] (any order, int64 or int32) and values [B, k].
+at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wt,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_weight(wt);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  parse_indexed(idx, values, wt.size(0), sel, val);
   return gemv_from_selection(sel, val, wt, bias, out_dtype);
 }
 
@@ -728,29 +737,14 @@ at::Tensor topk_int8_gemv(const at::Tensor& x, const at::Tensor& wq, const at::T
   return int8_from_selection(sel, val, wq, wscale, zc, smooth, bias, abits, x.scalar_type());
 }
 
-// Given per-token kept channels [B, k] (ascending, distinct, as topk_select returns) and values [B, k].
+// Given per-token indices [B, k] (any order; duplicates add their values) and values [B, k].
 at::Tensor indexed_int8_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wq,
                              const at::Tensor& wscale, const at::Tensor& zc, const std::optional<at::Tensor>& smooth,
                              const std::optional<at::Tensor>& bias, int64_t abits, at::ScalarType out_dtype) {
-  TORCH_CHECK(idx.dim() == 2 && values.sizes() == idx.sizes(), "indices and values must both be [B, k]");
-  TORCH_CHECK(idx.size(0) >= 1 && idx.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", idx.size(0));
-  const int64_t B = idx.size(0), k = idx.size(1), d = wq.size(0);
-  at::Tensor i64 = idx.to(at::kLong).contiguous();
-  at::Tensor v32 = values.to(at::kFloat).contiguous();
-  const int64_t* ip = i64.data_ptr<int64_t>();
-  const float* vp = v32.data_ptr<float>();
-  std::vector<std::vector<int32_t>> sel(B);
-  std::vector<std::vector<float>> val(B);
-  for (int64_t b = 0; b < B; ++b) {
-    sel[b].resize(k);
-    val[b].assign(vp + b * k, vp + (b + 1) * k);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = ip[b * k + j];
-      TORCH_CHECK(i >= 0 && i < d && (j == 0 || i > ip[b * k + j - 1]),
-                  "indices must be ascending, distinct and in [0, ", d, ")");
-      sel[b][j] = static_cast<int32_t>(i);
-    }
-  }
+  check_int8_weight(wq, wscale, zc);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  parse_indexed(idx, values, wq.size(0), sel, val);
   return int8_from_selection(sel, val, wq, wscale, zc, smooth, bias, abits, out_dtype);
 }
 
