@@ -136,12 +136,7 @@ class SparseLinear(nn.Module):
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS)}")
         self.backend = backend
-        if backend == "torch":
-            if not self.weight.is_contiguous():
-                self.weight = nn.Parameter(self.weight.data.contiguous(), requires_grad=False)
-        elif not self.kernel_layout:
-            wt = self.weight.data.t().contiguous()
-            self.weight = nn.Parameter(wt.t(), requires_grad=False)
+        self.weight = kernel_layout_weight(self.weight, backend != "torch")
         return self
 
     # -- forward ---------------------------------------------------------------------------------
@@ -212,6 +207,32 @@ class SparseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, keep={self.keep}, mode={self.mode}, backend={self.backend}"
 
 
+def kernel_layout_weight(weight: nn.Parameter, kernel: bool) -> nn.Parameter:
+    """``weight [out, in]`` as the transposed view of a contiguous ``[in, out]`` tensor (``kernel``) or
+    row-major; the same parameter when it already is, else one new parameter (one copy, no second)."""
+    if kernel and not weight.t().is_contiguous():
+        return nn.Parameter(weight.data.t().contiguous().t(), requires_grad=False)
+    if not kernel and not weight.is_contiguous():
+        return nn.Parameter(weight.data.contiguous(), requires_grad=False)
+    return weight
+
+
+def dense_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; decode calls (<= 8 tokens) of a kernel-layout weight on the CPU
+    run our GEMV kernel at 0 % sparsity (no selection), which streams a bf16 weight faster than
+    torch's GEMV on this class of CPU (``mmcompress bench kernel``).  Used for LaRoSA's residual
+    adapters."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    if backend != "torch" and 1 <= tokens <= 8 and x.device.type == "cpu" and weight.t().is_contiguous() \
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype in (torch.float32, torch.bfloat16):
+        from .kernels import resolve_backend, sparse_linear
+
+        if resolve_backend(backend, x.device) == "cpu":
+            return sparse_linear(x, weight.t(), weight.shape[1], bias, backend="cpu")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 # -- whole-model helpers -----------------------------------------------------------------------------
 
 
@@ -231,6 +252,14 @@ def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: 
         m.set_backend(backend)
         if sparse_prefill is not None:
             m.sparse_prefill = bool(sparse_prefill)
+    from .joint import SparseInt8Linear
+    from .merge import ResidualAdaptedLayer
+
+    for m in model.modules():  # LaRoSA's residual adapters, deployed sparse int8 projections
+        if isinstance(m, ResidualAdaptedLayer):
+            m.set_adapter_backend(backend)
+        elif isinstance(m, SparseInt8Linear):
+            m.backend = backend
     _SELECTION.clear()
     return len(mods)
 
@@ -238,8 +267,14 @@ def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: 
 def enable_sparse_decode(model: nn.Module, backend: str = "auto", sparse_prefill: bool = False) -> int:
     """Fast sparse decoding: every ``SparseLinear`` uses the kernel ``backend`` for decode steps while
     prefill runs dense (unless ``sparse_prefill``).  Note: dense prefill changes the numerics relative
-    to an all-token evaluation (docs/larosa.md §3.2).  Returns the number of modules switched."""
-    return set_sparse_backend(model, backend, sparse_prefill=sparse_prefill)
+    to an all-token evaluation (docs/larosa.md §3.2).  LaRoSA's residual adapters use the dense GEMV
+    kernel for decode steps, and packed W8A8 projections with a Top-K input (a LaRoSA + RTN recipe) are
+    deployed on the sparse int8 kernel (:func:`mmcompress.sparse.joint.deploy`; their prefill honours
+    the ``sparse_prefill`` saved with them).  Returns the number of modules switched or deployed."""
+    from .joint import deploy
+
+    n = set_sparse_backend(model, backend, sparse_prefill=sparse_prefill)
+    return n + deploy(model, backend)[0]
 
 
 def disable_sparse_decode(model: nn.Module) -> int:

@@ -63,13 +63,30 @@ class ResidualAdaptedLayer(nn.Module):
         else:
             self.residual_adapter = None
 
+    adapter_backend = "torch"  # set_adapter_backend: "cpu"/"auto" runs decode steps on the GEMV kernel
+
+    def set_adapter_backend(self, backend: str) -> None:
+        """Lay the adapter weight out for the sparse kernels' dense GEMV (``backend != "torch"``) or
+        back to row-major; the adapter stays an ``nn.Linear`` (same name, values, state_dict)."""
+        from .linear import kernel_layout_weight
+
+        self.adapter_backend = backend
+        if self.residual_adapter is not None:
+            a = self.residual_adapter
+            a.weight = kernel_layout_weight(a.weight, backend != "torch")
+
+    def _adapt(self, h):
+        from .linear import dense_kernel_linear
+
+        return dense_kernel_linear(h, self.residual_adapter.weight, None, self.adapter_backend)
+
     def forward(self, hidden_states, *args, **kwargs):
         out = self.layer(hidden_states, *args, **kwargs)
         if self.residual_adapter is None:
             return out
         if isinstance(out, tuple):
-            return (self.residual_adapter(out[0]),) + tuple(out[1:])
-        return self.residual_adapter(out)
+            return (self._adapt(out[0]),) + tuple(out[1:])
+        return self._adapt(out)
 
     def __getattr__(self, name):
         try:

@@ -12,6 +12,10 @@ One interface, three backends:
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"cpu"`` on CPU when the extension builds,
   else ``"torch"``.
 
+Sparse int8 (LaRoSA + W8A8, :func:`sparse_int8_linear`): the same Top-K, then per-token int8 codes of
+the kept values and int8 weight codes (``[in, out]`` uint8 = code + 128), int32 accumulation with
+AVX-512 VNNI on the CPU kernel; :func:`sparse_int8_reference` is its PyTorch oracle.
+
 The selection ``S`` is one of: Top-K (``k``: exactly ``k`` channels of largest ``|x|`` per token),
 a magnitude threshold (``threshold``: keep ``|x| >= t``), or given ``indices``/``values`` ([tokens, k]).
 Calls with more tokens than a kernel takes (prefill) use the PyTorch path, which is a dense GEMM on the
@@ -165,3 +169,92 @@ def topk_select(x: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.T
         return idx.reshape(*x.shape[:-1], k), vals.reshape(*x.shape[:-1], k)
     idx = x.abs().topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     return idx, x.gather(-1, idx).float()
+
+
+# -- sparse int8 GEMV (Top-K, then W8A8) ----------------------------------------------------------
+
+
+def pack_int8_weight(codes: torch.Tensor, zero: torch.Tensor | None = None, bits: int = 8,
+                     sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel layout of int8 weight codes ``[out, in]`` (as ``QuantLinear`` stores them).
+
+    Returns ``(wq [in, out] uint8 = codes + 128, zc [out] int32 = 128 + z)`` where ``z`` is the zero
+    point in stored-code units (``ŵ = (codes − z)·Δ``; 0 for symmetric weights, ``zero − 2^(bits−1)``
+    for asymmetric ones, whose codes are stored shifted by ``2^(bits−1)``)."""
+    if codes.dim() != 2 or codes.dtype != torch.int8:
+        raise ValueError(f"codes must be int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
+    wq = (codes.t().to(torch.int16) + 128).to(torch.uint8).contiguous()
+    zc = torch.full((codes.shape[0],), 128, dtype=torch.int32, device=codes.device)
+    if not sym:
+        if zero is None or zero.numel() != codes.shape[0]:
+            raise ValueError("asymmetric weights need one zero point per output channel")
+        zc = zc + (zero.reshape(-1).round().to(torch.int32) - 2 ** (bits - 1))
+    return wq, zc
+
+
+def unpack_int8_weight(wq: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int8_weight`'s code layout: int8 codes ``[out, in]``."""
+    return (wq.t().to(torch.int16) - 128).to(torch.int8).contiguous()
+
+
+def _stable_topk(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's selection: the ``k`` largest ``|x|``, ties at the K-th magnitude keep the lowest
+    indices; returned ascending."""
+    order = torch.sort(x2.float().abs(), dim=-1, descending=True, stable=True).indices[..., :k]
+    idx = order.sort(dim=-1).values
+    return idx, x2.float().gather(-1, idx)
+
+
+def sparse_int8_reference(x: torch.Tensor, wq: torch.Tensor, wscale: torch.Tensor, zc: torch.Tensor,
+                          k: int | None = None, bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                          abits: int = 8, indices: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                          return_acc: bool = False):
+    """The PyTorch oracle of :func:`sparse_int8_linear` (exact int64 accumulation, fp32 epilogue)."""
+    din, dout = wq.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, din)
+    if indices is None:
+        indices, values = _stable_topk(x2, din if k is None else min(int(k), din))
+    idx = indices.reshape(x2.shape[0], -1).long()
+    v = values.reshape(x2.shape[0], -1).float()
+    if smooth is not None:
+        v = v / smooth.float()[idx]
+    qmax = 2 ** (abits - 1) - 1
+    sa = (v.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10) if v.shape[-1] else \
+        torch.full((v.shape[0], 1), 1e-10)
+    q = torch.clamp(torch.round(v / sa), -qmax, qmax)
+    qd = torch.zeros(x2.shape[0], din, dtype=torch.float64, device=x.device).scatter(-1, idx, q.double())
+    acc = (qd @ (wq.double() - zc.double())).round().long()  # integer partial sums < 2^53: exact in float64
+    y = acc.float() * (sa * wscale.float())
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype).reshape(*lead, dout)
+    return (y, acc) if return_acc else y
+
+
+def sparse_int8_linear(x: torch.Tensor, wq: torch.Tensor, wscale: torch.Tensor, zc: torch.Tensor,
+                       k: int | None = None, bias: torch.Tensor | None = None, *, smooth: torch.Tensor | None = None,
+                       abits: int = 8, indices: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                       backend: str = "auto") -> torch.Tensor:
+    """``y = sa·Δ ⊙ (Q_a(S_k(x)/s) · (C − z)) + b`` for ``x [..., in]``, codes ``wq [in, out]`` (see
+    :func:`pack_int8_weight`), per-output-channel steps ``wscale [out]``; returns ``[..., out]`` in
+    ``x.dtype``.  ``Q_a``: per-token symmetric ``abits`` codes over the kept values; ``S_k``: Top-K by
+    magnitude (or the given ``indices`` / ``values``).  CPU kernel for 1..8 tokens, else the
+    PyTorch reference (same numbers)."""
+    if wq.dim() != 2 or x.shape[-1] != wq.shape[0]:
+        raise ValueError(f"x has {x.shape[-1]} channels but wq is {tuple(wq.shape)} ([in, out])")
+    be = resolve_backend(backend, x.device)
+    din, dout = wq.shape
+    tokens = x.numel() // din if din else 0
+    if be != "cpu" or not 1 <= tokens <= MAX_KERNEL_TOKENS or x.dtype not in (torch.float32, torch.bfloat16):
+        return sparse_int8_reference(x, wq, wscale, zc, k, bias, smooth, abits, indices, values)
+    ops = _cpu.ops()
+    sm = None if smooth is None else smooth.float().contiguous()
+    b = None if bias is None else bias.contiguous()
+    if indices is not None:
+        y = ops.indexed_int8_gemv(indices.reshape(tokens, -1), values.reshape(tokens, -1), wq, wscale, zc, sm, b,
+                                  int(abits), x.dtype)
+    else:
+        y = ops.topk_int8_gemv(x.reshape(tokens, din).contiguous(), wq, wscale, zc, din if k is None else int(k),
+                               sm, b, int(abits))
+    return y.reshape(*x.shape[:-1], dout)

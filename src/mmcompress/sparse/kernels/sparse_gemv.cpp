@@ -8,10 +8,12 @@
 // a magnitude threshold, or a given index list.  For several tokens the kernel walks the union of
 // the kept rows once (token b contributes 0 on rows it did not keep), so each weight row is read once.
 //
-// Parallelism: the output columns are split into one contiguous block per thread (torch's thread
-// count); each thread keeps an fp32 accumulator for its block and walks the kept rows four at a time
-// (4-row unrolling, next group's rows prefetched) with an inner SIMD loop; bf16 weights are widened
-// to fp32 on load.  Blocks are handed out from an atomic counter to the caller plus helpers from
+// Parallelism: the kept rows are split into one part per thread (split-K, default; set_row_split(1)
+// gives the former split of the output columns into one contiguous block per thread), so each thread
+// streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
+// accumulator for its columns and walks its rows four at a time (4-row unrolling, next group's rows
+// prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row parts'
+// partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the caller plus helpers from
 // ATen's inter-op pool, without a fork-join barrier (MMC_STEAL=1, default; see run_gemv), so a helper
 // that a busy machine has not scheduled does not stall the call.  MMC_STEAL=0 uses at::parallel_for.
 //
@@ -22,6 +24,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -129,9 +133,11 @@ void threshold_row(const float* xr, int64_t d, float thr, std::vector<int32_t>& 
     if (!(std::fabs(xr[i]) < thr)) out.push_back(static_cast<int32_t>(i));  // |x| >= thr (NaN kept)
 }
 
-// Union of the per-token kept sets -> sorted rows + packed values [nrows, B].
-void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<float>>& val,
-                 int64_t d, std::vector<int32_t>& rows, std::vector<float>& vals) {
+// Union of the per-token kept sets -> sorted rows + packed values [nrows, B] (0 where a token did not keep
+// the row).
+template <typename V>
+void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector<std::vector<V>>& val,
+                 int64_t d, std::vector<int32_t>& rows, std::vector<V>& vals) {
   const int64_t B = static_cast<int64_t>(sel.size());
   rows.clear();
   if (B == 1) {
@@ -147,7 +153,7 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
       pos[i] = static_cast<int32_t>(rows.size());
       rows.push_back(static_cast<int32_t>(i));
     }
-  vals.assign(rows.size() * B, 0.f);
+  vals.assign(rows.size() * B, V(0));
   for (int64_t b = 0; b < B; ++b)
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
@@ -225,43 +231,20 @@ block_fn<W> pick_block(int64_t B) {
   }
 }
 
-// y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over contiguous column blocks.
-template <typename W>
-void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const std::vector<float>& vals, int64_t B,
-              const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int nt = std::max<int>(1, at::get_num_threads());
-  // MMC_SPLIT blocks per thread (default 1: one contiguous block per thread), 32-column aligned.
-  int64_t nb = static_cast<int64_t>(nt) * MMC_SPLIT;
-  int64_t blk = (n + nb - 1) / nb;
-  blk = std::max<int64_t>(32, (blk + 31) / 32 * 32);
-  const int64_t nblocks = (n + blk - 1) / blk;
-  auto fn = pick_block<W>(B);
-  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
-  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
-  const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
-  void* yptr = y.data_ptr();
-  auto body = [&](int64_t s, int64_t e) {
-    std::vector<float> acc;
-    for (int64_t t = s; t < e; ++t) {
-      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-      acc.assign(B * len, 0.f);
-      fn(wt, n, rows.data(), vals.data(), static_cast<int64_t>(rows.size()), j0, j1, acc.data());
-      for (int64_t b = 0; b < B; ++b) {
-        float* a = acc.data() + b * len;
-        if (bptr) {
-          for (int64_t j = 0; j < len; ++j)
-            a[j] += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
-                              : static_cast<const float*>(bptr)[j0 + j];
-        }
-        if (out_bf16) {
-          uint16_t* yo = static_cast<uint16_t*>(yptr) + b * n + j0;
-          for (int64_t j = 0; j < len; ++j) yo[j] = f32_to_bf16(a[j]);
-        } else {
-          std::memcpy(static_cast<float*>(yptr) + b * n + j0, a, len * sizeof(float));
-        }
-      }
-    }
-  };
+// Row parts of the GEMV kernels' work split (0 = one per thread, i.e. pure split-K at batch 1;
+// 1 = column blocks only).  Settable for measurements (torch.ops.mmcompress_sparse.set_row_split).
+std::atomic<int64_t> g_row_split{0};
+
+int64_t row_split_parts(int nt) {
+  const int64_t v = g_row_split.load(std::memory_order_relaxed);
+  return v <= 0 ? nt : v;
+}
+
+int64_t set_row_split(int64_t parts) { return g_row_split.exchange(parts); }
+
+// Run body(t, t + 1) for every block t in [0, nblocks) on nt threads (see the file header).
+template <typename Body>
+void parallel_blocks(int64_t nblocks, int nt, const Body& body) {
   if (nblocks == 1 || nt == 1) {
     body(0, nblocks);
     return;
@@ -295,6 +278,65 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
 #else
   at::parallel_for(0, nblocks, 1, body);
 #endif
+}
+
+// y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over rp row parts x contiguous column blocks
+// (see row_split_parts: split-K lets each thread stream whole kept rows; partial sums added at the end).
+template <typename W>
+void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const std::vector<float>& vals, int64_t B,
+              const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int nt = std::max<int>(1, at::get_num_threads());
+  const int64_t nrows = static_cast<int64_t>(rows.size());
+  const int64_t rp = std::max<int64_t>(1, std::min<int64_t>(row_split_parts(nt), std::max<int64_t>(1, nrows / 4)));
+  // MMC_SPLIT column blocks per thread of a row part (default 1), 32-column aligned.
+  int64_t nb = (nt + rp - 1) / rp * MMC_SPLIT;
+  int64_t blk = (n + nb - 1) / nb;
+  blk = std::max<int64_t>(32, (blk + 31) / 32 * 32);
+  const int64_t nblocks = (n + blk - 1) / blk;
+  auto fn = pick_block<W>(B);
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  void* yptr = y.data_ptr();
+  std::vector<float> part(rp > 1 ? static_cast<size_t>(rp * B * n) : 0);
+  auto finish = [&](int64_t j0, int64_t len, float* acc) {  // acc [B, len] += bias, then store
+    for (int64_t b = 0; b < B; ++b) {
+      float* a = acc + b * len;
+      if (bptr) {
+        for (int64_t j = 0; j < len; ++j)
+          a[j] += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
+                            : static_cast<const float*>(bptr)[j0 + j];
+      }
+      if (out_bf16) {
+        uint16_t* yo = static_cast<uint16_t*>(yptr) + b * n + j0;
+        for (int64_t j = 0; j < len; ++j) yo[j] = f32_to_bf16(a[j]);
+      } else {
+        std::memcpy(static_cast<float*>(yptr) + b * n + j0, a, len * sizeof(float));
+      }
+    }
+  };
+  auto body = [&](int64_t s, int64_t e) {
+    std::vector<float> acc;
+    for (int64_t task = s; task < e; ++task) {
+      const int64_t t = task % nblocks, p = task / nblocks;
+      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+      const int64_t r0 = nrows * p / rp, r1 = nrows * (p + 1) / rp;
+      acc.assign(B * len, 0.f);
+      fn(wt, n, rows.data() + r0, vals.data() + r0 * B, r1 - r0, j0, j1, acc.data());
+      if (rp == 1) {
+        finish(j0, len, acc.data());
+      } else {
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(float));
+      }
+    }
+  };
+  parallel_blocks(nblocks * rp, nt, body);
+  if (rp > 1) {
+    for (int64_t p = 1; p < rp; ++p)
+      for (int64_t i = 0; i < B * n; ++i) part[i] += part[p * B * n + i];
+    finish(0, n, part.data());  // part[0 .. B*n) is [B, n]
+  }
 }
 
 void check_weight(const at::Tensor& wt) {
@@ -379,19 +421,19 @@ at::Tensor threshold_gemv(const at::Tensor& x, const at::Tensor& wt, double thr,
   return gemv_from_selection(sel, val, wt, bias, x.scalar_type());
 }
 
-// Given per-token indices [B, k] (any order, int64 or int32) and values [B, k].
-at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wt,
-                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  check_weight(wt);
+// Per-token indices [B, k] (any order, int64 or int32; duplicates add their values) and values [B, k]
+// -> ascending kept channels + values per token.
+void parse_indexed(const at::Tensor& idx, const at::Tensor& values, int64_t d, std::vector<std::vector<int32_t>>& sel,
+                   std::vector<std::vector<float>>& val) {
   TORCH_CHECK(idx.dim() == 2 && values.sizes() == idx.sizes(), "indices and values must both be [B, k]");
   TORCH_CHECK(idx.size(0) >= 1 && idx.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", idx.size(0));
-  const int64_t B = idx.size(0), k = idx.size(1), d = wt.size(0);
+  const int64_t B = idx.size(0), k = idx.size(1);
   at::Tensor i64 = idx.to(at::kLong).contiguous();
   at::Tensor v32 = values.to(at::kFloat).contiguous();
   const int64_t* ip = i64.data_ptr<int64_t>();
   const float* vp = v32.data_ptr<float>();
-  std::vector<std::vector<int32_t>> sel(B);
-  std::vector<std::vector<float>> val(B);
+  sel.assign(B, {});
+  val.assign(B, {});
   std::vector<int32_t> order(k);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < k; ++j) {
@@ -412,6 +454,15 @@ at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const a
       val[b].push_back(vp[b * k + order[j]]);
     }
   }
+}
+
+// Given per-token indices [B, k] (any order, int64 or int32) and values [B, k].
+at::Tensor indexed_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wt,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_weight(wt);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  parse_indexed(idx, values, wt.size(0), sel, val);
   return gemv_from_selection(sel, val, wt, bias, out_dtype);
 }
 
@@ -443,6 +494,260 @@ std::tuple<at::Tensor, at::Tensor> topk_select(const at::Tensor& x, int64_t k) {
   return {idx, vals};
 }
 
+
+// ---- sparse int8 GEMV (W8A8 after Top-K) -----------------------------------------------------
+//
+//   y[b, j] = sa_b * dw_j * (sum_{i in S_b} qa[b, i] * (c[i, j] - z_j)) (+ bias_j)
+//
+// qa = per-token symmetric activation codes of the kept values v_i = x_i / s_i (s: optional smoothing
+// divisor), scale sa_b = max_i |v_i| / qmax over the kept values, qa = clamp(rne(v / sa), -qmax, qmax);
+// c = int8 weight codes, stored transposed as u = c + 128 (uint8 [in, out]) so that a kept channel is
+// one contiguous row and the u8 x s8 VNNI dot product (vpdpbusd) applies with the weight as the unsigned
+// operand: sum qa * u = sum qa * c + 128 * sum qa, so the offset is removed with one per-token sum
+// (zc_j = 128 + z_j, z_j = the zero point in code units; 0 for symmetric weights).
+// vpdpbusd sums 4 consecutive bytes of each 32-bit lane, so four kept rows are interleaved in
+// registers (two unpack stages); the accumulator of each 64-column chunk is kept in that lane order
+// and put back in column order in the epilogue.  Accumulation is exact in int32 (|sum| <= 255 * 127 * in).
+
+inline float quantize_values(const float* v, int64_t n, int qmax, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  float scale = amax / static_cast<float>(qmax);
+  if (!(scale >= 1e-10f)) scale = 1e-10f;
+  for (int64_t i = 0; i < n; ++i) {
+    float r = std::nearbyint(v[i] / scale);
+    r = std::min(std::max(r, static_cast<float>(-qmax)), static_cast<float>(qmax));
+    q[i] = static_cast<int8_t>(r);
+  }
+  return scale;
+}
+
+// acc[b*len + ...] += sum over 4-row groups; rows padded to a multiple of 4 (padding rows carry code 0).
+// qp[g*B + b] packs the four activation codes of group g, token b (byte r = row 4g + r).
+template <int B>
+void int8_block(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
+                int64_t j0, int64_t j1, int32_t* __restrict acc) {
+  const int64_t len = j1 - j0;
+  const int64_t full = len / 64 * 64;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int32_t* rg = rows + 4 * g;
+    const uint8_t* w0 = wt + static_cast<int64_t>(rg[0]) * n + j0;
+    const uint8_t* w1 = wt + static_cast<int64_t>(rg[1]) * n + j0;
+    const uint8_t* w2 = wt + static_cast<int64_t>(rg[2]) * n + j0;
+    const uint8_t* w3 = wt + static_cast<int64_t>(rg[3]) * n + j0;
+    const bool pf = g + 1 < ngroups;
+    const int32_t* rn = pf ? rg + 4 : rg;
+    const uint8_t* p0 = wt + static_cast<int64_t>(rn[0]) * n + j0;
+    const uint8_t* p1 = wt + static_cast<int64_t>(rn[1]) * n + j0;
+    const uint8_t* p2 = wt + static_cast<int64_t>(rn[2]) * n + j0;
+    const uint8_t* p3 = wt + static_cast<int64_t>(rn[3]) * n + j0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512i qb[B];
+    for (int b = 0; b < B; ++b) qb[b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
+    for (int64_t c = 0; c < full; c += 64) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(p0 + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p1 + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p2 + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p3 + c), _MM_HINT_T0);
+      }
+      const __m512i r0 = _mm512_loadu_si512(w0 + c), r1 = _mm512_loadu_si512(w1 + c);
+      const __m512i r2 = _mm512_loadu_si512(w2 + c), r3 = _mm512_loadu_si512(w3 + c);
+      const __m512i a = _mm512_unpacklo_epi8(r0, r1), bb = _mm512_unpackhi_epi8(r0, r1);
+      const __m512i cc = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
+      const __m512i e0 = _mm512_unpacklo_epi16(a, cc), e1 = _mm512_unpackhi_epi16(a, cc);
+      const __m512i e2 = _mm512_unpacklo_epi16(bb, d), e3 = _mm512_unpackhi_epi16(bb, d);
+      for (int b = 0; b < B; ++b) {
+        int32_t* ac = acc + b * len + c;
+        _mm512_storeu_si512(ac, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac), e0, qb[b]));
+        _mm512_storeu_si512(ac + 16, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 16), e1, qb[b]));
+        _mm512_storeu_si512(ac + 32, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 32), e2, qb[b]));
+        _mm512_storeu_si512(ac + 48, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 48), e3, qb[b]));
+      }
+    }
+    const int64_t tail0 = full;
+#else
+    (void)p0; (void)p1; (void)p2; (void)p3; (void)pf;
+    const int64_t tail0 = 0;  // no VNNI: every column in natural order (the epilogue is told so)
+#endif
+    for (int b = 0; b < B; ++b) {
+      const uint32_t q4 = qp[g * B + b];
+      const int32_t q0 = static_cast<int8_t>(q4 & 0xff), q1 = static_cast<int8_t>((q4 >> 8) & 0xff);
+      const int32_t q2 = static_cast<int8_t>((q4 >> 16) & 0xff), q3 = static_cast<int8_t>(q4 >> 24);
+      int32_t* ac = acc + b * len;
+      for (int64_t j = tail0; j < len; ++j) ac[j] += q0 * w0[j] + q1 * w1[j] + q2 * w2[j] + q3 * w3[j];
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kInt8Permuted = true;
+#else
+constexpr bool kInt8Permuted = false;
+#endif
+
+using int8_fn = void (*)(const uint8_t*, int64_t, const int32_t*, const uint32_t*, int64_t, int64_t, int64_t, int32_t*);
+
+int8_fn pick_int8(int64_t B) {
+  switch (B) {
+    case 1: return int8_block<1>;
+    case 2: return int8_block<2>;
+    case 3: return int8_block<3>;
+    case 4: return int8_block<4>;
+    case 5: return int8_block<5>;
+    case 6: return int8_block<6>;
+    case 7: return int8_block<7>;
+    default: return int8_block<8>;
+  }
+}
+
+void check_int8_weight(const at::Tensor& wq, const at::Tensor& wscale, const at::Tensor& zc) {
+  TORCH_CHECK(wq.dim() == 2 && wq.is_contiguous() && wq.device().is_cpu() && wq.scalar_type() == at::kByte,
+              "WQ must be a contiguous CPU uint8 [in, out] tensor (codes + 128)");
+  const int64_t n = wq.size(1);
+  TORCH_CHECK(wscale.dim() == 1 && wscale.numel() == n && wscale.is_contiguous() && wscale.scalar_type() == at::kFloat,
+              "weight scale must be contiguous float32 [out]");
+  TORCH_CHECK(zc.dim() == 1 && zc.numel() == n && zc.is_contiguous() && zc.scalar_type() == at::kInt,
+              "zero correction must be contiguous int32 [out] (128 + zero point)");
+}
+
+// Per-token kept channels + float values -> y.  smooth: optional divisor [in].
+at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vector<std::vector<float>>& val,
+                               const at::Tensor& wq, const at::Tensor& wscale, const at::Tensor& zc,
+                               const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& bias,
+                               int64_t abits, at::ScalarType out_dtype) {
+  check_int8_weight(wq, wscale, zc);
+  TORCH_CHECK(abits >= 2 && abits <= 8, "activation bits must be 2..8, got ", abits);
+  const int64_t B = static_cast<int64_t>(sel.size()), d = wq.size(0), n = wq.size(1);
+  const int qmax = (1 << (abits - 1)) - 1;
+  if (smooth.has_value()) {
+    TORCH_CHECK(smooth->dim() == 1 && smooth->numel() == d && smooth->is_contiguous() &&
+                smooth->scalar_type() == at::kFloat, "smoothing must be contiguous float32 [in]");
+    const float* sp = smooth->data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (size_t j = 0; j < sel[b].size(); ++j) val[b][j] = val[b][j] / sp[sel[b][j]];
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n && bias->is_contiguous(), "bias must be contiguous [out]");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16, "bias dtype");
+  }
+  // activation codes per token, then the union of rows (padded to a multiple of 4) with packed codes
+  std::vector<float> sa(B);
+  std::vector<int32_t> qsum(B, 0);
+  std::vector<std::vector<int8_t>> q(B);
+  for (int64_t b = 0; b < B; ++b) {
+    q[b].resize(sel[b].size());
+    sa[b] = quantize_values(val[b].data(), static_cast<int64_t>(val[b].size()), qmax, q[b].data());
+    for (int8_t v : q[b]) qsum[b] += v;
+  }
+  std::vector<int32_t> rows;
+  std::vector<int8_t> qr;  // [nrows, B]
+  build_union(sel, q, d, rows, qr);
+  const int64_t nr = static_cast<int64_t>(rows.size());
+  const int64_t ngroups = (nr + 3) / 4;
+  const int32_t pad_row = nr > 0 ? rows[0] : 0;
+  rows.resize(ngroups * 4, pad_row);
+  std::vector<uint32_t> qp(ngroups * B, 0u);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t b = 0; b < B; ++b)
+      qp[(r / 4) * B + b] |= static_cast<uint32_t>(static_cast<uint8_t>(qr[r * B + b])) << (8 * (r % 4));
+
+  at::Tensor y = at::empty({B, n}, wq.options().dtype(out_dtype));
+  const int nt = std::max<int>(1, at::get_num_threads());
+  // Work split: rp row parts (split-K: each thread streams whole kept rows, the partial int32 sums are
+  // added at the end) x cb column blocks (64-aligned).  Longer contiguous runs per kept row help the
+  // hardware prefetcher; see set_row_split.
+  const int64_t rp = std::max<int64_t>(1, std::min<int64_t>(row_split_parts(nt), std::max<int64_t>(1, ngroups)));
+  const int64_t cb = (nt + rp - 1) / rp;
+  int64_t blk = (n + cb - 1) / cb;
+  blk = std::max<int64_t>(64, (blk + 63) / 64 * 64);
+  const int64_t nblocks = (n + blk - 1) / blk;
+  auto fn = pick_int8(B);
+  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const float* dw = wscale.data_ptr<float>();
+  const int32_t* zp = zc.data_ptr<int32_t>();
+  const bool out_bf16 = out_dtype == at::kBFloat16;
+  TORCH_CHECK(out_bf16 || out_dtype == at::kFloat, "output dtype must be float32 or bfloat16");
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  void* yptr = y.data_ptr();
+  // partial sums of row part p, column block t: part[(p * B + b) * n + j0 + (j - j0)] (chunk lane order)
+  std::vector<int32_t> part(static_cast<size_t>(rp * B * n), 0);
+  auto epilogue = [&](int64_t t) {  // sum the row parts of column block t, undo the lane order, scale
+    const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+    const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
+    std::vector<int32_t> a(len);
+    std::vector<float> out(len);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(a.data(), part.data() + b * n + j0, len * sizeof(int32_t));
+      for (int64_t p = 1; p < rp; ++p) {
+        const int32_t* q = part.data() + (p * B + b) * n + j0;
+        for (int64_t j = 0; j < len; ++j) a[j] += q[j];
+      }
+      // column 16L + 4m + i of a 64-column chunk sits at 16m + 4L + i
+      for (int64_t c = 0; c < full; c += 64)
+        for (int m = 0; m < 4; ++m)
+          for (int L = 0; L < 4; ++L)
+            for (int i = 0; i < 4; ++i) {
+              const int64_t j = c + 16 * L + 4 * m + i;
+              out[j] = static_cast<float>(a[c + 16 * m + 4 * L + i] - zp[j0 + j] * qsum[b]);
+            }
+      for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum[b]);
+      for (int64_t j = 0; j < len; ++j) {
+        float v = out[j] * (sa[b] * dw[j0 + j]);
+        if (bptr)
+          v += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
+                         : static_cast<const float*>(bptr)[j0 + j];
+        if (out_bf16)
+          static_cast<uint16_t*>(yptr)[b * n + j0 + j] = f32_to_bf16(v);
+        else
+          static_cast<float*>(yptr)[b * n + j0 + j] = v;
+      }
+    }
+  };
+  auto body = [&](int64_t s, int64_t e) {
+    std::vector<int32_t> acc;
+    for (int64_t task = s; task < e; ++task) {
+      const int64_t t = task % nblocks, p = task / nblocks;
+      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
+      const int64_t g0 = ngroups * p / rp, g1 = ngroups * (p + 1) / rp;
+      acc.assign(B * len, 0);
+      fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, acc.data());
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(int32_t));
+      if (rp == 1) epilogue(t);
+    }
+  };
+  parallel_blocks(nblocks * rp, nt, body);
+  if (rp > 1)
+    for (int64_t t = 0; t < nblocks; ++t) epilogue(t);
+  return y;
+}
+
+at::Tensor topk_int8_gemv(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wscale, const at::Tensor& zc,
+                          int64_t k, const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& bias,
+                          int64_t abits) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [B, in] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(x.size(1) == wq.size(0), "x has ", x.size(1), " channels, WQ has ", wq.size(0), " rows");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "the CPU sparse kernel takes 1..8 tokens, got ", x.size(0));
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  select_all(x, 0, static_cast<double>(k), sel, val);
+  return int8_from_selection(sel, val, wq, wscale, zc, smooth, bias, abits, x.scalar_type());
+}
+
+// Given per-token indices [B, k] (any order; duplicates add their values) and values [B, k].
+at::Tensor indexed_int8_gemv(const at::Tensor& idx, const at::Tensor& values, const at::Tensor& wq,
+                             const at::Tensor& wscale, const at::Tensor& zc, const std::optional<at::Tensor>& smooth,
+                             const std::optional<at::Tensor>& bias, int64_t abits, at::ScalarType out_dtype) {
+  check_int8_weight(wq, wscale, zc);
+  std::vector<std::vector<int32_t>> sel;
+  std::vector<std::vector<float>> val;
+  parse_indexed(idx, values, wq.size(0), sel, val);
+  return int8_from_selection(sel, val, wq, wscale, zc, smooth, bias, abits, out_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmcompress_sparse, m) {
@@ -450,6 +755,9 @@ TORCH_LIBRARY(mmcompress_sparse, m) {
   m.def("threshold_gemv(Tensor x, Tensor wt, float thr, Tensor? bias=None) -> Tensor");
   m.def("indexed_gemv(Tensor idx, Tensor values, Tensor wt, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("topk_select(Tensor x, int k) -> (Tensor, Tensor)");
+  m.def("set_row_split(int parts) -> int", &set_row_split);  // no tensor: a catch-all kernel
+  m.def("topk_int8_gemv(Tensor x, Tensor wq, Tensor wscale, Tensor zc, int k, Tensor? smooth, Tensor? bias, int abits) -> Tensor");
+  m.def("indexed_int8_gemv(Tensor idx, Tensor values, Tensor wq, Tensor wscale, Tensor zc, Tensor? smooth, Tensor? bias, int abits, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmcompress_sparse, CPU, m) {
@@ -457,4 +765,6 @@ TORCH_LIBRARY_IMPL(mmcompress_sparse, CPU, m) {
   m.impl("threshold_gemv", &threshold_gemv);
   m.impl("indexed_gemv", &indexed_gemv);
   m.impl("topk_select", &topk_select);
+  m.impl("topk_int8_gemv", &topk_int8_gemv);
+  m.impl("indexed_int8_gemv", &indexed_int8_gemv);
 }
