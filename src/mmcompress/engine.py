@@ -310,7 +310,7 @@ def run_layerwise(
         layer = layers[i]
         orig_device = next(layer.parameters()).device
         layer.to(device)
-        ctx = LayerContext(i, layer, adapter, captured, inputs, device, fp_inputs=fp_inputs)
+        ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs)
         with torch.no_grad():
             if fp_inputs is not None:
                 ctx.fp_outputs = [ctx.run(j, fp_inputs[j]).to("cpu") for j in range(len(captured))]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..data.calibration import CalibrationError, CalibrationSet
-from ..models.adapters import get_adapter
+from ..models.adapters import UnsupportedModelError, get_adapter
 from . import plan as plans
 from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
@@ -38,6 +38,8 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
     adapter = get_adapter(model)
+    if adapter.sparsity_blocker:
+        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}")
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:
