@@ -26,7 +26,7 @@ def family_inputs(kind: str, tok, seed: int = 0, text: str = TEXT) -> dict:
     if kind in ("idefics3", "smolvlm"):  # 32×32 image, 4×4 patches of 8, pixel shuffle 2 -> 4 tokens
         return {"input_ids": with_image(4), "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g),
                 "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)}
-    if kind == "qwen3_vl":  # grid 1×4×4 patches of 8 (×2 frames), merge 2 -> 4 tokens
+    if kind in ("qwen3_vl", "qwen3_5_vl"):  # grid 1×4×4 patches of 8 (×2 frames), merge 2 -> 4 tokens
         ids = with_image(4)
         return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 8 * 8, generator=g),
                 "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == img).long()}
@@ -40,6 +40,6 @@ def family_inputs(kind: str, tok, seed: int = 0, text: str = TEXT) -> dict:
     return {"input_ids": words}
 
 
-def calibration(kind: str, tok, n: int = 3) -> list[dict]:
+def calibration(kind: str, tok, n: int = 2) -> list[dict]:
     texts = [TEXT, " red green blue images audio and text", " a model compresses weights with care"]
     return [family_inputs(kind, tok, seed=j, text=texts[j % len(texts)]) for j in range(n)]

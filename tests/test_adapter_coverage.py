@@ -11,11 +11,11 @@ from mmcompress.models.tiny import TINY_KINDS, tiny_model
 KIND_OF_TYPE = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma3_text": "gemma3",
                 "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3": "qwen3",
                 "gemma3": "gemma3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "qwen3_vl": "qwen3_vl",
-                "qwen3_5_text": "qwen3_5", "minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7"}
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5_vl", "minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7"}
 
 
 def test_every_family_has_a_tiny_model():
-    assert set(KIND_OF_TYPE) == set(FAMILIES) - {"qwen3_5"}  # the Qwen3.5 VL wrapper: same layers as qwen3_5_text
+    assert set(KIND_OF_TYPE) == set(FAMILIES)
     assert set(KIND_OF_TYPE.values()) <= set(TINY_KINDS)
 
 
@@ -78,3 +78,29 @@ def test_layer_kinds_are_declarative():
         kinds = [fam.layers] if isinstance(fam.layers, LayerKind) else list(fam.layers.values())
         for k in kinds:
             assert {g.name for g in k.groups} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+
+
+def test_readme_support_table_matches_the_adapters():
+    """The README's table says what the adapters (tested above and in test_families.py) support."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("## What is supported", 1)[1].split("\n\n", 2)[1]
+    covered = set()
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        quant, sparse = cells[2], cells[3]
+        for cls in re.findall(r"`(\w+)`", cells[1]):
+            model_type = getattr(transformers, cls).config_class.model_type
+            fam = FAMILIES.get(model_type)
+            assert (fam is not None) == quant.startswith("yes"), (cls, quant)
+            if fam is None:
+                continue
+            covered.add(model_type)
+            merged, reference = (s.strip(" *") for s in sparse.split("/"))
+            assert (reference == "yes") == (fam.sparsity_blocker is None), (cls, sparse)
+            assert (merged == "yes") == (fam.sparsity_blocker is None and fam.merged_blocker is None), (cls, sparse)
+    assert covered == set(FAMILIES)

@@ -19,12 +19,13 @@ from mmcompress.quant.quantizer import QuantScheme
 
 from ._families import calibration, family_inputs
 
-KINDS = ["qwen3", "gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_5", "minicpmv4_6", "minicpmv4_7"]
-MULTIMODAL = {"gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "minicpmv4_6", "minicpmv4_7"}
+KINDS = ["qwen3", "gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_5", "qwen3_5_vl", "minicpmv4_6",
+         "minicpmv4_7"]
+MULTIMODAL = {"gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_5_vl", "minicpmv4_6", "minicpmv4_7"}
 # LaRoSA: merged where the norms allow; reference for sandwich norms (Gemma3) and deepstack (Qwen3-VL);
 # None: linear-attention layers (Qwen3.5 and the MiniCPM-V 4.6/4.7 built on it) are refused.
 LAROSA_MODE = {"qwen3": "merged", "gemma3_vl": "reference", "idefics3": "merged", "smolvlm": "merged",
-               "qwen3_vl": "reference", "qwen3_5": None, "minicpmv4_6": None, "minicpmv4_7": None}
+               "qwen3_vl": "reference", "qwen3_5": None, "qwen3_5_vl": None, "minicpmv4_6": None, "minicpmv4_7": None}
 
 
 def _model(kind, tok):
@@ -134,3 +135,32 @@ def test_larosa(kind, tokenizer):
     assert abs(got - 0.4) < 0.03
     y = _logits(model, x)
     assert torch.isfinite(y).all() and _sqnr(y, ref) > 0
+
+
+@torch.no_grad()
+def test_qwen3_vl_deepstack_is_carried_through_the_layerwise_chain(tokenizer):
+    """Qwen3-VL adds deepstack visual features after its first decoder layers: the engine captures
+    them, and the layer-by-layer chain with them reproduces the model (without them it does not)."""
+    from mmcompress.engine import capture_inputs
+
+    model = _model("qwen3_vl", tokenizer)
+    x = family_inputs("qwen3_vl", tokenizer, seed=3)
+    adapter = get_adapter(model)
+    cap = capture_inputs(model, adapter, [x], progress=False)
+    assert sorted(cap.injections[0]) == [0, 1]  # deepstack_visual_indexes has two entries
+    image = (x["input_ids"] == adapter.modality_token_ids["image"])[0]
+    for delta in cap.injections[0].values():
+        assert bool(delta[0, ~image].eq(0).all()) and bool(delta[0, image].ne(0).any())
+    ref = _logits(model, x)
+
+    def chain(inject):
+        h = cap.hidden[0]
+        for i, layer in enumerate(adapter.layers):
+            out = layer(h, **cap.layer_kwargs[0][i])
+            h = out[0] if isinstance(out, tuple) else out
+            if inject:
+                h = cap.after_layer(0, i, h)
+        return model.lm_head(adapter.final_norm(h)).float()
+
+    torch.testing.assert_close(chain(True), ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(chain(False), ref, rtol=1e-3, atol=1e-3)

@@ -171,6 +171,21 @@ def _qwen3_5(T, text, ids, eos, tie):
     return T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**_qwen3_5_text_cfg(text, ids, eos)))
 
 
+def _qwen3_5_vl(T, text, ids, eos, tie):
+    """Qwen3.5 with its vision tower (Qwen3_5ForConditionalGeneration): the Qwen3-VL geometry, no deepstack."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text_cfg = _qwen3_5_text_cfg(text, ids, eos)
+    text_cfg.pop("tie_word_embeddings")
+    text_cfg["rope_parameters"] = dict(rope_type="default", mrope_section=_mrope_section(head_dim // 4),
+                                       mrope_interleaved=True, rope_theta=1e6, partial_rotary_factor=0.25)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64)
+    cfg = T.Qwen3_5Config(text_config=text_cfg, vision_config=vision, image_token_id=ids["image_token"],
+                          video_token_id=ids["video_token"], vision_start_token_id=ids["vision_bos_token"],
+                          vision_end_token_id=ids["vision_eos_token"], tie_word_embeddings=tie)
+    return T.Qwen3_5ForConditionalGeneration(cfg)
+
+
 def _minicpmv(T, text, ids, eos, tie, version="4_6"):
     """MiniCPM-V 4.6 / 4.7: a SigLIP-style NaViT tower with window merger on a Qwen3.5 text backbone."""
     text_cfg = _qwen3_5_text_cfg(text, ids, eos)
@@ -191,6 +206,7 @@ _MORE_KINDS = {
     "smolvlm": lambda *a: _idefics3(*a, smolvlm=True),
     "qwen3_vl": _qwen3_vl,
     "qwen3_5": _qwen3_5,
+    "qwen3_5_vl": _qwen3_5_vl,
     "minicpmv4_6": lambda *a: _minicpmv(*a, version="4_6"),
     "minicpmv4_7": lambda *a: _minicpmv(*a, version="4_7"),
 }

@@ -39,7 +39,11 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
     adapter = get_adapter(model)
     if adapter.sparsity_blocker:
-        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}")
+        from ..models.adapters import FAMILIES
+
+        ok = sorted(t for t, f in FAMILIES.items() if f.sparsity_blocker is None)
+        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}; "
+                                    f"model types it supports: {', '.join(ok)}")
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:
