@@ -1,5 +1,6 @@
-"""Every family of issue 18 end to end on a tiny random model (no download): RTN, SmoothQuant and
-MASQuant with image tokens routed, save -> load with identical logits, LaRoSA (merged where the norms
+"""Every family of issue 18 end to end on a tiny random model (no download): RTN (and its
+compressed-tensors export), SmoothQuant and MASQuant with image tokens routed, save -> load with
+identical logits, LaRoSA (merged where the norms
 allow, reference otherwise, refused for linear-attention layers), generation with modality routing.
 
 Run one family with ``-k <kind>``.
@@ -55,8 +56,13 @@ def test_rtn_quantizes_every_decoder_linear_and_round_trips(kind, tokenizer, tmp
     assert sum(isinstance(m, QuantLinear) for m in adapter.layers.modules()) == _n_linears(adapter)
     y = _logits(model, x)
     assert not torch.equal(y, ref) and _sqnr(y, ref) > 20
-    loaded = mmcompress.load(mmcompress.save(model, tmp_path / "rtn"))
+    art = mmcompress.save(model, tmp_path / "rtn")
+    loaded = mmcompress.load(art)
     assert torch.equal(_logits(loaded, x), y)
+    from mmcompress.export.compressed_tensors import export_compressed_tensors
+
+    rep = export_compressed_tensors(art, tmp_path / "ct")  # w8a8: the stored integer codes, unchanged
+    assert rep["codes_identical"] == rep["quantized_linears"] == _n_linears(adapter)
 
 
 @pytest.mark.parametrize("kind", KINDS)
