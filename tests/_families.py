@@ -22,7 +22,9 @@ def family_inputs(kind: str, tok, seed: int = 0, text: str = TEXT) -> dict:
         return torch.cat([span, words], 1)
 
     if kind == "gemma3_vl":  # 28×28 image, 2×2 patches of 14 pooled to mm_tokens_per_image = 4
-        return {"input_ids": with_image(4), "pixel_values": torch.randn(1, 3, 28, 28, generator=g)}
+        ids = with_image(4)  # token_type_ids as the processor gives them: bidirectional attention in the image
+        return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=g),
+                "token_type_ids": (ids == img).long()}
     if kind in ("idefics3", "smolvlm"):  # 32×32 image, 4×4 patches of 8, pixel shuffle 2 -> 4 tokens
         return {"input_ids": with_image(4), "pixel_values": torch.randn(1, 1, 3, 32, 32, generator=g),
                 "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)}
