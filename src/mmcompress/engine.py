@@ -5,6 +5,10 @@
    alternates sliding and global attention) and returns its input unchanged; a pre-hook on the
    final norm stops the forward.  Vision and audio towers run untouched; no FX tracing.  The input
    hidden states of layer 0 and the per-token modality ids of every sample are cached on the CPU.
+   Since every layer's recorder is the identity, anything the model adds to the hidden states
+   between two layers shows up as a difference of their recorded inputs (Qwen3-VL's deepstack adds
+   visual features at the image positions after its first decoder layers); such injections are
+   cached too and added back to the compressed chain (``CapturedInputs.after_layer``).
 2. **Walk.** For each layer: move it to the compute device, give the method a
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
@@ -62,9 +66,15 @@ class CapturedInputs:
     hidden: list[torch.Tensor]  # per sample, [1, L, D] on CPU
     layer_kwargs: list[list[dict]]  # [sample][layer] -> kwargs (shared objects where identical)
     modality: list[torch.Tensor]  # per sample, [1, L] int8
+    injections: list[dict[int, torch.Tensor]] = field(default_factory=list)  # [sample] -> {layer: added after it}
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def after_layer(self, j: int, i: int, out: torch.Tensor) -> torch.Tensor:
+        """The input of layer ``i + 1`` for sample ``j`` given layer ``i``'s output ``out``."""
+        add = self.injections[j].get(i) if self.injections else None
+        return out if add is None else out + add.to(out.device, out.dtype)
 
 
 @torch.no_grad()
@@ -73,13 +83,21 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
     """Run the model up to the decoder stack for every sample and record what the layers receive."""
     layers = adapter.layers
     n_layers = len(layers)
-    hidden, all_kwargs, mods = [], [], []
+    hidden, all_kwargs, mods, injections = [], [], [], []
     per_sample: dict[int, dict] = {}
+
+    def injected(i, hidden_states):  # what the model added after layer i - 1
+        delta = hidden_states.detach() - per_sample["prev"]
+        if bool(delta.ne(0).any()):
+            per_sample["inject"][i - 1] = delta.to("cpu")
 
     def make_recorder(i):
         def recorder(hidden_states, *args, **kwargs):
             if i == 0:
                 per_sample["hidden"] = hidden_states.detach().to("cpu")
+            else:
+                injected(i, hidden_states)
+            per_sample["prev"] = hidden_states.detach()
             if args:  # positional extras are not expected from transformers decoder loops
                 raise RuntimeError("decoder layer called with unexpected positional arguments")
             kwargs.pop("cache", None)
@@ -90,7 +108,8 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
 
         return recorder
 
-    def stop(*_):
+    def stop(module, args):
+        injected(n_layers, args[0])
         raise _StopForward
 
     for i, layer in enumerate(layers):
@@ -102,6 +121,7 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
         for sample in tqdm(samples, desc=desc, leave=False, disable=not progress or len(samples) < 4):
             per_sample.clear()
             per_sample["kwargs"] = []
+            per_sample["inject"] = {}
             inputs = _to(dict(sample), device)
             try:
                 model(**inputs, use_cache=False)
@@ -111,6 +131,7 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
                 raise RuntimeError(f"captured {len(per_sample['kwargs'])} of {n_layers} decoder layers")
             hidden.append(per_sample["hidden"])
             all_kwargs.append(_dedupe_kwargs(per_sample["kwargs"]))
+            injections.append(dict(per_sample["inject"]))
             ids = sample.get("input_ids")
             if ids is None:
                 ids = torch.zeros(per_sample["hidden"].shape[:2], dtype=torch.long)
@@ -121,7 +142,8 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
             if "forward" in layer.__dict__:
                 del layer.forward
         _restore_modules(moved)
-    return CapturedInputs(hidden, all_kwargs, mods)
+    per_sample.clear()
+    return CapturedInputs(hidden, all_kwargs, mods, injections)
 
 
 def _dedupe_kwargs(kwargs_per_layer: list[dict]) -> list[dict]:
@@ -398,7 +420,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         layer = layers[i]
         orig_device = next(layer.parameters()).device
         layer.to(device)
-        ctx = LayerContext(i, layer, adapter, captured, inputs, device, fp_inputs=fp_inputs)
+        ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs)
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
         if upcast is not None:
@@ -418,12 +440,13 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             diagnostics.layer(ctx, fp_layer)
             del fp_layer
         with torch.no_grad():
-            inputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
-        finite.check_activations(inputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
+            outputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
+        finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
-            diagnostics.accumulated(i, inputs, ctx.fp_outputs, captured.modality)
+            diagnostics.accumulated(i, outputs, ctx.fp_outputs, captured.modality)
+        inputs = [captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
         if fp_inputs is not None:
-            fp_inputs = ctx.fp_outputs
+            fp_inputs = [captured.after_layer(j, i, o) for j, o in enumerate(ctx.fp_outputs)]
         for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
             if hasattr(mod, "clear_cache"):
                 mod.clear_cache()

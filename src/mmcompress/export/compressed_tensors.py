@@ -168,7 +168,7 @@ def plan_folds(model: nn.Module, adapter) -> list[dict]:
     plan = []
     for i, layer in enumerate(adapter.layers):
         prefix = adapter.layer_prefix(i)
-        for g in adapter.groups:
+        for g in adapter.layer_groups(i):
             readers = [layer.get_submodule(p) for p in g.readers]
             if not all(isinstance(r, QuantLinear) for r in readers):
                 continue
@@ -255,7 +255,7 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
         readers = [model.get_submodule(r) for r in e["readers"]]
         vecs = [_text_vector(r) for r in readers]
         vecs = [torch.ones(readers[0].in_features, dtype=torch.float64) if v is None else v for v in vecs]
-        group = next(g for g in adapter.groups if g.name == e["group"])
+        group = next(g for g in adapter.layer_groups(e["layer"]) if g.name == e["group"])
         if e["exact"]:
             common, producer_vec = vecs[0], vecs[0]
         else:
@@ -360,7 +360,7 @@ def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
     report.update(vllm_scheme=row["vllm_scheme"], compression_format=row["format"], min_compute_capability=row["min_sm"],
                   gpus={g: s for g, s in zip(GENERATIONS, row["support"])})
     adapter = get_adapter(model)
-    decoder = {f"{adapter.layer_prefix(i)}.{p}" for i in range(len(adapter.layers)) for p in adapter.linear_names()}
+    decoder = {f"{adapter.layer_prefix(i)}.{p}" for i in range(len(adapter.layers)) for p in adapter.linear_names(i)}
     missing = sorted(decoder - set(quant))
     if missing:
         raise ExportError(f"{len(missing)} decoder linears are not quantized (e.g. {missing[0]})")

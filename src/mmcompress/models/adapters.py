@@ -14,11 +14,20 @@ Linear groups (``LinearGroup``) follow the data flow of a pre-norm decoder layer
 
 A smoothing vector ``s`` for a group divides the group's input and multiplies the columns of every
 reader: it can be folded into the producer (a norm's scale or the output rows of a linear) when the
-structure allows it (``LinearGroup.foldable``).
+structure allows it (:func:`~mmcompress.quant.methods.base.smoothing_foldable`).
+
+A family is declared in :data:`FAMILIES` in a few lines (:class:`Family`): where the text decoder
+is, the groups of each *kind* of decoder layer (:class:`LayerKind`; hybrid models such as Qwen3.5 mix
+full-attention and linear-attention layers, told apart by ``config.layer_types``), the linears a
+layer kind deliberately leaves in floating point (with the reason), the norm convention, the config
+keys of the modality placeholder ids, and why a compression mode cannot handle the family.  Methods
+that work one decoder layer at a time get a per-layer view (:meth:`ModelAdapter.at_layer`), so the
+same method code walks every kind of layer.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -37,13 +46,25 @@ class LinearGroup:
     cannot be rescaled offline; ``producer_kind`` is ``"norm"`` or ``"linear"``.
     """
 
-    name: str  # attn_in | attn_out | mlp_in | mlp_out
+    name: str  # the role: attn_in | attn_out | mlp_in | mlp_out (methods key on it)
     readers: list[str]  # paths relative to the decoder layer
     producer: str | None
     producer_kind: str | None
 
     def modules(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(p) for p in self.readers]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """The linear groups of one kind of decoder layer, and its linears that stay in floating point
+    (relative path -> why).  Every ``nn.Linear`` of such a layer is in exactly one of the two."""
+
+    groups: tuple[LinearGroup, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def linear_names(self) -> list[str]:
+        return [r for g in self.groups for r in g.readers]
 
 
 @dataclass
@@ -53,10 +74,14 @@ class ModelAdapter:
     model: nn.Module
     family: str
     lm_path: str  # path of the text decoder model (holds embed_tokens, layers, norm)
-    groups: list[LinearGroup]
+    kinds: list[LayerKind]  # per decoder layer
     modality_token_ids: dict[str, int] = field(default_factory=dict)
-    norm_offset: float = 0.0  # Gemma RMSNorm computes x * (1 + weight)
+    norm_offset: float = 0.0  # Gemma / Qwen3.5 RMSNorm computes x * (1 + weight)
     multimodal: bool = False
+    embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
+    merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
+    sparsity_blocker: str | None = None  # why activation sparsity cannot be applied at all
+    layer_index: int | None = None  # set on a per-layer view (:meth:`at_layer`)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -89,8 +114,38 @@ class ModelAdapter:
     def text_config(self):
         return self.model.config.get_text_config()
 
-    def linear_names(self) -> list[str]:
-        """All quantizable linear paths inside one decoder layer, in data-flow order."""
+    @property
+    def hybrid(self) -> bool:
+        """Decoder layers of more than one kind (e.g. full and linear attention)."""
+        return len({id(k) for k in self.kinds}) > 1
+
+    @property
+    def groups(self) -> list[LinearGroup]:
+        """The linear groups of every decoder layer (of this layer, on a per-layer view)."""
+        if self.hybrid:
+            raise UnsupportedModelError(
+                f"{self.family} mixes decoder layers of several kinds and this operation assumes one kind "
+                "for all layers (use ModelAdapter.layer_groups(i) / at_layer(i))")
+        return list(self.kinds[0].groups)
+
+    def layer_groups(self, index: int) -> list[LinearGroup]:
+        return list(self.kinds[index].groups)
+
+    def skipped(self, index: int) -> dict[str, str]:
+        """Linears of decoder layer ``index`` deliberately left in floating point (path -> why)."""
+        return dict(self.kinds[index].skipped)
+
+    def at_layer(self, index: int) -> ModelAdapter:
+        """A view of this adapter whose ``groups`` / ``linear_names()`` are those of layer ``index``."""
+        view = copy.copy(self)
+        view.kinds = [self.kinds[index]] * len(self.kinds)
+        view.layer_index = index
+        return view
+
+    def linear_names(self, index: int | None = None) -> list[str]:
+        """All quantizable linear paths inside a decoder layer, in data-flow order."""
+        if index is not None:
+            return self.kinds[index].linear_names()
         return [r for g in self.groups for r in g.readers]
 
     def layer_prefix(self, index: int) -> str:
@@ -105,58 +160,138 @@ class ModelAdapter:
         norm.weight.data.copy_((gamma - self.norm_offset).to(norm.weight.dtype))
 
 
-_LLAMA_GROUPS = [
-    LinearGroup("attn_in", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm", "norm"),
-    LinearGroup("attn_out", ["self_attn.o_proj"], "self_attn.v_proj", "linear"),
-    LinearGroup("mlp_in", ["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm", "norm"),
-    LinearGroup("mlp_out", ["mlp.down_proj"], "mlp.up_proj", "linear"),
-]
-_GEMMA3_GROUPS = [
-    LinearGroup("attn_in", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm", "norm"),
-    LinearGroup("attn_out", ["self_attn.o_proj"], "self_attn.v_proj", "linear"),
-    LinearGroup("mlp_in", ["mlp.gate_proj", "mlp.up_proj"], "pre_feedforward_layernorm", "norm"),
-    LinearGroup("mlp_out", ["mlp.down_proj"], "mlp.up_proj", "linear"),
-]
+# -- declarative pieces ------------------------------------------------------------------------------
+
+def attention_groups(attn: str = "self_attn", norm: str = "input_layernorm", qkv=("q_proj", "k_proj", "v_proj"),
+                     out: str = "o_proj", value: str | None = "v_proj") -> list[LinearGroup]:
+    """``norm -> q, k, v`` and ``v -> o`` (the producer of o's input is v when nothing nonlinear
+    per channel sits between them; ``value=None`` when something does)."""
+    return [
+        LinearGroup("attn_in", [f"{attn}.{p}" for p in qkv], norm, "norm"),
+        LinearGroup("attn_out", [f"{attn}.{out}"], f"{attn}.{value}" if value else None,
+                    "linear" if value else None),
+    ]
+
+
+def mlp_groups(norm: str = "post_attention_layernorm", mlp: str = "mlp") -> list[LinearGroup]:
+    """``norm -> gate, up`` and ``up -> down`` (SwiGLU: down's input is act(gate) ⊙ up)."""
+    return [
+        LinearGroup("mlp_in", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], norm, "norm"),
+        LinearGroup("mlp_out", [f"{mlp}.down_proj"], f"{mlp}.up_proj", "linear"),
+    ]
+
+
+def layer_kind(*groups: list[LinearGroup], skipped: dict[str, str] | None = None) -> LayerKind:
+    return LayerKind(tuple(g for gs in groups for g in gs), tuple((skipped or {}).items()))
+
+
+# Llama-style pre-norm layer (Llama, Mistral, Qwen2/2.5/3, the Qwen-VL text decoders, Idefics3's Llama).
+# Qwen3's per-head q_norm / k_norm act on the OUTPUTS of q_proj / k_proj, so smoothing (x/s into
+# input_layernorm, s into the columns of q/k/v) leaves q_proj's output, hence q_norm's input, unchanged.
+LLAMA_LAYER = layer_kind(attention_groups(), mlp_groups())
+# Gemma3: sandwich norms; gate/up read pre_feedforward_layernorm (post_* norms sit on block outputs).
+GEMMA3_LAYER = layer_kind(attention_groups(), mlp_groups("pre_feedforward_layernorm"))
+# Qwen3.5 full attention: q_proj writes query and a per-channel output gate; o's input is
+# attn(v) ⊙ sigmoid(gate), which is linear in v per channel, so v -> o still folds (under MHA).
+QWEN3_5_FULL_LAYER = LLAMA_LAYER
+# Qwen3.5 Gated-DeltaNet: the four input projections read input_layernorm's output; out_proj reads
+# the gated RMSNorm w ⊙ RMS(core) ⊙ silu(z), whose w is one head_v_dim vector shared by all heads, so
+# a per-channel s of out_proj's input cannot be folded into it (run-time smoothing only).
+QWEN3_5_LINEAR_LAYER = layer_kind([
+    LinearGroup("attn_in", [f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")],
+                "input_layernorm", "norm"),
+    LinearGroup("attn_out", ["linear_attn.out_proj"], None, None),
+], mlp_groups())
+
+GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
+                  "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
+                  "'reference'")
+LINEAR_ATTENTION = ("linear-attention (Gated-DeltaNet) layers: not supported by activation sparsity (the sparsity "
+                    "plan knows q/k/v/o/gate/up/down only)")
+DEEPSTACK = ("Qwen3-VL adds deepstack visual features into the residual stream after the first decoder layers, in "
+             "the unrotated basis; merged mode would have to rotate each deepstack merger with the next layer's "
+             "rotation; use mode 'reference'")
 
 
 @dataclass(frozen=True)
-class _Family:
+class Family:
+    """One architecture family (see module docstring)."""
+
     family: str
     lm_path: str | tuple  # candidates, first match wins (layouts differ across transformers versions)
-    groups: list
-    token_attrs: dict  # modality -> config attribute holding the placeholder id
+    layers: LayerKind | dict  # one kind, or config.layer_types value -> kind
+    token_attrs: dict = field(default_factory=dict)  # modality -> config attribute holding the placeholder id
     norm_offset: float = 0.0
     multimodal: bool = False
+    embedding_writers: tuple = ()
+    merged_blocker: str | None = None
+    sparsity_blocker: str | None = None
 
+    def kinds(self, config, n_layers: int) -> list[LayerKind]:
+        if isinstance(self.layers, LayerKind):
+            return [self.layers] * n_layers
+        types = getattr(config.get_text_config(), "layer_types", None) or []
+        if len(types) != n_layers:
+            raise UnsupportedModelError(f"{self.family}: config.layer_types has {len(types)} entries for "
+                                        f"{n_layers} decoder layers")
+        unknown = sorted(set(types) - set(self.layers))
+        if unknown:
+            raise UnsupportedModelError(f"{self.family}: decoder layer types {unknown} have no adapter "
+                                        f"(known: {', '.join(sorted(self.layers))})")
+        return [self.layers[t] for t in types]
+
+
+_QWEN_VL_TOKENS = {"image": "image_token_id", "video": "video_token_id"}
+_QWEN3_5_LAYERS = {"full_attention": QWEN3_5_FULL_LAYER, "linear_attention": QWEN3_5_LINEAR_LAYER}
+_QWEN3_5 = dict(layers=_QWEN3_5_LAYERS, norm_offset=1.0, sparsity_blocker=LINEAR_ATTENTION)
 
 # model_type -> family description.  Keys are transformers `config.model_type` values.
-FAMILIES: dict[str, _Family] = {
-    "llama": _Family("llama", "model", _LLAMA_GROUPS, {}),
-    "mistral": _Family("mistral", "model", _LLAMA_GROUPS, {}),
-    "qwen2": _Family("qwen2", "model", _LLAMA_GROUPS, {}),
-    "gemma3_text": _Family("gemma3", "model", _GEMMA3_GROUPS, {}, norm_offset=1.0),
-    "qwen2_5_vl": _Family(
-        "qwen2_5_vl", "model.language_model", _LLAMA_GROUPS,
-        {"image": "image_token_id", "video": "video_token_id"}, multimodal=True,
-    ),
-    "qwen2_5_omni_thinker": _Family(  # transformers >= 5.2x nests the text model; 5.17 puts it at `model`
-        "qwen2_5_omni_thinker", ("model.language_model", "model"), _LLAMA_GROUPS,
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "model", LLAMA_LAYER),
+    "mistral": Family("mistral", "model", LLAMA_LAYER),
+    "qwen2": Family("qwen2", "model", LLAMA_LAYER),
+    "qwen3": Family("qwen3", "model", LLAMA_LAYER),
+    "gemma3_text": Family("gemma3", "model", GEMMA3_LAYER, norm_offset=1.0, merged_blocker=GEMMA_SANDWICH),
+    "gemma3": Family("gemma3", "model.language_model", GEMMA3_LAYER, {"image": "image_token_id"}, norm_offset=1.0,
+                     multimodal=True, merged_blocker=GEMMA_SANDWICH),
+    "idefics3": Family("idefics3", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"}, multimodal=True,
+                       embedding_writers=("connector.modality_projection.proj",)),
+    "smolvlm": Family("smolvlm", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"}, multimodal=True,
+                      embedding_writers=("connector.modality_projection.proj",)),
+    "qwen2_5_vl": Family("qwen2_5_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
+                         embedding_writers=("visual.merger.mlp.2",)),
+    "qwen2_5_omni_thinker": Family(  # transformers >= 5.2x nests the text model; 5.17 puts it at `model`
+        "qwen2_5_omni_thinker", ("model.language_model", "model"), LLAMA_LAYER,
         {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"},
-        multimodal=True,
+        multimodal=True, embedding_writers=("visual.merger.mlp.2", "audio_tower.proj"),
     ),
+    "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
+                       embedding_writers=("visual.merger.linear_fc2",), merged_blocker=DEEPSTACK),
+    "qwen3_5_text": Family("qwen3_5", "model", **_QWEN3_5),
+    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True, **_QWEN3_5),
+    "minicpmv4_6": Family("minicpmv4_6", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+                          **_QWEN3_5),
+    "minicpmv4_7": Family("minicpmv4_7", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+                          **_QWEN3_5),
 }
 
 UNSUPPORTED_NOTES = {
-    "minicpmv4_6": "MiniCPM-V 4.6 uses a Qwen3.5 hybrid (Gated-DeltaNet) text backbone with fused "
-    "linear-attention projections that no adapter describes yet",
-    "minicpmv4_7": "MiniCPM-V 4.7 is not supported yet",
-    "gemma3": "Gemma3 multimodal is not supported; the text model (Gemma3ForCausalLM) is",
     "qwen2_5_omni": "use the thinker (Qwen2_5OmniThinkerForConditionalGeneration); the talker is not quantized",
+    "qwen3_omni_moe": "Qwen3-Omni-MoE: its experts are fused 3-D parameters (gate_up_proj, down_proj), not "
+    "nn.Linear modules; per-expert quantization needs an expert-aware quantized module that does not exist yet",
+    "qwen3_omni_moe_thinker": "Qwen3-Omni-MoE thinker: its experts are fused 3-D parameters, not nn.Linear "
+    "modules; per-expert quantization is not supported yet",
 }
 
 
 def supported_model_types() -> list[str]:
     return sorted(FAMILIES)
+
+
+def unsupported_message(model_type) -> str:
+    note = UNSUPPORTED_NOTES.get(model_type)
+    return (f"unsupported architecture {model_type!r}" + (f" ({note})" if note else "")
+            + f"; supported model types: {', '.join(supported_model_types())}")
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -165,29 +300,24 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     model_type = getattr(config, "model_type", None)
     fam = FAMILIES.get(model_type)
     if fam is None:
-        note = UNSUPPORTED_NOTES.get(model_type)
-        msg = f"unsupported architecture {model_type!r}"
-        if note:
-            msg += f" ({note})"
-        msg += f"; supported model types: {', '.join(supported_model_types())}"
-        raise UnsupportedModelError(msg)
+        raise UnsupportedModelError(unsupported_message(model_type))
     token_ids = {}
     for modality, attr in fam.token_attrs.items():
         value = getattr(config, attr, None)
         if value is not None:
             token_ids[modality] = int(value)
     candidates = (fam.lm_path,) if isinstance(fam.lm_path, str) else tuple(fam.lm_path)
-    lm_path = next((c for c in candidates if _has_layers(model, c)), candidates[0])
-    adapter = ModelAdapter(
-        model=model, family=fam.family, lm_path=lm_path, groups=list(fam.groups),
-        modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
-    )
-    try:
-        adapter.layers  # noqa: B018 - validate the layout
-    except AttributeError as e:  # pragma: no cover - a config/model mismatch
+    lm_path = next((c for c in candidates if _has_layers(model, c)), None)
+    if lm_path is None:
         raise UnsupportedModelError(f"model of type {model_type!r} has no decoder layers at "
-                                    f"{' or '.join(c + '.layers' for c in candidates)}") from e
-    return adapter
+                                    f"{' or '.join(c + '.layers' for c in candidates)}")
+    n_layers = len(model.get_submodule(lm_path).layers)
+    return ModelAdapter(
+        model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
+        modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
+        embedding_writers=fam.embedding_writers, merged_blocker=fam.merged_blocker,
+        sparsity_blocker=fam.sparsity_blocker,
+    )
 
 
 def _has_layers(model: nn.Module, path: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .adapters import FAMILIES, UNSUPPORTED_NOTES, UnsupportedModelError, supported_model_types
+from .adapters import FAMILIES, UnsupportedModelError, unsupported_message
 
 
 def _check_dir(path) -> Path:
@@ -78,11 +78,7 @@ def read_config(path, *, trust_remote_code: bool = False):
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
-        note = UNSUPPORTED_NOTES.get(model_type)
-        raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r}" + (f" ({note})" if note else "")
-            + f"; supported model types: {', '.join(supported_model_types())}"
-        )
+        raise UnsupportedModelError(unsupported_message(model_type))
     with remote_code_guard(path, "configuration class", trust_remote_code, ("AutoConfig",)):
         return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
                                                        trust_remote_code=trust_remote_code)

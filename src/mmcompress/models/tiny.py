@@ -45,8 +45,9 @@ _VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fulla
 
 def tiny_model(kind: str = "llama", *, layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4,
                kv_heads: int = 2, tie: bool = False, seed: int = 0, tokenizer=None, dtype=torch.float32):
-    """A random model of ``kind`` in {llama, qwen2, mistral, gemma3, qwen2_5_vl, qwen2_5_omni}
-    with the ids of :func:`tiny_tokenizer`; returns ``(model, tokenizer)``."""
+    """A random model of ``kind`` (one of :data:`TINY_KINDS`) with the ids of :func:`tiny_tokenizer`;
+    returns ``(model, tokenizer)``.  Multimodal kinds use ``<|image_pad|>`` / ``<|video_pad|>`` as
+    their placeholders whatever the family calls them."""
     import transformers as T
 
     tok = tokenizer or tiny_tokenizer()
@@ -92,10 +93,124 @@ def tiny_model(kind: str = "llama", *, layers: int = 2, hidden: int = 64, interm
                 vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
                 bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=tie)
             model = T.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    elif kind in _MORE_KINDS:
+        model = _MORE_KINDS[kind](T, text, ids, eos, tie)
     else:
-        raise ValueError(f"unknown tiny model kind {kind!r}")
+        raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(TINY_KINDS)}")
     _randomize_norms(model)
     return model.to(dtype).eval(), tok
+
+
+def _tokens(ids, eos):
+    return dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+
+
+def _qwen3(T, text, ids, eos, tie):
+    return T.Qwen3ForCausalLM(T.Qwen3Config(**text, head_dim=text["hidden_size"] // text["num_attention_heads"],
+                                            **_tokens(ids, eos)))
+
+
+def _gemma3_vl(T, text, ids, eos, tie):
+    """Gemma3ForConditionalGeneration: SigLIP on 28×28 images (2×2 patches of 14) pooled to 4 tokens."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text_cfg = dict(text, head_dim=head_dim, sliding_window=16, **_tokens(ids, eos))
+    text_cfg.pop("tie_word_embeddings")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = T.Gemma3Config(text_config=text_cfg, vision_config=vision, mm_tokens_per_image=4,
+                         image_token_index=ids["image_token"], boi_token_index=ids["vision_bos_token"],
+                         eoi_token_index=ids["vision_eos_token"], tie_word_embeddings=tie)
+    model = T.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # Gemma norms start at 0 (= scale 1); make them non-trivial
+        for n, p in model.named_parameters():
+            if "language_model" in n and n.endswith("norm.weight"):
+                p.uniform_(-0.5, 1.0)
+    return model
+
+
+def _idefics3(T, text, ids, eos, tie, smolvlm=False):
+    """Idefics3 / SmolVLM: SigLIP on 32×32 images (4×4 patches of 8), pixel shuffle by 2 -> 4 tokens."""
+    text_cfg = dict(text, **_tokens(ids, eos))
+    text_cfg.pop("tie_word_embeddings")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cls, cfg_cls = ((T.SmolVLMForConditionalGeneration, T.SmolVLMConfig) if smolvlm
+                    else (T.Idefics3ForConditionalGeneration, T.Idefics3Config))
+    cfg = cfg_cls(text_config=text_cfg, vision_config=vision, image_token_id=ids["image_token"], scale_factor=2,
+                  tie_word_embeddings=tie, pad_token_id=eos)
+    return cls(cfg)
+
+
+def _qwen3_vl(T, text, ids, eos, tie):
+    """Qwen3-VL: patch 8, merge 2, deepstack features from vision layers 0 and 1 into decoder layers 0, 1."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    rope = dict(rope_type="default", mrope_section=_mrope_section(head_dim), mrope_interleaved=True, rope_theta=1e6)
+    text_cfg = dict(text, head_dim=head_dim, rope_parameters=rope, **_tokens(ids, eos))
+    text_cfg.pop("tie_word_embeddings")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    cfg = T.Qwen3VLConfig(text_config=text_cfg, vision_config=vision, image_token_id=ids["image_token"],
+                          video_token_id=ids["video_token"], vision_start_token_id=ids["vision_bos_token"],
+                          vision_end_token_id=ids["vision_eos_token"], tie_word_embeddings=tie)
+    return T.Qwen3VLForConditionalGeneration(cfg)
+
+
+def _qwen3_5_text_cfg(text, ids, eos):
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    n = text["num_hidden_layers"]
+    cfg = dict(text, head_dim=head_dim, linear_num_value_heads=4, linear_num_key_heads=2,
+               linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+               layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
+               **_tokens(ids, eos))
+    return cfg
+
+
+def _qwen3_5(T, text, ids, eos, tie):
+    """Qwen3.5 text: layers alternate Gated-DeltaNet (linear attention) and gated full attention."""
+    return T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**_qwen3_5_text_cfg(text, ids, eos)))
+
+
+def _qwen3_5_vl(T, text, ids, eos, tie):
+    """Qwen3.5 with its vision tower (Qwen3_5ForConditionalGeneration): the Qwen3-VL geometry, no deepstack."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text_cfg = _qwen3_5_text_cfg(text, ids, eos)
+    text_cfg.pop("tie_word_embeddings")
+    text_cfg["rope_parameters"] = dict(rope_type="default", mrope_section=_mrope_section(head_dim // 4),
+                                       mrope_interleaved=True, rope_theta=1e6, partial_rotary_factor=0.25)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64)
+    cfg = T.Qwen3_5Config(text_config=text_cfg, vision_config=vision, image_token_id=ids["image_token"],
+                          video_token_id=ids["video_token"], vision_start_token_id=ids["vision_bos_token"],
+                          vision_end_token_id=ids["vision_eos_token"], tie_word_embeddings=tie)
+    return T.Qwen3_5ForConditionalGeneration(cfg)
+
+
+def _minicpmv(T, text, ids, eos, tie, version="4_6"):
+    """MiniCPM-V 4.6 / 4.7: a SigLIP-style NaViT tower with window merger on a Qwen3.5 text backbone."""
+    text_cfg = _qwen3_5_text_cfg(text, ids, eos)
+    text_cfg.pop("tie_word_embeddings")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=8, insert_layer_id=0)
+    cfg_cls = getattr(T, f"MiniCPMV{version}Config")
+    cfg = cfg_cls(text_config=dict(text_cfg, model_type="qwen3_5_text"), vision_config=vision, image_size=64,
+                  image_token_id=ids["image_token"], video_token_id=ids["video_token"], insert_layer_id=0,
+                  tie_word_embeddings=tie)
+    return getattr(T, f"MiniCPMV{version}ForConditionalGeneration")(cfg)
+
+
+_MORE_KINDS = {
+    "qwen3": _qwen3,
+    "gemma3_vl": _gemma3_vl,
+    "idefics3": _idefics3,
+    "smolvlm": lambda *a: _idefics3(*a, smolvlm=True),
+    "qwen3_vl": _qwen3_vl,
+    "qwen3_5": _qwen3_5,
+    "qwen3_5_vl": _qwen3_5_vl,
+    "minicpmv4_6": lambda *a: _minicpmv(*a, version="4_6"),
+    "minicpmv4_7": lambda *a: _minicpmv(*a, version="4_7"),
+}
+TINY_KINDS = ("llama", "qwen2", "mistral", "gemma3", "qwen2_5_vl", "qwen2_5_omni", *_MORE_KINDS)
 
 
 def _mrope_section(head_dim: int) -> list[int]:

@@ -18,7 +18,7 @@ from torch import nn
 from .. import finite
 from .. import options as opt
 from ..data.calibration import CalibrationError, CalibrationSet
-from ..models.adapters import get_adapter
+from ..models.adapters import UnsupportedModelError, get_adapter
 from . import plan as plans
 from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
@@ -54,6 +54,12 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
     options = opt.check_options(OPTIONS[name], options)
     adapter = get_adapter(model)
+    if adapter.sparsity_blocker:
+        from ..models.adapters import FAMILIES
+
+        ok = sorted(t for t, f in FAMILIES.items() if f.sparsity_blocker is None)
+        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}; "
+                                    f"model types it supports: {', '.join(ok)}")
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:

@@ -210,7 +210,7 @@ def embedding_writers(model: nn.Module, adapter) -> list[nn.Linear]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or mod.out_features != d:
             continue
-        if name.endswith("visual.merger.mlp.2") or name.endswith("audio_tower.proj"):
+        if any(name.endswith(suffix) for suffix in adapter.embedding_writers):
             out.append(mod)
     return out
 
@@ -250,11 +250,8 @@ def _check_rotations(adapter, rotations):
 
 
 def supports_merged(adapter) -> tuple[bool, str]:
-    if adapter.family == "gemma3":
-        return False, ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before "
-                       "the residual add, so the rotation cannot be merged (it would need two extra d×d "
-                       "rotations per layer); use mode 'reference'")
-    return True, ""
+    why = adapter.sparsity_blocker or adapter.merged_blocker  # the adapter knows the family's structure
+    return (False, why) if why else (True, "")
 
 
 def _scale_readers(adapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
