@@ -29,6 +29,18 @@ dequantized weight ``Ŵ ⊙ (s*/s)`` is re-quantized with RTN in the same scheme
 Everything else keeps **our integer codes, step sizes and zero points**: the exporter checks that
 compressed-tensors' compressor re-derived exactly our codes.
 
+**What is written** is what llm-compressor writes for the same scheme (it calls the same
+``ModelCompressor.compress_model`` / ``update_config``; the ``config_groups`` equal compressed-tensors'
+presets ``W8A8``, ``W4A16``, ``W4A16_ASYM``): ``int-quantized`` ``weight`` int8 + ``weight_scale``
+``[out, 1]``; ``pack-quantized`` ``weight_packed`` int32 ``[out, in/8]``, ``weight_shape``,
+``weight_scale`` ``[out, groups]`` and, asymmetric only, ``weight_zero_point`` int32 packed 8 per word
+along the output dimension ``[out/8, groups]`` (the layout vLLM's ``CompressedTensorsWNA16`` reads).
+Transformers' compressed loading route cannot size that packed tensor (compressed-tensors <= 0.20 keeps
+``[out, groups]`` when it lays out the empty model), so a plain ``from_pretrained`` of llm-compressor's
+asymmetric checkpoints fails too; asymmetric exports therefore also carry the transformers loading
+attribute ``"dequantize": true`` in ``quantization_config`` (vLLM ignores it), and
+``AutoModelForCausalLM.from_pretrained(EXPORT)`` loads every export without options.
+
 **What is dropped.**  MASQuant's non-text smoothing rows and its cross-modal compensation
 ``L_m R_m`` cannot be expressed in compressed-tensors: the exported model is the text path (every
 token, image and audio tokens included, uses the text smoothing, as decode always does).  The report
@@ -332,6 +344,28 @@ def _checkpoint_names(model, names: list[str]) -> list[str]:
         return names
 
 
+# -- what transformers needs to read the checkpoint -------------------------------------------------
+
+#: Why asymmetric pack-quantized exports carry ``"dequantize": true`` in ``quantization_config``.
+_DEQUANTIZE_NOTE = (
+    "asymmetric pack-quantized: tensors and config as llm-compressor writes them (int32 zero points packed "
+    "along the output dimension, [out/8, groups], as vLLM reads them); the config also carries the transformers "
+    "loading attribute dequantize=true, because transformers' compressed route (compressed-tensors <= 0.20 "
+    "PackedQuantizationCompressor.compress on meta) sizes weight_zero_point [out, groups] and refuses the packed "
+    "tensor; vLLM ignores the attribute")
+
+
+def _needs_dequantize_on_load(scheme: QuantScheme, fmt: str) -> bool:
+    return fmt == "pack-quantized" and not scheme.sym
+
+
+def _set_loading_attribute(config_json: Path, key: str, value) -> None:
+    """Add a transformers loading attribute (``CompressedTensorsConfig(**quantization_config)`` reads it)."""
+    cfg = json.loads(config_json.read_text())
+    cfg["quantization_config"][key] = value
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 # -- the export -----------------------------------------------------------------------------------------
 
 
@@ -408,6 +442,7 @@ Exported by mmcompress {version} from `{source}` ({method}, {scheme}).
 * Weights keep mmcompress' integer codes, step sizes and zero points{requant}.
 {folded}{dropped}* Not quantized (`ignore`): {ignore}.
 
+Reload in transformers: `AutoModelForCausalLM.from_pretrained("{out}")`.
 Serve: `vllm serve {out}` (add `--tensor-parallel-size N` for N GPUs), or in Python
 `vllm.LLM(model="{out}")`.
 """
@@ -480,6 +515,9 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     with temporary_dir_for(output) as tmp:
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
+        if _needs_dequantize_on_load(scheme, fmt):
+            _set_loading_attribute(tmp / "config.json", "dequantize", True)
+            report["transformers_loading"] = _DEQUANTIZE_NOTE
         for fname in _PROCESSOR_FILES:
             if (src / fname).is_file():
                 shutil.copy2(src / fname, tmp / fname)
