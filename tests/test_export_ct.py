@@ -157,14 +157,37 @@ def test_plain_from_pretrained(tmp_path, tokenizer, name, group, sym):
     assert err < (5e-2 if name == "w8a8" else 1e-3)
 
 
-def test_refuses_schemes_without_kernel(tmp_path, tokenizer):
-    art = _artifact(tmp_path, tokenizer, "rtn", "w4a8")
-    with pytest.raises(ExportError, match=r"w4a8.*no vLLM kernel.*exportable schemes: w8a8.*w4a16"):
+@pytest.mark.parametrize("scheme", ["w4a6", "w4a8-asym"])
+def test_refuses_schemes_without_kernel(tmp_path, tokenizer, scheme):
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    sc = resolve_scheme("w4a8", sym=False) if scheme == "w4a8-asym" else resolve_scheme(scheme)
+    art = _artifact(tmp_path, tokenizer, "rtn", sc)
+    with pytest.raises(ExportError, match=rf"{sc.name}.*no vLLM kernel.*exportable schemes: w8a8.*w4a16"):
         export_compressed_tensors(art, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     rows = {r["scheme"]: r for r in kernel_table()}
     assert rows["w8a8-int8"]["min_sm"] == 75 and rows["w4a16"]["min_sm"] == 80
-    assert not rows["w4a8-int"]["exportable"] and not rows["w4a6"]["exportable"]
+    assert rows["w4a8-int"]["exportable"] and rows["w4a8-int"]["min_sm"] is None and not rows["w4a6"]["exportable"]
+
+
+@pytest.mark.parametrize("group", [0, 128])
+def test_w4a8_exports_int4_codes_in_int8(tmp_path, tokenizer, group):
+    """vLLM's CompressedTensorsW4A8Int reads ``weight`` int8 holding int4 codes (format int-quantized)."""
+    from safetensors import safe_open
+
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    art = _artifact(tmp_path, tokenizer, "rtn", resolve_scheme("w4a8", group_size=group))
+    rep = export_compressed_tensors(art, tmp_path / "ct")
+    assert rep["vllm_scheme"] == "CompressedTensorsW4A8Int" and rep["codes_identical"] == 14
+    g = read_export_config(tmp_path / "ct")["config_groups"]["group_0"]
+    assert (g["weights"]["num_bits"], g["weights"]["symmetric"], g["weights"]["group_size"]) == (4, True, group or None)
+    assert g["input_activations"]["dynamic"] and g["input_activations"]["strategy"] == "token"
+    assert "CPU backend only" in (tmp_path / "ct" / "README.md").read_text()
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert w.dtype == torch.int8 and int(w.min()) >= -8 and int(w.max()) <= 7
 
 
 def test_gqa_smoothing_needs_requantize(tmp_path, tokenizer):

@@ -160,6 +160,8 @@ def _tiny_artifact(root: Path, scheme):
     ("w8a8", None, None, "CPUInt8ScaledMMLinearKernel"),
     ("w4a16", 128, False, "CPUWNA16LinearKernel"),
     ("w4a16", 0, True, "CPUWNA16LinearKernel"),
+    ("w4a8", None, None, "Dynamic4bitLinearKernel"),
+    ("w4a8", 128, None, "Dynamic4bitLinearKernel"),
 ])
 def test_tiny_export_in_vllm(tmp_path, vllm_py, name, group, sym, kernel):
     from mmcompress.export.compressed_tensors import export_compressed_tensors

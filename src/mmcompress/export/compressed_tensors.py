@@ -88,10 +88,12 @@ KERNELS: dict[str, dict] = {
         "note": "8-bit weight-only through the same WNA16 path",
     },
     "w4a8-int": {
-        "exportable": False, "vllm_scheme": "CompressedTensorsW4A8Int", "format": None, "min_sm": None,
-        "kernel": "none on NVIDIA (vLLM lists Arm CPU only)",
+        "exportable": True, "vllm_scheme": "CompressedTensorsW4A8Int", "format": "int-quantized", "min_sm": None,
+        "kernel": "CPU only: Dynamic4bitLinearKernel (torch _dyn_quant_matmul_4bit; KleidiAI on Arm)",
         "support": ["no", "no", "no", "no", "no", "no"],
-        "note": "simulated (fake-quant) only; serve W8A8-int8 or W4A16 instead",
+        "note": "symmetric int4 weights (per channel or group), dynamic per-token int8 activations; vLLM 0.32 on "
+                "NVIDIA picks a weight-only mixed-precision kernel for this scheme (activations not quantized): "
+                "serve W8A8-int8 or W4A16 on GPUs",
     },
     "w4a6": {
         "exportable": False, "vllm_scheme": None, "format": None, "min_sm": None,
@@ -131,7 +133,7 @@ def classify(scheme: QuantScheme) -> str:
     if a >= 16 and w in (4, 8):
         return f"w{w}a16"
     if w == 4 and a == 8:
-        return "w4a8-int"
+        return "w4a8-int" if sym else f"{scheme.name} (vLLM's W4A8 int scheme needs symmetric weights)"
     if w == 4 and a == 6:
         return "w4a6"
     return scheme.name
@@ -142,7 +144,8 @@ def _refusal(scheme: QuantScheme, kind: str) -> str:
     why = row["kernel"] if row else "no compressed-tensors scheme with a vLLM kernel"
     return (f"scheme {scheme.name} ({kind}) has no vLLM kernel ({why}); exportable schemes: "
             "w8a8 (int8, per-channel symmetric weights, dynamic per-token activations), "
-            "w4a16 (group or channel, symmetric or asymmetric), w8a16")
+            "w4a16 (group or channel, symmetric or asymmetric), w8a16, "
+            "w4a8 (symmetric int4 weights; vLLM CPU backend only)")
 
 
 # -- the plan: what gets folded where ---------------------------------------------------------------
@@ -294,11 +297,12 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
 def _ct_scheme(scheme: QuantScheme, kind: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if kind == "w8a8-int8":
-        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    g = scheme.group_size
+    if kind in ("w8a8-int8", "w4a8-int"):
+        weights = QuantizationArgs(num_bits=scheme.wbits, type="int", symmetric=True,
+                                   strategy="group" if g else "channel", group_size=g or None)
         acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
-    g = scheme.group_size
     weights = QuantizationArgs(num_bits=scheme.wbits, type="int", symmetric=scheme.sym,
                                strategy="group" if g else "channel", group_size=g or None)
     return QuantizationScheme(targets=["Linear"], weights=weights)
@@ -437,8 +441,7 @@ _README = """# {name} — compressed-tensors export
 
 Exported by mmcompress {version} from `{source}` ({method}, {scheme}).
 
-* compressed-tensors format `{fmt}`; vLLM scheme `{vllm}`; needs an NVIDIA GPU with compute capability
-  >= {sm}.
+* compressed-tensors format `{fmt}`; vLLM scheme `{vllm}`; {sm}.
 * Weights keep mmcompress' integer codes, step sizes and zero points{requant}.
 {folded}{dropped}* Not quantized (`ignore`): {ignore}.
 
@@ -524,7 +527,7 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         drop_line = f"* **Text path only.** {dropped['note']}.\n" if dropped["note"] else ""
         (tmp / "README.md").write_text(_README.format(
             name=output.name, version=__version__, source=src, method=report["method"], scheme=scheme.name, fmt=fmt,
-            vllm=report["vllm_scheme"], sm=f"{report['min_compute_capability'] / 10:.1f}", out=output,
+            vllm=report["vllm_scheme"], sm=_hardware_line(report), out=output,
             requant=(f", except {len(requantized)} linears re-quantized with RTN after an inexact fold (--requantize)"
                      if requantized else ""),
             folded=(f"* {report['folds']['exact'] + report['folds']['inexact']} run-time smoothing divisors were folded "
@@ -534,6 +537,12 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1, default=str))
         report["bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     return report
+
+
+def _hardware_line(report: dict) -> str:
+    sm = report["min_compute_capability"]
+    return (f"needs an NVIDIA GPU with compute capability >= {sm / 10:.1f}" if sm else
+            f"runs on vLLM's CPU backend only ({KERNELS[report['vllm_row']]['kernel']})")
 
 
 def read_export_config(path) -> dict:
