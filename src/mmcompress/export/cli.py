@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def cmd_export(args) -> dict:
     from ..cli import CLIError
-    from .compressed_tensors import format_kernel_table
+    from .compressed_tensors import _hardware_line, format_kernel_table
 
     if args.tp < 1:
         raise CLIError(f"--tensor-parallel-size must be >= 1, got {args.tp}")
@@ -45,7 +45,7 @@ def cmd_export(args) -> dict:
     if args.check:
         f = report["folds"]
         print(f"{args.model}: {report['scheme']} -> {report['vllm_scheme']} ({report['compression_format']}), "
-              f"compute capability >= {report['min_compute_capability'] / 10:.1f}; run-time smoothing folds: "
+              f"{_hardware_line(report)}; run-time smoothing folds: "
               f"{f['exact']} exact, {f['inexact']} inexact", file=sys.stderr)
     else:
         print(f"exported {args.model} -> {report['output']} ({report['compression_format']}, "

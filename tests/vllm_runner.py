@@ -1,0 +1,44 @@
+"""Run one export under vLLM and write what it computed (run by the vLLM venv's python, not by pytest).
+
+    VLLM_PYTHON tests/vllm_runner.py JOB.json RESULT.json
+
+``JOB.json``: ``model`` (a compressed-tensors export directory), ``windows`` (token-id lists whose
+prompt log-probs are wanted), ``prompts`` (token-id lists continued greedily), ``max_tokens``,
+``dtype`` (vLLM's ``dtype``), optional ``max_model_len`` (512).  ``RESULT.json``: ``prompt_logprobs``
+(per window, the log-prob of tokens 1..n-1 given their prefix), ``greedy`` (generated ids per prompt),
+``vllm_version``, ``load_s``, ``run_s``.  Token ids in, token ids out (``skip_tokenizer_init``), so
+tokenizers never differ between the two venvs.  This file imports nothing from mmcompress: vLLM pins
+its own torch / transformers, and mmcompress is not installed in its venv.
+"""
+
+import json
+import sys
+import time
+
+
+def main(job_path: str, result_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    import vllm
+
+    job = json.loads(open(job_path).read())
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
+              dtype=job.get("dtype", "auto"), skip_tokenizer_init=True, seed=0, distributed_executor_backend="uni")
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": w} for w in job["windows"]], scoring, use_tqdm=False)
+    logprobs = []
+    for w, o in zip(job["windows"], outs):
+        logprobs.append([o.prompt_logprobs[i][tok].logprob for i, tok in enumerate(w) if i > 0])
+    greedy_params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], greedy_params, use_tqdm=False)
+    greedy = [list(o.outputs[0].token_ids) for o in outs]
+    result = {"vllm_version": vllm.__version__, "prompt_logprobs": logprobs, "greedy": greedy,
+              "load_s": load_s, "run_s": time.perf_counter() - t0}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process: the entry point must be guarded
+    main(*sys.argv[1:3])
