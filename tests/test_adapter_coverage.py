@@ -88,7 +88,7 @@ def test_readme_support_table_matches_the_adapters():
     import transformers
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = text.split("## What is supported", 1)[1].split("\n\n", 2)[1]
+    table = text.split("## Supported models", 1)[1].split("\n\n", 2)[1]
     covered = set()
     for row in table.splitlines()[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
