@@ -69,3 +69,14 @@ def test_gguf_refuses_what_it_cannot_express(tiny_llama_dir, calib_text, tmp_pat
     assert (tmp_path / "keep.gguf").read_text() == "user data"
     with pytest.raises(GGUFExportError, match="not an mmcompress artifact"):
         export_gguf(tiny_llama_dir, tmp_path / "y.gguf")
+
+
+def test_gguf_through_the_cli(tiny_llama_dir, calib_text, tmp_path):
+    art = _quantize(tiny_llama_dir, calib_text, tmp_path / "art", "--method", "rtn", "--scheme", "w8a8")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(art), "--format", "gguf", "--output", str(out)]) in (0, None)
+    assert out.is_file() and gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+    before = out.read_bytes()
+    assert main(["export", str(art), "--format", "gguf", "--output", str(out)]) not in (0, None)  # exists
+    assert out.read_bytes() == before
+    assert main(["export", str(art), "--format", "gguf", "--output", str(out), "--overwrite"]) in (0, None)

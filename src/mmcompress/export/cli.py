@@ -1,4 +1,4 @@
-"""``mmcompress export DIR --format compressed-tensors --output OUT [--check] [--requantize] [--json]``."""
+"""``mmcompress export DIR --format compressed-tensors|gguf --output OUT [--check] [--requantize] [--json]``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import sys
 def register(subparsers) -> None:
     from ..cli import _add_common, _add_overwrite, _add_trust
 
-    p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM)")
+    p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM) or GGUF (llama.cpp)")
     p.add_argument("model", help="mmcompress artifact directory (from `mmcompress quantize`)")
-    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
-    p.add_argument("--output", "-o", help="output directory (written atomically)")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
+                   help="compressed-tensors (a directory vLLM serves) or gguf (one file for llama.cpp: RTN, "
+                        "SmoothQuant and AWQ artifacts of Llama, Mistral and Qwen2)")
+    p.add_argument("--output", "-o", help="output directory, or the .gguf file with --format gguf (written atomically)")
     _add_overwrite(p)
     p.add_argument("--check", action="store_true",
                    help="pre-flight only: print the vLLM kernel table and what would be folded; write nothing")
@@ -33,6 +35,17 @@ def cmd_export(args) -> dict:
         raise CLIError(f"--tensor-parallel-size must be >= 1, got {args.tp}")
     if not args.check and not args.output:
         raise CLIError("--output is required (or use --check)")
+    if args.format == "gguf":
+        if args.check or args.requantize or args.tp != 1:
+            raise CLIError("--check, --requantize and --tensor-parallel-size apply to --format compressed-tensors")
+        from .gguf import export_gguf
+
+        report = export_gguf(args.model, args.output, overwrite=args.overwrite)
+        err = report["grid_change_error"]
+        print(f"exported {args.model} -> {report['output']} ({', '.join(report['gguf_types'])}, {report['linears']} "
+              f"linears; moving from our grid to llama.cpp's blocks: relative weight error mean {err['mean']:.2e}, "
+              f"max {err['max']:.2e})", file=sys.stderr)
+        return report
     if args.check:
         print(format_kernel_table(), file=sys.stderr)
     from .compressed_tensors import export_compressed_tensors
