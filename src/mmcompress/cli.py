@@ -279,10 +279,11 @@ def cmd_quantize(args) -> dict:
     options = _method_options(args)
     make_method(args.method, scheme, **options)  # validate before any heavy work
     trust = args.trust_remote_code
+    if args.calib is not None:  # the calibration options and file are checked before the model
+        _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=trust)
     if args.calib is None:
         return _quantize_data_free(args, scheme)
-    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
