@@ -109,6 +109,10 @@ def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn
     if runtime == "reference":
         return model
     kept: dict[str, int] = {}
+    if any(isinstance(m, QuantLinear) and m.input_sparsifier is not None for m in model.modules()):
+        from ..sparse.joint import deploy as deploy_sparse  # Top-K + W8A8 on the sparse int8 kernel (CPU)
+
+        deploy_sparse(model)  # what it leaves (no kernel here) goes on below
     swaps = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
