@@ -334,16 +334,26 @@ def rotate_reference(model: nn.Module, adapter, rotations) -> nn.Module:
         q = qs[i]
         for gname in ("attn_in", "mlp_in"):
             g = groups[gname]
-            parent_path, _, child = g.producer.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
-            norm = getattr(parent, child)
-            if isinstance(norm, RotatedNorm):
-                raise ValueError("the model is already rotated (RotatedNorm found)")
-            w = norm.weight
-            rot_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-            wrapped = RotatedNorm(norm, d, dtype=rot_dtype, device=w.device)
-            wrapped.rotation.data.copy_(q.to(rot_dtype))
-            setattr(parent, child, wrapped)
+            rotate_block_input(layer, g, q, d)
             for lin in g.modules(layer):
                 _rotate_reader(lin, q)
     return model
+
+
+def block_input_norm(layer: nn.Module, group) -> nn.Module:
+    """The norm that produces ``group``'s input (refused if it is already rotated)."""
+    norm = layer.get_submodule(group.producer)
+    if isinstance(norm, RotatedNorm):
+        raise ValueError("the model is already rotated (RotatedNorm found)")
+    return norm
+
+
+def rotate_block_input(layer: nn.Module, group, q: torch.Tensor, hidden_size: int) -> RotatedNorm:
+    """Wrap the norm that produces ``group``'s input so that it outputs ``norm(x)·Q`` (Mode R)."""
+    norm = block_input_norm(layer, group)
+    w = norm.weight
+    rot_dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    wrapped = RotatedNorm(norm, hidden_size, dtype=rot_dtype, device=w.device)
+    wrapped.rotation.data.copy_(q.to(rot_dtype))
+    layer.set_submodule(group.producer, wrapped)
+    return wrapped

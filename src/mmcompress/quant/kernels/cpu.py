@@ -8,16 +8,13 @@ AVX-512 VNNI or the build fails.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 import threading
 from pathlib import Path
 
 import torch
 
-from ...sparse.kernels.cpu import _FLAGS, _cpu_signature
-from ...sparse.kernels.cpu import build_dir as _sparse_build_dir
+from ...sparse.kernels.cpu import _cpu_signature, compile_and_load, extension_name
 
 _SRC = Path(__file__).with_name("int_gemm.cpp")
 _NEEDED = ("avx512f", "avx512bw", "avx512_vnni")
@@ -26,11 +23,7 @@ _STATE: dict = {"loaded": False, "error": None}
 
 
 def build_name() -> str:
-    h = hashlib.sha256()
-    for part in (_SRC.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
-                 _cpu_signature().encode()):
-        h.update(part)
-    return f"mmcompress_int_gemm_{h.hexdigest()[:12]}"
+    return extension_name("mmcompress_int_gemm", _SRC)
 
 
 def _cpu_has_vnni() -> bool:
@@ -51,19 +44,9 @@ def load(verbose: bool = False) -> bool:
         elif not _cpu_has_vnni():
             _STATE["error"] = "this CPU lacks AVX-512 VNNI"
         else:
-            try:
-                from torch.utils import cpp_extension
-
-                d = _sparse_build_dir().parent / build_name()
-                d.mkdir(parents=True, exist_ok=True)
-                cpp_extension.load(name=build_name(), sources=[str(_SRC)], extra_cflags=_FLAGS,
-                                   extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose,
-                                   is_python_module=False)
-                torch.ops.mmcompress_int.int8_act_gemm  # noqa: B018  (raises if the library did not register)
-                _STATE["loaded"] = True
-            except Exception as e:  # no compiler, headers, ...: the torch path is used instead
-                msg = str(e).strip()
-                _STATE["error"] = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+            _STATE["error"] = compile_and_load(build_name(), _SRC, lambda: torch.ops.mmcompress_int.int8_act_gemm,
+                                               verbose)
+            _STATE["loaded"] = _STATE["error"] is None
     return _STATE["loaded"]
 
 

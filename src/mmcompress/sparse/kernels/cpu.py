@@ -41,19 +41,40 @@ def _cpu_signature() -> str:
     return sig
 
 
-def build_name() -> str:
+def extension_name(prefix: str, src: Path) -> str:
+    """``prefix_<hash>``: the hash covers the source, the flags, torch, Python and the CPU, so a build
+    made for another CPU or toolchain is never reused."""
     h = hashlib.sha256()
-    h.update(_SRC.read_bytes())
-    h.update(" ".join(_FLAGS).encode())
-    h.update(torch.__version__.encode())
-    h.update(sys.version.encode())
-    h.update(_cpu_signature().encode())
-    return f"mmcompress_sparse_gemv_{h.hexdigest()[:12]}"
+    for part in (src.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
+                 _cpu_signature().encode()):
+        h.update(part)
+    return f"{prefix}_{h.hexdigest()[:12]}"
 
 
-def build_dir() -> Path:
+def build_name() -> str:
+    return extension_name("mmcompress_sparse_gemv", _SRC)
+
+
+def build_dir(name: str | None = None) -> Path:
     root = Path(os.environ.get("MMCOMPRESS_CACHE", Path.home() / ".cache" / "mmcompress"))
-    return root / "torch_extensions" / build_name()
+    return root / "torch_extensions" / (name or build_name())
+
+
+def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str | None:
+    """Build ``src`` (first time) into the cache under ``name``, load it and call ``probe()`` (which raises
+    if the library did not register its ops).  Returns ``None``, or the one-line reason it failed."""
+    try:
+        from torch.utils import cpp_extension
+
+        d = build_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(d), verbose=verbose, is_python_module=False)
+        probe()
+        return None
+    except Exception as e:  # no compiler, headers, ...: the caller falls back to torch
+        msg = str(e).strip()
+        return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 
 def load(verbose: bool = False) -> bool:
@@ -68,18 +89,9 @@ def load(verbose: bool = False) -> bool:
         if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL"):
             _STATE["error"] = "disabled by MMCOMPRESS_NO_CPU_KERNEL"
             return False
-        try:
-            from torch.utils import cpp_extension
-
-            d = build_dir()
-            d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=build_name(), sources=[str(_SRC)], extra_cflags=_FLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=verbose,
-                               is_python_module=False)
-            torch.ops.mmcompress_sparse.topk_gemv  # noqa: B018  (raises if the library did not register)
-            _STATE["loaded"] = True
-        except Exception as e:  # no compiler, headers, ...: fall back to torch, once, loudly
-            _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        _STATE["error"] = compile_and_load(build_name(), _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv,
+                                           verbose)
+        _STATE["loaded"] = _STATE["error"] is None
     return _STATE["loaded"]
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import plan as plans
-from ..merge import RotatedNorm, inner_layer
+from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ..registry import register_sparse_module
 
 ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
@@ -95,11 +95,7 @@ def orthogonalize_block_inputs(adapter) -> None:
         layer = inner_layer(layer)
         for gname, source in ROTATION_SOURCES.items():
             g = groups[gname]
-            parent_path, _, child = g.producer.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
-            norm = getattr(parent, child)
-            if isinstance(norm, RotatedNorm):
-                raise ValueError("the model is already rotated (RotatedNorm found)")
+            norm = block_input_norm(layer, g)
             gamma = adapter.norm_scale(norm)
             readers = g.modules(layer)
             src = next(m for p, m in zip(g.readers, readers) if p.endswith(source))
@@ -107,10 +103,7 @@ def orthogonalize_block_inputs(adapter) -> None:
             for lin in readers:
                 lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
             adapter.set_norm_scale(norm, torch.ones_like(gamma))
-            rot_dtype = torch.float32 if norm.weight.dtype in (torch.float16, torch.bfloat16) else norm.weight.dtype
-            wrapped = RotatedNorm(norm, d, dtype=rot_dtype, device=norm.weight.device)
-            wrapped.rotation.data.copy_(q.to(rot_dtype))
-            setattr(parent, child, wrapped)
+            rotate_block_input(layer, g, q, d)
 
 
 def apply_plan(adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
