@@ -308,8 +308,11 @@ def write_model(name: str, out_dir, *, decoder_dir=None, cache=None, progress: b
         decoder_dir = fetch(REGISTRY_DECODER[decoder], cache=cache, progress=progress, verify=True)
         if kind == "omni":
             whisper_dir = fetch("whisper-base", cache=cache, progress=progress, verify=True)
-    src = AutoModelForCausalLM.from_pretrained(str(decoder_dir), trust_remote_code=False, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(decoder_dir), trust_remote_code=False)
+    src = AutoModelForCausalLM.from_pretrained(str(decoder_dir), trust_remote_code=False, local_files_only=True,
+                                               dtype=torch.float32)
+    # local_files_only explicitly: transformers writes it into tokenizer_config.json, and a build must not
+    # depend on whether HF_HUB_OFFLINE happens to be set (the hashes are pinned)
+    tok = AutoTokenizer.from_pretrained(str(decoder_dir), trust_remote_code=False, local_files_only=True)
     audio_conn, vision_state = connector_assets(decoder)
     audio_state = None
     if kind == "omni":
