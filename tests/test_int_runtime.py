@@ -203,3 +203,25 @@ def test_cli_runtime_flag(tmp_path, tiny_llama_dir, calib_text, capsys):
         assert ppl["int"] == pytest.approx(ppl["reference"], rel=1e-4)
     finally:
         serialization.set_default_runtime("int")
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_integer_runtime_after_casting_the_model_to_bf16(tmp_path, scheme):
+    """``model.to(torch.bfloat16)`` casts step sizes and zero points too; the kernels take them as float32."""
+    import copy
+
+    import mmcompress
+    from mmcompress.data import CalibrationSet
+    from mmcompress.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama", seed=11)
+    calib = CalibrationSet([{"input_ids": torch.randint(0, len(tok) - 10, (1, 32), generator=torch.Generator().manual_seed(s))}
+                            for s in range(2)])
+    mmcompress.quantize(model, calib, "rtn", scheme, progress=False)
+    art = mmcompress.save(copy.deepcopy(model), tmp_path / "a")
+    ref = mmcompress.load(art, runtime="reference").to(torch.bfloat16)
+    dep = mmcompress.load(art).to(torch.bfloat16)
+    x = torch.randint(0, len(tok) - 10, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ref(input_ids=x).logits.float(), dep(input_ids=x).logits.float()
+    assert torch.isfinite(b).all() and float((a - b).norm() / a.norm()) < 0.05

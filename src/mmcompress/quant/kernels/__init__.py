@@ -56,6 +56,8 @@ def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
     """``Q_a(x) · Ŵᵀ`` (float32 ``[B, N]``) computed on the integer codes; see the module docstring."""
     bits = KERNEL_BITS[scheme.wbits]
     group = scheme.group_size if 0 < scheme.group_size < in_features else 0
+    # step sizes and zero points are float32 (a model cast with .to(torch.bfloat16) casts them too)
+    scale, zero = (t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in (scale, zero))
     if path_for(scheme, in_features, x.device, x.shape[0]) == "cpu":
         ops = torch.ops.mmcompress_int
         if scheme.weight_only:
