@@ -8,7 +8,9 @@ int4 two per byte ``[N, K/2]``; ``scale``/``zero``: float ``[N, G]``, the layout
   arithmetic (:func:`~mmcompress.quant.quantizer.quantize_activation`), then int8 × int8 products are
   summed exactly in int32 per group, the zero point is removed with the activation group sums, and
   only then the float step sizes are applied.
-* ``abits >= 16`` (W4A16, W8A16): float activations × weight codes widened in registers.
+* ``abits >= 16`` (W4A16, W8A16): float activations × weight codes widened in registers; a bf16 model's
+  W4A16 layers multiply its bf16 activations by the codes made bf16 in registers (VDPBF16PS: exact
+  products, fp32 sums), on CPUs with AVX512_BF16.
 
 Paths (chosen per call; measurements in ``docs/runtime.md``):
 
@@ -44,11 +46,16 @@ def path_for(scheme: QuantScheme, in_features: int, device, rows: int = 1) -> st
     """``"cpu"`` (our kernel) or ``"torch"`` for a call with ``rows`` tokens (docs/runtime.md)."""
     gs = scheme.group_size if 0 < scheme.group_size < in_features else in_features
     if not (torch.device(device).type == "cpu" and scheme.wbits in (4, 8) and in_features % 64 == 0
-            and gs % 64 == 0 and in_features % gs == 0 and _cpu.available()):
+            and gs % 64 == 0 and _cpu.available()):
         return "torch"
     if rows > PREFILL_ROWS and (scheme.weight_only or gs == in_features):
         return "torch"  # prefill: oneDNN's _int_mm / a float GEMM on a temporary weight beat our kernel
     return "cpu"
+
+
+def _bf16_ok(in_features: int, group: int) -> bool:
+    """Whether the bf16-activation int4 kernel (AVX512_BF16, 128-code blocks) takes this shape."""
+    return in_features % 128 == 0 and (group or in_features) % 128 == 0 and _cpu.bf16_available()
 
 
 def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -61,6 +68,8 @@ def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
     if path_for(scheme, in_features, x.device, x.shape[0]) == "cpu":
         ops = torch.ops.mmcompress_int
         if scheme.weight_only:
+            if bits == 4 and x.dtype == torch.bfloat16 and _bf16_ok(in_features, group):  # exact bf16 products
+                return ops.bf16_act_gemm(x.contiguous(), codes, scale, zero, bits, group, scheme.sym)
             return ops.float_act_gemm(x.float().contiguous(), codes, scale, zero, bits, group, scheme.sym)
         xq, sx = quantize_activation(x, scheme.abits)
         return ops.int8_act_gemm(xq.contiguous(), sx.float().reshape(-1).contiguous(), codes, scale, zero, bits,

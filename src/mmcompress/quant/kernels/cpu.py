@@ -54,5 +54,12 @@ def available() -> bool:
     return load()
 
 
+def bf16_available() -> bool:
+    """Whether the build has the bf16-activation kernel (``-march=native`` on a CPU with AVX512_BF16)."""
+    if "bf16" not in _STATE:
+        _STATE["bf16"] = load() and bool(torch.ops.mmcompress_int.bf16_act_available())
+    return _STATE["bf16"]
+
+
 def error() -> str | None:
     return _STATE["error"]

@@ -18,7 +18,8 @@
 //
 // int4 weights are unpacked in registers as [even k of a 64-block | odd k of the block], so the
 // activations are permuted the same way per 64-block once per call (cheap: B x K).
-// Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel).  Any number of
+// Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel); when the group does
+// not divide K the last group is shorter (the quantizer's padding holds no codes here).  Any number of
 // tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4.
 //
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
@@ -149,8 +150,8 @@ Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
   const int64_t gs = group > 0 ? group : K;
-  TORCH_CHECK(gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
-  const int64_t G = K / gs;
+  TORCH_CHECK(gs % 64 == 0, "group size must be a multiple of 64");
+  const int64_t G = (K + gs - 1) / gs;  // a shorter last group when gs does not divide K (still a multiple of 64)
   TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
   TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
@@ -176,7 +177,7 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
     __m512i acc[RR][T];
     for (int r = 0; r < RR; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
-    const int64_t k0 = g * gs, k1 = k0 + gs;
+    const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
     for (int64_t k = k0; k < k1; k += 64) {
       __m512i xv[T];
       for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
@@ -220,7 +221,7 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < G; ++g) {
       int32_t s = 0;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += xd[b * K + k];
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) s += xd[b * K + k];
       p.xsum[b * G + g] = s;
     }
   at::Tensor y = at::empty({B, N}, xq.options().dtype(at::kFloat));
@@ -255,7 +256,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
     __m512 acc[RR][T];
     for (int r = 0; r < RR; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k += 64) {
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
         __m512 xv[T];
@@ -291,7 +292,7 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < G; ++g) {
       double acc = 0.0;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += xp[b * K + k];
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) acc += xp[b * K + k];
       xsum[b * G + g] = static_cast<float>(acc);
     }
   at::Tensor y = at::empty({B, N}, x.options());
@@ -307,14 +308,124 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y;
 }
 
+// ---- bf16 activations, int4 weights (W4A16 of a bf16 model) ---------------------------------------
+//
+// VDPBF16PS multiplies pairs of bf16 and accumulates in fp32; a product of two bf16 is exact in fp32,
+// so with bf16 activations (the model's own values) the only rounding is the fp32 accumulation.  An
+// int4 code becomes a bf16 without a shuffle: a 16-bit word holds four nibbles, and
+// (word >> 4i) & 0xF | 0x4300 is the bf16 of 128 + u (0x4300 = 128.0, whose mantissa step is 1), so
+//   sum_k x_k (128 + u_k) - (128 + zc) sum_k x_k = sum_k x_k (u_k - zc).
+// Word j of a 64-byte block (128 codes from k0) holds codes k0+4j..4j+3: vector i pairs with the
+// activations x[k0 + 4j + i], j = 0..31, laid out once per call (bf16_perm).  Needs K % 128 == 0 and
+// group % 128 == 0 (checked in Python: kernels.path_for).
+#ifdef __AVX512BF16__
+constexpr bool kHaveBf16 = true;
+
+template <int RR, int T>
+void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
+               const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
+               int64_t N) {
+  const uint8_t* rows[RR];
+  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  __m512 accf[RR][T];
+  double corr[RR][T];
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
+  // 128 + u (| 0x4300) in one ternary-logic op
+  const __m512i nib = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4308);
+  constexpr int A = T == 1 ? 2 : 1;  // independent accumulators per output (short dependency chains)
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[RR][T][A];
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k += 128) {
+      __m512bh xv[4][T];
+      for (int i = 0; i < 4; ++i)
+        for (int t = 0; t < T; ++t)
+          xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (b0 + t) * K + k + 32 * i);
+      for (int r = 0; r < RR; ++r) {
+        const __m512i wv = _mm512_loadu_si512(rows[r] + k / 2);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512i sh = i == 0 ? wv : _mm512_srli_epi16(wv, 4 * i);
+          const __m512bh wb = (__m512bh)_mm512_ternarylogic_epi32(sh, nib, magic, 0x6A);  // (a & b) ^ c
+          for (int t = 0; t < T; ++t) acc[r][t][i % A] = _mm512_dpbf16_ps(acc[r][t][i % A], wb, xv[i][t]);
+        }
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float sc = scale[(n0 + r) * G + g];
+      const double zc = 128.0 + (sym ? 8.0 : static_cast<double>(zero[(n0 + r) * G + g]));
+      const __m512 sv = _mm512_set1_ps(sc);
+      for (int t = 0; t < T; ++t) {
+        const __m512 a = A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]);
+        accf[r][t] = _mm512_fmadd_ps(a, sv, accf[r][t]);
+        corr[r][t] += static_cast<double>(sc) * zc * xsum[(b0 + t) * G + g];
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t)
+      y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
+}
+#else
+constexpr bool kHaveBf16 = false;
+#endif
+
+at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                         int64_t bits, int64_t group, bool sym) {
+  TORCH_CHECK(kHaveBf16, "bf16_act_gemm: built without AVX512_BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: bfloat16");
+  TORCH_CHECK(bits == 4, "bf16_act_gemm: int4 weights only");
+  const auto [B, K, N, G, gs] = check_args(x, w, scale, zero, bits, group);
+  TORCH_CHECK(K % 128 == 0 && gs % 128 == 0, "bf16_act_gemm: K and group must be multiples of 128");
+  at::Tensor y = at::empty({B, N}, x.options().dtype(at::kFloat));
+#ifdef __AVX512BF16__
+  const uint16_t* xd = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<uint16_t> xp(B * K);
+  std::vector<float> xsum(B * G, 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < K; c += 128)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 32; ++j) xp[b * K + c + 32 * i + j] = xd[b * K + c + 4 * j + i];
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) {
+        uint32_t u = static_cast<uint32_t>(xd[b * K + k]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        acc += f;
+      }
+      xsum[b * G + g] = static_cast<float>(acc);
+    }
+  }
+  const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
+  const int64_t ws = w.size(1);
+  const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+    bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  };
+  run_tiles<4>(B, N, tile);
+#endif
+  return y;
+}
+
+bool bf16_act_available() { return kHaveBf16; }
+
 }  // namespace
 
 TORCH_LIBRARY(mmcompress_int, m) {
   m.def("int8_act_gemm(Tensor xq, Tensor sx, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
   m.def("float_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
+  m.def("bf16_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
+  m.def("bf16_act_available() -> bool", &bf16_act_available);
 }
 
 TORCH_LIBRARY_IMPL(mmcompress_int, CPU, m) {
   m.impl("int8_act_gemm", &int8_act_gemm);
   m.impl("float_act_gemm", &float_act_gemm);
+  m.impl("bf16_act_gemm", &bf16_act_gemm);
 }
