@@ -588,7 +588,8 @@ def model_decode_benchmark(model: nn.Module, tokens: int = 32, prompt_ids: torch
     sparse-decode state."""
     from .sparse import linear as sl_mod
     from .sparse.kernels import resolve_backend
-    from .sparse.linear import enable_sparse_decode, set_sparse_backend, sparse_linears
+    from .sparse.decode import enable_sparse_decode, set_sparse_backend
+    from .sparse.linear import sparse_linears
     from .sparse.topk import keep_count
 
     mods = sparse_linears(model)

@@ -268,10 +268,10 @@ def _inputs(model, calib=None) -> list:
 
 def cmd_quantize(args) -> dict:
     from .engine import is_checkpoint_file
-    from .export.serialization import save
+    from .export.serialization import load_model, save
     from .fileio import CheckpointDir, check_output
     from .models.adapters import get_adapter
-    from .models.loading import load_hf_model, read_config
+    from .models.loading import read_config
     from .quant.api import make_method, quantize
     from .quant.quantizer import resolve_scheme
 
@@ -294,7 +294,7 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
@@ -361,7 +361,8 @@ def resolve_text(spec: str) -> tuple[str, str]:
 
 def cmd_eval(args) -> dict:
     from .eval.perplexity import text_perplexity
-    from .models.loading import load_hf_model, load_tokenizer
+    from .export.serialization import load_model
+    from .models.loading import load_tokenizer
 
     if not args.ppl and not getattr(args, "asr", None) and not getattr(args, "vqa", None):
         raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
@@ -369,7 +370,7 @@ def cmd_eval(args) -> dict:
         raise CLIError("--vqa-choice needs --vqa NAME")
     _check_counts(args, seqlen=2, max_windows=1, mm_limit=1)
     texts = [resolve_text(s) for s in args.ppl]
-    model = load_hf_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     result: dict = {"model": str(args.model)}
     for name, text in texts:
@@ -419,9 +420,9 @@ def _eval_multimodal(model, args) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from .export.serialization import save
+    from .export.serialization import load_model, save
     from .models.adapters import get_adapter
-    from .models.loading import load_hf_model, read_config
+    from .models.loading import read_config
     from .recipe import apply_recipe, load_recipe
 
     from .fileio import check_output
@@ -432,7 +433,7 @@ def cmd_compress(args) -> dict:
     read_config(args.model, trust_remote_code=trust)
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)

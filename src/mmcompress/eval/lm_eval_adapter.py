@@ -45,8 +45,8 @@ def register_lm_eval_model():
                      batch_size=1, max_length=None, trust_remote_code: bool = False, **kwargs):
             import torch
 
-            from ..models.loading import load_hf_model, load_tokenizer
-            from ..quant import methods as _registers_method_modules  # noqa: F401 - MASLinear for `load`
+            from ..export.serialization import load_model
+            from ..models.loading import load_tokenizer
 
             path = path or pretrained
             if not isinstance(path, (str, Path)):
@@ -55,7 +55,7 @@ def register_lm_eval_model():
             if device == "cuda" and not torch.cuda.is_available():
                 device = "cpu"  # lm-eval's default device
             dtype = dtype if dtype not in (None, "auto") else torch.float32
-            model = load_hf_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             kwargs.pop("backend", None)
             super().__init__(pretrained=model, tokenizer=load_tokenizer(str(path), trust_remote_code=trust_remote_code), backend="causal",
                              batch_size=batch_size, max_length=max_length, **kwargs)

@@ -46,9 +46,9 @@ def register(subparsers) -> None:
 def cmd_sparsify(args) -> dict:
     from ..cli import CLIError, _check_calib_spec, _inputs, load_calibration
     from ..fileio import check_output
-    from ..export.serialization import save
+    from ..export.serialization import load_model, save
     from ..models.adapters import get_adapter
-    from ..models.loading import load_hf_model, read_config
+    from ..models.loading import read_config
     from .api import sparsify
 
     if not 0.0 <= args.sparsity < 1.0:
@@ -69,7 +69,7 @@ def cmd_sparsify(args) -> dict:
     read_config(args.model, trust_remote_code=args.trust_remote_code)
     inputs = _inputs(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged
