@@ -9,6 +9,7 @@ for a traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -49,7 +50,17 @@ def _add_overwrite(p: argparse.ArgumentParser):
                         "inside the input, nor the working directory)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Lab subcommands: the module that registers one is imported only when that subcommand runs (or its
+# --help is asked); otherwise the subcommand is listed with this help line.
+LAZY_COMMANDS = {
+    "testbed": ("mmcompress.testbed.cli", "real small models and text data without a model hub (list, fetch)"),
+    "demo": ("mmcompress.demo", "RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
+                                "(40%%, smollm2-135m) on real models, one table and a report"),
+}
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The parser; a lab subcommand named in ``argv`` (:data:`LAZY_COMMANDS`) gets its full parser."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="mmcompress", description=__doc__.splitlines()[0])
@@ -109,13 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
     _add_trust(c)
 
-    d = sub.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
-                                     "(40%%, smollm2-135m) on real models, one table and a report")
-    d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
-    d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
-    d.add_argument("--no-progress", action="store_true")
-    _add_common(d)
-
     r = sub.add_parser("report", help="render the JSON results in a run directory as Markdown + PNG plots")
     r.add_argument("run_dir")
     r.add_argument("--output", "-o", help="directory for report.md and the plots (default: RUN_DIR; a report.md "
@@ -138,24 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     _add_trust(e)
 
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, (modname, help_line) in LAZY_COMMANDS.items():
+        module = _import_plugin(modname) if name == command else None
+        if module is not None:
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=help_line).set_defaults(func=_not_installed(modname))
     for register in _plugins():
         register(sub)
     return parser
 
 
+def _import_plugin(modname: str):
+    """The module ``modname``, or ``None`` when it is not installed."""
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name == modname:
+            return None
+        raise
+
+
+def _not_installed(modname: str):
+    def run(args):
+        raise CLIError(f"{modname} is not installed")
+    return run
+
+
 def _plugins():
-    """Subcommands that live next to their feature (testbed, bench, sparsify, ...)."""
-    out = []
-    for modname in ("mmcompress.testbed.cli", "mmcompress.sparse.cli", "mmcompress.bench", "mmcompress.export.cli",
-                    "mmcompress.eval.lm_eval_adapter"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name == modname:
-                continue
-            raise
-        out.append(mod.register)
-    return out
+    """Subcommands that live next to their feature (sparsify, bench, export, lm-eval)."""
+    modules = [_import_plugin(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
+                                           "mmcompress.eval.lm_eval_adapter")]
+    return [m.register for m in modules if m is not None]
 
 
 # -- quantize ----------------------------------------------------------------------------------
@@ -446,15 +465,6 @@ def cmd_compress(args) -> dict:
         "descriptions": desc["steps"]}
 
 
-def cmd_demo(args) -> dict:
-    from .demo import format_table, run_demo
-
-    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
-    print(format_table(result["rows"]))
-    print(f"report: {result['report']}  ({result['seconds']} s)")
-    return result
-
-
 def cmd_report(args) -> dict:
     from .eval.report import render_report
 
@@ -463,7 +473,7 @@ def cmd_report(args) -> dict:
     return {"report": str(out), "files": sorted(p.name for p in out.parent.glob("*.png"))}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
 
 
 def register_command(name, fn):
@@ -471,7 +481,8 @@ def register_command(name, fn):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -31,6 +31,25 @@ SETTINGS = {
 }
 
 
+def register(subparsers) -> None:
+    from .cli import _add_common
+
+    d = subparsers.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs "
+                                           "LaRoSA (40%%, smollm2-135m) on real models, one table and a report")
+    d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
+    d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
+    d.add_argument("--no-progress", action="store_true")
+    _add_common(d)
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> dict:
+    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
+    print(format_table(result["rows"]))
+    print(f"report: {result['report']}  ({result['seconds']} s)")
+    return result
+
+
 def _log(msg: str):
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
