@@ -182,7 +182,7 @@ def _plugins():
 
 def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int, *,
                      trust_remote_code: bool = False):
-    """Resolve ``--calib``: a file path, or a testbed name."""
+    """Resolve ``--calib``: a file path, or a named set (:mod:`mmcompress.data.named`, e.g. the testbed's)."""
     from .data.calibration import CalibrationSet
     from .models.loading import load_tokenizer
 
@@ -197,11 +197,19 @@ def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, se
                                              nsamples=nsamples, seed=seed)
         return CalibrationSet.from_text_file(path, load_tokenizer(model_dir, trust_remote_code=trust_remote_code),
                                              nsamples, seqlen, seed)
+    build = _named_set("calibration", spec, "calibration file")
+    return build(model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def _named_set(kind: str, spec: str, what: str):
+    """The named set ``spec`` of ``kind`` (:mod:`mmcompress.data.named`), which ``what`` was not."""
+    from .data import named
+
     try:
-        from .testbed.data import calibration_set
-    except ImportError:
-        raise FileNotFoundError(f"calibration file {spec} does not exist") from None
-    return calibration_set(spec, model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        return named.resolve(kind, spec)
+    except named.UnknownSet as e:
+        raise FileNotFoundError(f"{what} {spec} does not exist and is not a named {kind} set "
+                                f"({', '.join(e.known) or 'none installed'})") from None
 
 
 _OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
@@ -361,7 +369,7 @@ def _quantize_data_free(args, scheme) -> dict:
 
 
 def resolve_text(spec: str) -> tuple[str, str]:
-    """A text file path, or a testbed evaluation split name; returns (name, text)."""
+    """A text file path, or a named evaluation text (:mod:`mmcompress.data.named`); returns (name, text)."""
     path = Path(spec)
     if path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -371,11 +379,7 @@ def resolve_text(spec: str) -> tuple[str, str]:
 
         check_text(text, f"evaluation file {spec}")
         return path.name, text
-    try:
-        from .testbed.data import eval_text
-    except ImportError:
-        raise FileNotFoundError(f"evaluation file {spec} does not exist") from None
-    return spec, eval_text(spec)
+    return spec, _named_set("text", spec, "evaluation file")()
 
 
 def cmd_eval(args) -> dict:
