@@ -134,6 +134,28 @@ def test_no_import_cycle():
     assert not cycles, "import cycles in src/mmcompress:\n" + "\n".join(_describe(c, graph) for c in cycles)
 
 
+# the lab: testbed models and data, the demo, the synthetic benchmark stack and its command line
+LAB = ("mmcompress.testbed", "mmcompress.demo", "mmcompress.bench", "mmcompress.bench_cli", "mmcompress.quant.bench_decode")
+
+
+def _in(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_product_does_not_import_the_lab():
+    """The lab plugs in (cli.LAZY_COMMANDS, data.named.PROVIDERS); no product module names it in an import."""
+    graph = import_graph()
+    wrong = [f"{a} -> {b} (line {line})" for a, edges in sorted(graph.items()) if not _in(a, LAB)
+             for b, line in sorted(edges.items()) if _in(b, LAB)]
+    assert not wrong, "product modules importing lab code:\n" + "\n".join(wrong)
+
+
+def test_subcommands_import_cli_common_not_the_cli():
+    graph = import_graph()
+    assert "mmcompress.cli.common" in graph
+    assert [a for a, edges in graph.items() if "mmcompress.cli" in edges and not _in(a, ["mmcompress.cli"])] == []
+
+
 def test_cli_imports_no_lab_code():
     code = ("import mmcompress, mmcompress.cli, sys; "
             "assert not any('testbed' in m for m in sys.modules), sorted(m for m in sys.modules if 'testbed' in m)")

@@ -13,13 +13,12 @@ import torch
 
 from .bench import (SHAPES, kernel_benchmark, model_decode_benchmark, parse_decode_spec, parse_shape,
                     synthetic_decode_benchmark)
+from .cli.common import add_common, add_trust
 from .quant.bench_decode import quant_decode_benchmark
 
 
 
 def register(subparsers) -> None:
-    from .cli import _add_common, _add_trust
-
     p = subparsers.add_parser("bench", help="sparse kernel / sparse decode speed benchmarks")
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
 
@@ -36,7 +35,7 @@ def register(subparsers) -> None:
     k.add_argument("--max-mb", type=float, default=3000.0, help="cap on all weight copies (default 3000)")
     k.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
     k.add_argument("--scheme", default=None, help="w8a8: also time the sparse int8 kernel (Top-K + W8A8)")
-    _add_common(k)
+    add_common(k)
     k.set_defaults(func=cmd_bench_kernel)
 
     d = sub.add_parser("decode", help="decode tokens/s, dense vs sparse")
@@ -54,8 +53,8 @@ def register(subparsers) -> None:
                    help="synthetic stack: without --sparsity, integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | "
                         "w4a16) vs the fastest dense path (torch bf16, torch fp32, our kernel at 0%%); with "
                         "--sparsity, LaRoSA + SCHEME (w8a8) on the sparse int8 kernel")
-    _add_common(d)
-    _add_trust(d)
+    add_common(d)
+    add_trust(d)
     d.set_defaults(func=cmd_bench_decode)
 
     p.set_defaults(func=_cmd_bench_none)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli.common import add_common
+
 SETTINGS = {
     # calibration samples (and their text length), MASQuant options, perplexity windows, ASR clips,
     # VQA items per question type, sparsity calibration samples, decode tokens
@@ -32,14 +34,12 @@ SETTINGS = {
 
 
 def register(subparsers) -> None:
-    from .cli import _add_common
-
     d = subparsers.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs "
                                            "LaRoSA (40%%, smollm2-135m) on real models, one table and a report")
     d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
     d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
     d.add_argument("--no-progress", action="store_true")
-    _add_common(d)
+    add_common(d)
     d.set_defaults(func=cmd_demo)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli.common import CLIError, add_common, add_trust
+
 _CLASS = None
 
 
@@ -111,8 +113,6 @@ def _version():
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_common, _add_trust
-
     p = subparsers.add_parser("lm-eval", help="evaluate a model or artifact with lm-evaluation-harness tasks")
     p.add_argument("model", help="mmcompress artifact or local Hugging Face directory")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
@@ -123,14 +123,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-default-tasks", action="store_true",
                    help="only index tasks under --include-path (faster start-up)")
     p.add_argument("--seed", type=int, default=0)
-    _add_common(p)
-    _add_trust(p)
+    add_common(p)
+    add_trust(p)
     p.set_defaults(func=cmd_lm_eval)
 
 
 def cmd_lm_eval(args) -> dict:
-    from ..cli import CLIError
-
     try:
         import lm_eval  # noqa: F401
     except ImportError:
