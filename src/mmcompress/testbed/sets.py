@@ -6,10 +6,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..data import named
-from . import data, mm_data
+from . import data, mm_data  # data registers the --calib names itself (data.register_calibration)
 
-for _name in data.CALIB_BUILDERS:
-    named.register("calibration", _name, partial(data.calibration_set, _name))
 for _name in data.EVAL_SETS:
     named.register("text", _name, partial(data.eval_text, _name))
 for _name in mm_data.SPEECH_SETS:
