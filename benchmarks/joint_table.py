@@ -52,7 +52,7 @@ def main():
     from mmcompress.eval.perplexity import text_perplexity
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.recipe import apply_recipe, parse_recipe
-    from mmcompress.sparse.linear import enable_sparse_decode
+    from mmcompress.sparse.decode import enable_sparse_decode
     from mmcompress.testbed.data import calibration_set, eval_text
     from mmcompress.testbed.registry import fetch
 

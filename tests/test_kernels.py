@@ -13,7 +13,8 @@ from torch import nn
 
 from mmcompress.sparse.kernels import cpu as cpu_backend
 from mmcompress.sparse.kernels import resolve_backend, sparse_linear, sparsify_reference, topk_select
-from mmcompress.sparse.linear import SparseLinear, disable_sparse_decode, enable_sparse_decode, set_sparse_backend
+from mmcompress.sparse.decode import disable_sparse_decode, enable_sparse_decode, set_sparse_backend
+from mmcompress.sparse.linear import SparseLinear
 from mmcompress.sparse.topk import keep_count, topk_sparsify
 
 

@@ -169,3 +169,31 @@ def test_choice_accuracy_picks_the_most_likely_candidate(monkeypatch):
     monkeypatch.setattr(vqa, "_answer_logprob", lambda m, p, i, prompt, cand: -len(cand))  # shortest answer wins
     r = vqa.choice_accuracy(_FakeModel(), _FakeProcessor(), qa)
     assert r["by_type"] == {"colour": pytest.approx(1 / 3), "count": 1.0}  # "red" is the only right pick
+
+
+class _SeenTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "seen" if int(ids[0]) == 1 else "other"
+
+
+class _PromptProcessor:
+    """input_ids say whether the prompt was the test's own (1) or something else (0)."""
+
+    tokenizer = _SeenTok()
+
+    def __call__(self, text, audio=None, images=None, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[7, int(text[0].startswith("MY PROMPT"))]])}
+
+
+def test_evaluation_takes_items_and_prompts(monkeypatch):
+    from PIL import Image
+
+    from mmcompress.data import named
+
+    clips = [{"audio": np.zeros(160, np.float32), "transcript": "seen", "kind": "sentence"}]
+    monkeypatch.setitem(named._SETS["speech"], "my-clips", lambda: clips)  # a named set, as a provider adds one
+    assert word_error_rate(_FakeModel(), _PromptProcessor(), "my-clips", prompt="MY PROMPT")["wer"] == 0.0
+    assert word_error_rate(_FakeModel(), _PromptProcessor(), clips)["wer"] == 1.0  # the default prompt
+    qa = [{"image": Image.new("RGB", (8, 8)), "question": "q", "answer": "seen", "type": "t"}]
+    assert accuracy(_FakeModel(), _PromptProcessor(), qa, prompt="MY PROMPT {question}")["accuracy"] == 1.0
+    assert accuracy(_FakeModel(), _PromptProcessor(), qa)["accuracy"] == 0.0

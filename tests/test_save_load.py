@@ -39,3 +39,18 @@ def test_save_load_same_logits(tmp_path, tokenizer, kind, method, scheme):
 def test_load_rejects_plain_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an mmcompress artifact"):
         mmcompress.load(tmp_path)
+
+
+def test_load_model_takes_either_kind_of_directory(tmp_path, tiny_llama_dir):
+    from mmcompress.models.loading import load_hf_model
+
+    plain = mmcompress.load_model(tiny_llama_dir)
+    x = torch.randint(0, 100, (1, 12))
+    calib = CalibrationSet([{"input_ids": torch.randint(0, 100, (1, 16))} for _ in range(2)])
+    mmcompress.quantize(plain, calib, "rtn", "w8a8", progress=False)
+    y = plain(input_ids=x).logits
+    art = mmcompress.save(plain, tmp_path / "art")
+    again = mmcompress.load_model(art, runtime="reference")  # an artifact: mmcompress.load
+    assert torch.equal(again(input_ids=x).logits, y)
+    with pytest.raises(ValueError, match="is an mmcompress artifact: load it with mmcompress.load_model"):
+        load_hf_model(art)  # models/ loads plain directories only

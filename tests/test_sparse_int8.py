@@ -164,7 +164,7 @@ def test_joint_deploy_matches_reference_and_saves_the_same_artifact(cpu_kernel, 
     import mmcompress
     from mmcompress.quant.linear import QuantLinear
     from mmcompress.sparse.joint import SparseInt8Linear, deploy
-    from mmcompress.sparse.linear import enable_sparse_decode
+    from mmcompress.sparse.decode import enable_sparse_decode
     from mmcompress.sparse.merge import ResidualAdaptedLayer
 
     model, tok = _joint_model(tokenizer)

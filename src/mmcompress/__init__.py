@@ -17,7 +17,7 @@ _LAZY = {
     "QuantScheme": ("mmcompress.quant.quantizer", "QuantScheme"),
     "load": ("mmcompress.export.serialization", "load"),
     "save": ("mmcompress.export.serialization", "save"),
-    "load_model": ("mmcompress.models.loading", "load_hf_model"),
+    "load_model": ("mmcompress.export.serialization", "load_model"),
     "quantize": ("mmcompress.quant.api", "quantize"),
     "sparsify": ("mmcompress.sparse.api", "sparsify"),
     "apply_recipe": ("mmcompress.recipe", "apply_recipe"),

@@ -1,4 +1,4 @@
-"""``mmcompress bench kernel | decode``: sparse-GEMV and sparse-decode speed (a CLI plugin).
+"""``mmcompress bench kernel | decode``: sparse-GEMV and sparse-decode speed (the command line: :mod:`mmcompress.bench_cli`).
 
 ``mmcompress bench kernel --shape OUTxIN --sparsity P --dtype bf16|fp32 --batch B [--backend cpu]``
     One linear ``W [OUT, IN]`` (``--shape 4096x11008`` is LLaMA-2-7B's down_proj, ``11008x4096`` its
@@ -38,9 +38,7 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -588,7 +586,8 @@ def model_decode_benchmark(model: nn.Module, tokens: int = 32, prompt_ids: torch
     sparse-decode state."""
     from .sparse import linear as sl_mod
     from .sparse.kernels import resolve_backend
-    from .sparse.linear import enable_sparse_decode, set_sparse_backend, sparse_linears
+    from .sparse.decode import enable_sparse_decode, set_sparse_backend
+    from .sparse.linear import sparse_linears
     from .sparse.topk import keep_count
 
     mods = sparse_linears(model)
@@ -649,106 +648,3 @@ def model_decode_benchmark(model: nn.Module, tokens: int = 32, prompt_ids: torch
               f"greedy tokens agree {100 * agree:.0f}%", file=log)
     return res
 
-
-# -- CLI ---------------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    from .cli import _add_common, _add_trust
-
-    p = subparsers.add_parser("bench", help="sparse kernel / sparse decode speed benchmarks")
-    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
-
-    k = sub.add_parser("kernel", help="one sparse GEMV vs dense, cold cache")
-    k.add_argument("--shape", default="4096x11008",
-                   help="W's shape OUTxIN as nn.Linear.weight (4096x11008 = LLaMA-2-7B down_proj; 11008x4096 = "
-                        "gate/up_proj)")
-    k.add_argument("--sparsity", type=float, default=0.4, help="fraction of input channels dropped, in [0, 1)")
-    k.add_argument("--dtype", default="bf16", help="bf16 | fp32")
-    k.add_argument("--batch", type=int, default=1, help="tokens per call, 1..8")
-    k.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
-    k.add_argument("--repeats", type=int, default=20, help="passes over the rotated weight copies (default 20)")
-    k.add_argument("--cache-mb", type=float, default=1200.0, help="weight bytes rotated per layout (default 1200)")
-    k.add_argument("--max-mb", type=float, default=3000.0, help="cap on all weight copies (default 3000)")
-    k.add_argument("--threads", type=int, default=None, help="torch/kernel threads (default: torch's)")
-    k.add_argument("--scheme", default=None, help="w8a8: also time the sparse int8 kernel (Top-K + W8A8)")
-    _add_common(k)
-    k.set_defaults(func=cmd_bench_kernel)
-
-    d = sub.add_parser("decode", help="decode tokens/s, dense vs sparse")
-    d.add_argument("model", help="llama2-7b:LAYERS (synthetic LLaMA-2-7B-shaped stack, random bf16 weights; "
-                                 "default 4 layers) or a sparsified model directory")
-    d.add_argument("--sparsity", type=float, default=None,
-                   help="input sparsity of every projection (synthetic default 0.4; for a model it overrides K)")
-    d.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (default 16)")
-    d.add_argument("--prompt", type=int, default=16, help="prompt tokens (synthetic; default 16)")
-    d.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
-    d.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
-    d.add_argument("--dtype", default="bf16", help="synthetic weights dtype (bf16 | fp32)")
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--scheme", default=None,
-                   help="synthetic stack: without --sparsity, integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | "
-                        "w4a16) vs the fastest dense path (torch bf16, torch fp32, our kernel at 0%%); with "
-                        "--sparsity, LaRoSA + SCHEME (w8a8) on the sparse int8 kernel")
-    _add_common(d)
-    _add_trust(d)
-    d.set_defaults(func=cmd_bench_decode)
-
-    p.set_defaults(func=_cmd_bench_none)
-
-
-def _cmd_bench_none(args):
-    raise ValueError("choose a benchmark: mmcompress bench kernel | decode (see --help)")
-
-
-def _threads(args):
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-
-
-def cmd_bench_kernel(args) -> dict:
-    if args.device != "cpu":
-        raise ValueError("bench kernel runs on the CPU here; GPU checks: python benchmarks/gpu_check.py")
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.repeats < 1:
-        raise ValueError("--repeats must be >= 1")
-    _threads(args)
-    out, inn = parse_shape(args.shape)
-    return kernel_benchmark(out, inn, args.sparsity, args.dtype, args.batch, backend=args.backend,
-                            repeats=args.repeats, cache_mb=args.cache_mb, max_mb=args.max_mb,
-                            scheme=getattr(args, "scheme", None), log=sys.stderr)
-
-
-def cmd_bench_decode(args) -> dict:
-    if args.tokens < 1:
-        raise ValueError("--tokens must be >= 1")
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    _threads(args)
-    spec = parse_decode_spec(args.model)
-    if spec is not None:
-        if args.device != "cpu":
-            raise ValueError("the synthetic decode benchmark runs on the CPU; GPU: python benchmarks/gpu_check.py")
-        scheme = getattr(args, "scheme", None)
-        if scheme and args.sparsity is None:  # the dense integer path
-            from .quant.bench_decode import quant_decode_benchmark
-
-            return quant_decode_benchmark(spec[0], spec[1], scheme, tokens=args.tokens, prompt=args.prompt,
-                                          rounds=args.rounds, log=sys.stderr)
-        return synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
-                                          tokens=args.tokens, prompt=args.prompt, rounds=args.rounds,
-                                          backend=args.backend, dtype=args.dtype, scheme=scheme, log=sys.stderr)
-    path = Path(args.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{args.model} is neither a shape spec ({', '.join(s + ':LAYERS' for s in SHAPES)}) "
-                                "nor a model directory")
-    from .export.serialization import is_artifact, load
-
-    if not is_artifact(path):
-        raise ValueError(f"{path} is not an mmcompress artifact; sparsify it first (mmcompress sparsify)")
-    model = load(path, device=args.device, trust_remote_code=args.trust_remote_code)
-    return model_decode_benchmark(model, tokens=args.tokens, rounds=args.rounds, backend=args.backend,
-                                  sparsity=args.sparsity, log=sys.stderr)

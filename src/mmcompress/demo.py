@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli.common import add_common
+
 SETTINGS = {
     # calibration samples (and their text length), MASQuant options, perplexity windows, ASR clips,
     # VQA items per question type, sparsity calibration samples, decode tokens
@@ -29,6 +31,23 @@ SETTINGS = {
     "quick": dict(nsamples=6, seqlen=192, masquant=dict(epochs=1), ppl_windows=2,
                   asr=4, vqa=2, sparse_nsamples=4, tokens=16),
 }
+
+
+def register(subparsers) -> None:
+    d = subparsers.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs "
+                                           "LaRoSA (40%%, smollm2-135m) on real models, one table and a report")
+    d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
+    d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
+    d.add_argument("--no-progress", action="store_true")
+    add_common(d)
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> dict:
+    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
+    print(format_table(result["rows"]))
+    print(f"report: {result['report']}  ({result['seconds']} s)")
+    return result
 
 
 def _log(msg: str):

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from . import fileio, finite
 from .models.adapters import ModelAdapter
 from .models.modality import modality_context, modality_ids
+from .specs import apply_specs, module_specs
 
 
 class _StopForward(Exception):
@@ -319,13 +320,9 @@ class Method:
 
     def layer_structure(self, layer: nn.Module) -> dict:
         """Specs of the modules this method put into ``layer`` (path -> spec), for resume/load."""
-        from .export.serialization import module_specs
-
         return module_specs(layer)
 
     def rebuild_layer(self, layer: nn.Module, structure: dict) -> None:
-        from .export.serialization import apply_specs
-
         apply_specs(layer, structure)
 
     def finalize(self, model: nn.Module, adapter: ModelAdapter) -> None:

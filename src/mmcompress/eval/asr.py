@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
+from ..data import named
 from ._inputs import testbed_prompt, to_model
+
+# The default transcription prompt (Qwen2.5-Omni audio tokens).  It starts with a text token: the added
+# special tokens of the testbed models have zero embeddings, and a zero vector at position 0 gives NaN
+# gradients through SmolLM2 (its first position is the attention sink).
+AUDIO_PROMPT = "Audio: <|audio_bos|><|AUDIO|><|audio_eos|> Transcribe:"
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def normalize_transcript(text: str) -> list[str]:
+    """Lower-case words without punctuation; digits are spelled out one by one ("73" -> "seven three")."""
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"(\d)", lambda m: f" {DIGIT_WORDS[int(m.group(1))]} ", text)
+    text = re.sub(r"[^a-z' ]+", " ", text)
+    return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -42,8 +59,6 @@ def edit_ops(ref: list[str], hyp: list[str]) -> dict:
 def wer_breakdown(refs, hyps) -> dict:
     """Corpus word error rate split into substitution, deletion and insertion rates, each over the
     reference words: ``{"wer", "sub", "del", "ins", "words"}`` with ``wer = sub + del + ins``."""
-    from ..testbed.mm_data import normalize_transcript
-
     if isinstance(refs, str):
         refs, hyps = [refs], [hyps]
     if len(refs) != len(hyps):
@@ -66,10 +81,9 @@ def wer(refs, hyps) -> float:
 
 
 def transcribe(model, processor, audio, *, prompt: str | None = None, max_new_tokens: int = 48) -> str:
-    """Greedy transcription of one 16 kHz waveform with an Omni thinker and its processor."""
+    """Greedy transcription of one 16 kHz waveform with an Omni thinker and its processor (``prompt``:
+    default the one the model directory names in ``mm_testbed.json``, else :data:`AUDIO_PROMPT`)."""
     import torch
-
-    from ..testbed.multimodal import AUDIO_PROMPT
 
     prompt = prompt or testbed_prompt(model, "audio", AUDIO_PROMPT)
     inputs = to_model(model, processor(text=[prompt], audio=[audio], return_tensors="pt"))
@@ -81,19 +95,18 @@ def transcribe(model, processor, audio, *, prompt: str | None = None, max_new_to
 
 
 def load_speech_set(spec):
-    """A speech set: a name (``speech-test``, ``speech-test-digits``, ``speech-test-sentences``) or a list
-    of ``{"audio": float32 16 kHz array, "transcript": str, "kind": str}``."""
+    """A speech set: a list of ``{"audio": float32 16 kHz array, "transcript": str, "kind": str}``, or the
+    name of one (:mod:`mmcompress.data.named`, e.g. the testbed's ``speech-test``)."""
     if isinstance(spec, str):
-        from ..testbed.mm_data import speech_test
-
-        return speech_test(spec)
+        return named.resolve("speech", spec)()
     return list(spec)
 
 
 def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: str | None = None,
                     limit: int | None = None, progress: bool = False, max_new_tokens: int = 48,
-                    kinds: tuple[str, ...] | None = None) -> dict:
-    """Greedy-decode every clip of ``dataset`` and score it against its transcript (normalized text).
+                    kinds: tuple[str, ...] | None = None, prompt: str | None = None) -> dict:
+    """Greedy-decode every clip of ``dataset`` (items or a set name, :func:`load_speech_set`) with ``prompt``
+    (see :func:`transcribe`) and score it against its transcript (normalized text).
 
     Returns ``{"wer", "wer_digits", "wer_sentences", "n", "n_digits", "n_sentences", "errors_digits",
     "errors_sentences", "examples"}`` (a part is ``None`` when the set has no such clips); ``errors_*`` is
@@ -114,7 +127,7 @@ def word_error_rate(model, processor, dataset="speech-test", *, replace_audio: s
             audio = np.zeros_like(audio)
         elif replace_audio is not None:
             raise ValueError(f"replace_audio must be None or 'silence', not {replace_audio!r}")
-        hyps.append(transcribe(model, processor, audio, max_new_tokens=max_new_tokens))
+        hyps.append(transcribe(model, processor, audio, prompt=prompt, max_new_tokens=max_new_tokens))
         refs.append(it["transcript"])
         kinds.append(it.get("kind", "sentence"))
     out = {"wer": wer(refs, hyps), "n": len(refs)}

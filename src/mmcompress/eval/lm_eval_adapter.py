@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli.common import CLIError, add_common, add_trust
+
 _CLASS = None
 
 
@@ -45,8 +47,8 @@ def register_lm_eval_model():
                      batch_size=1, max_length=None, trust_remote_code: bool = False, **kwargs):
             import torch
 
-            from ..models.loading import load_hf_model, load_tokenizer
-            from ..quant import methods as _registers_method_modules  # noqa: F401 - MASLinear for `load`
+            from ..export.serialization import load_model
+            from ..models.loading import load_tokenizer
 
             path = path or pretrained
             if not isinstance(path, (str, Path)):
@@ -55,7 +57,7 @@ def register_lm_eval_model():
             if device == "cuda" and not torch.cuda.is_available():
                 device = "cpu"  # lm-eval's default device
             dtype = dtype if dtype not in (None, "auto") else torch.float32
-            model = load_hf_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             kwargs.pop("backend", None)
             super().__init__(pretrained=model, tokenizer=load_tokenizer(str(path), trust_remote_code=trust_remote_code), backend="causal",
                              batch_size=batch_size, max_length=max_length, **kwargs)
@@ -111,8 +113,6 @@ def _version():
 
 
 def register(subparsers) -> None:
-    from ..cli import _add_common, _add_trust
-
     p = subparsers.add_parser("lm-eval", help="evaluate a model or artifact with lm-evaluation-harness tasks")
     p.add_argument("model", help="mmcompress artifact or local Hugging Face directory")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
@@ -123,14 +123,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-default-tasks", action="store_true",
                    help="only index tasks under --include-path (faster start-up)")
     p.add_argument("--seed", type=int, default=0)
-    _add_common(p)
-    _add_trust(p)
+    add_common(p)
+    add_trust(p)
     p.set_defaults(func=cmd_lm_eval)
 
 
 def cmd_lm_eval(args) -> dict:
-    from ..cli import CLIError
-
     try:
         import lm_eval  # noqa: F401
     except ImportError:

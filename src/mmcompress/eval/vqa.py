@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import re
 
+from ..data import named
 from ._inputs import testbed_prompt, to_model
+
+# The default question template (Qwen2.5-VL image tokens); see AUDIO_PROMPT in mmcompress.eval.asr.
+IMAGE_PROMPT = "Image: <|vision_start|><|image_pad|><|vision_end|> Question: {question} Answer:"
 
 
 def normalize_answer(text: str) -> str:
@@ -24,10 +28,10 @@ def normalize_answer(text: str) -> str:
 
 
 def answer(model, processor, image, question: str, *, prompt: str | None = None, max_new_tokens: int = 6) -> str:
-    """Greedy short answer to ``question`` about a PIL ``image``."""
+    """Greedy short answer to ``question`` about a PIL ``image`` (``prompt``: a template with
+    ``{question}``; default the one the model directory names in ``mm_testbed.json``, else
+    :data:`IMAGE_PROMPT`)."""
     import torch
-
-    from ..testbed.multimodal import IMAGE_PROMPT
 
     template = prompt or testbed_prompt(model, "image", IMAGE_PROMPT)
     inputs = processor(text=[template.format(question=question)], images=[image], return_tensors="pt")
@@ -39,11 +43,10 @@ def answer(model, processor, image, question: str, *, prompt: str | None = None,
 
 
 def load_vqa_set(spec):
-    """A VQA set: the name ``image-qa-test`` or a list of ``{"image", "question", "answer", "type"}``."""
+    """A VQA set: a list of ``{"image", "question", "answer", "type"}``, or the name of one
+    (:mod:`mmcompress.data.named`, e.g. the testbed's ``image-qa-test``)."""
     if isinstance(spec, str):
-        from ..testbed.mm_data import image_qa_test
-
-        return image_qa_test(spec)
+        return named.resolve("vqa", spec)()
     return list(spec)
 
 
@@ -62,10 +65,12 @@ def _first_per_type(items: list, limit: int | None) -> list:
 
 
 def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | None = None,
-             limit_per_type: int | None = None, progress: bool = False) -> dict:
-    """Exact-match accuracy (normalized: lower case, punctuation removed) overall and per question type.
+             limit_per_type: int | None = None, progress: bool = False, prompt: str | None = None) -> dict:
+    """Exact-match accuracy (normalized: lower case, punctuation removed) overall and per question type
+    over ``dataset`` (items or a set name, :func:`load_vqa_set`), asked with ``prompt`` (see :func:`answer`).
 
-    ``replace_image="blank"`` answers every question about a blank white image instead (an ablation)."""
+    ``replace_image="blank"`` answers every question about a blank white image of the same size instead
+    (an ablation)."""
     from tqdm.auto import tqdm
 
     items = _first_per_type(load_vqa_set(dataset), limit_per_type)
@@ -77,10 +82,10 @@ def accuracy(model, processor, dataset="image-qa-test", *, replace_image: str | 
     for it in tqdm(items, desc="vqa", disable=not progress):
         img = it["image"]
         if replace_image == "blank":
-            from ..testbed.mm_data import blank_image
+            from PIL import Image
 
-            img = blank_image()
-        pred = answer(model, processor, img, it["question"])
+            img = Image.new("RGB", img.size, (255, 255, 255))
+        pred = answer(model, processor, img, it["question"], prompt=prompt)
         ok = normalize_answer(pred) == normalize_answer(it["answer"])
         correct += ok
         t = it.get("type", "all")
@@ -109,18 +114,17 @@ def _answer_logprob(model, processor, image, prompt_text: str, answer_text: str)
 
 
 def choice_accuracy(model, processor, dataset="image-qa-test", *, limit_per_type: int | None = None,
-                    progress: bool = False) -> dict:
-    """Multiple-choice accuracy by likelihood (see the module docstring), overall and per type."""
+                    progress: bool = False, prompt: str | None = None) -> dict:
+    """Multiple-choice accuracy by likelihood (see the module docstring), overall and per type
+    (``dataset`` and ``prompt`` as in :func:`accuracy`)."""
     from tqdm.auto import tqdm
-
-    from ..testbed.multimodal import IMAGE_PROMPT
 
     items = load_vqa_set(dataset)
     candidates: dict = {}
     for it in items:
         candidates.setdefault(it.get("type", "all"), set()).add(it["answer"])
     items = _first_per_type(items, limit_per_type)
-    template = testbed_prompt(model, "image", IMAGE_PROMPT)
+    template = prompt or testbed_prompt(model, "image", IMAGE_PROMPT)
     by_type: dict = {}
     correct = 0
     for it in tqdm(items, desc="vqa-choice", disable=not progress):

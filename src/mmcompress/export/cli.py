@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import sys
 
+from ..cli.common import CLIError, add_common, add_overwrite, add_trust
+
 
 def register(subparsers) -> None:
-    from ..cli import _add_common, _add_overwrite, _add_trust
-
     p = subparsers.add_parser("export", help="export an artifact to compressed-tensors (served by vLLM) or GGUF (llama.cpp)")
     p.add_argument("model", help="mmcompress artifact directory (from `mmcompress quantize`)")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
                    help="compressed-tensors (a directory vLLM serves) or gguf (one file for llama.cpp: RTN, "
                         "SmoothQuant and AWQ artifacts of Llama, Mistral and Qwen2)")
     p.add_argument("--output", "-o", help="output directory, or the .gguf file with --format gguf (written atomically)")
-    _add_overwrite(p)
+    add_overwrite(p)
     p.add_argument("--check", action="store_true",
                    help="pre-flight only: print the vLLM kernel table and what would be folded; write nothing")
     p.add_argument("--requantize", action="store_true",
@@ -22,13 +22,12 @@ def register(subparsers) -> None:
                         "grouped-query attention), fold a common vector and re-quantize those linears with RTN")
     p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=1,
                    help="check that row-parallel linears split into whole groups on this many GPUs")
-    _add_common(p)
-    _add_trust(p)
+    add_common(p)
+    add_trust(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> dict:
-    from ..cli import CLIError
     from .compressed_tensors import _hardware_line, format_kernel_table
 
     if args.tp < 1:

@@ -385,7 +385,7 @@ def _set_loading_attribute(config_json: Path, key: str, value) -> None:
 def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
     """Everything that can be decided before writing: scheme → kernel row, fold plan, shape checks."""
     from ..models.adapters import get_adapter
-    from ..sparse.registry import SPARSE_MODULES
+    from ..specs import SPARSE_MODULES
 
     sparse = [n for n, m in model.named_modules() if isinstance(m, tuple(SPARSE_MODULES.values()))]
     if sparse:

@@ -15,11 +15,18 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .. import __version__
 from ..fileio import atomic_output_dir
-from ..quant.linear import QUANT_MODULES
+from ..models.adapters import get_adapter
+from ..models.loading import load_hf_model, model_class_for, read_config
+from ..models.modality import install_router
+from ..quant import methods as _quant_methods  # noqa: F401  (registers MASLinear for apply_specs)
+from ..quant.deployed import RUNTIMES, deploy
+from ..sparse import merge as _sparse_merge  # noqa: F401  (registers SparseLinear, ResidualAdaptedLayer, RotatedNorm, ...)
+from ..sparse.methods import wina as _wina  # noqa: F401  (registers WinaLinear)
+from ..specs import MANIFEST, apply_specs, module_specs
 
 FORMAT_VERSION = 1
-MANIFEST = "mmcompress.json"
 _PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -27,59 +34,8 @@ _PROCESSOR_FILES = (
 )
 
 
-def _register_all() -> None:
-    """Import every module that defines compressed module classes (they register themselves)."""
-    from ..quant import deployed, methods  # noqa: F401  (MASLinear, IntLinear)
-    from ..sparse import merge  # noqa: F401  (ResidualAdaptedLayer, RotatedNorm, ...)
-    from ..sparse.methods import wina  # noqa: F401  (WinaLinear)
-
-
-def _compressed_module_types() -> tuple[type, ...]:
-    from ..sparse.registry import SPARSE_MODULES
-
-    _register_all()
-    return tuple(QUANT_MODULES.values()) + tuple(SPARSE_MODULES.values())
-
-
-def module_specs(root: nn.Module) -> dict[str, dict]:
-    """``{path: spec}`` of every compressed module under ``root`` (outermost ones only)."""
-    types = _compressed_module_types()
-    specs: dict[str, dict] = {}
-    for name, mod in root.named_modules():
-        if isinstance(mod, types) and not any(name.startswith(p + ".") for p in specs):
-            specs[name] = mod.spec()
-    return specs
-
-
-def _module_class(name: str):
-    from ..sparse.registry import SPARSE_MODULES
-
-    _register_all()
-    registry = {**QUANT_MODULES, **SPARSE_MODULES}
-    if name not in registry:
-        raise ValueError(f"unknown module class {name!r} in {MANIFEST}; is this artifact from a newer mmcompress?")
-    return registry[name]
-
-
-def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
-    """Replace the modules at the given paths by fresh compressed modules built from their specs.
-
-    A class with ``from_spec_wrapping(spec, existing, device)`` wraps the module that is already at
-    the path (e.g. a decoder layer plus a residual adapter) instead of building one from scratch."""
-    for path, spec in specs.items():
-        cls = _module_class(spec["class"])
-        parent_path, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        if hasattr(cls, "from_spec_wrapping"):  # a wrapper around the module already at `path`
-            setattr(parent, child, cls.from_spec_wrapping(spec, getattr(parent, child), device=device))
-        else:
-            setattr(parent, child, cls.from_spec(spec, device=device))
-
-
 def build_manifest(model: nn.Module, description: dict | None = None) -> dict:
     """``mmcompress.json`` of ``model`` (its architecture, dtype, what was done, module specs)."""
-    from .. import __version__
-
     prior = getattr(model, "_mmcompress_description", {}) or {}
     return {
         "format_version": FORMAT_VERSION,
@@ -202,8 +158,6 @@ _DEFAULT_RUNTIME = {"runtime": "int"}
 
 def set_default_runtime(runtime: str) -> None:
     """The runtime :func:`load` uses when none is given (the CLI's ``--runtime``)."""
-    from ..quant.deployed import RUNTIMES
-
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     _DEFAULT_RUNTIME["runtime"] = runtime
@@ -215,13 +169,9 @@ def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *
 
     ``runtime="int"`` (default) runs packed quantized layers on integer kernels
     (:mod:`mmcompress.quant.deployed`); ``"reference"`` keeps the fake-quant forward."""
-    from ..quant.deployed import deploy
-
-    runtime = runtime or _DEFAULT_RUNTIME["runtime"]
     from accelerate import init_empty_weights
 
-    from ..models.loading import model_class_for, read_config
-
+    runtime = runtime or _DEFAULT_RUNTIME["runtime"]
     path = Path(path)
     if not is_artifact(path):
         raise FileNotFoundError(f"{path} is not an mmcompress artifact (no {MANIFEST})")
@@ -277,6 +227,15 @@ def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *
     return deploy(model, runtime)
 
 
+def load_model(path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               runtime: str | None = None, *, trust_remote_code: bool = False) -> nn.Module:
+    """A local model directory of either kind: an mmcompress artifact (:func:`load`, with ``runtime``) or
+    a plain Hugging Face one (:func:`~mmcompress.models.loading.load_hf_model`, with ``dtype``)."""
+    if is_artifact(path):
+        return load(path, device=device, runtime=runtime, trust_remote_code=trust_remote_code)
+    return load_hf_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
 def _with_model_dtype(specs: dict, dtype: str) -> dict:
     """Artifacts written before the fix recorded float32 (the dtype of the step sizes) in the spec of a
     packed bias-free ``QuantLinear`` of a bf16/fp16 model, so it could not run: it computes in the model dtype."""
@@ -291,9 +250,6 @@ def _with_model_dtype(specs: dict, dtype: str) -> dict:
 
 def _install_runtime(model: nn.Module) -> None:
     """Modality routing for multimodal artifacts (per-token modality ids during prefill)."""
-    from ..models.adapters import get_adapter
-    from ..models.modality import install_router
-
     try:
         adapter = get_adapter(model)
     except ValueError:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..specs import MANIFEST
 from .adapters import FAMILIES, UnsupportedModelError, unsupported_message
 
 
@@ -131,14 +132,12 @@ def resolve_dtype(path, dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", runtime: str | None = None, *,
-                  trust_remote_code: bool = False):
-    """Load a local model directory (plain Hugging Face or an mmcompress artifact; ``runtime``: see
-    :func:`mmcompress.load`).  ``dtype="auto"`` loads in the checkpoint's own dtype (bf16 stays bf16)."""
-    from ..export.serialization import is_artifact, load
-
-    if is_artifact(path):
-        return load(path, device=device, runtime=runtime, trust_remote_code=trust_remote_code)
+def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", *, trust_remote_code: bool = False):
+    """Load a plain Hugging Face model directory.  ``dtype="auto"`` loads in the checkpoint's own dtype
+    (bf16 stays bf16).  Artifacts are loaded by :func:`mmcompress.export.serialization.load_model`
+    (``mmcompress.load_model``), which takes either kind of directory."""
+    if (Path(path) / MANIFEST).is_file():
+        raise ValueError(f"{path} is an mmcompress artifact: load it with mmcompress.load_model (or mmcompress.load)")
     config = read_config(path, trust_remote_code=trust_remote_code)
     dtype = resolve_dtype(path, dtype)
     cls = model_class_for(config, path, trust_remote_code=trust_remote_code)

@@ -30,9 +30,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..fileio import atomic_output_dir, check_output
-from ..export.serialization import build_manifest, write_side_files
+from ..export.serialization import build_manifest, load_model, save, write_side_files
 from ..models.adapters import get_adapter
+from ..models.loading import model_class_for, read_config
 from .linear import QuantLinear
+from .methods.base import quantize_layer_linears
 from .methods.rtn import RTN
 from .quantizer import QuantScheme
 
@@ -60,8 +62,6 @@ def checkpoint_tensors(model_dir) -> dict[str, Path]:
 
 
 def _meta_model(model_dir, dtype: torch.dtype):
-    from ..models.loading import model_class_for, read_config
-
     config = read_config(model_dir)
     with torch.device("meta"):
         model = model_class_for(config)._from_config(config, dtype=dtype)
@@ -253,11 +253,7 @@ def _description(scheme: QuantScheme, n_layers: int) -> dict:
 
 
 def _in_memory(model_dir, output, scheme, dtype, t0, n_layers) -> dict:
-    from ..export.serialization import save
-    from ..models.loading import load_hf_model
-    from .methods.base import quantize_layer_linears
-
-    model = load_hf_model(model_dir, dtype=dtype)
+    model = load_model(model_dir, dtype=dtype)
     adapter = get_adapter(model)
     for layer in adapter.layers:
         quantize_layer_linears(layer, adapter, scheme)

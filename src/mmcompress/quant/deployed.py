@@ -26,8 +26,11 @@ import torch
 from torch import nn
 
 from ..models.modality import current_modality_ids
+from ..sparse.joint import deploy as deploy_sparse  # Top-K + W8A8 on the sparse int8 kernel (CPU)
+from ..specs import register_quant_module
 from . import kernels
-from .linear import QuantLinear, register_quant_module, smooth
+from .linear import QuantLinear, smooth
+from .methods.masquant import MASLinear, cmc_correction
 from .quantizer import QuantScheme
 
 RUNTIMES = ("int", "reference")
@@ -81,15 +84,11 @@ class IntMASLinear(IntLinear):
         self.register_buffer("cmc_right", getattr(q, "cmc_right", None))
 
     def correction(self, xs, ids):
-        from .methods.masquant import cmc_correction
-
         return None if self.cmc_left is None else cmc_correction(xs, ids, self.cmc_left, self.cmc_right)
 
 
 def _deployed_class(q: QuantLinear):
     """The deployed class for ``q``, or ``None`` (with the reason) when it stays on the reference path."""
-    from .methods.masquant import MASLinear
-
     if not q.packed:
         return None, "not packed"
     if isinstance(q, MASLinear):
@@ -110,8 +109,6 @@ def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn
         return model
     kept: dict[str, int] = {}
     if any(isinstance(m, QuantLinear) and m.input_sparsifier is not None for m in model.modules()):
-        from ..sparse.joint import deploy as deploy_sparse  # Top-K + W8A8 on the sparse int8 kernel (CPU)
-
         deploy_sparse(model)  # what it leaves (no kernel here) goes on below
     swaps = []
     for name, mod in model.named_modules():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.modality import current_modality_ids
+from ..specs import SPARSE_MODULES, register_quant_module
 from .quantizer import (
     QuantScheme,
     dequantize_weight,
@@ -47,6 +48,7 @@ def smooth(x: torch.Tensor, s: torch.Tensor | None, ids: torch.Tensor | None) ->
     return x / s.to(x.dtype)[modality_rows(ids, s.shape[0])]
 
 
+@register_quant_module
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
 
@@ -208,15 +210,6 @@ class QuantLinear(nn.Module):
 
 def _weightless_sparsifier(spec: dict) -> nn.Module:
     """The input sparsifier of a ``SparseLinear`` spec, rebuilt with no weight (``out_features = 0``)."""
-    from ..sparse.registry import SPARSE_MODULES
-
     spec = dict(spec, out_features=0, bias=False)
     return SPARSE_MODULES[spec["class"]].from_spec(spec)
 
-
-QUANT_MODULES: dict[str, type[QuantLinear]] = {"QuantLinear": QuantLinear}
-
-
-def register_quant_module(cls):
-    QUANT_MODULES[cls.__name__] = cls
-    return cls

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..cli.common import CLIError, add_calib, add_common, add_overwrite, add_trust, check_calib_spec, input_paths
+from ..cli.common import load_calibration
+
 
 def register(subparsers) -> None:
-    from ..cli import _add_calib, _add_common, _add_overwrite, _add_trust
-
     p = subparsers.add_parser("sparsify", help="activation sparsity: LaRoSA (rotated Top-K), TEAL, CATS, WINA")
     p.add_argument("model", help="local Hugging Face model directory")
     p.add_argument("--method", default="larosa", choices=["larosa", "teal", "cats", "wina"])
@@ -33,22 +34,21 @@ def register(subparsers) -> None:
                         "the readers' weight column it multiplies (folded into the norm scale; exact, free at run time)")
     p.add_argument("--dtype", default="auto",
                    help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")
-    _add_calib(p)
+    add_calib(p)
     p.set_defaults(nsamples=16, seqlen=1024)
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
-    _add_overwrite(p)
+    add_overwrite(p)
     p.add_argument("--no-progress", action="store_true")
-    _add_common(p)
-    _add_trust(p)
+    add_common(p)
+    add_trust(p)
     p.set_defaults(func=cmd_sparsify)
 
 
 def cmd_sparsify(args) -> dict:
-    from ..cli import CLIError, _check_calib_spec, _inputs, load_calibration
     from ..fileio import check_output
-    from ..export.serialization import save
+    from ..export.serialization import load_model, save
     from ..models.adapters import get_adapter
-    from ..models.loading import load_hf_model, read_config
+    from ..models.loading import read_config
     from .api import sparsify
 
     if not 0.0 <= args.sparsity < 1.0:
@@ -65,11 +65,11 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--prefill last_half applies to larosa and teal")
     if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
-    _check_calib_spec(args.calib, args.nsamples, args.seqlen)
+    check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=args.trust_remote_code)
-    inputs = _inputs(args.model, args.calib)
+    inputs = input_paths(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged

@@ -36,8 +36,10 @@ import time
 import torch
 from torch import nn
 
+from ..quant.linear import QuantLinear
+from ..quant.quantizer import pack_int4
+from ..specs import register_sparse_module
 from . import linear as _linear
-from .registry import register_sparse_module
 
 
 @register_sparse_module  # found by module_specs; its spec() is the QuantLinear's, so artifacts never name it
@@ -68,8 +70,6 @@ class SparseInt8Linear(nn.Module):
     @staticmethod
     def eligible(q: nn.Module) -> str | None:
         """``None`` if ``q`` can be deployed, else the reason it cannot."""
-        from ..quant.linear import QuantLinear
-
         if type(q) is not QuantLinear:
             return "not a plain QuantLinear"
         s = q.scheme
@@ -118,8 +118,6 @@ class SparseInt8Linear(nn.Module):
 
         codes = unpack_int8_weight(self.weight_q)
         if self.quant_spec["scheme"]["wbits"] <= 4:
-            from ..quant.quantizer import pack_int4
-
             codes = pack_int4(codes)
         destination[prefix + "weight_codes"] = codes
         destination[prefix + "weight_scale"] = self.weight_scale
@@ -187,7 +185,6 @@ def deploy(model: nn.Module, backend: str = "auto") -> tuple[int, int]:
     Only where the CPU kernel runs (``backend`` resolving to ``"cpu"`` on the module's device).  Returns
     ``(deployed, left)``: ``left`` counts the sparse quantized projections that are not eligible or have
     no kernel on their device (they keep the reference forward)."""
-    from ..quant.linear import QuantLinear
     from .kernels import resolve_backend
 
     done = left = 0

@@ -34,7 +34,7 @@ import weakref
 import torch
 from torch import nn
 
-from .registry import register_sparse_module
+from ..specs import register_sparse_module
 from .topk import topk_sparsify
 
 _BACKENDS = ("torch", "cpu", "triton", "auto")
@@ -238,45 +238,3 @@ def dense_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def sparse_linears(model: nn.Module) -> list[SparseLinear]:
     return [m for m in model.modules() if isinstance(m, SparseLinear)]
-
-
-def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: bool | None = None) -> int:
-    """Switch every :class:`SparseLinear` of ``model`` to ``backend`` (re-laying out its weight).
-
-    ``sparse_prefill``: ``None`` leaves each module's setting alone; ``False`` makes multi-token calls
-    (prefill) run dense, ``True`` sparsifies them (PyTorch path).  Other modules (e.g. LaRoSA's dense
-    residual adapters, the LM head) are untouched.  Returns the number of modules switched.
-    """
-    mods = sparse_linears(model)
-    for m in mods:
-        m.set_backend(backend)
-        if sparse_prefill is not None:
-            m.sparse_prefill = bool(sparse_prefill)
-    from .joint import SparseInt8Linear
-    from .merge import ResidualAdaptedLayer
-
-    for m in model.modules():  # LaRoSA's residual adapters, deployed sparse int8 projections
-        if isinstance(m, ResidualAdaptedLayer):
-            m.set_adapter_backend(backend)
-        elif isinstance(m, SparseInt8Linear):
-            m.backend = backend
-    _SELECTION.clear()
-    return len(mods)
-
-
-def enable_sparse_decode(model: nn.Module, backend: str = "auto", sparse_prefill: bool = False) -> int:
-    """Fast sparse decoding: every ``SparseLinear`` uses the kernel ``backend`` for decode steps while
-    prefill runs dense (unless ``sparse_prefill``).  Note: dense prefill changes the numerics relative
-    to an all-token evaluation (docs/larosa.md §3.2).  LaRoSA's residual adapters use the dense GEMV
-    kernel for decode steps, and packed W8A8 projections with a Top-K input (a LaRoSA + RTN recipe) are
-    deployed on the sparse int8 kernel (:func:`mmcompress.sparse.joint.deploy`; their prefill honours
-    the ``sparse_prefill`` saved with them).  Returns the number of modules switched or deployed."""
-    from .joint import deploy
-
-    n = set_sparse_backend(model, backend, sparse_prefill=sparse_prefill)
-    return n + deploy(model, backend)[0]
-
-
-def disable_sparse_decode(model: nn.Module) -> int:
-    """Back to the PyTorch reference path and the row-major weight layout."""
-    return set_sparse_backend(model, "torch")

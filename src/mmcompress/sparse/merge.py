@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..specs import apply_specs, module_specs, register_sparse_module
 from .linear import SparseLinear
-from .registry import register_sparse_module
 
 
 def _dtype_name(dtype) -> str:
@@ -98,16 +98,12 @@ class ResidualAdaptedLayer(nn.Module):
             return getattr(inner, name)
 
     def spec(self) -> dict:
-        from ..export.serialization import module_specs
-
         w = self.residual_adapter
         return {"class": type(self).__name__, "hidden_size": self.hidden_size, "adapter": w is not None,
                 "dtype": _dtype_name(w.weight.dtype) if w is not None else None, "inner": module_specs(self.layer)}
 
     @classmethod
     def from_spec_wrapping(cls, spec: dict, existing: nn.Module, device=None) -> "ResidualAdaptedLayer":
-        from ..export.serialization import apply_specs
-
         apply_specs(existing, spec.get("inner", {}), device=device)
         dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else torch.float32
         return cls(existing, spec["hidden_size"], spec["adapter"], dtype=dtype, device=device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .merge import inner_layer
 from .topk import keep_count
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -51,8 +52,6 @@ class LayerShape:
 
 def layer_shapes(adapter) -> list[LayerShape]:
     """Masses and activation widths per decoder layer, read from the weights."""
-    from .merge import inner_layer
-
     shapes = []
     for layer in adapter.layers:
         layer = inner_layer(layer)

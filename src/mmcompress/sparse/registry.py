@@ -1,8 +1,3 @@
-"""Registry of sparse modules that artifacts may contain (filled by ``mmcompress.sparse``)."""
+"""The sparse half of the compressed-module registry (it lives in :mod:`mmcompress.specs`)."""
 
-SPARSE_MODULES: dict[str, type] = {}
-
-
-def register_sparse_module(cls):
-    SPARSE_MODULES[cls.__name__] = cls
-    return cls
+from ..specs import SPARSE_MODULES, register_sparse_module  # noqa: F401

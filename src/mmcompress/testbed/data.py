@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from ..data import named
 from .fetch import Package, TestbedError, cache_root, fetch_extracted, read_record
 
 SPLIT_VERSION = "1"
@@ -172,6 +173,7 @@ CALIB_BUILDERS: dict[str, CalibBuilder] = {"wiki": wiki_calibration, "testbed": 
 def register_calibration(name: str, fn: CalibBuilder) -> None:
     """Add or replace a ``--calib NAME`` builder ``fn(model, model_dir, nsamples, seqlen, seed)``."""
     CALIB_BUILDERS[name] = fn
+    named.register("calibration", name, functools.partial(calibration_set, name))  # the CLI's --calib NAME
 
 
 def calibration_set(spec: str, model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0):
@@ -183,6 +185,10 @@ def calibration_set(spec: str, model, model_dir, nsamples: int = 128, seqlen: in
         raise FileNotFoundError(f"calibration file {spec} does not exist and is not a testbed calibration set "
                                 f"({', '.join(CALIB_BUILDERS)})")
     return fn(model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+for _name, _fn in list(CALIB_BUILDERS.items()):
+    register_calibration(_name, _fn)
 
 
 def data_info(cache=None) -> list[dict]:

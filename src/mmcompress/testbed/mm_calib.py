@@ -28,8 +28,9 @@ def _kind(model_dir) -> str | None:
 
 def calibration_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> list[dict]:
     """Multimodal records ``{"text", "images"?, "audio"?}`` (deterministic for a seed)."""
+    from ..eval.asr import AUDIO_PROMPT
+    from ..eval.vqa import IMAGE_PROMPT
     from . import mm_data as D
-    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
 
     recs = []
     rng = random.Random(CALIB_IMAGE_SEED + 1000 * seed)

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.asr import DIGIT_WORDS, normalize_transcript  # noqa: F401  (the metric's normalization, re-exported)
+
 SR = 16000
 TEST_VOICE = "en-gb-x-gbcwmd"
 TRAIN_VOICES = ["en-us", "en-us+f3", "en-gb", "en-gb+f2", "en-gb-scotland", "en-gb-x-rp+m4", "en-029",
                 "en-us-nyc+m2", "en-gb-x-gbclan"]
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPEECH_TEST_VERSION = 1
+SPEECH_SETS = ("speech-test", "speech-test-digits", "speech-test-sentences")
 IMAGE_TEST_VERSION = 1
 
 
@@ -80,14 +82,6 @@ def wiki_sentences(lo: int, hi: int, *, min_words: int = 5, max_words: int = 14)
             if _SENT_OK.match(s) and min_words <= len(s.split()) <= max_words and "  " not in s:
                 out.append(s)
     return out
-
-
-def normalize_transcript(text: str) -> list[str]:
-    """Lower-case words without punctuation; digits are spelled out one by one ("73" -> "seven three")."""
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"(\d)", lambda m: f" {DIGIT_WORDS[int(m.group(1))]} ", text)
-    text = re.sub(r"[^a-z' ]+", " ", text)
-    return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
 def make_speech_items(kind: str, n: int, seed: int, voices: list[str], *, sentences: list[str] | None = None,
@@ -225,12 +219,6 @@ def image_qa_test_items() -> list[dict]:
     return image_qa_items(50, 7001)
 
 
-def blank_image():
-    from PIL import Image
-
-    return Image.new("RGB", (IMG, IMG), (255, 255, 255))
-
-
 # -- set access ------------------------------------------------------------------------------------
 
 
@@ -242,7 +230,7 @@ def _sets_dir() -> Path:
 
 def speech_test(name: str = "speech-test") -> list[dict]:
     """The fixed speech set, rendered once and cached (``audio`` float32 16 kHz per item)."""
-    if name not in ("speech-test", "speech-test-digits", "speech-test-sentences"):
+    if name not in SPEECH_SETS:
         raise KeyError(f"unknown speech set {name!r}")
     from . import tts
 

@@ -162,7 +162,9 @@ def whisper_encoder_state(cache=None, progress: bool = False) -> dict[str, torch
     except ImportError:  # pragma: no cover
         fn = None
     if fn is not None:
-        return {k: v.float() for k, v in fn(cache=cache, progress=progress).items()}
+        from .registry import fetch
+
+        return {k: v.float() for k, v in fn(model_dir=fetch("whisper-base", cache=cache, progress=progress)).items()}
     cached = _cache("whisper-base-omni-tower.safetensors")
     if cached.is_file():
         from safetensors.torch import load_file

@@ -39,10 +39,9 @@ AUDIO_CFG = dict(num_mel_bins=80, encoder_layers=6, encoder_attention_heads=8, e
 IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 224 * 224
 
-# The prompts start with a text token: the added special tokens have zero embeddings, and a zero vector
-# at position 0 gives NaN gradients through SmolLM2 (its first position is the attention sink).
-AUDIO_PROMPT = "Audio: <|audio_bos|><|AUDIO|><|audio_eos|> Transcribe:"
-IMAGE_PROMPT = "Image: <|vision_start|><|image_pad|><|vision_end|> Question: {question} Answer:"
+# the prompts the models are trained with: the evaluation's defaults (they start with a text token)
+from ..eval.asr import AUDIO_PROMPT  # noqa: E402
+from ..eval.vqa import IMAGE_PROMPT  # noqa: E402
 
 DECODERS = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
             "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized)"}

@@ -241,18 +241,14 @@ def build_whisper(ctx) -> None:
 # -- reuse: the encoder for a Qwen2.5-Omni audio tower -----------------------------------------------------
 
 
-def whisper_encoder_state_dict(model_dir=None, cache=None, progress: bool = True) -> dict:
+def whisper_encoder_state_dict(model_dir) -> dict:
     """The Whisper-base encoder weights in transformers' ``WhisperEncoder`` naming
     (``conv1.*``, ``conv2.*``, ``embed_positions.weight``, ``layers.i.*``, ``layer_norm.*``), fp32.
 
-    ``model_dir``: a converted whisper-base directory; default: ``fetch("whisper-base", cache)``.
+    ``model_dir``: a converted whisper-base directory (``registry.fetch("whisper-base")``).
     """
     from safetensors.torch import load_file
 
-    if model_dir is None:
-        from .registry import fetch
-
-        model_dir = fetch("whisper-base", cache=cache, progress=progress)
     sd = load_file(str(Path(model_dir) / "model.safetensors"))
     prefix = "model.encoder."
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -261,14 +257,14 @@ def whisper_encoder_state_dict(model_dir=None, cache=None, progress: bool = True
     return out
 
 
-def omni_audio_tower_state_dict(model_dir=None, cache=None, progress: bool = True, encoder_sd: dict | None = None) -> dict:
+def omni_audio_tower_state_dict(model_dir=None, encoder_sd: dict | None = None) -> dict:
     """Whisper encoder weights renamed for ``Qwen2_5OmniAudioEncoder`` (``model.audio_tower``).
 
     The final encoder ``layer_norm`` becomes ``ln_post``; the sinusoidal position table is dropped (the
     Omni tower computes it itself).  ``proj`` and ``audio_bos_eos_token`` have no Whisper counterpart:
     load with ``strict=False`` and leave them as initialised (see :func:`load_into_omni_audio_tower`).
     """
-    sd = encoder_sd if encoder_sd is not None else whisper_encoder_state_dict(model_dir, cache, progress)
+    sd = encoder_sd if encoder_sd is not None else whisper_encoder_state_dict(model_dir)
     out = {}
     for k, v in sd.items():
         if k.startswith("embed_positions."):

@@ -50,7 +50,8 @@ from torch import nn
 from ... import options as opt
 from ...engine import LayerContext
 from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modality_ids
-from ..linear import QuantLinear, modality_rows, register_quant_module
+from ...specs import register_quant_module
+from ..linear import QuantLinear, modality_rows
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
 from .base import QuantMethod, replace_linear, weight_column_absmax
 from .smoothquant import smoothing_factors

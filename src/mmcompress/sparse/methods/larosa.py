@@ -18,7 +18,7 @@ from torch import nn
 from .. import plan as plans
 from ..linear import SparseLinear
 from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
-from ...engine import Method
+from ...engine import Method, run_layerwise
 from ..rotation import calibrate_rotations
 
 PREFILL_POLICIES = ("all", "none", "last_half")
@@ -124,8 +124,6 @@ class TopKGreedy(Method):
 def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", *, device="cpu",
                 progress=True, step: float = 0.02, search_samples: int = 4) -> plans.SparsityPlan:
     """Search per-layer Top-K levels with :class:`TopKGreedy` on the (rotated) model and apply them."""
-    from ...engine import run_layerwise
-
     apply_topk_plan(model, adapter, plans.exact(shapes, 0.0), "all")  # K = D everywhere, all tokens
     method = TopKGreedy(sparsity, step=step, search_samples=search_samples)
     run_layerwise(model, adapter, method, samples, device=device, progress=progress)

@@ -31,7 +31,9 @@ from torch.nn import functional as F
 
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
-from ..registry import register_sparse_module
+from ...engine import run_layerwise
+from ...specs import register_sparse_module
+from .larosa import TopKGreedy
 
 ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
 
@@ -135,9 +137,6 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
         chosen = plans.exact(shapes, sparsity, ratio_in=1.0)
         chosen.kind = "uniform"
     else:
-        from ...engine import run_layerwise
-        from .larosa import TopKGreedy
-
         apply_plan(adapter, plans.exact(shapes, 0.0), "all")
         search = TopKGreedy(sparsity, step=step, search_samples=search_samples)
         run_layerwise(model, adapter, search, samples, device=device, progress=progress)

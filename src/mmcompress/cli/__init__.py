@@ -9,48 +9,33 @@ for a traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from .common import CLIError, load_calibration
+# the shared helpers under the short names this module has always used
+from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
+from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
+from .common import named_set as _named_set
+
 EXIT_USAGE = 2
 
 
-class CLIError(Exception):
-    """An error to report as one line."""
+# Lab subcommands: the module that registers one is imported only when that subcommand runs (or its
+# --help is asked); otherwise the subcommand is listed with this help line.
+LAZY_COMMANDS = {
+    "testbed": ("mmcompress.testbed.cli", "real small models and text data without a model hub (list, fetch)"),
+    "demo": ("mmcompress.demo", "RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
+                                "(40%%, smollm2-135m) on real models, one table and a report"),
+}
 
 
-def _add_common(p: argparse.ArgumentParser):
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--runtime", choices=["int", "reference"], default=None,
-                   help="how loaded artifacts run: int (integer kernels, default) or reference (fake-quant)")
-
-
-def _add_trust(p: argparse.ArgumentParser):
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python files shipped in the model directory (a config's auto_map: custom model, "
-                        "tokenizer or processor classes); off by default, when such code is never imported")
-
-
-def _add_calib(p: argparse.ArgumentParser, required: bool = True):
-    p.add_argument("--calib", required=required,
-                   help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
-                        "(wiki, testbed)" + ("" if required else "; without it, rtn runs data-free (tensor by tensor)"))
-    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per text calibration sample (default 512)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _add_overwrite(p: argparse.ArgumentParser):
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty --output (atomically; never one that is, contains or is "
-                        "inside the input, nor the working directory)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The parser; a lab subcommand named in ``argv`` (:data:`LAZY_COMMANDS`) gets its full parser."""
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="mmcompress", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mmcompress {__version__}")
@@ -109,13 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
     _add_trust(c)
 
-    d = sub.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
-                                     "(40%%, smollm2-135m) on real models, one table and a report")
-    d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
-    d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
-    d.add_argument("--no-progress", action="store_true")
-    _add_common(d)
-
     r = sub.add_parser("report", help="render the JSON results in a run directory as Markdown + PNG plots")
     r.add_argument("run_dir")
     r.add_argument("--output", "-o", help="directory for report.md and the plots (default: RUN_DIR; a report.md "
@@ -138,51 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     _add_trust(e)
 
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, (modname, help_line) in LAZY_COMMANDS.items():
+        module = _import_plugin(modname) if name == command else None
+        if module is not None:
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=help_line).set_defaults(func=_not_installed(modname))
     for register in _plugins():
         register(sub)
     return parser
 
 
+def _import_plugin(modname: str):
+    """The module ``modname``, or ``None`` when it is not installed."""
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name == modname:
+            return None
+        raise
+
+
+def _not_installed(modname: str):
+    def run(args):
+        raise CLIError(f"{modname} is not installed")
+    return run
+
+
 def _plugins():
-    """Subcommands that live next to their feature (testbed, bench, sparsify, ...)."""
-    out = []
-    for modname in ("mmcompress.testbed.cli", "mmcompress.sparse.cli", "mmcompress.bench", "mmcompress.export.cli",
-                    "mmcompress.eval.lm_eval_adapter"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name == modname:
-                continue
-            raise
-        out.append(mod.register)
-    return out
+    """Subcommands that live next to their feature (sparsify, bench, export, lm-eval)."""
+    modules = [_import_plugin(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
+                                           "mmcompress.eval.lm_eval_adapter")]
+    return [m.register for m in modules if m is not None]
 
 
 # -- quantize ----------------------------------------------------------------------------------
-
-
-def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int, *,
-                     trust_remote_code: bool = False):
-    """Resolve ``--calib``: a file path, or a testbed name."""
-    from .data.calibration import CalibrationSet
-    from .models.loading import load_tokenizer
-
-    path = Path(spec)
-    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {spec} does not exist")
-        if path.suffix == ".jsonl":
-            from .models.processing import load_processor
-
-            return CalibrationSet.from_jsonl(path, load_processor(model_dir, trust_remote_code=trust_remote_code),
-                                             nsamples=nsamples, seed=seed)
-        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir, trust_remote_code=trust_remote_code),
-                                             nsamples, seqlen, seed)
-    try:
-        from .testbed.data import calibration_set
-    except ImportError:
-        raise FileNotFoundError(f"calibration file {spec} does not exist") from None
-    return calibration_set(spec, model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
 
 _OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
@@ -206,8 +175,8 @@ def _divergence_arg(value: str):
 def _method_options(args) -> dict:
     """Method keyword options from the CLI, validated by the method's option table (the same
     checks and messages as recipe steps); an option the method does not take is an error."""
-    from .options import OptionError, check_options
-    from .quant.methods import QUANT_METHODS
+    from ..options import OptionError, check_options
+    from ..quant.methods import QUANT_METHODS
 
     cls = QUANT_METHODS.get(args.method.lower())
     if cls is None:
@@ -233,7 +202,7 @@ def _method_options(args) -> dict:
 
 def _check_counts(args, **minimum) -> None:
     """``--flag`` integers (given ones only) against their minimum, before anything is loaded."""
-    from .options import OptionError, check_options, integer
+    from ..options import OptionError, check_options, integer
 
     try:
         check_options({k: integer(lo) for k, lo in minimum.items()},
@@ -242,38 +211,14 @@ def _check_counts(args, **minimum) -> None:
         raise CLIError(e.message("--" + e.key.replace("_", "-"))) from None
 
 
-def _check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
-    """Cheap checks of ``--calib`` before the model is loaded."""
-    if nsamples < 1:
-        raise CLIError(f"--nsamples must be >= 1, got {nsamples}")
-    if seqlen < 2:
-        raise CLIError(f"--seqlen must be >= 2, got {seqlen}")
-    path = Path(spec)
-    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {spec} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace") if path.stat().st_size else ""
-        if not text.strip():
-            raise CLIError(f"calibration file {spec} is empty")
-        if path.suffix != ".jsonl":
-            from .data.calibration import check_text
-
-            check_text(text, f"calibration file {spec}", warn=False)
-
-
-def _inputs(model, calib=None) -> list:
-    """Paths an --output must not overlap: the model directory and a calibration file."""
-    return [model] + ([calib] if calib and Path(calib).exists() else [])
-
-
 def cmd_quantize(args) -> dict:
-    from .engine import is_checkpoint_file
-    from .export.serialization import save
-    from .fileio import CheckpointDir, check_output
-    from .models.adapters import get_adapter
-    from .models.loading import load_hf_model, read_config
-    from .quant.api import make_method, quantize
-    from .quant.quantizer import resolve_scheme
+    from ..engine import is_checkpoint_file
+    from ..export.serialization import load_model, save
+    from ..fileio import CheckpointDir, check_output
+    from ..models.adapters import get_adapter
+    from ..models.loading import read_config
+    from ..quant.api import make_method, quantize
+    from ..quant.quantizer import resolve_scheme
 
     scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
     options = _method_options(args)
@@ -294,7 +239,7 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
@@ -322,8 +267,8 @@ def cmd_quantize(args) -> dict:
 
 def _quantize_data_free(args, scheme) -> dict:
     """RTN without ``--calib``: tensor by tensor from the input shards to the output shards."""
-    from .models.loading import resolve_dtype
-    from .quant.datafree import quantize_checkpoint
+    from ..models.loading import resolve_dtype
+    from ..quant.datafree import quantize_checkpoint
 
     if args.method.lower() != "rtn":
         raise CLIError(f"--method {args.method} needs calibration data (--calib); only rtn runs without it")
@@ -342,26 +287,23 @@ def _quantize_data_free(args, scheme) -> dict:
 
 
 def resolve_text(spec: str) -> tuple[str, str]:
-    """A text file path, or a testbed evaluation split name; returns (name, text)."""
+    """A text file path, or a named evaluation text (:mod:`mmcompress.data.named`); returns (name, text)."""
     path = Path(spec)
     if path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CLIError(f"evaluation file {spec} is empty")
-        from .data.calibration import check_text
+        from ..data.calibration import check_text
 
         check_text(text, f"evaluation file {spec}")
         return path.name, text
-    try:
-        from .testbed.data import eval_text
-    except ImportError:
-        raise FileNotFoundError(f"evaluation file {spec} does not exist") from None
-    return spec, eval_text(spec)
+    return spec, _named_set("text", spec, "evaluation file")()
 
 
 def cmd_eval(args) -> dict:
-    from .eval.perplexity import text_perplexity
-    from .models.loading import load_hf_model, load_tokenizer
+    from ..eval.perplexity import text_perplexity
+    from ..export.serialization import load_model
+    from ..models.loading import load_tokenizer
 
     if not args.ppl and not getattr(args, "asr", None) and not getattr(args, "vqa", None):
         raise CLIError("nothing to evaluate: give --ppl TEXTFILE (or --asr / --vqa NAME)")
@@ -369,7 +311,7 @@ def cmd_eval(args) -> dict:
         raise CLIError("--vqa-choice needs --vqa NAME")
     _check_counts(args, seqlen=2, max_windows=1, mm_limit=1)
     texts = [resolve_text(s) for s in args.ppl]
-    model = load_hf_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     result: dict = {"model": str(args.model)}
     for name, text in texts:
@@ -385,13 +327,13 @@ def cmd_eval(args) -> dict:
 
 
 def _eval_multimodal(model, args) -> dict:
-    from .models.processing import load_processor
+    from ..models.processing import load_processor
 
     src = getattr(model, "_mmcompress_source", None) or args.model
     processor = load_processor(src, trust_remote_code=getattr(args, "trust_remote_code", False))
     out: dict = {}
     if args.asr:
-        from .eval.asr import word_error_rate
+        from ..eval.asr import word_error_rate
 
         r = word_error_rate(model, processor, args.asr, limit=args.mm_limit, progress=not args.no_progress)
         print(f"{args.asr}: WER {r['wer']:.4f} (digits {r['wer_digits']}, sentences {r['wer_sentences']})",
@@ -403,13 +345,13 @@ def _eval_multimodal(model, args) -> dict:
                       f"of {e['words']} words", file=sys.stderr)
         out["asr"] = r
     if args.vqa:
-        from .eval.vqa import accuracy
+        from ..eval.vqa import accuracy
 
         r = accuracy(model, processor, args.vqa, limit_per_type=args.mm_limit, progress=not args.no_progress)
         print(f"{args.vqa}: accuracy {r['accuracy']:.4f} {r['by_type']}", file=sys.stderr)
         out["vqa"] = r
         if args.vqa_choice:
-            from .eval.vqa import choice_accuracy
+            from ..eval.vqa import choice_accuracy
 
             r = choice_accuracy(model, processor, args.vqa, limit_per_type=args.mm_limit, progress=not args.no_progress)
             print(f"{args.vqa}: multiple-choice accuracy {r['accuracy']:.4f} {r['by_type']} (chance {r['chance']})",
@@ -419,12 +361,12 @@ def _eval_multimodal(model, args) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from .export.serialization import save
-    from .models.adapters import get_adapter
-    from .models.loading import load_hf_model, read_config
-    from .recipe import apply_recipe, load_recipe
+    from ..export.serialization import load_model, save
+    from ..models.adapters import get_adapter
+    from ..models.loading import read_config
+    from ..recipe import apply_recipe, load_recipe
 
-    from .fileio import check_output
+    from ..fileio import check_output
 
     steps = load_recipe(args.recipe)
     trust = args.trust_remote_code
@@ -432,7 +374,7 @@ def cmd_compress(args) -> dict:
     read_config(args.model, trust_remote_code=trust)
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)
@@ -445,24 +387,15 @@ def cmd_compress(args) -> dict:
         "descriptions": desc["steps"]}
 
 
-def cmd_demo(args) -> dict:
-    from .demo import format_table, run_demo
-
-    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
-    print(format_table(result["rows"]))
-    print(f"report: {result['report']}  ({result['seconds']} s)")
-    return result
-
-
 def cmd_report(args) -> dict:
-    from .eval.report import render_report
+    from ..eval.report import render_report
 
     out = render_report(args.run_dir, getattr(args, "output", None))
     print(out)
     return {"report": str(out), "files": sorted(p.name for p in out.parent.glob("*.png"))}
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
 
 
 def register_command(name, fn):
@@ -470,14 +403,15 @@ def register_command(name, fn):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
     fn = COMMANDS.get(args.command) or getattr(args, "func", None)
     if getattr(args, "runtime", None):
-        from .export.serialization import set_default_runtime
+        from ..export.serialization import set_default_runtime
 
         set_default_runtime(args.runtime)
     try:
@@ -492,7 +426,7 @@ def main(argv=None) -> int:
         print(f"mmcompress {args.command}: error: {msg}", file=sys.stderr)
         return 1
     if getattr(args, "json", False) and result is not None:
-        from .finite import json_safe
+        from ..finite import json_safe
 
         nulled: list[str] = []
         result = json_safe(json.loads(json.dumps(result, default=str)), replaced=nulled)
@@ -501,7 +435,3 @@ def main(argv=None) -> int:
                   + (f" (and {len(nulled) - 8} more)" if len(nulled) > 8 else ""), file=sys.stderr)
         sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

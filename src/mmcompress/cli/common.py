@@ -1,0 +1,98 @@
+"""What the subcommands share: the one-line error, the common arguments, and ``--calib`` / named sets.
+
+Subcommand modules (``sparse/cli.py``, ``export/cli.py``, ``bench_cli.py``, ...) import these; the
+parser itself is :func:`mmcompress.cli.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """An error to report as one line."""
+
+
+def add_common(p: argparse.ArgumentParser):
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--runtime", choices=["int", "reference"], default=None,
+                   help="how loaded artifacts run: int (integer kernels, default) or reference (fake-quant)")
+
+
+def add_trust(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python files shipped in the model directory (a config's auto_map: custom model, "
+                        "tokenizer or processor classes); off by default, when such code is never imported")
+
+
+def add_calib(p: argparse.ArgumentParser, required: bool = True):
+    p.add_argument("--calib", required=required,
+                   help="calibration data: a text file, a .jsonl file ({'text','images','audio'}), or a testbed name "
+                        "(wiki, testbed)" + ("" if required else "; without it, rtn runs data-free (tensor by tensor)"))
+    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per text calibration sample (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_overwrite(p: argparse.ArgumentParser):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --output (atomically; never one that is, contains or is "
+                        "inside the input, nor the working directory)")
+
+
+def load_calibration(spec: str, model, model_dir, nsamples: int, seqlen: int, seed: int, *,
+                     trust_remote_code: bool = False):
+    """Resolve ``--calib``: a file path, or a named set (:mod:`mmcompress.data.named`, e.g. the testbed's)."""
+    from ..data.calibration import CalibrationSet
+    from ..models.loading import load_tokenizer
+
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {spec} does not exist")
+        if path.suffix == ".jsonl":
+            from ..models.processing import load_processor
+
+            return CalibrationSet.from_jsonl(path, load_processor(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples=nsamples, seed=seed)
+        return CalibrationSet.from_text_file(path, load_tokenizer(model_dir, trust_remote_code=trust_remote_code),
+                                             nsamples, seqlen, seed)
+    build = named_set("calibration", spec, "calibration file")
+    return build(model, model_dir, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def named_set(kind: str, spec: str, what: str):
+    """The named set ``spec`` of ``kind`` (:mod:`mmcompress.data.named`), which ``what`` was not."""
+    from ..data import named
+
+    try:
+        return named.resolve(kind, spec)
+    except named.UnknownSet as e:
+        raise FileNotFoundError(f"{what} {spec} does not exist and is not a named {kind} set "
+                                f"({', '.join(e.known) or 'none installed'})") from None
+
+
+def check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
+    """Cheap checks of ``--calib`` before the model is loaded."""
+    if nsamples < 1:
+        raise CLIError(f"--nsamples must be >= 1, got {nsamples}")
+    if seqlen < 2:
+        raise CLIError(f"--seqlen must be >= 2, got {seqlen}")
+    path = Path(spec)
+    if path.exists() or "/" in spec or spec.endswith((".txt", ".jsonl")):
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {spec} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace") if path.stat().st_size else ""
+        if not text.strip():
+            raise CLIError(f"calibration file {spec} is empty")
+        if path.suffix != ".jsonl":
+            from ..data.calibration import check_text
+
+            check_text(text, f"calibration file {spec}", warn=False)
+
+
+def input_paths(model, calib=None) -> list:
+    """Paths an --output must not overlap: the model directory and a calibration file."""
+    return [model] + ([calib] if calib and Path(calib).exists() else [])

@@ -1,0 +1,182 @@
+"""The package's import graph, built from the source: no cycles, and the CLI starts without the lab.
+
+Every ``import`` and ``from ... import`` counts, wherever it sits (module level, function bodies,
+``if`` blocks): an import moved into a function to dodge a cycle is still an edge.  The check covers
+the whole package, the lab parts (``testbed/``, ``demo.py``, ``bench.py``) included.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import mmcompress
+
+PACKAGE = Path(mmcompress.__file__).parent
+
+
+def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
+    """``{dotted name: (file, is_package)}`` of every module under ``root``."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return out
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, int]]:
+    """``{module: {imported module: line}}`` over the package's own modules.
+
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``; a name
+    below a module (``import a.b.f``) resolves to the module that holds it."""
+    modules = _modules(root)
+    top = root.name
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, dict[str, int]] = {}
+    for name, (path, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        edges = graph.setdefault(name, {})
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target == top or target.startswith(top + "."):
+                    to = resolve(target)
+                    if to and to != name:
+                        edges.setdefault(to, node.lineno)
+    return graph
+
+
+def strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            v, children = work[-1]
+            for w in children:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    component = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        component.append(w)
+                        if w == v:
+                            break
+                    if len(component) > 1:
+                        out.append(sorted(component))
+    return out
+
+
+def _describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
+    inside = set(component)
+    edges = [f"    {a} -> {b} (line {line})" for a in component for b, line in sorted(graph[a].items()) if b in inside]
+    return f"  {len(component)} modules: {', '.join(component)}\n" + "\n".join(edges)
+
+
+def test_graph_builder_sees_imports_everywhere(tmp_path):
+    pkg = tmp_path / "mmcompress"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import g\n")
+    (pkg / "c.py").write_text("import mmcompress.a.thing\n")
+    graph = import_graph(pkg)
+    assert graph["mmcompress.a"] == {"mmcompress.sub.b": 1}
+    assert graph["mmcompress.sub.b"] == {"mmcompress.c": 2}  # inside a function body
+    assert graph["mmcompress.c"] == {"mmcompress.a": 1}
+    assert strongly_connected(graph) == [["mmcompress.a", "mmcompress.c", "mmcompress.sub.b"]]
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 50 and "mmcompress.cli" in graph and "mmcompress.testbed.registry" in graph
+    cycles = strongly_connected(graph)
+    assert not cycles, "import cycles in src/mmcompress:\n" + "\n".join(_describe(c, graph) for c in cycles)
+
+
+# the lab: testbed models and data, the demo, the synthetic benchmark stack and its command line
+LAB = ("mmcompress.testbed", "mmcompress.demo", "mmcompress.bench", "mmcompress.bench_cli", "mmcompress.quant.bench_decode")
+
+
+def _in(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_product_does_not_import_the_lab():
+    """The lab plugs in (cli.LAZY_COMMANDS, data.named.PROVIDERS); no product module names it in an import."""
+    graph = import_graph()
+    wrong = [f"{a} -> {b} (line {line})" for a, edges in sorted(graph.items()) if not _in(a, LAB)
+             for b, line in sorted(edges.items()) if _in(b, LAB)]
+    assert not wrong, "product modules importing lab code:\n" + "\n".join(wrong)
+
+
+def test_subcommands_import_cli_common_not_the_cli():
+    graph = import_graph()
+    assert "mmcompress.cli.common" in graph
+    assert [a for a, edges in graph.items() if "mmcompress.cli" in edges and not _in(a, ["mmcompress.cli"])] == []
+
+
+def test_cli_imports_no_lab_code():
+    code = ("import mmcompress, mmcompress.cli, sys; "
+            "assert not any('testbed' in m for m in sys.modules), sorted(m for m in sys.modules if 'testbed' in m)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_lab_subcommands_load_only_when_asked():
+    code = """
+import contextlib, io, sys
+from mmcompress.cli import main
+lab = lambda: sorted(m for m in sys.modules if 'testbed' in m or m == 'mmcompress.demo')
+out = io.StringIO()
+for argv in (["--help"], ["quantize", "--help"], ["eval", "--help"]):
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(argv)
+assert not lab(), lab()
+assert "testbed" in out.getvalue() and "demo" in out.getvalue()
+with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+    main(["testbed", "fetch", "--help"])
+assert "--verify" in help_text.getvalue() and "mmcompress.testbed.cli" in lab(), lab()
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
