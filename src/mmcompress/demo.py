@@ -44,7 +44,8 @@ def register(subparsers) -> None:
 
 
 def cmd_demo(args) -> dict:
-    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress)
+    result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress,
+                      runtime=getattr(args, "runtime", None) or "int")
     print(format_table(result["rows"]))
     print(f"report: {result['report']}  ({result['seconds']} s)")
     return result
@@ -55,7 +56,9 @@ def _log(msg: str):
 
 
 def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_model="omni-mini",
-             text_model="smollm2-135m", progress: bool = True) -> dict:
+             text_model="smollm2-135m", progress: bool = True, runtime: str = "int") -> dict:
+    """``runtime``: how the quantized models are evaluated, as a loaded artifact would run (``int``: the
+    integer kernels, ``reference``: the fake-quant forward)."""
     import torch
 
     from .eval.perplexity import text_perplexity
@@ -63,6 +66,7 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     from .models.loading import load_hf_model, load_tokenizer
     from .models.processing import load_processor
     from .quant.api import quantize
+    from .quant.deployed import deploy
     from .testbed.data import calibration_set, eval_text
     from .testbed.registry import fetch
 
@@ -110,6 +114,7 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
         t0 = time.time()
         quantize(model, calib, method, "w4a8", device=device, progress=progress, report_dir=out, **opts)
         secs = round(time.time() - t0, 1)
+        deploy(model, runtime, quiet=True)  # evaluated the way `mmcompress.load` would run the artifact
         report = json.loads(Path(model._mmcompress_description["report"]).read_text())
         sqnr = report["summary"].get("mean_sqnr_accumulated", {})
         extra = {"scheme": "w4a8", "calib_s": secs,
