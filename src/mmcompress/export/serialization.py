@@ -99,6 +99,10 @@ def write_side_files(tmp: Path, model: nn.Module, manifest: dict, source_dir) ->
     model.config.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if source_dir and Path(source_dir).is_dir():
+        if getattr(model.config, "auto_map", None):  # its remote code travels with it
+            for src in sorted(Path(source_dir).glob("*.py")):  # (imported only under --trust-remote-code)
+                if src.is_file():
+                    shutil.copyfile(src, tmp / src.name)
         for fname in _PROCESSOR_FILES:
             src = Path(source_dir) / fname
             if src.is_file():
@@ -292,11 +296,9 @@ def _with_model_dtype(specs: dict, dtype: str) -> dict:
 def _install_runtime(model: nn.Module) -> None:
     """Modality routing for multimodal artifacts (per-token modality ids during prefill)."""
     from ..models.adapters import get_adapter
-    from ..models.modality import install_router
 
     try:
-        adapter = get_adapter(model)
+        adapter = get_adapter(model)  # also installs a family's calling convention (MiniCPM-V 2.x)
     except ValueError:
         return
-    if adapter.modality_token_ids:
-        install_router(model, adapter.modality_token_ids)
+    adapter.install_router()

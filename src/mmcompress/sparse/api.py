@@ -100,10 +100,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         "calibration": calib.summary(adapter.modality_token_ids),
         "seconds": round(time.time() - t0, 2),
     }
-    if adapter.modality_token_ids:
-        from ..models.modality import install_router
-
-        install_router(model, adapter.modality_token_ids)
+    adapter.install_router()
     return model
 
 

@@ -1,0 +1,71 @@
+"""The other methods on every family of issue 18, end to end on a tiny random model (no download):
+AWQ and MBQ (quantization: every decoder linear quantized, scales searched per group, save -> load
+with identical logits) and TEAL and CATS (activation sparsity: thresholds calibrated, realised
+sparsity measured, save -> load with identical logits).  RTN, SmoothQuant, MASQuant and LaRoSA are
+in test_families.py.  Qwen3.5 and the MiniCPM-V 4.6/4.7 built on it have linear-attention layers,
+which activation sparsity refuses by name.
+
+Run one family with ``-k <kind>``.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import mmcompress
+from mmcompress.models.adapters import UnsupportedModelError, get_adapter
+from mmcompress.quant.linear import QuantLinear
+from mmcompress.sparse.api import measure_sparsity
+
+from ._families import calibration, family_inputs
+from .test_families import KINDS, MULTIMODAL, _logits, _model, _n_linears, _sqnr
+
+LINEAR_ATTENTION = {"qwen3_5", "qwen3_5_vl", "minicpmv4_6", "minicpmv4_7"}
+
+
+@pytest.mark.parametrize("method,scheme", [("awq", "w4a16"), ("mbq", "w4a8")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_scale_search_methods(kind, method, scheme, tokenizer, tmp_path):
+    model = _model(kind, tokenizer)
+    x = family_inputs(kind, tokenizer, seed=7)
+    ref = _logits(model, x)
+    mmcompress.quantize(model, calibration(kind, tokenizer), method, scheme, progress=False, grid=4)
+    adapter = get_adapter(model)
+    assert sum(isinstance(m, QuantLinear) for m in adapter.layers.modules()) == _n_linears(adapter)
+    for info in model._mmcompress_description["layers"]:  # every foldable group got a searched scale
+        assert {"attn_in", "mlp_in"} <= set(info[method]["alpha"])
+    if method == "mbq":
+        weights = model._mmcompress_method_summary["loss_weights"]
+        assert weights["text"] == 1.0
+        assert (weights.get("image", 0) > 0) == (kind in MULTIMODAL)
+    y = _logits(model, x)
+    assert not torch.equal(y, ref) and _sqnr(y, ref) > 5
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference")
+    assert torch.equal(_logits(loaded, x), y)
+
+
+@pytest.mark.parametrize("method,sparsity", [("teal", 0.4), ("cats", 0.25)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path):
+    model = _model(kind, tokenizer)
+    calib = calibration(kind, tokenizer)
+    x = family_inputs(kind, tokenizer, seed=7)
+    if kind in LINEAR_ATTENTION:
+        with pytest.raises(UnsupportedModelError, match="linear-attention"):
+            mmcompress.sparsify(model, calib, method, sparsity, progress=False)
+        return
+    ref = _logits(model, x)
+    dense = mmcompress.sparsify(copy.deepcopy(model), calib, method, 0.0, progress=False)
+    torch.testing.assert_close(_logits(dense, x), ref)  # threshold 0 keeps every activation
+    mmcompress.sparsify(model, calib, method, sparsity, progress=False)
+    desc = model._mmcompress_description["method"]
+    assert desc["method"] == method and abs(desc["model_sparsity"] - sparsity) < 0.02  # the plan
+    got = measure_sparsity(model, calib)["model_sparsity"]  # realised on the calibration inputs
+    assert abs(got - sparsity) < 0.1, got
+    y = _logits(model, x)
+    assert torch.isfinite(y).all() and not torch.equal(y, ref)
+    if kind in MULTIMODAL:
+        assert getattr(model, "_mmcompress_router", None) is not None
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference")
+    assert torch.equal(_logits(loaded, x), y)
