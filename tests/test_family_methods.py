@@ -2,8 +2,8 @@
 AWQ and MBQ (quantization: every decoder linear quantized, scales searched per group, save -> load
 with identical logits) and TEAL and CATS (activation sparsity: thresholds calibrated, realised
 sparsity measured, save -> load with identical logits).  RTN, SmoothQuant, MASQuant and LaRoSA are
-in test_families.py.  Qwen3.5 and the MiniCPM-V 4.6/4.7 built on it have linear-attention layers,
-which activation sparsity refuses by name.
+in test_families.py.  Qwen3.5 and the MiniCPM-V 4.6/4.7 built on it have linear-attention layers:
+TEAL thresholds their projections' inputs too, CATS their MLPs; LaRoSA and WINA refuse them by name.
 
 Run one family with ``-k <kind>``.
 """
@@ -17,6 +17,8 @@ import mmcompress
 from mmcompress.models.adapters import UnsupportedModelError, get_adapter
 from mmcompress.quant.linear import QuantLinear
 from mmcompress.sparse.api import measure_sparsity
+from mmcompress.sparse.linear import SparseLinear
+from mmcompress.sparse.merge import ThresholdedActivation
 
 from ._families import calibration, family_inputs
 from .test_families import KINDS, MULTIMODAL, _logits, _model, _n_linears, _sqnr
@@ -53,8 +55,7 @@ def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path)
     x = family_inputs(kind, tokenizer, seed=7)
     if kind in LINEAR_ATTENTION:
         with pytest.raises(UnsupportedModelError, match="linear-attention"):
-            mmcompress.sparsify(model, calib, method, sparsity, progress=False)
-        return
+            mmcompress.sparsify(copy.deepcopy(model), calib, "wina", sparsity, progress=False)
     ref = _logits(model, x)
     dense = mmcompress.sparsify(copy.deepcopy(model), calib, method, 0.0, progress=False)
     torch.testing.assert_close(_logits(dense, x), ref)  # threshold 0 keeps every activation
@@ -63,6 +64,12 @@ def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path)
     assert desc["method"] == method and abs(desc["model_sparsity"] - sparsity) < 0.02  # the plan
     got = measure_sparsity(model, calib)["model_sparsity"]  # realised on the calibration inputs
     assert abs(got - sparsity) < 0.1, got
+    adapter = get_adapter(model)
+    for i, layer in enumerate(adapter.layers):  # TEAL: every decoder linear (incl. Gated-DeltaNet's); CATS: the MLP
+        sparse = {p for p in adapter.linear_names(i) if isinstance(layer.get_submodule(p), SparseLinear)}
+        assert sparse == (set(adapter.linear_names(i)) if method == "teal" else set())
+        if method == "cats":
+            assert isinstance(layer.mlp.act_fn, ThresholdedActivation)
     y = _logits(model, x)
     assert torch.isfinite(y).all() and not torch.equal(y, ref)
     if kind in MULTIMODAL:

@@ -83,7 +83,7 @@ class ModelAdapter:
     multimodal: bool = False
     embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
     merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
-    sparsity_blocker: str | None = None  # why activation sparsity cannot be applied at all
+    sparsity_blocker: str | None = None  # why LaRoSA / WINA cannot be applied at all (TEAL and CATS can)
     layer_index: int | None = None  # set on a per-layer view (:meth:`at_layer`)
     head_path: str = "lm_head"
     image_spans: bool = False  # image positions come from the inputs' ``image_bound`` spans (MiniCPM-V 2.x)
@@ -226,8 +226,8 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
 GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
                   "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
                   "'reference'")
-LINEAR_ATTENTION = ("linear-attention (Gated-DeltaNet) layers: not supported by activation sparsity (the sparsity "
-                    "plan knows q/k/v/o/gate/up/down only)")
+LINEAR_ATTENTION = ("linear-attention (Gated-DeltaNet) layers: not supported by LaRoSA or WINA (their rotations and "
+                    "Top-K plans assume one kind of decoder layer with q/k/v/o/gate/up/down; TEAL and CATS run on them)")
 RESAMPLER = ("MiniCPM-V's resampler writes the image features into the residual stream through a parameter "
              "matrix (resampler.proj), not a linear, so the embedding-side rotation cannot be merged; use mode "
              "'reference'")
