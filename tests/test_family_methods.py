@@ -21,18 +21,31 @@ from mmcompress.sparse.linear import SparseLinear
 from mmcompress.sparse.merge import ThresholdedActivation
 
 from ._families import calibration, family_inputs
+from ._remote import remote_inputs, write_remote_minicpmv
 from .test_families import KINDS, MULTIMODAL, _logits, _model, _n_linears, _sqnr
 
 LINEAR_ATTENTION = {"qwen3_5", "qwen3_5_vl", "minicpmv4_6", "minicpmv4_7"}
+REMOTE = "minicpmv_remote"  # MiniCPM-Llama3-V-2.5's structure, from a tiny local remote-code directory
+ALL_KINDS = [*KINDS, REMOTE]
+
+
+def _setup(kind, tok, tmp_path):
+    """(model, calibration, probe inputs, load keyword arguments) for ``kind``."""
+    if kind == REMOTE:
+        from mmcompress.models.loading import load_hf_model
+
+        model = load_hf_model(write_remote_minicpmv(tmp_path / "src", tok), trust_remote_code=True)
+        calib = [remote_inputs(tok, seed=j, text=t) for j, t in enumerate((" the quick brown fox", " red green blue"))]
+        return model, calib, remote_inputs(tok, seed=7), {"trust_remote_code": True}
+    return _model(kind, tok), calibration(kind, tok), family_inputs(kind, tok, seed=7), {}
 
 
 @pytest.mark.parametrize("method,scheme", [("awq", "w4a16"), ("mbq", "w4a8")])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_scale_search_methods(kind, method, scheme, tokenizer, tmp_path):
-    model = _model(kind, tokenizer)
-    x = family_inputs(kind, tokenizer, seed=7)
+    model, calib, x, load_kw = _setup(kind, tokenizer, tmp_path)
     ref = _logits(model, x)
-    mmcompress.quantize(model, calibration(kind, tokenizer), method, scheme, progress=False, grid=4)
+    mmcompress.quantize(model, calib, method, scheme, progress=False, grid=4)
     adapter = get_adapter(model)
     assert sum(isinstance(m, QuantLinear) for m in adapter.layers.modules()) == _n_linears(adapter)
     for info in model._mmcompress_description["layers"]:  # every foldable group got a searched scale
@@ -40,19 +53,17 @@ def test_scale_search_methods(kind, method, scheme, tokenizer, tmp_path):
     if method == "mbq":
         weights = model._mmcompress_method_summary["loss_weights"]
         assert weights["text"] == 1.0
-        assert (weights.get("image", 0) > 0) == (kind in MULTIMODAL)
+        assert (weights.get("image", 0) > 0) == (kind in MULTIMODAL or kind == REMOTE)
     y = _logits(model, x)
     assert not torch.equal(y, ref) and _sqnr(y, ref) > 5
-    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference")
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference", **load_kw)
     assert torch.equal(_logits(loaded, x), y)
 
 
 @pytest.mark.parametrize("method,sparsity", [("teal", 0.4), ("cats", 0.25)])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path):
-    model = _model(kind, tokenizer)
-    calib = calibration(kind, tokenizer)
-    x = family_inputs(kind, tokenizer, seed=7)
+    model, calib, x, load_kw = _setup(kind, tokenizer, tmp_path)
     if kind in LINEAR_ATTENTION:
         with pytest.raises(UnsupportedModelError, match="linear-attention"):
             mmcompress.sparsify(copy.deepcopy(model), calib, "wina", sparsity, progress=False)
@@ -72,7 +83,7 @@ def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path)
             assert isinstance(layer.mlp.act_fn, ThresholdedActivation)
     y = _logits(model, x)
     assert torch.isfinite(y).all() and not torch.equal(y, ref)
-    if kind in MULTIMODAL:
+    if kind in MULTIMODAL or kind == REMOTE:
         assert getattr(model, "_mmcompress_router", None) is not None
-    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference")
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference", **load_kw)
     assert torch.equal(_logits(loaded, x), y)
