@@ -87,3 +87,23 @@ def test_threshold_sparsity_methods(kind, method, sparsity, tokenizer, tmp_path)
         assert getattr(model, "_mmcompress_router", None) is not None
     loaded = mmcompress.load(mmcompress.save(model, tmp_path / method), runtime="reference", **load_kw)
     assert torch.equal(_logits(loaded, x), y)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5", REMOTE])
+def test_data_free_rtn_equals_in_memory_rtn(kind, tokenizer, calib_text, tmp_path, capsys):
+    """``quantize`` without --calib on a hybrid decoder (per-layer linears) and on remote code (its meta
+    skeleton built through the directory's code, only with --trust-remote-code)."""
+    from mmcompress.cli import main
+    from mmcompress.models.tiny import save_tiny
+
+    from .test_datafree import _same_artifact
+
+    if kind == REMOTE:
+        src, trust = write_remote_minicpmv(tmp_path / "src", tokenizer), ["--trust-remote-code"]
+    else:
+        src, trust = save_tiny(tmp_path / "src", kind, tokenizer=tokenizer), []
+    common = ["--scheme", "w8a8", "--no-progress", *trust]
+    assert main(["quantize", str(src), "-o", str(tmp_path / "free"), *common]) == 0, capsys.readouterr().err
+    assert main(["quantize", str(src), "--calib", str(calib_text), "--nsamples", "2", "--seqlen", "16",
+                 "-o", str(tmp_path / "mem"), *common]) == 0, capsys.readouterr().err
+    _same_artifact(tmp_path / "free", tmp_path / "mem")

@@ -45,11 +45,13 @@ def test_refused_without_trust_remote_code(remote_dir, calib_text, tmp_path, cap
     monkeypatch.setenv("MMCOMPRESS_REMOTE_CODE_SENTINEL", str(sentinel))
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"steps": [{"quantize": {"method": "rtn", "scheme": "w8a8"}}]}))
-    runs = {"quantize": ["--calib", str(calib_text)], "compress": ["--recipe", str(recipe), "--calib", str(calib_text)],
-            "sparsify": ["--sparsity", "0.3", "--calib", str(calib_text)]}
-    for cmd, extra in runs.items():
-        out = tmp_path / f"out-{cmd}"
-        rc = main([cmd, str(remote_dir), *extra, "--nsamples", "2", "--seqlen", "16", "-o", str(out)])
+    calib = ["--calib", str(calib_text), "--nsamples", "2", "--seqlen", "16"]
+    runs = {"quantize": calib, "compress": ["--recipe", str(recipe), *calib], "sparsify": ["--sparsity", "0.3", *calib],
+            "quantize data-free": []}
+    for name, extra in runs.items():
+        cmd = name.split()[0]
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        rc = main([cmd, str(remote_dir), *extra, "-o", str(out)])
         err = capsys.readouterr().err.strip()
         assert rc == 1 and len(err.splitlines()) == 1, (cmd, err)
         assert "--trust-remote-code" in err and ("modeling_minicpmv.MiniCPMV" in err or "configuration_minicpm" in err)
