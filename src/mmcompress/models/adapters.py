@@ -252,7 +252,7 @@ class Family:
     head_path: str = "lm_head"
     image_spans: bool = False  # image positions from the inputs' image_bound spans
     router_path: str = ""
-    call_convention: object = None  # forward pre-hook mapping keyword inputs to the model's own form
+    call_convention: str | None = None  # how keyword inputs reach the model (:func:`install_call_convention`)
 
     def kinds(self, config, n_layers: int) -> list[LayerKind]:
         if isinstance(self.layers, LayerKind):

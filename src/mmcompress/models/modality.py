@@ -9,11 +9,12 @@ Every token of a (possibly multimodal) input gets one integer modality id, built
 * ``VIDEO = 3`` video placeholder positions.  MASQuant's reference counts video as text; methods map
   it with :func:`method_modalities`.
 
-Decode steps (sequence length 1) and text-only inputs are all text.  Models that mark images by token
-spans instead of a placeholder id (MiniCPM-V 2.x: ``image_bound``, per sample ``[n, 2]`` spans
-``[start, end)``) get their image positions from those spans (:func:`input_modality_ids`).  The ids of the sequence being
-processed are published in a context (:func:`modality_context`) that modality-aware modules read
-(:func:`current_modality_ids`), so no model code has to thread an extra argument through.
+Decode steps (sequence length 1) and text-only inputs are all text.  Models that mark images by
+token spans instead of a placeholder id (MiniCPM-V 2.x: ``image_bound``, per sample ``[n, 2]`` spans
+``[start, end)``) get their image positions from those spans (:func:`input_modality_ids`).  The ids
+of the sequence being processed are published in a context (:func:`modality_context`) that
+modality-aware modules read (:func:`current_modality_ids`), so no model code has to thread an extra
+argument through.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def modality_context(ids: torch.Tensor | None):
 
 
 class ModalityRouter:
-    """Forward pre-hook on a whole model that publishes modality ids of its ``input_ids``.
+    """Forward pre-hook on a whole model that publishes modality ids of its ``input_ids`` (or, for a
+    prefill on ``inputs_embeds``, the ids the model's own embedding step left on the module: ``PENDING``).
 
     Installed by :func:`install_router` on compressed multimodal models so that evaluation and
     generation route tokens without any change to the modelling code.  Generation's decode steps
@@ -122,22 +124,16 @@ class ModalityRouter:
         self.token_ids = dict(token_ids)
 
     def pre_hook(self, module, args, kwargs):
-        inputs = kwargs
-        if args and isinstance(args[0], dict):  # a model that takes one data dict (MiniCPM-V 2.x)
-            inputs = args[0]
-        elif isinstance(kwargs.get("data"), dict):
-            inputs = kwargs["data"]
-        elif args and "input_ids" not in kwargs:
-            inputs = {**kwargs, "input_ids": args[0]}
-        input_ids = inputs.get("input_ids")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         pending = module.__dict__.pop(PENDING, None)  # left by the model's own embedding step (MiniCPM-V 2.x)
         ids = None
-        if isinstance(embeds, torch.Tensor) and (input_ids is None or input_ids.shape[-1] != embeds.shape[1]):
+        if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 and (
+                not isinstance(input_ids, torch.Tensor) or input_ids.shape[-1] != embeds.shape[1]):
             if pending is not None and tuple(pending.shape) == tuple(embeds.shape[:2]) and embeds.shape[1] > 1:
-                ids = pending.to(embeds.device)
+                ids = pending.to(embeds.device)  # a prefill on embeddings: the ids of what was embedded
         elif isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-            ids = input_modality_ids(inputs, self.token_ids)
+            ids = modality_ids(input_ids, self.token_ids)
         if not hasattr(_state, "saved"):
             _state.saved = []
         _state.saved.append(getattr(_state, "ids", None))  # restored by post_hook (nested calls keep theirs)
