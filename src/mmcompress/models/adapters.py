@@ -83,7 +83,7 @@ class ModelAdapter:
     multimodal: bool = False
     embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
     merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
-    sparsity_blocker: str | None = None  # why LaRoSA / WINA cannot be applied at all (TEAL and CATS can)
+    sparsity_blocker: str | None = None  # why LaRoSA and WINA cannot be applied at all (TEAL and CATS can)
     layer_index: int | None = None  # set on a per-layer view (:meth:`at_layer`)
     head_path: str = "lm_head"
     image_spans: bool = False  # image positions come from the inputs' ``image_bound`` spans (MiniCPM-V 2.x)
@@ -226,8 +226,6 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
 GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
                   "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
                   "'reference'")
-LINEAR_ATTENTION = ("linear-attention (Gated-DeltaNet) layers: not supported by LaRoSA or WINA (their rotations and "
-                    "Top-K plans assume one kind of decoder layer with q/k/v/o/gate/up/down; TEAL and CATS run on them)")
 RESAMPLER = ("MiniCPM-V's resampler writes the image features into the residual stream through a parameter "
              "matrix (resampler.proj), not a linear, so the embedding-side rotation cannot be merged; use mode "
              "'reference'")
@@ -270,7 +268,9 @@ class Family:
 
 _QWEN_VL_TOKENS = {"image": "image_token_id", "video": "video_token_id"}
 _QWEN3_5_LAYERS = {"full_attention": QWEN3_5_FULL_LAYER, "linear_attention": QWEN3_5_LINEAR_LAYER}
-_QWEN3_5 = dict(layers=_QWEN3_5_LAYERS, norm_offset=1.0, sparsity_blocker=LINEAR_ATTENTION)
+_QWEN3_5 = dict(layers=_QWEN3_5_LAYERS, norm_offset=1.0)
+# MiniCPM-V 4.6/4.7: the last of the merger's downsampling MLPs projects the image features into the LLM width
+_MINICPMV4_WRITERS = tuple(f"merger.mlp.{i}.linear_2" for i in range(4))
 
 # model_type -> family description.  Keys are transformers `config.model_type` values.
 FAMILIES: dict[str, Family] = {
@@ -295,11 +295,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
                        embedding_writers=("visual.merger.linear_fc2",), merged_blocker=DEEPSTACK),
     "qwen3_5_text": Family("qwen3_5", "model", **_QWEN3_5),
-    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True, **_QWEN3_5),
+    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+                      embedding_writers=("visual.merger.linear_fc2",), **_QWEN3_5),
     "minicpmv4_6": Family("minicpmv4_6", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
-                          **_QWEN3_5),
+                          embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
     "minicpmv4_7": Family("minicpmv4_7", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
-                          **_QWEN3_5),
+                          embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
     # MiniCPM-Llama3-V-2.5 (Llama-3 LLM) and MiniCPM-V 2.6 (Qwen2 LLM): remote code only (--trust-remote-code);
     # the LLM is `llm`, images are written over the `image_bound` spans of the token sequence.
     "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, merged_blocker=RESAMPLER,

@@ -233,8 +233,8 @@ def _rotate_reader(linear: nn.Linear, q: torch.Tensor, gamma: torch.Tensor | Non
     linear.weight.data.copy_((w @ q).to(linear.weight.dtype))
 
 
-def _groups(adapter):
-    return {g.name: g for g in adapter.groups}
+def _groups(adapter, i: int):
+    return {g.name: g for g in adapter.layer_groups(i)}
 
 
 def _check_rotations(adapter, rotations):
@@ -273,7 +273,6 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     if not ok:
         raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
     qs = _check_rotations(adapter, rotations)
-    groups = _groups(adapter)
     layers = adapter.layers
     n = len(layers)
     d = adapter.text_config.hidden_size
@@ -281,6 +280,7 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     for i in range(n):
         layer = inner_layer(layers[i])
         q = qs[i]
+        groups = _groups(adapter, i)
         for gname in ("attn_in", "mlp_in"):
             g = groups[gname]
             norm = layer.get_submodule(g.producer)
@@ -327,11 +327,11 @@ def rotate_reference(model: nn.Module, adapter, rotations) -> nn.Module:
     """Mode R: block-input norms become ``RotatedNorm`` (γ⊙RMS(r))·Q_l and readers W Q_l.  The
     residual stream, embedding and head are untouched.  In place; returns ``model``."""
     qs = _check_rotations(adapter, rotations)
-    groups = _groups(adapter)
     d = adapter.text_config.hidden_size
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
         q = qs[i]
+        groups = _groups(adapter, i)
         for gname in ("attn_in", "mlp_in"):
             g = groups[gname]
             rotate_block_input(layer, g, q, d)
