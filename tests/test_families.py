@@ -119,7 +119,7 @@ def test_masquant_routes_images_saves_and_generates(kind, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_larosa(kind, tokenizer):
+def test_larosa(kind, tokenizer, tmp_path):
     mode = LAROSA_MODE[kind]
     model = _model(kind, tokenizer)
     calib = calibration(kind, tokenizer)
@@ -137,6 +137,8 @@ def test_larosa(kind, tokenizer):
     assert abs(got - 0.4) < 0.03
     y = _logits(model, x)
     assert torch.isfinite(y).all() and _sqnr(y, ref) > 0
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / "larosa"), runtime="reference")
+    assert torch.equal(_logits(loaded, x), y)
 
 
 @torch.no_grad()
