@@ -4,6 +4,7 @@ with it found (the LLM decoder inside ``llm``, images from ``image_bound``), qua
 tokens routed (forward and the model's own generate), saved (with its code) and loaded with identical
 logits, compressed from the CLI."""
 
+import copy
 import json
 
 import pytest
@@ -130,15 +131,24 @@ def test_masquant_save_load_forward(remote_dir, tokenizer, tmp_path):
     assert all(ids is None or bool((ids == TEXT).all()) for ids in seen[1:])
 
 
-def test_larosa_merged_is_refused_reference_runs(remote_dir, tokenizer):
+@pytest.mark.parametrize("mode", ["merged", "reference"])
+def test_larosa(remote_dir, tokenizer, tmp_path, mode):
+    """Merged mode rotates the resampler's proj with the embedding: at sparsity 0 the logits with an image
+    are the model's (they are not if proj is left out)."""
     model = load_hf_model(remote_dir, trust_remote_code=True)
-    with pytest.raises(NotImplementedError, match="resampler"):
-        mmcompress.sparsify(model, _calib(tokenizer), "larosa", 0.3, progress=False)
+    calib = _calib(tokenizer)
     x = remote_inputs(tokenizer, seed=7)
     ref = _logits(model, x)
-    mmcompress.sparsify(model, _calib(tokenizer), "larosa", 0.3, mode="reference", progress=False)
+    dense = mmcompress.sparsify(copy.deepcopy(model), calib, "larosa", 0.0, mode=mode, progress=False)
+    torch.testing.assert_close(_logits(dense, x), ref, rtol=1e-3, atol=1e-3)
+    mmcompress.sparsify(model, calib, "larosa", 0.4, mode=mode, progress=False)
+    from mmcompress.sparse.api import measure_sparsity
+
+    assert abs(measure_sparsity(model, [x])["model_sparsity"] - 0.4) < 0.03
     y = _logits(model, x)
     assert torch.isfinite(y).all() and not torch.equal(y, ref) and _sqnr(y, ref) > 0
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / "larosa"), runtime="reference", trust_remote_code=True)
+    assert torch.equal(_logits(loaded, x), y)
 
 
 def test_cli_quantize_and_compress_with_trust(remote_dir, calib_text, tmp_path, tokenizer):

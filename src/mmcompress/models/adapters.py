@@ -82,6 +82,7 @@ class ModelAdapter:
     norm_offset: float = 0.0  # Gemma / Qwen3.5 RMSNorm computes x * (1 + weight)
     multimodal: bool = False
     embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
+    embedding_matrices: tuple[str, ...] = ()  # paths of parameters P whose features x @ P are written there
     merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
     sparsity_blocker: str | None = None  # why LaRoSA and WINA cannot be applied at all (TEAL and CATS can)
     layer_index: int | None = None  # set on a per-layer view (:meth:`at_layer`)
@@ -226,9 +227,6 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
 GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
                   "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
                   "'reference'")
-RESAMPLER = ("MiniCPM-V's resampler writes the image features into the residual stream through a parameter "
-             "matrix (resampler.proj), not a linear, so the embedding-side rotation cannot be merged; use mode "
-             "'reference'")
 DEEPSTACK = ("Qwen3-VL adds deepstack visual features into the residual stream after the first decoder layers, in "
              "the unrotated basis; merged mode would have to rotate each deepstack merger with the next layer's "
              "rotation; use mode 'reference'")
@@ -245,6 +243,7 @@ class Family:
     norm_offset: float = 0.0
     multimodal: bool = False
     embedding_writers: tuple = ()
+    embedding_matrices: tuple = ()  # parameters P of features x @ P written into the input embeddings
     merged_blocker: str | None = None
     sparsity_blocker: str | None = None
     head_path: str = "lm_head"
@@ -303,7 +302,7 @@ FAMILIES: dict[str, Family] = {
                           embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
     # MiniCPM-Llama3-V-2.5 (Llama-3 LLM) and MiniCPM-V 2.6 (Qwen2 LLM): remote code only (--trust-remote-code);
     # the LLM is `llm`, images are written over the `image_bound` spans of the token sequence.
-    "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, merged_blocker=RESAMPLER,
+    "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, embedding_matrices=("resampler.proj",),
                        head_path="llm.lm_head", image_spans=True, router_path="llm", call_convention="minicpmv"),
 }
 
@@ -351,7 +350,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ModelAdapter(
         model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
         modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
-        embedding_writers=fam.embedding_writers, merged_blocker=fam.merged_blocker,
+        embedding_writers=fam.embedding_writers, embedding_matrices=fam.embedding_matrices,
+        merged_blocker=fam.merged_blocker,
         sparsity_blocker=fam.sparsity_blocker, head_path=fam.head_path, image_spans=fam.image_spans,
         router_path=fam.router_path,
     )

@@ -305,6 +305,9 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     emb.weight.data.copy_((emb.weight.data.double() @ qs[0]).to(emb.weight.dtype))
     for lin in embedding_writers(model, adapter):
         _rotate_writer(lin, qs[0])
+    for path in adapter.embedding_matrices:  # features x @ P (MiniCPM-V's resampler): P' = P Q
+        p = model.get_parameter(path)
+        p.data.copy_((p.data.double() @ qs[0]).to(p.dtype))
     gamma_f = adapter.norm_scale(adapter.final_norm)
     _rotate_reader(head, qs[-1], gamma_f)
     adapter.set_norm_scale(adapter.final_norm, torch.ones_like(gamma_f))
