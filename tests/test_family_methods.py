@@ -108,3 +108,6 @@ def test_data_free_rtn_equals_in_memory_rtn(kind, tokenizer, calib_text, tmp_pat
     assert main(["quantize", str(src), "--calib", str(calib_text), "--nsamples", "2", "--seqlen", "16",
                  "-o", str(tmp_path / "mem"), *common]) == 0, capsys.readouterr().err
     _same_artifact(tmp_path / "free", tmp_path / "mem")
+    for art in ("free", "mem"):  # remote code travels with the artifact (and nothing else does)
+        assert {f.name for f in (tmp_path / art).glob("*.py")} == (
+            {"configuration_minicpm.py", "modeling_minicpmv.py"} if kind == REMOTE else set())

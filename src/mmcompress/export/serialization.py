@@ -99,8 +99,8 @@ def write_side_files(tmp: Path, model: nn.Module, manifest: dict, source_dir) ->
     model.config.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if source_dir and Path(source_dir).is_dir():
-        if getattr(model.config, "auto_map", None):  # its remote code travels with it
-            for src in sorted(Path(source_dir).glob("*.py")):  # (imported only under --trust-remote-code)
+        if not type(model).__module__.startswith("transformers."):  # remote code: the model's own files travel
+            for src in sorted(Path(source_dir).glob("*.py")):  # with it (imported only under --trust-remote-code)
                 if src.is_file():
                     shutil.copyfile(src, tmp / src.name)
         for fname in _PROCESSOR_FILES:
