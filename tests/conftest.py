@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# remote code that tests load with trust_remote_code (tests/_remote.py) is copied here, not into ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), f"mmcompress-tests-hf-modules-{os.getuid()}"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -12,16 +12,28 @@ KIND_OF_TYPE = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma
                 "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3": "qwen3",
                 "gemma3": "gemma3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "qwen3_vl": "qwen3_vl",
                 "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5_vl", "minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7"}
+# families whose modeling code ships in the model directory: a tiny local remote-code directory (tests/_remote.py)
+REMOTE_TYPES = {"minicpmv": "MiniCPMV"}
 
 
 def test_every_family_has_a_tiny_model():
-    assert set(KIND_OF_TYPE) == set(FAMILIES)
+    assert set(KIND_OF_TYPE) | set(REMOTE_TYPES) == set(FAMILIES)
     assert set(KIND_OF_TYPE.values()) <= set(TINY_KINDS)
 
 
-@pytest.mark.parametrize("model_type", sorted(KIND_OF_TYPE))
-def test_every_decoder_linear_is_compressed_or_skipped(model_type, tokenizer):
-    model, _ = tiny_model(KIND_OF_TYPE[model_type], tokenizer=tokenizer)
+def _model(model_type, tokenizer, tmp_path):
+    if model_type in REMOTE_TYPES:
+        from mmcompress.models.loading import load_hf_model
+
+        from ._remote import write_remote_minicpmv
+
+        return load_hf_model(write_remote_minicpmv(tmp_path / "remote", tokenizer), trust_remote_code=True)
+    return tiny_model(KIND_OF_TYPE[model_type], tokenizer=tokenizer)[0]
+
+
+@pytest.mark.parametrize("model_type", sorted({**KIND_OF_TYPE, **REMOTE_TYPES}))
+def test_every_decoder_linear_is_compressed_or_skipped(model_type, tokenizer, tmp_path):
+    model = _model(model_type, tokenizer, tmp_path)
     assert model.config.model_type == model_type
     adapter = get_adapter(model)
     kinds = set()
@@ -64,6 +76,7 @@ def test_unsupported_architecture_is_refused_with_the_list(tokenizer):
         get_adapter(model)
     msg = str(e.value)
     assert "fused 3-D parameters" in msg and "supported model types:" in msg and "minicpmv4_6" in msg
+    assert "router" in msg and "not supported" in msg
 
 
 def test_unknown_layer_type_is_refused(tokenizer):
@@ -94,7 +107,8 @@ def test_readme_support_table_matches_the_adapters():
         cells = [c.strip() for c in row.strip("|").split("|")]
         quant, sparse = cells[2], cells[3]
         for cls in re.findall(r"`(\w+)`", cells[1]):
-            model_type = getattr(transformers, cls).config_class.model_type
+            remote = {v: k for k, v in REMOTE_TYPES.items()}
+            model_type = remote[cls] if cls in remote else getattr(transformers, cls).config_class.model_type
             fam = FAMILIES.get(model_type)
             assert (fam is not None) == quant.startswith("yes"), (cls, quant)
             if fam is None:

@@ -1,7 +1,7 @@
 """Every family of issue 18 end to end on a tiny random model (no download): RTN (and its
 compressed-tensors export), SmoothQuant and MASQuant with image tokens routed, save -> load with
-identical logits, LaRoSA (merged where the norms
-allow, reference otherwise, refused for linear-attention layers), generation with modality routing.
+identical logits, LaRoSA (merged where the norms allow, reference otherwise; hybrid Qwen3.5 decoders
+merged too: Gated-DeltaNet readers and writers rotate like attention's), generation with modality routing.
 
 Run one family with ``-k <kind>``.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmcompress
-from mmcompress.models.adapters import UnsupportedModelError, get_adapter
+from mmcompress.models.adapters import get_adapter
 from mmcompress.models.modality import IMAGE, TEXT, current_modality_ids
 from mmcompress.models.tiny import tiny_model
 from mmcompress.quant.linear import QuantLinear
@@ -23,10 +23,10 @@ from ._families import calibration, family_inputs
 KINDS = ["qwen3", "gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_5", "qwen3_5_vl", "minicpmv4_6",
          "minicpmv4_7"]
 MULTIMODAL = {"gemma3_vl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_5_vl", "minicpmv4_6", "minicpmv4_7"}
-# LaRoSA: merged where the norms allow; reference for sandwich norms (Gemma3) and deepstack (Qwen3-VL);
-# None: linear-attention layers (Qwen3.5 and the MiniCPM-V 4.6/4.7 built on it) are refused.
+# LaRoSA: merged where the norms allow; reference for sandwich norms (Gemma3) and deepstack (Qwen3-VL).
 LAROSA_MODE = {"qwen3": "merged", "gemma3_vl": "reference", "idefics3": "merged", "smolvlm": "merged",
-               "qwen3_vl": "reference", "qwen3_5": None, "qwen3_5_vl": None, "minicpmv4_6": None, "minicpmv4_7": None}
+               "qwen3_vl": "reference", "qwen3_5": "merged", "qwen3_5_vl": "merged", "minicpmv4_6": "merged",
+               "minicpmv4_7": "merged"}
 
 
 def _model(kind, tok):
@@ -119,15 +119,11 @@ def test_masquant_routes_images_saves_and_generates(kind, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_larosa(kind, tokenizer):
+def test_larosa(kind, tokenizer, tmp_path):
     mode = LAROSA_MODE[kind]
     model = _model(kind, tokenizer)
     calib = calibration(kind, tokenizer)
     x = family_inputs(kind, tokenizer, seed=7)
-    if mode is None:
-        with pytest.raises(UnsupportedModelError, match="linear-attention"):
-            mmcompress.sparsify(model, calib, "larosa", 0.4, progress=False)
-        return
     if mode == "reference":
         with pytest.raises(NotImplementedError, match="merged mode is not supported"):
             mmcompress.sparsify(copy.deepcopy(model), calib, "larosa", 0.4, progress=False)
@@ -141,6 +137,8 @@ def test_larosa(kind, tokenizer):
     assert abs(got - 0.4) < 0.03
     y = _logits(model, x)
     assert torch.isfinite(y).all() and _sqnr(y, ref) > 0
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / "larosa"), runtime="reference")
+    assert torch.equal(_logits(loaded, x), y)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import fileio, finite
 from .models.adapters import ModelAdapter
-from .models.modality import modality_context, modality_ids
+from .models.modality import input_modality_ids, modality_context
 from .specs import apply_specs, module_specs
 
 
@@ -136,7 +136,7 @@ def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu
             ids = sample.get("input_ids")
             if ids is None:
                 ids = torch.zeros(per_sample["hidden"].shape[:2], dtype=torch.long)
-            mods.append(modality_ids(ids.cpu(), adapter.modality_token_ids))
+            mods.append(input_modality_ids({**sample, "input_ids": ids.cpu()}, adapter.modality_token_ids))
     finally:
         handle.remove()
         for layer in layers:

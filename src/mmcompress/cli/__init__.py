@@ -276,7 +276,8 @@ def _quantize_data_free(args, scheme) -> dict:
         if value:
             raise CLIError(f"{flag} needs --calib (data-free rtn has no calibration pass)")
     desc = quantize_checkpoint(args.model, args.output, scheme, dtype=resolve_dtype(args.model, args.dtype),
-                               progress=not args.no_progress, overwrite=args.overwrite)
+                               progress=not args.no_progress, overwrite=args.overwrite,
+                               trust_remote_code=args.trust_remote_code)
     print(f"quantized {args.model} with rtn {scheme.name} (data-free) -> {args.output} ({desc['seconds']} s)",
           file=sys.stderr)
     return {"output": str(args.output), "method": "rtn", "scheme": scheme.name, "data_free": True,

@@ -24,7 +24,8 @@ def add_common(p: argparse.ArgumentParser):
 def add_trust(p: argparse.ArgumentParser):
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python files shipped in the model directory (a config's auto_map: custom model, "
-                        "tokenizer or processor classes); off by default, when such code is never imported")
+                        "tokenizer or processor classes, e.g. MiniCPM-Llama3-V-2.5's modeling_minicpmv.py); off by "
+                        "default, when such code is never imported")
 
 
 def add_calib(p: argparse.ArgumentParser, required: bool = True):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.modality import modality_ids, token_counts
+from ..models.modality import input_modality_ids, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class CalibrationSet:
         """Number of calibration tokens per modality (text/image/audio/video)."""
         total = {"text": 0, "image": 0, "audio": 0, "video": 0}
         for s in self.samples:
-            ids = modality_ids(s["input_ids"], token_ids or {}, decode=False)
+            ids = input_modality_ids(s, token_ids or {}, decode=False)
             for k, v in token_counts(ids).items():
                 total[k] += v
         return total

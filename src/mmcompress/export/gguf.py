@@ -164,7 +164,7 @@ def export_gguf(src, output, *, overwrite: bool = False) -> dict:
     arch = check_exportable(read_manifest(src), config)
     model = load(src, runtime="reference")  # the export reads the fake-quant modules
     adapter = get_adapter(model)
-    if adapter.modality_token_ids:
+    if adapter.routed:
         raise GGUFExportError("multimodal models are not exported to GGUF (their towers and routing are not expressible)")
     tc = adapter.text_config
     n_head, n_kv = tc.num_attention_heads, getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads

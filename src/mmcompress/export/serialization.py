@@ -19,7 +19,6 @@ from .. import __version__
 from ..fileio import atomic_output_dir
 from ..models.adapters import get_adapter
 from ..models.loading import load_hf_model, model_class_for, read_config
-from ..models.modality import install_router
 from ..quant import methods as _quant_methods  # noqa: F401  (registers MASLinear for apply_specs)
 from ..quant.deployed import RUNTIMES, deploy
 from ..sparse import merge as _sparse_merge  # noqa: F401  (registers SparseLinear, ResidualAdaptedLayer, RotatedNorm, ...)
@@ -55,6 +54,10 @@ def write_side_files(tmp: Path, model: nn.Module, manifest: dict, source_dir) ->
     model.config.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if source_dir and Path(source_dir).is_dir():
+        if not type(model).__module__.startswith("transformers."):  # remote code: the model's own files travel
+            for src in sorted(Path(source_dir).glob("*.py")):  # with it (imported only under --trust-remote-code)
+                if src.is_file():
+                    shutil.copyfile(src, tmp / src.name)
         for fname in _PROCESSOR_FILES:
             src = Path(source_dir) / fname
             if src.is_file():
@@ -251,8 +254,7 @@ def _with_model_dtype(specs: dict, dtype: str) -> dict:
 def _install_runtime(model: nn.Module) -> None:
     """Modality routing for multimodal artifacts (per-token modality ids during prefill)."""
     try:
-        adapter = get_adapter(model)
+        adapter = get_adapter(model)  # also installs a family's calling convention (MiniCPM-V 2.x)
     except ValueError:
         return
-    if adapter.modality_token_ids:
-        install_router(model, adapter.modality_token_ids)
+    adapter.install_router()

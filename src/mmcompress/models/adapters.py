@@ -20,7 +20,10 @@ A family is declared in :data:`FAMILIES` in a few lines (:class:`Family`): where
 is, the groups of each *kind* of decoder layer (:class:`LayerKind`; hybrid models such as Qwen3.5 mix
 full-attention and linear-attention layers, told apart by ``config.layer_types``), the linears a
 layer kind deliberately leaves in floating point (with the reason), the norm convention, the config
-keys of the modality placeholder ids, and why a compression mode cannot handle the family.  Methods
+keys of the modality placeholder ids, and why a compression mode cannot handle the family.  A family
+whose model takes its inputs in another form (MiniCPM-V 2.x: one ``data`` dict, image spans in
+``image_bound``) declares a *calling convention*, a forward pre-hook that :func:`get_adapter` installs so
+that every tool can call the model with the usual keyword inputs (:mod:`.minicpmv`).  Methods
 that work one decoder layer at a time get a per-layer view (:meth:`ModelAdapter.at_layer`), so the
 same method code walks every kind of layer.
 """
@@ -79,9 +82,13 @@ class ModelAdapter:
     norm_offset: float = 0.0  # Gemma / Qwen3.5 RMSNorm computes x * (1 + weight)
     multimodal: bool = False
     embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
+    embedding_matrices: tuple[str, ...] = ()  # paths of parameters P whose features x @ P are written there
     merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
-    sparsity_blocker: str | None = None  # why activation sparsity cannot be applied at all
+    sparsity_blocker: str | None = None  # why LaRoSA and WINA cannot be applied at all (TEAL and CATS can)
     layer_index: int | None = None  # set on a per-layer view (:meth:`at_layer`)
+    head_path: str = "lm_head"
+    image_spans: bool = False  # image positions come from the inputs' ``image_bound`` spans (MiniCPM-V 2.x)
+    router_path: str = ""  # the module the modality router sits on ("": the model)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -102,7 +109,7 @@ class ModelAdapter:
 
     @property
     def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
+        return self.model.get_submodule(self.head_path)
 
     @property
     def tied(self) -> bool:
@@ -150,6 +157,20 @@ class ModelAdapter:
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.lm_path}.layers.{index}"
+
+    @property
+    def routed(self) -> bool:
+        """Image/audio positions can be told from the inputs (placeholder ids or image spans)."""
+        return bool(self.modality_token_ids) or self.image_spans
+
+    def install_router(self) -> None:
+        """Route prefill tokens by modality on the compressed model (:class:`~.modality.ModalityRouter`; on
+        ``router_path`` for a family whose language model is called with embeddings only)."""
+        if self.routed:
+            from .modality import install_router
+
+            target = self.model.get_submodule(self.router_path) if self.router_path else self.model
+            self.model._mmcompress_router = install_router(target, self.modality_token_ids)
 
     # -- norm scales (Gemma stores weight - 1) ---------------------------------------------------
     def norm_scale(self, norm: nn.Module) -> torch.Tensor:
@@ -206,8 +227,6 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
 GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
                   "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
                   "'reference'")
-LINEAR_ATTENTION = ("linear-attention (Gated-DeltaNet) layers: not supported by activation sparsity (the sparsity "
-                    "plan knows q/k/v/o/gate/up/down only)")
 DEEPSTACK = ("Qwen3-VL adds deepstack visual features into the residual stream after the first decoder layers, in "
              "the unrotated basis; merged mode would have to rotate each deepstack merger with the next layer's "
              "rotation; use mode 'reference'")
@@ -224,8 +243,13 @@ class Family:
     norm_offset: float = 0.0
     multimodal: bool = False
     embedding_writers: tuple = ()
+    embedding_matrices: tuple = ()  # parameters P of features x @ P written into the input embeddings
     merged_blocker: str | None = None
     sparsity_blocker: str | None = None
+    head_path: str = "lm_head"
+    image_spans: bool = False  # image positions from the inputs' image_bound spans
+    router_path: str = ""
+    call_convention: str | None = None  # how keyword inputs reach the model (:func:`install_call_convention`)
 
     def kinds(self, config, n_layers: int) -> list[LayerKind]:
         if isinstance(self.layers, LayerKind):
@@ -243,7 +267,9 @@ class Family:
 
 _QWEN_VL_TOKENS = {"image": "image_token_id", "video": "video_token_id"}
 _QWEN3_5_LAYERS = {"full_attention": QWEN3_5_FULL_LAYER, "linear_attention": QWEN3_5_LINEAR_LAYER}
-_QWEN3_5 = dict(layers=_QWEN3_5_LAYERS, norm_offset=1.0, sparsity_blocker=LINEAR_ATTENTION)
+_QWEN3_5 = dict(layers=_QWEN3_5_LAYERS, norm_offset=1.0)
+# MiniCPM-V 4.6/4.7: the last of the merger's downsampling MLPs projects the image features into the LLM width
+_MINICPMV4_WRITERS = tuple(f"merger.mlp.{i}.linear_2" for i in range(4))
 
 # model_type -> family description.  Keys are transformers `config.model_type` values.
 FAMILIES: dict[str, Family] = {
@@ -268,19 +294,27 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
                        embedding_writers=("visual.merger.linear_fc2",), merged_blocker=DEEPSTACK),
     "qwen3_5_text": Family("qwen3_5", "model", **_QWEN3_5),
-    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True, **_QWEN3_5),
+    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+                      embedding_writers=("visual.merger.linear_fc2",), **_QWEN3_5),
     "minicpmv4_6": Family("minicpmv4_6", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
-                          **_QWEN3_5),
+                          embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
     "minicpmv4_7": Family("minicpmv4_7", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
-                          **_QWEN3_5),
+                          embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
+    # MiniCPM-Llama3-V-2.5 (Llama-3 LLM) and MiniCPM-V 2.6 (Qwen2 LLM): remote code only (--trust-remote-code);
+    # the LLM is `llm`, images are written over the `image_bound` spans of the token sequence.
+    "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, embedding_matrices=("resampler.proj",),
+                       head_path="llm.lm_head", image_spans=True, router_path="llm", call_convention="minicpmv"),
 }
 
+_MOE_EXPERTS = ("its MoE experts are fused 3-D parameters (mlp.experts.gate_up_proj [experts, 2*intermediate, hidden], "
+                "mlp.experts.down_proj [experts, hidden, intermediate]), not nn.Linear modules; quantizing each expert "
+                "(smoothing over the tokens routed to it, the router mlp.gate left in floating point) needs an "
+                "expert-aware quantized module, per-expert calibration statistics and an artifact format for them: "
+                "not supported yet")
 UNSUPPORTED_NOTES = {
     "qwen2_5_omni": "use the thinker (Qwen2_5OmniThinkerForConditionalGeneration); the talker is not quantized",
-    "qwen3_omni_moe": "Qwen3-Omni-MoE: its experts are fused 3-D parameters (gate_up_proj, down_proj), not "
-    "nn.Linear modules; per-expert quantization needs an expert-aware quantized module that does not exist yet",
-    "qwen3_omni_moe_thinker": "Qwen3-Omni-MoE thinker: its experts are fused 3-D parameters, not nn.Linear "
-    "modules; per-expert quantization is not supported yet",
+    "qwen3_omni_moe": "Qwen3-Omni-MoE: " + _MOE_EXPERTS,
+    "qwen3_omni_moe_thinker": "Qwen3-Omni-MoE thinker: " + _MOE_EXPERTS,
 }
 
 
@@ -312,12 +346,26 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise UnsupportedModelError(f"model of type {model_type!r} has no decoder layers at "
                                     f"{' or '.join(c + '.layers' for c in candidates)}")
     n_layers = len(model.get_submodule(lm_path).layers)
+    install_call_convention(model)
     return ModelAdapter(
         model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
         modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
-        embedding_writers=fam.embedding_writers, merged_blocker=fam.merged_blocker,
-        sparsity_blocker=fam.sparsity_blocker,
+        embedding_writers=fam.embedding_writers, embedding_matrices=fam.embedding_matrices,
+        merged_blocker=fam.merged_blocker,
+        sparsity_blocker=fam.sparsity_blocker, head_path=fam.head_path, image_spans=fam.image_spans,
+        router_path=fam.router_path,
     )
+
+
+def install_call_convention(model: nn.Module) -> None:
+    """Let ``model(input_ids=..., pixel_values=..., ...)`` reach a model of a family that takes its inputs
+    in another form (idempotent; the hook runs before any modality router, which is installed later)."""
+    fam = FAMILIES.get(getattr(model.config, "model_type", None))
+    if fam is None or fam.call_convention is None or getattr(model, "_mmcompress_call_convention", None) is not None:
+        return
+    from . import minicpmv
+
+    {"minicpmv": minicpmv.install}[fam.call_convention](model)
 
 
 def _has_layers(model: nn.Module, path: str) -> bool:

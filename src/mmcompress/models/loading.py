@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from ..specs import MANIFEST
-from .adapters import FAMILIES, UnsupportedModelError, unsupported_message
+from .adapters import FAMILIES, UnsupportedModelError, install_call_convention, unsupported_message
 
 
 def _check_dir(path) -> Path:
@@ -144,6 +144,7 @@ def load_hf_model(path, dtype: torch.dtype | str = torch.float32, device="cpu", 
     model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code)
     model.eval().to(device)
     model._mmcompress_source = str(path)
+    install_call_convention(model)
     return model
 
 

@@ -9,9 +9,12 @@ Every token of a (possibly multimodal) input gets one integer modality id, built
 * ``VIDEO = 3`` video placeholder positions.  MASQuant's reference counts video as text; methods map
   it with :func:`method_modalities`.
 
-Decode steps (sequence length 1) and text-only inputs are all text.  The ids of the sequence being
-processed are published in a context (:func:`modality_context`) that modality-aware modules read
-(:func:`current_modality_ids`), so no model code has to thread an extra argument through.
+Decode steps (sequence length 1) and text-only inputs are all text.  Models that mark images by
+token spans instead of a placeholder id (MiniCPM-V 2.x: ``image_bound``, per sample ``[n, 2]`` spans
+``[start, end)``) get their image positions from those spans (:func:`input_modality_ids`).  The ids
+of the sequence being processed are published in a context (:func:`modality_context`) that
+modality-aware modules read (:func:`current_modality_ids`), so no model code has to thread an extra
+argument through.
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ def modality_ids(input_ids: torch.Tensor, token_ids: dict[str, int], *, decode: 
         return ids
     for name, tok in token_ids.items():
         ids[input_ids == tok] = NAME_TO_ID[name]
+    return ids
+
+
+IMAGE_SPANS = "image_bound"
+PENDING = "_mmcompress_pending_ids"  # modality ids a model's own embedding step leaves on the routed module
+
+
+def input_modality_ids(inputs: dict, token_ids: dict[str, int], *, decode: bool | None = None) -> torch.Tensor:
+    """:func:`modality_ids` of one model call's inputs, plus the image spans ``inputs["image_bound"]``
+    where the inputs carry them."""
+    input_ids = inputs["input_ids"]
+    ids = modality_ids(input_ids, token_ids, decode=decode)
+    spans = inputs.get(IMAGE_SPANS)
+    if spans is None or decode or (decode is None and input_ids.shape[-1] == 1):
+        return ids
+    if len(spans) != ids.shape[0]:
+        raise ValueError(f"{IMAGE_SPANS} has {len(spans)} entries for a batch of {ids.shape[0]}")
+    for b, bounds in enumerate(spans):
+        for start, end in torch.as_tensor(bounds).reshape(-1, 2).tolist():
+            if not 0 <= start <= end <= ids.shape[-1]:
+                raise ValueError(f"{IMAGE_SPANS} span [{start}, {end}) is outside a sequence of {ids.shape[-1]} tokens")
+            ids[b, start:end] = IMAGE
     return ids
 
 
@@ -87,7 +112,8 @@ def modality_context(ids: torch.Tensor | None):
 
 
 class ModalityRouter:
-    """Forward pre-hook on a whole model that publishes modality ids of its ``input_ids``.
+    """Forward pre-hook on a whole model that publishes modality ids of its ``input_ids`` (or, for a
+    prefill on ``inputs_embeds``, the ids the model's own embedding step left on the module: ``PENDING``).
 
     Installed by :func:`install_router` on compressed multimodal models so that evaluation and
     generation route tokens without any change to the modelling code.  Generation's decode steps
@@ -99,8 +125,14 @@ class ModalityRouter:
 
     def pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        pending = module.__dict__.pop(PENDING, None)  # left by the model's own embedding step (MiniCPM-V 2.x)
         ids = None
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 and (
+                not isinstance(input_ids, torch.Tensor) or input_ids.shape[-1] != embeds.shape[1]):
+            if pending is not None and tuple(pending.shape) == tuple(embeds.shape[:2]) and embeds.shape[1] > 1:
+                ids = pending.to(embeds.device)  # a prefill on embeddings: the ids of what was embedded
+        elif isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             ids = modality_ids(input_ids, self.token_ids)
         if not hasattr(_state, "saved"):
             _state.saved = []

@@ -65,8 +65,5 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
 
         desc = dict(model._mmcompress_description, report_tag=report_tag)
         model._mmcompress_description["report"] = str(write_report(report_dir, diagnostics, desc))
-    if adapter.modality_token_ids:
-        from ..models.modality import install_router
-
-        install_router(model, adapter.modality_token_ids)
+    adapter.install_router()
     return model

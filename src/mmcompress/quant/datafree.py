@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..fileio import atomic_output_dir, check_output
-from ..export.serialization import build_manifest, load_model, save, write_side_files
+from ..export.serialization import _empty_model, build_manifest, load_model, save, write_side_files
 from ..models.adapters import get_adapter
 from ..models.loading import model_class_for, read_config
 from .linear import QuantLinear
@@ -61,10 +61,11 @@ def checkpoint_tensors(model_dir) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def _meta_model(model_dir, dtype: torch.dtype):
-    config = read_config(model_dir)
+def _meta_model(model_dir, dtype: torch.dtype, trust_remote_code: bool = False):
+    config = read_config(model_dir, trust_remote_code=trust_remote_code)
+    cls = model_class_for(config, model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = model_class_for(config)._from_config(config, dtype=dtype)
+        model = _empty_model(cls, config, dtype)
     return model.eval()
 
 
@@ -76,7 +77,7 @@ def _plan(model: nn.Module, scheme: QuantScheme):
     adapter = get_adapter(model)
     linears = {}
     for i in range(len(adapter.layers)):
-        for path in adapter.linear_names():
+        for path in adapter.linear_names(i):
             linears[f"{adapter.layer_prefix(i)}.{path}"] = adapter.layers[i].get_submodule(path)
     # tied parameters are stored once, under the name safetensors' save_model keeps (the first sorted)
     names_of: dict[int, list[str]] = {}
@@ -170,14 +171,15 @@ def _nbytes(spec) -> int:
 
 
 def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.dtype,
-                        max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True, overwrite: bool = False) -> dict:
+                        max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True, overwrite: bool = False,
+                        trust_remote_code: bool = False) -> dict:
     """Write the RTN artifact of the checkpoint in ``model_dir`` to ``output``; returns its description.
 
     ``output`` follows :func:`fileio.atomic_output_dir` (refused if it exists and is not empty unless
     ``overwrite``, or if it overlaps ``model_dir``)."""
     check_output(output, overwrite=overwrite, inputs=[model_dir])  # refuse before any work
     t0 = time.time()
-    model = _meta_model(model_dir, dtype)
+    model = _meta_model(model_dir, dtype, trust_remote_code)
     sources = checkpoint_tensors(model_dir)
     units, specs, tied = _plan(model, scheme)
     stored_as = {k: k for k in sources}
@@ -189,7 +191,7 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
     absent = [k for k in needed if k not in stored_as]
     n_layers = len(get_adapter(model).layers)
     if absent:  # tensor names differ from the model's: load the model, RTN layer by layer, no forward
-        return _in_memory(model_dir, output, scheme, dtype, t0, n_layers)
+        return _in_memory(model_dir, output, scheme, dtype, t0, n_layers, trust_remote_code)
     description = _description(scheme, n_layers)
     # output shards: consecutive units, at most max_shard_bytes each (a unit is never split)
     shards, size = [[]], 0
@@ -252,11 +254,11 @@ def _description(scheme: QuantScheme, n_layers: int) -> dict:
             "layers": [{"layer": i} for i in range(n_layers)]}
 
 
-def _in_memory(model_dir, output, scheme, dtype, t0, n_layers) -> dict:
-    model = load_model(model_dir, dtype=dtype)
+def _in_memory(model_dir, output, scheme, dtype, t0, n_layers, trust_remote_code: bool = False) -> dict:
+    model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = get_adapter(model)
-    for layer in adapter.layers:
-        quantize_layer_linears(layer, adapter, scheme)
+    for i, layer in enumerate(adapter.layers):
+        quantize_layer_linears(layer, adapter.at_layer(i), scheme)
     description = dict(_description(scheme, n_layers), seconds=round(time.time() - t0, 2))
     save(model, output, description=description, source_dir=model_dir)
     return description

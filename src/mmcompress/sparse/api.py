@@ -24,6 +24,7 @@ from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
 
 METHODS = ("larosa", "teal", "cats", "wina")
+ROTATING = ("larosa", "wina")  # methods that transform whole layers (the adapter's sparsity_blocker applies to them)
 _SPARSITY = opt.real(0, 1, hi_open=True)
 _PREFILL = opt.choice("all", "none", "last_half")
 # the options of each method (recipe step keys; the CLI flags map onto them), with their validators
@@ -54,7 +55,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
     options = opt.check_options(OPTIONS[name], options)
     adapter = get_adapter(model)
-    if adapter.sparsity_blocker:
+    if adapter.sparsity_blocker and name in ROTATING:
         from ..models.adapters import FAMILIES
 
         ok = sorted(t for t, f in FAMILIES.items() if f.sparsity_blocker is None)
@@ -100,10 +101,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         "calibration": calib.summary(adapter.modality_token_ids),
         "seconds": round(time.time() - t0, 2),
     }
-    if adapter.modality_token_ids:
-        from ..models.modality import install_router
-
-        install_router(model, adapter.modality_token_ids)
+    adapter.install_router()
     return model
 
 
@@ -115,12 +113,12 @@ def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
     parameter-weighted mean over q, k, v, o, gate, up, down (up counts the zeros of the CATS gate)."""
     adapter = adapter or get_adapter(model)
     shapes = plans.layer_shapes(adapter)
-    counts = [{p: [0.0, 0] for p in plans.PROJECTIONS} for _ in shapes]
+    counts = [{p: [0.0, 0] for p in sh.masses} for sh in shapes]
     handles = []
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
         cats_gate = any(isinstance(m, ThresholdedActivation) for m in layer.modules())
-        for g in adapter.groups:
+        for g in adapter.layer_groups(i):
             for path in g.readers:
                 proj = plans.projection_name(path)
                 mod = layer.get_submodule(path)

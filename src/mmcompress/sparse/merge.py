@@ -229,8 +229,8 @@ def _rotate_reader(linear: nn.Linear, q: torch.Tensor, gamma: torch.Tensor | Non
     linear.weight.data.copy_((w @ q).to(linear.weight.dtype))
 
 
-def _groups(adapter):
-    return {g.name: g for g in adapter.groups}
+def _groups(adapter, i: int):
+    return {g.name: g for g in adapter.layer_groups(i)}
 
 
 def _check_rotations(adapter, rotations):
@@ -269,7 +269,6 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     if not ok:
         raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
     qs = _check_rotations(adapter, rotations)
-    groups = _groups(adapter)
     layers = adapter.layers
     n = len(layers)
     d = adapter.text_config.hidden_size
@@ -277,6 +276,7 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     for i in range(n):
         layer = inner_layer(layers[i])
         q = qs[i]
+        groups = _groups(adapter, i)
         for gname in ("attn_in", "mlp_in"):
             g = groups[gname]
             norm = layer.get_submodule(g.producer)
@@ -301,6 +301,9 @@ def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, co
     emb.weight.data.copy_((emb.weight.data.double() @ qs[0]).to(emb.weight.dtype))
     for lin in embedding_writers(model, adapter):
         _rotate_writer(lin, qs[0])
+    for path in adapter.embedding_matrices:  # features x @ P (MiniCPM-V's resampler): P' = P Q
+        p = model.get_parameter(path)
+        p.data.copy_((p.data.double() @ qs[0]).to(p.dtype))
     gamma_f = adapter.norm_scale(adapter.final_norm)
     _rotate_reader(head, qs[-1], gamma_f)
     adapter.set_norm_scale(adapter.final_norm, torch.ones_like(gamma_f))
@@ -323,11 +326,11 @@ def rotate_reference(model: nn.Module, adapter, rotations) -> nn.Module:
     """Mode R: block-input norms become ``RotatedNorm`` (γ⊙RMS(r))·Q_l and readers W Q_l.  The
     residual stream, embedding and head are untouched.  In place; returns ``model``."""
     qs = _check_rotations(adapter, rotations)
-    groups = _groups(adapter)
     d = adapter.text_config.hidden_size
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
         q = qs[i]
+        groups = _groups(adapter, i)
         for gname in ("attn_in", "mlp_in"):
             g = groups[gname]
             rotate_block_input(layer, g, q, d)

@@ -1,7 +1,9 @@
 """Sparsity plans and model-level accounting (docs/larosa.md §3.1).
 
 A plan gives, for every decoder layer, the sparsity of the input of each projection
-``q, k, v, o, gate, up, down``.  For Top-K (LaRoSA) projections that share an input share its level:
+``q, k, v, o, gate, up, down`` (a layer of another kind has its own projections in the same four
+activations, e.g. Qwen3.5's linear-attention layers ``in_proj_qkv, in_proj_z, in_proj_b, in_proj_a``
+(h1) and ``out`` (h2); :attr:`LayerShape.readers`).  For Top-K (LaRoSA) projections that share an input share its level:
 ``h1`` (q,k,v), ``h2`` (o), ``h3`` (gate,up), ``h4`` (down); the level is realised as an integer
 ``K = round((1 − s)·D)`` and the plan stores the *achieved* level ``1 − K/D``.
 
@@ -41,31 +43,33 @@ def projection_name(path: str) -> str:
 class LayerShape:
     masses: dict[str, int]  # projection -> number of weights
     dims: dict[str, int]  # activation h1..h4 -> width D
+    readers: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(READERS_OF))  # activation -> projections
 
     @property
     def total(self) -> int:
         return sum(self.masses.values())
 
     def mass_of(self, act: str) -> int:
-        return sum(self.masses[p] for p in READERS_OF[act])
+        return sum(self.masses[p] for p in self.readers[act])
 
 
 def layer_shapes(adapter) -> list[LayerShape]:
     """Masses and activation widths per decoder layer, read from the weights."""
     shapes = []
-    for layer in adapter.layers:
+    for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
-        masses, dims = {}, {}
-        for g in adapter.groups:
+        masses, dims, readers = {}, {}, {}
+        for g in adapter.layer_groups(i):
             act = GROUP_ACTIVATION[g.name]
+            readers[act] = tuple(projection_name(path) for path in g.readers)
             for path in g.readers:
                 w = layer.get_submodule(path).weight
                 masses[projection_name(path)] = w.shape[0] * w.shape[1]
                 dims[act] = w.shape[1]
         missing = set(PROJECTIONS) - set(masses)
-        if missing:
+        if readers.get("h1") == READERS_OF["h1"] and missing:  # a standard attention layer must be complete
             raise ValueError(f"decoder layer has no projections {sorted(missing)}")
-        shapes.append(LayerShape(masses, dims))
+        shapes.append(LayerShape(masses, dims, readers))
     return shapes
 
 
@@ -80,7 +84,7 @@ class SparsityPlan:
     info: dict = field(default_factory=dict)
 
     def level(self, layer: int, act: str) -> float:
-        return self.levels[layer][READERS_OF[act][0]]
+        return self.levels[layer][self.shapes[layer].readers[act][0]]
 
     def keep(self, layer: int, act: str) -> int:
         """Top-K ``K`` of activation ``act`` in ``layer``."""
@@ -88,7 +92,7 @@ class SparsityPlan:
         return max(1, min(d, int(round((1.0 - self.level(layer, act)) * d))))
 
     def model_sparsity(self) -> float:
-        num = sum(lv[p] * sh.masses[p] for lv, sh in zip(self.levels, self.shapes) for p in PROJECTIONS)
+        num = sum(lv[p] * sh.masses[p] for lv, sh in zip(self.levels, self.shapes) for p in sh.masses)
         den = sum(sh.total for sh in self.shapes)
         return num / den
 
@@ -108,7 +112,7 @@ def _topk_levels(shape: LayerShape, s_by_act: dict[str, float]) -> dict[str, flo
     out = {}
     for act, s in s_by_act.items():
         a = achieved_level(shape.dims[act], s)
-        for p in READERS_OF[act]:
+        for p in shape.readers[act]:
             out[p] = a
     return out
 
@@ -152,7 +156,7 @@ def exact(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8) -> S
         s3, s4 = _solve_block(sparsity, sh.mass_of("h3"), sh.mass_of("h4"), sh.dims["h3"], sh.dims["h4"], ratio_in)
         lv = {}
         for act, s in (("h1", s1), ("h2", s2), ("h3", s3), ("h4", s4)):
-            for p in READERS_OF[act]:
+            for p in sh.readers[act]:
                 lv[p] = s
         levels.append(lv)
     return SparsityPlan(levels, shapes, kind="exact", target=sparsity, info={"ratio_in": ratio_in})
@@ -160,7 +164,7 @@ def exact(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8) -> S
 
 def per_projection(shapes: list[LayerShape], levels: list[dict[str, float]], kind: str, target: float, **info) -> SparsityPlan:
     """A plan from explicit per-projection levels (TEAL, CATS)."""
-    full = [{p: float(lv.get(p, 0.0)) for p in PROJECTIONS} for lv in levels]
+    full = [{p: float(lv.get(p, 0.0)) for p in sh.masses} for lv, sh in zip(levels, shapes)]
     return SparsityPlan(full, shapes, kind=kind, target=target, info=info)
 
 

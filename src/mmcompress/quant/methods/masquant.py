@@ -311,11 +311,11 @@ class MASQuant(QuantMethod):
     # -- set-up ------------------------------------------------------------------------------------
     def prepare(self, model, adapter, samples=None) -> None:
         from .gradients import modality_gradient_ratios
-        from ...models.modality import modality_ids
+        from ...models.modality import input_modality_ids
 
         present = set()
         for s in samples or []:
-            present |= set(modality_ids(s["input_ids"], adapter.modality_token_ids, decode=False).unique().tolist())
+            present |= set(input_modality_ids(s, adapter.modality_token_ids, decode=False).unique().tolist())
         self.present = sorted(m for m in present if m in (TEXT, IMAGE, AUDIO))
         spec = self.loss_weights_spec
         if isinstance(spec, dict):

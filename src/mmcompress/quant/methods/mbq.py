@@ -50,7 +50,7 @@ class MBQ(ScaleSearch):
         elif spec in LOSS_WEIGHT_PRESETS:
             self.loss_weights = {TEXT: 1.0, **LOSS_WEIGHT_PRESETS[spec]}
         elif spec == "auto":
-            ratios = modality_gradient_ratios(model, adapter, (samples or [])[: self.probe_samples]) if adapter.modality_token_ids else {}
+            ratios = modality_gradient_ratios(model, adapter, (samples or [])[: self.probe_samples]) if adapter.routed else {}
             self.loss_weights = {TEXT: 1.0, **ratios}
         else:
             raise ValueError(f"loss_weights must be auto, a preset or a dict, got {spec!r}")

@@ -36,10 +36,10 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
     if magnitudes is None:
         magnitudes = calibrate_magnitudes(model, adapter, samples, device=device, progress=progress,
                                           select=_cats_select)
-    path = _act_path(adapter)
     levels, thresholds, capped = [], [], False
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
+        path = _act_path(adapter.at_layer(i))
         sh = shapes[i]
         k = sparsity * sh.total / (sh.masses["up"] + sh.masses["down"])
         if k > max_mlp_sparsity:

@@ -51,7 +51,7 @@ def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "al
     """Replace every reader by a Top-K ``SparseLinear`` with the plan's K (or update K in place)."""
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
-        for g in adapter.groups:
+        for g in adapter.layer_groups(i):
             act = plans.GROUP_ACTIVATION[g.name]
             k = plan.keep(i, act)
             for path in g.readers:
@@ -101,9 +101,10 @@ class TopKGreedy(Method):
     def step(self, ctx) -> None:
         layer, adapter = inner_layer(ctx.layer), ctx.adapter
         n = min(self.search_samples, len(ctx.fp_inputs))
-        readers, masses, dims = {}, {}, {}
+        readers, masses, dims, act_of = {}, {}, {}, {}
         for g in adapter.groups:
             act = plans.GROUP_ACTIVATION[g.name]
+            act_of.update({plans.projection_name(p): act for p in g.readers})
             readers[act] = [layer.get_submodule(p) for p in g.readers]
             masses[act] = sum(m.weight.shape[0] * m.weight.shape[1] for m in readers[act])
             dims[act] = readers[act][0].in_features
@@ -117,7 +118,7 @@ class TopKGreedy(Method):
         levels, _ = plans.greedy_levels(masses, self.sparsity, self.delta,
                                         lambda: plans.layer_tail_error(ctx, n, self.tail), apply,
                                         snap=lambda act, lv: plans.achieved_level(dims[act], lv))
-        self.levels.append({p: levels[plans.ACTIVATION_OF[p]] for p in plans.PROJECTIONS})
+        self.levels.append({p: levels[act] for p, act in act_of.items()})
         ctx.info["larosa_greedy"] = {a: round(v, 4) for a, v in levels.items()}
 
 
@@ -129,9 +130,9 @@ def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str =
     run_layerwise(model, adapter, method, samples, device=device, progress=progress)
     chosen = plans.per_projection(shapes, method.levels, "greedy", sparsity,
                                   greedy={"delta": round(method.delta, 6), "search_samples": search_samples})
-    for layer in adapter.layers:  # the requested prefill policy (the search sparsified every token)
+    for i, layer in enumerate(adapter.layers):  # the requested prefill policy (the search sparsified every token)
         layer = inner_layer(layer)
-        for g in adapter.groups:
+        for g in adapter.layer_groups(i):
             for path in g.readers:
                 mod = layer.get_submodule(path)
                 if prefill != "all":

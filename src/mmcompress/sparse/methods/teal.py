@@ -117,7 +117,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
         th = {}
-        for g in adapter.groups:
+        for g in adapter.layer_groups(i):
             act = plans.GROUP_ACTIVATION[g.name]
             t = quantile(magnitudes[i][act], sparsity)
             th[act] = t
@@ -125,7 +125,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
                 mod = layer.get_submodule(path)
                 _set(layer, path, make_sparse_linear(mod, mod.in_features, prefill, mode="threshold", threshold=t))
         thresholds.append(th)
-    levels = [{p: sparsity for p in plans.PROJECTIONS} for _ in shapes]
+    levels = [{p: sparsity for p in sh.masses} for sh in shapes]
     chosen = plans.per_projection(shapes, levels, "uniform", sparsity)
     return {"method": "teal", "prefill": prefill, **chosen.summary(),
             "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in thresholds],

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...models.adapters import UnsupportedModelError
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
@@ -130,6 +131,13 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
         raise ValueError(f"WINA plans are uniform or greedy, got {plan!r}")
     if prefill not in ("all", "none"):
         raise ValueError(f"WINA prefill policy must be all or none, got {prefill!r}")
+    for i in range(len(adapter.layers)):  # hybrid decoders: linear-attention layers have other projections
+        groups = {g.name: g.readers for g in adapter.layer_groups(i)}
+        for gname, source in ROTATION_SOURCES.items():
+            if not any(p.endswith(source) for p in groups[gname]):
+                raise UnsupportedModelError(
+                    f"WINA cannot sparsify {adapter.family}: decoder layer {i} ({', '.join(groups[gname])}) has no "
+                    f"{source}, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
     if transform:
         orthogonalize_block_inputs(adapter)
     shapes = plans.layer_shapes(adapter)
