@@ -281,3 +281,35 @@ def test_cpu_kernel_and_reference_select_the_same_channels_under_ties(dtype):
             y_cpu = kernels.sparse_linear(xb, w, k, backend="cpu")
             y_ref = kernels.sparse_linear(xb, w, k, backend="torch")
             assert float((y_cpu.float() - y_ref.float()).norm() / y_ref.float().norm()) < 1e-2
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+from .test_cli_multimodal import omni_dir  # noqa: E402,F401  (fixture)
+
+
+def test_cli_whitening_and_held_out_report(omni_dir, tmp_path, capsys):
+    from mmcompress.cli import main
+
+    lines = [{"text": "", "images": ["img.png"]}, {"text": "", "audio": ["a.wav"]}]
+    (tmp_path / "whiten.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    held = [{"text": "what is on this picture", "images": ["img.png"]}, {"text": "a different text sample"}]
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(x) for x in held))
+    calib = str(tmp_path / "calib.jsonl")
+    rc = main(["quantize", str(omni_dir), "--method", "masquant", "--scheme", "w4a8", "--calib", calib,
+               "--whiten-calib", str(tmp_path / "whiten.jsonl"), "--report-calib", str(tmp_path / "held.jsonl"),
+               "--report", str(tmp_path / "rep"), "--epochs", "0", "--output", str(tmp_path / "q"), "--json",
+               "--no-progress"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method_summary"]["whitening"]["tokens"]["image"] > 0
+    report = json.loads((tmp_path / "rep" / "diagnostics-masquant-w4a8.json").read_text())
+    assert report["sqnr_data"]["set"] == "held-out" and report["sqnr_data"]["nsamples"] == 2
+    assert report["method"]["whitening"] == "separate"
+    assert set(report["summary"]["mean_sqnr_accumulated"]) == {"text", "image"}  # the held-out set has no audio
+
+    for args, msg in [(["--method", "masquant", "--report-calib", str(tmp_path / "held.jsonl")], "--report-calib needs --report"),
+                      (["--method", "rtn", "--whiten-calib", str(tmp_path / "whiten.jsonl")], "--whiten-calib does not apply")]:
+        rc = main(["quantize", str(omni_dir), "--calib", calib, "--output", str(tmp_path / "bad"), *args])
+        assert rc == 1 and msg in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
