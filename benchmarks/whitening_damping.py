@@ -2,9 +2,9 @@
 
     python benchmarks/whitening_damping.py [--layers 2 15 28] [--images 32] [--clips 16] [--rank 32]
 
-For each chosen decoder layer and the q_proj / gate_proj input: the image (audio) tokens of ``--images``
-image-only (``--clips`` audio-only) samples of ``testbed-whiten`` seed 0 fit the factors, the same number
-from seed 1 (other images and clips) measure them.  ``s_T`` and ``s_m`` are MASQuant's initial vectors
+For each chosen decoder layer and the q_proj / gate_proj input: the image (audio) tokens of
+``--images + --clips`` samples of ``testbed-whiten`` seed 0 (half image-only, half audio-only) fit the
+factors, as many from seed 1 (other images and clips) measure them.  ``s_T`` and ``s_m`` are MASQuant's initial vectors
 (E7, α = 0.5: text absmax from 8 wiki windows, modality absmax from the fit set), ``ΔW_m = W ⊙ s_m −
 Q_w(W ⊙ s_T)`` at W4 per channel.  Prints the relative error ``||X̃ (ΔWᵀ − L R)|| / ||X̃ ΔWᵀ||`` on the fit
 and the held-out tokens, for the unwhitened SVD and damping λ ∈ {0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1}.
@@ -67,8 +67,8 @@ def main():
 
     xf, xt, xtext = collect(fit.samples), collect(test.samples), collect(text.samples)
     lams = [0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1]
-    print(f"fit: {args.images} images + {args.clips} clips (seed 0); held-out: the same numbers from seed 1; "
-          f"rank {args.rank}; W4 per channel; relative error fit / held-out")
+    print(f"fit: {n} testbed-whiten samples, seed 0 (the builder makes half image-only, half audio-only); "
+          f"held-out: {n} from seed 1; rank {args.rank}; W4 per channel; relative error fit / held-out")
     print("| layer.linear | modality | fit tokens | d_in | plain SVD | " + " | ".join(f"λ={x:g}" for x in lams) + " |")
     print("|---|---|---|---|---|" + "---|" * len(lams))
     for p in paths:
