@@ -10,7 +10,7 @@ perplexity, speech-test word error rate (digits; sentences reported too), image-
 match of the greedy answer, and multiple choice by likelihood: it still ranks methods when W4 breaks
 the answer format) and
 the mean per-modality SQNR of decoder-layer outputs (pooled over tokens, and the per-token median that
-an attention-sink token cannot dominate).  Calibration wall time and peak RSS are
+an attention-sink token cannot dominate), measured on held-out samples (``--heldout``, ``testbed-heldout``).  Calibration wall time and peak RSS are
 measured per method in this process (ratios are what to compare: the machine is shared).
 """
 
@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--asr", type=int, default=50, help="speech-test spoken-digit clips")
     ap.add_argument("--vqa", type=int, default=20, help="image-qa-test items per question type")
+    ap.add_argument("--heldout", type=int, default=16,
+                    help="SQNR on this many testbed-heldout samples (wiki test, image-qa-test, speech-test); 0 = on "
+                         "the calibration samples (in-sample, as before issue 17)")
     ap.add_argument("--out", default="runs/masquant")
     ap.add_argument("--skip-dense", action="store_true", help="do not evaluate the unquantized model")
     ap.add_argument("--part", help="run a slice of the table in its own process: rows go to OUT/parts/PART.json "
@@ -91,6 +94,8 @@ def main():
     wiki = eval_text("wiki")
     calib = calibration_set("testbed", base, path, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     counts = calib.token_counts(get_adapter(base).modality_token_ids)
+    held = (calibration_set("testbed-heldout", base, path, nsamples=args.heldout, seqlen=args.seqlen, seed=0)
+            if args.heldout else None)
     print(f"calibration: {len(calib)} samples, tokens {counts}", flush=True)
 
     has_audio = "audio" in get_adapter(base).modality_token_ids  # vl-mini: text + image only
@@ -122,7 +127,8 @@ def main():
             model = copy.deepcopy(base)
             t0 = time.time()
             with PeakRSS() as mem:
-                quantize(model, calib, method, scheme, progress=True, report_dir=out, report_tag=name, **opts)
+                quantize(model, calib, method, scheme, progress=True, report_dir=out, report_tag=name, report_calib=held,
+                         **opts)
             secs = time.time() - t0
             rep = json.loads(Path(model._mmcompress_description["report"]).read_text())
             row = {"scheme": scheme, "method": name, **evaluate(model), "calib_s": round(secs, 1),

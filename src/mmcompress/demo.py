@@ -3,7 +3,7 @@
 1. Multimodal quantization on ``omni-mini`` (a Qwen2.5-Omni thinker: SmolLM2-135M decoder, the real
    Whisper-base audio tower, a small trained vision tower): RTN, SmoothQuant and MASQuant at W4A8
    with the same calibration mix of text, images and speech; text perplexity, speech word error rate,
-   image question answering accuracy and per-modality SQNR.
+   image question answering accuracy and per-modality SQNR (on held-out samples: `testbed-heldout`).
 2. Activation sparsity on ``smollm2-135m``: dense, TEAL and LaRoSA at 40 % model-level sparsity;
    perplexity, achieved sparsity and decode speed-up with the sparse kernel.
 
@@ -91,6 +91,8 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     calib = calibration_set("testbed", base, mm_dir, nsamples=cfg["nsamples"], seqlen=cfg["seqlen"], seed=0)
     counts = calib.token_counts(__import__("mmcompress.models.adapters", fromlist=["get_adapter"]).get_adapter(base).modality_token_ids)
     _log(f"calibration: {len(calib)} samples, tokens per modality {counts}")
+    # SQNR on held-out samples (wiki test windows, image-qa-test, speech-test), not the calibration ones
+    held = calibration_set("testbed-heldout", base, mm_dir, nsamples=cfg.get("heldout", 8), seqlen=cfg["seqlen"], seed=0)
 
     def evaluate_mm(model, name, extra):
         t0 = time.time()
@@ -112,7 +114,8 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
         _log(f"{method} W4A8 on {multimodal_model}")
         model = copy.deepcopy(base)
         t0 = time.time()
-        quantize(model, calib, method, "w4a8", device=device, progress=progress, report_dir=out, **opts)
+        quantize(model, calib, method, "w4a8", device=device, progress=progress, report_dir=out, report_calib=held,
+                 **opts)
         secs = round(time.time() - t0, 1)
         deploy(model, runtime, quiet=True)  # evaluated the way `mmcompress.load` would run the artifact
         report = json.loads(Path(model._mmcompress_description["report"]).read_text())

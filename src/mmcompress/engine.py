@@ -19,6 +19,11 @@
    resumes from a consistent layer.  ``resume=True`` restores finished layers and continues
    bit-identically, if the fingerprint (model weights, full method configuration, calibration
    inputs) matches.  The directory is ours alone and locked while in use (:class:`fileio.CheckpointDir`).
+
+**Side sets.**  Named sample sets that travel through the layers with the calibration set but are never
+trained on (:class:`SideSet`): MASQuant's per-modality whitening set (``"whitening"``: the uncompressed
+chain only) and the held-out report set of the diagnostics (``"heldout"``: both chains, so SQNR is
+measured out of sample).  ``ctx.sides[name]`` is a :class:`LayerContext` over that set.
 """
 
 from __future__ import annotations
@@ -76,6 +81,28 @@ class CapturedInputs:
         """The input of layer ``i + 1`` for sample ``j`` given layer ``i``'s output ``out``."""
         add = self.injections[j].get(i) if self.injections else None
         return out if add is None else out + add.to(out.device, out.dtype)
+
+
+HELDOUT = "heldout"  # the side set the diagnostics measure on
+
+
+@dataclass
+class SideSet:
+    """A sample set carried through the layers next to the calibration set: ``fp`` is its uncompressed
+    chain; ``inputs`` its compressed chain (``None`` when only the uncompressed one is needed)."""
+
+    captured: CapturedInputs
+    fp: list[torch.Tensor]
+    inputs: list[torch.Tensor] | None = None
+
+    def context(self, i: int, layer, adapter, device) -> "LayerContext":
+        chain = self.fp if self.inputs is None else self.inputs
+        return LayerContext(i, layer, adapter, self.captured, chain, device, fp_inputs=self.fp)
+
+    def advance(self, i: int, fp_outputs, outputs=None) -> None:
+        self.fp = [self.captured.after_layer(j, i, o) for j, o in enumerate(fp_outputs)]
+        if self.inputs is not None:
+            self.inputs = [self.captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
 
 
 @torch.no_grad()
@@ -208,6 +235,7 @@ class LayerContext:
     fp_inputs: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)  # per-layer metrics a method wants reported
     compute_dtype: torch.dtype | None = None  # set while the layer is upcast for a method's float32 math
+    sides: dict[str, "LayerContext"] = field(default_factory=dict)  # side sets (see SideSet), this layer
 
     @property
     def modality_ids(self) -> list[torch.Tensor]:
@@ -308,6 +336,7 @@ class Method:
     name = "method"
     needs_fp_chain = False  # keep the uncompressed chain of activations (targets for learning)
     float32_math = False  # on a bf16/fp16 model, run step() on the layer upcast to float32 (see upcast_layer)
+    side_sets: tuple[str, ...] = ()  # names of the side sets (see SideSet) this method can use
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -355,8 +384,13 @@ def run_layerwise(
     progress: bool = True,
     on_layer_done: Callable[[int, dict], None] | None = None,
     diagnostics=None,
+    side_sets: dict[str, list] | None = None,
 ) -> list[dict]:
-    """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts."""
+    """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts.
+
+    ``side_sets``: ``{name: samples}`` carried through the layers for the method (names it lists in
+    ``method.side_sets``); ``diagnostics.samples`` (if set) becomes the ``"heldout"`` side set that the
+    diagnostics measure on instead of the calibration samples."""
     device = torch.device(device)
     model.eval()
     ckpt = checkpoint_dir
@@ -367,13 +401,17 @@ def run_layerwise(
         own_lock = False
     try:
         return _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done,
-                              diagnostics)
+                              diagnostics, side_sets or {})
     finally:
         if own_lock:
             ckpt.close()
 
 
-def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics):
+def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics,
+                   side_samples):
+    unknown = sorted(set(side_samples) - set(method.side_sets))
+    if unknown:
+        raise ValueError(f"{method.name} does not use the side set(s) {', '.join(unknown)}")
     model_digest = _model_digest(model, adapter) if ckpt is not None else None  # before any method touches it
     method.prepare(model, adapter, samples)
     captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
@@ -381,12 +419,22 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     layers_path = finite.module_path(model, adapter.layers)
     finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
     model_dtype = inputs[0].dtype if inputs else torch.float32
-    fp_inputs = list(inputs) if (method.needs_fp_chain or diagnostics is not None) else None
+    held_out = diagnostics is not None and bool(getattr(diagnostics, "samples", None))
+    fp_inputs = list(inputs) if (method.needs_fp_chain or (diagnostics is not None and not held_out)) else None
+    side_samples = dict(side_samples)
+    if held_out:
+        side_samples[HELDOUT] = diagnostics.samples
+    sides: dict[str, SideSet] = {}
+    for name, ss in side_samples.items():
+        cap = capture_inputs(model, adapter, ss, device=device, desc=f"capture {name}", progress=progress)
+        finite.check_activations(cap.hidden, f"at the input of decoder layer 0 ({layers_path}.0), {name} set")
+        sides[name] = SideSet(cap, list(cap.hidden), list(cap.hidden) if name == HELDOUT else None)
     layers = adapter.layers
     start = 0
     if ckpt is not None:
         fingerprint = {"model": model_digest, "method": _method_digest(method, fp_inputs is not None),
-                       "calibration": _calibration_digest(captured)}
+                       "calibration": _calibration_digest(captured),
+                       **{f"side set {n}": _calibration_digest(sd.captured) for n, sd in sorted(sides.items())}}
         ckdir = ckpt.path
         state_path = ckdir / "state.json"
         if resume and state_path.exists():
@@ -405,6 +453,10 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                 inputs = [acts[f"x.{j}"] for j in range(len(captured))]
                 if fp_inputs is not None:
                     fp_inputs = [acts[f"fp.{j}"] for j in range(len(captured))]
+                for n, sd in sides.items():
+                    sd.fp = [acts[f"{n}.fp.{j}"] for j in range(len(sd.captured))]
+                    if sd.inputs is not None:
+                        sd.inputs = [acts[f"{n}.x.{j}"] for j in range(len(sd.captured))]
         else:  # start afresh: our files only
             for p in ckdir.iterdir():
                 if p.is_file() and is_checkpoint_file(p.name):
@@ -417,33 +469,45 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         layer = layers[i]
         orig_device = next(layer.parameters()).device
         layer.to(device)
-        ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs)
+        ad = adapter.at_layer(i)
+        ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs)
+        ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
+        contexts = [ctx, *ctx.sides.values()]
         if upcast is not None:
             upcast.__enter__()
-            ctx.compute_dtype = torch.float32
+            for c in contexts:
+                c.compute_dtype = torch.float32
         with torch.no_grad():
-            if fp_inputs is not None:
-                ctx.fp_outputs = [ctx.run(j, fp_inputs[j]).to("cpu") for j in range(len(captured))]
+            for c in contexts:
+                if c.fp_inputs is not None:
+                    c.fp_outputs = [c.run(j, c.fp_inputs[j]).to("cpu") for j in range(len(c.fp_inputs))]
         method.step(ctx)
         if upcast is not None:
             upcast.__exit__(None, None, None)
-            ctx.compute_dtype = None
-            if ctx.fp_outputs is not None:
-                ctx.fp_outputs = [t.to(model_dtype) for t in ctx.fp_outputs]
+            for c in contexts:
+                c.compute_dtype = None
+                if c.fp_outputs is not None:
+                    c.fp_outputs = [t.to(model_dtype) for t in c.fp_outputs]
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
+        dctx = ctx.sides.get(HELDOUT, ctx)  # diagnostics: on the held-out set when there is one
         if diagnostics is not None:
-            diagnostics.layer(ctx, fp_layer)
+            diagnostics.layer(dctx, fp_layer)
             del fp_layer
         with torch.no_grad():
             outputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
+            side_outputs = {n: [c.run(j).to("cpu") for j in range(len(c.inputs))] if sides[n].inputs is not None
+                            else None for n, c in ctx.sides.items()}
         finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
-            diagnostics.accumulated(i, outputs, ctx.fp_outputs, captured.modality)
+            d_out = outputs if dctx is ctx else side_outputs[HELDOUT]
+            diagnostics.accumulated(i, d_out, dctx.fp_outputs, dctx.captured.modality)
         inputs = [captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
         if fp_inputs is not None:
             fp_inputs = [captured.after_layer(j, i, o) for j, o in enumerate(ctx.fp_outputs)]
+        for n, sd in sides.items():
+            sd.advance(i, ctx.sides[n].fp_outputs, side_outputs[n])
         for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
             if hasattr(mod, "clear_cache"):
                 mod.clear_cache()
@@ -451,14 +515,15 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         info = {"layer": i, **ctx.info}
         infos.append(info)
         if ckpt is not None:
-            _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json)
+            _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json, sides)
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
     return infos
 
 
-def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str) -> None:
+def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str,
+                  sides: dict[str, SideSet] | None = None) -> None:
     """Write layer ``i``'s state and the next inputs, then commit both by replacing ``state.json``."""
     meta = {"structure": json.dumps(method.layer_structure(layer), sort_keys=True), "fingerprint": fp_json}
     _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()},
@@ -467,6 +532,9 @@ def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerp
     acts = {f"x.{j}": t for j, t in enumerate(inputs)}
     if fp_inputs is not None:
         acts.update({f"fp.{j}": t for j, t in enumerate(fp_inputs)})
+    for n, sd in (sides or {}).items():
+        acts.update({f"{n}.fp.{j}": t for j, t in enumerate(sd.fp)})
+        acts.update({f"{n}.x.{j}": t for j, t in enumerate(sd.inputs or [])})
     _atomic_save_tensors(acts, ckdir / f"acts_{i:04d}.safetensors", {"fingerprint": fp_json})
     fileio.step(f"checkpoint.acts:{i}")
     fileio.atomic_write_json(ckdir / "state.json", {"next_layer": i + 1, "activations": f"acts_{i:04d}.safetensors",

@@ -72,6 +72,14 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                    help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
                         "division (not exportable)")
     q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
+    q.add_argument("--report-calib", metavar="SPEC",
+                   help="measure the --report diagnostics on this held-out set (a file or testbed name, e.g. "
+                        "testbed-heldout; must not share samples with --calib) instead of the calibration samples")
+    q.add_argument("--report-nsamples", type=int, default=16, help="samples of --report-calib (default 16)")
+    mas.add_argument("--whiten-calib", metavar="SPEC",
+                     help="MASQuant: whiten CMC with this separate set (e.g. testbed-whiten: image-only and "
+                          "audio-only samples, as the paper) instead of the calibration set's tokens")
+    mas.add_argument("--whiten-nsamples", type=int, default=128, help="samples of --whiten-calib (default 128)")
     q.add_argument("--dtype", default="auto",
                    help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")
     _add_calib(q, required=False)
@@ -222,6 +230,10 @@ def cmd_quantize(args) -> dict:
 
     scheme = resolve_scheme(args.scheme, wbits=args.wbits, abits=args.abits, group_size=args.group_size, sym=args.sym)
     options = _method_options(args)
+    if args.report_calib and not args.report:
+        raise CLIError("--report-calib needs --report")
+    if args.whiten_calib and args.method.lower() != "masquant":
+        raise CLIError(f"--whiten-calib does not apply to --method {args.method}")
     make_method(args.method, scheme, **options)  # validate before any heavy work
     trust = args.trust_remote_code
     if args.calib is not None:  # the calibration options and file are checked before the model
@@ -243,8 +255,15 @@ def cmd_quantize(args) -> dict:
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
+        extra = {}
+        if args.whiten_calib:
+            extra["whitening"] = load_calibration(args.whiten_calib, model, args.model, args.whiten_nsamples,
+                                                  args.seqlen, args.seed, trust_remote_code=trust)
+        if args.report_calib:
+            extra["report_calib"] = load_calibration(args.report_calib, model, args.model, args.report_nsamples,
+                                                     args.seqlen, args.seed, trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
-                 progress=not args.no_progress, report_dir=args.report, **options)
+                 progress=not args.no_progress, report_dir=args.report, **extra, **options)
         save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
         ck.remove(is_checkpoint_file)
     except BaseException:

@@ -21,6 +21,12 @@ data (text / image / audio; video counts as text):
 * for modality-aware smoothing, the divergence of each modality's smoothing vector from text's
   (mean |log s_m − log s_T|).
 
+**Which data.**  Given held-out samples (``Diagnostics(samples=...)``, ``quantize(report_calib=...)``,
+``mmcompress quantize --report-calib``), every figure above is measured on them: the engine carries them
+through the layers as the ``"heldout"`` side set, in both chains, and nothing is trained on them.  Without
+them the figures are in-sample (the calibration samples the method was fitted to), and the report says so
+(``"sqnr_data"``).
+
 The engine calls :meth:`Diagnostics.layer` after a method's step with a copy of the original layer.
 :func:`write_report` writes ``diagnostics-<method>-<scheme>.json`` into a directory and redraws the
 comparison plot of per-layer SQNR by modality for every run found there.
@@ -80,8 +86,16 @@ def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
 class Diagnostics:
     """Collects the per-layer records of one run."""
 
-    def __init__(self):
+    def __init__(self, samples=None, source: str | None = None):
         self.layers: list[dict] = []
+        self.samples = list(samples) if samples else None  # held-out samples (None: the calibration samples)
+        self.source = source
+
+    def data(self) -> dict:
+        """What the SQNR figures were measured on."""
+        if self.samples:
+            return {"set": "held-out", "nsamples": len(self.samples), "source": self.source}
+        return {"set": "calibration (in-sample)"}
 
     @torch.no_grad()
     def layer(self, ctx, fp_layer) -> dict:
@@ -170,7 +184,7 @@ def write_report(report_dir, diagnostics: Diagnostics, description: dict) -> Pat
     if tag:
         name += f"-{tag}"
     data = {"name": name, **{k: v for k, v in description.items() if k != "layers"},
-            "summary": diagnostics.summary(), "layers": diagnostics.layers}
+            "sqnr_data": diagnostics.data(), "summary": diagnostics.summary(), "layers": diagnostics.layers}
     path = report_dir / f"{name}.json"
     atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
     plot_sqnr(report_dir)

@@ -152,13 +152,16 @@ def render_report(run_dir, output_dir=None) -> Path:
         mods = sorted({m for _, d in diag for m in d.get("summary", {}).get("mean_sqnr_accumulated", {})})
         lines += ["Pooled over tokens (energy ratio) and, after the slash, the median of the per-token SQNR "
                   "(an attention-sink token cannot dominate it).", "",
-                  "| run | " + " | ".join(f"{m} (dB)" for m in mods) + " |", "|---|" + "---|" * len(mods)]
+                  "| run | measured on | " + " | ".join(f"{m} (dB)" for m in mods) + " |",
+                  "|---|---|" + "---|" * len(mods)]
         for name, d in diag:
             summ = d.get("summary", {})
             means = summ.get("mean_sqnr_accumulated") or summ.get("mean_sqnr_local", {})
             tok = summ.get("mean_sqnr_accumulated_token_median", {})
             cells = [_fmt(means.get(m)) + (f" / {_fmt(tok[m])}" if m in tok else "") for m in mods]
-            lines.append(f"| {name.removeprefix('diagnostics-')} | " + " | ".join(cells) + " |")
+            data = d.get("sqnr_data") or {"set": "calibration (in-sample)"}
+            where = data["set"] + (f", {data['nsamples']} samples" if data.get("nsamples") else "")
+            lines.append(f"| {name.removeprefix('diagnostics-')} | {where} | " + " | ".join(cells) + " |")
         lines.append("")
     ppl = _plot_xy(_points(others, ("ppl", "wiki_ppl")), "perplexity", out_dir / "sparsity_vs_ppl.png",
                    "perplexity vs sparsity")

@@ -22,14 +22,50 @@ def make_method(method: str, scheme: QuantScheme, **options):
     return cls(scheme, **check_options(cls.OPTIONS, options))
 
 
+def _as_set(samples, what: str) -> CalibrationSet:
+    cs = samples if isinstance(samples, CalibrationSet) else CalibrationSet(list(samples))
+    if len(cs) == 0:
+        raise CalibrationError(f"{what} is empty")
+    return cs
+
+
+def _sample_key(sample: dict) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(sample):
+        v = sample[k]
+        if hasattr(v, "detach"):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_disjoint(calib: CalibrationSet, other: CalibrationSet, what: str) -> None:
+    """Refuse a ``what`` set that shares a sample (same token ids and media) with the calibration set."""
+    seen = {_sample_key(s) for s in calib.samples}
+    shared = sum(_sample_key(s) in seen for s in other.samples)
+    if shared:
+        raise CalibrationError(f"the {what} shares {shared} of its {len(other)} samples with the calibration set; "
+                               "held-out measurements need disjoint data")
+
+
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
-             checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, **options):
+             checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, report_calib=None,
+             whitening=None, **options):
     """Quantize ``model`` in place with ``method`` and return it.
 
     ``calib`` is a :class:`~mmcompress.data.CalibrationSet` (or a list of model-input dicts);
     ``scheme`` a name (``w8a8``, ``w4a8``, ``w4a6``, ``w4a16``) or a :class:`QuantScheme`.
     Extra keyword ``options`` go to the method (e.g. ``alpha=0.5`` for SmoothQuant).
-    ``report_dir``: write per-modality diagnostics (JSON) and the SQNR-by-modality plot there.
+    ``report_dir``: write per-modality diagnostics (JSON) and the SQNR-by-modality plot there;
+    ``report_calib``: held-out samples (disjoint from ``calib``) to measure them on, instead of the
+    calibration samples.  ``whitening`` (MASQuant): a separate whitening set, e.g. image-only and
+    audio-only samples as in the paper; CMC's covariance of modality ``m`` then comes from its tokens
+    of modality ``m`` instead of the calibration set's.
     """
     if isinstance(scheme, str):
         scheme = resolve_scheme(scheme)
@@ -39,20 +75,36 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
     m = make_method(method, scheme, **options)
+    side_sets, extra = {}, {}
+    if whitening is not None:
+        if "whitening" not in m.side_sets:
+            raise ValueError(f"a whitening set applies to masquant, not {m.name}")
+        whitening = _as_set(whitening, "whitening set")
+        m.set_whitening(whitening.token_counts(adapter.modality_token_ids))
+        side_sets["whitening"] = whitening.samples
+        extra["whitening"] = whitening.summary(adapter.modality_token_ids)
+    if report_calib is not None:
+        if report_dir is None:
+            raise ValueError("report_calib needs report_dir (the held-out set is what the report measures on)")
+        report_calib = _as_set(report_calib, "report set")
+        check_disjoint(calib, report_calib, "report set")
+        extra["report_calib"] = report_calib.summary(adapter.modality_token_ids)
     finite.check_module(model, "input weight")
     diagnostics = None
     if report_dir is not None:
         from ..eval.diagnostics import Diagnostics
 
-        diagnostics = Diagnostics()
+        diagnostics = Diagnostics(None if report_calib is None else report_calib.samples,
+                                  None if report_calib is None else report_calib.source)
     t0 = time.time()
     infos = run_layerwise(model, adapter, m, calib.samples, device=device, checkpoint_dir=checkpoint_dir,
-                          resume=resume, progress=progress, diagnostics=diagnostics)
+                          resume=resume, progress=progress, diagnostics=diagnostics, side_sets=side_sets)
     model._mmcompress_description = {
         "kind": "quantization",
         "method": m.config(),
         "scheme": scheme.name,
         "calibration": calib.summary(adapter.modality_token_ids),
+        **extra,
         "layers": infos,
         "seconds": round(time.time() - t0, 2),
     }

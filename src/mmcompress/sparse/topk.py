@@ -1,8 +1,13 @@
 """Per-token Top-K activation sparsification (a pure function).
 
 ``S_k(x)_i = x_i`` if ``|x_i|`` is among the ``k`` largest magnitudes of the token vector, else 0.
-Exactly ``k`` entries are kept per token (ties broken by ``torch.topk``), so the zero fraction is
-``1 − k/D`` exactly.  ``keep_count(D, s)`` is ``round((1 − s)·D)``, clamped to [1, D].
+
+**Tie policy** (one rule for the PyTorch reference and the C++ CPU kernel, ``sparse_gemv.cpp``
+``topk_row``): exactly ``k`` entries are kept per token.  Magnitudes are ranked by the IEEE bits of
+``|x|`` in float32 (so ``+0 == −0``, and NaN ranks above ``+inf``); entries tied with the ``k``-th
+largest magnitude are kept in increasing index order until ``k`` are kept.  The zero fraction is then
+``1 − k/D`` exactly, whatever the data (bf16 activations tie often), and that is the sparsity reported.
+``keep_count(D, s)`` is ``round((1 − s)·D)``, clamped to [1, D].
 """
 
 from __future__ import annotations
@@ -16,10 +21,38 @@ def keep_count(dim: int, sparsity: float) -> int:
     return max(1, min(dim, int(round((1.0 - sparsity) * dim))))
 
 
-def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest-magnitude entries of every vector along the last dimension."""
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose order is the order of ``|x|`` in float32 (NaN above +inf), as the CPU kernel."""
+    return x.float().view(torch.int32) & 0x7FFFFFFF
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the kept entries along the last dimension: exactly ``min(k, D)`` per vector,
+    ties at the ``k``-th magnitude broken towards the lowest index (the tie policy above)."""
     d = x.shape[-1]
     if k >= d:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if k <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    keys = magnitude_keys(x)
+    tau = keys.topk(k, dim=-1).values[..., -1:]  # the k-th largest key
+    above = keys > tau
+    tied = keys == tau
+    need = k - above.sum(-1, keepdim=True)  # >= 1 tied entries to keep, lowest index first
+    return above | (tied & (tied.cumsum(-1) <= need))
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The kept indices ``[..., min(k, D)]`` (int64, ascending) under the tie policy."""
+    k = max(0, min(int(k), x.shape[-1]))
+    mask = topk_mask(x, k)
+    idx = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
+    # kept positions sort first (key 0) in index order, dropped ones after (key D + index)
+    return torch.where(mask, idx, idx + x.shape[-1]).sort(dim=-1).values[..., :k]
+
+
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest-magnitude entries of every vector along the last dimension (tie policy above)."""
+    if k >= x.shape[-1]:
         return x
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    return torch.where(topk_mask(x, k), x, torch.zeros_like(x))

@@ -80,9 +80,85 @@ def testbed_multimodal_calibration(model, model_dir, nsamples: int = 128, seqlen
                                 "n_audio": n_audio})
 
 
+CALIB_WHITEN_SEED = 3003  # image/speech seed streams of the whitening set (not the calibration ones)
+
+
+def whitening_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> list[dict]:
+    """Modality-only records, as the paper's CMC whitening sets: an image with only its placeholder
+    prefix (no question, no answer), a speech clip with only its prefix (no transcript)."""
+    from . import mm_data as D
+    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
+
+    rng = random.Random(CALIB_WHITEN_SEED + 1000 * seed)
+    image_prefix = IMAGE_PROMPT.split(" Question:")[0]
+    audio_prefix = AUDIO_PROMPT.split(" Transcribe:")[0]
+    recs = [{"text": image_prefix, "images": [D.make_image(rng)[0]]} for _ in range(n_images)]
+    if kind == "omni" and n_audio:
+        sents = D.wiki_sentences(8000, 9000)
+        n_d = n_audio // 2
+        items = D.make_speech_items("digits", n_d, CALIB_WHITEN_SEED + 10 + 1000 * seed, D.TRAIN_VOICES,
+                                    exclude_digits=D.test_digit_keys())
+        items += D.make_speech_items("sentence", n_audio - n_d, CALIB_WHITEN_SEED + 11 + 1000 * seed,
+                                     D.TRAIN_VOICES, sentences=sents)
+        recs += [{"text": audio_prefix, "audio": [wav]} for wav in D.render(items)]
+    return recs
+
+
+def testbed_whitening(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
+    """``--whiten-calib testbed-whiten``: image-only (and, for Omni, audio-only) samples."""
+    from ..data.calibration import CalibrationError, CalibrationSet
+    from ..models.processing import load_processor
+
+    kind = _kind(model_dir)
+    if kind is None:
+        raise CalibrationError("testbed-whiten is for the multimodal testbed models (Qwen2.5-VL / Omni)")
+    n_audio = nsamples // 2 if kind == "omni" else 0
+    recs = whitening_records(kind, nsamples - n_audio, n_audio, seed)
+    cs = CalibrationSet.from_records(recs, load_processor(model_dir), seed=seed, source="testbed:whiten")
+    return CalibrationSet(cs.samples, source=f"testbed:{kind} whitening (image-only"
+                          + (" + audio-only" if n_audio else "") + f", v{CALIB_VERSION})",
+                          meta={"seed": seed, "n_images": nsamples - n_audio, "n_audio": n_audio})
+
+
+def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, seed: int = 0, cache=None):
+    """``--report-calib testbed-heldout``: a report set from the testbed's *evaluation* splits (disjoint
+    from every calibration set by construction): wiki test windows, and for multimodal models
+    image-qa-test images with their question + answer and speech-test clips with their transcript."""
+    from . import data as tb_data
+    from ..data.calibration import CalibrationSet
+    from ..models.processing import load_processor
+
+    kind = _kind(model_dir)
+    n_text = nsamples if kind is None else max(1, nsamples // 2)
+    text = CalibrationSet.from_text(tb_data.eval_text("wiki", cache), tb_data._tokenizer_for(model_dir), n_text,
+                                    seqlen, seed, source="testbed:wiki (evaluation split)")
+    if kind is None:
+        return text
+    from . import mm_data as D
+    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
+
+    n_mm = nsamples - n_text
+    n_audio = n_mm // 2 if kind == "omni" else 0
+    rng = random.Random(seed)
+    qa = D.image_qa_test()
+    recs = [{"text": IMAGE_PROMPT.format(question=it["question"]) + " " + it["answer"], "images": [it["image"]]}
+            for it in rng.sample(qa, min(len(qa), n_mm - n_audio))]
+    if n_audio:
+        speech = D.speech_test()
+        recs += [{"text": AUDIO_PROMPT + " " + it["transcript"], "audio": [it["audio"]]}
+                 for it in rng.sample(speech, min(len(speech), n_audio))]
+    mm = CalibrationSet.from_records(recs, load_processor(model_dir), seed=seed)
+    return CalibrationSet(list(text.samples) + list(mm.samples),
+                          source=f"testbed:{kind} held-out (wiki test + image-qa-test"
+                          + (" + speech-test" if n_audio else "") + ")",
+                          meta={"seed": seed, "n_text": n_text, "n_images": len(mm) - n_audio, "n_audio": n_audio})
+
+
 def register_calibration_hook():
     try:
         from .data import register_calibration
     except ImportError:  # pragma: no cover
         return
     register_calibration("testbed", testbed_multimodal_calibration)
+    register_calibration("testbed-whiten", testbed_whitening)
+    register_calibration("testbed-heldout", testbed_heldout)

@@ -16,7 +16,9 @@ Sparse int8 (LaRoSA + W8A8, :func:`sparse_int8_linear`): the same Top-K, then pe
 the kept values and int8 weight codes (``[in, out]`` uint8 = code + 128), int32 accumulation with
 AVX-512 VNNI on the CPU kernel; :func:`sparse_int8_reference` is its PyTorch oracle.
 
-The selection ``S`` is one of: Top-K (``k``: exactly ``k`` channels of largest ``|x|`` per token),
+The selection ``S`` is one of: Top-K (``k``: exactly ``k`` channels of largest ``|x|`` per token; the
+PyTorch path and the CPU kernel share one tie policy, ties at the K-th magnitude keep the lowest indices,
+see :mod:`..topk`),
 a magnitude threshold (``threshold``: keep ``|x| >= t``), or given ``indices``/``values`` ([tokens, k]).
 Calls with more tokens than a kernel takes (prefill) use the PyTorch path, which is a dense GEMM on the
 sparsified input.  ``k >= in_features`` means dense: the kernels then skip selection entirely.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ..topk import topk_sparsify
+from ..topk import topk_indices, topk_sparsify
 from . import cpu as _cpu
 
 BACKENDS = ("torch", "cpu", "triton", "auto")
@@ -167,7 +169,7 @@ def topk_select(x: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.T
         x2 = x.reshape(-1, d).contiguous()
         idx, vals = _cpu.ops().topk_select(x2, k)
         return idx.reshape(*x.shape[:-1], k), vals.reshape(*x.shape[:-1], k)
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    idx = topk_indices(x, k)  # the CPU kernel's tie policy (sparse/topk.py)
     return idx, x.gather(-1, idx).float()
 
 
@@ -200,8 +202,7 @@ def unpack_int8_weight(wq: torch.Tensor) -> torch.Tensor:
 def _stable_topk(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU kernel's selection: the ``k`` largest ``|x|``, ties at the K-th magnitude keep the lowest
     indices; returned ascending."""
-    order = torch.sort(x2.float().abs(), dim=-1, descending=True, stable=True).indices[..., :k]
-    idx = order.sort(dim=-1).values
+    idx = topk_indices(x2, k)
     return idx, x2.float().gather(-1, idx)
 
 
