@@ -59,11 +59,17 @@ PENDING = "_mmcompress_pending_ids"  # modality ids a model's own embedding step
 
 def input_modality_ids(inputs: dict, token_ids: dict[str, int], *, decode: bool | None = None) -> torch.Tensor:
     """:func:`modality_ids` of one model call's inputs, plus the image spans ``inputs["image_bound"]``
-    where the inputs carry them."""
+    where the inputs carry them (:func:`with_image_spans`)."""
     input_ids = inputs["input_ids"]
     ids = modality_ids(input_ids, token_ids, decode=decode)
-    spans = inputs.get(IMAGE_SPANS)
-    if spans is None or decode or (decode is None and input_ids.shape[-1] == 1):
+    if decode or (decode is None and input_ids.shape[-1] == 1):
+        return ids
+    return with_image_spans(ids, inputs.get(IMAGE_SPANS))
+
+
+def with_image_spans(ids: torch.Tensor, spans) -> torch.Tensor:
+    """Mark the ``[start, end)`` spans of ``spans`` (per sample an ``[n, 2]`` tensor, or ``None``) as image."""
+    if spans is None:
         return ids
     if len(spans) != ids.shape[0]:
         raise ValueError(f"{IMAGE_SPANS} has {len(spans)} entries for a batch of {ids.shape[0]}")
