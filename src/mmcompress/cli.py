@@ -284,6 +284,12 @@ def cmd_quantize(args) -> dict:
     read_config(args.model, trust_remote_code=trust)
     if args.calib is None:
         return _quantize_data_free(args, scheme)
+    from .distributed import current, launched
+
+    if launched():
+        return on_ranks(cmd_quantize, args)
+    if current().size > 1:
+        return _quantize_distributed(args, scheme, options)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
@@ -308,16 +314,68 @@ def cmd_quantize(args) -> dict:
         raise
     finally:
         ck.close()
+    return _quantize_result(args, scheme, out, model)
+
+
+def _quantize_result(args, scheme, out, model) -> dict:
     desc = model._mmcompress_description
+    rank_tokens = model._mmcompress_rank_tokens  # calibration tokens each rank pushed through the layers
     result = {"output": str(out), "method": args.method, "scheme": scheme.name,
-              "calibration": desc["calibration"], "seconds": desc["seconds"]}
+              "calibration": desc["calibration"], "seconds": desc["seconds"],
+              "world_size": len(rank_tokens), "rank_tokens": rank_tokens}
     if "method_summary" in desc:
         result["method_summary"] = desc["method_summary"]
     if "report" in desc:
         result["report"] = desc["report"]
     print(f"quantized {args.model} with {args.method} {scheme.name} -> {out} ({desc['seconds']} s; "
-          f"calibration tokens {desc['calibration']['tokens']})", file=sys.stderr)
+          f"calibration tokens {desc['calibration']['tokens']}"
+          + (f", per rank {rank_tokens}" if len(rank_tokens) > 1 else "") + ")", file=sys.stderr)
     return result
+
+
+def on_ranks(fn, args):
+    """``fn(args)`` on every rank ``torchrun`` started, joined in one process group (gloo on CPU, NCCL on
+    CUDA); rank 0's result (printed once), ``None`` on the others."""
+    import contextlib
+
+    from .distributed import joined
+
+    with joined(args.device) as world, contextlib.ExitStack() as stack:
+        if world.rank:  # one report on stderr: rank 0's (an error on any rank still reaches main())
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        result = fn(args)
+    return result if world.rank == 0 else None
+
+
+def _quantize_distributed(args, scheme, options) -> dict:
+    """Under ``torchrun``: every rank calibrates on its block of the samples, the statistics are combined
+    (:mod:`mmcompress.distributed`), rank 0 alone writes the artifact."""
+    from .distributed import current
+    from .export.serialization import save
+    from .fileio import check_output
+    from .models.adapters import get_adapter
+    from .models.loading import load_hf_model
+    from .quant.api import quantize
+
+    for flag, value in (("--resume", args.resume), ("--report", args.report),
+                        ("--checkpoint-dir", args.checkpoint_dir)):
+        if value:
+            raise CLIError(f"{flag} is not supported under torchrun yet")
+    out = Path(args.output)
+    inputs = _inputs(args.model, args.calib)
+    check_output(out, overwrite=args.overwrite, inputs=inputs)
+    world = current()
+    model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+    get_adapter(model)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=args.trust_remote_code)
+    world.block(len(calib))  # enough samples for every rank, before any work
+    quantize(model, calib, args.method, scheme, device=world.device,
+             progress=not args.no_progress and world.rank == 0, **options)
+    if world.rank == 0:
+        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    world.barrier()
+    return _quantize_result(args, scheme, out, model)
 
 
 def _quantize_data_free(args, scheme) -> dict:
@@ -327,6 +385,10 @@ def _quantize_data_free(args, scheme) -> dict:
 
     if args.method.lower() != "rtn":
         raise CLIError(f"--method {args.method} needs calibration data (--calib); only rtn runs without it")
+    from .distributed import launched
+
+    if launched() and os.environ.get("RANK", "0") != "0":
+        return None  # one pass over the shards, by rank 0: nothing for the other ranks to do
     for flag, value in (("--report", args.report), ("--resume", args.resume)):
         if value:
             raise CLIError(f"{flag} needs --calib (data-free rtn has no calibration pass)")
@@ -430,19 +492,28 @@ def cmd_compress(args) -> dict:
     trust = args.trust_remote_code
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=trust)
+    from .distributed import current, launched
+
+    if launched():  # torchrun: each rank calibrates on its block of the samples, rank 0 writes
+        return on_ranks(cmd_compress, args)
+    world = current()
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)
-    apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
-    save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
+                 progress=not args.no_progress and world.rank == 0)
+    if world.rank == 0:
+        save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    world.barrier()
     desc = model._mmcompress_description
     print(f"compressed {args.model} with {len(steps)} steps -> {args.output} ({desc['seconds']} s)", file=sys.stderr)
     return {"output": str(args.output), "steps": [
         {"kind": s["kind"], "method": s.get("method")} for s in steps], "seconds": desc["seconds"],
-        "descriptions": desc["steps"]}
+        "descriptions": desc["steps"], "world_size": world.size,
+        "rank_tokens": getattr(model, "_mmcompress_rank_tokens", None)}
 
 
 def cmd_demo(args) -> dict:

@@ -13,6 +13,8 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
+   Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
+   combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
 3. **Checkpoint.** After each layer, its state (``layer_N.safetensors``, the module structure in the
    metadata) and the next layer's inputs (``acts_N.safetensors``) are written, then ``state.json``
    naming them is replaced atomically: that rename is the one commit point, so a kill at any instant
@@ -39,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fileio, finite
+from .distributed import DistributedError, World, current as current_world
 from .models.adapters import ModelAdapter
 from .models.modality import modality_context, modality_ids
 
@@ -207,6 +210,19 @@ class LayerContext:
     fp_inputs: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)  # per-layer metrics a method wants reported
     compute_dtype: torch.dtype | None = None  # set while the layer is upcast for a method's float32 math
+    world: World = field(default_factory=World)  # the ranks sharing the calibration (mmcompress.distributed)
+    sample_ids: range | None = None  # global indices of the samples in ``inputs`` (this rank's block)
+    total_samples: int | None = None  # calibration samples over all ranks
+
+    @property
+    def n_samples(self) -> int:
+        """Calibration samples over all ranks (``len(inputs)`` in one process)."""
+        return len(self.inputs) if self.total_samples is None else self.total_samples
+
+    def local_index(self, j: int) -> int | None:
+        """Position in ``inputs`` of global sample ``j``, ``None`` where another rank holds it."""
+        ids = self.sample_ids if self.sample_ids is not None else range(len(self.inputs))
+        return j - ids.start if j in ids else None
 
     @property
     def modality_ids(self) -> list[torch.Tensor]:
@@ -307,6 +323,7 @@ class Method:
     name = "method"
     needs_fp_chain = False  # keep the uncompressed chain of activations (targets for learning)
     float32_math = False  # on a bf16/fp16 model, run step() on the layer upcast to float32 (see upcast_layer)
+    distributed = False  # step() combines every statistic it gathers across ranks (ctx.world): torchrun-ready
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -358,10 +375,22 @@ def run_layerwise(
     progress: bool = True,
     on_layer_done: Callable[[int, dict], None] | None = None,
     diagnostics=None,
+    world: World | None = None,
 ) -> list[dict]:
-    """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts."""
+    """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts.
+
+    ``world`` (default: the initialised ``torch.distributed`` process group, else one process): every
+    rank passes the same ``samples`` and runs its own block of them (:mod:`mmcompress.distributed`)."""
     device = torch.device(device)
     model.eval()
+    world = current_world() if world is None else world
+    if world.size > 1:
+        if not method.distributed:
+            raise DistributedError(f"{method.name} does not support distributed calibration yet; run it in one process")
+        if checkpoint_dir is not None or resume:
+            raise DistributedError("checkpoints and --resume are not supported under torchrun yet")
+        if diagnostics is not None:
+            raise DistributedError("diagnostics (--report) are not supported under torchrun yet")
     ckpt = checkpoint_dir
     if ckpt is not None and not isinstance(ckpt, fileio.CheckpointDir):
         ckpt = fileio.CheckpointDir(ckpt).open()
@@ -370,16 +399,20 @@ def run_layerwise(
         own_lock = False
     try:
         return _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done,
-                              diagnostics)
+                              diagnostics, world)
     finally:
         if own_lock:
             ckpt.close()
 
 
-def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics):
+def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics,
+                   world):
     model_digest = _model_digest(model, adapter) if ckpt is not None else None  # before any method touches it
-    method.prepare(model, adapter, samples)
-    captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
+    samples = list(samples)
+    mine = world.block(len(samples)) if world.size > 1 else range(len(samples))
+    method.prepare(model, adapter, samples)  # every rank sees every sample here (e.g. gradient probes)
+    captured = capture_inputs(model, adapter, [samples[j] for j in mine], device=device, progress=progress)
+    _count_tokens(model, world, sum(int(h.shape[1]) for h in captured.hidden))
     inputs = captured.hidden
     layers_path = finite.module_path(model, adapter.layers)
     finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
@@ -420,7 +453,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         layer = layers[i]
         orig_device = next(layer.parameters()).device
         layer.to(device)
-        ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs)
+        ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs, world=world,
+                           sample_ids=mine, total_samples=len(samples))
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
         if upcast is not None:
@@ -459,6 +493,15 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             on_layer_done(i, info)
     method.finalize(model, adapter)
     return infos
+
+
+def _count_tokens(model: nn.Module, world: World, tokens: int) -> None:
+    """Add the calibration tokens each rank pushed through the layers to ``model._mmcompress_rank_tokens``."""
+    per_rank = world.gather_ints(tokens)
+    old = getattr(model, "_mmcompress_rank_tokens", None)
+    if old is not None and len(old) == len(per_rank):
+        per_rank = [a + b for a, b in zip(old, per_rank)]
+    model._mmcompress_rank_tokens = per_rank
 
 
 def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str) -> None:
