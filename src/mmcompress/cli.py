@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--stream", action="store_true",
+                   help="read one decoder layer at a time from the checkpoint (peak memory: one layer plus the "
+                        "calibration activations; docs/scaling.md)")
     _add_common(q)
     _add_trust(q)
 
@@ -300,13 +303,22 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+        if args.stream:
+            from .streaming import load_streamed, save_streamed
+
+            model = load_streamed(args.model, args.dtype, trust_remote_code=trust)
+            _check_streamable(args, get_adapter(model), options)
+        else:
+            model = load_hf_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
                  progress=not args.no_progress, report_dir=args.report, **options)
-        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        if args.stream:
+            save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        else:
+            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
         ck.remove(is_checkpoint_file)
     except BaseException:
         if not (ck.path / "state.json").exists():  # nothing worth resuming: leave nothing behind
@@ -331,6 +343,13 @@ def _quantize_result(args, scheme, out, model) -> dict:
           f"calibration tokens {desc['calibration']['tokens']}"
           + (f", per rank {rank_tokens}" if len(rank_tokens) > 1 else "") + ")", file=sys.stderr)
     return result
+
+
+def _check_streamable(args, adapter, options) -> None:
+    if args.method.lower() in ("masquant", "mbq") and adapter.modality_token_ids and \
+            options.get("loss_weights", "auto") == "auto":
+        raise CLIError(f"--stream: --method {args.method} with --loss-weights auto probes gradients through the "
+                       "whole model; give the weights (e.g. --loss-weights scripted) or run without --stream")
 
 
 def on_ranks(fn, args):
@@ -358,7 +377,7 @@ def _quantize_distributed(args, scheme, options) -> dict:
     from .quant.api import quantize
 
     for flag, value in (("--resume", args.resume), ("--report", args.report),
-                        ("--checkpoint-dir", args.checkpoint_dir)):
+                        ("--checkpoint-dir", args.checkpoint_dir), ("--stream", args.stream)):
         if value:
             raise CLIError(f"{flag} is not supported under torchrun yet")
     out = Path(args.output)

@@ -13,7 +13,9 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
-   Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
+   A streamed model (:mod:`mmcompress.streaming`, ``quantize --stream``) has its layers on the meta
+   device: each is read from the checkpoint before its step and freed once its checkpoint file is
+   written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
    combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
 3. **Checkpoint.** After each layer, its state (``layer_N.safetensors``, the module structure in the
    metadata) and the next layer's inputs (``acts_N.safetensors``) are written, then ``state.json``
@@ -407,12 +409,19 @@ def run_layerwise(
 
 def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics,
                    world):
-    model_digest = _model_digest(model, adapter) if ckpt is not None else None  # before any method touches it
+    stream = getattr(model, "_mmcompress_stream", None)  # layers read from the checkpoint one at a time
+    if stream is not None and ckpt is None:
+        raise ValueError("a streamed model needs a checkpoint directory (its finished layers are kept there)")
+    model_digest = _model_digest(model, adapter, stream) if ckpt is not None else None  # before any method touches it
     samples = list(samples)
     mine = world.block(len(samples)) if world.size > 1 else range(len(samples))
     method.prepare(model, adapter, samples)  # every rank sees every sample here (e.g. gradient probes)
     captured = capture_inputs(model, adapter, [samples[j] for j in mine], device=device, progress=progress)
     _count_tokens(model, world, sum(int(h.shape[1]) for h in captured.hidden))
+    if stream is not None:
+        from .streaming import release_non_layers
+
+        release_non_layers(model, adapter)  # embeddings, towers: not needed after the capture
     inputs = captured.hidden
     layers_path = finite.module_path(model, adapter.layers)
     finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
@@ -435,6 +444,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
                 _check_fingerprint(json.loads(meta.get("fingerprint", "null")), fingerprint, ckdir)
                 method.rebuild_layer(layers[i], json.loads(meta["structure"]))
+                if stream is not None:  # the finished layer stays in its checkpoint file
+                    layers[i].to("meta")
+                    continue
                 layers[i].load_state_dict(tensors, strict=True)
             if start:
                 acts = load_file(str(ckdir / state["activations"]))
@@ -451,6 +463,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                initial=start, total=len(layers))
     for i in bar:
         layer = layers[i]
+        if stream is not None:
+            stream.load_layer(i, layer)
         orig_device = next(layer.parameters()).device
         layer.to(device)
         ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs, world=world,
@@ -489,6 +503,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         infos.append(info)
         if ckpt is not None:
             _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json)
+        if stream is not None:  # written to layer_i.safetensors: free it
+            layer.to("meta")
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
@@ -560,8 +576,9 @@ def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
     _hash_tensor(h, name, flat[step // 2::step])
 
 
-def _model_digest(model: nn.Module, adapter: ModelAdapter) -> str:
-    """Hash of the configuration plus a digest of every decoder layer's tensors."""
+def _model_digest(model: nn.Module, adapter: ModelAdapter, stream=None) -> str:
+    """Hash of the configuration plus a digest of every decoder layer's tensors (of a streamed model:
+    read from its checkpoint one layer at a time)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
@@ -569,7 +586,8 @@ def _model_digest(model: nn.Module, adapter: ModelAdapter) -> str:
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for i, layer in enumerate(adapter.layers):
         lh = hashlib.sha256()
-        for name, t in layer.state_dict().items():
+        state = layer.state_dict() if stream is None else {**layer.state_dict(), **stream.layer_state(i)}
+        for name, t in state.items():
             _tensor_digest(lh, name, t)
         h.update(f"layer{i}:{lh.hexdigest()};".encode())
     return h.hexdigest()[:32]
