@@ -1,7 +1,7 @@
 """Distributed calibration under torchrun (gloo, 2 CPU ranks) against one process.
 
-Two launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (about 15-30 s
-each on 2 busy cores): the CLI (SmoothQuant W8A8: the artifact must be byte-identical, rank 0 alone
+Two launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (marked ``dist``:
+about a minute together on 2 idle cores, run by .ci/run with ``pytest -m dist``): the CLI (SmoothQuant W8A8: the artifact must be byte-identical, rank 0 alone
 writes and prints) and tests/_dist_methods.py (RTN, SmoothQuant, AWQ, MBQ, MASQuant text-only and
 with image tokens, LaRoSA).  Both sides run with one thread per process, so that per-sample kernels
 are the same.
@@ -49,6 +49,7 @@ class one_thread:
         torch.set_num_threads(self.n)
 
 
+@pytest.mark.dist
 def test_cli_smoothquant_two_ranks_byte_identical(tiny_llama_dir, calib_text, tmp_path, capsys):
     common = ["quantize", str(tiny_llama_dir), "--method", "smoothquant", "--scheme", "w8a8", "--calib",
               str(calib_text), "--nsamples", "5", "--seqlen", "32", "--no-progress", "--json"]
@@ -71,6 +72,7 @@ def test_cli_smoothquant_two_ranks_byte_identical(tiny_llama_dir, calib_text, tm
     assert not (tmp_path / "two.ckpt").exists()
 
 
+@pytest.mark.dist
 def test_methods_two_ranks_match_one_process(tmp_path):
     r = torchrun(ROOT / "tests" / "_dist_methods.py", tmp_path / "two", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
