@@ -133,10 +133,14 @@ def load_streamed(model_dir, dtype="auto", *, trust_remote_code: bool = False) -
     model.eval()
     adapter = get_adapter(model)
     stream = LayerStream(model_dir, model, adapter, dtype)
-    in_layers = _in_layers(adapter)
+    # the capture pass stops at the final norm: it and the output head stay on the meta device
+    skip = _in_layers(adapter) | {id(m) for m in adapter.final_norm.modules()}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        skip |= {id(head)}
     done: dict[int, nn.Parameter] = {}
     for mname, mod in model.named_modules():
-        if id(mod) in in_layers:
+        if id(mod) in skip:
             continue
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:
