@@ -13,6 +13,10 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
+   A streamed model (:mod:`mmcompress.streaming`, ``quantize --stream``) has its layers on the meta
+   device: each is read from the checkpoint before its step and freed once its checkpoint file is
+   written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
+   combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
 3. **Checkpoint.** After each layer, its state (``layer_N.safetensors``, the module structure in the
    metadata) and the next layer's inputs (``acts_N.safetensors``) are written, then ``state.json``
    naming them is replaced atomically: that rename is the one commit point, so a kill at any instant
@@ -44,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import fileio, finite
+from .distributed import DistributedError, World, current as current_world
 from .models.adapters import ModelAdapter
 from .models.modality import input_modality_ids, modality_context
 from .specs import apply_specs, module_specs
@@ -236,6 +241,19 @@ class LayerContext:
     info: dict = field(default_factory=dict)  # per-layer metrics a method wants reported
     compute_dtype: torch.dtype | None = None  # set while the layer is upcast for a method's float32 math
     sides: dict[str, "LayerContext"] = field(default_factory=dict)  # side sets (see SideSet), this layer
+    world: World = field(default_factory=World)  # the ranks sharing the calibration (mmcompress.distributed)
+    sample_ids: range | None = None  # global indices of the samples in ``inputs`` (this rank's block)
+    total_samples: int | None = None  # calibration samples over all ranks
+
+    @property
+    def n_samples(self) -> int:
+        """Calibration samples over all ranks (``len(inputs)`` in one process)."""
+        return len(self.inputs) if self.total_samples is None else self.total_samples
+
+    def local_index(self, j: int) -> int | None:
+        """Position in ``inputs`` of global sample ``j``, ``None`` where another rank holds it."""
+        ids = self.sample_ids if self.sample_ids is not None else range(len(self.inputs))
+        return j - ids.start if j in ids else None
 
     @property
     def modality_ids(self) -> list[torch.Tensor]:
@@ -337,6 +355,7 @@ class Method:
     needs_fp_chain = False  # keep the uncompressed chain of activations (targets for learning)
     float32_math = False  # on a bf16/fp16 model, run step() on the layer upcast to float32 (see upcast_layer)
     side_sets: tuple[str, ...] = ()  # names of the side sets (see SideSet) this method can use
+    distributed = False  # step() combines every statistic it gathers across ranks (ctx.world): torchrun-ready
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -385,14 +404,26 @@ def run_layerwise(
     on_layer_done: Callable[[int, dict], None] | None = None,
     diagnostics=None,
     side_sets: dict[str, list] | None = None,
+    world: World | None = None,
 ) -> list[dict]:
     """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts.
 
     ``side_sets``: ``{name: samples}`` carried through the layers for the method (names it lists in
     ``method.side_sets``); ``diagnostics.samples`` (if set) becomes the ``"heldout"`` side set that the
-    diagnostics measure on instead of the calibration samples."""
+    diagnostics measure on instead of the calibration samples.
+
+    ``world`` (default: the initialised ``torch.distributed`` process group, else one process): every
+    rank passes the same ``samples`` and runs its own block of them (:mod:`mmcompress.distributed`)."""
     device = torch.device(device)
     model.eval()
+    world = current_world() if world is None else world
+    if world.size > 1:
+        if not method.distributed:
+            raise DistributedError(f"{method.name} does not support distributed calibration yet; run it in one process")
+        if checkpoint_dir is not None or resume:
+            raise DistributedError("checkpoints and --resume are not supported under torchrun yet")
+        if diagnostics is not None:
+            raise DistributedError("diagnostics (--report) are not supported under torchrun yet")
     ckpt = checkpoint_dir
     if ckpt is not None and not isinstance(ckpt, fileio.CheckpointDir):
         ckpt = fileio.CheckpointDir(ckpt).open()
@@ -401,20 +432,28 @@ def run_layerwise(
         own_lock = False
     try:
         return _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done,
-                              diagnostics, side_sets or {})
+                              diagnostics, side_sets or {}, world)
     finally:
         if own_lock:
             ckpt.close()
 
 
 def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics,
-                   side_samples):
+                   side_samples, world):
     unknown = sorted(set(side_samples) - set(method.side_sets))
     if unknown:
         raise ValueError(f"{method.name} does not use the side set(s) {', '.join(unknown)}")
-    model_digest = _model_digest(model, adapter) if ckpt is not None else None  # before any method touches it
-    method.prepare(model, adapter, samples)
-    captured = capture_inputs(model, adapter, samples, device=device, progress=progress)
+    if side_samples and world.size > 1:
+        raise DistributedError("side sets (whitening or held-out samples) are not supported under torchrun yet")
+    stream = getattr(model, "_mmcompress_stream", None)  # layers read from the checkpoint one at a time
+    if stream is not None and ckpt is None:
+        raise ValueError("a streamed model needs a checkpoint directory (its finished layers are kept there)")
+    model_digest = _model_digest(model, adapter, stream) if ckpt is not None else None  # before any method touches it
+    samples = list(samples)
+    mine = world.block(len(samples)) if world.size > 1 else range(len(samples))
+    method.prepare(model, adapter, samples)  # every rank sees every sample here (e.g. gradient probes)
+    captured = capture_inputs(model, adapter, [samples[j] for j in mine], device=device, progress=progress)
+    _count_tokens(model, world, sum(int(h.shape[1]) for h in captured.hidden))
     inputs = captured.hidden
     layers_path = finite.module_path(model, adapter.layers)
     finite.check_activations(inputs, f"at the input of decoder layer 0 ({layers_path}.0)")
@@ -429,6 +468,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         cap = capture_inputs(model, adapter, ss, device=device, desc=f"capture {name}", progress=progress)
         finite.check_activations(cap.hidden, f"at the input of decoder layer 0 ({layers_path}.0), {name} set")
         sides[name] = SideSet(cap, list(cap.hidden), list(cap.hidden) if name == HELDOUT else None)
+    if stream is not None:
+        stream.release_non_layers(model, adapter)  # embeddings, towers: not needed after the captures
     layers = adapter.layers
     start = 0
     if ckpt is not None:
@@ -447,6 +488,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
                 _check_fingerprint(json.loads(meta.get("fingerprint", "null")), fingerprint, ckdir)
                 method.rebuild_layer(layers[i], json.loads(meta["structure"]))
+                if stream is not None:  # the finished layer stays in its checkpoint file
+                    layers[i].to("meta")
+                    continue
                 layers[i].load_state_dict(tensors, strict=True)
             if start:
                 acts = load_file(str(ckdir / state["activations"]))
@@ -467,10 +511,13 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                initial=start, total=len(layers))
     for i in bar:
         layer = layers[i]
+        if stream is not None:
+            stream.load_layer(i, layer)
         orig_device = next(layer.parameters()).device
         layer.to(device)
         ad = adapter.at_layer(i)
-        ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs)
+        ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs, world=world,
+                           sample_ids=mine, total_samples=len(samples))
         ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
@@ -516,10 +563,21 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         infos.append(info)
         if ckpt is not None:
             _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json, sides)
+        if stream is not None:  # written to layer_i.safetensors: free it
+            layer.to("meta")
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
     return infos
+
+
+def _count_tokens(model: nn.Module, world: World, tokens: int) -> None:
+    """Add the calibration tokens each rank pushed through the layers to ``model._mmcompress_rank_tokens``."""
+    per_rank = world.gather_ints(tokens)
+    old = getattr(model, "_mmcompress_rank_tokens", None)
+    if old is not None and len(old) == len(per_rank):
+        per_rank = [a + b for a, b in zip(old, per_rank)]
+    model._mmcompress_rank_tokens = per_rank
 
 
 def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str,
@@ -582,8 +640,9 @@ def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
     _hash_tensor(h, name, flat[step // 2::step])
 
 
-def _model_digest(model: nn.Module, adapter: ModelAdapter) -> str:
-    """Hash of the configuration plus a digest of every decoder layer's tensors."""
+def _model_digest(model: nn.Module, adapter: ModelAdapter, stream=None) -> str:
+    """Hash of the configuration plus a digest of every decoder layer's tensors (of a streamed model:
+    read from its checkpoint one layer at a time)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
@@ -591,7 +650,8 @@ def _model_digest(model: nn.Module, adapter: ModelAdapter) -> str:
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for i, layer in enumerate(adapter.layers):
         lh = hashlib.sha256()
-        for name, t in layer.state_dict().items():
+        state = layer.state_dict() if stream is None else {**layer.state_dict(), **stream.layer_state(i)}
+        for name, t in state.items():
             _tensor_digest(lh, name, t)
         h.update(f"layer{i}:{lh.hexdigest()};".encode())
     return h.hexdigest()[:32]

@@ -19,7 +19,7 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import named_set as _named_set
+from .common import named_set as _named_set, on_ranks
 
 EXIT_USAGE = 2
 
@@ -88,6 +88,9 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--stream", action="store_true",
+                   help="read one decoder layer at a time from the checkpoint (peak memory: one layer plus the "
+                        "calibration activations; docs/scaling.md)")
     _add_common(q)
     _add_trust(q)
 
@@ -241,6 +244,12 @@ def cmd_quantize(args) -> dict:
     read_config(args.model, trust_remote_code=trust)
     if args.calib is None:
         return _quantize_data_free(args, scheme)
+    from ..distributed import current, launched
+
+    if launched():
+        return on_ranks(cmd_quantize, args)
+    if current().size > 1:
+        return _quantize_distributed(args, scheme, options)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
@@ -251,7 +260,13 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+        if args.stream:
+            from ..streaming import load_streamed, save_streamed
+
+            model = load_streamed(args.model, args.dtype, trust_remote_code=trust)
+            _check_streamable(args, get_adapter(model), options)
+        else:
+            model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
@@ -264,7 +279,10 @@ def cmd_quantize(args) -> dict:
                                                      args.seqlen, args.seed, trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
                  progress=not args.no_progress, report_dir=args.report, **extra, **options)
-        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        if args.stream:
+            save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        else:
+            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
         ck.remove(is_checkpoint_file)
     except BaseException:
         if not (ck.path / "state.json").exists():  # nothing worth resuming: leave nothing behind
@@ -272,16 +290,62 @@ def cmd_quantize(args) -> dict:
         raise
     finally:
         ck.close()
+    return _quantize_result(args, scheme, out, model)
+
+
+def _quantize_result(args, scheme, out, model) -> dict:
     desc = model._mmcompress_description
+    rank_tokens = model._mmcompress_rank_tokens  # calibration tokens each rank pushed through the layers
     result = {"output": str(out), "method": args.method, "scheme": scheme.name,
-              "calibration": desc["calibration"], "seconds": desc["seconds"]}
+              "calibration": desc["calibration"], "seconds": desc["seconds"],
+              "world_size": len(rank_tokens), "rank_tokens": rank_tokens}
     if "method_summary" in desc:
         result["method_summary"] = desc["method_summary"]
     if "report" in desc:
         result["report"] = desc["report"]
     print(f"quantized {args.model} with {args.method} {scheme.name} -> {out} ({desc['seconds']} s; "
-          f"calibration tokens {desc['calibration']['tokens']})", file=sys.stderr)
+          f"calibration tokens {desc['calibration']['tokens']}"
+          + (f", per rank {rank_tokens}" if len(rank_tokens) > 1 else "") + ")", file=sys.stderr)
     return result
+
+
+def _check_streamable(args, adapter, options) -> None:
+    if args.method.lower() in ("masquant", "mbq") and adapter.modality_token_ids and \
+            options.get("loss_weights", "auto") == "auto":
+        raise CLIError(f"--stream: --method {args.method} with --loss-weights auto probes gradients through the "
+                       "whole model; give the weights (e.g. --loss-weights scripted) or run without --stream")
+
+
+
+
+def _quantize_distributed(args, scheme, options) -> dict:
+    """Under ``torchrun``: every rank calibrates on its block of the samples, the statistics are combined
+    (:mod:`mmcompress.distributed`), rank 0 alone writes the artifact."""
+    from ..distributed import current
+    from ..export.serialization import load_model, save
+    from ..fileio import check_output
+    from ..models.adapters import get_adapter
+    from ..quant.api import quantize
+
+    for flag, value in (("--resume", args.resume), ("--report", args.report),
+                        ("--checkpoint-dir", args.checkpoint_dir), ("--stream", args.stream)):
+        if value:
+            raise CLIError(f"{flag} is not supported under torchrun yet")
+    out = Path(args.output)
+    inputs = _inputs(args.model, args.calib)
+    check_output(out, overwrite=args.overwrite, inputs=inputs)
+    world = current()
+    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+    get_adapter(model)
+    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                             trust_remote_code=args.trust_remote_code)
+    world.block(len(calib))  # enough samples for every rank, before any work
+    quantize(model, calib, args.method, scheme, device=world.device,
+             progress=not args.no_progress and world.rank == 0, **options)
+    if world.rank == 0:
+        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    world.barrier()
+    return _quantize_result(args, scheme, out, model)
 
 
 def _quantize_data_free(args, scheme) -> dict:
@@ -291,6 +355,10 @@ def _quantize_data_free(args, scheme) -> dict:
 
     if args.method.lower() != "rtn":
         raise CLIError(f"--method {args.method} needs calibration data (--calib); only rtn runs without it")
+    from ..distributed import launched
+
+    if launched() and os.environ.get("RANK", "0") != "0":
+        return None  # one pass over the shards, by rank 0: nothing for the other ranks to do
     for flag, value in (("--report", args.report), ("--resume", args.resume)):
         if value:
             raise CLIError(f"{flag} needs --calib (data-free rtn has no calibration pass)")
@@ -392,19 +460,28 @@ def cmd_compress(args) -> dict:
     trust = args.trust_remote_code
     _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=trust)
+    from ..distributed import current, launched
+
+    if launched():  # torchrun: each rank calibrates on its block of the samples, rank 0 writes
+        return on_ranks(cmd_compress, args)
+    world = current()
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)
-    apply_recipe(model, calib, steps, device=args.device, progress=not args.no_progress)
-    save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
+                 progress=not args.no_progress and world.rank == 0)
+    if world.rank == 0:
+        save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    world.barrier()
     desc = model._mmcompress_description
     print(f"compressed {args.model} with {len(steps)} steps -> {args.output} ({desc['seconds']} s)", file=sys.stderr)
     return {"output": str(args.output), "steps": [
         {"kind": s["kind"], "method": s.get("method")} for s in steps], "seconds": desc["seconds"],
-        "descriptions": desc["steps"]}
+        "descriptions": desc["steps"], "world_size": world.size,
+        "rank_tokens": getattr(model, "_mmcompress_rank_tokens", None)}
 
 
 def cmd_report(args) -> dict:

@@ -7,6 +7,7 @@ parser itself is :func:`mmcompress.cli.build_parser`.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -97,3 +98,17 @@ def check_calib_spec(spec: str, nsamples: int, seqlen: int) -> None:
 def input_paths(model, calib=None) -> list:
     """Paths an --output must not overlap: the model directory and a calibration file."""
     return [model] + ([calib] if calib and Path(calib).exists() else [])
+
+
+def on_ranks(fn, args):
+    """``fn(args)`` on every rank ``torchrun`` started, joined in one process group (gloo on CPU, NCCL on
+    CUDA); rank 0's result (printed once), ``None`` on the others."""
+    import contextlib
+
+    from ..distributed import joined
+
+    with joined(args.device) as world, contextlib.ExitStack() as stack:
+        if world.rank:  # one report on stderr: rank 0's (an error on any rank still reaches main())
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        result = fn(args)
+    return result if world.rank == 0 else None

@@ -170,6 +170,22 @@ def _nbytes(spec) -> int:
     return torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
 
 
+def split_shards(units: list, nbytes, max_shard_bytes: int) -> tuple[list[list], list[str]]:
+    """Output shards: consecutive units, at most ``max_shard_bytes`` each (a unit is never split), and
+    their file names as ``save_pretrained`` names them."""
+    shards, size = [[]], 0
+    for unit in units:
+        b = nbytes(unit)
+        if shards[-1] and size + b > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += b
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    return shards, names
+
+
 def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.dtype,
                         max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True, overwrite: bool = False,
                         trust_remote_code: bool = False) -> dict:
@@ -193,17 +209,7 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
     if absent:  # tensor names differ from the model's: load the model, RTN layer by layer, no forward
         return _in_memory(model_dir, output, scheme, dtype, t0, n_layers, trust_remote_code)
     description = _description(scheme, n_layers)
-    # output shards: consecutive units, at most max_shard_bytes each (a unit is never split)
-    shards, size = [[]], 0
-    for unit in units:
-        b = sum(_nbytes(v) for v in unit[0].values())
-        if shards[-1] and size + b > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(unit)
-        size += b
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shards, names = split_shards(units, lambda unit: sum(_nbytes(v) for v in unit[0].values()), max_shard_bytes)
     readers: dict[Path, _ShardReader] = {}
 
     def read(key):

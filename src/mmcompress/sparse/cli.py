@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..cli.common import CLIError, add_calib, add_common, add_overwrite, add_trust, check_calib_spec, input_paths
-from ..cli.common import load_calibration
+from ..cli.common import load_calibration, on_ranks
 
 
 def register(subparsers) -> None:
@@ -67,6 +67,11 @@ def cmd_sparsify(args) -> dict:
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
     check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=args.trust_remote_code)
+    from ..distributed import current, launched
+
+    if launched():  # torchrun: each rank calibrates on its block of the samples, rank 0 writes
+        return on_ranks(cmd_sparsify, args)
+    world = current()
     inputs = input_paths(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
@@ -81,14 +86,19 @@ def cmd_sparsify(args) -> dict:
                              trust_remote_code=args.trust_remote_code)
     options = {"basis": args.basis, "column_scale": args.column_scale} if args.method == "larosa" else {}
     sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
-             device=args.device, progress=not args.no_progress, **options)
+             device=world.device if world.size > 1 else args.device,
+             progress=not args.no_progress and world.rank == 0, **options)
     out = Path(args.output)
-    save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    if world.rank == 0:
+        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+    world.barrier()
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": args.sparsity,
               "model_sparsity": info["model_sparsity"], "plan": info.get("plan"), "prefill": args.prefill,
               "calibration": desc["calibration"], "seconds": desc["seconds"]}
+    if hasattr(model, "_mmcompress_rank_tokens"):
+        result.update(world_size=world.size, rank_tokens=model._mmcompress_rank_tokens)
     if args.method == "larosa":
         result["mode"] = args.mode
     if "note" in info:

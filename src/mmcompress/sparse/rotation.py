@@ -70,6 +70,7 @@ class MomentCollector(Method):
     """
 
     name = "larosa-rotation"
+    distributed = True  # H_l and the token count are summed over the ranks when a layer is done
 
     def __init__(self, mode: str = "merged", basis: str = "attn"):
         if mode not in MODES:
@@ -81,6 +82,7 @@ class MomentCollector(Method):
         self.tokens = 0
         self._handles: list = []
         self._current: dict | None = None
+        self._world = None
 
     def config(self) -> dict:
         return {"method": self.name, "mode": self.mode, "basis": self.basis}
@@ -90,9 +92,9 @@ class MomentCollector(Method):
             h.remove()
         self._handles = []
         if self._current is not None:
-            self.moments.append(self._current["H"].cpu())
-            self.tokens = self._current["n"]
-            self._current = None
+            cur, self._current = self._current, None
+            self.moments.append(self._world.sum(cur["H"]).cpu())
+            self.tokens = self._world.sum(cur["n"])
 
     def step(self, ctx) -> None:
         self._flush()
@@ -100,7 +102,7 @@ class MomentCollector(Method):
         layer = ctx.layer
         d = ctx.adapter.text_config.hidden_size
         cur = {"H": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "n": 0}
-        self._current = cur
+        self._current, self._world = cur, ctx.world
         names = ["attn_in"] + (["mlp_in"] if self.basis == "both" else [])
         for gname in names:
             g = groups[gname]

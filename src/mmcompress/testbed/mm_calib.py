@@ -87,7 +87,8 @@ def whitening_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> 
     """Modality-only records, as the paper's CMC whitening sets: an image with only its placeholder
     prefix (no question, no answer), a speech clip with only its prefix (no transcript)."""
     from . import mm_data as D
-    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
+    from ..eval.asr import AUDIO_PROMPT
+    from ..eval.vqa import IMAGE_PROMPT
 
     rng = random.Random(CALIB_WHITEN_SEED + 1000 * seed)
     image_prefix = IMAGE_PROMPT.split(" Question:")[0]
@@ -135,7 +136,8 @@ def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, see
     if kind is None:
         return text
     from . import mm_data as D
-    from .multimodal import AUDIO_PROMPT, IMAGE_PROMPT
+    from ..eval.asr import AUDIO_PROMPT
+    from ..eval.vqa import IMAGE_PROMPT
 
     n_mm = nsamples - n_text
     n_audio = n_mm // 2 if kind == "omni" else 0

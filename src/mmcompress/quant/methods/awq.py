@@ -35,6 +35,7 @@ class ScaleSearch(QuantMethod):
     """Grid search of one shared smoothing vector per group (AWQ / MBQ)."""
 
     groups = ALL_GROUPS
+    distributed = True
     OPTIONS = {"grid": opt.integer(1), "max_tokens": opt.integer(1), "seed": opt.integer()}
 
     def __init__(self, scheme: QuantScheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0):
@@ -78,14 +79,18 @@ class ScaleSearch(QuantMethod):
 
         ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record)
         out = {}
-        for name, parts in store.items():
+        world = ctx.world
+        for g in groups:  # the same order on every rank
+            parts = store[g.name]
             x = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts]).long()
             ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
-            if x.shape[0] > self.max_tokens:
-                idx = torch.randperm(x.shape[0], generator=rng)[: self.max_tokens]
-                x, ids = x[idx], ids[idx]
-            out[name] = (x, ids)
+            counts = world.gather_ints(x.shape[0])  # tokens of each rank's block, in sample order
+            total, offset = sum(counts), sum(counts[: world.rank])
+            idx = torch.randperm(total, generator=rng)[: self.max_tokens] if total > self.max_tokens else torch.arange(total)
+            mine = ((idx >= offset) & (idx < offset + x.shape[0])).nonzero().reshape(-1)
+            local = idx[mine] - offset
+            out[g.name] = (world.gather_rows(x[local], mine, len(idx)), world.gather_rows(ids[local], mine, len(idx)))
         return out
 
     @torch.no_grad()

@@ -306,6 +306,7 @@ class MASQuant(QuantMethod):
                "damping": opt.real(0), "train_samples": opt.integer(1, optional=True),
                "probe_samples": opt.integer(1), "seed": opt.integer(), "divergence": check_divergence}
     float32_math = True  # the smoothing vectors are trained by backpropagation through the layer
+    distributed = True  # statistics combined in collect_group_stats; each training step from the rank holding its sample
 
     def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
                  loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,
@@ -428,23 +429,25 @@ class MASQuant(QuantMethod):
         if not params:
             return []
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        n = len(ctx.inputs) if self.train_samples is None else min(self.train_samples, len(ctx.inputs))
+        n = ctx.n_samples if self.train_samples is None else min(self.train_samples, ctx.n_samples)
         losses = []
         for _ in range(self.epochs):
             total = 0.0
-            for j in range(n):
+            for j in range(n):  # one step per sample, in sample order (under torchrun: by the rank holding it)
                 with torch.no_grad():
                     for p in params:
                         p.clamp_(min=self.scale_floor)  # keep s positive (reference: |s| ≥ 1e-2)
-                with torch.enable_grad():
-                    y = ctx.run(j)
-                    loss = mbr_loss(y, ctx.fp_outputs[j].to(y.device), ctx.modality_ids[j].to(y.device),
-                                    self.loss_weights)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                opt.zero_grad(set_to_none=True)
+                local, loss = ctx.local_index(j), None
+                if local is not None:
+                    with torch.enable_grad():
+                        y = ctx.run(local)
+                        loss = mbr_loss(y, ctx.fp_outputs[local].to(y.device),
+                                        ctx.modality_ids[local].to(y.device), self.loss_weights)
+                        loss.backward()
+                total += ctx.world.share_gradients(params, loss, ctx.world.owner(j, ctx.n_samples))
                 opt.step()
                 self._project(params)
-                total += float(loss.detach())
             losses.append(total / max(1, n))
         with torch.no_grad():
             for p in params:

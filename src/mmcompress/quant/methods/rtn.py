@@ -8,6 +8,7 @@ from .base import QuantMethod, quantize_layer_linears
 
 class RTN(QuantMethod):
     name = "rtn"
+    distributed = True  # no statistics: every rank quantizes the same weights
 
     def step(self, ctx: LayerContext) -> None:
         quantize_layer_linears(ctx.layer, ctx.adapter, self.scheme)

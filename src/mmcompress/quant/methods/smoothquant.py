@@ -29,6 +29,7 @@ DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
 
 class SmoothQuant(QuantMethod):
     name = "smoothquant"
+    distributed = True
 
     OPTIONS = {"alpha": opt.real(0, 1), "groups": opt.subset("attn_in", "attn_out", "mlp_in", "mlp_out"),
                "runtime_smoothing": opt.boolean}
@@ -66,7 +67,7 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
 
 
 def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples."""
+    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank)."""
     stats: dict[str, torch.Tensor] = {}
 
     def record(name, x, ids):
@@ -74,4 +75,4 @@ def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
         stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
     ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record)
-    return stats
+    return {g.name: ctx.world.max(stats[g.name]) for g in groups}

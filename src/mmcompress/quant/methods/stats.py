@@ -36,6 +36,17 @@ class GroupStats:
     def absmax_all(self) -> torch.Tensor:
         return torch.stack([self.absmax[m] for m in self.modalities]).amax(0)
 
+    def all_reduce(self, world, moments: bool) -> None:
+        """Combine the statistics of every rank (:mod:`mmcompress.distributed`): a modality a rank did
+        not see counts as zeros there, neutral for the maxima of ``|x|`` and for the sums."""
+        for m in world.union(self.count):
+            self.count[m] = world.sum(self.count.get(m, 0))
+            zeros = torch.zeros(self.dim, dtype=torch.float64)
+            self.absmax[m] = world.max(self.absmax.get(m, zeros))
+            self.abs_sum[m] = world.sum(self.abs_sum.get(m, zeros))
+            if moments:
+                self.moment[m] = world.sum(self.moment.get(m, torch.zeros(self.dim, self.dim, dtype=torch.float64)))
+
     def mean_abs(self, m: int | None = None) -> torch.Tensor:
         if m is None:
             total = sum(self.abs_sum[k] for k in self.modalities)
@@ -66,4 +77,7 @@ def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inp
                 st.moment[m] = g if m not in st.moment else st.moment[m] + g
 
     ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record, inputs=inputs)
+    if ctx.world.size > 1:
+        for g in groups:
+            stats[g.name].all_reduce(ctx.world, moments)
     return stats

@@ -1,0 +1,256 @@
+"""Layer streaming: calibrate a model whose decoder layers are read from its checkpoint one at a time.
+
+``quantize --stream`` builds the model skeleton with every parameter on the meta device (buffers such
+as RoPE frequencies are computed as usual), and reads tensors from the safetensors shards only when
+they are used (plain ``pread``, no memory map, as the data-free path does):
+
+1. the parameters outside the decoder layers (embeddings, towers) are read for the capture pass and
+   dropped after it — nothing the quantization methods do changes them;
+2. the engine (:func:`mmcompress.engine.run_layerwise`) reads layer ``i`` just before its step, writes
+   the finished layer to its checkpoint file (``layer_i.safetensors``, which it does anyway for
+   ``--resume``) and returns the layer to the meta device;
+3. :func:`save_streamed` writes the artifact tensor by tensor: the untouched tensors from the input
+   checkpoint (cast to the load dtype, as the in-memory load does), the layers from the checkpoint files.
+
+Peak memory is one decoder layer plus the cached calibration activations (or the embedding table
+during the capture pass, whichever is larger), independent of depth.  The artifact holds the same
+tensors as the in-memory path's.  Not streamed: methods that need the whole model before the layer
+walk (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity methods (their folds
+touch the embeddings and head), torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models.adapters import ModelAdapter, get_adapter
+
+
+class StreamError(ValueError):
+    """The checkpoint cannot be streamed (e.g. its tensor names are not the model's)."""
+
+
+class LayerStream:
+    """Reads a model's tensors from its safetensors checkpoint on demand."""
+
+    def __init__(self, model_dir, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype):
+        from .quant.datafree import checkpoint_tensors
+
+        self.model_dir, self.dtype, self.adapter = Path(model_dir), dtype, adapter
+        self.sources = checkpoint_tensors(model_dir)
+        self.readers: dict = {}
+        self.tied = _tied_names(model)
+        absent = [k for k in _stored_names(model) if self._stored_as(k) is None]
+        if absent:
+            raise StreamError(f"{model_dir}: the checkpoint stores no tensor {absent[0]} under the model's names "
+                              "(transformers renames it on load); run without --stream")
+
+    def _stored_as(self, name: str) -> str | None:
+        for n in [name, *self.tied.get(name, ())]:
+            if n in self.sources:
+                return n
+        return None
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` (a model state-dict name), floating ones cast to ``dtype`` (default: the load dtype)."""
+        from .quant.datafree import _ShardReader
+
+        key = self._stored_as(name)
+        path = self.sources[key]
+        if path not in self.readers:
+            self.readers[path] = _ShardReader(path)
+        t = self.readers[path].read(key)
+        return t.to(dtype or self.dtype) if t.is_floating_point() else t
+
+    def load_layer(self, i: int, layer: nn.Module) -> None:
+        """Give every meta parameter of decoder layer ``i`` its tensor from the checkpoint."""
+        from . import finite
+
+        _materialize(layer, self.adapter.layer_prefix(i), self.read)
+        finite.check_module(layer, "input weight", prefix=self.adapter.layer_prefix(i))
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s parameters as stored (for the checkpoint fingerprint), one layer in memory."""
+        prefix = self.adapter.layer_prefix(i) + "."
+        return {k[len(prefix):]: self.read(k) for k in _stored_names_of(self.adapter.layers[i], prefix)}
+
+    def release_non_layers(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        """See :func:`release_non_layers` (the engine calls it here, without importing this module)."""
+        release_non_layers(model, adapter)
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+        self.readers = {}
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """``{name: other names of the same parameter}`` for tied parameters."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    return {n: [o for o in names if o != n] for names in names_of.values() if len(names) > 1 for n in names}
+
+
+def _stored_names_of(module: nn.Module, prefix: str) -> list[str]:
+    return [prefix + n for n, _ in module.named_parameters(remove_duplicate=True)]
+
+
+def _stored_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters(remove_duplicate=True)]
+
+
+def _materialize(root: nn.Module, prefix: str, read) -> None:
+    prefix = prefix + "." if prefix else ""
+    done: dict[int, nn.Parameter] = {}
+    for mname, mod in root.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(read(f"{prefix}{mname + '.' if mname else ''}{pname}", p.dtype),
+                                           requires_grad=p.requires_grad)
+            mod._parameters[pname] = done[id(p)]
+
+
+def _in_layers(adapter: ModelAdapter):
+    return {id(m) for m in adapter.layers.modules()}
+
+
+def load_streamed(model_dir, dtype="auto", *, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``model_dir`` with only its non-layer parameters in memory (see module docstring)."""
+    from accelerate import init_empty_weights
+
+    from .export.serialization import _empty_model
+    from .models.loading import model_class_for, read_config, resolve_dtype
+
+    config = read_config(model_dir, trust_remote_code=trust_remote_code)
+    dtype = resolve_dtype(model_dir, dtype)
+    cls = model_class_for(config, model_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = _empty_model(cls, config, dtype)
+    model.tie_weights()  # a tied pair is stored once
+    model.eval()
+    adapter = get_adapter(model)
+    stream = LayerStream(model_dir, model, adapter, dtype)
+    # the capture pass stops at the final norm: it and the output head stay on the meta device
+    skip = _in_layers(adapter) | {id(m) for m in adapter.final_norm.modules()}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        skip |= {id(head)}
+    done: dict[int, nn.Parameter] = {}
+    for mname, mod in model.named_modules():
+        if id(mod) in skip:
+            continue
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(stream.read(f"{mname}.{pname}" if mname else pname, p.dtype),
+                                               requires_grad=p.requires_grad)
+                mod._parameters[pname] = done[id(p)]
+    model._mmcompress_stream = stream
+    model._mmcompress_source = str(model_dir)
+    return model
+
+
+def release_non_layers(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Return the parameters outside the decoder layers to the meta device (after the capture pass)."""
+    in_layers = _in_layers(adapter)
+    done: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    for mod in model.modules():
+        if id(mod) in in_layers:
+            continue
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and not p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+                mod._parameters[pname] = done[id(p)]
+
+
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")  # safetensors' Dtype order
+
+
+def _header(entries, metadata: dict | None = None) -> bytes:
+    """A safetensors header as ``safetensors.torch.save_model`` writes it: the same bytes."""
+    import struct
+
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+    for name, dtype, shape, n in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict | None = None, source_dir=None,
+                  overwrite: bool = False, inputs=()) -> Path:
+    """Write the artifact of a streamed run: layer ``i`` from ``checkpoint_dir/layer_i.safetensors``, every
+    other tensor from the input checkpoint; tensor by tensor, sharded above 5 GB like ``save_pretrained``."""
+    from .export.serialization import build_manifest, safetensors_header, write_side_files
+    from .fileio import atomic_output_dir
+    from .quant.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
+
+    stream: LayerStream = model._mmcompress_stream
+    adapter = get_adapter(model)
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    ckdir = Path(checkpoint_dir)
+    entries: list[tuple[str, torch.dtype, tuple, object]] = []  # name, dtype, shape, source
+    prefixes = [adapter.layer_prefix(i) + "." for i in range(len(adapter.layers))]
+    seen_layers = set()
+    dropped = {o: n for n, others in stream.tied.items() for o in others if n < min(others)}  # as save_model
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in dropped:
+            continue
+        i = next((k for k, p in enumerate(prefixes) if name.startswith(p)), None)
+        if i is None:
+            if t.is_meta:
+                entries.append((name, t.dtype, tuple(t.shape), ("src", name)))
+            else:  # a buffer computed at construction (saved by the in-memory path too)
+                entries.append((name, t.dtype, tuple(t.shape), ("mem", t.detach())))
+            continue
+        if i in seen_layers:
+            continue
+        seen_layers.add(i)
+        path = ckdir / f"layer_{i:04d}.safetensors"
+        for k, (dt, shape) in safetensors_header(path).items():
+            entries.append((prefixes[i] + k, dtypes[dt], tuple(shape), ("layer", path, k)))
+    entries.sort(key=lambda e: (-_ST_ORDER.index(_ST_DTYPES[e[1]]), e[0]))  # safetensors' own order: same bytes
+    shards, names = split_shards(entries, lambda e: _nbytes((e[1], e[2])), MAX_SHARD_BYTES)
+    manifest = build_manifest(model, description)
+    readers: dict[Path, _ShardReader] = {}
+    output = Path(output)
+    try:
+        with atomic_output_dir(output, overwrite=overwrite, inputs=[p for p in [source_dir, *inputs] if p]) as tmp:
+            weight_map, total = {}, 0
+            for fname, shard in zip(names, shards):
+                with open(tmp / fname, "wb") as f:
+                    f.write(_header([(n, _ST_DTYPES[dt], sh, _nbytes((dt, sh))) for n, dt, sh, _ in shard],
+                                    dict(sorted(dropped.items()))))
+                    for n, dt, sh, src in shard:
+                        if src[0] == "src":
+                            t = stream.read(src[1], dt)
+                        elif src[0] == "mem":
+                            t = src[1]
+                        else:
+                            if src[1] not in readers:
+                                readers[src[1]] = _ShardReader(src[1])
+                            t = readers[src[1]].read(src[2])
+                        if t.dtype != dt or tuple(t.shape) != sh:
+                            raise RuntimeError(f"{n}: read {t.dtype} {tuple(t.shape)}, planned {dt} {sh}")
+                        f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                        weight_map[n] = fname
+                        total += _nbytes((dt, sh))
+            if len(names) > 1:
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            write_side_files(tmp, model, manifest, source_dir)
+    finally:
+        for r in readers.values():
+            r.close()
+        stream.close()
+    return output
