@@ -191,3 +191,22 @@ def test_densify_keeps_the_function(tmp_path, tokenizer):
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, dense(input_ids=ids).logits
     assert ((a - b).abs().max() / a.abs().max()) < 1e-4  # w8a16: activations unquantized, same weight
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_shared_input_groups_are_bit_identical(tmp_path, tokenizer, scheme):
+    from mmcompress.quant import kernels
+
+    if not kernels._cpu.available():
+        pytest.skip("no CPU integer kernel here")
+    path, tok = _artifact(tmp_path, tokenizer, "llama", scheme)
+    model = mmcompress.load(path)
+    eng = DecodeEngine(model, max_len=8)
+    layer = eng.layers[0]
+    assert layer.qkv is not None and layer.gate_up is not None
+    x = torch.randn(1, 1, model.config.hidden_size) * 3
+    with torch.no_grad():
+        for got, mod in zip(layer.qkv(x), (layer.q, layer.k, layer.v)):
+            assert torch.equal(got, mod(x))
+        for got, mod in zip(layer.gate_up(x), (model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.up_proj)):
+            assert torch.equal(got, mod(x))

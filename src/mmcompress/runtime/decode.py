@@ -16,7 +16,9 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     ``[1, kv_heads, max_len, head_dim]`` cache per layer, one ``scaled_dot_product_attention`` call on
     the filled part.  No attention-mask construction, cache objects, output dataclasses, logits
     processors or stopping criteria per token.  The arithmetic is HF's (same modules, same RoPE
-    formula, same SDPA), so the logits agree to float round-off.
+    formula, same SDPA), so the logits agree to float round-off.  In single-token steps, deployed
+    integer linears that read the same input (q/k/v, gate/up) quantize it once and run their kernels
+    on the same codes (:class:`_SharedInput`; bit-identical to calling them one by one).
 ``"hf"``
     Any other causal LM: the model's own forward with a transformers ``StaticCache`` (preallocated),
     one call per token, without ``generate``'s per-token overhead.
@@ -51,10 +53,69 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _SharedInput:
+    """Deployed integer linears that read the same input (q/k/v; gate/up), for single-token steps: the
+    input is smoothed and quantized once, then each weight's kernel runs on the same codes.  The same
+    operations, in the same dtypes, as each :class:`~mmcompress.quant.deployed.IntLinear` forward alone,
+    so the outputs are bit-identical; holds references to the modules' buffers, no copies."""
+
+    def __init__(self, mods):
+        m0 = mods[0]
+        self.mods, self.abits, self.smoothing = mods, m0.scheme.abits, m0.input_smoothing
+        self.weight_only = m0.scheme.weight_only
+        self.args = []
+        for m in mods:
+            sch = m.scheme
+            group = sch.group_size if 0 < sch.group_size < m.in_features else 0
+            scale, zero = (t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+                           for t in (m.weight_scale, m.weight_zero))
+            self.args.append((m.weight_codes, scale, zero, 4 if sch.wbits <= 4 else 8, group, sch.sym, m.bias))
+
+    @staticmethod
+    def make(mods):
+        """A group for ``mods``, or ``None`` when one of them is not a plain deployed linear on our kernel."""
+        from ..quant import kernels
+        from ..quant.deployed import IntLinear
+
+        if len(mods) < 2 or any(type(m) is not IntLinear or m.input_sparsifier is not None for m in mods):
+            return None
+        m0 = mods[0]
+        for m in mods:
+            if m.in_features != m0.in_features or m.scheme.abits != m0.scheme.abits:
+                return None
+            if kernels.path_for(m.scheme, m.in_features, m.weight_codes.device, 1) != "cpu":
+                return None
+            s = m.input_smoothing
+            if (s is None) != (m0.input_smoothing is None) or (s is not None and (
+                    s.shape[0] != 1 or not torch.equal(s, m0.input_smoothing))):
+                return None
+        return _SharedInput(mods)
+
+    def __call__(self, x):
+        from ..quant.quantizer import quantize_activation
+
+        ops = torch.ops.mmcompress_int
+        xs = x if self.smoothing is None else x / self.smoothing[0].to(x.dtype)
+        xs = xs.reshape(-1, xs.shape[-1])
+        if self.weight_only:
+            xf = xs.float().contiguous()
+            ys = [ops.float_act_gemm(xf, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
+        else:
+            xq, sx = quantize_activation(xs, self.abits)
+            xq, sx = xq.contiguous(), sx.float().reshape(-1).contiguous()
+            ys = [ops.int8_act_gemm(xq, sx, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
+        out = []
+        for y, a in zip(ys, self.args):
+            y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+            out.append(y if a[-1] is None else y + a[-1])
+        return out
+
+
 class _Layer:
     """What the fast path needs of one decoder layer (references into the model; no copies)."""
 
-    __slots__ = ("ln1", "q", "k", "v", "o", "ln2", "mlp", "adapt", "scaling", "hd")
+    __slots__ = ("ln1", "q", "k", "v", "o", "ln2", "mlp", "adapt", "scaling", "hd", "qkv", "gate_up", "act",
+                 "down")
 
     def __init__(self, layer: nn.Module):
         from ..sparse.merge import ResidualAdaptedLayer
@@ -67,6 +128,10 @@ class _Layer:
         self.ln1, self.ln2, self.mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
         self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
         self.scaling, self.hd = att.scaling, att.head_dim
+        self.qkv = _SharedInput.make([self.q, self.k, self.v])
+        mlp = self.mlp
+        self.gate_up = _SharedInput.make([mlp.gate_proj, mlp.up_proj])
+        self.act, self.down = mlp.act_fn, mlp.down_proj
 
 
 def fast_path_problem(model: nn.Module) -> str | None:
@@ -195,12 +260,20 @@ class DecodeEngine:
     # -- the fast path -------------------------------------------------------------------------------
 
     def _attn_qkv(self, l: _Layer, x, cos, sin, T):
-        q = l.q(x).view(1, T, -1, l.hd).transpose(1, 2)
-        k = l.k(x).view(1, T, -1, l.hd).transpose(1, 2)
-        v = l.v(x).view(1, T, -1, l.hd).transpose(1, 2)
+        q, k, v = l.qkv(x) if (T == 1 and l.qkv is not None) else (l.q(x), l.k(x), l.v(x))
+        q = q.view(1, T, -1, l.hd).transpose(1, 2)
+        k = k.view(1, T, -1, l.hd).transpose(1, 2)
+        v = v.view(1, T, -1, l.hd).transpose(1, 2)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
         return q, k, v
+
+    @staticmethod
+    def _mlp(l: _Layer, x, T):
+        if T == 1 and l.gate_up is not None:
+            g, u = l.gate_up(x)
+            return l.down(l.act(g) * u)
+        return l.mlp(x)
 
     def _forward(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
         """Logits of the last of ``ids`` ``[1, T]`` at positions ``pos0 …``; fills the cache."""
@@ -221,7 +294,7 @@ class DecodeEngine:
                 mask = torch.ones(T, end, dtype=torch.bool, device=h.device).tril(pos0)
                 a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=l.scaling, enable_gqa=self.gqa)
             h = h + l.o(a.transpose(1, 2).reshape(1, T, -1))
-            h = h + l.mlp(l.ln2(h))
+            h = h + self._mlp(l, l.ln2(h), T)
             if l.adapt is not None:
                 h = l.adapt(h)
         return self.head(self.norm(h[:, -1:]))[:, -1]
@@ -244,7 +317,7 @@ class DecodeEngine:
             a = F.scaled_dot_product_attention(q, self._kc[i], self._vc[i], attn_mask=mask, scale=l.scaling,
                                                enable_gqa=self.gqa)
             h = h + l.o(a.transpose(1, 2).reshape(1, 1, -1))
-            h = h + l.mlp(l.ln2(h))
+            h = h + self._mlp(l, l.ln2(h), 1)
             if l.adapt is not None:
                 h = l.adapt(h)
         return self.head(self.norm(h))[:, -1]
