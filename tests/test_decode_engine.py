@@ -203,10 +203,13 @@ def test_shared_input_groups_are_bit_identical(tmp_path, tokenizer, scheme):
     model = mmcompress.load(path)
     eng = DecodeEngine(model, max_len=8)
     layer = eng.layers[0]
-    assert layer.qkv is not None and layer.gate_up is not None
+    assert layer.qkv is not None and layer.gate_up is not None and layer.o1 is not None and layer.down1 is not None
     x = torch.randn(1, 1, model.config.hidden_size) * 3
     with torch.no_grad():
         for got, mod in zip(layer.qkv(x), (layer.q, layer.k, layer.v)):
             assert torch.equal(got, mod(x))
         for got, mod in zip(layer.gate_up(x), (model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.up_proj)):
             assert torch.equal(got, mod(x))
+        assert torch.equal(layer.o1(x)[0], layer.o(x))
+        y = torch.randn(1, 1, model.config.intermediate_size)
+        assert torch.equal(layer.down1(y)[0], layer.down(y))

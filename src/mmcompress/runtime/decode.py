@@ -18,7 +18,8 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     processors or stopping criteria per token.  The arithmetic is HF's (same modules, same RoPE
     formula, same SDPA), so the logits agree to float round-off.  In single-token steps, deployed
     integer linears that read the same input (q/k/v, gate/up) quantize it once and run their kernels
-    on the same codes (:class:`_SharedInput`; bit-identical to calling them one by one).
+    on the same codes, and every deployed linear calls its kernel directly (:class:`_SharedInput`;
+    bit-identical to the modules' own forward).
 ``"hf"``
     Any other causal LM: the model's own forward with a transformers ``StaticCache`` (preallocated),
     one call per token, without ``generate``'s per-token overhead.
@@ -77,7 +78,7 @@ class _SharedInput:
         from ..quant import kernels
         from ..quant.deployed import IntLinear
 
-        if len(mods) < 2 or any(type(m) is not IntLinear or m.input_sparsifier is not None for m in mods):
+        if any(type(m) is not IntLinear or m.input_sparsifier is not None for m in mods):
             return None
         m0 = mods[0]
         for m in mods:
@@ -115,7 +116,7 @@ class _Layer:
     """What the fast path needs of one decoder layer (references into the model; no copies)."""
 
     __slots__ = ("ln1", "q", "k", "v", "o", "ln2", "mlp", "adapt", "scaling", "hd", "qkv", "gate_up", "act",
-                 "down")
+                 "down", "o1", "down1")
 
     def __init__(self, layer: nn.Module):
         from ..sparse.merge import ResidualAdaptedLayer
@@ -132,6 +133,7 @@ class _Layer:
         mlp = self.mlp
         self.gate_up = _SharedInput.make([mlp.gate_proj, mlp.up_proj])
         self.act, self.down = mlp.act_fn, mlp.down_proj
+        self.o1, self.down1 = _SharedInput.make([self.o]), _SharedInput.make([self.down])  # one-module "groups"
 
 
 def fast_path_problem(model: nn.Module) -> str | None:
@@ -272,7 +274,8 @@ class DecodeEngine:
     def _mlp(l: _Layer, x, T):
         if T == 1 and l.gate_up is not None:
             g, u = l.gate_up(x)
-            return l.down(l.act(g) * u)
+            y = l.act(g) * u
+            return l.down1(y)[0] if l.down1 is not None else l.down(y)
         return l.mlp(x)
 
     def _forward(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -293,7 +296,8 @@ class DecodeEngine:
             else:  # a chunk after earlier tokens: causal with an offset
                 mask = torch.ones(T, end, dtype=torch.bool, device=h.device).tril(pos0)
                 a = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=l.scaling, enable_gqa=self.gqa)
-            h = h + l.o(a.transpose(1, 2).reshape(1, T, -1))
+            a = a.transpose(1, 2).reshape(1, T, -1)
+            h = h + (l.o1(a)[0] if T == 1 and l.o1 is not None else l.o(a))
             h = h + self._mlp(l, l.ln2(h), T)
             if l.adapt is not None:
                 h = l.adapt(h)
@@ -316,7 +320,8 @@ class DecodeEngine:
             self._vc[i].index_copy_(2, pos.reshape(1), v)
             a = F.scaled_dot_product_attention(q, self._kc[i], self._vc[i], attn_mask=mask, scale=l.scaling,
                                                enable_gqa=self.gqa)
-            h = h + l.o(a.transpose(1, 2).reshape(1, 1, -1))
+            a = a.transpose(1, 2).reshape(1, 1, -1)
+            h = h + (l.o1(a)[0] if l.o1 is not None else l.o(a))
             h = h + self._mlp(l, l.ln2(h), 1)
             if l.adapt is not None:
                 h = l.adapt(h)
