@@ -352,8 +352,8 @@ class DecodeEngine:
     # -- the hf path ---------------------------------------------------------------------------------
 
     def _hf_forward(self, ids, pos0):
-        pos = torch.arange(pos0, pos0 + ids.shape[1], device=self.device)[None]
-        out = self.model(input_ids=ids, cache=self._cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+        # positions follow from the cache (as in generate); pos0 is implied by what the cache holds
+        out = self.model(input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     # -- generation ------------------------------------------------------------------------------------
@@ -384,6 +384,8 @@ class DecodeEngine:
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError("the decode engine runs batch 1: input_ids must be [1, L]")
         L = ids.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if L + max_new_tokens > self.max_len:
             raise ValueError(f"prompt {L} + {max_new_tokens} new tokens exceed the engine's max_len {self.max_len}")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
