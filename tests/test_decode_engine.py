@@ -138,7 +138,7 @@ def test_sampling_and_stops(tokenizer):
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager(tmp_path, tokenizer):
+def test_compiled_step_equals_eager(tmp_path, tokenizer, capsys):
     """``compile=True``: the captured single-token step (our integer kernels as custom ops) gives the same
     tokens, or the engine falls back to eager with a notice; either way the tokens are HF's."""
     path, tok = _artifact(tmp_path, tokenizer, "llama", "w8a8")
@@ -147,6 +147,7 @@ def test_compiled_step_equals_eager(tmp_path, tokenizer):
     ref = _hf_greedy(model, ids, 8)
     eng = DecodeEngine(copy.deepcopy(model), max_len=24, compile=True)
     assert torch.equal(eng.generate(ids, 8), ref)
+    assert eng.compiled or "torch.compile" in capsys.readouterr().err  # compiled, or said why not
 
 
 def test_bench_decode_on_an_artifact(tmp_path, tokenizer, capsys):

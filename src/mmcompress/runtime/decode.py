@@ -332,7 +332,8 @@ class DecodeEngine:
         try:
             fn = torch.compile(self._static_step, dynamic=False, fullgraph=False)
         except Exception as e:
-            print(f"mmcompress: decode step not compiled ({type(e).__name__}: {e}); eager", file=sys.stderr)
+            print(f"mmcompress: torch.compile of the decode step unavailable ({type(e).__name__}: {e}); eager",
+                  file=sys.stderr)
             return
         self._compiled_fn = fn
         self._step = self._compiled_step
