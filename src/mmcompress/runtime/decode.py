@@ -28,8 +28,9 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
 integer kernels are registered with fake implementations so that the graph keeps them as custom
 ops).  The step then attends over the whole preallocated cache under a position mask, so its shapes
 never change.  If compiling fails (no C++ compiler for inductor, an op it cannot trace), the engine
-prints one line on stderr and stays eager.  Measured on smollm2 (docs/runtime.md): eager is the
-default.
+prints one line on stderr and stays eager.  Experimental and not exact: on smollm2 W8A8 the compiled
+step's greedy tokens differ from the eager step's (inductor's fused arithmetic rounds differently;
+docs/runtime.md), so eager is the default.
 """
 
 from __future__ import annotations
