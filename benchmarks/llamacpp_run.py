@@ -3,6 +3,7 @@ windows, or greedy decode speed.  Prints one JSON object.  Called by gguf_verify
 
     python llamacpp_run.py ppl MODEL.gguf IDS.json --threads 2
     python llamacpp_run.py decode MODEL.gguf --prompt-ids 1,2,3 --tokens 64 --threads 2 --repeats 3
+    python llamacpp_run.py quantize IN.gguf OUT.gguf q4_0      (llama.cpp's llama-quantize, via its C API)
 """
 
 import argparse
@@ -16,15 +17,27 @@ def main():
     from llama_cpp import Llama
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["ppl", "decode"])
+    ap.add_argument("mode", choices=["ppl", "decode", "quantize"])
     ap.add_argument("model")
     ap.add_argument("ids", nargs="?")
+    ap.add_argument("qtype", nargs="?")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-ids", default="")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=2048)
     a = ap.parse_args()
+    if a.mode == "quantize":
+        import ctypes
+
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{a.qtype.upper()}")
+        params.nthread = a.threads
+        rc = llama_cpp.llama_model_quantize(a.model.encode(), a.ids.encode(), ctypes.byref(params))
+        print(json.dumps({"quantize": a.qtype, "rc": int(rc)}))
+        return rc
     if a.mode == "ppl":
         windows = json.load(open(a.ids))
         llm = Llama(model_path=a.model, n_ctx=max(len(w) for w in windows) + 8, logits_all=True,
@@ -59,4 +72,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,7 +15,8 @@
 ``mmcompress bench decode SPEC --sparsity P --tokens N``
     ``SPEC`` is a synthetic shape ``llama2-7b:L`` (L LLaMA-2-7B decoder layers, hidden 4096,
     intermediate 11008, 32 heads, random bf16 weights, KV cache; ``llama2-7b`` alone = 4 layers) or a
-    model directory (an mmcompress artifact whose linears are ``SparseLinear``).  Synthetic: dense
+    model directory (any artifact or plain model: :mod:`mmcompress.runtime.bench_decode`, the decode
+    engine on it vs on the dense model vs HF ``generate``).  Synthetic: dense
     layers (row-major ``nn.Linear``, no adapters) vs LaRoSA's merged form (``SparseLinear`` on q/k/v
     sharing one Top-K, o, gate/up sharing one Top-K, down, plus a dense 4096×4096 residual adapter per
     layer; decode steps run it on our GEMV kernel at 0 %), greedy single-token decode after a short
@@ -289,29 +290,9 @@ def _random_layer(cfg, idx: int, dtype, gen, device="cpu"):
     return layer.eval()
 
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj")
-
-
-@torch.no_grad()
-def _sparsify_layer(layer: nn.Module, sparsity: float, backend: str) -> nn.Module:
-    """Replace the 7 projections by SparseLinear with kernel layout (in place, one weight copy each)."""
-    from .sparse.linear import SparseLinear
-    from .sparse.topk import keep_count
-
-    for path in _PROJ:
-        parent_name, attr = path.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        lin = getattr(parent, attr)
-        sl = SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                          keep_count(lin.in_features, sparsity), dtype=lin.weight.dtype, device="meta")
-        sl.weight = nn.Parameter(lin.weight.data.t().contiguous().t(), requires_grad=False)  # WT layout
-        if lin.bias is not None:
-            sl.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        sl.set_backend(backend)
-        sl.sparse_prefill = False
-        setattr(parent, attr, sl)
-    return layer
+from .runtime.dense import PROJECTIONS as _PROJ  # noqa: E402  (the synthetic stack runs the product's modules)
+from .runtime.dense import dense_kernel_layer as _sparsify_layer  # noqa: E402
+from .runtime.dense import peak_rss_bytes as _peak_rss_bytes  # noqa: E402
 
 
 @torch.no_grad()
@@ -348,12 +329,6 @@ def _linear_bytes(mods: nn.Module) -> int:
         elif isinstance(m, nn.Linear) or (hasattr(m, "keep") and hasattr(m, "weight") and m.weight.dim() == 2):
             total += m.weight.numel() * m.weight.element_size()
     return total
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _set_keep(layers, sparsity: float):

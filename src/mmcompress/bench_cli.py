@@ -40,11 +40,12 @@ def register(subparsers) -> None:
 
     d = sub.add_parser("decode", help="decode tokens/s, dense vs sparse")
     d.add_argument("model", help="llama2-7b:LAYERS (synthetic LLaMA-2-7B-shaped stack, random bf16 weights; "
-                                 "default 4 layers) or a sparsified model directory")
+                                 "default 4 layers), or a model directory (an artifact or a plain model: the decode "
+                                 "engine on it vs on the dense model vs HF generate)")
     d.add_argument("--sparsity", type=float, default=None,
                    help="input sparsity of every projection (synthetic default 0.4; for a model it overrides K)")
     d.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (default 16)")
-    d.add_argument("--prompt", type=int, default=16, help="prompt tokens (synthetic; default 16)")
+    d.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
     d.add_argument("--backend", default="auto", help="cpu | torch | auto (default)")
     d.add_argument("--dtype", default="bf16", help="synthetic weights dtype (bf16 | fp32)")
@@ -53,6 +54,8 @@ def register(subparsers) -> None:
                    help="synthetic stack: without --sparsity, integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | "
                         "w4a16) vs the fastest dense path (torch bf16, torch fp32, our kernel at 0%%); with "
                         "--sparsity, LaRoSA + SCHEME (w8a8) on the sparse int8 kernel")
+    d.add_argument("--compile", action="store_true",
+                   help="model directory: capture the compressed model's decode step with torch.compile")
     add_common(d)
     add_trust(d)
     d.set_defaults(func=cmd_bench_decode)
@@ -106,10 +109,14 @@ def cmd_bench_decode(args) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"{args.model} is neither a shape spec ({', '.join(s + ':LAYERS' for s in SHAPES)}) "
                                 "nor a model directory")
-    from .export.serialization import is_artifact, load
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory (no config.json)")
+    if args.device != "cpu":
+        raise ValueError("bench decode of a model directory runs on the CPU")
+    if args.prompt < 1:
+        raise ValueError("--prompt must be >= 1")
+    from .runtime.bench_decode import engine_decode_benchmark
 
-    if not is_artifact(path):
-        raise ValueError(f"{path} is not an mmcompress artifact; sparsify it first (mmcompress sparsify)")
-    model = load(path, device=args.device, trust_remote_code=args.trust_remote_code)
-    return model_decode_benchmark(model, tokens=args.tokens, rounds=args.rounds, backend=args.backend,
-                                  sparsity=args.sparsity, log=sys.stderr)
+    return engine_decode_benchmark(path, prompt=args.prompt, tokens=args.tokens, rounds=args.rounds,
+                                   compile=getattr(args, "compile", False), sparsity=args.sparsity,
+                                   trust_remote_code=args.trust_remote_code, log=sys.stderr)

@@ -1,0 +1,149 @@
+"""Decode tokens/s of our engine next to llama.cpp's at the same bit width, interleaved in one sitting.
+
+    bash benchmarks/llamacpp_env.sh /tmp/llamacpp-venv          # ~6+ minutes: compiles llama.cpp
+    PYTHONPATH=src python benchmarks/llamacpp_compare.py ~/.cache/mmcompress/testbed/smollm2-135m \\
+        --llamacpp-venv /tmp/llamacpp-venv --work /tmp/lc-cmp --threads 2 --prompt 16 --tokens 64 --rounds 3
+
+What it builds in ``--work`` (reused when present):
+
+* our artifacts of MODEL (data-free RTN, ``mmcompress quantize``): W8A8, W8A16 (per-channel int8
+  weights), W4A16 (group 64, symmetric), W4A8 (per channel, symmetric);
+* GGUF files: llama.cpp's own conversion of MODEL (``convert_hf_to_gguf.py --outtype bf16 / q8_0``, and
+  Q4_0 by ``llama_model_quantize`` from the bf16 file), and our exports of the W8A8 artifact (Q8_0) and
+  the W4A16 artifact (Q4_0) (``mmcompress export --format gguf``).
+
+Then, for ``--rounds`` rounds, every variant decodes ``--tokens`` greedy tokens after the same
+``--prompt``-token prompt, in an order that rotates each round: ours in this process through
+:class:`mmcompress.runtime.decode.DecodeEngine` (dense fp32 and bf16 from MODEL, and each artifact on
+the integer runtime), llama.cpp in a subprocess of its venv (``llamacpp_run.py decode``, one repeat per
+call).  Reported per variant: best and median tok/s over the rounds, and the load average
+(``/proc/loadavg``) before each round.  The load matters: this machine is shared.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OURS = {  # name -> quantize flags
+    "w8a8": ["--scheme", "w8a8"],
+    "w8a16": ["--scheme", "w8a16"],
+    "w4a16": ["--scheme", "w4a16", "--group-size", "64", "--sym"],
+    "w4a8": ["--scheme", "w4a8"],
+}
+SAME_BITS = {"w8a8": "llama.cpp Q8_0", "w8a16": "llama.cpp Q8_0", "w4a16": "llama.cpp Q4_0", "w4a8": "llama.cpp Q4_0",
+             "dense_bf16": "llama.cpp bf16", "dense_fp32": "llama.cpp bf16"}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run(cmd, **kw):
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    return subprocess.run(list(map(str, cmd)), check=True, **kw)
+
+
+def build(model: Path, work: Path, venv: Path) -> dict[str, Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    env = dict(os.environ)
+    arts = {}
+    for name, flags in OURS.items():
+        out = work / f"art-{name}"
+        if not out.exists():
+            run([py, "-m", "mmcompress.cli", "quantize", model, "--method", "rtn", *flags, "--output", out,
+                 "--no-progress"], env=env)
+        arts[name] = out
+    ggufs = {}
+    convert = next((venv / "src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    for t in ("bf16", "q8_0"):
+        f = work / f"llamacpp-{t}.gguf"
+        if not f.exists():
+            run([venv / "bin/python", convert, model, "--outtype", t, "--outfile", f], stdout=subprocess.DEVNULL)
+        ggufs[f"llama.cpp {t.upper()}"] = f
+    f = work / "llamacpp-q4_0.gguf"
+    if not f.exists():
+        run([venv / "bin/python", HERE / "llamacpp_run.py", "quantize", work / "llamacpp-bf16.gguf", f, "q4_0"])
+    ggufs["llama.cpp Q4_0"] = f
+    for name, t in (("w8a8", "Q8_0"), ("w4a16", "Q4_0")):
+        f = work / f"ours-{name}.gguf"
+        if not f.exists():
+            run([py, "-m", "mmcompress.cli", "export", arts[name], "--format", "gguf", "--output", f], env=env)
+        ggufs[f"llama.cpp {t}, our {name} export"] = f
+    return {"artifacts": arts, "gguf": ggufs}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--llamacpp-venv", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    a = ap.parse_args()
+
+    import mmcompress
+    from mmcompress.models.loading import load_hf_model, load_tokenizer
+    from mmcompress.runtime.decode import DecodeEngine
+
+    torch.set_num_threads(a.threads)
+    files = build(a.model, a.work, a.llamacpp_venv)
+    tok = load_tokenizer(a.model)
+    text = "The history of the city begins in the early medieval period, when a small settlement grew around " * 4
+    ids = torch.tensor([tok(text).input_ids[: a.prompt]])
+    n = a.prompt + a.tokens
+    ours = {"dense_fp32": load_hf_model(a.model, dtype=torch.float32),
+            "dense_bf16": load_hf_model(a.model, dtype=torch.bfloat16)}
+    ours.update({name: mmcompress.load(p) for name, p in files["artifacts"].items()})
+    engines = {k: DecodeEngine(m, max_len=n) for k, m in ours.items()}
+    variants = [f"ours {k}" for k in engines] + list(files["gguf"])
+    if a.only:
+        keep = set(a.only.split(","))
+        variants = [v for v in variants if v in keep]
+
+    def measure(v: str) -> float:
+        if v.startswith("ours "):
+            tm = {}
+            engines[v[5:]].generate(ids, a.tokens, timings=tm)
+            return len(tm["step_s"]) / sum(tm["step_s"])
+        out = subprocess.run([a.llamacpp_venv / "bin/python", HERE / "llamacpp_run.py", "decode", files["gguf"][v],
+                              "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--tokens", str(a.tokens),
+                              "--threads", str(a.threads), "--repeats", "1", "--ctx", str(n + 8)],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["tok_s"]
+
+    for k, e in engines.items():  # warm-up: kernel builds, first-call dispatch
+        e.generate(ids, 4)
+    res = {v: [] for v in variants}
+    loads = []
+    for r in range(a.rounds):
+        loads.append(loadavg())
+        print(f"round {r + 1}/{a.rounds}, load average {loads[-1]}", file=sys.stderr, flush=True)
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            res[v].append(measure(v))
+            print(f"  {v:40s} {res[v][-1]:8.1f} tok/s", file=sys.stderr, flush=True)
+    loads.append(loadavg())
+    summary = {v: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
+                   "runs": [round(t, 1) for t in x]} for v, x in res.items()}
+    print(f"\n{a.model.name}: {a.tokens} greedy tokens after {a.prompt}, {a.threads} threads, best of {a.rounds} "
+          f"(median); load averages {loads}", file=sys.stderr)
+    for v, s in summary.items():
+        print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s", file=sys.stderr)
+    print(json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
+                      "rounds": a.rounds, "load_averages": loads, "torch": torch.__version__,
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": summary}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

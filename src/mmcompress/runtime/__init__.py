@@ -1,0 +1,1 @@
+"""Running loaded models: the decode engine (:mod:`.decode`)."""
