@@ -4,7 +4,8 @@
 
 ``JOB.json``: ``model`` (export directory), ``quantization`` (``null``: what vLLM/the plugin picks;
 ``"compressed-tensors"``: the plain export even with the mmcompress plugin installed), ``requests``
-(``{"prompt": text, "image": PNG path or null}``), ``max_tokens``, ``dtype``.  ``RESULT.json``: per
+(``{"prompt": text, "image": PNG path or null, "image_embeds": safetensors path or null}``; the
+latter holds ``image_embeds`` ``[tokens, hidden]`` and ``image_grid_thw`` ``[1, 3]``), ``max_tokens``, ``dtype``.  ``RESULT.json``: per
 request the expanded ``prompt_token_ids`` (image placeholders as vLLM's processor expanded them),
 ``prompt_logprobs`` (log-prob of tokens 1..n-1) and ``greedy`` ids; ``quantization`` (the method vLLM
 used), ``plugin`` (the plugin's counters: layers wrapped, forwards that took the modality path).
@@ -26,12 +27,16 @@ def main(job_path: str, result_path: str) -> None:
     kwargs = {"quantization": job["quantization"]} if job.get("quantization") else {}
     llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
               dtype=job.get("dtype", "float32"), seed=0, distributed_executor_backend="uni",
-              limit_mm_per_prompt={"image": 1, "video": 0}, **kwargs)
+              limit_mm_per_prompt={"image": 1, "video": 0}, enable_mm_embeds=True, **kwargs)
     load_s = time.perf_counter() - t0
     inputs = []
     for r in job["requests"]:
         item = {"prompt": r["prompt"]}
-        if r.get("image"):
+        if r.get("image_embeds"):  # precomputed vision-tower output: both sides feed the decoder the same
+            from safetensors.torch import load_file
+
+            item["multi_modal_data"] = {"image": load_file(r["image_embeds"])}
+        elif r.get("image"):
             item["multi_modal_data"] = {"image": Image.open(r["image"]).convert("RGB")}
         inputs.append(item)
     t0 = time.perf_counter()

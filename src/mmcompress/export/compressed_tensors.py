@@ -271,9 +271,10 @@ class _LinearState:
 
 
 def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState], requantize: bool,
-                folded: dict | None = None) -> list[str]:
+                folded: dict | None = None, row_scaled: dict | None = None) -> list[str]:
     """Fold each planned group; returns the names of re-quantized linears.  ``folded`` (optional) receives
-    the vector folded into each reader's input producer."""
+    the vector folded into each reader's input producer, ``row_scaled`` the divisor of each producing
+    linear's output rows."""
     _, n_kv, head_dim = _attention_shape(model.config)
     requantized = []
     for e in plan:
@@ -296,6 +297,8 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
             adapter.set_norm_scale(norm, adapter.norm_scale(norm) / producer_vec)
         else:
             states[e["producer"]].scale_rows(producer_vec)
+            if row_scaled is not None:
+                row_scaled[e["producer"]] = producer_vec
         if not e["exact"]:
             for name, v in zip(e["readers"], vecs):
                 st = states[name]
@@ -505,11 +508,12 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     states = {n: _LinearState(m) for n, m in quant.items()}
     folded: dict[str, torch.Tensor] = {}
-    requantized = _apply_plan(model, adapter, report.pop("plan"), states, requantize, folded)
+    row_scaled: dict[str, torch.Tensor] = {}
+    requantized = _apply_plan(model, adapter, report.pop("plan"), states, requantize, folded, row_scaled)
     from . import masquant_vllm
 
     mas_linears = masquant_vllm.modality_linears(model, adapter)  # before the QuantLinears are swapped out
-    mas_tensors = masquant_vllm.side_tensors(model, mas_linears, folded) if mas_linears else {}
+    mas_tensors = masquant_vllm.side_tensors(model, mas_linears, folded, row_scaled) if mas_linears else {}
     scheme = next(iter(quant.values())).scheme
     kind, fmt = report["vllm_row"], report["compression_format"]
     ct_scheme = _ct_scheme(scheme, kind)

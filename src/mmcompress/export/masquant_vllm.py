@@ -14,7 +14,9 @@ smoothed linear and modality only:
 * ``input_ratio``  ``[rows, in]`` float32: ``s_T / s_m`` (row 0, text, is all ones), multiplied into
   ``x_f`` before the shared kernel (its per-token activation quantizer then sees ``x / s_m``);
 * ``cmc_left``  ``[rows, in, r]`` float32: ``diag(s* / s_m) L_m`` (row 0 zero), so that
-  ``x_f · cmc_left = (x / s_m) L_m``;  ``cmc_right`` ``[rows, r, out]`` float32: ``R_m``.
+  ``x_f · cmc_left = (x / s_m) L_m``;  ``cmc_right`` ``[rows, r, out]`` float32: ``R_m``, with its output
+  columns divided like the linear's own output rows where the export folded a reader's vector into them
+  (v_proj's rows carry o_proj's ``s*``).
 
 They are written to a side file (:data:`SIDE_FILE`), named ``layers.{i}.{path}.{tensor}`` (``path``
 relative to the decoder layer, e.g. ``self_attn.q_proj``), and the weights file gets an index
@@ -63,9 +65,12 @@ def modality_linears(model, adapter) -> dict[str, tuple[int, str]]:
 
 
 @torch.no_grad()
-def side_tensors(model, linears: dict[str, tuple[int, str]], folded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def side_tensors(model, linears: dict[str, tuple[int, str]], folded: dict[str, torch.Tensor],
+                 row_scaled: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The plugin's tensors for ``linears``; ``folded[name]`` is the vector folded into the linear's
-    input producer (``s*``; the text row when nothing was recorded)."""
+    input producer (``s*``; the text row when nothing was recorded); ``row_scaled[name]`` the divisor
+    the export applied to the linear's own output rows (v_proj carries o_proj's ``s*``), which the
+    correction's output ``R_m`` must share."""
     out = {}
     for name, (i, path) in linears.items():
         q = model.get_submodule(name)
@@ -79,6 +84,8 @@ def side_tensors(model, linears: dict[str, tuple[int, str]], folded: dict[str, t
             left[0] = 0
             right = q.cmc_right.double().clone()
             right[0] = 0
+            if row_scaled and name in row_scaled:
+                right = right / row_scaled[name].double().to(right.device)[None, None, :]
             out[f"{key}.cmc_left"] = left.float().contiguous()
             out[f"{key}.cmc_right"] = right.float().contiguous()
     return out

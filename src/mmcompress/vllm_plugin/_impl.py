@@ -216,6 +216,15 @@ class MASLinearMethod(LinearMethodBase):
         self.right = torch.cat(rights, dim=1).to(device) if rights else None  # [3, Σr, out]
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 or bias is not getattr(layer, "bias", None):
+            return self.modality_apply(layer, x, bias)
+        if id(layer) not in _LAYERS:
+            _LAYERS[id(layer)] = (self, layer)
+        # an opaque op, so that torch.compile (vLLM's default on CPU without enforce_eager) keeps the
+        # per-step modality lookup at run time instead of tracing it once
+        return torch.ops.mmcompress.masquant_linear(x, id(layer), sum(self.out_sizes))
+
+    def modality_apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = current_rows(x.shape[0]) if x.dim() == 2 else None
         if rows is None:
             return self.inner.apply(layer, x, bias)
@@ -238,3 +247,20 @@ class MASLinearMethod(LinearMethodBase):
                 ym = ym + (xm @ self.left[m].to(x.dtype)) @ self.right[m].to(x.dtype)
             out[sel] = ym
         return out
+
+
+# -- the opaque op ----------------------------------------------------------------------------------
+
+_LAYERS: dict[int, tuple[MASLinearMethod, torch.nn.Module]] = {}
+
+
+@torch.library.custom_op("mmcompress::masquant_linear", mutates_args=())
+def _masquant_linear(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    method, layer = _LAYERS[layer_id]
+    y = method.modality_apply(layer, x, getattr(layer, "bias", None))
+    return y.clone() if y.data_ptr() == x.data_ptr() else y
+
+
+@_masquant_linear.register_fake
+def _(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
