@@ -32,7 +32,7 @@ import mmcompress
 from mmcompress.data import CalibrationSet
 
 from .conftest import make_image, mm_inputs
-from .test_vllm import _env, _skip_reason, vllm_python
+from .test_vllm import _env, vllm_py  # noqa: F401 - vllm_py is the shared fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -41,14 +41,6 @@ SHIM = Path(__file__).with_name("vllm_shim")  # sitecustomize.py: see its docstr
 MAX_TOKENS = 8
 IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|> the quick brown fox"
 TEXT_PROMPT = "Images, audio and text tokens flow through one decoder. The quick brown"
-
-
-@pytest.fixture(scope="module")
-def vllm_py():
-    py = vllm_python()
-    if py is None:
-        pytest.skip(_skip_reason())
-    return py
 
 
 def _artifact(root: Path, scheme: str):
