@@ -270,8 +270,11 @@ class _LinearState:
         self.requantized, self.ours = True, False
 
 
-def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState], requantize: bool) -> list[str]:
-    """Fold each planned group; returns the names of re-quantized linears."""
+def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState], requantize: bool,
+                folded: dict | None = None, row_scaled: dict | None = None) -> list[str]:
+    """Fold each planned group; returns the names of re-quantized linears.  ``folded`` (optional) receives
+    the vector folded into each reader's input producer, ``row_scaled`` the divisor of each producing
+    linear's output rows."""
     _, n_kv, head_dim = _attention_shape(model.config)
     requantized = []
     for e in plan:
@@ -287,11 +290,15 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
             producer_vec = common
             if e.get("gqa"):
                 producer_vec, common = _gqa_reduce(common, n_kv, head_dim)
+        if folded is not None:
+            folded.update({name: (vecs[0] if e["exact"] else common) for name in e["readers"]})
         if group.producer_kind == "norm":
             norm = layer.get_submodule(group.producer)
             adapter.set_norm_scale(norm, adapter.norm_scale(norm) / producer_vec)
         else:
             states[e["producer"]].scale_rows(producer_vec)
+            if row_scaled is not None:
+                row_scaled[e["producer"]] = producer_vec
         if not e["exact"]:
             for name, v in zip(e["readers"], vecs):
                 st = states[name]
@@ -500,7 +507,13 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     adapter = get_adapter(model)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     states = {n: _LinearState(m) for n, m in quant.items()}
-    requantized = _apply_plan(model, adapter, report.pop("plan"), states, requantize)
+    folded: dict[str, torch.Tensor] = {}
+    row_scaled: dict[str, torch.Tensor] = {}
+    requantized = _apply_plan(model, adapter, report.pop("plan"), states, requantize, folded, row_scaled)
+    from . import masquant_vllm
+
+    mas_linears = masquant_vllm.modality_linears(model, adapter)  # before the QuantLinears are swapped out
+    mas_tensors = masquant_vllm.side_tensors(model, mas_linears, folded, row_scaled) if mas_linears else {}
     scheme = next(iter(quant.values())).scheme
     kind, fmt = report["vllm_row"], report["compression_format"]
     ct_scheme = _ct_scheme(scheme, kind)
@@ -533,10 +546,16 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         if _needs_dequantize_on_load(scheme, fmt):
             _set_loading_attribute(tmp / "config.json", "dequantize", True)
             report["transformers_loading"] = _DEQUANTIZE_NOTE
+        present = masquant_vllm.present_modalities(mas_tensors, adapter)
+        if present:  # the per-modality part, for the mmcompress vLLM plugin
+            section = masquant_vllm.config_section(adapter, mas_linears, mas_tensors, requantized, present)
+            masquant_vllm.write(tmp, mas_tensors, section)
+            report["masquant_plugin"] = section
+            dropped["note"] = masquant_vllm.PLUGIN_NOTE
         for fname in _PROCESSOR_FILES:
             if (src / fname).is_file():
                 shutil.copyfile(src / fname, tmp / fname)
-        drop_line = f"* **Text path only.** {dropped['note']}.\n" if dropped["note"] else ""
+        drop_line = f"* **{'Text path without the plugin' if present else 'Text path only'}.** {dropped['note']}.\n" if dropped["note"] else ""
         (tmp / "README.md").write_text(_README.format(
             name=output.name, version=__version__, source=src, method=report["method"], scheme=scheme.name, fmt=fmt,
             vllm=report["vllm_scheme"], sm=_hardware_line(report), out=output,

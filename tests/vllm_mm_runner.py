@@ -1,0 +1,67 @@
+"""Run text and image requests on one export under vLLM (run by the vLLM venv's python, not by pytest).
+
+    VLLM_PYTHON tests/vllm_mm_runner.py JOB.json RESULT.json
+
+``JOB.json``: ``model`` (export directory), ``quantization`` (``null``: what vLLM/the plugin picks;
+``"compressed-tensors"``: the plain export even with the mmcompress plugin installed), ``requests``
+(``{"prompt": text, "image": PNG path or null, "image_embeds": safetensors path or null}``; the
+latter holds ``image_embeds`` ``[tokens, hidden]`` and ``image_grid_thw`` ``[1, 3]``), ``max_tokens``, ``dtype``.  ``RESULT.json``: per
+request the expanded ``prompt_token_ids`` (image placeholders as vLLM's processor expanded them),
+``prompt_logprobs`` (log-prob of tokens 1..n-1) and ``greedy`` ids; ``quantization`` (the method vLLM
+used), ``plugin`` (the plugin's counters: layers wrapped, forwards that took the modality path).
+Imports nothing from mmcompress except, when installed, the plugin's counters.
+"""
+
+import json
+import sys
+import time
+
+
+def main(job_path: str, result_path: str) -> None:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+    import vllm
+
+    job = json.loads(open(job_path).read())
+    t0 = time.perf_counter()
+    kwargs = {"quantization": job["quantization"]} if job.get("quantization") else {}
+    llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
+              dtype=job.get("dtype", "float32"), seed=0, distributed_executor_backend="uni",
+              limit_mm_per_prompt={"image": 1, "video": 0}, enable_mm_embeds=True, **kwargs)
+    load_s = time.perf_counter() - t0
+    inputs = []
+    for r in job["requests"]:
+        item = {"prompt": r["prompt"]}
+        if r.get("image_embeds"):  # precomputed vision-tower output: both sides feed the decoder the same
+            from safetensors.torch import load_file
+
+            item["multi_modal_data"] = {"image": load_file(r["image_embeds"])}
+        elif r.get("image"):
+            item["multi_modal_data"] = {"image": Image.open(r["image"]).convert("RGB")}
+        inputs.append(item)
+    t0 = time.perf_counter()
+    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, prompt_logprobs=0, ignore_eos=True)
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    results = []
+    for o in outs:
+        ids = list(o.prompt_token_ids)
+        lps = [o.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0]
+        results.append({"prompt_token_ids": ids, "prompt_logprobs": lps, "greedy": list(o.outputs[0].token_ids)})
+    try:
+        from mmcompress.vllm_plugin._impl import _STATE
+
+        plugin = {"wrapped": _STATE["wrapped"], "modality_calls": _STATE["modality_calls"]}
+    except ImportError:
+        plugin = None
+    try:
+        quantization = llm.llm_engine.vllm_config.model_config.quantization
+    except AttributeError:
+        quantization = None
+    result = {"vllm_version": vllm.__version__, "quantization": quantization, "plugin": plugin,
+              "results": results, "load_s": load_s, "run_s": time.perf_counter() - t0}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process: the entry point must be guarded
+    main(*sys.argv[1:3])
