@@ -19,7 +19,7 @@ module imports vLLM only inside :func:`register`.  See ``docs/vllm_plugin.md``.
 
 from __future__ import annotations
 
-NAME = "mmcompress-masquant"
+from .constants import NAME  # noqa: F401  (re-exported)
 
 
 def register() -> None:

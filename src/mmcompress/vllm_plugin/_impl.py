@@ -33,7 +33,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
     CompressedTensorsLinearMethod,
 )
 
-from . import NAME
+from .constants import NAME
 
 SECTION = "mmcompress_masquant"
 FORMAT_VERSION = 1
