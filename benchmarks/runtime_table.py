@@ -56,12 +56,13 @@ with torch.no_grad():
         times.append(time.perf_counter() - t)
 emb = model.get_output_embeddings()
 held = bf16 = 0
-for m in model.modules():
-    if m is emb or not hasattr(m, "in_features") or not hasattr(m, "out_features"):
+seen = set()
+for name, m in model.named_modules():  # outermost linear-like modules (a deployed linear's own tensors)
+    if m is emb or not (hasattr(m, "in_features") and hasattr(m, "out_features")) or any(
+            name.startswith(p + ".") for p in seen):
         continue
-    if any(hasattr(c, "in_features") for c in m.children()):
-        continue
-    held += sum(t.numel() * t.element_size() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    seen.add(name)
+    held += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     bf16 += 2 * m.in_features * m.out_features
 print(json.dumps({"rss": status("VmRSS:"), "peak_rss": status("VmHWM:"), "held_linear_bytes": held,
                   "bf16_linear_bytes": bf16, "tok_s": round(16 / min(times), 2), "tokens": out.shape[1] - 16,
