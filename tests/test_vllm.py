@@ -71,7 +71,9 @@ def _env() -> dict:
     # to cores (CI machines are shared); 1 GiB of KV cache is plenty for 512-token requests
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
                OMP_NUM_THREADS=os.environ.get("MMCOMPRESS_VLLM_THREADS", "2"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               # torchvision's Python part without its CUDA-built extension (see vllm_shim/sitecustomize.py)
+               PYTHONPATH=str(Path(__file__).with_name("vllm_shim")))
     return env
 
 

@@ -1,5 +1,5 @@
-"""Put on PYTHONPATH of the vLLM venv's processes by tests/test_vllm_plugin.py (every process vLLM starts,
-including its model-inspection subprocess, runs it).
+"""Put on PYTHONPATH of the vLLM venv's processes by tests/test_vllm.py's ``_env`` (every process vLLM
+starts, including its model-inspection subprocess, runs it).
 
 vLLM's Qwen2-VL family imports transformers' Qwen2-VL image processor, which (transformers 5.19)
 imports ``torchvision.transforms.v2`` unconditionally.  PyPI's torchvision is built against CUDA torch, so
