@@ -239,6 +239,29 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
 
 // ---- float activations (weight-only) -------------------------------------------------------------
 
+// The float epilogue the weight-only tiles share: per output, accf += scale * (group lanes) and
+// corr += scale * zc * (group sum of x); y = sum(accf) - corr at the end (zc: the zero point in the
+// domain of the codes the lanes multiplied).
+template <int RR, int T>
+struct GroupSums {
+  __m512 accf[RR][T];
+  double corr[RR][T];
+  GroupSums() {
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  }
+  void add(int r, int t, __m512 lanes, float sc, double zc, float xs) {
+    accf[r][t] = _mm512_fmadd_ps(lanes, _mm512_set1_ps(sc), accf[r][t]);
+    corr[r][t] += static_cast<double>(sc) * zc * xs;
+  }
+  void store(float* y, int64_t N, int64_t n0, int64_t b0) const {
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t)
+        y[(b0 + t) * N + n0 + r] =
+            static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
+  }
+};
+
 template <int BITS, int RR, int T>
 void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
                 const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
@@ -248,10 +271,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
-  __m512 accf[RR][T];
-  double corr[RR][T];
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  GroupSums<RR, T> sums;
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[RR][T];
     for (int r = 0; r < RR; ++r)
@@ -270,16 +290,10 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
     for (int r = 0; r < RR; ++r) {
       const float sc = scale[(n0 + r) * G + g];
       const float zc = sym ? static_cast<float>(OFF) : zero[(n0 + r) * G + g];
-      const __m512 sv = _mm512_set1_ps(sc);
-      for (int t = 0; t < T; ++t) {
-        accf[r][t] = _mm512_fmadd_ps(acc[r][t], sv, accf[r][t]);
-        corr[r][t] += static_cast<double>(sc) * zc * xsum[(b0 + t) * G + g];
-      }
+      for (int t = 0; t < T; ++t) sums.add(r, t, acc[r][t], sc, zc, xsum[(b0 + t) * G + g]);
     }
   }
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t)
-      y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
+  sums.store(y, N, n0, b0);
 }
 
 at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
@@ -316,8 +330,8 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
 // (word >> 4i) & 0xF | 0x4300 is the bf16 of 128 + u (0x4300 = 128.0, whose mantissa step is 1), so
 //   sum_k x_k (128 + u_k) - (128 + zc) sum_k x_k = sum_k x_k (u_k - zc).
 // Word j of a 64-byte block (128 codes from k0) holds codes k0+4j..4j+3: vector i pairs with the
-// activations x[k0 + 4j + i], j = 0..31, laid out once per call (bf16_perm).  Needs K % 128 == 0 and
-// group % 128 == 0 (checked in Python: kernels.path_for).
+// activations x[k0 + 4j + i], j = 0..31, laid out once per call (in bf16_act_gemm).  Needs K % 128 == 0
+// and group % 128 == 0 (checked in Python: kernels._bf16_ok).
 #ifdef __AVX512BF16__
 constexpr bool kHaveBf16 = true;
 
@@ -327,10 +341,7 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
                int64_t N) {
   const uint8_t* rows[RR];
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
-  __m512 accf[RR][T];
-  double corr[RR][T];
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  GroupSums<RR, T> sums;
   // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
   // 128 + u (| 0x4300) in one ternary-logic op
   const __m512i nib = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4308);
@@ -358,17 +369,12 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
     for (int r = 0; r < RR; ++r) {
       const float sc = scale[(n0 + r) * G + g];
       const double zc = 128.0 + (sym ? 8.0 : static_cast<double>(zero[(n0 + r) * G + g]));
-      const __m512 sv = _mm512_set1_ps(sc);
-      for (int t = 0; t < T; ++t) {
-        const __m512 a = A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]);
-        accf[r][t] = _mm512_fmadd_ps(a, sv, accf[r][t]);
-        corr[r][t] += static_cast<double>(sc) * zc * xsum[(b0 + t) * G + g];
-      }
+      for (int t = 0; t < T; ++t)
+        sums.add(r, t, A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]), sc, zc,
+                 xsum[(b0 + t) * G + g]);
     }
   }
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t)
-      y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
+  sums.store(y, N, n0, b0);
 }
 #else
 constexpr bool kHaveBf16 = false;
