@@ -44,8 +44,8 @@ def run(args) -> None:
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.models.processing import load_processor
     from mmcompress.quant.api import quantize
-    from mmcompress.testbed.data import calibration_set, eval_text
-    from mmcompress.testbed.registry import fetch
+    from mmcompress_testbed.data import calibration_set, eval_text
+    from mmcompress_testbed.registry import fetch
 
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def main():
     from mmcompress.export.gguf import export_gguf
     from mmcompress.export.serialization import load
     from mmcompress.models.loading import load_tokenizer
-    from mmcompress.testbed.data import eval_text
+    from mmcompress_testbed.data import eval_text
 
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(a.artifact)

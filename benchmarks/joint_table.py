@@ -53,8 +53,8 @@ def main():
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.recipe import apply_recipe, parse_recipe
     from mmcompress.sparse.decode import enable_sparse_decode
-    from mmcompress.testbed.data import calibration_set, eval_text
-    from mmcompress.testbed.registry import fetch
+    from mmcompress_testbed.data import calibration_set, eval_text
+    from mmcompress_testbed.registry import fetch
 
     path = fetch(args.model)
     dense = load_hf_model(path)

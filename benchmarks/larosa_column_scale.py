@@ -31,8 +31,8 @@ def main(argv=None):
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.sparse.methods.larosa import larosa
     from mmcompress.sparse.rotation import calibrate_rotations
-    from mmcompress.testbed.data import calibration_set, eval_text
-    from mmcompress.testbed.registry import resolve_model_dir
+    from mmcompress_testbed.data import calibration_set, eval_text
+    from mmcompress_testbed.registry import resolve_model_dir
 
     d = resolve_model_dir(args.model)
     tok = load_tokenizer(d)

@@ -10,7 +10,7 @@ from mmcompress.eval.perplexity import text_perplexity
 from mmcompress.eval.vqa import choice_accuracy
 from mmcompress.models.loading import load_tokenizer
 from mmcompress.models.processing import load_processor
-from mmcompress.testbed.data import eval_text
+from mmcompress_testbed.data import eval_text
 torch.set_num_threads(1)
 m = load(sys.argv[1]); src = getattr(m, "_mmcompress_source", None) or sys.argv[1]
 tok, proc = load_tokenizer(src), load_processor(src)

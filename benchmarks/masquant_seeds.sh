@@ -2,7 +2,7 @@
 # SmoothQuant vs MASQuant at W4A8 on omni-mini over calibration seeds 0, 1, 2 (128 samples each), every model
 # saved by `mmcompress quantize` and scored by masquant_eval_saved.py.  Results: runs/seeds/*.eval.
 set -eu
-M=$(python -c "from mmcompress.testbed.registry import fetch; print(fetch('omni-mini'))")
+M=$(python -c "from mmcompress_testbed.registry import fetch; print(fetch('omni-mini'))")
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 run() {  # method seed extra...
   local meth=$1 seed=$2; shift 2

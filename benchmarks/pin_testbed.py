@@ -1,4 +1,4 @@
-"""Pin the SHA-256 of every file of built testbed models in ``src/mmcompress/testbed/assets/pins.json``.
+"""Pin the SHA-256 of every file of built testbed models in ``src/mmcompress_testbed/assets/pins.json``.
 
 Build each model in two (or more) separate caches first, e.g. with different thread counts::
 
@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from mmcompress.testbed import registry
-from mmcompress.testbed.fetch import check_record, read_record
+from mmcompress_testbed import registry
+from mmcompress_testbed.fetch import check_record, read_record
 
 
 def main(argv=None) -> int:

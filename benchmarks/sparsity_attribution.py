@@ -36,9 +36,9 @@ def main(argv=None):
     from mmcompress.sparse.methods.larosa import _set, apply_topk_plan, make_sparse_linear
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, quantile
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
-    from mmcompress.testbed.data import calibration_set, eval_text
+    from mmcompress_testbed.data import calibration_set, eval_text
 
-    from mmcompress.testbed.registry import resolve_model_dir
+    from mmcompress_testbed.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)

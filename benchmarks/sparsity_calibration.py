@@ -30,10 +30,10 @@ def main(argv=None):
     from mmcompress.models.loading import load_hf_model
     from mmcompress.sparse.rotation import calibrate_rotations
 
-    from mmcompress.testbed.registry import resolve_model_dir
+    from mmcompress_testbed.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    from mmcompress.testbed.data import calibration_set
+    from mmcompress_testbed.data import calibration_set
 
     t_load = time.time()
     model = load_hf_model(model_dir, dtype="float32")

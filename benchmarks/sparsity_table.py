@@ -55,10 +55,10 @@ def main(argv=None):
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, teal
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
 
-    from mmcompress.testbed.registry import resolve_model_dir
+    from mmcompress_testbed.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    from mmcompress.testbed.data import calibration_set, eval_text
+    from mmcompress_testbed.data import calibration_set, eval_text
 
     levels = [float(x) for x in args.levels.split(",")]
     extra_levels = [float(x) for x in args.extra_levels.split(",")] if args.extra_levels else levels

@@ -110,8 +110,8 @@ def main(argv=None):
     from mmcompress.models.adapters import get_adapter
     from mmcompress.models.loading import load_hf_model
     from mmcompress.sparse.rotation import _norm_eps
-    from mmcompress.testbed.data import calibration_set
-    from mmcompress.testbed.registry import resolve_model_dir
+    from mmcompress_testbed.data import calibration_set
+    from mmcompress_testbed.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
     model = load_hf_model(model_dir, dtype="float32")

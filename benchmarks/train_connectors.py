@@ -15,7 +15,7 @@ count, position) on synthetic images, every merged token predicting the image's 
 (2) train only the ``merger`` through the frozen decoder (M-RoPE positions from ``get_rope_index``)
 on templated questions -> exact answers.
 
-Outputs: ``src/mmcompress/testbed/assets/{audio_connector,vision}-<decoder>.safetensors`` (fp16) and a
+Outputs: ``src/mmcompress_testbed/assets/{audio_connector,vision}-<decoder>.safetensors`` (fp16) and a
 JSON record next to them.  One thread (``torch.set_num_threads(1)``), fixed seeds, tqdm progress.
 """
 
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmcompress.testbed import mm_data as D
-from mmcompress.testbed import mm_sources as S
-from mmcompress.testbed import multimodal as M
+from mmcompress_testbed import mm_data as D
+from mmcompress_testbed import mm_sources as S
+from mmcompress_testbed import multimodal as M
 
 ASSETS = M.ASSETS
 
@@ -381,7 +381,7 @@ def _save_audio(conn, args, hist, step, t0, check_wer, ctc_hist=()):
 
 
 def stage_vision(args):
-    from mmcompress.testbed import mm_vision
+    from mmcompress_testbed import mm_vision
 
     mm_vision.train(args, load_decoder, embed, lm_loss, lr_at, save_fp16, log)
 

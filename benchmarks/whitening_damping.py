@@ -33,8 +33,8 @@ def main():
     from mmcompress.quant.methods.masquant import whitened_low_rank
     from mmcompress.quant.methods.smoothquant import smoothing_factors
     from mmcompress.quant.quantizer import fake_quantize_weight
-    from mmcompress.testbed.data import calibration_set
-    from mmcompress.testbed.registry import fetch
+    from mmcompress_testbed.data import calibration_set
+    from mmcompress_testbed.registry import fetch
 
     path = fetch("omni-mini")
     model = load_hf_model(path)

@@ -21,6 +21,14 @@ from mmcompress.models.tiny import tiny_model, tiny_processor, tiny_tokenizer  #
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    from importlib.metadata import entry_points
+
+    if not entry_points(group="mmcompress.plugins"):  # installed before the testbed became a plugin
+        pytest.exit('the installed mmcompress metadata has no "mmcompress.plugins" entry point (the testbed '
+                    'plugs in through it): run  pip install -e ".[test]"  again', returncode=4)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -1,8 +1,10 @@
-"""The package's import graph, built from the source: no cycles, and the CLI starts without the lab.
+"""The packages' import graph, built from the source: no cycles, imports go down the layers, and the
+product never imports the lab.
 
 Every ``import`` and ``from ... import`` counts, wherever it sits (module level, function bodies,
 ``if`` blocks): an import moved into a function to dodge a cycle is still an edge.  The check covers
-the whole package, the lab parts (``testbed/``, ``demo.py``, ``bench.py``) included.
+the product (``src/mmcompress``, its synthetic benchmark stack ``bench.py`` included) and the lab
+package ``src/mmcompress_testbed`` (testbed models and data, connector weights, the demo).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import mmcompress
 
 PACKAGE = Path(mmcompress.__file__).parent
+TESTBED = PACKAGE.parent / "mmcompress_testbed"  # the lab package, next to the product in src/
 
 
 def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
@@ -27,13 +30,15 @@ def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, int]]:
-    """``{module: {imported module: line}}`` over the package's own modules.
+def import_graph(*roots: Path) -> dict[str, dict[str, int]]:
+    """``{module: {imported module: line}}`` over the modules of the packages ``roots`` (default: the
+    product and the testbed), edges between them included.
 
     ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``; a name
     below a module (``import a.b.f``) resolves to the module that holds it."""
-    modules = _modules(root)
-    top = root.name
+    roots = roots or (PACKAGE, TESTBED)
+    modules = {k: v for root in roots for k, v in _modules(root).items()}
+    tops = tuple(root.name for root in roots)
 
     def resolve(name: str) -> str | None:
         while name and name not in modules:
@@ -57,7 +62,7 @@ def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, int]]:
             else:
                 continue
             for target in targets:
-                if target == top or target.startswith(top + "."):
+                if target in tops or target.startswith(tuple(t + "." for t in tops)):
                     to = resolve(target)
                     if to and to != name:
                         edges.setdefault(to, node.lineno)
@@ -129,13 +134,14 @@ def test_graph_builder_sees_imports_everywhere(tmp_path):
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 50 and "mmcompress.cli" in graph and "mmcompress.testbed.registry" in graph
+    assert len(graph) > 50 and "mmcompress.cli" in graph and "mmcompress_testbed.registry" in graph
     cycles = strongly_connected(graph)
-    assert not cycles, "import cycles in src/mmcompress:\n" + "\n".join(_describe(c, graph) for c in cycles)
+    assert not cycles, "import cycles in src/:\n" + "\n".join(_describe(c, graph) for c in cycles)
 
 
-# the lab: testbed models and data, the demo, the synthetic benchmark stack and its command line
-LAB = ("mmcompress.testbed", "mmcompress.demo", "mmcompress.bench", "mmcompress.bench_cli", "mmcompress.quant.bench_decode")
+# the lab: the testbed package, and the synthetic benchmark stack and its command line (kept in the product's
+# tree: `mmcompress bench` runs it next to `bench decode ARTIFACT`, the user's model)
+LAB = ("mmcompress_testbed", "mmcompress.bench", "mmcompress.bench_cli", "mmcompress.quant.bench_decode")
 
 
 def _in(module: str, prefixes) -> bool:
@@ -143,11 +149,57 @@ def _in(module: str, prefixes) -> bool:
 
 
 def test_product_does_not_import_the_lab():
-    """The lab plugs in (cli.LAZY_COMMANDS, data.named.PROVIDERS); no product module names it in an import."""
+    """The lab plugs in (mmcompress.plugins: entry points); no product module names it in an import."""
     graph = import_graph()
     wrong = [f"{a} -> {b} (line {line})" for a, edges in sorted(graph.items()) if not _in(a, LAB)
              for b, line in sorted(edges.items()) if _in(b, LAB)]
     assert not wrong, "product modules importing lab code:\n" + "\n".join(wrong)
+    # and no module of src/mmcompress, the bench stack included, imports the testbed package
+    wrong = [f"{a} -> {b}" for a, edges in graph.items() if _in(a, ["mmcompress"])
+             for b in edges if _in(b, ["mmcompress_testbed"])]
+    assert not wrong and any(_in(b, ["mmcompress"]) for b in graph["mmcompress_testbed.demo"]), wrong
+
+
+# Layers, lowest first: a module imports only from its own layer or lower ones.  A package or module not
+# listed here fails the test (place it).  Subcommand modules belong to the CLI layer, wherever they live.
+LAYERS = [
+    ("ground", ["mmcompress", "mmcompress.fileio", "mmcompress.finite", "mmcompress.specs", "mmcompress.plugins",
+                "mmcompress.options", "mmcompress.distributed"]),
+    ("models and data", ["mmcompress.models", "mmcompress.data"]),
+    ("engine", ["mmcompress.engine"]),
+    ("methods", ["mmcompress.quant", "mmcompress.sparse"]),
+    ("artifacts and runtime", ["mmcompress.export", "mmcompress.recipe", "mmcompress.streaming", "mmcompress.runtime",
+                               "mmcompress.vllm_plugin"]),
+    ("evaluation", ["mmcompress.eval"]),
+    ("cli", ["mmcompress.cli", "mmcompress.sparse.cli", "mmcompress.export.cli", "mmcompress.eval.lm_eval_adapter"]),
+    ("lab", list(LAB)),
+]
+# The imports allowed to go up, each with its reason (the issue's bound: at most 2).
+UPWARD = {
+    # data-free RTN (`quantize` without --calib) goes tensor by tensor from the input shards to an artifact:
+    # it writes the manifest and side files of export.serialization, the one place the artifact format lives
+    ("mmcompress.quant.datafree", "mmcompress.export.serialization"),
+}
+
+
+def _layer(module: str) -> int:
+    best = None  # the longest listed prefix decides (mmcompress.sparse.cli is cli, not methods)
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]) and \
+                    (p != "mmcompress" or module == "mmcompress"):
+                best = (i, len(p))
+    assert best is not None, f"{module} is in no layer of test_import_graph.LAYERS"
+    return best[0]
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    up = {(a, b): line for a, edges in graph.items() for b, line in edges.items() if _layer(b) > _layer(a)}
+    unexpected = [f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]}), line {line}"
+                  for (a, b), line in sorted(up.items()) if (a, b) not in UPWARD]
+    assert not unexpected, "imports from a lower layer to a higher one:\n" + "\n".join(unexpected)
+    assert len(UPWARD) <= 2 and set(UPWARD) <= set(up), "UPWARD lists an import that is gone: drop it"
 
 
 def test_subcommands_import_cli_common_not_the_cli():
@@ -164,19 +216,21 @@ def test_cli_imports_no_lab_code():
 
 
 def test_lab_subcommands_load_only_when_asked():
+    """Listing the testbed's subcommands reads its plugin table alone; its modules load when one runs."""
     code = """
 import contextlib, io, sys
 from mmcompress.cli import main
-lab = lambda: sorted(m for m in sys.modules if 'testbed' in m or m == 'mmcompress.demo')
+lab = lambda: sorted(m for m in sys.modules if 'testbed' in m or m.endswith('demo'))
 out = io.StringIO()
 for argv in (["--help"], ["quantize", "--help"], ["eval", "--help"]):
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         main(argv)
-assert not lab(), lab()
+assert lab() == ["mmcompress_testbed", "mmcompress_testbed.plugin"], lab()
 assert "testbed" in out.getvalue() and "demo" in out.getvalue()
 with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
     main(["testbed", "fetch", "--help"])
-assert "--verify" in help_text.getvalue() and "mmcompress.testbed.cli" in lab(), lab()
+assert "--verify" in help_text.getvalue() and "mmcompress_testbed.cli" in lab(), lab()
+assert "mmcompress_testbed.demo" not in lab(), lab()
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

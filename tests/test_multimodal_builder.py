@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmcompress.testbed import multimodal as M
+from mmcompress_testbed import multimodal as M
 
 TINY_AUDIO = dict(num_mel_bins=80, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
                   max_source_positions=1500, n_window=1500)

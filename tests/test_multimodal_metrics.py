@@ -8,7 +8,7 @@ import torch
 
 from mmcompress.eval.asr import edit_distance, edit_ops, wer, wer_breakdown, word_error_rate
 from mmcompress.eval.vqa import accuracy, normalize_answer
-from mmcompress.testbed import mm_data as D
+from mmcompress_testbed import mm_data as D
 
 
 def test_edit_ops_split_the_distance():

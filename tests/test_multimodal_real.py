@@ -11,7 +11,7 @@ pytestmark = pytest.mark.real
 def omni():
     from mmcompress.models.loading import load_hf_model
     from mmcompress.models.processing import load_processor
-    from mmcompress.testbed.registry import fetch
+    from mmcompress_testbed.registry import fetch
 
     d = fetch("omni-mini", progress=False)
     return d, load_hf_model(d), load_processor(d)
@@ -20,7 +20,7 @@ def omni():
 def test_omni_mini_text_path_is_the_decoder(omni):
     from transformers import AutoModelForCausalLM
 
-    from mmcompress.testbed.registry import fetch
+    from mmcompress_testbed.registry import fetch
 
     d, model, proc = omni
     src = AutoModelForCausalLM.from_pretrained(str(fetch("smollm2-135m", progress=False))).eval()
@@ -33,7 +33,7 @@ def test_omni_mini_text_path_is_the_decoder(omni):
 
 def test_omni_mini_transcribes_held_out_voice_digits(omni):
     from mmcompress.eval.asr import word_error_rate
-    from mmcompress.testbed.mm_data import have_espeak
+    from mmcompress_testbed.mm_data import have_espeak
 
     if not have_espeak():
         pytest.skip("espeak-ng / sox not installed")

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmcompress.testbed import data as tbdata
-from mmcompress.testbed import fetch as tbfetch
-from mmcompress.testbed import registry
-from mmcompress.testbed import whisper as tbwhisper
-from mmcompress.testbed.fetch import IntegrityError, Member, Package, TestbedError
+from mmcompress_testbed import data as tbdata
+from mmcompress_testbed import fetch as tbfetch
+from mmcompress_testbed import registry
+from mmcompress_testbed import whisper as tbwhisper
+from mmcompress_testbed.fetch import IntegrityError, Member, Package, TestbedError
 
 # -- a tiny synthetic CTranslate2 Whisper file --------------------------------------------------------
 
@@ -451,8 +451,8 @@ def test_speech_rendering_is_repeatable(monkeypatch):
     import numpy as np
     import pytest
 
-    from mmcompress.testbed import tts
-    from mmcompress.testbed.mm_data import synthesize
+    from mmcompress_testbed import tts
+    from mmcompress_testbed.mm_data import synthesize
 
     monkeypatch.setenv("MMCOMPRESS_TTS", "system")
     if not tts.have_system_tools():

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcompress.testbed import data as tbdata
-from mmcompress.testbed import fetch as tbfetch
-from mmcompress.testbed import registry
-from mmcompress.testbed.fetch import IntegrityError, Package, TestbedError
+from mmcompress_testbed import data as tbdata
+from mmcompress_testbed import fetch as tbfetch
+from mmcompress_testbed import registry
+from mmcompress_testbed.fetch import IntegrityError, Package, TestbedError
 
 
 def _sha(b: bytes) -> str:
@@ -282,7 +282,7 @@ def test_pins_cover_the_demo_models():
 
 
 def test_resampling_matches_length_and_band():
-    from mmcompress.testbed import tts
+    from mmcompress_testbed import tts
 
     t = np.arange(22050) / 22050
     tone = (np.sin(2 * np.pi * 440 * t) * 16000).astype(np.int16)
@@ -295,7 +295,7 @@ def test_resampling_matches_length_and_band():
 
 
 def test_system_backend_is_optional(monkeypatch):
-    from mmcompress.testbed import mm_data, tts
+    from mmcompress_testbed import mm_data, tts
 
     monkeypatch.setenv("MMCOMPRESS_TTS", "system")
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -310,7 +310,7 @@ def test_system_backend_is_optional(monkeypatch):
 
 
 # en-us+f3 has breath noise: espeak-ng draws random numbers for it (seeded with the time unless fixed)
-_RENDER = ("from mmcompress.testbed import tts; import sys, hashlib; "
+_RENDER = ("from mmcompress_testbed import tts; import sys, hashlib; "
            "[tts.synthesize('Nine, one, two.', v, 150, 60) for v in ('en-gb+f2', 'en-gb')]; "
            "a = tts.synthesize('7, 3, 9, 1', 'en-us+f3', 160, 50); "
            "sys.stdout.write(hashlib.sha256(a.tobytes()).hexdigest() + ' %d' % a.size)")
@@ -319,7 +319,7 @@ _RENDER = ("from mmcompress.testbed import tts; import sys, hashlib; "
 def test_speech_is_identical_across_processes():
     """The same clip rendered in two processes (after different clips) has the same samples.  Needs the
     pinned libespeak-ng in the cache (``mmcompress testbed fetch tool:espeak-ng``); no download here."""
-    from mmcompress.testbed import tts
+    from mmcompress_testbed import tts
 
     if tts.backend() != "library" or not tts.available():
         pytest.skip("the pinned libespeak-ng is not in the testbed cache")
@@ -336,7 +336,7 @@ def test_speech_is_identical_across_processes():
 
 def test_multimodal_build_verifies_its_sources(monkeypatch):
     """omni-mini is assembled from smollm2-135m and whisper-base fetched with verify=True (full re-hash)."""
-    from mmcompress.testbed import multimodal
+    from mmcompress_testbed import multimodal
 
     calls = []
 

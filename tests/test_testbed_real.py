@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from mmcompress.testbed import registry
+from mmcompress_testbed import registry
 
 pytestmark = pytest.mark.real
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.real
 def _wiki_ppl(path, windows=8, bos=False):
     from mmcompress.eval.perplexity import perplexity, text_perplexity
     from mmcompress.models.loading import load_hf_model, load_tokenizer
-    from mmcompress.testbed.data import eval_text
+    from mmcompress_testbed.data import eval_text
 
     model = load_hf_model(path)
     tok = load_tokenizer(path)
@@ -62,8 +62,8 @@ def test_full_verify_passes_on_intact_model():
 
 def test_whisper_transcribes_espeak():
     """Speech from the pinned libespeak-ng (no system espeak-ng / sox needed)."""
-    from mmcompress.testbed.mm_data import have_espeak, synthesize
-    from mmcompress.testbed.whisper import transcribe
+    from mmcompress_testbed.mm_data import have_espeak, synthesize
+    from mmcompress_testbed.whisper import transcribe
 
     if not have_espeak():
         pytest.skip("no pinned espeak-ng build for this platform")
@@ -79,8 +79,8 @@ def test_real_cache_matches_pins_and_catches_a_flipped_byte(tmp_path):
     back is found by a plain fetch (repair off: nothing is rebuilt here)."""
     import json
 
-    from mmcompress.testbed import fetch as tbfetch
-    from mmcompress.testbed.fetch import IntegrityError
+    from mmcompress_testbed import fetch as tbfetch
+    from mmcompress_testbed.fetch import IntegrityError
 
     entry = registry.MODELS["whisper-base"]
     src = registry.fetch(entry.name, progress=False, verify=True)
@@ -104,7 +104,7 @@ def test_real_cache_matches_pins_and_catches_a_flipped_byte(tmp_path):
     assert json.loads((copy / "testbed.json").read_text())["files"]["model.safetensors"]["sha256"] == rec["model.safetensors"]
 
 
-_CALIB = ("import hashlib, sys; from mmcompress.testbed.mm_calib import calibration_records; "
+_CALIB = ("import hashlib, sys; from mmcompress_testbed.mm_calib import calibration_records; "
           "recs = calibration_records('omni', 0, 6, seed=0); "
           "sys.stdout.write(hashlib.sha256(b''.join(r['audio'][0].tobytes() for r in recs)).hexdigest())")
 
@@ -112,7 +112,7 @@ _CALIB = ("import hashlib, sys; from mmcompress.testbed.mm_calib import calibrat
 def test_calibration_speech_is_identical_across_processes():
     import sys
 
-    from mmcompress.testbed.mm_data import have_espeak
+    from mmcompress_testbed.mm_data import have_espeak
 
     if not have_espeak():
         pytest.skip("no pinned espeak-ng build for this platform")

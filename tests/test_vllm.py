@@ -191,8 +191,8 @@ def test_real_export_in_vllm(tmp_path, vllm_py, model_name, name, kernel):
     from mmcompress.export.compressed_tensors import export_compressed_tensors
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.quant.quantizer import resolve_scheme
-    from mmcompress.testbed import registry
-    from mmcompress.testbed.data import eval_text
+    from mmcompress_testbed import registry
+    from mmcompress_testbed.data import eval_text
 
     if not (registry.cache_root() / model_name / "testbed.json").is_file() and not os.environ.get("MMCOMPRESS_TESTBED_ALL"):
         pytest.skip(f"{model_name} not in the cache (run `mmcompress testbed fetch {model_name}`)")

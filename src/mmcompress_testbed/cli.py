@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from .plugin import COMMANDS
+
 
 def register(subparsers) -> None:
-    t = subparsers.add_parser("testbed", help="real small models and text data without a model hub (list, fetch)")
+    t = subparsers.add_parser("testbed", help=COMMANDS["testbed"][1])
     tsub = t.add_subparsers(dest="testbed_command", metavar="SUBCOMMAND")
     t.set_defaults(func=_no_subcommand, _testbed_parser=t)
 

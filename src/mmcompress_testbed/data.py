@@ -30,7 +30,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ..data import named
+from mmcompress.data import named
+
 from .fetch import Package, TestbedError, cache_root, fetch_extracted, read_record
 
 SPLIT_VERSION = "1"
@@ -143,14 +144,14 @@ def calibration_text(name: str = "wiki", cache=None) -> str:
 
 
 def _tokenizer_for(model_dir):
-    from ..models.loading import load_tokenizer
+    from mmcompress.models.loading import load_tokenizer
 
     return load_tokenizer(model_dir)
 
 
 def wiki_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
     """``nsamples`` random windows of ``seqlen`` tokens from the wiki calibration split (seeded)."""
-    from ..data.calibration import CalibrationSet
+    from mmcompress.data.calibration import CalibrationSet
 
     cs = CalibrationSet.from_text(calibration_text("wiki", cache), _tokenizer_for(model_dir), nsamples, seqlen, seed,
                                   source=f"testbed:wiki (calibration split v{SPLIT_VERSION})")

@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cli.common import add_common
+from mmcompress.cli.common import add_common
+
+from .plugin import COMMANDS
 
 SETTINGS = {
     # calibration samples (and their text length), MASQuant options, perplexity windows, ASR clips,
@@ -34,8 +36,7 @@ SETTINGS = {
 
 
 def register(subparsers) -> None:
-    d = subparsers.add_parser("demo", help="RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs "
-                                           "LaRoSA (40%%, smollm2-135m) on real models, one table and a report")
+    d = subparsers.add_parser("demo", help=COMMANDS["demo"][1])
     d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
     d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
     d.add_argument("--no-progress", action="store_true")
@@ -61,14 +62,15 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     integer kernels, ``reference``: the fake-quant forward)."""
     import torch
 
-    from .eval.perplexity import text_perplexity
-    from .eval.report import render_report
-    from .models.loading import load_hf_model, load_tokenizer
-    from .models.processing import load_processor
-    from .quant.api import quantize
-    from .quant.deployed import deploy
-    from .testbed.data import calibration_set, eval_text
-    from .testbed.registry import fetch
+    from mmcompress.eval.perplexity import text_perplexity
+    from mmcompress.eval.report import render_report
+    from mmcompress.models.loading import load_hf_model, load_tokenizer
+    from mmcompress.models.processing import load_processor
+    from mmcompress.quant.api import quantize
+    from mmcompress.quant.deployed import deploy
+
+    from .data import calibration_set, eval_text
+    from .registry import fetch
 
     cfg = SETTINGS["quick" if quick else "full"]
     out = Path(output)
@@ -80,8 +82,8 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     wiki = eval_text("wiki")
 
     # -- 1. multimodal quantization -------------------------------------------------------------
-    from .eval.asr import word_error_rate
-    from .eval.vqa import accuracy
+    from mmcompress.eval.asr import word_error_rate
+    from mmcompress.eval.vqa import accuracy
 
     _log(f"fetching {multimodal_model}")
     mm_dir = fetch(multimodal_model, progress=progress)
@@ -127,8 +129,8 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     del base
 
     # -- 2. activation sparsity -----------------------------------------------------------------
-    from .bench import model_decode_benchmark
-    from .sparse.api import measure_sparsity, sparsify
+    from mmcompress.bench import model_decode_benchmark
+    from mmcompress.sparse.api import measure_sparsity, sparsify
 
     _log(f"fetching {text_model}")
     tx_dir = fetch(text_model, progress=progress)
@@ -165,7 +167,7 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
                         "omni-mini's decoder was distributed as dequantized 4-bit weights (see docs/testbed.md)",
                         "speech_wer is the word error rate on the spoken-digit clips of speech-test",
                         "LaRoSA numbers come from the merged (Mode M) model"]}
-    from .fileio import atomic_write_text
+    from mmcompress.fileio import atomic_write_text
 
     atomic_write_text(out / "demo.json", json.dumps(result, indent=1))
     result["report"] = str(render_report(out))

@@ -28,8 +28,8 @@ def _kind(model_dir) -> str | None:
 
 def calibration_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> list[dict]:
     """Multimodal records ``{"text", "images"?, "audio"?}`` (deterministic for a seed)."""
-    from ..eval.asr import AUDIO_PROMPT
-    from ..eval.vqa import IMAGE_PROMPT
+    from mmcompress.eval.asr import AUDIO_PROMPT
+    from mmcompress.eval.vqa import IMAGE_PROMPT
     from . import mm_data as D
 
     recs = []
@@ -61,8 +61,8 @@ def testbed_multimodal_calibration(model, model_dir, nsamples: int = 128, seqlen
     kind = _kind(model_dir)
     if kind is None:
         return tb_data.wiki_calibration(model, model_dir, nsamples, seqlen, seed, cache)
-    from ..data.calibration import CalibrationSet
-    from ..models.processing import load_processor
+    from mmcompress.data.calibration import CalibrationSet
+    from mmcompress.models.processing import load_processor
 
     n_text = max(1, nsamples // 2)
     n_mm = nsamples - n_text
@@ -87,8 +87,8 @@ def whitening_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> 
     """Modality-only records, as the paper's CMC whitening sets: an image with only its placeholder
     prefix (no question, no answer), a speech clip with only its prefix (no transcript)."""
     from . import mm_data as D
-    from ..eval.asr import AUDIO_PROMPT
-    from ..eval.vqa import IMAGE_PROMPT
+    from mmcompress.eval.asr import AUDIO_PROMPT
+    from mmcompress.eval.vqa import IMAGE_PROMPT
 
     rng = random.Random(CALIB_WHITEN_SEED + 1000 * seed)
     image_prefix = IMAGE_PROMPT.split(" Question:")[0]
@@ -107,8 +107,8 @@ def whitening_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> 
 
 def testbed_whitening(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
     """``--whiten-calib testbed-whiten``: image-only (and, for Omni, audio-only) samples."""
-    from ..data.calibration import CalibrationError, CalibrationSet
-    from ..models.processing import load_processor
+    from mmcompress.data.calibration import CalibrationError, CalibrationSet
+    from mmcompress.models.processing import load_processor
 
     kind = _kind(model_dir)
     if kind is None:
@@ -126,8 +126,8 @@ def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, see
     from every calibration set by construction): wiki test windows, and for multimodal models
     image-qa-test images with their question + answer and speech-test clips with their transcript."""
     from . import data as tb_data
-    from ..data.calibration import CalibrationSet
-    from ..models.processing import load_processor
+    from mmcompress.data.calibration import CalibrationSet
+    from mmcompress.models.processing import load_processor
 
     kind = _kind(model_dir)
     n_text = nsamples if kind is None else max(1, nsamples // 2)
@@ -136,8 +136,8 @@ def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, see
     if kind is None:
         return text
     from . import mm_data as D
-    from ..eval.asr import AUDIO_PROMPT
-    from ..eval.vqa import IMAGE_PROMPT
+    from mmcompress.eval.asr import AUDIO_PROMPT
+    from mmcompress.eval.vqa import IMAGE_PROMPT
 
     n_mm = nsamples - n_text
     n_audio = n_mm // 2 if kind == "omni" else 0

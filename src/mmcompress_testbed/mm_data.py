@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.asr import DIGIT_WORDS, normalize_transcript  # noqa: F401  (the metric's normalization, re-exported)
+from mmcompress.eval.asr import DIGIT_WORDS, normalize_transcript  # noqa: F401  (the metric's normalization, re-exported)
 
 SR = 16000
 TEST_VOICE = "en-gb-x-gbcwmd"

@@ -1,6 +1,6 @@
 """Acceptance report for a multimodal testbed model.
 
-    python -m mmcompress.testbed.mm_report omni-mini [--quick] [--json out.json]
+    python -m mmcompress_testbed.mm_report omni-mini [--quick] [--json out.json]
 
 Measures: speech-test WER (digits / sentences) and the same with the audio replaced by silence;
 image-qa-test accuracy per type and the same with a blank image; wiki perplexity of the model and of
@@ -54,7 +54,7 @@ def modality_activation_stats(model, processor, *, layers=(0,), n_items: int = 4
 
     hs = [lm_layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
     try:
-        from ..data.calibration import encode_record
+        from mmcompress.data.calibration import encode_record
 
         for r in recs:
             enc = encode_record(r, processor)
@@ -81,7 +81,7 @@ def modality_activation_stats(model, processor, *, layers=(0,), n_items: int = 4
 
 
 def _ppl(model, tok, text, windows):
-    from ..eval.perplexity import text_perplexity
+    from mmcompress.eval.perplexity import text_perplexity
 
     return text_perplexity(model, tok, text, seqlen=1024, max_windows=windows, progress=False)["ppl"]
 
@@ -89,10 +89,10 @@ def _ppl(model, tok, text, windows):
 def report(name: str, quick: bool = False, cache=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..eval.asr import word_error_rate
-    from ..eval.vqa import accuracy
-    from ..models.loading import load_hf_model
-    from ..models.processing import load_processor
+    from mmcompress.eval.asr import word_error_rate
+    from mmcompress.eval.vqa import accuracy
+    from mmcompress.models.loading import load_hf_model
+    from mmcompress.models.processing import load_processor
     from .data import eval_text
     from .multimodal import MODEL_SPECS, REGISTRY_DECODER
     from .registry import fetch

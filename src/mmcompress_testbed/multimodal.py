@@ -26,7 +26,7 @@ import torch
 
 ASSETS = Path(__file__).with_name("assets")
 
-from ..models.modality import QWEN_MM_TOKENS as MM_TOKENS  # noqa: E402
+from mmcompress.models.modality import QWEN_MM_TOKENS as MM_TOKENS  # noqa: E402
 
 # the small vision tower (1.4 M parameters with the merger into a 576-wide decoder)
 VISION_CFG = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, in_channels=3, patch_size=14,
@@ -40,8 +40,8 @@ IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 224 * 224
 
 # the prompts the models are trained with: the evaluation's defaults (they start with a text token)
-from ..eval.asr import AUDIO_PROMPT  # noqa: E402
-from ..eval.vqa import IMAGE_PROMPT  # noqa: E402
+from mmcompress.eval.asr import AUDIO_PROMPT  # noqa: E402
+from mmcompress.eval.vqa import IMAGE_PROMPT  # noqa: E402
 
 DECODERS = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
             "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized)"}
@@ -235,7 +235,7 @@ def assemble(kind: str, src_model, tok, *, vision: dict | None = None, audio: di
 def make_processor(kind: str, tok, *, num_mel_bins: int = 80):
     from transformers import Qwen2VLImageProcessor
 
-    from ..models.tiny import allow_missing_video_processor, without_video
+    from mmcompress.models.tiny import allow_missing_video_processor, without_video
 
     ip = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
     with allow_missing_video_processor():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..data import named
+from mmcompress.data import named
+
 from . import data, mm_data  # data registers the --calib names itself (data.register_calibration)
 
 for _name in data.EVAL_SETS:

@@ -9,7 +9,6 @@ for a traceback).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -20,21 +19,13 @@ from .common import CLIError, load_calibration
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
 from .common import named_set as _named_set, on_ranks
+from ..plugins import commands as plugin_commands, import_optional
 
 EXIT_USAGE = 2
 
 
-# Lab subcommands: the module that registers one is imported only when that subcommand runs (or its
-# --help is asked); otherwise the subcommand is listed with this help line.
-LAZY_COMMANDS = {
-    "testbed": ("mmcompress.testbed.cli", "real small models and text data without a model hub (list, fetch)"),
-    "demo": ("mmcompress.demo", "RTN vs SmoothQuant vs MASQuant (W4A8, omni-mini) and dense vs TEAL vs LaRoSA "
-                                "(40%%, smollm2-135m) on real models, one table and a report"),
-}
-
-
 def build_parser(argv=()) -> argparse.ArgumentParser:
-    """The parser; a lab subcommand named in ``argv`` (:data:`LAZY_COMMANDS`) gets its full parser."""
+    """The parser; a plugin's subcommand named in ``argv`` (:mod:`mmcompress.plugins`) gets its full parser."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="mmcompress", description=__doc__.splitlines()[0])
@@ -128,8 +119,8 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     _add_trust(e)
 
     command = next((a for a in argv if not a.startswith("-")), None)
-    for name, (modname, help_line) in LAZY_COMMANDS.items():
-        module = _import_plugin(modname) if name == command else None
+    for name, (modname, help_line) in plugin_commands().items():  # e.g. the testbed's testbed and demo
+        module = import_optional(modname) if name == command else None
         if module is not None:
             module.register(sub)
         else:
@@ -137,16 +128,6 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     for register in _plugins():
         register(sub)
     return parser
-
-
-def _import_plugin(modname: str):
-    """The module ``modname``, or ``None`` when it is not installed."""
-    try:
-        return importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name == modname:
-            return None
-        raise
 
 
 def _not_installed(modname: str):
@@ -157,8 +138,8 @@ def _not_installed(modname: str):
 
 def _plugins():
     """Subcommands that live next to their feature (sparsify, bench, export, lm-eval)."""
-    modules = [_import_plugin(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
-                                           "mmcompress.eval.lm_eval_adapter")]
+    modules = [import_optional(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
+                                            "mmcompress.eval.lm_eval_adapter")]
     return [m.register for m in modules if m is not None]
 
 
@@ -493,10 +474,6 @@ def cmd_report(args) -> dict:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
-
-
-def register_command(name, fn):
-    COMMANDS[name] = fn
 
 
 def main(argv=None) -> int:

@@ -7,18 +7,18 @@ The product ships no data sets.  A provider registers a function per kind and na
 * ``"speech"``: ``fn()`` -> ``[{"audio", "transcript", "kind"}]`` (:func:`mmcompress.eval.asr.word_error_rate`),
 * ``"vqa"``: ``fn()`` -> ``[{"image", "question", "answer", "type"}]`` (:mod:`mmcompress.eval.vqa`).
 
-Providers are the modules in :data:`PROVIDERS`, imported the first time a name is looked up (the
-testbed's ``wiki``, ``shakespeare``, ``testbed``, ``speech-test``, ``image-qa-test``); one that is not
-installed is skipped.
+Providers are the modules that installed plugins name (:func:`mmcompress.plugins.set_providers`), imported
+the first time a name is looked up (the testbed's ``wiki``, ``shakespeare``, ``testbed``, ``speech-test``,
+``image-qa-test``); one that is not installed is skipped.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
+from .. import plugins
+
 KINDS = ("calibration", "text", "speech", "vqa")
-PROVIDERS = ["mmcompress.testbed.sets"]
 
 _SETS: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 _loaded: set[str] = set()
@@ -54,12 +54,7 @@ def resolve(kind: str, name: str) -> Callable:
 
 
 def _load_providers() -> None:
-    for modname in PROVIDERS:
-        if modname in _loaded:
-            continue
-        _loaded.add(modname)
-        try:
-            importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
+    for modname in plugins.set_providers():
+        if modname not in _loaded:
+            _loaded.add(modname)
+            plugins.import_optional(modname)
