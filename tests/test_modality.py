@@ -65,7 +65,8 @@ def test_router_publishes_ids_during_forward(tokenizer):
 def test_processors_without_video_refuse_video_clearly(tokenizer):
     """Our Qwen processors carry a stand-in video processor (transformers 5.17 reads its merge_size even
     for image/audio-only inputs); asking it for video gives a clear error."""
-    from mmcompress.models.tiny import NoVideoProcessor, tiny_processor
+    from mmcompress.models.processing import NoVideoProcessor
+    from mmcompress.models.tiny import tiny_processor
 
     for kind in ("qwen2_5_vl", "qwen2_5_omni"):
         proc = tiny_processor(kind, tokenizer)

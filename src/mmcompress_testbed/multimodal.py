@@ -235,7 +235,7 @@ def assemble(kind: str, src_model, tok, *, vision: dict | None = None, audio: di
 def make_processor(kind: str, tok, *, num_mel_bins: int = 80):
     from transformers import Qwen2VLImageProcessor
 
-    from mmcompress.models.tiny import allow_missing_video_processor, without_video
+    from mmcompress.models.processing import allow_missing_video_processor, without_video
 
     ip = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
     with allow_missing_video_processor():

@@ -13,7 +13,6 @@ def load_processor(model_dir, *, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
     from .loading import auto_map_refs, load_tokenizer
-    from .tiny import allow_missing_video_processor, without_video
 
     model_dir = Path(model_dir)
     if (model_dir / "preprocessor_config.json").is_file() or (model_dir / "processor_config.json").is_file():
@@ -36,7 +35,6 @@ def _manual_processor(model_dir: Path, *, trust_remote_code: bool = False):
     from transformers import Qwen2VLImageProcessor
 
     from .loading import load_tokenizer
-    from .tiny import allow_missing_video_processor, without_video
 
     cfg = json.loads((model_dir / "config.json").read_text())
     pre = json.loads((model_dir / "preprocessor_config.json").read_text())
@@ -76,3 +74,48 @@ def save_processor(processor, model_dir) -> None:
     config.update(processor.image_processor.to_dict())
     config["processor_class"] = type(processor).__name__
     (model_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=1, default=str))
+
+
+class NoVideoProcessor:
+    """Stands in for the torchvision-only video processor: carries the merge geometry that some
+    transformers versions read even for image/audio-only inputs (5.17 reads ``merge_size``), and
+    refuses video with a clear message."""
+
+    def __init__(self, image_processor):
+        self.merge_size = getattr(image_processor, "merge_size", 2)
+        self.temporal_patch_size = getattr(image_processor, "temporal_patch_size", 2)
+        self.patch_size = getattr(image_processor, "patch_size", 14)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("video inputs need the Qwen video processor (torchvision); mmcompress builds these "
+                         "processors for text, image and audio only")
+
+
+def without_video(processor):
+    """Give a processor built with ``video_processor=None`` the :class:`NoVideoProcessor` stand-in."""
+    if getattr(processor, "video_processor", None) is None and hasattr(processor, "image_processor"):
+        processor.video_processor = NoVideoProcessor(processor.image_processor)
+    return processor
+
+
+class allow_missing_video_processor:
+    """The Qwen video processors need torchvision; let processors be built without one."""
+
+    def __enter__(self):
+        from transformers import ProcessorMixin
+
+        self._orig = ProcessorMixin.check_argument_for_proper_class
+
+        def check(inner_self, argument_name, argument):
+            if argument is None:
+                return None
+            return self._orig(inner_self, argument_name, argument)
+
+        ProcessorMixin.check_argument_for_proper_class = check
+        return self
+
+    def __exit__(self, *exc):
+        from transformers import ProcessorMixin
+
+        ProcessorMixin.check_argument_for_proper_class = self._orig
+        return False

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .modality import QWEN_MM_TOKENS as SPECIAL
+from .processing import allow_missing_video_processor, without_video
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A model compresses weights and activations. "
     "Quantization maps real numbers to a small grid; sparsity keeps the largest channels. "
@@ -249,51 +250,6 @@ def tiny_processor(kind: str, tokenizer):
                                                       feature_extractor=WhisperFeatureExtractor(feature_size=128),
                                                       tokenizer=tokenizer))
     raise ValueError(f"no processor for {kind!r}")
-
-
-class NoVideoProcessor:
-    """Stands in for the torchvision-only video processor: carries the merge geometry that some
-    transformers versions read even for image/audio-only inputs (5.17 reads ``merge_size``), and
-    refuses video with a clear message."""
-
-    def __init__(self, image_processor):
-        self.merge_size = getattr(image_processor, "merge_size", 2)
-        self.temporal_patch_size = getattr(image_processor, "temporal_patch_size", 2)
-        self.patch_size = getattr(image_processor, "patch_size", 14)
-
-    def __call__(self, *args, **kwargs):
-        raise ValueError("video inputs need the Qwen video processor (torchvision); mmcompress builds these "
-                         "processors for text, image and audio only")
-
-
-def without_video(processor):
-    """Give a processor built with ``video_processor=None`` the :class:`NoVideoProcessor` stand-in."""
-    if getattr(processor, "video_processor", None) is None and hasattr(processor, "image_processor"):
-        processor.video_processor = NoVideoProcessor(processor.image_processor)
-    return processor
-
-
-class allow_missing_video_processor:
-    """The Qwen video processors need torchvision; let processors be built without one."""
-
-    def __enter__(self):
-        from transformers import ProcessorMixin
-
-        self._orig = ProcessorMixin.check_argument_for_proper_class
-
-        def check(inner_self, argument_name, argument):
-            if argument is None:
-                return None
-            return self._orig(inner_self, argument_name, argument)
-
-        ProcessorMixin.check_argument_for_proper_class = check
-        return self
-
-    def __exit__(self, *exc):
-        from transformers import ProcessorMixin
-
-        ProcessorMixin.check_argument_for_proper_class = self._orig
-        return False
 
 
 def save_tiny(path, kind="llama", **kw) -> Path:
