@@ -13,6 +13,7 @@ import math
 from typing import Callable
 
 Validator = Callable[[object], object]
+MIN_BITS, MAX_BITS = 2, 16  # a weight or activation bit width (16 = no quantization; quant.quantizer)
 
 
 class OptionError(ValueError):
@@ -102,8 +103,6 @@ def boolean(v):
 
 
 def bits(v):
-    from .quant.quantizer import MAX_BITS, MIN_BITS
-
     return integer(MIN_BITS, MAX_BITS)(v)
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-MIN_BITS, MAX_BITS = 2, 16
+from ..options import MAX_BITS, MIN_BITS  # noqa: F401  (re-exported: the bit range quantizers accept)
 _EPS = 1e-10  # the smallest step size; raised to the dtype's smallest normal where that is larger (fp16)
 
 
