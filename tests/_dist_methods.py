@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if __package__:  # imported by tests/test_distributed.py
+    from .tiny_models import tiny_model, tiny_processor, tiny_tokenizer
+else:  # run as a script: tests/ is sys.path[0]
+    from tiny_models import tiny_model, tiny_processor, tiny_tokenizer
+
 NSAMPLES, SEQLEN = 5, 24  # 5 samples: an uneven split (3 + 2) over two ranks
 
 # name -> (model kind, method, scheme or sparsity, options)
@@ -33,8 +38,6 @@ def samples(kind: str, tok, n: int = NSAMPLES, seed: int = 0) -> list[dict]:
         return [{"input_ids": torch.randint(0, len(tok) - 10, (1, SEQLEN), generator=g)} for _ in range(n)]
     from PIL import Image
 
-    from mmcompress.models.tiny import tiny_processor
-
     proc = tiny_processor(kind, tok)
     out = []
     for s in range(seed * 100, seed * 100 + n):  # 112 x 112 images: 16 image tokens each
@@ -54,7 +57,6 @@ def run_case(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The compressed model's tensors, plus ``logits.fp`` / ``logits.q``: its output on a held-out sample
     before and after; and the calibration tokens of each rank."""
     import mmcompress
-    from mmcompress.models.tiny import tiny_model, tiny_tokenizer
 
     kind, method, arg, options = CASES[name]
     tok = tiny_tokenizer()

@@ -9,7 +9,7 @@ import torch
 
 import mmcompress
 from mmcompress.data import CalibrationSet
-from mmcompress.models.tiny import tiny_model
+from tiny_models import tiny_model  # tests/, this script's directory
 
 layers, method = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mmcompress.models.tiny import tiny_model, tiny_processor, tiny_tokenizer  # noqa: E402
+from .tiny_models import tiny_model, tiny_processor, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -65,7 +65,7 @@ def text_samples(tok, n=4, seqlen=32, seed=0):
 
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
-    from mmcompress.models.tiny import save_tiny
+    from .tiny_models import save_tiny
 
     return save_tiny(tmp_path / "tiny-llama", "llama", layers=3)
 

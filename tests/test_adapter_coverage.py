@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmcompress.models.adapters import FAMILIES, LayerKind, UnsupportedModelError, get_adapter
-from mmcompress.models.tiny import TINY_KINDS, tiny_model
+from .tiny_models import TINY_KINDS, tiny_model
 
 # tiny kind -> the config.model_type it builds; every family in FAMILIES must have one
 KIND_OF_TYPE = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma3_text": "gemma3",

@@ -16,7 +16,7 @@ import mmcompress
 from mmcompress.cli import main
 from mmcompress.data import CalibrationSet
 from mmcompress.finite import NonFiniteError
-from mmcompress.models.tiny import save_tiny, tiny_model, tiny_processor
+from .tiny_models import save_tiny, tiny_model, tiny_processor
 
 from .conftest import text_samples
 

@@ -7,7 +7,7 @@ import pytest
 import mmcompress
 from mmcompress.cli import main
 from mmcompress.models.processing import load_processor, save_processor
-from mmcompress.models.tiny import tiny_model, tiny_processor
+from .tiny_models import tiny_model, tiny_processor
 
 from .conftest import make_audio, make_image
 

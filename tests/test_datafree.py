@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import mmcompress
 from mmcompress.cli import main
 from mmcompress.export.serialization import load_state
-from mmcompress.models.tiny import save_tiny
+from .tiny_models import save_tiny
 from mmcompress.quant.datafree import quantize_checkpoint
 from mmcompress.quant.quantizer import resolve_scheme
 
@@ -75,7 +75,7 @@ def test_data_free_shards_like_hugging_face(tmp_path, tokenizer):
 
 
 def test_data_free_reads_sharded_input(tmp_path, tokenizer):
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
 
     model, tok = tiny_model("llama", layers=2, tokenizer=tokenizer, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

@@ -110,7 +110,7 @@ def test_world_blocks_split_contiguously():
 def test_method_without_distributed_support_refused():
     from mmcompress.engine import run_layerwise
     from mmcompress.models.adapters import get_adapter
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
     from mmcompress.sparse.methods.teal import MagnitudeSampler
 
     model, tok = tiny_model("llama")

@@ -57,7 +57,7 @@ def test_capture_records_per_layer_kwargs_for_gemma3_sliding_and_global(tokenize
 
 
 def test_kill_after_layer_3_then_resume_is_bit_identical(tmp_path, calib_text):
-    from mmcompress.models.tiny import save_tiny
+    from .tiny_models import save_tiny
 
     src = save_tiny(tmp_path / "tiny8", "llama", layers=8)
     args = ["quantize", src, "--method", "smoothquant", "--scheme", "w4a8", "--calib", calib_text, "--nsamples", 4,

@@ -14,7 +14,7 @@ import torch
 import mmcompress
 from mmcompress.models.adapters import get_adapter
 from mmcompress.models.modality import IMAGE, TEXT, current_modality_ids
-from mmcompress.models.tiny import tiny_model
+from .tiny_models import tiny_model
 from mmcompress.quant.linear import QuantLinear
 from mmcompress.quant.quantizer import QuantScheme
 

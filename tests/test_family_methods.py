@@ -95,7 +95,7 @@ def test_data_free_rtn_equals_in_memory_rtn(kind, tokenizer, calib_text, tmp_pat
     """``quantize`` without --calib on a hybrid decoder (per-layer linears) and on remote code (its meta
     skeleton built through the directory's code, only with --trust-remote-code)."""
     from mmcompress.cli import main
-    from mmcompress.models.tiny import save_tiny
+    from .tiny_models import save_tiny
 
     from .test_datafree import _same_artifact
 

@@ -212,7 +212,7 @@ def test_integer_runtime_after_casting_the_model_to_bf16(tmp_path, scheme):
 
     import mmcompress
     from mmcompress.data import CalibrationSet
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
 
     model, tok = tiny_model("llama", seed=11)
     calib = CalibrationSet([{"input_ids": torch.randint(0, len(tok) - 10, (1, 32), generator=torch.Generator().manual_seed(s))}

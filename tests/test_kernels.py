@@ -360,7 +360,7 @@ def test_triton_threshold_mode_and_sparse_linear_module():
 
 def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
     from mmcompress.bench import model_decode_benchmark
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
 
     model, _ = tiny_model("llama", tokenizer=tokenizer)
     n = 0

@@ -66,7 +66,7 @@ def test_processors_without_video_refuse_video_clearly(tokenizer):
     """Our Qwen processors carry a stand-in video processor (transformers 5.17 reads its merge_size even
     for image/audio-only inputs); asking it for video gives a clear error."""
     from mmcompress.models.processing import NoVideoProcessor
-    from mmcompress.models.tiny import tiny_processor
+    from .tiny_models import tiny_processor
 
     for kind in ("qwen2_5_vl", "qwen2_5_omni"):
         proc = tiny_processor(kind, tokenizer)
@@ -80,7 +80,7 @@ def test_adapter_finds_the_text_model_in_either_omni_layout(tokenizer):
     """transformers 5.2x nests the Omni thinker's text model at ``model.language_model``; 5.17 has it at
     ``model``: the adapter takes whichever holds the decoder layers."""
     from mmcompress.models.adapters import get_adapter
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
 
     model, _ = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
     assert get_adapter(model).lm_path == "model.language_model"

@@ -28,7 +28,7 @@ SENTINEL = "do not delete me"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from mmcompress.models.tiny import save_tiny
+    from .tiny_models import save_tiny
 
     root = tmp_path_factory.mktemp("assets")
     model = save_tiny(root / "model", "llama", layers=2)
@@ -88,7 +88,7 @@ def test_existing_nonempty_output_is_refused(tmp_path, assets, capsys):
 @pytest.mark.parametrize("where", ["input", "parent_of_input", "inside_input", "dotdot"])
 def test_overwrite_never_touches_the_input(tmp_path, assets, capsys, where):
     _, calib = assets
-    from mmcompress.models.tiny import save_tiny
+    from .tiny_models import save_tiny
 
     model = save_tiny(tmp_path / "zoo" / "model", "llama", layers=2)
     before = _tree(tmp_path / "zoo")

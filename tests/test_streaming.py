@@ -9,7 +9,7 @@ import torch
 
 from mmcompress import fileio
 from mmcompress.cli import main
-from mmcompress.models.tiny import save_tiny
+from .tiny_models import save_tiny
 
 
 def _run(model_dir, calib, out, method, *extra):

@@ -146,7 +146,7 @@ def check(name: str, art: Path, export: Path, windows, prompts, vllm_py: str, ex
 
 
 def _tiny_artifact(root: Path, scheme):
-    from mmcompress.models.tiny import _CORPUS, tiny_model
+    from .tiny_models import _CORPUS, tiny_model
 
     model, tok = tiny_model("llama", hidden=128, intermediate=256, heads=4, kv_heads=2, layers=2)
     with torch.no_grad():  # random init gives near-uniform next-token distributions: sharpen them (x4) so that

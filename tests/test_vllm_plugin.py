@@ -44,7 +44,7 @@ TEXT_PROMPT = "Images, audio and text tokens flow through one decoder. The quick
 
 
 def _artifact(root: Path, scheme: str):
-    from mmcompress.models.tiny import tiny_model, tiny_processor
+    from .tiny_models import tiny_model, tiny_processor
     from mmcompress.quant.quantizer import resolve_scheme
 
     model, tok = tiny_model("qwen2_5_vl", hidden=128, intermediate=256, heads=4, kv_heads=4, layers=2)

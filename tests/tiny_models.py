@@ -1,4 +1,4 @@
-"""Tiny random models (and a matching tokenizer/processor) built from configs, for tests and demos.
+"""Tiny random models (and a matching tokenizer/processor) built from configs, for the tests.
 
 No download: a byte-level BPE tokenizer is trained in well under a second on a fixed text, the
 special tokens of Qwen2.5-VL / Qwen2.5-Omni are added, and the model configs use their ids.
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .modality import QWEN_MM_TOKENS as SPECIAL
-from .processing import allow_missing_video_processor, without_video
+from mmcompress.models.modality import QWEN_MM_TOKENS as SPECIAL
+from mmcompress.models.processing import allow_missing_video_processor, without_video
+
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A model compresses weights and activations. "
     "Quantization maps real numbers to a small grid; sparsity keeps the largest channels. "
