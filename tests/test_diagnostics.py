@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from mmcompress.eval.diagnostics import _Acc
+from mmcompress.quant.diagnostics import _Acc
 from mmcompress.models.modality import AUDIO, TEXT
 
 

@@ -189,7 +189,7 @@ def test_side_sets_survive_resume(tokenizer, tmp_path):
     """Held-out and whitening chains are checkpointed with the layer: a resumed run gives the same
     report and the same weights as an uninterrupted one."""
     from mmcompress.engine import run_layerwise
-    from mmcompress.eval.diagnostics import Diagnostics
+    from mmcompress.quant.diagnostics import Diagnostics
     from mmcompress.quant.api import make_method
     from mmcompress.quant.quantizer import resolve_scheme
 

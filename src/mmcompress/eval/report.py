@@ -98,7 +98,7 @@ def _plot_xy(points, ylabel, path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from .diagnostics import PNG_METADATA
+    from ..quant.diagnostics import PNG_METADATA
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=PNG_METADATA))
     plt.close(fig)
@@ -124,7 +124,7 @@ def _check_targets(out_dir: Path) -> None:
 
 def render_report(run_dir, output_dir=None) -> Path:
     """Write ``report.md`` (and plots) into ``output_dir`` (default ``run_dir``); returns the Markdown path."""
-    from .diagnostics import plot_sqnr
+    from ..quant.diagnostics import plot_sqnr
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -92,7 +92,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     finite.check_module(model, "input weight")
     diagnostics = None
     if report_dir is not None:
-        from ..eval.diagnostics import Diagnostics
+        from .diagnostics import Diagnostics
 
         diagnostics = Diagnostics(None if report_calib is None else report_calib.samples,
                                   None if report_calib is None else report_calib.source)
@@ -113,7 +113,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     if summary:
         model._mmcompress_description["method_summary"] = summary
     if diagnostics is not None:
-        from ..eval.diagnostics import write_report
+        from .diagnostics import write_report
 
         desc = dict(model._mmcompress_description, report_tag=report_tag)
         model._mmcompress_description["report"] = str(write_report(report_dir, diagnostics, desc))

@@ -99,7 +99,7 @@ class Diagnostics:
 
     @torch.no_grad()
     def layer(self, ctx, fp_layer) -> dict:
-        from ..quant.linear import QuantLinear
+        from .linear import QuantLinear
 
         layer = ctx.layer
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
