@@ -80,7 +80,6 @@ class ModelAdapter:
     kinds: list[LayerKind]  # per decoder layer
     modality_token_ids: dict[str, int] = field(default_factory=dict)
     norm_offset: float = 0.0  # Gemma / Qwen3.5 RMSNorm computes x * (1 + weight)
-    multimodal: bool = False
     embedding_writers: tuple[str, ...] = ()  # suffixes of linears that write into the input embeddings
     embedding_matrices: tuple[str, ...] = ()  # paths of parameters P whose features x @ P are written there
     merged_blocker: str | None = None  # why LaRoSA's merged mode cannot be used (None: it can)
@@ -349,7 +348,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     install_call_convention(model)
     return ModelAdapter(
         model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
-        modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,
+        modality_token_ids=token_ids, norm_offset=fam.norm_offset,
         embedding_writers=fam.embedding_writers, embedding_matrices=fam.embedding_matrices,
         merged_blocker=fam.merged_blocker,
         sparsity_blocker=fam.sparsity_blocker, head_path=fam.head_path, image_spans=fam.image_spans,

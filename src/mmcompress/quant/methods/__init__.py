@@ -9,8 +9,4 @@ from .smoothquant import SmoothQuant
 QUANT_METHODS = {"rtn": RTN, "smoothquant": SmoothQuant, "masquant": MASQuant, "awq": AWQ, "mbq": MBQ}
 
 
-def register(name, cls):
-    QUANT_METHODS[name] = cls
-
-
 __all__ = ["RTN", "SmoothQuant", "AWQ", "MBQ", "MASQuant", "QUANT_METHODS"]

@@ -67,15 +67,6 @@ def resolve_backend(backend: str, device) -> str:
     return backend
 
 
-def available_backends() -> list[str]:
-    out = ["torch"]
-    if _cpu.available():
-        out.append("cpu")
-    if torch.cuda.is_available() and triton_available():
-        out.append("triton")
-    return out
-
-
 def sparsify_reference(x: torch.Tensor, k: int | None = None, threshold: float | None = None,
                        indices: torch.Tensor | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
     """The dense sparsified input ``S(x)`` (zeros outside the kept set), in ``x``'s dtype."""
