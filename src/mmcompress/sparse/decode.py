@@ -37,7 +37,7 @@ def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: 
 def enable_sparse_decode(model: nn.Module, backend: str = "auto", sparse_prefill: bool = False) -> int:
     """Fast sparse decoding: every ``SparseLinear`` uses the kernel ``backend`` for decode steps while
     prefill runs dense (unless ``sparse_prefill``).  Note: dense prefill changes the numerics relative
-    to an all-token evaluation (docs/larosa.md §3.2).  LaRoSA's residual adapters use the dense GEMV
+    to an all-token evaluation.  LaRoSA's residual adapters use the dense GEMV
     kernel for decode steps, and packed W8A8 projections with a Top-K input (a LaRoSA + RTN recipe) are
     deployed on the sparse int8 kernel (:func:`mmcompress.sparse.joint.deploy`; their prefill honours
     the ``sparse_prefill`` saved with them).  Returns the number of modules switched or deployed."""

@@ -1,6 +1,6 @@
 """Model surgery for rotated activation sparsity, and the modules it inserts.
 
-Mode M (``merge_rotations``, merged, deployable; docs/larosa.md §2.4-2.6).  Row convention
+Mode M (``merge_rotations``, merged, deployable; docs/methods.md).  Row convention
 ``y = x Wᵀ``; ``Q_l`` is layer l's basis, the residual stream of layer l lives in basis Q_l::
 
     readers  (q,k,v | gate,up):  W' = W diag(γ) Q_l          (γ of the norm that feeds them; norm γ → 1)

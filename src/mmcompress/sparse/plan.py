@@ -1,4 +1,4 @@
-"""Sparsity plans and model-level accounting (docs/larosa.md §3.1).
+"""Sparsity plans and model-level accounting (docs/methods.md).
 
 A plan gives, for every decoder layer, the sparsity of the input of each projection
 ``q, k, v, o, gate, up, down`` (a layer of another kind has its own projections in the same four
@@ -178,7 +178,7 @@ def greedy_moves(target: float, step: float) -> tuple[int, float]:
 
 def greedy_levels(masses: dict[str, int], target: float, delta: float, error, apply, snap=None,
                   cap: float = MAX_LEVEL) -> tuple[dict[str, float], float | None]:
-    """TEAL's block-wise greedy allocation for one layer, over any set of knobs (docs/larosa.md §6.3).
+    """TEAL's block-wise greedy allocation for one layer, over any set of knobs (TEAL's ``greedyopt.py``).
 
     From all levels 0, each move tries raising one knob ``j`` by ``δ·M/M_j`` (``M_j`` its weight count,
     ``M`` the layer's, so every move adds about ``δ`` to the parameter-weighted sparsity), calls

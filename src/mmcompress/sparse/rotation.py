@@ -11,7 +11,7 @@ float64, streaming over calibration tokens one layer at a time through the *dens
           each column's largest-magnitude entry made positive (a deterministic sign).
 
 ``basis="attn"`` (default, as the reference) fits Q_l to the attention input only; ``"both"`` adds
-the MLP input's second moment (open question 4 of docs/larosa.md).  Q_l is used for both blocks.
+the MLP input's second moment (a choice the paper leaves open).  Q_l is used for both blocks.
 """
 
 from __future__ import annotations

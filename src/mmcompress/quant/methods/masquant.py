@@ -51,7 +51,7 @@ for every ``λ`` from 0 to ``1e-4``, 0.054 at ``1e-2``, 0.076 at ``0.1``, unwhit
 error is 0.018, so what costs out of sample is the missing tokens, not the damping: a larger
 per-modality whitening set is the remedy (``benchmarks/whitening_damping_omni-mini.md``).
 
-Differences from the reference code (see ``masquant.md`` §11): explicit configuration, smoothing
+Differences from the reference code: explicit configuration, smoothing
 vectors kept positive with one floor used everywhere, fp32 master copies of ``s``, covariances in
 float64 with damping and ``T⁻¹ = U Σ^{−1/2}``, calibration disjoint from evaluation.  On a text-only
 model every token is text and MASQuant reduces to learned SmoothQuant (run-time smoothing vectors

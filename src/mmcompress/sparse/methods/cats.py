@@ -1,4 +1,4 @@
-"""CATS: contextually-aware thresholding of the gate activation (Lee et al., 2024; docs/larosa.md §7).
+"""CATS: contextually-aware thresholding of the gate activation (Lee et al., 2024; docs/methods.md).
 
 ``CATS(z) = z·1[|z| ≥ t]`` on ``z = act(x W_gateᵀ)`` in every gated MLP, with ``t`` per layer the
 empirical quantile of ``|z|`` on calibration data at the MLP sparsity ``k``.  A zero in ``z`` skips

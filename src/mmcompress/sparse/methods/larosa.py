@@ -1,4 +1,4 @@
-"""LaRoSA: layer-wise rotated Top-K activation sparsity (Liu et al., ICML 2025; docs/larosa.md).
+"""LaRoSA: layer-wise rotated Top-K activation sparsity (Liu et al., ICML 2025; docs/methods.md).
 
 1. Calibrate one PCA basis ``Q_l`` per decoder layer (:mod:`..rotation`), dense model chain.
 2. Mode M (``mode="merged"``, default, deployable): fold γ and merge Q into readers, writers,

@@ -1,4 +1,4 @@
-"""TEAL: training-free magnitude activation sparsity (Liu et al., ICLR 2025; docs/larosa.md §6).
+"""TEAL: training-free magnitude activation sparsity (Liu et al., ICLR 2025; docs/methods.md).
 
 For each projection input, ``s_t(x)_i = x_i·1[|x_i| ≥ t]`` with a threshold ``t`` fixed offline so
 that a fraction ``p`` of the calibration activations fall below it.  Calibration streams the dense
@@ -12,7 +12,7 @@ Allocation (``plan``):
 
 * ``uniform``: every projection at ``p`` (the model-level sparsity is p in expectation; realised
   sparsity fluctuates per token);
-* ``greedy``: TEAL's block-wise greedy optimisation (its ``greedyopt.py``, docs/larosa.md §6.3).  Per
+* ``greedy``: TEAL's block-wise greedy optimisation (its ``greedyopt.py``).  Per
   layer, from all levels ``s_j = 0`` (``j`` over q, k, v, o, gate, up, down), each move tries raising
   one ``s_j`` by ``δ·M/M_j`` (``M_j`` its weight count, ``M`` the layer's: every move adds exactly
   ``δ`` to the layer's parameter-weighted sparsity ``Σ_j s_j M_j / M``), runs the layer with the
