@@ -88,7 +88,7 @@ def build(variant: str, model: str, art: Path, wiki: str) -> None:
     if variant in ("w8a8", "w4a8", "w4a16"):
         import torch
 
-        from mmcompress.quant.datafree import quantize_checkpoint
+        from mmcompress.export.datafree import quantize_checkpoint
         from mmcompress.quant.quantizer import resolve_scheme
 
         quantize_checkpoint(model, art, resolve_scheme(variant), dtype=torch.bfloat16, progress=False)

@@ -10,7 +10,7 @@ import mmcompress
 from mmcompress.cli import main
 from mmcompress.export.serialization import load_state
 from .tiny_models import save_tiny
-from mmcompress.quant.datafree import quantize_checkpoint
+from mmcompress.export.datafree import quantize_checkpoint
 from mmcompress.quant.quantizer import resolve_scheme
 
 
@@ -38,7 +38,7 @@ def _same_artifact(a, b):
     ("gemma3", torch.bfloat16, True, "w4a8"),
 ])
 def test_data_free_equals_in_memory_rtn(tmp_path, tokenizer, calib_text, capsys, monkeypatch, kind, dtype, tie, scheme):
-    from mmcompress.quant import datafree
+    from mmcompress.export import datafree
 
     monkeypatch.setattr(datafree, "_in_memory", None)  # these checkpoints stream, tensor by tensor
     src = save_tiny(tmp_path / "m", kind, layers=2, tie=tie, dtype=dtype, tokenizer=tokenizer)

@@ -174,12 +174,9 @@ LAYERS = [
     ("cli", ["mmcompress.cli", "mmcompress.sparse.cli", "mmcompress.export.cli", "mmcompress.eval.lm_eval_adapter"]),
     ("lab", list(LAB)),
 ]
-# The imports allowed to go up, each with its reason (the bound: at most 2).
-UPWARD = {
-    # data-free RTN (`quantize` without --calib) goes tensor by tensor from the input shards to an artifact:
-    # it writes the manifest and side files of export.serialization, the one place the artifact format lives
-    ("mmcompress.quant.datafree", "mmcompress.export.serialization"),
-}
+# The imports allowed to go up, each with its reason (the bound: at most 2).  None left: options owns
+# the bit range, the diagnostics live in quant/, data-free RTN (an artifact writer) in export/.
+UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(module: str) -> int:

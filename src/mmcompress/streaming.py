@@ -38,7 +38,7 @@ class LayerStream:
     """Reads a model's tensors from its safetensors checkpoint on demand."""
 
     def __init__(self, model_dir, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype):
-        from .quant.datafree import checkpoint_tensors
+        from .export.datafree import checkpoint_tensors
 
         self.model_dir, self.dtype, self.adapter = Path(model_dir), dtype, adapter
         self.sources = checkpoint_tensors(model_dir)
@@ -57,7 +57,7 @@ class LayerStream:
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` (a model state-dict name), floating ones cast to ``dtype`` (default: the load dtype)."""
-        from .quant.datafree import _ShardReader
+        from .export.datafree import _ShardReader
 
         key = self._stored_as(name)
         path = self.sources[key]
@@ -193,7 +193,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
     other tensor from the input checkpoint; tensor by tensor, sharded above 5 GB like ``save_pretrained``."""
     from .export.serialization import build_manifest, safetensors_header, write_side_files
     from .fileio import atomic_output_dir
-    from .quant.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
+    from .export.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
 
     stream: LayerStream = model._mmcompress_stream
     adapter = get_adapter(model)

@@ -332,7 +332,7 @@ def _quantize_distributed(args, scheme, options) -> dict:
 def _quantize_data_free(args, scheme) -> dict:
     """RTN without ``--calib``: tensor by tensor from the input shards to the output shards."""
     from ..models.loading import resolve_dtype
-    from ..quant.datafree import quantize_checkpoint
+    from ..export.datafree import quantize_checkpoint
 
     if args.method.lower() != "rtn":
         raise CLIError(f"--method {args.method} needs calibration data (--calib); only rtn runs without it")

@@ -30,13 +30,13 @@ from safetensors import safe_open
 from torch import nn
 
 from ..fileio import atomic_output_dir, check_output
-from ..export.serialization import _empty_model, build_manifest, load_model, save, write_side_files
 from ..models.adapters import get_adapter
 from ..models.loading import model_class_for, read_config
-from .linear import QuantLinear
-from .methods.base import quantize_layer_linears
-from .methods.rtn import RTN
-from .quantizer import QuantScheme
+from ..quant.linear import QuantLinear
+from ..quant.methods.base import quantize_layer_linears
+from ..quant.methods.rtn import RTN
+from ..quant.quantizer import QuantScheme
+from .serialization import _empty_model, build_manifest, load_model, save, write_side_files
 
 MAX_SHARD_BYTES = 5 * 1024**3  # like save_pretrained's shards
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
