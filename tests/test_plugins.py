@@ -99,6 +99,10 @@ def test_the_wheel_holds_the_product_alone():
     assert set(data) <= set(packages) and not any("testbed" in g or "assets" in g for g in sum(data.values(), []))
     shipped = [f for p in packages for f in (ROOT / "src" / p.replace(".", "/")).iterdir() if f.is_file()]
     assert not [f for f in shipped if f.suffix == ".safetensors"]
+    # every C++ kernel source the product compiles on first use is package data (the int kernel was not)
+    src = ROOT / "src" / "mmcompress"
+    kernels = {str(f.relative_to(src)) for f in shipped if f.suffix == ".cpp"}
+    assert kernels and kernels <= {str(f.relative_to(src)) for g in data["mmcompress"] for f in src.glob(g)}, kernels
     eps = cfg["project"]["entry-points"]["mmcompress.plugins"]
     assert eps == {"testbed": "mmcompress_testbed.plugin"}
 
