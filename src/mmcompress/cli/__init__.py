@@ -1,4 +1,4 @@
-"""Command line: ``mmcompress quantize | eval | testbed | bench | ...``.
+"""Command line: ``mmcompress quantize | compress | eval | sparsify | export | ...`` (plugins add more).
 
 Each subcommand lives in a function ``cmd_<name>(args)`` returning a dict (the JSON result) or
 ``None``.  With ``--json`` the result is printed as one JSON object on the last line of stdout.
