@@ -38,7 +38,7 @@ OURS = {  # name -> quantize flags
     "w4a16": ["--scheme", "w4a16", "--group-size", "64", "--sym"],
     "w4a8": ["--scheme", "w4a8"],
 }
-SAME_BITS = {"w8a8": "llama.cpp Q8_0", "w8a16": "llama.cpp Q8_0", "w4a16": "llama.cpp Q4_0", "w4a8": "llama.cpp Q4_0",
+SAME_BITS = {"w8a8": "llama.cpp Q8_0", "w8a16": "llama.cpp Q8_0", "joint": "llama.cpp Q8_0", "w4a16": "llama.cpp Q4_0", "w4a8": "llama.cpp Q4_0",
              "dense_bf16": "llama.cpp bf16", "dense_fp32": "llama.cpp bf16"}
 
 
@@ -91,6 +91,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARTIFACT",
+                    help="another artifact of MODEL to time as 'ours NAME' (e.g. joint=DIR, a LaRoSA-40 %% + W8A8 "
+                         "compress --recipe artifact, compared with llama.cpp Q8_0)")
     a = ap.parse_args()
 
     import mmcompress
@@ -105,7 +108,8 @@ def main():
     n = a.prompt + a.tokens
     ours = {"dense_fp32": load_hf_model(a.model, dtype=torch.float32),
             "dense_bf16": load_hf_model(a.model, dtype=torch.bfloat16)}
-    ours.update({name: mmcompress.load(p) for name, p in files["artifacts"].items()})
+    extra = dict(e.split("=", 1) for e in a.extra)
+    ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()})
     engines = {k: DecodeEngine(m, max_len=n) for k, m in ours.items()}
     variants = [f"ours {k}" for k in engines] + list(files["gguf"])
     if a.only:

@@ -113,7 +113,7 @@ def test_int8_kernel_errors(cpu_kernel):
 # -- the deployed joint module (LaRoSA + RTN W8A8 recipe) -----------------------------------------------
 
 
-def _joint_model(tokenizer, scheme="w8a8", layers=2):
+def _joint_model(tokenizer, scheme="w8a8", layers=2, **quant_opts):
     from mmcompress.data import CalibrationSet
     from mmcompress.recipe import apply_recipe, parse_recipe
 
@@ -122,7 +122,7 @@ def _joint_model(tokenizer, scheme="w8a8", layers=2):
     model, tok = tiny_model("llama", layers=layers, tokenizer=tokenizer)
     calib = CalibrationSet(text_samples(tok, n=2, seqlen=32))
     steps = parse_recipe({"steps": [{"sparsify": {"method": "larosa", "sparsity": 0.4}},
-                                    {"quantize": {"method": "rtn", "scheme": scheme}}]})
+                                    {"quantize": {"method": "rtn", "scheme": scheme, **quant_opts}}]})
     apply_recipe(model, calib, steps, progress=False)
     return model.eval(), tok
 
@@ -266,11 +266,68 @@ def test_bench_decode_joint_tiny(cpu_kernel, capsys):
             "peak_rss_bytes"} <= set(res)
     assert res["compressed"] == "joint" and res["dense_baseline"] in ("torch_bf16", "kernel_at_0pct")
     # tiny: hidden 256, intermediate 688; int8 codes + per-output-channel fp32 scale and int32 zero correction,
-    # plus the bf16 256x256 adapter, vs the bf16 projections
+    # plus the 256x256 adapter as a compress --recipe artifact stores it (int8 codes, fp32 scale and zero
+    # point per output), vs the bf16 projections
     proj = 4 * 256 * 256 + 3 * 256 * 688
     outs = 4 * 256 + 2 * 688 + 256  # q, k, v, o | gate, up | down
     assert res["dense_weight_bytes"] == 2 * proj
+    assert res["joint_adapters"] == "w8a16"
+    assert res["weight_bytes"] == proj + 8 * outs + 256 * 256 + 8 * 256
+    rc = main(["bench", "decode", "tiny:1", "--sparsity", "0.5", "--scheme", "w8a8", "--tokens", "2", "--prompt", "10",
+               "--rounds", "1", "--json", "--joint-adapters", "float"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and res["joint_adapters"] == "float"
     assert res["weight_bytes"] == proj + 8 * outs + 2 * 256 * 256
+
+
+def test_recipe_quantizes_residual_adapters(cpu_kernel, tokenizer, tmp_path, stable_topk):
+    """A quantize step after LaRoSA stores the residual adapters as 8-bit weight-only linears (the
+    default); they save and load as such, run on the integer path when deployed, and cost little."""
+    import mmcompress
+    from mmcompress.quant.deployed import IntLinear
+    from mmcompress.quant.linear import QuantLinear
+    from mmcompress.recipe import RecipeError, parse_recipe
+    from mmcompress.sparse.decode import enable_sparse_decode
+    from mmcompress.sparse.merge import ResidualAdaptedLayer
+
+    model, tok = _joint_model(tokenizer)
+    floats, _ = _joint_model(tokenizer, adapters="float")
+    adapted = [m for m in model.modules() if isinstance(m, ResidualAdaptedLayer) and m.residual_adapter is not None]
+    assert adapted and all(type(m.residual_adapter) is QuantLinear and m.residual_adapter.packed
+                           and m.residual_adapter.scheme.name == "w8a16" for m in adapted)
+    f_adapted = [m for m in floats.modules() if isinstance(m, ResidualAdaptedLayer) and m.residual_adapter is not None]
+    assert all(type(m.residual_adapter) is torch.nn.Linear for m in f_adapted)
+    # the quantized adapter is the RTN grid of the float one (same LaRoSA plan and rotations: same seed)
+    for q, f in zip(adapted, f_adapted):
+        w = f.residual_adapter.weight.detach().float()
+        step = w.abs().amax(1, keepdim=True) / 127
+        torch.testing.assert_close(q.residual_adapter.quantized_weight().float(), (w / step).round() * step,
+                                   rtol=1e-6, atol=1e-7)
+    assert model._mmcompress_description["steps"][1]["residual_adapters"] == {"scheme": "w8a16", "count": len(adapted)}
+    ids = torch.randint(0, len(tok) - 10, (1, 10), generator=torch.Generator().manual_seed(4))
+    from mmcompress.sparse.joint import quantize_residual_adapters
+
+    assert quantize_residual_adapters(floats, "float") == 0
+    assert quantize_residual_adapters(floats) == len(adapted)  # the recipe's step = this after the quantize step
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.equal(floats(input_ids=ids).logits, ref)
+    out = mmcompress.save(model, tmp_path / "art")
+    back = mmcompress.load(out, runtime="reference")
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, ref)
+    deployed = mmcompress.load(out)  # the integer runtime: adapters on the weight-only int8 kernel
+    assert all(isinstance(m.residual_adapter, IntLinear) for m in deployed.modules()
+               if isinstance(m, ResidualAdaptedLayer) and m.residual_adapter is not None)
+    with torch.no_grad():
+        dep_decode, ref_decode = _decode_logits(deployed, ids), _decode_logits(model, ids)
+    assert (dep_decode - ref_decode).abs().max() / ref_decode.abs().max() < 1e-4
+    enable_sparse_decode(back, "cpu")  # a reference-loaded model: the adapters get deployed as well
+    assert all(isinstance(m.residual_adapter, IntLinear) for m in back.modules()
+               if isinstance(m, ResidualAdaptedLayer) and m.residual_adapter is not None)
+    with pytest.raises(RecipeError, match="adapters must be one of"):
+        parse_recipe({"steps": [{"sparsify": {"method": "larosa"}},
+                                {"quantize": {"method": "rtn", "adapters": "int3"}}]})
 
 
 def test_work_split_keeps_results(cpu_kernel):

@@ -243,9 +243,10 @@ def parse_decode_spec(spec: str):
 
 class _AdaptedLayer(nn.Module):
     """A decoder layer followed by LaRoSA's dense residual adapter ``r ← r A`` (one d×d GEMV; decode steps
-    run it on our GEMV kernel at 0 % when ``backend`` is not ``"torch"``, as ``ResidualAdaptedLayer``)."""
+    run a float adapter on our GEMV kernel at 0 % when ``backend`` is not ``"torch"``, and a quantized
+    one on its integer forward, as ``ResidualAdaptedLayer``)."""
 
-    def __init__(self, layer: nn.Module, adapter: nn.Linear | None, backend: str = "torch"):
+    def __init__(self, layer: nn.Module, adapter: nn.Module | None, backend: str = "torch"):
         super().__init__()
         from .sparse.linear import kernel_layout_weight
 
@@ -253,7 +254,8 @@ class _AdaptedLayer(nn.Module):
         self.adapter = adapter
         self.use_adapter = adapter is not None
         self.backend = backend
-        if adapter is not None:
+        self.float_adapter = type(adapter) is nn.Linear
+        if adapter is not None and self.float_adapter:
             adapter.weight = kernel_layout_weight(adapter.weight, backend != "torch")
 
     def forward(self, h, **kw):
@@ -262,7 +264,11 @@ class _AdaptedLayer(nn.Module):
         out = self.layer(h, **kw)
         if isinstance(out, tuple):
             out = out[0]
-        return dense_kernel_linear(out, self.adapter.weight, None, self.backend) if self.use_adapter else out
+        if not self.use_adapter:
+            return out
+        if not self.float_adapter:
+            return self.adapter(out)
+        return dense_kernel_linear(out, self.adapter.weight, None, self.backend)
 
 
 def _llama_config(name: str, layers: int, dtype):
@@ -320,12 +326,15 @@ def _joint_layer(layer: nn.Module, sparsity: float, scheme: str, backend: str) -
 
 def _linear_bytes(mods: nn.Module) -> int:
     """Bytes of the projection and adapter weights (codes + scales for deployed int8 modules)."""
+    from .quant.deployed import IntLinear
     from .sparse.joint import SparseInt8Linear
 
     total = 0
     for m in mods.modules():
         if isinstance(m, SparseInt8Linear):
             total += m.weight_bytes
+        elif isinstance(m, IntLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.weight_codes, m.weight_scale, m.weight_zero))
         elif isinstance(m, nn.Linear) or (hasattr(m, "keep") and hasattr(m, "weight") and m.weight.dim() == 2):
             total += m.weight.numel() * m.weight.element_size()
     return total
@@ -375,7 +384,7 @@ class _Decoder:
 def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, sparsity: float = 0.4,
                                tokens: int = 16, prompt: int = 16, rounds: int = 3, backend: str = "auto",
                                dtype="bf16", seed: int = 0, device="cpu", scheme: str | None = None,
-                               log=None) -> dict:
+                               log=None, adapter_bits: int = 8) -> dict:
     """Dense vs LaRoSA (and, with ``scheme``, LaRoSA + ``scheme`` deployed on the sparse int8 kernel) on a
     synthetic stack, all decoding in lockstep in one process.  ``dense_tok_s`` / ``speedup`` are against
     the fastest dense path measured (``dense_baseline``: torch ``dtype`` or our kernel at 0 %)."""
@@ -407,8 +416,16 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     sparse = nn.ModuleList(sparse_layers)
     joint = None
     if scheme:
+        def int8_adapter():  # as a compress --recipe artifact stores it (quantize_residual_adapters), deployed
+            from .quant.deployed import IntLinear
+            from .quant.linear import QuantLinear
+            from .quant.quantizer import resolve_scheme
+
+            return IntLinear(QuantLinear.from_linear(adapter(), resolve_scheme("w8a16")).pack())
+
         joint = nn.ModuleList(_AdaptedLayer(_joint_layer(_random_layer(cfg, i, dt, gen, device), sparsity, scheme, be),
-                                            adapter(), be) for i in range(layers))
+                                            int8_adapter() if adapter_bits == 8 else adapter(), be)
+                              for i in range(layers))
     rotary = LlamaRotaryEmbedding(cfg).to(device)
     prompt_h = (torch.randn(1, prompt, d, generator=gen, device=device)).to(dt)
     steps = (torch.randn(max(tokens, 1), 1, 1, d, generator=gen, device=device)).to(dt)
@@ -473,14 +490,17 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     sparse_bytes = _linear_bytes(sparse)
     comp_bytes = _linear_bytes(joint) if joint is not None else sparse_bytes
     adapter_bytes = layers * d * d * torch.finfo(dt).bits // 8
+    joint_adapter_bytes = adapter_bytes if adapter_bits != 8 else _linear_bytes(
+        nn.ModuleList(m.adapter for m in joint)) if joint is not None else 0
     keep_frac = 1.0 - sparsity
     read = {"dense": dense_bytes, "sparse": adapter_bytes + keep_frac * (sparse_bytes - adapter_bytes),
             "sparse_0pct_no_adapter": sparse_bytes - adapter_bytes}
     if joint is not None:
-        read["joint"] = adapter_bytes + keep_frac * (comp_bytes - adapter_bytes)
+        read["joint"] = joint_adapter_bytes + keep_frac * (comp_bytes - joint_adapter_bytes)
     res = {
         "spec": f"{name}:{layers}", "layers": layers, "dtype": str(dt).replace("torch.", ""), "backend": be,
-        "device": str(device), "scheme": scheme,
+        "device": str(device), "scheme": scheme, "joint_adapters": (None if joint is None else
+                                                                  "w8a16" if adapter_bits == 8 else "float"),
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "sparsity": sparsity, "tokens": tokens, "prompt": prompt,
         "rounds": rounds, "build_s": round(build_s, 1),

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
                    help="synthetic stack: without --sparsity, integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | "
                         "w4a16) vs the fastest dense path (torch bf16, torch fp32, our kernel at 0%%); with "
                         "--sparsity, LaRoSA + SCHEME (w8a8) on the sparse int8 kernel")
+    d.add_argument("--joint-adapters", choices=("w8a16", "float"), default="w8a16",
+                   help="synthetic stack, --sparsity with --scheme: LaRoSA's residual adapters as a compress --recipe "
+                        "artifact stores them (w8a16, the default) or in the stack's float dtype")
     d.add_argument("--compile", action="store_true",
                    help="model directory: capture the compressed model's decode step with torch.compile")
     add_common(d)
@@ -104,7 +107,8 @@ def cmd_bench_decode(args) -> dict:
                                           rounds=args.rounds, log=sys.stderr)
         return synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
                                           tokens=args.tokens, prompt=args.prompt, rounds=args.rounds,
-                                          backend=args.backend, dtype=args.dtype, scheme=scheme, log=sys.stderr)
+                                          backend=args.backend, dtype=args.dtype, scheme=scheme, log=sys.stderr,
+                                          adapter_bits=8 if args.joint_adapters == "w8a16" else 16)
     path = Path(args.model)
     if not path.is_dir():
         raise FileNotFoundError(f"{args.model} is neither a shape spec ({', '.join(s + ':LAYERS' for s in SHAPES)}) "

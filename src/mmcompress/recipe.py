@@ -8,7 +8,10 @@ A recipe file (YAML or JSON)::
 
 Every step uses the same calibration set.  Quantizing after activation sparsity keeps each
 projection's Top-K (or threshold) in front of the quantizer: ``y = Q_a(S_k(x) / s) Ŵᵀ``; smoothing
-is then a run-time division (folding it into a norm would change which channels Top-K keeps).
+is then a run-time division (folding it into a norm would change which channels Top-K keeps).  The
+same step stores LaRoSA's residual adapters as 8-bit weight-only linears (``adapters: w8a16``, the
+default; ``adapters: float`` keeps them in the model's dtype; see
+:func:`mmcompress.sparse.joint.quantize_residual_adapters`).
 MASQuant is not available after sparsity (its training forward has no sparse path).
 """
 
@@ -73,6 +76,12 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     from .sparse.api import OPTIONS as SPARSE_OPTIONS
 
     method = opts.pop("method")
+    adapters = opts.pop("adapters", None) if kind == "quantize" else None
+    if adapters is not None:
+        from .sparse.joint import ADAPTER_SCHEMES
+
+        if adapters not in ADAPTER_SCHEMES:
+            raise RecipeError(f"{where} ({kind}): adapters must be one of {', '.join(ADAPTER_SCHEMES)}, not {adapters!r}")
     tables = QUANT_METHODS if kind == "quantize" else SPARSE_OPTIONS
     if not isinstance(method, str) or method.lower() not in tables:
         raise RecipeError(f"{where} ({kind}): unknown method {method!r}; choose one of {', '.join(sorted(tables))}")
@@ -87,13 +96,14 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
         checked = check_options(table, {k: v for k, v in opts.items() if not (kind == "quantize" and k == "scheme")})
     except OptionError as e:
         raise RecipeError(f"{where} ({method}): {e.message(e.key)}") from None
-    return {"method": method, **opts, **checked}
+    return {"method": method, **opts, **checked, **({"adapters": adapters} if adapters is not None else {})}
 
 
 def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True):
     """Apply the steps in order; the model's description lists every step's own description."""
     from .quant.api import quantize
     from .sparse.api import sparsify
+    from .sparse.joint import quantize_residual_adapters
 
     descriptions = []
     for step in steps:
@@ -104,7 +114,11 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
             sparsify(model, calib, method=method, sparsity=sparsity, device=device, progress=progress, **opts)
         else:
             scheme = opts.pop("scheme", "w8a8")
+            adapters = opts.pop("adapters", "w8a16")
             quantize(model, calib, method=method, scheme=scheme, device=device, progress=progress, **opts)
+            n = quantize_residual_adapters(model, adapters)
+            if n:
+                model._mmcompress_description["residual_adapters"] = {"scheme": adapters, "count": n}
         descriptions.append(model._mmcompress_description)
     model._mmcompress_description = {"kind": "recipe", "steps": descriptions,
                                      "seconds": round(sum(d.get("seconds", 0) for d in descriptions), 2)}

@@ -101,6 +101,12 @@ def _deployed_class(q: QuantLinear):
     return IntLinear, ""
 
 
+def deployed_form(q: QuantLinear) -> nn.Module:
+    """``q``'s integer form, or ``q`` itself where it has none here."""
+    cls, _ = _deployed_class(q)
+    return q if cls is None else cls(q)
+
+
 def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn.Module:
     """Swap packed quantized linears for their integer form (``runtime="int"``), in place."""
     if runtime not in RUNTIMES:
@@ -137,4 +143,4 @@ def deployed_scheme_counts(model: nn.Module) -> dict[str, int]:
     return out
 
 
-__all__ = ["IntLinear", "IntMASLinear", "QuantScheme", "RUNTIMES", "deploy", "deployed_scheme_counts"]
+__all__ = ["IntLinear", "IntMASLinear", "QuantScheme", "RUNTIMES", "deploy", "deployed_form", "deployed_scheme_counts"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..quant.deployed import deployed_form
+from ..quant.linear import QuantLinear
 from .joint import SparseInt8Linear, deploy
 from .linear import _SELECTION, sparse_linears
 from .merge import ResidualAdaptedLayer
@@ -40,8 +42,13 @@ def enable_sparse_decode(model: nn.Module, backend: str = "auto", sparse_prefill
     to an all-token evaluation.  LaRoSA's residual adapters use the dense GEMV
     kernel for decode steps, and packed W8A8 projections with a Top-K input (a LaRoSA + RTN recipe) are
     deployed on the sparse int8 kernel (:func:`mmcompress.sparse.joint.deploy`; their prefill honours
-    the ``sparse_prefill`` saved with them).  Returns the number of modules switched or deployed."""
+    the ``sparse_prefill`` saved with them); 8-bit quantized residual adapters go on the integer
+    path.  Returns the number of modules switched or deployed."""
     n = set_sparse_backend(model, backend, sparse_prefill=sparse_prefill)
+    for m in model.modules():
+        if isinstance(m, ResidualAdaptedLayer) and isinstance(m.residual_adapter, QuantLinear):
+            m.residual_adapter = deployed_form(m.residual_adapter)
+            n += not isinstance(m.residual_adapter, QuantLinear)
     return n + deploy(model, backend)[0]
 
 

@@ -201,3 +201,35 @@ def deploy(model: nn.Module, backend: str = "auto") -> tuple[int, int]:
         done += 1
     _linear._SELECTION.clear()
     return done, left
+
+
+# -- residual adapters of a quantized LaRoSA model --------------------------------------------------
+
+ADAPTER_SCHEMES = ("w8a16", "float")  # what a quantize step after LaRoSA does with the residual adapters
+
+
+@torch.no_grad()
+def quantize_residual_adapters(model: nn.Module, scheme: str = "w8a16") -> int:
+    """Store every float residual adapter ``r ← r A_l`` of a merged LaRoSA model as a packed
+    weight-only 8-bit ``QuantLinear`` (RTN, one step size per output channel, symmetric); returns how
+    many were quantized.  ``scheme="float"`` keeps them as they are.
+
+    The adapter multiplies the whole residual stream, whose massive-activation channels make per-token
+    activation quantization unusable there, so only the weight is quantized: ``r ← r Âᵀ`` with
+    ``Â = Δ·rne(A/Δ)``.  ``A`` is a product of orthogonal bases (entries ~ d^-1/2, no outliers), so a
+    per-channel 8-bit grid holds it well (``benchmarks/adapter_bits.py`` measures the perplexity cost).
+    At decode this halves the adapters' bytes (bf16 → int8) on the weight-only integer kernel."""
+    from ..quant.quantizer import resolve_scheme
+    from .merge import ResidualAdaptedLayer
+
+    if scheme not in ADAPTER_SCHEMES:
+        raise ValueError(f"adapters: {scheme!r} is not one of {', '.join(ADAPTER_SCHEMES)}")
+    if scheme == "float":
+        return 0
+    sch = resolve_scheme(scheme)
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, ResidualAdaptedLayer) and mod.residual_adapter is not None and mod.float_adapter:
+            mod.residual_adapter = QuantLinear.from_linear(mod.residual_adapter, sch).pack()
+            n += 1
+    return n

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import apply_specs, module_specs, register_sparse_module
+from ..specs import apply_specs, module_class, module_specs, register_sparse_module
 from .linear import SparseLinear
 
 
@@ -50,8 +50,11 @@ def _dtype_name(dtype) -> str:
 class ResidualAdaptedLayer(nn.Module):
     """A decoder layer followed by the residual adapter ``r ← r A_l`` (``A_l = Q_lᵀ Q_{l+1}``).
 
-    ``residual_adapter`` is a bias-free linear holding ``A_lᵀ``.  Attribute access falls through to
-    the wrapped layer (``wrapper.self_attn`` is ``wrapper.layer.self_attn``)."""
+    ``residual_adapter`` is a bias-free linear holding ``A_lᵀ``: a float ``nn.Linear``, or, in a
+    quantized artifact (``compress --recipe`` with a quantize step after LaRoSA), a packed 8-bit
+    weight-only quantized linear (:func:`mmcompress.sparse.joint.quantize_residual_adapters`).
+    Attribute access falls through to the wrapped layer (``wrapper.self_attn`` is
+    ``wrapper.layer.self_attn``)."""
 
     def __init__(self, layer: nn.Module, hidden_size: int, adapter: bool = True, dtype=torch.float32, device=None):
         super().__init__()
@@ -65,19 +68,27 @@ class ResidualAdaptedLayer(nn.Module):
 
     adapter_backend = "torch"  # set_adapter_backend: "cpu"/"auto" runs decode steps on the GEMV kernel
 
+    @property
+    def float_adapter(self) -> bool:
+        """Whether the adapter is a plain float ``nn.Linear`` (not a quantized module)."""
+        return type(self.residual_adapter) is nn.Linear
+
     def set_adapter_backend(self, backend: str) -> None:
-        """Lay the adapter weight out for the sparse kernels' dense GEMV (``backend != "torch"``) or
-        back to row-major; the adapter stays an ``nn.Linear`` (same name, values, state_dict)."""
+        """Lay a float adapter's weight out for the sparse kernels' dense GEMV (``backend != "torch"``)
+        or back to row-major; the adapter stays an ``nn.Linear`` (same name, values, state_dict).  A
+        quantized adapter runs its own (integer) forward."""
         from .linear import kernel_layout_weight
 
         self.adapter_backend = backend
-        if self.residual_adapter is not None:
+        if self.residual_adapter is not None and self.float_adapter:
             a = self.residual_adapter
             a.weight = kernel_layout_weight(a.weight, backend != "torch")
 
     def _adapt(self, h):
         from .linear import dense_kernel_linear
 
+        if not self.float_adapter:
+            return self.residual_adapter(h)
         return dense_kernel_linear(h, self.residual_adapter.weight, None, self.adapter_backend)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -99,14 +110,24 @@ class ResidualAdaptedLayer(nn.Module):
 
     def spec(self) -> dict:
         w = self.residual_adapter
-        return {"class": type(self).__name__, "hidden_size": self.hidden_size, "adapter": w is not None,
-                "dtype": _dtype_name(w.weight.dtype) if w is not None else None, "inner": module_specs(self.layer)}
+        spec = {"class": type(self).__name__, "hidden_size": self.hidden_size, "adapter": w is not None,
+                "dtype": None, "inner": module_specs(self.layer)}
+        if w is not None and self.float_adapter:
+            spec["dtype"] = _dtype_name(w.weight.dtype)
+        elif w is not None:  # a quantized adapter describes itself
+            spec["adapter_module"] = w.spec()
+            spec["dtype"] = spec["adapter_module"].get("dtype")
+        return spec
 
     @classmethod
     def from_spec_wrapping(cls, spec: dict, existing: nn.Module, device=None) -> "ResidualAdaptedLayer":
         apply_specs(existing, spec.get("inner", {}), device=device)
         dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else torch.float32
-        return cls(existing, spec["hidden_size"], spec["adapter"], dtype=dtype, device=device)
+        quantized = spec.get("adapter_module")
+        wrapper = cls(existing, spec["hidden_size"], spec["adapter"] and quantized is None, dtype=dtype, device=device)
+        if quantized is not None:
+            wrapper.residual_adapter = module_class(quantized["class"]).from_spec(quantized, device=device)
+        return wrapper
 
 
 @register_sparse_module

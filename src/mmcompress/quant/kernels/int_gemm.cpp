@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -158,6 +159,50 @@ Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   return {B, K, N, G, gs};
 }
 
+// The float epilogue the grouped tiles share.  In the group loop only one vector op per output:
+// accf += scale[n, g] * (group lanes).  The zero-point term is left to the end and summed in double
+// over the groups, eight at a time:  y = sum(accf) - sum_g scale[n, g] * zc[n, g] * xsum[b, g], where
+// zc = zbase + (sym ? zsym : zero[n, g]) is the zero point in the domain of the codes the lanes
+// multiplied.  (Doing that scalar double work per group doubled the instruction count of a 128-group.)
+template <int RR, int T>
+struct GroupSums {
+  __m512 accf[RR][T];
+  GroupSums() {
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps();
+  }
+  void add(int r, int t, __m512 lanes, float sc) {
+    accf[r][t] = _mm512_fmadd_ps(lanes, _mm512_set1_ps(sc), accf[r][t]);
+  }
+  template <typename XS>
+  void store(float* y, int64_t N, int64_t n0, int64_t b0, const float* scale, const float* zero, bool sym,
+             double zbase, double zsym, const XS* xsum, int64_t G, const float* sx = nullptr) const {
+    for (int r = 0; r < RR; ++r) {
+      const float* s = scale + (n0 + r) * G;
+      const float* z = zero + (n0 + r) * G;
+      for (int t = 0; t < T; ++t) {
+        const XS* xs = xsum + (b0 + t) * G;
+        __m512d c = _mm512_setzero_pd();
+        for (int64_t g = 0; g < G; g += 8) {
+          const __mmask8 m = G - g >= 8 ? 0xFF : static_cast<__mmask8>((1u << (G - g)) - 1);
+          const __m512d sv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + g));
+          const __m512d zv = sym ? _mm512_set1_pd(zbase + zsym)
+                                 : _mm512_add_pd(_mm512_set1_pd(zbase), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, z + g)));
+          __m512d xv;
+          if constexpr (std::is_same_v<XS, float>)
+            xv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, xs + g));
+          else
+            xv = _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m, xs + g));
+          c = _mm512_fmadd_pd(_mm512_mul_pd(sv, zv), xv, c);
+        }
+        double v = static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - _mm512_reduce_add_pd(c);
+        if (sx != nullptr) v *= sx[b0 + t];
+        y[(b0 + t) * N + n0 + r] = static_cast<float>(v);
+      }
+    }
+  }
+};
+
 // ---- int8 activations ---------------------------------------------------------------------------
 
 template <int BITS, int RR, int T>
@@ -169,10 +214,7 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
   const int8_t* xr[T];
   for (int t = 0; t < T; ++t) xr[t] = xp + (b0 + t) * K;
-  __m512 accf[RR][T];
-  double corr[RR][T];
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
+  GroupSums<RR, T> sums;  // grouped weights
   for (int64_t g = 0; g < G; ++g) {
     __m512i acc[RR][T];
     for (int r = 0; r < RR; ++r)
@@ -186,26 +228,23 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
       }
     }
-    for (int r = 0; r < RR; ++r) {
-      const float s = scale[(n0 + r) * G + g];
-      const int32_t zc = sym ? OFF : static_cast<int32_t>(zero[(n0 + r) * G + g]);
-      for (int t = 0; t < T; ++t) {
-        if (G == 1) {  // per channel: one exact integer per output
-          int64_t d = static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][t])) -
-                      static_cast<int64_t>(zc) * xsum[(b0 + t) * G + g];
-          corr[r][t] = static_cast<double>(s) * static_cast<double>(d);
-        } else {
-          accf[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t]), _mm512_set1_ps(s), accf[r][t]);
-          corr[r][t] += static_cast<double>(s) * zc * xsum[(b0 + t) * G + g];
+    if (G == 1) {  // per channel: one exact integer per output
+      for (int r = 0; r < RR; ++r) {
+        const float s = scale[n0 + r];
+        const int32_t zc = sym ? OFF : static_cast<int32_t>(zero[n0 + r]);
+        for (int t = 0; t < T; ++t) {
+          int64_t d = static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][t])) - static_cast<int64_t>(zc) * xsum[b0 + t];
+          y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(s) * static_cast<double>(d) * sx[b0 + t]);
         }
       }
+      return;
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float s = scale[(n0 + r) * G + g];
+      for (int t = 0; t < T; ++t) sums.add(r, t, _mm512_cvtepi32_ps(acc[r][t]), s);
     }
   }
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < T; ++t) {
-      double v = G == 1 ? corr[r][t] : static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t];
-      y[(b0 + t) * N + n0 + r] = static_cast<float>(v * sx[b0 + t]);
-    }
+  sums.store(y, N, n0, b0, scale, zero, sym, 0.0, OFF, xsum, G, sx);
 }
 
 at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::Tensor& w, const at::Tensor& scale,
@@ -239,29 +278,6 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
 
 // ---- float activations (weight-only) -------------------------------------------------------------
 
-// The float epilogue the weight-only tiles share: per output, accf += scale * (group lanes) and
-// corr += scale * zc * (group sum of x); y = sum(accf) - corr at the end (zc: the zero point in the
-// domain of the codes the lanes multiplied).
-template <int RR, int T>
-struct GroupSums {
-  __m512 accf[RR][T];
-  double corr[RR][T];
-  GroupSums() {
-    for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps(), corr[r][t] = 0.0;
-  }
-  void add(int r, int t, __m512 lanes, float sc, double zc, float xs) {
-    accf[r][t] = _mm512_fmadd_ps(lanes, _mm512_set1_ps(sc), accf[r][t]);
-    corr[r][t] += static_cast<double>(sc) * zc * xs;
-  }
-  void store(float* y, int64_t N, int64_t n0, int64_t b0) const {
-    for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < T; ++t)
-        y[(b0 + t) * N + n0 + r] =
-            static_cast<float>(static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - corr[r][t]);
-  }
-};
-
 template <int BITS, int RR, int T>
 void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
                 const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
@@ -289,11 +305,10 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
     }
     for (int r = 0; r < RR; ++r) {
       const float sc = scale[(n0 + r) * G + g];
-      const float zc = sym ? static_cast<float>(OFF) : zero[(n0 + r) * G + g];
-      for (int t = 0; t < T; ++t) sums.add(r, t, acc[r][t], sc, zc, xsum[(b0 + t) * G + g]);
+      for (int t = 0; t < T; ++t) sums.add(r, t, acc[r][t], sc);
     }
   }
-  sums.store(y, N, n0, b0);
+  sums.store(y, N, n0, b0, scale, zero, sym, 0.0, OFF, xsum, G);
 }
 
 at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
@@ -368,13 +383,11 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
     }
     for (int r = 0; r < RR; ++r) {
       const float sc = scale[(n0 + r) * G + g];
-      const double zc = 128.0 + (sym ? 8.0 : static_cast<double>(zero[(n0 + r) * G + g]));
       for (int t = 0; t < T; ++t)
-        sums.add(r, t, A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]), sc, zc,
-                 xsum[(b0 + t) * G + g]);
+        sums.add(r, t, A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]), sc);
     }
   }
-  sums.store(y, N, n0, b0);
+  sums.store(y, N, n0, b0, scale, zero, sym, 128.0, 8.0, xsum, G);
 }
 #else
 constexpr bool kHaveBf16 = false;
