@@ -211,7 +211,7 @@ def _qwen3_omni_moe(T, text, ids, eos, tie):
                   temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
     audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-                 output_dim=text["hidden_size"], downsample_hidden_size=16, n_window=4, n_window_infer=8)
+                 output_dim=text["hidden_size"], downsample_hidden_size=16)
     cfg = T.Qwen3OmniMoeThinkerConfig(
         text_config=text_cfg, vision_config=vision, audio_config=audio, image_token_id=ids["image_token"],
         video_token_id=ids["video_token"], audio_token_id=ids["audio_token"], audio_start_token_id=ids["audio_bos_token"],
