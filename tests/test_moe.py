@@ -17,6 +17,7 @@ from mmcompress.quant.linear import QuantLinear
 from mmcompress.quant.quantizer import QuantScheme, quantize_weight
 
 from ._families import calibration, family_inputs
+from .test_families import _logits, _sqnr
 
 KIND = "qwen3_omni_moe"
 
@@ -24,15 +25,6 @@ KIND = "qwen3_omni_moe"
 @pytest.fixture
 def model(tokenizer):
     return tiny_model(KIND, tokenizer=tokenizer)[0]
-
-
-@torch.no_grad()
-def _logits(model, x):
-    return model(**x, use_cache=False).logits.float()
-
-
-def _sqnr(y, ref):
-    return float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum().clamp(min=1e-30)))
 
 
 def _experts(adapter, i=0) -> ExpertLinears:
@@ -239,3 +231,48 @@ def test_meta_weights_are_refused(tokenizer):
         meta = transformers.Qwen3OmniMoeThinkerForConditionalGeneration(config)
     with pytest.raises(UnsupportedModelError, match="load the model in memory"):
         get_adapter(meta)
+
+
+def test_diagnostics_measure_each_expert_on_its_routed_tokens(model, tokenizer, tmp_path):
+    import json
+
+    mmcompress.quantize(model, calibration(KIND, tokenizer), "rtn", "w8a8", progress=False, report_dir=tmp_path)
+    report = json.loads((tmp_path / "diagnostics-rtn-w8a8.json").read_text())
+    linears = report["layers"][0]["linears"]
+    experts = [linears[f"mlp.experts.{e}.down_proj"] for e in range(4) if f"mlp.experts.{e}.down_proj" in linears]
+    assert len(experts) == 4
+    assert any("image" in e["sqnr"] for e in experts) and any("audio" in e["sqnr"] for e in experts)
+
+
+def test_checkpoint_resume_rebuilds_the_experts(model, tokenizer, tmp_path):
+    calib = calibration(KIND, tokenizer)
+    x = family_inputs(KIND, tokenizer, seed=7)
+    first = copy.deepcopy(model)
+    mmcompress.quantize(first, calib, "smoothquant", "w8a8", checkpoint_dir=tmp_path / "ck", progress=False)
+    again = copy.deepcopy(model)  # every layer is restored from its checkpoint file
+    mmcompress.quantize(again, calib, "smoothquant", "w8a8", checkpoint_dir=tmp_path / "ck", resume=True,
+                        progress=False)
+    assert isinstance(_experts(get_adapter(again), 1)[0].down_proj, QuantLinear)
+    assert torch.equal(_logits(again, x), _logits(first, x))
+
+
+def test_masquant_export_folds_into_the_norm_and_the_router_follows(model, tokenizer, tmp_path):
+    """The compressed-tensors text path folds MASQuant's run-time text smoothing into post_attention_layernorm;
+    the router reads that norm too, so its columns must carry the same vector: W_r ⊙ γ is unchanged."""
+    from safetensors import safe_open
+
+    from mmcompress.export.compressed_tensors import export_compressed_tensors
+
+    adapter = get_adapter(model)
+    before = [(layer.mlp.gate.weight * layer.post_attention_layernorm.weight).detach().clone()
+              for layer in adapter.layers]
+    mmcompress.quantize(model, calibration(KIND, tokenizer), "masquant", "w8a8", progress=False, epochs=1)
+    art = mmcompress.save(model, tmp_path / "mas")
+    rep = export_compressed_tensors(art, tmp_path / "ct", requantize=True)  # untied per-expert vectors: inexact
+    assert "text path only" in rep["moe_experts"]
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        for i, ref in enumerate(before):
+            router = f.get_tensor(f"model.layers.{i}.mlp.gate.weight").double()
+            gamma = f.get_tensor(f"model.layers.{i}.post_attention_layernorm.weight").double()
+            assert not torch.allclose(router, ref.double())  # the fold moved the scale ...
+            torch.testing.assert_close(router * gamma, ref.double(), rtol=1e-5, atol=1e-7)  # ... the logits stay

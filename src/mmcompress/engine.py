@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from . import fileio, finite
 from .distributed import DistributedError, World, current as current_world
 from .models.adapters import ModelAdapter
-from .models.modality import current_modality_ids, input_modality_ids, modality_context
+from .models.modality import ids_of_tokens, input_modality_ids, modality_context
 from .specs import apply_specs, module_specs
 
 
@@ -282,10 +282,7 @@ class LayerContext:
 
         def hook(name):
             def h(mod, args):
-                ids = current_modality_ids()
-                if ids is None or ids.numel() != args[0].numel() // max(1, args[0].shape[-1]):
-                    ids = current["ids"]
-                fn(name, args[0], ids)
+                fn(name, args[0], ids_of_tokens(args[0], current["ids"]))
             return h
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]

@@ -25,7 +25,9 @@ whose model takes its inputs in another form (MiniCPM-V 2.x: one ``data`` dict, 
 ``image_bound``) declares a *calling convention*, a forward pre-hook that :func:`get_adapter` installs so
 that every tool can call the model with the usual keyword inputs (:mod:`.minicpmv`).  Methods
 that work one decoder layer at a time get a per-layer view (:meth:`ModelAdapter.at_layer`), so the
-same method code walks every kind of layer.
+same method code walks every kind of layer.  A mixture-of-experts family (``Family.moe``) has its fused
+experts split into per-expert linears by :func:`get_adapter` (:mod:`.moe`, docs/moe.md); its groups
+carry a floating-point *follower* (the router) and one ``mlp_out.<expert>`` group per expert.
 """
 
 from __future__ import annotations
@@ -240,6 +242,7 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
     LinearGroup("attn_out", ["linear_attn.out_proj"], None, None),
 ], mlp_groups())
 
+ROUTER = "MoE router: top-k of its logits is discontinuous, so it stays in floating point"
 
 
 def moe_layer(n_experts: int) -> LayerKind:
@@ -256,9 +259,6 @@ def moe_layer(n_experts: int) -> LayerKind:
                     "post_attention_layernorm", "norm", followers=("mlp.gate",), tap="mlp.gate"),
         *(LinearGroup(f"mlp_out.{e}", [f"{x}.down_proj"], f"{x}.up_proj", "linear") for e, x in enumerate(experts)),
     ], skipped={"mlp.gate": ROUTER})
-
-
-ROUTER = "MoE router: top-k of its logits is discontinuous, so it stays in floating point"
 
 
 def moe_layers(text_config, n_layers: int) -> list[LayerKind]:

@@ -214,8 +214,9 @@ def _qwen3_omni_moe(T, text, ids, eos, tie):
                  output_dim=text["hidden_size"], downsample_hidden_size=16)
     cfg = T.Qwen3OmniMoeThinkerConfig(
         text_config=text_cfg, vision_config=vision, audio_config=audio, image_token_id=ids["image_token"],
-        video_token_id=ids["video_token"], audio_token_id=ids["audio_token"], audio_start_token_id=ids["audio_bos_token"],
-        vision_start_token_id=ids["vision_bos_token"], tie_word_embeddings=tie)
+        video_token_id=ids["video_token"], audio_token_id=ids["audio_token"],
+        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"],
+        tie_word_embeddings=tie)
     model = T.Qwen3OmniMoeThinkerForConditionalGeneration(cfg)
     with torch.no_grad():  # the router starts at zero (every expert tied): give it a real routing
         g = torch.Generator().manual_seed(4321)
