@@ -402,9 +402,14 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     n_layers = len(model.get_submodule(lm_path).layers)
     install_call_convention(model)
     if fam.moe:
-        from .moe import unfuse_experts
+        from .moe import fused_experts, unfuse_experts
 
-        unfuse_experts(model.get_submodule(lm_path).layers, config.get_text_config().hidden_act)
+        layers = model.get_submodule(lm_path).layers
+        if any(mlp.experts.gate_up_proj.is_meta for mlp in fused_experts(layers)):
+            raise UnsupportedModelError(
+                "MoE experts are fused 3-D tensors in the checkpoint and are split into per-expert linears in "
+                "memory: load the model in memory (no --stream; data-free rtn: pass --calib)")
+        unfuse_experts(layers, config.get_text_config().hidden_act)
     return ModelAdapter(
         model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
         modality_token_ids=token_ids, norm_offset=fam.norm_offset, multimodal=fam.multimodal,

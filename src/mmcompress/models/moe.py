@@ -134,26 +134,21 @@ def _activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
-def is_fused_experts(mod: nn.Module) -> bool:
-    return isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and getattr(mod, "gate_up_proj").dim() == 3
+def is_fused_experts(mod: nn.Module | None) -> bool:
+    w = getattr(mod, "gate_up_proj", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 3
+
+
+def fused_experts(layers: nn.ModuleList) -> list[nn.Module]:
+    """The sparse blocks of ``layers`` whose experts are still fused."""
+    return [layer.mlp for layer in layers if is_fused_experts(getattr(getattr(layer, "mlp", None), "experts", None))]
 
 
 def unfuse_experts(layers: nn.ModuleList, hidden_act: str) -> int:
     """Replace every fused ``mlp.experts`` of ``layers`` by :class:`ExpertLinears` (idempotent); returns
-    how many were replaced.  Refuses weights on the meta device: streamed and data-free runs read the
-    checkpoint by tensor name, and the checkpoint stores the experts fused."""
-    n = 0
-    for layer in layers:
-        mlp = getattr(layer, "mlp", None)
-        fused = getattr(mlp, "experts", None)
-        if fused is None or not is_fused_experts(fused):
-            continue
-        if fused.gate_up_proj.is_meta:
-            from .adapters import UnsupportedModelError
-
-            raise UnsupportedModelError(
-                "MoE experts are fused 3-D tensors in the checkpoint and are split into per-expert linears in "
-                "memory: load the model in memory (no --stream; data-free rtn: pass --calib)")
-        mlp.experts = ExpertLinears.from_fused(fused, hidden_act)
-        n += 1
-    return n
+    how many were replaced.  The weights must be materialised (the adapter refuses the meta device:
+    streamed and data-free runs read the checkpoint by tensor name, and it stores the experts fused)."""
+    blocks = fused_experts(layers)
+    for mlp in blocks:
+        mlp.experts = ExpertLinears.from_fused(mlp.experts, hidden_act)
+    return len(blocks)
