@@ -39,6 +39,12 @@ def family_inputs(kind: str, tok, seed: int = 0, text: str = TEXT) -> dict:
         if kind == "minicpmv4_7":  # 4.7 computes 3-D (M-RoPE) positions from the token types
             out["mm_token_type_ids"] = (ids == img).long()
         return out
+    if kind == "qwen3_omni_moe":  # one image (grid 1×4×4 patches of 8, merge 2 -> 4 tokens), 40 mel frames -> 5 tokens
+        aud, abos, aeos = _ids(tok, "audio_token"), _ids(tok, "audio_bos_token"), _ids(tok, "audio_eos_token")
+        ids = torch.cat([torch.tensor([[abos] + [aud] * 5 + [aeos]]), with_image(4)], 1)
+        return {"input_ids": ids, "pixel_values": torch.randn(16, 3 * 2 * 8 * 8, generator=g),
+                "image_grid_thw": torch.tensor([[1, 4, 4]]), "input_features": torch.randn(1, 128, 40, generator=g),
+                "feature_attention_mask": torch.ones(1, 40, dtype=torch.long)}
     return {"input_ids": words}
 
 

@@ -11,7 +11,8 @@ from .tiny_models import TINY_KINDS, tiny_model
 KIND_OF_TYPE = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma3_text": "gemma3",
                 "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_omni_thinker": "qwen2_5_omni", "qwen3": "qwen3",
                 "gemma3": "gemma3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "qwen3_vl": "qwen3_vl",
-                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5_vl", "minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7"}
+                "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5_vl", "minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7",
+                "qwen3_omni_moe_thinker": "qwen3_omni_moe"}
 # families whose modeling code ships in the model directory: a tiny local remote-code directory (tests/_remote.py)
 REMOTE_TYPES = {"minicpmv": "MiniCPMV"}
 
@@ -31,6 +32,12 @@ def _model(model_type, tokenizer, tmp_path):
     return tiny_model(KIND_OF_TYPE[model_type], tokenizer=tokenizer)[0]
 
 
+def _linear_like(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` or a module that owns a 2-D weight matrix (an MoE router: ``F.linear(x, self.weight)``)."""
+    w = mod._parameters.get("weight")
+    return isinstance(mod, nn.Linear) or (w is not None and w.dim() == 2 and not isinstance(mod, nn.Embedding))
+
+
 @pytest.mark.parametrize("model_type", sorted({**KIND_OF_TYPE, **REMOTE_TYPES}))
 def test_every_decoder_linear_is_compressed_or_skipped(model_type, tokenizer, tmp_path):
     model = _model(model_type, tokenizer, tmp_path)
@@ -38,7 +45,9 @@ def test_every_decoder_linear_is_compressed_or_skipped(model_type, tokenizer, tm
     adapter = get_adapter(model)
     kinds = set()
     for i, layer in enumerate(adapter.layers):
-        linears = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n for n, m in layer.named_modules() if _linear_like(m)}
+        assert not [n for n, p in layer.named_parameters() if p.dim() == 3 and not isinstance(
+            layer.get_submodule(n.rpartition(".")[0]), nn.Conv1d)], "fused 3-D weights (MoE experts) left in the layer"
         compressed, skipped = adapter.linear_names(i), adapter.skipped(i)
         assert len(compressed) == len(set(compressed)), f"layer {i}: a linear is in two groups"
         assert not set(compressed) & set(skipped)
@@ -71,12 +80,12 @@ def test_hybrid_layers_follow_layer_types(tokenizer):
 
 def test_unsupported_architecture_is_refused_with_the_list(tokenizer):
     model, _ = tiny_model("llama", tokenizer=tokenizer)
-    model.config.model_type = "qwen3_omni_moe_thinker"
+    model.config.model_type = "qwen3_omni_moe"  # the whole Omni model (thinker + talker + code2wav)
     with pytest.raises(UnsupportedModelError) as e:
         get_adapter(model)
     msg = str(e.value)
-    assert "fused 3-D parameters" in msg and "supported model types:" in msg and "minicpmv4_6" in msg
-    assert "router" in msg and "not supported" in msg
+    assert "use the thinker" in msg and "supported model types:" in msg and "minicpmv4_6" in msg
+    assert "qwen3_omni_moe_thinker" in msg
 
 
 def test_unknown_layer_type_is_refused(tokenizer):
@@ -86,11 +95,16 @@ def test_unknown_layer_type_is_refused(tokenizer):
         get_adapter(model)
 
 
-def test_layer_kinds_are_declarative():
-    for fam in FAMILIES.values():
-        kinds = [fam.layers] if isinstance(fam.layers, LayerKind) else list(fam.layers.values())
+def test_layer_kinds_are_declarative(tokenizer):
+    for model_type, fam in FAMILIES.items():
+        if callable(fam.layers):  # built from the config (MoE: one mlp_out group per expert)
+            config = tiny_model(KIND_OF_TYPE[model_type], tokenizer=tokenizer)[0].config
+            kinds = fam.kinds(config, config.get_text_config().num_hidden_layers)
+        else:
+            kinds = [fam.layers] if isinstance(fam.layers, LayerKind) else list(fam.layers.values())
         for k in kinds:
-            assert {g.name for g in k.groups} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+            assert {g.role for g in k.groups} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+            assert len({g.name for g in k.groups}) == len(k.groups)  # statistics are keyed by name
 
 
 def test_readme_support_table_matches_the_adapters():

@@ -201,6 +201,33 @@ def _minicpmv(T, text, ids, eos, tie, version="4_6"):
     return getattr(T, f"MiniCPMV{version}ForConditionalGeneration")(cfg)
 
 
+def _qwen3_omni_moe(T, text, ids, eos, tie):
+    """Qwen3-Omni-MoE thinker: 4 experts (top-2) per decoder layer, a 2-layer vision tower (patch 8,
+    merge 2, deepstack from vision layer 0) and a 2-layer audio encoder."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    rope = dict(rope_type="default", mrope_section=_mrope_section(head_dim), mrope_interleaved=True, rope_theta=1e6)
+    text_cfg = dict(text, head_dim=head_dim, rope_parameters=rope, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=text["intermediate_size"] // 2, **_tokens(ids, eos))
+    text_cfg.pop("tie_word_embeddings")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                 output_dim=text["hidden_size"], downsample_hidden_size=16)
+    cfg = T.Qwen3OmniMoeThinkerConfig(
+        text_config=text_cfg, vision_config=vision, audio_config=audio, image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"], audio_token_id=ids["audio_token"],
+        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"],
+        tie_word_embeddings=tie)
+    model = T.Qwen3OmniMoeThinkerForConditionalGeneration(cfg)
+    with torch.no_grad():  # the router starts at zero (every expert tied): give it a real routing
+        g = torch.Generator().manual_seed(4321)
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
 _MORE_KINDS = {
     "qwen3": _qwen3,
     "gemma3_vl": _gemma3_vl,
@@ -211,6 +238,7 @@ _MORE_KINDS = {
     "qwen3_5_vl": _qwen3_5_vl,
     "minicpmv4_6": lambda *a: _minicpmv(*a, version="4_6"),
     "minicpmv4_7": lambda *a: _minicpmv(*a, version="4_7"),
+    "qwen3_omni_moe": _qwen3_omni_moe,
 }
 TINY_KINDS = ("llama", "qwen2", "mistral", "gemma3", "qwen2_5_vl", "qwen2_5_omni", *_MORE_KINDS)
 

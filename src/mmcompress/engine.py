@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from . import fileio, finite
 from .distributed import DistributedError, World, current as current_world
 from .models.adapters import ModelAdapter
-from .models.modality import input_modality_ids, modality_context
+from .models.modality import ids_of_tokens, input_modality_ids, modality_context
 from .specs import apply_specs, module_specs
 
 
@@ -274,13 +274,15 @@ class LayerContext:
     @torch.no_grad()
     def collect(self, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor, torch.Tensor], None], inputs=None) -> None:
         """Run every sample through the layer and call ``fn(name, x, ids)`` with the input ``x``
-        ``[1, L, in]`` of each named module (``ids`` are the sample's modality ids ``[1, L]``)."""
+        ``[1, L, in]`` of each named module (``ids`` are the sample's modality ids ``[1, L]``; for a
+        module that sees a subset of the tokens, such as an MoE expert's linear, the ids of that subset
+        as the module's caller narrowed them with ``modality_context``)."""
         inputs = self.inputs if inputs is None else inputs
         current = {}
 
         def hook(name):
             def h(mod, args):
-                fn(name, args[0], current["ids"])
+                fn(name, args[0], ids_of_tokens(args[0], current["ids"]))
             return h
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.moe import ExpertLinears
 from ..quant.linear import QuantLinear
 from ..quant.quantizer import QuantScheme, dequantize_weight, quantize_weight
 
@@ -299,6 +300,9 @@ def _apply_plan(model, adapter, plan: list[dict], states: dict[str, _LinearState
             states[e["producer"]].scale_rows(producer_vec)
             if row_scaled is not None:
                 row_scaled[e["producer"]] = producer_vec
+        for path in group.followers:  # an MoE router reads the same input: its columns ⊙ s keep its logits
+            w = layer.get_submodule(path).weight
+            w.data.copy_((w.data.double() * producer_vec.to(w.device)[None, :]).to(w.dtype))
         if not e["exact"]:
             for name, v in zip(e["readers"], vecs):
                 st = states[name]
@@ -513,6 +517,11 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     from . import masquant_vllm
 
     mas_linears = masquant_vllm.modality_linears(model, adapter)  # before the QuantLinears are swapped out
+    experts = [n for n in mas_linears if isinstance(model.get_submodule(n.rsplit(".", 2)[0]), ExpertLinears)]
+    if experts:  # vLLM runs the experts in fused MoE kernels, which the plugin's per-linear modality path cannot reach
+        mas_linears = {n: v for n, v in mas_linears.items() if n not in experts}
+        report["moe_experts"] = (f"{len(experts)} MoE expert linears are exported on the text path only (their "
+                                 "per-modality smoothing and compensation are not in the plugin's side file)")
     mas_tensors = masquant_vllm.side_tensors(model, mas_linears, folded, row_scaled) if mas_linears else {}
     scheme = next(iter(quant.values())).scheme
     kind, fmt = report["vllm_row"], report["compression_format"]

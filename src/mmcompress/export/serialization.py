@@ -19,6 +19,7 @@ from .. import __version__
 from ..fileio import atomic_output_dir
 from ..models.adapters import get_adapter
 from ..models.loading import load_hf_model, model_class_for, read_config
+from ..models import moe as _moe  # noqa: F401  (registers ExpertLinears, the per-expert MoE linears)
 from ..quant import methods as _quant_methods  # noqa: F401  (registers MASLinear for apply_specs)
 from ..quant.deployed import RUNTIMES, deploy
 from ..sparse import merge as _sparse_merge  # noqa: F401  (registers SparseLinear, ResidualAdaptedLayer, RotatedNorm, ...)

@@ -25,13 +25,16 @@ whose model takes its inputs in another form (MiniCPM-V 2.x: one ``data`` dict, 
 ``image_bound``) declares a *calling convention*, a forward pre-hook that :func:`get_adapter` installs so
 that every tool can call the model with the usual keyword inputs (:mod:`.minicpmv`).  Methods
 that work one decoder layer at a time get a per-layer view (:meth:`ModelAdapter.at_layer`), so the
-same method code walks every kind of layer.
+same method code walks every kind of layer.  A mixture-of-experts family (``Family.moe``) has its fused
+experts split into per-expert linears by :func:`get_adapter` (:mod:`.moe`, docs/moe.md); its groups
+carry a floating-point *follower* (the router) and one ``mlp_out.<expert>`` group per expert.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,13 +52,27 @@ class LinearGroup:
     cannot be rescaled offline; ``producer_kind`` is ``"norm"`` or ``"linear"``.
     """
 
-    name: str  # the role: attn_in | attn_out | mlp_in | mlp_out (methods key on it)
+    name: str  # the role attn_in | attn_out | mlp_in | mlp_out, suffixed ".<expert>" for one expert's group
     readers: list[str]  # paths relative to the decoder layer
     producer: str | None
     producer_kind: str | None
+    # modules that read the same input but stay in floating point (an MoE router): a smoothing vector
+    # folded into the producer multiplies their weight columns too, so their outputs are unchanged
+    followers: tuple[str, ...] = ()
+    tap: str | None = None  # the module whose input is this group's input on every token (default: readers[0])
+
+    @property
+    def role(self) -> str:
+        """``attn_in | attn_out | mlp_in | mlp_out`` (methods choose groups by role)."""
+        return self.name.split(".", 1)[0]
 
     def modules(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(p) for p in self.readers]
+
+    def input_module(self, layer: nn.Module) -> nn.Module:
+        """Where to observe the group's input (a forward pre-hook there sees every token that reaches
+        the group; an expert's own linear sees only the tokens routed to it)."""
+        return layer.get_submodule(self.tap or self.readers[0])
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class ModelAdapter:
     head_path: str = "lm_head"
     image_spans: bool = False  # image positions come from the inputs' ``image_bound`` spans (MiniCPM-V 2.x)
     router_path: str = ""  # the module the modality router sits on ("": the model)
+    moe: bool = False  # sparse MoE blocks whose experts are per-expert linears (:mod:`.moe`)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -223,6 +241,39 @@ QWEN3_5_LINEAR_LAYER = layer_kind([
     LinearGroup("attn_out", ["linear_attn.out_proj"], None, None),
 ], mlp_groups())
 
+ROUTER = "MoE router: top-k of its logits is discontinuous, so it stays in floating point"
+
+
+def moe_layer(n_experts: int) -> LayerKind:
+    """Qwen3-MoE-style sparse block after :func:`~.moe.unfuse_experts` (docs/moe.md):
+
+    * ``mlp_in``: post_attention_layernorm -> every expert's gate_proj and up_proj; the router ``mlp.gate``
+      reads the same normed input, so it follows a folded smoothing vector (its columns ⊙ s keep its logits,
+      hence the routing, unchanged) and is where the statistics over all tokens are taken;
+    * ``mlp_out.<e>``: expert e's up_proj -> its down_proj (down's input act(gate) ⊙ up is per expert and
+      linear in up per channel), statistics over the tokens routed to expert e."""
+    experts = [f"mlp.experts.{e}" for e in range(n_experts)]
+    return layer_kind(attention_groups(), [
+        LinearGroup("mlp_in", [f"{x}.{p}" for x in experts for p in ("gate_proj", "up_proj")],
+                    "post_attention_layernorm", "norm", followers=("mlp.gate",), tap="mlp.gate"),
+        *(LinearGroup(f"mlp_out.{e}", [f"{x}.down_proj"], f"{x}.up_proj", "linear") for e, x in enumerate(experts)),
+    ], skipped={"mlp.gate": ROUTER})
+
+
+def moe_layers(text_config, n_layers: int) -> list[LayerKind]:
+    """Sparse MoE layers where transformers builds them (``mlp_only_layers``, ``decoder_sparse_step``), the
+    Llama layer elsewhere."""
+    n, step = int(getattr(text_config, "num_experts", 0) or 0), int(getattr(text_config, "decoder_sparse_step", 1) or 1)
+    dense = set(getattr(text_config, "mlp_only_layers", None) or [])
+    sparse = moe_layer(n) if n else None
+    return [sparse if n and i not in dense and (i + 1) % step == 0 else LLAMA_LAYER for i in range(n_layers)]
+
+
+MOE_SPARSITY = ("its MoE experts: rotating the shared gate/up input would be exact (the router reads the same "
+                "normed input and can be rotated with the experts), but each expert's down_proj input needs its "
+                "own rotation, thresholds and Top-K level from the tokens routed to it, which the sparsity plans "
+                "(one level per projection role) do not model yet")
+
 GEMMA_SANDWICH = ("Gemma3's post-attention/post-feedforward norms apply γ⊙RMS to block outputs before the residual "
                   "add, so the rotation cannot be merged (it would need two extra d×d rotations per layer); use mode "
                   "'reference'")
@@ -237,7 +288,7 @@ class Family:
 
     family: str
     lm_path: str | tuple  # candidates, first match wins (layouts differ across transformers versions)
-    layers: LayerKind | dict  # one kind, or config.layer_types value -> kind
+    layers: LayerKind | dict | Callable  # one kind, config.layer_types value -> kind, or (text config, n) -> kinds
     token_attrs: dict = field(default_factory=dict)  # modality -> config attribute holding the placeholder id
     norm_offset: float = 0.0
     multimodal: bool = False
@@ -249,10 +300,13 @@ class Family:
     image_spans: bool = False  # image positions from the inputs' image_bound spans
     router_path: str = ""
     call_convention: str | None = None  # how keyword inputs reach the model (:func:`install_call_convention`)
+    moe: bool = False  # fused experts split into per-expert linears (:func:`~.moe.unfuse_experts`)
 
     def kinds(self, config, n_layers: int) -> list[LayerKind]:
         if isinstance(self.layers, LayerKind):
             return [self.layers] * n_layers
+        if callable(self.layers):
+            return self.layers(config.get_text_config(), n_layers)
         types = getattr(config.get_text_config(), "layer_types", None) or []
         if len(types) != n_layers:
             raise UnsupportedModelError(f"{self.family}: config.layer_types has {len(types)} entries for "
@@ -303,17 +357,17 @@ FAMILIES: dict[str, Family] = {
     # the LLM is `llm`, images are written over the `image_bound` spans of the token sequence.
     "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, embedding_matrices=("resampler.proj",),
                        head_path="llm.lm_head", image_spans=True, router_path="llm", call_convention="minicpmv"),
+    # Qwen3-Omni-MoE thinker: Qwen3 attention (q_norm/k_norm), sparse MoE blocks; experts split per expert
+    "qwen3_omni_moe_thinker": Family(
+        "qwen3_omni_moe_thinker", "model.language_model", moe_layers,
+        {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"}, multimodal=True,
+        embedding_writers=("visual.merger.mlp.2", "audio_tower.proj2"), sparsity_blocker=MOE_SPARSITY, moe=True),
 }
 
-_MOE_EXPERTS = ("its MoE experts are fused 3-D parameters (mlp.experts.gate_up_proj [experts, 2*intermediate, hidden], "
-                "mlp.experts.down_proj [experts, hidden, intermediate]), not nn.Linear modules; quantizing each expert "
-                "(smoothing over the tokens routed to it, the router mlp.gate left in floating point) needs an "
-                "expert-aware quantized module, per-expert calibration statistics and an artifact format for them: "
-                "not supported yet")
 UNSUPPORTED_NOTES = {
     "qwen2_5_omni": "use the thinker (Qwen2_5OmniThinkerForConditionalGeneration); the talker is not quantized",
-    "qwen3_omni_moe": "Qwen3-Omni-MoE: " + _MOE_EXPERTS,
-    "qwen3_omni_moe_thinker": "Qwen3-Omni-MoE thinker: " + _MOE_EXPERTS,
+    "qwen3_omni_moe": "use the thinker (Qwen3OmniMoeThinkerForConditionalGeneration); the talker and code2wav "
+                      "are not quantized",
 }
 
 
@@ -346,13 +400,22 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
                                     f"{' or '.join(c + '.layers' for c in candidates)}")
     n_layers = len(model.get_submodule(lm_path).layers)
     install_call_convention(model)
+    if fam.moe:
+        from .moe import fused_experts, unfuse_experts
+
+        layers = model.get_submodule(lm_path).layers
+        if any(mlp.experts.gate_up_proj.is_meta for mlp in fused_experts(layers)):
+            raise UnsupportedModelError(
+                "MoE experts are fused 3-D tensors in the checkpoint and are split into per-expert linears in "
+                "memory: load the model in memory (no --stream; data-free rtn: pass --calib)")
+        unfuse_experts(layers, config.get_text_config().hidden_act)
     return ModelAdapter(
         model=model, family=fam.family, lm_path=lm_path, kinds=fam.kinds(config, n_layers),
         modality_token_ids=token_ids, norm_offset=fam.norm_offset,
         embedding_writers=fam.embedding_writers, embedding_matrices=fam.embedding_matrices,
         merged_blocker=fam.merged_blocker,
         sparsity_blocker=fam.sparsity_blocker, head_path=fam.head_path, image_spans=fam.image_spans,
-        router_path=fam.router_path,
+        router_path=fam.router_path, moe=fam.moe,
     )
 
 

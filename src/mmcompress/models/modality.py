@@ -107,6 +107,17 @@ def current_modality_ids() -> torch.Tensor | None:
     return getattr(_state, "ids", None)
 
 
+def ids_of_tokens(x: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """The modality ids of the tokens in a module input ``x [..., d]``: the current ids when they
+    match ``x``'s tokens (a caller may have narrowed them to the tokens it passed on, in their order:
+    an MoE expert sees only the tokens routed to it, :class:`~.moe.ExpertLinears`), else
+    ``sequence_ids`` (the whole sequence's)."""
+    ids = current_modality_ids()
+    if ids is not None and ids.numel() == x.numel() // max(1, x.shape[-1]):
+        return ids
+    return sequence_ids
+
+
 @contextlib.contextmanager
 def modality_context(ids: torch.Tensor | None):
     prev = getattr(_state, "ids", None)

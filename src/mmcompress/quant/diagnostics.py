@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_write, atomic_write_text
-from ..models.modality import MODALITY_NAMES, TEXT, VIDEO
+from ..models.modality import MODALITY_NAMES, TEXT, VIDEO, ids_of_tokens
 
 
 def _sqnr(signal: float, noise: float) -> float | None:
@@ -110,7 +110,7 @@ class Diagnostics:
         def hook(name):
             def h(mod, args, output):
                 x = args[0]
-                ids = current["ids"]
+                ids = _flat_ids(ids_of_tokens(x, current["ids"]))  # an MoE expert: its routed tokens
                 ref = fp_layer.get_submodule(name)(x)
                 accs[name].add(ref, output, ids)
                 xf = x.detach().reshape(-1, x.shape[-1]).abs()

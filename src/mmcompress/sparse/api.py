@@ -61,6 +61,10 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         ok = sorted(t for t, f in FAMILIES.items() if f.sparsity_blocker is None)
         raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}; "
                                     f"model types it supports: {', '.join(ok)}")
+    if adapter.moe:  # TEAL/CATS thresholds are per projection role; an expert sees only its routed tokens
+        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: its MoE experts need per-expert "
+                                    "thresholds calibrated on the tokens routed to each expert, which the "
+                                    "sparsity plans (one level per projection role) do not model yet")
     if not isinstance(calib, CalibrationSet):
         calib = CalibrationSet(list(calib))
     if len(calib) == 0:

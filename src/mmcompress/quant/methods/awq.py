@@ -55,12 +55,15 @@ class ScaleSearch(QuantMethod):
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter
-        groups = [g for g in adapter.groups if g.name in self.groups and smoothing_foldable(layer, g, None)]
+        groups = [g for g in adapter.groups if g.role in self.groups and smoothing_foldable(layer, g, None)]
         inputs = self._gather(ctx, groups)
         quantize_layer_linears(layer, adapter, self.scheme, pack=False)
         chosen = {}
         for g in groups:  # groups in data-flow order; the search of a group uses its own inputs
             x, ids = inputs[g.name]
+            if x.shape[0] == 0:  # an MoE expert no calibration token was routed to: left unscaled
+                chosen[g.name] = "no tokens"
+                continue
             readers = g.modules(layer)
             alpha, s = self._search(x, ids, readers)
             apply_smoothing(layer, adapter, g, s)
@@ -77,11 +80,11 @@ class ScaleSearch(QuantMethod):
         def record(name, x, ids):
             store[name].append((x.detach().reshape(-1, x.shape[-1]).float().cpu(), ids.reshape(-1).cpu()))
 
-        ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record)
+        ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record)
         out = {}
         world = ctx.world
         for g in groups:  # the same order on every rank
-            parts = store[g.name]
+            parts = store[g.name] or [(torch.zeros(0, g.modules(ctx.layer)[0].in_features), torch.zeros(0))]
             x = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts]).long()
             ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)

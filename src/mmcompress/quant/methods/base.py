@@ -69,9 +69,11 @@ def apply_smoothing(layer: nn.Module, adapter: ModelAdapter, group: LinearGroup,
     """Apply the equivalence ``X Wᵀ = (X / s)(W ⊙ s)ᵀ`` to one group (E1).
 
     The readers' columns are multiplied by ``s``.  The division is folded into the producer
-    (a norm's γ, or the output rows and bias of the producing linear) when possible; otherwise the
-    readers become :class:`QuantLinear` modules that divide their input at run time.  Returns
-    ``"folded"`` or ``"runtime"``.
+    (a norm's γ, or the output rows and bias of the producing linear) when possible, and then the
+    group's floating-point followers (an MoE router) get their columns multiplied by ``s`` too, so
+    they read ``(x / s)(W_r ⊙ s)ᵀ = x W_rᵀ``; otherwise the readers become :class:`QuantLinear`
+    modules that divide their input at run time (followers untouched).  Returns ``"folded"`` or
+    ``"runtime"``.
     """
     readers = group.modules(layer)
     s = s.double().to(readers[0].weight.device)
@@ -85,6 +87,9 @@ def apply_smoothing(layer: nn.Module, adapter: ModelAdapter, group: LinearGroup,
             w.data.copy_((w.data.double() / s[:, None]).to(w.dtype))
             if producer.bias is not None:
                 producer.bias.data.copy_((producer.bias.data.double() / s).to(producer.bias.dtype))
+        for path in group.followers:
+            w = layer.get_submodule(path).weight
+            w.data.copy_((w.data.double() * s[None, :].to(w.device)).to(w.dtype))
     for path, mod in zip(group.readers, readers):
         w = mod.weight
         w.data.copy_((w.data.double() * s[None, :]).to(w.dtype))

@@ -378,7 +378,7 @@ class MASQuant(QuantMethod):
     # -- one decoder layer ------------------------------------------------------------------------
     def step(self, ctx: LayerContext) -> None:
         layer, adapter, scheme = ctx.layer, ctx.adapter, self.scheme
-        groups = [g for g in adapter.groups if g.name in SMOOTHED_GROUPS]
+        groups = [g for g in adapter.groups if g.role in SMOOTHED_GROUPS]
         need_moments = self.cmc in ("whitened",) and any(m != TEXT for m in self.present)
         wctx = ctx.sides.get("whitening") if self.whitening == "separate" else None
         stats = collect_group_stats(ctx, groups, moments=need_moments and wctx is None, inputs=ctx.fp_inputs)

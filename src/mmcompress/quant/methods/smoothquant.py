@@ -46,14 +46,17 @@ class SmoothQuant(QuantMethod):
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter
-        groups = [g for g in adapter.groups if g.name in self.groups
+        groups = [g for g in adapter.groups if g.role in self.groups
                   and (self.runtime_smoothing or smoothing_foldable(layer, g, None))]
         act_absmax = collect_absmax(ctx, groups)
+        unseen = [g.name for g in groups if not bool(act_absmax[g.name].gt(0).any())]  # an expert no token reached
+        groups = [g for g in groups if g.name not in unseen]
         quantize_layer_linears(layer, adapter, self.scheme, pack=False)
         placement = {}
         for g in groups:
             s = smoothing_factors(act_absmax[g.name], weight_column_absmax(g.modules(layer)), self.alpha)
             placement[g.name] = apply_smoothing(layer, adapter, g, s)
+        placement.update({name: "no tokens" for name in unseen})
         for path in adapter.linear_names():
             layer.get_submodule(path).pack()
         ctx.info["smoothing"] = placement
@@ -67,12 +70,14 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
 
 
 def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank)."""
+    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank);
+    zeros for a group no token reached (an MoE expert the router never chose)."""
     stats: dict[str, torch.Tensor] = {}
 
     def record(name, x, ids):
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
         stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
-    ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record)
-    return {g.name: ctx.world.max(stats[g.name]) for g in groups}
+    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record)
+    zeros = {g.name: torch.zeros(g.modules(ctx.layer)[0].in_features, dtype=torch.float64) for g in groups}
+    return {g.name: ctx.world.max(stats.get(g.name, zeros[g.name])) for g in groups}

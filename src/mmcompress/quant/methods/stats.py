@@ -76,7 +76,9 @@ def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inp
                 g = (xd.T @ xd).cpu()
                 st.moment[m] = g if m not in st.moment else st.moment[m] + g
 
-    ctx.collect({g.name: ctx.layer.get_submodule(g.readers[0]) for g in groups}, record, inputs=inputs)
+    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record, inputs=inputs)
+    for g in groups:  # a group no token reached (an MoE expert the router never chose): empty statistics
+        stats.setdefault(g.name, GroupStats(g.modules(ctx.layer)[0].in_features))
     if ctx.world.size > 1:
         for g in groups:
             stats[g.name].all_reduce(ctx.world, moments)
