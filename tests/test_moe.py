@@ -12,7 +12,7 @@ import mmcompress
 from mmcompress.models.adapters import UnsupportedModelError, get_adapter
 from mmcompress.models.modality import AUDIO, IMAGE, TEXT, current_modality_ids
 from mmcompress.models.moe import ExpertLinears
-from mmcompress.models.tiny import tiny_model
+from .tiny_models import tiny_model
 from mmcompress.quant.linear import QuantLinear
 from mmcompress.quant.quantizer import QuantScheme, quantize_weight
 
