@@ -27,7 +27,12 @@ import torch
 
 METHODS = {"rtn": ("rtn", {}), "smoothquant": ("smoothquant", {"runtime_smoothing": True}),
            "masquant": ("masquant", {}), "masquant-wset": ("masquant", {}),
-           "masquant-free": ("masquant", {"divergence": "free"})}
+           "masquant-free": ("masquant", {"divergence": "free"}),
+           # the paper's free training with the reference Omni script's full-rank CMC (rank ratio 1)
+           "masquant-free-full": ("masquant", {"divergence": "free", "rank": 1.0}),
+           # the training form (one quantized weight per modality), under CMC's budget / trained freely
+           "masquant-split": ("masquant", {"cmc": "split"}),
+           "masquant-split-free": ("masquant", {"cmc": "split", "divergence": "free"})}
 
 
 def scheme_of(name: str):

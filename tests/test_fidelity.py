@@ -181,3 +181,75 @@ def test_mbq_smooths_the_groups_smoothquant_smooths(tokenizer):
     mmcompress.quantize(model, calib, "mbq", "w4a8", progress=False)
     alphas = model._mmcompress_description["layers"][0]["mbq"]["alpha"]
     assert "mlp_out" not in alphas and {"attn_in", "mlp_in"} <= set(alphas)
+
+
+# -- 4. full-rank CMC through the deploy path --------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["int", "reference"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_full_rank_cmc_w4a16_restores_the_original_linear(tokenizer, tmp_path, dtype, tol, runtime):
+    """MASQuant W4A16 with full-rank CMC (the reference's Omni setting), saved and loaded on the
+    deployed (integer) runtime: image and audio tokens get ``x Wᵀ + b`` to round-off, because ``ΔW_m``
+    is taken against the stored weight (the packed codes and step sizes); text tokens keep the 4-bit
+    error.  Both runtimes: the integer one and the reference (fake-quant) forward."""
+    from mmcompress.models.modality import AUDIO
+
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer, seed=4)
+    model = model.to(dtype)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
+    original = copy.deepcopy(model)
+    mmcompress.quantize(model, calib, "masquant", "w4a16", progress=False, epochs=1, rank=1.0)
+    deployed = mmcompress.load(mmcompress.save(model, tmp_path / "art"), runtime=runtime)
+    lin_names = [n for n, m in model.named_modules() if isinstance(m, MASLinear) and m.rank]
+    assert lin_names
+    seen = {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            seen[name] = (args[0].detach(), out.detach(), current_modality_ids())
+        return fn
+
+    handles = [deployed.get_submodule(n).register_forward_hook(hook(n)) for n in lin_names]
+    try:
+        with torch.no_grad():
+            deployed(**mm_inputs("qwen2_5_omni", tok, seed=7, text=" over the lazy dog")[0])
+    finally:
+        for h in handles:
+            h.remove()
+    worst = {TEXT: 0.0, IMAGE: 0.0, AUDIO: 0.0}
+    for name in lin_names:
+        x, y, ids = seen[name]
+        ref = original.get_submodule(name)
+        exact = torch.nn.functional.linear(x.double(), ref.weight.double(),
+                                           None if ref.bias is None else ref.bias.double())
+        for m in worst:
+            sel = ids.reshape(x.shape[:-1]) == m
+            assert sel.any(), (name, m)
+            err = float((y[sel].double() - exact[sel]).norm() / exact[sel].norm().detach())
+            worst[m] = max(worst[m], err)
+    assert worst[IMAGE] < tol and worst[AUDIO] < tol, worst
+    assert worst[TEXT] > 3 * tol, worst  # the text path is quantized: the test can tell the two apart
+
+
+def test_cmc_is_taken_against_the_stored_weight_when_the_step_runs_in_bf16(tokenizer, monkeypatch):
+    """Without the float32 upcast the deploy step packs a bf16-rounded copy of ``W ⊙ s_T``; a ΔW_m
+    computed from a re-quantization of the exact product then misses the codes that rounded
+    differently, and full-rank CMC no longer restores ``x Wᵀ`` (this failed before the fix)."""
+    from mmcompress.quant.methods.masquant import MASQuant
+
+    monkeypatch.setattr(MASQuant, "float32_math", False)
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer, seed=4)
+    model = model.to(torch.bfloat16)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
+    original = copy.deepcopy(model)
+    mmcompress.quantize(model, calib, "masquant", "w4a16", progress=False, epochs=0, rank=1.0)
+    worst = 0.0
+    for name, q in model.named_modules():
+        if isinstance(q, MASLinear) and q.rank:
+            w = original.get_submodule(name).weight.double()
+            for m in (IMAGE, 2):
+                s_m = q.input_smoothing[m].double()
+                restored = q.quantized_weight().double() + (q.cmc_left[m].double() @ q.cmc_right[m].double()).T
+                worst = max(worst, float((restored - w * s_m).norm() / (w * s_m).norm().detach()))
+    assert worst < 5e-3, worst  # 0.028 before the fix, 0.001 after

@@ -214,3 +214,19 @@ def test_divergence_budget_is_respected_in_the_deployed_model(omni):
     assert _rel(m(**x).logits, ref) < 0.5  # still a working model
     with pytest.raises(ValueError, match="divergence"):
         mmcompress.quantize(copy.deepcopy(model), calib, "masquant", "w4a8", progress=False, divergence="some")
+
+
+def test_split_is_trained_with_the_same_divergence_budget_as_cmc(omni):
+    """"CMC vs split" compares like with like: by default the split form is trained under CMC's budget
+    (rows differ from text on at most r channels); ``divergence="free"`` trains both freely."""
+    model, calib, x = omni
+    q_path = "model.language_model.layers.0.self_attn.q_proj"
+    rows = {}
+    for cmc, div in [("whitened", "cmc"), ("split", "cmc"), ("split", "free")]:
+        m = copy.deepcopy(model)
+        mmcompress.quantize(m, calib, "masquant", "w4a8", progress=False, epochs=1, cmc=cmc, divergence=div,
+                            rank=4, rank_floor=0)
+        q = m.get_submodule(q_path)
+        rows[cmc, div] = [int((q.input_smoothing[mod] != q.input_smoothing[TEXT]).sum()) for mod in (IMAGE, AUDIO)]
+    assert all(0 < n <= 4 for n in rows["whitened", "cmc"] + rows["split", "cmc"]), rows
+    assert all(n > 4 for n in rows["split", "free"]), rows

@@ -293,8 +293,8 @@ class MASQuant(QuantMethod):
     at most ``r`` channels (``r`` = the CMC rank; :func:`project_divergence`, applied at the
     initialisation and after every optimiser step), so that the low-rank correction can represent
     ``W ⊙ (s_m − s_T)``; ``"free"`` is the paper's unconstrained training; an integer sets the budget.
-    Measured on omni-mini W4A8 (8 calibration samples, 1 epoch; accumulated SQNR text / image / audio):
-    free 13.1 / −20.2 / −0.8 dB, cmc 13.6 / 8.5 / 9.6 dB, SmoothQuant 13.4 / 7.6 / 7.7 dB."""
+    ``cmc="split"`` takes the same budget as CMC would (so "CMC vs split" compares like with like);
+    ``cmc="none"`` trains freely.  Held-out measurements: docs/results.md (issue 17 re-run)."""
 
     name = "masquant"
     needs_fp_chain = True
@@ -461,7 +461,7 @@ class MASQuant(QuantMethod):
             return None
         if isinstance(self.divergence, int):
             return self.divergence
-        if self.cmc not in ("whitened", "plain"):
+        if self.cmc not in ("whitened", "plain", "split"):  # split: trained as CMC is, so the two compare
             return None
         shapes = [layer.get_submodule(p).weight.shape for p in group.readers]  # [out, in]
         return min(cmc_rank(self.rank, sh[1], sh[0], self.rank_floor) for sh in shapes)
@@ -491,7 +491,11 @@ class MASQuant(QuantMethod):
         if original.bias is not None:
             q.bias.data.copy_(original.bias.data)
         q.input_smoothing.copy_(s.float())
-        w_hat = fake_quantize_weight((w * s[TEXT]).float(), scheme.wbits, scheme.group_size, scheme.sym).double()
+        if self.cmc != "split":
+            q.pack()
+        # ΔW_m against the weight that is stored (the packed codes and step sizes, dequantized), not a
+        # re-quantization of W ⊙ s_T that could round differently (e.g. from a copy in the model's dtype)
+        w_hat = q.quantized_weight().double()
         if self.cmc == "split":
             for m in range(ROWS):
                 q.split_weight[m].copy_(fake_quantize_weight((w * s[m]).float(), scheme.wbits, scheme.group_size,
@@ -509,8 +513,6 @@ class MASQuant(QuantMethod):
                 right = fake_quantize_weight(right.float(), self.cmc_bits).double()
             q.cmc_left[m].copy_(left.to(dtype))
             q.cmc_right[m].copy_(right.to(dtype))
-        if self.cmc != "split":
-            q.pack()
         return q
 
     def _account(self, layer, adapter) -> None:
