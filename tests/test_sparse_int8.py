@@ -266,23 +266,24 @@ def test_bench_decode_joint_tiny(cpu_kernel, capsys):
             "peak_rss_bytes"} <= set(res)
     assert res["compressed"] == "joint" and res["dense_baseline"] in ("torch_bf16", "kernel_at_0pct")
     # tiny: hidden 256, intermediate 688; int8 codes + per-output-channel fp32 scale and int32 zero correction,
-    # plus the 256x256 adapter as a compress --recipe artifact stores it (int8 codes, fp32 scale and zero
-    # point per output), vs the bf16 projections
+    # plus the bf16 256x256 adapter (the recipe's default), vs the bf16 projections
     proj = 4 * 256 * 256 + 3 * 256 * 688
     outs = 4 * 256 + 2 * 688 + 256  # q, k, v, o | gate, up | down
     assert res["dense_weight_bytes"] == 2 * proj
-    assert res["joint_adapters"] == "w8a16"
-    assert res["weight_bytes"] == proj + 8 * outs + 256 * 256 + 8 * 256
-    rc = main(["bench", "decode", "tiny:1", "--sparsity", "0.5", "--scheme", "w8a8", "--tokens", "2", "--prompt", "10",
-               "--rounds", "1", "--json", "--joint-adapters", "float"])
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rc == 0 and res["joint_adapters"] == "float"
+    assert res["joint_adapters"] == "float"
     assert res["weight_bytes"] == proj + 8 * outs + 2 * 256 * 256
+    # adapters: w8a16 (int8 codes, fp32 scale and zero point per output)
+    rc = main(["bench", "decode", "tiny:1", "--sparsity", "0.5", "--scheme", "w8a8", "--tokens", "2", "--prompt", "10",
+               "--rounds", "1", "--json", "--joint-adapters", "w8a16"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and res["joint_adapters"] == "w8a16"
+    assert res["weight_bytes"] == proj + 8 * outs + 256 * 256 + 8 * 256
 
 
 def test_recipe_quantizes_residual_adapters(cpu_kernel, tokenizer, tmp_path, stable_topk):
-    """A quantize step after LaRoSA stores the residual adapters as 8-bit weight-only linears (the
-    default); they save and load as such, run on the integer path when deployed, and cost little."""
+    """``adapters: w8a16`` in a quantize step after LaRoSA stores the residual adapters as 8-bit
+    weight-only linears (the default keeps them float); they save and load as such and run on the
+    integer path when deployed."""
     import mmcompress
     from mmcompress.quant.deployed import IntLinear
     from mmcompress.quant.linear import QuantLinear
@@ -290,8 +291,8 @@ def test_recipe_quantizes_residual_adapters(cpu_kernel, tokenizer, tmp_path, sta
     from mmcompress.sparse.decode import enable_sparse_decode
     from mmcompress.sparse.merge import ResidualAdaptedLayer
 
-    model, tok = _joint_model(tokenizer)
-    floats, _ = _joint_model(tokenizer, adapters="float")
+    model, tok = _joint_model(tokenizer, adapters="w8a16")
+    floats, _ = _joint_model(tokenizer)
     adapted = [m for m in model.modules() if isinstance(m, ResidualAdaptedLayer) and m.residual_adapter is not None]
     assert adapted and all(type(m.residual_adapter) is QuantLinear and m.residual_adapter.packed
                            and m.residual_adapter.scheme.name == "w8a16" for m in adapted)

@@ -384,7 +384,7 @@ class _Decoder:
 def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, sparsity: float = 0.4,
                                tokens: int = 16, prompt: int = 16, rounds: int = 3, backend: str = "auto",
                                dtype="bf16", seed: int = 0, device="cpu", scheme: str | None = None,
-                               log=None, adapter_bits: int = 8) -> dict:
+                               log=None, adapter_bits: int = 16) -> dict:
     """Dense vs LaRoSA (and, with ``scheme``, LaRoSA + ``scheme`` deployed on the sparse int8 kernel) on a
     synthetic stack, all decoding in lockstep in one process.  ``dense_tok_s`` / ``speedup`` are against
     the fastest dense path measured (``dense_baseline``: torch ``dtype`` or our kernel at 0 %)."""
@@ -416,7 +416,7 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     sparse = nn.ModuleList(sparse_layers)
     joint = None
     if scheme:
-        def int8_adapter():  # as a compress --recipe artifact stores it (quantize_residual_adapters), deployed
+        def int8_adapter():  # as a recipe with adapters: w8a16 stores it (quantize_residual_adapters), deployed
             from .quant.deployed import IntLinear
             from .quant.linear import QuantLinear
             from .quant.quantizer import resolve_scheme

@@ -54,9 +54,9 @@ def register(subparsers) -> None:
                    help="synthetic stack: without --sparsity, integer-path decode of this scheme (w8a8 | w4a8 | w4a6 | "
                         "w4a16) vs the fastest dense path (torch bf16, torch fp32, our kernel at 0%%); with "
                         "--sparsity, LaRoSA + SCHEME (w8a8) on the sparse int8 kernel")
-    d.add_argument("--joint-adapters", choices=("w8a16", "float"), default="w8a16",
-                   help="synthetic stack, --sparsity with --scheme: LaRoSA's residual adapters as a compress --recipe "
-                        "artifact stores them (w8a16, the default) or in the stack's float dtype")
+    d.add_argument("--joint-adapters", choices=("float", "w8a16"), default="float",
+                   help="synthetic stack, --sparsity with --scheme: LaRoSA's residual adapters in the stack's dtype "
+                        "(the recipe default) or 8-bit weight-only (a recipe with adapters: w8a16)")
     d.add_argument("--compile", action="store_true",
                    help="model directory: capture the compressed model's decode step with torch.compile")
     add_common(d)

@@ -9,9 +9,9 @@ A recipe file (YAML or JSON)::
 Every step uses the same calibration set.  Quantizing after activation sparsity keeps each
 projection's Top-K (or threshold) in front of the quantizer: ``y = Q_a(S_k(x) / s) Ŵᵀ``; smoothing
 is then a run-time division (folding it into a norm would change which channels Top-K keeps).  The
-same step stores LaRoSA's residual adapters as 8-bit weight-only linears (``adapters: w8a16``, the
-default; ``adapters: float`` keeps them in the model's dtype; see
-:func:`mmcompress.sparse.joint.quantize_residual_adapters`).
+same step keeps LaRoSA's residual adapters in the model's dtype (``adapters: float``, the default) or
+stores them as 8-bit weight-only linears (``adapters: w8a16``: half their decode bytes, at a measured
+perplexity cost; see :func:`mmcompress.sparse.joint.quantize_residual_adapters`).
 MASQuant is not available after sparsity (its training forward has no sparse path).
 """
 
@@ -114,7 +114,7 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
             sparsify(model, calib, method=method, sparsity=sparsity, device=device, progress=progress, **opts)
         else:
             scheme = opts.pop("scheme", "w8a8")
-            adapters = opts.pop("adapters", "w8a16")
+            adapters = opts.pop("adapters", "float")
             quantize(model, calib, method=method, scheme=scheme, device=device, progress=progress, **opts)
             n = quantize_residual_adapters(model, adapters)
             if n:

@@ -212,13 +212,15 @@ ADAPTER_SCHEMES = ("w8a16", "float")  # what a quantize step after LaRoSA does w
 def quantize_residual_adapters(model: nn.Module, scheme: str = "w8a16") -> int:
     """Store every float residual adapter ``r ← r A_l`` of a merged LaRoSA model as a packed
     weight-only 8-bit ``QuantLinear`` (RTN, one step size per output channel, symmetric); returns how
-    many were quantized.  ``scheme="float"`` keeps them as they are.
+    many were quantized.  ``scheme="float"`` keeps them as they are (a recipe's default).
 
     The adapter multiplies the whole residual stream, whose massive-activation channels make per-token
     activation quantization unusable there, so only the weight is quantized: ``r ← r Âᵀ`` with
-    ``Â = Δ·rne(A/Δ)``.  ``A`` is a product of orthogonal bases (entries ~ d^-1/2, no outliers), so a
-    per-channel 8-bit grid holds it well (``benchmarks/adapter_bits.py`` measures the perplexity cost).
-    At decode this halves the adapters' bytes (bf16 → int8) on the weight-only integer kernel."""
+    ``Â = Δ·rne(A/Δ)``.  At decode this halves the adapters' bytes (bf16 → int8) on the weight-only
+    integer kernel, but the error is relative to the whole residual stream, not to one block's
+    increment, and it adds up over the layers: on smollm2-135m LaRoSA-40 % + W8A8 the wiki perplexity
+    goes from 15.37 (bf16 adapters) to 17.00 (``benchmarks/adapter_bits.py``; g32 grids: 16.01).  Hence
+    opt-in."""
     from ..quant.quantizer import resolve_scheme
     from .merge import ResidualAdaptedLayer
 
