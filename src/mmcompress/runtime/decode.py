@@ -378,9 +378,12 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 eos_token_id: int | list[int] | None = None, timings: dict | None = None) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, timings: dict | None = None, min_new_tokens: int = 0,
+                 on_token=None) -> torch.Tensor:
         """``input_ids`` ``[1, L]`` followed by up to ``max_new_tokens`` tokens (stops after an EOS token
-        when ``eos_token_id`` is given).  ``timings``, if a dict, receives ``prefill_s`` and the per-token
+        when ``eos_token_id`` is given; before ``min_new_tokens`` new tokens the EOS tokens' logits are
+        ``-inf``, as HF's ``min_new_tokens``).  ``on_token(id)`` is called with each new token as soon as
+        it is chosen (streaming).  ``timings``, if a dict, receives ``prefill_s`` and the per-token
         ``step_s`` list (the decode steps, excluding the prefill that yields the first new token)."""
         ids = input_ids.to(self.device)
         if ids.dim() != 2 or ids.shape[0] != 1:
@@ -394,21 +397,32 @@ class DecodeEngine:
         self._reset()
         fwd = self._forward if self.path == "fast" else self._hf_forward
         step = self._step if self.path == "fast" else self._hf_forward
-        pick = lambda lg: self._pick(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+        suppress = sorted(eos) if eos and min_new_tokens > 0 else None
+
+        def pick(lg, i):
+            if suppress is not None and i < min_new_tokens:
+                lg = lg.clone()
+                lg[..., suppress] = float("-inf")
+            return self._pick(lg, do_sample, temperature, top_k, top_p, generator)
+
         out = [ids]
         t0 = time.perf_counter()
-        nxt = pick(fwd(ids, 0))
+        nxt = pick(fwd(ids, 0), 0)
         steps = []
         if timings is not None:
             timings["prefill_s"] = time.perf_counter() - t0
         out.append(nxt)
+        if on_token is not None:
+            on_token(int(nxt))
         for i in range(1, max_new_tokens):
             if eos and int(nxt) in eos:
                 break
             t0 = time.perf_counter()
-            nxt = pick(step(nxt, L + i - 1))
+            nxt = pick(step(nxt, L + i - 1), i)
             steps.append(time.perf_counter() - t0)
             out.append(nxt)
+            if on_token is not None:
+                on_token(int(nxt))
         if timings is not None:
             timings["step_s"] = steps
         return torch.cat(out, dim=1)
