@@ -200,3 +200,28 @@ def test_other_families_keep_transformers_generate(tmp_path, tokenizer):
     ids = torch.randint(0, len(tok) - 10, (1, 7), generator=torch.Generator().manual_seed(0))
     assert rgen._engine_plan(loaded, ids, {"max_new_tokens": 5}) is None  # not the fast path
     assert torch.equal(loaded.generate(ids, max_new_tokens=5, do_sample=False), _hf(loaded, ids, 5))
+
+
+def test_bf16_w4a16_engine_uses_the_modules_kernels(tmp_path, tokenizer):
+    """A bf16 W4A16 artifact whose shapes take the bf16-activation kernel (K, group multiples of 128): the
+    engine's shared-input groups run that kernel as the modules do (bit-identical), so its tokens are
+    transformers'."""
+    from mmcompress.models.tiny import tiny_model
+    from mmcompress.quant import kernels
+
+    if not kernels._cpu.bf16_available():
+        pytest.skip("no AVX512_BF16 kernel here")
+    model, tok = tiny_model("llama", tokenizer=tokenizer, hidden=128, intermediate=256, dtype=torch.bfloat16)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w4a16", progress=False)
+    loaded = mmcompress.load(mmcompress.save(model, tmp_path / "bf16-w4a16"))
+    eng = DecodeEngine(loaded, max_len=32)
+    layer, mods = eng.layers[0], loaded.model.layers[0]
+    assert all(layer.qkv.bf16_ok) and all(layer.gate_up.bf16_ok) and all(layer.down1.bf16_ok)
+    with torch.no_grad():
+        x = (torch.randn(1, 1, 128) * 3).bfloat16()
+        for got, mod in zip(layer.qkv(x), (layer.q, layer.k, layer.v)):
+            assert torch.equal(got, mod(x))
+        y = torch.randn(1, 1, 256).bfloat16()
+        assert torch.equal(layer.down1(y)[0], mods.mlp.down_proj(y))
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(eng.generate(ids, 12), _hf(loaded, ids, 12))

@@ -72,6 +72,9 @@ class _SharedInput:
             scale, zero = (t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
                            for t in (m.weight_scale, m.weight_zero))
             self.args.append((m.weight_codes, scale, zero, 4 if sch.wbits <= 4 else 8, group, sch.sym, m.bias))
+        from ..quant.kernels import _bf16_ok
+
+        self.bf16_ok = [_bf16_ok(m.in_features, a[4]) for m, a in zip(mods, self.args)]
 
     @staticmethod
     def make(mods):
@@ -94,17 +97,18 @@ class _SharedInput:
         return _SharedInput(mods)
 
     def __call__(self, x):
-        from ..quant.quantizer import quantize_activation
+        from ..quant.kernels import quantize_act
 
         ops = torch.ops.mmcompress_int
         xs = x if self.smoothing is None else x / self.smoothing[0].to(x.dtype)
         xs = xs.reshape(-1, xs.shape[-1])
-        if self.weight_only:
+        if self.weight_only:  # as int_matmul: bf16 activations on the bf16 kernel where it takes the shape
             xf = xs.float().contiguous()
-            ys = [ops.float_act_gemm(xf, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
+            xb = xs.contiguous() if xs.dtype == torch.bfloat16 else None
+            ys = [ops.bf16_act_gemm(xb, c, sc, z, b, g, sym) if xb is not None and b == 4 and ok
+                  else ops.float_act_gemm(xf, c, sc, z, b, g, sym) for (c, sc, z, b, g, sym, _), ok in zip(self.args, self.bf16_ok)]
         else:
-            xq, sx = quantize_activation(xs, self.abits)
-            xq, sx = xq.contiguous(), sx.float().reshape(-1).contiguous()
+            xq, sx = quantize_act(xs, self.abits)
             ys = [ops.int8_act_gemm(xq, sx, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
         out = []
         for y, a in zip(ys, self.args):
@@ -210,6 +214,14 @@ def _register_fake_kernels() -> None:
             @torch.library.register_fake("mmcompress_int::float_act_gemm")
             def _(x, w, scale, zero, bits, group, sym):
                 return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+            @torch.library.register_fake("mmcompress_int::bf16_act_gemm")
+            def _(x, w, scale, zero, bits, group, sym):
+                return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+            @torch.library.register_fake("mmcompress_int::quantize_act")
+            def _(x, bits, eps):
+                return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
     except Exception as e:  # already registered elsewhere, or an older torch
         print(f"mmcompress: no fake kernels for torch.compile ({type(e).__name__}: {e})", file=sys.stderr)
 
