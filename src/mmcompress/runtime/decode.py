@@ -25,12 +25,13 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     one call per token, without ``generate``'s per-token overhead.
 
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
-integer kernels are registered with fake implementations so that the graph keeps them as custom
-ops).  The step then attends over the whole preallocated cache under a position mask, so its shapes
-never change.  If compiling fails (no C++ compiler for inductor, an op it cannot trace), the engine
-prints one line on stderr and stays eager.  Experimental and not exact: on smollm2 W8A8 the compiled
-step's greedy tokens differ from the eager step's (inductor's fused arithmetic rounds differently;
-docs/runtime.md), so eager is the default.
+integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
+that the graph keeps them as opaque custom ops).  The step then attends over the whole preallocated cache
+under a position mask, so its shapes never change.  If compiling fails (no C++ compiler for inductor, an
+op it cannot trace), the engine prints one line on stderr and stays eager.  Experimental: before the
+quantizer became one op, the compiled step's greedy tokens on smollm2 W8A8 differed from the eager step's;
+inductor still fuses the norms (its own reduction order), so bit-equality with eager is not guaranteed
+(docs/runtime.md), and eager is the default.
 """
 
 from __future__ import annotations
