@@ -21,7 +21,7 @@ def _prompt(tok, n=9, seed=1):
 
 
 def _hf_greedy(model, ids, n):
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = type(model).generate(model, ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     return out
 
 

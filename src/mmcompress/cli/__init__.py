@@ -139,7 +139,8 @@ def _not_installed(modname: str):
 def _plugins():
     """Subcommands that live next to their feature (sparsify, bench, export, lm-eval)."""
     modules = [import_optional(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
-                                            "mmcompress.eval.lm_eval_adapter")]
+                                            "mmcompress.eval.lm_eval_adapter",
+                                            "mmcompress.runtime.cli")]  # generate
     return [m.register for m in modules if m is not None]
 
 

@@ -172,7 +172,8 @@ def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *
     """Load a directory written by :func:`save` (the same logits as the saved in-memory model).
 
     ``runtime="int"`` (default) runs packed quantized layers on integer kernels
-    (:mod:`mmcompress.quant.deployed`); ``"reference"`` keeps the fake-quant forward."""
+    (:mod:`mmcompress.quant.deployed`); ``"reference"`` keeps the fake-quant forward.  The model's
+    ``generate`` runs greedy batch-1 calls on the decode engine (:mod:`mmcompress.runtime.generate`)."""
     from accelerate import init_empty_weights
 
     runtime = runtime or _DEFAULT_RUNTIME["runtime"]
@@ -228,7 +229,9 @@ def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *
     model._mmcompress_description = {k: v for k, v in manifest.items() if k != "modules"}
     model._mmcompress_source = str(path)
     _install_runtime(model)
-    return deploy(model, runtime)
+    from ..runtime.generate import install_engine_generate  # model.generate on the decode engine where exact
+
+    return install_engine_generate(deploy(model, runtime))
 
 
 def load_model(path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",

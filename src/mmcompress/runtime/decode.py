@@ -25,12 +25,13 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     one call per token, without ``generate``'s per-token overhead.
 
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
-integer kernels are registered with fake implementations so that the graph keeps them as custom
-ops).  The step then attends over the whole preallocated cache under a position mask, so its shapes
-never change.  If compiling fails (no C++ compiler for inductor, an op it cannot trace), the engine
-prints one line on stderr and stays eager.  Experimental and not exact: on smollm2 W8A8 the compiled
-step's greedy tokens differ from the eager step's (inductor's fused arithmetic rounds differently;
-docs/runtime.md), so eager is the default.
+integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
+that the graph keeps them as opaque custom ops).  The step then attends over the whole preallocated cache
+under a position mask, so its shapes never change.  If compiling fails (no C++ compiler for inductor, an
+op it cannot trace), the engine prints one line on stderr and stays eager.  Experimental: before the
+quantizer became one op, the compiled step's greedy tokens on smollm2 W8A8 differed from the eager step's;
+inductor still fuses the norms (its own reduction order), so bit-equality with eager is not guaranteed
+(docs/runtime.md), and eager is the default.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class _SharedInput:
             scale, zero = (t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
                            for t in (m.weight_scale, m.weight_zero))
             self.args.append((m.weight_codes, scale, zero, 4 if sch.wbits <= 4 else 8, group, sch.sym, m.bias))
+        from ..quant.kernels import _bf16_ok
+
+        self.bf16_ok = [_bf16_ok(m.in_features, a[4]) for m, a in zip(mods, self.args)]
 
     @staticmethod
     def make(mods):
@@ -94,17 +98,18 @@ class _SharedInput:
         return _SharedInput(mods)
 
     def __call__(self, x):
-        from ..quant.quantizer import quantize_activation
+        from ..quant.kernels import quantize_act
 
         ops = torch.ops.mmcompress_int
         xs = x if self.smoothing is None else x / self.smoothing[0].to(x.dtype)
         xs = xs.reshape(-1, xs.shape[-1])
-        if self.weight_only:
+        if self.weight_only:  # as int_matmul: bf16 activations on the bf16 kernel where it takes the shape
             xf = xs.float().contiguous()
-            ys = [ops.float_act_gemm(xf, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
+            xb = xs.contiguous() if xs.dtype == torch.bfloat16 else None
+            ys = [ops.bf16_act_gemm(xb, c, sc, z, b, g, sym) if xb is not None and b == 4 and ok
+                  else ops.float_act_gemm(xf, c, sc, z, b, g, sym) for (c, sc, z, b, g, sym, _), ok in zip(self.args, self.bf16_ok)]
         else:
-            xq, sx = quantize_activation(xs, self.abits)
-            xq, sx = xq.contiguous(), sx.float().reshape(-1).contiguous()
+            xq, sx = quantize_act(xs, self.abits)
             ys = [ops.int8_act_gemm(xq, sx, c, sc, z, b, g, sym) for c, sc, z, b, g, sym, _ in self.args]
         out = []
         for y, a in zip(ys, self.args):
@@ -210,6 +215,14 @@ def _register_fake_kernels() -> None:
             @torch.library.register_fake("mmcompress_int::float_act_gemm")
             def _(x, w, scale, zero, bits, group, sym):
                 return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+            @torch.library.register_fake("mmcompress_int::bf16_act_gemm")
+            def _(x, w, scale, zero, bits, group, sym):
+                return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+            @torch.library.register_fake("mmcompress_int::quantize_act")
+            def _(x, bits, eps):
+                return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
     except Exception as e:  # already registered elsewhere, or an older torch
         print(f"mmcompress: no fake kernels for torch.compile ({type(e).__name__}: {e})", file=sys.stderr)
 
@@ -378,9 +391,12 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 eos_token_id: int | list[int] | None = None, timings: dict | None = None) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, timings: dict | None = None, min_new_tokens: int = 0,
+                 on_token=None) -> torch.Tensor:
         """``input_ids`` ``[1, L]`` followed by up to ``max_new_tokens`` tokens (stops after an EOS token
-        when ``eos_token_id`` is given).  ``timings``, if a dict, receives ``prefill_s`` and the per-token
+        when ``eos_token_id`` is given; before ``min_new_tokens`` new tokens the EOS tokens' logits are
+        ``-inf``, as HF's ``min_new_tokens``).  ``on_token(id)`` is called with each new token as soon as
+        it is chosen (streaming).  ``timings``, if a dict, receives ``prefill_s`` and the per-token
         ``step_s`` list (the decode steps, excluding the prefill that yields the first new token)."""
         ids = input_ids.to(self.device)
         if ids.dim() != 2 or ids.shape[0] != 1:
@@ -394,21 +410,32 @@ class DecodeEngine:
         self._reset()
         fwd = self._forward if self.path == "fast" else self._hf_forward
         step = self._step if self.path == "fast" else self._hf_forward
-        pick = lambda lg: self._pick(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+        suppress = sorted(eos) if eos and min_new_tokens > 0 else None
+
+        def pick(lg, i):
+            if suppress is not None and i < min_new_tokens:
+                lg = lg.clone()
+                lg[..., suppress] = float("-inf")
+            return self._pick(lg, do_sample, temperature, top_k, top_p, generator)
+
         out = [ids]
         t0 = time.perf_counter()
-        nxt = pick(fwd(ids, 0))
+        nxt = pick(fwd(ids, 0), 0)
         steps = []
         if timings is not None:
             timings["prefill_s"] = time.perf_counter() - t0
         out.append(nxt)
+        if on_token is not None:
+            on_token(int(nxt))
         for i in range(1, max_new_tokens):
             if eos and int(nxt) in eos:
                 break
             t0 = time.perf_counter()
-            nxt = pick(step(nxt, L + i - 1))
+            nxt = pick(step(nxt, L + i - 1), i)
             steps.append(time.perf_counter() - t0)
             out.append(nxt)
+            if on_token is not None:
+                on_token(int(nxt))
         if timings is not None:
             timings["step_s"] = steps
         return torch.cat(out, dim=1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantizer import QuantScheme, dequantize_weight, quantize_activation, unpack_int4
+from ..quantizer import QuantScheme, _eps, dequantize_weight, quantize_activation, unpack_int4
 from . import cpu as _cpu
 
 KERNEL_BITS = {w: (4 if w <= 4 else 8) for w in range(2, 9)}  # weight bits -> code container
@@ -53,6 +53,20 @@ def path_for(scheme: QuantScheme, in_features: int, device, rows: int = 1) -> st
     return "cpu"
 
 
+_QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_act(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes (contiguous ``[B, K]``) and float32 step sizes (``[B]``) of a 2-D ``x``:
+    :func:`~mmcompress.quant.quantizer.quantize_activation`, bit for bit — in one C++ op
+    (``mmcompress_int::quantize_act``, opaque to ``torch.compile``) on the CPU kernel's machines, else
+    the torch form."""
+    if x.device.type == "cpu" and x.dtype in _QUANT_DTYPES and _cpu.available():
+        return torch.ops.mmcompress_int.quantize_act(x.contiguous(), bits, _eps(x.dtype))
+    xq, sx = quantize_activation(x, bits)
+    return xq.contiguous(), sx.float().reshape(-1).contiguous()
+
+
 def _bf16_ok(in_features: int, group: int) -> bool:
     """Whether the bf16-activation int4 kernel (AVX512_BF16, 128-code blocks) takes this shape."""
     return in_features % 128 == 0 and (group or in_features) % 128 == 0 and _cpu.bf16_available()
@@ -71,9 +85,8 @@ def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
             if bits == 4 and x.dtype == torch.bfloat16 and _bf16_ok(in_features, group):  # exact bf16 products
                 return ops.bf16_act_gemm(x.contiguous(), codes, scale, zero, bits, group, scheme.sym)
             return ops.float_act_gemm(x.float().contiguous(), codes, scale, zero, bits, group, scheme.sym)
-        xq, sx = quantize_activation(x, scheme.abits)
-        return ops.int8_act_gemm(xq.contiguous(), sx.float().reshape(-1).contiguous(), codes, scale, zero, bits,
-                                 group, scheme.sym)
+        xq, sx = quantize_act(x, scheme.abits)
+        return ops.int8_act_gemm(xq, sx, codes, scale, zero, bits, group, scheme.sym)
     q = unpack_int4(codes, in_features) if bits == 4 else codes
     if scheme.weight_only:  # a temporary dequantized weight, freed on return
         w = dequantize_weight(q, scale, zero, scheme.wbits, scheme.group_size, scheme.sym)

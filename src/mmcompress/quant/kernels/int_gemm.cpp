@@ -31,7 +31,9 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -434,6 +436,62 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
 
 bool bf16_act_available() { return kHaveBf16; }
 
+// ---- the per-token activation quantizer ---------------------------------------------------------
+// Bit-identical to quantizer.quantize_activation, in one op (the torch form is ~8 ops per call, and
+// inside torch.compile inductor rewrote its divisions): per row b of x [B, K] (fp32, bf16 or fp16),
+//   s_b = max(max_k |x_bk| / qmax, eps)        (in x's dtype: one IEEE division, rounded to the dtype)
+//   q_bk = clamp(rne(x_bk / s_b), -qmax, qmax)  (x_bk / s_b rounded to x's dtype first)
+// as ATen's CPU kernels compute them (reduced types: float division, round-to-nearest-even back to the
+// dtype; true divisions, never a reciprocal: no -ffast-math here).  Returns the int8 codes and s as
+// float32 [B] (exact: s is a value of x's dtype).  Non-finite inputs are not specified.
+template <typename T>
+void quantize_rows(const T* x, int8_t* q, float* s, int64_t b0, int64_t b1, int64_t K, float qmax, T eps) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* row = x + b * K;
+    float m = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(static_cast<float>(row[k]));
+      m = a > m ? a : m;
+    }
+    T st = static_cast<T>(m / qmax);
+    st = st < eps ? eps : st;  // clamp(min=eps) as std::max(a, min)
+    const float sf = static_cast<float>(st);
+    int8_t* qr = q + b * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = static_cast<float>(static_cast<T>(static_cast<float>(row[k]) / sf));
+      float r = std::nearbyint(v);
+      r = r < -qmax ? -qmax : (r > qmax ? qmax : r);
+      qr[k] = static_cast<int8_t>(r);
+    }
+    s[b] = sf;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, int64_t bits, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [B, K]");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits: 2..8");
+  const int64_t B = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({B, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({B}, x.options().dtype(at::kFloat));
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = s.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xd = static_cast<const T*>(x.data_ptr());
+    const T e = static_cast<T>(static_cast<float>(eps));
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { quantize_rows<T>(xd, qd, sd, b0, b1, K, qmax, e); });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "quantize_act: x must be float32, bfloat16 or float16");
+  }
+  return {q, s};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmcompress_int, m) {
@@ -441,10 +499,12 @@ TORCH_LIBRARY(mmcompress_int, m) {
   m.def("float_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
   m.def("bf16_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
   m.def("bf16_act_available() -> bool", &bf16_act_available);
+  m.def("quantize_act(Tensor x, int bits, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmcompress_int, CPU, m) {
   m.impl("int8_act_gemm", &int8_act_gemm);
   m.impl("float_act_gemm", &float_act_gemm);
   m.impl("bf16_act_gemm", &bf16_act_gemm);
+  m.impl("quantize_act", &quantize_act);
 }

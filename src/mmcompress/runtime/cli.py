@@ -1,0 +1,159 @@
+"""``mmcompress generate MODEL_DIR --prompt TEXT``: text from an artifact or a plain model directory on the
+decode engine (batch 1, greedy unless ``--temperature``), streamed to stdout token by token (a CLI plugin)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..cli.common import CLIError, add_common, add_trust
+
+
+def register(subparsers) -> None:
+    g = subparsers.add_parser("generate", help="generate text from an artifact or model directory on the decode engine "
+                                               "(batch 1, streamed)")
+    g.add_argument("model", help="mmcompress artifact or local Hugging Face model directory")
+    g.add_argument("--prompt", required=True, help="the prompt text (tokenized as is, with the tokenizer's special tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64; stops at EOS)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--dtype", default="auto", help="plain model directories: auto (the checkpoint's), float32, "
+                                                   "bfloat16, float16 (artifacts run in their own dtype)")
+    g.add_argument("--compile", action="store_true",
+                   help="capture the single-token step with torch.compile (experimental; docs/runtime.md)")
+    add_common(g)
+    add_trust(g)
+    g.set_defaults(func=cmd_generate)
+
+
+def _check_args(args) -> None:
+    if not args.prompt.strip():
+        raise CLIError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+class _Stream:
+    """Prints the text of the new tokens as they come (whole-sequence decoding, so multi-byte characters
+    split over tokens appear once complete)."""
+
+    def __init__(self, tok, out):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.out is None:
+            return
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def end(self) -> None:
+        if self.out is not None:
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.out.write(text[len(self.shown):] + "\n")
+            self.out.flush()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def cmd_generate(args) -> dict:
+    from ..export.serialization import is_artifact, load_model
+    from ..models.loading import load_tokenizer, read_config
+    from .decode import DecodeEngine
+    from .generate import prepare
+
+    _check_args(args)
+    path = Path(args.model)
+    read_config(path, trust_remote_code=args.trust_remote_code)  # a missing directory / config.json: one line
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise CLIError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    try:
+        tok = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        if "trust-remote-code" in str(e):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"{path}: the tokenizer cannot be loaded ({msg})") from None
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise CLIError("--prompt gives no tokens")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load_model(path, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    prepare(model)
+    load_s = time.perf_counter() - t0
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    stream = _Stream(tok, None if args.json else sys.stdout)
+    sample = args.temperature > 0
+    n = args.max_new_tokens
+    timings: dict = {}
+    if type(model).__name__.endswith("ForCausalLM"):  # text-only decoders: the engine (fast or hf path)
+        eng = DecodeEngine(model, max_len=ids.shape[1] + n, compile=args.compile)
+        out = eng.generate(ids, n, do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k,
+                           top_p=args.top_p, generator=torch.Generator(device=eng.device).manual_seed(args.seed),
+                           eos_token_id=eos, timings=timings, on_token=stream)
+        path_used, compiled = eng.path, eng.compiled
+    else:  # multimodal wrappers and other heads: transformers' generate, streamed the same way
+        path_used, compiled = "transformers", False
+        out = _hf_generate(model, ids, n, sample, args, stream)
+    stream.end()
+    steps = timings.get("step_s") or []
+    res = {"model": str(path), "artifact": is_artifact(path), "runtime": getattr(model, "_mmcompress_runtime", None),
+           "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""), "decode_path": path_used,
+           "compiled": compiled, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]),
+           "new_tokens": int(out.shape[1] - ids.shape[1]), "ids": out[0, ids.shape[1]:].tolist(),
+           "text": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), "load_s": round(load_s, 3)}
+    if timings:
+        res["prefill_s"] = round(timings["prefill_s"], 4)
+        res["tok_s"] = round(len(steps) / sum(steps), 3) if steps and sum(steps) > 0 else None
+    print(f"mmcompress generate: {res['new_tokens']} tokens after {res['prompt_tokens']} ({path_used} path"
+          + (", compiled" if compiled else "") + (f"; prefill {res['prefill_s']} s" if timings else "")
+          + (f", decode {res['tok_s']} tok/s" if res.get("tok_s") else "") + ")", file=sys.stderr)
+    return res
+
+
+def _hf_generate(model, ids, n, sample, args, stream):
+    class _Streamer:  # transformers' streamer protocol: put(prompt), put(token)..., end()
+        first = True
+
+        def put(self, value):
+            if self.first:
+                self.first = False
+                return
+            for t in value.reshape(-1).tolist():
+                stream(int(t))
+
+        def end(self):
+            pass
+
+    if sample:
+        torch.manual_seed(args.seed)
+    kw = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if sample \
+        else dict(do_sample=False)
+    dev = model.get_input_embeddings().weight.device
+    return type(model).generate(model, ids.to(dev), max_new_tokens=n, streamer=_Streamer(), **kw).cpu()
+
+
+__all__ = ["cmd_generate", "register"]
