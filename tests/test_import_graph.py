@@ -171,7 +171,8 @@ LAYERS = [
     ("artifacts and runtime", ["mmcompress.export", "mmcompress.recipe", "mmcompress.streaming", "mmcompress.runtime",
                                "mmcompress.vllm_plugin"]),
     ("evaluation", ["mmcompress.eval"]),
-    ("cli", ["mmcompress.cli", "mmcompress.sparse.cli", "mmcompress.export.cli", "mmcompress.eval.lm_eval_adapter"]),
+    ("cli", ["mmcompress.cli", "mmcompress.sparse.cli", "mmcompress.export.cli", "mmcompress.runtime.cli",
+             "mmcompress.eval.lm_eval_adapter"]),
     ("lab", list(LAB)),
 ]
 # The imports allowed to go up, each with its reason (the bound: at most 2).  None left: options owns
