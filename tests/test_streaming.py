@@ -130,20 +130,65 @@ def test_a_run_writes_its_artifact_about_once(tmp_path, calib_text, method, extr
     assert written <= 1.5 * artifact + activations + side_files + 64 * 1024, (written, artifact, side_files)
 
 
-def test_streaming_a_renamed_checkpoint_falls_back_with_a_notice(tmp_path, calib_text, capsys, tokenizer):
-    """transformers renames Qwen2.5-VL's checkpoint tensors on load: the default run says in one line why it
-    loads the whole model; --stream makes that an error."""
+@pytest.fixture(params=["qwen2_5_vl", "qwen2_5_omni"])
+def mm_dir(request, tmp_path, tokenizer):
+    """A tiny VL / Omni model whose checkpoint has the names transformers renames on load, with a
+    calibration file of image (and audio) samples, so that the towers run in the capture pass."""
+    import wave
+
+    import numpy as np
+
+    from mmcompress.models.processing import save_processor
+    from mmcompress.models.tiny import tiny_model, tiny_processor
+
+    from .conftest import make_audio, make_image
+
+    kind = request.param
+    d = tmp_path / kind
+    model, tok = tiny_model(kind, tokenizer=tokenizer)
+    model.save_pretrained(d)
+    save_processor(tiny_processor(kind, tok), d)
+    make_image(1).save(tmp_path / "img.png")
+    lines = [{"text": "describe the red fox", "images": ["img.png"]}, {"text": "just text here"}]
+    if kind == "qwen2_5_omni":
+        pcm = (make_audio(1.0) * 32767).astype(np.int16)
+        with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(pcm.tobytes())
+        lines.append({"text": "transcribe", "audio": ["a.wav"]})
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return d, tmp_path / "calib.jsonl"
+
+
+@pytest.mark.parametrize("method, extra", [("smoothquant", []),
+                                           ("masquant", ["--scheme", "w4a8", "--epochs", "1", "--loss-weights", "scripted"])])
+def test_multimodal_models_stream_with_the_same_bytes(tmp_path, mm_dir, method, extra, capsys):
+    """VL / Omni: the checkpoint's names are mapped by transformers' renaming rules, the towers are read
+    for the capture pass only, and the artifact is the in-memory one."""
+    model_dir, calib = mm_dir
+    argv = ["quantize", str(model_dir), "--method", method, "--calib", str(calib), "--no-progress", *extra]
+    assert main(argv + ["--output", str(tmp_path / "memory"), "--in-memory"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--output", str(tmp_path / "streamed"), "--stream"]) == 0  # --stream: refused if not streamed
+    assert "notice" not in capsys.readouterr().err
+    _same_artifact(tmp_path / "memory", tmp_path / "streamed")
+
+
+def test_gradient_probes_fall_back_with_a_notice(tmp_path, calib_text, capsys, tokenizer):
+    """MASQuant's --loss-weights auto probes gradients through the whole model on multimodal data: the
+    default run says so in one line and loads the whole model; --stream makes it an error."""
     src = save_tiny(tmp_path / "vl", "qwen2_5_vl", tokenizer=tokenizer)
-    argv = ["quantize", str(src), "--method", "smoothquant", "--calib", str(calib_text), "--nsamples", "2",
-            "--seqlen", "16", "--no-progress"]
+    argv = ["quantize", str(src), "--method", "masquant", "--scheme", "w4a8", "--epochs", "1", "--calib",
+            str(calib_text), "--nsamples", "2", "--seqlen", "16", "--no-progress"]
     capsys.readouterr()
     assert main(argv + ["--output", str(tmp_path / "out")]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
-    assert len(notes) == 1 and "loading the whole model into memory (not streamed: the checkpoint stores no tensor" \
-        in notes[0] and "(transformers renames it on load)" in notes[0], notes
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-    rc = main(argv + ["--output", str(tmp_path / "forced"), "--stream"])
-    assert rc == 1
+    assert len(notes) == 1 and "loading the whole model into memory (not streamed: --method masquant with " \
+        "--loss-weights auto probes gradients" in notes[0], notes
+    assert main(argv + ["--output", str(tmp_path / "forced"), "--stream"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert "--stream: the checkpoint stores no tensor" in err[-1] and err[-1].endswith("run with --in-memory")
-    assert not (tmp_path / "forced").exists() and not (tmp_path / "forced.ckpt").exists()
+    assert err[-1].startswith("mmcompress quantize: error: --stream: --method masquant") and \
+        err[-1].endswith("run with --in-memory")
+    assert not (tmp_path / "forced").exists()

@@ -1,22 +1,25 @@
 """Layer streaming: calibrate a model whose decoder layers are read from its checkpoint one at a time.
 
-``quantize --stream`` builds the model skeleton with every parameter on the meta device (buffers such
-as RoPE frequencies are computed as usual), and reads tensors from the safetensors shards only when
-they are used (plain ``pread``, no memory map, as the data-free path does):
+``quantize`` streams by default (``--in-memory`` loads the whole model; a model that cannot be streamed
+is loaded whole with a one-line notice saying why).  The model skeleton is built with every parameter
+on the meta device (buffers such as RoPE frequencies are computed as usual), and tensors are read from
+the safetensors shards only when they are used (plain ``pread``, no memory map, as the data-free path
+does), under the names transformers gives them on load (Qwen2.5-VL/Omni checkpoints store the language
+model under other names: transformers' own renaming rules map them):
 
-1. the parameters outside the decoder layers (embeddings, towers) are read for the capture pass and
-   dropped after it — nothing the quantization methods do changes them;
+1. the parameters outside the decoder layers (embeddings, vision/audio towers) are read for the capture
+   pass and dropped after it — nothing the quantization methods do changes them;
 2. the engine (:func:`mmcompress.engine.run_layerwise`) reads layer ``i`` just before its step, writes
-   the finished layer to its checkpoint file (``layer_i.safetensors``, which it does anyway for
-   ``--resume``) and returns the layer to the meta device;
-3. :func:`save_streamed` writes the artifact tensor by tensor: the untouched tensors from the input
-   checkpoint (cast to the load dtype, as the in-memory load does), the layers from the checkpoint files.
+   the finished layer straight into the artifact being built in the checkpoint directory
+   (:class:`ArtifactLayout`, which ``--resume`` reads back) and returns the layer to the meta device;
+3. :func:`save_streamed` adds the untouched tensors from the input checkpoint (cast to the load dtype,
+   as the in-memory load does) and links the shards into the output.
 
 Peak memory is one decoder layer plus the cached calibration activations (or the embedding table
-during the capture pass, whichever is larger), independent of depth.  The artifact holds the same
-tensors as the in-memory path's.  Not streamed: methods that need the whole model before the layer
-walk (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity methods (their folds
-touch the embeddings and head), torchrun.
+during the capture pass, whichever is larger), independent of depth; each layer is written once.  The
+artifact has the same bytes as the in-memory path's.  Not streamed: methods that need the whole model
+before the layer walk (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity methods
+and recipes (their folds touch the embeddings and head), torchrun.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class LayerStream:
 
         self.model_dir, self.dtype, self.adapter = Path(model_dir), dtype, adapter
         self.sources = checkpoint_tensors(model_dir)
+        self.stored = _loaded_names(model, self.sources)  # {model's name: checkpoint's name} where they differ
         self.readers: dict = {}
         self.tied = _tied_names(model)
         self.model, self.layout = model, None
@@ -53,6 +57,7 @@ class LayerStream:
 
     def _stored_as(self, name: str) -> str | None:
         for n in [name, *self.tied.get(name, ())]:
+            n = self.stored.get(n, n)
             if n in self.sources:
                 return n
         return None
@@ -97,6 +102,31 @@ class LayerStream:
         for r in self.readers.values():
             r.close()
         self.readers = {}
+
+
+def _loaded_names(model: nn.Module, sources) -> dict[str, str]:
+    """``{name in the model: name in the checkpoint}`` for the tensors transformers renames on load (e.g.
+    Qwen2.5-VL's ``model.*`` -> ``model.language_model.*``), by transformers' own renaming rules.  A tensor
+    that a conversion (a merge or split of several tensors) produces is left out: it cannot be read as one."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings loads the names as stored
+        return {}
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    if not renamings and not converters:
+        return {}
+    meta = model.state_dict()
+    out = {}
+    for key in sources:
+        new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if new not in meta and key in meta:
+            new, converted = rename_source_key(key, [], [], model.base_model_prefix, meta)
+        if converted is None and new != key and new in meta:
+            out[new] = key
+    return out
 
 
 def _tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -325,8 +355,10 @@ class ArtifactLayout:
 
 def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict | None = None, source_dir=None,
                   overwrite: bool = False, inputs=()) -> Path:
-    """Write the artifact of a streamed run: layer ``i`` from ``checkpoint_dir/layer_i.safetensors``, every
-    other tensor from the input checkpoint; tensor by tensor, sharded above 5 GB like ``save_pretrained``."""
+    """Write the artifact of a streamed run, sharded above 5 GB like ``save_pretrained``.  Where every layer
+    went into the planned artifact (:class:`ArtifactLayout`), the other tensors are written into it from the
+    input checkpoint and its shards are linked into the output; otherwise the artifact is written tensor
+    by tensor from the layers' places (the planned shards or ``layer_i.safetensors``) and the input."""
     from .export.serialization import build_manifest, safetensors_header, write_side_files
     from .fileio import atomic_output_dir
     from .quant.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
