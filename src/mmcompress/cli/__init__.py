@@ -19,7 +19,7 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import named_set as _named_set, on_ranks
+from .common import named_set as _named_set, on_ranks, whole_model_notice
 
 EXIT_USAGE = 2
 
@@ -329,7 +329,7 @@ def _load_for_quantize(args, options):
     if args.stream:
         raise CLIError(f"--stream: {why}; run with --in-memory")
     del model
-    print(f"mmcompress quantize: notice: loading the whole model into memory (not streamed: {why})", file=sys.stderr)
+    whole_model_notice("quantize", why)
     return None
 
 
@@ -360,8 +360,7 @@ def _quantize_distributed(args, scheme, options) -> dict:
     check_output(out, overwrite=args.overwrite, inputs=inputs)
     world = current()
     if world.rank == 0 and not args.in_memory:
-        print("mmcompress quantize: notice: every rank loads the whole model into memory (not streamed: layer "
-              "streaming is not supported under torchrun yet)", file=sys.stderr)
+        whole_model_notice("quantize", "layer streaming is not supported under torchrun yet; every rank loads it")
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
@@ -495,6 +494,8 @@ def cmd_compress(args) -> dict:
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+    if world.rank == 0:
+        whole_model_notice("compress", "recipes are not streamed yet (sparsity steps fold into the embeddings and head)")
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)
