@@ -192,3 +192,26 @@ def test_gradient_probes_fall_back_with_a_notice(tmp_path, calib_text, capsys, t
     assert err[-1].startswith("mmcompress quantize: error: --stream: --method masquant") and \
         err[-1].endswith("run with --in-memory")
     assert not (tmp_path / "forced").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--in-memory"]])
+def test_resume_replays_the_uncompressed_chain_in_float32(tmp_path, calib_text, mode):
+    """No activations are checkpointed: a resumed MASQuant run on a bfloat16 model recomputes both chains
+    through the finished layers (the uncompressed one in float32, as its step ran) and ends bit-identical."""
+    src = save_tiny(tmp_path / "model", "qwen2", layers=3, tie=True, dtype=torch.bfloat16)
+    extra = ["--scheme", "w4a8", "--epochs", "1", *mode]
+    _run(src, calib_text, tmp_path / "ref", "masquant", *extra)
+
+    def stop(name):
+        if name == "checkpoint.state:1":
+            raise KeyboardInterrupt
+
+    argv = ["quantize", str(src), "--method", "masquant", "--calib", str(calib_text), "--nsamples", "3",
+            "--seqlen", "24", "--no-progress", "--output", str(tmp_path / "out"), *extra]
+    with fileio.step_hook(stop):
+        assert main(argv) == 130
+    ck = tmp_path / "out.ckpt"
+    assert json.loads((ck / "state.json").read_text())["next_layer"] == 2
+    assert not list(ck.glob("acts_*"))
+    assert main(argv + ["--resume"]) == 0
+    _same_artifact(tmp_path / "ref", tmp_path / "out")

@@ -318,6 +318,7 @@ class ArtifactLayout:
                 f.truncate(pos)  # the data regions are holes until written
         fileio.atomic_write_json(Path(ckdir) / LAYOUT, {"files": names, "parts": [_part_name(f) for f in names],
                                                         "offsets": offsets})
+        fileio.step("checkpoint.planned")
         return cls(ckdir, names, offsets)
 
     def fits(self, tensors: dict, prefix: str | None = None) -> bool:
@@ -330,8 +331,8 @@ class ArtifactLayout:
         return all(n in self.offsets and self.offsets[n][2:] == [_ST_DTYPES[t.dtype], list(t.shape)]
                    for n, t in tensors.items())
 
-    def write(self, tensors: dict, prefix: str | None = None) -> bool:
-        """Write ``tensors`` (artifact names) at their planned offsets and sync them; ``False`` (nothing
+    def write(self, tensors: dict, prefix: str | None = None, sync: bool = True) -> bool:
+        """Write ``tensors`` (artifact names) at their planned offsets (and sync them); ``False`` (nothing
         written) if they do not fit the plan."""
         if not self.fits(tensors, prefix):
             return False
@@ -345,12 +346,21 @@ class ArtifactLayout:
                 done = 0
                 while done < len(data):
                     done += os.pwrite(fds[fname], data[done:], start + done)
-            for fd in fds.values():
-                os.fsync(fd)
+            if sync:
+                for fd in fds.values():
+                    os.fsync(fd)
         finally:
             for fd in fds.values():
                 os.close(fd)
         return True
+
+    def sync(self) -> None:
+        for f in self.files:
+            fd = os.open(self.ckdir / _part_name(f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict | None = None, source_dir=None,
@@ -359,6 +369,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
     went into the planned artifact (:class:`ArtifactLayout`), the other tensors are written into it from the
     input checkpoint and its shards are linked into the output; otherwise the artifact is written tensor
     by tensor from the layers' places (the planned shards or ``layer_i.safetensors``) and the input."""
+    from . import fileio
     from .export.serialization import build_manifest, safetensors_header, write_side_files
     from .fileio import atomic_output_dir
     from .quant.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
@@ -399,8 +410,12 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
         return readers[path].read(src[2])
 
     try:
-        if in_place:  # the layers are in the shards already: add the rest
-            layout.write({n: read(src, dt) for n, dt, sh, src in entries if src[0] in ("src", "mem")})
+        if in_place:  # the layers are in the shards already: add the rest, one tensor in memory at a time
+            for n, dt, sh, src in entries:
+                if src[0] in ("src", "mem") and not layout.write({n: read(src, dt)}, sync=False):
+                    raise RuntimeError(f"{n}: read another dtype or shape than planned")
+            layout.sync()
+            fileio.step("artifact.filled")
         with atomic_output_dir(output, overwrite=overwrite, inputs=[p for p in [source_dir, *inputs] if p]) as tmp:
             weight_map, total = {}, 0
             for fname, shard in zip(names, shards):
