@@ -13,7 +13,7 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
-   A streamed model (:mod:`mmcompress.streaming`, ``quantize --stream``) has its layers on the meta
+   A streamed model (:mod:`mmcompress.streaming`, ``quantize``'s default) has its layers on the meta
    device: each is read from the checkpoint before its step and freed once its checkpoint file is
    written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
    combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
