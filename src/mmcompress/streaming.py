@@ -81,9 +81,16 @@ class LayerStream:
         finite.check_module(layer, "input weight", prefix=self.adapter.layer_prefix(i))
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s parameters as stored (for the checkpoint fingerprint), one layer in memory."""
+        """Layer ``i``'s parameters as stored (for the checkpoint fingerprint, read before any layer is
+        processed: a non-finite input weight stops the run there, before anything is written)."""
+        from .finite import NonFiniteError, first_non_finite
+
         prefix = self.adapter.layer_prefix(i) + "."
-        return {k[len(prefix):]: self.read(k) for k in _stored_names_of(self.adapter.layers[i], prefix)}
+        state = {k[len(prefix):]: self.read(k) for k in _stored_names_of(self.adapter.layers[i], prefix)}
+        bad = first_non_finite((prefix + k, t) for k, t in state.items())
+        if bad is not None:
+            raise NonFiniteError(f"non-finite values (NaN/inf) in input weight {bad}; nothing was written")
+        return state
 
     def release_non_layers(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """See :func:`release_non_layers` (the engine calls it here, without importing this module)."""
