@@ -134,8 +134,6 @@ def test_a_run_writes_its_artifact_about_once(tmp_path, calib_text, method, extr
 def mm_dir(request, tmp_path, tokenizer):
     """A tiny VL / Omni model whose checkpoint has the names transformers renames on load, with a
     calibration file of image (and audio) samples, so that the towers run in the capture pass."""
-    import wave
-
     import numpy as np
 
     from mmcompress.models.processing import save_processor
@@ -151,12 +149,9 @@ def mm_dir(request, tmp_path, tokenizer):
     make_image(1).save(tmp_path / "img.png")
     lines = [{"text": "describe the red fox", "images": ["img.png"]}, {"text": "just text here"}]
     if kind == "qwen2_5_omni":
-        pcm = (make_audio(1.0) * 32767).astype(np.int16)
-        with wave.open(str(tmp_path / "a.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            w.writeframes(pcm.tobytes())
+        from scipy.io import wavfile
+
+        wavfile.write(tmp_path / "a.wav", 16000, (make_audio(1.0) * 32767).astype(np.int16))
         lines.append({"text": "transcribe", "audio": ["a.wav"]})
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     return d, tmp_path / "calib.jsonl"
