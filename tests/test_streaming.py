@@ -134,12 +134,10 @@ def test_a_run_writes_its_artifact_about_once(tmp_path, calib_text, method, extr
 def mm_dir(request, tmp_path, tokenizer):
     """A tiny VL / Omni model whose checkpoint has the names transformers renames on load, with a
     calibration file of image (and audio) samples, so that the towers run in the capture pass."""
-    import numpy as np
-
     from mmcompress.models.processing import save_processor
     from mmcompress.models.tiny import tiny_model, tiny_processor
 
-    from .conftest import make_audio, make_image
+    from .conftest import make_image, write_wav
 
     kind = request.param
     d = tmp_path / kind
@@ -149,9 +147,7 @@ def mm_dir(request, tmp_path, tokenizer):
     make_image(1).save(tmp_path / "img.png")
     lines = [{"text": "describe the red fox", "images": ["img.png"]}, {"text": "just text here"}]
     if kind == "qwen2_5_omni":
-        from scipy.io import wavfile
-
-        wavfile.write(tmp_path / "a.wav", 16000, (make_audio(1.0) * 32767).astype(np.int16))
+        write_wav(tmp_path / "a.wav", 1.0)
         lines.append({"text": "transcribe", "audio": ["a.wav"]})
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     return d, tmp_path / "calib.jsonl"
