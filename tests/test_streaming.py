@@ -123,6 +123,8 @@ def test_a_run_writes_its_artifact_about_once(tmp_path, calib_text, method, extr
     before = _write_bytes()
     _run(src, calib_text, tmp_path / "out", method, *extra)
     written = _write_bytes() - before
+    if written == 0:
+        pytest.skip(f"{tmp_path} is on a file system that counts no written bytes (tmpfs)")
     out = tmp_path / "out"
     artifact = (out / "model.safetensors").stat().st_size
     side_files = sum(p.stat().st_size for p in out.iterdir() if p.name != "model.safetensors")
