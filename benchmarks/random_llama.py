@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/mmcompress/testbed/smollm2-135m"))
+    ap.add_argument("--repeat", metavar="DIR", help="copy the weights of a model this script wrote, its layers "
+                                                    "repeated to --layers (no random numbers: disk speed)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
@@ -63,6 +65,8 @@ def main() -> None:
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if args.repeat:
+        return _repeat(Path(args.repeat), out, cfg, raw)
     g = torch.Generator().manual_seed(0)
     with open(out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -70,6 +74,28 @@ def main() -> None:
             t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
             f.write(t.to(torch.bfloat16).view(-1).view(torch.uint8).numpy().data)
     print(f"{out}: {args.layers} layers, {offset / 1e9:.2f} GB of bfloat16 weights")
+
+
+def _repeat(src: Path, out: Path, cfg: dict, raw: bytes) -> None:
+    """Layer ``i`` of the new checkpoint is layer ``i mod n`` of ``src`` (n layers), copied in the kernel."""
+    import os
+
+    with open(src / "model.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    base = 8 + n
+    n_src = 1 + max(int(k.split(".")[2]) for k in header if k.startswith("model.layers."))
+    with open(src / "model.safetensors", "rb") as fin, open(out / "model.safetensors", "wb") as fout:
+        fout.write(struct.pack("<Q", len(raw)) + raw)
+        for name, _ in tensors(cfg):
+            parts = name.split(".")
+            if name.startswith("model.layers."):
+                parts[2] = str(int(parts[2]) % n_src)
+            start, end = header[".".join(parts)]["data_offsets"]
+            done = 0
+            while done < end - start:
+                done += os.copy_file_range(fin.fileno(), fout.fileno(), end - start - done, base + start + done)
+    print(f"{out}: {cfg['num_hidden_layers']} layers repeated from {src} ({n_src} layers)")
 
 
 if __name__ == "__main__":

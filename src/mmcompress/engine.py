@@ -540,8 +540,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         infos.append(info)
         if ckpt is not None:
             _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream)
-        if stream is not None:  # written to layer_i.safetensors: free it
+        if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
             layer.to("meta")
+            stream.released_layer(i)
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
@@ -666,6 +667,7 @@ def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides,
     layer.to(orig_device)
     if stream is not None:
         layer.to("meta")
+        stream.released_layer(i)
     return inputs, fp_inputs
 
 
@@ -719,6 +721,9 @@ def _model_digest(model: nn.Module, adapter: ModelAdapter, stream=None) -> str:
         for name, t in state.items():
             _tensor_digest(lh, name, t)
         h.update(f"layer{i}:{lh.hexdigest()};".encode())
+        if stream is not None:
+            del state
+            stream.released_layer(i)
     return h.hexdigest()[:32]
 
 

@@ -95,6 +95,11 @@ class LayerStream:
     def release_non_layers(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """See :func:`release_non_layers` (the engine calls it here, without importing this module)."""
         release_non_layers(model, adapter)
+        trim_heap()
+
+    def released_layer(self, i: int) -> None:
+        """Layer ``i`` went back to the meta device: give its memory back to the system (:func:`trim_heap`)."""
+        trim_heap()
 
     def write_layer(self, ckdir, i: int, layer: nn.Module) -> str | None:
         """Write finished layer ``i`` into the artifact being built in ``ckdir`` (:class:`ArtifactLayout`);
@@ -109,6 +114,28 @@ class LayerStream:
         for r in self.readers.values():
             r.close()
         self.readers = {}
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``; nothing elsewhere).  Without it the
+    freed layers' buffers stay in the resident set as fragmented heap and peak memory grows with depth
+    (measured: 709 -> 1024 MB over 12 layers of 34 MB; flat at 418 MB with a trim after each layer)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            _LIBC = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _loaded_names(model: nn.Module, sources) -> dict[str, str]:
