@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Peak RSS, time and bytes written of `mmcompress quantize` with and without --stream (GNU time -v).
-# usage: benchmarks/stream_rss.sh MODEL_DIR OUT_DIR [quantize options...]
+# Peak RSS, time and bytes written of `mmcompress quantize` streamed (the default) and --in-memory (GNU time -v;
+# bytes written = "File system outputs" x 512).  MODES="stream" runs the default alone.
+# usage: [MODES="memory stream"] benchmarks/stream_rss.sh MODEL_DIR OUT_DIR [quantize options...]
 # e.g.   benchmarks/stream_rss.sh ~/.cache/mmcompress/testbed/qwen2.5-0.5b /tmp/rss \
 #            --method smoothquant --scheme w8a8 --calib wiki --nsamples 8 --seqlen 256
 set -euo pipefail
 model=$1; out=$2; shift 2
 mkdir -p "$out"
-for mode in memory stream; do
-  flag=""; [ "$mode" = stream ] && flag="--stream"
+modes=${MODES:-memory stream}
+for mode in $modes; do
+  flag=""; [ "$mode" = memory ] && flag="--in-memory"
   rm -rf "$out/$mode" "$out/$mode.ckpt"
   /usr/bin/time -v mmcompress quantize "$model" "$@" --no-progress --output "$out/$mode" $flag \
       2> "$out/$mode.time" >/dev/null || { tail -5 "$out/$mode.time"; exit 1; }
@@ -19,6 +21,7 @@ for mode in memory stream; do
       "$(echo "$rss_kb / 1048576" | bc -l)" "$wall" "$(echo "$blocks * 512 / 1073741824" | bc -l)" \
       "$(echo "$size / 1073741824" | bc -l)"
 done
+[ "$modes" = "memory stream" ] || exit 0
 if cmp -s "$out/memory/model.safetensors" "$out/stream/model.safetensors"; then
   echo "model.safetensors: byte-identical"
 else

@@ -46,6 +46,18 @@ def make_audio(seconds=2.0, freq=440.0):
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
+def write_wav(path, seconds=1.5):
+    """:func:`make_audio` as a 16 kHz mono 16-bit WAV file (for .jsonl calibration files)."""
+    import wave
+
+    pcm = (make_audio(seconds) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+
+
 def mm_inputs(kind, tok, seed=0, text=" the quick brown fox jumps"):
     """Processor output (image, and audio for Omni) for a tiny multimodal model."""
     proc = tiny_processor(kind, tok)

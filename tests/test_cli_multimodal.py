@@ -1,7 +1,5 @@
 import json
-import wave
 
-import numpy as np
 import pytest
 
 import mmcompress
@@ -9,7 +7,7 @@ from mmcompress.cli import main
 from mmcompress.models.processing import load_processor, save_processor
 from .tiny_models import tiny_model, tiny_processor
 
-from .conftest import make_audio, make_image
+from .conftest import make_image, write_wav
 
 
 @pytest.fixture
@@ -19,12 +17,7 @@ def omni_dir(tmp_path, tokenizer):
     model.save_pretrained(d)
     save_processor(tiny_processor("qwen2_5_omni", tok), d)
     make_image(1).save(tmp_path / "img.png")
-    pcm = (make_audio(1.5) * 32767).astype(np.int16)
-    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
+    write_wav(tmp_path / "a.wav", 1.5)
     lines = [{"text": "describe the red fox", "images": ["img.png"]}, {"text": "transcribe", "audio": ["a.wav"]},
              {"text": "both", "images": ["img.png"], "audio": ["a.wav"]}, {"text": "just text here"}]
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(x) for x in lines))

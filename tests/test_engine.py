@@ -67,7 +67,7 @@ def test_kill_after_layer_3_then_resume_is_bit_identical(tmp_path, calib_text):
     from . import _kill_at_step
 
     killed = _kill_at_step.run([*args, "--output", tmp_path / "resumed", "--checkpoint-dir", ckpt],
-                               kill="checkpoint.pruned:3@1")  # kill -9 right after layer 3 is committed
+                               kill="checkpoint.state:3@1")  # kill -9 right after layer 3 is committed
     assert killed == -9
     assert not (tmp_path / "resumed").exists()
     assert json.loads((ckpt / "state.json").read_text())["next_layer"] == 4

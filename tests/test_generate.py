@@ -11,7 +11,7 @@ import mmcompress
 from mmcompress.cli import main
 from mmcompress.data import CalibrationSet
 from mmcompress.models.loading import load_tokenizer
-from mmcompress.models.tiny import save_tiny
+from .tiny_models import save_tiny
 from mmcompress.runtime import generate as rgen
 from mmcompress.runtime.decode import DecodeEngine
 
@@ -192,7 +192,7 @@ def test_load_generate_routes_only_what_the_engine_reproduces(tmp_path, monkeypa
 
 
 def test_other_families_keep_transformers_generate(tmp_path, tokenizer):
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
 
     model, tok = tiny_model("gemma3", tokenizer=tokenizer)
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w8a8", progress=False)
@@ -206,7 +206,7 @@ def test_bf16_w4a16_engine_uses_the_modules_kernels(tmp_path, tokenizer):
     """A bf16 W4A16 artifact whose shapes take the bf16-activation kernel (K, group multiples of 128): the
     engine's shared-input groups run that kernel as the modules do (bit-identical), so its tokens are
     transformers'."""
-    from mmcompress.models.tiny import tiny_model
+    from .tiny_models import tiny_model
     from mmcompress.quant import kernels
 
     if not kernels._cpu.bf16_available():

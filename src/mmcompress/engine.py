@@ -13,16 +13,19 @@
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
    compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
-   A streamed model (:mod:`mmcompress.streaming`, ``quantize --stream``) has its layers on the meta
+   A streamed model (:mod:`mmcompress.streaming`, ``quantize``'s default) has its layers on the meta
    device: each is read from the checkpoint before its step and freed once its checkpoint file is
    written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
    combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
-3. **Checkpoint.** After each layer, its state (``layer_N.safetensors``, the module structure in the
-   metadata) and the next layer's inputs (``acts_N.safetensors``) are written, then ``state.json``
-   naming them is replaced atomically: that rename is the one commit point, so a kill at any instant
-   resumes from a consistent layer.  ``resume=True`` restores finished layers and continues
-   bit-identically, if the fingerprint (model weights, full method configuration, calibration
-   inputs) matches.  The directory is ours alone and locked while in use (:class:`fileio.CheckpointDir`).
+3. **Checkpoint.**  After each layer its state is written (``layer_N.safetensors``, the module
+   structure in the metadata; a streamed model writes it straight into the artifact it builds), then
+   ``state.json`` naming it is replaced atomically: that rename is the one commit point, so a kill at
+   any instant resumes from a consistent layer.  Activations are not written: ``resume=True`` captures
+   the calibration inputs again, replays the finished layers (uncompressed chain from the input weights,
+   compressed chain from the checkpointed layers) and continues bit-identically, if the fingerprint
+   (model weights, full method configuration, calibration inputs) matches.  A run thus writes its
+   layers once (plus the artifact), not one activation set per layer.  The directory is ours alone and
+   locked while in use (:class:`fileio.CheckpointDir`).
 
 **Side sets.**  Named sample sets that travel through the layers with the calibration set but are never
 trained on (:class:`SideSet`): MASQuant's per-modality whitening set (``"whitening"``: the uncompressed
@@ -385,7 +388,7 @@ def _atomic_save_tensors(tensors: dict, path: Path, meta: dict | None = None):
 
 
 _CHECKPOINT_FILE = re.compile(r"(layer_\d{4}\.(safetensors|json)|acts_\d{4}\.safetensors|activations\.safetensors"
-                              r"|state\.json)")
+                              r"|state\.json|artifact\.json|artifact-model(-\d{5}-of-\d{5})?\.part)")
 
 
 def is_checkpoint_file(name: str) -> bool:
@@ -484,25 +487,12 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             state = json.loads(state_path.read_text())
             _check_fingerprint(state.get("fingerprint"), fingerprint, ckdir)
             start = state["next_layer"]
-            for i in range(start):
-                with safe_open(str(ckdir / f"layer_{i:04d}.safetensors"), "pt") as f:
-                    meta = f.metadata() or {}
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-                _check_fingerprint(json.loads(meta.get("fingerprint", "null")), fingerprint, ckdir)
-                method.rebuild_layer(layers[i], json.loads(meta["structure"]))
-                if stream is not None:  # the finished layer stays in its checkpoint file
-                    layers[i].to("meta")
-                    continue
-                layers[i].load_state_dict(tensors, strict=True)
-            if start:
-                acts = load_file(str(ckdir / state["activations"]))
-                inputs = [acts[f"x.{j}"] for j in range(len(captured))]
-                if fp_inputs is not None:
-                    fp_inputs = [acts[f"fp.{j}"] for j in range(len(captured))]
-                for n, sd in sides.items():
-                    sd.fp = [acts[f"{n}.fp.{j}"] for j in range(len(sd.captured))]
-                    if sd.inputs is not None:
-                        sd.inputs = [acts[f"{n}.x.{j}"] for j in range(len(sd.captured))]
+            # no activations are kept on disk: replay the finished layers to recompute them
+            for i in tqdm(range(start), desc="resume", unit="layer", disable=not progress or start < 2):
+                structure, tensors = _finished_layer(ckdir, state, i, fingerprint, adapter)
+                inputs, fp_inputs = _replay_layer(i, layers[i], adapter, method, captured, inputs, fp_inputs, sides,
+                                                  device, world, mine, len(samples), model_dtype, structure, tensors,
+                                                  stream)
         else:  # start afresh: our files only
             for p in ckdir.iterdir():
                 if p.is_file() and is_checkpoint_file(p.name):
@@ -528,35 +518,22 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             upcast.__enter__()
             for c in contexts:
                 c.compute_dtype = torch.float32
-        with torch.no_grad():
-            for c in contexts:
-                if c.fp_inputs is not None:
-                    c.fp_outputs = [c.run(j, c.fp_inputs[j]).to("cpu") for j in range(len(c.fp_inputs))]
+        _fp_outputs(contexts)
         method.step(ctx)
         if upcast is not None:
             upcast.__exit__(None, None, None)
-            for c in contexts:
-                c.compute_dtype = None
-                if c.fp_outputs is not None:
-                    c.fp_outputs = [t.to(model_dtype) for t in c.fp_outputs]
+        _end_fp32(contexts, model_dtype if upcast is not None else None)
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         dctx = ctx.sides.get(HELDOUT, ctx)  # diagnostics: on the held-out set when there is one
         if diagnostics is not None:
             diagnostics.layer(dctx, fp_layer)
             del fp_layer
-        with torch.no_grad():
-            outputs = [ctx.run(j).to("cpu") for j in range(len(captured))]
-            side_outputs = {n: [c.run(j).to("cpu") for j in range(len(c.inputs))] if sides[n].inputs is not None
-                            else None for n, c in ctx.sides.items()}
+        outputs, side_outputs = _outputs(ctx, sides)
         finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
             d_out = outputs if dctx is ctx else side_outputs[HELDOUT]
             diagnostics.accumulated(i, d_out, dctx.fp_outputs, dctx.captured.modality)
-        inputs = [captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
-        if fp_inputs is not None:
-            fp_inputs = [captured.after_layer(j, i, o) for j, o in enumerate(ctx.fp_outputs)]
-        for n, sd in sides.items():
-            sd.advance(i, ctx.sides[n].fp_outputs, side_outputs[n])
+        inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
         for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
             if hasattr(mod, "clear_cache"):
                 mod.clear_cache()
@@ -564,9 +541,10 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         info = {"layer": i, **ctx.info}
         infos.append(info)
         if ckpt is not None:
-            _commit_layer(ckdir, i, layer, method, inputs, fp_inputs, fingerprint, fp_json, sides)
-        if stream is not None:  # written to layer_i.safetensors: free it
+            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream)
+        if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
             layer.to("meta")
+            stream.released_layer(i)
         if on_layer_done is not None:
             on_layer_done(i, info)
     method.finalize(model, adapter)
@@ -582,28 +560,117 @@ def _count_tokens(model: nn.Module, world: World, tokens: int) -> None:
     model._mmcompress_rank_tokens = per_rank
 
 
-def _commit_layer(ckdir: Path, i: int, layer, method, inputs, fp_inputs, fingerprint: dict, fp_json: str,
-                  sides: dict[str, SideSet] | None = None) -> None:
-    """Write layer ``i``'s state and the next inputs, then commit both by replacing ``state.json``."""
-    meta = {"structure": json.dumps(method.layer_structure(layer), sort_keys=True), "fingerprint": fp_json}
-    _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()},
-                         ckdir / f"layer_{i:04d}.safetensors", meta)
+def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json: str, stream=None) -> None:
+    """Write layer ``i``'s state, then commit it by replacing ``state.json``.  The activations are not
+    written: a resumed run recomputes them through the finished layers (:func:`_replay_layer`), so the
+    bytes a run writes are its layers, not its layers plus one activation set per layer.  A streamed
+    model's stream may write the layer into the artifact it is building instead (``stream.write_layer``:
+    then the layer is written once in the whole run)."""
+    structure = json.dumps(method.layer_structure(layer), sort_keys=True)
+    old = ckdir / "state.json"
+    prev = json.loads(old.read_text()) if i and old.exists() else {}
+    place = stream.write_layer(ckdir, i, layer) if stream is not None and hasattr(stream, "write_layer") else None
+    if place is None:
+        _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()},
+                             ckdir / f"layer_{i:04d}.safetensors", {"structure": structure, "fingerprint": fp_json})
+    structures = prev.get("structures", {})
+    if place is not None:  # no layer file to carry it
+        structures = {**structures, str(i): structure}
+    state = {"next_layer": i + 1, "fingerprint": fingerprint, "where": {**prev.get("where", {}), str(i): place or "file"},
+             "structures": structures}
     fileio.step(f"checkpoint.layer:{i}")
-    acts = {f"x.{j}": t for j, t in enumerate(inputs)}
-    if fp_inputs is not None:
-        acts.update({f"fp.{j}": t for j, t in enumerate(fp_inputs)})
-    for n, sd in (sides or {}).items():
-        acts.update({f"{n}.fp.{j}": t for j, t in enumerate(sd.fp)})
-        acts.update({f"{n}.x.{j}": t for j, t in enumerate(sd.inputs or [])})
-    _atomic_save_tensors(acts, ckdir / f"acts_{i:04d}.safetensors", {"fingerprint": fp_json})
-    fileio.step(f"checkpoint.acts:{i}")
-    fileio.atomic_write_json(ckdir / "state.json", {"next_layer": i + 1, "activations": f"acts_{i:04d}.safetensors",
-                                                    "fingerprint": fingerprint}, indent=1, sort_keys=True)
+    fileio.atomic_write_json(ckdir / "state.json", state, indent=1, sort_keys=True)
     fileio.step(f"checkpoint.state:{i}")
-    for p in ckdir.glob("acts_*.safetensors"):  # inputs of earlier layers are no longer needed
-        if p.name != f"acts_{i:04d}.safetensors":
-            p.unlink()
-    fileio.step(f"checkpoint.pruned:{i}")
+
+
+def _finished_layer(ckdir: Path, state: dict, i: int, fingerprint: dict, adapter: ModelAdapter):
+    """``(structure, tensors)`` of finished layer ``i`` from its checkpoint file (or the stream's artifact)."""
+    if state.get("where", {}).get(str(i), "file") == "artifact":  # written into a streamed run's artifact
+        prefix = adapter.layer_prefix(i) + "."
+        tensors = {}
+        for part in json.loads((ckdir / "artifact.json").read_text())["parts"]:
+            with safe_open(str(ckdir / part), "pt") as f:
+                tensors.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+        return json.loads(state["structures"][str(i)]), tensors
+    with safe_open(str(ckdir / f"layer_{i:04d}.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _check_fingerprint(json.loads(meta.get("fingerprint", "null")), fingerprint, ckdir)
+    return json.loads(meta["structure"]), tensors
+
+
+def _fp_outputs(contexts) -> None:
+    """The uncompressed layer's outputs on every context that keeps an uncompressed chain."""
+    with torch.no_grad():
+        for c in contexts:
+            if c.fp_inputs is not None:
+                c.fp_outputs = [c.run(j, c.fp_inputs[j]).to("cpu") for j in range(len(c.fp_inputs))]
+
+
+def _end_fp32(contexts, model_dtype) -> None:
+    for c in contexts:
+        c.compute_dtype = None
+        if model_dtype is not None and c.fp_outputs is not None:
+            c.fp_outputs = [t.to(model_dtype) for t in c.fp_outputs]
+
+
+@torch.no_grad()
+def _outputs(ctx, sides):
+    outputs = [ctx.run(j).to("cpu") for j in range(len(ctx.captured))]
+    side_outputs = {n: [c.run(j).to("cpu") for j in range(len(c.inputs))] if sides[n].inputs is not None
+                    else None for n, c in ctx.sides.items()}
+    return outputs, side_outputs
+
+
+def _advance(ctx, sides, outputs, side_outputs, fp_inputs):
+    """The inputs of the next layer (compressed chain, uncompressed chain, side sets)."""
+    i, captured = ctx.index, ctx.captured
+    inputs = [captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
+    if fp_inputs is not None:
+        fp_inputs = [captured.after_layer(j, i, o) for j, o in enumerate(ctx.fp_outputs)]
+    for n, sd in sides.items():
+        sd.advance(i, ctx.sides[n].fp_outputs, side_outputs[n])
+    return inputs, fp_inputs
+
+
+def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides, device, world, mine, total,
+                  model_dtype, structure, tensors, stream):
+    """Resume: recompute what finished layer ``i`` passed on, as the walk computed it (the uncompressed
+    outputs from the input weights, in float32 where the method's step ran there; the compressed
+    outputs from the checkpointed layer), and leave the finished layer in place (a streamed one freed)."""
+    if stream is not None:
+        stream.load_layer(i, layer)
+    orig_device = next(layer.parameters()).device
+    layer.to(device)
+    ad = adapter.at_layer(i)
+    ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs, world=world, sample_ids=mine,
+                       total_samples=total)
+    ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
+    contexts = [ctx, *ctx.sides.values()]
+    if any(c.fp_inputs is not None for c in contexts):
+        upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
+        if upcast is not None:
+            upcast.__enter__()
+            for c in contexts:
+                c.compute_dtype = torch.float32
+        _fp_outputs(contexts)
+        if upcast is not None:
+            upcast.__exit__(None, None, None)
+        _end_fp32(contexts, model_dtype if upcast is not None else None)
+    layer.to(orig_device)
+    method.rebuild_layer(layer, structure)
+    layer.load_state_dict(tensors, strict=True)
+    layer.to(device)
+    outputs, side_outputs = _outputs(ctx, sides)
+    inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
+    for mod in layer.modules():
+        if hasattr(mod, "clear_cache"):
+            mod.clear_cache()
+    layer.to(orig_device)
+    if stream is not None:
+        layer.to("meta")
+        stream.released_layer(i)
+    return inputs, fp_inputs
 
 
 def _check_fingerprint(found, expected: dict, ckdir: Path) -> None:
@@ -656,6 +723,9 @@ def _model_digest(model: nn.Module, adapter: ModelAdapter, stream=None) -> str:
         for name, t in state.items():
             _tensor_digest(lh, name, t)
         h.update(f"layer{i}:{lh.hexdigest()};".encode())
+        if stream is not None:
+            del state
+            stream.released_layer(i)
     return h.hexdigest()[:32]
 
 

@@ -18,7 +18,7 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import named_set as _named_set, on_ranks
+from .common import named_set as _named_set, on_ranks, whole_model_notice
 from ..plugins import commands as plugin_commands, import_optional
 
 EXIT_USAGE = 2
@@ -80,8 +80,11 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--stream", action="store_true",
-                   help="read one decoder layer at a time from the checkpoint (peak memory: one layer plus the "
-                        "calibration activations; docs/scaling.md)")
+                   help="the default: read one decoder layer at a time from the checkpoint (peak memory: one layer "
+                        "plus the calibration activations; docs/scaling.md); with this flag a model that cannot be "
+                        "streamed is an error instead of a notice and an in-memory load")
+    q.add_argument("--in-memory", action="store_true",
+                   help="load the whole model into memory instead of streaming its layers (the same artifact)")
     _add_common(q)
     _add_trust(q)
 
@@ -242,12 +245,9 @@ def cmd_quantize(args) -> dict:
     check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
-        if args.stream:
-            from ..streaming import load_streamed, save_streamed
-
-            model = load_streamed(args.model, args.dtype, trust_remote_code=trust)
-            _check_streamable(args, get_adapter(model), options)
-        else:
+        model = _load_for_quantize(args, options) if not args.in_memory else None
+        streamed = model is not None
+        if not streamed:
             model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
@@ -261,7 +261,9 @@ def cmd_quantize(args) -> dict:
                                                      args.seqlen, args.seed, trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
                  progress=not args.no_progress, report_dir=args.report, **extra, **options)
-        if args.stream:
+        if streamed:
+            from ..streaming import save_streamed
+
             save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
         else:
             save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
@@ -291,13 +293,35 @@ def _quantize_result(args, scheme, out, model) -> dict:
     return result
 
 
-def _check_streamable(args, adapter, options) -> None:
+def _load_for_quantize(args, options):
+    """The streamed model (:mod:`mmcompress.streaming`), or ``None`` with a one-line notice saying why the
+    whole model is loaded instead (an error under ``--stream``)."""
+    from ..models.adapters import get_adapter
+    from ..streaming import StreamError, load_streamed
+
+    if args.stream and args.in_memory:
+        raise CLIError("--stream and --in-memory exclude each other")
+    try:
+        model = load_streamed(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+        why = _not_streamable(args, get_adapter(model), options)
+    except StreamError as e:
+        model, why = None, str(e)
+    if why is None:
+        return model
+    if args.stream:
+        raise CLIError(f"--stream: {why}; run with --in-memory")
+    del model
+    whole_model_notice("quantize", why)
+    return None
+
+
+def _not_streamable(args, adapter, options) -> str | None:
+    """Why a streamed run would not match the in-memory one, or ``None``."""
     if args.method.lower() in ("masquant", "mbq") and adapter.modality_token_ids and \
             options.get("loss_weights", "auto") == "auto":
-        raise CLIError(f"--stream: --method {args.method} with --loss-weights auto probes gradients through the "
-                       "whole model; give the weights (e.g. --loss-weights scripted) or run without --stream")
-
-
+        return (f"--method {args.method} with --loss-weights auto probes gradients through the whole model; "
+                "give the weights (e.g. --loss-weights scripted) to stream")
+    return None
 
 
 def _quantize_distributed(args, scheme, options) -> dict:
@@ -317,6 +341,8 @@ def _quantize_distributed(args, scheme, options) -> dict:
     inputs = _inputs(args.model, args.calib)
     check_output(out, overwrite=args.overwrite, inputs=inputs)
     world = current()
+    if world.rank == 0 and not args.in_memory:
+        whole_model_notice("quantize", "layer streaming is not supported under torchrun yet; every rank loads it")
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
@@ -450,6 +476,8 @@ def cmd_compress(args) -> dict:
     inputs = _inputs(args.model, args.calib) + [args.recipe]
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+    if world.rank == 0:
+        whole_model_notice("compress", "recipes are not streamed yet (sparsity steps fold into the embeddings and head)")
     get_adapter(model)
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=trust)

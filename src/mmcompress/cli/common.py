@@ -112,3 +112,10 @@ def on_ranks(fn, args):
             stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
         result = fn(args)
     return result if world.rank == 0 else None
+
+
+def whole_model_notice(command: str, why: str) -> None:
+    """The one line saying that ``command`` loads the whole model into memory instead of streaming it."""
+    import sys
+
+    print(f"mmcompress {command}: notice: loading the whole model into memory (not streamed: {why})", file=sys.stderr)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..cli.common import CLIError, add_calib, add_common, add_overwrite, add_trust, check_calib_spec, input_paths
-from ..cli.common import load_calibration, on_ranks
+from ..cli.common import load_calibration, on_ranks, whole_model_notice
 
 
 def register(subparsers) -> None:
@@ -75,6 +75,8 @@ def cmd_sparsify(args) -> dict:
     inputs = input_paths(args.model, args.calib)
     check_output(args.output, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+    if world.rank == 0:
+        whole_model_notice("sparsify", "sparsity methods are not streamed yet (LaRoSA folds into the embeddings and head)")
     adapter = get_adapter(model)
     if args.method == "larosa" and args.mode == "merged":
         from .merge import supports_merged
