@@ -191,10 +191,11 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, (p >> 4) & 0xF
-    c = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
-    return torch.where(c > 7, c - 16, c).to(torch.int8)
+    """Inverse of :func:`pack_int4`: int8 codes ``[..., n]``.  The bytes are read as int8, so arithmetic
+    right shifts sign-extend each nibble: ``(b << 4) >> 4`` is the low one, ``b >> 4`` the high one."""
+    p = packed.view(torch.int8)
+    c = torch.stack([(p << 4) >> 4, p >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+    return c[..., :n].contiguous()
 
 
 # -- activations -----------------------------------------------------------------------------
