@@ -74,8 +74,8 @@ def _engine_plan(model: nn.Module, inputs, kwargs: dict) -> dict | None:
 def _engine_generate(self, inputs=None, **kwargs):
     """``generate`` of a model loaded by :func:`mmcompress.load` (see the module docstring)."""
     plan = _engine_plan(self, inputs, kwargs)
-    if plan is None:
-        return type(self).generate(self, inputs, **kwargs)
+    if plan is None:  # inputs only when given: remote-code generate()s name their first argument otherwise
+        return type(self).generate(self, **kwargs) if inputs is None else type(self).generate(self, inputs, **kwargs)
     ids = plan.pop("ids")
     eng = DecodeEngine(self, max_len=ids.shape[1] + plan["max_new_tokens"], path="fast")
     return eng.generate(ids, **plan)
