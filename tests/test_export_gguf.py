@@ -80,3 +80,15 @@ def test_gguf_through_the_cli(tiny_llama_dir, calib_text, tmp_path):
     assert main(["export", str(art), "--format", "gguf", "--output", str(out)]) not in (0, None)  # exists
     assert out.read_bytes() == before
     assert main(["export", str(art), "--format", "gguf", "--output", str(out), "--overwrite"]) in (0, None)
+
+
+def test_gguf_warns_when_blocks_round_the_codes_again(tiny_llama_dir, calib_text, tmp_path, capsys):
+    """4-bit groups of 128 re-rounded onto llama.cpp's 32-blocks: a one-line warning naming the fix; groups
+    of 32 line up with the blocks and get none."""
+    for group, warned in ((128, True), (32, False)):
+        art = _quantize(tiny_llama_dir, calib_text, tmp_path / f"g{group}", "--method", "rtn", "--scheme", "w4a16",
+                        "--group-size", str(group))
+        capsys.readouterr()
+        assert main(["export", str(art), "--format", "gguf", "--output", str(tmp_path / f"g{group}.gguf")]) in (0, None)
+        err = capsys.readouterr().err
+        assert ("--group-size 32" in err) is warned, err
