@@ -490,8 +490,7 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     sparse_bytes = _linear_bytes(sparse)
     comp_bytes = _linear_bytes(joint) if joint is not None else sparse_bytes
     adapter_bytes = layers * d * d * torch.finfo(dt).bits // 8
-    joint_adapter_bytes = adapter_bytes if adapter_bits != 8 else _linear_bytes(
-        nn.ModuleList(m.adapter for m in joint)) if joint is not None else 0
+    joint_adapter_bytes = _linear_bytes(nn.ModuleList(m.adapter for m in joint)) if joint is not None else 0
     keep_frac = 1.0 - sparsity
     read = {"dense": dense_bytes, "sparse": adapter_bytes + keep_frac * (sparse_bytes - adapter_bytes),
             "sparse_0pct_no_adapter": sparse_bytes - adapter_bytes}
