@@ -78,10 +78,12 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     method = opts.pop("method")
     adapters = opts.pop("adapters", None) if kind == "quantize" else None
     if adapters is not None:
-        from .sparse.joint import ADAPTER_SCHEMES
+        from .sparse.joint import check_adapter_scheme
 
-        if adapters not in ADAPTER_SCHEMES:
-            raise RecipeError(f"{where} ({kind}): adapters must be one of {', '.join(ADAPTER_SCHEMES)}, not {adapters!r}")
+        try:
+            check_adapter_scheme(adapters)
+        except ValueError as e:
+            raise RecipeError(f"{where} ({kind}): {e}") from None
     tables = QUANT_METHODS if kind == "quantize" else SPARSE_OPTIONS
     if not isinstance(method, str) or method.lower() not in tables:
         raise RecipeError(f"{where} ({kind}): unknown method {method!r}; choose one of {', '.join(sorted(tables))}")

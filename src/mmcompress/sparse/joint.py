@@ -208,6 +208,13 @@ def deploy(model: nn.Module, backend: str = "auto") -> tuple[int, int]:
 ADAPTER_SCHEMES = ("w8a16", "float")  # what a quantize step after LaRoSA does with the residual adapters
 
 
+def check_adapter_scheme(scheme) -> str:
+    """``scheme`` if it is one of :data:`ADAPTER_SCHEMES`, else ``ValueError`` (the recipe's and the API's check)."""
+    if scheme not in ADAPTER_SCHEMES:
+        raise ValueError(f"adapters must be one of {', '.join(ADAPTER_SCHEMES)}, not {scheme!r}")
+    return scheme
+
+
 @torch.no_grad()
 def quantize_residual_adapters(model: nn.Module, scheme: str = "w8a16") -> int:
     """Store every float residual adapter ``r ← r A_l`` of a merged LaRoSA model as a packed
@@ -224,9 +231,7 @@ def quantize_residual_adapters(model: nn.Module, scheme: str = "w8a16") -> int:
     from ..quant.quantizer import resolve_scheme
     from .merge import ResidualAdaptedLayer
 
-    if scheme not in ADAPTER_SCHEMES:
-        raise ValueError(f"adapters: {scheme!r} is not one of {', '.join(ADAPTER_SCHEMES)}")
-    if scheme == "float":
+    if check_adapter_scheme(scheme) == "float":
         return 0
     sch = resolve_scheme(scheme)
     n = 0
