@@ -78,6 +78,21 @@ def test_kernel_is_used_for_decode_when_available():
     assert kernels.path_for(QuantScheme(3, 8), 4096, "cpu") == "torch"  # 3-bit codes: torch path
 
 
+@pytest.mark.skipif(not kernels._cpu.available(), reason="needs the CPU kernel (AVX-512 VNNI, a C++ compiler)")
+def test_prefill_routing():
+    """Prefill (> PREFILL_ROWS tokens): int4 codes with int8 activations stay on our kernel (the torch
+    path would unpack every code to int8 on each call); int8 per-channel codes and weight-only layers go
+    to torch's GEMMs (docs/runtime.md)."""
+    rows = kernels.PREFILL_ROWS + 1
+    assert kernels.path_for(QuantScheme(4, 8, 0, True), 576, "cpu", rows=rows) == "cpu"
+    assert kernels.path_for(QuantScheme(4, 6, 0, True), 576, "cpu", rows=rows) == "cpu"
+    assert kernels.path_for(QuantScheme(8, 8, 0, True), 576, "cpu", rows=rows) == "torch"
+    assert kernels.path_for(QuantScheme(4, 16, 128, False), 576, "cpu", rows=rows) == "torch"
+    q = _packed(96, 192, QuantScheme(4, 8, 0, True))
+    x = torch.randn(rows + 7, 192)
+    assert _rel_max(IntLinear(copy.deepcopy(q))(x), q(x)) <= TOL
+
+
 def test_integer_path_differs_from_a_wrong_weight():
     """The tolerance is tight enough to notice one flipped weight code."""
     q = _packed(16, 128, QuantScheme(8, 8))

@@ -525,10 +525,11 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         _end_fp32(contexts, model_dtype if upcast is not None else None)
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         dctx = ctx.sides.get(HELDOUT, ctx)  # diagnostics: on the held-out set when there is one
+        known = {}  # outputs the diagnostics already computed (same layer, same inputs)
         if diagnostics is not None:
-            diagnostics.layer(dctx, fp_layer)
+            known[HELDOUT if dctx is not ctx else None] = diagnostics.layer(dctx, fp_layer)
             del fp_layer
-        outputs, side_outputs = _outputs(ctx, sides)
+        outputs, side_outputs = _outputs(ctx, sides, known)
         finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
             d_out = outputs if dctx is ctx else side_outputs[HELDOUT]
@@ -615,10 +616,18 @@ def _end_fp32(contexts, model_dtype) -> None:
 
 
 @torch.no_grad()
-def _outputs(ctx, sides):
-    outputs = [ctx.run(j).to("cpu") for j in range(len(ctx.captured))]
-    side_outputs = {n: [c.run(j).to("cpu") for j in range(len(c.inputs))] if sides[n].inputs is not None
-                    else None for n, c in ctx.sides.items()}
+def _outputs(ctx, sides, known=None):
+    """The compressed layer's outputs on the calibration samples and on each side set that keeps a
+    compressed chain; ``known``: ``{side name, or None for the calibration set: outputs}`` already
+    computed."""
+    known = known or {}
+
+    def run(c):
+        return [c.run(j).to("cpu") for j in range(len(c.inputs))]
+
+    outputs = known[None] if None in known else [ctx.run(j).to("cpu") for j in range(len(ctx.captured))]
+    side_outputs = {n: (known[n] if n in known else run(c)) if sides[n].inputs is not None else None
+                    for n, c in ctx.sides.items()}
     return outputs, side_outputs
 
 

@@ -98,7 +98,10 @@ class Diagnostics:
         return {"set": "calibration (in-sample)"}
 
     @torch.no_grad()
-    def layer(self, ctx, fp_layer) -> dict:
+    def layer(self, ctx, fp_layer) -> list[torch.Tensor]:
+        """Record layer ``ctx.index`` (compressed ``ctx.layer`` against ``fp_layer``) and return the
+        compressed layer's outputs on ``ctx``'s samples (on the CPU), which the engine carries on instead
+        of running the layer a second time."""
         from .linear import QuantLinear
 
         layer = ctx.layer
@@ -122,11 +125,13 @@ class Diagnostics:
 
         handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
         local = _Acc()
+        outputs = []
         try:
             for j in range(len(ctx.inputs)):
                 ids = _flat_ids(ctx.modality_ids[j]).to(ctx.device)
                 current["ids"] = ids
                 out = ctx.run(j)
+                outputs.append(out.to("cpu"))
                 from ..models.modality import modality_context
 
                 with modality_context(ctx.modality_ids[j].to(ctx.device)):
@@ -151,7 +156,7 @@ class Diagnostics:
                                                  for m in act[name] if m != TEXT and m < s.shape[0]}
             record["linears"][name] = entry
         self.layers.append(record)
-        return record
+        return outputs
 
     def accumulated(self, index: int, outputs, fp_outputs, modality) -> None:
         acc = _Acc(per_token=True)

@@ -194,8 +194,11 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 codes ``[..., n]``.  The bytes are read as int8, so arithmetic
     right shifts sign-extend each nibble: ``(b << 4) >> 4`` is the low one, ``b >> 4`` the high one."""
     p = packed.view(torch.int8)
-    c = torch.stack([(p << 4) >> 4, p >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
-    return c[..., :n].contiguous()
+    c = torch.empty(*p.shape, 2, dtype=torch.int8, device=p.device)  # [..., byte, nibble]: no stack copy
+    torch.bitwise_right_shift(p << 4, 4, out=c[..., 0])
+    torch.bitwise_right_shift(p, 4, out=c[..., 1])
+    c = c.view(*p.shape[:-1], -1)
+    return c if c.shape[-1] == n else c[..., :n].contiguous()
 
 
 # -- activations -----------------------------------------------------------------------------

@@ -14,8 +14,9 @@ int4 two per byte ``[N, K/2]``; ``scale``/``zero``: float ``[N, G]``, the layout
 
 Paths (chosen per call; measurements in ``docs/runtime.md``):
 
-* ``"cpu"``: our AVX-512 VNNI kernel (``int_gemm.cpp``) for every token count, for 4- and 8-bit weights
-  when ``K`` and the group size are multiples of 64;
+* ``"cpu"``: our AVX-512 VNNI kernel (``int_gemm.cpp``) for 4- and 8-bit weights when ``K`` and the group
+  size are multiples of 64: decode (≤ ``PREFILL_ROWS`` tokens), and prefill of int4 weights with int8
+  activations and of group-wise weights with int8 activations;
 * ``"torch"``: any device, any shape: ``torch._int_mm`` per group (float64 products of the integer
   codes, also exact, where ``_int_mm`` refuses a shape), weight-only by a temporary dequantized weight
   that is dropped after the call.  This is the CUDA path (untuned).
@@ -48,8 +49,10 @@ def path_for(scheme: QuantScheme, in_features: int, device, rows: int = 1) -> st
     if not (torch.device(device).type == "cpu" and scheme.wbits in (4, 8) and in_features % 64 == 0
             and gs % 64 == 0 and _cpu.available()):
         return "torch"
-    if rows > PREFILL_ROWS and (scheme.weight_only or gs == in_features):
-        return "torch"  # prefill: oneDNN's _int_mm / a float GEMM on a temporary weight beat our kernel
+    if rows > PREFILL_ROWS and (scheme.weight_only or (gs == in_features and scheme.wbits == 8)):
+        # prefill: oneDNN's _int_mm on int8 codes / a float GEMM on a temporary weight beat our kernel;
+        # int4 codes with int8 activations stay on ours (the torch path would unpack them first)
+        return "torch"
     return "cpu"
 
 
