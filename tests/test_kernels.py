@@ -385,3 +385,22 @@ def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
     disable_sparse_decode(model)  # the PyTorch reference path
     with torch.no_grad():
         assert _rel(model(input_ids=ids[:, -1:]).logits, last) < 1e-4
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one(cpu_kernel):
+    """torch's build ``lock`` file outlives a process killed mid-build; the next process must not wait on
+    it forever (it did: every later run hung in ``FileBaton.wait``)."""
+    import os
+    import subprocess
+    import sys
+
+    lock = cpu_backend.build_dir() / "lock"
+    lock.touch()  # what a Ctrl-C during the first build leaves
+    try:
+        code = "from mmcompress.sparse.kernels import cpu; assert cpu.load(), cpu.error()"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)

@@ -62,14 +62,28 @@ def build_dir(name: str | None = None) -> Path:
 
 def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str | None:
     """Build ``src`` (first time) into the cache under ``name``, load it and call ``probe()`` (which raises
-    if the library did not register its ops).  Returns ``None``, or the one-line reason it failed."""
+    if the library did not register its ops).  Returns ``None``, or the one-line reason it failed.
+
+    Builds are serialised by an advisory lock (``flock``) on ``<dir>/build.flock``, which the kernel
+    releases when its holder dies.  torch's own ``lock`` file is not: a process killed mid-build
+    (Ctrl-C, OOM) leaves it behind and every later process would wait on it forever.  Holding the
+    ``flock`` proves no other mmcompress process is building, so a ``lock`` file found then is stale and
+    is removed."""
     try:
+        import fcntl
+
         from torch.utils import cpp_extension
 
         d = build_dir(name)
         d.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(d), verbose=verbose, is_python_module=False)
+        with open(d / "build.flock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                (d / "lock").unlink(missing_ok=True)  # torch's FileBaton of a build that died
+                cpp_extension.load(name=name, sources=[str(src)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(d), verbose=verbose, is_python_module=False)
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
         probe()
         return None
     except Exception as e:  # no compiler, headers, ...: the caller falls back to torch
