@@ -231,7 +231,8 @@ class DecodeEngine:
     """Static-cache generation for ``model`` (see the module docstring).  ``max_len`` bounds prompt +
     new tokens; ``path="auto" | "fast" | "hf"``."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False):
+    def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False,
+                 fused: bool | None = None):
         if path not in ("auto", "fast", "hf"):
             raise ValueError(f"unknown decode path {path!r}; expected auto, fast or hf")
         self.model = model.eval()
@@ -244,7 +245,8 @@ class DecodeEngine:
         self.why_hf = problem if path == "auto" else None
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
-        self.compiled = False
+        self.compiled = self.fused = False
+        self._fused = None
         if self.path == "fast":
             inner = model.model
             self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
@@ -259,6 +261,27 @@ class DecodeEngine:
             self._step = self._decode_step
             if compile:
                 self._compile()
+        if fused is not False and not self.compiled:
+            self._use_fused(notice=fused is True)
+
+    def _use_fused(self, notice: bool):
+        """Single-token steps in one C++ call (``runtime/fused.py``) when every layer is supported; else
+        the Python step, with a one-line notice when the caller asked for the fused step."""
+        from .fused import fused_problem
+
+        problem = fused_problem(self) if self.path == "fast" else (self.why_hf or "not on the fast path")
+        if problem is None:
+            self.fused = True
+            self._step = self._fused_step
+        elif notice:
+            print(f"mmcompress: fused decode step unavailable ({problem}); Python step", file=sys.stderr)
+
+    def _fused_step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        if self._fused is None:
+            from .fused import FusedStep
+
+            self._fused = FusedStep(self)  # after _reset: the plan points into the caches
+        return self._fused.step(int(tok), pos)
 
     # -- caches ------------------------------------------------------------------------------------
 
