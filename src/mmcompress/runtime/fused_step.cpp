@@ -26,6 +26,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -123,17 +124,29 @@ inline void gemv_rows(const W* w, const float* x, int64_t n0, int64_t K, float* 
   for (int r = 0; r < RR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// 64-row units taken from an atomic counter by the threads of ATen's OpenMP team (as the int kernels'
+// share_work: a descheduled helper does not hold a fixed share of the rows)
 template <typename W>
 void dense_gemv(const W* w, const float* x, int64_t N, int64_t K, float* y) {
   constexpr int64_t UNIT = 64;
   const int64_t units = (N + UNIT - 1) / UNIT;
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t e = std::min(N, (u + 1) * UNIT);
-      int64_t n = u * UNIT;
-      for (; n + 4 <= e; n += 4) gemv_rows<W, 4>(w, x, n, K, y);
-      for (; n < e; ++n) gemv_rows<W, 1>(w, x, n, K, y);
-    }
+  auto body = [&](int64_t u) {
+    const int64_t e = std::min(N, (u + 1) * UNIT);
+    int64_t n = u * UNIT;
+    for (; n + 4 <= e; n += 4) gemv_rows<W, 4>(w, x, n, K, y);
+    for (; n < e; ++n) gemv_rows<W, 1>(w, x, n, K, y);
+  };
+  const int nt = std::max<int>(1, at::get_num_threads());
+  if (nt == 1 || units == 1) {
+    for (int64_t u = 0; u < units; ++u) body(u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nt, units), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
+           u = next.fetch_add(1, std::memory_order_relaxed))
+        body(u);
   });
 }
 
@@ -211,7 +224,9 @@ void attend(Plan& P, Layer& l, int64_t pos) {
       kc[(j * P.max_len + pos) * hd + i] = static_cast<T>(P.k[j * hd + i]);
       vc[(j * P.max_len + pos) * hd + i] = static_cast<T>(P.v[j * hd + i]);
     }
-  at::parallel_for(0, P.nh, 1, [&](int64_t h0, int64_t h1) {
+  // threads over heads only when there is enough work to pay a fork-join (long contexts)
+  const int64_t grain = T1 * hd >= (1 << 16) ? 1 : P.nh;
+  at::parallel_for(0, P.nh, grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t j = h / rep;
       const float* qh = P.q.data() + h * hd;
