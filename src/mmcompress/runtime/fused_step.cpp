@@ -239,10 +239,13 @@ void attend(Plan& P, Layer& l, int64_t pos) {
         sc[t] = d * P.scaling;
         mx = sc[t] > mx ? sc[t] : mx;
       }
+      // as ATen's CPU flash attention: the sum of the fp32 exponentials, the weights that multiply V
+      // rounded to the model dtype (its second GEMM runs in the reduced type)
       float sum = 0.f;
       for (int64_t t = 0; t < T1; ++t) {
-        sc[t] = std::exp(sc[t] - mx);
-        sum += sc[t];
+        const float e = std::exp(sc[t] - mx);
+        sum += e;
+        sc[t] = rnd(P, e);
       }
       float acc[1024];
       for (int64_t i = 0; i < hd; ++i) acc[i] = 0.f;
