@@ -25,24 +25,18 @@ from ..sparse.kernels.cpu import compile_and_load, extension_name
 
 _SRC = Path(__file__).with_name("fused_step.cpp")
 _LOCK = threading.Lock()
-_STATE: dict = {"loaded": False, "error": None}
+_STATE: dict = {}
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the extension; ``True`` if ``torch.ops.mmcompress_fused`` is usable."""
-    if _STATE["loaded"] or _STATE["error"] is not None:
-        return _STATE["loaded"]
     with _LOCK:
-        if _STATE["loaded"] or _STATE["error"] is not None:
-            return _STATE["loaded"]
-        if not _qcpu.available():  # the integer kernels' CPU and build (and their ops, which the step calls)
-            _STATE["error"] = f"no CPU integer kernels ({_qcpu.error()})"
-        else:
-            _STATE["error"] = compile_and_load(extension_name("mmcompress_fused_step", _SRC), _SRC,
-                                               lambda: torch.ops.mmcompress_fused.fused_step, verbose)
-        _STATE["loaded"] = _STATE["error"] is None
-    return _STATE["loaded"]
+        if "error" not in _STATE:  # the step calls the integer kernels' ops: their CPU and build first
+            _STATE["error"] = (f"no CPU integer kernels ({_qcpu.error()})" if not _qcpu.available() else
+                               compile_and_load(extension_name("mmcompress_fused_step", _SRC), _SRC,
+                                                lambda: torch.ops.mmcompress_fused.fused_step, verbose))
+    return _STATE["error"] is None
 
 
 def _linear_problem(m: nn.Module, dtype) -> str | None:
