@@ -24,6 +24,12 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     Any other causal LM: the model's own forward with a transformers ``StaticCache`` (preallocated),
     one call per token, without ``generate``'s per-token overhead.
 
+``fused`` (default ``None``: when supported, silently): the fast path's single-token steps run in one
+C++ call per token (:mod:`mmcompress.runtime.fused`) when every layer is a plain Llama/Qwen2/Mistral layer
+with ``nn.Linear`` or deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
+``fused=True`` asks for it and prints one line when it falls back to the Python step; ``fused=False``
+keeps the Python step.  Logits equal the Python step's to float round-off (tests/test_fused_decode.py).
+
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
 integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
 that the graph keeps them as opaque custom ops).  The step then attends over the whole preallocated cache
