@@ -44,6 +44,8 @@ def _linear_problem(m: nn.Module, dtype) -> str | None:
     from ..quant.deployed import IntLinear
 
     if type(m) is nn.Linear:
+        if not m.weight.is_contiguous():
+            return "a non-contiguous weight"
         return None if m.weight.dtype == dtype else f"{m.weight.dtype} weight in a {dtype} model"
     if type(m) is IntLinear:
         if m.input_sparsifier is not None:

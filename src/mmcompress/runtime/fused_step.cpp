@@ -311,7 +311,11 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   l.smooth = floats(ts[ti++]);
   TORCH_CHECK(l.w.is_contiguous(), "fused_plan: weights must be contiguous");
   TORCH_CHECK(l.kind >= 0 && l.kind <= 3, "fused_plan: linear kind 0..3");
-  TORCH_CHECK(l.kind != 0 || (l.w.size(0) == l.N && l.w.size(1) == l.K), "fused_plan: dense weight shape");
+  TORCH_CHECK(l.kind != 0 || (l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == l.K), "fused_plan: dense weight shape");
+  TORCH_CHECK(l.kind == 0 || (l.w.dim() == 2 && l.w.size(0) == l.N), "fused_plan: weight codes shape");
+  TORCH_CHECK((l.bias.empty() || static_cast<int64_t>(l.bias.size()) == l.N) &&
+                  (l.smooth.empty() || static_cast<int64_t>(l.smooth.size()) == l.K),
+              "fused_plan: bias or smoothing shape");
   return l;
 }
 
@@ -357,9 +361,19 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
       *p = make_lin(ts, ti, meta, mi);
       any_int = any_int || p->kind != 0;
     }
+    const int64_t H = P->H, qd = P->nh * P->hd, kd = P->nkv * P->hd, I = P->I;
+    TORCH_CHECK(l.q.K == H && l.q.N == qd && l.k.K == H && l.k.N == kd && l.v.K == H && l.v.N == kd &&
+                    l.o.K == qd && l.o.N == H && l.gate.K == H && l.gate.N == I && l.up.K == H && l.up.N == I &&
+                    l.down.K == I && l.down.N == H && static_cast<int64_t>(l.ln1.size()) == H &&
+                    static_cast<int64_t>(l.ln2.size()) == H,
+                "fused_plan: layer shapes");
     P->layers.push_back(std::move(l));
   }
   TORCH_CHECK(ti == ts.size() && mi == meta.size(), "fused_plan: argument count");
+  TORCH_CHECK(P->head.K == P->H && P->head.N == P->V && static_cast<int64_t>(P->norm.size()) == P->H &&
+                  P->embed.size(1) == P->H && static_cast<int64_t>(P->cos.size()) == P->max_len * P->hd &&
+                  static_cast<int64_t>(P->sin.size()) == P->max_len * P->hd,
+              "fused_plan: head, norm, embedding or RoPE table shape");
   if (any_int) P->ops = int_ops();
   const int64_t big = std::max({P->H, P->I, P->V, P->nh * P->hd, P->nkv * P->hd});
   for (auto* b : {&P->h, &P->x, &P->xs, &P->q, &P->k, &P->v, &P->a, &P->o, &P->g, &P->u, &P->logits}) b->resize(big);
@@ -393,7 +407,7 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
   } else {
     std::memcpy(P.h.data(), P.embed.data_ptr<float>() + token * H, H * sizeof(float));
   }
-  std::vector<float> tmp(std::max(P.nh * P.hd, P.I));
+  std::vector<float> tmp(P.h.size());  // o_proj and down outputs (H)
   for (Layer& l : P.layers) {
     rms_norm(P, P.h.data(), l.ln1, P.x.data());
     linear(P, l.q, P.x.data(), P.q.data());
