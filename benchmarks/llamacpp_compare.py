@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARTIFACT",
                     help="another artifact of MODEL to time as 'ours NAME' (e.g. joint=DIR, a LaRoSA-40 %% + W8A8 "
                          "compress --recipe artifact, compared with llama.cpp Q8_0)")
+    ap.add_argument("--python-step", action="store_true",
+                    help="also time each of ours on the engine's Python step (not the fused C++ step)")
     a = ap.parse_args()
 
     import mmcompress
@@ -111,6 +113,10 @@ def main():
     extra = dict(e.split("=", 1) for e in a.extra)
     ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()})
     engines = {k: DecodeEngine(m, max_len=n) for k, m in ours.items()}
+    if a.python_step:
+        engines.update({f"{k} (python step)": DecodeEngine(ours[k], max_len=n, fused=False)
+                        for k, e in list(engines.items()) if e.fused})
+    fused = {k: e.fused for k, e in engines.items()}
     variants = [f"ours {k}" for k in engines] + list(files["gguf"])
     if a.only:
         keep = set(a.only.split(","))
@@ -146,7 +152,8 @@ def main():
         print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s", file=sys.stderr)
     print(json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
                       "rounds": a.rounds, "load_averages": loads, "torch": torch.__version__,
-                      "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": summary}))
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ours_fused_step": fused,
+                      "results": summary}))
 
 
 if __name__ == "__main__":

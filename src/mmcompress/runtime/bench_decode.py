@@ -13,6 +13,8 @@ rotates every round, so machine noise hits them alike):
   in bf16 with the seven projections on our dense GEMV kernel (the sparse kernel at 0 %,
   ``engine_own_kernel_0pct``; CPU with the kernel only).  For a LaRoSA artifact the residual adapters
   stay in the dense variants (its original weights are not in the artifact).
+* ``compressed_python_step``: when the compressed variant takes the fused C++ step
+  (:mod:`~mmcompress.runtime.fused`), the same model on the engine's Python step.
 * ``hf_generate``: ``model.generate`` (greedy, HF's dynamic cache) on the compressed model; its per-token
   time comes from a logits processor's timestamps.
 
@@ -182,6 +184,8 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
             models["engine_own_kernel_0pct"] = own
         del ref
     engines = {k: DecodeEngine(m, max_len=n, compile=compile and k == "compressed") for k, m in models.items()}
+    if engines["compressed"].fused:  # the same model on the engine's Python step, for the fused step's gain
+        engines["compressed_python_step"] = DecodeEngine(comp, max_len=n, fused=False)
     build_s = time.time() - t0
     vocab = getattr(comp.get_input_embeddings(), "num_embeddings", 1000)
     ids = _prompt_ids(path, prompt, vocab, trust_remote_code)
@@ -212,6 +216,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
         "model": str(path), "artifact": artifact, "threads": torch.get_num_threads(), "prompt": prompt,
         "tokens": tokens, "rounds": rounds, "build_s": round(build_s, 1),
         "decode_path": engines["compressed"].path, "compiled": engines["compressed"].compiled,
+        "fused": engines["compressed"].fused, "variants_fused": {k: e.fused for k, e in engines.items()},
         "tok_s": round(1 / med["compressed"], 3), "tok_s_best_run": round(max(runs["compressed"]), 3),
         "weight_bytes": wb,
         "weight_bytes_note": "tensors of the decoder layers' linears (codes, scales, zero points; dense: bf16)",
@@ -223,7 +228,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     }
     base = None
     if dense:
-        base = min((k for k in engines if k != "compressed"), key=med.get)
+        base = min((k for k in engines if not k.startswith("compressed")), key=med.get)
         res.update({"dense_tok_s": round(1 / med[base], 3), "speedup": round(med[base] / med["compressed"], 3),
                     "dense_baseline": base,
                     "dense_weight_bytes": _tensor_bytes(_layer_linears(models["engine_bf16"]))})
@@ -233,7 +238,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
         res["hf_tokens_match"] = out_tokens["hf_generate"] == out_tokens["compressed"]
     if log is not None:
         print(f"{path}: decode {tokens} tokens after {prompt}, {rounds} rounds, {res['threads']} threads, path "
-              f"{res['decode_path']}{' (compiled)' if res['compiled'] else ''} (built in {res['build_s']} s)", file=log)
+              f"{res['decode_path']}{' (compiled)' if res['compiled'] else ''}{' (fused step)' if res['fused'] else ''} (built in {res['build_s']} s)", file=log)
         for k, v in med.items():
             print(f"  {k:24s} {1e3 * v:8.2f} ms/token  {1 / v:8.2f} tok/s (best run {max(runs[k]):8.2f})", file=log)
         print((f"  compressed vs {base}: {res['speedup']:.3f}x; " if dense else "  ")

@@ -27,6 +27,10 @@ def register(subparsers) -> None:
                                                    "bfloat16, float16 (artifacts run in their own dtype)")
     g.add_argument("--compile", action="store_true",
                    help="capture the single-token step with torch.compile (experimental; docs/runtime.md)")
+    g.add_argument("--step", choices=("auto", "fused", "python"), default="auto",
+                   help="decode step of Llama-family models: fused = one C++ call per token (auto: when every layer "
+                        "is supported, else the Python step; fused: the same, with a one-line notice when it falls "
+                        "back); python = the engine's Python step")
     add_common(g)
     add_trust(g)
     g.set_defaults(func=cmd_generate)
@@ -110,26 +114,27 @@ def cmd_generate(args) -> dict:
     n = args.max_new_tokens
     timings: dict = {}
     if type(model).__name__.endswith("ForCausalLM"):  # text-only decoders: the engine (fast or hf path)
-        eng = DecodeEngine(model, max_len=ids.shape[1] + n, compile=args.compile)
+        eng = DecodeEngine(model, max_len=ids.shape[1] + n, compile=args.compile,
+                           fused={"auto": None, "fused": True, "python": False}[getattr(args, "step", "auto")])
         out = eng.generate(ids, n, do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k,
                            top_p=args.top_p, generator=torch.Generator(device=eng.device).manual_seed(args.seed),
                            eos_token_id=eos, timings=timings, on_token=stream)
-        path_used, compiled = eng.path, eng.compiled
+        path_used, compiled, fused = eng.path, eng.compiled, eng.fused
     else:  # multimodal wrappers and other heads: transformers' generate, streamed the same way
-        path_used, compiled = "transformers", False
+        path_used, compiled, fused = "transformers", False, False
         out = _hf_generate(model, ids, n, sample, args, stream)
     stream.end()
     steps = timings.get("step_s") or []
     res = {"model": str(path), "artifact": is_artifact(path), "runtime": getattr(model, "_mmcompress_runtime", None),
            "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""), "decode_path": path_used,
-           "compiled": compiled, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]),
+           "compiled": compiled, "fused": fused, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]),
            "new_tokens": int(out.shape[1] - ids.shape[1]), "ids": out[0, ids.shape[1]:].tolist(),
            "text": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), "load_s": round(load_s, 3)}
     if timings:
         res["prefill_s"] = round(timings["prefill_s"], 4)
         res["tok_s"] = round(len(steps) / sum(steps), 3) if steps and sum(steps) > 0 else None
     print(f"mmcompress generate: {res['new_tokens']} tokens after {res['prompt_tokens']} ({path_used} path"
-          + (", compiled" if compiled else "") + (f"; prefill {res['prefill_s']} s" if timings else "")
+          + (", compiled" if compiled else "") + (", fused step" if fused else "") + (f"; prefill {res['prefill_s']} s" if timings else "")
           + (f", decode {res['tok_s']} tok/s" if res.get("tok_s") else "") + ")", file=sys.stderr)
     return res
 

@@ -24,6 +24,12 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
     Any other causal LM: the model's own forward with a transformers ``StaticCache`` (preallocated),
     one call per token, without ``generate``'s per-token overhead.
 
+``fused`` (default ``None``: when supported, silently): the fast path's single-token steps run in one
+C++ call per token (:mod:`mmcompress.runtime.fused`) when every layer is a plain Llama/Qwen2/Mistral layer
+with ``nn.Linear`` or deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
+``fused=True`` asks for it and prints one line when it falls back to the Python step; ``fused=False``
+keeps the Python step.  Logits equal the Python step's to float round-off (tests/test_fused_decode.py).
+
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
 integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
 that the graph keeps them as opaque custom ops).  The step then attends over the whole preallocated cache
@@ -231,7 +237,8 @@ class DecodeEngine:
     """Static-cache generation for ``model`` (see the module docstring).  ``max_len`` bounds prompt +
     new tokens; ``path="auto" | "fast" | "hf"``."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False):
+    def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False,
+                 fused: bool | None = None):
         if path not in ("auto", "fast", "hf"):
             raise ValueError(f"unknown decode path {path!r}; expected auto, fast or hf")
         self.model = model.eval()
@@ -244,7 +251,8 @@ class DecodeEngine:
         self.why_hf = problem if path == "auto" else None
         emb = model.get_input_embeddings().weight
         self.device, self.dtype = emb.device, emb.dtype
-        self.compiled = False
+        self.compiled = self.fused = False
+        self._fused = None
         if self.path == "fast":
             inner = model.model
             self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
@@ -259,6 +267,27 @@ class DecodeEngine:
             self._step = self._decode_step
             if compile:
                 self._compile()
+        if fused is not False and not self.compiled:
+            self._use_fused(notice=fused is True)
+
+    def _use_fused(self, notice: bool):
+        """Single-token steps in one C++ call (``runtime/fused.py``) when every layer is supported; else
+        the Python step, with a one-line notice when the caller asked for the fused step."""
+        from .fused import fused_problem
+
+        problem = fused_problem(self) if self.path == "fast" else (self.why_hf or "not on the fast path")
+        if problem is None:
+            self.fused = True
+            self._step = self._fused_step
+        elif notice:
+            print(f"mmcompress: fused decode step unavailable ({problem}); Python step", file=sys.stderr)
+
+    def _fused_step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        if self._fused is None:
+            from .fused import FusedStep
+
+            self._fused = FusedStep(self)  # after _reset: the plan points into the caches
+        return self._fused.step(int(tok), pos)
 
     # -- caches ------------------------------------------------------------------------------------
 
