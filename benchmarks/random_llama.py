@@ -3,6 +3,12 @@ depth, tensor by tensor (never the whole model in memory), for the scaling measu
 
     python benchmarks/random_llama.py OUT_DIR --layers 22 [--hidden 4096 --intermediate 11008 --heads 32 --kv-heads 32]
 
+LLaMA-2-7B shape (13.5 GB; two random layers, then repeated to 32 at disk speed):
+
+    python benchmarks/random_llama.py /tmp/l7b2 --layers 2 --hidden 4096 --intermediate 11008 --heads 32 --kv-heads 32
+    python benchmarks/random_llama.py /tmp/l7b --layers 32 --hidden 4096 --intermediate 11008 --heads 32 \
+        --kv-heads 32 --repeat /tmp/l7b2
+
 The tokenizer is smollm2-135m's from the testbed cache (vocab 49152, so the embedding and head have 49152
 rows, not TinyLlama's 32000); the weights are N(0, 0.02) in bfloat16, norms 1.
 """

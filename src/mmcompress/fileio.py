@@ -50,6 +50,22 @@ class OutputError(ValueError):
 _hooks: list[Callable[[str], None]] = []
 
 
+class DiskSpaceError(OSError):
+    """Not enough free space for an output (raised before it is written)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def require_space(directory, nbytes: int, what: str) -> None:
+    """Raise :class:`DiskSpaceError` saying how many bytes ``what`` needs when ``directory``'s file system has
+    fewer free (checked before writing, so a previous output is left as it was)."""
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise DiskSpaceError(errno.ENOSPC, f"not enough disk space for {what}: it needs {nbytes} bytes, "
+                                           f"{free} are free in {directory}; nothing was replaced")
+
+
 def step(name: str) -> None:
     """Mark a step of a commit (``output.swapped``, ``checkpoint.state:3``, ...) for the hooks."""
     for hook in list(_hooks):

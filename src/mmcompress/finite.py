@@ -13,8 +13,16 @@ class NonFiniteError(ValueError):
     """A tensor holds NaN or ±inf; the message names the first one."""
 
 
+_CHUNK = 1 << 20  # elements per isfinite() call: its temporaries (abs, masks) stay a few MB, not 2.5x the tensor
+
+
 def _bad(t: torch.Tensor) -> bool:
-    return (t.is_floating_point() or t.is_complex()) and not t.is_meta and not bool(torch.isfinite(t).all())
+    if not (t.is_floating_point() or t.is_complex()) or t.is_meta:
+        return False
+    flat = t.reshape(-1) if t.is_contiguous() else t
+    if flat.dim() != 1:
+        return not bool(torch.isfinite(t).all())
+    return any(not bool(torch.isfinite(flat[s:s + _CHUNK]).all()) for s in range(0, flat.numel(), _CHUNK))
 
 
 def first_non_finite(named_tensors) -> str | None:

@@ -339,10 +339,12 @@ class ArtifactLayout:
         entries, dropped = _artifact_entries(stream.model, stream,
                                              lambda i, prefix: [(prefix + k, dt, sh, None) for k, dt, sh in mine])
         shards, names = split_shards(entries, lambda e: _nbytes((e[1], e[2])), MAX_SHARD_BYTES)
+        headers = [_header([(n, _ST_DTYPES[dt], sh, _nbytes((dt, sh))) for n, dt, sh, _ in shard],
+                           dict(sorted(dropped.items()))) for shard in shards]
+        fileio.require_space(ckdir, sum(map(len, headers)) + sum(_nbytes((e[1], e[2])) for e in entries),
+                             "the artifact")
         offsets = {}
-        for fname, shard in zip(names, shards):
-            header = _header([(n, _ST_DTYPES[dt], sh, _nbytes((dt, sh))) for n, dt, sh, _ in shard],
-                             dict(sorted(dropped.items())))
+        for fname, shard, header in zip(names, shards, headers):
             pos = len(header)
             with open(Path(ckdir) / _part_name(fname), "wb") as f:
                 f.write(header)

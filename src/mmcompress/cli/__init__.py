@@ -227,6 +227,10 @@ def cmd_quantize(args) -> dict:
     if args.calib is not None:  # the calibration options and file are checked before the model
         _check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=trust)
+    if Path(args.model).is_dir():  # a missing or truncated shard is named before anything is written
+        from ..export.datafree import checkpoint_tensors
+
+        checkpoint_tensors(args.model)
     if args.calib is None:
         return _quantize_data_free(args, scheme)
     from ..distributed import current, launched

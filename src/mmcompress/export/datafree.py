@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..fileio import atomic_output_dir, check_output
+from ..fileio import atomic_output_dir, check_output, require_space
 from ..models.adapters import get_adapter
 from ..models.loading import model_class_for, read_config
 from ..quant.linear import QuantLinear
@@ -53,12 +52,38 @@ def checkpoint_tensors(model_dir) -> dict[str, Path]:
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{model_dir}: shard {missing[0]} listed in {index.name} is missing")
+        for f in sorted(set(weight_map.values())):
+            shard_header(model_dir / f)
         return {k: model_dir / f for k, f in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{model_dir} has no model.safetensors (only safetensors checkpoints are read)")
-    with safe_open(str(single), "pt") as f:
-        return {k: single for k in f.keys()}
+    return {k: single for k in shard_header(single) if k != "__metadata__"}
+
+
+class ShardError(ValueError):
+    """A safetensors shard is truncated or not a safetensors file."""
+
+
+def shard_header(path: Path) -> dict:
+    """The header of safetensors file ``path``, checked against the file's size (a truncated shard is an
+    error naming it, before anything is read or written)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ShardError(f"{path.name} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ShardError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ShardError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    need = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < need:
+        raise ShardError(f"{path.name} is truncated: {size} bytes, its header describes {need}")
+    return header
 
 
 def _meta_model(model_dir, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -219,12 +244,15 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         return readers[path].read(stored_as[key])
 
     with atomic_output_dir(output, overwrite=overwrite, inputs=[model_dir]) as tmp:
+        headers = [_header([(k, *v) for out, _, _ in shard for k, v in out.items()], {"format": "pt"})
+                   for shard in shards]
+        require_space(tmp, sum(map(len, headers)) + sum(sum(_nbytes(v) for v in u[0].values()) for u in units),
+                      "the artifact")
         weight_map, total = {}, 0
         done = 0
-        for fname, shard in zip(names, shards):
-            entries = [(k, *v) for out, _, _ in shard for k, v in out.items()]
+        for fname, shard, header in zip(names, shards, headers):
             with open(tmp / fname, "wb") as f:
-                f.write(_header(entries, {"format": "pt"}))
+                f.write(header)
                 for out, srcs, build in shard:
                     got = {k: read(k).to(out[k][0] if build is None else dtype) for k in srcs}
                     produced = got if build is None else build(got)
