@@ -30,7 +30,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows (held-out wiki)")
     ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     ap.add_argument("--calib-seqlen", type=int, default=1024)
-    ap.add_argument("--methods", default="larosa,teal,teal-greedy,teal-half,cats")
+    ap.add_argument("--methods", default="larosa,teal,teal-greedy,teal-half,cats",
+                    help="comma-separated: larosa, teal, teal-greedy, teal-half, cats, wina, wina-greedy")
     ap.add_argument("--larosa-modes", default="merged", help="merged,reference")
     ap.add_argument("--larosa-plans", default="exact", help="exact,uniform,grid,greedy")
     ap.add_argument("--identity-ablation", action="store_true", help="also run LaRoSA with Q = I (no rotation)")
@@ -192,6 +193,19 @@ def main(argv=None):
             info = cats(m, get_adapter(m), calib.samples, lv, magnitudes=mags, progress=False)
             row("cats", lv, m, info["model_sparsity"], t0, note=info.get("note"))
             del m
+    if "wina" in methods or "wina-greedy" in methods:  # WINA (arXiv 2505.19427), the same pipeline and eval
+        from mmcompress.sparse.methods.wina import wina
+        for name, plan in (("wina", "uniform"), ("wina-greedy", "greedy")):
+            if name not in methods:
+                continue
+            for lv in levels:
+                t0 = time.time()
+                m = copy.deepcopy(base)
+                info = wina(m, get_adapter(m), calib.samples, lv, plan=plan, progress=False)
+                row(f"wina ({plan})", lv, m, round(info["model_sparsity"], 4), t0)
+                if plan == "greedy":
+                    costs[f"wina_greedy_{lv}_s"] = round(time.time() - t0, 1)
+                del m
     for mode, rot in deferred:  # secondary LaRoSA rows: Mode R, Q = I
         larosa_rows(mode, rot, time.time())
 

@@ -62,6 +62,11 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     q.add_argument("--runtime-smoothing", action="store_true", default=None,
                    help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
                         "division (not exportable)")
+    q.add_argument("--search-loss", dest="loss", choices=["block", "linear"],
+                   help="AWQ/MBQ scale search scored on the output of the block the group feeds (AWQ's default) "
+                        "or of the group's linears (MBQ's default)")
+    q.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="AWQ/MBQ weight-clipping search (AWQ's default: on; MBQ's: off)")
     q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
     q.add_argument("--report-calib", metavar="SPEC",
                    help="measure the --report diagnostics on this held-out set (a file or testbed name, e.g. "
@@ -153,7 +158,8 @@ def _plugins():
 _OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
                  "cmc": "--cmc", "rank": "--rank", "rank_floor": "--rank-floor", "cmc_target": "--cmc-target",
                  "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples",
-                 "runtime_smoothing": "--runtime-smoothing", "divergence": "--divergence"}
+                 "runtime_smoothing": "--runtime-smoothing", "divergence": "--divergence",
+                 "loss": "--search-loss", "clip": "--clip"}
 
 
 def _divergence_arg(value: str):

@@ -29,8 +29,8 @@ class MBQ(ScaleSearch):
     OPTIONS = {**ScaleSearch.OPTIONS, "loss_weights": check_loss_weights, "probe_samples": opt.integer(1)}
 
     def __init__(self, scheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0, loss_weights="auto",
-                 probe_samples: int = 16):
-        super().__init__(scheme, grid, max_tokens, seed)
+                 probe_samples: int = 16, loss: str | None = None, clip: bool | None = None):
+        super().__init__(scheme, grid, max_tokens, seed, loss, clip)
         self.loss_weights_spec = loss_weights
         self.probe_samples = probe_samples
         self.loss_weights = {TEXT: 1.0}

@@ -6,7 +6,9 @@ For each group of linears that read the same input X (q/k/v; o; gate/up; optiona
     X Wᵀ = (X / s)(W ⊙ s)ᵀ,   quantized: Q_a(X / s) · Q_w(W ⊙ s)ᵀ       (E1, E3)
 
 The activation statistic ``max_t |X_tj|`` is taken over **all** calibration tokens (every modality),
-which is exactly what MASQuant's modality-aware smoothing replaces.  ``max_i |W_ij|`` is taken over
+which is exactly what MASQuant's modality-aware smoothing replaces.  It is measured on the
+full-precision model (the engine's uncompressed chain), as the reference computes its activation
+scales in one pass over the unquantized model, and as every method here takes its statistics.  ``max_i |W_ij|`` is taken over
 the rows of every reader in the group.  ``1/s`` is folded into the preceding RMSNorm (q/k/v,
 gate/up) or into the producing linear's output rows (v → o without GQA, up → down).  A group whose
 division cannot be folded (o_proj under grouped-query attention) is not smoothed by default, so
@@ -30,6 +32,7 @@ DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
 class SmoothQuant(QuantMethod):
     name = "smoothquant"
     distributed = True
+    needs_fp_chain = True  # statistics of the full-precision model, as the reference and every method here
 
     OPTIONS = {"alpha": opt.real(0, 1), "groups": opt.subset("attn_in", "attn_out", "mlp_in", "mlp_out"),
                "runtime_smoothing": opt.boolean}
@@ -70,14 +73,14 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
 
 
 def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
-    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank);
-    zeros for a group no token reached (an MoE expert the router never chose)."""
+    """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank),
+    on the full-precision chain; zeros for a group no token reached (an MoE expert the router never chose)."""
     stats: dict[str, torch.Tensor] = {}
 
     def record(name, x, ids):
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
         stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
-    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record)
+    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record, inputs=ctx.fp_inputs)
     zeros = {g.name: torch.zeros(g.modules(ctx.layer)[0].in_features, dtype=torch.float64) for g in groups}
     return {g.name: ctx.world.max(stats.get(g.name, zeros[g.name])) for g in groups}
