@@ -4,15 +4,17 @@
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/vllm_real.py agree --work /tmp/vllm-real
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/vllm_real.py serve --work /tmp/vllm-real
 
-``agree``: per testbed model (smollm2-135m, qwen2.5-0.5b) and scheme (W8A8, W4A16 g128, W4A8; RTN), the
-artifact and its compressed-tensors export (``tests/test_vllm.real_case``: held-out wiki windows 8 x 256
-tokens, prompts 8 x 32 tokens), vLLM's prompt log-probs and 16-token greedy continuations (bf16), our
-runtime's on the same artifact and ids (bf16), and the noise floor: our runtime float32 vs bfloat16
-(``tests/test_vllm.noise_floor``).  ``serve``: decode throughput of a fixed batch (``--batch`` prompts of 32
-wiki tokens, ``--tokens`` new tokens each, ``ignore_eos``) in vLLM (bf16, batch 1 and ``--batch``), and
-``mmcompress bench decode ARTIFACT --json`` (batch 1) on the same artifacts; dense rows serve the testbed
-model directory itself.  Each measurement is cached as JSON in ``--work`` (delete a file to redo it) and the
-load average (``/proc/loadavg``) is recorded before each.  The tables are printed as markdown.
+``agree``: per testbed model (smollm2-135m, qwen2.5-0.5b) and scheme (W8A8, W4A16 group 64 asymmetric, W4A8
+per channel; RTN), the artifact and its compressed-tensors export (``tests/test_vllm.real_case``: held-out
+wiki windows 8 x 256 tokens, prompts 8 x 32 tokens), vLLM's prompt log-probs and 16-token greedy
+continuations (bf16), our runtime's on the same artifact and ids (bf16), and the noise floor: our runtime
+float32 vs bfloat16 (``tests/test_vllm.noise_floor``). ``serve``: decode throughput of a fixed batch
+(``--batch`` prompts of 32 wiki tokens, ``--tokens`` new tokens each, ``ignore_eos``) in vLLM (bf16, batch 1
+and ``--batch``), and ``mmcompress bench decode ARTIFACT --json`` (batch 1, our integer runtime) on the same
+artifacts; dense rows: vLLM serves the testbed model directory itself, ours is that run's ``engine_bf16``
+variant (the artifact's weights dequantized into bf16 ``nn.Linear``s: the dense model's shapes and cost).
+Each measurement is cached as JSON in ``--work`` (delete a file to redo it) and the load average
+(``/proc/loadavg``) is recorded before each. The tables are printed as markdown.
 """
 
 from __future__ import annotations
@@ -69,17 +71,18 @@ def agree(work: Path, models, schemes) -> None:
             r = agreement(o, v)
             rows.append((model, name, r, f, v["kernels"], v["load"], o["load"]))
             print(f"[vllm-real] {model} {name}: " + json.dumps({**r, "floor": f, "kernels": v["kernels"]}), flush=True)
-    n = lambda f, k, fmt: "—" if f is None else format(f[k] * (8 if "identical" in k else 1), fmt)  # noqa: E731
     print("\n| model | export | vLLM kernel | ppl ours | ppl vLLM | rel. gap | mean / max abs d log p | greedy "
-          "identical | mean common prefix (/16) | floor: ours fp32 vs bf16 (mean abs d log p, identical, prefix) "
-          "| load avg (vLLM / ours) |")
+          "identical | mean common prefix (/16) | floor: ours fp32 vs bf16 (rel. ppl gap, mean abs d log p, "
+          "identical, prefix) | load avg (vLLM / ours) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, name, r, f, kernels, lv, lo in rows:
-        k = ", ".join(a for a, b in kernels if b != "EOS")
+        k = ", ".join(sorted({a for a, b in kernels if b != "EOS"}))
+        floor = "—" if f is None else (f"{100 * f['ppl_rel']:.2f} %, {f['mean_abs_dlogp']:.3f}, "
+                                       f"{round(f['greedy_identical'] * r['prompts'])}/{r['prompts']}, "
+                                       f"{f['greedy_mean_prefix']:.1f}")
         print(f"| {model} | {name} | {k} | {r['ppl_ours']:.3f} | {r['ppl_vllm']:.3f} | {100 * r['ppl_rel']:.2f} % | "
               f"{r['mean_abs_dlogp']:.3f} / {r['max_abs_dlogp']:.2f} | {round(r['greedy_identical'] * r['prompts'])}"
-              f"/{r['prompts']} | {r['greedy_mean_prefix']:.1f} | {f['mean_abs_dlogp']:.3f}, "
-              f"{round(f['greedy_identical'] * r['prompts'])}/{r['prompts']}, {f['greedy_mean_prefix']:.1f} | {lv} / {lo} |")
+              f"/{r['prompts']} | {r['greedy_mean_prefix']:.1f} | {floor} | {lv} / {lo} |")
 
 
 def serve(work: Path, models, schemes, batch: int, tokens: int, threads: int) -> None:
@@ -102,8 +105,9 @@ def serve(work: Path, models, schemes, batch: int, tokens: int, threads: int) ->
 
             def vl():
                 job, res = work / f"{model}-{name}.serve.job.json", work / f"{model}-{name}.serve.tmp.json"
+                tp = {"prompts": prompts, "batches": [1, batch]}
                 job.write_text(json.dumps({"model": str(export), "windows": [], "prompts": [], "max_tokens": tokens,
-                                           "dtype": "bfloat16", "throughput": {"prompts": prompts, "batches": [1, batch]}}))
+                                           "dtype": "bfloat16", "throughput": tp}))
                 load = _load()
                 p = subprocess.run(["nice", "-n", "19", py, str(ROOT / "tests" / "vllm_runner.py"), str(job), str(res)],
                                    capture_output=True, text=True, env=dict(_env(), OMP_NUM_THREADS=str(threads)))
@@ -122,16 +126,20 @@ def serve(work: Path, models, schemes, batch: int, tokens: int, threads: int) ->
                 return dict(json.loads(p.stdout.strip().splitlines()[-1]), load=load)
 
             v = _cached(work / f"{model}-{name}.serve.vllm.json", vl)
-            o = _cached(work / f"{model}-{name}.serve.ours.json", ou)
+            o = _cached(work / f"{model}-{name}.serve.ours.json", ou) if name != "dense" else None
             rows.append((model, name, v, o))
             print(f"[vllm-serve] {model} {name}: vllm {json.dumps(v)} ours {json.dumps(o)}", flush=True)
     print(f"\n| model | variant | vLLM tok/s, batch 1 | vLLM tok/s, batch {batch} | ours tok/s, batch 1 "
           "(bench decode) | load avg (vLLM / ours) |")
     print("|---|---|---|---|---|---|")
-    for model, name, v, o in rows:
+    for i, (model, name, v, o) in enumerate(rows):
         b1, bn = v["tok_s"]["1"], v["tok_s"][str(batch)]
-        ot = o.get("tok_s", o.get("engine_bf16_tok_s"))
-        print(f"| {model} | {name} | {b1:.1f} | {bn:.1f} | {ot} | {v['load']} / {o['load']} |")
+        if o is None:  # dense: our engine's bf16 dense variant, measured in the next row's (the first artifact's) run
+            nxt = rows[i + 1][3] if i + 1 < len(rows) and rows[i + 1][0] == model else None
+            ot, lo = (nxt["variants_tok_s"]["engine_bf16"], nxt["load"]) if nxt else ("—", "—")
+        else:
+            ot, lo = o["tok_s"], o["load"]
+        print(f"| {model} | {name} | {b1:.1f} | {bn:.1f} | {ot} | {v['load']} / {lo} |")
 
 
 def main() -> None:

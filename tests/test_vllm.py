@@ -191,13 +191,14 @@ def test_tiny_export_in_vllm(tmp_path, vllm_py, name, group, sym, kernel):
 # -- real models (testbed) --------------------------------------------------------------------------------
 
 
-REAL_SCHEMES = {"w8a8": "CPUInt8ScaledMMLinearKernel", "w4a16": "CPUWNA16LinearKernel", "w4a8": "Dynamic4bitLinearKernel"}
+REAL_SCHEMES = {"w8a8": "CPUInt8ScaledMMLinearKernel", "w4a16": "CPUWNA16LinearKernel",
+                "w4a8": "Dynamic4bitLinearKernel"}
 
 
 def real_case(model_name: str, name: str, root: Path):
-    """RTN ``name`` artifact of the testbed model and its compressed-tensors export under ``root`` (reused when
-    present), held-out wiki windows (8 x 256 tokens) and prompts (8 x 32 tokens).  None when the model is not
-    in the testbed cache."""
+    """RTN ``name`` artifact (W4A16: group 64, asymmetric) of the testbed model and its compressed-tensors
+    export under ``root`` (reused when present), held-out wiki windows (8 x 256 tokens) and prompts (8 x 32
+    tokens).  None when the model is not in the testbed cache."""
     from mmcompress.export.compressed_tensors import export_compressed_tensors
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.quant.quantizer import resolve_scheme
@@ -214,8 +215,10 @@ def real_case(model_name: str, name: str, root: Path):
     art, export = root / f"{model_name}-{name}", root / f"{model_name}-{name}-ct"
     if not (art / "mmcompress.json").is_file():
         model = load_hf_model(path)
-        mmcompress.quantize(model, CalibrationSet([{"input_ids": torch.tensor([held[-64:]])}]), "rtn",
-                            resolve_scheme(name), progress=False)  # RTN reads no activations
+        # W4A16 in groups of 64: vLLM needs whole groups and smollm2's hidden size (576) is no multiple of 128
+        scheme = resolve_scheme(name, group_size=64) if name == "w4a16" else resolve_scheme(name)
+        mmcompress.quantize(model, CalibrationSet([{"input_ids": torch.tensor([held[-64:]])}]), "rtn", scheme,
+                            progress=False)  # RTN reads no activations
         mmcompress.save(model, art)
         tok.save_pretrained(art)
     if not (export / "config.json").is_file():
