@@ -25,6 +25,9 @@ h1–h4 of a layer; the published code searches seven per-matrix levels).
 
 from __future__ import annotations
 
+from ... import options as opt
+from ..topk import LEVEL
+from .base import SparseMethod
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -152,3 +155,15 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
                                       greedy={"delta": round(search.delta, 6), "search_samples": search_samples})
     apply_plan(adapter, chosen, prefill)
     return {"method": "wina", "transform": bool(transform), "prefill": prefill, **chosen.summary()}
+
+
+class WINA(SparseMethod):
+    """WINA (see the module docstring): weight-informed Top-K after orthogonalising the block inputs."""
+
+    name = "wina"
+    rotating = True
+    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
+               "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)}
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
