@@ -14,10 +14,10 @@ achieved model-level sparsity is reported.
 from __future__ import annotations
 
 from ... import options as opt
-from ..topk import LEVEL
-from .base import SparseMethod
 from .. import plan as plans
 from ..merge import ThresholdedActivation, inner_layer
+from ..topk import LEVEL
+from .base import SparseMethod
 from .teal import calibrate_magnitudes, quantile
 
 

@@ -10,20 +10,19 @@
 
 from __future__ import annotations
 
-from ... import options as opt
-from ..topk import LEVEL
-from .base import PREFILL, SparseMethod
 import math
 
 import torch
 from torch import nn
 
+from ... import options as opt
 from .. import plan as plans
 from ..linear import SparseLinear
-from ..topk import Selector, TopK, keep_count
 from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
 from ...engine import Method, run_layerwise
 from ..rotation import calibrate_rotations
+from ..topk import LEVEL, Selector, TopK, keep_count
+from .base import PREFILL, SparseMethod
 
 PREFILL_POLICIES = ("all", "none", "last_half")
 

@@ -26,15 +26,14 @@ Allocation (``plan``):
 
 from __future__ import annotations
 
-from ... import options as opt
-from ..topk import LEVEL
-from .base import PREFILL, SparseMethod
 import torch
 
+from ... import options as opt
 from ...engine import Method, run_layerwise
 from .. import plan as plans
 from ..merge import inner_layer
-from ..topk import Threshold, check_level
+from ..topk import LEVEL, Threshold, check_level
+from .base import PREFILL, SparseMethod
 from .larosa import PREFILL_POLICIES, _set, make_sparse_linear
 
 

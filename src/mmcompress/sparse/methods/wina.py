@@ -25,18 +25,18 @@ h1–h4 of a layer; the published code searches seven per-matrix levels).
 
 from __future__ import annotations
 
-from ... import options as opt
-from ..topk import LEVEL
-from .base import SparseMethod
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ... import options as opt
 from ...models.adapters import UnsupportedModelError
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
 from ...specs import register_sparse_module
+from ..topk import LEVEL
+from .base import SparseMethod
 from .larosa import TopKGreedy
 
 ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
