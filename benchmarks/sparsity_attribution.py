@@ -27,13 +27,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from mmcompress.engine import Method, run_layerwise
+    from mmcompress.engine import Compose, run_layerwise
     from mmcompress.eval.perplexity import perplexity
     from mmcompress.models.adapters import get_adapter
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.sparse import plan as plans
     from mmcompress.sparse.merge import inner_layer, merge_rotations
     from mmcompress.sparse.methods.larosa import _set, apply_topk_plan, make_sparse_linear
+    from mmcompress.sparse.topk import Threshold
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, quantile
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
     from mmcompress_testbed.data import calibration_set, eval_text
@@ -53,16 +54,7 @@ def main(argv=None):
 
     moments, sampler = MomentCollector("merged"), MagnitudeSampler(_teal_select, nsamples=len(calib))
 
-    class Both(Method):
-        def step(self, ctx):
-            moments.step(ctx)
-            sampler.step(ctx)
-
-        def finalize(self, model, adapter):
-            moments._flush()
-            sampler._flush()
-
-    run_layerwise(base, ad0, Both(), calib.samples, progress=False)
+    run_layerwise(base, ad0, Compose(moments, sampler), calib.samples, progress=False)
     qs = [rotation_from_moment(h)[0] for h in moments.moments]
     eye = torch.eye(qs[0].shape[0], dtype=torch.float64)
     out = {"dense": ppl(base)}
@@ -91,7 +83,7 @@ def main(argv=None):
                 if plans.GROUP_ACTIVATION[g.name] == act:
                     for path in g.readers:
                         mod = layer.get_submodule(path)
-                        _set(layer, path, make_sparse_linear(mod, mod.in_features, mode="threshold", threshold=t))
+                        _set(layer, path, make_sparse_linear(mod, Threshold(t)))
         out[f"teal {act}"] = ppl(m)
         print(json.dumps({f"teal {act}": out[f"teal {act}"]}), file=sys.stderr, flush=True)
         del m

@@ -52,7 +52,7 @@ def main(argv=None):
     from mmcompress.sparse.merge import merge_rotations, rotate_reference
     from mmcompress.sparse.methods.cats import _cats_select, cats
     from mmcompress.sparse.methods.larosa import apply_topk_plan, build_plan, greedy_plan, grid_search
-    from mmcompress.engine import Method, run_layerwise
+    from mmcompress.engine import Compose, run_layerwise
     from mmcompress.sparse.methods.teal import MagnitudeSampler, _teal_select, teal
     from mmcompress.sparse.rotation import MomentCollector, Rotations, rotation_from_moment
 
@@ -133,19 +133,8 @@ def main(argv=None):
     if "cats" in methods:
         collectors["cats"] = MagnitudeSampler(_cats_select, nsamples=len(calib))
 
-    class AllCollectors(Method):
-        name = "all-collectors"
-
-        def step(self, ctx):
-            for c in collectors.values():
-                c.step(ctx)
-
-        def finalize(self, model, adapter):
-            for c in collectors.values():
-                c._flush()
-
     t0 = time.time()
-    run_layerwise(base, ad0, AllCollectors(), calib.samples, progress=False)
+    run_layerwise(base, ad0, Compose(*collectors.values()), calib.samples, progress=False)
     costs["calibration_pass_s"] = round(time.time() - t0, 1)
 
     deferred = []

@@ -54,7 +54,7 @@ def test_mbq_weights_tokens_by_modality(tokenizer):
     calib = [mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(2)]
     m = copy.deepcopy(model)
     mmcompress.quantize(m, CalibrationSet(calib), "mbq", "w4a8", progress=False)
-    lw = m._mmcompress_method_summary["loss_weights"]
+    lw = m._mmcompress_description["method_summary"]["loss_weights"]
     assert lw["text"] == 1.0 and lw["image"] > 0 and lw["audio"] > 0
     search = MBQ(resolve_scheme("w4a8"), loss_weights={"image": 3.0})
     search.loss_weights = {0: 1.0, 1: 3.0}

@@ -52,7 +52,7 @@ def test_scale_search_methods(kind, method, scheme, tokenizer, tmp_path):
     for info in model._mmcompress_description["layers"]:  # every foldable group got a searched scale
         assert {"attn_in", "mlp_in"} <= set(info[method]["alpha"])
     if method == "mbq":
-        weights = model._mmcompress_method_summary["loss_weights"]
+        weights = model._mmcompress_description["method_summary"]["loss_weights"]
         assert weights["text"] == 1.0
         assert (weights.get("image", 0) > 0) == (kind in MULTIMODAL or kind == REMOTE)
     y = _logits(model, x)

@@ -87,7 +87,7 @@ def test_cmc_whitens_each_modality_with_its_own_set(tokenizer, monkeypatch):
         assert not torch.allclose(got[mod], other, rtol=1e-2)  # the old behaviour: the calibration tokens
     desc = m._mmcompress_description
     assert desc["method"]["whitening"] == "separate" and desc["whitening"]["tokens"]["audio"] > 0
-    assert m._mmcompress_method_summary["whitening"]["set"] == "separate"
+    assert desc["method_summary"]["whitening"]["set"] == "separate"
 
     monkeypatch.undo()
     got, s, _ = _first_whitening_moments(model, calib, monkeypatch)

@@ -149,7 +149,7 @@ def test_masquant_learns_and_cmc_tracks_split(omni):
             q = m.model.language_model.layers[0].self_attn.q_proj
             assert isinstance(q, MASLinear) and q.rank > 0 and q.packed
             assert set(info["divergence"]["self_attn.q_proj"]) == {"image", "audio"}
-            summary = m._mmcompress_method_summary
+            summary = m._mmcompress_description["method_summary"]
             assert summary["cmc_bytes"] > 0 and summary["cmc_flops_per_token"]["audio"] > 0
     assert errs["cmc"] < errs["sq"], errs
 
@@ -157,7 +157,7 @@ def test_masquant_learns_and_cmc_tracks_split(omni):
 def test_masquant_on_text_only_model_is_learned_smoothquant(tokenizer):
     model, tok = tiny_model("llama", tokenizer=tokenizer)
     m = mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=3)), "masquant", "w4a8", progress=False, epochs=1)
-    assert "learned SmoothQuant" in m._mmcompress_method_summary["note"]
+    assert "learned SmoothQuant" in m._mmcompress_description["method_summary"]["note"]
     assert m.model.layers[0].self_attn.q_proj.rank == 0
 
 

@@ -147,7 +147,7 @@ def stable_topk(monkeypatch):
     """The reference forward with the kernel's tie policy (ties at the K-th magnitude keep the lowest
     indices; ``torch.topk`` leaves it unspecified).  Exact ties are common in tiny GQA models: a one-token
     attention output repeats each value head, and two valid Top-K sets then differ a lot."""
-    from mmcompress.sparse import linear as sl
+    from mmcompress.sparse import topk as sl  # SparseLinear's reference path selects through topk.select
     from mmcompress.sparse.kernels import _stable_topk
 
     def topk_sparsify(x, k):

@@ -241,34 +241,16 @@ def parse_decode_spec(spec: str):
     return None
 
 
-class _AdaptedLayer(nn.Module):
-    """A decoder layer followed by LaRoSA's dense residual adapter ``r ← r A`` (one d×d GEMV; decode steps
-    run a float adapter on our GEMV kernel at 0 % when ``backend`` is not ``"torch"``, and a quantized
-    one on its integer forward, as ``ResidualAdaptedLayer``)."""
+def _adapted(layer: nn.Module, adapter: nn.Module, backend: str):
+    """``layer`` followed by LaRoSA's residual adapter ``r ← r A``: the product's ``ResidualAdaptedLayer``
+    (a float adapter runs decode steps on our GEMV kernel at 0 % when ``backend`` is not ``"torch"``, a
+    quantized one its integer forward)."""
+    from .sparse.merge import ResidualAdaptedLayer
 
-    def __init__(self, layer: nn.Module, adapter: nn.Module | None, backend: str = "torch"):
-        super().__init__()
-        from .sparse.linear import kernel_layout_weight
-
-        self.layer = layer
-        self.adapter = adapter
-        self.use_adapter = adapter is not None
-        self.backend = backend
-        self.float_adapter = type(adapter) is nn.Linear
-        if adapter is not None and self.float_adapter:
-            adapter.weight = kernel_layout_weight(adapter.weight, backend != "torch")
-
-    def forward(self, h, **kw):
-        from .sparse.linear import dense_kernel_linear
-
-        out = self.layer(h, **kw)
-        if isinstance(out, tuple):
-            out = out[0]
-        if not self.use_adapter:
-            return out
-        if not self.float_adapter:
-            return self.adapter(out)
-        return dense_kernel_linear(out, self.adapter.weight, None, self.backend)
+    wrapped = ResidualAdaptedLayer(layer, adapter.in_features, adapter=False)
+    wrapped.residual_adapter = adapter
+    wrapped.set_adapter_backend(backend)
+    return wrapped
 
 
 def _llama_config(name: str, layers: int, dtype):
@@ -412,7 +394,7 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     for i in range(layers):
         inner = _random_layer(cfg, i, dt, gen, device)
         _sparsify_layer(inner, sparsity, be)
-        sparse_layers.append(_AdaptedLayer(inner, adapter(), be))
+        sparse_layers.append(_adapted(inner, adapter(), be))
     sparse = nn.ModuleList(sparse_layers)
     joint = None
     if scheme:
@@ -423,17 +405,19 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
 
             return IntLinear(QuantLinear.from_linear(adapter(), resolve_scheme("w8a16")).pack())
 
-        joint = nn.ModuleList(_AdaptedLayer(_joint_layer(_random_layer(cfg, i, dt, gen, device), sparsity, scheme, be),
-                                            int8_adapter() if adapter_bits == 8 else adapter(), be)
+        joint = nn.ModuleList(_adapted(_joint_layer(_random_layer(cfg, i, dt, gen, device), sparsity, scheme, be),
+                                       int8_adapter() if adapter_bits == 8 else adapter(), be)
                               for i in range(layers))
     rotary = LlamaRotaryEmbedding(cfg).to(device)
     prompt_h = (torch.randn(1, prompt, d, generator=gen, device=device)).to(dt)
     steps = (torch.randn(max(tokens, 1), 1, 1, d, generator=gen, device=device)).to(dt)
     build_s = time.time() - t_build
 
+    adapters = [m.residual_adapter for m in sparse]
+
     def set_adapters(on: bool):
-        for m in sparse:
-            m.use_adapter = on
+        for m, a in zip(sparse, adapters):
+            m.residual_adapter = a if on else None
 
     variants = {
         "dense": (dense, None),
@@ -490,7 +474,7 @@ def synthetic_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LA
     sparse_bytes = _linear_bytes(sparse)
     comp_bytes = _linear_bytes(joint) if joint is not None else sparse_bytes
     adapter_bytes = layers * d * d * torch.finfo(dt).bits // 8
-    joint_adapter_bytes = _linear_bytes(nn.ModuleList(m.adapter for m in joint)) if joint is not None else 0
+    joint_adapter_bytes = _linear_bytes(nn.ModuleList(m.residual_adapter for m in joint)) if joint is not None else 0
     keep_frac = 1.0 - sparsity
     read = {"dense": dense_bytes, "sparse": adapter_bytes + keep_frac * (sparse_bytes - adapter_bytes),
             "sparse_0pct_no_adapter": sparse_bytes - adapter_bytes}

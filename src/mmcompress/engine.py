@@ -12,7 +12,8 @@
 2. **Walk.** For each layer: move it to the compute device, give the method a
    :class:`LayerContext` (``step(ctx)``; ``ctx.inputs``, ``ctx.modality_ids``, helpers to run the
    layer and to collect linear inputs), then compute the inputs of the next layer with the
-   compressed layer, and move the layer back.  Peak memory is one layer plus the cached activations.
+   compressed layer (the pass where the method's observers, ``observers(ctx)``, watch the layer's
+   modules; :class:`Compose` runs several methods in one walk), and move the layer back.  Peak memory is one layer plus the cached activations.
    A streamed model (:mod:`mmcompress.streaming`, ``quantize``'s default) has its layers on the meta
    device: each is read from the checkpoint before its step and freed once its checkpoint file is
    written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
@@ -371,6 +372,17 @@ class Method:
     def step(self, ctx: LayerContext) -> None:
         raise NotImplementedError
 
+    def observers(self, ctx: LayerContext) -> list[tuple[nn.Module, str, Callable[[torch.Tensor], None]]]:
+        """Observers of this layer: ``(module, "input" | "output", fn)``.  The engine hooks them on after
+        :meth:`step` for the one pass that computes the next layer's inputs (every calibration sample
+        through the stepped layer; ``fn`` gets the module's input or output tensor), removes them, then
+        calls :meth:`observed`.  Observers see the calibration samples only, not side sets, and are not
+        re-run when a resumed run replays finished layers."""
+        return []
+
+    def observed(self, ctx: LayerContext) -> None:
+        """Called once this layer's observers have seen every calibration sample."""
+
     def layer_structure(self, layer: nn.Module) -> dict:
         """Specs of the modules this method put into ``layer`` (path -> spec), for resume/load."""
         return module_specs(layer)
@@ -380,6 +392,62 @@ class Method:
 
     def finalize(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Called once after the last layer."""
+
+    def method_summary(self) -> dict | None:
+        """What the method reports about the whole run once finalized (the caller saves it, e.g. as the
+        description's ``method_summary``); ``None``: nothing."""
+        return None
+
+
+class Compose(Method):
+    """Several methods over one walk (one capture, one pass per layer): for each layer every method's
+    :meth:`~Method.step` runs in order, then one pass feeds every method's observers.  ``needs_fp_chain``,
+    ``float32_math`` and ``side_sets`` are the union of the parts'; ``distributed`` holds if it holds for all."""
+
+    def __init__(self, *methods: Method):
+        if not methods:
+            raise ValueError("Compose needs at least one method")
+        self.methods = list(methods)
+        self.name = "+".join(m.name for m in methods)
+        self.needs_fp_chain = any(m.needs_fp_chain for m in methods)
+        self.float32_math = any(m.float32_math for m in methods)
+        self.side_sets = tuple(dict.fromkeys(s for m in methods for s in m.side_sets))
+        self.distributed = all(m.distributed for m in methods)
+
+    def config(self) -> dict:
+        return {"method": self.name, "steps": [m.config() for m in self.methods]}
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        for m in self.methods:
+            m.prepare(model, adapter, samples)
+
+    def step(self, ctx: LayerContext) -> None:
+        for m in self.methods:
+            m.step(ctx)
+
+    def observers(self, ctx: LayerContext):
+        return [o for m in self.methods for o in m.observers(ctx)]
+
+    def observed(self, ctx: LayerContext) -> None:
+        for m in self.methods:
+            m.observed(ctx)
+
+    def finalize(self, model, adapter) -> None:
+        for m in self.methods:
+            m.finalize(model, adapter)
+
+
+def _hook_observers(observers) -> list:
+    """Register ``(module, "input" | "output", fn)`` observers; returns the hook handles."""
+    handles = []
+    for mod, where, fn in observers:
+        if where == "input":
+            handles.append(mod.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0])))
+        elif where == "output":
+            handles.append(mod.register_forward_hook(lambda m, args, out, fn=fn: fn(out)))
+        else:
+            raise ValueError(f"an observer watches a module's 'input' or 'output', not {where!r}")
+    return handles
 
 
 def _atomic_save_tensors(tensors: dict, path: Path, meta: dict | None = None):
@@ -529,7 +597,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         if diagnostics is not None:
             known[HELDOUT if dctx is not ctx else None] = diagnostics.layer(dctx, fp_layer)
             del fp_layer
-        outputs, side_outputs = _outputs(ctx, sides, known)
+        outputs, side_outputs = _outputs(ctx, sides, method, known)
+        method.observed(ctx)
         finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
             d_out = outputs if dctx is ctx else side_outputs[HELDOUT]
@@ -616,18 +685,24 @@ def _end_fp32(contexts, model_dtype) -> None:
 
 
 @torch.no_grad()
-def _outputs(ctx, sides, known=None):
-    """The compressed layer's outputs on the calibration samples and on each side set that keeps a
-    compressed chain; ``known``: ``{side name, or None for the calibration set: outputs}`` already
-    computed."""
+def _outputs(ctx, sides, method=None, known=None):
+    """The stepped layer's outputs on the calibration samples (``method``'s observers hooked on) and on
+    the side sets that keep a compressed chain; ``known``: ``{side name, or None for the calibration set:
+    outputs}`` already computed on the same inputs (the diagnostics'), reused unless observers must see
+    the pass."""
     known = known or {}
-
-    def run(c):
-        return [c.run(j).to("cpu") for j in range(len(c.inputs))]
-
-    outputs = known[None] if None in known else [ctx.run(j).to("cpu") for j in range(len(ctx.captured))]
-    side_outputs = {n: (known[n] if n in known else run(c)) if sides[n].inputs is not None else None
-                    for n, c in ctx.sides.items()}
+    observers = method.observers(ctx) if method is not None else []
+    if None in known and not observers:
+        outputs = known[None]
+    else:
+        handles = _hook_observers(observers)
+        try:
+            outputs = [ctx.run(j).to("cpu") for j in range(len(ctx.captured))]
+        finally:
+            for h in handles:
+                h.remove()
+    side_outputs = {n: (known[n] if n in known else [c.run(j).to("cpu") for j in range(len(c.inputs))])
+                    if sides[n].inputs is not None else None for n, c in ctx.sides.items()}
     return outputs, side_outputs
 
 

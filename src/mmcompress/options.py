@@ -10,6 +10,7 @@ returns it (normalised) or raises :class:`ValueError` with the problem, e.g. ``m
 from __future__ import annotations
 
 import math
+from dataclasses import field, fields
 from typing import Callable
 
 Validator = Callable[[object], object]
@@ -93,6 +94,7 @@ def choice(*values) -> Validator:
             raise ValueError(f"must be one of {', '.join(map(str, values))}, got {v!r}")
         return v
 
+    check.values = values
     return check
 
 
@@ -114,3 +116,25 @@ def subset(*values) -> Validator:
         return tuple(items)
 
     return check
+
+
+# -- options as dataclass fields ------------------------------------------------------------------------
+
+
+def option(default, check: Validator):
+    """A field of a method's options dataclass: its default and its validator.  The dataclass is then
+    the one list of the options: :func:`option_table` gives the validators (CLI, recipes), the method's
+    ``config()`` writes :func:`option_values` (the artifact's JSON, the resume fingerprint)."""
+    if isinstance(default, (dict, list)):
+        raise TypeError("an option's default must be immutable")
+    return field(default=default, metadata={"check": check})
+
+
+def option_table(cls) -> dict[str, Validator]:
+    """``{option: validator}`` of an options dataclass (fields made with :func:`option`)."""
+    return {f.name: f.metadata["check"] for f in fields(cls)}
+
+
+def option_values(config) -> dict:
+    """``{option: value}`` of an options dataclass instance, in field order."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}

@@ -73,7 +73,7 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     from .options import OptionError, check_options
     from .quant.methods import QUANT_METHODS
     from .quant.quantizer import resolve_scheme
-    from .sparse.api import OPTIONS as SPARSE_OPTIONS
+    from .sparse.methods import SPARSE_METHODS
 
     method = opts.pop("method")
     adapters = opts.pop("adapters", None) if kind == "quantize" else None
@@ -84,11 +84,11 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
             check_adapter_scheme(adapters)
         except ValueError as e:
             raise RecipeError(f"{where} ({kind}): {e}") from None
-    tables = QUANT_METHODS if kind == "quantize" else SPARSE_OPTIONS
+    tables = QUANT_METHODS if kind == "quantize" else SPARSE_METHODS
     if not isinstance(method, str) or method.lower() not in tables:
         raise RecipeError(f"{where} ({kind}): unknown method {method!r}; choose one of {', '.join(sorted(tables))}")
     method = method.lower()
-    table = tables[method].OPTIONS if kind == "quantize" else tables[method]
+    table = tables[method].OPTIONS
     if kind == "quantize" and "scheme" in opts:
         try:
             resolve_scheme(opts["scheme"])

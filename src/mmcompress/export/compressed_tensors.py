@@ -429,7 +429,8 @@ def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
                               f"(e.g. {bad[0]}: {quant[bad[0]].in_features}); vLLM needs whole groups")
         if scheme.group_size not in (32, 64, 128):
             report["warnings"].append(f"group size {scheme.group_size}: Marlin supports 32, 64, 128 (or per channel)")
-        row_parallel = [n for n in quant if n.endswith(("o_proj", "down_proj"))]
+        writers = {f"{adapter.layer_prefix(i)}.{p}" for i in range(len(adapter.layers)) for p in adapter.residual_writers(i)}
+        row_parallel = [n for n in quant if n in writers]
         bad_tp = [n for n in row_parallel if (quant[n].in_features // tp) % scheme.group_size or quant[n].in_features % tp]
         if bad_tp:
             report["warnings"].append(f"--tensor-parallel-size {tp}: {len(bad_tp)} row-parallel linears (e.g. {bad_tp[0]}) "

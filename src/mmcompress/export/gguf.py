@@ -43,10 +43,11 @@ class _Arch:
     name: str  # llama.cpp architecture
     permute_qk: bool  # HF rotate-half rope -> llama.cpp's interleaved layout (llama arch only)
     qkv_bias: bool
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name (None: told from the vocabulary)
 
 
 _ARCHS = {"llama": _Arch("llama", True, False), "mistral": _Arch("llama", True, False),
-          "qwen2": _Arch("qwen2", False, True)}
+          "qwen2": _Arch("qwen2", False, True, tokenizer_pre="qwen2")}
 _EXPORTABLE_METHODS = ("rtn", "smoothquant", "awq")
 _LINEAR_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -97,7 +98,7 @@ def check_exportable(manifest: dict, config) -> _Arch:
     return _ARCHS[mt]
 
 
-def _tokenizer_to_gguf(writer, src: Path, vocab_size: int, family: str) -> None:
+def _tokenizer_to_gguf(writer, src: Path, vocab_size: int, arch: _Arch) -> None:
     import gguf
     from transformers import AutoTokenizer
 
@@ -118,8 +119,8 @@ def _tokenizer_to_gguf(writer, src: Path, vocab_size: int, family: str) -> None:
             tokens.append(t)
             types.append(gguf.TokenType.CONTROL if t in special
                          else gguf.TokenType.USER_DEFINED if t in added else gguf.TokenType.NORMAL)
-    if family == "qwen2":
-        pre = "qwen2"
+    if arch.tokenizer_pre:
+        pre = arch.tokenizer_pre
     elif "<|begin_of_text|>" in vocab:
         pre = "llama-bpe"
     elif len(vocab) == 49152 and "<|im_start|>" in vocab:
@@ -185,7 +186,7 @@ def export_gguf(src, output, *, overwrite: bool = False) -> dict:
                                         or (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
         writer.add_layer_norm_rms_eps(float(tc.rms_norm_eps))
         writer.add_vocab_size(tc.vocab_size)
-        _tokenizer_to_gguf(writer, src, tc.vocab_size, config.model_type)
+        _tokenizer_to_gguf(writer, src, tc.vocab_size, arch)
 
         def f16(name, t):
             writer.add_tensor(name, t.detach().float().numpy().astype(np.float16))

@@ -175,6 +175,18 @@ class ModelAdapter:
     def layer_prefix(self, index: int) -> str:
         return f"{self.lm_path}.layers.{index}"
 
+    def residual_writers(self, index: int) -> list[str]:
+        """Linears of decoder layer ``index`` that write into the residual stream (the readers of the
+        ``attn_out`` and ``mlp_out`` groups: o_proj, down_proj, each expert's down_proj); under tensor
+        parallelism they are the row-parallel ones."""
+        return [r for g in self.kinds[index].groups if g.role in ("attn_out", "mlp_out") for r in g.readers]
+
+    def mlp_activation(self, index: int) -> str:
+        """Path of the gated MLP's activation module in decoder layer ``index`` (``act_fn`` beside the
+        ``mlp_in`` readers, as every supported family names it)."""
+        g = next(g for g in self.kinds[index].groups if g.role == "mlp_in")
+        return g.readers[0].rpartition(".")[0] + ".act_fn"
+
     @property
     def routed(self) -> bool:
         """Image/audio positions can be told from the inputs (placeholder ids or image spans)."""
@@ -291,7 +303,6 @@ class Family:
     layers: LayerKind | dict | Callable  # one kind, config.layer_types value -> kind, or (text config, n) -> kinds
     token_attrs: dict = field(default_factory=dict)  # modality -> config attribute holding the placeholder id
     norm_offset: float = 0.0
-    multimodal: bool = False
     embedding_writers: tuple = ()
     embedding_matrices: tuple = ()  # parameters P of features x @ P written into the input embeddings
     merged_blocker: str | None = None
@@ -332,35 +343,35 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", "model", LLAMA_LAYER),
     "gemma3_text": Family("gemma3", "model", GEMMA3_LAYER, norm_offset=1.0, merged_blocker=GEMMA_SANDWICH),
     "gemma3": Family("gemma3", "model.language_model", GEMMA3_LAYER, {"image": "image_token_id"}, norm_offset=1.0,
-                     multimodal=True, merged_blocker=GEMMA_SANDWICH),
-    "idefics3": Family("idefics3", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"}, multimodal=True,
+                     merged_blocker=GEMMA_SANDWICH),
+    "idefics3": Family("idefics3", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"},
                        embedding_writers=("connector.modality_projection.proj",)),
-    "smolvlm": Family("smolvlm", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"}, multimodal=True,
+    "smolvlm": Family("smolvlm", "model.text_model", LLAMA_LAYER, {"image": "image_token_id"},
                       embedding_writers=("connector.modality_projection.proj",)),
-    "qwen2_5_vl": Family("qwen2_5_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
+    "qwen2_5_vl": Family("qwen2_5_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS,
                          embedding_writers=("visual.merger.mlp.2",)),
     "qwen2_5_omni_thinker": Family(  # transformers >= 5.2x nests the text model; 5.17 puts it at `model`
         "qwen2_5_omni_thinker", ("model.language_model", "model"), LLAMA_LAYER,
         {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"},
-        multimodal=True, embedding_writers=("visual.merger.mlp.2", "audio_tower.proj"),
+        embedding_writers=("visual.merger.mlp.2", "audio_tower.proj"),
     ),
-    "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS, multimodal=True,
+    "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS,
                        embedding_writers=("visual.merger.linear_fc2",), merged_blocker=DEEPSTACK),
     "qwen3_5_text": Family("qwen3_5", "model", **_QWEN3_5),
-    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+    "qwen3_5": Family("qwen3_5", "model.language_model", token_attrs=_QWEN_VL_TOKENS,
                       embedding_writers=("visual.merger.linear_fc2",), **_QWEN3_5),
-    "minicpmv4_6": Family("minicpmv4_6", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+    "minicpmv4_6": Family("minicpmv4_6", "model.language_model", token_attrs=_QWEN_VL_TOKENS,
                           embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
-    "minicpmv4_7": Family("minicpmv4_7", "model.language_model", token_attrs=_QWEN_VL_TOKENS, multimodal=True,
+    "minicpmv4_7": Family("minicpmv4_7", "model.language_model", token_attrs=_QWEN_VL_TOKENS,
                           embedding_writers=_MINICPMV4_WRITERS, **_QWEN3_5),
     # MiniCPM-Llama3-V-2.5 (Llama-3 LLM) and MiniCPM-V 2.6 (Qwen2 LLM): remote code only (--trust-remote-code);
     # the LLM is `llm`, images are written over the `image_bound` spans of the token sequence.
-    "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, multimodal=True, embedding_matrices=("resampler.proj",),
+    "minicpmv": Family("minicpmv", "llm.model", LLAMA_LAYER, embedding_matrices=("resampler.proj",),
                        head_path="llm.lm_head", image_spans=True, router_path="llm", call_convention="minicpmv"),
     # Qwen3-Omni-MoE thinker: Qwen3 attention (q_norm/k_norm), sparse MoE blocks; experts split per expert
     "qwen3_omni_moe_thinker": Family(
         "qwen3_omni_moe_thinker", "model.language_model", moe_layers,
-        {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"}, multimodal=True,
+        {"image": "image_token_id", "video": "video_token_id", "audio": "audio_token_id"},
         embedding_writers=("visual.merger.mlp.2", "audio_tower.proj2"), sparsity_blocker=MOE_SPARSITY, moe=True),
 }
 

@@ -109,7 +109,7 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
         "seconds": round(time.time() - t0, 2),
     }
     finite.check_module(model, f"the {m.name} result")
-    summary = getattr(model, "_mmcompress_method_summary", None)
+    summary = m.method_summary()
     if summary:
         model._mmcompress_description["method_summary"] = summary
     if diagnostics is not None:

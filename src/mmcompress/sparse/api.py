@@ -16,53 +16,36 @@ import torch
 from torch import nn
 
 from .. import finite
-from .. import options as opt
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..models.adapters import UnsupportedModelError, get_adapter
 from . import plan as plans
-from .linear import SparseLinear
 from .merge import ThresholdedActivation, inner_layer
-
-METHODS = ("larosa", "teal", "cats", "wina")
-ROTATING = ("larosa", "wina")  # methods that transform whole layers (the adapter's sparsity_blocker applies to them)
-_SPARSITY = opt.real(0, 1, hi_open=True)
-_PREFILL = opt.choice("all", "none", "last_half")
-# the options of each method (recipe step keys; the CLI flags map onto them), with their validators
-OPTIONS = {
-    "larosa": {"sparsity": _SPARSITY, "plan": opt.choice("exact", "uniform", "grid", "greedy"),
-               "mode": opt.choice("merged", "reference"), "prefill": _PREFILL, "basis": opt.choice("attn", "both"),
-               "ratio_in": opt.real(0, 1), "grid_samples": opt.integer(1), "column_scale": opt.boolean},
-    "teal": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": _PREFILL},
-    "cats": {"sparsity": _SPARSITY, "plan": opt.choice("exact", "uniform"), "prefill": opt.choice("all", "none"),
-             "max_mlp_sparsity": opt.real(0, 1, hi_open=True)},
-    "wina": {"sparsity": _SPARSITY, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
-             "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)},
-}
+from .methods import SPARSE_METHODS
+from .methods.base import SparseMethod
 
 
 def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
-             mode: str = "merged", prefill: str = "all", device="cpu", progress: bool = True, **options) -> nn.Module:
+             mode: str | None = None, prefill: str | None = None, device="cpu", progress: bool = True,
+             **options) -> nn.Module:
     """Sparsify ``model`` in place and return it (see module docstring).
 
-    ``plan``: LaRoSA ``exact`` (default) | ``uniform`` (reference 0.8/1.2 split) | ``grid``;
-    TEAL ``uniform`` (default); CATS has none.  ``mode`` (LaRoSA only): ``merged`` | ``reference``.
+    ``method``: a name of :data:`~.methods.SPARSE_METHODS`; ``sparsity`` and the other options are
+    checked against its ``OPTIONS`` (``None``: the method's default).
+    ``plan``: LaRoSA ``exact`` (default) | ``uniform`` (reference 0.8/1.2 split) | ``grid`` | ``greedy``;
+    TEAL ``uniform`` (default) | ``greedy``; WINA ``uniform`` | ``greedy``; CATS has none.
+    ``mode`` (LaRoSA only): ``merged`` | ``reference``.
     ``prefill``: ``all`` (paper protocol) | ``none`` (dense prefill) | ``last_half`` (TEAL protocol).
     """
-    name = method.lower()
-    if name not in METHODS:
-        raise ValueError(f"unknown sparsity method {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
-    options = opt.check_options(OPTIONS[name], options)
+    m = make_sparse_method(method, sparsity=sparsity, plan=plan, mode=mode, prefill=prefill, **options)
     adapter = get_adapter(model)
-    if adapter.sparsity_blocker and name in ROTATING:
+    if adapter.sparsity_blocker and m.rotating:
         from ..models.adapters import FAMILIES
 
         ok = sorted(t for t, f in FAMILIES.items() if f.sparsity_blocker is None)
-        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}; "
+        raise UnsupportedModelError(f"{m.name} cannot sparsify {adapter.family}: {adapter.sparsity_blocker}; "
                                     f"model types it supports: {', '.join(ok)}")
     if adapter.moe:  # TEAL/CATS thresholds are per projection role; an expert sees only its routed tokens
-        raise UnsupportedModelError(f"{name} cannot sparsify {adapter.family}: its MoE experts need per-expert "
+        raise UnsupportedModelError(f"{m.name} cannot sparsify {adapter.family}: its MoE experts need per-expert "
                                     "thresholds calibrated on the tokens routed to each expert, which the "
                                     "sparsity plans (one level per projection role) do not model yet")
     if not isinstance(calib, CalibrationSet):
@@ -72,33 +55,8 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     finite.check_module(model, "input weight")
     t0 = time.time()
     model.eval()
-    if name == "larosa":
-        from .methods.larosa import larosa
-
-        info = larosa(model, adapter, calib.samples, sparsity, plan=plan or "exact", mode=mode, prefill=prefill,
-                      device=device, progress=progress, **options)
-    elif name == "teal":
-        from .methods.teal import teal
-
-        if mode not in ("merged", "reference", None):
-            raise ValueError(f"unknown mode {mode!r}")
-        info = teal(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
-                    progress=progress, **options)
-    elif name == "wina":
-        from .methods.wina import wina
-
-        if mode not in ("merged", "reference", None):
-            raise ValueError(f"unknown mode {mode!r}")
-        info = wina(model, adapter, calib.samples, sparsity, plan=plan or "uniform", prefill=prefill, device=device,
-                    progress=progress, **options)
-    else:
-        from .methods.cats import cats
-
-        if plan not in (None, "exact", "uniform"):
-            raise ValueError(f"CATS has no {plan!r} plan")
-        info = cats(model, adapter, calib.samples, sparsity, prefill=prefill, device=device, progress=progress,
-                    **options)
-    finite.check_module(model, f"the {name} result")
+    info = m.apply(model, adapter, calib.samples, device=device, progress=progress)
+    finite.check_module(model, f"the {m.name} result")
     model._mmcompress_description = {
         "kind": "activation_sparsity",
         "method": info,
@@ -107,6 +65,19 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     }
     adapter.install_router()
     return model
+
+
+def make_sparse_method(method: str, **options) -> SparseMethod:
+    """The registered method ``method`` with ``options`` checked against its ``OPTIONS`` (``None``
+    values are left to the method's defaults; ``mode="merged"`` is ignored by methods without modes)."""
+    name = method.lower()
+    if name not in SPARSE_METHODS:
+        raise ValueError(f"unknown sparsity method {method!r}; choose one of {', '.join(SPARSE_METHODS)}")
+    cls = SPARSE_METHODS[name]
+    options = {k: v for k, v in options.items() if v is not None}
+    if "mode" not in cls.OPTIONS and options.get("mode") == "merged":
+        del options["mode"]
+    return cls(**options)
 
 
 @torch.no_grad()

@@ -44,6 +44,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_sparsify)
 
 
+def _method_options(args) -> dict:
+    """The flags as the method's options, checked against its option table (the recipe's checks) before
+    anything is loaded: a flag left at its default is not passed, a flag the method has no option for
+    is refused."""
+    from ..options import OptionError, check_options
+    from .methods import SPARSE_METHODS
+
+    defaults = {"plan": None, "mode": "merged", "prefill": "all", "basis": "attn", "column_scale": False}
+    given = {"sparsity": args.sparsity, **{k: getattr(args, k) for k, v in defaults.items() if getattr(args, k) != v}}
+    try:
+        return check_options(SPARSE_METHODS[args.method].OPTIONS, given)
+    except OptionError as e:
+        flag = "--" + e.key.replace("_", "-")
+        if e.known is not None:
+            raise CLIError(f"{flag} does not apply to --method {args.method}") from None
+        raise CLIError(e.message(flag)) from None
+
+
 def cmd_sparsify(args) -> dict:
     from ..fileio import check_output
     from ..export.serialization import load_model, save
@@ -51,19 +69,8 @@ def cmd_sparsify(args) -> dict:
     from ..models.loading import read_config
     from .api import sparsify
 
-    if not 0.0 <= args.sparsity < 1.0:
-        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.method != "larosa" and args.plan == "grid":
-        raise CLIError("--plan grid applies to --method larosa only")
-    if args.method == "cats" and args.plan == "greedy":
-        raise CLIError("--plan greedy applies to --method larosa or teal")
-    if args.method != "larosa" and args.mode != "merged":
-        raise CLIError(f"--mode applies to --method larosa only")
-    if args.method == "wina" and args.plan not in (None, "uniform", "greedy"):
-        raise CLIError("--plan for --method wina: uniform (default) or greedy")
-    if args.method in ("cats", "wina") and args.prefill == "last_half":
-        raise CLIError("--prefill last_half applies to larosa and teal")
-    if args.column_scale and (args.method != "larosa" or args.mode != "merged"):
+    options = _method_options(args)
+    if args.column_scale and args.mode != "merged":
         raise CLIError("--column-scale applies to --method larosa --mode merged only")
     check_calib_spec(args.calib, args.nsamples, args.seqlen)
     read_config(args.model, trust_remote_code=args.trust_remote_code)
@@ -86,9 +93,7 @@ def cmd_sparsify(args) -> dict:
             raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
     calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                              trust_remote_code=args.trust_remote_code)
-    options = {"basis": args.basis, "column_scale": args.column_scale} if args.method == "larosa" else {}
-    sparsify(model, calib, args.method, args.sparsity, plan=args.plan, mode=args.mode, prefill=args.prefill,
-             device=world.device if world.size > 1 else args.device,
+    sparsify(model, calib, args.method, device=world.device if world.size > 1 else args.device,
              progress=not args.no_progress and world.rank == 0, **options)
     out = Path(args.output)
     if world.rank == 0:

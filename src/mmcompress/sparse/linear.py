@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..specs import register_sparse_module
-from .topk import topk_sparsify
+from .topk import Dense, Selector, Threshold, TopK, select
 
 _BACKENDS = ("torch", "cpu", "triton", "auto")
 
@@ -90,10 +90,13 @@ class SparseLinear(nn.Module):
             self.set_backend(backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep: int, **kw) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, selector: Selector | int, **kw) -> "SparseLinear":
+        """``linear``'s weights behind ``selector`` (:class:`~.topk.TopK`, :class:`~.topk.Threshold`,
+        :class:`~.topk.Dense`; an int is ``TopK(k)``)."""
         backend = kw.pop("backend", "torch")
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, keep,
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.in_features,
                 dtype=linear.weight.dtype, device=linear.weight.device, **kw)
+        m.selector = TopK(int(selector)) if isinstance(selector, int) else selector
         m.weight.data.copy_(linear.weight.data)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.data)
@@ -113,6 +116,25 @@ class SparseLinear(nn.Module):
                 threshold=spec.get("threshold", 0.0))
         m.sparse_prefill = spec.get("sparse_prefill", True)
         return m
+
+    @property
+    def selector(self) -> Selector:
+        """What the module keeps of each token: ``TopK(keep)``, ``Threshold(threshold)`` or ``Dense()``
+        (``mode``, ``keep`` and ``threshold`` are its serialised form, the artifact's spec)."""
+        if self.mode == "threshold":
+            return Threshold(self.threshold)
+        return Dense() if self.mode == "dense" else TopK(self.keep)
+
+    @selector.setter
+    def selector(self, sel: Selector) -> None:
+        if isinstance(sel, TopK):
+            self.mode, self.keep = "topk", int(sel.k)
+        elif isinstance(sel, Threshold):  # K is not used: the spec keeps the width there
+            self.mode, self.keep, self.threshold = "threshold", self.in_features, float(sel.t)
+        elif isinstance(sel, Dense):
+            self.mode = "dense"
+        else:
+            raise TypeError(f"a selector is TopK, Threshold or Dense, not {type(sel).__name__}")
 
     @property
     def sparsity(self) -> float:
@@ -142,11 +164,9 @@ class SparseLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense" or (not self.sparse_prefill and x.dim() >= 2 and x.shape[-2] > 1):
+        if not self.sparse_prefill and x.dim() >= 2 and x.shape[-2] > 1:
             return x
-        if self.mode == "threshold":
-            return x * (x.abs() >= self.threshold)
-        return topk_sparsify(x, self.keep)
+        return select(x, self.selector)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or x.dim() == 0:

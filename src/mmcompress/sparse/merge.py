@@ -197,8 +197,8 @@ class PrefillPolicySparseLinear(SparseLinear):
         return super().sparsify(x)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep: int, sparse_fraction: float = 0.5, **kw):
-        m = super().from_linear(linear, keep, **kw)
+    def from_linear(cls, linear: nn.Linear, selector, sparse_fraction: float = 0.5, **kw):
+        m = super().from_linear(linear, selector, **kw)
         m.sparse_fraction = float(sparse_fraction)
         return m
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 from .merge import inner_layer
-from .topk import keep_count
+from .topk import check_level, keep_count
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 ACTIVATION_OF = {"q": "h1", "k": "h1", "v": "h1", "o": "h2", "gate": "h3", "up": "h3", "down": "h4"}
@@ -88,8 +88,7 @@ class SparsityPlan:
 
     def keep(self, layer: int, act: str) -> int:
         """Top-K ``K`` of activation ``act`` in ``layer``."""
-        d = self.shapes[layer].dims[act]
-        return max(1, min(d, int(round((1.0 - self.level(layer, act)) * d))))
+        return keep_count(self.shapes[layer].dims[act], self.level(layer, act))
 
     def model_sparsity(self) -> float:
         num = sum(lv[p] * sh.masses[p] for lv, sh in zip(self.levels, self.shapes) for p in sh.masses)
@@ -119,7 +118,7 @@ def _topk_levels(shape: LayerShape, s_by_act: dict[str, float]) -> dict[str, flo
 
 def uniform(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8, ratio_out: float = 1.2) -> SparsityPlan:
     """The reference code's plan: h1, h3 at ``0.8·s`` and h2, h4 at ``1.2·s`` in every layer."""
-    if not 0 <= sparsity < 1 or ratio_out * sparsity >= 1:
+    if check_level(sparsity) * ratio_out >= 1:
         raise ValueError(f"uniform plan needs {ratio_out}·s < 1 (the reference crashes for s ≥ 0.834); got s={sparsity}")
     levels = [_topk_levels(sh, {"h1": ratio_in * sparsity, "h3": ratio_in * sparsity,
                                 "h2": ratio_out * sparsity, "h4": ratio_out * sparsity}) for sh in shapes]
@@ -148,8 +147,7 @@ def _solve_block(p: float, in_mass: int, out_mass: int, d_in: int, d_out: int, r
 def exact(shapes: list[LayerShape], sparsity: float, ratio_in: float = 0.8) -> SparsityPlan:
     """Exact model-level sparsity ``p``: inputs (h1, h3) at ``ratio_in·p``, outputs (h2, h4) solved
     per block (attention, MLP) so that each block's parameter-weighted sparsity is p."""
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    check_level(sparsity)
     levels = []
     for sh in shapes:
         s1, s2 = _solve_block(sparsity, sh.mass_of("h1"), sh.mass_of("h2"), sh.dims["h1"], sh.dims["h2"], ratio_in)

@@ -63,11 +63,8 @@ def rotation_from_moment(moment: torch.Tensor, damping: float = 0.01) -> tuple[t
 
 
 class MomentCollector(Method):
-    """Engine method that only observes: accumulates ``H_l`` of the normalised layer inputs.
-
-    The hooks installed in ``step`` stay active while the engine computes the next layer's inputs
-    (so each layer runs once per sample), and are removed at the next step.
-    """
+    """Engine method that only observes: accumulates ``H_l`` of the normalised layer inputs through the
+    layer context's observers (:meth:`Method.observers`), one pass per layer."""
 
     name = "larosa-rotation"
     distributed = True  # H_l and the token count are summed over the ranks when a layer is done
@@ -80,56 +77,48 @@ class MomentCollector(Method):
         self.mode, self.basis = mode, basis
         self.moments: list[torch.Tensor] = []
         self.tokens = 0
-        self._handles: list = []
         self._current: dict | None = None
-        self._world = None
 
     def config(self) -> dict:
         return {"method": self.name, "mode": self.mode, "basis": self.basis}
 
-    def _flush(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._current is not None:
-            cur, self._current = self._current, None
-            self.moments.append(self._world.sum(cur["H"]).cpu())
-            self.tokens = self._world.sum(cur["n"])
-
     def step(self, ctx) -> None:
-        self._flush()
+        pass  # the layer is not changed: everything happens in the observers
+
+    def observers(self, ctx):
         groups = {g.name: g for g in ctx.adapter.groups}
-        layer = ctx.layer
         d = ctx.adapter.text_config.hidden_size
-        cur = {"H": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "n": 0}
-        self._current, self._world = cur, ctx.world
-        names = ["attn_in"] + (["mlp_in"] if self.basis == "both" else [])
-        for gname in names:
-            g = groups[gname]
-            norm = layer.get_submodule(g.producer)
+        cur = self._current = {"H": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "n": 0}
+        out = []
+        for gname in ["attn_in"] + (["mlp_in"] if self.basis == "both" else []):
+            norm = ctx.layer.get_submodule(groups[gname].producer)
+            count = gname == "attn_in"
             if self.mode == "merged":  # γ-free RMS(r) of the norm's input r
                 eps = _norm_eps(norm)
 
-                def hook(mod, args, eps=eps, count=(gname == "attn_in")):
-                    x = args[0].reshape(-1, args[0].shape[-1]).double()
+                def observe(r, eps=eps, count=count):
+                    x = r.reshape(-1, r.shape[-1]).double()
                     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
                     cur["H"].addmm_(x.T, x)
                     if count:
                         cur["n"] += x.shape[0]
 
-                self._handles.append(norm.register_forward_pre_hook(hook))
+                out.append((norm, "input", observe))
             else:  # γ ⊙ RMS(r): the norm's output, as the readers see it
 
-                def hook(mod, args, out, count=(gname == "attn_in")):
-                    x = out.reshape(-1, out.shape[-1]).double()
+                def observe(y, count=count):
+                    x = y.reshape(-1, y.shape[-1]).double()
                     cur["H"].addmm_(x.T, x)
                     if count:
                         cur["n"] += x.shape[0]
 
-                self._handles.append(norm.register_forward_hook(hook))
+                out.append((norm, "output", observe))
+        return out
 
-    def finalize(self, model, adapter) -> None:
-        self._flush()
+    def observed(self, ctx) -> None:
+        cur, self._current = self._current, None
+        self.moments.append(ctx.world.sum(cur["H"]).cpu())
+        self.tokens = ctx.world.sum(cur["n"])
 
 
 @torch.no_grad()
@@ -137,10 +126,7 @@ def calibrate_rotations(model, adapter, samples, *, mode: str = "merged", basis:
                         device="cpu", progress: bool = True) -> Rotations:
     """Streamed PCA of every decoder layer's normalised input (see module docstring)."""
     collector = MomentCollector(mode, basis)
-    try:
-        run_layerwise(model, adapter, collector, samples, device=device, progress=progress)
-    finally:
-        collector._flush()
+    run_layerwise(model, adapter, collector, samples, device=device, progress=progress)
     mats, evals = [], []
     for h in collector.moments:
         q, e = rotation_from_moment(h, damping)

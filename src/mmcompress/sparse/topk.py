@@ -12,13 +12,57 @@ largest magnitude are kept in increasing index order until ``k`` are kept.  The 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from ..options import real
+
+LEVEL = real(0, 1, hi_open=True)  # validator of a sparsity level (the fraction of zeros): a number in [0, 1)
+
+
+def check_level(sparsity, what: str = "sparsity") -> float:
+    """The one range check of a sparsity level: ``sparsity`` as a float, or ``ValueError``."""
+    try:
+        return float(LEVEL(sparsity))
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
 
 
 def keep_count(dim: int, sparsity: float) -> int:
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return max(1, min(dim, int(round((1.0 - sparsity) * dim))))
+    """The one place a level becomes a Top-K ``K``: ``round((1 − s)·D)`` clamped to [1, D]."""
+    return max(1, min(dim, int(round((1.0 - check_level(sparsity)) * dim))))
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Selector: keep the ``k`` largest-magnitude entries of every token (the tie policy above)."""
+
+    k: int
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Selector (TEAL): keep the entries with ``|x_i| >= t``."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Selector: keep everything."""
+
+
+Selector = TopK | Threshold | Dense
+
+
+def select(x: torch.Tensor, selector: Selector) -> torch.Tensor:
+    """``x`` with the entries the selector drops set to zero."""
+    if isinstance(selector, Threshold):
+        return x * (x.abs() >= selector.t)
+    if isinstance(selector, TopK):
+        return topk_sparsify(x, selector.k)
+    return x
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:

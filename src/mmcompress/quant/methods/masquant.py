@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -284,6 +285,28 @@ def check_divergence(v):
     return v
 
 
+@dataclass(frozen=True)
+class MASQuantOptions:
+    """MASQuant's options (recipe keys; ``--flag`` on the CLI) with their defaults and validators."""
+
+    alpha: float = opt.option(0.5, opt.real(0, 1))
+    epochs: int = opt.option(2, opt.integer(0))
+    lr: float = opt.option(5e-2, opt.real(0, lo_open=True))
+    loss_weights: object = opt.option("auto", check_loss_weights)  # "auto", a preset or {modality: weight}
+    cmc: str = opt.option("whitened", opt.choice("whitened", "plain", "none", "split"))
+    rank: float = opt.option(0.05, check_rank)
+    rank_floor: int = opt.option(32, opt.integer(0))
+    cmc_target: str = opt.option("fp", opt.choice("fp", "quantized"))
+    cmc_bits: int = opt.option(16, opt.bits)
+    tie: bool = opt.option(False, opt.boolean)
+    scale_floor: float = opt.option(1e-2, opt.real(0, lo_open=True))
+    damping: float = opt.option(1e-6, opt.real(0))
+    train_samples: int | None = opt.option(None, opt.integer(1, optional=True))
+    probe_samples: int = opt.option(16, opt.integer(1))
+    seed: int = opt.option(0, opt.integer())
+    divergence: object = opt.option("cmc", check_divergence)  # "cmc", "free" or a channel count
+
+
 class MASQuant(QuantMethod):
     """MAS (+ CMC).  ``cmc``: ``"whitened"`` (default), ``"plain"`` (unwhitened SVD ablation),
     ``"none"`` (shared weight, per-modality smoothing only) or ``"split"`` (one weight per modality,
@@ -299,27 +322,15 @@ class MASQuant(QuantMethod):
     name = "masquant"
     needs_fp_chain = True
     side_sets = ("whitening",)  # the separate per-modality whitening set, if one is given
-    OPTIONS = {"alpha": opt.real(0, 1), "epochs": opt.integer(0), "lr": opt.real(0, lo_open=True),
-               "loss_weights": check_loss_weights, "cmc": opt.choice("whitened", "plain", "none", "split"),
-               "rank": check_rank, "rank_floor": opt.integer(0), "cmc_target": opt.choice("fp", "quantized"),
-               "cmc_bits": opt.bits, "tie": opt.boolean, "scale_floor": opt.real(0, lo_open=True),
-               "damping": opt.real(0), "train_samples": opt.integer(1, optional=True),
-               "probe_samples": opt.integer(1), "seed": opt.integer(), "divergence": check_divergence}
+    OPTIONS = opt.option_table(MASQuantOptions)
     float32_math = True  # the smoothing vectors are trained by backpropagation through the layer
     distributed = True  # statistics combined in collect_group_stats; each training step from the rank holding its sample
 
-    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, epochs: int = 2, lr: float = 5e-2,
-                 loss_weights="auto", cmc: str = "whitened", rank: float = 0.05, rank_floor: int = 32,
-                 cmc_target: str = "fp", cmc_bits: int = 16, tie: bool = False, scale_floor: float = 1e-2,
-                 damping: float = 1e-6, train_samples: int | None = None, probe_samples: int = 16, seed: int = 0,
-                 divergence="cmc"):
+    def __init__(self, scheme: QuantScheme, **options):
         super().__init__(scheme)
-        self.alpha, self.epochs, self.lr = alpha, int(epochs), lr
-        self.loss_weights_spec = loss_weights
-        self.cmc, self.rank, self.rank_floor, self.cmc_target, self.cmc_bits = cmc, rank, rank_floor, cmc_target, cmc_bits
-        self.tie, self.scale_floor, self.damping = tie, scale_floor, damping
-        self.train_samples, self.probe_samples, self.seed = train_samples, probe_samples, seed
-        self.divergence = divergence
+        self.options = MASQuantOptions(**options)
+        for k, v in opt.option_values(self.options).items():
+            setattr(self, "loss_weights_spec" if k == "loss_weights" else k, v)
         self.loss_weights: dict[int, float] = {TEXT: 1.0, IMAGE: 1.0, AUDIO: 1.0}
         self.summary: dict = {}
         self.whitening = "calibration"  # where C_m comes from: "calibration" or "separate" (set_whitening)
@@ -330,13 +341,11 @@ class MASQuant(QuantMethod):
         self.whitening, self.whitening_tokens = "separate", dict(token_counts)
 
     def config(self) -> dict:
-        return {**super().config(), "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
-                "loss_weights": self.loss_weights_spec if isinstance(self.loss_weights_spec, str) else
-                {MODALITY_NAMES.get(k, k): v for k, v in dict(self.loss_weights_spec).items()},
-                "cmc": self.cmc, "rank": self.rank, "rank_floor": self.rank_floor, "cmc_target": self.cmc_target,
-                "cmc_bits": self.cmc_bits, "tie": self.tie, "scale_floor": self.scale_floor,
-                "train_samples": self.train_samples, "seed": self.seed, "divergence": self.divergence,
-                "whitening": self.whitening, "damping": self.damping}
+        """Every option (:class:`MASQuantOptions`, so none can be left out) and the whitening source."""
+        values = opt.option_values(self.options)
+        spec = values["loss_weights"]
+        values["loss_weights"] = spec if isinstance(spec, str) else {MODALITY_NAMES.get(k, k): v for k, v in spec.items()}
+        return {**super().config(), **values, "whitening": self.whitening}
 
     # -- set-up ------------------------------------------------------------------------------------
     def prepare(self, model, adapter, samples=None) -> None:
@@ -538,7 +547,9 @@ class MASQuant(QuantMethod):
         if s.get("linear_macs_per_token"):
             s["cmc_flops_per_token"] = {k: 2 * v for k, v in s["cmc_macs_per_token"].items()}
             s["cmc_flops_fraction"] = {k: v / s["linear_macs_per_token"] for k, v in s["cmc_macs_per_token"].items()}
-        model._mmcompress_method_summary = s
+
+    def method_summary(self) -> dict | None:
+        return self.summary
 
 
 def _mod_id(key) -> int:

@@ -55,7 +55,9 @@ class MBQ(ScaleSearch):
         else:
             raise ValueError(f"loss_weights must be auto, a preset or a dict, got {spec!r}")
         self.summary["loss_weights"] = {MODALITY_NAMES[m]: round(v, 4) for m, v in self.loss_weights.items()}
-        model._mmcompress_method_summary = self.summary
+
+    def method_summary(self) -> dict | None:
+        return self.summary
 
     def candidate(self, x_abs_mean, x_absmax, w_absmax, alpha):
         if self.scheme.weight_only:

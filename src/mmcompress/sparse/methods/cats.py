@@ -13,18 +13,16 @@ achieved model-level sparsity is reported.
 
 from __future__ import annotations
 
+from ... import options as opt
 from .. import plan as plans
 from ..merge import ThresholdedActivation, inner_layer
+from ..topk import LEVEL
+from .base import SparseMethod
 from .teal import calibrate_magnitudes, quantile
 
 
-def _act_path(adapter) -> str:
-    g = {g.name: g for g in adapter.groups}["mlp_in"]
-    return g.readers[0].rpartition(".")[0] + ".act_fn"
-
-
 def _cats_select(layer, adapter):
-    return {"gate_act": (layer.get_submodule(_act_path(adapter)), "output")}
+    return {"gate_act": (layer.get_submodule(adapter.mlp_activation(adapter.layer_index)), "output")}
 
 
 def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_mlp_sparsity: float = 0.99,
@@ -39,7 +37,7 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
     levels, thresholds, capped = [], [], False
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
-        path = _act_path(adapter.at_layer(i))
+        path = adapter.mlp_activation(i)
         sh = shapes[i]
         k = sparsity * sh.total / (sh.masses["up"] + sh.masses["down"])
         if k > max_mlp_sparsity:
@@ -64,3 +62,15 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
         out["note"] = (f"target {sparsity} is above what CATS can reach (MLP sparsity capped at {max_mlp_sparsity}); "
                        f"achieved model-level sparsity {out['model_sparsity']}")
     return out
+
+
+class CATS(SparseMethod):
+    """CATS (see the module docstring): a threshold on the gated MLP's activation."""
+
+    name = "cats"
+    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("exact", "uniform"), "prefill": opt.choice("all", "none"),
+               "max_mlp_sparsity": opt.real(0, 1, hi_open=True)}
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        options = {k: v for k, v in self.options.items() if k != "plan"}  # one allocation: the plan only names it
+        return cats(model, adapter, samples, self.sparsity, device=device, progress=progress, **options)

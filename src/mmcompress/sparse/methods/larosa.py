@@ -15,17 +15,21 @@ import math
 import torch
 from torch import nn
 
+from ... import options as opt
 from .. import plan as plans
 from ..linear import SparseLinear
 from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
 from ...engine import Method, run_layerwise
 from ..rotation import calibrate_rotations
+from ..topk import LEVEL, Selector, TopK, keep_count
+from .base import PREFILL, SparseMethod
 
 PREFILL_POLICIES = ("all", "none", "last_half")
 
 
-def make_sparse_linear(linear: nn.Module, keep: int, prefill: str = "all", **kw) -> SparseLinear:
-    """A ``SparseLinear`` for ``linear`` with the given prefill policy (``all`` | ``none`` | ``last_half``)."""
+def make_sparse_linear(linear: nn.Module, selector: Selector | int, prefill: str = "all", **kw) -> SparseLinear:
+    """A ``SparseLinear`` for ``linear`` keeping what ``selector`` keeps (``TopK(k)``, ``Threshold(t)``; an
+    int is ``TopK(k)``) with the given prefill policy (``all`` | ``none`` | ``last_half``)."""
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
     if isinstance(linear, SparseLinear):
@@ -34,9 +38,9 @@ def make_sparse_linear(linear: nn.Module, keep: int, prefill: str = "all", **kw)
         lin.weight.data, lin.bias = linear.weight.data, linear.bias
         linear = lin
     if prefill == "last_half":
-        m = PrefillPolicySparseLinear.from_linear(linear, keep, sparse_fraction=0.5, **kw)
+        m = PrefillPolicySparseLinear.from_linear(linear, selector, sparse_fraction=0.5, **kw)
     else:
-        m = SparseLinear.from_linear(linear, keep, **kw)
+        m = SparseLinear.from_linear(linear, selector, **kw)
         m.sparse_prefill = prefill == "all"
     return m
 
@@ -59,7 +63,7 @@ def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "al
                 if isinstance(mod, SparseLinear) and mod.mode == "topk":
                     mod.keep = k
                 else:
-                    _set(layer, path, make_sparse_linear(mod, k, prefill))
+                    _set(layer, path, make_sparse_linear(mod, TopK(k), prefill))
 
 
 @torch.no_grad()
@@ -111,7 +115,7 @@ class TopKGreedy(Method):
 
         def apply(levels):
             for act, lv in levels.items():
-                k = max(1, min(dims[act], int(round((1.0 - lv) * dims[act]))))
+                k = keep_count(dims[act], lv)
                 for m in readers[act]:
                     m.keep = k
 
@@ -136,7 +140,7 @@ def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str =
             for path in g.readers:
                 mod = layer.get_submodule(path)
                 if prefill != "all":
-                    _set(layer, path, make_sparse_linear(mod, mod.keep, prefill))
+                    _set(layer, path, make_sparse_linear(mod, mod.selector, prefill))
     return chosen
 
 
@@ -199,3 +203,16 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
         apply_topk_plan(model, adapter, chosen, prefill)
     return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": rotations.tokens,
             **({"column_scale": True} if column_scale else {}), **chosen.summary()}
+
+
+class LaRoSA(SparseMethod):
+    """LaRoSA (see the module docstring): rotation calibration, merge or reference rotation, Top-K plan."""
+
+    name = "larosa"
+    rotating = True
+    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("exact", "uniform", "grid", "greedy"),
+               "mode": opt.choice("merged", "reference"), "prefill": PREFILL, "basis": opt.choice("attn", "both"),
+               "ratio_in": opt.real(0, 1), "grid_samples": opt.integer(1), "column_scale": opt.boolean}
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)

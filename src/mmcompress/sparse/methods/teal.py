@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import torch
 
+from ... import options as opt
 from ...engine import Method, run_layerwise
 from .. import plan as plans
 from ..merge import inner_layer
+from ..topk import LEVEL, Threshold, check_level
+from .base import PREFILL, SparseMethod
 from .larosa import PREFILL_POLICIES, _set, make_sparse_linear
 
 
 class MagnitudeSampler(Method):
-    """Engine method that only observes: a seeded sample of ``|x|`` per named module input/output."""
+    """Engine method that only observes: a seeded sample of ``|x|`` per named module input/output,
+    through the layer context's observers (:meth:`Method.observers`)."""
 
     name = "magnitude-sampler"
 
@@ -44,15 +48,7 @@ class MagnitudeSampler(Method):
         self.per_call = max(1024, max_values // max(nsamples, 1) + 1)
         self.gen = torch.Generator().manual_seed(seed)
         self.values: list[dict[str, torch.Tensor]] = []
-        self._handles, self._cur = [], None
-
-    def _flush(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._cur is not None:
-            self.values.append({k: torch.sort(torch.cat(v)).values for k, v in self._cur.items()})
-            self._cur = None
+        self._cur: dict | None = None
 
     def _take(self, key, t):
         a = t.detach().reshape(-1).abs().float().cpu()
@@ -61,17 +57,16 @@ class MagnitudeSampler(Method):
         self._cur[key].append(a)
 
     def step(self, ctx) -> None:
-        self._flush()
-        self._cur = {}
-        for key, (mod, where) in self.select(inner_layer(ctx.layer), ctx.adapter).items():
-            self._cur[key] = []
-            if where == "input":
-                self._handles.append(mod.register_forward_pre_hook(lambda m, args, key=key: self._take(key, args[0])))
-            else:
-                self._handles.append(mod.register_forward_hook(lambda m, args, out, key=key: self._take(key, out)))
+        pass  # the layer is not changed: everything happens in the observers
 
-    def finalize(self, model, adapter) -> None:
-        self._flush()
+    def observers(self, ctx):
+        selected = self.select(inner_layer(ctx.layer), ctx.adapter)
+        self._cur = {key: [] for key in selected}
+        return [(mod, where, lambda t, key=key: self._take(key, t)) for key, (mod, where) in selected.items()]
+
+    def observed(self, ctx) -> None:
+        self.values.append({k: torch.sort(torch.cat(v)).values for k, v in self._cur.items()})
+        self._cur = None
 
 
 def quantile(sorted_values: torch.Tensor, level: float) -> float:
@@ -92,10 +87,7 @@ def _teal_select(layer, adapter):
 def calibrate_magnitudes(model, adapter, samples, device="cpu", progress=True, select=_teal_select,
                          max_values: int = 1 << 18, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     sampler = MagnitudeSampler(select, max_values=max_values, seed=seed, nsamples=len(samples))
-    try:
-        run_layerwise(model, adapter, sampler, samples, device=device, progress=progress)
-    finally:
-        sampler._flush()
+    run_layerwise(model, adapter, sampler, samples, device=device, progress=progress)
     return sampler.values
 
 
@@ -104,8 +96,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     """Apply TEAL in place (per-projection thresholds); returns a description."""
     if plan not in ("uniform", "exact", "greedy"):
         raise ValueError(f"TEAL allocations are uniform (every projection at p) and greedy, not {plan!r}")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    sparsity = check_level(sparsity)
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
     shapes = plans.layer_shapes(adapter)
@@ -123,7 +114,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
             th[act] = t
             for path in g.readers:
                 mod = layer.get_submodule(path)
-                _set(layer, path, make_sparse_linear(mod, mod.in_features, prefill, mode="threshold", threshold=t))
+                _set(layer, path, make_sparse_linear(mod, Threshold(t), prefill))
         thresholds.append(th)
     levels = [{p: sparsity for p in sh.masses} for sh in shapes]
     chosen = plans.per_projection(shapes, levels, "uniform", sparsity)
@@ -140,8 +131,7 @@ class GreedyAllocation(Method):
 
     def __init__(self, sparsity: float, step: float = 0.02, tail: float = 0.25, search_samples: int = 4,
                  max_values: int = 1 << 16, prefill: str = "all", seed: int = 0):
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        sparsity = check_level(sparsity)
         if not 0 < step <= 0.5:
             raise ValueError(f"greedy step must be in (0, 0.5], got {step}")
         self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
@@ -182,13 +172,13 @@ class GreedyAllocation(Method):
                 mod = layer.get_submodule(path)
                 masses[proj] = mod.weight.shape[0] * mod.weight.shape[1]
                 group_of[proj] = g.name
-                sparse = make_sparse_linear(mod, mod.in_features, "all", mode="threshold", threshold=0.0)
+                sparse = make_sparse_linear(mod, Threshold(0.0), "all")
                 _set(layer, path, sparse)
                 modules[proj] = (path, sparse)
 
         def apply(levels):
             for p, lv in levels.items():
-                modules[p][1].threshold = quantile(mags[group_of[p]], lv)
+                modules[p][1].selector = Threshold(quantile(mags[group_of[p]], lv))
 
         levels, err = plans.greedy_levels(masses, self.sparsity, self.delta, lambda: plans.layer_tail_error(ctx, n, self.tail),
                                           apply)
@@ -197,8 +187,7 @@ class GreedyAllocation(Method):
         for p, (path, sparse) in modules.items():
             final[p] = sparse.threshold
             if self.prefill != "all":  # rebuild with the requested prefill policy, same threshold
-                _set(layer, path, make_sparse_linear(sparse, sparse.in_features, self.prefill, mode="threshold",
-                                                     threshold=sparse.threshold))
+                _set(layer, path, make_sparse_linear(sparse, sparse.selector, self.prefill))
         self.levels.append(dict(levels))
         self.thresholds.append(final)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
@@ -219,3 +208,13 @@ def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all
                        "tail": method.tail},
             "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target; "
                     "levels per projection from TEAL's block-wise greedy search"}
+
+
+class TEAL(SparseMethod):
+    """TEAL (see the module docstring): per-projection magnitude thresholds."""
+
+    name = "teal"
+    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": PREFILL}
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)

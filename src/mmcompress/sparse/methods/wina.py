@@ -29,11 +29,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ... import options as opt
 from ...models.adapters import UnsupportedModelError
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
 from ...specs import register_sparse_module
+from ..topk import LEVEL
+from .base import SparseMethod
 from .larosa import TopKGreedy
 
 ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
@@ -152,3 +155,15 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
                                       greedy={"delta": round(search.delta, 6), "search_samples": search_samples})
     apply_plan(adapter, chosen, prefill)
     return {"method": "wina", "transform": bool(transform), "prefill": prefill, **chosen.summary()}
+
+
+class WINA(SparseMethod):
+    """WINA (see the module docstring): weight-informed Top-K after orthogonalising the block inputs."""
+
+    name = "wina"
+    rotating = True
+    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
+               "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)}
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
