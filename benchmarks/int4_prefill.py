@@ -42,8 +42,8 @@ def main() -> None:
         for rows in (128, 512):
             x = torch.randn(rows, k)
             res = {}
-            for name in ("ours", "torch"):
-                K.path_for = lambda *a, _p={"ours": "cpu", "torch": "torch"}[name], **kw: _p
+            for name, path in (("ours", "cpu"), ("torch", "torch")):
+                K.path_for = lambda *a, path=path, **kw: path
                 res[name] = _ms(lambda: K.int_matmul(x, codes, s, z, scheme, k), args.reps)
             K.path_for = dispatch
             print(f"| {n} × {k} | {rows} | {res['ours']:.2f} | {res['torch']:.2f} | {res['torch'] / res['ours']:.2f} |",

@@ -259,19 +259,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 _ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")  # safetensors' Dtype order
 
 
-def _header(entries, metadata: dict | None = None) -> bytes:
-    """A safetensors header as ``safetensors.torch.save_model`` writes it: the same bytes."""
-    import struct
-
-    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
-    for name, dtype, shape, n in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 LAYOUT = "artifact.json"  # in the checkpoint directory: the artifact's planned shards and tensor offsets
 
 
@@ -332,14 +319,14 @@ class ArtifactLayout:
     @classmethod
     def plan(cls, ckdir, stream: "LayerStream", done: int, state: dict) -> "ArtifactLayout":
         from . import fileio
-        from .export.datafree import MAX_SHARD_BYTES, _nbytes, _ST_DTYPES, split_shards
+        from .export.datafree import MAX_SHARD_BYTES, _header, _nbytes, _ST_DTYPES, split_shards
 
         p_done = stream.adapter.layer_prefix(done) + "."
         mine = [(k[len(p_done):], v.dtype, tuple(v.shape)) for k, v in state.items()]
         entries, dropped = _artifact_entries(stream.model, stream,
                                              lambda i, prefix: [(prefix + k, dt, sh, None) for k, dt, sh in mine])
         shards, names = split_shards(entries, lambda e: _nbytes((e[1], e[2])), MAX_SHARD_BYTES)
-        headers = [_header([(n, _ST_DTYPES[dt], sh, _nbytes((dt, sh))) for n, dt, sh, _ in shard],
+        headers = [_header([(n, dt, sh) for n, dt, sh, _ in shard],
                            dict(sorted(dropped.items()))) for shard in shards]
         fileio.require_space(ckdir, sum(map(len, headers)) + sum(_nbytes((e[1], e[2])) for e in entries),
                              "the artifact")
@@ -408,7 +395,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
     from . import fileio
     from .export.serialization import build_manifest, safetensors_header, write_side_files
     from .fileio import atomic_output_dir
-    from .export.datafree import MAX_SHARD_BYTES, _nbytes, _ShardReader, _ST_DTYPES, split_shards
+    from .export.datafree import MAX_SHARD_BYTES, _header, _nbytes, _ShardReader, _ST_DTYPES, split_shards
 
     stream: LayerStream = model._mmcompress_stream
     dtypes = {v: k for k, v in _ST_DTYPES.items()}
@@ -459,7 +446,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
                     _link_or_copy(ckdir / _part_name(fname), tmp / fname)
                 else:
                     with open(tmp / fname, "wb") as f:
-                        f.write(_header([(n, _ST_DTYPES[dt], sh, _nbytes((dt, sh))) for n, dt, sh, _ in shard],
+                        f.write(_header([(n, dt, sh) for n, dt, sh, _ in shard],
                                         dict(sorted(dropped.items()))))
                         for n, dt, sh, src in shard:
                             t = read(src, dt)

@@ -179,10 +179,12 @@ class _ShardReader:
         os.close(self.fd)
 
 
-def _header(entries: list[tuple[str, torch.dtype, tuple]], metadata: dict) -> bytes:
-    header, offset = {"__metadata__": metadata}, 0
+def _header(entries: list[tuple[str, torch.dtype, tuple]], metadata: dict | None = None) -> bytes:
+    """A safetensors header for ``(name, dtype, shape)`` tensors in this order, as
+    ``safetensors.torch.save_file`` writes it: the same bytes (``__metadata__`` only when given)."""
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for name, dtype, shape in entries:
-        n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        n = _nbytes((dtype, shape))
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
