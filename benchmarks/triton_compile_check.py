@@ -77,11 +77,11 @@ def main():
     for dt in dtypes:
         for one, block in ((True, 4096), (True, 16384), (True, 32768), (False, 8192)):
             warps = max(4, min(16, block // 256))
-            sig = {"X": TY[dt], "THR": "*fp32", "D": "i32", "K": "i32", "stride_xb": "i32"}
+            sig = {"X": TY[dt], "THR": "*fp32", "CUT": "*i32", "D": "i32", "K": "i32", "stride_xb": "i32"}
             try:
                 info = compile_one(tg._topk_threshold_kernel, sig, {"BLOCK_D": block, "ONE_CHUNK": one,
                                                                      "LOW_BIT": low[dt]},
-                                   ["X", "THR", "D", "stride_xb"], warps, a.arch)
+                                   ["X", "THR", "CUT", "D", "stride_xb"], warps, a.arch)
                 print(f"ok   threshold {dt} BLOCK_D={block} one_chunk={one} warps={warps}: {info}", flush=True)
             except Exception as e:
                 fails.append(f"threshold {dt} {block} {one}: {type(e).__name__}: {e}")
@@ -97,13 +97,13 @@ def main():
                 for mode, has_bias in (((2, True), (0, False), (1, False)) if not a.quick else ((2, True),)):
                     fn = tg._rows_gemv if variant == "rows" else tg._splitk_gemv
                     yty = TY[dt] if variant == "rows" else "*fp32"
-                    sig = {"X": TY[dt], "THR": "*fp32", "WT": TY[dt], "BIAS": TY[dt], "Y": yty, "N": "i32", "K": "i32",
+                    sig = {"X": TY[dt], "THR": "*fp32", "CUT": "*i32", "WT": TY[dt], "BIAS": TY[dt], "Y": yty, "N": "i32", "K": "i32",
                            "stride_xb": "i32", "stride_wk": "i32", "stride_yb": "i32", "thr_val": "fp32"}
                     cx = {"B": B, "B_PAD": tg._b_pad(B), "THR_MODE": mode, "HAS_BIAS": has_bias, "BLOCK_K": bk,
                           "BLOCK_N": bn}
                     tag = f"{variant} {dt} B={B} ({bk},{bn},{warps}) thr_mode={mode} bias={has_bias}"
                     try:
-                        info = compile_one(fn, sig, cx, ["X", "THR", "WT", "BIAS", "Y", "N", "K", "stride_xb",
+                        info = compile_one(fn, sig, cx, ["X", "THR", "CUT", "WT", "BIAS", "Y", "N", "K", "stride_xb",
                                                          "stride_wk", "stride_yb"], warps, a.arch)
                         print(f"ok   {tag}: {info}", flush=True)
                     except Exception as e:

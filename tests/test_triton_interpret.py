@@ -60,13 +60,6 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _masked_ref(x, wt, thr, bias=None):
-    xf = x.double()
-    xs = torch.where(xf.abs() >= thr.double().view(-1, 1), xf, torch.zeros_like(xf))
-    y = xs @ wt.double()
-    return y if bias is None else y + bias.double()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_topk_threshold_is_the_kth_magnitude(tg, dtype):
     g = torch.Generator().manual_seed(0)
@@ -92,9 +85,11 @@ def test_topk_threshold_chunked_ties_and_zeros(tg, monkeypatch):
     y = torch.randn(3, 5000, generator=g)  # fp32: all 31 bits searched
     assert torch.equal(tg.topk_threshold(y, 777), y.abs().topk(777).values[:, -1])
     monkeypatch.undo()
-    # ties: 8 entries of magnitude 2, K = 3 -> threshold 2, all 8 kept (documented over-keep)
+    # ties: 8 entries of magnitude 2, K = 3 -> threshold 2; the first three tied (indices 1, 2, 4) are kept
     t = torch.tensor([[0.0, 2.0, -2.0, 1.0, 2.0, -2.0, 2.0, 0.5, 2.0, -2.0, 2.0, 0.0]])
-    assert tg.topk_threshold(t, 3).item() == 2.0
+    thr, cut = tg.topk_bounds(t, 3)
+    assert thr.item() == 2.0 and cut.item() == 4
+    assert torch.equal(tg.topk_sparse_gemv(t, torch.eye(12), 3), topk_sparsify(t, 3))
     # more zeros than D - K: threshold 0; zeros are never read by the GEMV, the product is the Top-K one
     z = torch.zeros(1, 64)
     z[0, [3, 10]] = torch.tensor([1.5, -0.25])
@@ -114,8 +109,7 @@ def test_masked_gemv_every_config(tg, dtype, batch):
     wt = (torch.randn(din, dout, generator=g) / din ** 0.5).to(dtype)
     bias = torch.randn(dout, generator=g).to(dtype)
     k = keep_count(din, 0.5)
-    thr = tg.topk_threshold(x, k)
-    ref = _masked_ref(x, wt, thr, bias)
+    ref = topk_sparsify(x, k).double() @ wt.double() + bias.double()  # exactly k, the CPU tie policy
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     cfgs = tg.candidate_configs(batch)
     assert {c[0] for c in cfgs} == {"rows", "splitk"}
@@ -172,8 +166,8 @@ def test_sparse_linear_module_shares_thresholds(tg, monkeypatch):
 
     monkeypatch.setattr(kernels, "resolve_backend", lambda backend, device: "triton")  # CPU tensors, interpreter
     calls = []
-    real = tg.topk_threshold
-    monkeypatch.setattr(tg, "topk_threshold", lambda x, k: calls.append(k) or real(x, k))
+    real = tg.topk_bounds
+    monkeypatch.setattr(tg, "topk_bounds", lambda x, k: calls.append(k) or real(x, k))
     g = torch.Generator().manual_seed(7)
     mods = []
     for _ in range(2):
@@ -191,3 +185,28 @@ def test_sparse_linear_module_shares_thresholds(tg, monkeypatch):
     assert _rel(mods[1](x), torch.nn.functional.linear(topk_sparsify(x, 80), mods[1].weight, mods[1].bias)) < 1e-5
     assert calls == [80, 80]
     assert tg.interpreted()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_keeps_exactly_k_with_the_cpu_tie_policy(tg, monkeypatch, dtype):
+    """One tie policy on every backend: on data with many ties (small integers, bf16/fp16 rounding) the Triton
+    selection equals ``sparse/topk.py``'s (exactly K, ties lowest index first), in one chunk and chunked,
+    in both GEMV variants; the identity weight makes the GEMV's output the kept activations themselves."""
+    g = torch.Generator().manual_seed(11)
+    for B, D in [(1, 96), (4, 300), (8, 1000)]:
+        x = torch.randint(-6, 7, (B, D), generator=g).to(dtype)  # 13 magnitudes over D entries: ties everywhere
+        x[0, :5] = 0.0
+        eye = torch.eye(D, dtype=dtype)
+        for k in sorted({1, 7, keep_count(D, 0.4), keep_count(D, 0.9), D - 1}):
+            want = topk_sparsify(x, k)
+            thr, cut = tg.topk_bounds(x, k)
+            a = x.float().abs()
+            kept = (a > thr[:, None]) | ((a == thr[:, None]) & (torch.arange(D) <= cut.long()[:, None]))
+            assert torch.all(kept.sum(1) == k), (B, D, k)
+            assert torch.equal(torch.where(kept, x, torch.zeros_like(x)), want), (B, D, k)
+            for cfg in (("rows", 32, 32, 4), ("splitk", 16, 256, 4)):
+                assert torch.equal(tg.topk_sparse_gemv(x, eye, k, config=cfg), want), (B, D, k, cfg)
+            monkeypatch.setattr(tg, "MAX_ONE_CHUNK", 64)  # chunked search and tie scan
+            t2, c2 = tg.topk_bounds(x, k)
+            monkeypatch.undo()
+            assert torch.equal(t2, thr) and torch.equal(c2, cut), (B, D, k)

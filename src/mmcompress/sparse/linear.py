@@ -5,7 +5,7 @@ behind the same module (see :mod:`mmcompress.sparse.kernels`):
 
 * ``"cpu"``: the C++/OpenMP sparse GEMV (1..8 tokens per call);
 * ``"triton"``: Triton kernels on CUDA (1..8 tokens per call): a per-token Top-K threshold kernel and
-  a masked GEMV that keeps ``|x| >= threshold`` (magnitudes tied with the K-th largest are all kept);
+  a masked GEMV that keeps exactly K channels (ties at the K-th magnitude: lowest indices, as on CPU);
 * ``"auto"``: whichever of those fits the weight's device, else ``"torch"``.
 
 Weight layout.  The kernels read the weight input-channel-major, ``WT = Wᵀ`` contiguous ``[in, out]``.
@@ -216,7 +216,7 @@ class SparseLinear(nn.Module):
             capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
             thr = None if capturing else _SELECTION.get(x, ("triton", k))
             if thr is None:
-                thr = triton_gemv.topk_threshold(xc, k)
+                thr = triton_gemv.topk_bounds(xc, k)  # (thr, cut): exactly k channels
                 if not capturing:
                     _SELECTION.put(x, ("triton", k), thr)
             y = triton_gemv.sparse_gemv(xc, wt, self.bias, thr=thr)

@@ -5,10 +5,9 @@ One interface, three backends:
 * ``"torch"``: the PyTorch reference (the oracle in tests); any device, any number of tokens;
 * ``"cpu"``: a C++/OpenMP kernel (``sparse_gemv.cpp``) compiled on first use; 1..8 tokens per call,
   fp32 or bf16 weights, fp32 accumulation, Top-K selection in C++ (radix pre-pass + nth_element);
-* ``"triton"``: Triton kernels on CUDA (fp16/bf16/fp32, 1..8 tokens): a per-token Top-K threshold
-  kernel (exact K-th largest ``|x|``) and a masked GEMV over the column-major weight that reads the
-  dense ``x`` and keeps ``|x| >= threshold`` (see ``triton_gemv``; ties at the K-th magnitude are all
-  kept, so a token may keep slightly more than ``k`` channels when magnitudes tie);
+* ``"triton"``: Triton kernels on CUDA (fp16/bf16/fp32, 1..8 tokens): a per-token Top-K kernel (the
+  exact K-th largest ``|x|`` and the last tied index kept) and a masked GEMV over the column-major
+  weight that reads the dense ``x`` and keeps exactly those ``k`` channels (see ``triton_gemv``);
 * ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"cpu"`` on CPU when the extension builds,
   else ``"torch"``.
 
@@ -17,8 +16,8 @@ the kept values and int8 weight codes (``[in, out]`` uint8 = code + 128), int32 
 AVX-512 VNNI on the CPU kernel; :func:`sparse_int8_reference` is its PyTorch oracle.
 
 The selection ``S`` is one of: Top-K (``k``: exactly ``k`` channels of largest ``|x|`` per token; the
-PyTorch path and the CPU kernel share one tie policy, ties at the K-th magnitude keep the lowest indices,
-see :mod:`..topk`),
+PyTorch path, the CPU kernel and the Triton kernels share one tie policy, ties at the K-th magnitude keep
+the lowest indices, see :mod:`..topk`),
 a magnitude threshold (``threshold``: keep ``|x| >= t``), or given ``indices``/``values`` ([tokens, k]).
 Calls with more tokens than a kernel takes (prefill) use the PyTorch path, which is a dense GEMM on the
 sparsified input.  ``k >= in_features`` means dense: the kernels then skip selection entirely.
@@ -135,8 +134,8 @@ def _triton_linear(x2: torch.Tensor, weight_t: torch.Tensor, k: int | None, bias
                    threshold: float | None, indices: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
     """The Triton path of :func:`sparse_linear` for ``x2 [tokens <= 8, in]``.
 
-    Top-K: the fused threshold kernel + masked GEMV (``triton_gemv.topk_sparse_gemv``; magnitudes tied
-    with the K-th largest are all kept).  Threshold (TEAL): the same masked GEMV with a constant threshold.
+    Top-K: the fused threshold kernel + masked GEMV (``triton_gemv.topk_sparse_gemv``; exactly ``k``
+    channels, ties as the other backends).  Threshold (TEAL): the same masked GEMV with a constant threshold.
     Given indices/values: scattered in PyTorch, then the GEMV skips the zero rows.  ``k`` None or
     ``>= in``: dense."""
     from . import triton_gemv

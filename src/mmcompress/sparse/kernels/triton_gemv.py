@@ -31,12 +31,15 @@ re-reads it in chunks.  fp16 / bf16 values upcast to fp32 have their low 13 / 16
 so only bits 30..13 / 30..16 are searched (18 / 15 passes; fp32: 31).  The result ``thr[b]`` is that
 K-th largest magnitude (equal to ``torch.topk(|x|, K).values[-1]``).
 
-**Top-K semantics / ties.**  Keeping ``|x| >= thr`` keeps *every* entry tied with the K-th largest
-magnitude, so a token keeps ``K + (ties at thr) − 1`` channels at most: exactly ``K`` when the
-magnitudes are distinct (continuous data in fp32; in bf16/fp16 a few ties are common).  Zeros are
-never kept (they contribute nothing), so if the K-th largest magnitude is 0 fewer than ``K`` rows are
-read — the product is still exactly the Top-K one.  :func:`topk_sparse_gemv` = threshold kernel +
-masked GEMV: 2 launches with the ``rows`` variant.
+**Top-K semantics / ties.**  Exactly ``K`` channels per token, the tie policy of the PyTorch path and
+the CPU kernel (``sparse/topk.py``): every magnitude above the K-th largest, then the entries tied with
+it in index order until ``K`` are kept.  The threshold kernel also returns ``cut[b]``, the index of the
+last tied entry kept (the ``need``-th entry with ``|x| = thr``, ``need = K − #{|x| > thr}``, found with
+a prefix count over the row), and the GEMV keeps ``|x| > thr  or  (|x| = thr and i <= cut)``.  With a
+per-token ``thr`` and no ``cut`` (or a scalar TEAL threshold) it keeps ``|x| >= thr``.  Zeros are never
+read (they contribute nothing), so if the K-th largest magnitude is 0 fewer than ``K`` rows are read —
+the product is still exactly the Top-K one.  :func:`topk_sparse_gemv` = threshold kernel + masked GEMV:
+2 launches with the ``rows`` variant.
 
 Selection by given indices (``kernels.sparse_linear(indices=...)``) still scatters in PyTorch first.
 Prefill (more than 8 tokens) never reaches these kernels.
@@ -67,9 +70,10 @@ _topk_threshold_kernel = _rows_gemv = _splitk_gemv = None
 if triton is not None:
 
     @triton.jit
-    def _topk_threshold_kernel(X, THR, D, K, stride_xb, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    def _topk_threshold_kernel(X, THR, CUT, D, K, stride_xb, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
                                LOW_BIT: tl.constexpr):
-        """thr[b] = the K-th largest |x[b, :D]| (exact; 1 <= K <= D), by a bitwise search on its int32 bits."""
+        """thr[b] = the K-th largest |x[b, :D]| (exact; 1 <= K <= D), by a bitwise search on its int32 bits;
+        cut[b] = the index of the last entry with |x| = thr that the Top-K keeps (lowest indices first)."""
         b = tl.program_id(0)
         xrow = X + b.to(tl.int64) * stride_xb
         offs = tl.arange(0, BLOCK_D)
@@ -91,7 +95,33 @@ if triton is not None:
                     bc = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
                     cnt += tl.sum((bc >= cand).to(tl.int32), axis=0)
             t = tl.where(cnt >= K, cand, t)
+        # ties: keep the first `need` entries equal to t (need >= 1, since #{bits > t} < K <= #{bits >= t})
+        if ONE_CHUNK:
+            need = K - tl.sum((bits > t).to(tl.int32), axis=0)
+            tied = bits == t
+            rank = tl.cumsum(tied.to(tl.int32), axis=0)
+            cut = tl.min(tl.where(tied & (rank == need), offs, D), axis=0)
+        else:
+            above = b * 0
+            for start in range(0, D, BLOCK_D):
+                o = start + offs
+                mc = o < D
+                vc = tl.load(xrow + o, mask=mc, other=0.0).to(tl.float32)
+                bc = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+                above += tl.sum((bc > t).to(tl.int32), axis=0)
+            need = K - above
+            seen = b * 0
+            cut = b * 0 + D
+            for start in range(0, D, BLOCK_D):
+                o = start + offs
+                mc = o < D
+                vc = tl.load(xrow + o, mask=mc, other=0.0).to(tl.float32)
+                tied = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1) == t
+                rank = tl.cumsum(tied.to(tl.int32), axis=0) + seen
+                cut = tl.minimum(cut, tl.min(tl.where(tied & (rank == need), o, D), axis=0))
+                seen += tl.sum(tied.to(tl.int32), axis=0)
         tl.store(THR + b, t.to(tl.float32, bitcast=True))
+        tl.store(CUT + b, cut)
 
     @triton.jit
     def _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE: tl.constexpr):
@@ -103,16 +133,26 @@ if triton is not None:
         return thr
 
     @triton.jit
-    def _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, THR_MODE: tl.constexpr):
-        """x[:, offs_k] in fp32 with the dropped entries zeroed ([B_PAD, BLOCK_K])."""
-        x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
-                    mask=mask_b[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        if THR_MODE != 0:
-            x = tl.where(tl.abs(x) >= thr[:, None], x, 0.0)
+    def _kept(x, offs_k, thr, cut, THR_MODE: tl.constexpr):
+        """x [B_PAD, BLOCK_K] (fp32) with the dropped entries zeroed: mode 1 ``|x| >= thr``; mode 2 (per-token
+        thr and cut) ``|x| > thr or (|x| = thr and k <= cut)``."""
+        a = tl.abs(x)
+        if THR_MODE == 1:
+            x = tl.where(a >= thr[:, None], x, 0.0)
+        if THR_MODE == 2:
+            keep = (a > thr[:, None]) | ((a == thr[:, None]) & (offs_k[None, :] <= cut[:, None]))
+            x = tl.where(keep, x, 0.0)
         return x
 
     @triton.jit
-    def _rows_gemv(X, THR, WT, BIAS, Y, N, K, stride_xb, stride_wk, stride_yb, thr_val,
+    def _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, cut, THR_MODE: tl.constexpr):
+        """x[:, offs_k] in fp32 with the dropped entries zeroed ([B_PAD, BLOCK_K])."""
+        x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
+                    mask=mask_b[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        return _kept(x, offs_k, thr, cut, THR_MODE)
+
+    @triton.jit
+    def _rows_gemv(X, THR, CUT, WT, BIAS, Y, N, K, stride_xb, stride_wk, stride_yb, thr_val,
                    B: tl.constexpr, B_PAD: tl.constexpr, THR_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -121,12 +161,13 @@ if triton is not None:
         offs_b = tl.arange(0, B_PAD)
         mask_b = offs_b < B
         thr = _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE)
+        cut = tl.load(CUT + offs_b, mask=mask_b, other=0) if THR_MODE == 2 else offs_b * 0
         acc = tl.zeros([B_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
-        x = _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, THR_MODE)
+        x = _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, cut, THR_MODE)
         for k0 in range(0, K, BLOCK_K):
             # prefetch the next activation chunk while this weight tile loads
-            x_next = _load_kept(X, offs_b, mask_b, offs_k + (k0 + BLOCK_K), K, stride_xb, thr, THR_MODE)
+            x_next = _load_kept(X, offs_b, mask_b, offs_k + (k0 + BLOCK_K), K, stride_xb, thr, cut, THR_MODE)
             row = tl.max((x != 0).to(tl.int32), axis=0) != 0  # [BLOCK_K]: some token keeps the channel
             w = tl.load(WT + (offs_k + k0)[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
                         mask=row[:, None] & mask_n[None, :], other=0.0, eviction_policy="evict_first")
@@ -139,7 +180,7 @@ if triton is not None:
                  mask=mask_b[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _splitk_gemv(X, THR, WT, BIAS, Y, N, K, stride_xb, stride_wk, stride_yb, thr_val,
+    def _splitk_gemv(X, THR, CUT, WT, BIAS, Y, N, K, stride_xb, stride_wk, stride_yb, thr_val,
                      B: tl.constexpr, B_PAD: tl.constexpr, THR_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -147,18 +188,13 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
-        mask_k = offs_k < K
         # row mask: an input channel is read if any token keeps it
-        keep = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for b in tl.static_range(B):
-            xb = tl.load(X + b * stride_xb + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            kb = xb != 0
-            if THR_MODE == 1:
-                kb = kb & (tl.abs(xb) >= thr_val)
-            if THR_MODE == 2:
-                kb = kb & (tl.abs(xb) >= tl.load(THR + b))
-            keep = keep | kb.to(tl.int32)
-        row_mask = keep != 0
+        offs_b = tl.arange(0, B_PAD)
+        mask_b = offs_b < B
+        thr = _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE)
+        cut = tl.load(CUT + offs_b, mask=mask_b, other=0) if THR_MODE == 2 else offs_b * 0
+        x = _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, cut, THR_MODE)  # [B_PAD, BLOCK_K]
+        row_mask = tl.max((x != 0).to(tl.int32), axis=0) != 0
         w = tl.load(WT + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
                     mask=row_mask[:, None] & mask_n[None, :], other=0.0, eviction_policy="evict_first")
         w = w.to(tl.float32)
@@ -166,11 +202,7 @@ if triton is not None:
             first = (offs_n * 0 + pid_k) == 0  # only the first K-split adds the bias
             bias = tl.load(BIAS + offs_n, mask=mask_n & first, other=0.0).to(tl.float32)
         for b in tl.static_range(B):
-            xb = tl.load(X + b * stride_xb + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            if THR_MODE == 1:
-                xb = tl.where(tl.abs(xb) >= thr_val, xb, 0.0)
-            if THR_MODE == 2:
-                xb = tl.where(tl.abs(xb) >= tl.load(THR + b), xb, 0.0)
+            xb = tl.sum(tl.where((offs_b == b)[:, None], x, 0.0), axis=0)  # row b of the kept activations
             part = tl.sum(xb[:, None] * w, axis=0)
             if HAS_BIAS:
                 part += bias
@@ -225,12 +257,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-token K-th largest magnitude: ``thr [B]`` fp32 with ``thr[b] = sort(|x[b]|, desc)[k - 1]``.
+def topk_bounds(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token Top-K selection ``(thr [B] fp32, cut [B] int32)``: ``thr[b] = sort(|x[b]|, desc)[k - 1]``
+    and ``cut[b]`` the index of the last entry with ``|x[b]| = thr[b]`` that the Top-K keeps, so that
+    ``|x| > thr or (|x| = thr and i <= cut)`` keeps exactly ``k`` channels (ties: lowest indices first).
 
-    ``x [B, D]`` fp16 / bf16 / fp32 (any B; one program per token), ``1 <= k <= D``.  Keeping
-    ``|x[b]| >= thr[b]`` keeps exactly ``k`` channels unless magnitudes tie at ``thr[b]`` (then all tied
-    ones)."""
+    ``x [B, D]`` fp16 / bf16 / fp32 (any B; one program per token), ``1 <= k <= D``."""
     _need_triton()
     if x.dim() != 2:
         raise ValueError(f"x must be [tokens, D], got shape {tuple(x.shape)}")
@@ -242,14 +274,20 @@ def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {D}], got {k}")
     x = x if x.stride(1) == 1 else x.contiguous()
     thr = torch.empty(B, device=x.device, dtype=torch.float32)
+    cut = torch.empty(B, device=x.device, dtype=torch.int32)
     if B == 0:
-        return thr
+        return thr, cut
     one = D <= MAX_ONE_CHUNK
     block = max(16, _next_pow2(D)) if one else 8192
     warps = max(4, min(16, block // 256))
-    _topk_threshold_kernel[(B,)](x, thr, D, k, x.stride(0), BLOCK_D=block, ONE_CHUNK=one, LOW_BIT=_LOW_BIT[x.dtype],
-                                 num_warps=warps)
-    return thr
+    _topk_threshold_kernel[(B,)](x, thr, cut, D, k, x.stride(0), BLOCK_D=block, ONE_CHUNK=one,
+                                 LOW_BIT=_LOW_BIT[x.dtype], num_warps=warps)
+    return thr, cut
+
+
+def topk_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-token K-th largest magnitude ``thr [B]`` (fp32), the first half of :func:`topk_bounds`."""
+    return topk_bounds(x, k)[0]
 
 
 # -- masked GEMV -------------------------------------------------------------------------------------
@@ -289,36 +327,47 @@ def _norm_config(config) -> tuple:
 
 
 def _launch(x, wt, bias, thr, cfg) -> torch.Tensor:
-    """One masked GEMV with ``cfg``; returns ``y [B, N]`` in ``x.dtype``.  ``thr``: None, float or [B] fp32."""
+    """One masked GEMV with ``cfg``; returns ``y [B, N]`` in ``x.dtype``.  ``thr``: None, a float (keep
+    ``|x| >= thr``) or a ``(thr [B] fp32, cut [B] int32)`` pair from :func:`topk_bounds`."""
     variant, bk, bn, warps = cfg
     B, K = x.shape
     N = wt.shape[1]
     if thr is None:
-        mode, thr_t, thr_val = 0, x, 0.0
-    elif isinstance(thr, torch.Tensor):
-        mode, thr_t, thr_val = 2, thr, 0.0
+        mode, thr_t, cut_t, thr_val = 0, x, x, 0.0
+    elif isinstance(thr, tuple):
+        mode, (thr_t, cut_t), thr_val = 2, thr, 0.0
     else:
-        mode, thr_t, thr_val = 1, x, float(thr)
+        mode, thr_t, cut_t, thr_val = 1, x, x, float(thr)
     has_bias = bias is not None
     bias_t = bias if has_bias else x
     meta = dict(B=B, B_PAD=_b_pad(B), THR_MODE=mode, HAS_BIAS=has_bias, BLOCK_K=bk, BLOCK_N=bn, num_warps=warps)
     if variant == "rows":
         y = torch.empty(B, N, device=x.device, dtype=x.dtype)
-        _rows_gemv[(triton.cdiv(N, bn),)](x, thr_t, wt, bias_t, y, N, K, x.stride(0), wt.stride(0), y.stride(0),
-                                          thr_val, **meta)
+        _rows_gemv[(triton.cdiv(N, bn),)](x, thr_t, cut_t, wt, bias_t, y, N, K, x.stride(0), wt.stride(0),
+                                          y.stride(0), thr_val, **meta)
         return y
     y = torch.zeros(B, N, device=x.device, dtype=torch.float32)
-    _splitk_gemv[(triton.cdiv(N, bn), triton.cdiv(K, bk))](x, thr_t, wt, bias_t, y, N, K, x.stride(0), wt.stride(0),
-                                                           y.stride(0), thr_val, **meta)
+    _splitk_gemv[(triton.cdiv(N, bn), triton.cdiv(K, bk))](x, thr_t, cut_t, wt, bias_t, y, N, K, x.stride(0),
+                                                           wt.stride(0), y.stride(0), thr_val, **meta)
     return y.to(x.dtype)
 
 
-def _reference(x, wt, bias, thr) -> torch.Tensor:
+def _kept_reference(x: torch.Tensor, thr) -> torch.Tensor:
+    """``x`` (fp32) with what the GEMV drops zeroed, for ``thr`` as in :func:`_launch`."""
     xf = x.float()
-    if thr is not None:
-        t = thr.view(-1, 1) if isinstance(thr, torch.Tensor) else thr
-        xf = torch.where(xf.abs() >= t, xf, torch.zeros_like(xf))
-    y = xf @ wt.float()
+    if thr is None:
+        return xf
+    if isinstance(thr, tuple):
+        t, cut = thr[0].view(-1, 1), thr[1].view(-1, 1).long()
+        idx = torch.arange(xf.shape[1], device=xf.device)
+        keep = (xf.abs() > t) | ((xf.abs() == t) & (idx <= cut))
+    else:
+        keep = xf.abs() >= thr
+    return torch.where(keep, xf, torch.zeros_like(xf))
+
+
+def _reference(x, wt, bias, thr) -> torch.Tensor:
+    y = _kept_reference(x, thr) @ wt.float()
     return y if bias is None else y + bias.float()
 
 
@@ -384,27 +433,32 @@ def _gemv(x, wt, bias, thr, config):
 
 
 def sparse_gemv(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
-                config: tuple | None = None, thr: torch.Tensor | float | None = None) -> torch.Tensor:
+                config: tuple | None = None, thr=None) -> torch.Tensor:
     """``S(xs) [B, in] @ weight_t [in, out] (+ bias)`` reading only the weight rows some token keeps.
 
     ``thr``: ``None`` keeps every non-zero of ``xs`` (pre-sparsified input), a float keeps ``|xs| >= thr``
-    (TEAL threshold), a ``[B]`` fp32 tensor a per-token threshold (e.g. from :func:`topk_threshold`).
+    (TEAL threshold), a ``[B]`` fp32 tensor a per-token threshold (``|xs| >= thr[b]``), and a
+    ``(thr, cut)`` pair from :func:`topk_bounds` exactly the Top-K.
     ``config`` = ``(variant, BLOCK_K, BLOCK_N, num_warps)`` (``variant`` ``"rows"`` or ``"splitk"``; a
     3-tuple means ``"splitk"``) skips the per-shape tuning (tests use it).  Output dtype = ``xs.dtype``."""
     out_dtype = xs.dtype
     x, wt, bias = _prepare(xs, weight_t, bias)
-    if isinstance(thr, torch.Tensor):
-        thr = thr.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
-        if thr.numel() != x.shape[0]:
-            raise ValueError(f"thr must have one value per token ({x.shape[0]}), got {thr.numel()}")
+    if isinstance(thr, torch.Tensor):  # per-token threshold, every tie kept
+        thr = (thr, torch.full((x.shape[0],), torch.iinfo(torch.int32).max, dtype=torch.int32, device=x.device))
+    if isinstance(thr, tuple):
+        t, cut = (v.to(device=x.device).reshape(-1).contiguous() for v in thr)
+        if t.numel() != x.shape[0] or cut.numel() != x.shape[0]:
+            raise ValueError(f"thr must have one value per token ({x.shape[0]}), got {t.numel()}")
+        thr = (t.to(torch.float32), cut.to(torch.int32))
     return _gemv(x, wt, bias, thr, config).to(out_dtype)
 
 
 def topk_sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, k: int, bias: torch.Tensor | None = None,
                      config: tuple | None = None) -> torch.Tensor:
-    """Fused per-token Top-K sparse linear: ``thr = topk_threshold(x, k)`` then the masked GEMV keeping
-    ``|x[b]| >= thr[b]`` (2 launches with the ``rows`` variant).  ``k >= in`` is dense (no threshold);
-    ``k <= 0`` gives ``bias`` (or zeros).  Ties at the K-th magnitude are all kept (see module doc)."""
+    """Fused per-token Top-K sparse linear: ``topk_bounds(x, k)`` then the masked GEMV keeping
+    exactly ``k`` channels per token (2 launches with the ``rows`` variant; ties at the K-th magnitude keep
+    the lowest indices, as the PyTorch path and the CPU kernel).  ``k >= in`` is dense (no threshold);
+    ``k <= 0`` gives ``bias`` (or zeros)."""
     out_dtype = x.dtype
     xc, wt, bias = _prepare(x, weight_t, bias)
     din = xc.shape[1]
@@ -412,5 +466,5 @@ def topk_sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, k: int, bias: torc
     if k <= 0:
         y = torch.zeros(xc.shape[0], wt.shape[1], device=xc.device, dtype=torch.float32)
         return (y if bias is None else y + bias.float()).to(out_dtype)
-    thr = topk_threshold(xc, k) if k < din else None
+    thr = topk_bounds(xc, k) if k < din else None
     return _gemv(xc, wt, bias, thr, config).to(out_dtype)
