@@ -295,15 +295,6 @@ def test_bench_decode_synthetic_tiny(cpu_kernel):
 # The same kernels run on CPU tensors under Triton's interpreter in test_triton_interpret.py (no GPU).
 
 
-def _tie_aware_topk(x, k):
-    """S(x) with the Triton rule: keep |x| >= the K-th largest magnitude (ties at it all kept)."""
-    a = x.double().abs()
-    if k >= x.shape[-1]:
-        return x.double()
-    kth = a.topk(k, dim=-1).values[..., -1:]
-    return torch.where(a >= kth, x.double(), 0.0)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4, 8])
@@ -323,12 +314,12 @@ def test_triton_matches_reference(dtype, batch):
             xs = sparsify_reference(x, k)
             y = triton_gemv.sparse_gemv(xs, wt, config=(16, 256, 4))  # pre-sparsified input, legacy config
             assert _rel(y, xs.double() @ wt.double()) < 1e-2
-            # threshold kernel: exactly torch.topk's K-th magnitude; >= K kept, exactly K without ties
+            # threshold kernel: exactly torch.topk's K-th magnitude
             a = x.float().abs()
             thr = triton_gemv.topk_threshold(x, k)
             assert torch.equal(thr, a.topk(k, dim=-1).values[:, -1])
             assert torch.all((a >= thr[:, None]).sum(1) >= k) and torch.all((a > thr[:, None]).sum(1) < k)
-            ref = _tie_aware_topk(x, k) @ wt.double() + bias.double()
+            ref = sparsify_reference(x, k).double() @ wt.double() + bias.double()  # exactly K, one tie policy
             for cfg in (("rows", 32, 32, 4), ("splitk", 16, 256, 4)):
                 y = triton_gemv.topk_sparse_gemv(x, wt, k, bias, config=cfg)
                 assert y.dtype == dtype and _rel(y, ref) < 1e-2, cfg
@@ -354,7 +345,7 @@ def test_triton_threshold_mode_and_sparse_linear_module():
     assert _rel(y, ref) < 1e-2
     lin = nn.Linear(4096, 512, device="cuda", dtype=torch.bfloat16)
     m = SparseLinear.from_linear(lin, 1638, backend="triton")
-    ref = torch.nn.functional.linear(_tie_aware_topk(x, 1638), lin.weight.double(), lin.bias.double())
+    ref = torch.nn.functional.linear(sparsify_reference(x, 1638).double(), lin.weight.double(), lin.bias.double())
     assert _rel(m(x), ref) < 1e-2
 
 
