@@ -38,6 +38,8 @@ per-token weights of the loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ... import options as opt
@@ -53,26 +55,27 @@ BLOCK_ROLES = ("attn_in", "mlp_in")  # the groups whose loss is measured on the 
 CLIP_TOKENS = 512  # the reference's n_sample_token
 
 
+@dataclass(frozen=True)
+class ScaleSearchOptions(opt.Options):
+    """The scale search's options; AWQ and MBQ differ in the defaults of ``loss`` and ``clip``."""
+
+    grid: int = opt.option(20, opt.integer(1), "scale search: grid points of the exponent α in [0, 1]")
+    max_tokens: int = opt.option(4096, opt.integer(1), "scale search: token subsample of the statistics, the "
+                                                       "linear loss and the clipping search")
+    seed: int = opt.option(0, opt.integer(), "seed of the token subsample", cli=False)  # --seed: calibration's
+    loss: str = opt.option("linear", opt.choice("block", "linear"),
+                           "scale search scored on the output of the block the group feeds or of its linears",
+                           flag="--search-loss")
+    clip: bool = opt.option(False, opt.boolean, "weight-clipping search")
+
+
 class ScaleSearch(QuantMethod):
     """Grid search of one shared smoothing vector per group (AWQ / MBQ), then optional weight clipping."""
 
     groups = ALL_GROUPS
     distributed = True
     needs_fp_chain = True  # statistics and losses on the full-precision model's activations
-    default_loss, default_clip = "linear", False
-    OPTIONS = {"grid": opt.integer(1), "max_tokens": opt.integer(1), "seed": opt.integer(),
-               "loss": opt.choice("block", "linear"), "clip": opt.boolean}
-
-    def __init__(self, scheme: QuantScheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0,
-                 loss: str | None = None, clip: bool | None = None):
-        super().__init__(scheme)
-        self.grid, self.max_tokens, self.seed = int(grid), int(max_tokens), seed
-        self.loss = self.default_loss if loss is None else loss
-        self.clip = self.default_clip if clip is None else bool(clip)
-
-    def config(self) -> dict:
-        return {**super().config(), "grid": self.grid, "max_tokens": self.max_tokens, "loss": self.loss,
-                "clip": self.clip}
+    Options = ScaleSearchOptions
 
     # subclasses choose the scale family and the per-token loss weights
     def candidate(self, x_abs_mean, x_absmax, w_absmax, alpha: float) -> torch.Tensor:
@@ -328,6 +331,12 @@ def apply_clip(w: torch.Tensor, bound: torch.Tensor, group_size: int) -> torch.T
     return torch.maximum(torch.minimum(wg, b), -b).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
+@dataclass(frozen=True)
+class AWQOptions(ScaleSearchOptions):
+    loss: str = opt.override(ScaleSearchOptions, "loss", default="block")  # the reference's module2inspect
+    clip: bool = opt.override(ScaleSearchOptions, "clip", default=True)  # the reference's auto_clip
+
+
 class AWQ(ScaleSearch):
     name = "awq"
-    default_loss, default_clip = "block", True
+    Options = AWQOptions

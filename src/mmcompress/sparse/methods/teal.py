@@ -26,14 +26,16 @@ Allocation (``plan``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ... import options as opt
 from ...engine import Method, run_layerwise
 from .. import plan as plans
 from ..merge import inner_layer
-from ..topk import LEVEL, Threshold, check_level
-from .base import PREFILL, SparseMethod
+from ..topk import Threshold, check_level
+from .base import SparseMethod, SparseOptions
 from .larosa import PREFILL_POLICIES, _set, make_sparse_linear
 
 
@@ -210,11 +212,18 @@ def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all
                     "levels per projection from TEAL's block-wise greedy search"}
 
 
+@dataclass(frozen=True)
+class TEALOptions(SparseOptions):
+    plan: str = opt.option("uniform", opt.choice("uniform", "exact", "greedy"),
+                           "uniform (every projection at the level) or greedy (TEAL's block-wise greedy split across "
+                           "the seven matrices)")
+
+
 class TEAL(SparseMethod):
     """TEAL (see the module docstring): per-projection magnitude thresholds."""
 
     name = "teal"
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": PREFILL}
+    Options = TEALOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
+        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())

@@ -25,6 +25,8 @@ h1–h4 of a layer; the published code searches seven per-matrix levels).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,8 +37,7 @@ from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
 from ...specs import register_sparse_module
-from ..topk import LEVEL
-from .base import SparseMethod
+from .base import SparseMethod, SparseOptions
 from .larosa import TopKGreedy
 
 ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
@@ -157,13 +158,23 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     return {"method": "wina", "transform": bool(transform), "prefill": prefill, **chosen.summary()}
 
 
+@dataclass(frozen=True)
+class WINAOptions(SparseOptions):
+    plan: str = opt.option("uniform", opt.choice("uniform", "greedy"),
+                           "uniform or greedy (over the four activations of each layer)")
+    prefill: str = opt.override(SparseOptions, "prefill", check=opt.choice("all", "none"))
+    transform: bool = opt.option(True, opt.boolean, "orthogonalise the block inputs first (the paper's tensor "
+                                                    "transformation)")
+    step: float = opt.option(0.02, opt.real(0, 0.5, lo_open=True), "plan greedy: level step of a move")
+    search_samples: int = opt.option(4, opt.integer(1), "plan greedy: calibration samples of the search")
+
+
 class WINA(SparseMethod):
     """WINA (see the module docstring): weight-informed Top-K after orthogonalising the block inputs."""
 
     name = "wina"
     rotating = True
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
-               "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)}
+    Options = WINAOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
+        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
