@@ -125,8 +125,7 @@ def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn
             else:
                 swaps.append((name, cls(mod)))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     if kept and not quiet:
         print("mmcompress: reference (fake-quant) forward for "
               + "; ".join(f"{n} layer(s) ({why})" for why, n in kept.items()), file=sys.stderr)

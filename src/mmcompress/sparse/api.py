@@ -31,7 +31,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     """Sparsify ``model`` in place and return it (see module docstring).
 
     ``method``: a name of :data:`~.methods.SPARSE_METHODS`; ``sparsity`` and the other options are
-    checked against its ``OPTIONS`` (``None``: the method's default).
+    checked by its ``Options`` (``None``: the method's default).
     ``plan``: LaRoSA ``exact`` (default) | ``uniform`` (reference 0.8/1.2 split) | ``grid`` | ``greedy``;
     TEAL ``uniform`` (default) | ``greedy``; WINA ``uniform`` | ``greedy``; CATS has none.
     ``mode`` (LaRoSA only): ``merged`` | ``reference``.

@@ -44,10 +44,11 @@ import torch
 
 from ... import options as opt
 from ...engine import LayerContext, _to
+from ...models.adapters import feeds_qk
 from ...models.modality import TEXT, VIDEO, current_modality_ids, modality_context
 from ..linear import QuantLinear
 from ..quantizer import QuantScheme, _grouped, fake_quantize_activation, fake_quantize_weight
-from .base import (QuantMethod, apply_smoothing, quantize_layer_linears, replace_linear, smoothing_foldable,
+from .base import (QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable,
                    weight_column_absmax)
 
 ALL_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -214,7 +215,7 @@ class ScaleSearch(QuantMethod):
                 q = QuantLinear.from_linear(lin, self.scheme, smoothing_rows=1)
                 q.weight.data.copy_((lin.weight.data.double() * s.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
                 q.input_smoothing.copy_(s.to(q.input_smoothing)[None, :])
-                replace_linear(layer, path, q)
+                layer.set_submodule(path, q)
             err = 0.0
             for args, kwargs, ids, ref in calls:
                 ids_dev = None if ids is None else ids.to(device)
@@ -229,7 +230,7 @@ class ScaleSearch(QuantMethod):
                 err += float((d * tw.to(d.device)).sum() if tw is not None and tw.shape == d.shape else d.sum())
         finally:
             for path, lin in zip(readers, originals):
-                replace_linear(layer, path, lin)
+                layer.set_submodule(path, lin)
         return err
 
     @torch.no_grad()
@@ -266,15 +267,9 @@ def _block_path(group) -> str:
     return ".".join(common)
 
 
-def _feeds_qk(path: str) -> bool:
-    """A linear whose output enters the q·k product (q, k, fused qkv): AWQ does not clip it."""
-    name = path.rsplit(".", 1)[-1].lower()
-    return name.startswith(("q", "k")) or any(t in name for t in ("qkv", "query", "key"))
-
-
 def _clip_readers(layer, group) -> list[str]:
-    if group.role == "attn_in" and any(_feeds_qk(p) for p in group.readers):
-        keep = [p for p in group.readers if not _feeds_qk(p)]
+    if group.role == "attn_in" and any(feeds_qk(p) for p in group.readers):  # AWQ does not clip q, k
+        keep = [p for p in group.readers if not feeds_qk(p)]
     else:
         keep = list(group.readers)
     return [p for p in keep if getattr(layer.get_submodule(p), "input_sparsifier", None) is None

@@ -31,18 +31,13 @@ class QuantMethod(Method):
         return {"method": self.name, "scheme": self.scheme.to_dict(), **self.options.to_json()}
 
 
-def replace_linear(layer: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(layer.get_submodule(parent_path) if parent_path else layer, child, new)
-
-
 def quantize_layer_linears(layer: nn.Module, adapter: ModelAdapter, scheme: QuantScheme, *, pack: bool = True) -> dict[str, QuantLinear]:
     """Swap every decoder linear of ``layer`` for a :class:`QuantLinear` (weights as they are now)."""
     out = {}
     for path in adapter.linear_names():
         mod = layer.get_submodule(path)
         q = mod if isinstance(mod, QuantLinear) else QuantLinear.from_linear(mod, scheme)
-        replace_linear(layer, path, q)
+        layer.set_submodule(path, q)
         if pack:
             q.pack()
         out[path] = q

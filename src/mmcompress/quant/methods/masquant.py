@@ -73,7 +73,7 @@ from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modal
 from ...specs import register_quant_module
 from ..linear import QuantLinear, modality_rows
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
-from .base import QuantMethod, replace_linear, weight_column_absmax
+from .base import QuantMethod, weight_column_absmax
 from .smoothquant import smoothing_factors
 from .stats import collect_group_stats
 
@@ -428,16 +428,16 @@ class MASQuant(QuantMethod):
                                                 shared=shared.get(g.name))
         originals = {p: layer.get_submodule(p) for p in wrappers}
         for path, w in wrappers.items():
-            replace_linear(layer, path, w)
+            layer.set_submodule(path, w)
         others = [p for p in adapter.linear_names() if p not in wrappers]
         for path in others:  # down_proj: s ≡ 1, still W/A quantized during training
-            replace_linear(layer, path, QuantLinear.from_linear(layer.get_submodule(path), scheme))
+            layer.set_submodule(path, QuantLinear.from_linear(layer.get_submodule(path), scheme))
         self._budgets = {id(w.smoothing): self._divergence_channels(
             layer, next(g for g in adapter.groups if path in g.readers))
                          for path, w in wrappers.items()}
         losses = self._train(ctx, wrappers) if self.epochs > 0 else []
         for path, w in wrappers.items():
-            replace_linear(layer, path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
+            layer.set_submodule(path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
         for path in others:
             layer.get_submodule(path).pack()
         ctx.info["masquant"] = {

@@ -44,14 +44,12 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
         if k > max_mlp_sparsity:
             k, capped = max_mlp_sparsity, True
         t = quantile(magnitudes[i]["gate_act"], k)
-        parent_path, _, child = path.rpartition(".")
-        parent = layer.get_submodule(parent_path)
-        act = getattr(parent, child)
+        act = layer.get_submodule(path)
         if isinstance(act, ThresholdedActivation):
             act.threshold = t
         else:
             act = ThresholdedActivation(act, t)
-            setattr(parent, child, act)
+            layer.set_submodule(path, act)
         act.sparse_prefill = prefill == "all"
         levels.append({"up": k, "down": k})
         thresholds.append(round(t, 6))

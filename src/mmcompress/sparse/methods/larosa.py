@@ -46,12 +46,6 @@ def make_sparse_linear(linear: nn.Module, selector: Selector | int, prefill: str
     return m
 
 
-def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = layer.get_submodule(parent_path) if parent_path else layer
-    setattr(parent, child, module)
-
-
 def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
     """Replace every reader by a Top-K ``SparseLinear`` with the plan's K (or update K in place)."""
     for i, layer in enumerate(adapter.layers):
@@ -64,7 +58,7 @@ def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "al
                 if isinstance(mod, SparseLinear) and mod.mode == "topk":
                     mod.keep = k
                 else:
-                    _set(layer, path, make_sparse_linear(mod, TopK(k), prefill))
+                    layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
 
 
 @torch.no_grad()
@@ -141,7 +135,7 @@ def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str =
             for path in g.readers:
                 mod = layer.get_submodule(path)
                 if prefill != "all":
-                    _set(layer, path, make_sparse_linear(mod, mod.selector, prefill))
+                    layer.set_submodule(path, make_sparse_linear(mod, mod.selector, prefill))
     return chosen
 
 

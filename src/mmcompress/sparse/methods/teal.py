@@ -36,7 +36,7 @@ from .. import plan as plans
 from ..merge import inner_layer
 from ..topk import Threshold, check_level
 from .base import SparseMethod, SparseOptions
-from .larosa import PREFILL_POLICIES, _set, make_sparse_linear
+from .larosa import PREFILL_POLICIES, make_sparse_linear
 
 
 class MagnitudeSampler(Method):
@@ -116,7 +116,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
             th[act] = t
             for path in g.readers:
                 mod = layer.get_submodule(path)
-                _set(layer, path, make_sparse_linear(mod, Threshold(t), prefill))
+                layer.set_submodule(path, make_sparse_linear(mod, Threshold(t), prefill))
         thresholds.append(th)
     levels = [{p: sparsity for p in sh.masses} for sh in shapes]
     chosen = plans.per_projection(shapes, levels, "uniform", sparsity)
@@ -175,7 +175,7 @@ class GreedyAllocation(Method):
                 masses[proj] = mod.weight.shape[0] * mod.weight.shape[1]
                 group_of[proj] = g.name
                 sparse = make_sparse_linear(mod, Threshold(0.0), "all")
-                _set(layer, path, sparse)
+                layer.set_submodule(path, sparse)
                 modules[proj] = (path, sparse)
 
         def apply(levels):
@@ -189,7 +189,7 @@ class GreedyAllocation(Method):
         for p, (path, sparse) in modules.items():
             final[p] = sparse.threshold
             if self.prefill != "all":  # rebuild with the requested prefill policy, same threshold
-                _set(layer, path, make_sparse_linear(sparse, sparse.selector, self.prefill))
+                layer.set_submodule(path, make_sparse_linear(sparse, sparse.selector, self.prefill))
         self.levels.append(dict(levels))
         self.thresholds.append(final)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},

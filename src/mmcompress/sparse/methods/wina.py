@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ... import options as opt
-from ...models.adapters import UnsupportedModelError
+from ...models.adapters import UnsupportedModelError, projection_name
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
@@ -40,7 +40,7 @@ from ...specs import register_sparse_module
 from .base import SparseMethod, SparseOptions
 from .larosa import TopKGreedy
 
-ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
+ROTATION_SOURCES = {"attn_in": "k", "mlp_in": "gate"}  # the projection whose SVD gives Q (published code)
 
 
 @register_sparse_module
@@ -105,7 +105,7 @@ def orthogonalize_block_inputs(adapter) -> None:
             norm = block_input_norm(layer, g)
             gamma = adapter.norm_scale(norm)
             readers = g.modules(layer)
-            src = next(m for p, m in zip(g.readers, readers) if p.endswith(source))
+            src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
             q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
             for lin in readers:
                 lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
@@ -138,10 +138,10 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     for i in range(len(adapter.layers)):  # hybrid decoders: linear-attention layers have other projections
         groups = {g.name: g.readers for g in adapter.layer_groups(i)}
         for gname, source in ROTATION_SOURCES.items():
-            if not any(p.endswith(source) for p in groups[gname]):
+            if not any(projection_name(p) == source for p in groups[gname]):
                 raise UnsupportedModelError(
                     f"WINA cannot sparsify {adapter.family}: decoder layer {i} ({', '.join(groups[gname])}) has no "
-                    f"{source}, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
+                    f"{source} projection, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
     if transform:
         orthogonalize_block_inputs(adapter)
     shapes = plans.layer_shapes(adapter)
