@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("sparse_gemv.cpp")
+HEADERS = Path(__file__).parent  # the headers every extension may include (share_work.h): on the include path
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-Wno-unused-function"]
 _LOCK = threading.Lock()
 _STATE: dict = {"loaded": False, "error": None, "warned": False}
@@ -42,11 +43,13 @@ def _cpu_signature() -> str:
 
 
 def extension_name(prefix: str, src: Path) -> str:
-    """``prefix_<hash>``: the hash covers the source, the flags, torch, Python and the CPU, so a build
-    made for another CPU or toolchain is never reused."""
+    """``prefix_<hash>``: the hash covers the source, the shared headers (:data:`HEADERS`), the flags,
+    torch, Python and the CPU, so a build made for another CPU or toolchain, or before a header changed,
+    is never reused."""
     h = hashlib.sha256()
-    for part in (src.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
-                 _cpu_signature().encode()):
+    headers = [p.read_bytes() for p in sorted(HEADERS.glob("*.h"))]
+    for part in (src.read_bytes(), *headers, " ".join(_FLAGS).encode(), torch.__version__.encode(),
+                 sys.version.encode(), _cpu_signature().encode()):
         h.update(part)
     return f"{prefix}_{h.hexdigest()[:12]}"
 
@@ -81,7 +84,8 @@ def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str 
             try:
                 (d / "lock").unlink(missing_ok=True)  # torch's FileBaton of a build that died
                 cpp_extension.load(name=name, sources=[str(src)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                   build_directory=str(d), verbose=verbose, is_python_module=False)
+                                   extra_include_paths=[str(HEADERS)], build_directory=str(d), verbose=verbose,
+                                   is_python_module=False)
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
         probe()
