@@ -45,7 +45,7 @@ import torch
 from ... import options as opt
 from ...engine import LayerContext, _to
 from ...models.adapters import feeds_qk
-from ...models.modality import TEXT, VIDEO, current_modality_ids, modality_context
+from ...models.modality import current_modality_ids, method_modalities, modality_context
 from ..linear import QuantLinear
 from ..quantizer import QuantScheme, _grouped, fake_quantize_activation, fake_quantize_weight
 from .base import (QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable,
@@ -148,7 +148,7 @@ class ScaleSearch(QuantMethod):
             parts = store[g.name] or [(torch.zeros(0, g.modules(ctx.layer)[0].in_features), torch.zeros(0))]
             x = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts]).long()
-            ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
+            ids = method_modalities(ids)
             counts = world.gather_ints(x.shape[0])  # tokens of each rank's block, in sample order
             total, offset = sum(counts), sum(counts[: world.rank])
             idx = torch.randperm(total, generator=rng)[: self.max_tokens] if total > self.max_tokens else torch.arange(total)
@@ -226,7 +226,7 @@ class ScaleSearch(QuantMethod):
                 tw = None
                 if ids is not None:
                     ids = ids.reshape(-1).long()
-                    tw = self.token_weights(torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids))
+                    tw = self.token_weights(method_modalities(ids))
                 err += float((d * tw.to(d.device)).sum() if tw is not None and tw.shape == d.shape else d.sum())
         finally:
             for path, lin in zip(readers, originals):

@@ -95,22 +95,32 @@ def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str 
         return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 
+def load_extension(state: dict, name, src: Path, probe, verbose: bool = False, why_not=None) -> bool:
+    """Build and load an extension once per process (thread-safe); ``state["loaded"]``, or the one-line
+    reason it is not in ``state["error"]``.  ``name()`` is its build name (:func:`extension_name`);
+    ``why_not()`` a reason not to try (``None``: try), checked after ``MMCOMPRESS_NO_CPU_KERNEL``."""
+    if state["loaded"] or state["error"] is not None:
+        return state["loaded"]
+    with _LOCK:
+        if state["loaded"] or state["error"] is not None:
+            return state["loaded"]
+        reason = "disabled by MMCOMPRESS_NO_CPU_KERNEL" if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL") else \
+            why_not() if why_not is not None else None
+        state["error"] = reason or compile_and_load(name(), src, probe, verbose)
+        state["loaded"] = state["error"] is None
+    return state["loaded"]
+
+
+def warn_once(state: dict, message: str) -> None:
+    """``message`` as a :class:`RuntimeWarning`, the first time only (``state["warned"]``)."""
+    if not state["warned"]:
+        state["warned"] = True
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the extension; ``True`` if ``torch.ops.mmcompress_sparse`` is usable."""
-    if _STATE["loaded"]:
-        return True
-    if _STATE["error"] is not None:
-        return False
-    with _LOCK:
-        if _STATE["loaded"] or _STATE["error"] is not None:
-            return _STATE["loaded"]
-        if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL"):
-            _STATE["error"] = "disabled by MMCOMPRESS_NO_CPU_KERNEL"
-            return False
-        _STATE["error"] = compile_and_load(build_name(), _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv,
-                                           verbose)
-        _STATE["loaded"] = _STATE["error"] is None
-    return _STATE["loaded"]
+    return load_extension(_STATE, build_name, _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv, verbose)
 
 
 def available() -> bool:
@@ -122,11 +132,9 @@ def error() -> str | None:
 
 
 def warn_fallback() -> None:
-    if not _STATE["warned"]:
-        _STATE["warned"] = True
-        warnings.warn(f"mmcompress: the C++ sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
+    warn_once(_STATE, f"mmcompress: the C++ sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
                       "sparse path (correct, but slower than dense). Install a C++ compiler (g++) and the Python "
-                      "headers to enable it.", RuntimeWarning, stacklevel=3)
+                      "headers to enable it.")
 
 
 def ops():
