@@ -179,3 +179,16 @@ def test_methods_sharing_a_flag_agree_on_its_type():
             for f in dataclasses.fields(cls.Options):
                 seen.setdefault(flag_of(f), set()).add(f.name)
         assert all(len(names) == 1 for names in seen.values()), seen
+
+
+def test_the_artifact_json_of_a_sparsify_run_has_every_option(tokenizer):
+    from mmcompress.sparse.api import sparsify
+
+    from .conftest import text_samples, tiny_model
+
+    model, tok = tiny_model("llama", tokenizer=tokenizer, layers=2)
+    sparsify(model, text_samples(tok, n=2), "cats", 0.2, max_mlp_sparsity=0.5, progress=False)
+    method = model._mmcompress_description["method"]
+    config = make_sparse_method("cats", sparsity=0.2, max_mlp_sparsity=0.5).config()
+    assert {k: method[k] for k in config if k != "plan"} == {k: v for k, v in config.items() if k != "plan"}
+    assert method["max_mlp_sparsity"] == 0.5 and method["plan"] == "cats"  # the plan the run used, not its name
