@@ -50,8 +50,8 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                         "testbed-heldout; must not share samples with --calib) instead of the calibration samples")
     q.add_argument("--report-nsamples", type=int, default=16, help="samples of --report-calib (default 16)")
     q.add_argument("--whiten-calib", metavar="SPEC",
-                     help="MASQuant: whiten CMC with this separate set (e.g. testbed-whiten: image-only and "
-                          "audio-only samples, as the paper) instead of the calibration set's tokens")
+                   help="MASQuant: whiten CMC with this separate set (e.g. testbed-whiten: image-only and "
+                        "audio-only samples, as the paper) instead of the calibration set's tokens")
     q.add_argument("--whiten-nsamples", type=int, default=128, help="samples of --whiten-calib (default 128)")
     q.add_argument("--dtype", default="auto",
                    help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")

@@ -300,7 +300,13 @@ def check_divergence(v):
 
 
 def parse_divergence(text: str):
-    return text if text in ("free", "cmc") else int(text)
+    """The flag's text: ``free``, ``cmc`` or a channel count."""
+    if text in ("free", "cmc"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected free, cmc or a channel count, got {text!r}") from None
 
 
 @dataclass(frozen=True)
