@@ -141,7 +141,7 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
             if not any(projection_name(p) == source for p in groups[gname]):
                 raise UnsupportedModelError(
                     f"WINA cannot sparsify {adapter.family}: decoder layer {i} ({', '.join(groups[gname])}) has no "
-                    f"{source} projection, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
+                    f"{source}_proj, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
     if transform:
         orthogonalize_block_inputs(adapter)
     shapes = plans.layer_shapes(adapter)
