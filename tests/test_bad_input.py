@@ -318,7 +318,8 @@ def test_recipe_options_use_the_cli_messages(tmp_path, calib_text, capsys):
         return err[0]
 
     err = compress({"quantize": {"method": "masquant", "bogus_opt": 1}})
-    assert "recipe step 2 (masquant): unknown option 'bogus_opt' (known: " in err and "epochs" in err
+    assert "recipe step 2 (masquant): unknown option 'bogus_opt' for method masquant; valid: alpha, " in err
+    assert "epochs" in err
     for key, value, cli in [("epochs", -1, "--epochs"), ("lr", float("nan"), "--lr"), ("cmc_bits", 1, "--cmc-bits"),
                             ("rank", -2.0, "--rank")]:
         err = compress({"quantize": {"method": "masquant", key: value}})
@@ -330,4 +331,9 @@ def test_recipe_options_use_the_cli_messages(tmp_path, calib_text, capsys):
     err = compress({"sparsify": {"method": "larosa", "sparsity": 1.5}})
     assert "recipe step 2 (larosa): sparsity must be a finite number in [0, 1)" in err
     err = compress({"sparsify": {"method": "cats", "mode": "reference"}})
-    assert "recipe step 2 (cats): unknown option 'mode'" in err
+    assert "recipe step 2 (cats): unknown option 'mode' for method cats; valid: " in err
+    main(["sparsify", str(tmp_path / "missing-model"), "--method", "cats", "--sparsity", "0.3", "--mode", "reference",
+          "--calib", str(calib_text), "--output", str(tmp_path / "out")])
+    cli_err = capsys.readouterr().err.strip()  # the same message, under the flags' names
+    assert "error: unknown option --mode for method cats; valid: --max-mlp-sparsity, --plan, --prefill, --sparsity" \
+        in cli_err, cli_err

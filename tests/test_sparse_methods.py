@@ -100,8 +100,9 @@ def test_selectors():
 
 def test_registry_options_are_the_recipe_and_api_checks(tokenizer):
     assert set(SPARSE_METHODS) == {"larosa", "teal", "cats", "wina"}
-    assert make_sparse_method("teal", sparsity=0.3, mode="merged").config() == {"method": "teal", "sparsity": 0.3}
-    with pytest.raises(OptionError, match="unknown option 'mode'"):
+    assert make_sparse_method("teal", sparsity=0.3, mode="merged").config() == {"method": "teal", "sparsity": 0.3,
+                                                                              "prefill": "all", "plan": "uniform"}
+    with pytest.raises(OptionError, match="unknown option 'mode' for method teal; valid: plan, prefill, sparsity"):
         make_sparse_method("teal", mode="reference")
     with pytest.raises(RecipeError, match=r"recipe step 1 \(cats\): plan must be one of exact, uniform"):
         parse_recipe({"steps": [{"sparsify": {"method": "cats", "plan": "greedy"}}]})

@@ -294,15 +294,13 @@ def _joint_layer(layer: nn.Module, sparsity: float, scheme: str, backend: str) -
     _sparsify_layer(layer, sparsity, "torch")
     sch = resolve_scheme(scheme)
     for path in _PROJ:
-        parent_name, attr = path.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        q = QuantLinear.from_linear(getattr(parent, attr), sch).pack()
+        q = QuantLinear.from_linear(layer.get_submodule(path), sch).pack()
         why = SparseInt8Linear.eligible(q)
         if why is not None:
             raise ValueError(f"--scheme {scheme}: no sparse integer kernel ({why})")
         m = SparseInt8Linear.from_quant_linear(q)
         m.backend = backend
-        setattr(parent, attr, m)
+        layer.set_submodule(path, m)
     return layer
 
 

@@ -69,8 +69,8 @@ def parse_recipe(data, source="recipe") -> list[dict]:
 
 
 def _check_step(kind: str, opts: dict, where: str) -> dict:
-    """Validate a step's options with the method's own option table (the CLI's checks and messages)."""
-    from .options import OptionError, check_options
+    """Validate a step's options with the method's ``Options`` (the CLI's checks and messages)."""
+    from .options import OptionError
     from .quant.methods import QUANT_METHODS
     from .quant.quantizer import resolve_scheme
     from .sparse.methods import SPARSE_METHODS
@@ -88,16 +88,16 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     if not isinstance(method, str) or method.lower() not in tables:
         raise RecipeError(f"{where} ({kind}): unknown method {method!r}; choose one of {', '.join(sorted(tables))}")
     method = method.lower()
-    table = tables[method].OPTIONS
     if kind == "quantize" and "scheme" in opts:
         try:
             resolve_scheme(opts["scheme"])
         except (ValueError, AttributeError) as e:
             raise RecipeError(f"{where} ({method}): scheme {e}") from None
     try:
-        checked = check_options(table, {k: v for k, v in opts.items() if not (kind == "quantize" and k == "scheme")})
+        checked = tables[method].Options.check({k: v for k, v in opts.items() if not (kind == "quantize" and k == "scheme")},
+                                               method)
     except OptionError as e:
-        raise RecipeError(f"{where} ({method}): {e.message(e.key)}") from None
+        raise RecipeError(f"{where} ({method}): {e}") from None
     return {"method": method, **opts, **checked, **({"adapters": adapters} if adapters is not None else {})}
 
 

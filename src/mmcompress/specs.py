@@ -53,9 +53,7 @@ def apply_specs(root: nn.Module, specs: dict[str, dict], device=None) -> None:
     the path (e.g. a decoder layer plus a residual adapter) instead of building one from scratch."""
     for path, spec in specs.items():
         cls = module_class(spec["class"])
-        parent_path, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
         if hasattr(cls, "from_spec_wrapping"):  # a wrapper around the module already at `path`
-            setattr(parent, child, cls.from_spec_wrapping(spec, getattr(parent, child), device=device))
+            root.set_submodule(path, cls.from_spec_wrapping(spec, root.get_submodule(path), device=device))
         else:
-            setattr(parent, child, cls.from_spec(spec, device=device))
+            root.set_submodule(path, cls.from_spec(spec, device=device))

@@ -18,7 +18,7 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import named_set as _named_set, on_ranks, whole_model_notice
+from .common import add_method_flags, method_options, named_set as _named_set, on_ranks, whole_model_notice
 from ..plugins import commands as plugin_commands, import_optional
 
 EXIT_USAGE = 2
@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 def build_parser(argv=()) -> argparse.ArgumentParser:
     """The parser; a plugin's subcommand named in ``argv`` (:mod:`mmcompress.plugins`) gets its full parser."""
     from .. import __version__
+    from ..quant.methods import QUANT_METHODS
 
     parser = argparse.ArgumentParser(prog="mmcompress", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mmcompress {__version__}")
@@ -34,7 +35,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="post-training quantization of a local Hugging Face model")
     q.add_argument("model", help="local Hugging Face model directory")
-    q.add_argument("--method", default="rtn", help="rtn | smoothquant | awq | mbq | masquant")
+    q.add_argument("--method", default="rtn", help=" | ".join(QUANT_METHODS))
     q.add_argument("--scheme", default="w8a8", help="w8a8 | w4a8 | w4a6 | w4a16")
     q.add_argument("--wbits", type=int, help="override the scheme's weight bits (2..16)")
     q.add_argument("--abits", type=int, help="override the scheme's activation bits (2..16; 16 = off)")
@@ -42,40 +43,16 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric weight grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weight grid")
-    q.add_argument("--alpha", type=float, default=None, help="smoothing migration strength (default 0.5)")
-    mas = q.add_argument_group("MASQuant / MBQ options")
-    mas.add_argument("--epochs", type=int, help="MASQuant training epochs per layer (default 2)")
-    mas.add_argument("--lr", type=float, help="MASQuant learning rate (default 5e-2)")
-    mas.add_argument("--loss-weights", help="modality loss weights: auto (gradient ratios), scripted, uniform, "
-                                            "omni-3b, vl-3b, or image=0.15,audio=0.55")
-    mas.add_argument("--cmc", choices=["whitened", "plain", "none", "split"],
-                     help="MASQuant cross-modal compensation (default whitened; split = one weight per modality)")
-    mas.add_argument("--rank", type=float, help="CMC rank: ratio of min(in, out) if <= 1, else absolute (default 0.05)")
-    mas.add_argument("--rank-floor", type=int, help="smallest CMC rank (default 32)")
-    mas.add_argument("--cmc-target", choices=["fp", "quantized"], help="CMC target weight (default fp)")
-    mas.add_argument("--cmc-bits", type=int, help="quantize the CMC factors to this many bits (default 16 = off)")
-    mas.add_argument("--tie", action="store_true", default=None, help="tie q/k/v and gate/up vectors per modality")
-    mas.add_argument("--train-samples", type=int, help="train on at most this many calibration samples")
-    mas.add_argument("--divergence", type=_divergence_arg,
-                     help="MASQuant: channels on which a non-text smoothing vector may differ from the text one: "
-                          "free (the paper), cmc (at most the CMC rank, so CMC can represent the difference), or N")
-    q.add_argument("--runtime-smoothing", action="store_true", default=None,
-                   help="SmoothQuant: also smooth groups that cannot be folded (o_proj under GQA) with a run-time "
-                        "division (not exportable)")
-    q.add_argument("--search-loss", dest="loss", choices=["block", "linear"],
-                   help="AWQ/MBQ scale search scored on the output of the block the group feeds (AWQ's default) "
-                        "or of the group's linears (MBQ's default)")
-    q.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="AWQ/MBQ weight-clipping search (AWQ's default: on; MBQ's: off)")
+    add_method_flags(q, QUANT_METHODS)
     q.add_argument("--report", help="write per-modality diagnostics (JSON + PNG plot) into this directory")
     q.add_argument("--report-calib", metavar="SPEC",
                    help="measure the --report diagnostics on this held-out set (a file or testbed name, e.g. "
                         "testbed-heldout; must not share samples with --calib) instead of the calibration samples")
     q.add_argument("--report-nsamples", type=int, default=16, help="samples of --report-calib (default 16)")
-    mas.add_argument("--whiten-calib", metavar="SPEC",
-                     help="MASQuant: whiten CMC with this separate set (e.g. testbed-whiten: image-only and "
-                          "audio-only samples, as the paper) instead of the calibration set's tokens")
-    mas.add_argument("--whiten-nsamples", type=int, default=128, help="samples of --whiten-calib (default 128)")
+    q.add_argument("--whiten-calib", metavar="SPEC",
+                   help="MASQuant: whiten CMC with this separate set (e.g. testbed-whiten: image-only and "
+                        "audio-only samples, as the paper) instead of the calibration set's tokens")
+    q.add_argument("--whiten-nsamples", type=int, default=128, help="samples of --whiten-calib (default 128)")
     q.add_argument("--dtype", default="auto",
                    help="dtype to load the model in: auto (the checkpoint's, from config.json), float32, bfloat16, float16")
     _add_calib(q, required=False)
@@ -155,51 +132,14 @@ def _plugins():
 # -- quantize ----------------------------------------------------------------------------------
 
 
-_OPTION_FLAGS = {"alpha": "--alpha", "epochs": "--epochs", "lr": "--lr", "loss_weights": "--loss-weights",
-                 "cmc": "--cmc", "rank": "--rank", "rank_floor": "--rank-floor", "cmc_target": "--cmc-target",
-                 "cmc_bits": "--cmc-bits", "tie": "--tie", "train_samples": "--train-samples",
-                 "runtime_smoothing": "--runtime-smoothing", "divergence": "--divergence",
-                 "loss": "--search-loss", "clip": "--clip"}
-
-
-def _divergence_arg(value: str):
-    if value in ("free", "cmc"):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected free, cmc or a channel count, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"channel count must be >= 0, got {n}")
-    return n
-
-
 def _method_options(args) -> dict:
-    """Method keyword options from the CLI, validated by the method's option table (the same
-    checks and messages as recipe steps); an option the method does not take is an error."""
-    from ..options import OptionError, check_options
+    """The method flags given, as the options of ``--method`` (the recipe's checks and messages)."""
     from ..quant.methods import QUANT_METHODS
 
-    cls = QUANT_METHODS.get(args.method.lower())
-    if cls is None:
+    method = args.method.lower()
+    if method not in QUANT_METHODS:
         raise CLIError(f"unknown quantization method {args.method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    options = {}
-    for key, flag in _OPTION_FLAGS.items():
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        if key not in cls.OPTIONS:
-            raise CLIError(f"{flag} does not apply to --method {args.method}")
-        if key == "loss_weights" and "=" in value:
-            try:
-                value = {k.strip(): float(v) for k, v in (item.split("=") for item in value.split(","))}
-            except ValueError:
-                raise CLIError(f"--loss-weights: expected e.g. image=0.15,audio=0.55, got {value!r}") from None
-        options[key] = value
-    try:
-        return check_options(cls.OPTIONS, options)
-    except OptionError as e:
-        raise CLIError(e.message(_OPTION_FLAGS.get(e.key, e.key))) from None
+    return method_options(args, QUANT_METHODS, method)
 
 
 def _check_counts(args, **minimum) -> None:

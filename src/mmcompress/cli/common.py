@@ -1,4 +1,5 @@
-"""What the subcommands share: the one-line error, the common arguments, and ``--calib`` / named sets.
+"""What the subcommands share: the one-line error, the common arguments, ``--calib`` / named sets, and the
+method flags generated from the methods' options (:func:`add_method_flags`, :func:`method_options`).
 
 Subcommand modules (``sparse/cli.py``, ``export/cli.py``, ``bench_cli.py``, ...) import these; the
 parser itself is :func:`mmcompress.cli.build_parser`.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import fields
 from pathlib import Path
+
+from ..options import OptionError, flag_of
 
 
 class CLIError(Exception):
@@ -119,3 +123,104 @@ def whole_model_notice(command: str, why: str) -> None:
     import sys
 
     print(f"mmcompress {command}: notice: loading the whole model into memory (not streamed: {why})", file=sys.stderr)
+
+
+# -- method flags, generated from the methods' Options --------------------------------------------------
+
+
+def method_flags(methods: dict) -> dict[str, list]:
+    """``{flag: [(method, field), ...]}``: every command-line option of ``methods`` (``{name: class}``,
+    each class with an ``Options`` dataclass), with the methods that take it, in registry order."""
+    out: dict[str, list] = {}
+    for name, cls in methods.items():
+        for f in fields(cls.Options):
+            if f.metadata.get("cli", True):
+                out.setdefault(flag_of(f), []).append((name, f))
+    return out
+
+
+def add_method_flags(parser: argparse.ArgumentParser, methods: dict, title: str = "method options") -> None:
+    """One flag per option of ``methods`` (:func:`method_flags`); a flag several methods take is one flag
+    (their defaults are in its help).  Not given, a flag is ``None``: the method's default applies."""
+    group = parser.add_argument_group(title, "each flag is the recipe key of the same name (dashes become "
+                                             "underscores); a flag --method does not take is an error")
+    for flag, uses in method_flags(methods).items():
+        group.add_argument(flag, **_flag_arguments(flag, uses, len(methods)))
+
+
+def _flag_type(f):
+    parse = f.metadata.get("parse")
+    return parse if parse is not None else type(f.default)
+
+
+def _flag_arguments(flag: str, uses: list, n_methods: int) -> dict:
+    f = uses[0][1]
+    if len({u.name for _, u in uses}) > 1 or len({_flag_type(u) for _, u in uses}) > 1:
+        raise TypeError(f"{flag}: the methods {', '.join(m for m, _ in uses)} disagree on its option's name or type")
+    kw = {"dest": f.name, "default": None, "help": _flag_help(uses, n_methods),
+          "required": all(u.metadata.get("required") for _, u in uses)}
+    if _flag_type(f) is bool:
+        return {**kw, "action": argparse.BooleanOptionalAction}
+    kw["type"] = _parse_flag(_flag_type(f))
+    checks = [u.metadata["check"] for _, u in uses]
+    if all(hasattr(c, "values") for c in checks):
+        kw["choices"] = list(dict.fromkeys(v for c in checks for v in c.values))
+    return kw
+
+
+def _parse_flag(parse):
+    def run(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e) if parse not in (int, float) else
+                                             f"expected {'an integer' if parse is int else 'a number'}, got {text!r}")
+    run.__name__ = getattr(parse, "__name__", "value")
+    return run
+
+
+def _flag_help(uses: list, n_methods: int) -> str:
+    """The fields' help, once per distinct text, with the methods that take it when not all do and
+    their defaults."""
+    def shown(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+    by_help: dict[str, list] = {}
+    for m, f in uses:
+        by_help.setdefault(f.metadata.get("help", ""), []).append((m, f.default))
+    parts = []
+    for text, ms in by_help.items():
+        defaults = {repr(d) for _, d in ms}
+        if len(defaults) == 1:
+            d = ms[0][1]
+            default = "" if d is None or all(f.metadata.get("required") for _, f in uses) else f" (default {shown(d)})"
+        else:
+            default = " (default " + "; ".join(f"{m} {shown(d)}" for m, d in ms) + ")"
+        who = "" if len(by_help) == 1 and len(uses) == n_methods else ", ".join(m for m, _ in ms) + ": "
+        parts.append(f"{who}{text}{default}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def method_options(args, methods: dict, method: str) -> dict:
+    """The method flags given in ``args`` as the options of ``method`` (a key of ``methods``), checked
+    by its ``Options``: a flag it does not take, or a bad value, is a :class:`CLIError` with the
+    recipe's message (the flag in place of the key)."""
+    flags = method_flags(methods)
+    own = {f.name for f in fields(methods[method].Options)}
+    valid = tuple(sorted(flag for flag, uses in flags.items() if any(m == method for m, _ in uses)))
+    flag_of_key = {uses[0][1].name: flag for flag, uses in flags.items()}
+    given = {}
+    for flag, uses in flags.items():
+        key = uses[0][1].name
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in own:
+            raise CLIError(OptionError(key, "", known=(), method=method).message(flag, valid))
+        given[key] = value
+    try:
+        return methods[method].Options.check(given, method)
+    except OptionError as e:
+        raise CLIError(e.message(flag_of_key.get(e.key, e.key), valid)) from None

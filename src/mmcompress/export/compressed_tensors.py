@@ -528,8 +528,7 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
     kind, fmt = report["vllm_row"], report["compression_format"]
     ct_scheme = _ct_scheme(scheme, kind)
     for name, st in states.items():  # swap QuantLinear -> nn.Linear (+ qparams)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _to_ct_linear(st, ct_scheme))
+        model.set_submodule(name, _to_ct_linear(st, ct_scheme))
     unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in states]
     ignore = _checkpoint_names(model, unquantized)
     qconfig = QuantizationConfig(config_groups={"group_0": ct_scheme}, format=fmt, ignore=ignore,

@@ -210,6 +210,21 @@ class ModelAdapter:
         norm.weight.data.copy_((gamma - self.norm_offset).to(norm.weight.dtype))
 
 
+# -- reader names ------------------------------------------------------------------------------------
+
+
+def projection_name(path: str) -> str:
+    """The projection a group's reader is, in the methods' and plans' vocabulary: ``self_attn.q_proj`` ->
+    ``q``, ``mlp.experts.3.down_proj`` -> ``down`` (a name without ``_proj`` stays: ``in_proj_qkv``)."""
+    return path.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+def feeds_qk(path: str) -> bool:
+    """Does the output of this reader enter the attention's q·k product (q, k, a fused qkv)?"""
+    name = projection_name(path).lower()
+    return name.startswith(("q", "k")) or any(t in name for t in ("qkv", "query", "key"))
+
+
 # -- declarative pieces ------------------------------------------------------------------------------
 
 def attention_groups(attn: str = "self_attn", norm: str = "input_layernorm", qkv=("q_proj", "k_proj", "v_proj"),

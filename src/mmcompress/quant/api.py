@@ -12,14 +12,13 @@ from .quantizer import QuantScheme, resolve_scheme
 
 
 def make_method(method: str, scheme: QuantScheme, **options):
-    from ..options import check_options
+    """The registered method ``method`` with ``options`` (checked by its ``Options``)."""
     from .methods import QUANT_METHODS
 
     name = method.lower()
     if name not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(sorted(QUANT_METHODS))}")
-    cls = QUANT_METHODS[name]
-    return cls(scheme, **check_options(cls.OPTIONS, options))
+    return QUANT_METHODS[name](scheme, **options)
 
 
 def _as_set(samples, what: str) -> CalibrationSet:

@@ -32,9 +32,7 @@ def _tensor_bytes(mods) -> int:
 @torch.no_grad()
 def _quantize_layer(layer: nn.Module, scheme) -> nn.Module:
     for path in _PROJ:
-        parent_name, attr = path.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        setattr(parent, attr, IntLinear(QuantLinear.from_linear(getattr(parent, attr), scheme).pack()))
+        layer.set_submodule(path, IntLinear(QuantLinear.from_linear(layer.get_submodule(path), scheme).pack()))
     return layer
 
 

@@ -25,11 +25,10 @@ import sys
 import torch
 from torch import nn
 
-from ..models.modality import current_modality_ids
 from ..sparse.joint import deploy as deploy_sparse  # Top-K + W8A8 on the sparse int8 kernel (CPU)
 from ..specs import register_quant_module
 from . import kernels
-from .linear import QuantLinear, smooth
+from .linear import QuantLinear, weight_input
 from .methods.masquant import MASLinear, cmc_correction
 from .quantizer import QuantScheme
 
@@ -58,10 +57,7 @@ class IntLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = current_modality_ids()
-        if self.input_sparsifier is not None:
-            x = self.input_sparsifier.sparsify(x)
-        xs = smooth(x, self.input_smoothing, ids)
+        xs, ids = weight_input(self, x)
         y = kernels.int_matmul(xs.reshape(-1, self.in_features), self.weight_codes, self.weight_scale,
                                self.weight_zero, self.scheme, self.in_features)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -125,8 +121,7 @@ def deploy(model: nn.Module, runtime: str = "int", *, quiet: bool = False) -> nn
             else:
                 swaps.append((name, cls(mod)))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     if kept and not quiet:
         print("mmcompress: reference (fake-quant) forward for "
               + "; ".join(f"{n} layer(s) ({why})" for why, n in kept.items()), file=sys.stderr)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_write, atomic_write_text
-from ..models.modality import MODALITY_NAMES, TEXT, VIDEO, ids_of_tokens
+from ..models.modality import MODALITY_NAMES, TEXT, ids_of_tokens, method_modalities
 
 
 def _sqnr(signal: float, noise: float) -> float | None:
@@ -80,7 +80,7 @@ class _Acc:
 
 def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
     ids = ids.reshape(-1).long()
-    return torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
+    return method_modalities(ids)
 
 
 class Diagnostics:

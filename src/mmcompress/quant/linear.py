@@ -48,6 +48,16 @@ def smooth(x: torch.Tensor, s: torch.Tensor | None, ids: torch.Tensor | None) ->
     return x / s.to(x.dtype)[modality_rows(ids, s.shape[0])]
 
 
+def weight_input(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the weight of a quantized linear ``mod`` (reference or deployed) reads, and the tokens'
+    modality ids: ``x`` through its input sparsifier (Top-K, if any), then ``x / s_m`` with the row of
+    ``input_smoothing`` selected per token by its modality id."""
+    ids = current_modality_ids()
+    if mod.input_sparsifier is not None:
+        x = mod.input_sparsifier.sparsify(x)
+    return smooth(x, mod.input_smoothing, ids), ids
+
+
 @register_quant_module
 class QuantLinear(nn.Module):
     """A linear layer with fake-quantized weights and per-token quantized inputs."""
@@ -184,19 +194,12 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     # -- forward -------------------------------------------------------------------------------
-    def smooth_input(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """``x / s_m`` with the row of ``input_smoothing`` selected per token by its modality id."""
-        return smooth(x, self.input_smoothing, ids)
-
     def correction(self, x_smoothed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
         """A method's extra per-modality term added to the output (MASQuant's CMC); none here."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = current_modality_ids()
-        if self.input_sparsifier is not None:
-            x = self.input_sparsifier.sparsify(x)
-        xs = self.smooth_input(x, ids)
+        xs, ids = weight_input(self, x)
         xq = fake_quantize_activation(xs, self.scheme.abits)
         y = torch.nn.functional.linear(xq, self.quantized_weight(), self.bias)
         extra = self.correction(xs, ids)

@@ -96,8 +96,7 @@ def densify(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             lin.bias = nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
         swaps.append((name, lin))
     for name, new in swaps:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     return model.to(dtype).eval()
 
 

@@ -21,9 +21,7 @@ def dense_kernel_layer(layer: nn.Module, sparsity: float, backend: str, paths=PR
     """Replace the projections at ``paths`` by ``SparseLinear`` in the kernel's layout keeping
     ``1 - sparsity`` of the input channels (0.0: our dense GEMV), in place, one weight copy each."""
     for path in paths:
-        parent_name, attr = path.rsplit(".", 1)
-        parent = layer.get_submodule(parent_name)
-        lin = getattr(parent, attr)
+        lin = layer.get_submodule(path)
         sl = SparseLinear(lin.in_features, lin.out_features, lin.bias is not None,
                           keep_count(lin.in_features, sparsity), dtype=lin.weight.dtype, device="meta")
         sl.weight = nn.Parameter(lin.weight.data.t().contiguous().t(), requires_grad=False)  # WT layout
@@ -31,7 +29,7 @@ def dense_kernel_layer(layer: nn.Module, sparsity: float, backend: str, paths=PR
             sl.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         sl.set_backend(backend)
         sl.sparse_prefill = False
-        setattr(parent, attr, sl)
+        layer.set_submodule(path, sl)
     return layer
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .. import finite
 from ..data.calibration import CalibrationError, CalibrationSet
 from ..models.adapters import UnsupportedModelError, get_adapter
+from ..options import option_table
 from . import plan as plans
 from .merge import ThresholdedActivation, inner_layer
 from .methods import SPARSE_METHODS
@@ -30,7 +31,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     """Sparsify ``model`` in place and return it (see module docstring).
 
     ``method``: a name of :data:`~.methods.SPARSE_METHODS`; ``sparsity`` and the other options are
-    checked against its ``OPTIONS`` (``None``: the method's default).
+    checked by its ``Options`` (``None``: the method's default).
     ``plan``: LaRoSA ``exact`` (default) | ``uniform`` (reference 0.8/1.2 split) | ``grid`` | ``greedy``;
     TEAL ``uniform`` (default) | ``greedy``; WINA ``uniform`` | ``greedy``; CATS has none.
     ``mode`` (LaRoSA only): ``merged`` | ``reference``.
@@ -59,7 +60,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     finite.check_module(model, f"the {m.name} result")
     model._mmcompress_description = {
         "kind": "activation_sparsity",
-        "method": info,
+        "method": {**m.config(), **info},  # every option (Options), then what the run chose and achieved
         "calibration": calib.summary(adapter.modality_token_ids),
         "seconds": round(time.time() - t0, 2),
     }
@@ -68,14 +69,14 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
 
 
 def make_sparse_method(method: str, **options) -> SparseMethod:
-    """The registered method ``method`` with ``options`` checked against its ``OPTIONS`` (``None``
+    """The registered method ``method`` with ``options`` checked by its ``Options`` (``None``
     values are left to the method's defaults; ``mode="merged"`` is ignored by methods without modes)."""
     name = method.lower()
     if name not in SPARSE_METHODS:
         raise ValueError(f"unknown sparsity method {method!r}; choose one of {', '.join(SPARSE_METHODS)}")
     cls = SPARSE_METHODS[name]
     options = {k: v for k, v in options.items() if v is not None}
-    if "mode" not in cls.OPTIONS and options.get("mode") == "merged":
+    if "mode" not in option_table(cls.Options) and options.get("mode") == "merged":
         del options["mode"]
     return cls(**options)
 

@@ -196,8 +196,7 @@ def deploy(model: nn.Module, backend: str = "auto") -> tuple[int, int]:
             continue
         new = SparseInt8Linear.from_quant_linear(mod)
         new.backend = backend
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
         done += 1
     _linear._SELECTION.clear()
     return done, left

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..models.adapters import projection_name  # the adapter's names of the readers (plans.projection_name)
 from .merge import inner_layer
 from .topk import check_level, keep_count
 
@@ -32,11 +33,6 @@ READERS_OF = {"h1": ("q", "k", "v"), "h2": ("o",), "h3": ("gate", "up"), "h4": (
 GROUP_ACTIVATION = {"attn_in": "h1", "attn_out": "h2", "mlp_in": "h3", "mlp_out": "h4"}
 MAX_LEVEL = 0.99
 GRID_RATIOS = (0.5, 0.65, 0.8, 0.9, 1.0, 1.1)
-
-
-def projection_name(path: str) -> str:
-    """``self_attn.q_proj`` -> ``q``."""
-    return path.rsplit(".", 1)[-1].removesuffix("_proj")
 
 
 @dataclass

@@ -8,17 +8,14 @@ AVX-512 VNNI or the build fails.
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import torch
 
-from ...sparse.kernels.cpu import _cpu_signature, compile_and_load, extension_name
+from ...sparse.kernels.cpu import _cpu_signature, extension_name, load_extension
 
 _SRC = Path(__file__).with_name("int_gemm.cpp")
 _NEEDED = ("avx512f", "avx512bw", "avx512_vnni")
-_LOCK = threading.Lock()
 _STATE: dict = {"loaded": False, "error": None}
 
 
@@ -34,20 +31,8 @@ def _cpu_has_vnni() -> bool:
 
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the extension; ``True`` if ``torch.ops.mmcompress_int`` is usable."""
-    if _STATE["loaded"] or _STATE["error"] is not None:
-        return _STATE["loaded"]
-    with _LOCK:
-        if _STATE["loaded"] or _STATE["error"] is not None:
-            return _STATE["loaded"]
-        if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL"):
-            _STATE["error"] = "disabled by MMCOMPRESS_NO_CPU_KERNEL"
-        elif not _cpu_has_vnni():
-            _STATE["error"] = "this CPU lacks AVX-512 VNNI"
-        else:
-            _STATE["error"] = compile_and_load(build_name(), _SRC, lambda: torch.ops.mmcompress_int.int8_act_gemm,
-                                               verbose)
-            _STATE["loaded"] = _STATE["error"] is None
-    return _STATE["loaded"]
+    return load_extension(_STATE, build_name, _SRC, lambda: torch.ops.mmcompress_int.int8_act_gemm, verbose,
+                          why_not=lambda: None if _cpu_has_vnni() else "this CPU lacks AVX-512 VNNI")
 
 
 def available() -> bool:

@@ -30,7 +30,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include <atomic>
+#include "share_work.h"
+
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -41,25 +42,7 @@
 
 namespace {
 
-// Work sharing: the threads of ATen's OpenMP team take units from an atomic counter (dynamic, so a
-// slow thread does not hold a fixed share).  Running on the OpenMP team matters: torch's own ops
-// between our calls leave its workers spin-waiting, and helpers from another pool would compete with
-// them for the same cores (measured 1.7x slower per call in a decode step on 2 cores).
-template <typename F>
-void share_work(int64_t nunits, const F& body) {
-  const int nt = std::max<int>(1, at::get_num_threads());
-  if (nt == 1 || nunits == 1) {
-    for (int64_t u = 0; u < nunits; ++u) body(u);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(nt, nunits), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < nunits;
-           u = next.fetch_add(1, std::memory_order_relaxed))
-        body(u);
-  });
-}
+using mmcompress::share_work;  // share_work.h: units handed out to ATen's OpenMP team
 
 constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
 

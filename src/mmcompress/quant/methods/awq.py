@@ -38,19 +38,36 @@ per-token weights of the loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ... import options as opt
 from ...engine import LayerContext, _to
-from ...models.modality import TEXT, VIDEO, current_modality_ids, modality_context
+from ...models.adapters import feeds_qk
+from ...models.modality import current_modality_ids, method_modalities, modality_context
 from ..linear import QuantLinear
 from ..quantizer import QuantScheme, _grouped, fake_quantize_activation, fake_quantize_weight
-from .base import (QuantMethod, apply_smoothing, quantize_layer_linears, replace_linear, smoothing_foldable,
+from .base import (QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable,
                    weight_column_absmax)
 
 ALL_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 BLOCK_ROLES = ("attn_in", "mlp_in")  # the groups whose loss is measured on the module they feed
 CLIP_TOKENS = 512  # the reference's n_sample_token
+
+
+@dataclass(frozen=True)
+class ScaleSearchOptions(opt.Options):
+    """The scale search's options; AWQ and MBQ differ in the defaults of ``loss`` and ``clip``."""
+
+    grid: int = opt.option(20, opt.integer(1), "scale search: grid points of the exponent α in [0, 1]")
+    max_tokens: int = opt.option(4096, opt.integer(1), "scale search: token subsample of the statistics, the "
+                                                       "linear loss and the clipping search")
+    seed: int = opt.option(0, opt.integer(), "seed of the token subsample", cli=False)  # --seed: calibration's
+    loss: str = opt.option("linear", opt.choice("block", "linear"),
+                           "scale search scored on the output of the block the group feeds or of its linears",
+                           flag="--search-loss")
+    clip: bool = opt.option(False, opt.boolean, "weight-clipping search")
 
 
 class ScaleSearch(QuantMethod):
@@ -59,20 +76,7 @@ class ScaleSearch(QuantMethod):
     groups = ALL_GROUPS
     distributed = True
     needs_fp_chain = True  # statistics and losses on the full-precision model's activations
-    default_loss, default_clip = "linear", False
-    OPTIONS = {"grid": opt.integer(1), "max_tokens": opt.integer(1), "seed": opt.integer(),
-               "loss": opt.choice("block", "linear"), "clip": opt.boolean}
-
-    def __init__(self, scheme: QuantScheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0,
-                 loss: str | None = None, clip: bool | None = None):
-        super().__init__(scheme)
-        self.grid, self.max_tokens, self.seed = int(grid), int(max_tokens), seed
-        self.loss = self.default_loss if loss is None else loss
-        self.clip = self.default_clip if clip is None else bool(clip)
-
-    def config(self) -> dict:
-        return {**super().config(), "grid": self.grid, "max_tokens": self.max_tokens, "loss": self.loss,
-                "clip": self.clip}
+    Options = ScaleSearchOptions
 
     # subclasses choose the scale family and the per-token loss weights
     def candidate(self, x_abs_mean, x_absmax, w_absmax, alpha: float) -> torch.Tensor:
@@ -144,7 +148,7 @@ class ScaleSearch(QuantMethod):
             parts = store[g.name] or [(torch.zeros(0, g.modules(ctx.layer)[0].in_features), torch.zeros(0))]
             x = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts]).long()
-            ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
+            ids = method_modalities(ids)
             counts = world.gather_ints(x.shape[0])  # tokens of each rank's block, in sample order
             total, offset = sum(counts), sum(counts[: world.rank])
             idx = torch.randperm(total, generator=rng)[: self.max_tokens] if total > self.max_tokens else torch.arange(total)
@@ -211,7 +215,7 @@ class ScaleSearch(QuantMethod):
                 q = QuantLinear.from_linear(lin, self.scheme, smoothing_rows=1)
                 q.weight.data.copy_((lin.weight.data.double() * s.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
                 q.input_smoothing.copy_(s.to(q.input_smoothing)[None, :])
-                replace_linear(layer, path, q)
+                layer.set_submodule(path, q)
             err = 0.0
             for args, kwargs, ids, ref in calls:
                 ids_dev = None if ids is None else ids.to(device)
@@ -222,11 +226,11 @@ class ScaleSearch(QuantMethod):
                 tw = None
                 if ids is not None:
                     ids = ids.reshape(-1).long()
-                    tw = self.token_weights(torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids))
+                    tw = self.token_weights(method_modalities(ids))
                 err += float((d * tw.to(d.device)).sum() if tw is not None and tw.shape == d.shape else d.sum())
         finally:
             for path, lin in zip(readers, originals):
-                replace_linear(layer, path, lin)
+                layer.set_submodule(path, lin)
         return err
 
     @torch.no_grad()
@@ -263,15 +267,9 @@ def _block_path(group) -> str:
     return ".".join(common)
 
 
-def _feeds_qk(path: str) -> bool:
-    """A linear whose output enters the q·k product (q, k, fused qkv): AWQ does not clip it."""
-    name = path.rsplit(".", 1)[-1].lower()
-    return name.startswith(("q", "k")) or any(t in name for t in ("qkv", "query", "key"))
-
-
 def _clip_readers(layer, group) -> list[str]:
-    if group.role == "attn_in" and any(_feeds_qk(p) for p in group.readers):
-        keep = [p for p in group.readers if not _feeds_qk(p)]
+    if group.role == "attn_in" and any(feeds_qk(p) for p in group.readers):  # AWQ does not clip q, k
+        keep = [p for p in group.readers if not feeds_qk(p)]
     else:
         keep = list(group.readers)
     return [p for p in keep if getattr(layer.get_submodule(p), "input_sparsifier", None) is None
@@ -328,6 +326,12 @@ def apply_clip(w: torch.Tensor, bound: torch.Tensor, group_size: int) -> torch.T
     return torch.maximum(torch.minimum(wg, b), -b).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
+@dataclass(frozen=True)
+class AWQOptions(ScaleSearchOptions):
+    loss: str = opt.override(ScaleSearchOptions, "loss", default="block")  # the reference's module2inspect
+    clip: bool = opt.override(ScaleSearchOptions, "clip", default=True)  # the reference's auto_clip
+
+
 class AWQ(ScaleSearch):
     name = "awq"
-    default_loss, default_clip = "block", True
+    Options = AWQOptions

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ... import options as opt
 from ...engine import Method
 from ...models.adapters import LinearGroup, ModelAdapter
 from ..linear import QuantLinear
@@ -12,23 +13,22 @@ from ..quantizer import QuantScheme
 
 
 class QuantMethod(Method):
-    """A quantization method: the scheme, plus the step that subclasses fill in.
+    """A quantization method: the scheme, its options, plus the step that subclasses fill in.
 
-    ``OPTIONS``: the keyword options of ``__init__`` with their validators (:mod:`mmcompress.options`);
-    :func:`~mmcompress.quant.api.make_method`, the CLI and recipes check options against it."""
+    ``Options``: the method's options dataclass (:class:`mmcompress.options.Options`); the CLI flags,
+    recipe keys, ``config()`` (the artifact's JSON and the resume fingerprint) come from its fields.
+    Each option is also an attribute of the method (``self.alpha``); ``self.options`` is the instance."""
 
-    OPTIONS: dict = {}
+    Options: type[opt.Options] = opt.NoOptions
 
-    def __init__(self, scheme: QuantScheme):
+    def __init__(self, scheme: QuantScheme, **options):
         self.scheme = scheme
+        self.options = self.Options.make(options, self.name)
+        vars(self).update(self.options.values())
 
     def config(self) -> dict:
-        return {"method": self.name, "scheme": self.scheme.to_dict()}
-
-
-def replace_linear(layer: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(layer.get_submodule(parent_path) if parent_path else layer, child, new)
+        """The method, the scheme and every option (so none can be left out of the JSON or the fingerprint)."""
+        return {"method": self.name, "scheme": self.scheme.to_dict(), **self.options.to_json()}
 
 
 def quantize_layer_linears(layer: nn.Module, adapter: ModelAdapter, scheme: QuantScheme, *, pack: bool = True) -> dict[str, QuantLinear]:
@@ -37,7 +37,7 @@ def quantize_layer_linears(layer: nn.Module, adapter: ModelAdapter, scheme: Quan
     for path in adapter.linear_names():
         mod = layer.get_submodule(path)
         q = mod if isinstance(mod, QuantLinear) else QuantLinear.from_linear(mod, scheme)
-        replace_linear(layer, path, q)
+        layer.set_submodule(path, q)
         if pack:
             q.pack()
         out[path] = q

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...models.modality import IMAGE_SPANS, TEXT, VIDEO, modality_ids, with_image_spans
+from ...models.modality import IMAGE_SPANS, TEXT, method_modalities, modality_ids, with_image_spans
 
 
 def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]:
@@ -67,7 +67,7 @@ def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]
             for sample in samples:
                 ids = with_image_spans(modality_ids(sample["input_ids"], adapter.modality_token_ids, decode=False),
                                        sample.get(IMAGE_SPANS)).reshape(-1)
-                ids = torch.where(ids == VIDEO, torch.full_like(ids, TEXT), ids)
+                ids = method_modalities(ids)
                 is_text = ids[1:] == TEXT
                 present = [m for m in ids.unique().tolist() if m != TEXT]
                 if not is_text.any() or not present:

@@ -73,7 +73,7 @@ from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modal
 from ...specs import register_quant_module
 from ..linear import QuantLinear, modality_rows
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
-from .base import QuantMethod, replace_linear, weight_column_absmax
+from .base import QuantMethod, weight_column_absmax
 from .smoothquant import smoothing_factors
 from .stats import collect_group_stats
 
@@ -258,8 +258,12 @@ def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: 
     return (u / sq[None, :]) @ p, s[:, None] * qh
 
 
+LOSS_WEIGHTS_HELP = ("modality loss weights λ: auto (gradient ratios), " + ", ".join(LOSS_WEIGHT_PRESETS)
+                     + ", or modality=weight pairs (image=0.15,audio=0.55)")
+
+
 def check_loss_weights(v):
-    """``auto``, a preset name, or ``{modality: weight}`` with finite weights >= 0."""
+    """``auto``, a preset name, or ``{modality: weight}`` with finite weights >= 0 (keys: modality names)."""
     if isinstance(v, str) and (v == "auto" or v in LOSS_WEIGHT_PRESETS):
         return v
     if isinstance(v, dict) and v:
@@ -267,8 +271,18 @@ def check_loss_weights(v):
             _mod_id(k)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"must give finite weights >= 0, got {k}={w!r}")
-        return dict(v)
+        return {MODALITY_NAMES[_mod_id(k)]: w for k, w in v.items()}
     raise ValueError(f"must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or modality=weight pairs, got {v!r}")
+
+
+def parse_loss_weights(text: str):
+    """The flag's text: a name, or ``image=0.15,audio=0.55``."""
+    if "=" not in text:
+        return text
+    try:
+        return {k.strip(): float(w) for k, w in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"expected e.g. image=0.15,audio=0.55, got {text!r}") from None
 
 
 def check_rank(v):
@@ -285,26 +299,39 @@ def check_divergence(v):
     return v
 
 
+def parse_divergence(text: str):
+    """The flag's text: ``free``, ``cmc`` or a channel count."""
+    if text in ("free", "cmc"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected free, cmc or a channel count, got {text!r}") from None
+
+
 @dataclass(frozen=True)
-class MASQuantOptions:
+class MASQuantOptions(opt.Options):
     """MASQuant's options (recipe keys; ``--flag`` on the CLI) with their defaults and validators."""
 
-    alpha: float = opt.option(0.5, opt.real(0, 1))
-    epochs: int = opt.option(2, opt.integer(0))
-    lr: float = opt.option(5e-2, opt.real(0, lo_open=True))
-    loss_weights: object = opt.option("auto", check_loss_weights)  # "auto", a preset or {modality: weight}
-    cmc: str = opt.option("whitened", opt.choice("whitened", "plain", "none", "split"))
-    rank: float = opt.option(0.05, check_rank)
-    rank_floor: int = opt.option(32, opt.integer(0))
-    cmc_target: str = opt.option("fp", opt.choice("fp", "quantized"))
-    cmc_bits: int = opt.option(16, opt.bits)
-    tie: bool = opt.option(False, opt.boolean)
-    scale_floor: float = opt.option(1e-2, opt.real(0, lo_open=True))
-    damping: float = opt.option(1e-6, opt.real(0))
-    train_samples: int | None = opt.option(None, opt.integer(1, optional=True))
-    probe_samples: int = opt.option(16, opt.integer(1))
-    seed: int = opt.option(0, opt.integer())
-    divergence: object = opt.option("cmc", check_divergence)  # "cmc", "free" or a channel count
+    alpha: float = opt.option(0.5, opt.real(0, 1), "smoothing migration strength α of the initialisation (E7)")
+    epochs: int = opt.option(2, opt.integer(0), "training epochs per layer")
+    lr: float = opt.option(5e-2, opt.real(0, lo_open=True), "learning rate of the smoothing vectors")
+    loss_weights: object = opt.option("auto", check_loss_weights, LOSS_WEIGHTS_HELP, parse=parse_loss_weights)
+    cmc: str = opt.option("whitened", opt.choice("whitened", "plain", "none", "split"),
+                          "cross-modal compensation (split: one weight per modality, for measurement)")
+    rank: float = opt.option(0.05, check_rank, "CMC rank: ratio of min(in, out) if <= 1, else absolute")
+    rank_floor: int = opt.option(32, opt.integer(0), "smallest CMC rank")
+    cmc_target: str = opt.option("fp", opt.choice("fp", "quantized"), "CMC target weight")
+    cmc_bits: int = opt.option(16, opt.bits, "quantize the CMC factors to this many bits (16 = off)")
+    tie: bool = opt.option(False, opt.boolean, "tie q/k/v and gate/up vectors per modality")
+    scale_floor: float = opt.option(1e-2, opt.real(0, lo_open=True), "floor of the smoothing vectors")
+    damping: float = opt.option(1e-6, opt.real(0), "whitening damping λ (C + λ·tr C/d·I)")
+    train_samples: int | None = opt.option(None, opt.integer(1, optional=True),
+                                           "train on at most this many calibration samples (default: all)", parse=int)
+    probe_samples: int = opt.option(16, opt.integer(1), "calibration samples of the gradient probe (loss weights auto)")
+    divergence: object = opt.option("cmc", check_divergence,
+                                    "channels on which a non-text smoothing vector may differ from the text one: free "
+                                    "(the paper), cmc (at most the CMC rank) or N", parse=parse_divergence)
 
 
 class MASQuant(QuantMethod):
@@ -322,16 +349,13 @@ class MASQuant(QuantMethod):
     name = "masquant"
     needs_fp_chain = True
     side_sets = ("whitening",)  # the separate per-modality whitening set, if one is given
-    OPTIONS = opt.option_table(MASQuantOptions)
+    Options = MASQuantOptions
     float32_math = True  # the smoothing vectors are trained by backpropagation through the layer
     distributed = True  # statistics combined in collect_group_stats; each training step from the rank holding its sample
 
     def __init__(self, scheme: QuantScheme, **options):
-        super().__init__(scheme)
-        self.options = MASQuantOptions(**options)
-        for k, v in opt.option_values(self.options).items():
-            setattr(self, "loss_weights_spec" if k == "loss_weights" else k, v)
-        self.loss_weights: dict[int, float] = {TEXT: 1.0, IMAGE: 1.0, AUDIO: 1.0}
+        super().__init__(scheme, **options)
+        self.loss_weights: dict[int, float] = {TEXT: 1.0, IMAGE: 1.0, AUDIO: 1.0}  # resolved in prepare()
         self.summary: dict = {}
         self.whitening = "calibration"  # where C_m comes from: "calibration" or "separate" (set_whitening)
         self.whitening_tokens: dict | None = None
@@ -341,11 +365,7 @@ class MASQuant(QuantMethod):
         self.whitening, self.whitening_tokens = "separate", dict(token_counts)
 
     def config(self) -> dict:
-        """Every option (:class:`MASQuantOptions`, so none can be left out) and the whitening source."""
-        values = opt.option_values(self.options)
-        spec = values["loss_weights"]
-        values["loss_weights"] = spec if isinstance(spec, str) else {MODALITY_NAMES.get(k, k): v for k, v in spec.items()}
-        return {**super().config(), **values, "whitening": self.whitening}
+        return {**super().config(), "whitening": self.whitening}
 
     # -- set-up ------------------------------------------------------------------------------------
     def prepare(self, model, adapter, samples=None) -> None:
@@ -356,7 +376,7 @@ class MASQuant(QuantMethod):
         for s in samples or []:
             present |= set(input_modality_ids(s, adapter.modality_token_ids, decode=False).unique().tolist())
         self.present = sorted(m for m in present if m in (TEXT, IMAGE, AUDIO))
-        spec = self.loss_weights_spec
+        spec = self.options.loss_weights
         if isinstance(spec, dict):
             weights = {IMAGE: 1.0, AUDIO: 1.0, **{_mod_id(k): float(v) for k, v in spec.items()}}
         elif spec in LOSS_WEIGHT_PRESETS:
@@ -414,16 +434,16 @@ class MASQuant(QuantMethod):
                                                 shared=shared.get(g.name))
         originals = {p: layer.get_submodule(p) for p in wrappers}
         for path, w in wrappers.items():
-            replace_linear(layer, path, w)
+            layer.set_submodule(path, w)
         others = [p for p in adapter.linear_names() if p not in wrappers]
         for path in others:  # down_proj: s ≡ 1, still W/A quantized during training
-            replace_linear(layer, path, QuantLinear.from_linear(layer.get_submodule(path), scheme))
+            layer.set_submodule(path, QuantLinear.from_linear(layer.get_submodule(path), scheme))
         self._budgets = {id(w.smoothing): self._divergence_channels(
             layer, next(g for g in adapter.groups if path in g.readers))
                          for path, w in wrappers.items()}
         losses = self._train(ctx, wrappers) if self.epochs > 0 else []
         for path, w in wrappers.items():
-            replace_linear(layer, path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
+            layer.set_submodule(path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
         for path in others:
             layer.get_submodule(path).pack()
         ctx.info["masquant"] = {

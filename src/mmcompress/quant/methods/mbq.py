@@ -14,37 +14,38 @@ methods differ only in how they choose ``s``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...models.modality import MODALITY_NAMES, TEXT
 from ... import options as opt
-from .awq import ScaleSearch
-from .masquant import check_loss_weights
+from .awq import ScaleSearch, ScaleSearchOptions
+from .masquant import LOSS_WEIGHTS_HELP, check_loss_weights, parse_loss_weights
 from .smoothquant import DEFAULT_GROUPS, smoothing_factors
+
+
+@dataclass(frozen=True)
+class MBQOptions(ScaleSearchOptions):
+    loss_weights: object = opt.option("auto", check_loss_weights, LOSS_WEIGHTS_HELP, parse=parse_loss_weights)
+    probe_samples: int = opt.option(16, opt.integer(1), "calibration samples of the gradient probe (loss weights auto)")
 
 
 class MBQ(ScaleSearch):
     name = "mbq"
     groups = DEFAULT_GROUPS
-    OPTIONS = {**ScaleSearch.OPTIONS, "loss_weights": check_loss_weights, "probe_samples": opt.integer(1)}
+    Options = MBQOptions
 
-    def __init__(self, scheme, grid: int = 20, max_tokens: int = 4096, seed: int = 0, loss_weights="auto",
-                 probe_samples: int = 16, loss: str | None = None, clip: bool | None = None):
-        super().__init__(scheme, grid, max_tokens, seed, loss, clip)
-        self.loss_weights_spec = loss_weights
-        self.probe_samples = probe_samples
-        self.loss_weights = {TEXT: 1.0}
+    def __init__(self, scheme, **options):
+        super().__init__(scheme, **options)
+        self.loss_weights = {TEXT: 1.0}  # resolved in prepare() from the option (self.options.loss_weights)
         self.summary = {}
-
-    def config(self) -> dict:
-        spec = self.loss_weights_spec
-        return {**super().config(), "loss_weights": spec if isinstance(spec, str) else dict(spec)}
 
     def prepare(self, model, adapter, samples=None) -> None:
         from .gradients import modality_gradient_ratios
         from .masquant import LOSS_WEIGHT_PRESETS, _mod_id
 
-        spec = self.loss_weights_spec
+        spec = self.options.loss_weights
         if isinstance(spec, dict):
             self.loss_weights = {TEXT: 1.0, **{_mod_id(k): float(v) for k, v in spec.items()}}
         elif spec in LOSS_WEIGHT_PRESETS:

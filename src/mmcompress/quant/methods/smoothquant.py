@@ -19,33 +19,32 @@ does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ... import options as opt
 from ...engine import LayerContext
-from ..quantizer import QuantScheme
 from .base import QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable, weight_column_absmax
 
+ALL_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions(opt.Options):
+    alpha: float = opt.option(0.5, opt.real(0, 1), "smoothing migration strength α of E2")
+    groups: tuple = opt.option(DEFAULT_GROUPS, opt.subset(*ALL_ROLES),
+                               "the linear groups to smooth (comma-separated)", parse=str)
+    runtime_smoothing: bool = opt.option(False, opt.boolean, "also smooth groups that cannot be folded (o_proj under "
+                                                             "GQA) with a run-time division (not exportable)")
 
 
 class SmoothQuant(QuantMethod):
     name = "smoothquant"
     distributed = True
     needs_fp_chain = True  # statistics of the full-precision model, as the reference and every method here
-
-    OPTIONS = {"alpha": opt.real(0, 1), "groups": opt.subset("attn_in", "attn_out", "mlp_in", "mlp_out"),
-               "runtime_smoothing": opt.boolean}
-
-    def __init__(self, scheme: QuantScheme, alpha: float = 0.5, groups=DEFAULT_GROUPS, runtime_smoothing: bool = False):
-        super().__init__(scheme)
-        self.alpha = alpha
-        self.groups = tuple(groups)
-        self.runtime_smoothing = bool(runtime_smoothing)
-
-    def config(self) -> dict:
-        return {**super().config(), "alpha": self.alpha, "groups": list(self.groups),
-                "runtime_smoothing": self.runtime_smoothing}
+    Options = SmoothQuantOptions
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter

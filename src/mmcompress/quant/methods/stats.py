@@ -4,11 +4,10 @@ For a group of linears reading the same input ``X`` (see :class:`~mmcompress.mod
 per modality id ``m`` over the calibration tokens ``t`` with ``mod(t) = m``:
 
 * ``absmax[m]_j = max_t |X_tj|``                   (SmoothQuant/MASQuant initialisation, E2/E7)
-* ``mean_abs[m]_j = mean_t |X_tj|``                (AWQ's activation salience)
 * ``moment[m] = Σ_t X_tᵀ X_t`` in float64          (CMC whitening, E11; optional, d×d per group)
 * ``count[m]``                                     number of tokens
 
-Modality ids follow :mod:`mmcompress.models.modality`; video is counted as text (``video_as``).
+Modality ids follow :mod:`mmcompress.models.modality`; video is counted as text (``method_modalities``).
 """
 
 from __future__ import annotations
@@ -18,14 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ...engine import LayerContext
-from ...models.modality import TEXT, VIDEO
+from ...models.modality import method_modalities
 
 
 @dataclass
 class GroupStats:
     dim: int
     absmax: dict[int, torch.Tensor] = field(default_factory=dict)
-    abs_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     moment: dict[int, torch.Tensor] = field(default_factory=dict)
     count: dict[int, int] = field(default_factory=dict)
 
@@ -43,33 +41,23 @@ class GroupStats:
             self.count[m] = world.sum(self.count.get(m, 0))
             zeros = torch.zeros(self.dim, dtype=torch.float64)
             self.absmax[m] = world.max(self.absmax.get(m, zeros))
-            self.abs_sum[m] = world.sum(self.abs_sum.get(m, zeros))
             if moments:
                 self.moment[m] = world.sum(self.moment.get(m, torch.zeros(self.dim, self.dim, dtype=torch.float64)))
 
-    def mean_abs(self, m: int | None = None) -> torch.Tensor:
-        if m is None:
-            total = sum(self.abs_sum[k] for k in self.modalities)
-            return total / max(1, sum(self.count[k] for k in self.modalities))
-        return self.abs_sum[m] / max(1, self.count[m])
 
-
-def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inputs=None,
-                        video_as: int = TEXT) -> dict[str, GroupStats]:
+def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inputs=None) -> dict[str, GroupStats]:
     """Run the calibration samples through ``ctx.layer`` and gather per-modality input statistics."""
     stats: dict[str, GroupStats] = {}
 
     def record(name, x, ids):
         x = x.detach().reshape(-1, x.shape[-1])
         ids = ids.reshape(-1).to(x.device)
-        ids = torch.where(ids == VIDEO, torch.full_like(ids, video_as), ids)
+        ids = method_modalities(ids)
         st = stats.setdefault(name, GroupStats(x.shape[-1]))
         for m in ids.unique().tolist():
             xm = x[ids == m]
             amax = xm.abs().amax(0).double().cpu()
-            asum = xm.abs().sum(0).double().cpu()
             st.absmax[m] = amax if m not in st.absmax else torch.maximum(st.absmax[m], amax)
-            st.abs_sum[m] = asum if m not in st.abs_sum else st.abs_sum[m] + asum
             st.count[m] = st.count.get(m, 0) + xm.shape[0]
             if moments:
                 xd = xm.double()

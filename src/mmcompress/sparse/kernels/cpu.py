@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("sparse_gemv.cpp")
+HEADERS = Path(__file__).parent  # the headers every extension may include (share_work.h): on the include path
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-Wno-unused-function"]
 _LOCK = threading.Lock()
 _STATE: dict = {"loaded": False, "error": None, "warned": False}
@@ -42,11 +43,13 @@ def _cpu_signature() -> str:
 
 
 def extension_name(prefix: str, src: Path) -> str:
-    """``prefix_<hash>``: the hash covers the source, the flags, torch, Python and the CPU, so a build
-    made for another CPU or toolchain is never reused."""
+    """``prefix_<hash>``: the hash covers the source, the shared headers (:data:`HEADERS`), the flags,
+    torch, Python and the CPU, so a build made for another CPU or toolchain, or before a header changed,
+    is never reused."""
     h = hashlib.sha256()
-    for part in (src.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(), sys.version.encode(),
-                 _cpu_signature().encode()):
+    headers = [p.read_bytes() for p in sorted(HEADERS.glob("*.h"))]
+    for part in (src.read_bytes(), *headers, " ".join(_FLAGS).encode(), torch.__version__.encode(),
+                 sys.version.encode(), _cpu_signature().encode()):
         h.update(part)
     return f"{prefix}_{h.hexdigest()[:12]}"
 
@@ -81,7 +84,8 @@ def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str 
             try:
                 (d / "lock").unlink(missing_ok=True)  # torch's FileBaton of a build that died
                 cpp_extension.load(name=name, sources=[str(src)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                   build_directory=str(d), verbose=verbose, is_python_module=False)
+                                   extra_include_paths=[str(HEADERS)], build_directory=str(d), verbose=verbose,
+                                   is_python_module=False)
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
         probe()
@@ -91,22 +95,32 @@ def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str 
         return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 
+def load_extension(state: dict, name, src: Path, probe, verbose: bool = False, why_not=None) -> bool:
+    """Build and load an extension once per process (thread-safe); ``state["loaded"]``, or the one-line
+    reason it is not in ``state["error"]``.  ``name()`` is its build name (:func:`extension_name`);
+    ``why_not()`` a reason not to try (``None``: try), checked after ``MMCOMPRESS_NO_CPU_KERNEL``."""
+    if state["loaded"] or state["error"] is not None:
+        return state["loaded"]
+    with _LOCK:
+        if state["loaded"] or state["error"] is not None:
+            return state["loaded"]
+        reason = "disabled by MMCOMPRESS_NO_CPU_KERNEL" if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL") else \
+            why_not() if why_not is not None else None
+        state["error"] = reason or compile_and_load(name(), src, probe, verbose)
+        state["loaded"] = state["error"] is None
+    return state["loaded"]
+
+
+def warn_once(state: dict, message: str) -> None:
+    """``message`` as a :class:`RuntimeWarning`, the first time only (``state["warned"]``)."""
+    if not state["warned"]:
+        state["warned"] = True
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the extension; ``True`` if ``torch.ops.mmcompress_sparse`` is usable."""
-    if _STATE["loaded"]:
-        return True
-    if _STATE["error"] is not None:
-        return False
-    with _LOCK:
-        if _STATE["loaded"] or _STATE["error"] is not None:
-            return _STATE["loaded"]
-        if os.environ.get("MMCOMPRESS_NO_CPU_KERNEL"):
-            _STATE["error"] = "disabled by MMCOMPRESS_NO_CPU_KERNEL"
-            return False
-        _STATE["error"] = compile_and_load(build_name(), _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv,
-                                           verbose)
-        _STATE["loaded"] = _STATE["error"] is None
-    return _STATE["loaded"]
+    return load_extension(_STATE, build_name, _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv, verbose)
 
 
 def available() -> bool:
@@ -118,11 +132,9 @@ def error() -> str | None:
 
 
 def warn_fallback() -> None:
-    if not _STATE["warned"]:
-        _STATE["warned"] = True
-        warnings.warn(f"mmcompress: the C++ sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
+    warn_once(_STATE, f"mmcompress: the C++ sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
                       "sparse path (correct, but slower than dense). Install a C++ compiler (g++) and the Python "
-                      "headers to enable it.", RuntimeWarning, stacklevel=3)
+                      "headers to enable it.")
 
 
 def ops():

@@ -14,7 +14,7 @@
 // accumulator for its columns and walks its rows four at a time (4-row unrolling, next group's rows
 // prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row parts'
 // partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the
-// threads of ATen's OpenMP team (see parallel_blocks).
+// threads of ATen's OpenMP team (share_work.h, through parallel_tasks).
 //
 // Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
 
@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+
+#include "share_work.h"
 
 #include <algorithm>
 #include <atomic>
@@ -234,24 +236,23 @@ int64_t row_split_parts(int nt) {
 
 int64_t set_row_split(int64_t parts) { return g_row_split.exchange(parts); }
 
-// Run body(t, t + 1) for every block t in [0, nblocks) on nt threads (see the file header).
-template <typename Body>
-void parallel_blocks(int64_t nblocks, int nt, const Body& body) {
-  if (nblocks == 1 || nt == 1) {
-    body(0, nblocks);
+// Run task(p, t, j0, j1, acc) for every row part p in [0, rp) and column block t = [j0, j1) of the n
+// columns (blocks of blk) on nt threads (see the file header); acc is a scratch buffer of the thread.
+template <typename Acc, typename Task>
+void parallel_tasks(int64_t rp, int64_t blk, int64_t n, int nt, const Task& task) {
+  const int64_t nblocks = (n + blk - 1) / blk;
+  auto run = [&](int64_t s, int64_t e) {
+    std::vector<Acc> acc;
+    for (int64_t i = s; i < e; ++i) {
+      const int64_t t = i % nblocks, p = i / nblocks, j0 = t * blk;
+      task(p, t, j0, std::min(n, j0 + blk), acc);
+    }
+  };
+  if (nblocks * rp == 1 || nt == 1) {
+    run(0, nblocks * rp);  // one call: the scratch buffer is set up once
     return;
   }
-  // The threads of ATen's OpenMP team take blocks from an atomic counter (dynamic: a thread the OS
-  // parks does not hold a fixed share).  Running on the OpenMP team matters: torch's ops between our
-  // calls leave its workers spin-waiting, and helpers from another pool would compete with them for the
-  // same cores (a decode step on 2 cores measured 1.7x slower per call that way).
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(nt, nblocks), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < nblocks;
-           t = next.fetch_add(1, std::memory_order_relaxed))
-        body(t, t + 1);
-  });
+  mmcompress::share_work(nblocks * rp, [&](int64_t i) { run(i, i + 1); }, nt);
 }
 
 // y[B, n] <- rows/vals GEMV over wt (+ bias), parallel over rp row parts x contiguous column blocks
@@ -266,7 +267,6 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
   int64_t nb = (nt + rp - 1) / rp * MMC_SPLIT;
   int64_t blk = (n + nb - 1) / nb;
   blk = std::max<int64_t>(32, (blk + 31) / 32 * 32);
-  const int64_t nblocks = (n + blk - 1) / blk;
   auto fn = pick_block<W>(B);
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
@@ -289,23 +289,17 @@ void run_gemv(const W* wt, int64_t n, const std::vector<int32_t>& rows, const st
       }
     }
   };
-  auto body = [&](int64_t s, int64_t e) {
-    std::vector<float> acc;
-    for (int64_t task = s; task < e; ++task) {
-      const int64_t t = task % nblocks, p = task / nblocks;
-      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-      const int64_t r0 = nrows * p / rp, r1 = nrows * (p + 1) / rp;
-      acc.assign(B * len, 0.f);
-      fn(wt, n, rows.data() + r0, vals.data() + r0 * B, r1 - r0, j0, j1, acc.data());
-      if (rp == 1) {
-        finish(j0, len, acc.data());
-      } else {
-        for (int64_t b = 0; b < B; ++b)
-          std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(float));
-      }
+  parallel_tasks<float>(rp, blk, n, nt, [&](int64_t p, int64_t, int64_t j0, int64_t j1, std::vector<float>& acc) {
+    const int64_t len = j1 - j0, r0 = nrows * p / rp, r1 = nrows * (p + 1) / rp;
+    acc.assign(B * len, 0.f);
+    fn(wt, n, rows.data() + r0, vals.data() + r0 * B, r1 - r0, j0, j1, acc.data());
+    if (rp == 1) {
+      finish(j0, len, acc.data());
+    } else {
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(float));
     }
-  };
-  parallel_blocks(nblocks * rp, nt, body);
+  });
   if (rp > 1) {
     for (int64_t p = 1; p < rp; ++p)
       for (int64_t i = 0; i < B * n; ++i) part[i] += part[p * B * n + i];
@@ -679,20 +673,14 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
       }
     }
   };
-  auto body = [&](int64_t s, int64_t e) {
-    std::vector<int32_t> acc;
-    for (int64_t task = s; task < e; ++task) {
-      const int64_t t = task % nblocks, p = task / nblocks;
-      const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-      const int64_t g0 = ngroups * p / rp, g1 = ngroups * (p + 1) / rp;
-      acc.assign(B * len, 0);
-      fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, acc.data());
-      for (int64_t b = 0; b < B; ++b)
-        std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(int32_t));
-      if (rp == 1) epilogue(t);
-    }
-  };
-  parallel_blocks(nblocks * rp, nt, body);
+  parallel_tasks<int32_t>(rp, blk, n, nt, [&](int64_t p, int64_t t, int64_t j0, int64_t j1, std::vector<int32_t>& acc) {
+    const int64_t len = j1 - j0, g0 = ngroups * p / rp, g1 = ngroups * (p + 1) / rp;
+    acc.assign(B * len, 0);
+    fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, acc.data());
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(int32_t));
+    if (rp == 1) epilogue(t);
+  });
   if (rp > 1)
     for (int64_t t = 0; t < nblocks; ++t) epilogue(t);
   return y;

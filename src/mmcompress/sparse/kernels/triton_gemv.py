@@ -52,10 +52,9 @@ tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton``
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from .cpu import warn_once
 
 try:  # guarded: Triton is optional (CPU-only installs have none)
     import triton
@@ -231,10 +230,8 @@ def error() -> str | None:
 
 
 def warn_fallback() -> None:
-    if not _STATE["warned"]:
-        _STATE["warned"] = True
-        warnings.warn(f"mmcompress: the Triton sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
-                      "sparse path.", RuntimeWarning, stacklevel=3)
+    warn_once(_STATE, f"mmcompress: the Triton sparse kernel is unavailable ({_STATE['error']}); using the PyTorch "
+                      "sparse path.")
 
 
 def interpreted() -> bool:

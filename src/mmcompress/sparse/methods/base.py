@@ -1,9 +1,9 @@
 """What every activation-sparsity method is to the rest of the program: a registered class with an
-option table, the way quantization methods are (:mod:`mmcompress.quant.methods`).
+options dataclass, the way quantization methods are (:mod:`mmcompress.quant.methods`).
 
-``OPTIONS`` maps each option (a recipe key; the CLI flags map onto them) to its validator
-(:mod:`mmcompress.options`), so ``sparsify``, ``compress --recipe`` and ``mmcompress sparsify`` refuse
-the same values with the same message.  ``sparsity`` is every method's target model-level sparsity,
+``Options`` (:class:`mmcompress.options.Options`) gives the recipe keys, the ``mmcompress sparsify``
+flags and ``config()``, so ``sparsify``, ``compress --recipe`` and ``mmcompress sparsify`` refuse the
+same values with the same message.  ``sparsity`` is every method's target model-level sparsity,
 checked by :data:`~mmcompress.sparse.topk.LEVEL` (the one range check of a sparsity level).  A method's
 calibration passes are engine methods (:class:`mmcompress.engine.Method`) that observe through the layer
 context (``observers``); :meth:`SparseMethod.apply` runs them and the method's model surgery.
@@ -11,25 +11,42 @@ context (``observers``); :meth:`SparseMethod.apply` runs them and the method's m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ... import options as opt
 from ..topk import LEVEL
 
 PREFILL = opt.choice("all", "none", "last_half")
 
 
+@dataclass(frozen=True)
+class SparseOptions(opt.Options):
+    """The options every sparsity method takes."""
+
+    sparsity: float = opt.option(0.4, LEVEL, "target model-level sparsity in [0, 1) (parameter-weighted over "
+                                             "q,k,v,o,gate,up,down)", required=True)
+    prefill: str = opt.option("all", PREFILL, "which prompt tokens are sparsified: all (paper protocol), none "
+                                              "(dense prefill), last_half (TEAL's protocol)")
+
+
 class SparseMethod:
-    """A sparsity method: ``OPTIONS`` (validators), then :meth:`apply` on a model."""
+    """A sparsity method: ``Options``, then :meth:`apply` on a model."""
 
     name = "sparse"
-    OPTIONS: dict = {"sparsity": LEVEL}
+    Options: type[SparseOptions] = SparseOptions
     rotating = False  # transforms whole layers: the adapter's ``sparsity_blocker`` applies
 
     def __init__(self, **options):
-        self.options = opt.check_options(self.OPTIONS, options)
-        self.sparsity = float(self.options.pop("sparsity", 0.4))
+        self.options = self.Options.make(options, self.name)
+        self.sparsity = float(self.options.sparsity)
 
     def config(self) -> dict:
-        return {"method": self.name, "sparsity": self.sparsity, **self.options}
+        """The method and every option."""
+        return {"method": self.name, **self.options.to_json()}
+
+    def kwargs(self) -> dict:
+        """The options but ``sparsity``, as keyword arguments of the method's function."""
+        return {k: v for k, v in self.options.values().items() if k != "sparsity"}
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         """Sparsify ``model`` in place; returns the description saved as ``mmcompress.json``'s ``method``."""

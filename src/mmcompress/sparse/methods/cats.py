@@ -13,11 +13,12 @@ achieved model-level sparsity is reported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ... import options as opt
 from .. import plan as plans
 from ..merge import ThresholdedActivation, inner_layer
-from ..topk import LEVEL
-from .base import SparseMethod
+from .base import SparseMethod, SparseOptions
 from .teal import calibrate_magnitudes, quantile
 
 
@@ -43,14 +44,12 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
         if k > max_mlp_sparsity:
             k, capped = max_mlp_sparsity, True
         t = quantile(magnitudes[i]["gate_act"], k)
-        parent_path, _, child = path.rpartition(".")
-        parent = layer.get_submodule(parent_path)
-        act = getattr(parent, child)
+        act = layer.get_submodule(path)
         if isinstance(act, ThresholdedActivation):
             act.threshold = t
         else:
             act = ThresholdedActivation(act, t)
-            setattr(parent, child, act)
+            layer.set_submodule(path, act)
         act.sparse_prefill = prefill == "all"
         levels.append({"up": k, "down": k})
         thresholds.append(round(t, 6))
@@ -64,13 +63,20 @@ def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_
     return out
 
 
+@dataclass(frozen=True)
+class CATSOptions(SparseOptions):
+    plan: str = opt.option("exact", opt.choice("exact", "uniform"), "one allocation (a threshold per layer at the "
+                                                                     "MLP level): the name is accepted, not used")
+    prefill: str = opt.override(SparseOptions, "prefill", check=opt.choice("all", "none"))
+    max_mlp_sparsity: float = opt.option(0.99, opt.real(0, 1, hi_open=True), "cap of the MLP sparsity")
+
+
 class CATS(SparseMethod):
     """CATS (see the module docstring): a threshold on the gated MLP's activation."""
 
     name = "cats"
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("exact", "uniform"), "prefill": opt.choice("all", "none"),
-               "max_mlp_sparsity": opt.real(0, 1, hi_open=True)}
+    Options = CATSOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        options = {k: v for k, v in self.options.items() if k != "plan"}  # one allocation: the plan only names it
+        options = {k: v for k, v in self.kwargs().items() if k != "plan"}  # one allocation: the plan only names it
         return cats(model, adapter, samples, self.sparsity, device=device, progress=progress, **options)

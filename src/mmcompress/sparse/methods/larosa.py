@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from ..linear import SparseLinear
 from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
 from ...engine import Method, run_layerwise
 from ..rotation import calibrate_rotations
-from ..topk import LEVEL, Selector, TopK, keep_count
-from .base import PREFILL, SparseMethod
+from ..topk import Selector, TopK, keep_count
+from .base import SparseMethod, SparseOptions
 
 PREFILL_POLICIES = ("all", "none", "last_half")
 
@@ -45,12 +46,6 @@ def make_sparse_linear(linear: nn.Module, selector: Selector | int, prefill: str
     return m
 
 
-def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = layer.get_submodule(parent_path) if parent_path else layer
-    setattr(parent, child, module)
-
-
 def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
     """Replace every reader by a Top-K ``SparseLinear`` with the plan's K (or update K in place)."""
     for i, layer in enumerate(adapter.layers):
@@ -63,7 +58,7 @@ def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "al
                 if isinstance(mod, SparseLinear) and mod.mode == "topk":
                     mod.keep = k
                 else:
-                    _set(layer, path, make_sparse_linear(mod, TopK(k), prefill))
+                    layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
 
 
 @torch.no_grad()
@@ -140,7 +135,7 @@ def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str =
             for path in g.readers:
                 mod = layer.get_submodule(path)
                 if prefill != "all":
-                    _set(layer, path, make_sparse_linear(mod, mod.selector, prefill))
+                    layer.set_submodule(path, make_sparse_linear(mod, mod.selector, prefill))
     return chosen
 
 
@@ -205,14 +200,30 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
             **({"column_scale": True} if column_scale else {}), **chosen.summary()}
 
 
+@dataclass(frozen=True)
+class LaRoSAOptions(SparseOptions):
+    plan: str = opt.option("exact", opt.choice("exact", "uniform", "grid", "greedy"),
+                           "exact (exact model-level sparsity), uniform (the reference's 0.8/1.2 split of a nominal "
+                           "level), grid (input/output split searched on calibration loss), greedy (TEAL's block-wise "
+                           "greedy search over the four Top-K levels of each layer)")
+    mode: str = opt.option("merged", opt.choice("merged", "reference"),
+                           "merged (Mode M: γ folded, rotations merged, residual adapters) or reference (Mode R: "
+                           "(γ⊙RMS(r))·Q at run time, as the published code)")
+    basis: str = opt.option("attn", opt.choice("attn", "both"),
+                            "fit Q_l to the attention input (reference) or to attention + MLP inputs")
+    ratio_in: float = opt.option(0.8, opt.real(0, 1), "plan uniform: input-side share of the nominal level")
+    grid_samples: int = opt.option(4, opt.integer(1), "plan grid: calibration samples of the split search")
+    column_scale: bool = opt.option(False, opt.boolean,
+                                    "merged mode (ours): Top-K ranks each rotated coordinate by |x̃_i| times the norm "
+                                    "of the readers' weight column it multiplies (folded into the norm scale; exact)")
+
+
 class LaRoSA(SparseMethod):
     """LaRoSA (see the module docstring): rotation calibration, merge or reference rotation, Top-K plan."""
 
     name = "larosa"
     rotating = True
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("exact", "uniform", "grid", "greedy"),
-               "mode": opt.choice("merged", "reference"), "prefill": PREFILL, "basis": opt.choice("attn", "both"),
-               "ratio_in": opt.real(0, 1), "grid_samples": opt.integer(1), "column_scale": opt.boolean}
+    Options = LaRoSAOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
+        return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())

@@ -26,15 +26,17 @@ Allocation (``plan``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ... import options as opt
 from ...engine import Method, run_layerwise
 from .. import plan as plans
 from ..merge import inner_layer
-from ..topk import LEVEL, Threshold, check_level
-from .base import PREFILL, SparseMethod
-from .larosa import PREFILL_POLICIES, _set, make_sparse_linear
+from ..topk import Threshold, check_level
+from .base import SparseMethod, SparseOptions
+from .larosa import PREFILL_POLICIES, make_sparse_linear
 
 
 class MagnitudeSampler(Method):
@@ -114,7 +116,7 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
             th[act] = t
             for path in g.readers:
                 mod = layer.get_submodule(path)
-                _set(layer, path, make_sparse_linear(mod, Threshold(t), prefill))
+                layer.set_submodule(path, make_sparse_linear(mod, Threshold(t), prefill))
         thresholds.append(th)
     levels = [{p: sparsity for p in sh.masses} for sh in shapes]
     chosen = plans.per_projection(shapes, levels, "uniform", sparsity)
@@ -173,7 +175,7 @@ class GreedyAllocation(Method):
                 masses[proj] = mod.weight.shape[0] * mod.weight.shape[1]
                 group_of[proj] = g.name
                 sparse = make_sparse_linear(mod, Threshold(0.0), "all")
-                _set(layer, path, sparse)
+                layer.set_submodule(path, sparse)
                 modules[proj] = (path, sparse)
 
         def apply(levels):
@@ -187,7 +189,7 @@ class GreedyAllocation(Method):
         for p, (path, sparse) in modules.items():
             final[p] = sparse.threshold
             if self.prefill != "all":  # rebuild with the requested prefill policy, same threshold
-                _set(layer, path, make_sparse_linear(sparse, sparse.selector, self.prefill))
+                layer.set_submodule(path, make_sparse_linear(sparse, sparse.selector, self.prefill))
         self.levels.append(dict(levels))
         self.thresholds.append(final)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
@@ -210,11 +212,18 @@ def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all
                     "levels per projection from TEAL's block-wise greedy search"}
 
 
+@dataclass(frozen=True)
+class TEALOptions(SparseOptions):
+    plan: str = opt.option("uniform", opt.choice("uniform", "exact", "greedy"),
+                           "uniform (every projection at the level) or greedy (TEAL's block-wise greedy split across "
+                           "the seven matrices)")
+
+
 class TEAL(SparseMethod):
     """TEAL (see the module docstring): per-projection magnitude thresholds."""
 
     name = "teal"
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "exact", "greedy"), "prefill": PREFILL}
+    Options = TEALOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
+        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())

@@ -25,21 +25,22 @@ h1–h4 of a layer; the published code searches seven per-matrix levels).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ... import options as opt
-from ...models.adapters import UnsupportedModelError
+from ...models.adapters import UnsupportedModelError, projection_name
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import run_layerwise
 from ...specs import register_sparse_module
-from ..topk import LEVEL
-from .base import SparseMethod
+from .base import SparseMethod, SparseOptions
 from .larosa import TopKGreedy
 
-ROTATION_SOURCES = {"attn_in": "k_proj", "mlp_in": "gate_proj"}  # the reader whose SVD gives Q (published code)
+ROTATION_SOURCES = {"attn_in": "k", "mlp_in": "gate"}  # the projection whose SVD gives Q (published code)
 
 
 @register_sparse_module
@@ -104,7 +105,7 @@ def orthogonalize_block_inputs(adapter) -> None:
             norm = block_input_norm(layer, g)
             gamma = adapter.norm_scale(norm)
             readers = g.modules(layer)
-            src = next(m for p, m in zip(g.readers, readers) if p.endswith(source))
+            src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
             q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
             for lin in readers:
                 lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
@@ -137,10 +138,10 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     for i in range(len(adapter.layers)):  # hybrid decoders: linear-attention layers have other projections
         groups = {g.name: g.readers for g in adapter.layer_groups(i)}
         for gname, source in ROTATION_SOURCES.items():
-            if not any(p.endswith(source) for p in groups[gname]):
+            if not any(projection_name(p) == source for p in groups[gname]):
                 raise UnsupportedModelError(
                     f"WINA cannot sparsify {adapter.family}: decoder layer {i} ({', '.join(groups[gname])}) has no "
-                    f"{source}, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
+                    f"{source}_proj, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
     if transform:
         orthogonalize_block_inputs(adapter)
     shapes = plans.layer_shapes(adapter)
@@ -157,13 +158,23 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
     return {"method": "wina", "transform": bool(transform), "prefill": prefill, **chosen.summary()}
 
 
+@dataclass(frozen=True)
+class WINAOptions(SparseOptions):
+    plan: str = opt.option("uniform", opt.choice("uniform", "greedy"),
+                           "uniform or greedy (over the four activations of each layer)")
+    prefill: str = opt.override(SparseOptions, "prefill", check=opt.choice("all", "none"))
+    transform: bool = opt.option(True, opt.boolean, "orthogonalise the block inputs first (the paper's tensor "
+                                                    "transformation)")
+    step: float = opt.option(0.02, opt.real(0, 0.5, lo_open=True), "plan greedy: level step of a move")
+    search_samples: int = opt.option(4, opt.integer(1), "plan greedy: calibration samples of the search")
+
+
 class WINA(SparseMethod):
     """WINA (see the module docstring): weight-informed Top-K after orthogonalising the block inputs."""
 
     name = "wina"
     rotating = True
-    OPTIONS = {"sparsity": LEVEL, "plan": opt.choice("uniform", "greedy"), "prefill": opt.choice("all", "none"),
-               "transform": opt.boolean, "step": opt.real(0, 0.5, lo_open=True), "search_samples": opt.integer(1)}
+    Options = WINAOptions
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.options)
+        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
