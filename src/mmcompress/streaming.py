@@ -17,9 +17,12 @@ model under other names: transformers' own renaming rules map them):
 
 Peak memory is one decoder layer plus the cached calibration activations (or the embedding table
 during the capture pass, whichever is larger), independent of depth; each layer is written once.  The
-artifact has the same bytes as the in-memory path's.  Not streamed: methods that need the whole model
-before the layer walk (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity methods
-and recipes (their folds touch the embeddings and head), torchrun.
+artifact has the same bytes as the in-memory path's.  ``sparsify`` and ``compress`` stream too: LaRoSA's
+merged mode folds its rotations into the embedding and head after the walk, reading them from the
+checkpoint then (:meth:`LayerStream.materialize`; a tied head is saved under its own name,
+:meth:`LayerStream.untie`).  Not streamed: methods that need the whole model before the layer walk
+(gradient probes of ``--loss-weights auto`` on multimodal data), sparsity plans that search over the
+whole model (LaRoSA grid/greedy, WINA greedy), torchrun.
 """
 
 from __future__ import annotations
