@@ -555,6 +555,8 @@ class Sequence(Method):
                 fp = k - 1 if m.needs_fp_chain else None
                 sub = self._subs[k] = self._sub(ctx, k, fp, outs.get(k - 1) if fp is not None else None)
                 m.step(sub)
+                if k < self._engine_chain and k not in self._kept:  # data-free: no pass over its chain
+                    m.observed(sub)
             ctx.layer = sub.layer
             if ctx.index == 0:  # the chains after this step start from the inputs it maps
                 for j in [j for j in self._kept if j >= k]:
