@@ -54,3 +54,80 @@ def test_larosa_then_w8a8_keeps_topk_and_roundtrips(tmp_path, tokenizer):
     desc = json.loads((out / "mmcompress.json").read_text())
     assert desc["kind"] == "recipe" and len(desc["steps"]) == 2
     assert torch.equal(mmcompress.load(out, runtime="reference")(**x).logits, y_joint)
+
+
+def _step_by_step(model, calib, sparse, quant):
+    """The per-step path: the sparsity method's whole-model stages, then a quantization walk of its own."""
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.quant.api import quantize
+    from mmcompress.sparse.methods.cats import cats
+    from mmcompress.sparse.methods.larosa import larosa
+    from mmcompress.sparse.methods.teal import teal
+    from mmcompress.sparse.methods.wina import wina
+
+    name, opts = sparse
+    {"larosa": larosa, "teal": teal, "cats": cats, "wina": wina}[name](model, get_adapter(model), calib.samples, **opts,
+                                                                          progress=False)
+    quantize(model, calib, quant[0], quant[1], progress=False)
+    return model
+
+
+@pytest.mark.parametrize("sparse,quant", [
+    (("larosa", {"sparsity": 0.4}), ("rtn", "w8a8")),
+    (("larosa", {"sparsity": 0.4, "column_scale": True}), ("smoothquant", "w8a8")),
+    (("larosa", {"sparsity": 0.3, "mode": "reference", "plan": "uniform"}), ("rtn", "w8a8")),
+    (("teal", {"sparsity": 0.4}), ("awq", "w4a16")),
+    (("cats", {"sparsity": 0.3}), ("smoothquant", "w8a8")),
+    (("wina", {"sparsity": 0.4}), ("rtn", "w8a8")),
+])
+def test_recipe_is_one_walk_with_the_step_by_step_result(tokenizer, monkeypatch, sparse, quant):
+    """A recipe captures once and walks the layers once; the artifact is the one the steps make one walk
+    after another (bit-identical here: the same arithmetic on the same chains)."""
+    import mmcompress.engine as engine
+
+    model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer, tie=sparse[0] == "larosa")
+    calib = CalibrationSet(text_samples(tok, n=4, seqlen=48))
+    x = {"input_ids": torch.randint(0, len(tok) - 10, (1, 40), generator=torch.Generator().manual_seed(1))}
+    ref = _step_by_step(copy.deepcopy(model), calib, sparse, quant)
+    captures, walked = [], []
+    capture = engine.capture_inputs
+    monkeypatch.setattr(engine, "capture_inputs", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    name, opts = sparse
+    steps = parse_recipe({"steps": [{"sparsify": {"method": name, **opts}},
+                                    {"quantize": {"method": quant[0], "scheme": quant[1]}}]})
+    one = copy.deepcopy(model)
+    apply_recipe(one, calib, steps, progress=False)
+    assert len(captures) == 1
+    assert one._mmcompress_description["walks"][0]["steps"] == [1, 2]
+    a, b = one.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(one(**x).logits, ref(**x).logits)
+
+
+def test_staged_plans_run_apart_and_adapters_quantize_in_the_walk(tokenizer, monkeypatch):
+    """LaRoSA's grid plan needs whole-model forwards: it runs alone, the quantization walk after it;
+    ``adapters: w8a16`` quantizes each layer's residual adapter in the same walk, after its output pass."""
+    import mmcompress.engine as engine
+    from mmcompress.sparse.joint import quantize_residual_adapters
+
+    model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer)
+    calib = CalibrationSet(text_samples(tok, n=4, seqlen=48))
+    one = copy.deepcopy(model)
+    apply_recipe(one, calib, parse_recipe({"steps": [
+        {"sparsify": {"method": "larosa", "sparsity": 0.4}},
+        {"quantize": {"method": "rtn", "scheme": "w8a8", "adapters": "w8a16"}}]}), progress=False)
+    ref = _step_by_step(copy.deepcopy(model), calib, ("larosa", {"sparsity": 0.4}), ("rtn", "w8a8"))
+    assert quantize_residual_adapters(ref, "w8a16") == 2
+    assert one._mmcompress_description["steps"][1]["residual_adapters"] == {"scheme": "w8a16", "count": 2}
+    a, b = one.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    captures = []
+    capture = engine.capture_inputs
+    monkeypatch.setattr(engine, "capture_inputs", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    grid = copy.deepcopy(model)
+    apply_recipe(grid, calib, parse_recipe({"steps": [{"sparsify": {"method": "larosa", "sparsity": 0.4, "plan": "grid"}},
+                                                      {"quantize": {"method": "rtn", "scheme": "w8a8"}}]}), progress=False)
+    walks = grid._mmcompress_description["walks"]
+    assert [w["steps"] for w in walks] == [[1], [2]] and walks[0]["walk"] == "staged"
+    assert len(captures) == 2  # the rotation walk of the staged step, then the quantization walk

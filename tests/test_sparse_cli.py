@@ -66,3 +66,52 @@ def test_sparsify_cli_column_scale_saves_and_reloads(tmp_path, tiny_llama_dir, c
     rc = main(["sparsify", str(tiny_llama_dir), "--method", "teal", "--sparsity", "0.4", "--column-scale",
                "--calib", str(calib_text), "--output", str(tmp_path / "o")])
     assert rc == 1 and "--column-scale" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _files(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _manifest(path):
+    def timeless(d):  # the run's seconds differ
+        if isinstance(d, dict):
+            return {k: timeless(v) for k, v in d.items() if k != "seconds"}
+        return [timeless(v) for v in d] if isinstance(d, list) else d
+
+    return timeless(json.loads((path / "mmcompress.json").read_text()))
+
+
+@pytest.mark.parametrize("argv", [
+    ["sparsify", "--method", "larosa", "--sparsity", "0.4"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.3", "--mode", "reference"],
+    ["sparsify", "--method", "teal", "--sparsity", "0.4"],
+    ["sparsify", "--method", "cats", "--sparsity", "0.3"],
+    ["sparsify", "--method", "wina", "--sparsity", "0.4"],
+    ["compress", "--recipe", "larosa-sq"],
+    ["compress", "--recipe", "teal-rtn"],
+])
+def test_streamed_sparsify_and_compress_write_the_in_memory_artifact(tmp_path, calib_text, capsys, argv):
+    """``sparsify`` and ``compress`` stream by default (one decoder layer in memory, LaRoSA's embedding and
+    head folded after the walk from the checkpoint's tensors); ``--in-memory`` gives the same files
+    (tied embeddings: the merged model unties them in both)."""
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "tied", "llama", layers=3, tie=True)
+    recipes = {"larosa-sq": "steps:\n  - sparsify: {method: larosa, sparsity: 0.4}\n"
+                            "  - quantize: {method: smoothquant, scheme: w8a8}\n",
+               "teal-rtn": "steps:\n  - sparsify: {method: teal, sparsity: 0.4}\n  - quantize: {method: rtn, scheme: w8a8}\n"}
+    if argv[0] == "compress":
+        (tmp_path / "r.yaml").write_text(recipes[argv[2]])
+        argv = ["compress", "--recipe", str(tmp_path / "r.yaml")]
+    common = [str(src), *argv[1:], "--calib", str(calib_text), "--nsamples", "3", "--seqlen", "32", "--json",
+              "--no-progress"]
+    assert main([argv[0], *common, "--stream", "--output", str(tmp_path / "streamed")]) == 0
+    assert main([argv[0], *common, "--in-memory", "--output", str(tmp_path / "memory")]) == 0
+    a, b = _files(tmp_path / "streamed"), _files(tmp_path / "memory")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name == "mmcompress.json":
+            assert _manifest(tmp_path / "streamed") == _manifest(tmp_path / "memory")
+        else:
+            assert a[name] == b[name], name
+    assert not (tmp_path / "streamed.ckpt").exists() or not any((tmp_path / "streamed.ckpt").iterdir())

@@ -111,3 +111,20 @@ def test_registry_options_are_the_recipe_and_api_checks(tokenizer):
     model, tok = tiny_model("llama", tokenizer=tokenizer, layers=2)
     with pytest.raises(OptionError, match="prefill must be one of all, none"):
         sparsify(model, text_samples(tok, n=1), "wina", 0.3, prefill="last_half", progress=False)
+
+
+def test_sequence_keeps_the_chains_its_steps_need():
+    """Passes per layer of a recipe's walk: one per chain the sequence keeps, plus the engine's pass."""
+    from mmcompress.engine import Sequence
+    from mmcompress.quant.api import make_method
+    from mmcompress.quant.quantizer import resolve_scheme
+    from mmcompress.sparse.methods.larosa import LaRoSALayers
+    from mmcompress.sparse.methods.wina import WinaLayers
+
+    w8a8 = resolve_scheme("w8a8")
+    rtn, sq = make_method("rtn", w8a8), make_method("smoothquant", w8a8)
+    assert Sequence(LaRoSALayers(0.4), rtn)._kept == [0]  # the dense chain LaRoSA observes
+    assert Sequence(LaRoSALayers(0.4), sq)._kept == [0, 1]  # + the sparse chain of SmoothQuant's statistics
+    assert Sequence(WinaLayers(0.4), rtn)._kept == []  # WINA reads weights only
+    alone = Sequence(LaRoSALayers(0.4))
+    assert alone._kept == [] and alone.observe_then_change and not alone.resumable

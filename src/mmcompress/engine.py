@@ -362,6 +362,12 @@ class Method:
     float32_math = False  # on a bf16/fp16 model, run step() on the layer upcast to float32 (see upcast_layer)
     side_sets: tuple[str, ...] = ()  # names of the side sets (see SideSet) this method can use
     distributed = False  # step() combines every statistic it gathers across ranks (ctx.world): torchrun-ready
+    # Calibrates on the model it was given, then changes the layer: its observers watch the pass of the
+    # unchanged layer (which computes the next layer's inputs), and observed() changes the layer.  The
+    # activation chain it carries is thus the one of its input model (a sparsity method's dense chain),
+    # in one pass per layer.  Such a run cannot be resumed (a replay would rebuild another chain).
+    observe_then_change = False
+    data_free = False  # step() reads no activations (no inputs, no observers): a Sequence keeps no chain for it
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -381,7 +387,18 @@ class Method:
         return []
 
     def observed(self, ctx: LayerContext) -> None:
-        """Called once this layer's observers have seen every calibration sample."""
+        """Called once this layer's observers have seen every calibration sample (a method may change the
+        layer here, see ``observe_then_change``; a method that wraps the layer sets ``ctx.layer``)."""
+
+    def first_inputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first layer's inputs as the model this method leaves behind receives them (LaRoSA's merged
+        mode rotates the embedding: ``x Q_1``); :class:`Sequence` applies it to the chains after this step."""
+        return inputs
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a checkpointed run can be resumed (:func:`_replay_layer` rebuilds its chains)."""
+        return not self.observe_then_change
 
     def layer_structure(self, layer: nn.Module) -> dict:
         """Specs of the modules this method put into ``layer`` (path -> spec), for resume/load."""
@@ -435,6 +452,143 @@ class Compose(Method):
     def finalize(self, model, adapter) -> None:
         for m in self.methods:
             m.finalize(model, adapter)
+
+
+class Sequence(Method):
+    """Steps applied one after another, each to the model the previous ones left (a recipe: LaRoSA then
+    W8A8), in ONE walk: one capture, and for each decoder layer every step in order.
+
+    Step ``k`` sees exactly what a walk of its own over the model of steps ``1..k-1`` would give it.  Call
+    ``c_k`` the activation chain of the model after steps ``1..k`` (``c_0``: the input model) and ``L^k``
+    layer ``i`` after steps ``1..k``.  For layer ``i``, step ``k`` gets ``ctx.inputs = c_k`` and, if it
+    ``needs_fp_chain``, ``ctx.fp_inputs = c_{k-1}`` with ``ctx.fp_outputs = L^{k-1}(c_{k-1})``; a step that
+    observes then changes (``observe_then_change``: the sparsity methods) watches the pass of ``c_{k-1}``
+    through ``L^{k-1}``.  Passes per layer: one per chain kept, each through the layer state between two
+    steps (``L^k`` exists only then): ``c_k`` is kept when step ``k+1`` observes it or needs it as its
+    full-precision chain, or step ``k`` reads it as its inputs.  So LaRoSA then RTN runs two passes per
+    layer (the dense pass LaRoSA's PCA observes, the compressed pass that feeds the next layer; the
+    separate walks ran the same two, in two walks), LaRoSA then SmoothQuant three (SmoothQuant's
+    statistics are taken on the sparse model's chain, as its own walk would).  The engine carries the
+    last chain (``c_n``, or ``c_{n-1}`` when the last step observes then changes); the others live here.
+    Side sets are not supported, nor is resuming a run (the inner chains are not checkpointed)."""
+
+    side_sets = ()
+
+    def __init__(self, *methods: Method):
+        if not methods:
+            raise ValueError("Sequence needs at least one method")
+        self.methods = list(methods)
+        self.name = "+".join(m.name for m in methods)
+        self.float32_math = any(m.float32_math for m in methods)
+        self.distributed = all(m.distributed for m in methods)
+        last = methods[-1]
+        self.observe_then_change = last.observe_then_change
+        n = len(methods)
+        self._engine_chain = n - 1 if last.observe_then_change else n
+        self.needs_fp_chain = False  # c_0 is kept here when a step needs it
+        step = dict(enumerate(methods, 1))  # step[k] is step k
+        self._kept = [k for k in range(self._engine_chain)
+                      if step[k + 1].observe_then_change or step[k + 1].needs_fp_chain
+                      or (k >= 1 and not step[k].observe_then_change and not step[k].data_free)]
+        self._chains: dict[int, list] | None = None
+        self._subs: dict[int, LayerContext] = {}
+
+    @property
+    def resumable(self) -> bool:
+        return len(self.methods) == 1 and self.methods[0].resumable
+
+    def config(self) -> dict:
+        return {"method": self.name, "steps": [m.config() for m in self.methods]}
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        self._chains = None
+        for m in self.methods:
+            m.prepare(model, adapter, samples)
+
+    def _chain(self, ctx: LayerContext, k: int) -> list:
+        if k == self._engine_chain:
+            return ctx.inputs
+        return self._chains.get(k, [])  # not kept: a data-free step's, never read
+
+    def _sub(self, ctx: LayerContext, k: int, fp: int | None = None, fp_outputs=None) -> LayerContext:
+        """Step ``k``'s view of this layer: chain ``c_k`` as inputs, ``c_fp`` as the full-precision chain."""
+        from dataclasses import replace
+
+        return replace(ctx, inputs=self._chain(ctx, k), fp_inputs=None if fp is None else self._chain(ctx, fp),
+                       fp_outputs=fp_outputs)
+
+    @torch.no_grad()
+    def _pass(self, ctx: LayerContext, k: int, observers) -> list:
+        """Chain ``c_k`` through the layer as it is now (``L^k``), observers hooked on; outputs on the CPU."""
+        handles = _hook_observers(observers)
+        try:
+            return [ctx.run(j, x).to("cpu", x.dtype) for j, x in enumerate(self._chain(ctx, k))]
+        finally:
+            for h in handles:
+                h.remove()
+
+    def step(self, ctx: LayerContext) -> None:
+        if self._chains is None:  # the first layer: every chain starts from the captured inputs
+            self._chains = {k: list(ctx.inputs) for k in self._kept}
+        steps = dict(enumerate(self.methods, 1))
+        outs: dict[int, list] = {}
+        self._subs = {}
+        for k in range(1, len(self.methods) + 1):
+            m, prev = steps[k], steps.get(k - 1)
+            watching = prev is not None and not prev.observe_then_change  # step k-1's observers: on c_{k-1}
+            if k - 1 in self._kept:  # advance c_{k-1} through L^{k-1}, the only time this layer state exists
+                sub = self._sub(ctx, k - 1)
+                self._subs[k] = sub
+                if m.observe_then_change:
+                    m.step(sub)
+                obs = (prev.observers(self._subs[k - 1]) if watching else []) + \
+                    (m.observers(sub) if m.observe_then_change else [])
+                outs[k - 1] = self._pass(ctx, k - 1, obs)
+                if watching:
+                    prev.observed(self._subs[k - 1])
+                if m.observe_then_change:
+                    m.observed(sub)
+            elif m.observe_then_change:  # the last step, on the engine's chain: hooked by observers()
+                sub = self._subs[k] = self._sub(ctx, k - 1)
+                m.step(sub)
+            if not m.observe_then_change:
+                fp = k - 1 if m.needs_fp_chain else None
+                sub = self._subs[k] = self._sub(ctx, k, fp, outs.get(k - 1) if fp is not None else None)
+                m.step(sub)
+                if k < self._engine_chain and k not in self._kept:  # data-free: no pass over its chain
+                    m.observed(sub)
+            ctx.layer = sub.layer
+            if ctx.index == 0:  # the chains after this step start from the inputs it maps
+                for j in [j for j in self._kept if j >= k]:
+                    self._chains[j] = m.first_inputs(self._chains[j])
+                if self._engine_chain >= k:
+                    ctx.inputs = m.first_inputs(ctx.inputs)
+        for j, out in outs.items():
+            self._chains[j] = [ctx.captured.after_layer(s, ctx.index, o) for s, o in enumerate(out)]
+
+    def _last(self):
+        n = len(self.methods)
+        m, prev = self.methods[-1], self.methods[-2] if n > 1 else None
+        return n, m, prev
+
+    def observers(self, ctx: LayerContext):
+        n, m, prev = self._last()
+        if not m.observe_then_change:
+            return m.observers(self._subs[n])
+        watching = prev is not None and not prev.observe_then_change and n - 1 not in self._kept
+        return (prev.observers(self._subs[n - 1]) if watching else []) + m.observers(self._subs[n])
+
+    def observed(self, ctx: LayerContext) -> None:
+        n, m, prev = self._last()
+        if m.observe_then_change and prev is not None and not prev.observe_then_change and n - 1 not in self._kept:
+            prev.observed(self._subs[n - 1])
+        m.observed(self._subs[n])
+        ctx.layer = self._subs[n].layer
+
+    def finalize(self, model, adapter) -> None:
+        for m in self.methods:
+            m.finalize(model, adapter)
+        self._chains, self._subs = None, {}
 
 
 def _hook_observers(observers) -> list:
@@ -555,6 +709,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             state = json.loads(state_path.read_text())
             _check_fingerprint(state.get("fingerprint"), fingerprint, ckdir)
             start = state["next_layer"]
+            if start and not method.resumable:
+                raise RuntimeError(f"{method.name} runs cannot be resumed (the activations it calibrates on are "
+                                   "not those of the finished layers); run without --resume")
             # no activations are kept on disk: replay the finished layers to recompute them
             for i in tqdm(range(start), desc="resume", unit="layer", disable=not progress or start < 2):
                 structure, tensors = _finished_layer(ckdir, state, i, fingerprint, adapter)
@@ -591,6 +748,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         if upcast is not None:
             upcast.__exit__(None, None, None)
         _end_fp32(contexts, model_dtype if upcast is not None else None)
+        layer = ctx.layer  # a step may wrap the layer (a recipe's LaRoSA step adds the residual adapter)
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         dctx = ctx.sides.get(HELDOUT, ctx)  # diagnostics: on the held-out set when there is one
         known = {}  # outputs the diagnostics already computed (same layer, same inputs)
@@ -599,6 +757,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             del fp_layer
         outputs, side_outputs = _outputs(ctx, sides, method, known)
         method.observed(ctx)
+        if method.observe_then_change or ctx.layer is not layer:
+            layer = ctx.layer
+            finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         finite.check_activations(outputs, f"at the output of decoder layer {i} ({layers_path}.{i})")
         if diagnostics is not None:
             d_out = outputs if dctx is ctx else side_outputs[HELDOUT]

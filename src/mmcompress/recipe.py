@@ -101,27 +101,95 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     return {"method": method, **opts, **checked, **({"adapters": adapters} if adapters is not None else {})}
 
 
-def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True):
-    """Apply the steps in order; the model's description lists every step's own description."""
-    from .quant.api import quantize
-    from .sparse.api import sparsify
-    from .sparse.joint import quantize_residual_adapters
+def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True, checkpoint_dir=None):
+    """Apply the steps in order, in one layer-by-layer walk; the model's description lists every step's
+    own description.
 
-    descriptions = []
-    for step in steps:
+    The steps run as one :class:`~mmcompress.engine.Sequence`: one capture, and for each decoder layer
+    every step in order, each seeing what a walk of its own over the previous steps' model would give it
+    (so the artifact is the one the steps would make one after another).  Passes per layer: see
+    :class:`~mmcompress.engine.Sequence` (LaRoSA then RTN: two, LaRoSA then SmoothQuant: three).  A step
+    that needs the whole model ends the walk before it and runs apart: LaRoSA's ``grid`` (calibration-loss
+    forwards) and ``greedy`` plans, LaRoSA merged with ``basis: both`` (layer l's residual adapter needs
+    the basis of layer l+1, fitted to that layer's MLP input too), WINA's greedy plan, and MBQ with
+    gradient-probed loss weights on multimodal data (its probe must see the sparse model).
+    ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one).
+    """
+    import time
+
+    from .data.calibration import CalibrationSet
+    from .engine import Sequence, run_layerwise
+    from .models.adapters import get_adapter
+    from .quant.api import describe, make_method, whole_model_prepare
+    from .quant.quantizer import resolve_scheme
+    from .sparse.api import check_sparsifiable, make_sparse_method
+    from .sparse.joint import ResidualAdapterQuant
+
+    adapter = get_adapter(model)
+    if not isinstance(calib, CalibrationSet):
+        calib = CalibrationSet(list(calib))
+    model.eval()
+    walks: list[list] = [[]]  # runs of (step index, engine method) sharing one walk
+    staged, made = {}, []
+    for n, step in enumerate(steps):
         opts = {k: v for k, v in step.items() if k != "kind"}
         method = opts.pop("method")
         if step["kind"] == "sparsify":
-            sparsity = opts.pop("sparsity", 0.4)
-            sparsify(model, calib, method=method, sparsity=sparsity, device=device, progress=progress, **opts)
+            m = make_sparse_method(method, sparsity=opts.pop("sparsity", 0.4), **opts)
+            check_sparsifiable(adapter, m)
+            walk = m.layer_method()
+            parts = [walk] if walk is not None else []
         else:
-            scheme = opts.pop("scheme", "w8a8")
+            scheme = resolve_scheme(opts.pop("scheme", "w8a8"))
             adapters = opts.pop("adapters", "float")
-            quantize(model, calib, method=method, scheme=scheme, device=device, progress=progress, **opts)
-            n = quantize_residual_adapters(model, adapters)
-            if n:
-                model._mmcompress_description["residual_adapters"] = {"scheme": adapters, "count": n}
-        descriptions.append(model._mmcompress_description)
-    model._mmcompress_description = {"kind": "recipe", "steps": descriptions,
-                                     "seconds": round(sum(d.get("seconds", 0) for d in descriptions), 2)}
+            m = walk = make_method(method, scheme, **opts)
+            if whole_model_prepare(m, adapter) and walks[-1]:
+                walks.append([])
+            parts = [m] + ([ResidualAdapterQuant(adapters)] if adapters != "float" else [])
+        made.append((step["kind"], m, walk, parts))
+        if walk is None:
+            staged[n] = m
+            walks.append([])
+        else:
+            walks[-1].extend((n, p) for p in parts)
+    streamed = getattr(model, "_mmcompress_stream", None) is not None
+    if streamed and staged:
+        raise ValueError(f"{made[min(staged)][1].name} with these options needs the whole model in memory")
+    walks = [w for w in walks if w]
+    descriptions: dict[int, dict] = {}
+    t_start, done = time.time(), set()
+    timing = []
+    for n in range(len(steps)):
+        if n in done:
+            continue
+        t0 = time.time()
+        if n in staged:
+            info = staged[n].apply_staged(model, adapter, calib.samples, device=device, progress=progress)
+            descriptions[n] = _sparse_description(info, calib, adapter)
+            done.add(n)
+            timing.append({"steps": [n + 1], "seconds": round(time.time() - t0, 2), "walk": "staged"})
+            continue
+        group = next(w for w in walks if w[0][0] == n)
+        methods = [p for _, p in group]
+        walk = methods[0] if len(methods) == 1 else Sequence(*methods)
+        infos = run_layerwise(model, adapter, walk, calib.samples, device=device, progress=progress,
+                              checkpoint_dir=checkpoint_dir)
+        for k in dict.fromkeys(k for k, _ in group):
+            kind, m, w, parts = made[k]
+            if kind == "sparsify":
+                descriptions[k] = _sparse_description(w.description(), calib, adapter)
+            else:
+                descriptions[k] = describe(m, calib, adapter, infos)
+                if len(parts) > 1 and parts[1].count:
+                    descriptions[k]["residual_adapters"] = {"scheme": parts[1].scheme, "count": parts[1].count}
+            done.add(k)
+        timing.append({"steps": sorted({k + 1 for k, _ in group}), "seconds": round(time.time() - t0, 2),
+                       "walk": "one layer-by-layer walk"})
+    adapter.install_router()
+    model._mmcompress_description = {"kind": "recipe", "steps": [descriptions[n] for n in range(len(steps))],
+                                     "walks": timing, "seconds": round(time.time() - t_start, 2)}
     return model
+
+
+def _sparse_description(info: dict, calib, adapter) -> dict:
+    return {"kind": "activation_sparsity", "method": info, "calibration": calib.summary(adapter.modality_token_ids)}

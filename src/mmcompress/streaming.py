@@ -17,9 +17,12 @@ model under other names: transformers' own renaming rules map them):
 
 Peak memory is one decoder layer plus the cached calibration activations (or the embedding table
 during the capture pass, whichever is larger), independent of depth; each layer is written once.  The
-artifact has the same bytes as the in-memory path's.  Not streamed: methods that need the whole model
-before the layer walk (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity methods
-and recipes (their folds touch the embeddings and head), torchrun.
+artifact has the same bytes as the in-memory path's.  ``sparsify`` and ``compress`` stream too: LaRoSA's
+merged mode folds its rotations into the embedding and head after the walk, reading them from the
+checkpoint then (:meth:`LayerStream.materialize`; a tied head is saved under its own name,
+:meth:`LayerStream.untie`).  Not streamed: methods that need the whole model before the layer walk
+(gradient probes of ``--loss-weights auto`` on multimodal data), sparsity plans that search over the
+whole model (LaRoSA grid/greedy, WINA greedy), torchrun.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class LayerStream:
         self.sources = checkpoint_tensors(model_dir)
         self.stored = _loaded_names(model, self.sources)  # {model's name: checkpoint's name} where they differ
         self.readers: dict = {}
-        self.tied = _tied_names(model)
+        self.tied = _tied_names(model)  # saved once (the artifact drops all but one name)
+        self.aliases = self.tied  # read from one stored tensor
         self.model, self.layout = model, None
         absent = [k for k in _stored_names(model) if self._stored_as(k) is None]
         if absent:
@@ -56,7 +60,7 @@ class LayerStream:
                               "(transformers renames it on load)")
 
     def _stored_as(self, name: str) -> str | None:
-        for n in [name, *self.tied.get(name, ())]:
+        for n in [name, *self.aliases.get(name, ())]:
             n = self.stored.get(n, n)
             if n in self.sources:
                 return n
@@ -79,6 +83,17 @@ class LayerStream:
 
         _materialize(layer, self.adapter.layer_prefix(i), self.read)
         finite.check_module(layer, "input weight", prefix=self.adapter.layer_prefix(i))
+
+    def untie(self, model: nn.Module) -> None:
+        """The model's tied parameters were given separate ones (LaRoSA's merged head): each is saved under
+        its own name from now on, still read from the one tensor the checkpoint stores."""
+        self.tied = _tied_names(model)
+
+    def materialize(self, model: nn.Module, module: nn.Module) -> None:
+        """Read the meta parameters of ``module`` (outside the decoder layers: an embedding, the head) from the
+        checkpoint; they stay in memory and are saved from there (a method changed them after the walk)."""
+        name = next(n for n, m in model.named_modules() if m is module)
+        _materialize(module, name, self.read)
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s parameters as stored (for the checkpoint fingerprint, read before any layer is

@@ -18,7 +18,8 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import add_method_flags, method_options, named_set as _named_set, on_ranks, whole_model_notice
+from .common import add_method_flags, add_streaming, method_options, named_set as _named_set, on_ranks
+from .common import whole_model_notice, write_artifact
 from ..plugins import commands as plugin_commands, import_optional
 
 EXIT_USAGE = 2
@@ -61,12 +62,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
     q.add_argument("--no-progress", action="store_true")
-    q.add_argument("--stream", action="store_true",
-                   help="the default: read one decoder layer at a time from the checkpoint (peak memory: one layer "
-                        "plus the calibration activations; docs/scaling.md); with this flag a model that cannot be "
-                        "streamed is an error instead of a notice and an in-memory load")
-    q.add_argument("--in-memory", action="store_true",
-                   help="load the whole model into memory instead of streaming its layers (the same artifact)")
+    add_streaming(q)
     _add_common(q)
     _add_trust(q)
 
@@ -78,6 +74,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", required=True)
     _add_overwrite(c)
     c.add_argument("--no-progress", action="store_true")
+    add_streaming(c)
     _add_common(c)
     _add_trust(c)
 
@@ -154,9 +151,6 @@ def _check_counts(args, **minimum) -> None:
 
 
 def cmd_quantize(args) -> dict:
-    from ..engine import is_checkpoint_file
-    from ..export.serialization import load_model, save
-    from ..fileio import CheckpointDir, check_output
     from ..models.adapters import get_adapter
     from ..models.loading import read_config
     from ..quant.api import make_method, quantize
@@ -187,18 +181,8 @@ def cmd_quantize(args) -> dict:
         return _quantize_distributed(args, scheme, options)
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
-    real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else real_out.parent / f"{real_out.name}.ckpt"
-    real_ck = Path(os.path.realpath(ckpt))
-    if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
-        raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
-    check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
-    ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
-    try:
-        model = _load_for_quantize(args, options) if not args.in_memory else None
-        streamed = model is not None
-        if not streamed:
-            model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+
+    def compute(model, ck):
         get_adapter(model)
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
@@ -211,19 +195,9 @@ def cmd_quantize(args) -> dict:
                                                      args.seqlen, args.seed, trust_remote_code=trust)
         quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
                  progress=not args.no_progress, report_dir=args.report, **extra, **options)
-        if streamed:
-            from ..streaming import save_streamed
 
-            save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        else:
-            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        ck.remove(is_checkpoint_file)
-    except BaseException:
-        if not (ck.path / "state.json").exists():  # nothing worth resuming: leave nothing behind
-            ck.remove(is_checkpoint_file)
-        raise
-    finally:
-        ck.close()
+    model = write_artifact(args, "quantize", inputs, compute, lambda adapter: _not_streamable(args, adapter, options),
+                           resumable=True)
     return _quantize_result(args, scheme, out, model)
 
 
@@ -241,28 +215,6 @@ def _quantize_result(args, scheme, out, model) -> dict:
           f"calibration tokens {desc['calibration']['tokens']}"
           + (f", per rank {rank_tokens}" if len(rank_tokens) > 1 else "") + ")", file=sys.stderr)
     return result
-
-
-def _load_for_quantize(args, options):
-    """The streamed model (:mod:`mmcompress.streaming`), or ``None`` with a one-line notice saying why the
-    whole model is loaded instead (an error under ``--stream``)."""
-    from ..models.adapters import get_adapter
-    from ..streaming import StreamError, load_streamed
-
-    if args.stream and args.in_memory:
-        raise CLIError("--stream and --in-memory exclude each other")
-    try:
-        model = load_streamed(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
-        why = _not_streamable(args, get_adapter(model), options)
-    except StreamError as e:
-        model, why = None, str(e)
-    if why is None:
-        return model
-    if args.stream:
-        raise CLIError(f"--stream: {why}; run with --in-memory")
-    del model
-    whole_model_notice("quantize", why)
-    return None
 
 
 def _not_streamable(args, adapter, options) -> str | None:
@@ -424,24 +376,48 @@ def cmd_compress(args) -> dict:
         return on_ranks(cmd_compress, args)
     world = current()
     inputs = _inputs(args.model, args.calib) + [args.recipe]
-    check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
-    if world.rank == 0:
-        whole_model_notice("compress", "recipes are not streamed yet (sparsity steps fold into the embeddings and head)")
-    get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
-                             trust_remote_code=trust)
-    apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
-                 progress=not args.no_progress and world.rank == 0)
-    if world.rank == 0:
-        save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-    world.barrier()
+
+    def compute(model, ck):
+        get_adapter(model)
+        calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                                 trust_remote_code=trust)
+        apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
+                     progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck)
+
+    if world.size > 1:
+        check_output(args.output, overwrite=args.overwrite, inputs=inputs)
+        if world.rank == 0:
+            whole_model_notice("compress", "layer streaming is not supported under torchrun yet; every rank loads it")
+        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
+        compute(model, None)
+        if world.rank == 0:
+            save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        world.barrier()
+    else:
+        model = write_artifact(args, "compress", inputs, compute, lambda adapter: _recipe_not_streamable(steps, adapter))
     desc = model._mmcompress_description
-    print(f"compressed {args.model} with {len(steps)} steps -> {args.output} ({desc['seconds']} s)", file=sys.stderr)
+    print(f"compressed {args.model} with {len(steps)} steps in {len(desc['walks'])} walk(s) -> {args.output} "
+          f"({desc['seconds']} s)", file=sys.stderr)
     return {"output": str(args.output), "steps": [
         {"kind": s["kind"], "method": s.get("method")} for s in steps], "seconds": desc["seconds"],
-        "descriptions": desc["steps"], "world_size": world.size,
+        "walks": desc["walks"], "descriptions": desc["steps"], "world_size": world.size,
         "rank_tokens": getattr(model, "_mmcompress_rank_tokens", None)}
+
+
+def _recipe_not_streamable(steps, adapter) -> str | None:
+    """Why a streamed recipe would not match the in-memory one (a step that needs the whole model), or ``None``."""
+    from ..quant.api import make_method, whole_model_prepare
+    from ..quant.quantizer import resolve_scheme
+    from ..sparse.api import make_sparse_method
+
+    for n, step in enumerate(steps, 1):
+        opts = {k: v for k, v in step.items() if k not in ("kind", "method", "scheme", "adapters")}
+        if step["kind"] == "sparsify" and make_sparse_method(step["method"], **opts).layer_method() is None:
+            return f"recipe step {n} ({step['method']} with these options) needs whole-model passes"
+        if step["kind"] == "quantize" and whole_model_prepare(
+                make_method(step["method"], resolve_scheme(step.get("scheme", "w8a8")), **opts), adapter):
+            return f"recipe step {n} ({step['method']} with loss_weights auto) probes gradients through the whole model"
+    return None
 
 
 def cmd_report(args) -> dict:

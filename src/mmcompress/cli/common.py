@@ -224,3 +224,80 @@ def method_options(args, methods: dict, method: str) -> dict:
         return methods[method].Options.check(given, method)
     except OptionError as e:
         raise CLIError(e.message(flag_of_key.get(e.key, e.key), valid)) from None
+
+
+def add_streaming(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="the default: read one decoder layer at a time from the checkpoint (peak memory: one layer "
+                        "plus the calibration activations; docs/scaling.md); with this flag a model that cannot be "
+                        "streamed is an error instead of a notice and an in-memory load")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model into memory instead of streaming its layers (the same artifact)")
+
+
+def load_streamed(args, command: str, why_not):
+    """The streamed model (:mod:`mmcompress.streaming`), or ``None`` with a one-line notice saying why the
+    whole model is loaded instead (an error under ``--stream``); ``why_not(adapter)``: why a streamed run
+    would not match the in-memory one, or ``None``."""
+    from ..models.adapters import get_adapter
+    from ..streaming import StreamError, load_streamed as load
+
+    if args.stream and args.in_memory:
+        raise CLIError("--stream and --in-memory exclude each other")
+    if args.in_memory:
+        return None
+    try:
+        model = load(args.model, args.dtype, trust_remote_code=args.trust_remote_code)
+        why = why_not(get_adapter(model))
+    except StreamError as e:
+        model, why = None, str(e)
+    if why is None:
+        return model
+    if args.stream:
+        raise CLIError(f"--stream: {why}; run with --in-memory")
+    del model
+    whole_model_notice(command, why)
+    return None
+
+
+def write_artifact(args, command: str, inputs: list, compute, why_not=lambda adapter: None, *,
+                   resumable: bool = False):
+    """Load ``args.model`` streamed (the default) or whole, run ``compute(model, checkpoint_dir)`` and save
+    ``args.output``; returns the model.  The checkpoint directory (``--checkpoint-dir``, default
+    ``OUTPUT.ckpt``; ours alone and locked) holds a streamed run's finished layers, and a resumable run's
+    checkpoints (``None`` is passed for an in-memory run that is not resumable); it is removed once the
+    artifact is written, or on failure unless a resumable run left something to resume."""
+    from ..engine import is_checkpoint_file
+    from ..export.serialization import load_model, save
+    from ..fileio import CheckpointDir, check_output
+
+    out = Path(args.output)
+    real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
+    given = getattr(args, "checkpoint_dir", None)
+    ckpt = Path(given) if given else real_out.parent / f"{real_out.name}.ckpt"
+    real_ck = Path(os.path.realpath(ckpt))
+    if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
+        raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
+    check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
+    ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
+    try:
+        model = load_streamed(args, command, why_not)
+        streamed = model is not None
+        if not streamed:
+            model = load_model(args.model, dtype=args.dtype, runtime="reference",
+                               trust_remote_code=args.trust_remote_code)
+        compute(model, ck if streamed or resumable else None)
+        if streamed:
+            from ..streaming import save_streamed
+
+            save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        else:
+            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        ck.remove(is_checkpoint_file)
+    except BaseException:
+        if not (resumable and (ck.path / "state.json").exists()):  # nothing worth resuming: leave nothing behind
+            ck.remove(is_checkpoint_file)
+        raise
+    finally:
+        ck.close()
+    return model

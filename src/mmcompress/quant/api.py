@@ -52,6 +52,24 @@ def check_disjoint(calib: CalibrationSet, other: CalibrationSet, what: str) -> N
                                "held-out measurements need disjoint data")
 
 
+def describe(m, calib: CalibrationSet, adapter, infos: list[dict], extra: dict | None = None, seconds=None) -> dict:
+    """The description of a quantization (``mmcompress.json``): method, scheme, calibration, per-layer infos."""
+    desc = {"kind": "quantization", "method": m.config(), "scheme": m.scheme.name,
+            "calibration": calib.summary(adapter.modality_token_ids), **(extra or {}), "layers": infos}
+    if seconds is not None:
+        desc["seconds"] = seconds
+    summary = m.method_summary()
+    if summary:
+        desc["method_summary"] = summary
+    return desc
+
+
+def whole_model_prepare(m, adapter) -> bool:
+    """Whether ``m.prepare`` probes the whole model (MBQ/MASQuant ``loss_weights="auto"`` on multimodal
+    data: gradient ratios): it must then see the model as the steps before it left it, not stream."""
+    return getattr(m, "loss_weights_spec", None) == "auto" and bool(adapter.modality_token_ids)
+
+
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
              checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, report_calib=None,
              whitening=None, **options):
@@ -98,19 +116,8 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     t0 = time.time()
     infos = run_layerwise(model, adapter, m, calib.samples, device=device, checkpoint_dir=checkpoint_dir,
                           resume=resume, progress=progress, diagnostics=diagnostics, side_sets=side_sets)
-    model._mmcompress_description = {
-        "kind": "quantization",
-        "method": m.config(),
-        "scheme": scheme.name,
-        "calibration": calib.summary(adapter.modality_token_ids),
-        **extra,
-        "layers": infos,
-        "seconds": round(time.time() - t0, 2),
-    }
+    model._mmcompress_description = describe(m, calib, adapter, infos, extra, seconds=round(time.time() - t0, 2))
     finite.check_module(model, f"the {m.name} result")
-    summary = m.method_summary()
-    if summary:
-        model._mmcompress_description["method_summary"] = summary
     if diagnostics is not None:
         from .diagnostics import write_report
 

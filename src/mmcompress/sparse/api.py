@@ -27,7 +27,7 @@ from .methods.base import SparseMethod
 
 def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
              mode: str | None = None, prefill: str | None = None, device="cpu", progress: bool = True,
-             **options) -> nn.Module:
+             checkpoint_dir=None, **options) -> nn.Module:
     """Sparsify ``model`` in place and return it (see module docstring).
 
     ``method``: a name of :data:`~.methods.SPARSE_METHODS`; ``sparsity`` and the other options are
@@ -36,9 +36,34 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     TEAL ``uniform`` (default) | ``greedy``; WINA ``uniform`` | ``greedy``; CATS has none.
     ``mode`` (LaRoSA only): ``merged`` | ``reference``.
     ``prefill``: ``all`` (paper protocol) | ``none`` (dense prefill) | ``last_half`` (TEAL protocol).
+    One layer-by-layer walk (:meth:`~.methods.base.SparseMethod.layer_method`) except for the plans that
+    search over the whole model; ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model
+    needs one).
     """
     m = make_sparse_method(method, sparsity=sparsity, plan=plan, mode=mode, prefill=prefill, **options)
     adapter = get_adapter(model)
+    check_sparsifiable(adapter, m)
+    if not isinstance(calib, CalibrationSet):
+        calib = CalibrationSet(list(calib))
+    if len(calib) == 0:
+        raise CalibrationError("calibration set is empty")
+    finite.check_module(model, "input weight")
+    t0 = time.time()
+    model.eval()
+    info = m.apply(model, adapter, calib.samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    finite.check_module(model, f"the {m.name} result")
+    model._mmcompress_description = {
+        "kind": "activation_sparsity",
+        "method": {**m.config(), **info},  # every option (Options), then what the run chose and achieved
+        "calibration": calib.summary(adapter.modality_token_ids),
+        "seconds": round(time.time() - t0, 2),
+    }
+    adapter.install_router()
+    return model
+
+
+def check_sparsifiable(adapter, m: SparseMethod) -> None:
+    """Refuse a model family the method cannot sparsify (``UnsupportedModelError`` with the reason)."""
     if adapter.sparsity_blocker and m.rotating:
         from ..models.adapters import FAMILIES
 
@@ -49,23 +74,6 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
         raise UnsupportedModelError(f"{m.name} cannot sparsify {adapter.family}: its MoE experts need per-expert "
                                     "thresholds calibrated on the tokens routed to each expert, which the "
                                     "sparsity plans (one level per projection role) do not model yet")
-    if not isinstance(calib, CalibrationSet):
-        calib = CalibrationSet(list(calib))
-    if len(calib) == 0:
-        raise CalibrationError("calibration set is empty")
-    finite.check_module(model, "input weight")
-    t0 = time.time()
-    model.eval()
-    info = m.apply(model, adapter, calib.samples, device=device, progress=progress)
-    finite.check_module(model, f"the {m.name} result")
-    model._mmcompress_description = {
-        "kind": "activation_sparsity",
-        "method": {**m.config(), **info},  # every option (Options), then what the run chose and achieved
-        "calibration": calib.summary(adapter.modality_token_ids),
-        "seconds": round(time.time() - t0, 2),
-    }
-    adapter.install_router()
-    return model
 
 
 def make_sparse_method(method: str, **options) -> SparseMethod:

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from ..cli.common import CLIError, add_calib, add_common, add_method_flags, add_overwrite, add_trust, check_calib_spec
-from ..cli.common import input_paths, load_calibration, method_options, on_ranks, whole_model_notice
+from ..cli.common import add_streaming, input_paths, load_calibration, method_options, on_ranks, whole_model_notice
+from ..cli.common import write_artifact
 from .methods import SPARSE_METHODS
 
 
@@ -22,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     add_overwrite(p)
     p.add_argument("--no-progress", action="store_true")
+    add_streaming(p)
     add_common(p)
     add_trust(p)
     p.set_defaults(func=cmd_sparsify)
@@ -32,7 +34,7 @@ def cmd_sparsify(args) -> dict:
     from ..export.serialization import load_model, save
     from ..models.adapters import get_adapter
     from ..models.loading import read_config
-    from .api import sparsify
+    from .api import make_sparse_method, sparsify
 
     options = method_options(args, SPARSE_METHODS, args.method)
     config = SPARSE_METHODS[args.method].Options(**options)  # the flags given, the method's defaults for the rest
@@ -47,25 +49,35 @@ def cmd_sparsify(args) -> dict:
         return on_ranks(cmd_sparsify, args)
     world = current()
     inputs = input_paths(args.model, args.calib)
-    check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
-    if world.rank == 0:
-        whole_model_notice("sparsify", "sparsity methods are not streamed yet (LaRoSA folds into the embeddings and head)")
-    adapter = get_adapter(model)
-    if mode == "merged":
-        from .merge import supports_merged
 
-        ok, why = supports_merged(adapter)
-        if not ok:
-            raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
-                             trust_remote_code=args.trust_remote_code)
-    sparsify(model, calib, args.method, device=world.device if world.size > 1 else args.device,
-             progress=not args.no_progress and world.rank == 0, **options)
+    def compute(model, ck):
+        adapter = get_adapter(model)
+        if mode == "merged":
+            from .merge import supports_merged
+
+            ok, why = supports_merged(adapter)
+            if not ok:
+                raise CLIError(f"--mode merged is not supported for {adapter.family}: {why}")
+        calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
+                                 trust_remote_code=args.trust_remote_code)
+        sparsify(model, calib, args.method, device=world.device if world.size > 1 else args.device,
+                 progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, **options)
+
     out = Path(args.output)
-    if world.rank == 0:
-        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-    world.barrier()
+    if world.size > 1:
+        check_output(args.output, overwrite=args.overwrite, inputs=inputs)
+        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
+        if world.rank == 0:
+            whole_model_notice("sparsify", "layer streaming is not supported under torchrun yet; every rank loads it")
+        compute(model, None)
+        if world.rank == 0:
+            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
+        world.barrier()
+    else:
+        walk = make_sparse_method(args.method, **options).layer_method()
+        model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
+                               "these options need whole-model passes (LaRoSA grid/greedy plans or merged --basis "
+                               "both, WINA greedy)")
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,

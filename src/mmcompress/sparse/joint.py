@@ -36,6 +36,7 @@ import time
 import torch
 from torch import nn
 
+from ..engine import Method
 from ..quant.linear import QuantLinear
 from ..quant.quantizer import pack_int4
 from ..specs import register_sparse_module
@@ -239,3 +240,27 @@ def quantize_residual_adapters(model: nn.Module, scheme: str = "w8a16") -> int:
             mod.residual_adapter = QuantLinear.from_linear(mod.residual_adapter, sch).pack()
             n += 1
     return n
+
+
+class ResidualAdapterQuant(Method):
+    """A recipe's ``adapters: w8a16`` as the last part of its walk: each layer's residual adapter is
+    quantized once the layer's output pass is done (``observe_then_change``), so the activation chain and
+    the quantization steps before it see the float adapters, as when the adapters were quantized after
+    the whole walk (:func:`quantize_residual_adapters`)."""
+
+    name = "residual-adapters"
+    observe_then_change = True
+    distributed = True
+
+    def __init__(self, scheme: str):
+        self.scheme = check_adapter_scheme(scheme)
+        self.count = 0
+
+    def config(self) -> dict:
+        return {"method": self.name, "scheme": self.scheme}
+
+    def step(self, ctx) -> None:
+        pass
+
+    def observed(self, ctx) -> None:
+        self.count += quantize_residual_adapters(ctx.layer, self.scheme)

@@ -285,61 +285,99 @@ def _scale_readers(adapter, norm: nn.Module, readers: list[nn.Linear]) -> None:
 @torch.no_grad()
 def merge_rotations(model: nn.Module, adapter, rotations, adapter_dtype=None, column_scale: bool = False) -> nn.Module:
     """Mode M: fold every RMSNorm γ into its readers and merge the per-layer rotations into the weights
-    (see the module docstring; ``column_scale`` there too).  In place; returns ``model``."""
+    (see the module docstring; ``column_scale`` there too).  In place; returns ``model``.  The same
+    surgery one layer at a time is :func:`untie_head`, :func:`merge_layer` and :func:`merge_outside`."""
     ok, why = supports_merged(adapter)
     if not ok:
         raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
     qs = _check_rotations(adapter, rotations)
-    layers = adapter.layers
-    n = len(layers)
-    d = adapter.text_config.hidden_size
-    dtype = adapter.embed_tokens.weight.dtype
+    if any(isinstance(layer, ResidualAdaptedLayer) for layer in adapter.layers):
+        raise ValueError("the model is already merged (ResidualAdaptedLayer found)")
+    untie_head(model, adapter)
+    n = len(adapter.layers)
     for i in range(n):
-        layer = inner_layer(layers[i])
-        q = qs[i]
-        groups = _groups(adapter, i)
-        for gname in ("attn_in", "mlp_in"):
-            g = groups[gname]
-            norm = layer.get_submodule(g.producer)
-            gamma = adapter.norm_scale(norm)
-            for lin in g.modules(layer):
-                _rotate_reader(lin, q, gamma)
-            adapter.set_norm_scale(norm, torch.ones_like(gamma))
-            if column_scale:
-                _scale_readers(adapter, norm, g.modules(layer))
-        for gname in ("attn_out", "mlp_out"):
-            for lin in groups[gname].modules(layer):
-                _rotate_writer(lin, q)
-    # embedding and head (untie first)
+        merge_layer(adapter, i, qs[i], qs[i + 1] if i < n - 1 else None, column_scale=column_scale,
+                    adapter_dtype=adapter_dtype)
+    merge_outside(model, adapter, qs[0], qs[-1])
+    return model
+
+
+def untie_head(model: nn.Module, adapter) -> bool:
+    """Give the output head its own weight (it will read ``H diag(γ_f) Q_L`` while the embedding holds
+    ``E Q_1``); ``True`` if it was tied.  A streamed model's head stays on the meta device, read from the
+    embedding's stored tensor when it is needed (``LayerStream.untie``)."""
     emb, head = adapter.embed_tokens, adapter.lm_head
-    if adapter.tied:
-        head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
-        for cfg in {id(c): c for c in (model.config, adapter.text_config)}.values():
-            if hasattr(cfg, "tie_word_embeddings"):
-                cfg.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys") and isinstance(model._tied_weights_keys, dict):
-            model._tied_weights_keys = {}
-    emb.weight.data.copy_((emb.weight.data.double() @ qs[0]).to(emb.weight.dtype))
-    for lin in embedding_writers(model, adapter):
-        _rotate_writer(lin, qs[0])
+    if head.weight is not emb.weight and (head.weight.is_meta or head.weight.data_ptr() != emb.weight.data_ptr()):
+        return False
+    stream = getattr(model, "_mmcompress_stream", None)
+    w = head.weight
+    head.weight = nn.Parameter(torch.empty_like(w, device="meta") if stream is not None else w.data.clone(),
+                               requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, adapter.text_config)}.values():
+        if hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys") and isinstance(model._tied_weights_keys, dict):
+        model._tied_weights_keys = {}
+    if stream is not None:
+        stream.untie(model)
+    return True
+
+
+@torch.no_grad()
+def merge_layer(adapter, i: int, q: torch.Tensor, q_next: torch.Tensor | None, *, column_scale: bool = False,
+                adapter_dtype=None) -> "ResidualAdaptedLayer":
+    """Mode M for decoder layer ``i`` alone: readers ``W diag(γ) Q_i`` (norm γ → 1), writers ``Q_iᵀ W``, and
+    the layer wrapped with its residual adapter ``A_i = Q_iᵀ Q_{i+1}`` (none after the last layer,
+    ``q_next=None``); the wrapper replaces the layer in ``adapter.layers`` and is returned."""
+    layer = adapter.layers[i]
+    if isinstance(layer, ResidualAdaptedLayer):
+        raise ValueError("the model is already merged (ResidualAdaptedLayer found)")
+    dev = next(layer.parameters()).device
+    q = q.double().to(dev)
+    groups = _groups(adapter, i)
+    for gname in ("attn_in", "mlp_in"):
+        g = groups[gname]
+        norm = layer.get_submodule(g.producer)
+        gamma = adapter.norm_scale(norm)
+        for lin in g.modules(layer):
+            _rotate_reader(lin, q, gamma)
+        adapter.set_norm_scale(norm, torch.ones_like(gamma))
+        if column_scale:
+            _scale_readers(adapter, norm, g.modules(layer))
+    for gname in ("attn_out", "mlp_out"):
+        for lin in groups[gname].modules(layer):
+            _rotate_writer(lin, q)
+    adtype = adapter_dtype or adapter.embed_tokens.weight.dtype
+    wrapped = ResidualAdaptedLayer(layer, adapter.text_config.hidden_size, adapter=q_next is not None, dtype=adtype,
+                                   device=dev)
+    if q_next is not None:  # r' ← r' A, A = Q_iᵀ Q_{i+1}; as a linear, weight = Aᵀ = Q_{i+1}ᵀ Q_i
+        wrapped.residual_adapter.weight.data.copy_((q_next.double().to(dev).T @ q).to(adtype))
+    adapter.layers[i] = wrapped
+    return wrapped
+
+
+@torch.no_grad()
+def merge_outside(model: nn.Module, adapter, q_first: torch.Tensor, q_last: torch.Tensor) -> None:
+    """Mode M outside the decoder layers: embedding ``E Q_1`` (and every module writing into the input
+    embeddings), head ``H diag(γ_f) Q_L`` with the final norm's γ → 1 (run :func:`untie_head` first).  A
+    streamed model's tensors are read from its checkpoint here and kept in memory until it is saved."""
+    stream = getattr(model, "_mmcompress_stream", None)
+    q_first, q_last = q_first.double().cpu(), q_last.double().cpu()
+    emb, head = adapter.embed_tokens, adapter.lm_head
+    writers = embedding_writers(model, adapter)
+    owners = [model.get_submodule(p.rpartition(".")[0]) for p in adapter.embedding_matrices]
+    if stream is not None:
+        for mod in (emb, head, adapter.final_norm, *writers, *owners):
+            stream.materialize(model, mod)
+    emb.weight.data.copy_((emb.weight.data.double() @ q_first).to(emb.weight.dtype))
+    for lin in writers:
+        _rotate_writer(lin, q_first)
     for path in adapter.embedding_matrices:  # features x @ P (MiniCPM-V's resampler): P' = P Q
         p = model.get_parameter(path)
-        p.data.copy_((p.data.double() @ qs[0]).to(p.dtype))
+        p.data.copy_((p.data.double() @ q_first).to(p.dtype))
     gamma_f = adapter.norm_scale(adapter.final_norm)
-    _rotate_reader(head, qs[-1], gamma_f)
+    _rotate_reader(head, q_last, gamma_f)
     adapter.set_norm_scale(adapter.final_norm, torch.ones_like(gamma_f))
-    # residual adapters between layers
-    adtype = adapter_dtype or dtype
-    for i in range(n):
-        layer = layers[i]
-        if isinstance(layer, ResidualAdaptedLayer):
-            raise ValueError("the model is already merged (ResidualAdaptedLayer found)")
-        dev = next(layer.parameters()).device
-        wrapped = ResidualAdaptedLayer(layer, d, adapter=i < n - 1, dtype=adtype, device=dev)
-        if i < n - 1:  # r' ← r' A, A = Q_iᵀ Q_{i+1}; as a linear, weight = Aᵀ = Q_{i+1}ᵀ Q_i
-            wrapped.residual_adapter.weight.data.copy_((qs[i + 1].T @ qs[i]).to(adtype))
-        layers[i] = wrapped
-    return model
 
 
 @torch.no_grad()
@@ -347,17 +385,23 @@ def rotate_reference(model: nn.Module, adapter, rotations) -> nn.Module:
     """Mode R: block-input norms become ``RotatedNorm`` (γ⊙RMS(r))·Q_l and readers W Q_l.  The
     residual stream, embedding and head are untouched.  In place; returns ``model``."""
     qs = _check_rotations(adapter, rotations)
-    d = adapter.text_config.hidden_size
-    for i, layer in enumerate(adapter.layers):
-        layer = inner_layer(layer)
-        q = qs[i]
-        groups = _groups(adapter, i)
-        for gname in ("attn_in", "mlp_in"):
-            g = groups[gname]
-            rotate_block_input(layer, g, q, d)
-            for lin in g.modules(layer):
-                _rotate_reader(lin, q)
+    for i in range(len(adapter.layers)):
+        rotate_reference_layer(adapter, i, qs[i])
     return model
+
+
+@torch.no_grad()
+def rotate_reference_layer(adapter, i: int, q: torch.Tensor) -> None:
+    """Mode R for decoder layer ``i`` alone."""
+    layer = inner_layer(adapter.layers[i])
+    q = q.double().to(next(layer.parameters()).device)
+    d = adapter.text_config.hidden_size
+    groups = _groups(adapter, i)
+    for gname in ("attn_in", "mlp_in"):
+        g = groups[gname]
+        rotate_block_input(layer, g, q, d)
+        for lin in g.modules(layer):
+            _rotate_reader(lin, q)
 
 
 def block_input_norm(layer: nn.Module, group) -> nn.Module:

@@ -62,6 +62,23 @@ def rotation_from_moment(moment: torch.Tensor, damping: float = 0.01) -> tuple[t
     return q * signs, evals
 
 
+def norm_moment_observer(norm, mode: str, cur: dict, key: str, count: bool = True):
+    """An observer ``(module, where, fn)`` adding ``xᵀx`` to ``cur[key]`` (float64) for the normalised input
+    of ``norm``: ``x = RMS(r)`` of its input ``r`` (mode "merged", γ-free) or its output ``γ ⊙ RMS(r)``
+    (mode "reference"); ``count``: add the token count to ``cur["n"]``."""
+    eps = _norm_eps(norm) if mode == "merged" else None
+
+    def observe(t):
+        x = t.reshape(-1, t.shape[-1]).double()
+        if eps is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        cur[key].addmm_(x.T, x)
+        if count:
+            cur["n"] += x.shape[0]
+
+    return norm, "input" if eps is not None else "output", observe
+
+
 class MomentCollector(Method):
     """Engine method that only observes: accumulates ``H_l`` of the normalised layer inputs through the
     layer context's observers (:meth:`Method.observers`), one pass per layer."""
@@ -89,31 +106,9 @@ class MomentCollector(Method):
         groups = {g.name: g for g in ctx.adapter.groups}
         d = ctx.adapter.text_config.hidden_size
         cur = self._current = {"H": torch.zeros(d, d, dtype=torch.float64, device=ctx.device), "n": 0}
-        out = []
-        for gname in ["attn_in"] + (["mlp_in"] if self.basis == "both" else []):
-            norm = ctx.layer.get_submodule(groups[gname].producer)
-            count = gname == "attn_in"
-            if self.mode == "merged":  # γ-free RMS(r) of the norm's input r
-                eps = _norm_eps(norm)
-
-                def observe(r, eps=eps, count=count):
-                    x = r.reshape(-1, r.shape[-1]).double()
-                    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-                    cur["H"].addmm_(x.T, x)
-                    if count:
-                        cur["n"] += x.shape[0]
-
-                out.append((norm, "input", observe))
-            else:  # γ ⊙ RMS(r): the norm's output, as the readers see it
-
-                def observe(y, count=count):
-                    x = y.reshape(-1, y.shape[-1]).double()
-                    cur["H"].addmm_(x.T, x)
-                    if count:
-                        cur["n"] += x.shape[0]
-
-                out.append((norm, "output", observe))
-        return out
+        return [norm_moment_observer(ctx.layer.get_submodule(groups[gname].producer), self.mode, cur, "H",
+                                     count=gname == "attn_in")
+                for gname in ["attn_in"] + (["mlp_in"] if self.basis == "both" else [])]
 
     def observed(self, ctx) -> None:
         cur, self._current = self._current, None

@@ -5,8 +5,9 @@ options dataclass, the way quantization methods are (:mod:`mmcompress.quant.meth
 flags and ``config()``, so ``sparsify``, ``compress --recipe`` and ``mmcompress sparsify`` refuse the
 same values with the same message.  ``sparsity`` is every method's target model-level sparsity,
 checked by :data:`~mmcompress.sparse.topk.LEVEL` (the one range check of a sparsity level).  A method's
-calibration passes are engine methods (:class:`mmcompress.engine.Method`) that observe through the layer
-context (``observers``); :meth:`SparseMethod.apply` runs them and the method's model surgery.
+calibration is an engine method (:meth:`SparseMethod.layer_method`) that observes through the layer
+context and changes each layer once its observers have seen it, so ``sparsify`` is one walk and a
+recipe composes it with the quantization steps in one walk (:class:`mmcompress.engine.Sequence`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ class SparseMethod:
         """The options but ``sparsity``, as keyword arguments of the method's function."""
         return {k: v for k, v in self.options.values().items() if k != "sparsity"}
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        """Sparsify ``model`` in place; returns the description saved as ``mmcompress.json``'s ``method``."""
+    def layer_method(self):
+        """This method as an engine method (:class:`mmcompress.engine.Method`) that sparsifies the model in
+        one layer-by-layer walk, alone or as a step of a recipe's walk (:class:`mmcompress.engine.Sequence`),
+        with a ``description()`` once the walk is done; ``None`` where the options need whole-model stages
+        (:meth:`apply_staged`: LaRoSA's grid and greedy plans, WINA's greedy plan)."""
+        return None
+
+    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         raise NotImplementedError
+
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True, checkpoint_dir=None) -> dict:
+        """Sparsify ``model`` in place; returns the description saved as ``mmcompress.json``'s ``method``.
+        A streamed model (:mod:`mmcompress.streaming`) needs the one-walk form and ``checkpoint_dir``."""
+        from ...engine import run_layerwise
+
+        walk = self.layer_method()
+        if walk is None:
+            if getattr(model, "_mmcompress_stream", None) is not None:
+                raise ValueError(f"{self.name} with these options needs the whole model in memory")
+            return self.apply_staged(model, adapter, samples, device=device, progress=progress)
+        run_layerwise(model, adapter, walk, samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+        return walk.description()

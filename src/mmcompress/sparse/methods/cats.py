@@ -19,7 +19,7 @@ from ... import options as opt
 from .. import plan as plans
 from ..merge import ThresholdedActivation, inner_layer
 from .base import SparseMethod, SparseOptions
-from .teal import calibrate_magnitudes, quantile
+from .teal import ThresholdLayers, calibrate_magnitudes, quantile
 
 
 def _cats_select(layer, adapter):
@@ -29,35 +29,45 @@ def _cats_select(layer, adapter):
 def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_mlp_sparsity: float = 0.99,
          device="cpu", progress=True, magnitudes=None) -> dict:
     """Apply CATS in place; ``sparsity`` is the target *model-level* sparsity."""
-    if prefill not in ("all", "none"):
-        raise ValueError(f"CATS supports prefill policies 'all' and 'none', not {prefill!r}")
+    _check(prefill)
     shapes = plans.layer_shapes(adapter)
     if magnitudes is None:
         magnitudes = calibrate_magnitudes(model, adapter, samples, device=device, progress=progress,
                                           select=_cats_select)
-    levels, thresholds, capped = [], [], False
-    for i, layer in enumerate(adapter.layers):
-        layer = inner_layer(layer)
-        path = adapter.mlp_activation(i)
-        sh = shapes[i]
-        k = sparsity * sh.total / (sh.masses["up"] + sh.masses["down"])
-        if k > max_mlp_sparsity:
-            k, capped = max_mlp_sparsity, True
-        t = quantile(magnitudes[i]["gate_act"], k)
-        act = layer.get_submodule(path)
-        if isinstance(act, ThresholdedActivation):
-            act.threshold = t
-        else:
-            act = ThresholdedActivation(act, t)
-            layer.set_submodule(path, act)
-        act.sparse_prefill = prefill == "all"
-        levels.append({"up": k, "down": k})
-        thresholds.append(round(t, 6))
-    chosen = plans.per_projection(shapes, levels, "cats", sparsity)
-    out = {"method": "cats", "prefill": prefill, **chosen.summary(), "thresholds": thresholds,
+    installed = [install_threshold(adapter, i, shapes[i], magnitudes[i], sparsity, prefill, max_mlp_sparsity)
+                 for i in range(len(adapter.layers))]
+    return _description(shapes, installed, sparsity, prefill, max_mlp_sparsity)
+
+
+def _check(prefill: str) -> None:
+    if prefill not in ("all", "none"):
+        raise ValueError(f"CATS supports prefill policies 'all' and 'none', not {prefill!r}")
+
+
+def install_threshold(adapter, i: int, shape, magnitudes: dict, sparsity: float, prefill: str,
+                      max_mlp_sparsity: float) -> tuple[float, float]:
+    """Threshold decoder layer ``i``'s MLP activation at the MLP sparsity ``k`` that gives the target
+    model-level sparsity (capped at ``max_mlp_sparsity``); returns ``(k, t)``."""
+    layer = inner_layer(adapter.layers[i])
+    k = min(sparsity * shape.total / (shape.masses["up"] + shape.masses["down"]), max_mlp_sparsity)
+    t = quantile(magnitudes["gate_act"], k)
+    path = adapter.mlp_activation(i)
+    act = layer.get_submodule(path)
+    if isinstance(act, ThresholdedActivation):
+        act.threshold = t
+    else:
+        act = ThresholdedActivation(act, t)
+        layer.set_submodule(path, act)
+    act.sparse_prefill = prefill == "all"
+    return k, t
+
+
+def _description(shapes, installed, sparsity: float, prefill: str, max_mlp_sparsity: float) -> dict:
+    chosen = plans.per_projection(shapes, [{"up": k, "down": k} for k, _ in installed], "cats", sparsity)
+    out = {"method": "cats", "prefill": prefill, **chosen.summary(), "thresholds": [round(t, 6) for _, t in installed],
            "max_model_sparsity": round(max_mlp_sparsity * sum(s.masses["up"] + s.masses["down"] for s in shapes)
                                        / sum(s.total for s in shapes), 6)}
-    if capped:
+    if any(sparsity * s.total / (s.masses["up"] + s.masses["down"]) > max_mlp_sparsity for s in shapes):
         out["note"] = (f"target {sparsity} is above what CATS can reach (MLP sparsity capped at {max_mlp_sparsity}); "
                        f"achieved model-level sparsity {out['model_sparsity']}")
     return out
@@ -77,6 +87,12 @@ class CATS(SparseMethod):
     name = "cats"
     Options = CATSOptions
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        options = {k: v for k, v in self.kwargs().items() if k != "plan"}  # one allocation: the plan only names it
-        return cats(model, adapter, samples, self.sparsity, device=device, progress=progress, **options)
+    def layer_method(self) -> ThresholdLayers:
+        sparsity, prefill = self.sparsity, self.options.prefill
+        cap = self.options.max_mlp_sparsity
+        _check(prefill)
+        layers = ThresholdLayers(
+            "cats", _cats_select,
+            lambda adapter, i, mags: install_threshold(adapter, i, layers.shapes[i], mags, sparsity, prefill, cap),
+            lambda shapes, installed: _description(shapes, installed, sparsity, prefill, cap))
+        return layers

@@ -19,9 +19,10 @@ from torch import nn
 from ... import options as opt
 from .. import plan as plans
 from ..linear import SparseLinear
-from ..merge import PrefillPolicySparseLinear, inner_layer, merge_rotations, rotate_reference, supports_merged
+from ..merge import (PrefillPolicySparseLinear, inner_layer, merge_layer, merge_outside, merge_rotations,
+                     rotate_reference, rotate_reference_layer, supports_merged, untie_head)
 from ...engine import Method, run_layerwise
-from ..rotation import calibrate_rotations
+from ..rotation import MODES, calibrate_rotations, norm_moment_observer, rotation_from_moment
 from ..topk import Selector, TopK, keep_count
 from .base import SparseMethod, SparseOptions
 
@@ -48,17 +49,21 @@ def make_sparse_linear(linear: nn.Module, selector: Selector | int, prefill: str
 
 def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
     """Replace every reader by a Top-K ``SparseLinear`` with the plan's K (or update K in place)."""
-    for i, layer in enumerate(adapter.layers):
-        layer = inner_layer(layer)
-        for g in adapter.layer_groups(i):
-            act = plans.GROUP_ACTIVATION[g.name]
-            k = plan.keep(i, act)
-            for path in g.readers:
-                mod = layer.get_submodule(path)
-                if isinstance(mod, SparseLinear) and mod.mode == "topk":
-                    mod.keep = k
-                else:
-                    layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
+    for i in range(len(adapter.layers)):
+        apply_topk_layer(adapter, i, plan, prefill)
+
+
+def apply_topk_layer(adapter, i: int, plan: plans.SparsityPlan, prefill: str = "all") -> None:
+    """:func:`apply_topk_plan` for decoder layer ``i`` alone."""
+    layer = inner_layer(adapter.layers[i])
+    for g in adapter.layer_groups(i):
+        k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
+        for path in g.readers:
+            mod = layer.get_submodule(path)
+            if isinstance(mod, SparseLinear) and mod.mode == "topk":
+                mod.keep = k
+            else:
+                layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
 
 
 @torch.no_grad()
@@ -159,23 +164,30 @@ def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str =
     return best
 
 
-def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mode: str = "merged",
-           prefill: str = "all", basis: str = "attn", ratio_in: float = 0.8, device="cpu", progress=True,
-           grid_samples: int = 4, rotations=None, column_scale: bool = False) -> dict:
-    """Apply LaRoSA in place; returns a description (mode, plan, achieved model-level sparsity).
-
-    ``column_scale`` (merged mode only; ours): Top-K ranks rotated coordinates by |x̃_i|·‖W'_{:,i}‖
-    (see :mod:`..merge`)."""
+def _check(adapter, mode: str, prefill: str, column_scale: bool) -> None:
     if mode == "merged":
         ok, why = supports_merged(adapter)
         if not ok:
             raise NotImplementedError(f"merged mode is not supported for {adapter.family}: {why}")
-    elif mode != "reference":
+    elif mode not in MODES:
         raise ValueError(f"mode must be 'merged' or 'reference', got {mode!r}")
     if prefill not in PREFILL_POLICIES:
         raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
     if column_scale and mode != "merged":
         raise ValueError("column_scale applies to the merged mode only")
+
+
+def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mode: str = "merged",
+           prefill: str = "all", basis: str = "attn", ratio_in: float = 0.8, device="cpu", progress=True,
+           grid_samples: int = 4, rotations=None, column_scale: bool = False) -> dict:
+    """Apply LaRoSA in place, in stages over the whole model (rotation walk, merge, plan); returns a
+    description (mode, plan, achieved model-level sparsity).  The ``grid`` and ``greedy`` plans need
+    these stages (whole-model forwards; a search walk over the rotated model); the others run in one walk
+    as :class:`LaRoSALayers`, with the same result.
+
+    ``column_scale`` (merged mode only; ours): Top-K ranks rotated coordinates by |x̃_i|·‖W'_{:,i}‖
+    (see :mod:`..merge`)."""
+    _check(adapter, mode, prefill, column_scale)
     shapes = plans.layer_shapes(adapter)
     if plan not in ("grid", "greedy"):
         build_plan(plan, shapes, sparsity, ratio_in=ratio_in)  # validate before the calibration
@@ -196,8 +208,109 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
     else:
         chosen = build_plan(plan, shapes, sparsity, ratio_in=ratio_in)
         apply_topk_plan(model, adapter, chosen, prefill)
-    return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": rotations.tokens,
+    return _description(mode, basis, prefill, rotations.tokens, column_scale, chosen)
+
+
+def _description(mode, basis, prefill, tokens, column_scale, chosen) -> dict:
+    return {"method": "larosa", "mode": mode, "basis": basis, "prefill": prefill, "rotation_tokens": tokens,
             **({"column_scale": True} if column_scale else {}), **chosen.summary()}
+
+
+class LaRoSALayers(Method):
+    """LaRoSA with the ``exact`` or ``uniform`` plan as an engine method, one pass per layer: the
+    observers accumulate ``H_l`` on the pass of the unchanged layer (the dense chain, as
+    :func:`..rotation.calibrate_rotations`), then :meth:`observed` rotates the layer and installs its
+    Top-K (``observe_then_change``).
+
+    Mode M's residual adapter after layer ``l`` needs ``Q_{l+1}`` before layer ``l`` is written:
+    ``H_{l+1} = Σ RMS(r)ᵀRMS(r)`` of the next layer's input ``r`` is this layer's output, so the same
+    pass observes it (and layer ``l+1`` reuses it; ``basis="both"`` would also need layer ``l+1``'s MLP
+    input, hence a separate rotation walk: :func:`larosa`).  The first layer's inputs of the merged model
+    are ``x Q_1`` (:meth:`first_inputs`); the embedding, the towers' output projections and the head are
+    folded after the walk (:meth:`finalize`, :func:`..merge.merge_outside`)."""
+
+    name = "larosa"
+    observe_then_change = True
+    distributed = True  # H_l and the token count are summed over the ranks when a layer is done
+
+    def __init__(self, sparsity: float, *, plan: str = "exact", mode: str = "merged", prefill: str = "all",
+                 basis: str = "attn", ratio_in: float = 0.8, column_scale: bool = False, damping: float = 0.01):
+        if plan not in ("exact", "uniform"):
+            raise ValueError(f"the {plan} plan runs in stages (larosa()), not in one walk")
+        if mode == "merged" and basis != "attn":
+            raise ValueError("merged mode with basis='both' needs a rotation walk first (larosa())")
+        self.sparsity, self.plan_kind, self.mode, self.prefill = float(sparsity), plan, mode, prefill
+        self.basis, self.ratio_in, self.column_scale, self.damping = basis, ratio_in, column_scale, damping
+
+    def config(self) -> dict:
+        return {"method": self.name, "sparsity": self.sparsity, "plan": self.plan_kind, "mode": self.mode,
+                "prefill": self.prefill, "basis": self.basis, "ratio_in": self.ratio_in,
+                "column_scale": self.column_scale}
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        _check(adapter, self.mode, self.prefill, self.column_scale)
+        self.adapter = adapter
+        self.plan = build_plan(self.plan_kind, plans.layer_shapes(adapter), self.sparsity, ratio_in=self.ratio_in)
+        self.dtype = adapter.embed_tokens.weight.dtype
+        self.q_first = self.q_last = None
+        self._next = None  # H of the next layer's input (merged mode)
+        self.tokens = 0
+        if self.mode == "merged":
+            untie_head(model, adapter)
+
+    def step(self, ctx) -> None:
+        pass  # the layer changes in observed(), after the pass the observers watch
+
+    def observers(self, ctx):
+        i, n = ctx.index, len(self.adapter.layers)
+        groups = {g.name: g for g in ctx.adapter.groups}
+        d = self.adapter.text_config.hidden_size
+        cur = self._cur = {"H": None, "next": None, "n": 0}
+        out = []
+        if self._next is None:  # this layer's H: the first layer, or reference mode
+            cur["H"] = torch.zeros(d, d, dtype=torch.float64, device=ctx.device)
+            for gname in ["attn_in"] + (["mlp_in"] if self.basis == "both" else []):
+                norm = ctx.layer.get_submodule(groups[gname].producer)
+                out.append(norm_moment_observer(norm, self.mode, cur, "H", count=gname == "attn_in"))
+        if self.mode == "merged" and i + 1 < n:  # the next layer's H from this layer's output
+            cur["next"] = torch.zeros(d, d, dtype=torch.float64, device=ctx.device)
+            g = {g.name: g for g in self.adapter.at_layer(i + 1).groups}["attn_in"]
+            norm = inner_layer(self.adapter.layers[i + 1]).get_submodule(g.producer)
+            obs = norm_moment_observer(norm, "merged", cur, "next", count=cur["H"] is None)[2]
+            out.append((ctx.layer, "output", lambda y, obs=obs: obs(y[0] if isinstance(y, tuple) else y)))
+        return out
+
+    @torch.no_grad()
+    def observed(self, ctx) -> None:
+        cur, self._cur = self._cur, None
+        i, world = ctx.index, ctx.world
+        h = world.sum(cur["H"]).cpu() if cur["H"] is not None else self._next
+        if cur["n"]:
+            self.tokens = world.sum(cur["n"])
+        q, _ = rotation_from_moment(h, self.damping)
+        if self.mode == "merged":
+            self._next = world.sum(cur["next"]).cpu() if cur["next"] is not None else None
+            q_next = None if self._next is None else rotation_from_moment(self._next, self.damping)[0]
+            if i == 0:
+                self.q_first = q
+            if q_next is None:
+                self.q_last = q
+            ctx.layer = merge_layer(ctx.adapter, i, q, q_next, column_scale=self.column_scale)
+        else:
+            rotate_reference_layer(ctx.adapter, i, q)
+        apply_topk_layer(ctx.adapter, i, self.plan, self.prefill)
+
+    def first_inputs(self, inputs):
+        if self.mode != "merged":
+            return inputs
+        return [(x.double() @ self.q_first).to(x.dtype) for x in inputs]
+
+    def finalize(self, model, adapter) -> None:
+        if self.mode == "merged":
+            merge_outside(model, adapter, self.q_first, self.q_last)
+
+    def description(self) -> dict:
+        return _description(self.mode, self.basis, self.prefill, self.tokens, self.column_scale, self.plan)
 
 
 @dataclass(frozen=True)
@@ -225,5 +338,11 @@ class LaRoSA(SparseMethod):
     rotating = True
     Options = LaRoSAOptions
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+    def layer_method(self) -> LaRoSALayers | None:
+        o = self.kwargs()
+        if o["plan"] not in ("exact", "uniform") or (o["mode"] == "merged" and o["basis"] != "attn"):
+            return None  # whole-model stages: larosa()
+        return LaRoSALayers(self.sparsity, **{k: v for k, v in o.items() if k != "grid_samples"})
+
+    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())

@@ -106,23 +106,56 @@ def teal(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
         return teal_greedy(model, adapter, samples, sparsity, prefill=prefill, device=device, progress=progress)
     if magnitudes is None:
         magnitudes = calibrate_magnitudes(model, adapter, samples, device=device, progress=progress)
-    thresholds = []
-    for i, layer in enumerate(adapter.layers):
-        layer = inner_layer(layer)
-        th = {}
-        for g in adapter.layer_groups(i):
-            act = plans.GROUP_ACTIVATION[g.name]
-            t = quantile(magnitudes[i][act], sparsity)
-            th[act] = t
-            for path in g.readers:
-                mod = layer.get_submodule(path)
-                layer.set_submodule(path, make_sparse_linear(mod, Threshold(t), prefill))
-        thresholds.append(th)
+    thresholds = [install_thresholds(adapter, i, magnitudes[i], sparsity, prefill) for i in range(len(adapter.layers))]
+    return _description(shapes, sparsity, prefill, thresholds)
+
+
+def install_thresholds(adapter, i: int, magnitudes: dict, sparsity: float, prefill: str) -> dict[str, float]:
+    """Every reader of decoder layer ``i`` becomes a ``SparseLinear`` keeping ``|x| ≥ t``, ``t`` the
+    ``sparsity``-quantile of its activation's magnitudes; returns ``{activation: t}``."""
+    layer = inner_layer(adapter.layers[i])
+    th = {}
+    for g in adapter.layer_groups(i):
+        act = plans.GROUP_ACTIVATION[g.name]
+        t = th[act] = quantile(magnitudes[act], sparsity)
+        for path in g.readers:
+            layer.set_submodule(path, make_sparse_linear(layer.get_submodule(path), Threshold(t), prefill))
+    return th
+
+
+def _description(shapes, sparsity: float, prefill: str, thresholds) -> dict:
     levels = [{p: sparsity for p in sh.masses} for sh in shapes]
     chosen = plans.per_projection(shapes, levels, "uniform", sparsity)
     return {"method": "teal", "prefill": prefill, **chosen.summary(),
             "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in thresholds],
             "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target"}
+
+
+class ThresholdLayers(MagnitudeSampler):
+    """A threshold method (TEAL's uniform plan, CATS) as an engine method, one pass per layer: the
+    observers sample magnitudes on the pass of the unchanged layer (the dense chain, as
+    :func:`calibrate_magnitudes`), then :meth:`observed` installs the layer's thresholds
+    (``observe_then_change``); ``install(adapter, i, magnitudes)`` returns what the description lists."""
+
+    observe_then_change = True
+
+    def __init__(self, name: str, select, install, describe, max_values: int = 1 << 18, seed: int = 0):
+        super().__init__(select, max_values=max_values, seed=seed)
+        self.name, self.install, self.describe = name, install, describe
+        self.max_values, self.seed = max_values, seed
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        self.per_call = max(1024, self.max_values // max(len(samples or ()), 1) + 1)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.shapes = plans.layer_shapes(adapter)
+        self.installed = []
+
+    def observed(self, ctx) -> None:
+        super().observed(ctx)
+        self.installed.append(self.install(ctx.adapter, ctx.index, self.values.pop()))
+
+    def description(self) -> dict:
+        return self.describe(self.shapes, self.installed)
 
 
 class GreedyAllocation(Method):
@@ -146,6 +179,18 @@ class GreedyAllocation(Method):
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "delta": self.delta, "tail": self.tail,
                 "search_samples": self.search_samples, "prefill": self.prefill}
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        self.shapes = plans.layer_shapes(adapter)
+
+    def description(self) -> dict:
+        chosen = plans.per_projection(self.shapes, self.levels, "greedy", self.sparsity)
+        return {"method": "teal", "prefill": self.prefill, **chosen.summary(),
+                "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in self.thresholds],
+                "greedy": {"delta": self.delta, "moves_per_layer": self.moves, "search_samples": self.search_samples,
+                           "tail": self.tail},
+                "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target; "
+                        "levels per projection from TEAL's block-wise greedy search"}
 
     def _magnitudes(self, ctx, layer, groups, n) -> dict[str, torch.Tensor]:
         """Sorted seeded samples of ``|x|`` per projection input (the projections of a group share one)."""
@@ -202,14 +247,7 @@ def teal_greedy(model, adapter, samples, sparsity: float, *, prefill: str = "all
     """TEAL with the block-wise greedy allocation, in place; returns a description."""
     method = GreedyAllocation(sparsity, step=step, search_samples=search_samples, prefill=prefill)
     run_layerwise(model, adapter, method, samples, device=device, progress=progress)
-    shapes = plans.layer_shapes(adapter)
-    chosen = plans.per_projection(shapes, method.levels, "greedy", sparsity)
-    return {"method": "teal", "prefill": prefill, **chosen.summary(),
-            "thresholds": [{k: round(v, 6) for k, v in th.items()} for th in method.thresholds],
-            "greedy": {"delta": method.delta, "moves_per_layer": method.moves, "search_samples": search_samples,
-                       "tail": method.tail},
-            "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target; "
-                    "levels per projection from TEAL's block-wise greedy search"}
+    return method.description()
 
 
 @dataclass(frozen=True)
@@ -225,5 +263,10 @@ class TEAL(SparseMethod):
     name = "teal"
     Options = TEALOptions
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return teal(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
+    def layer_method(self) -> Method:
+        sparsity, prefill = self.sparsity, self.options.prefill
+        if self.options.plan == "greedy":
+            return GreedyAllocation(sparsity, prefill=prefill)
+        return ThresholdLayers("teal", _teal_select,
+                               lambda adapter, i, mags: install_thresholds(adapter, i, mags, sparsity, prefill),
+                               lambda shapes, installed: _description(shapes, sparsity, prefill, installed))

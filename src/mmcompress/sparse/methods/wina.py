@@ -35,7 +35,7 @@ from ... import options as opt
 from ...models.adapters import UnsupportedModelError, projection_name
 from .. import plan as plans
 from ..merge import block_input_norm, inner_layer, rotate_block_input
-from ...engine import run_layerwise
+from ...engine import Method, run_layerwise
 from ...specs import register_sparse_module
 from .base import SparseMethod, SparseOptions
 from .larosa import TopKGreedy
@@ -96,41 +96,50 @@ class WinaLinear(nn.Module):
 def orthogonalize_block_inputs(adapter) -> None:
     """Fold γ into the q/k/v and gate/up readers and rotate each block input by ``V`` of its source
     reader's SVD (``W diag(γ) = U Σ Vᵀ``).  Exact: the model's function does not change."""
-    groups = {g.name: g for g in adapter.groups}
+    for i in range(len(adapter.layers)):
+        orthogonalize_layer(adapter, i)
+
+
+@torch.no_grad()
+def orthogonalize_layer(adapter, i: int) -> None:
+    """:func:`orthogonalize_block_inputs` for decoder layer ``i`` alone."""
+    groups = {g.name: g for g in adapter.layer_groups(i)}
     d = adapter.text_config.hidden_size
-    for layer in adapter.layers:
-        layer = inner_layer(layer)
-        for gname, source in ROTATION_SOURCES.items():
-            g = groups[gname]
-            norm = block_input_norm(layer, g)
-            gamma = adapter.norm_scale(norm)
-            readers = g.modules(layer)
-            src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
-            q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
-            for lin in readers:
-                lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
-            adapter.set_norm_scale(norm, torch.ones_like(gamma))
-            rotate_block_input(layer, g, q, d)
+    layer = inner_layer(adapter.layers[i])
+    for gname, source in ROTATION_SOURCES.items():
+        g = groups[gname]
+        norm = block_input_norm(layer, g)
+        gamma = adapter.norm_scale(norm)
+        readers = g.modules(layer)
+        src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
+        q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
+        for lin in readers:
+            lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
+        adapter.set_norm_scale(norm, torch.ones_like(gamma))
+        rotate_block_input(layer, g, q, d)
 
 
 def apply_plan(adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
     """Every reader becomes a :class:`WinaLinear` with the plan's K (or gets the new K in place)."""
-    for i, layer in enumerate(adapter.layers):
-        layer = inner_layer(layer)
-        for g in adapter.groups:
-            k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
-            for path in g.readers:
-                mod = layer.get_submodule(path)
-                if not isinstance(mod, WinaLinear):
-                    mod = WinaLinear.from_linear(mod, k)
-                    layer.set_submodule(path, mod)
-                mod.keep = k
-                mod.sparse_prefill = prefill == "all"
+    for i in range(len(adapter.layers)):
+        apply_plan_layer(adapter, i, plan, prefill)
 
 
-def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", prefill: str = "all",
-         transform: bool = True, device="cpu", progress=True, step: float = 0.02, search_samples: int = 4) -> dict:
-    """Apply WINA in place; returns a description (plan, achieved model-level sparsity)."""
+def apply_plan_layer(adapter, i: int, plan: plans.SparsityPlan, prefill: str = "all") -> None:
+    """:func:`apply_plan` for decoder layer ``i`` alone."""
+    layer = inner_layer(adapter.layers[i])
+    for g in adapter.layer_groups(i):
+        k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
+        for path in g.readers:
+            mod = layer.get_submodule(path)
+            if not isinstance(mod, WinaLinear):
+                mod = WinaLinear.from_linear(mod, k)
+                layer.set_submodule(path, mod)
+            mod.keep = k
+            mod.sparse_prefill = prefill == "all"
+
+
+def _check(adapter, plan: str, prefill: str) -> None:
     if plan not in ("uniform", "greedy"):
         raise ValueError(f"WINA plans are uniform or greedy, got {plan!r}")
     if prefill not in ("all", "none"):
@@ -142,12 +151,52 @@ def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", pre
                 raise UnsupportedModelError(
                     f"WINA cannot sparsify {adapter.family}: decoder layer {i} ({', '.join(groups[gname])}) has no "
                     f"{source}_proj, whose SVD gives WINA's basis (linear-attention layers); LaRoSA, TEAL and CATS run on it")
+
+
+def _uniform(shapes, sparsity: float) -> plans.SparsityPlan:
+    chosen = plans.exact(shapes, sparsity, ratio_in=1.0)
+    chosen.kind = "uniform"
+    return chosen
+
+
+class WinaLayers(Method):
+    """WINA's uniform plan as an engine method: each layer's step orthogonalises its block inputs and
+    installs its Top-K, from the weights alone (``data_free``: a recipe keeps no chain for it)."""
+
+    name = "wina"
+    data_free = True
+    distributed = True  # nothing is gathered
+
+    def __init__(self, sparsity: float, prefill: str = "all", transform: bool = True):
+        self.sparsity, self.prefill, self.transform = float(sparsity), prefill, bool(transform)
+
+    def config(self) -> dict:
+        return {"method": self.name, "sparsity": self.sparsity, "prefill": self.prefill, "transform": self.transform}
+
+    def prepare(self, model, adapter, samples=None) -> None:
+        _check(adapter, "uniform", self.prefill)
+        self.plan = _uniform(plans.layer_shapes(adapter), self.sparsity)
+
+    def step(self, ctx) -> None:
+        if self.transform:
+            orthogonalize_layer(ctx.adapter, ctx.index)
+        apply_plan_layer(ctx.adapter, ctx.index, self.plan, self.prefill)
+
+    def description(self) -> dict:
+        return {"method": "wina", "transform": self.transform, "prefill": self.prefill, **self.plan.summary()}
+
+
+def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", prefill: str = "all",
+         transform: bool = True, device="cpu", progress=True, step: float = 0.02, search_samples: int = 4) -> dict:
+    """Apply WINA in place over the whole model (the greedy plan's search walk runs on the orthogonalised
+    model); returns a description (plan, achieved model-level sparsity).  The uniform plan runs layer by
+    layer as :class:`WinaLayers`, with the same result."""
+    _check(adapter, plan, prefill)
     if transform:
         orthogonalize_block_inputs(adapter)
     shapes = plans.layer_shapes(adapter)
     if plan == "uniform":
-        chosen = plans.exact(shapes, sparsity, ratio_in=1.0)
-        chosen.kind = "uniform"
+        chosen = _uniform(shapes, sparsity)
     else:
         apply_plan(adapter, plans.exact(shapes, 0.0), "all")
         search = TopKGreedy(sparsity, step=step, search_samples=search_samples)
@@ -176,5 +225,11 @@ class WINA(SparseMethod):
     rotating = True
     Options = WINAOptions
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+    def layer_method(self) -> WinaLayers | None:
+        o = self.options
+        if o.plan != "uniform":
+            return None  # the greedy search walks the orthogonalised model: wina()
+        return WinaLayers(self.sparsity, prefill=o.prefill, transform=o.transform)
+
+    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
