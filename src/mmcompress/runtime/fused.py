@@ -160,11 +160,12 @@ def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 of ``w`` ``[N, K]``: codes ``round(w / s)`` (int8) and ``s = max|w| / 127``
-    (fp32 ``[N, 1]``; rows of zeros get ``s = 1``).  ``codes * s`` is the head the ``"int8"`` step uses."""
+    (fp32 ``[N, 1]``; a row of zeros gets codes 0 and ``s = 0``, so its logit is exactly 0).  ``codes * s``
+    is the head the ``"int8"`` step uses."""
     wf = w.detach().float()
     s = wf.abs().amax(1, keepdim=True) / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(wf / s).clamp_(-127, 127).to(torch.int8).contiguous(), s.contiguous()
+    q = torch.round(wf / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), s.contiguous()
 
 
 class FusedStep:
