@@ -18,10 +18,11 @@ average before each round; the last line is JSON.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from llamacpp_compare import loadavg, summarize  # benchmarks/ is sys.path[0] when run as a script
 
 _CHILD = r"""
 import json, sys, torch
@@ -41,10 +42,6 @@ tm = {}
 eng.generate(ids, int(tokens), timings=tm)
 print(json.dumps({"tok_s": len(tm["step_s"]) / sum(tm["step_s"]), "fused": eng.fused}))
 """
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main():
@@ -83,8 +80,7 @@ def main():
             print(f"  {key:40s} {v['tok_s']:8.1f} tok/s{'' if v['fused'] else ' (Python step)'}", file=sys.stderr,
                   flush=True)
     loads.append(loadavg())
-    summary = {k: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
-                   "runs": [round(t, 1) for t in x]} for k, x in res.items()}
+    summary = summarize(res)
     print(f"\nbest (median) tok/s, {a.tokens} tokens after {a.prompt}, {a.threads} threads, {a.rounds} rounds; "
           f"load averages {loads}", file=sys.stderr)
     for k, s in summary.items():

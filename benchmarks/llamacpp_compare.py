@@ -47,6 +47,12 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def summarize(res: dict[str, list[float]]) -> dict:
+    """Best, median and every run's tok/s per variant."""
+    return {v: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
+                "runs": [round(t, 1) for t in x]} for v, x in res.items()}
+
+
 def run(cmd, **kw):
     print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
@@ -152,8 +158,7 @@ def main():
             res[v].append(measure(v))
             print(f"  {v:40s} {res[v][-1]:8.1f} tok/s", file=sys.stderr, flush=True)
     loads.append(loadavg())
-    summary = {v: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
-                   "runs": [round(t, 1) for t in x]} for v, x in res.items()}
+    summary = summarize(res)
     print(f"\n{a.model.name}: {a.tokens} greedy tokens after {a.prompt}, {a.threads} threads, best of {a.rounds} "
           f"(median); load averages {loads}", file=sys.stderr)
     for v, s in summary.items():

@@ -529,6 +529,16 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   } else {
     std::memcpy(L.h.data(), P.embed.data_ptr<float>() + token * H, H * sizeof(float));
   }
+  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down)
+  auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
+    prepare(P, lin, x, L.prep[0]);
+    tm.mark(phase, 0);
+    take(P.next[ph++], units_of(H), [&](int64_t u) {
+      linear_rows(P, lin, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
+    });
+    barrier(phase);
+    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+  };
   const Input* pp[3];
   for (Layer& l : P.layers) {
     // q / k / v
@@ -554,14 +564,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
         attend_head<float>(P, l, L, h, pos);
     });
     barrier(1);
-    // o_proj
-    prepare(P, l.o, P.a.data(), L.prep[0]);
-    tm.mark(2, 0);
-    take(P.next[ph++], units_of(H), [&](int64_t u) {
-      linear_rows(P, l.o, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
-    });
-    barrier(2);
-    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+    residual_linear(2, l.o, P.a.data());  // o_proj
     // gate / up, SiLU(gate) * up for the same rows
     rms_norm(P, L.h.data(), l.ln2, L.x.data());
     const Lin* gu[2] = {&l.gate, &l.up};
@@ -578,14 +581,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
       }
     });
     barrier(3);
-    // down
-    prepare(P, l.down, P.g.data(), L.prep[0]);
-    tm.mark(4, 0);
-    take(P.next[ph++], units_of(H), [&](int64_t u) {
-      linear_rows(P, l.down, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
-    });
-    barrier(4);
-    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+    residual_linear(4, l.down, P.g.data());  // down
   }
   // final norm and the LM head, straight into the output tensor
   rms_norm(P, L.h.data(), P.norm, L.x.data());
