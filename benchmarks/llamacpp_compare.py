@@ -15,7 +15,8 @@ What it builds in ``--work`` (reused when present):
 Then, for ``--rounds`` rounds, every variant decodes ``--tokens`` greedy tokens after the same
 ``--prompt``-token prompt, in an order that rotates each round: ours in this process through
 :class:`mmcompress.runtime.decode.DecodeEngine` (dense fp32 and bf16 from MODEL, and each artifact on
-the integer runtime), llama.cpp in a subprocess of its venv (``llamacpp_run.py decode``, one repeat per
+the integer runtime; the artifacts' LM head as ``--head``, default ``int8``: the fused step's packed int8
+copy of the fp32 head, as llama.cpp's files quantize theirs), llama.cpp in a subprocess of its venv (``llamacpp_run.py decode``, one repeat per
 call).  Reported per variant: best and median tok/s over the rounds, and the load average
 (``/proc/loadavg``) before each round.  The load matters: this machine is shared.
 """
@@ -44,6 +45,12 @@ SAME_BITS = {"w8a8": "llama.cpp Q8_0", "w8a16": "llama.cpp Q8_0", "joint": "llam
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def summarize(res: dict[str, list[float]]) -> dict:
+    """Best, median and every run's tok/s per variant."""
+    return {v: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
+                "runs": [round(t, 1) for t in x]} for v, x in res.items()}
 
 
 def run(cmd, **kw):
@@ -94,6 +101,9 @@ def main():
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARTIFACT",
                     help="another artifact of MODEL to time as 'ours NAME' (e.g. joint=DIR, a LaRoSA-40 %% + W8A8 "
                          "compress --recipe artifact, compared with llama.cpp Q8_0)")
+    ap.add_argument("--head", choices=("model", "bf16", "int8"), default="int8",
+                    help="LM head of our artifacts' fused step (runtime/fused.py; default int8; the dense models "
+                         "always use their own)")
     ap.add_argument("--python-step", action="store_true",
                     help="also time each of ours on the engine's Python step (not the fused C++ step)")
     a = ap.parse_args()
@@ -112,11 +122,15 @@ def main():
             "dense_bf16": load_hf_model(a.model, dtype=torch.bfloat16)}
     extra = dict(e.split("=", 1) for e in a.extra)
     ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()})
-    engines = {k: DecodeEngine(m, max_len=n) for k, m in ours.items()}
+    engines = {k: DecodeEngine(m, max_len=n, head="model" if k.startswith("dense") else a.head)
+               for k, m in ours.items()}
     if a.python_step:
         engines.update({f"{k} (python step)": DecodeEngine(ours[k], max_len=n, fused=False)
                         for k, e in list(engines.items()) if e.fused})
     fused = {k: e.fused for k, e in engines.items()}
+    for e in engines.values():  # build the fused plans (and the packed heads) before timing
+        e.generate(ids, 2)
+    heads = {k: (e._fused.head if e._fused is not None else "model") for k, e in engines.items()}
     variants = [f"ours {k}" for k in engines] + list(files["gguf"])
     if a.only:
         keep = set(a.only.split(","))
@@ -144,15 +158,14 @@ def main():
             res[v].append(measure(v))
             print(f"  {v:40s} {res[v][-1]:8.1f} tok/s", file=sys.stderr, flush=True)
     loads.append(loadavg())
-    summary = {v: {"best_tok_s": round(max(x), 1), "median_tok_s": round(statistics.median(x), 1),
-                   "runs": [round(t, 1) for t in x]} for v, x in res.items()}
+    summary = summarize(res)
     print(f"\n{a.model.name}: {a.tokens} greedy tokens after {a.prompt}, {a.threads} threads, best of {a.rounds} "
           f"(median); load averages {loads}", file=sys.stderr)
     for v, s in summary.items():
         print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s", file=sys.stderr)
     print(json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
                       "rounds": a.rounds, "load_averages": loads, "torch": torch.__version__,
-                      "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ours_fused_step": fused,
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ours_fused_step": fused, "ours_head": heads,
                       "results": summary}))
 
 

@@ -92,3 +92,61 @@ def test_generation_reuses_the_plan_across_calls(tmp_path, tokenizer):
     fu.generate(b, 20)
     assert fu._fused.plan == plan and torch.equal(fu.generate(a, 12), first)
     assert torch.equal(first, py.generate(a, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head", ["bf16", "int8"])
+def test_packed_head_logits_within_its_rounding_bound(tmp_path, tokenizer, head, dtype):
+    """head="bf16" / "int8": the fused step's own packed copy of the (tied) LM head.  Per logit the change
+    against the model's head is at most the head's rounding — bf16: |dw| <= 2^-9 |w|, so
+    |dy| <= 2^-9 sum |w x| (bound used: 2^-8, for the fp32 sums); int8 per row: |dw| <= s/2 with
+    s = max|w| / 127, so |dy| <= s/2 sum |x| — plus the fused step's own round-off (TOL)."""
+    model, tok, py, _ = _engines(tmp_path, tokenizer, "qwen2", "w8a8", dtype)
+    fu = DecodeEngine(model, max_len=40, head=head)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(5))
+    xs = []
+    hook = py.head.register_forward_hook(lambda m, i, o: xs.append(i[0].detach().float().reshape(-1)))
+    W = py.head.weight.detach().float()
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for e in (py, fu):
+                e._reset()
+                e._forward(ids, 0)
+            t = torch.tensor([[5]])
+            for i in range(16):
+                lp, lf = py._step(t, 9 + i), fu._step(t, 9 + i)
+                x = xs[-1]
+                bound = (2.0 ** -8 * (W.abs() @ x.abs()) if head == "bf16"
+                         else W.abs().amax(1) / 254 * x.abs().sum())
+                tol = TOL[dtype] * lp.float().abs().max()
+                err = (lp.float() - lf.float()).abs()[0]
+                assert (err <= bound + tol).all(), (i, (err - bound).max().item())
+                worst = max(worst, (err / (bound + tol)).max().item())
+                t = lp.argmax(-1, keepdim=True)
+    finally:
+        hook.remove()
+    assert fu._fused.head == ("model" if (head, dtype) == ("bf16", torch.bfloat16) else head)
+    assert worst > 0 or fu._fused.head == "model"  # the packed head does change the logits (not a no-op)
+    per_weight = {"bf16": 2, "int8": 1}[head]  # bytes the step reads per head weight (+ int8: a scale per row)
+    assert W.numel() * per_weight <= fu._fused.head_bytes <= W.numel() * per_weight + 8 * W.shape[0]
+
+
+def test_int8_rows_round_to_nearest_per_row():
+    from mmcompress.runtime.fused import int8_rows
+
+    w = torch.randn(37, 128, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 37)[:, None]
+    w[5] = 0
+    q, s = int8_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (37, 1) and q.abs().max() == 127
+    assert ((q.float() * s - w).abs() <= s / 2 + 1e-7).all() and (q[5] == 0).all()
+
+
+def test_packed_head_without_the_fused_step_says_so(tmp_path, tokenizer, capsys):
+    model, tok = tiny_model("llama", tokenizer=tokenizer)
+    e = DecodeEngine(model, max_len=16, fused=False, head="int8")
+    assert not e.fused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the fused decode step" in err[0]
+    with pytest.raises(ValueError, match="unknown head"):
+        DecodeEngine(model, max_len=16, head="fp8")

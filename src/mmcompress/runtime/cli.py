@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                    help="decode step of Llama-family models: fused = one C++ call per token (auto: when every layer "
                         "is supported, else the Python step; fused: the same, with a one-line notice when it falls "
                         "back); python = the engine's Python step")
+    g.add_argument("--head", choices=("model", "bf16", "int8"), default="model",
+                   help="LM head of the fused step: model = the model's own (default; the reference logits); "
+                        "bf16 / int8 = a packed copy (int8: one step size per row) that the step reads in 2 / 1 "
+                        "bytes per weight; logits change by the head's rounding (docs/runtime.md)")
     add_common(g)
     add_trust(g)
     g.set_defaults(func=cmd_generate)
@@ -115,19 +119,21 @@ def cmd_generate(args) -> dict:
     timings: dict = {}
     if type(model).__name__.endswith("ForCausalLM"):  # text-only decoders: the engine (fast or hf path)
         eng = DecodeEngine(model, max_len=ids.shape[1] + n, compile=args.compile,
-                           fused={"auto": None, "fused": True, "python": False}[getattr(args, "step", "auto")])
+                           fused={"auto": None, "fused": True, "python": False}[getattr(args, "step", "auto")],
+                           head=getattr(args, "head", "model"))
         out = eng.generate(ids, n, do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k,
                            top_p=args.top_p, generator=torch.Generator(device=eng.device).manual_seed(args.seed),
                            eos_token_id=eos, timings=timings, on_token=stream)
         path_used, compiled, fused = eng.path, eng.compiled, eng.fused
+        head = eng._fused.head if eng._fused is not None else "model"
     else:  # multimodal wrappers and other heads: transformers' generate, streamed the same way
-        path_used, compiled, fused = "transformers", False, False
+        path_used, compiled, fused, head = "transformers", False, False, "model"
         out = _hf_generate(model, ids, n, sample, args, stream)
     stream.end()
     steps = timings.get("step_s") or []
     res = {"model": str(path), "artifact": is_artifact(path), "runtime": getattr(model, "_mmcompress_runtime", None),
            "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""), "decode_path": path_used,
-           "compiled": compiled, "fused": fused, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]),
+           "compiled": compiled, "fused": fused, "head": head, "threads": torch.get_num_threads(), "prompt_tokens": int(ids.shape[1]),
            "new_tokens": int(out.shape[1] - ids.shape[1]), "ids": out[0, ids.shape[1]:].tolist(),
            "text": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), "load_s": round(load_s, 3)}
     if timings:

@@ -29,6 +29,10 @@ C++ call per token (:mod:`mmcompress.runtime.fused`) when every layer is a plain
 with ``nn.Linear`` or deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
 ``fused=True`` asks for it and prints one line when it falls back to the Python step; ``fused=False``
 keeps the Python step.  Logits equal the Python step's to float round-off (tests/test_fused_decode.py).
+``head="bf16" | "int8"`` gives the fused step its own packed copy of a dense LM head (runtime/fused.py:
+2 or 1 bytes per weight read per step instead of the model's; the logits then differ by the head's
+rounding, bounded there); ``"model"`` (default) keeps the model's head.  Without the fused step the head
+is the model's (one line on stderr says so when another was asked for).
 
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
 integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
@@ -238,9 +242,14 @@ class DecodeEngine:
     new tokens; ``path="auto" | "fast" | "hf"``."""
 
     def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, head: str = "model"):
+        from .fused import HEADS
+
         if path not in ("auto", "fast", "hf"):
             raise ValueError(f"unknown decode path {path!r}; expected auto, fast or hf")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+        self.head_mode = head
         self.model = model.eval()
         self.max_len = int(max_len)
         self.cfg = _text_config(model)
@@ -269,6 +278,8 @@ class DecodeEngine:
                 self._compile()
         if fused is not False and not self.compiled:
             self._use_fused(notice=fused is True)
+        if head != "model" and not self.fused:
+            print(f"mmcompress: head {head!r} needs the fused decode step; the model's own head", file=sys.stderr)
 
     def _use_fused(self, notice: bool):
         """Single-token steps in one C++ call (``runtime/fused.py``) when every layer is supported; else
@@ -286,7 +297,7 @@ class DecodeEngine:
         if self._fused is None:
             from .fused import FusedStep
 
-            self._fused = FusedStep(self)  # after _reset: the plan points into the caches
+            self._fused = FusedStep(self, head=self.head_mode)  # after _reset: the plan points into the caches
         return self._fused.step(int(tok), pos)
 
     # -- caches ------------------------------------------------------------------------------------

@@ -7,13 +7,26 @@ K/V caches to ``torch.ops.mmcompress_fused.fused_plan`` once; each decode step i
 on our AVX-512 GEMV and the integer ones on the deployed linears' own kernels (``mmcompress_int``).
 Same arithmetic as the engine's Python fast path (tests/test_fused_decode.py).
 
-Built with the kernels' machinery (``sparse.kernels.cpu.compile_and_load``), needs the integer
-kernels' CPU (AVX-512 VNNI).  :func:`fused_problem` says why a model cannot take it (the engine then
-keeps its Python step).
+The LM head: ``head="model"`` (default) uses the model's own head as is (the logits equal the Python
+step's to round-off).  ``head="bf16"`` or ``"int8"`` gives the step its own packed copy of a dense head
+— bf16, or int8 codes with one fp32 step size per row (round to nearest, symmetric, max |w| / 127),
+run as a weight-only linear on the float activations — so that a decode step reads 2 or 1 bytes per
+head weight instead of the model's 4 (a 135M model with a tied 49152 x 576 fp32 head: 113 MB of every
+step's reads).  The copy is in addition to the model's head (the prompt's prefill and the Python step use
+the model's); the embedding row of each token is still read from the model's embedding (one row per
+step).  The logits then differ from the model's by the head's rounding: per logit at most
+``2^-8 * sum_k |w_k x_k|`` (bf16) or ``(max_k |w_k| / 254) * sum_k |x_k|`` (int8) plus float round-off,
+checked in tests/test_fused_decode.py; what it does to tokens and perplexity: docs/runtime.md.
+
+Built with the kernels' machinery (``sparse.kernels.cpu.compile_and_load``; the step includes
+``quant/kernels/int_gemm.cpp``'s tile kernels, so the build name hashes both sources), needs the
+integer kernels' CPU (AVX-512 VNNI).  :func:`fused_problem` says why a model cannot take it (the engine
+then keeps its Python step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -24,6 +37,8 @@ from ..quant.kernels import cpu as _qcpu
 from ..sparse.kernels.cpu import compile_and_load, extension_name
 
 _SRC = Path(__file__).with_name("fused_step.cpp")
+_INCLUDED = Path(_qcpu.__file__).with_name("int_gemm.cpp")  # #include'd by fused_step.cpp
+HEADS = ("model", "bf16", "int8")
 _LOCK = threading.Lock()
 _STATE: dict = {}
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -34,9 +49,13 @@ def load(verbose: bool = False) -> bool:
     with _LOCK:
         if "error" not in _STATE:  # the step calls the integer kernels' ops: their CPU and build first
             _STATE["error"] = (f"no CPU integer kernels ({_qcpu.error()})" if not _qcpu.available() else
-                               compile_and_load(extension_name("mmcompress_fused_step", _SRC), _SRC,
+                               compile_and_load(_build_name(), _SRC,
                                                 lambda: torch.ops.mmcompress_fused.fused_step, verbose))
     return _STATE["error"] is None
+
+
+def _build_name() -> str:
+    return extension_name(f"mmcompress_fused_step_{hashlib.sha256(_INCLUDED.read_bytes()).hexdigest()[:8]}", _SRC)
 
 
 def _linear_problem(m: nn.Module, dtype) -> str | None:
@@ -120,17 +139,48 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
             [kind, bits, group, int(sch.sym), sch.abits, int(share), m.out_features, m.in_features], key)
 
 
+def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
+    """(tensors, meta, the mode used) of the LM head for ``mode`` (module docstring).  A head that is not
+    a dense ``nn.Linear`` (a deployed integer head), or already bf16 for ``"bf16"``, is used as it is."""
+    if mode not in HEADS:
+        raise ValueError(f"unknown head {mode!r}; expected one of {', '.join(HEADS)}")
+    if mode == "model" or type(head) is not nn.Linear or (mode == "bf16" and head.weight.dtype == torch.bfloat16):
+        t, m, _ = _lin_args(head, dtype, None)
+        return t, m, "model"
+    w = head.weight.detach()
+    bias = head.bias.detach() if head.bias is not None else _EMPTY
+    N, K = w.shape
+    if mode == "bf16":
+        return ([w.to(torch.bfloat16).contiguous(), _EMPTY, _EMPTY, bias, _EMPTY], [0, 0, 0, 1, 0, 0, N, K], mode)
+    if K % 64:
+        raise ValueError(f"an int8 head needs a hidden size that is a multiple of 64 (got {K})")
+    codes, scale = int8_rows(w)
+    return ([codes, scale, torch.zeros_like(scale), bias, _EMPTY], [2, 8, 0, 1, 16, 0, N, K], mode)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of ``w`` ``[N, K]``: codes ``round(w / s)`` (int8) and ``s = max|w| / 127``
+    (fp32 ``[N, 1]``; a row of zeros gets codes 0 and ``s = 0``, so its logit is exactly 0).  ``codes * s``
+    is the head the ``"int8"`` step uses."""
+    wf = w.detach().float()
+    s = wf.abs().amax(1, keepdim=True) / 127
+    q = torch.round(wf / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), s.contiguous()
+
+
 class FusedStep:
     """A plan of ``engine``'s model for ``mmcompress_fused.fused_step`` (call :func:`fused_problem` first).
-    ``step(token, pos)`` -> logits ``[1, V]`` in the model dtype; K/V go into ``engine``'s caches."""
+    ``step(token, pos)`` -> logits ``[1, V]`` in the model dtype; K/V go into ``engine``'s caches.
+    ``head``: ``"model" | "bf16" | "int8"`` (module docstring); :attr:`head` is the one used."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, head: str = "model"):
         from ..quant.quantizer import _eps
 
         cfg, dt = engine.cfg, engine.dtype
         l0 = engine.layers[0]
         tensors = [engine.embed.weight.detach().contiguous(), engine.norm.weight.detach(), engine.cos, engine.sin]
-        t, m, _ = _lin_args(engine.head, dt, None)
+        t, m, self.head = _head_args(engine.head, dt, head)
+        self.head_bytes = sum(x.numel() * x.element_size() for x in t)
         tensors += t
         meta = [cfg.hidden_size, cfg.num_attention_heads, engine.kv_heads, l0.hd, len(engine.layers), engine.max_len,
                 engine.head.out_features, cfg.intermediate_size, int(dt == torch.bfloat16)] + m
@@ -151,6 +201,19 @@ class FusedStep:
     def step(self, token: int, pos: int) -> torch.Tensor:
         return self._ops.fused_step(self.plan, token, pos)
 
+    def set_profile(self, on: bool) -> None:
+        """Start (and zero) or stop the per-phase timing of the steps (thread 0's clock)."""
+        self._ops.fused_set_profile(self.plan, bool(on))
+
+    def profile(self) -> tuple[dict, int]:
+        """``({phase: {"own_ops_s", "units_s", "wait_s"}}, steps)``: seconds of thread 0 per phase, summed
+        over the steps since :meth:`set_profile` — its own small ops (residual, norm, smoothing,
+        activation quantization of the phase's input), its share of the phase's row units (attention:
+        heads), and its wait at the barrier that ends the phase."""
+        t, n = self._ops.fused_profile(self.plan)
+        return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s"), map(float, row)))
+                 for ph, row in zip(PHASES, t.tolist())}, int(n))
+
     def __del__(self):
         try:
             self._ops.fused_free(self.plan)
@@ -158,4 +221,6 @@ class FusedStep:
             pass
 
 
-__all__ = ["FusedStep", "fused_problem", "load"]
+PHASES = ("qkv", "attention", "o_proj", "gate_up", "down", "head")  # fused_step.cpp's phases, in order
+
+__all__ = ["FusedStep", "HEADS", "PHASES", "fused_problem", "int8_rows", "load"]

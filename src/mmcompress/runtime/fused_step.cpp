@@ -5,66 +5,49 @@
 // The arithmetic is the Python fast path's (runtime/decode.py), op for op: every intermediate is rounded
 // to the model dtype where the torch ops round it (bf16 models: after each elementwise op, each linear,
 // the attention output), so the logits agree with it to float round-off.  Linears:
-//   kind 0  dense nn.Linear in the model dtype (fp32 or bf16): our AVX-512 GEMV below (fp32 sums);
-//   kind 1  deployed W8A8/W4A8/...: mmcompress_int::quantize_act + int8_act_gemm (the same ops the
-//           deployed IntLinear calls, through the dispatcher);
-//   kind 2  weight-only on float activations: mmcompress_int::float_act_gemm;
-//   kind 3  weight-only int4 on bf16 activations: mmcompress_int::bf16_act_gemm.
+//   kind 0  dense weight (fp32 or bf16; a bf16 weight in an fp32 model is the reduced LM head of
+//           runtime/fused.py): the AVX-512 GEMV below (fp32 sums);
+//   kind 1  deployed W8A8/W4A8/...: the activation quantizer and the int8-activation tiles of
+//           quant/kernels/int_gemm.cpp (the deployed IntLinear's own kernel code, included below);
+//   kind 2  weight-only on float activations: int_gemm.cpp's float tiles;
+//   kind 3  weight-only int4 on bf16 activations: int_gemm.cpp's bf16 tiles.
 // A smoothing row divides the input first (in the model dtype), as IntLinear does; linears that read
 // the same smoothed input (q/k/v, gate/up) quantize it once (flag "share").
 //
+// Threads: the whole step is ONE OpenMP parallel region (not one per op).  Per layer five phases,
+// separated by `omp barrier`: q/k/v, attention (heads), o_proj, gate/up (+ SiLU * up), down; then the
+// LM head.  Within a phase the threads take 64-row units (attention: heads) from an atomic counter of
+// that phase, so a descheduled thread does not hold a fixed share.  What every thread needs whole — the
+// residual stream, the norms, the smoothing and activation quantization of a linear's input — each
+// thread computes itself into its own buffers (a few microseconds; identical values on every thread),
+// which saves a barrier per op.
+//
 // A plan (the model's tensors, shapes and the engine's K/V caches, all by reference) is made once by
 // fused_plan() and stepped by fused_step(plan, token, pos) -> logits [1, V] in the model dtype.
+// fused_set_profile / fused_profile: per-phase time of thread 0 (its own small ops, its row units, its
+// wait at the barrier), for docs/runtime.md's profile (benchmarks/decode_profile.py).
 // Registered as torch.ops.mmcompress_fused.* (built like the other kernels: runtime/fused.py).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
-#include <immintrin.h>
+#define MMCOMPRESS_INT_GEMM_KERNELS_ONLY
+#include "../quant/kernels/int_gemm.cpp"  // int_tile, float_tile, bf16_tile, quantize_rows (anonymous namespace)
 
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
 #include <mutex>
-#include <tuple>
-#include <type_traits>
-#include <vector>
 
 namespace {
 
-using GemmFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, int64_t, int64_t, bool);
-using FloatGemmFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                               int64_t, bool);
-using QuantFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double);
-
-struct IntOps {  // the deployed linears' own kernels (mmcompress_int, loaded by Python first)
-  c10::TypedOperatorHandle<GemmFn> int8_gemm;
-  c10::TypedOperatorHandle<FloatGemmFn> float_gemm, bf16_gemm;
-  c10::TypedOperatorHandle<QuantFn> quant;
-};
-
-std::unique_ptr<IntOps> int_ops() {
-  auto& d = c10::Dispatcher::singleton();
-  return std::make_unique<IntOps>(IntOps{
-      d.findSchemaOrThrow("mmcompress_int::int8_act_gemm", "").typed<GemmFn>(),
-      d.findSchemaOrThrow("mmcompress_int::float_act_gemm", "").typed<FloatGemmFn>(),
-      d.findSchemaOrThrow("mmcompress_int::bf16_act_gemm", "").typed<FloatGemmFn>(),
-      d.findSchemaOrThrow("mmcompress_int::quantize_act", "").typed<QuantFn>()});
-}
-
 inline float to_bf16_value(float f) { return static_cast<float>(c10::BFloat16(f)); }
+inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }
 
 struct Lin {
-  int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0;
-  bool sym = true, share = false;
-  at::Tensor w, scale, zero;   // w: dense weight [N, K] (model dtype) or packed codes
+  int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0;
+  bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 weight stored as bf16
+  at::Tensor w, scale, zero;   // w: dense weight [N, K] or packed codes
   std::vector<float> bias;     // empty: none (values of the model dtype)
   std::vector<float> smooth;   // empty: none (values of the model dtype)
 };
@@ -75,6 +58,28 @@ struct Layer {
   at::Tensor kc, vc;  // [1, kv_heads, max_len, head_dim], model dtype, contiguous
 };
 
+// One linear's input as its kernel wants it (per thread).
+struct Input {
+  std::vector<float> xs;       // smoothed input, fp32 (values of the model dtype)
+  std::vector<float> xf;       // kind 2: fp32, in the int4 kernel's order
+  std::vector<uint16_t> xb;    // kind 0 in a bf16 model: bf16 bits; kind 3: bf16 bits in its kernel's order
+  std::vector<int8_t> xq;      // kind 1: codes, in the kernel's order
+  std::vector<int32_t> xsi;    // kind 1: per-group sums of the codes
+  std::vector<float> xsf;      // kinds 2, 3: per-group sums
+  std::vector<c10::BFloat16> xt;  // kind 1 in a bf16 model: the quantizer's input
+  std::vector<int8_t> xq0;     // kind 1: codes in natural order
+  float sx = 1.f;
+};
+
+struct Local {  // one thread's buffers
+  std::vector<float> h, x, y, y2;
+  Input prep[3];
+  float qt[1024], kt[1024], acc[1024];
+};
+
+constexpr int NPHASE = 6;  // qkv, attention, o_proj, gate/up, down, head
+constexpr int64_t UNIT = 64;
+
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
   bool bf16 = false;
@@ -84,11 +89,16 @@ struct Plan {
   std::vector<float> norm, cos, sin;  // cos/sin [max_len, hd]
   Lin head;
   std::vector<Layer> layers;
-  std::unique_ptr<IntOps> ops;
-  // work buffers
-  std::vector<float> h, x, xs, q, k, v, a, o, g, u, logits, scores;
-  std::vector<uint16_t> xb;
-  at::Tensor prep_x, prep_xq, prep_sx;  // the last linear's prepared input (for "share")
+  // shared between the threads of a step
+  std::vector<float> q, k, v, a, g, t;  // t: o_proj / down output
+  std::vector<float> scores;           // [nh, max_len]
+  std::unique_ptr<std::atomic<int64_t>[]> next;  // one work counter per phase of a step
+  int64_t nphases = 0;
+  std::vector<std::unique_ptr<Local>> local;
+  // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
+  bool profile = false;
+  double prof[NPHASE][3] = {};
+  int64_t prof_steps = 0;
 };
 
 std::mutex g_mu;
@@ -102,7 +112,7 @@ std::vector<float> floats(const at::Tensor& t) {
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-// ---- dense GEMV: y[n] = sum_k W[n, k] x[k], W row-major in fp32 or bf16 -----------------------------
+// ---- dense GEMV rows: y[r] = sum_k W[n0 + r, k] x[k], W row-major in fp32 or bf16 -------------------
 
 template <typename W>
 inline __m512 load16(const W* p, __mmask16 m) {
@@ -114,112 +124,158 @@ inline __m512 load16(const W* p, __mmask16 m) {
 }
 
 template <typename W, int RR>
-inline void gemv_rows(const W* w, const float* x, int64_t n0, int64_t K, float* y) {
+inline void gemv_rows(const W* w, const float* x, int64_t K, float* y) {
   __m512 acc[RR];
   for (int r = 0; r < RR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < RR; ++r) acc[r] = _mm512_fmadd_ps(load16<W>(w + (n0 + r) * K + k, m), xv, acc[r]);
+    for (int r = 0; r < RR; ++r) acc[r] = _mm512_fmadd_ps(load16<W>(w + r * K + k, m), xv, acc[r]);
   }
-  for (int r = 0; r < RR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < RR; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// 64-row units taken from an atomic counter by the threads of ATen's OpenMP team (as the int kernels'
-// share_work: a descheduled helper does not hold a fixed share of the rows)
 #ifdef __AVX512BF16__
 // bf16 weights times bf16 activations (a bf16 model's activations are bf16 values): VDPBF16PS, exact
 // products, fp32 sums, 32 codes per instruction without widening
 template <int RR>
-inline void gemv_rows_bf16(const uint16_t* w, const uint16_t* x, int64_t n0, int64_t K, float* y) {
+inline void gemv_rows_bf16(const uint16_t* w, const uint16_t* x, int64_t K, float* y) {
   __m512 acc[RR];
   for (int r = 0; r < RR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 m = K - k >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (K - k)) - 1);
     const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
     for (int r = 0; r < RR; ++r)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + (n0 + r) * K + k), xv);
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k), xv);
   }
-  for (int r = 0; r < RR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < RR; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
 #endif
 
-template <typename W>
-void dense_gemv(const W* w, const float* x, int64_t N, int64_t K, float* y) {
-#ifdef __AVX512BF16__
-  std::vector<uint16_t> xb;
-  if constexpr (std::is_same_v<W, uint16_t>) {
-    xb.resize(K);
-    for (int64_t k = 0; k < K; ++k) xb[k] = c10::BFloat16(x[k]).x;  // exact: x holds bf16 values
-  }
-#endif
-  constexpr int64_t UNIT = 64;
-  const int64_t units = (N + UNIT - 1) / UNIT;
-  auto body = [&](int64_t u) {
-    const int64_t e = std::min(N, (u + 1) * UNIT);
-    int64_t n = u * UNIT;
-#ifdef __AVX512BF16__
-    if constexpr (std::is_same_v<W, uint16_t>) {
-      for (; n + 4 <= e; n += 4) gemv_rows_bf16<4>(w, xb.data(), n, K, y);
-      for (; n < e; ++n) gemv_rows_bf16<1>(w, xb.data(), n, K, y);
-      return;
-    }
-#endif
-    for (; n + 4 <= e; n += 4) gemv_rows<W, 4>(w, x, n, K, y);
-    for (; n < e; ++n) gemv_rows<W, 1>(w, x, n, K, y);
-  };
-  const int nt = std::max<int>(1, at::get_num_threads());
-  if (nt == 1 || units == 1) {
-    for (int64_t u = 0; u < units; ++u) body(u);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(nt, units), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units;
-           u = next.fetch_add(1, std::memory_order_relaxed))
-        body(u);
-  });
-}
+// ---- a linear's input, per thread (the deployed linear's and its kernel's preparation, for one token)
 
-// ---- one linear ----------------------------------------------------------------------------------
-
-void linear(Plan& P, const Lin& l, const float* x, float* out) {
-  std::vector<float>& y = P.o;  // scratch large enough for any N (sized in fused_plan)
-  if (l.kind == 0) {
-    if (P.bf16)
-      dense_gemv(reinterpret_cast<const uint16_t*>(l.w.data_ptr()), x, l.N, l.K, y.data());
-    else
-      dense_gemv(l.w.data_ptr<float>(), x, l.N, l.K, y.data());
-    for (int64_t n = 0; n < l.N; ++n) out[n] = rnd(P, l.bias.empty() ? y[n] : y[n] + l.bias[n]);
-    return;
-  }
-  if (!l.share) {  // smoothed input in the model dtype, as IntLinear: x / s (rounded)
-    const float* src = x;
-    if (!l.smooth.empty()) {
-      for (int64_t k = 0; k < l.K; ++k) P.xs[k] = rnd(P, x[k] / l.smooth[k]);
-      src = P.xs.data();
-    } else if (src != P.xs.data()) {
-      std::memcpy(P.xs.data(), x, l.K * sizeof(float));
-    }
-    const bool want_bf16 = P.bf16 && l.kind != 2;  // float_act_gemm takes fp32 activations
-    if (want_bf16) {
-      for (int64_t k = 0; k < l.K; ++k) P.xb[k] = c10::BFloat16(P.xs[k]).x;
-      P.prep_x = at::from_blob(P.xb.data(), {1, l.K}, at::TensorOptions().dtype(at::kBFloat16));
-    } else {
-      P.prep_x = at::from_blob(P.xs.data(), {1, l.K}, at::TensorOptions().dtype(at::kFloat));
-    }
-    if (l.kind == 1) std::tie(P.prep_xq, P.prep_sx) = P.ops->quant.call(P.prep_x, l.abits, P.qeps);
-  }
-  at::Tensor r;
-  if (l.kind == 1)
-    r = P.ops->int8_gemm.call(P.prep_xq, P.prep_sx, l.w, l.scale, l.zero, l.bits, l.group, l.sym);
-  else if (l.kind == 2)
-    r = P.ops->float_gemm.call(P.prep_x, l.w, l.scale, l.zero, l.bits, l.group, l.sym);
+void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
+  const int64_t K = l.K;
+  p.xs.resize(K);
+  if (!l.smooth.empty())
+    for (int64_t k = 0; k < K; ++k) p.xs[k] = rnd(P, x[k] / l.smooth[k]);
   else
-    r = P.ops->bf16_gemm.call(P.prep_x, l.w, l.scale, l.zero, l.bits, l.group, l.sym);
-  const float* rd = r.data_ptr<float>();
-  for (int64_t n = 0; n < l.N; ++n) out[n] = l.bias.empty() ? rnd(P, rd[n]) : rnd(P, rnd(P, rd[n]) + l.bias[n]);
+    std::memcpy(p.xs.data(), x, K * sizeof(float));
+  const float* xs = p.xs.data();
+  if (l.kind == 0) {
+    if (P.bf16 && kBf16Dot) {
+      p.xb.resize(K);
+      for (int64_t k = 0; k < K; ++k) p.xb[k] = bf16_bits(xs[k]);  // exact: xs holds bf16 values
+    }
+    return;
+  }
+  const int64_t G = l.G, gs = l.gs;
+  if (l.kind == 1) {  // quantize_act + int8_act_gemm's preparation
+    p.xq0.resize(K);
+    p.xq.resize(K);
+    const float qmax = static_cast<float>((1 << (l.abits - 1)) - 1);
+    if (P.bf16) {
+      p.xt.resize(K);
+      for (int64_t k = 0; k < K; ++k) p.xt[k] = c10::BFloat16(xs[k]);
+      quantize_rows<c10::BFloat16>(p.xt.data(), p.xq0.data(), &p.sx, 0, 1, K, qmax,
+                                   static_cast<c10::BFloat16>(static_cast<float>(P.qeps)));
+    } else {
+      quantize_rows<float>(xs, p.xq0.data(), &p.sx, 0, 1, K, qmax, static_cast<float>(P.qeps));
+    }
+    permute_rows(p.xq0.data(), p.xq.data(), 1, K, l.bits == 4);
+    p.xsi.assign(G, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t s = 0;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) s += p.xq0[k];
+      p.xsi[g] = s;
+    }
+  } else if (l.kind == 2) {  // float_act_gemm's preparation
+    p.xf.resize(K);
+    permute_rows(xs, p.xf.data(), 1, K, l.bits == 4);
+    p.xsf.assign(G, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) acc += p.xf[k];
+      p.xsf[g] = static_cast<float>(acc);
+    }
+  } else {  // bf16_act_gemm's preparation
+    p.xb.resize(K);
+    for (int64_t c = 0; c < K; c += 128)
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 32; ++j) p.xb[c + 32 * i + j] = bf16_bits(xs[c + 4 * j + i]);
+    p.xsf.assign(G, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      double acc = 0.0;
+      for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) acc += static_cast<double>(to_bf16_value(xs[k]));
+      p.xsf[g] = static_cast<float>(acc);
+    }
+  }
+}
+
+// rows [n0, n1) of linear l on its prepared input, through the epilogue (bias, rounding) into
+// out[0 .. n1 - n0); y: scratch of n1 - n0 floats
+void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_t n1, float* y, float* out) {
+  const int64_t K = l.K, G = l.G, gs = l.gs, rows = n1 - n0;
+  if (l.kind == 0) {
+    auto run = [&](auto* w, auto&& rows4, auto&& rows1) {
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) rows4(w + (n0 + r) * K, y + r);
+      for (; r < rows; ++r) rows1(w + (n0 + r) * K, y + r);
+    };
+    if (!l.wbf16) {
+      run(l.w.data_ptr<float>(), [&](const float* w, float* yy) { gemv_rows<float, 4>(w, p.xs.data(), K, yy); },
+          [&](const float* w, float* yy) { gemv_rows<float, 1>(w, p.xs.data(), K, yy); });
+    } else {
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(l.w.data_ptr());
+#ifdef __AVX512BF16__
+      if (P.bf16) {
+        run(w, [&](const uint16_t* ww, float* yy) { gemv_rows_bf16<4>(ww, p.xb.data(), K, yy); },
+            [&](const uint16_t* ww, float* yy) { gemv_rows_bf16<1>(ww, p.xb.data(), K, yy); });
+      } else
+#endif
+      {
+        run(w, [&](const uint16_t* ww, float* yy) { gemv_rows<uint16_t, 4>(ww, p.xs.data(), K, yy); },
+            [&](const uint16_t* ww, float* yy) { gemv_rows<uint16_t, 1>(ww, p.xs.data(), K, yy); });
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) out[r] = rnd(P, l.bias.empty() ? y[r] : y[r] + l.bias[n0 + r]);
+    return;
+  }
+  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr()) + n0 * l.w.size(1);
+  const int64_t ws = l.w.size(1);
+  const float* sc = l.scale.data_ptr<float>() + n0 * G;
+  const float* ze = l.zero.data_ptr<float>() + n0 * G;
+  auto tiles = [&](auto&& tile4, auto&& tile1) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) tile4(r);
+    for (; r < rows; ++r) tile1(r);
+  };
+  // the kernels write y[(b0 + t) * N + n0 + r]: called with b0 = 0 and N = rows, n0 = r (rows offset above)
+  if (l.kind == 1) {
+    if (l.bits == 8)
+      tiles([&](int64_t r) { int_tile<8, 4, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
+            [&](int64_t r) { int_tile<8, 1, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+    else
+      tiles([&](int64_t r) { int_tile<4, 4, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
+            [&](int64_t r) { int_tile<4, 1, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+  } else if (l.kind == 2) {
+    if (l.bits == 8)
+      tiles([&](int64_t r) { float_tile<8, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
+            [&](int64_t r) { float_tile<8, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+    else
+      tiles([&](int64_t r) { float_tile<4, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
+            [&](int64_t r) { float_tile<4, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+  } else {
+#ifdef __AVX512BF16__
+    tiles([&](int64_t r) { bf16_tile<4, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
+          [&](int64_t r) { bf16_tile<1, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+#endif
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    out[r] = l.bias.empty() ? rnd(P, y[r]) : rnd(P, rnd(P, y[r]) + l.bias[n0 + r]);
 }
 
 // ---- the small ops -------------------------------------------------------------------------------
@@ -231,68 +287,68 @@ void rms_norm(const Plan& P, const float* h, const std::vector<float>& w, float*
   for (int64_t i = 0; i < P.H; ++i) out[i] = rnd(P, w[i] * rnd(P, h[i] * r));
 }
 
-void rope(const Plan& P, float* t, int64_t heads, int64_t pos) {
+void rope(const Plan& P, const float* v, float* out, int64_t pos) {  // one head
   const int64_t hd = P.hd, half = hd / 2;
   const float* c = P.cos.data() + pos * hd;
   const float* s = P.sin.data() + pos * hd;
-  float tmp[1024];
-  for (int64_t h = 0; h < heads; ++h) {
-    float* v = t + h * hd;
-    for (int64_t i = 0; i < hd; ++i) {
-      const float rot = i < half ? -v[i + half] : v[i - half];
-      tmp[i] = rnd(P, rnd(P, v[i] * c[i]) + rnd(P, rot * s[i]));
-    }
-    std::memcpy(v, tmp, hd * sizeof(float));
+  for (int64_t i = 0; i < hd; ++i) {
+    const float rot = i < half ? -v[i + half] : v[i - half];
+    out[i] = rnd(P, rnd(P, v[i] * c[i]) + rnd(P, rot * s[i]));
   }
 }
 
+// query head h at position pos: RoPE of q and of its K/V head's k, scores over the cache (positions
+// < pos) and this token's k, softmax, weighted V.  The thread of the first query head of each K/V head
+// writes this token's K/V into the cache; no thread reads position pos from the cache in this step.
 template <typename T>
-void attend(Plan& P, Layer& l, int64_t pos) {
-  const int64_t hd = P.hd, T1 = pos + 1, rep = P.nh / P.nkv;
-  T* kc = static_cast<T*>(l.kc.data_ptr());
-  T* vc = static_cast<T*>(l.vc.data_ptr());
-  for (int64_t j = 0; j < P.nkv; ++j)  // this token's K/V into the cache
+void attend_head(Plan& P, Layer& l, Local& L, int64_t h, int64_t pos) {
+  const int64_t hd = P.hd, T1 = pos + 1, rep = P.nh / P.nkv, j = h / rep;
+  T* kc = static_cast<T*>(l.kc.data_ptr()) + j * P.max_len * hd;
+  T* vc = static_cast<T*>(l.vc.data_ptr()) + j * P.max_len * hd;
+  rope(P, P.q.data() + h * hd, L.qt, pos);
+  rope(P, P.k.data() + j * hd, L.kt, pos);
+  const float* vj = P.v.data() + j * hd;
+  if (h % rep == 0)
     for (int64_t i = 0; i < hd; ++i) {
-      kc[(j * P.max_len + pos) * hd + i] = static_cast<T>(P.k[j * hd + i]);
-      vc[(j * P.max_len + pos) * hd + i] = static_cast<T>(P.v[j * hd + i]);
+      kc[pos * hd + i] = static_cast<T>(L.kt[i]);
+      vc[pos * hd + i] = static_cast<T>(vj[i]);
     }
-  // threads over heads only when there is enough work to pay a fork-join (long contexts)
-  const int64_t grain = T1 * hd >= (1 << 16) ? 1 : P.nh;
-  at::parallel_for(0, P.nh, grain, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t j = h / rep;
-      const float* qh = P.q.data() + h * hd;
-      float* sc = P.scores.data() + h * P.max_len;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < T1; ++t) {
-        const T* kt = kc + (j * P.max_len + t) * hd;
-        float d = 0.f;
-        for (int64_t i = 0; i < hd; ++i) d += qh[i] * static_cast<float>(kt[i]);
-        sc[t] = d * P.scaling;
-        mx = sc[t] > mx ? sc[t] : mx;
-      }
-      // as ATen's CPU flash attention: the sum of the fp32 exponentials, the weights that multiply V
-      // rounded to the model dtype (its second GEMM runs in the reduced type)
-      float sum = 0.f;
-      for (int64_t t = 0; t < T1; ++t) {
-        const float e = std::exp(sc[t] - mx);
-        sum += e;
-        sc[t] = rnd(P, e);
-      }
-      float acc[1024];
-      for (int64_t i = 0; i < hd; ++i) acc[i] = 0.f;
-      for (int64_t t = 0; t < T1; ++t) {
-        const T* vt = vc + (j * P.max_len + t) * hd;
-        const float p = sc[t];
-        for (int64_t i = 0; i < hd; ++i) acc[i] += p * static_cast<float>(vt[i]);
-      }
-      const float inv = 1.f / sum;
-      for (int64_t i = 0; i < hd; ++i) P.a[h * hd + i] = rnd(P, acc[i] * inv);
+  float* sc = P.scores.data() + h * P.max_len;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < T1; ++t) {
+    float d = 0.f;
+    if (t < pos) {
+      const T* kt = kc + t * hd;
+      for (int64_t i = 0; i < hd; ++i) d += L.qt[i] * static_cast<float>(kt[i]);
+    } else {  // this token's k: the value the cache receives (already a value of T)
+      for (int64_t i = 0; i < hd; ++i) d += L.qt[i] * L.kt[i];
     }
-  });
+    sc[t] = d * P.scaling;
+    mx = sc[t] > mx ? sc[t] : mx;
+  }
+  // as ATen's CPU flash attention: the sum of the fp32 exponentials, the weights that multiply V
+  // rounded to the model dtype (its second GEMM runs in the reduced type)
+  float sum = 0.f;
+  for (int64_t t = 0; t < T1; ++t) {
+    const float e = std::exp(sc[t] - mx);
+    sum += e;
+    sc[t] = rnd(P, e);
+  }
+  for (int64_t i = 0; i < hd; ++i) L.acc[i] = 0.f;
+  for (int64_t t = 0; t < T1; ++t) {
+    const float p = sc[t];
+    if (t < pos) {
+      const T* vt = vc + t * hd;
+      for (int64_t i = 0; i < hd; ++i) L.acc[i] += p * static_cast<float>(vt[i]);
+    } else {
+      for (int64_t i = 0; i < hd; ++i) L.acc[i] += p * vj[i];
+    }
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < hd; ++i) P.a[h * hd + i] = rnd(P, L.acc[i] * inv);
 }
 
-// ---- ops -----------------------------------------------------------------------------------------
+// ---- plan ----------------------------------------------------------------------------------------
 
 Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<int64_t>& meta, size_t& mi) {
   Lin l;
@@ -312,7 +368,24 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   TORCH_CHECK(l.w.is_contiguous(), "fused_plan: weights must be contiguous");
   TORCH_CHECK(l.kind >= 0 && l.kind <= 3, "fused_plan: linear kind 0..3");
   TORCH_CHECK(l.kind != 0 || (l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == l.K), "fused_plan: dense weight shape");
-  TORCH_CHECK(l.kind == 0 || (l.w.dim() == 2 && l.w.size(0) == l.N), "fused_plan: weight codes shape");
+  TORCH_CHECK(l.kind != 0 || l.w.scalar_type() == at::kFloat || l.w.scalar_type() == at::kBFloat16,
+              "fused_plan: dense weights float32 or bfloat16");
+  l.wbf16 = l.kind == 0 && l.w.scalar_type() == at::kBFloat16;
+  if (l.kind != 0) {
+    TORCH_CHECK(l.bits == 8 || l.bits == 4, "fused_plan: 4- or 8-bit codes");
+    TORCH_CHECK(l.K % 64 == 0, "fused_plan: K must be a multiple of 64");
+    TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
+                "fused_plan: weight codes shape");
+    l.gs = l.group > 0 ? l.group : l.K;
+    TORCH_CHECK(l.gs % 64 == 0, "fused_plan: group size must be a multiple of 64");
+    l.G = (l.K + l.gs - 1) / l.gs;
+    TORCH_CHECK(l.scale.scalar_type() == at::kFloat && l.scale.is_contiguous() && l.scale.numel() == l.N * l.G &&
+                    l.zero.scalar_type() == at::kFloat && l.zero.is_contiguous() && l.zero.numel() == l.N * l.G,
+                "fused_plan: scale / zero: float [N, G]");
+    TORCH_CHECK(l.kind != 3 || (kHaveBf16 && l.bits == 4 && l.K % 128 == 0 && l.gs % 128 == 0),
+                "fused_plan: the bf16 kernel needs AVX512_BF16, int4 codes, K and group multiples of 128");
+    TORCH_CHECK(l.kind != 1 || (l.abits >= 2 && l.abits <= 8), "fused_plan: activation bits 2..8");
+  }
   TORCH_CHECK((l.bias.empty() || static_cast<int64_t>(l.bias.size()) == l.N) &&
                   (l.smooth.empty() || static_cast<int64_t>(l.smooth.size()) == l.K),
               "fused_plan: bias or smoothing shape");
@@ -347,7 +420,6 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
   P->head = make_lin(ts, ti, meta, mi);
   const auto dt = P->bf16 ? at::kBFloat16 : at::kFloat;
   TORCH_CHECK(P->embed.scalar_type() == dt && P->embed.is_contiguous(), "fused_plan: embedding dtype");
-  bool any_int = P->head.kind != 0;
   for (int64_t i = 0; i < P->L; ++i) {
     Layer l;
     l.ln1 = floats(ts[ti++]);
@@ -359,7 +431,7 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                 "fused_plan: K/V cache layout");
     for (Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
       *p = make_lin(ts, ti, meta, mi);
-      any_int = any_int || p->kind != 0;
+      TORCH_CHECK(p->kind != 0 || p->w.scalar_type() == dt, "fused_plan: layer weights in the model dtype");
     }
     const int64_t H = P->H, qd = P->nh * P->hd, kd = P->nkv * P->hd, I = P->I;
     TORCH_CHECK(l.q.K == H && l.q.N == qd && l.k.K == H && l.k.N == kd && l.v.K == H && l.v.N == kd &&
@@ -367,6 +439,7 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                     l.down.K == I && l.down.N == H && static_cast<int64_t>(l.ln1.size()) == H &&
                     static_cast<int64_t>(l.ln2.size()) == H,
                 "fused_plan: layer shapes");
+    TORCH_CHECK(!l.k.share || l.q.kind == l.k.kind, "fused_plan: shared input of different kinds");
     P->layers.push_back(std::move(l));
   }
   TORCH_CHECK(ti == ts.size() && mi == meta.size(), "fused_plan: argument count");
@@ -374,11 +447,15 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                   P->embed.size(1) == P->H && static_cast<int64_t>(P->cos.size()) == P->max_len * P->hd &&
                   static_cast<int64_t>(P->sin.size()) == P->max_len * P->hd,
               "fused_plan: head, norm, embedding or RoPE table shape");
-  if (any_int) P->ops = int_ops();
-  const int64_t big = std::max({P->H, P->I, P->V, P->nh * P->hd, P->nkv * P->hd});
-  for (auto* b : {&P->h, &P->x, &P->xs, &P->q, &P->k, &P->v, &P->a, &P->o, &P->g, &P->u, &P->logits}) b->resize(big);
-  P->xb.resize(big);
+  P->q.resize(P->nh * P->hd);
+  P->a.resize(P->nh * P->hd);
+  P->k.resize(P->nkv * P->hd);
+  P->v.resize(P->nkv * P->hd);
+  P->g.resize(P->I);
+  P->t.resize(P->H);
   P->scores.resize(P->nh * P->max_len);
+  P->nphases = 5 * P->L + 1;
+  P->next.reset(new std::atomic<int64_t>[P->nphases]);
   std::lock_guard<std::mutex> lock(g_mu);
   g_plans.push_back(std::move(P));
   return static_cast<int64_t>(g_plans.size() - 1);
@@ -390,57 +467,177 @@ void fused_free(int64_t id) {
   g_plans[id].reset();
 }
 
-at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
-  Plan* pp;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_plans.size()) && g_plans[id], "fused_step: no such plan");
-    pp = g_plans[id].get();
+Plan& get_plan(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_plans.size()) && g_plans[id], "fused: no such plan");
+  return *g_plans[id];
+}
+
+// ---- the step ------------------------------------------------------------------------------------
+
+using Clock = std::chrono::steady_clock;
+
+struct Timer {  // thread 0's time per phase (only when the plan profiles)
+  Plan& P;
+  bool on;
+  Clock::time_point t;
+  void mark(int phase, int part) {
+    if (!on) return;
+    const auto n = Clock::now();
+    P.prof[phase][part] += std::chrono::duration<double>(n - t).count();
+    t = n;
   }
-  Plan& P = *pp;
-  TORCH_CHECK(token >= 0 && token < P.embed.size(0), "fused_step: token id out of range");
-  TORCH_CHECK(pos >= 0 && pos < P.max_len, "fused_step: position beyond the cache");
+};
+
+// the units of one phase, taken from its counter: fn(unit)
+template <typename F>
+inline void take(std::atomic<int64_t>& next, int64_t units, const F& fn) {
+  for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < units; u = next.fetch_add(1, std::memory_order_relaxed))
+    fn(u);
+}
+
+inline int64_t units_of(int64_t n) { return (n + UNIT - 1) / UNIT; }
+
+// the inputs of consecutive linears l[0..n) (a later one reuses the earlier preparation when "share")
+inline const Input* prepare_group(const Plan& P, Local& L, const Lin* const* l, int n, const float* x, const Input** out) {
+  for (int i = 0; i < n; ++i) {
+    if (i > 0 && l[i]->share) {
+      out[i] = out[i - 1];
+    } else {
+      prepare(P, *l[i], x, L.prep[i]);
+      out[i] = &L.prep[i];
+    }
+  }
+  return out[0];
+}
+
+void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& prof_on) {
+  const int tid = omp_get_thread_num();
+  Local& L = *P.local[tid];
   const int64_t H = P.H;
+  Timer tm{P, prof_on && tid == 0, Clock::now()};
+  int64_t ph = 0;  // phase counter index
+  auto barrier = [&](int phase) {
+    tm.mark(phase, 1);
+#pragma omp barrier
+    tm.mark(phase, 2);
+  };
+  // the residual stream: every thread keeps its own (identical) copy
   if (P.bf16) {
     const uint16_t* e = reinterpret_cast<const uint16_t*>(P.embed.data_ptr()) + token * H;
-    for (int64_t i = 0; i < H; ++i) P.h[i] = c10::BFloat16(e[i], c10::BFloat16::from_bits()).operator float();
+    for (int64_t i = 0; i < H; ++i) L.h[i] = c10::BFloat16(e[i], c10::BFloat16::from_bits()).operator float();
   } else {
-    std::memcpy(P.h.data(), P.embed.data_ptr<float>() + token * H, H * sizeof(float));
+    std::memcpy(L.h.data(), P.embed.data_ptr<float>() + token * H, H * sizeof(float));
   }
-  std::vector<float> tmp(P.h.size());  // o_proj and down outputs (H)
+  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down)
+  auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
+    prepare(P, lin, x, L.prep[0]);
+    tm.mark(phase, 0);
+    take(P.next[ph++], units_of(H), [&](int64_t u) {
+      linear_rows(P, lin, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
+    });
+    barrier(phase);
+    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+  };
+  const Input* pp[3];
   for (Layer& l : P.layers) {
-    rms_norm(P, P.h.data(), l.ln1, P.x.data());
-    linear(P, l.q, P.x.data(), P.q.data());
-    linear(P, l.k, P.x.data(), P.k.data());
-    linear(P, l.v, P.x.data(), P.v.data());
-    rope(P, P.q.data(), P.nh, pos);
-    rope(P, P.k.data(), P.nkv, pos);
-    if (P.bf16)
-      attend<c10::BFloat16>(P, l, pos);
-    else
-      attend<float>(P, l, pos);
-    linear(P, l.o, P.a.data(), tmp.data());
-    for (int64_t i = 0; i < H; ++i) P.h[i] = rnd(P, P.h[i] + tmp[i]);
-    rms_norm(P, P.h.data(), l.ln2, P.x.data());
-    linear(P, l.gate, P.x.data(), P.g.data());
-    linear(P, l.up, P.x.data(), P.u.data());
-    for (int64_t i = 0; i < P.I; ++i) {
-      const float g = P.g[i];
-      P.g[i] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * P.u[i]);
+    // q / k / v
+    rms_norm(P, L.h.data(), l.ln1, L.x.data());
+    const Lin* qkv[3] = {&l.q, &l.k, &l.v};
+    prepare_group(P, L, qkv, 3, L.x.data(), pp);
+    tm.mark(0, 0);
+    {
+      const int64_t uq = units_of(l.q.N), uk = units_of(l.k.N), uv = units_of(l.v.N);
+      float* outs[3] = {P.q.data(), P.k.data(), P.v.data()};
+      take(P.next[ph++], uq + uk + uv, [&](int64_t u) {
+        const int i = u < uq ? 0 : (u < uq + uk ? 1 : 2);
+        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * UNIT;
+        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + UNIT), L.y.data(), outs[i] + b);
+      });
     }
-    linear(P, l.down, P.g.data(), tmp.data());
-    for (int64_t i = 0; i < H; ++i) P.h[i] = rnd(P, P.h[i] + tmp[i]);
+    barrier(0);
+    // attention, one query head per unit
+    take(P.next[ph++], P.nh, [&](int64_t h) {
+      if (P.bf16)
+        attend_head<c10::BFloat16>(P, l, L, h, pos);
+      else
+        attend_head<float>(P, l, L, h, pos);
+    });
+    barrier(1);
+    residual_linear(2, l.o, P.a.data());  // o_proj
+    // gate / up, SiLU(gate) * up for the same rows
+    rms_norm(P, L.h.data(), l.ln2, L.x.data());
+    const Lin* gu[2] = {&l.gate, &l.up};
+    prepare_group(P, L, gu, 2, L.x.data(), pp);
+    tm.mark(3, 0);
+    take(P.next[ph++], units_of(P.I), [&](int64_t u) {
+      const int64_t b = u * UNIT, e = std::min(P.I, b + UNIT);
+      float gbuf[UNIT], ubuf[UNIT];
+      linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
+      linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
+      for (int64_t n = b; n < e; ++n) {
+        const float g = gbuf[n - b];
+        P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
+      }
+    });
+    barrier(3);
+    residual_linear(4, l.down, P.g.data());  // down
   }
-  rms_norm(P, P.h.data(), P.norm, P.x.data());
-  linear(P, P.head, P.x.data(), P.logits.data());
+  // final norm and the LM head, straight into the output tensor
+  rms_norm(P, L.h.data(), P.norm, L.x.data());
+  prepare(P, P.head, L.x.data(), L.prep[0]);
+  tm.mark(5, 0);
+  take(P.next[ph++], units_of(P.V), [&](int64_t u) {
+    const int64_t b = u * UNIT, e = std::min(P.V, b + UNIT);
+    float out[UNIT];
+    linear_rows(P, P.head, L.prep[0], b, e, L.y.data(), out);
+    if (P.bf16) {
+      uint16_t* od = static_cast<uint16_t*>(logits_out);
+      for (int64_t n = b; n < e; ++n) od[n] = bf16_bits(out[n - b]);
+    } else {
+      std::memcpy(static_cast<float*>(logits_out) + b, out, (e - b) * sizeof(float));
+    }
+  });
+  barrier(5);
+}
+
+at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(token >= 0 && token < P.embed.size(0), "fused_step: token id out of range");
+  TORCH_CHECK(pos >= 0 && pos < P.max_len, "fused_step: position beyond the cache");
+  const int nt = std::max(1, at::get_num_threads());
+  while (static_cast<int>(P.local.size()) < nt) {
+    auto L = std::make_unique<Local>();
+    const int64_t big = std::max({P.H, P.I, P.nh * P.hd});
+    L->h.resize(P.H);
+    L->x.resize(big);
+    L->y.resize(UNIT);
+    P.local.push_back(std::move(L));
+  }
+  for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
   at::Tensor out = at::empty({1, P.V}, at::TensorOptions().dtype(P.bf16 ? at::kBFloat16 : at::kFloat));
-  if (P.bf16) {
-    auto* od = reinterpret_cast<uint16_t*>(out.data_ptr());
-    for (int64_t n = 0; n < P.V; ++n) od[n] = c10::BFloat16(P.logits[n]).x;
-  } else {
-    std::memcpy(out.data_ptr<float>(), P.logits.data(), P.V * sizeof(float));
-  }
+  void* od = out.data_ptr();
+  bool prof = P.profile;
+  // one parallel region for the whole step (a step called inside a parallel region runs on one thread)
+#pragma omp parallel num_threads(nt)
+  step_thread(P, token, pos, od, prof);
+  if (prof) ++P.prof_steps;
   return out;
+}
+
+void fused_set_profile(int64_t id, bool on) {
+  Plan& P = get_plan(id);
+  P.profile = on;
+  std::memset(P.prof, 0, sizeof(P.prof));
+  P.prof_steps = 0;
+}
+
+// [phase, part] seconds summed over the profiled steps (thread 0), and the number of steps
+std::tuple<at::Tensor, int64_t> fused_profile(int64_t id) {
+  Plan& P = get_plan(id);
+  at::Tensor t = at::empty({NPHASE, 3}, at::TensorOptions().dtype(at::kDouble));
+  std::memcpy(t.data_ptr<double>(), P.prof, sizeof(P.prof));
+  return {t, P.prof_steps};
 }
 
 }  // namespace
@@ -449,4 +646,6 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_plan(Tensor[] tensors, int[] meta, float[] fmeta) -> int", &fused_plan);
   m.def("fused_step(int plan, int token, int pos) -> Tensor", &fused_step);
   m.def("fused_free(int plan) -> ()", &fused_free);
+  m.def("fused_set_profile(int plan, bool on) -> ()", &fused_set_profile);
+  m.def("fused_profile(int plan) -> (Tensor, int)", &fused_profile);
 }

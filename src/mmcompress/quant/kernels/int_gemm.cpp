@@ -477,6 +477,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, int64_t bit
 
 }  // namespace
 
+// runtime/fused_step.cpp includes this file for the tile kernels only (its ops are registered here)
+#ifndef MMCOMPRESS_INT_GEMM_KERNELS_ONLY
 TORCH_LIBRARY(mmcompress_int, m) {
   m.def("int8_act_gemm(Tensor xq, Tensor sx, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
   m.def("float_act_gemm(Tensor x, Tensor w, Tensor scale, Tensor zero, int bits, int group, bool sym) -> Tensor");
@@ -491,3 +493,4 @@ TORCH_LIBRARY_IMPL(mmcompress_int, CPU, m) {
   m.impl("bf16_act_gemm", &bf16_act_gemm);
   m.impl("quantize_act", &quantize_act);
 }
+#endif  // MMCOMPRESS_INT_GEMM_KERNELS_ONLY

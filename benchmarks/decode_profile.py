@@ -1,0 +1,106 @@
+"""Where the time of one fused decode step goes: per phase (q/k/v, attention, o_proj, gate/up, down,
+LM head) the milliseconds per token and the bytes each phase reads, for docs/runtime.md.
+
+    PYTHONPATH=src python benchmarks/decode_profile.py /tmp/lc-cmp/art-w8a8 --head int8 \\
+        --threads 2 --prompt 16 --tokens 64 --rounds 3
+
+MODEL: an artifact, or a plain model directory with ``--dtype``.  The fused step's own clock (thread 0,
+``FusedStep.set_profile``): per phase, thread 0's small ops (residual add, RMSNorm, smoothing and
+activation quantization of the phase's input — every thread computes these itself), its share of the
+phase's row units (attention: query heads; includes RoPE and the K/V cache write), and its wait at the
+barrier that ends the phase (the other thread still working, or descheduled).  Bytes: the weights the
+phase's linears read (codes, step sizes, zero points of asymmetric codes, bias; dense weights), and for
+attention the K/V cache read at the mean position of the run.  GB/s = bytes / the phase's total time.
+The best round (lowest total) is printed; the last line is JSON with every round.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def linear_bytes(m) -> int:
+    from mmcompress.quant.deployed import IntLinear
+
+    if isinstance(m, IntLinear):
+        n = m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
+        if not m.scheme.sym:
+            n += m.weight_zero.numel() * 4
+    else:
+        n = m.weight.numel() * m.weight.element_size()
+    return n + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--dtype", default=None, help="plain model directories: float32 or bfloat16")
+    ap.add_argument("--head", default="model", choices=("model", "bf16", "int8"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+
+    import mmcompress
+    from mmcompress.models.loading import load_hf_model, load_tokenizer
+    from mmcompress.runtime.decode import DecodeEngine
+    from mmcompress.runtime.fused import PHASES
+
+    torch.set_num_threads(a.threads)
+    model = load_hf_model(a.model, dtype=getattr(torch, a.dtype)) if a.dtype else mmcompress.load(a.model)
+    tok = load_tokenizer(a.model)
+    text = "The history of the city begins in the early medieval period, when a small settlement grew around " * 4
+    ids = torch.tensor([tok(text).input_ids[: a.prompt]])
+    eng = DecodeEngine(model, max_len=a.prompt + a.tokens, fused=True, head=a.head)
+    if not eng.fused:
+        raise SystemExit("no fused step for this model")
+    eng.generate(ids, 4)  # builds the plan
+    fs = eng._fused
+
+    L = eng.layers
+    elt = eng.dtype.itemsize
+    mean_ctx = a.prompt + a.tokens / 2
+    kv = sum(2 * eng.kv_heads * l.hd * mean_ctx * elt for l in L)
+    nbytes = {
+        "qkv": sum(linear_bytes(l.q) + linear_bytes(l.k) + linear_bytes(l.v) for l in L),
+        "attention": kv,
+        "o_proj": sum(linear_bytes(l.o) for l in L),
+        "gate_up": sum(linear_bytes(l.mlp.gate_proj) + linear_bytes(l.mlp.up_proj) for l in L),
+        "down": sum(linear_bytes(l.down) for l in L),
+        "head": fs.head_bytes,
+    }
+    rounds = []
+    for _ in range(a.rounds):
+        fs.set_profile(True)
+        tm = {}
+        eng.generate(ids, a.tokens, timings=tm)
+        prof, steps = fs.profile()
+        fs.set_profile(False)
+        rounds.append({"wall_ms_per_token": 1e3 * sum(tm["step_s"]) / len(tm["step_s"]), "steps": steps,
+                       "phases_ms_per_token": {p: {k: 1e3 * v / steps for k, v in d.items()} for p, d in prof.items()}})
+    best = min(rounds, key=lambda r: r["wall_ms_per_token"])
+    print(f"{a.model} ({eng.dtype}, head {fs.head}): {best['wall_ms_per_token']:.3f} ms/token wall "
+          f"({1e3 / best['wall_ms_per_token']:.1f} tok/s), {a.threads} threads, best of {a.rounds}; "
+          f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", file=sys.stderr)
+    print(f"  {'phase':10s} {'own ops':>8s} {'units':>8s} {'wait':>8s} {'total':>8s} ms   {'MB':>7s} {'GB/s':>6s}",
+          file=sys.stderr)
+    tot = 0.0
+    for p in PHASES:
+        d = best["phases_ms_per_token"][p]
+        t = sum(d.values())
+        tot += t
+        print(f"  {p:10s} {d['own_ops_s']:8.3f} {d['units_s']:8.3f} {d['wait_s']:8.3f} {t:8.3f}      "
+              f"{nbytes[p] / 1e6:7.2f} {nbytes[p] / 1e6 / t if t else 0:6.1f}", file=sys.stderr)
+    allb = sum(nbytes.values())
+    print(f"  {'all':10s} {'':8s} {'':8s} {'':8s} {tot:8.3f}      {allb / 1e6:7.2f} {allb / 1e6 / tot:6.1f}",
+          file=sys.stderr)
+    print(json.dumps({"model": str(a.model), "dtype": str(eng.dtype), "head": fs.head, "threads": a.threads,
+                      "prompt": a.prompt, "tokens": a.tokens, "bytes_per_token": nbytes, "rounds": rounds}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
