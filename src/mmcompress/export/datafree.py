@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -161,19 +163,29 @@ class _ShardReader:
         self.header = json.loads(os.pread(self.fd, n, 8))
         self.base = 8 + n
         self.dtypes = {v: k for k, v in _ST_DTYPES.items()}
+        if hasattr(os, "posix_fadvise"):  # read in order: a larger read-ahead
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``key``, in a new buffer or at the start of the uint8 tensor ``into`` (large enough)."""
         info = self.header[key]
         start, end = info["data_offsets"]
+        if into is not None and end > start:
+            t = into[: end - start]
+            self._pread_into(memoryview(t.numpy()), start, key)
+            return t.view(self.dtypes[info["dtype"]]).view(info["shape"])
         buf = bytearray(end - start)
-        view, done = memoryview(buf), 0
+        self._pread_into(memoryview(buf), start, key)
+        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
+        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
+
+    def _pread_into(self, view: memoryview, start: int, key: str) -> None:
+        buf, done = view, 0
         while done < len(buf):
             got = os.preadv(self.fd, [view[done:]], self.base + start + done)
             if got <= 0:
                 raise OSError(f"{self.path.name} is truncated (tensor {key})")
             done += got
-        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
-        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
 
     def close(self) -> None:
         os.close(self.fd)
@@ -237,39 +249,13 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         return _in_memory(model_dir, output, scheme, dtype, t0, n_layers, trust_remote_code)
     description = _description(scheme, n_layers)
     shards, names = split_shards(units, lambda unit: sum(_nbytes(v) for v in unit[0].values()), max_shard_bytes)
-    readers: dict[Path, _ShardReader] = {}
-
-    def read(key):
-        path = sources[stored_as[key]]
-        if path not in readers:
-            readers[path] = _ShardReader(path)
-        return readers[path].read(stored_as[key])
-
     with atomic_output_dir(output, overwrite=overwrite, inputs=[model_dir]) as tmp:
         headers = [_header([(k, *v) for out, _, _ in shard for k, v in out.items()], {"format": "pt"})
                    for shard in shards]
         require_space(tmp, sum(map(len, headers)) + sum(sum(_nbytes(v) for v in u[0].values()) for u in units),
                       "the artifact")
-        weight_map, total = {}, 0
-        done = 0
-        for fname, shard, header in zip(names, shards, headers):
-            with open(tmp / fname, "wb") as f:
-                f.write(header)
-                for out, srcs, build in shard:
-                    got = {k: read(k).to(out[k][0] if build is None else dtype) for k in srcs}
-                    produced = got if build is None else build(got)
-                    for k, (dt, shape) in out.items():
-                        t = produced[k]
-                        if t.dtype != dt or tuple(t.shape) != shape:
-                            raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
-                        f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
-                        weight_map[k] = fname
-                        total += _nbytes((dt, shape))
-                    done += 1
-                    if progress and done % 50 == 0:
-                        print(f"\rdata-free rtn: {done}/{len(units)} tensors", end="", file=sys.stderr)
-        if progress:
-            print(file=sys.stderr)
+        jobs = [(tmp / fname, header, shard) for fname, shard, header in zip(names, shards, headers)]
+        weight_map, total = _Pipeline(sources, stored_as, scheme, dtype, progress, len(units)).run(jobs)
         if len(names) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
@@ -277,9 +263,187 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         manifest = build_manifest(model, description)
         manifest["modules"] = specs
         write_side_files(tmp, model, manifest, model_dir)
-        for r in readers.values():
-            r.close()
     return description
+
+
+_EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+_AHEAD = 2  # units read ahead of the one being quantized (the reader thread)
+_WRITES_IN_FLIGHT = 2  # units handed to the writer thread and not yet written
+_POOL = 4  # reused buffer sets: one being read, one quantized, one written, one spare
+
+
+class _Pipeline:
+    """Input shards to output shards in three overlapping stages: a reader thread (``pread`` into reused
+    buffers), the quantization in this thread (:mod:`~mmcompress.quant.kernels.rtn_cpu`: one pass per row,
+    into reused buffers; the reference ``QuantLinear.packed_weight`` where the kernel is missing or
+    declines), and a writer thread (``pwrite`` at each tensor's planned offset, in order: large sequential
+    writes).  A tensor copied unchanged (embeddings, norms, ``lm_head`` in the load dtype) goes from shard
+    to shard inside the kernel (``copy_file_range``), never through this process's memory.  The bytes are
+    those of the sequential loop that read, cast, packed and wrote one tensor at a time."""
+
+    def __init__(self, sources: dict[str, Path], stored_as: dict[str, str], scheme: QuantScheme,
+                 dtype: torch.dtype, progress: bool, n_units: int):
+        self.sources, self.stored_as, self.scheme, self.dtype = sources, stored_as, scheme, dtype
+        self.progress, self.n_units = progress, n_units
+        self.readers: dict[Path, _ShardReader] = {}
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()  # (input buffer, output buffers) sets, reused
+        self.pool_spec = None
+
+    def _reader(self, key: str) -> tuple[_ShardReader, str]:
+        path = self.sources[self.stored_as[key]]
+        if path not in self.readers:
+            self.readers[path] = _ShardReader(path)
+        return self.readers[path], self.stored_as[key]
+
+    def run(self, jobs) -> tuple[dict[str, str], int]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        work = [(path, fd_index, unit) for fd_index, (path, _, shard) in enumerate(jobs) for unit in shard]
+        self._size_pool([unit for _, _, unit in work])
+        fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) for path, _, _ in jobs]
+        weight_map, total, done = {}, 0, 0
+        offsets = [len(header) for _, header, _ in jobs]
+        try:
+            for fd, (_, header, _) in zip(fds, jobs):
+                _pwrite_all(fd, header, 0)
+            with ThreadPoolExecutor(1, "datafree-read") as reader, ThreadPoolExecutor(1, "datafree-write") as writer:
+                reads, writes = deque(), deque()
+                for i in range(min(_AHEAD, len(work))):
+                    reads.append(reader.submit(self._read, work[i][2]))
+                for i, (path, f, (out, srcs, build)) in enumerate(work):
+                    got, bufs = reads.popleft().result()
+                    if i + _AHEAD < len(work):
+                        reads.append(reader.submit(self._read, work[i + _AHEAD][2]))
+                    produced = self._produce(got, out, build, bufs)
+                    places = []
+                    for k, (dt, shape) in out.items():
+                        t = produced[k]
+                        if not isinstance(t, _Copy) and (t.dtype != dt or tuple(t.shape) != shape):
+                            raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
+                        places.append((t, offsets[f]))
+                        offsets[f] += _nbytes((dt, shape))
+                        weight_map[k] = path.name
+                        total += _nbytes((dt, shape))
+                    writes.append(writer.submit(self._write, fds[f], places, bufs))
+                    while len(writes) > _WRITES_IN_FLIGHT:
+                        writes.popleft().result()
+                    done += 1
+                    if self.progress and done % 50 == 0:
+                        print(f"\rdata-free rtn: {done}/{len(work)} tensors", end="", file=sys.stderr)
+                for w in writes:
+                    w.result()
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for r in self.readers.values():
+                r.close()
+        if self.progress:
+            print(file=sys.stderr)
+        return weight_map, total
+
+    def _size_pool(self, units) -> None:
+        """``_POOL`` buffer sets (input weight, codes, step sizes, zero points) for the largest quantized linear.
+        Fewer than can be in flight only throttles the reader: the writer always returns them."""
+        from ..quant.kernels import rtn_cpu
+
+        if self.scheme.wbits >= 16 or not rtn_cpu.available():
+            return
+        biggest = max((self._source_spec(srcs[0]) for out, srcs, build in units if build is not None),
+                      key=lambda spec: _nbytes(spec), default=None)
+        if biggest is None:
+            return
+        self.pool_spec = biggest
+        n_in, n_codes, n_scale = _nbytes(biggest), 0, 0
+        for out, srcs, build in units:
+            if build is not None:
+                shapes = rtn_cpu.packed_shapes(*self._source_spec(srcs[0])[1], self.scheme)
+                n_codes = max(n_codes, _nbytes(shapes["weight_codes"]))
+                n_scale = max(n_scale, _nbytes(shapes["weight_scale"]))
+        for _ in range(_POOL):
+            self.pool.put((torch.empty(n_in, dtype=torch.uint8), torch.empty(n_codes, dtype=torch.uint8),
+                           torch.empty(n_scale, dtype=torch.uint8), torch.empty(n_scale, dtype=torch.uint8)))
+
+    def _source_spec(self, key: str):
+        reader, name = self._reader(key)
+        info = reader.header[name]
+        return reader.dtypes[info["dtype"]], tuple(info["shape"])
+
+    def _read(self, unit):
+        """``({name: tensor or _Copy}, buffer set or None)`` for one unit (runs in the reader thread)."""
+        out, srcs, build = unit
+        got, bufs = {}, None
+        for j, k in enumerate(srcs):
+            reader, name = self._reader(k)
+            src_dtype = reader.dtypes[reader.header[name]["dtype"]]
+            want = out[k][0] if build is None else self.dtype
+            if (build is None or self.scheme.wbits >= 16) and src_dtype == want:
+                got[k] = _Copy(reader, name)  # unchanged bytes: copied by the writer, shard to shard
+            elif j == 0 and build is not None and self.pool_spec is not None:
+                bufs = self.pool.get()  # waits for the writer to return one
+                got[k] = reader.read(name, into=bufs[0])
+            else:
+                got[k] = reader.read(name)
+        return got, bufs
+
+    def _produce(self, got: dict, out: dict, build, bufs) -> dict:
+        """The unit's output tensors (``_Copy`` markers pass through to the writer)."""
+        if build is None or self.scheme.wbits >= 16:  # unchanged names, the load dtype
+            return {k: v if isinstance(v, _Copy) else v.to(out[k][0]) for k, v in got.items()}
+        weight_key = next(iter(got))
+        weight = got[weight_key]
+        mod_name = weight_key[: -len(".weight")]
+        if bufs is not None and (weight.dtype == self.dtype or (weight.dtype, self.dtype) in _EXACT_WIDENING):
+            from ..quant.kernels import rtn_cpu
+
+            shapes = rtn_cpu.packed_shapes(*weight.shape, self.scheme)
+            packed = {name: buf[: _nbytes(spec)].view(spec[0]).view(spec[1])
+                      for (name, spec), buf in zip(shapes.items(), bufs[1:])}
+            if rtn_cpu.quantize_weight_into(weight, self.scheme, packed):  # equals QuantLinear.packed_weight
+                produced = {f"{mod_name}.{k}": v for k, v in packed.items()}
+                for k, v in got.items():
+                    if k != weight_key:
+                        produced[f"{mod_name}.bias"] = v.to(self.dtype)
+                return produced
+        return build({k: v.to(self.dtype) for k, v in got.items()})
+
+    def _write(self, fd: int, places: list, bufs) -> None:
+        """Write one unit's tensors at their offsets (runs in the writer thread); return its buffers."""
+        for t, offset in places:
+            if isinstance(t, _Copy):
+                t.copy_to(fd, offset)
+            else:
+                _pwrite_all(fd, t.contiguous().view(-1).view(torch.uint8).numpy().data, offset)
+        if bufs is not None:
+            self.pool.put(bufs)
+
+
+class _Copy:
+    """A tensor whose stored bytes are copied unchanged from an input shard (by the writer thread)."""
+
+    def __init__(self, reader: "_ShardReader", name: str):
+        self.reader, self.name = reader, name
+
+    def copy_to(self, fd: int, offset: int) -> None:
+        start, end = self.reader.header[self.name]["data_offsets"]
+        src, n, done = self.reader.base + start, end - start, 0
+        while done < n:
+            try:
+                got = os.copy_file_range(self.reader.fd, fd, n - done, src + done, offset + done)
+            except OSError:  # no in-kernel copy between these files: through a buffer
+                got = 0
+            if got <= 0:
+                buf = os.pread(self.reader.fd, min(n - done, 64 << 20), src + done)
+                if not buf:
+                    raise OSError(f"{self.reader.path.name} is truncated (tensor {self.name})")
+                got = _pwrite_all(fd, buf, offset + done)
+            done += got
+
+
+def _pwrite_all(fd: int, data, offset: int) -> int:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
 
 
 def _description(scheme: QuantScheme, n_layers: int) -> dict:
