@@ -37,6 +37,7 @@ from ..quant.linear import QuantLinear
 from ..quant.methods.base import quantize_layer_linears
 from ..quant.methods.rtn import RTN
 from ..quant.quantizer import QuantScheme
+from .shardio import MappedShard, SequentialWriter
 from .serialization import _empty_model, build_manifest, load_model, save, write_side_files
 
 MAX_SHARD_BYTES = 5 * 1024**3  # like save_pretrained's shards
@@ -255,7 +256,7 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         require_space(tmp, sum(map(len, headers)) + sum(sum(_nbytes(v) for v in u[0].values()) for u in units),
                       "the artifact")
         jobs = [(tmp / fname, header, shard) for fname, shard, header in zip(names, shards, headers)]
-        weight_map, total = _Pipeline(sources, stored_as, scheme, dtype, progress, len(units)).run(jobs)
+        weight_map, total = _Pipeline(sources, stored_as, scheme, dtype, progress).run(jobs)
         if len(names) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
@@ -269,121 +270,127 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
 _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 _AHEAD = 2  # units read ahead of the one being quantized (the reader thread)
 _WRITES_IN_FLIGHT = 2  # units handed to the writer thread and not yet written
-_POOL = 4  # reused buffer sets: one being read, one quantized, one written, one spare
+_POOL = 4  # reused output buffer sets: one being quantized, up to three being written
 
 
 class _Pipeline:
-    """Input shards to output shards in three overlapping stages: a reader thread (``pread`` into reused
-    buffers), the quantization in this thread (:mod:`~mmcompress.quant.kernels.rtn_cpu`: one pass per row,
-    into reused buffers; the reference ``QuantLinear.packed_weight`` where the kernel is missing or
-    declines), and a writer thread (``pwrite`` at each tensor's planned offset, in order: large sequential
-    writes).  A tensor copied unchanged (embeddings, norms, ``lm_head`` in the load dtype) goes from shard
-    to shard inside the kernel (``copy_file_range``), never through this process's memory.  The bytes are
-    those of the sequential loop that read, cast, packed and wrote one tensor at a time."""
+    """Input shards to output shards in three overlapping stages: a reader thread (maps each decoder linear's
+    pages in: :class:`~mmcompress.export.shardio.MappedShard`, no copy), the quantization in this thread
+    (:mod:`~mmcompress.quant.kernels.rtn_cpu`, one pass per row from the mapped bytes into reused buffers;
+    the reference ``QuantLinear.packed_weight`` where the kernel is missing or declines), and a writer
+    thread (:class:`~mmcompress.export.shardio.SequentialWriter`: each output shard front to back in 32 MiB
+    ``O_DIRECT`` writes).  A tensor stored unchanged (embeddings, norms, ``lm_head`` in the load dtype) is
+    read by the writer straight into its staging buffer.  The bytes are those of the sequential loop that
+    read, cast, packed and wrote one tensor at a time (tests/test_datafree.py)."""
 
     def __init__(self, sources: dict[str, Path], stored_as: dict[str, str], scheme: QuantScheme,
-                 dtype: torch.dtype, progress: bool, n_units: int):
+                 dtype: torch.dtype, progress: bool):
         self.sources, self.stored_as, self.scheme, self.dtype = sources, stored_as, scheme, dtype
-        self.progress, self.n_units = progress, n_units
-        self.readers: dict[Path, _ShardReader] = {}
-        self.pool: queue.SimpleQueue = queue.SimpleQueue()  # (input buffer, output buffers) sets, reused
-        self.pool_spec = None
+        self.progress = progress
+        self.readers = {path: _ShardReader(path) for path in sorted(set(sources.values()))}
+        self.maps: dict[Path, MappedShard] = {}
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()  # output buffer sets (codes, scale, zero), reused
+        self.use_kernel = False
 
     def _reader(self, key: str) -> tuple[_ShardReader, str]:
-        path = self.sources[self.stored_as[key]]
-        if path not in self.readers:
-            self.readers[path] = _ShardReader(path)
-        return self.readers[path], self.stored_as[key]
+        return self.readers[self.sources[self.stored_as[key]]], self.stored_as[key]
 
     def run(self, jobs) -> tuple[dict[str, str], int]:
         from concurrent.futures import ThreadPoolExecutor
 
-        work = [(path, fd_index, unit) for fd_index, (path, _, shard) in enumerate(jobs) for unit in shard]
-        self._size_pool([unit for _, _, unit in work])
-        fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666) for path, _, _ in jobs]
-        weight_map, total, done = {}, 0, 0
-        offsets = [len(header) for _, header, _ in jobs]
+        work = [(path, f, unit) for f, (path, _, shard) in enumerate(jobs) for unit in shard]
+        weight_map, files = {}, []
         try:
-            for fd, (_, header, _) in zip(fds, jobs):
-                _pwrite_all(fd, header, 0)
+            self._size_pool([unit for _, _, unit in work])
+            for path, header, _ in jobs:
+                files.append(SequentialWriter(path))
+                files[-1].write(header)
+            offsets = [len(header) for _, header, _ in jobs]
             with ThreadPoolExecutor(1, "datafree-read") as reader, ThreadPoolExecutor(1, "datafree-write") as writer:
                 reads, writes = deque(), deque()
                 for i in range(min(_AHEAD, len(work))):
                     reads.append(reader.submit(self._read, work[i][2]))
-                for i, (path, f, (out, srcs, build)) in enumerate(work):
-                    got, bufs = reads.popleft().result()
-                    if i + _AHEAD < len(work):
-                        reads.append(reader.submit(self._read, work[i + _AHEAD][2]))
-                    produced = self._produce(got, out, build, bufs)
-                    places = []
-                    for k, (dt, shape) in out.items():
-                        t = produced[k]
-                        if not isinstance(t, _Copy) and (t.dtype != dt or tuple(t.shape) != shape):
-                            raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
-                        places.append((t, offsets[f]))
-                        offsets[f] += _nbytes((dt, shape))
-                        weight_map[k] = path.name
-                        total += _nbytes((dt, shape))
-                    writes.append(writer.submit(self._write, fds[f], places, bufs))
-                    while len(writes) > _WRITES_IN_FLIGHT:
-                        writes.popleft().result()
-                    done += 1
-                    if self.progress and done % 50 == 0:
-                        print(f"\rdata-free rtn: {done}/{len(work)} tensors", end="", file=sys.stderr)
-                for w in writes:
-                    w.result()
+                try:
+                    self._loop(work, reads, writes, reader, writer, files, offsets, weight_map)
+                except BaseException:
+                    for r in reads:  # not started yet: dropped; the executors wait for the rest
+                        r.cancel()
+                    raise
         finally:
-            for fd in fds:
-                os.close(fd)
+            for w in files:
+                w.close()
+            for m in self.maps.values():
+                m.close()
             for r in self.readers.values():
                 r.close()
         if self.progress:
             print(file=sys.stderr)
-        return weight_map, total
+        return weight_map, sum(offsets) - sum(len(header) for _, header, _ in jobs)
+
+    def _loop(self, work, reads, writes, reader, writer, files, offsets, weight_map) -> None:
+        for i, (path, f, (out, srcs, build)) in enumerate(work):
+            got, bufs, mapped = reads.popleft().result()
+            if i + _AHEAD < len(work):
+                reads.append(reader.submit(self._read, work[i + _AHEAD][2]))
+            produced = self._produce(got, out, build, bufs)
+            places = []
+            for k, (dt, shape) in out.items():
+                t = produced[k]
+                if not isinstance(t, _Copy) and (t.dtype != dt or tuple(t.shape) != shape):
+                    raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
+                places.append((t, offsets[f]))
+                offsets[f] += _nbytes((dt, shape))
+                weight_map[k] = path.name
+            writes.append(writer.submit(self._write, files[f], places, bufs, mapped))
+            while len(writes) > _WRITES_IN_FLIGHT:
+                writes.popleft().result()
+            if self.progress and (i + 1) % 50 == 0:
+                print(f"\rdata-free rtn: {i + 1}/{len(work)} tensors", end="", file=sys.stderr)
+        while writes:
+            writes.popleft().result()
 
     def _size_pool(self, units) -> None:
-        """``_POOL`` buffer sets (input weight, codes, step sizes, zero points) for the largest quantized linear.
-        Fewer than can be in flight only throttles the reader: the writer always returns them."""
+        """``_POOL`` output buffer sets for the largest quantized linear.  They bound the units in flight: the
+        reader waits for one, and the writer always returns them."""
         from ..quant.kernels import rtn_cpu
 
         if self.scheme.wbits >= 16 or not rtn_cpu.available():
             return
-        biggest = max((self._source_spec(srcs[0]) for out, srcs, build in units if build is not None),
-                      key=lambda spec: _nbytes(spec), default=None)
-        if biggest is None:
-            return
-        self.pool_spec = biggest
-        n_in, n_codes, n_scale = _nbytes(biggest), 0, 0
+        n_codes = n_scale = 0
         for out, srcs, build in units:
             if build is not None:
-                shapes = rtn_cpu.packed_shapes(*self._source_spec(srcs[0])[1], self.scheme)
+                reader, name = self._reader(srcs[0])
+                shapes = rtn_cpu.packed_shapes(*reader.header[name]["shape"], self.scheme)
                 n_codes = max(n_codes, _nbytes(shapes["weight_codes"]))
                 n_scale = max(n_scale, _nbytes(shapes["weight_scale"]))
+        if not n_codes:
+            return
+        self.use_kernel = True
+        for path, reader in self.readers.items():
+            self.maps[path] = MappedShard(reader.fd, reader.base, reader.header, reader.dtypes)
         for _ in range(_POOL):
-            self.pool.put((torch.empty(n_in, dtype=torch.uint8), torch.empty(n_codes, dtype=torch.uint8),
-                           torch.empty(n_scale, dtype=torch.uint8), torch.empty(n_scale, dtype=torch.uint8)))
-
-    def _source_spec(self, key: str):
-        reader, name = self._reader(key)
-        info = reader.header[name]
-        return reader.dtypes[info["dtype"]], tuple(info["shape"])
+            self.pool.put(tuple(torch.empty(n, dtype=torch.uint8) for n in (n_codes, n_scale, n_scale)))
 
     def _read(self, unit):
-        """``({name: tensor or _Copy}, buffer set or None)`` for one unit (runs in the reader thread)."""
+        """``({name: tensor or _Copy}, output buffers or None, [mapped names])`` for one unit (the reader
+        thread)."""
         out, srcs, build = unit
-        got, bufs = {}, None
+        got, bufs, mapped = {}, None, []
         for j, k in enumerate(srcs):
             reader, name = self._reader(k)
             src_dtype = reader.dtypes[reader.header[name]["dtype"]]
             want = out[k][0] if build is None else self.dtype
             if (build is None or self.scheme.wbits >= 16) and src_dtype == want:
-                got[k] = _Copy(reader, name)  # unchanged bytes: copied by the writer, shard to shard
-            elif j == 0 and build is not None and self.pool_spec is not None:
+                got[k] = _Copy(reader, name)  # unchanged bytes: read by the writer into its buffer
+            elif j == 0 and build is not None and self.use_kernel and self.maps[reader.path].mappable(name):
                 bufs = self.pool.get()  # waits for the writer to return one
-                got[k] = reader.read(name, into=bufs[0])
+                shard = self.maps[reader.path]
+                got[k] = shard.tensor(name)
+                shard.populate(name)
+                mapped.append((shard, name))
             else:
                 got[k] = reader.read(name)
-        return got, bufs
+        return got, bufs, mapped
 
     def _produce(self, got: dict, out: dict, build, bufs) -> dict:
         """The unit's output tensors (``_Copy`` markers pass through to the writer)."""
@@ -397,7 +404,7 @@ class _Pipeline:
 
             shapes = rtn_cpu.packed_shapes(*weight.shape, self.scheme)
             packed = {name: buf[: _nbytes(spec)].view(spec[0]).view(spec[1])
-                      for (name, spec), buf in zip(shapes.items(), bufs[1:])}
+                      for (name, spec), buf in zip(shapes.items(), bufs)}
             if rtn_cpu.quantize_weight_into(weight, self.scheme, packed):  # equals QuantLinear.packed_weight
                 produced = {f"{mod_name}.{k}": v for k, v in packed.items()}
                 for k, v in got.items():
@@ -406,13 +413,18 @@ class _Pipeline:
                 return produced
         return build({k: v.to(self.dtype) for k, v in got.items()})
 
-    def _write(self, fd: int, places: list, bufs) -> None:
-        """Write one unit's tensors at their offsets (runs in the writer thread); return its buffers."""
+    def _write(self, file: SequentialWriter, places: list, bufs, mapped: list) -> None:
+        """Append one unit's tensors to its output shard (the writer thread); return its buffers, unmap its
+        input pages."""
         for t, offset in places:
+            if offset != file.position:
+                raise RuntimeError(f"{file.path.name}: a tensor planned at {offset} came at {file.position}")
             if isinstance(t, _Copy):
-                t.copy_to(fd, offset)
+                t.copy_to(file)
             else:
-                _pwrite_all(fd, t.contiguous().view(-1).view(torch.uint8).numpy().data, offset)
+                file.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        for shard, name in mapped:
+            shard.release(name)
         if bufs is not None:
             self.pool.put(bufs)
 
@@ -420,30 +432,13 @@ class _Pipeline:
 class _Copy:
     """A tensor whose stored bytes are copied unchanged from an input shard (by the writer thread)."""
 
-    def __init__(self, reader: "_ShardReader", name: str):
+    def __init__(self, reader: _ShardReader, name: str):
         self.reader, self.name = reader, name
 
-    def copy_to(self, fd: int, offset: int) -> None:
+    def copy_to(self, file: SequentialWriter) -> None:
         start, end = self.reader.header[self.name]["data_offsets"]
-        src, n, done = self.reader.base + start, end - start, 0
-        while done < n:
-            try:
-                got = os.copy_file_range(self.reader.fd, fd, n - done, src + done, offset + done)
-            except OSError:  # no in-kernel copy between these files: through a buffer
-                got = 0
-            if got <= 0:
-                buf = os.pread(self.reader.fd, min(n - done, 64 << 20), src + done)
-                if not buf:
-                    raise OSError(f"{self.reader.path.name} is truncated (tensor {self.name})")
-                got = _pwrite_all(fd, buf, offset + done)
-            done += got
-
-
-def _pwrite_all(fd: int, data, offset: int) -> int:
-    view, done = memoryview(data).cast("B"), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
+        file.copy_from(self.reader.fd, self.reader.base + start, end - start,
+                       f": {self.reader.path.name} is truncated (tensor {self.name})")
 
 
 def _description(scheme: QuantScheme, n_layers: int) -> dict:

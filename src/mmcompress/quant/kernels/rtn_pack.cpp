@@ -19,14 +19,14 @@
 // reference's zero point then depends on ATen's reduction order): the caller redoes such a tensor with
 // the reference.
 //
+// One thread: the data-free pipeline overlaps it with its reader and writer threads, and on a machine
+// shared with other jobs an OpenMP team waits for its slowest (descheduled) thread at every call.
 // Registered as torch.ops.mmcompress_rtn.* (no pybind: faster to compile).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -131,29 +131,25 @@ bool run(const at::Tensor& w, at::Tensor& codes, at::Tensor& scale, at::Tensor& 
   float* zd = zero.data_ptr<float>();
   uint8_t* cd = static_cast<uint8_t*>(codes.data_ptr());
   const int64_t row_bytes = packed ? (K + 1) / 2 : K;
-  std::atomic<bool> ok{true};
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> f(K);
-    std::vector<int8_t> q(packed ? K + 1 : 0);
-    bool good = true;
-    for (int64_t r = r0; r < r1; ++r) {
-      widen(wd + r * K, f.data(), K);
-      int8_t* qr = packed ? q.data() : reinterpret_cast<int8_t*>(cd + r * row_bytes);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t k0 = g * gs, n = std::min(gs, K - k0);
-        good &= quantize_group(f.data() + k0, qr + k0, n, sym, qmax, shift, sd + r * G + g, zd + r * G + g);
-      }
-      if (packed) {
-        q[K] = 0;
-        uint8_t* out = cd + r * row_bytes;
-        for (int64_t j = 0; j < row_bytes; ++j)
-          out[j] = static_cast<uint8_t>((q[2 * j] & 0xF) | ((q[2 * j + 1] & 0xF) << 4));
-      }
+  std::vector<float> f(K);
+  std::vector<int8_t> q(packed ? K + 1 : 0);
+  bool good = true;
+  for (int64_t r = 0; r < N; ++r) {
+    widen(wd + r * K, f.data(), K);
+    int8_t* qr = packed ? q.data() : reinterpret_cast<int8_t*>(cd + r * row_bytes);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * gs, n = std::min(gs, K - k0);
+      good &= quantize_group(f.data() + k0, qr + k0, n, sym, qmax, shift, sd + r * G + g, zd + r * G + g);
     }
-    if (!good) ok.store(false);
-  });
-  return ok.load();
+    if (packed) {
+      q[K] = 0;
+      uint8_t* out = cd + r * row_bytes;
+      const int8_t* pairs = q.data();
+      for (int64_t j = 0; j < row_bytes; ++j)
+        out[j] = static_cast<uint8_t>((pairs[2 * j] & 0xF) | ((pairs[2 * j + 1] & 0xF) << 4));
+    }
+  }
+  return good;
 }
 
 bool quantize_weight_(const at::Tensor& w, at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t bits,
