@@ -299,26 +299,27 @@ class _Pipeline:
         from concurrent.futures import ThreadPoolExecutor
 
         work = [(path, f, unit) for f, (path, _, shard) in enumerate(jobs) for unit in shard]
-        weight_map, files = {}, []
+        weight_map: dict[str, str] = {}
+        self.jobs, self.files = jobs, [None] * len(jobs)  # output shards, opened in order by the writer
+        offsets = [len(header) for _, header, _ in jobs]
         try:
             self._size_pool([unit for _, _, unit in work])
-            for path, header, _ in jobs:
-                files.append(SequentialWriter(path))
-                files[-1].write(header)
-            offsets = [len(header) for _, header, _ in jobs]
             with ThreadPoolExecutor(1, "datafree-read") as reader, ThreadPoolExecutor(1, "datafree-write") as writer:
                 reads, writes = deque(), deque()
                 for i in range(min(_AHEAD, len(work))):
                     reads.append(reader.submit(self._read, work[i][2]))
                 try:
-                    self._loop(work, reads, writes, reader, writer, files, offsets, weight_map)
+                    self._loop(work, reads, writes, reader, writer, offsets, weight_map)
                 except BaseException:
                     for r in reads:  # not started yet: dropped; the executors wait for the rest
                         r.cancel()
                     raise
+            for f in range(len(jobs)):
+                self._file(f)  # a shard without tensors (none planned so) still gets its header
         finally:
-            for w in files:
-                w.close()
+            for w in self.files:
+                if w is not None:
+                    w.close()
             for m in self.maps.values():
                 m.close()
             for r in self.readers.values():
@@ -327,7 +328,19 @@ class _Pipeline:
             print(file=sys.stderr)
         return weight_map, sum(offsets) - sum(len(header) for _, header, _ in jobs)
 
-    def _loop(self, work, reads, writes, reader, writer, files, offsets, weight_map) -> None:
+    def _file(self, f: int) -> SequentialWriter:
+        """Output shard ``f``, created with its header the first time; the shards before it are finished then
+        (the writer goes through them in order) and closed, so one staging buffer is in use at a time."""
+        if self.files[f] is None:
+            for g in range(f):
+                if self.files[g] is not None and not self.files[g].closed:
+                    self.files[g].close()
+            path, header, _ = self.jobs[f]
+            self.files[f] = SequentialWriter(path)
+            self.files[f].write(header)
+        return self.files[f]
+
+    def _loop(self, work, reads, writes, reader, writer, offsets, weight_map) -> None:
         for i, (path, f, (out, srcs, build)) in enumerate(work):
             got, bufs, mapped = reads.popleft().result()
             if i + _AHEAD < len(work):
@@ -341,7 +354,7 @@ class _Pipeline:
                 places.append((t, offsets[f]))
                 offsets[f] += _nbytes((dt, shape))
                 weight_map[k] = path.name
-            writes.append(writer.submit(self._write, files[f], places, bufs, mapped))
+            writes.append(writer.submit(self._write, f, places, bufs, mapped))
             while len(writes) > _WRITES_IN_FLIGHT:
                 writes.popleft().result()
             if self.progress and (i + 1) % 50 == 0:
@@ -413,9 +426,10 @@ class _Pipeline:
                 return produced
         return build({k: v.to(self.dtype) for k, v in got.items()})
 
-    def _write(self, file: SequentialWriter, places: list, bufs, mapped: list) -> None:
-        """Append one unit's tensors to its output shard (the writer thread); return its buffers, unmap its
+    def _write(self, f: int, places: list, bufs, mapped: list) -> None:
+        """Append one unit's tensors to output shard ``f`` (the writer thread); return its buffers, unmap its
         input pages."""
+        file = self._file(f)
         for t, offset in places:
             if offset != file.position:
                 raise RuntimeError(f"{file.path.name}: a tensor planned at {offset} came at {file.position}")

@@ -43,6 +43,7 @@ class SequentialWriter:
         self.view = memoryview(self.buf)
         self.fill = 0  # bytes staged
         self.start = 0  # file offset of the staging buffer
+        self.closed = False
 
     @property
     def position(self) -> int:
@@ -95,6 +96,9 @@ class SequentialWriter:
 
     def close(self) -> None:
         """Write what is staged (a direct writer pads it to a block, then cuts the file to its size)."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             size, tail = self.position, self.fill
             if tail:
