@@ -2,9 +2,9 @@
 file read through a memory map, a range at a time.
 
 * :class:`SequentialWriter`: the bytes go through a page-aligned staging buffer of 32 MiB and reach the file
-  in whole-buffer ``pwrite`` calls opened with ``O_DIRECT`` (measured on this machine's ext4: 0.06 CPU s
-  and 1.2 s for 2 GiB, against 1.5 CPU s for buffered writes of the same bytes and 6 s until they were on
-  disk; benchmarks/datafree_results.md).  The last, partial block is written padded and the file cut to its
+  in whole-buffer ``pwrite`` calls opened with ``O_DIRECT`` (benchmarks/shard_io_bench.py on this machine's
+  ext4, 2 GiB: 0.07 CPU s and 1.6 s until on disk, against 1.5 CPU s and 6.8 s buffered;
+  benchmarks/datafree_results.md).  The last, partial block is written padded and the file cut to its
   size.  Where the file system refuses ``O_DIRECT`` (tmpfs, some network file systems) the same calls run
   buffered.  Writes must come in order (each at the current end).
 * :class:`MappedShard`: a tensor's bytes are used in place in a private, never-written memory map of its
