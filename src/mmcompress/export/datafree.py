@@ -8,10 +8,11 @@ on the weight alone.  So no forward pass and no model in memory:
    :class:`~mmcompress.quant.linear.QuantLinear` packed on the meta device gives those of its codes,
    step sizes and zero points);
 2. the output shards' headers are written first, then each tensor is read from its input shard,
-   cast to the load dtype, quantized if it is a decoder linear (the same ``QuantLinear.pack`` as the
-   in-memory path, so the artifact is byte-identical), written and freed.
+   cast to the load dtype, quantized if it is a decoder linear (``QuantLinear.packed_weight``'s bytes, by a
+   one-pass kernel where it is built: :class:`_Pipeline`), so the artifact is byte-identical to the
+   in-memory path's, written and freed.
 
-Peak memory is one linear; the time is that of reading and writing the checkpoint.  Checkpoints whose
+Peak memory is a few linears in flight; the time is about that of reading and writing the checkpoint.  Checkpoints whose
 tensor names are not the model's own (transformers renames some on load) take the in-memory path
 without a forward pass instead.
 """
@@ -167,26 +168,18 @@ class _ShardReader:
         if hasattr(os, "posix_fadvise"):  # read in order: a larger read-ahead
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
-    def read(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor ``key``, in a new buffer or at the start of the uint8 tensor ``into`` (large enough)."""
+    def read(self, key: str) -> torch.Tensor:
         info = self.header[key]
         start, end = info["data_offsets"]
-        if into is not None and end > start:
-            t = into[: end - start]
-            self._pread_into(memoryview(t.numpy()), start, key)
-            return t.view(self.dtypes[info["dtype"]]).view(info["shape"])
         buf = bytearray(end - start)
-        self._pread_into(memoryview(buf), start, key)
-        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
-        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
-
-    def _pread_into(self, view: memoryview, start: int, key: str) -> None:
-        buf, done = view, 0
+        view, done = memoryview(buf), 0
         while done < len(buf):
             got = os.preadv(self.fd, [view[done:]], self.base + start + done)
             if got <= 0:
                 raise OSError(f"{self.path.name} is truncated (tensor {key})")
             done += got
+        t = torch.frombuffer(buf, dtype=self.dtypes[info["dtype"]]) if buf else torch.empty(0)
+        return t.reshape(info["shape"]) if buf else torch.empty(info["shape"], dtype=self.dtypes[info["dtype"]])
 
     def close(self) -> None:
         os.close(self.fd)
