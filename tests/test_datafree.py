@@ -128,3 +128,134 @@ def test_dtype_auto_is_the_checkpoint_dtype(tmp_path, tokenizer, calib_text, cap
     assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (tmp_path / "bf16" / "model.safetensors").read_bytes()
     rc, err = _cli(["quantize", str(src), "--dtype", "int8", "--output", str(tmp_path / "x")], capsys)
     assert rc == 1 and "--dtype must be auto, float32, bfloat16 or float16" in err
+
+
+# -- the pipelined writer (reader and writer threads, the one-pass kernel, in-kernel copies) -----------------
+
+
+def _reference_artifact(src, out, scheme, dtype, max_shard_bytes):
+    """The artifact's safetensors files as the sequential loop wrote them before the pipeline (read one
+    tensor, cast it, ``QuantLinear.packed_weight`` for a decoder linear, write; then the next)."""
+    from mmcompress.export import datafree as D
+
+    model = D._meta_model(src, dtype)
+    sources = D.checkpoint_tensors(src)
+    units, _, tied = D._plan(model, scheme)
+    stored_as = {k: k for k in sources}
+    for kept, others in tied.items():
+        for name in [kept, *others]:
+            if kept not in stored_as and name in sources:
+                stored_as[kept] = name
+    shards, names = D.split_shards(units, lambda u: sum(D._nbytes(v) for v in u[0].values()), max_shard_bytes)
+    readers, weight_map = {}, {}
+    out.mkdir()
+    for fname, shard in zip(names, shards):
+        with open(out / fname, "wb") as f:
+            f.write(D._header([(k, *v) for o, _, _ in shard for k, v in o.items()], {"format": "pt"}))
+            for o, srcs, build in shard:
+                got = {}
+                for k in srcs:
+                    path = sources[stored_as[k]]
+                    readers.setdefault(path, D._ShardReader(path))
+                    got[k] = readers[path].read(stored_as[k]).to(o[k][0] if build is None else dtype)
+                produced = got if build is None else build(got)
+                for k in o:
+                    f.write(produced[k].contiguous().view(-1).view(torch.uint8).numpy().data)
+                    weight_map[k] = fname
+    for r in readers.values():
+        r.close()
+    return names
+
+
+def _same_files(new, ref, names):
+    assert sorted(p.name for p in new.glob("*.safetensors")) == sorted(names)
+    for name in names:
+        assert (new / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+PIPELINE_SCHEMES = ["w8a8", "w4a8", "w4a6", "w4a16", "w8a16", "fp", "w3-g32-asym", "w5-g48", "w2-asym", "w6-g0-asym"]
+
+
+def _scheme(name):
+    if name in ("w8a8", "w4a8", "w4a6", "w4a16", "w8a16", "fp"):
+        return resolve_scheme(name)
+    bits, *rest = name.split("-")
+    group = next((int(r[1:]) for r in rest if r.startswith("g")), 0)
+    return resolve_scheme("w8a8", wbits=int(bits[1:]), group_size=group, sym="asym" not in rest)
+
+
+def _pipeline_case(tmp_path, tokenizer, ckpt_dtype, load_dtype, schemes, shard_sizes):
+    src = save_tiny(tmp_path / "m", "qwen2", layers=2, hidden=192, intermediate=321, heads=4, kv_heads=2, tie=True,
+                    dtype=ckpt_dtype, tokenizer=tokenizer)
+    for name in schemes:
+        scheme = _scheme(name)
+        for shard_bytes in shard_sizes:
+            out, ref = tmp_path / f"{name}-{shard_bytes}", tmp_path / f"ref-{name}-{shard_bytes}"
+            quantize_checkpoint(src, out, scheme, dtype=load_dtype, max_shard_bytes=shard_bytes, progress=False)
+            names = _reference_artifact(src, ref, scheme, load_dtype, shard_bytes)
+            assert (len(names) > 1) == (shard_bytes != D_MAX)
+            _same_files(out, ref, names)
+
+
+def _need_rtn_kernel():
+    from mmcompress.quant.kernels import rtn_cpu
+
+    if not rtn_cpu.available():
+        pytest.skip(f"no RTN kernel here ({rtn_cpu.error()})")
+
+
+def test_pipeline_bytes_equal_the_sequential_loop(tmp_path, tokenizer, monkeypatch):
+    """Every scheme (group sizes that do not divide the rows, an odd row: down_proj, int4 packing), q/k/v
+    biases and tied embeddings (qwen2), one and several output shards: the same bytes as before."""
+    from mmcompress.quant.kernels import rtn_cpu
+
+    _need_rtn_kernel()
+    calls, real = [], rtn_cpu.quantize_weight_into
+    monkeypatch.setattr(rtn_cpu, "quantize_weight_into", lambda *a: calls.append(real(*a)) or calls[-1])
+    _pipeline_case(tmp_path, tokenizer, torch.bfloat16, torch.bfloat16, PIPELINE_SCHEMES, (D_MAX,))
+    _pipeline_case(tmp_path / "sharded", tokenizer, torch.bfloat16, torch.bfloat16, ["w8a8", "w4a16"], (150_000,))
+    assert len(calls) == 14 * (len(PIPELINE_SCHEMES) - 1 + 2) and all(calls)  # the kernel packed every linear
+
+
+@pytest.mark.parametrize("ckpt_dtype,load_dtype", [
+    (torch.float16, torch.float16), (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),  # narrowed before quantizing
+    (torch.bfloat16, torch.float32),  # widened (exact: the kernel reads the bf16 bytes)
+], ids=lambda d: str(d).split(".")[-1])
+def test_pipeline_bytes_other_dtypes(tmp_path, tokenizer, ckpt_dtype, load_dtype):
+    _need_rtn_kernel()
+    _pipeline_case(tmp_path, tokenizer, ckpt_dtype, load_dtype, ["w8a8", "w4a16", "w3-g32-asym", "fp"], (D_MAX,))
+
+
+def test_pipeline_without_the_kernel(tmp_path, tokenizer, monkeypatch):
+    """No C++ compiler (or ``MMCOMPRESS_NO_CPU_KERNEL``): the reference quantizer, the same bytes."""
+    from mmcompress.quant.kernels import rtn_cpu
+
+    monkeypatch.setitem(rtn_cpu._STATE, "loaded", False)
+    monkeypatch.setitem(rtn_cpu._STATE, "error", "disabled for the test")
+    _pipeline_case(tmp_path, tokenizer, torch.bfloat16, torch.bfloat16, ["w8a8", "w4a16"], (D_MAX, 150_000))
+    _pipeline_case(tmp_path / "f32", tokenizer, torch.float32, torch.bfloat16, ["w4a8"], (D_MAX,))
+
+
+D_MAX = 5 * 1024**3
+
+
+def test_pipeline_falls_back_on_non_finite_and_negative_zero(tmp_path, tokenizer):
+    """A weight with NaN, one with inf and an asymmetric group with -0.0 as its minimum: the kernel leaves
+    those tensors to the reference, the bytes are the sequential loop's."""
+    from mmcompress.export.serialization import load_state
+    from safetensors.torch import save_file
+
+    src = save_tiny(tmp_path / "m", "llama", layers=2, hidden=128, intermediate=256, dtype=torch.bfloat16,
+                    tokenizer=tokenizer)
+    state = load_state(src)
+    state["model.layers.0.self_attn.q_proj.weight"][3, 7] = float("nan")
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    w = state["model.layers.1.mlp.down_proj.weight"]
+    w[5] = w[5].abs()
+    w[5, 9] = -0.0
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("w8a8", "w4a16"):
+        quantize_checkpoint(src, tmp_path / name, resolve_scheme(name), dtype=torch.bfloat16, progress=False)
+        names = _reference_artifact(src, tmp_path / f"ref-{name}", resolve_scheme(name), torch.bfloat16, D_MAX)
+        _same_files(tmp_path / name, tmp_path / f"ref-{name}", names)

@@ -8,10 +8,11 @@ on the weight alone.  So no forward pass and no model in memory:
    :class:`~mmcompress.quant.linear.QuantLinear` packed on the meta device gives those of its codes,
    step sizes and zero points);
 2. the output shards' headers are written first, then each tensor is read from its input shard,
-   cast to the load dtype, quantized if it is a decoder linear (the same ``QuantLinear.pack`` as the
-   in-memory path, so the artifact is byte-identical), written and freed.
+   cast to the load dtype, quantized if it is a decoder linear (``QuantLinear.packed_weight``'s bytes, by a
+   one-pass kernel where it is built: :class:`_Pipeline`), so the artifact is byte-identical to the
+   in-memory path's, written and freed.
 
-Peak memory is one linear; the time is that of reading and writing the checkpoint.  Checkpoints whose
+Peak memory is a few linears in flight; the time is about that of reading and writing the checkpoint.  Checkpoints whose
 tensor names are not the model's own (transformers renames some on load) take the in-memory path
 without a forward pass instead.
 """
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from ..quant.linear import QuantLinear
 from ..quant.methods.base import quantize_layer_linears
 from ..quant.methods.rtn import RTN
 from ..quant.quantizer import QuantScheme
+from .shardio import MappedShard, SequentialWriter
 from .serialization import _empty_model, build_manifest, load_model, save, write_side_files
 
 MAX_SHARD_BYTES = 5 * 1024**3  # like save_pretrained's shards
@@ -161,6 +165,8 @@ class _ShardReader:
         self.header = json.loads(os.pread(self.fd, n, 8))
         self.base = 8 + n
         self.dtypes = {v: k for k, v in _ST_DTYPES.items()}
+        if hasattr(os, "posix_fadvise"):  # read in order: a larger read-ahead
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def read(self, key: str) -> torch.Tensor:
         info = self.header[key]
@@ -237,39 +243,13 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         return _in_memory(model_dir, output, scheme, dtype, t0, n_layers, trust_remote_code)
     description = _description(scheme, n_layers)
     shards, names = split_shards(units, lambda unit: sum(_nbytes(v) for v in unit[0].values()), max_shard_bytes)
-    readers: dict[Path, _ShardReader] = {}
-
-    def read(key):
-        path = sources[stored_as[key]]
-        if path not in readers:
-            readers[path] = _ShardReader(path)
-        return readers[path].read(stored_as[key])
-
     with atomic_output_dir(output, overwrite=overwrite, inputs=[model_dir]) as tmp:
         headers = [_header([(k, *v) for out, _, _ in shard for k, v in out.items()], {"format": "pt"})
                    for shard in shards]
         require_space(tmp, sum(map(len, headers)) + sum(sum(_nbytes(v) for v in u[0].values()) for u in units),
                       "the artifact")
-        weight_map, total = {}, 0
-        done = 0
-        for fname, shard, header in zip(names, shards, headers):
-            with open(tmp / fname, "wb") as f:
-                f.write(header)
-                for out, srcs, build in shard:
-                    got = {k: read(k).to(out[k][0] if build is None else dtype) for k in srcs}
-                    produced = got if build is None else build(got)
-                    for k, (dt, shape) in out.items():
-                        t = produced[k]
-                        if t.dtype != dt or tuple(t.shape) != shape:
-                            raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
-                        f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
-                        weight_map[k] = fname
-                        total += _nbytes((dt, shape))
-                    done += 1
-                    if progress and done % 50 == 0:
-                        print(f"\rdata-free rtn: {done}/{len(units)} tensors", end="", file=sys.stderr)
-        if progress:
-            print(file=sys.stderr)
+        jobs = [(tmp / fname, header, shard) for fname, shard, header in zip(names, shards, headers)]
+        weight_map, total = _Pipeline(sources, stored_as, scheme, dtype, progress).run(jobs)
         if len(names) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
@@ -277,9 +257,195 @@ def quantize_checkpoint(model_dir, output, scheme: QuantScheme, *, dtype: torch.
         manifest = build_manifest(model, description)
         manifest["modules"] = specs
         write_side_files(tmp, model, manifest, model_dir)
-        for r in readers.values():
-            r.close()
     return description
+
+
+_EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+_AHEAD = 2  # units read ahead of the one being quantized (the reader thread)
+_WRITES_IN_FLIGHT = 2  # units handed to the writer thread and not yet written
+_POOL = 4  # reused output buffer sets: one being quantized, up to three being written
+
+
+class _Pipeline:
+    """Input shards to output shards in three overlapping stages: a reader thread (maps each decoder linear's
+    pages in: :class:`~mmcompress.export.shardio.MappedShard`, no copy), the quantization in this thread
+    (:mod:`~mmcompress.quant.kernels.rtn_cpu`, one pass per row from the mapped bytes into reused buffers;
+    the reference ``QuantLinear.packed_weight`` where the kernel is missing or declines), and a writer
+    thread (:class:`~mmcompress.export.shardio.SequentialWriter`: each output shard front to back in 32 MiB
+    ``O_DIRECT`` writes).  A tensor stored unchanged (embeddings, norms, ``lm_head`` in the load dtype) is
+    read by the writer straight into its staging buffer.  The bytes are those of the sequential loop that
+    read, cast, packed and wrote one tensor at a time (tests/test_datafree.py)."""
+
+    def __init__(self, sources: dict[str, Path], stored_as: dict[str, str], scheme: QuantScheme,
+                 dtype: torch.dtype, progress: bool):
+        self.sources, self.stored_as, self.scheme, self.dtype = sources, stored_as, scheme, dtype
+        self.progress = progress
+        self.readers = {path: _ShardReader(path) for path in sorted(set(sources.values()))}
+        self.maps: dict[Path, MappedShard] = {}
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()  # output buffer sets (codes, scale, zero), reused
+        self.use_kernel = False
+
+    def _reader(self, key: str) -> tuple[_ShardReader, str]:
+        return self.readers[self.sources[self.stored_as[key]]], self.stored_as[key]
+
+    def run(self, jobs) -> tuple[dict[str, str], int]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        work = [(path, f, unit) for f, (path, _, shard) in enumerate(jobs) for unit in shard]
+        weight_map: dict[str, str] = {}
+        self.jobs, self.files = jobs, [None] * len(jobs)  # output shards, opened in order by the writer
+        offsets = [len(header) for _, header, _ in jobs]
+        try:
+            self._size_pool([unit for _, _, unit in work])
+            with ThreadPoolExecutor(1, "datafree-read") as reader, ThreadPoolExecutor(1, "datafree-write") as writer:
+                reads, writes = deque(), deque()
+                for i in range(min(_AHEAD, len(work))):
+                    reads.append(reader.submit(self._read, work[i][2]))
+                try:
+                    self._loop(work, reads, writes, reader, writer, offsets, weight_map)
+                except BaseException:
+                    for r in reads:  # not started yet: dropped; the executors wait for the rest
+                        r.cancel()
+                    raise
+            for f in range(len(jobs)):
+                self._file(f)  # a shard without tensors (none planned so) still gets its header
+        finally:
+            for w in self.files:
+                if w is not None:
+                    w.close()
+            for m in self.maps.values():
+                m.close()
+            for r in self.readers.values():
+                r.close()
+        if self.progress:
+            print(file=sys.stderr)
+        return weight_map, sum(offsets) - sum(len(header) for _, header, _ in jobs)
+
+    def _file(self, f: int) -> SequentialWriter:
+        """Output shard ``f``, created with its header the first time; the shards before it are finished then
+        (the writer goes through them in order) and closed, so one staging buffer is in use at a time."""
+        if self.files[f] is None:
+            for g in range(f):
+                if self.files[g] is not None and not self.files[g].closed:
+                    self.files[g].close()
+            path, header, _ = self.jobs[f]
+            self.files[f] = SequentialWriter(path)
+            self.files[f].write(header)
+        return self.files[f]
+
+    def _loop(self, work, reads, writes, reader, writer, offsets, weight_map) -> None:
+        for i, (path, f, (out, srcs, build)) in enumerate(work):
+            got, bufs, mapped = reads.popleft().result()
+            if i + _AHEAD < len(work):
+                reads.append(reader.submit(self._read, work[i + _AHEAD][2]))
+            produced = self._produce(got, out, build, bufs)
+            places = []
+            for k, (dt, shape) in out.items():
+                t = produced[k]
+                if not isinstance(t, _Copy) and (t.dtype != dt or tuple(t.shape) != shape):
+                    raise RuntimeError(f"{k}: produced {t.dtype} {tuple(t.shape)}, planned {dt} {shape}")
+                places.append((t, offsets[f]))
+                offsets[f] += _nbytes((dt, shape))
+                weight_map[k] = path.name
+            writes.append(writer.submit(self._write, f, places, bufs, mapped))
+            while len(writes) > _WRITES_IN_FLIGHT:
+                writes.popleft().result()
+            if self.progress and (i + 1) % 50 == 0:
+                print(f"\rdata-free rtn: {i + 1}/{len(work)} tensors", end="", file=sys.stderr)
+        while writes:
+            writes.popleft().result()
+
+    def _size_pool(self, units) -> None:
+        """``_POOL`` output buffer sets for the largest quantized linear.  They bound the units in flight: the
+        reader waits for one, and the writer always returns them."""
+        from ..quant.kernels import rtn_cpu
+
+        if self.scheme.wbits >= 16 or not rtn_cpu.available():
+            return
+        n_codes = n_scale = 0
+        for out, srcs, build in units:
+            if build is not None:
+                reader, name = self._reader(srcs[0])
+                shapes = rtn_cpu.packed_shapes(*reader.header[name]["shape"], self.scheme)
+                n_codes = max(n_codes, _nbytes(shapes["weight_codes"]))
+                n_scale = max(n_scale, _nbytes(shapes["weight_scale"]))
+        if not n_codes:
+            return
+        self.use_kernel = True
+        for path, reader in self.readers.items():
+            self.maps[path] = MappedShard(reader.fd, reader.base, reader.header, reader.dtypes)
+        for _ in range(_POOL):
+            self.pool.put(tuple(torch.empty(n, dtype=torch.uint8) for n in (n_codes, n_scale, n_scale)))
+
+    def _read(self, unit):
+        """``({name: tensor or _Copy}, output buffers or None, [mapped names])`` for one unit (the reader
+        thread)."""
+        out, srcs, build = unit
+        got, bufs, mapped = {}, None, []
+        for j, k in enumerate(srcs):
+            reader, name = self._reader(k)
+            src_dtype = reader.dtypes[reader.header[name]["dtype"]]
+            want = out[k][0] if build is None else self.dtype
+            if (build is None or self.scheme.wbits >= 16) and src_dtype == want:
+                got[k] = _Copy(reader, name)  # unchanged bytes: read by the writer into its buffer
+            elif j == 0 and build is not None and self.use_kernel and self.maps[reader.path].mappable(name):
+                bufs = self.pool.get()  # waits for the writer to return one
+                shard = self.maps[reader.path]
+                got[k] = shard.tensor(name)
+                shard.populate(name)
+                mapped.append((shard, name))
+            else:
+                got[k] = reader.read(name)
+        return got, bufs, mapped
+
+    def _produce(self, got: dict, out: dict, build, bufs) -> dict:
+        """The unit's output tensors (``_Copy`` markers pass through to the writer)."""
+        if build is None or self.scheme.wbits >= 16:  # unchanged names, the load dtype
+            return {k: v if isinstance(v, _Copy) else v.to(out[k][0]) for k, v in got.items()}
+        weight_key = next(iter(got))
+        weight = got[weight_key]
+        mod_name = weight_key[: -len(".weight")]
+        if bufs is not None and (weight.dtype == self.dtype or (weight.dtype, self.dtype) in _EXACT_WIDENING):
+            from ..quant.kernels import rtn_cpu
+
+            shapes = rtn_cpu.packed_shapes(*weight.shape, self.scheme)
+            packed = {name: buf[: _nbytes(spec)].view(spec[0]).view(spec[1])
+                      for (name, spec), buf in zip(shapes.items(), bufs)}
+            if rtn_cpu.quantize_weight_into(weight, self.scheme, packed):  # equals QuantLinear.packed_weight
+                produced = {f"{mod_name}.{k}": v for k, v in packed.items()}
+                for k, v in got.items():
+                    if k != weight_key:
+                        produced[f"{mod_name}.bias"] = v.to(self.dtype)
+                return produced
+        return build({k: v.to(self.dtype) for k, v in got.items()})
+
+    def _write(self, f: int, places: list, bufs, mapped: list) -> None:
+        """Append one unit's tensors to output shard ``f`` (the writer thread); return its buffers, unmap its
+        input pages."""
+        file = self._file(f)
+        for t, offset in places:
+            if offset != file.position:
+                raise RuntimeError(f"{file.path.name}: a tensor planned at {offset} came at {file.position}")
+            if isinstance(t, _Copy):
+                t.copy_to(file)
+            else:
+                file.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        for shard, name in mapped:
+            shard.release(name)
+        if bufs is not None:
+            self.pool.put(bufs)
+
+
+class _Copy:
+    """A tensor whose stored bytes are copied unchanged from an input shard (by the writer thread)."""
+
+    def __init__(self, reader: _ShardReader, name: str):
+        self.reader, self.name = reader, name
+
+    def copy_to(self, file: SequentialWriter) -> None:
+        start, end = self.reader.header[self.name]["data_offsets"]
+        file.copy_from(self.reader.fd, self.reader.base + start, end - start,
+                       f": {self.reader.path.name} is truncated (tensor {self.name})")
 
 
 def _description(scheme: QuantScheme, n_layers: int) -> dict:
