@@ -100,7 +100,9 @@ KERNELS: dict[str, dict] = {
         "kernel": "CPU only: Dynamic4bitLinearKernel (torch _dyn_quant_matmul_4bit; KleidiAI on Arm)",
         "support": ["no", "no", "no", "no", "no", "no", "yes"],
         "cpu_kernel": "Dynamic4bitLinearKernel", "verified": "CPU x86 (tiny model, bf16; per channel and g128)",
-        "note": "symmetric int4 weights (per channel or group), dynamic per-token int8 activations; vLLM 0.32 on "
+        "note": "symmetric int4 weights (per channel or groups of a multiple of 32), dynamic per-token int8 "
+                "activations (the x86 kernel, torch's reference path, quantizes them per token asymmetrically, with a "
+                "zero point, whatever the checkpoint says: benchmarks/vllm_dynq_check.py); vLLM 0.32 on "
                 "NVIDIA has no int8-activation kernel for it (CUTLASS W4A8 takes FP8 activations, sm90 only; "
                 "the other candidates are weight-only; read from vLLM 0.32's code): serve W8A8-int8 or W4A16 on GPUs",
     },
@@ -427,6 +429,10 @@ def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
         if bad:
             raise ExportError(f"{len(bad)} linears have in_features not divisible by the group size {scheme.group_size} "
                               f"(e.g. {bad[0]}: {quant[bad[0]].in_features}); vLLM needs whole groups")
+        if kind == "w4a8-int" and scheme.group_size % 32:
+            # torch's _dyn_quant_pack_4bit_weight (vLLM's Dynamic4bitLinearKernel) refuses it when vLLM loads
+            raise ExportError(f"W4A8 group size {scheme.group_size}: vLLM's CPU W4A8 kernel (Dynamic4bitLinearKernel, "
+                              "torch _dyn_quant_pack_4bit_weight) takes groups that are multiples of 32, or per channel")
         if scheme.group_size not in (32, 64, 128):
             report["warnings"].append(f"group size {scheme.group_size}: Marlin supports 32, 64, 128 (or per channel)")
         writers = {f"{adapter.layer_prefix(i)}.{p}" for i in range(len(adapter.layers)) for p in adapter.residual_writers(i)}
