@@ -76,7 +76,7 @@ KERNELS: dict[str, dict] = {
         "exportable": True, "vllm_scheme": "CompressedTensorsW8A8Int8", "format": "int-quantized", "min_sm": 75,
         "kernel": "CUTLASS scaled_mm int8 (dynamic per-token int8 activations)",
         "support": ["no", "yes", "yes", "yes", "yes", "check", "yes"],
-        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model and smollm2-135m, bf16)",
+        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model, smollm2-135m and qwen2.5-0.5b, bf16)",
         "note": "min capability 7.5; the CUTLASS int8 path covers Turing-Hopper, on Blackwell check your vLLM "
                 "version (a fallback kernel or a refusal on sm12x)",
     },
