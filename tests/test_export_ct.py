@@ -171,6 +171,16 @@ def test_refuses_schemes_without_kernel(tmp_path, tokenizer, scheme):
     assert rows["w4a8-int"]["exportable"] and rows["w4a8-int"]["min_sm"] is None and not rows["w4a6"]["exportable"]
 
 
+def test_w4a8_group_size_vllm_cannot_pack_is_refused(tmp_path, tokenizer):
+    """torch's _dyn_quant_pack_4bit_weight (vLLM's CPU W4A8 kernel) takes groups of a multiple of 32 only."""
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    art = _artifact(tmp_path, tokenizer, "rtn", resolve_scheme("w4a8", group_size=16))
+    with pytest.raises(ExportError, match="W4A8 group size 16: .*multiples of 32, or per channel"):
+        export_compressed_tensors(art, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
 @pytest.mark.parametrize("group", [0, 128])
 def test_w4a8_exports_int4_codes_in_int8(tmp_path, tokenizer, group):
     """vLLM's CompressedTensorsW4A8Int reads ``weight`` int8 holding int4 codes (format int-quantized)."""

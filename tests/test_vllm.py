@@ -79,13 +79,16 @@ def _env() -> dict:
 
 
 def run_vllm(py: str, export: Path, windows: list[list[int]], prompts: list[list[int]], dtype="bfloat16",
-             timeout=1200) -> dict:
-    """Run the runner on ``export``; returns its result plus ``kernels`` (vLLM's "Using ... Kernel" lines)."""
-    job, res = export.with_suffix(".job.json"), export.with_suffix(".result.json")
+             timeout=1200, throughput: dict | None = None, env: dict | None = None) -> dict:
+    """Run the runner on ``export``; returns its result plus ``kernels`` (vLLM's "Using ... Kernel" lines).
+    ``throughput``: the runner's optional throughput job (``benchmarks/vllm_real.py``), measured in the same
+    vLLM process after the agreement requests; ``env``: overrides of :func:`_env`."""
+    # not with_suffix: "qwen2.5-0.5b-w8a8-ct" would become "qwen2.5-0.job.json" for every qwen export
+    job, res = export.parent / f"{export.name}.job.json", export.parent / f"{export.name}.result.json"
     job.write_text(json.dumps({"model": str(export), "windows": windows, "prompts": prompts, "max_tokens": MAX_TOKENS,
-                               "dtype": dtype}))
-    p = subprocess.run([py, str(RUNNER), str(job), str(res)], capture_output=True, text=True, env=_env(),
-                       timeout=timeout)
+                               "dtype": dtype, **({"throughput": throughput} if throughput else {})}))
+    p = subprocess.run([py, str(RUNNER), str(job), str(res)], capture_output=True, text=True,
+                       env=dict(_env(), **(env or {})), timeout=timeout)
     log = p.stdout + p.stderr
     if p.returncode != 0:
         raise AssertionError(f"vLLM failed on {export} (exit {p.returncode}):\n{log[-4000:]}")

@@ -8,8 +8,8 @@ prompt log-probs are wanted), ``prompts`` (token-id lists continued greedily), `
 (per window, the log-prob of tokens 1..n-1 given their prefix), ``greedy`` (generated ids per prompt),
 ``vllm_version``, ``load_s``, ``run_s``. Optional ``throughput``: ``{"prompts": [...], "batches": [1, 8]}``:
 per batch size ``b``, ``prompts[:b]`` are generated together (``max_tokens`` new tokens each,
-``ignore_eos``) after one untimed warm-up call, and ``throughput.tok_s[b]`` = generated tokens / wall time
-(prefill included). Token ids in, token ids out (``skip_tokenizer_init``), so tokenizers never differ
+``ignore_eos``; ``throughput.max_tokens`` when given, else ``max_tokens``) after one untimed warm-up call, and
+``throughput.tok_s[b]`` = generated tokens / wall time (prefill included). Token ids in, token ids out (``skip_tokenizer_init``), so tokenizers never differ
 between the two venvs. This file imports nothing from mmcompress: vLLM pins its own torch / transformers,
 and mmcompress is not installed in its venv.
 """
@@ -43,6 +43,8 @@ def main(job_path: str, result_path: str) -> None:
               "load_s": load_s, "run_s": time.perf_counter() - t0}
     if job.get("throughput"):
         tp = job["throughput"]
+        greedy_params = SamplingParams(max_tokens=tp.get("max_tokens", job["max_tokens"]), temperature=0.0,
+                                       detokenize=False, ignore_eos=True)
         llm.generate([{"prompt_token_ids": tp["prompts"][0]}], greedy_params, use_tqdm=False)  # warm-up
         tok_s, wall = {}, {}
         for b in tp["batches"]:
@@ -50,7 +52,7 @@ def main(job_path: str, result_path: str) -> None:
             outs = llm.generate([{"prompt_token_ids": p} for p in tp["prompts"][:b]], greedy_params, use_tqdm=False)
             wall[b] = time.perf_counter() - t0
             tok_s[b] = sum(len(o.outputs[0].token_ids) for o in outs) / wall[b]
-        result["throughput"] = {"tok_s": tok_s, "wall_s": wall, "max_tokens": job["max_tokens"],
+        result["throughput"] = {"tok_s": tok_s, "wall_s": wall, "max_tokens": greedy_params.max_tokens,
                                 "prompt_tokens": len(tp["prompts"][0])}
     with open(result_path, "w") as f:
         json.dump(result, f)

@@ -76,7 +76,7 @@ KERNELS: dict[str, dict] = {
         "exportable": True, "vllm_scheme": "CompressedTensorsW8A8Int8", "format": "int-quantized", "min_sm": 75,
         "kernel": "CUTLASS scaled_mm int8 (dynamic per-token int8 activations)",
         "support": ["no", "yes", "yes", "yes", "yes", "check", "yes"],
-        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model, bf16)",
+        "cpu_kernel": "CPUInt8ScaledMMLinearKernel", "verified": "CPU x86 (tiny model, smollm2-135m and qwen2.5-0.5b, bf16)",
         "note": "min capability 7.5; the CUTLASS int8 path covers Turing-Hopper, on Blackwell check your vLLM "
                 "version (a fallback kernel or a refusal on sm12x)",
     },
@@ -85,7 +85,7 @@ KERNELS: dict[str, dict] = {
         "kernel": "Marlin (Ampere+), Machete (Hopper)",
         "support": ["no", "no", "yes", "yes", "yes", "yes", "yes"],
         "cpu_kernel": "CPUWNA16LinearKernel (bf16/fp16 only: no float32 path)",
-        "verified": "CPU x86 (tiny model, bf16; g128 asymmetric and per-channel symmetric)",
+        "verified": "CPU x86 (tiny model, bf16; g128 asymmetric and per-channel symmetric; smollm2-135m g64 asymmetric)",
         "note": "group size 32/64/128 or per channel; in_features per tensor-parallel rank divisible by the group",
     },
     "w8a16": {
@@ -99,8 +99,10 @@ KERNELS: dict[str, dict] = {
         "exportable": True, "vllm_scheme": "CompressedTensorsW4A8Int", "format": "int-quantized", "min_sm": None,
         "kernel": "CPU only: Dynamic4bitLinearKernel (torch _dyn_quant_matmul_4bit; KleidiAI on Arm)",
         "support": ["no", "no", "no", "no", "no", "no", "yes"],
-        "cpu_kernel": "Dynamic4bitLinearKernel", "verified": "CPU x86 (tiny model, bf16; per channel and g128)",
-        "note": "symmetric int4 weights (per channel or group), dynamic per-token int8 activations; vLLM 0.32 on "
+        "cpu_kernel": "Dynamic4bitLinearKernel", "verified": "CPU x86 (tiny model, bf16; per channel and g128; smollm2-135m per channel)",
+        "note": "symmetric int4 weights (per channel or groups of a multiple of 32), dynamic per-token int8 "
+                "activations (the x86 kernel, torch's reference path, quantizes them per token asymmetrically, with a "
+                "zero point, whatever the checkpoint says: benchmarks/vllm_dynq_check.py); vLLM 0.32 on "
                 "NVIDIA has no int8-activation kernel for it (CUTLASS W4A8 takes FP8 activations, sm90 only; "
                 "the other candidates are weight-only; read from vLLM 0.32's code): serve W8A8-int8 or W4A16 on GPUs",
     },
@@ -155,7 +157,7 @@ def _refusal(scheme: QuantScheme, kind: str) -> str:
     return (f"scheme {scheme.name} ({kind}) has no vLLM kernel ({why}); exportable schemes: "
             "w8a8 (int8, per-channel symmetric weights, dynamic per-token activations), "
             "w4a16 (group or channel, symmetric or asymmetric), w8a16, "
-            "w4a8 (symmetric int4 weights; vLLM CPU backend only)")
+            "w4a8 (symmetric int4 weights, per channel or groups of a multiple of 32; vLLM CPU backend only)")
 
 
 # -- the plan: what gets folded where ---------------------------------------------------------------
@@ -427,6 +429,10 @@ def preflight(model, *, requantize: bool = False, tp: int = 1) -> dict:
         if bad:
             raise ExportError(f"{len(bad)} linears have in_features not divisible by the group size {scheme.group_size} "
                               f"(e.g. {bad[0]}: {quant[bad[0]].in_features}); vLLM needs whole groups")
+        if kind == "w4a8-int" and scheme.group_size % 32:
+            # torch's _dyn_quant_pack_4bit_weight (vLLM's Dynamic4bitLinearKernel) refuses it when vLLM loads
+            raise ExportError(f"W4A8 group size {scheme.group_size}: vLLM's CPU W4A8 kernel (Dynamic4bitLinearKernel, "
+                              "torch _dyn_quant_pack_4bit_weight) takes groups that are multiples of 32, or per channel")
         if scheme.group_size not in (32, 64, 128):
             report["warnings"].append(f"group size {scheme.group_size}: Marlin supports 32, 64, 128 (or per channel)")
         writers = {f"{adapter.layer_prefix(i)}.{p}" for i in range(len(adapter.layers)) for p in adapter.residual_writers(i)}
