@@ -114,4 +114,4 @@ def test_streamed_sparsify_and_compress_write_the_in_memory_artifact(tmp_path, c
             assert _manifest(tmp_path / "streamed") == _manifest(tmp_path / "memory")
         else:
             assert a[name] == b[name], name
-    assert not (tmp_path / "streamed.ckpt").exists() or not any((tmp_path / "streamed.ckpt").iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # the run's own directory is gone

@@ -263,10 +263,11 @@ def load_streamed(args, command: str, why_not):
 def write_artifact(args, command: str, inputs: list, compute, why_not=lambda adapter: None, *,
                    resumable: bool = False):
     """Load ``args.model`` streamed (the default) or whole, run ``compute(model, checkpoint_dir)`` and save
-    ``args.output``; returns the model.  The checkpoint directory (``--checkpoint-dir``, default
-    ``OUTPUT.ckpt``; ours alone and locked) holds a streamed run's finished layers, and a resumable run's
-    checkpoints (``None`` is passed for an in-memory run that is not resumable); it is removed once the
-    artifact is written, or on failure unless a resumable run left something to resume."""
+    ``args.output``; returns the model.  The checkpoint directory (ours alone and locked) holds a streamed
+    run's finished layers, and a resumable run's checkpoints (``None`` is passed for an in-memory run that
+    is not resumable): ``--checkpoint-dir``, else ``OUTPUT.ckpt`` for a resumable run and a new hidden
+    directory next to the output for the others.  Its files are removed once the artifact is written, or
+    on failure unless a resumable run left something to resume."""
     from ..engine import is_checkpoint_file
     from ..export.serialization import load_model, save
     from ..fileio import CheckpointDir, check_output
@@ -274,11 +275,18 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
     out = Path(args.output)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
     given = getattr(args, "checkpoint_dir", None)
-    ckpt = Path(given) if given else real_out.parent / f"{real_out.name}.ckpt"
-    real_ck = Path(os.path.realpath(ckpt))
-    if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
-        raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
-    check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
+    private = None
+    if given or resumable:
+        ckpt = Path(given) if given else real_out.parent / f"{real_out.name}.ckpt"
+        real_ck = Path(os.path.realpath(ckpt))
+        if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
+            raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
+        check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
+    else:  # nothing to resume: a new directory of our own next to the output (same file system), removed after
+        import tempfile
+
+        real_out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = private = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.ckpt-", dir=real_out.parent))
     ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
         model = load_streamed(args, command, why_not)
@@ -300,4 +308,6 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
         raise
     finally:
         ck.close()
+        if private is not None and private.is_dir() and not any(private.iterdir()):
+            private.rmdir()
     return model
