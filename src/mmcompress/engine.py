@@ -416,23 +416,31 @@ class Method:
         return None
 
 
-class Compose(Method):
+class _Steps(Method):
+    """What :class:`Compose` and :class:`Sequence` share: the parts, their joined name, ``float32_math``
+    (any part's) and ``distributed`` (every part's), and the config of every step."""
+
+    def __init__(self, *methods: Method):
+        if not methods:
+            raise ValueError(f"{type(self).__name__} needs at least one method")
+        self.methods = list(methods)
+        self.name = "+".join(m.name for m in methods)
+        self.float32_math = any(m.float32_math for m in methods)
+        self.distributed = all(m.distributed for m in methods)
+
+    def config(self) -> dict:
+        return {"method": self.name, "steps": [m.config() for m in self.methods]}
+
+
+class Compose(_Steps):
     """Several methods over one walk (one capture, one pass per layer): for each layer every method's
     :meth:`~Method.step` runs in order, then one pass feeds every method's observers.  ``needs_fp_chain``,
     ``float32_math`` and ``side_sets`` are the union of the parts'; ``distributed`` holds if it holds for all."""
 
     def __init__(self, *methods: Method):
-        if not methods:
-            raise ValueError("Compose needs at least one method")
-        self.methods = list(methods)
-        self.name = "+".join(m.name for m in methods)
+        super().__init__(*methods)
         self.needs_fp_chain = any(m.needs_fp_chain for m in methods)
-        self.float32_math = any(m.float32_math for m in methods)
         self.side_sets = tuple(dict.fromkeys(s for m in methods for s in m.side_sets))
-        self.distributed = all(m.distributed for m in methods)
-
-    def config(self) -> dict:
-        return {"method": self.name, "steps": [m.config() for m in self.methods]}
 
     def prepare(self, model, adapter, samples=None) -> None:
         for m in self.methods:
@@ -454,7 +462,7 @@ class Compose(Method):
             m.finalize(model, adapter)
 
 
-class Sequence(Method):
+class Sequence(_Steps):
     """Steps applied one after another, each to the model the previous ones left (a recipe: LaRoSA then
     W8A8), in ONE walk: one capture, and for each decoder layer every step in order.
 
@@ -475,12 +483,7 @@ class Sequence(Method):
     side_sets = ()
 
     def __init__(self, *methods: Method):
-        if not methods:
-            raise ValueError("Sequence needs at least one method")
-        self.methods = list(methods)
-        self.name = "+".join(m.name for m in methods)
-        self.float32_math = any(m.float32_math for m in methods)
-        self.distributed = all(m.distributed for m in methods)
+        super().__init__(*methods)
         last = methods[-1]
         self.observe_then_change = last.observe_then_change
         n = len(methods)
@@ -496,9 +499,6 @@ class Sequence(Method):
     @property
     def resumable(self) -> bool:
         return len(self.methods) == 1 and self.methods[0].resumable
-
-    def config(self) -> dict:
-        return {"method": self.name, "steps": [m.config() for m in self.methods]}
 
     def prepare(self, model, adapter, samples=None) -> None:
         self._chains = None

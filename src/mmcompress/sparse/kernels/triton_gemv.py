@@ -69,6 +69,13 @@ _topk_threshold_kernel = _rows_gemv = _splitk_gemv = None
 if triton is not None:
 
     @triton.jit
+    def _magnitude_bits(xrow, o, D):
+        """int32 keys of |x[o]| (``float32(x) & 0x7fffffff``, monotone in |x|); -1 past ``D`` (never counted)."""
+        m = o < D
+        v = tl.load(xrow + o, mask=m, other=0.0).to(tl.float32)
+        return tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+
+    @triton.jit
     def _topk_threshold_kernel(X, THR, CUT, D, K, stride_xb, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
                                LOW_BIT: tl.constexpr):
         """thr[b] = the K-th largest |x[b, :D]| (exact; 1 <= K <= D), by a bitwise search on its int32 bits;
@@ -77,9 +84,7 @@ if triton is not None:
         xrow = X + b.to(tl.int64) * stride_xb
         offs = tl.arange(0, BLOCK_D)
         if ONE_CHUNK:
-            m = offs < D
-            v = tl.load(xrow + offs, mask=m, other=0.0).to(tl.float32)
-            bits = tl.where(m, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)  # padding never counts
+            bits = _magnitude_bits(xrow, offs, D)  # padding never counts
         t = b * 0  # int32 scalar: the answer so far (bits above the current one)
         for i in tl.static_range(31 - LOW_BIT):
             cand = t | (1 << (30 - i))
@@ -88,10 +93,7 @@ if triton is not None:
             else:
                 cnt = b * 0
                 for start in range(0, D, BLOCK_D):
-                    o = start + offs
-                    mc = o < D
-                    vc = tl.load(xrow + o, mask=mc, other=0.0).to(tl.float32)
-                    bc = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+                    bc = _magnitude_bits(xrow, start + offs, D)
                     cnt += tl.sum((bc >= cand).to(tl.int32), axis=0)
             t = tl.where(cnt >= K, cand, t)
         # ties: keep the first `need` entries equal to t (need >= 1, since #{bits > t} < K <= #{bits >= t})
@@ -103,19 +105,13 @@ if triton is not None:
         else:
             above = b * 0
             for start in range(0, D, BLOCK_D):
-                o = start + offs
-                mc = o < D
-                vc = tl.load(xrow + o, mask=mc, other=0.0).to(tl.float32)
-                bc = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
-                above += tl.sum((bc > t).to(tl.int32), axis=0)
+                above += tl.sum((_magnitude_bits(xrow, start + offs, D) > t).to(tl.int32), axis=0)
             need = K - above
             seen = b * 0
             cut = b * 0 + D
             for start in range(0, D, BLOCK_D):
                 o = start + offs
-                mc = o < D
-                vc = tl.load(xrow + o, mask=mc, other=0.0).to(tl.float32)
-                tied = tl.where(mc, vc.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1) == t
+                tied = _magnitude_bits(xrow, o, D) == t
                 rank = tl.cumsum(tied.to(tl.int32), axis=0) + seen
                 cut = tl.minimum(cut, tl.min(tl.where(tied & (rank == need), o, D), axis=0))
                 seen += tl.sum(tied.to(tl.int32), axis=0)
@@ -123,13 +119,18 @@ if triton is not None:
         tl.store(CUT + b, cut)
 
     @triton.jit
-    def _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE: tl.constexpr):
-        """[B_PAD] fp32 thresholds: 0 = none, 1 = the scalar ``thr_val``, 2 = per token from ``THR``."""
+    def _token_bounds(THR, CUT, thr_val, B, B_PAD: tl.constexpr, THR_MODE: tl.constexpr):
+        """``offs_b``, ``mask_b`` and the [B_PAD] fp32 thresholds and int32 tie cuts: mode 0 none, 1 the
+        scalar ``thr_val``, 2 per token from ``THR`` and ``CUT``."""
+        offs_b = tl.arange(0, B_PAD)
+        mask_b = offs_b < B
         if THR_MODE == 2:
             thr = tl.load(THR + offs_b, mask=mask_b, other=0.0)
+            cut = tl.load(CUT + offs_b, mask=mask_b, other=0)
         else:
             thr = offs_b.to(tl.float32) * 0.0 + thr_val
-        return thr
+            cut = offs_b * 0
+        return offs_b, mask_b, thr, cut
 
     @triton.jit
     def _kept(x, offs_k, thr, cut, THR_MODE: tl.constexpr):
@@ -157,10 +158,7 @@ if triton is not None:
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_b = tl.arange(0, B_PAD)
-        mask_b = offs_b < B
-        thr = _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE)
-        cut = tl.load(CUT + offs_b, mask=mask_b, other=0) if THR_MODE == 2 else offs_b * 0
+        offs_b, mask_b, thr, cut = _token_bounds(THR, CUT, thr_val, B, B_PAD, THR_MODE)
         acc = tl.zeros([B_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
         x = _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, cut, THR_MODE)
@@ -188,10 +186,7 @@ if triton is not None:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         # row mask: an input channel is read if any token keeps it
-        offs_b = tl.arange(0, B_PAD)
-        mask_b = offs_b < B
-        thr = _token_thresholds(THR, thr_val, offs_b, mask_b, THR_MODE)
-        cut = tl.load(CUT + offs_b, mask=mask_b, other=0) if THR_MODE == 2 else offs_b * 0
+        offs_b, mask_b, thr, cut = _token_bounds(THR, CUT, thr_val, B, B_PAD, THR_MODE)
         x = _load_kept(X, offs_b, mask_b, offs_k, K, stride_xb, thr, cut, THR_MODE)  # [B_PAD, BLOCK_K]
         row_mask = tl.max((x != 0).to(tl.int32), axis=0) != 0
         w = tl.load(WT + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
