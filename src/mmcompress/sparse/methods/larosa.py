@@ -53,17 +53,22 @@ def apply_topk_plan(model, adapter, plan: plans.SparsityPlan, prefill: str = "al
         apply_topk_layer(adapter, i, plan, prefill)
 
 
-def apply_topk_layer(adapter, i: int, plan: plans.SparsityPlan, prefill: str = "all") -> None:
-    """:func:`apply_topk_plan` for decoder layer ``i`` alone."""
+def plan_readers(adapter, i: int, plan: plans.SparsityPlan):
+    """``(layer, path, module, k)`` for every reader of decoder layer ``i``, with the plan's K for its group."""
     layer = inner_layer(adapter.layers[i])
     for g in adapter.layer_groups(i):
         k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
         for path in g.readers:
-            mod = layer.get_submodule(path)
-            if isinstance(mod, SparseLinear) and mod.mode == "topk":
-                mod.keep = k
-            else:
-                layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
+            yield layer, path, layer.get_submodule(path), k
+
+
+def apply_topk_layer(adapter, i: int, plan: plans.SparsityPlan, prefill: str = "all") -> None:
+    """:func:`apply_topk_plan` for decoder layer ``i`` alone."""
+    for layer, path, mod, k in plan_readers(adapter, i, plan):
+        if isinstance(mod, SparseLinear) and mod.mode == "topk":
+            mod.keep = k
+        else:
+            layer.set_submodule(path, make_sparse_linear(mod, TopK(k), prefill))
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from ..merge import block_input_norm, inner_layer, rotate_block_input
 from ...engine import Method, run_layerwise
 from ...specs import register_sparse_module
 from .base import SparseMethod, SparseOptions
-from .larosa import TopKGreedy
+from .larosa import TopKGreedy, plan_readers
 
 ROTATION_SOURCES = {"attn_in": "k", "mlp_in": "gate"}  # the projection whose SVD gives Q (published code)
 
@@ -127,16 +127,12 @@ def apply_plan(adapter, plan: plans.SparsityPlan, prefill: str = "all") -> None:
 
 def apply_plan_layer(adapter, i: int, plan: plans.SparsityPlan, prefill: str = "all") -> None:
     """:func:`apply_plan` for decoder layer ``i`` alone."""
-    layer = inner_layer(adapter.layers[i])
-    for g in adapter.layer_groups(i):
-        k = plan.keep(i, plans.GROUP_ACTIVATION[g.name])
-        for path in g.readers:
-            mod = layer.get_submodule(path)
-            if not isinstance(mod, WinaLinear):
-                mod = WinaLinear.from_linear(mod, k)
-                layer.set_submodule(path, mod)
-            mod.keep = k
-            mod.sparse_prefill = prefill == "all"
+    for layer, path, mod, k in plan_readers(adapter, i, plan):
+        if not isinstance(mod, WinaLinear):
+            mod = WinaLinear.from_linear(mod, k)
+            layer.set_submodule(path, mod)
+        mod.keep = k
+        mod.sparse_prefill = prefill == "all"
 
 
 def _check(adapter, plan: str, prefill: str) -> None:
