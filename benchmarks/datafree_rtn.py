@@ -34,14 +34,20 @@ SHAPES = {
 }
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v; wall seconds and peak RSS (GiB)."""
+def run_timed(cmd: list[str]):
+    """Run ``cmd`` under /usr/bin/time -v (exit on failure); returns wall seconds and ``field(name)``, a
+    number from time's report."""
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    field = lambda name: float(re.search(rf"{name}: ([\d.]+)", r.stderr).group(1))
+    return wall, lambda name: float(re.search(rf"{name}: ([\d.]+)", r.stderr).group(1))
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v; wall seconds and peak RSS (GiB)."""
+    wall, field = run_timed(cmd)
     return {"seconds": round(wall, 2), "cpu_seconds": round(field(r"User time \(seconds\)") + field(r"System time \(seconds\)"), 2),
             "peak_rss_gib": round(field(r"Maximum resident set size \(kbytes\)") / 2**20, 3)}
 

@@ -17,23 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from datafree_rtn import run_timed  # this folder is on sys.path when the script runs
+
 
 def timed(cmd: list[str]) -> dict:
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    field = lambda name: float(re.search(rf"{name}: ([\d.]+)", r.stderr).group(1))
+    wall, field = run_timed(cmd)
     return {"wall_s": round(wall, 2), "cpu_s": round(field(r"User time \(seconds\)") + field(r"System time \(seconds\)"), 2),
             "peak_rss_mib": round(field(r"Maximum resident set size \(kbytes\)") / 1024, 1),
             "bytes_written": int(field("File system outputs")) * 512, "load_1min": round(load, 1),
