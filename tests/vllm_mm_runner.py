@@ -18,11 +18,25 @@ import time
 
 
 def main(job_path: str, result_path: str) -> None:
+    import torch
+
+    if hasattr(torch.cpu, "_init_amx"):  # see vllm_runner.py: vLLM's AMX attention does not ask for AMX tiles
+        torch.cpu._init_amx()
     from PIL import Image
     from vllm import LLM, SamplingParams
     import vllm
 
     job = json.loads(open(job_path).read())
+    if job.get("dtype", "float32") == "float32" and torch.cpu._is_amx_tile_supported():
+        # vLLM 0.32 on AMX CPUs sends int8 W8A8 layers to its AMX kernel by the *weight* dtype, and that kernel
+        # takes only bfloat16/half activations (``int8_scaled_mm_with_quant: expect A to be bfloat16 or
+        # half``): float32 serving fails, plugin or not.  Route them to vLLM's oneDNN int8 kernel, the one it
+        # runs on every CPU without AMX, so the comparison stays in float32 (engine in-process: this patch
+        # reaches it).  ``result["cpu_int8_kernel"]`` records it.
+        from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
+
+        scaled_mm_cpu.check_cpu_sgl_kernel = lambda n, k, dtype: False
+        job["cpu_int8_kernel"] = "onednn (AMX int8 kernel refuses float32)"
     t0 = time.perf_counter()
     kwargs = {"quantization": job["quantization"]} if job.get("quantization") else {}
     llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
@@ -58,6 +72,7 @@ def main(job_path: str, result_path: str) -> None:
     except AttributeError:
         quantization = None
     result = {"vllm_version": vllm.__version__, "quantization": quantization, "plugin": plugin,
+              "cpu_int8_kernel": job.get("cpu_int8_kernel"),
               "results": results, "load_s": load_s, "run_s": time.perf_counter() - t0}
     with open(result_path, "w") as f:
         json.dump(result, f)

@@ -20,6 +20,13 @@ import time
 
 
 def main(job_path: str, result_path: str) -> None:
+    import torch
+    # Linux hands AMX tiles only to a process that asked for them (arch_prctl ARCH_REQ_XCOMP_PERM).  vLLM
+    # 0.32's CPU attention picks its AMX kernel for bfloat16 on AMX machines without asking; a oneDNN call
+    # (e.g. W8A8's int8 GEMM) asks on its behalf, but a model with none (W4A8, W4A16) dies with SIGILL in
+    # cpu_attention_with_kv_cache.  Ask first; a no-op (False) on CPUs without AMX.
+    if hasattr(torch.cpu, "_init_amx"):
+        torch.cpu._init_amx()
     from vllm import LLM, SamplingParams
     import vllm
 

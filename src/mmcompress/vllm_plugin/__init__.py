@@ -24,6 +24,14 @@ from .constants import NAME  # noqa: F401  (re-exported)
 
 def register() -> None:
     """Entry point: register the quantization config and the model subclasses (idempotent)."""
+    import torch
+
+    # vLLM (0.32) runs its AMX attention kernel for bfloat16 on AMX CPUs without asking Linux for the AMX
+    # tiles (arch_prctl ARCH_REQ_XCOMP_PERM); unless a oneDNN call asked first, the process dies with SIGILL
+    # (measured: a W4A8 export, whose GEMMs never touch oneDNN).  Ask in every process the plugin loads in;
+    # False and nothing else on CPUs without AMX.
+    if hasattr(torch.cpu, "_init_amx"):
+        torch.cpu._init_amx()
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 
     if NAME not in QUANTIZATION_METHODS:
