@@ -8,7 +8,9 @@
    perplexity, achieved sparsity and decode speed-up with the sparse kernel.
 
 Everything is fetched offline on first use (``mmcompress testbed``).  One table is printed and a
-Markdown report with the plots is written to ``--output``.
+Markdown report with the plots is written to ``--output``: built in a work directory next to it and
+moved there when the run has finished (nothing half-written); an existing ``--output`` is replaced only
+if it is an earlier demo's (its ``demo.json``) or with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ def register(subparsers) -> None:
     d.add_argument("--quick", action="store_true", help="fewer samples and evaluation items (about 3 minutes)")
     d.add_argument("--output", default="runs/demo", help="run directory for the JSON, plots and report.md")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace --output even if it is not an earlier demo run (default: refuse a non-empty one)")
     add_common(d)
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> dict:
     result = run_demo(args.output, quick=args.quick, device=args.device, progress=not args.no_progress,
-                      runtime=getattr(args, "runtime", None) or "int")
+                      runtime=getattr(args, "runtime", None) or "int", overwrite=args.overwrite)
     print(format_table(result["rows"]))
     print(f"report: {result['report']}  ({result['seconds']} s)")
     return result
@@ -56,10 +60,31 @@ def _log(msg: str):
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
+def earlier_demo(output) -> bool:
+    """Whether ``output`` is a directory an earlier demo wrote (its ``demo.json`` has rows and settings)."""
+    try:
+        doc = json.loads((Path(output) / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"rows", "settings"} <= doc.keys()
+
+
 def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_model="omni-mini",
-             text_model="smollm2-135m", progress: bool = True, runtime: str = "int") -> dict:
+             text_model="smollm2-135m", progress: bool = True, runtime: str = "int", overwrite: bool = False) -> dict:
     """``runtime``: how the quantized models are evaluated, as a loaded artifact would run (``int``: the
-    integer kernels, ``reference``: the fake-quant forward)."""
+    integer kernels, ``reference``: the fake-quant forward).  ``output`` is written atomically
+    (:func:`mmcompress.fileio.atomic_output_dir`); an existing one is replaced only if it is an earlier
+    demo's (:func:`earlier_demo`) or ``overwrite``, refused (``OutputError``) before any work otherwise."""
+    from mmcompress.fileio import atomic_output_dir
+
+    final = Path(output)
+    with atomic_output_dir(final, overwrite=overwrite or earlier_demo(final)) as work:
+        result = _run_demo(work, quick, device, multimodal_model, text_model, progress, runtime)
+    result["report"] = str(final / Path(result["report"]).name)
+    return result
+
+
+def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, runtime) -> dict:
     import torch
 
     from mmcompress.eval.perplexity import text_perplexity
@@ -73,10 +98,6 @@ def run_demo(output="runs/demo", quick: bool = False, device="cpu", multimodal_m
     from .registry import fetch
 
     cfg = SETTINGS["quick" if quick else "full"]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("diagnostics-*.json"):
-        old.unlink()
     rows: list[dict] = []
     t_start = time.time()
     wiki = eval_text("wiki")
