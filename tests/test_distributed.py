@@ -175,6 +175,26 @@ def test_method_without_distributed_support_refused():
                       world=World(0, 2), progress=False)
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"resume": True, "checkpoint_dir": "CK"}, "--resume is not supported under torchrun yet"),
+    ({"checkpoint_dir": "CK"}, "checkpoints of a model in memory are not supported under torchrun yet"),
+])
+def test_engine_refuses_resume_and_in_memory_checkpoints_on_ranks(tmp_path, kw, message):
+    """Under torchrun a checkpoint directory holds a streamed model's finished layers on rank 0 only: resuming,
+    or checkpointing a model in memory, is one line before any collective."""
+    from mmcompress.engine import run_layerwise
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.quant.api import make_method
+    from .tiny_models import tiny_model
+
+    model, tok = tiny_model("llama")
+    kw = {k: str(tmp_path / v) if v == "CK" else v for k, v in kw.items()}
+    with pytest.raises(DistributedError, match=message):
+        run_layerwise(model, get_adapter(model), make_method("rtn", "w8a8"), [{"input_ids": torch.arange(8)[None]}] * 2,
+                      world=World(0, 2), progress=False, **kw)
+    assert not (tmp_path / "CK").exists()
+
+
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set; launch with torchrun"),
     ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 is outside WORLD_SIZE=2"),

@@ -651,8 +651,8 @@ def run_layerwise(
         if resume:
             raise DistributedError("--resume is not supported under torchrun yet")
         if checkpoint_dir is not None and getattr(model, "_mmcompress_stream", None) is None:
-            raise DistributedError("checkpoints are not supported under torchrun yet (a streamed model's rank 0 "
-                                   "keeps its finished layers in one, not resumable)")
+            raise DistributedError("checkpoints of a model in memory are not supported under torchrun yet (a "
+                                   "streamed model's rank 0 keeps its finished layers in one, not resumable)")
         if diagnostics is not None:
             raise DistributedError("diagnostics (--report) are not supported under torchrun yet")
     ckpt = checkpoint_dir

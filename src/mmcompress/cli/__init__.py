@@ -197,7 +197,8 @@ def cmd_quantize(args) -> dict:
         if args.report_calib:
             extra["report_calib"] = load_calibration(args.report_calib, model, args.model, args.report_nsamples,
                                                      args.seqlen, args.seed, trust_remote_code=trust)
-        world.block(len(calib))  # enough samples for every rank, before any work
+        if world.size > 1:
+            world.block(len(calib))  # enough samples for every rank, before any work
         quantize(model, calib, args.method, scheme, device=world.device if world.size > 1 else args.device,
                  checkpoint_dir=ck, resume=args.resume, progress=not args.no_progress and world.rank == 0,
                  report_dir=args.report, **extra, **options)
