@@ -1,8 +1,10 @@
 """Distributed calibration under torchrun (gloo, 2 CPU ranks) against one process.
 
-Two launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (marked ``dist``:
-about a minute together on 2 idle cores, run by .ci/run with ``pytest -m dist``): the CLI (SmoothQuant W8A8: the artifact must be byte-identical, rank 0 alone
-writes and prints) and tests/_dist_methods.py (RTN, SmoothQuant, AWQ, MBQ, MASQuant text-only and
+Launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (marked ``dist``:
+about two minutes together on 2 idle cores, run by .ci/run with ``pytest -m dist``): the CLI, streamed as in
+one process (RTN and SmoothQuant W8A8, float32 and bf16 with tied embeddings, a WINA + SmoothQuant recipe,
+and ``--in-memory``: the artifact must be byte-identical, rank 0 alone writes and prints) and
+tests/_dist_methods.py (RTN, SmoothQuant, AWQ, MBQ, MASQuant text-only and
 with image tokens, LaRoSA).  Both sides run with one thread per process, so that per-sample kernels
 are the same.
 """
@@ -49,10 +51,30 @@ class one_thread:
         torch.set_num_threads(self.n)
 
 
+RECIPE = "steps:\n  - sparsify: {method: wina, sparsity: 0.4}\n  - quantize: {method: smoothquant, scheme: w8a8}\n"
+
+
 @pytest.mark.dist
-def test_cli_smoothquant_two_ranks_byte_identical(tiny_llama_dir, calib_text, tmp_path, capsys):
-    common = ["quantize", str(tiny_llama_dir), "--method", "smoothquant", "--scheme", "w8a8", "--calib",
-              str(calib_text), "--nsamples", "5", "--seqlen", "32", "--no-progress", "--json"]
+@pytest.mark.parametrize("case", ["rtn", "smoothquant", "smoothquant-bf16-tied", "compress", "in-memory"])
+def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
+    """``torchrun --nproc-per-node 2 mmcompress quantize|compress``: streamed like one process (every rank reads
+    each layer from the shards, no notice), the samples split 3 + 2, rank 0 alone writes and prints, and the
+    artifact has the bytes of the single-process streamed one.  ``in-memory``: the same under ``--in-memory``."""
+    from .tiny_models import save_tiny
+
+    if case == "smoothquant-bf16-tied":  # the checkpoint's dtype kept; the tied embedding read for the capture
+        model = save_tiny(tmp_path / "tiny-qwen2", "qwen2", layers=3, tie=True, dtype=torch.bfloat16)
+    else:
+        model = save_tiny(tmp_path / "tiny-llama", "llama", layers=3)
+    if case == "compress":
+        (tmp_path / "r.yaml").write_text(RECIPE)
+        command = ["compress", str(model), "--recipe", str(tmp_path / "r.yaml")]
+    else:
+        method = "rtn" if case == "rtn" else "smoothquant"
+        command = ["quantize", str(model), "--method", method, "--scheme", "w8a8"]
+    common = [*command, "--calib", str(calib_text), "--nsamples", "5", "--seqlen", "32", "--no-progress", "--json"]
+    if case == "in-memory":
+        common.append("--in-memory")
     with one_thread():
         assert cli.main(common + ["--output", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -61,15 +83,48 @@ def test_cli_smoothquant_two_ranks_byte_identical(tiny_llama_dir, calib_text, tm
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, r.stdout  # printed once, by rank 0
     two = json.loads(lines[0])
-    assert r.stderr.count("quantized ") == 1, r.stderr
+    assert r.stderr.count("quantized " if command[0] == "quantize" else "compressed ") == 1, r.stderr
+    assert "notice:" not in r.stderr, r.stderr  # streamed on every rank (or --in-memory, as asked)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["rank_tokens"] == [5 * 32]
     assert two["rank_tokens"] == [3 * 32, 2 * 32]  # the work was split, not repeated
-    assert two["calibration"] == one["calibration"]
-    a = (tmp_path / "one" / "model.safetensors").read_bytes()
-    b = (tmp_path / "two" / "model.safetensors").read_bytes()
-    assert a == b
-    assert not (tmp_path / "two.ckpt").exists()
+    assert sum(two["rank_tokens"]) == sum(one["rank_tokens"])
+    if command[0] == "quantize":
+        assert two["calibration"] == one["calibration"]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    for name in files:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        if name == "mmcompress.json":  # equal but for the run's seconds
+            a, b = (_timeless(json.loads(x)) for x in (a, b))
+        assert a == b, name
+    assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # rank 0's checkpoint directory is gone
+
+
+def _timeless(obj):
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_timeless(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("flag", [["--resume"], ["--checkpoint-dir", "CK"], ["--report", "REP"]])
+def test_cli_refuses_what_torchrun_does_not_support(flag, tiny_llama_dir, calib_text, tmp_path, capsys,
+                                                    monkeypatch):
+    """Under torchrun (a world of 2, as ``on_ranks`` sees it once joined) a flag that needs one process is one
+    line before anything is loaded or written."""
+    from mmcompress import distributed
+
+    monkeypatch.setattr(distributed, "current", lambda: World(0, 2))
+    flag = [str(tmp_path / f) if f.isupper() else f for f in flag]
+    out = tmp_path / "out"
+    rc = cli.main(["quantize", str(tiny_llama_dir), "--method", "smoothquant", "--calib", str(calib_text),
+                   "--nsamples", "4", "--seqlen", "16", "--no-progress", "--output", str(out), *flag])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err == [f"mmcompress quantize: error: {flag[0]} is not supported under torchrun yet"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.txt", "tiny-llama"])
 
 
 @pytest.mark.dist
@@ -118,6 +173,26 @@ def test_method_without_distributed_support_refused():
     with pytest.raises(DistributedError, match="magnitude-sampler does not support distributed calibration"):
         run_layerwise(model, get_adapter(model), MagnitudeSampler(lambda layer, adapter: {}), samples,
                       world=World(0, 2), progress=False)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"resume": True, "checkpoint_dir": "CK"}, "--resume is not supported under torchrun yet"),
+    ({"checkpoint_dir": "CK"}, "checkpoints of a model in memory are not supported under torchrun yet"),
+])
+def test_engine_refuses_resume_and_in_memory_checkpoints_on_ranks(tmp_path, kw, message):
+    """Under torchrun a checkpoint directory holds a streamed model's finished layers on rank 0 only: resuming,
+    or checkpointing a model in memory, is one line before any collective."""
+    from mmcompress.engine import run_layerwise
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.quant.api import make_method
+    from .tiny_models import tiny_model
+
+    model, tok = tiny_model("llama")
+    kw = {k: str(tmp_path / v) if v == "CK" else v for k, v in kw.items()}
+    with pytest.raises(DistributedError, match=message):
+        run_layerwise(model, get_adapter(model), make_method("rtn", "w8a8"), [{"input_ids": torch.arange(8)[None]}] * 2,
+                      world=World(0, 2), progress=False, **kw)
+    assert not (tmp_path / "CK").exists()
 
 
 @pytest.mark.parametrize("env, message", [

@@ -116,3 +116,4 @@ def test_dying_rank_ends_the_run(tiny_llama_dir, calib_text, tmp_path):
     assert re.search(r"rank\s*: 1 ", failure) and re.search(r"exitcode\s*: 3 ", failure), r.stderr[-3000:]
     assert time.time() - t0 < 300
     assert not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # nor rank 0's (streamed) layers

@@ -17,7 +17,8 @@
    A streamed model (:mod:`mmcompress.streaming`, ``quantize``'s default) has its layers on the meta
    device: each is read from the checkpoint before its step and freed once its checkpoint file is
    written.  Under ``torchrun`` each rank captures and walks its own block of the samples, and methods
-   combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`).
+   combine their statistics through ``ctx.world`` (:mod:`mmcompress.distributed`); with a streamed model
+   every rank reads each layer from the checkpoint itself, and rank 0 alone writes it.
 3. **Checkpoint.**  After each layer its state is written (``layer_N.safetensors``, the module
    structure in the metadata; a streamed model writes it straight into the artifact it builds), then
    ``state.json`` naming it is replaced atomically: that rename is the one commit point, so a kill at
@@ -647,8 +648,11 @@ def run_layerwise(
     if world.size > 1:
         if not method.distributed:
             raise DistributedError(f"{method.name} does not support distributed calibration yet; run it in one process")
-        if checkpoint_dir is not None or resume:
-            raise DistributedError("checkpoints and --resume are not supported under torchrun yet")
+        if resume:
+            raise DistributedError("--resume is not supported under torchrun yet")
+        if checkpoint_dir is not None and getattr(model, "_mmcompress_stream", None) is None:
+            raise DistributedError("checkpoints of a model in memory are not supported under torchrun yet (a "
+                                   "streamed model's rank 0 keeps its finished layers in one, not resumable)")
         if diagnostics is not None:
             raise DistributedError("diagnostics (--report) are not supported under torchrun yet")
     ckpt = checkpoint_dir
@@ -673,9 +677,10 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     if side_samples and world.size > 1:
         raise DistributedError("side sets (whitening or held-out samples) are not supported under torchrun yet")
     stream = getattr(model, "_mmcompress_stream", None)  # layers read from the checkpoint one at a time
-    if stream is not None and ckpt is None:
+    if stream is not None and ckpt is None and world.rank == 0:  # the other ranks free their layers unwritten
         raise ValueError("a streamed model needs a checkpoint directory (its finished layers are kept there)")
-    model_digest = _model_digest(model, adapter, stream) if ckpt is not None else None  # before any method touches it
+    # before any method touches it; not under torchrun, where a run cannot be resumed
+    model_digest = _model_digest(model, adapter, stream) if ckpt is not None and world.size == 1 else None
     samples = list(samples)
     mine = world.block(len(samples)) if world.size > 1 else range(len(samples))
     method.prepare(model, adapter, samples)  # every rank sees every sample here (e.g. gradient probes)

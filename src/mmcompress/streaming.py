@@ -22,7 +22,9 @@ merged mode folds its rotations into the embedding and head after the walk, read
 checkpoint then (:meth:`LayerStream.materialize`; a tied head is saved under its own name,
 :meth:`LayerStream.untie`).  Not streamed: methods that need the whole model before the layer walk
 (gradient probes of ``--loss-weights auto`` on multimodal data), sparsity plans that search over the
-whole model (LaRoSA grid/greedy, WINA greedy), torchrun.
+whole model (LaRoSA grid/greedy, WINA greedy).  Under ``torchrun`` every rank streams the layers from the
+checkpoint itself (no weights are sent between ranks) and only rank 0 writes them
+(:func:`mmcompress.cli.common.write_artifact`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .common import CLIError, load_calibration
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
 from .common import add_method_flags, add_streaming, method_options, named_set as _named_set, on_ranks
-from .common import whole_model_notice, write_artifact
+from .common import write_artifact
 from ..plugins import commands as plugin_commands, import_optional
 
 EXIT_USAGE = 2
@@ -177,8 +177,12 @@ def cmd_quantize(args) -> dict:
 
     if launched():
         return on_ranks(cmd_quantize, args)
-    if current().size > 1:
-        return _quantize_distributed(args, scheme, options)
+    world = current()  # under torchrun: each rank calibrates on its block of the samples, rank 0 writes
+    if world.size > 1:
+        for flag, value in (("--resume", args.resume), ("--report", args.report),
+                            ("--checkpoint-dir", args.checkpoint_dir)):
+            if value:
+                raise CLIError(f"{flag} is not supported under torchrun yet")
     out = Path(args.output)
     inputs = _inputs(args.model, args.calib)
 
@@ -193,8 +197,11 @@ def cmd_quantize(args) -> dict:
         if args.report_calib:
             extra["report_calib"] = load_calibration(args.report_calib, model, args.model, args.report_nsamples,
                                                      args.seqlen, args.seed, trust_remote_code=trust)
-        quantize(model, calib, args.method, scheme, device=args.device, checkpoint_dir=ck, resume=args.resume,
-                 progress=not args.no_progress, report_dir=args.report, **extra, **options)
+        if world.size > 1:
+            world.block(len(calib))  # enough samples for every rank, before any work
+        quantize(model, calib, args.method, scheme, device=world.device if world.size > 1 else args.device,
+                 checkpoint_dir=ck, resume=args.resume, progress=not args.no_progress and world.rank == 0,
+                 report_dir=args.report, **extra, **options)
 
     model = write_artifact(args, "quantize", inputs, compute, lambda adapter: _not_streamable(args, adapter, options),
                            resumable=True)
@@ -224,38 +231,6 @@ def _not_streamable(args, adapter, options) -> str | None:
         return (f"--method {args.method} with --loss-weights auto probes gradients through the whole model; "
                 "give the weights (e.g. --loss-weights scripted) to stream")
     return None
-
-
-def _quantize_distributed(args, scheme, options) -> dict:
-    """Under ``torchrun``: every rank calibrates on its block of the samples, the statistics are combined
-    (:mod:`mmcompress.distributed`), rank 0 alone writes the artifact."""
-    from ..distributed import current
-    from ..export.serialization import load_model, save
-    from ..fileio import check_output
-    from ..models.adapters import get_adapter
-    from ..quant.api import quantize
-
-    for flag, value in (("--resume", args.resume), ("--report", args.report),
-                        ("--checkpoint-dir", args.checkpoint_dir), ("--stream", args.stream)):
-        if value:
-            raise CLIError(f"{flag} is not supported under torchrun yet")
-    out = Path(args.output)
-    inputs = _inputs(args.model, args.calib)
-    check_output(out, overwrite=args.overwrite, inputs=inputs)
-    world = current()
-    if world.rank == 0 and not args.in_memory:
-        whole_model_notice("quantize", "layer streaming is not supported under torchrun yet; every rank loads it")
-    model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
-    get_adapter(model)
-    calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
-                             trust_remote_code=args.trust_remote_code)
-    world.block(len(calib))  # enough samples for every rank, before any work
-    quantize(model, calib, args.method, scheme, device=world.device,
-             progress=not args.no_progress and world.rank == 0, **options)
-    if world.rank == 0:
-        save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-    world.barrier()
-    return _quantize_result(args, scheme, out, model)
 
 
 def _quantize_data_free(args, scheme) -> dict:
@@ -359,12 +334,9 @@ def _eval_multimodal(model, args) -> dict:
 
 
 def cmd_compress(args) -> dict:
-    from ..export.serialization import load_model, save
     from ..models.adapters import get_adapter
     from ..models.loading import read_config
     from ..recipe import apply_recipe, load_recipe
-
-    from ..fileio import check_output
 
     steps = load_recipe(args.recipe)
     trust = args.trust_remote_code
@@ -384,17 +356,7 @@ def cmd_compress(args) -> dict:
         apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
                      progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck)
 
-    if world.size > 1:
-        check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-        if world.rank == 0:
-            whole_model_notice("compress", "layer streaming is not supported under torchrun yet; every rank loads it")
-        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=trust)
-        compute(model, None)
-        if world.rank == 0:
-            save(model, args.output, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        world.barrier()
-    else:
-        model = write_artifact(args, "compress", inputs, compute, lambda adapter: _recipe_not_streamable(steps, adapter))
+    model = write_artifact(args, "compress", inputs, compute, lambda adapter: _recipe_not_streamable(steps, adapter))
     desc = model._mmcompress_description
     print(f"compressed {args.model} with {len(steps)} steps in {len(desc['walks'])} walk(s) -> {args.output} "
           f"({desc['seconds']} s)", file=sys.stderr)

@@ -267,27 +267,39 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
     run's finished layers, and a resumable run's checkpoints (``None`` is passed for an in-memory run that
     is not resumable): ``--checkpoint-dir``, else ``OUTPUT.ckpt`` for a resumable run and a new hidden
     directory next to the output for the others.  Its files are removed once the artifact is written, or
-    on failure unless a resumable run left something to resume."""
+    on failure unless a resumable run left something to resume.
+
+    Under ``torchrun`` (:mod:`mmcompress.distributed`) every rank loads the model the same way (streamed:
+    each rank reads each decoder layer from the input shards itself) and calibrates on its block of the
+    samples; rank 0 alone has a checkpoint directory (a new hidden one: such a run is not resumable) and
+    writes the artifact, the other ranks free each layer once it is done."""
+    from ..distributed import current
     from ..engine import is_checkpoint_file
     from ..export.serialization import load_model, save
     from ..fileio import CheckpointDir, check_output
 
+    world = current()
+    writer = world.rank == 0
+    resumable = resumable and world.size == 1
     out = Path(args.output)
     real_out = check_output(out, overwrite=args.overwrite, inputs=inputs)
     given = getattr(args, "checkpoint_dir", None)
-    private = None
-    if given or resumable:
+    if given and world.size > 1:
+        raise CLIError("--checkpoint-dir is not supported under torchrun yet")
+    private = ck = ckpt = None
+    if writer and (given or resumable):
         ckpt = Path(given) if given else real_out.parent / f"{real_out.name}.ckpt"
         real_ck = Path(os.path.realpath(ckpt))
         if real_ck == real_out or real_out in real_ck.parents or real_ck in real_out.parents:
             raise CLIError(f"--checkpoint-dir {ckpt} overlaps --output {out}; give a directory outside it")
         check_output(ckpt, overwrite=True, inputs=inputs, flag="--checkpoint-dir")
-    else:  # nothing to resume: a new directory of our own next to the output (same file system), removed after
+    elif writer:  # nothing to resume: a new directory of our own next to the output (same file system), removed after
         import tempfile
 
         real_out.parent.mkdir(parents=True, exist_ok=True)
         ckpt = private = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.ckpt-", dir=real_out.parent))
-    ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
+    if ckpt is not None:  # rank 0's only: it keeps the finished layers
+        ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
     try:
         model = load_streamed(args, command, why_not)
         streamed = model is not None
@@ -295,19 +307,24 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
             model = load_model(args.model, dtype=args.dtype, runtime="reference",
                                trust_remote_code=args.trust_remote_code)
         compute(model, ck if streamed or resumable else None)
-        if streamed:
+        if streamed and not writer:
+            model._mmcompress_stream.close()
+        elif streamed:
             from ..streaming import save_streamed
 
             save_streamed(model, out, ck.path, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        else:
+        elif writer:
             save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        ck.remove(is_checkpoint_file)
+        if ck is not None:
+            ck.remove(is_checkpoint_file)
+        world.barrier()  # every rank returns once the artifact is there
     except BaseException:
-        if not (resumable and (ck.path / "state.json").exists()):  # nothing worth resuming: leave nothing behind
+        if ck is not None and not (resumable and (ck.path / "state.json").exists()):  # nothing worth resuming
             ck.remove(is_checkpoint_file)
         raise
     finally:
-        ck.close()
+        if ck is not None:
+            ck.close()
         if private is not None and private.is_dir() and not any(private.iterdir()):
             private.rmdir()
     return model

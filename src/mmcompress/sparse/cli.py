@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..cli.common import CLIError, add_calib, add_common, add_method_flags, add_overwrite, add_trust, check_calib_spec
-from ..cli.common import add_streaming, input_paths, load_calibration, method_options, on_ranks, whole_model_notice
+from ..cli.common import add_streaming, input_paths, load_calibration, method_options, on_ranks
 from ..cli.common import write_artifact
 from .methods import SPARSE_METHODS
 
@@ -30,8 +30,6 @@ def register(subparsers) -> None:
 
 
 def cmd_sparsify(args) -> dict:
-    from ..fileio import check_output
-    from ..export.serialization import load_model, save
     from ..models.adapters import get_adapter
     from ..models.loading import read_config
     from .api import make_sparse_method, sparsify
@@ -64,20 +62,10 @@ def cmd_sparsify(args) -> dict:
                  progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, **options)
 
     out = Path(args.output)
-    if world.size > 1:
-        check_output(args.output, overwrite=args.overwrite, inputs=inputs)
-        model = load_model(args.model, dtype=args.dtype, runtime="reference", trust_remote_code=args.trust_remote_code)
-        if world.rank == 0:
-            whole_model_notice("sparsify", "layer streaming is not supported under torchrun yet; every rank loads it")
-        compute(model, None)
-        if world.rank == 0:
-            save(model, out, source_dir=args.model, overwrite=args.overwrite, inputs=inputs)
-        world.barrier()
-    else:
-        walk = make_sparse_method(args.method, **options).layer_method()
-        model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
-                               "these options need whole-model passes (LaRoSA grid/greedy plans or merged --basis "
-                               "both, WINA greedy)")
+    walk = make_sparse_method(args.method, **options).layer_method()
+    model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
+                           "these options need whole-model passes (LaRoSA grid/greedy plans or merged --basis "
+                           "both, WINA greedy)")
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,
