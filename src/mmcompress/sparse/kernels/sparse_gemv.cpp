@@ -168,7 +168,12 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
       for (int q = 0; q < 4; ++q) xv[b][q] = vals[(r + q) * B + b];
     // Skipped rows break the hardware prefetcher's stream at every kept row, so prefetch the next
     // group's four rows at the same column offset while this group is processed (one line per row
-    // per 64-byte chunk), i.e. about one group ahead.
+    // per 64-byte chunk), i.e. about one group ahead.  The hint must be T0 (into L1 and L2), not
+    // non-temporal: one group ahead is 4 rows x len columns (32 KB of bf16 at len 4096, 88 KB at
+    // 11008), more than L1 holds, and PREFETCHNTA (__builtin_prefetch(p, 0, 0)) on an Intel Xeon
+    // (AVX-512 BF16, AMX) made the bf16 GEMV 2.2x slower than no prefetch at all (5.5 vs 12.2 GB/s,
+    // T0 12.6-14.6 GB/s, one thread; docs/runtime.md "Why sitting D was slow"): the NTA lines are
+    // evidently dropped before use and fetched again.  The AMD EPYC of the earlier sittings hid it.
     const bool pf = r + 8 <= nrows;
     const W* p0 = pf ? wt + static_cast<int64_t>(rows[r + 4]) * n + j0 : w0;
     const W* p1 = pf ? wt + static_cast<int64_t>(rows[r + 5]) * n + j0 : w1;
@@ -178,10 +183,10 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
     int64_t c = 0;
     for (; c + CH <= len; c += CH) {
       if (pf) {
-        __builtin_prefetch(p0 + c, 0, 0);
-        __builtin_prefetch(p1 + c, 0, 0);
-        __builtin_prefetch(p2 + c, 0, 0);
-        __builtin_prefetch(p3 + c, 0, 0);
+        __builtin_prefetch(p0 + c, 0, 3);
+        __builtin_prefetch(p1 + c, 0, 3);
+        __builtin_prefetch(p2 + c, 0, 3);
+        __builtin_prefetch(p3 + c, 0, 3);
       }
 #pragma omp simd
       for (int64_t j = c; j < c + CH; ++j) {
