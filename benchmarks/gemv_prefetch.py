@@ -28,14 +28,14 @@ import torch.nn.functional as F
 
 from mmcompress.sparse.kernels import cpu
 
-PREFETCH = re.compile(r"__builtin_prefetch\((p[0-3] \+ c), 0, 3\);")  # gemv_block's four next-group lines
+PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
 
 
 def variant_source(hint: str) -> str:
     src = cpu._SRC.read_text()
     n = len(PREFETCH.findall(src))
-    if n != 4:
-        raise SystemExit(f"expected gemv_block's 4 T0 prefetches in {cpu._SRC}, found {n}")
+    if n != 1:
+        raise SystemExit(f"expected gemv_group's one T0 prefetch in {cpu._SRC}, found {n}")
     if hint == "nta":
         src = PREFETCH.sub(r"__builtin_prefetch(\1, 0, 0);", src)
     elif hint == "none":
