@@ -2,12 +2,15 @@
 
     python benchmarks/gemv_prefetch.py [--hints t0,nta,none] [--shapes 4096x11008,11008x4096]
                                        [--sparsity 0,0.4] [--threads 1] [--clock thread] [--json FILE]
+                                       [--source LABEL=FILE ...]
 
 Builds the current ``sparse_gemv.cpp`` once per hint, each under its own op namespace: ``t0`` as it is (the
 next row group prefetched with ``__builtin_prefetch(p, 0, 3)``), ``nta`` with locality 0 (PREFETCHNTA: the
 kernel before the fix of docs/runtime.md "Why sitting D was slow"), ``none`` without the prefetch.  Then
 times ``topk_gemv`` at each sparsity and torch bf16 / fp32 ``F.linear`` on the row-major weight, all
 interleaved over enough weight copies (``--cache-mb``) that every call streams its weight from DRAM.
+``--source LABEL=FILE`` adds another version of ``sparse_gemv.cpp`` as it is (e.g. an older one from
+``git show REV:src/mmcompress/sparse/kernels/sparse_gemv.cpp > FILE``), timed in the same interleaving.
 
 ``--clock thread`` (default) times the CPU time of the calling thread, which on a loaded shared machine
 ignores the time the thread was not running; it is meaningful with ``--threads 1`` only (OpenMP helpers'
@@ -31,6 +34,12 @@ from mmcompress.sparse.kernels import cpu
 PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
 
 
+def rename(src: str, label: str) -> str:
+    """The source with its ops registered under ``gemv_prefetch_<label>`` instead of ``mmcompress_sparse``."""
+    return src.replace("TORCH_LIBRARY(mmcompress_sparse,", f"TORCH_LIBRARY(gemv_prefetch_{label},").replace(
+        "TORCH_LIBRARY_IMPL(mmcompress_sparse,", f"TORCH_LIBRARY_IMPL(gemv_prefetch_{label},")
+
+
 def variant_source(hint: str) -> str:
     src = cpu._SRC.read_text()
     n = len(PREFETCH.findall(src))
@@ -42,29 +51,26 @@ def variant_source(hint: str) -> str:
         src = PREFETCH.sub(";", src)
     elif hint != "t0":
         raise SystemExit(f"unknown hint {hint!r}: t0, nta or none")
-    return src.replace("TORCH_LIBRARY(mmcompress_sparse,", f"TORCH_LIBRARY(gemv_prefetch_{hint},").replace(
-        "TORCH_LIBRARY_IMPL(mmcompress_sparse,", f"TORCH_LIBRARY_IMPL(gemv_prefetch_{hint},")
+    return rename(src, hint)
 
 
-def build(hint: str):
-    text = variant_source(hint)
-    d = cpu.build_dir(f"gemv_prefetch_{hint}")
+def build(label: str, text: str):
+    ns = f"gemv_prefetch_{label}"
+    d = cpu.build_dir(ns)
     d.mkdir(parents=True, exist_ok=True)
-    src = d / f"gemv_prefetch_{hint}.cpp"
+    src = d / f"{ns}.cpp"
     if not src.exists() or src.read_text() != text:
         src.write_text(text)
-    name = cpu.extension_name(f"gemv_prefetch_{hint}", src)
-    ns = f"gemv_prefetch_{hint}"
-    err = cpu.compile_and_load(name, src, lambda: getattr(torch.ops, ns).topk_gemv)
+    err = cpu.compile_and_load(cpu.extension_name(ns, src), src, lambda: getattr(torch.ops, ns).topk_gemv)
     if err:
-        raise SystemExit(f"build of the {hint} variant failed: {err}")
+        raise SystemExit(f"build of {label} failed: {err}")
     return getattr(torch.ops, ns)
 
 
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hints", default="t0,nta,none")
+    ap.add_argument("--hints", default="t0,nta,none", help="comma-separated; empty: only the --source files")
     ap.add_argument("--shapes", default="4096x11008,11008x4096", help="OUTxIN as nn.Linear.weight")
     ap.add_argument("--sparsity", default="0,0.4")
     ap.add_argument("--threads", type=int, default=1)
@@ -72,10 +78,18 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=float, default=1000.0)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE",
+                    help="another sparse_gemv.cpp, timed as it is (LABEL: letters, digits, _)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
-    ops = {h: build(h) for h in a.hints.split(",")}
+    ops = {h: build(h, variant_source(h)) for h in a.hints.split(",") if h}
+    for spec in a.source:
+        label, _, path = spec.partition("=")
+        if not re.fullmatch(r"\w+", label) or not path or label in ops:
+            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
+        with open(path) as f:
+            ops[label] = build(label, rename(f.read(), label))
     res = {"clock": a.clock, "threads": a.threads, "loadavg_before": os.getloadavg(), "rows": []}
     for shape in a.shapes.split(","):
         out, inn = map(int, shape.lower().split("x"))
