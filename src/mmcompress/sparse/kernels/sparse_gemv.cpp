@@ -196,7 +196,7 @@ inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, con
 }
 
 // acc[b*len + (j - j0)] += sum_r vals[r*B + b] * WT[rows[r], j]  for j in [j0, j1): groups of 8 rows at
-// batch 1 (4 above: measured at batch 1 only, one thread, loaded: 8-row groups 0-5 % faster than 4,
+// batch 1 (4 above: measured at batch 1 only, one thread, loaded: 8-row groups 2-9 % faster than 4,
 // docs/runtime.md), then one group of 4 and single rows for the rest.
 template <typename W, int B>
 void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const float* vals, int64_t nrows, int64_t j0,
