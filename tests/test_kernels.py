@@ -395,3 +395,23 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one(cpu_ke
         assert not lock.exists()
     finally:
         lock.unlink(missing_ok=True)
+
+
+def test_cpu_kernels_use_no_non_temporal_prefetch():
+    """Our C++ kernels stream weight rows that a software prefetch fetched one row group ahead (more than
+    L1 holds).  A non-temporal prefetch (PREFETCHNTA: ``__builtin_prefetch(p, rw, 0)``, ``_MM_HINT_NTA``)
+    made the bf16 sparse GEMV 2.2x slower than no prefetch at all on an Intel Xeon (docs/runtime.md, "Why
+    sitting D was slow"), which a correctness test cannot see; the hint must reach L2 (T0/T1/T2)."""
+    import re
+    from pathlib import Path
+
+    import mmcompress
+
+    root = Path(mmcompress.__file__).parent
+    sources = sorted([*root.rglob("*.cpp"), *root.rglob("*.h")])
+    assert any(p.name == "sparse_gemv.cpp" for p in sources), "the kernel sources were not found"
+    nta = re.compile(r"__builtin_prefetch\s*\([^;]*?,\s*\d\s*,\s*0\s*\)|_MM_HINT_NTA|prefetchnta", re.IGNORECASE)
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in sources
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if nta.search(line.split("//")[0])]
+    assert not hits, "non-temporal prefetch in a CPU kernel:\n" + "\n".join(hits)

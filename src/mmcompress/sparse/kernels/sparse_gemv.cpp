@@ -11,9 +11,9 @@
 // Parallelism: the kept rows are split into one part per thread (split-K, default; set_row_split(1)
 // gives the former split of the output columns into one contiguous block per thread), so each thread
 // streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
-// accumulator for its columns and walks its rows four at a time (4-row unrolling, next group's rows
-// prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row parts'
-// partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the
+// accumulator for its columns and walks its rows in groups (8 rows at batch 1, else 4; the next
+// group's rows prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row
+// parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the
 // threads of ATen's OpenMP team (share_work.h, through parallel_tasks).
 //
 // Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
@@ -152,48 +152,64 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
 
-// acc[b*len + (j - j0)] += sum_r vals[r*B + b] * WT[rows[r], j]  for j in [j0, j1)
+// acc[b*len + j] += sum_{q<R} xv[b][q] * WT[rg[q], j0 + j] for j in [0, len): one group of R kept rows
+// (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows to prefetch, or null.
+//
+// Skipped rows break the hardware prefetcher's stream at every kept row, so the next group's rows are
+// prefetched at the same column offset while this group is processed (one line per row per step), i.e.
+// about one group ahead.  The hint must be T0 (into L1 and L2), not non-temporal: one group ahead is
+// R rows x len columns (64 KB of bf16 at R = 8, len 4096), more than L1 holds, and PREFETCHNTA
+// (__builtin_prefetch(p, 0, 0)) on an Intel Xeon (AVX-512 BF16, AMX) made the bf16 GEMV 2.2x slower than
+// no prefetch at all (5.5 vs 12.2 GB/s, T0 12.6-14.6 GB/s, one thread; docs/runtime.md "Why sitting D
+// was slow"): the NTA lines are evidently dropped before use and fetched again.  The AMD EPYC of the
+// earlier sittings hid it.
+template <typename W, int B, int R>
+inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx, const float* vals,
+                       int64_t j0, int64_t len, float* __restrict acc) {
+  const W* w[R];
+  const W* p[R];
+  float xv[B][R];
+  for (int q = 0; q < R; ++q) {
+    w[q] = wt + static_cast<int64_t>(rg[q]) * n + j0;
+    p[q] = nx ? wt + static_cast<int64_t>(nx[q]) * n + j0 : w[q];
+    for (int b = 0; b < B; ++b) xv[b][q] = vals[q * B + b];
+  }
+  constexpr int64_t CH = 64 / sizeof(W);  // elements per cache line
+  int64_t c = 0;
+  for (; c + CH <= len; c += CH) {
+    if (nx)
+      for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
+#pragma omp simd
+    for (int64_t j = c; j < c + CH; ++j)
+      for (int b = 0; b < B; ++b) {
+        float t = 0.f;
+        for (int q = 0; q < R; ++q) t += xv[b][q] * ldw(w[q], j);
+        acc[b * len + j] += t;
+      }
+  }
+  for (int64_t j = c; j < len; ++j)
+    for (int b = 0; b < B; ++b) {
+      float t = 0.f;
+      for (int q = 0; q < R; ++q) t += xv[b][q] * ldw(w[q], j);
+      acc[b * len + j] += t;
+    }
+}
+
+// acc[b*len + (j - j0)] += sum_r vals[r*B + b] * WT[rows[r], j]  for j in [j0, j1): groups of 8 rows at
+// batch 1 (4 above: measured at batch 1 only, one thread, loaded: 8-row groups 2-9 % faster than 4,
+// docs/runtime.md), then one group of 4 and single rows for the rest.
 template <typename W, int B>
 void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const float* vals, int64_t nrows, int64_t j0,
                 int64_t j1, float* __restrict acc) {
+  constexpr int R = B == 1 ? 8 : 4;
   const int64_t len = j1 - j0;
   int64_t r = 0;
-  for (; r + 4 <= nrows; r += 4) {
-    const W* __restrict w0 = wt + static_cast<int64_t>(rows[r]) * n + j0;
-    const W* __restrict w1 = wt + static_cast<int64_t>(rows[r + 1]) * n + j0;
-    const W* __restrict w2 = wt + static_cast<int64_t>(rows[r + 2]) * n + j0;
-    const W* __restrict w3 = wt + static_cast<int64_t>(rows[r + 3]) * n + j0;
-    float xv[B][4];
-    for (int b = 0; b < B; ++b)
-      for (int q = 0; q < 4; ++q) xv[b][q] = vals[(r + q) * B + b];
-    // Skipped rows break the hardware prefetcher's stream at every kept row, so prefetch the next
-    // group's four rows at the same column offset while this group is processed (one line per row
-    // per 64-byte chunk), i.e. about one group ahead.
-    const bool pf = r + 8 <= nrows;
-    const W* p0 = pf ? wt + static_cast<int64_t>(rows[r + 4]) * n + j0 : w0;
-    const W* p1 = pf ? wt + static_cast<int64_t>(rows[r + 5]) * n + j0 : w1;
-    const W* p2 = pf ? wt + static_cast<int64_t>(rows[r + 6]) * n + j0 : w2;
-    const W* p3 = pf ? wt + static_cast<int64_t>(rows[r + 7]) * n + j0 : w3;
-    constexpr int64_t CH = 64 / sizeof(W);  // elements per cache line
-    int64_t c = 0;
-    for (; c + CH <= len; c += CH) {
-      if (pf) {
-        __builtin_prefetch(p0 + c, 0, 0);
-        __builtin_prefetch(p1 + c, 0, 0);
-        __builtin_prefetch(p2 + c, 0, 0);
-        __builtin_prefetch(p3 + c, 0, 0);
-      }
-#pragma omp simd
-      for (int64_t j = c; j < c + CH; ++j) {
-        const float a0 = ldw(w0, j), a1 = ldw(w1, j), a2 = ldw(w2, j), a3 = ldw(w3, j);
-        for (int b = 0; b < B; ++b)
-          acc[b * len + j] += xv[b][0] * a0 + xv[b][1] * a1 + xv[b][2] * a2 + xv[b][3] * a3;
-      }
-    }
-    for (int64_t j = c; j < len; ++j) {
-      const float a0 = ldw(w0, j), a1 = ldw(w1, j), a2 = ldw(w2, j), a3 = ldw(w3, j);
-      for (int b = 0; b < B; ++b)
-        acc[b * len + j] += xv[b][0] * a0 + xv[b][1] * a1 + xv[b][2] * a2 + xv[b][3] * a3;
+  for (; r + R <= nrows; r += R)
+    gemv_group<W, B, R>(wt, n, rows + r, r + 2 * R <= nrows ? rows + r + R : nullptr, vals + r * B, j0, len, acc);
+  if constexpr (R > 4) {
+    if (r + 4 <= nrows) {
+      gemv_group<W, B, 4>(wt, n, rows + r, nullptr, vals + r * B, j0, len, acc);
+      r += 4;
     }
   }
   for (; r < nrows; ++r) {

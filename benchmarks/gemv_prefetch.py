@@ -1,0 +1,143 @@
+"""The sparse bf16 GEMV (``sparse_gemv.cpp``) with each software-prefetch hint, against torch, one GEMV at batch 1.
+
+    python benchmarks/gemv_prefetch.py [--hints t0,nta,none] [--shapes 4096x11008,11008x4096]
+                                       [--sparsity 0,0.4] [--threads 1] [--clock thread] [--json FILE]
+                                       [--source LABEL=FILE ...]
+
+Builds the current ``sparse_gemv.cpp`` once per hint, each under its own op namespace: ``t0`` as it is (the
+next row group prefetched with ``__builtin_prefetch(p, 0, 3)``), ``nta`` with locality 0 (PREFETCHNTA: the
+kernel before the fix of docs/runtime.md "Why sitting D was slow"), ``none`` without the prefetch.  Then
+times ``topk_gemv`` at each sparsity and torch bf16 / fp32 ``F.linear`` on the row-major weight, all
+interleaved over enough weight copies (``--cache-mb``) that every call streams its weight from DRAM.
+``--source LABEL=FILE`` adds another version of ``sparse_gemv.cpp`` as it is (e.g. an older one from
+``git show REV:src/mmcompress/sparse/kernels/sparse_gemv.cpp > FILE``), timed in the same interleaving.
+
+``--clock thread`` (default) times the CPU time of the calling thread, which on a loaded shared machine
+ignores the time the thread was not running; it is meaningful with ``--threads 1`` only (OpenMP helpers'
+time is not counted).  ``--clock wall`` for idle machines and ``--threads 2``.  Prints median and best
+microseconds and GB/s of weight bytes read (kept rows only for the sparse kernel).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mmcompress.sparse.kernels import cpu
+
+PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
+
+
+def rename(src: str, label: str) -> str:
+    """The source with its ops registered under ``gemv_prefetch_<label>`` instead of ``mmcompress_sparse``."""
+    return src.replace("TORCH_LIBRARY(mmcompress_sparse,", f"TORCH_LIBRARY(gemv_prefetch_{label},").replace(
+        "TORCH_LIBRARY_IMPL(mmcompress_sparse,", f"TORCH_LIBRARY_IMPL(gemv_prefetch_{label},")
+
+
+def variant_source(hint: str) -> str:
+    src = cpu._SRC.read_text()
+    n = len(PREFETCH.findall(src))
+    if n != 1:
+        raise SystemExit(f"expected gemv_group's one T0 prefetch in {cpu._SRC}, found {n}")
+    if hint == "nta":
+        src = PREFETCH.sub(r"__builtin_prefetch(\1, 0, 0);", src)
+    elif hint == "none":
+        src = PREFETCH.sub(";", src)
+    elif hint != "t0":
+        raise SystemExit(f"unknown hint {hint!r}: t0, nta or none")
+    return rename(src, hint)
+
+
+def build(label: str, text: str):
+    ns = f"gemv_prefetch_{label}"
+    d = cpu.build_dir(ns)
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / f"{ns}.cpp"
+    if not src.exists() or src.read_text() != text:
+        src.write_text(text)
+    err = cpu.compile_and_load(cpu.extension_name(ns, src), src, lambda: getattr(torch.ops, ns).topk_gemv)
+    if err:
+        raise SystemExit(f"build of {label} failed: {err}")
+    return getattr(torch.ops, ns)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hints", default="t0,nta,none", help="comma-separated; empty: only the --source files")
+    ap.add_argument("--shapes", default="4096x11008,11008x4096", help="OUTxIN as nn.Linear.weight")
+    ap.add_argument("--sparsity", default="0,0.4")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
+    ap.add_argument("--cache-mb", type=float, default=1000.0)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE",
+                    help="another sparse_gemv.cpp, timed as it is (LABEL: letters, digits, _)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    ops = {h: build(h, variant_source(h)) for h in a.hints.split(",") if h}
+    for spec in a.source:
+        label, _, path = spec.partition("=")
+        if not re.fullmatch(r"\w+", label) or not path or label in ops:
+            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
+        with open(path) as f:
+            ops[label] = build(label, rename(f.read(), label))
+    res = {"clock": a.clock, "threads": a.threads, "loadavg_before": os.getloadavg(), "rows": []}
+    for shape in a.shapes.split(","):
+        out, inn = map(int, shape.lower().split("x"))
+        nbytes = out * inn * 2
+        ncopy = max(2, math.ceil(a.cache_mb * 1e6 / nbytes))
+        g = torch.Generator().manual_seed(0)
+        base = (torch.randn(out, inn, generator=g) * 0.02).bfloat16()
+        W = [base] + [base.clone() for _ in range(ncopy - 1)]
+        WT = [w.t().contiguous() for w in W]
+        W32 = [w.float() for w in W[: max(2, ncopy // 2)]]
+        x = torch.randn(1, inn, generator=g).bfloat16()
+        ref = F.linear(x.double(), base.double())
+        fns = {"torch_bf16": (lambda i: F.linear(x, W[i]), nbytes),
+               "torch_fp32": (lambda i: F.linear(x.float(), W32[i % len(W32)]), 2 * nbytes)}
+        for sp in map(float, a.sparsity.split(",")):
+            k = inn - round(sp * inn)
+            for h, o in ops.items():
+                fns[f"ours_{h}@{sp:g}"] = ((lambda o, k: lambda i: o.topk_gemv(x, WT[i], k))(o, k), nbytes * k // inn)
+        for h, o in ops.items():  # every variant computes the same dense GEMV
+            err = ((o.topk_gemv(x, WT[0], inn).double() - ref).abs().max() / ref.abs().max()).item()
+            if err > 1e-2:
+                raise SystemExit(f"{h}: relative error {err:.3g} against float64")
+        times = {n: [] for n in fns}
+        for f, _ in fns.values():
+            for i in range(ncopy):
+                f(i)
+        names = list(fns)
+        for r in range(a.repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            for i in range(ncopy):
+                for j, n in enumerate(order):
+                    t0 = clock()
+                    fns[n][0]((i + 3 * j) % ncopy)
+                    times[n].append(clock() - t0)
+        for n in names:
+            med, best = statistics.median(times[n]), min(times[n])
+            row = {"shape": shape, "path": n, "median_us": round(med * 1e6, 1), "best_us": round(best * 1e6, 1),
+                   "gb_s_median": round(fns[n][1] / med / 1e9, 2), "gb_s_best": round(fns[n][1] / best / 1e9, 2)}
+            res["rows"].append(row)
+            print(f"{shape:>11} {n:<16} median {row['median_us']:9.1f} us {row['gb_s_median']:6.2f} GB/s   "
+                  f"best {row['best_us']:9.1f} us {row['gb_s_best']:6.2f} GB/s", flush=True)
+        del W, WT, W32
+    res["loadavg_after"] = os.getloadavg()
+    print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s))")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
