@@ -1,8 +1,9 @@
 """Decode tokens/s of our engine next to llama.cpp's at the same bit width, interleaved in one sitting.
 
-    bash benchmarks/llamacpp_env.sh /tmp/llamacpp-venv          # ~6+ minutes: compiles llama.cpp
+    bash benchmarks/llamacpp_env.sh /tmp/llamacpp-venv          # ~6-12 minutes: compiles llama.cpp
     PYTHONPATH=src python benchmarks/llamacpp_compare.py ~/.cache/mmcompress/testbed/smollm2-135m \\
-        --llamacpp-venv /tmp/llamacpp-venv --work /tmp/lc-cmp --threads 2 --prompt 16 --tokens 64 --rounds 3
+        --llamacpp-venv /tmp/llamacpp-venv --work /tmp/lc-cmp --threads 2 --prompt 16 --tokens 64 --rounds 3 \\
+        --out /tmp/lc-cmp/result.json
 
 What it builds in ``--work`` (reused when present):
 
@@ -19,6 +20,11 @@ the integer runtime; the artifacts' LM head as ``--head``, default ``int8``: the
 copy of the fp32 head, as llama.cpp's files quantize theirs), llama.cpp in a subprocess of its venv (``llamacpp_run.py decode``, one repeat per
 call).  Reported per variant: best and median tok/s over the rounds, and the load average
 (``/proc/loadavg``) before each round.  The load matters: this machine is shared.
+
+The JSON (stdout, and ``--out``) also holds llama.cpp's system-info line (``AMX_INT8 = 1`` there means a
+build with ggml's AMX buffer type, which crashes on Q8_0/Q4_0 in 0.3.36: docs/runtime.md), the greedy
+token ids of each llama.cpp file's first run, and, for a llama.cpp variant whose process died, its error
+(that variant is then left out of the later rounds instead of ending the comparison).
 """
 
 import argparse
@@ -106,6 +112,9 @@ def main():
                          "always use their own)")
     ap.add_argument("--python-step", action="store_true",
                     help="also time each of ours on the engine's Python step (not the fused C++ step)")
+    ap.add_argument("--llamacpp-no-extra-bufts", action="store_true",
+                    help="load llama.cpp's files with use_extra_bufts=false (no Q4_0 repack, no AMX buffers)")
+    ap.add_argument("--out", type=Path, help="also write the JSON result to this file")
     a = ap.parse_args()
 
     import mmcompress
@@ -136,16 +145,27 @@ def main():
         keep = set(a.only.split(","))
         variants = [v for v in variants if v in keep]
 
-    def measure(v: str) -> float:
+    lc_info, lc_failed = {}, {}
+
+    def measure(v: str) -> float | None:
         if v.startswith("ours "):
             tm = {}
             engines[v[5:]].generate(ids, a.tokens, timings=tm)
             return len(tm["step_s"]) / sum(tm["step_s"])
-        out = subprocess.run([a.llamacpp_venv / "bin/python", HERE / "llamacpp_run.py", "decode", files["gguf"][v],
-                              "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--tokens", str(a.tokens),
-                              "--threads", str(a.threads), "--repeats", "1", "--ctx", str(n + 8)],
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])["tok_s"]
+        cmd = [a.llamacpp_venv / "bin/python", HERE / "llamacpp_run.py", "decode", files["gguf"][v],
+               "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--tokens", a.tokens,
+               "--threads", a.threads, "--repeats", 1, "--ctx", n + 8]
+        if a.llamacpp_no_extra_bufts:
+            cmd.append("--no-extra-bufts")
+        p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+        if p.returncode != 0:
+            lc_failed[v] = f"exit status {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:300]}"
+            print(f"  {v}: llama.cpp died ({lc_failed[v]}); left out of the later rounds", file=sys.stderr, flush=True)
+            return None
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        lc_info.setdefault("system_info", out.get("system_info"))
+        lc_info.setdefault("first_ids", {}).setdefault(v, out.get("text_ids"))
+        return out["tok_s"]
 
     for k, e in engines.items():  # warm-up: kernel builds, first-call dispatch
         e.generate(ids, 4)
@@ -155,18 +175,28 @@ def main():
         loads.append(loadavg())
         print(f"round {r + 1}/{a.rounds}, load average {loads[-1]}", file=sys.stderr, flush=True)
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-            res[v].append(measure(v))
+            if v in lc_failed or (t := measure(v)) is None:
+                continue
+            res[v].append(t)
             print(f"  {v:40s} {res[v][-1]:8.1f} tok/s", file=sys.stderr, flush=True)
     loads.append(loadavg())
-    summary = summarize(res)
+    summary = summarize({v: x for v, x in res.items() if x})
     print(f"\n{a.model.name}: {a.tokens} greedy tokens after {a.prompt}, {a.threads} threads, best of {a.rounds} "
           f"(median); load averages {loads}", file=sys.stderr)
     for v, s in summary.items():
         print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s", file=sys.stderr)
-    print(json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
+    for v, err in lc_failed.items():
+        print(f"  {v:40s} died: {err}", file=sys.stderr)
+    doc = json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
                       "rounds": a.rounds, "load_averages": loads, "torch": torch.__version__,
                       "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ours_fused_step": fused, "ours_head": heads,
-                      "results": summary}))
+                      "llamacpp_venv": str(a.llamacpp_venv), "llamacpp_extra_bufts": not a.llamacpp_no_extra_bufts,
+                      "llamacpp_system_info": lc_info.get("system_info"), "llamacpp_first_ids": lc_info.get("first_ids", {}),
+                      "llamacpp_failed": lc_failed, "results": summary})
+    print(doc)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(doc + "\n")
 
 
 if __name__ == "__main__":

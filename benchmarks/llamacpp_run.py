@@ -4,6 +4,9 @@ windows, or greedy decode speed.  Prints one JSON object.  Called by gguf_verify
     python llamacpp_run.py ppl MODEL.gguf IDS.json --threads 2
     python llamacpp_run.py decode MODEL.gguf --prompt-ids 1,2,3 --tokens 64 --threads 2 --repeats 3
     python llamacpp_run.py quantize IN.gguf OUT.gguf q4_0      (llama.cpp's llama-quantize, via its C API)
+
+``--no-extra-bufts`` loads the model with llama.cpp's ``use_extra_bufts = false`` (no AMX or repacked Q4_0
+weights: the plain CPU buffers); decode prints llama.cpp's system-info line with its result.
 """
 
 import argparse
@@ -26,7 +29,19 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--no-extra-bufts", action="store_true")
     a = ap.parse_args()
+    if a.no_extra_bufts:  # Llama() has no argument for it: patch the defaults it starts from
+        import llama_cpp.llama_cpp as C
+
+        default = C.llama_model_default_params
+
+        def no_extra():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        C.llama_model_default_params = no_extra
     if a.mode == "quantize":
         import ctypes
 
@@ -55,20 +70,31 @@ def main():
         return
     prompt = [int(t) for t in a.prompt_ids.split(",") if t]
     llm = Llama(model_path=a.model, n_ctx=a.ctx, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # llm.scores stays zero without logits_all: read the last row from llama.cpp
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
     best, prefill_best = 0.0, 0.0
     for _ in range(a.repeats):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
+        text_ids = [tok]
         for _ in range(a.tokens):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
+            text_ids.append(tok)
         t2 = time.perf_counter()
         best = max(best, a.tokens / (t2 - t1))
         prefill_best = max(prefill_best, len(prompt) / (t1 - t0))
-    print(json.dumps({"tok_s": best, "prefill_tok_s": prefill_best, "tokens": a.tokens, "prompt": len(prompt)}))
+    import llama_cpp
+
+    print(json.dumps({"tok_s": best, "prefill_tok_s": prefill_best, "tokens": a.tokens, "prompt": len(prompt),
+                      "extra_bufts": not a.no_extra_bufts, "text_ids": text_ids,
+                      "system_info": llama_cpp.llama_print_system_info().decode().strip()}))
 
 
 if __name__ == "__main__":
