@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, required=True, help="artifact, export and job files (reused)")
     ap.add_argument("--n", type=int, default=200, help="questions of image-qa-test (default all 200)")
     ap.add_argument("--out", type=Path, help="write summary + raw results here (JSON)")
+    ap.add_argument("--answers-only", action="store_true",
+                    help="our runtime: image prompts with its modality path, answers only (no text path, no prompt "
+                         "log-probs, no text prompts): a third of its work, for a busy CPU")
     args = ap.parse_args(argv)
 
     from mmcompress.eval.vqa import _first_per_type, load_vqa_set
@@ -58,7 +61,7 @@ def main(argv=None) -> None:
     items = load_vqa_set("image-qa-test")
     if args.n < len(items):
         items = _first_per_type(items, max(1, args.n // 4))
-    out = vqa_compare(art, export, items, args.work, py)
+    out = vqa_compare(art, export, items, args.work, py, full=not args.answers_only)
     section = json.loads((export / "config.json").read_text())["quantization_config"]["mmcompress_masquant"]
     out["summary"].update(quantize_options=VL_QUANTIZE, export_options=["--requantize"],
                           inexact_linears=len(section.get("inexact_linears", [])),

@@ -251,11 +251,12 @@ def run_vqa_vllm(py: str, export: Path, requests: list[dict], quantization: str 
 
 @torch.no_grad()
 def vqa_ours(art: Path, requests: list[dict], vllm_ids: list[list[int]], modalities: bool = True,
-             dtype=torch.float32) -> dict:
+             dtype=torch.float32, logprobs: bool = True) -> dict:
     """Our runtime (``mmcompress.load``, integer path) on the same requests: prompt log-probs and greedy
     answers (``generate``, at most :data:`VQA_MAX_TOKENS` tokens, stopping at end-of-sequence), the
     processor's output passed whole (M-RoPE needs ``mm_token_type_ids``).  ``modalities=False``: the text
-    path for every token (router off), what the plain export serves."""
+    path for every token (router off), what the plain export serves.  ``logprobs=False``: answers only (no
+    separate prompt forward)."""
     import time
 
     from PIL import Image
@@ -280,11 +281,12 @@ def vqa_ours(art: Path, requests: list[dict], vllm_ids: list[list[int]], modalit
         if enc["input_ids"][0].tolist() != ids:
             raise AssertionError(f"our processor and vLLM's expanded {r['prompt']!r} differently")
         with modality_context(None):
-            lp = torch.log_softmax(model(**enc).logits[0, :-1].float(), -1)
+            lp = torch.log_softmax(model(**enc).logits[0, :-1].float(), -1) if logprobs else None
             gen = model.generate(**enc, max_new_tokens=VQA_MAX_TOKENS, do_sample=False)
         new = gen[0, enc["input_ids"].shape[1]:].tolist()
-        results.append({"prompt_logprobs": lp.gather(-1, enc["input_ids"][0, 1:, None])[:, 0].tolist(),
-                        "greedy": new, "text": proc.tokenizer.decode(new, skip_special_tokens=True)})
+        lps = [] if lp is None else lp.gather(-1, enc["input_ids"][0, 1:, None])[:, 0].tolist()
+        results.append({"prompt_logprobs": lps, "greedy": new,
+                        "text": proc.tokenizer.decode(new, skip_special_tokens=True)})
     return {"results": results, "load_s": load_s, "run_s": time.perf_counter() - t0}
 
 
@@ -313,45 +315,53 @@ def vqa_accuracy(results: list[dict], items: list[dict]) -> float:
     return sum(ok) / len(ok)
 
 
-def vqa_compare(art: Path, export: Path, items: list[dict], root: Path, vllm_py: str) -> dict:
+def vqa_compare(art: Path, export: Path, items: list[dict], root: Path, vllm_py: str, full: bool = True) -> dict:
     """The whole comparison on ``items`` (see :func:`test_masquant_plugin_vl_mini_image_qa`): vLLM with the
     plugin and the plain export (float32, images as pixels through vLLM's own vision tower), our runtime with
-    and without its modality path; returns every run's results and the agreement summary."""
+    and without its modality path; returns every run's results and the agreement summary.  ``full=False``
+    (our runtime is the slow part on a busy CPU): our runtime answers the image prompts only, with its
+    modality path, without prompt log-probs (no text-path or log-prob comparisons with ours)."""
     n = len(items)
     reqs = vqa_requests(root, items)
     plugin = run_vqa_vllm(vllm_py, export, reqs, None, root / f"plugin-{n}")
     plain = run_vqa_vllm(vllm_py, export, reqs, "compressed-tensors", root / f"plain-{n}")
     ids = [r["prompt_token_ids"] for r in plugin["results"]]
     assert ids == [r["prompt_token_ids"] for r in plain["results"]]
-    ours = vqa_ours(art, reqs, ids)
-    ours_text = vqa_ours(art, reqs[:n], ids[:n], modalities=False)  # text prompts: no router anyway
+    ours = vqa_ours(art, reqs if full else reqs[:n], ids, logprobs=full)
+    # text prompts: no router anyway
+    ours_text = vqa_ours(art, reqs[:n], ids[:n], modalities=False) if full else None
     eos = json.loads((export / "generation_config.json").read_text()).get("eos_token_id")
     eos = set(eos) if isinstance(eos, list) else {eos}
     img, txt = slice(0, n), slice(n, 2 * n)
-    pr, pl, o, ot = plugin["results"], plain["results"], ours["results"], ours_text["results"]
+    pr, pl, o = plugin["results"], plain["results"], ours["results"]
+    ot = ours_text["results"] if full else None
     d_vllm = [p - q for x, y in zip(pr[img], pl[img]) for p, q in zip(x["prompt_logprobs"], y["prompt_logprobs"])]
-    d_ours = [p - q for x, y in zip(o[img], ot[img]) for p, q in zip(x["prompt_logprobs"], y["prompt_logprobs"])]
     summary = {
         "n_questions": n, "dtype": "float32", "images": "pixels (vLLM's Qwen2.5-VL vision tower)",
         "quantization": {"plugin": plugin["quantization"], "plain": plain["quantization"]},
         "kernels": plugin["kernels"], "cpu_int8_kernel": plugin["cpu_int8_kernel"], "plugin_counters": plugin["plugin"],
         "accuracy": {"vllm_plugin": vqa_accuracy(pr[img], items), "vllm_plain": vqa_accuracy(pl[img], items),
-                     "ours": vqa_accuracy(o[img], items), "ours_text_path": vqa_accuracy(ot[img], items)},
+                     "ours": vqa_accuracy(o[img], items)},
         "image_qa": {"plugin_vs_ours": vqa_agreement(pr[img], o[img], eos),
-                     "plain_vs_ours_text_path": vqa_agreement(pl[img], ot[img], eos),
-                     "plugin_vs_plain": vqa_agreement(pr[img], pl[img], eos),
-                     "ours_vs_ours_text_path": vqa_agreement(o[img], ot[img], eos)},
-        "modality_effect_image_prompts": {"vllm_max": max(map(abs, d_vllm)), "ours_max": max(map(abs, d_ours)),
-                                          "max_abs_difference": max(abs(a - b) for a, b in zip(d_vllm, d_ours))},
+                     "plugin_vs_plain": vqa_agreement(pr[img], pl[img], eos)},
+        "modality_effect_image_prompts": {"vllm_max": max(map(abs, d_vllm))},
         "text_prompts": {"plugin_vs_plain_bit_identical": all(
                              x["prompt_logprobs"] == y["prompt_logprobs"] and x["greedy"] == y["greedy"]
                              for x, y in zip(pr[txt], pl[txt])),
-                         "plugin_vs_plain": vqa_agreement(pr[txt], pl[txt], eos),
-                         "plugin_vs_ours": vqa_agreement(pr[txt], o[txt], eos)},
+                         "plugin_vs_plain": vqa_agreement(pr[txt], pl[txt], eos)},
         "seconds": {"vllm_plugin_load": plugin["load_s"], "vllm_plugin_run": plugin["run_s"],
                     "vllm_plain_load": plain["load_s"], "vllm_plain_run": plain["run_s"],
-                    "ours_load": ours["load_s"], "ours_run": ours["run_s"], "ours_text_path_run": ours_text["run_s"]},
+                    "ours_load": ours["load_s"], "ours_run": ours["run_s"]},
     }
+    if full:
+        d_ours = [p - q for x, y in zip(o[img], ot) for p, q in zip(x["prompt_logprobs"], y["prompt_logprobs"])]
+        summary["accuracy"]["ours_text_path"] = vqa_accuracy(ot, items)
+        summary["image_qa"].update(plain_vs_ours_text_path=vqa_agreement(pl[img], ot, eos),
+                                   ours_vs_ours_text_path=vqa_agreement(o[img], ot, eos))
+        summary["modality_effect_image_prompts"].update(
+            ours_max=max(map(abs, d_ours)), max_abs_difference=max(abs(a - b) for a, b in zip(d_vllm, d_ours)))
+        summary["text_prompts"]["plugin_vs_ours"] = vqa_agreement(pr[txt], o[txt], eos)
+        summary["seconds"]["ours_text_path_run"] = ours_text["run_s"]
     return {"summary": summary, "runs": {"plugin": plugin, "plain": plain, "ours": ours, "ours_text_path": ours_text}}
 
 
@@ -361,9 +371,11 @@ def test_masquant_plugin_vl_mini_image_qa(tmp_path, vllm_py):
     exported with ``--requantize``; 20 image-qa-test questions (5 per type), float32, images as pixels.
     Asserted: vLLM picks the plugin and takes the modality path; text-only prompts bit-identical to the plain
     export; image-QA answers of vLLM + plugin identical to our runtime's (token ids) for at least 19 of 20
-    and the plain export's to our text path's likewise (the export's o_proj is re-quantized after an inexact
-    fold, so neither side is our artifact bit for bit: the measured prompt gaps are printed); the modality
-    path changes vLLM's image-prompt log-probs as it changes ours.  Full set: benchmarks/vllm_plugin_real.py."""
+    and the plain export's to our text path's likewise (measured: 20/20 both); the modality path changes the
+    image-prompt log-probs in vLLM and in ours.  Not asserted per position: the export's o_proj is re-quantized
+    after an inexact fold (grouped-query attention), so vLLM serves a slightly different model than our
+    artifact on every path (measured prompt gaps 1.0 nats/position mean on the image prompts, plugin vs ours
+    and plain vs our text path alike; 0.16 on text).  Full set: benchmarks/vllm_plugin_real.py."""
     from mmcompress.eval.vqa import _first_per_type, load_vqa_set
 
     # MMCOMPRESS_VLLM_WORK: reuse the artifact and export there (quantizing vl-mini takes ~30 min on 2 busy cores)
