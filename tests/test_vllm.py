@@ -83,15 +83,23 @@ def run_vllm(py: str, export: Path, windows: list[list[int]], prompts: list[list
     """Run the runner on ``export``; returns its result plus ``kernels`` (vLLM's "Using ... Kernel" lines).
     ``throughput``: the runner's optional throughput job (``benchmarks/vllm_real.py``), measured in the same
     vLLM process after the agreement requests; ``env``: overrides of :func:`_env`."""
+    job = {"model": str(export), "windows": windows, "prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": dtype,
+           **({"throughput": throughput} if throughput else {})}
+    return run_job(py, RUNNER, job, export.parent / export.name, timeout=timeout, env=env)
+
+
+def run_job(py: str, runner: Path, job: dict, stem: Path, timeout=1200, env: dict | None = None) -> dict:
+    """Write ``job`` to ``stem.job.json``, run ``runner JOB RESULT`` with the vLLM python and :func:`_env`
+    (plus ``env``), and return ``stem.result.json`` plus ``kernels`` (vLLM's "Using/Selected ... for ..."
+    lines); a failure raises with the log's tail."""
     # not with_suffix: "qwen2.5-0.5b-w8a8-ct" would become "qwen2.5-0.job.json" for every qwen export
-    job, res = export.parent / f"{export.name}.job.json", export.parent / f"{export.name}.result.json"
-    job.write_text(json.dumps({"model": str(export), "windows": windows, "prompts": prompts, "max_tokens": MAX_TOKENS,
-                               "dtype": dtype, **({"throughput": throughput} if throughput else {})}))
-    p = subprocess.run([py, str(RUNNER), str(job), str(res)], capture_output=True, text=True,
+    job_path, res = stem.with_name(stem.name + ".job.json"), stem.with_name(stem.name + ".result.json")
+    job_path.write_text(json.dumps(job))
+    p = subprocess.run([py, str(runner), str(job_path), str(res)], capture_output=True, text=True,
                        env=dict(_env(), **(env or {})), timeout=timeout)
     log = p.stdout + p.stderr
     if p.returncode != 0:
-        raise AssertionError(f"vLLM failed on {export} (exit {p.returncode}):\n{log[-4000:]}")
+        raise AssertionError(f"vLLM failed on {job['model']} ({stem.name}, exit {p.returncode}):\n{log[-5000:]}")
     out = json.loads(res.read_text())
     out["kernels"] = sorted(set(re.findall(r"(?:Using|Selected) (\w+) for (\w+)", log)))
     return out

@@ -5,10 +5,13 @@
 ``JOB.json``: ``model`` (export directory), ``quantization`` (``null``: what vLLM/the plugin picks;
 ``"compressed-tensors"``: the plain export even with the mmcompress plugin installed), ``requests``
 (``{"prompt": text, "image": PNG path or null, "image_embeds": safetensors path or null}``; the
-latter holds ``image_embeds`` ``[tokens, hidden]`` and ``image_grid_thw`` ``[1, 3]``), ``max_tokens``, ``dtype``.  ``RESULT.json``: per
-request the expanded ``prompt_token_ids`` (image placeholders as vLLM's processor expanded them),
-``prompt_logprobs`` (log-prob of tokens 1..n-1) and ``greedy`` ids; ``quantization`` (the method vLLM
-used), ``plugin`` (the plugin's counters: layers wrapped, forwards that took the modality path).
+latter holds ``image_embeds`` ``[tokens, hidden]`` and ``image_grid_thw`` ``[1, 3]``), ``max_tokens``, ``dtype``;
+optional ``prompt_logprobs`` (default true), ``ignore_eos`` (default true: exactly ``max_tokens`` tokens;
+false: stop at the model's end-of-sequence token, as ``generate`` does), ``max_model_len`` (512).
+``RESULT.json``: per request the expanded ``prompt_token_ids`` (image placeholders as vLLM's processor
+expanded them), ``prompt_logprobs`` (log-prob of tokens 1..n-1; empty when not asked), ``greedy`` ids and
+their ``text``; ``quantization`` (the method vLLM used), ``plugin`` (the plugin's counters: layers wrapped,
+forwards that took the modality path), ``cpu_int8_kernel``, ``load_s`` / ``run_s``.
 Imports nothing from mmcompress except, when installed, the plugin's counters.
 """
 
@@ -54,13 +57,16 @@ def main(job_path: str, result_path: str) -> None:
             item["multi_modal_data"] = {"image": Image.open(r["image"]).convert("RGB")}
         inputs.append(item)
     t0 = time.perf_counter()
-    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, prompt_logprobs=0, ignore_eos=True)
+    want_lps = job.get("prompt_logprobs", True)
+    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, prompt_logprobs=0 if want_lps else None,
+                            ignore_eos=job.get("ignore_eos", True))
     outs = llm.generate(inputs, params, use_tqdm=False)
     results = []
     for o in outs:
         ids = list(o.prompt_token_ids)
-        lps = [o.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0]
-        results.append({"prompt_token_ids": ids, "prompt_logprobs": lps, "greedy": list(o.outputs[0].token_ids)})
+        lps = [o.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0] if want_lps else []
+        results.append({"prompt_token_ids": ids, "prompt_logprobs": lps, "greedy": list(o.outputs[0].token_ids),
+                        "text": o.outputs[0].text})
     try:
         from mmcompress.vllm_plugin._impl import _STATE
 
