@@ -85,7 +85,7 @@ def run_vllm(py: str, export: Path, windows: list[list[int]], prompts: list[list
     vLLM process after the agreement requests; ``env``: overrides of :func:`_env`."""
     job = {"model": str(export), "windows": windows, "prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": dtype,
            **({"throughput": throughput} if throughput else {})}
-    return run_job(py, RUNNER, job, export.parent / export.name, timeout=timeout, env=env)
+    return run_job(py, RUNNER, job, export, timeout=timeout, env=env)
 
 
 def run_job(py: str, runner: Path, job: dict, stem: Path, timeout=1200, env: dict | None = None) -> dict:
