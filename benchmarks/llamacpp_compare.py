@@ -18,7 +18,9 @@ Then, for ``--rounds`` rounds, every variant decodes ``--tokens`` greedy tokens 
 :class:`mmcompress.runtime.decode.DecodeEngine` (dense fp32 and bf16 from MODEL, and each artifact on
 the integer runtime; the artifacts' LM head as ``--head``, default ``int8``: the fused step's packed int8
 copy of the fp32 head, as llama.cpp's files quantize theirs), llama.cpp in a subprocess of its venv (``llamacpp_run.py decode``, one repeat per
-call).  Reported per variant: best and median tok/s over the rounds, and the load average
+call).  Reported per variant: best and median decode tok/s over the rounds (``results``), the same for
+the prompt's prefill (``prefill``: prompt tokens / prefill time; ``--prompt 512 --tokens 16`` gives issue
+22's prefill row), and the load average
 (``/proc/loadavg``) before each round.  The load matters: this machine is shared.
 
 The JSON (stdout, and ``--out``) also holds llama.cpp's system-info line (``AMX_INT8 = 1`` there means a
@@ -125,7 +127,9 @@ def main():
     files = build(a.model, a.work, a.llamacpp_venv)
     tok = load_tokenizer(a.model)
     text = "The history of the city begins in the early medieval period, when a small settlement grew around " * 4
+    text *= 1 + a.prompt // 64  # about 80 tokens per 4 repeats: enough for any --prompt (512 for the prefill row)
     ids = torch.tensor([tok(text).input_ids[: a.prompt]])
+    assert ids.shape[1] == a.prompt, f"the prompt text has only {ids.shape[1]} tokens"
     n = a.prompt + a.tokens
     ours = {"dense_fp32": load_hf_model(a.model, dtype=torch.float32),
             "dense_bf16": load_hf_model(a.model, dtype=torch.bfloat16)}
@@ -147,11 +151,12 @@ def main():
 
     lc_info, lc_failed = {}, {}
 
-    def measure(v: str) -> float | None:
+    def measure(v: str) -> tuple[float, float] | None:
+        """(decode tok/s, prefill tok/s of the prompt) of one run of variant ``v``."""
         if v.startswith("ours "):
             tm = {}
             engines[v[5:]].generate(ids, a.tokens, timings=tm)
-            return len(tm["step_s"]) / sum(tm["step_s"])
+            return len(tm["step_s"]) / sum(tm["step_s"]), a.prompt / tm["prefill_s"]
         cmd = [a.llamacpp_venv / "bin/python", HERE / "llamacpp_run.py", "decode", files["gguf"][v],
                "--prompt-ids", ",".join(map(str, ids[0].tolist())), "--tokens", a.tokens,
                "--threads", a.threads, "--repeats", 1, "--ctx", n + 8]
@@ -165,11 +170,12 @@ def main():
         out = json.loads(p.stdout.strip().splitlines()[-1])
         lc_info.setdefault("system_info", out.get("system_info"))
         lc_info.setdefault("first_ids", {}).setdefault(v, out.get("text_ids"))
-        return out["tok_s"]
+        return out["tok_s"], out["prefill_tok_s"]
 
     for k, e in engines.items():  # warm-up: kernel builds, first-call dispatch
         e.generate(ids, 4)
     res = {v: [] for v in variants}
+    pre = {v: [] for v in variants}
     loads = []
     for r in range(a.rounds):
         loads.append(loadavg())
@@ -177,14 +183,17 @@ def main():
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             if v in lc_failed or (t := measure(v)) is None:
                 continue
-            res[v].append(t)
-            print(f"  {v:40s} {res[v][-1]:8.1f} tok/s", file=sys.stderr, flush=True)
+            res[v].append(t[0])
+            pre[v].append(t[1])
+            print(f"  {v:40s} {t[0]:8.1f} tok/s (prefill {t[1]:.1f} tok/s)", file=sys.stderr, flush=True)
     loads.append(loadavg())
     summary = summarize({v: x for v, x in res.items() if x})
+    prefill = summarize({v: x for v, x in pre.items() if x})
     print(f"\n{a.model.name}: {a.tokens} greedy tokens after {a.prompt}, {a.threads} threads, best of {a.rounds} "
           f"(median); load averages {loads}", file=sys.stderr)
     for v, s in summary.items():
-        print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s", file=sys.stderr)
+        print(f"  {v:40s} {s['best_tok_s']:8.1f} ({s['median_tok_s']:.1f}) tok/s; prefill "
+              f"{prefill[v]['best_tok_s']:.1f} ({prefill[v]['median_tok_s']:.1f}) tok/s", file=sys.stderr)
     for v, err in lc_failed.items():
         print(f"  {v:40s} died: {err}", file=sys.stderr)
     doc = json.dumps({"model": str(a.model), "threads": a.threads, "prompt": a.prompt, "tokens": a.tokens,
@@ -192,7 +201,8 @@ def main():
                       "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "ours_fused_step": fused, "ours_head": heads,
                       "llamacpp_venv": str(a.llamacpp_venv), "llamacpp_extra_bufts": not a.llamacpp_no_extra_bufts,
                       "llamacpp_system_info": lc_info.get("system_info"), "llamacpp_first_ids": lc_info.get("first_ids", {}),
-                      "llamacpp_failed": lc_failed, "results": summary})
+                      "llamacpp_failed": lc_failed, "results": summary,
+                      "prefill": prefill})
     print(doc)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
