@@ -17,10 +17,13 @@
 //   y[b, n] = sum_g scale[n, g] * (sum_{k in g} x[b, k] * u[n, k] - zc[n, g] * sum_{k in g} x[b, k])
 //
 // int4 weights are unpacked in registers as [even k of a 64-block | odd k of the block], so the
-// activations are permuted the same way per 64-block once per call (cheap: B x K).
+// activations are permuted the same way per 64-block once per call (cheap: B x K); int8_act_gemm with
+// K and the group multiples of 128 takes 128 codes per step instead, per 128-block [even | odd]
+// (int4_group128: the odd codes as 16 u, summed in their own int32 accumulator and divided by 16 exactly).
 // Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel); when the group does
 // not divide K the last group is shorter (the quantizer's padding holds no codes here).  Any number of
-// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4.
+// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4;
+// int4 rows every other row (paired_rows), in tiles of 8 rows at one token.
 //
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
 
@@ -46,10 +49,7 @@ using mmcompress::share_work;  // share_work.h: units handed out to ATen's OpenM
 
 constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
 
-#ifndef MMC_RR
-#define MMC_RR 4
-#endif
-constexpr int R = MMC_RR;  // output rows per register tile
+constexpr int R = 4;  // output rows per register tile (paired_rows: 2 R at one token)
 
 template <int BITS>
 inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight bytes for k..k+63
@@ -228,33 +228,6 @@ struct GroupSums {
 
 // ---- int8 activations ---------------------------------------------------------------------------
 
-#ifndef MMC_PF_T0
-#define MMC_PF_T0 1
-#endif
-#ifndef MMC_PF_DIST
-#define MMC_PF_DIST 1
-#endif
-#ifndef MMC_PF_HINT
-#define MMC_PF_HINT _MM_HINT_T0
-#endif
-// the next row tile's rows (n0 + RR .. n0 + 2 RR - 1), prefetched at the column this tile is at, one line per
-// row per 64 bytes of codes: a new tile's RR row streams otherwise start cold (the hardware prefetcher
-// needs a few misses per stream, and a 4096-wide int4 row is only 2 KB); T0, never NTA (see
-// tests/test_kernels.py::test_cpu_kernels_use_no_non_temporal_prefetch)
-template <int RR>
-struct NextRows {
-  const uint8_t* p[RR];
-  bool on;
-  NextRows(const uint8_t* const* rows, int64_t wstride, int64_t n0, int64_t N, int64_t rs = 1)
-      : on(MMC_PF_T0 && n0 + (MMC_PF_DIST + 1) * RR * rs <= N) {
-    for (int r = 0; r < RR; ++r) p[r] = rows[r] + MMC_PF_DIST * RR * wstride;
-  }
-  void at(int64_t off) const {
-    if (on)
-      for (int r = 0; r < RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + off), MMC_PF_HINT);
-  }
-};
-
 // int4 codes, 128 per step: the 64 bytes of a row give (b & 0x0F) ^ 0x08 = u (the even k) and
 // (b & 0xF0) ^ 0x80 = 16 u (the odd k) in one ternary-logic op each (no shift, no 256-bit halves); the odd
 // lanes accumulate 16 x sum u x in their own int32 accumulator, exactly divided by 16 (an arithmetic
@@ -263,15 +236,14 @@ struct NextRows {
 inline bool w4_block128(int64_t K, int64_t gs) { return K % 128 == 0 && gs % 128 == 0; }
 
 template <int RR, int T>
-inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, const NextRows<RR>& nx, int64_t k0,
-                          int64_t k1, __m512i (&acc)[RR][T]) {
+inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, int64_t k0, int64_t k1,
+                          __m512i (&acc)[RR][T]) {
   const __m512i mlo = _mm512_set1_epi8(0x0F), olo = _mm512_set1_epi8(0x08);
   const __m512i mhi = _mm512_set1_epi8((char)0xF0), ohi = _mm512_set1_epi8((char)0x80);
   __m512i acc16[RR][T];
   for (int r = 0; r < RR; ++r)
     for (int t = 0; t < T; ++t) acc16[r][t] = _mm512_setzero_si512();
   for (int64_t k = k0; k < k1; k += 128) {
-    nx.at(k / 2);
     __m512i xe[T], xo[T];
     for (int t = 0; t < T; ++t) {
       xe[t] = _mm512_loadu_si512(xr[t] + k);
@@ -300,7 +272,6 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
   const int8_t* xr[T];
   for (int t = 0; t < T; ++t) xr[t] = xp + (b0 + t) * K;
-  const NextRows<RR> nx(rows, wstride * rs, n0, N, rs);
   const bool b128 = BITS == 4 && w4_block128(K, gs);
   GroupSums<RR, T> sums;  // grouped weights
   for (int64_t g = 0; g < G; ++g) {
@@ -309,10 +280,9 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
     if (b128) {
-      int4_group128<RR, T>(xr, rows, nx, k0, k1, acc);
+      int4_group128<RR, T>(xr, rows, k0, k1, acc);
     } else {
       for (int64_t k = k0; k < k1; k += 64) {
-        if (BITS == 8 || k % 128 == 0) nx.at(BITS == 8 ? k : k / 2);
         __m512i xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
         for (int r = 0; r < RR; ++r) {
@@ -465,7 +435,6 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
                int64_t N, int64_t rs = 1) {
   const uint8_t* rows[RR];
   for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
-  const NextRows<RR> nx(rows, wstride * rs, n0, N, rs);
   GroupSums<RR, T> sums;
   // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
   // 128 + u (| 0x4300) in one ternary-logic op
@@ -477,7 +446,6 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
       for (int t = 0; t < T; ++t)
         for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_ps();
     for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k += 128) {
-      nx.at(k / 2);
       __m512bh xv[4][T];
       for (int i = 0; i < 4; ++i)
         for (int t = 0; t < T; ++t)
