@@ -274,3 +274,51 @@ def test_bf16_activation_int4_kernel_is_exact_to_fp32_sums(group, sym):
     assert _rel_max(y, exact) <= TOL
     ref = q(x.float())  # the fp32 reference forward on the same inputs
     assert _rel_max(y, ref) <= TOL
+
+
+@pytest.mark.skipif(not kernels._cpu.available(), reason="needs the CPU integer kernel")
+@pytest.mark.parametrize("K,group,sym", [(384, 0, True), (384, 128, False), (320, 64, False), (384, 64, True)])
+def test_int4_kernel_row_walk_is_exact(K, group, sym):
+    """int8_act_gemm with int4 weights: at one token the rows are walked as ``paired_rows`` does (8-row
+    tiles of every other row, then 4-row pairs, 4-row tiles and single rows: N = 95 reaches every stage),
+    and with K and the group multiples of 128 the codes go 128 per step, the odd codes' sums (x 16) in
+    their own accumulator.  Every sum is an exact integer, so one token at a time must equal, bit for bit,
+    the three tokens at once (4-row tiles of 3 tokens), and the per-channel symmetric result must equal
+    the float64 formula s * (sum_k xq * q) * sx rounded to float32."""
+    from mmcompress.quant.quantizer import unpack_int4
+
+    scheme = QuantScheme(4, 8, group, sym)
+    q = _packed(95, K, scheme, bias=False)
+    codes, scale, zero = q.weight_codes, q.weight_scale.float().contiguous(), q.weight_zero.float().contiguous()
+    g = torch.Generator().manual_seed(1)
+    xq = torch.randint(-127, 128, (3, K), generator=g, dtype=torch.int8)
+    sx = torch.rand(3, generator=g) + 0.01
+    op = torch.ops.mmcompress_int.int8_act_gemm
+    y3 = op(xq, sx, codes, scale, zero, 4, group, sym)
+    y1 = torch.cat([op(xq[b:b + 1].contiguous(), sx[b:b + 1].contiguous(), codes, scale, zero, 4, group, sym)
+                    for b in range(3)])
+    assert torch.equal(y1, y3)
+    if group == 0 and sym:
+        d = xq.long() @ unpack_int4(codes, K).long().t()  # exact integer sums [3, 95]
+        exact = (scale.reshape(1, -1).double() * d.double() * sx.reshape(-1, 1).double()).float()
+        assert torch.equal(y1, exact)
+
+
+@pytest.mark.skipif(not kernels._cpu.bf16_available(), reason="needs the CPU kernel built with AVX512_BF16")
+@pytest.mark.parametrize("group,sym", [(128, False), (0, True)])
+def test_bf16_activation_int4_kernel_one_token_row_walk(group, sym):
+    """bf16_act_gemm at one token (``paired_rows``' 8-row tiles of every other row down to single rows;
+    N = 95) against float64 on the same inputs, and each token equal to its row of a 3-token call to
+    fp32 round-off (the 3-token tiles use one accumulator per output, one token two)."""
+    from mmcompress.quant.quantizer import dequantize_weight, unpack_int4
+
+    scheme = QuantScheme(4, 16, group, sym)
+    q = _packed(95, 512, scheme, bias=False)
+    x = (torch.randn(3, 512) * 2).bfloat16()
+    y1 = torch.cat([kernels.int_matmul(x[b:b + 1], q.weight_codes, q.weight_scale, q.weight_zero, scheme, 512)
+                    for b in range(3)])
+    y3 = kernels.int_matmul(x, q.weight_codes, q.weight_scale, q.weight_zero, scheme, 512)
+    w = dequantize_weight(unpack_int4(q.weight_codes, 512), q.weight_scale, q.weight_zero, 4, group, sym)
+    exact = x.double() @ w.double().t()
+    assert _rel_max(y1, exact) <= TOL
+    assert _rel_max(y1, y3) <= TOL

@@ -185,7 +185,8 @@ void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
     } else {
       quantize_rows<float>(xs, p.xq0.data(), &p.sx, 0, 1, K, qmax, static_cast<float>(P.qeps));
     }
-    permute_rows(p.xq0.data(), p.xq.data(), 1, K, l.bits == 4);
+    if (l.bits == 4) permute_int8_w4(p.xq0.data(), p.xq.data(), 1, K, gs);
+    else permute_rows(p.xq0.data(), p.xq.data(), 1, K, false);
     p.xsi.assign(G, 0);
     for (int64_t g = 0; g < G; ++g) {
       int32_t s = 0;
@@ -258,9 +259,10 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     if (l.bits == 8)
       tiles([&](int64_t r) { int_tile<8, 4, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { int_tile<8, 1, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
-    else
-      tiles([&](int64_t r) { int_tile<4, 4, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
-            [&](int64_t r) { int_tile<4, 1, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+    else  // int4: int_gemm.cpp's paired_rows walk, as int8_act_gemm at one token
+      paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {
+        int_tile<4, RR, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
+      });
   } else if (l.kind == 2) {
     if (l.bits == 8)
       tiles([&](int64_t r) { float_tile<8, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
@@ -270,8 +272,9 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
             [&](int64_t r) { float_tile<4, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
   } else {
 #ifdef __AVX512BF16__
-    tiles([&](int64_t r) { bf16_tile<4, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
-          [&](int64_t r) { bf16_tile<1, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+    paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {  // as bf16_act_gemm at one token
+      bf16_tile<RR, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
+    });
 #endif
   }
   for (int64_t r = 0; r < rows; ++r)

@@ -17,10 +17,13 @@
 //   y[b, n] = sum_g scale[n, g] * (sum_{k in g} x[b, k] * u[n, k] - zc[n, g] * sum_{k in g} x[b, k])
 //
 // int4 weights are unpacked in registers as [even k of a 64-block | odd k of the block], so the
-// activations are permuted the same way per 64-block once per call (cheap: B x K).
+// activations are permuted the same way per 64-block once per call (cheap: B x K); int8_act_gemm with
+// K and the group multiples of 128 takes 128 codes per step instead, per 128-block [even | odd]
+// (int4_group128: the odd codes as 16 u, summed in their own int32 accumulator and divided by 16 exactly).
 // Requirements (checked in Python): K % 64 == 0, group % 64 == 0 (or per channel); when the group does
 // not divide K the last group is shorter (the quantizer's padding holds no codes here).  Any number of
-// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4.
+// tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4;
+// int4 rows every other row (paired_rows), in tiles of 8 rows at one token.
 //
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
 
@@ -46,7 +49,7 @@ using mmcompress::share_work;  // share_work.h: units handed out to ATen's OpenM
 
 constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
 
-constexpr int R = 4;  // output rows per register tile
+constexpr int R = 4;  // output rows per register tile (paired_rows: 2 R at one token)
 
 template <int BITS>
 inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight bytes for k..k+63
@@ -101,25 +104,60 @@ void permute_rows(const X* x, X* out, int64_t B, int64_t K, bool int4) {
 // tile.template operator()<BITS, RR, T>(n0, b0) over every 4-row block (1-row blocks at the end) and
 // every token tile of up to 4 tokens; row blocks are shared by the threads in 64-row units.
 template <int BITS, int RR, typename F>
-void token_tiles(int64_t B, int64_t n0, const F& tile) {
+void token_tiles(int64_t B, int64_t n0, const F& tile, int64_t rs = 1) {
   int64_t b = 0;
-  for (; b + 4 <= B; b += 4) tile.template operator()<BITS, RR, 4>(n0, b);
+  for (; b + 4 <= B; b += 4) tile.template operator()<BITS, RR, 4>(n0, b, rs);
   switch (B - b) {
-    case 3: tile.template operator()<BITS, RR, 3>(n0, b); break;
-    case 2: tile.template operator()<BITS, RR, 2>(n0, b); break;
-    case 1: tile.template operator()<BITS, RR, 1>(n0, b); break;
+    case 3: tile.template operator()<BITS, RR, 3>(n0, b, rs); break;
+    case 2: tile.template operator()<BITS, RR, 2>(n0, b, rs); break;
+    case 1: tile.template operator()<BITS, RR, 1>(n0, b, rs); break;
     default: break;
   }
 }
 
-template <int BITS, typename F>
+// Rows [n0, end) of int4 weights at one token, walked as tile.template operator()<RR>(n, rs) on rows
+// n, n + rs, ..., n + (RR - 1) rs: blocks of 4 R rows as two tiles of 2 R rows of every other row
+// (n0, n0 + 2, ... and n0 + 1, n0 + 3, ...), then blocks of 2 R rows the same way in tiles of R, then
+// tiles of R and single rows.  Every other row: an int4 row of K = 4096 is 2 KB, so two consecutive
+// rows share a 4 KB page, and walking both side by side (offsets j * 64 and 2048 + j * 64, alternating)
+// defeats the hardware stream prefetcher (1.6x slower W4A16 GEMV at 11008 x 4096; docs/runtime.md
+// "The int4 kernels at decode").  The 2 R-row tiles at one token share each activation load over more rows.
+template <typename F>
+void paired_rows(int64_t n0, int64_t end, const F& tile) {
+  for (; n0 + 4 * R <= end; n0 += 4 * R) {
+    tile.template operator()<2 * R>(n0, 2);
+    tile.template operator()<2 * R>(n0 + 1, 2);
+  }
+  for (; n0 + 2 * R <= end; n0 += 2 * R) {
+    tile.template operator()<R>(n0, 2);
+    tile.template operator()<R>(n0 + 1, 2);
+  }
+  for (; n0 + R <= end; n0 += R) tile.template operator()<R>(n0, 1);
+  for (; n0 < end; ++n0) tile.template operator()<1>(n0, 1);
+}
+
+// PAIRS (int4 weights): one token through paired_rows; more tokens in blocks of 2 R rows walked as two
+// R-row tiles of every other row, like paired_rows' second stage
+template <int BITS, bool PAIRS = false, typename F>
 void run_tiles(int64_t B, int64_t N, const F& tile) {
   share_work((N + UNIT_ROWS - 1) / UNIT_ROWS, [&](int64_t u) {
-    for (int64_t n0 = u * UNIT_ROWS; n0 < std::min(N, (u + 1) * UNIT_ROWS); n0 += R) {
-      if (n0 + R <= N) {
+    const int64_t end = std::min(N, (u + 1) * UNIT_ROWS);
+    int64_t n0 = u * UNIT_ROWS;
+    if constexpr (PAIRS) {
+      if (B == 1) {
+        paired_rows(n0, end, [&]<int RR>(int64_t n, int64_t rs) { tile.template operator()<BITS, RR, 1>(n, 0, rs); });
+        return;
+      }
+      for (; n0 + 2 * R <= end; n0 += 2 * R) {
+        token_tiles<BITS, R>(B, n0, tile, 2);
+        token_tiles<BITS, R>(B, n0 + 1, tile, 2);
+      }
+    }
+    for (; n0 < end; n0 += R) {
+      if (n0 + R <= end) {
         token_tiles<BITS, R>(B, n0, tile);
       } else {
-        for (int64_t n = n0; n < N; ++n) token_tiles<BITS, 1>(B, n, tile);
+        for (int64_t n = n0; n < end; ++n) token_tiles<BITS, 1>(B, n, tile);
       }
     }
   });
@@ -161,10 +199,10 @@ struct GroupSums {
   }
   template <typename XS>
   void store(float* y, int64_t N, int64_t n0, int64_t b0, const float* scale, const float* zero, bool sym,
-             double zbase, double zsym, const XS* xsum, int64_t G, const float* sx = nullptr) const {
+             double zbase, double zsym, const XS* xsum, int64_t G, const float* sx = nullptr, int64_t rs = 1) const {
     for (int r = 0; r < RR; ++r) {
-      const float* s = scale + (n0 + r) * G;
-      const float* z = zero + (n0 + r) * G;
+      const float* s = scale + (n0 + r * rs) * G;
+      const float* z = zero + (n0 + r * rs) * G;
       for (int t = 0; t < T; ++t) {
         const XS* xs = xsum + (b0 + t) * G;
         __m512d c = _mm512_setzero_pd();
@@ -182,7 +220,7 @@ struct GroupSums {
         }
         double v = static_cast<double>(_mm512_reduce_add_ps(accf[r][t])) - _mm512_reduce_add_pd(c);
         if (sx != nullptr) v *= sx[b0 + t];
-        y[(b0 + t) * N + n0 + r] = static_cast<float>(v);
+        y[(b0 + t) * N + n0 + r * rs] = static_cast<float>(v);
       }
     }
   }
@@ -190,46 +228,101 @@ struct GroupSums {
 
 // ---- int8 activations ---------------------------------------------------------------------------
 
+// int4 codes, 128 per step: the 64 bytes of a row give (b & 0x0F) ^ 0x08 = u (the even k) and
+// (b & 0xF0) ^ 0x80 = 16 u (the odd k) in one ternary-logic op each (no shift, no 256-bit halves); the odd
+// lanes accumulate 16 x sum u x in their own int32 accumulator, exactly divided by 16 (an arithmetic
+// shift) when the group ends.  Activations in the order of w4_block128 (below).  No int32 overflow: a lane
+// adds at most 4 * 240 * 128 per step, so a group may hold up to 2^31 / 122880 * 128 > 2 million codes.
+inline bool w4_block128(int64_t K, int64_t gs) { return K % 128 == 0 && gs % 128 == 0; }
+
+template <int RR, int T>
+inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, int64_t k0, int64_t k1,
+                          __m512i (&acc)[RR][T]) {
+  const __m512i mlo = _mm512_set1_epi8(0x0F), olo = _mm512_set1_epi8(0x08);
+  const __m512i mhi = _mm512_set1_epi8((char)0xF0), ohi = _mm512_set1_epi8((char)0x80);
+  __m512i acc16[RR][T];
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) acc16[r][t] = _mm512_setzero_si512();
+  for (int64_t k = k0; k < k1; k += 128) {
+    __m512i xe[T], xo[T];
+    for (int t = 0; t < T; ++t) {
+      xe[t] = _mm512_loadu_si512(xr[t] + k);
+      xo[t] = _mm512_loadu_si512(xr[t] + k + 64);
+    }
+    for (int r = 0; r < RR; ++r) {
+      const __m512i b = _mm512_loadu_si512(rows[r] + k / 2);
+      const __m512i lo = _mm512_ternarylogic_epi32(b, mlo, olo, 0x6A);  // (b & m) ^ o
+      const __m512i hi = _mm512_ternarylogic_epi32(b, mhi, ohi, 0x6A);
+      for (int t = 0; t < T; ++t) {
+        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo, xe[t]);
+        acc16[r][t] = _mm512_dpbusd_epi32(acc16[r][t], hi, xo[t]);
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_srai_epi32(acc16[r][t], 4));
+}
+
 template <int BITS, int RR, int T>
 void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint8_t* w, int64_t wstride,
               const float* scale, const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G,
-              int64_t gs, float* y, int64_t N) {
+              int64_t gs, float* y, int64_t N, int64_t rs = 1) {
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
   const int8_t* xr[T];
   for (int t = 0; t < T; ++t) xr[t] = xp + (b0 + t) * K;
+  const bool b128 = BITS == 4 && w4_block128(K, gs);
   GroupSums<RR, T> sums;  // grouped weights
   for (int64_t g = 0; g < G; ++g) {
     __m512i acc[RR][T];
     for (int r = 0; r < RR; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
-    for (int64_t k = k0; k < k1; k += 64) {
-      __m512i xv[T];
-      for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
-      for (int r = 0; r < RR; ++r) {
-        __m512i wv = load_w_u8<BITS>(rows[r], k);
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
+    if (b128) {
+      int4_group128<RR, T>(xr, rows, k0, k1, acc);
+    } else {
+      for (int64_t k = k0; k < k1; k += 64) {
+        __m512i xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
+        for (int r = 0; r < RR; ++r) {
+          __m512i wv = load_w_u8<BITS>(rows[r], k);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
+        }
       }
     }
     if (G == 1) {  // per channel: one exact integer per output
       for (int r = 0; r < RR; ++r) {
-        const float s = scale[n0 + r];
-        const int32_t zc = sym ? OFF : static_cast<int32_t>(zero[n0 + r]);
+        const float s = scale[n0 + r * rs];
+        const int32_t zc = sym ? OFF : static_cast<int32_t>(zero[n0 + r * rs]);
         for (int t = 0; t < T; ++t) {
           int64_t d = static_cast<int64_t>(_mm512_reduce_add_epi32(acc[r][t])) - static_cast<int64_t>(zc) * xsum[b0 + t];
-          y[(b0 + t) * N + n0 + r] = static_cast<float>(static_cast<double>(s) * static_cast<double>(d) * sx[b0 + t]);
+          y[(b0 + t) * N + n0 + r * rs] = static_cast<float>(static_cast<double>(s) * static_cast<double>(d) * sx[b0 + t]);
         }
       }
       return;
     }
     for (int r = 0; r < RR; ++r) {
-      const float s = scale[(n0 + r) * G + g];
+      const float s = scale[(n0 + r * rs) * G + g];
       for (int t = 0; t < T; ++t) sums.add(r, t, _mm512_cvtepi32_ps(acc[r][t]), s);
     }
   }
-  sums.store(y, N, n0, b0, scale, zero, sym, 0.0, OFF, xsum, G, sx);
+  sums.store(y, N, n0, b0, scale, zero, sym, 0.0, OFF, xsum, G, sx, rs);
+}
+
+// int8_act_gemm's activation order for int4 weights: per 128-block [even k | odd k] (64 + 64) when
+// w4_block128(K, gs), else per 64-block [even k | odd k] (32 + 32), as permute_rows
+inline void permute_int8_w4(const int8_t* x, int8_t* out, int64_t B, int64_t K, int64_t gs) {
+  if (!w4_block128(K, gs)) {
+    permute_rows(x, out, B, K, true);
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < K; c += 128)
+      for (int i = 0; i < 64; ++i) {
+        out[b * K + c + i] = x[b * K + c + 2 * i];
+        out[b * K + c + 64 + i] = x[b * K + c + 2 * i + 1];
+      }
 }
 
 at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::Tensor& w, const at::Tensor& scale,
@@ -239,7 +332,8 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   const auto [B, K, N, G, gs] = check_args(xq, w, scale, zero, bits, group);
   Prep p;
   p.xp.resize(B * K);
-  permute_rows(xq.data_ptr<int8_t>(), p.xp.data(), B, K, bits == 4);
+  if (bits == 4) permute_int8_w4(xq.data_ptr<int8_t>(), p.xp.data(), B, K, gs);
+  else permute_rows(xq.data_ptr<int8_t>(), p.xp.data(), B, K, false);
   p.xsum.assign(B * G, 0);
   const int8_t* xd = xq.data_ptr<int8_t>();
   for (int64_t b = 0; b < B; ++b)
@@ -253,11 +347,11 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   const int64_t ws = w.size(1);
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(), *sxd = sx.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
-    int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
+    int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
   if (bits == 8) run_tiles<8>(B, N, tile);
-  else run_tiles<4>(B, N, tile);
+  else run_tiles<4, true>(B, N, tile);
   return y;
 }
 
@@ -314,7 +408,7 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t ws = w.size(1);
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t) {  // rs = 1 (no PAIRS)
     float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
   };
   if (bits == 8) run_tiles<8>(B, N, tile);
@@ -338,9 +432,9 @@ constexpr bool kHaveBf16 = true;
 template <int RR, int T>
 void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
                const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
-               int64_t N) {
+               int64_t N, int64_t rs = 1) {
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
   GroupSums<RR, T> sums;
   // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
   // 128 + u (| 0x4300) in one ternary-logic op
@@ -367,12 +461,12 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
       }
     }
     for (int r = 0; r < RR; ++r) {
-      const float sc = scale[(n0 + r) * G + g];
+      const float sc = scale[(n0 + r * rs) * G + g];
       for (int t = 0; t < T; ++t)
         sums.add(r, t, A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]), sc);
     }
   }
-  sums.store(y, N, n0, b0, scale, zero, sym, 128.0, 8.0, xsum, G);
+  sums.store(y, N, n0, b0, scale, zero, sym, 128.0, 8.0, xsum, G, nullptr, rs);
 }
 #else
 constexpr bool kHaveBf16 = false;
@@ -409,10 +503,10 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t ws = w.size(1);
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0) {
-    bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+  auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
+    bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
-  run_tiles<4>(B, N, tile);
+  run_tiles<4, true>(B, N, tile);
 #endif
   return y;
 }

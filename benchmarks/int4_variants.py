@@ -1,0 +1,147 @@
+"""The int4-weight CPU kernels of ``int_gemm.cpp`` (W4A8 ``int8_act_gemm``, W4A16 ``bf16_act_gemm``) in
+several versions side by side, one GEMV at batch 1 (docs/runtime.md "The int4 kernels at decode").
+
+    python benchmarks/int4_variants.py [--source LABEL=FILE ...] [--shapes 4096x11008,11008x4096]
+                                       [--batch 1] [--threads 1] [--clock thread] [--json FILE]
+
+``cur`` is the working tree's ``int_gemm.cpp``; each ``--source LABEL=FILE`` adds another version (e.g.
+``git show main:src/mmcompress/quant/kernels/int_gemm.cpp > /tmp/old.cpp``), each built under its own op
+namespace.  Per shape the W4A8 scheme (int4 per channel, symmetric) and the W4A16 scheme (int4, groups of
+128, asymmetric) of one random weight are packed once, copied until the copies exceed ``--cache-mb`` (every
+call streams its codes from DRAM), and every version is timed on the same calls, interleaved (the order
+reversed every other repeat).  Each version's output is checked against the working tree's first.
+
+``--clock thread`` (default) is the CPU time of the calling thread (robust to a loaded machine; meaningful
+with ``--threads 1`` only); ``--clock wall`` with ``--threads 2``.  Prints median and best microseconds and
+GB/s of codes read (N * K / 2 bytes; ``--kernels w8a8`` adds the int8 kernel for reference, N * K).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import time
+
+import torch
+
+from mmcompress.quant.kernels import cpu as qcpu
+from mmcompress.quant.quantizer import pack_int4, quantize_weight
+from mmcompress.sparse.kernels import cpu
+
+
+def build(label: str, text: str):
+    ns = f"int4_variants_{label}"
+    text = text.replace("TORCH_LIBRARY(mmcompress_int,", f"TORCH_LIBRARY({ns},").replace(
+        "TORCH_LIBRARY_IMPL(mmcompress_int,", f"TORCH_LIBRARY_IMPL({ns},")
+    d = cpu.build_dir(ns)
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / f"{ns}.cpp"
+    if not src.exists() or src.read_text() != text:
+        src.write_text(text)
+    err = cpu.compile_and_load(cpu.extension_name(ns, src), src, lambda: getattr(torch.ops, ns).int8_act_gemm)
+    if err:
+        raise SystemExit(f"build of {label} failed: {err}")
+    return getattr(torch.ops, ns)
+
+
+def packed(W: torch.Tensor, group: int, sym: bool):
+    c, s, z = quantize_weight(W, 4, group, sym)
+    G = s.numel() // W.shape[0]
+    return pack_int4(c).contiguous(), s.float().reshape(-1, G).contiguous(), z.float().reshape(-1, G).contiguous()
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE")
+    ap.add_argument("--no-cur", action="store_true", help="time only the --source files")
+    ap.add_argument("--shapes", default="4096x11008,11008x4096", help="OUTxIN as nn.Linear.weight")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--kernels", default="w4a8,w4a16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
+    ap.add_argument("--cache-mb", type=float, default=600.0)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    ops = {} if a.no_cur else {"cur": build("cur", qcpu._SRC.read_text())}
+    for spec in a.source:
+        label, _, path = spec.partition("=")
+        if not re.fullmatch(r"\w+", label) or not path or label in ops:
+            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
+        with open(path) as f:
+            ops[label] = build(label, f.read())
+    kernels = a.kernels.split(",")
+    res = {"clock": a.clock, "threads": a.threads, "batch": a.batch, "loadavg_before": os.getloadavg(), "rows": []}
+    for shape in a.shapes.split(","):
+        out, inn = map(int, shape.lower().split("x"))
+        nbytes = out * inn // 2
+        ncopy = max(2, math.ceil(a.cache_mb * 1e6 / nbytes / len(kernels)))
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(out, inn, generator=g) * 0.02
+        x = torch.randn(a.batch, inn, generator=g)
+        xq = torch.clamp(torch.round(x / (x.abs().amax(1, keepdim=True) / 127)), -127, 127).to(torch.int8)
+        sx = (x.abs().amax(1) / 127).float().contiguous()
+        xb = x.bfloat16()
+        fns = {}
+        for kern in kernels:
+            if kern == "w8a8":  # the int8 kernel, for reference (GB/s of its int8 codes: twice the bytes)
+                c, s, z = quantize_weight(W, 8, 0, True)
+                w, s, z = c.contiguous(), s.float().reshape(-1, 1).contiguous(), z.float().reshape(-1, 1).contiguous()
+                copies = [w] + [w.clone() for _ in range(ncopy - 1)]
+                mk = lambda o, copies=copies, s=s, z=z: lambda i: o.int8_act_gemm(xq, sx, copies[i], s, z, 8, 0, True)
+            elif kern == "w4a8":
+                w, s, z = packed(W, 0, True)
+                copies = [w] + [w.clone() for _ in range(ncopy - 1)]
+                mk = lambda o, copies=copies, s=s, z=z: lambda i: o.int8_act_gemm(xq, sx, copies[i], s, z, 4, 0, True)
+            elif kern == "w4a16":
+                w, s, z = packed(W, 128, False)
+                copies = [w] + [w.clone() for _ in range(ncopy - 1)]
+                mk = lambda o, copies=copies, s=s, z=z: lambda i: o.bf16_act_gemm(xb, copies[i], s, z, 4, 128, False)
+            else:
+                raise SystemExit(f"unknown kernel {kern!r}: w4a8 or w4a16")
+            ref = None
+            for label, o in ops.items():
+                f = mk(o)
+                y = f(0)
+                if ref is None:
+                    ref = y
+                elif not torch.equal(y, ref):
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                    print(f"note: {label} {kern} differs from {next(iter(ops))} by {err:.3g} (relative max)")
+                    if err > 1e-5:
+                        raise SystemExit(f"{label} {kern}: wrong result")
+                fns[f"{kern}_{label}"] = (f, ncopy, 2 * nbytes if kern == "w8a8" else nbytes)
+        times = {n: [] for n in fns}
+        names = list(fns)
+        for n in names:  # warm-up (and first-touch of the copies)
+            for i in range(fns[n][1]):
+                fns[n][0](i)
+        for r in range(a.repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            for i in range(ncopy):
+                for j, n in enumerate(order):
+                    t0 = clock()
+                    fns[n][0]((i + 3 * j) % fns[n][1])
+                    times[n].append(clock() - t0)
+        for n in names:
+            med, best = statistics.median(times[n]), min(times[n])
+            row = {"shape": shape, "path": n, "median_us": round(med * 1e6, 1), "best_us": round(best * 1e6, 1),
+                   "gb_s_median": round(fns[n][2] / med / 1e9, 2), "gb_s_best": round(fns[n][2] / best / 1e9, 2)}
+            res["rows"].append(row)
+            print(f"{shape:>11} {n:<18} median {row['median_us']:9.1f} us {row['gb_s_median']:6.2f} GB/s   "
+                  f"best {row['best_us']:9.1f} us {row['gb_s_best']:6.2f} GB/s", flush=True)
+    res["loadavg_after"] = os.getloadavg()
+    print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s), "
+          f"batch {a.batch})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
