@@ -72,3 +72,32 @@ def test_wina_greedy_in_one_walk_matches_the_staged_search(tokenizer, prefill):
                          {"method": "wina", "sparsity": 0.4, "plan": "greedy", "prefill": prefill}, samples)
     assert da == db
     _same_model(a, b)
+
+
+@pytest.mark.parametrize("method, plan", [("larosa", "grid"), ("larosa", "greedy"), ("wina", "greedy")])
+def test_streamed_search_holds_one_layer(tmp_path, calib_text, monkeypatch, method, plan):
+    """Streamed, the search chains run through decoder layer i while every other layer is on the meta
+    device (the one-layer memory bound of the walk); the head is read for the grid's losses only after
+    the last layer."""
+    from mmcompress.cli import main
+    from mmcompress.sparse import plan as plans
+
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "model", "llama", layers=3)
+    seen = []
+    real = plans.SearchChain.outputs
+
+    def spy(self, ctx):
+        layers = list(ctx.adapter.layers)
+        seen.append((ctx.index, [all(p.is_meta for p in other.parameters()) for k, other in enumerate(layers)
+                                 if k != ctx.index], any(p.is_meta for p in ctx.layer.parameters())))
+        return real(self, ctx)
+
+    monkeypatch.setattr(plans.SearchChain, "outputs", spy)
+    assert main(["sparsify", str(src), "--method", method, "--sparsity", "0.5", "--plan", plan, "--calib",
+                 str(calib_text), "--nsamples", "3", "--seqlen", "24", "--no-progress", "--stream",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert sorted({i for i, _, _ in seen}) == [0, 1, 2]
+    for i, others, current_meta in seen:
+        assert all(others) and not current_meta, i
