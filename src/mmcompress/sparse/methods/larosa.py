@@ -218,6 +218,12 @@ def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str =
         results.append((loss, r, p))
         if log:
             log(f"grid ratio_in={r:.2f}: calibration nll {loss:.4f}")
+    return grid_choice(results)
+
+
+def grid_choice(results) -> plans.SparsityPlan:
+    """The plan of the least finite loss in ``[(loss, ratio_in, plan), ...]`` (the first of equals), with
+    every candidate's loss in its description."""
     loss, r, best = min(results, key=lambda t: (t[0] if math.isfinite(t[0]) else float("inf")))
     best.kind = "grid"
     best.info.update({"grid": {f"{rr:.2f}": round(ll, 5) for ll, rr, _ in results}, "calibration_nll": round(loss, 5)})
@@ -329,15 +335,15 @@ class LaRoSALayers(Method):
         self.adapter = adapter
         self.shapes = plans.layer_shapes(adapter)
         self.plan = self.search = None
-        self.chains: dict[float, plans.SearchChain] = {}
+        self._chains: dict[float, plans.SearchChain] = {}
         if self.plan_kind == "grid":
-            self.candidates = {r: plans.exact(self.shapes, self.sparsity, ratio_in=r) for r in plans.GRID_RATIOS
+            self._candidates = {r: plans.exact(self.shapes, self.sparsity, ratio_in=r) for r in plans.GRID_RATIOS
                                if r * self.sparsity < plans.MAX_LEVEL}
-            self.chains = {r: plans.SearchChain(self.grid_samples) for r in self.candidates}
-            self.labels = [s["input_ids"] for s in list(samples or ())[: self.grid_samples]]
+            self._chains = {r: plans.SearchChain(self.grid_samples) for r in self._candidates}
+            self._labels = [s["input_ids"] for s in list(samples or ())[: self.grid_samples]]
         elif self.plan_kind == "greedy":
             self.search = TopKGreedy(self.sparsity)
-            self.chains = {0: plans.SearchChain(self.search.search_samples)}
+            self._chains = {0: plans.SearchChain(self.search.search_samples)}
         else:
             self.plan = build_plan(self.plan_kind, self.shapes, self.sparsity, ratio_in=self.ratio_in)
         self.dtype = adapter.embed_tokens.weight.dtype
@@ -389,13 +395,12 @@ class LaRoSALayers(Method):
             rotate_reference_layer(ctx.adapter, i, q)
         if i == 0:  # the search chains start from the inputs of the rotated model
             self._world, self._start = world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
-            for chain in self.chains.values():
-                chain.start(ctx, self.first_inputs(ctx.inputs[: self.grid_samples if self.search is None
-                                                               else self.search.search_samples]))
+            for chain in self._chains.values():
+                chain.start(ctx, self.first_inputs(ctx.inputs[: chain.wanted]))
         if self.plan_kind == "grid":
-            for r, candidate in self.candidates.items():  # K = the last candidate's until finalize() picks
+            for r, candidate in self._candidates.items():  # K = the last candidate's until finalize() picks
                 apply_topk_layer(ctx.adapter, i, candidate, self.prefill)
-                self.chains[r].advance(ctx, self.chains[r].outputs(ctx))
+                self._chains[r].advance(ctx, self._chains[r].outputs(ctx))
         elif self.plan_kind == "greedy":
             self._greedy(ctx)
         else:
@@ -403,7 +408,7 @@ class LaRoSALayers(Method):
 
     def _greedy(self, ctx) -> None:
         """This layer's greedy levels on the chain through the rotated dense layers (as :func:`greedy_plan`)."""
-        i, chain = ctx.index, self.chains[0]
+        i, chain = ctx.index, self._chains[0]
         apply_topk_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, every token
         dense = chain.outputs(ctx)
         self.search.search(replace(ctx, fp_inputs=chain.x, fp_outputs=dense), chain.here, chain.total)
@@ -428,19 +433,13 @@ class LaRoSALayers(Method):
             self.plan = plans.per_projection(self.shapes, self.search.levels, "greedy", self.sparsity,
                                              greedy={"delta": round(self.search.delta, 6),
                                                      "search_samples": self.search.search_samples})
-        self.chains = {}
+        self._chains = {}
 
     def _pick(self, model, adapter) -> plans.SparsityPlan:
         """The grid candidate with the least calibration NLL (as :func:`grid_search`: the first of equals)."""
-        results = []
         with readable_head(model, adapter):
-            for r, candidate in self.candidates.items():
-                results.append((head_nll(adapter, self.chains[r], self.labels, self._world, self._start), r, candidate))
-        loss, r, best = min(results, key=lambda t: (t[0] if math.isfinite(t[0]) else float("inf")))
-        best.kind = "grid"
-        best.info.update({"grid": {f"{rr:.2f}": round(ll, 5) for ll, rr, _ in results},
-                          "calibration_nll": round(loss, 5)})
-        return best
+            return grid_choice([(head_nll(adapter, self._chains[r], self._labels, self._world, self._start), r, c)
+                                for r, c in self._candidates.items()])
 
     def description(self) -> dict:
         return _description(self.mode, self.basis, self.prefill, self.tokens, self.column_scale, self.plan)
