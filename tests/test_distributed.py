@@ -3,7 +3,7 @@
 Launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (marked ``dist``:
 about two minutes together on 2 idle cores, run by .ci/run with ``pytest -m dist``): the CLI, streamed as in
 one process (RTN and SmoothQuant W8A8, float32 and bf16 with tied embeddings, a WINA + SmoothQuant recipe,
-and ``--in-memory``: the artifact must be byte-identical, rank 0 alone writes and prints) and
+LaRoSA's grid and greedy plans and WINA's greedy plan, and ``--in-memory``: the artifact must be byte-identical, rank 0 alone writes and prints) and
 tests/_dist_methods.py (RTN, SmoothQuant, AWQ, MBQ, MASQuant text-only and
 with image tokens, LaRoSA).  Both sides run with one thread per process, so that per-sample kernels
 are the same.
@@ -51,11 +51,13 @@ class one_thread:
         torch.set_num_threads(self.n)
 
 
+SEARCHES = ("larosa-grid", "larosa-greedy", "wina-greedy")  # plan searches in the walk (tests/test_sparse_search.py)
 RECIPE = "steps:\n  - sparsify: {method: wina, sparsity: 0.4}\n  - quantize: {method: smoothquant, scheme: w8a8}\n"
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["rtn", "smoothquant", "smoothquant-bf16-tied", "compress", "in-memory"])
+@pytest.mark.parametrize("case", ["rtn", "smoothquant", "smoothquant-bf16-tied", "compress", "in-memory",
+                                  "larosa-grid", "larosa-greedy", "wina-greedy"])
 def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     """``torchrun --nproc-per-node 2 mmcompress quantize|compress``: streamed like one process (every rank reads
     each layer from the shards, no notice), the samples split 3 + 2, rank 0 alone writes and prints, and the
@@ -69,6 +71,10 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     if case == "compress":
         (tmp_path / "r.yaml").write_text(RECIPE)
         command = ["compress", str(model), "--recipe", str(tmp_path / "r.yaml")]
+    elif case in SEARCHES:  # the search samples (4 of 5) split 3 + 1: the losses/errors gathered over the ranks
+        method, plan = case.split("-")
+        command = ["sparsify", str(model), "--method", method, "--sparsity", "0.5", "--plan", plan]
+        calib_text = _diverse_text(tmp_path)
     else:
         method = "rtn" if case == "rtn" else "smoothquant"
         command = ["quantize", str(model), "--method", method, "--scheme", "w8a8"]
@@ -83,7 +89,8 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, r.stdout  # printed once, by rank 0
     two = json.loads(lines[0])
-    assert r.stderr.count("quantized " if command[0] == "quantize" else "compressed ") == 1, r.stderr
+    done = {"quantize": "quantized ", "compress": "compressed ", "sparsify": "sparsified "}[command[0]]
+    assert r.stderr.count(done) == 1, r.stderr
     assert "notice:" not in r.stderr, r.stderr  # streamed on every rank (or --in-memory, as asked)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["rank_tokens"] == [5 * 32]
@@ -99,6 +106,19 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
             a, b = (_timeless(json.loads(x)) for x in (a, b))
         assert a == b, name
     assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # rank 0's checkpoint directory is gone
+
+
+def _diverse_text(tmp_path):
+    """Text of random tokens: calib_text's 16 words give LaRoSA's layer-0 moment H a rank below the width,
+    whose PCA basis is then not unique (a sum in another order picks another one, as on one process with
+    other samples); here H has full rank, and the 2-rank basis is the 1-rank one, bit for bit."""
+    from .tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = torch.randint(10, len(tok) - 10, (4000,), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "diverse.txt"
+    path.write_text(tok.decode(ids))
+    return path
 
 
 def _timeless(obj):

@@ -106,7 +106,7 @@ def test_recipe_is_one_walk_with_the_step_by_step_result(tokenizer, monkeypatch,
 
 
 def test_staged_plans_run_apart_and_adapters_quantize_in_the_walk(tokenizer, monkeypatch):
-    """LaRoSA's grid plan needs whole-model forwards: it runs alone, the quantization walk after it;
+    """LaRoSA's grid plan sets its K after its walk: it walks alone, the quantization walk after it;
     ``adapters: w8a16`` quantizes each layer's residual adapter in the same walk, after its output pass."""
     import mmcompress.engine as engine
     from mmcompress.sparse.joint import quantize_residual_adapters
@@ -129,5 +129,5 @@ def test_staged_plans_run_apart_and_adapters_quantize_in_the_walk(tokenizer, mon
     apply_recipe(grid, calib, parse_recipe({"steps": [{"sparsify": {"method": "larosa", "sparsity": 0.4, "plan": "grid"}},
                                                       {"quantize": {"method": "rtn", "scheme": "w8a8"}}]}), progress=False)
     walks = grid._mmcompress_description["walks"]
-    assert [w["steps"] for w in walks] == [[1], [2]] and walks[0]["walk"] == "staged"
-    assert len(captures) == 2  # the rotation walk of the staged step, then the quantization walk
+    assert [w["steps"] for w in walks] == [[1], [2]] and walks[0]["walk"] == "one layer-by-layer walk"
+    assert len(captures) == 2  # the grid's walk (K set after it), then the quantization walk

@@ -87,6 +87,10 @@ def _manifest(path):
     ["sparsify", "--method", "teal", "--sparsity", "0.4"],
     ["sparsify", "--method", "cats", "--sparsity", "0.3"],
     ["sparsify", "--method", "wina", "--sparsity", "0.4"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--plan", "grid"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--plan", "greedy", "--prefill", "last_half"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--plan", "grid", "--mode", "reference"],
+    ["sparsify", "--method", "wina", "--sparsity", "0.4", "--plan", "greedy"],
     ["compress", "--recipe", "larosa-sq"],
     ["compress", "--recipe", "teal-rtn"],
 ])

@@ -369,6 +369,9 @@ class Method:
     # in one pass per layer.  Such a run cannot be resumed (a replay would rebuild another chain).
     observe_then_change = False
     data_free = False  # step() reads no activations (no inputs, no observers): a Sequence keeps no chain for it
+    # The layers it writes are final but for settings fixed in finalize() from what the whole walk saw
+    # (LaRoSA's grid plan: the layers' K, in their module specs): no later step may share its walk.
+    chooses_at_end = False
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -485,6 +488,9 @@ class Sequence(_Steps):
 
     def __init__(self, *methods: Method):
         super().__init__(*methods)
+        early = [m.name for m in methods[:-1] if m.chooses_at_end]
+        if early:
+            raise ValueError(f"{early[0]} fixes its layers after the walk; the steps after it need a walk of their own")
         last = methods[-1]
         self.observe_then_change = last.observe_then_change
         n = len(methods)

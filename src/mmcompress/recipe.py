@@ -109,10 +109,10 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
     every step in order, each seeing what a walk of its own over the previous steps' model would give it
     (so the artifact is the one the steps would make one after another).  Passes per layer: see
     :class:`~mmcompress.engine.Sequence` (LaRoSA then RTN: two, LaRoSA then SmoothQuant: three).  A step
-    that needs the whole model ends the walk before it and runs apart: LaRoSA's ``grid`` (calibration-loss
-    forwards) and ``greedy`` plans, LaRoSA merged with ``basis: both`` (layer l's residual adapter needs
-    the basis of layer l+1, fitted to that layer's MLP input too), WINA's greedy plan, and MBQ with
-    gradient-probed loss weights on multimodal data (its probe must see the sparse model).
+    that needs the whole model ends the walk before it and runs apart: LaRoSA merged with ``basis: both``
+    (layer l's residual adapter needs the basis of layer l+1, fitted to that layer's MLP input too) and
+    MBQ with gradient-probed loss weights on multimodal data (its probe must see the sparse model).
+    LaRoSA's ``grid`` plan picks its K after its walk (``chooses_at_end``): the steps after it walk again.
     ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one).
     """
     import time
@@ -152,6 +152,8 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
             walks.append([])
         else:
             walks[-1].extend((n, p) for p in parts)
+            if walk.chooses_at_end:  # its layers' K is set after the walk: the next steps walk again
+                walks.append([])
     streamed = getattr(model, "_mmcompress_stream", None) is not None
     if streamed and staged:
         raise ValueError(f"{made[min(staged)][1].name} with these options needs the whole model in memory")

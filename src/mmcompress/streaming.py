@@ -21,8 +21,8 @@ artifact has the same bytes as the in-memory path's.  ``sparsify`` and ``compres
 merged mode folds its rotations into the embedding and head after the walk, reading them from the
 checkpoint then (:meth:`LayerStream.materialize`; a tied head is saved under its own name,
 :meth:`LayerStream.untie`).  Not streamed: methods that need the whole model before the layer walk
-(gradient probes of ``--loss-weights auto`` on multimodal data), sparsity plans that search over the
-whole model (LaRoSA grid/greedy, WINA greedy).  Under ``torchrun`` every rank streams the layers from the
+(gradient probes of ``--loss-weights auto`` on multimodal data, LaRoSA merged with ``basis="both"``).
+The sparsity plan searches (LaRoSA grid/greedy, WINA/TEAL greedy) run in the walk and stream.  Under ``torchrun`` every rank streams the layers from the
 checkpoint itself (no weights are sent between ranks) and only rank 0 writes them
 (:func:`mmcompress.cli.common.write_artifact`).
 """

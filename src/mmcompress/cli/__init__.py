@@ -374,8 +374,12 @@ def _recipe_not_streamable(steps, adapter) -> str | None:
 
     for n, step in enumerate(steps, 1):
         opts = {k: v for k, v in step.items() if k not in ("kind", "method", "scheme", "adapters")}
-        if step["kind"] == "sparsify" and make_sparse_method(step["method"], **opts).layer_method() is None:
+        walk = make_sparse_method(step["method"], **opts).layer_method() if step["kind"] == "sparsify" else None
+        if step["kind"] == "sparsify" and walk is None:
             return f"recipe step {n} ({step['method']} with these options) needs whole-model passes"
+        if walk is not None and walk.chooses_at_end and n < len(steps):
+            return (f"recipe step {n} ({step['method']} with these options) sets its layers' K after its walk, "
+                    "so the steps after it walk the model again")
         if step["kind"] == "quantize" and whole_model_prepare(
                 make_method(step["method"], resolve_scheme(step.get("scheme", "w8a8")), **opts), adapter):
             return f"recipe step {n} ({step['method']} with loss_weights auto) probes gradients through the whole model"

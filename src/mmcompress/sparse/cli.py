@@ -64,8 +64,8 @@ def cmd_sparsify(args) -> dict:
     out = Path(args.output)
     walk = make_sparse_method(args.method, **options).layer_method()
     model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
-                           "these options need whole-model passes (LaRoSA grid/greedy plans or merged --basis "
-                           "both, WINA greedy)")
+                           "these options need a rotation walk over the whole model first (LaRoSA merged --basis "
+                           "both)")
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,

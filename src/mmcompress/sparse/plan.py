@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from ..models.adapters import projection_name  # the adapter's names of the readers (plans.projection_name)
 from .merge import inner_layer
 from .topk import check_level, keep_count
@@ -209,13 +211,54 @@ def greedy_levels(masses: dict[str, int], target: float, delta: float, error, ap
     return levels, last
 
 
-def layer_tail_error(ctx, n: int, tail: float) -> float:
+def layer_tail_error(ctx, n: int, tail: float, total: int | None = None) -> float:
     """``Σ_j ‖Y_j − Y_j^dense‖²`` over the last ``tail`` fraction of each sample's tokens, the layer run
-    on its dense inputs (TEAL's greedy objective, without its norm over the sequence axis)."""
-    err = 0.0
+    on its dense inputs (TEAL's greedy objective, without its norm over the sequence axis); ``j`` over
+    the first ``n`` samples of ``ctx.fp_inputs``.  Under ``torchrun`` (``total``: the search samples of all
+    ranks, this rank's ``n`` the first of its block) the per-sample terms are gathered and added in the
+    order of the samples, so every rank gets the one-process sum, bit for bit."""
+    errs = []
     for j in range(n):
         y = ctx.run(j, ctx.fp_inputs[j]).float()
         ref = ctx.fp_outputs[j].to(y.device).float()
         keep = max(1, int(round(tail * y.shape[-2])))
-        err += (y[..., -keep:, :] - ref[..., -keep:, :]).pow(2).sum().item()
+        errs.append((y[..., -keep:, :] - ref[..., -keep:, :]).pow(2).sum().item())
+    if ctx.world.size > 1:
+        start = ctx.sample_ids.start if ctx.sample_ids is not None else 0
+        errs = ctx.world.gather_rows(torch.tensor(errs, dtype=torch.float64),
+                                     torch.arange(start, start + n), total).tolist()
+    err = 0.0
+    for e in errs:
+        err += e
     return err
+
+
+def search_count(ctx, wanted: int) -> tuple[int, int]:
+    """``(here, total)``: of the first ``wanted`` calibration samples (a search's, over all ranks), how
+    many this rank holds (the first ``here`` of its block) and how many there are in all."""
+    total = min(wanted, ctx.n_samples)
+    ids = ctx.sample_ids if ctx.sample_ids is not None else range(len(ctx.inputs))
+    return max(0, min(total, ids.stop) - ids.start), total
+
+
+class SearchChain:
+    """The first calibration samples (a plan search's, ``wanted`` over all ranks; this rank's share) carried
+    through the layers as the method leaves them before the search picks their levels: a side chain of
+    the walk, so a search over the transformed model (rotated, orthogonalised) runs in the same one walk
+    as the transform.  ``x``: this layer's inputs; :meth:`outputs` runs them through ``ctx.layer`` as it is
+    now; :meth:`advance` makes outputs the next layer's inputs."""
+
+    def __init__(self, wanted: int):
+        self.wanted, self.x, self.here, self.total = int(wanted), None, 0, 0
+
+    def start(self, ctx, inputs) -> None:
+        """At the first layer: ``inputs`` are this rank's first-layer inputs (as the transformed model gets them)."""
+        self.here, self.total = search_count(ctx, self.wanted)
+        self.x = list(inputs[: self.here])
+
+    @torch.no_grad()
+    def outputs(self, ctx) -> list[torch.Tensor]:
+        return [ctx.run(j, x).to("cpu") for j, x in enumerate(self.x)]
+
+    def advance(self, ctx, outputs) -> None:
+        self.x = [ctx.captured.after_layer(j, ctx.index, o) for j, o in enumerate(outputs)]

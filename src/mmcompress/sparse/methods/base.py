@@ -53,7 +53,7 @@ class SparseMethod:
         """This method as an engine method (:class:`mmcompress.engine.Method`) that sparsifies the model in
         one layer-by-layer walk, alone or as a step of a recipe's walk (:class:`mmcompress.engine.Sequence`),
         with a ``description()`` once the walk is done; ``None`` where the options need whole-model stages
-        (:meth:`apply_staged`: LaRoSA's grid and greedy plans, WINA's greedy plan)."""
+        (:meth:`apply_staged`: LaRoSA merged with ``basis="both"``)."""
         return None
 
     def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:

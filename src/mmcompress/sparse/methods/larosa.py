@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -84,6 +85,51 @@ def calibration_nll(model, samples, max_samples: int = 4) -> float:
     return nll / max(n, 1)
 
 
+@contextmanager
+def readable_head(model, adapter):
+    """The final norm and the head of a streamed model read from its checkpoint for the block (put back
+    on the meta device after it; the merged mode's, already read and changed, stay as they are)."""
+    stream = getattr(model, "_mmcompress_stream", None)
+    mods = [adapter.final_norm, adapter.lm_head]
+    saved = [(m, n, p) for m in mods for n, p in m._parameters.items() if p is not None and p.is_meta]
+    if stream is not None and saved:
+        for m in mods:
+            stream.materialize(model, m)
+    try:
+        yield
+    finally:
+        for m, n, p in saved:
+            m._parameters[n] = p
+
+
+@torch.no_grad()
+def head_nll(adapter, chain: plans.SearchChain, labels, world, start: int) -> float:
+    """Mean next-token NLL of the samples whose last hidden states are ``chain.x`` (this rank's, global
+    indices from ``start``; ``labels``: every rank's ``input_ids``): final norm, head (and the model's final
+    logit soft-capping, if any), as the model's forward computes its logits; the per-sample sums are
+    added in sample order over all ranks (:func:`calibration_nll`'s sum, bit for bit)."""
+    sums = []
+    cap = getattr(adapter.text_config, "final_logit_softcapping", None)
+    head, norm = adapter.lm_head, adapter.final_norm
+    for j, h in enumerate(chain.x):
+        ids = labels[start + j]
+        dev = head.weight.device
+        logits = head(norm(h.to(dev)))
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:].to(dev), reduction="sum")
+        sums.append(float(loss))
+    if world.size > 1:
+        sums = world.gather_rows(torch.tensor(sums, dtype=torch.float64), torch.arange(start, start + len(sums)),
+                                 chain.total).tolist()
+    nll, n = 0.0, 0
+    for j, loss in enumerate(sums):
+        nll += loss
+        n += labels[j].shape[1] - 1
+    return nll / max(n, 1)
+
+
 def build_plan(kind: str, shapes, sparsity: float, *, ratio_in: float = 0.8):
     if kind == "uniform":
         return plans.uniform(shapes, sparsity)
@@ -106,10 +152,14 @@ class TopKGreedy(Method):
         _, self.delta = plans.greedy_moves(self.sparsity, step)
         self.levels: list[dict[str, float]] = []
 
-    @torch.no_grad()
     def step(self, ctx) -> None:
+        self.search(ctx, *plans.search_count(ctx, self.search_samples))
+
+    @torch.no_grad()
+    def search(self, ctx, n: int, total: int) -> None:
+        """Pick this layer's levels on the first ``n`` samples of ``ctx.fp_inputs`` (``total`` over all ranks)
+        against ``ctx.fp_outputs``, and leave them installed (the readers' ``keep``)."""
         layer, adapter = inner_layer(ctx.layer), ctx.adapter
-        n = min(self.search_samples, len(ctx.fp_inputs))
         readers, masses, dims, act_of = {}, {}, {}, {}
         for g in adapter.groups:
             act = plans.GROUP_ACTIVATION[g.name]
@@ -125,7 +175,7 @@ class TopKGreedy(Method):
                     m.keep = k
 
         levels, _ = plans.greedy_levels(masses, self.sparsity, self.delta,
-                                        lambda: plans.layer_tail_error(ctx, n, self.tail), apply,
+                                        lambda: plans.layer_tail_error(ctx, n, self.tail, total), apply,
                                         snap=lambda act, lv: plans.achieved_level(dims[act], lv))
         self.levels.append({p: levels[act] for p, act in act_of.items()})
         ctx.info["larosa_greedy"] = {a: round(v, 4) for a, v in levels.items()}
@@ -139,14 +189,19 @@ def greedy_plan(model, adapter, shapes, sparsity: float, samples, prefill: str =
     run_layerwise(model, adapter, method, samples, device=device, progress=progress)
     chosen = plans.per_projection(shapes, method.levels, "greedy", sparsity,
                                   greedy={"delta": round(method.delta, 6), "search_samples": search_samples})
-    for i, layer in enumerate(adapter.layers):  # the requested prefill policy (the search sparsified every token)
-        layer = inner_layer(layer)
-        for g in adapter.layer_groups(i):
-            for path in g.readers:
-                mod = layer.get_submodule(path)
-                if prefill != "all":
-                    layer.set_submodule(path, make_sparse_linear(mod, mod.selector, prefill))
+    if prefill != "all":  # the requested prefill policy (the search sparsified every token)
+        for i in range(len(adapter.layers)):
+            _set_prefill(adapter, i, prefill)
     return chosen
+
+
+def _set_prefill(adapter, i: int, prefill: str) -> None:
+    """Rebuild decoder layer ``i``'s readers with the prefill policy ``prefill``, keeping their selectors."""
+    layer = inner_layer(adapter.layers[i])
+    for g in adapter.layer_groups(i):
+        for path in g.readers:
+            mod = layer.get_submodule(path)
+            layer.set_submodule(path, make_sparse_linear(mod, mod.selector, prefill))
 
 
 def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str = "all", ratios=plans.GRID_RATIOS,
@@ -163,6 +218,12 @@ def grid_search(model, adapter, shapes, sparsity: float, samples, prefill: str =
         results.append((loss, r, p))
         if log:
             log(f"grid ratio_in={r:.2f}: calibration nll {loss:.4f}")
+    return grid_choice(results)
+
+
+def grid_choice(results) -> plans.SparsityPlan:
+    """The plan of the least finite loss in ``[(loss, ratio_in, plan), ...]`` (the first of equals), with
+    every candidate's loss in its description."""
     loss, r, best = min(results, key=lambda t: (t[0] if math.isfinite(t[0]) else float("inf")))
     best.kind = "grid"
     best.info.update({"grid": {f"{rr:.2f}": round(ll, 5) for ll, rr, _ in results}, "calibration_nll": round(loss, 5)})
@@ -186,9 +247,10 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
            prefill: str = "all", basis: str = "attn", ratio_in: float = 0.8, device="cpu", progress=True,
            grid_samples: int = 4, rotations=None, column_scale: bool = False) -> dict:
     """Apply LaRoSA in place, in stages over the whole model (rotation walk, merge, plan); returns a
-    description (mode, plan, achieved model-level sparsity).  The ``grid`` and ``greedy`` plans need
-    these stages (whole-model forwards; a search walk over the rotated model); the others run in one walk
-    as :class:`LaRoSALayers`, with the same result.
+    description (mode, plan, achieved model-level sparsity).  The ``grid`` plan runs whole-model forwards
+    of the merged model, ``greedy`` a search walk over it.  Every plan runs in one walk as
+    :class:`LaRoSALayers` with the same result (tests/test_sparse_search.py), one layer in memory; these
+    stages remain for merged mode with ``basis="both"`` and for given ``rotations``.
 
     ``column_scale`` (merged mode only; ours): Top-K ranks rotated coordinates by |x̃_i|·‖W'_{:,i}‖
     (see :mod:`..merge`)."""
@@ -222,40 +284,68 @@ def _description(mode, basis, prefill, tokens, column_scale, chosen) -> dict:
 
 
 class LaRoSALayers(Method):
-    """LaRoSA with the ``exact`` or ``uniform`` plan as an engine method, one pass per layer: the
-    observers accumulate ``H_l`` on the pass of the unchanged layer (the dense chain, as
-    :func:`..rotation.calibrate_rotations`), then :meth:`observed` rotates the layer and installs its
-    Top-K (``observe_then_change``).
+    """LaRoSA as an engine method, one pass per layer: the observers accumulate ``H_l`` on the pass of
+    the unchanged layer (the dense chain, as :func:`..rotation.calibrate_rotations`), then
+    :meth:`observed` rotates the layer and installs its Top-K (``observe_then_change``).
 
     Mode M's residual adapter after layer ``l`` needs ``Q_{l+1}`` before layer ``l`` is written:
     ``H_{l+1} = Σ RMS(r)ᵀRMS(r)`` of the next layer's input ``r`` is this layer's output, so the same
     pass observes it (and layer ``l+1`` reuses it; ``basis="both"`` would also need layer ``l+1``'s MLP
     input, hence a separate rotation walk: :func:`larosa`).  The first layer's inputs of the merged model
     are ``x Q_1`` (:meth:`first_inputs`); the embedding, the towers' output projections and the head are
-    folded after the walk (:meth:`finalize`, :func:`..merge.merge_outside`)."""
+    folded after the walk (:meth:`finalize`, :func:`..merge.merge_outside`).
+
+    Plans, all in this one walk (:func:`larosa` runs the same searches in stages over the whole model,
+    with the same result):
+
+    * ``exact``, ``uniform``: K from the weights' shapes alone (:mod:`..plan`).
+    * ``grid`` (the paper's Algorithm 1, our reconstruction): candidates ``exact`` at input-side ratios
+      ``r ∈ GRID_RATIOS``; the first ``grid_samples`` samples go through the rotated layers once per
+      candidate (``G`` side chains, :class:`..plan.SearchChain`), and after the last layer the head gives
+      each its calibration NLL ``−(1/N) Σ_t log p(x_{t+1} | x_{≤t})``; the candidate with the least wins.
+      A layer's tensors do not depend on K (K lives in its module spec), so the layers are written as
+      they are done and K is set on the finished modules in :meth:`finalize`, before the specs are saved.
+    * ``greedy`` (TEAL's block-wise greedy search over the four Top-K levels, :class:`TopKGreedy`): each
+      layer's levels are chosen on the first samples' chain through the rotated dense layers (K = D)
+      before the layer is written."""
 
     name = "larosa"
     observe_then_change = True
-    distributed = True  # H_l and the token count are summed over the ranks when a layer is done
+    distributed = True  # H_l, the token count, the grid's losses and the greedy errors are combined over the ranks
 
     def __init__(self, sparsity: float, *, plan: str = "exact", mode: str = "merged", prefill: str = "all",
-                 basis: str = "attn", ratio_in: float = 0.8, column_scale: bool = False, damping: float = 0.01):
-        if plan not in ("exact", "uniform"):
-            raise ValueError(f"the {plan} plan runs in stages (larosa()), not in one walk")
+                 basis: str = "attn", ratio_in: float = 0.8, column_scale: bool = False, damping: float = 0.01,
+                 grid_samples: int = 4):
+        if plan not in ("exact", "uniform", "grid", "greedy"):
+            raise ValueError(f"unknown plan {plan!r}; choose exact, uniform, grid or greedy")
         if mode == "merged" and basis != "attn":
             raise ValueError("merged mode with basis='both' needs a rotation walk first (larosa())")
         self.sparsity, self.plan_kind, self.mode, self.prefill = float(sparsity), plan, mode, prefill
         self.basis, self.ratio_in, self.column_scale, self.damping = basis, ratio_in, column_scale, damping
+        self.grid_samples = int(grid_samples)
+        self.chooses_at_end = plan == "grid"  # K is known after the last layer (see Method.chooses_at_end)
 
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "plan": self.plan_kind, "mode": self.mode,
                 "prefill": self.prefill, "basis": self.basis, "ratio_in": self.ratio_in,
-                "column_scale": self.column_scale}
+                "column_scale": self.column_scale, "grid_samples": self.grid_samples}
 
     def prepare(self, model, adapter, samples=None) -> None:
         _check(adapter, self.mode, self.prefill, self.column_scale)
         self.adapter = adapter
-        self.plan = build_plan(self.plan_kind, plans.layer_shapes(adapter), self.sparsity, ratio_in=self.ratio_in)
+        self.shapes = plans.layer_shapes(adapter)
+        self.plan = self.search = None
+        self._chains: dict[float, plans.SearchChain] = {}
+        if self.plan_kind == "grid":
+            self._candidates = {r: plans.exact(self.shapes, self.sparsity, ratio_in=r) for r in plans.GRID_RATIOS
+                               if r * self.sparsity < plans.MAX_LEVEL}
+            self._chains = {r: plans.SearchChain(self.grid_samples) for r in self._candidates}
+            self._labels = [s["input_ids"] for s in list(samples or ())[: self.grid_samples]]
+        elif self.plan_kind == "greedy":
+            self.search = TopKGreedy(self.sparsity)
+            self._chains = {0: plans.SearchChain(self.search.search_samples)}
+        else:
+            self.plan = build_plan(self.plan_kind, self.shapes, self.sparsity, ratio_in=self.ratio_in)
         self.dtype = adapter.embed_tokens.weight.dtype
         self.q_first = self.q_last = None
         self._next = None  # H of the next layer's input (merged mode)
@@ -303,7 +393,28 @@ class LaRoSALayers(Method):
             ctx.layer = merge_layer(ctx.adapter, i, q, q_next, column_scale=self.column_scale)
         else:
             rotate_reference_layer(ctx.adapter, i, q)
-        apply_topk_layer(ctx.adapter, i, self.plan, self.prefill)
+        if i == 0:  # the search chains start from the inputs of the rotated model
+            self._world, self._start = world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
+            for chain in self._chains.values():
+                chain.start(ctx, self.first_inputs(ctx.inputs[: chain.wanted]))
+        if self.plan_kind == "grid":
+            for r, candidate in self._candidates.items():  # K = the last candidate's until finalize() picks
+                apply_topk_layer(ctx.adapter, i, candidate, self.prefill)
+                self._chains[r].advance(ctx, self._chains[r].outputs(ctx))
+        elif self.plan_kind == "greedy":
+            self._greedy(ctx)
+        else:
+            apply_topk_layer(ctx.adapter, i, self.plan, self.prefill)
+
+    def _greedy(self, ctx) -> None:
+        """This layer's greedy levels on the chain through the rotated dense layers (as :func:`greedy_plan`)."""
+        i, chain = ctx.index, self._chains[0]
+        apply_topk_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, every token
+        dense = chain.outputs(ctx)
+        self.search.search(replace(ctx, fp_inputs=chain.x, fp_outputs=dense), chain.here, chain.total)
+        if self.prefill != "all":  # the requested prefill policy (the search sparsified every token)
+            _set_prefill(ctx.adapter, i, self.prefill)
+        chain.advance(ctx, dense)
 
     def first_inputs(self, inputs):
         if self.mode != "merged":
@@ -313,6 +424,22 @@ class LaRoSALayers(Method):
     def finalize(self, model, adapter) -> None:
         if self.mode == "merged":
             merge_outside(model, adapter, self.q_first, self.q_last)
+        if self.plan_kind == "grid":
+            self.plan = self._pick(model, adapter)
+            for i in range(len(adapter.layers)):  # the finished layers' K (their modules' specs)
+                for _, _, mod, k in plan_readers(adapter, i, self.plan):
+                    mod.keep = k
+        elif self.plan_kind == "greedy":
+            self.plan = plans.per_projection(self.shapes, self.search.levels, "greedy", self.sparsity,
+                                             greedy={"delta": round(self.search.delta, 6),
+                                                     "search_samples": self.search.search_samples})
+        self._chains = {}
+
+    def _pick(self, model, adapter) -> plans.SparsityPlan:
+        """The grid candidate with the least calibration NLL (as :func:`grid_search`: the first of equals)."""
+        with readable_head(model, adapter):
+            return grid_choice([(head_nll(adapter, self._chains[r], self._labels, self._world, self._start), r, c)
+                                for r, c in self._candidates.items()])
 
     def description(self) -> dict:
         return _description(self.mode, self.basis, self.prefill, self.tokens, self.column_scale, self.plan)
@@ -345,9 +472,9 @@ class LaRoSA(SparseMethod):
 
     def layer_method(self) -> LaRoSALayers | None:
         o = self.kwargs()
-        if o["plan"] not in ("exact", "uniform") or (o["mode"] == "merged" and o["basis"] != "attn"):
-            return None  # whole-model stages: larosa()
-        return LaRoSALayers(self.sparsity, **{k: v for k, v in o.items() if k != "grid_samples"})
+        if o["mode"] == "merged" and o["basis"] != "attn":
+            return None  # a rotation walk first: larosa()
+        return LaRoSALayers(self.sparsity, **o)
 
     def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())

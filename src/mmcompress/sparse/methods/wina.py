@@ -25,7 +25,7 @@ h1–h4 of a layer; the published code searches seven per-matrix levels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -156,27 +156,65 @@ def _uniform(shapes, sparsity: float) -> plans.SparsityPlan:
 
 
 class WinaLayers(Method):
-    """WINA's uniform plan as an engine method: each layer's step orthogonalises its block inputs and
-    installs its Top-K, from the weights alone (``data_free``: a recipe keeps no chain for it)."""
+    """WINA as an engine method, one layer at a time: each layer's step orthogonalises its block inputs
+    and installs its Top-K.  The uniform plan needs the weights alone (``data_free``: a recipe keeps no
+    chain for it).  The greedy plan (:class:`.larosa.TopKGreedy`) picks each layer's levels on the first
+    ``search_samples`` samples' chain through the orthogonalised dense layers (K = D; a side chain of the
+    walk, :class:`..plan.SearchChain`) before the layer is written, as :func:`wina` does over the whole
+    orthogonalised model, with the same result."""
 
     name = "wina"
-    data_free = True
-    distributed = True  # nothing is gathered
+    distributed = True  # the greedy errors are gathered over the ranks (plan.layer_tail_error)
 
-    def __init__(self, sparsity: float, prefill: str = "all", transform: bool = True):
+    def __init__(self, sparsity: float, prefill: str = "all", transform: bool = True, plan: str = "uniform",
+                 step: float = 0.02, search_samples: int = 4):
         self.sparsity, self.prefill, self.transform = float(sparsity), prefill, bool(transform)
+        self.plan_kind, self.step_size, self.search_samples = plan, float(step), int(search_samples)
+        self.data_free = plan == "uniform"
+
+    @property
+    def resumable(self) -> bool:
+        return self.plan_kind == "uniform"  # the greedy search chain is not checkpointed
 
     def config(self) -> dict:
-        return {"method": self.name, "sparsity": self.sparsity, "prefill": self.prefill, "transform": self.transform}
+        return {"method": self.name, "sparsity": self.sparsity, "prefill": self.prefill, "transform": self.transform,
+                **({"plan": self.plan_kind, "step": self.step_size, "search_samples": self.search_samples}
+                   if self.plan_kind != "uniform" else {})}
 
     def prepare(self, model, adapter, samples=None) -> None:
-        _check(adapter, "uniform", self.prefill)
-        self.plan = _uniform(plans.layer_shapes(adapter), self.sparsity)
+        _check(adapter, self.plan_kind, self.prefill)
+        self.shapes = plans.layer_shapes(adapter)
+        if self.plan_kind == "uniform":
+            self.plan = _uniform(self.shapes, self.sparsity)
+        else:
+            self.search = TopKGreedy(self.sparsity, step=self.step_size, search_samples=self.search_samples)
+            self.chain = plans.SearchChain(self.search_samples)
 
     def step(self, ctx) -> None:
+        i = ctx.index
         if self.transform:
-            orthogonalize_layer(ctx.adapter, ctx.index)
-        apply_plan_layer(ctx.adapter, ctx.index, self.plan, self.prefill)
+            orthogonalize_layer(ctx.adapter, i)
+        if self.plan_kind == "uniform":
+            apply_plan_layer(ctx.adapter, i, self.plan, self.prefill)
+            return
+        apply_plan_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, every token
+        if i == 0:
+            self.chain.start(ctx, ctx.inputs)
+        dense = self.chain.outputs(ctx)
+        self.search.search(replace(ctx, fp_inputs=self.chain.x, fp_outputs=dense), self.chain.here, self.chain.total)
+        self.plan = self._chosen()
+        apply_plan_layer(ctx.adapter, i, self.plan, self.prefill)
+        self.chain.advance(ctx, dense)
+
+    def _chosen(self) -> plans.SparsityPlan:
+        """The greedy levels chosen so far (layers not reached yet: level 0)."""
+        levels = self.search.levels + [{}] * (len(self.shapes) - len(self.search.levels))
+        return plans.per_projection(self.shapes, levels, "greedy", self.sparsity,
+                                    greedy={"delta": round(self.search.delta, 6), "search_samples": self.search_samples})
+
+    def finalize(self, model, adapter) -> None:
+        if self.plan_kind != "uniform":
+            self.chain = None
 
     def description(self) -> dict:
         return {"method": "wina", "transform": self.transform, "prefill": self.prefill, **self.plan.summary()}
@@ -185,8 +223,8 @@ class WinaLayers(Method):
 def wina(model, adapter, samples, sparsity: float, *, plan: str = "uniform", prefill: str = "all",
          transform: bool = True, device="cpu", progress=True, step: float = 0.02, search_samples: int = 4) -> dict:
     """Apply WINA in place over the whole model (the greedy plan's search walk runs on the orthogonalised
-    model); returns a description (plan, achieved model-level sparsity).  The uniform plan runs layer by
-    layer as :class:`WinaLayers`, with the same result."""
+    model); returns a description (plan, achieved model-level sparsity).  Both plans run layer by layer as
+    :class:`WinaLayers` (what :class:`WINA` uses), with the same result (tests/test_sparse_search.py)."""
     _check(adapter, plan, prefill)
     if transform:
         orthogonalize_block_inputs(adapter)
@@ -221,11 +259,7 @@ class WINA(SparseMethod):
     rotating = True
     Options = WINAOptions
 
-    def layer_method(self) -> WinaLayers | None:
+    def layer_method(self) -> WinaLayers:
         o = self.options
-        if o.plan != "uniform":
-            return None  # the greedy search walks the orthogonalised model: wina()
-        return WinaLayers(self.sparsity, prefill=o.prefill, transform=o.transform)
-
-    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return wina(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
+        return WinaLayers(self.sparsity, prefill=o.prefill, transform=o.transform, plan=o.plan, step=o.step,
+                          search_samples=o.search_samples)
