@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernel_variants import build_variant
 from mmcompress.sparse.kernels import cpu
 
 PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
@@ -55,16 +56,7 @@ def variant_source(hint: str) -> str:
 
 
 def build(label: str, text: str):
-    ns = f"gemv_prefetch_{label}"
-    d = cpu.build_dir(ns)
-    d.mkdir(parents=True, exist_ok=True)
-    src = d / f"{ns}.cpp"
-    if not src.exists() or src.read_text() != text:
-        src.write_text(text)
-    err = cpu.compile_and_load(cpu.extension_name(ns, src), src, lambda: getattr(torch.ops, ns).topk_gemv)
-    if err:
-        raise SystemExit(f"build of {label} failed: {err}")
-    return getattr(torch.ops, ns)
+    return build_variant(f"gemv_prefetch_{label}", text, "topk_gemv")
 
 
 @torch.no_grad()

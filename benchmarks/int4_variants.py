@@ -28,22 +28,14 @@ import torch
 
 from mmcompress.quant.kernels import cpu as qcpu
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
-from mmcompress.sparse.kernels import cpu
+from kernel_variants import build_variant
 
 
 def build(label: str, text: str):
     ns = f"int4_variants_{label}"
     text = text.replace("TORCH_LIBRARY(mmcompress_int,", f"TORCH_LIBRARY({ns},").replace(
         "TORCH_LIBRARY_IMPL(mmcompress_int,", f"TORCH_LIBRARY_IMPL({ns},")
-    d = cpu.build_dir(ns)
-    d.mkdir(parents=True, exist_ok=True)
-    src = d / f"{ns}.cpp"
-    if not src.exists() or src.read_text() != text:
-        src.write_text(text)
-    err = cpu.compile_and_load(cpu.extension_name(ns, src), src, lambda: getattr(torch.ops, ns).int8_act_gemm)
-    if err:
-        raise SystemExit(f"build of {label} failed: {err}")
-    return getattr(torch.ops, ns)
+    return build_variant(ns, text, "int8_act_gemm")
 
 
 def packed(W: torch.Tensor, group: int, sym: bool):
