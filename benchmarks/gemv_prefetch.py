@@ -23,13 +23,12 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from kernel_variants import build_variant
+from kernel_variants import build_variant, interleaved_times, report
 from mmcompress.sparse.kernels import cpu
 
 PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
@@ -104,25 +103,12 @@ def main() -> None:
             err = ((o.topk_gemv(x, WT[0], inn).double() - ref).abs().max() / ref.abs().max()).item()
             if err > 1e-2:
                 raise SystemExit(f"{h}: relative error {err:.3g} against float64")
-        times = {n: [] for n in fns}
         for f, _ in fns.values():
             for i in range(ncopy):
                 f(i)
         names = list(fns)
-        for r in range(a.repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for i in range(ncopy):
-                for j, n in enumerate(order):
-                    t0 = clock()
-                    fns[n][0]((i + 3 * j) % ncopy)
-                    times[n].append(clock() - t0)
-        for n in names:
-            med, best = statistics.median(times[n]), min(times[n])
-            row = {"shape": shape, "path": n, "median_us": round(med * 1e6, 1), "best_us": round(best * 1e6, 1),
-                   "gb_s_median": round(fns[n][1] / med / 1e9, 2), "gb_s_best": round(fns[n][1] / best / 1e9, 2)}
-            res["rows"].append(row)
-            print(f"{shape:>11} {n:<16} median {row['median_us']:9.1f} us {row['gb_s_median']:6.2f} GB/s   "
-                  f"best {row['best_us']:9.1f} us {row['gb_s_best']:6.2f} GB/s", flush=True)
+        times = interleaved_times({n: (lambda i, n=n: fns[n][0](i % ncopy)) for n in names}, ncopy, a.repeats, clock)
+        res["rows"] += report(shape, times, {n: fns[n][1] for n in names}, 16)
         del W, WT, W32
     res["loadavg_after"] = os.getloadavg()
     print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s))")

@@ -21,14 +21,13 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 
 import torch
 
 from mmcompress.quant.kernels import cpu as qcpu
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
-from kernel_variants import build_variant
+from kernel_variants import build_variant, interleaved_times, report
 
 
 def build(label: str, text: str):
@@ -108,25 +107,12 @@ def main() -> None:
                     if err > 1e-5:
                         raise SystemExit(f"{label} {kern}: wrong result")
                 fns[f"{kern}_{label}"] = (f, ncopy, 2 * nbytes if kern == "w8a8" else nbytes)
-        times = {n: [] for n in fns}
         names = list(fns)
         for n in names:  # warm-up (and first-touch of the copies)
             for i in range(fns[n][1]):
                 fns[n][0](i)
-        for r in range(a.repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for i in range(ncopy):
-                for j, n in enumerate(order):
-                    t0 = clock()
-                    fns[n][0]((i + 3 * j) % fns[n][1])
-                    times[n].append(clock() - t0)
-        for n in names:
-            med, best = statistics.median(times[n]), min(times[n])
-            row = {"shape": shape, "path": n, "median_us": round(med * 1e6, 1), "best_us": round(best * 1e6, 1),
-                   "gb_s_median": round(fns[n][2] / med / 1e9, 2), "gb_s_best": round(fns[n][2] / best / 1e9, 2)}
-            res["rows"].append(row)
-            print(f"{shape:>11} {n:<18} median {row['median_us']:9.1f} us {row['gb_s_median']:6.2f} GB/s   "
-                  f"best {row['best_us']:9.1f} us {row['gb_s_best']:6.2f} GB/s", flush=True)
+        times = interleaved_times({n: (lambda i, n=n: fns[n][0](i % fns[n][1])) for n in names}, ncopy, a.repeats, clock)
+        res["rows"] += report(shape, times, {n: fns[n][2] for n in names}, 18)
     res["loadavg_after"] = os.getloadavg()
     print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s), "
           f"batch {a.batch})")
