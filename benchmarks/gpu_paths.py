@@ -47,8 +47,8 @@ def logits(model, inputs, device):
 
 
 def samples_for(kind, tok, n=4):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import mm_inputs, text_samples
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests package (relative imports)
+    from tests.conftest import mm_inputs, text_samples
 
     if kind in ("qwen2_5_omni", "qwen2_5_vl"):
         out = [mm_inputs(kind, tok, seed=i)[0] for i in range(n)]

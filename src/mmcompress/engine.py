@@ -203,7 +203,9 @@ def _dedupe_kwargs(kwargs_per_layer: list[dict]) -> list[dict]:
 
 
 def _move_non_layer_modules(model, adapter, device):
-    """Move every parameter and buffer outside the decoder layers to ``device``; return how to undo it."""
+    """Move every parameter and buffer outside the decoder layers to ``device``; return how to undo it.
+    Tensors on the meta device stay there: a streamed model's final norm and head are not read for the
+    capture pass (they have no data to move)."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return []
@@ -213,11 +215,11 @@ def _move_non_layer_modules(model, adapter, device):
         if id(mod) in in_layers:
             continue
         for name, p in mod._parameters.items():
-            if p is not None and p.device != dev:
+            if p is not None and not p.is_meta and p.device != dev:
                 moved.append((p, None, p.data))
                 p.data = p.data.to(dev)
         for name, b in list(mod._buffers.items()):
-            if b is not None and b.device != dev:
+            if b is not None and not b.is_meta and b.device != dev:
                 moved.append((mod, name, b))
                 mod._buffers[name] = b.to(dev)
     return moved
