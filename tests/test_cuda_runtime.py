@@ -16,8 +16,8 @@ from mmcompress.data import CalibrationSet
 from mmcompress.quant.deployed import IntLinear, IntMASLinear
 from mmcompress.quant.quantizer import QuantScheme
 
-from .conftest import mm_inputs, text_samples, tiny_model
-from .test_int_runtime import TOL, _packed, _rel_max
+from .conftest import text_samples, tiny_model
+from .test_int_runtime import TOL, _packed, _rel_max, masquant_omni_artifact
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -75,11 +75,7 @@ def test_cuda_model_logits_and_greedy_tokens(tmp_path, tokenizer, scheme):
 
 def test_cuda_masquant_modality_path(tmp_path, tokenizer):
     """E17 on CUDA: image/audio tokens take their smoothing row plus the low-rank correction."""
-    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
-    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(2)])
-    x = mm_inputs("qwen2_5_omni", tok, seed=9, text=" over the lazy dog")[0]
-    mmcompress.quantize(model, calib, "masquant", "w4a8", progress=False, epochs=1)
-    art = mmcompress.save(model, tmp_path / "mas")
+    art, _, x = masquant_omni_artifact(tmp_path, tokenizer)
     ref = mmcompress.load(art, device="cuda", runtime="reference")
     fast = mmcompress.load(art, device="cuda")
     assert any(isinstance(m, IntMASLinear) and m.cmc_left is not None for m in fast.modules())

@@ -154,12 +154,18 @@ def test_save_load_integer_forward(tmp_path, tokenizer, kind, method, scheme):
     assert _rel_max(b2, a2) <= TOL
 
 
-def test_masquant_image_and_audio_tokens(tmp_path, tokenizer):
+def masquant_omni_artifact(tmp_path, tokenizer):
+    """A tiny Omni model quantized by MASQuant W4A8 and saved; returns ``(artifact, tokenizer, inputs)``
+    with image and audio tokens."""
     model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
     calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(2)])
     x = mm_inputs("qwen2_5_omni", tok, seed=9, text=" over the lazy dog")[0]
     mmcompress.quantize(model, calib, "masquant", "w4a8", progress=False, epochs=1)
-    out = mmcompress.save(model, tmp_path / "mas")
+    return mmcompress.save(model, tmp_path / "mas"), tok, x
+
+
+def test_masquant_image_and_audio_tokens(tmp_path, tokenizer):
+    out, tok, x = masquant_omni_artifact(tmp_path, tokenizer)
     ref, fast = mmcompress.load(out, runtime="reference"), mmcompress.load(out)
     mas = [m for m in fast.modules() if isinstance(m, IntMASLinear)]
     assert mas and all(m.cmc_left is not None for m in mas if m.spec()["rank"])
