@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ... import options as opt
 from ...models.adapters import UnsupportedModelError, projection_name
 from .. import plan as plans
-from ..merge import block_input_norm, inner_layer, rotate_block_input
+from ..merge import block_input_norm, inner_layer, rotate_block_input, rotate_rows
 from ...engine import Method, run_layerwise
 from ...specs import register_sparse_module
 from .base import SparseMethod, SparseOptions
@@ -114,7 +114,7 @@ def orthogonalize_layer(adapter, i: int) -> None:
         src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
         q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
         for lin in readers:
-            lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
+            rotate_rows(lin.weight.data, q, gamma)  # W diag(γ) Q
         adapter.set_norm_scale(norm, torch.ones_like(gamma))
         rotate_block_input(layer, g, q, d)
 
