@@ -406,7 +406,12 @@ class MASQuant(QuantMethod):
             "tokens": {MODALITY_NAMES[m]: n for m, n in stats[groups[0].name].count.items()},
             "divergence": {p: _divergence(w.smoothing.detach(), self.present) for p, w in wrappers.items()},
         }
-        self._account(layer, adapter)
+
+    def observed(self, ctx: LayerContext) -> None:
+        self._account(ctx.layer, ctx.adapter)  # after the step: the layer in the model dtype, as it is saved
+
+    def replayed(self, ctx: LayerContext) -> None:
+        self._account(ctx.layer, ctx.adapter)  # a finished layer of a resumed run counts as in the first run
 
     def _train(self, ctx: LayerContext, wrappers: dict) -> list[float]:
         params = list({id(w.smoothing): w.smoothing for w in wrappers.values() if isinstance(w.smoothing, nn.Parameter)}.values())
