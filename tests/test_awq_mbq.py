@@ -60,3 +60,59 @@ def test_mbq_weights_tokens_by_modality(tokenizer):
     search.loss_weights = {0: 1.0, 1: 3.0}
     w = search.token_weights(torch.tensor([0, 1, 1, 2]))
     assert w.tolist() == [1.0, 3.0, 3.0, 1.0]
+
+
+def test_loss_weights_have_one_definition(tokenizer, monkeypatch):
+    """MBQ and MASQuant resolve ``loss_weights`` with one function (quant/methods/gradients.py); MBQ no
+    longer imports MASQuant; ``auto`` probes gradients only where the calibration set has image/audio."""
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.models.modality import AUDIO, IMAGE, TEXT
+    from mmcompress.quant.methods import gradients
+    from mmcompress.quant.methods.masquant import MASQuant
+
+    from .test_import_graph import import_graph
+
+    graph = import_graph()
+    assert "mmcompress.quant.methods.masquant" not in graph["mmcompress.quant.methods.mbq"]
+    assert "mmcompress.quant.methods.gradients" in graph["mmcompress.quant.methods.mbq"]
+    mm, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    text, adapter = text_samples(tok, n=2), get_adapter(mm)
+    probes = []
+    monkeypatch.setattr(gradients, "modality_gradient_ratios",
+                        lambda model, adapter, samples: probes.append(len(samples)) or {IMAGE: 0.25, AUDIO: 0.5})
+    resolve = gradients.resolve_loss_weights
+    assert resolve({"image": 2, "text": 3}, mm, adapter, text, 16) == ({TEXT: 3.0, IMAGE: 2.0}, None)
+    assert resolve("scripted", mm, adapter, text, 16) == ({TEXT: 1.0, IMAGE: 0.5, AUDIO: 1.0}, None)
+    assert resolve("auto", mm, adapter, text, 16) == ({TEXT: 1.0}, None) and probes == []  # text-only: no probe
+    calib = [mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)]
+    assert resolve("auto", mm, adapter, calib, 2) == ({TEXT: 1.0, IMAGE: 0.25, AUDIO: 0.5},
+                                                      {IMAGE: 0.25, AUDIO: 0.5}) and probes == [2]
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        MBQ(resolve_scheme("w4a8"), loss_weights={"smell": 1.0})
+    for cls in (MBQ, MASQuant):  # the same option, resolved the same way (MASQuant fills absent ones with 1)
+        m = cls(resolve_scheme("w4a8"), loss_weights="auto", probe_samples=2)
+        m.prepare(mm, adapter, calib)
+        assert {k: m.loss_weights[k] for k in (TEXT, IMAGE, AUDIO)} == {TEXT: 1.0, IMAGE: 0.25, AUDIO: 0.5}
+    assert probes == [2, 2, 2]
+
+
+def test_recipe_walks_again_before_a_gradient_probe(tokenizer):
+    """An MBQ step with ``loss_weights: auto`` on a multimodal model probes gradients through the whole
+    model in its prepare(): it must see the model the steps before it left, so it starts a new walk (and a
+    streamed run refuses it).  Given weights share the walk."""
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.quant.api import make_method, whole_model_prepare
+    from mmcompress.recipe import apply_recipe, parse_recipe
+
+    model, tok = tiny_model("qwen2_5_vl", tokenizer=tokenizer)
+    adapter = get_adapter(model)
+    assert whole_model_prepare(make_method("mbq", resolve_scheme("w4a8")), adapter)
+    assert not whole_model_prepare(make_method("mbq", resolve_scheme("w4a8"), loss_weights="scripted"), adapter)
+    assert not whole_model_prepare(make_method("rtn", resolve_scheme("w8a8")), adapter)
+    calib = CalibrationSet([mm_inputs("qwen2_5_vl", tok, seed=s)[0] for s in range(2)])
+    for weights, walks in (("auto", [[1], [2]]), ("scripted", [[1, 2]])):
+        m = copy.deepcopy(model)
+        apply_recipe(m, calib, parse_recipe({"steps": [
+            {"sparsify": {"method": "teal", "sparsity": 0.3}},
+            {"quantize": {"method": "mbq", "scheme": "w4a8", "grid": 2, "loss_weights": weights}}]}), progress=False)
+        assert [w["steps"] for w in m._mmcompress_description["walks"]] == walks, weights

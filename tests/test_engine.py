@@ -87,3 +87,58 @@ def test_resume_refuses_checkpoint_of_another_method(tmp_path, tokenizer):
     model2, _ = tiny_model("llama", layers=3, tokenizer=tokenizer)
     with pytest.raises(RuntimeError, match="another method"):
         mmcompress.quantize(model2, calib, "smoothquant", "w8a8", checkpoint_dir=ck, resume=True, progress=False)
+
+
+def _interrupted(run, layer: int) -> None:
+    """``run(on_layer_done)`` stopped after decoder layer ``layer`` was committed."""
+    def stop(i, info):
+        if i == layer:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stop)
+
+
+@pytest.mark.parametrize("method,options", [("smoothquant", {}), ("masquant", {"epochs": 1})])
+def test_resumed_run_describes_every_layer(tmp_path, tokenizer, method, options):
+    """A resumed run's description lists every layer's info (the finished ones come back from the
+    checkpoint's state.json), and MASQuant's summary counts the finished layers (Method.replayed)."""
+    import copy
+
+    from mmcompress.engine import run_layerwise
+    from mmcompress.quant.api import make_method
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer)
+    calib = CalibrationSet(text_samples(tok))
+    ref = mmcompress.quantize(copy.deepcopy(model), calib, method, "w8a8", progress=False, **options)
+    ck = tmp_path / "ck"
+    m = copy.deepcopy(model)
+    _interrupted(lambda stop: run_layerwise(m, get_adapter(m), make_method(method, resolve_scheme("w8a8"), **options),
+                                            calib.samples, checkpoint_dir=ck, on_layer_done=stop, progress=False), 1)
+    out = mmcompress.quantize(copy.deepcopy(model), calib, method, "w8a8", progress=False, checkpoint_dir=ck,
+                              resume=True, **options)
+    a, b = out._mmcompress_description, ref._mmcompress_description
+    assert [info["layer"] for info in a["layers"]] == [0, 1, 2]
+    dump = lambda d: json.dumps(d, sort_keys=True, default=str)
+    assert dump(a["layers"]) == dump(b["layers"])
+    assert dump(a.get("method_summary")) == dump(b.get("method_summary"))
+    if method == "masquant":
+        assert a["method_summary"]["linear_macs_per_token"] > 0
+
+
+def test_teal_greedy_refuses_to_resume(tmp_path, tokenizer):
+    """TEAL's greedy search samples magnitudes from one generator across the layers, which a replay of the
+    finished layers cannot restore: a resumed run would pick other thresholds, so it is refused."""
+    from mmcompress.engine import run_layerwise
+    from mmcompress.sparse.methods.teal import GreedyAllocation
+
+    model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer)
+    samples = text_samples(tok, n=2)
+    ck = tmp_path / "ck"
+    _interrupted(lambda stop: run_layerwise(model, get_adapter(model), GreedyAllocation(0.4), samples,
+                                            checkpoint_dir=ck, on_layer_done=stop, progress=False), 0)
+    model, _ = tiny_model("llama", layers=3, tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="teal-greedy runs cannot be resumed"):
+        run_layerwise(model, get_adapter(model), GreedyAllocation(0.4), samples, checkpoint_dir=ck, resume=True,
+                      progress=False)

@@ -232,3 +232,33 @@ assert "mmcompress_testbed.demo" not in lab(), lab()
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def _prose(path: Path) -> list[str]:
+    """The docstrings and comments of a source file."""
+    import io
+    import tokenize
+
+    text = path.read_text()
+    out = [ast.get_docstring(n) or "" for n in ast.walk(ast.parse(text))
+           if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    out += [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+    return out
+
+
+def test_files_named_in_the_sources_exist():
+    """Every file a docstring or comment of src/ names (``docs/methods.md``, ``benchmarks/x.py``,
+    ``sparse/topk.py``, ``mmcompress_testbed/multimodal.py``) is in the repository."""
+    import re
+
+    root = PACKAGE.parent.parent
+    pattern = re.compile(r"(?<![\w.])((?:[\w-]+/)+[\w.-]+\.(?:md|py|sh|cpp|h))\b")
+    missing, named = [], 0
+    for path in sorted(PACKAGE.parent.rglob("*.py")):
+        for piece in _prose(path):
+            for name in pattern.findall(piece):
+                named += 1
+                if not any((base / name).exists() for base in (root, root / "src", PACKAGE, path.parent)):
+                    missing.append(f"{path.relative_to(root)}: {name}")
+    assert named > 40
+    assert not missing, "files named in the sources that are not in the repository:\n" + "\n".join(missing)

@@ -230,3 +230,18 @@ def test_split_is_trained_with_the_same_divergence_budget_as_cmc(omni):
         rows[cmc, div] = [int((q.input_smoothing[mod] != q.input_smoothing[TEXT]).sum()) for mod in (IMAGE, AUDIO)]
     assert all(0 < n <= 4 for n in rows["whitened", "cmc"] + rows["split", "cmc"]), rows
     assert all(n > 4 for n in rows["split", "free"]), rows
+
+
+def test_cmc_overhead_counts_the_bytes_saved_on_a_bf16_model(tokenizer):
+    """The CMC memory overhead is counted on the layer as saved (bf16 factors on a bf16 model), not on
+    the float32 copy the training step runs on (which doubled it)."""
+    from mmcompress.quant.methods.masquant import MASLinear
+
+    model, tok = tiny_model("qwen2_5_vl", tokenizer=tokenizer, dtype=torch.bfloat16)
+    calib = CalibrationSet([mm_inputs("qwen2_5_vl", tok, seed=s)[0] for s in range(2)])
+    mmcompress.quantize(model, calib, "masquant", "w4a8", progress=False, epochs=1, loss_weights="scripted")
+    summary = model._mmcompress_description["method_summary"]
+    cmc = [m for m in model.modules() if isinstance(m, MASLinear) and m.rank]
+    assert cmc and {m.cmc_left.dtype for m in cmc} == {torch.bfloat16} and summary["modalities"] == ["text", "image"]
+    assert summary["cmc_bytes"] == sum(m.cmc_left.element_size() * m.rank * (m.in_features + m.out_features)
+                                       for m in cmc)

@@ -277,3 +277,42 @@ def test_column_scale_only_in_merged_mode(tokenizer):
     model, tok, ad = _model("llama", False, tokenizer, dtype=torch.float32)
     with pytest.raises(ValueError, match="merged mode only"):
         sparsify(model, text_samples(tok), "larosa", 0.4, mode="reference", column_scale=True, progress=False)
+
+
+class _Float64Sizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every float64 tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_merge_outside_rotates_embedding_and_head_in_slices(tokenizer, monkeypatch, tie):
+    """The embedding/head fold ``E Q_1``, ``H diag(γ_f) Q_L`` (and the layers' readers and writers) run a
+    slice of ``ROTATE_CHUNK`` float64 elements at a time: no float64 copy of a whole [V, d] matrix (it set
+    the peak of a streamed LaRoSA run), and the same weights as the one-piece product."""
+    import mmcompress.sparse.merge as merge
+
+    model, tok, ad = _model("qwen2", tie, tokenizer, dtype=torch.float32)
+    v, d = ad.embed_tokens.weight.shape
+    rot = _random_rotations(len(ad.layers), d)
+    ref = {k: t.clone() for k, t in model.state_dict().items()}
+    whole = _model("qwen2", tie, tokenizer, dtype=torch.float32)[0]
+    merge_rotations(whole, get_adapter(whole), rot)  # slices larger than every matrix: one piece each
+    assert v * d <= merge.ROTATE_CHUNK
+    chunk = 3 * d + 5  # a few rows of the embedding/head; the last slice shorter
+    monkeypatch.setattr(merge, "ROTATE_CHUNK", chunk)
+    with _Float64Sizes() as seen:
+        merge_rotations(model, ad, rot)
+    assert max(seen.sizes) <= max(chunk + d, d * d) < v * d, max(seen.sizes)
+    a, b = model.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])

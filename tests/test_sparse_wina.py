@@ -96,3 +96,38 @@ def test_wina_through_the_cli(tiny_llama_dir, calib_text, tmp_path):
     assert main(["sparsify", str(tiny_llama_dir), "--method", "wina", "--sparsity", "0.3", "--plan", "exact",
                  "--calib", str(calib_text), "--output", str(tmp_path / "x")]) not in (0, None)
     assert not (tmp_path / "x").exists()
+
+
+def test_wina_greedy_resumes_bit_identical(tokenizer, tmp_path):
+    """A resumed greedy run rebuilds the search chain and the chosen levels from the finished layers
+    (WinaLayers.replayed): the same tensors, module specs and description as an uninterrupted run."""
+    import copy
+
+    from mmcompress.engine import run_layerwise
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.sparse.methods.wina import WinaLayers
+    from mmcompress.specs import module_specs
+
+    model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer, seed=7)
+    samples = text_samples(tok, n=4, seqlen=32)
+
+    def run(m, **kw):
+        method = WinaLayers(0.4, plan="greedy")
+        run_layerwise(m, get_adapter(m), method, samples, progress=False, **kw)
+        return method
+
+    ref = copy.deepcopy(model)
+    want = run(ref).description()
+
+    def stop(i, info):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(copy.deepcopy(model), checkpoint_dir=tmp_path / "ck", on_layer_done=stop)
+    out = copy.deepcopy(model)
+    got = run(out, checkpoint_dir=tmp_path / "ck", resume=True).description()
+    assert got == want and len({lv for lvs in want["levels"].values() for lv in lvs}) > 1  # a searched split
+    a, b = out.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert module_specs(out) == module_specs(ref)

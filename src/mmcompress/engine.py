@@ -413,6 +413,12 @@ class Method:
     def rebuild_layer(self, layer: nn.Module, structure: dict) -> None:
         apply_specs(layer, structure)
 
+    def replayed(self, ctx: LayerContext) -> None:
+        """A resumed run restored finished layer ``ctx.index`` from its checkpoint (``ctx.layer`` as the walk
+        left it, on the device; ``ctx.inputs``: its inputs): a method that carries something across the
+        layers (a search's side chain, its choices, totals for its summary) rebuilds it here, as its step
+        and observers had left it.  The per-layer infos (``ctx.info``) come back from the checkpoint."""
+
     def finalize(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Called once after the last layer."""
 
@@ -463,6 +469,10 @@ class Compose(_Steps):
         for m in self.methods:
             m.observed(ctx)
 
+    def replayed(self, ctx: LayerContext) -> None:
+        for m in self.methods:
+            m.replayed(ctx)
+
     def finalize(self, model, adapter) -> None:
         for m in self.methods:
             m.finalize(model, adapter)
@@ -508,6 +518,9 @@ class Sequence(_Steps):
     @property
     def resumable(self) -> bool:
         return len(self.methods) == 1 and self.methods[0].resumable
+
+    def replayed(self, ctx: LayerContext) -> None:
+        self.methods[0].replayed(ctx)  # resumable with one step alone
 
     def prepare(self, model, adapter, samples=None) -> None:
         self._chains = None
@@ -711,7 +724,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     if stream is not None:
         stream.release_non_layers(model, adapter)  # embeddings, towers: not needed after the captures
     layers = adapter.layers
-    start = 0
+    start, done_infos = 0, []
     if ckpt is not None:
         fingerprint = {"model": model_digest, "method": _method_digest(method, fp_inputs is not None),
                        "calibration": _calibration_digest(captured),
@@ -722,6 +735,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             state = json.loads(state_path.read_text())
             _check_fingerprint(state.get("fingerprint"), fingerprint, ckdir)
             start = state["next_layer"]
+            done_infos = [state.get("infos", {}).get(str(i), {"layer": i}) for i in range(start)]
             if start and not method.resumable:
                 raise RuntimeError(f"{method.name} runs cannot be resumed (the activations it calibrates on are "
                                    "not those of the finished layers); run without --resume")
@@ -736,7 +750,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                 if p.is_file() and is_checkpoint_file(p.name):
                     p.unlink()
         fp_json = json.dumps(fingerprint, sort_keys=True)
-    infos: list[dict] = []
+    infos: list[dict] = list(done_infos)  # a resumed run's finished layers come back from state.json
     bar = tqdm(range(start, len(layers)), desc=f"{method.name}", unit="layer", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
@@ -785,7 +799,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         info = {"layer": i, **ctx.info}
         infos.append(info)
         if ckpt is not None:
-            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream)
+            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream, info)
         if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
             layer.to("meta")
             stream.released_layer(i)
@@ -804,7 +818,8 @@ def _count_tokens(model: nn.Module, world: World, tokens: int) -> None:
     model._mmcompress_rank_tokens = per_rank
 
 
-def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json: str, stream=None) -> None:
+def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json: str, stream=None,
+                  info: dict | None = None) -> None:
     """Write layer ``i``'s state, then commit it by replacing ``state.json``.  The activations are not
     written: a resumed run recomputes them through the finished layers (:func:`_replay_layer`), so the
     bytes a run writes are its layers, not its layers plus one activation set per layer.  A streamed
@@ -820,8 +835,9 @@ def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json
     structures = prev.get("structures", {})
     if place is not None:  # no layer file to carry it
         structures = {**structures, str(i): structure}
+    infos = {**prev.get("infos", {}), str(i): json.loads(json.dumps(info or {"layer": i}, default=str))}
     state = {"next_layer": i + 1, "fingerprint": fingerprint, "where": {**prev.get("where", {}), str(i): place or "file"},
-             "structures": structures}
+             "structures": structures, "infos": infos}
     fileio.step(f"checkpoint.layer:{i}")
     fileio.atomic_write_json(ckdir / "state.json", state, indent=1, sort_keys=True)
     fileio.step(f"checkpoint.state:{i}")
@@ -920,6 +936,7 @@ def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides,
     layer.load_state_dict(tensors, strict=True)
     layer.to(device)
     outputs, side_outputs = _outputs(ctx, sides)
+    method.replayed(ctx)
     inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
     for mod in layer.modules():
         if hasattr(mod, "clear_cache"):

@@ -18,7 +18,7 @@ Splits (fixed; ``SPLIT_VERSION`` changes if they ever do):
 Calibration sets (``--calib NAME``): ``CALIB_BUILDERS`` maps a name to
 ``fn(model, model_dir, nsamples, seqlen, seed) -> CalibrationSet``.  ``wiki`` = random token windows of
 the calibration split.  ``testbed`` = the testbed's default calibration for the given model; for now
-text-only (= ``wiki``); ``testbed/multimodal.py`` replaces it through :func:`register_calibration` to add
+text-only (= ``wiki``); ``mmcompress_testbed/multimodal.py`` replaces it through :func:`register_calibration` to add
 image/audio samples for multimodal models.
 """
 
@@ -161,7 +161,7 @@ def wiki_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, s
 def testbed_calibration(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
     """The testbed's default calibration for ``model``: for now wiki text for every model.
 
-    Hook: ``testbed/multimodal.py`` calls ``register_calibration("testbed", fn)`` with a builder that adds
+    Hook: ``mmcompress_testbed/multimodal.py`` calls ``register_calibration("testbed", fn)`` with a builder that adds
     image/audio samples for multimodal models (and may fall back to :func:`wiki_calibration`).
     """
     return wiki_calibration(model, model_dir, nsamples, seqlen, seed, cache)
@@ -179,7 +179,7 @@ def register_calibration(name: str, fn: CalibBuilder) -> None:
 
 def calibration_set(spec: str, model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0):
     """``--calib`` testbed names -> :class:`mmcompress.data.CalibrationSet`."""
-    from . import registry  # noqa: F401  (imports testbed/multimodal.py, which may register builders)
+    from . import registry  # noqa: F401  (imports mmcompress_testbed/multimodal.py, which may register builders)
 
     fn = CALIB_BUILDERS.get(spec)
     if fn is None:

@@ -46,7 +46,7 @@ def have_espeak() -> bool:
 
 
 def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> np.ndarray:
-    """Float32 16 kHz mono speech in [-1, 1] (``testbed/tts.py``: the pinned libespeak-ng by default;
+    """Float32 16 kHz mono speech in [-1, 1] (``mmcompress_testbed/tts.py``: the pinned libespeak-ng by default;
     identical samples for the same arguments in any process)."""
     from . import tts
 

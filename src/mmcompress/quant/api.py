@@ -67,7 +67,9 @@ def describe(m, calib: CalibrationSet, adapter, infos: list[dict], extra: dict |
 def whole_model_prepare(m, adapter) -> bool:
     """Whether ``m.prepare`` probes the whole model (MBQ/MASQuant ``loss_weights="auto"`` on multimodal
     data: gradient ratios): it must then see the model as the steps before it left it, not stream."""
-    return getattr(m, "loss_weights_spec", None) == "auto" and bool(adapter.modality_token_ids)
+    from .methods.gradients import probes_gradients
+
+    return probes_gradients(getattr(m.options, "loss_weights", None), adapter)
 
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",

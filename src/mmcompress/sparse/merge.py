@@ -232,11 +232,32 @@ def embedding_writers(model: nn.Module, adapter) -> list[nn.Linear]:
     return out
 
 
+# float64 elements of one slice of a weight being rotated (32 MiB): a ``[V, d]`` embedding or head is
+# rotated a slice of rows at a time, so the float64 copies never hold the whole matrix (twice)
+ROTATE_CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def rotate_rows(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """``w ← w diag(scale) Q`` in float64, cast back to ``w``'s dtype, in place: a slice of rows at a time
+    (each row of the product depends on its own row of ``w`` alone)."""
+    q = q.double()
+    scale = None if scale is None else scale.double()[None, :]
+    rows = max(1, ROTATE_CHUNK // max(1, w.shape[-1]))
+    for r in range(0, w.shape[0], rows):
+        part = w[r: r + rows].double()
+        if scale is not None:
+            part = part * scale
+        w[r: r + rows] = (part @ q).to(w.dtype)
+
+
 @torch.no_grad()
 def _rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
-    """Output side: ``W' = Qᵀ W``, ``b' = b Q``."""
-    w = linear.weight.data.double()
-    linear.weight.data.copy_((q.T @ w).to(linear.weight.dtype))
+    """Output side: ``W' = Qᵀ W``, ``b' = b Q`` (``W`` a slice of columns at a time)."""
+    w, q = linear.weight.data, q.double()
+    cols = max(1, ROTATE_CHUNK // max(1, w.shape[0]))
+    for c in range(0, w.shape[1], cols):
+        w[:, c: c + cols] = (q.T @ w[:, c: c + cols].double()).to(w.dtype)
     if linear.bias is not None:
         linear.bias.data.copy_((linear.bias.data.double() @ q).to(linear.bias.dtype))
 
@@ -244,10 +265,7 @@ def _rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
 @torch.no_grad()
 def _rotate_reader(linear: nn.Linear, q: torch.Tensor, gamma: torch.Tensor | None = None) -> None:
     """Input side: ``W' = W diag(γ) Q`` (biases unchanged)."""
-    w = linear.weight.data.double()
-    if gamma is not None:
-        w = w * gamma.double()[None, :]
-    linear.weight.data.copy_((w @ q).to(linear.weight.dtype))
+    rotate_rows(linear.weight.data, q, gamma)
 
 
 def _groups(adapter, i: int):
@@ -369,12 +387,11 @@ def merge_outside(model: nn.Module, adapter, q_first: torch.Tensor, q_last: torc
     if stream is not None:
         for mod in (emb, head, adapter.final_norm, *writers, *owners):
             stream.materialize(model, mod)
-    emb.weight.data.copy_((emb.weight.data.double() @ q_first).to(emb.weight.dtype))
+    rotate_rows(emb.weight.data, q_first)
     for lin in writers:
         _rotate_writer(lin, q_first)
     for path in adapter.embedding_matrices:  # features x @ P (MiniCPM-V's resampler): P' = P Q
-        p = model.get_parameter(path)
-        p.data.copy_((p.data.double() @ q_first).to(p.dtype))
+        rotate_rows(model.get_parameter(path).data, q_first)
     gamma_f = adapter.norm_scale(adapter.final_norm)
     _rotate_reader(head, q_last, gamma_f)
     adapter.set_norm_scale(adapter.final_norm, torch.ones_like(gamma_f))

@@ -18,14 +18,29 @@ Samples without a text target are skipped.
 
 (the MASQuant reference found a constant equal to the maximum over layers better than per-layer
 ratios).  The layer-wise ratios are also returned for reports.
+
+The ``loss_weights`` option of MASQuant and MBQ (one definition, :func:`resolve_loss_weights`): ``auto``
+(the ratios above, measured when the calibration set has image or audio tokens), a preset of
+:data:`LOSS_WEIGHT_PRESETS`, or ``{modality: λ}``; text is 1 unless given.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ...models.modality import IMAGE_SPANS, TEXT, method_modalities, modality_ids, with_image_spans
+from ...models.modality import (AUDIO, IMAGE, IMAGE_SPANS, MODALITY_NAMES, TEXT, input_modality_ids,
+                                method_modalities, modality_ids, with_image_spans)
+
+# λ per modality.  "scripted" is what every MASQuant reference script uses (1 : 1 : 0.5 for T : A : V);
+# "auto" measures the gradient ratios on the calibration set (the paper's best setting).
+LOSS_WEIGHT_PRESETS = {"scripted": {IMAGE: 0.5, AUDIO: 1.0}, "uniform": {IMAGE: 1.0, AUDIO: 1.0},
+                       "omni-3b": {IMAGE: 0.15, AUDIO: 0.55}, "vl-3b": {IMAGE: 0.126, AUDIO: 1.0}}
+LOSS_WEIGHTS_HELP = ("modality loss weights λ: auto (gradient ratios), " + ", ".join(LOSS_WEIGHT_PRESETS)
+                     + ", or modality=weight pairs (image=0.15,audio=0.55)")
+_MODALITY_KEYS = {"text": TEXT, "image": IMAGE, "vision": IMAGE, "audio": AUDIO}
 
 
 def modality_gradient_profile(model, adapter, samples) -> dict[int, list[float]]:
@@ -92,3 +107,69 @@ def modality_gradient_ratios(model, adapter, samples) -> dict[int, float]:
     """``{m: λ_m}`` with ``λ_m = max_ℓ g_m^ℓ / g_T^ℓ`` (text is 1)."""
     profile = modality_gradient_profile(model, adapter, samples)
     return {m: float(max(v)) for m, v in profile.items() if v}
+
+
+# -- the loss_weights option ---------------------------------------------------------------------------
+
+
+def modality_id(key) -> int:
+    """The modality id of a loss-weight key (``text``, ``image`` / ``vision``, ``audio``, or an id)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if key not in _MODALITY_KEYS:
+        raise ValueError(f"unknown modality {key!r} in loss weights")
+    return _MODALITY_KEYS[key]
+
+
+def check_loss_weights(v):
+    """``auto``, a preset name, or ``{modality: weight}`` with finite weights >= 0 (keys: modality names)."""
+    if isinstance(v, str) and (v == "auto" or v in LOSS_WEIGHT_PRESETS):
+        return v
+    if isinstance(v, dict) and v:
+        for k, w in v.items():
+            modality_id(k)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"must give finite weights >= 0, got {k}={w!r}")
+        return {MODALITY_NAMES[modality_id(k)]: w for k, w in v.items()}
+    raise ValueError(f"must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or modality=weight pairs, got {v!r}")
+
+
+def parse_loss_weights(text: str):
+    """The flag's text: a name, or ``image=0.15,audio=0.55``."""
+    if "=" not in text:
+        return text
+    try:
+        return {k.strip(): float(w) for k, w in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"expected e.g. image=0.15,audio=0.55, got {text!r}") from None
+
+
+def modalities_present(samples, adapter) -> list[int]:
+    """The modalities (text, image, audio) with tokens in ``samples`` (placeholder ids and image spans)."""
+    present = set()
+    for s in samples or []:
+        present |= set(input_modality_ids(s, adapter.modality_token_ids, decode=False).unique().tolist())
+    return sorted(m for m in present if m in (TEXT, IMAGE, AUDIO))
+
+
+def probes_gradients(spec, adapter) -> bool:
+    """Whether :func:`resolve_loss_weights` may run the gradient probe, a backward pass through the whole
+    model (``auto`` on a model whose image/audio positions can be told from its inputs)."""
+    return spec == "auto" and adapter.routed
+
+
+def resolve_loss_weights(spec, model, adapter, samples, probe_samples: int) -> tuple[dict[int, float], dict | None]:
+    """``({modality: λ}, ratios)`` for the option value ``spec`` (checked by :func:`check_loss_weights`):
+    text at 1 unless ``spec`` gives it; ``auto`` measures :func:`modality_gradient_ratios` on the first
+    ``probe_samples`` samples when they have image or audio tokens (``ratios``; else ``None`` and text
+    alone).  A modality without a weight is the caller's to fill."""
+    if isinstance(spec, dict):
+        return {TEXT: 1.0, **{modality_id(k): float(v) for k, v in spec.items()}}, None
+    if spec in LOSS_WEIGHT_PRESETS:
+        return {TEXT: 1.0, **LOSS_WEIGHT_PRESETS[spec]}, None
+    if spec != "auto":
+        raise ValueError(f"loss_weights must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or a dict, got {spec!r}")
+    if not probes_gradients(spec, adapter) or modalities_present(samples, adapter) in ([], [TEXT]):
+        return {TEXT: 1.0}, None
+    ratios = modality_gradient_ratios(model, adapter, list(samples)[:probe_samples])
+    return {TEXT: 1.0, **ratios}, ratios

@@ -74,6 +74,8 @@ from ...specs import register_quant_module
 from ..linear import QuantLinear, modality_rows
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
 from .base import QuantMethod, weight_column_absmax
+from .gradients import (LOSS_WEIGHTS_HELP, check_loss_weights, modalities_present, parse_loss_weights,
+                        resolve_loss_weights)
 from .smoothquant import smoothing_factors
 from .stats import collect_group_stats
 
@@ -81,10 +83,6 @@ log = logging.getLogger(__name__)
 
 ROWS = 3  # smoothing rows: text, image (vision), audio
 SMOOTHED_GROUPS = ("attn_in", "attn_out", "mlp_in")
-# λ per modality.  "scripted" is what every reference script uses (1 : 1 : 0.5 for T : A : V);
-# "auto" measures MBQ-style gradient ratios on the calibration set (the paper's best setting).
-LOSS_WEIGHT_PRESETS = {"scripted": {IMAGE: 0.5, AUDIO: 1.0}, "uniform": {IMAGE: 1.0, AUDIO: 1.0},
-                       "omni-3b": {IMAGE: 0.15, AUDIO: 0.55}, "vl-3b": {IMAGE: 0.126, AUDIO: 1.0}}
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -258,33 +256,6 @@ def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: 
     return (u / sq[None, :]) @ p, s[:, None] * qh
 
 
-LOSS_WEIGHTS_HELP = ("modality loss weights λ: auto (gradient ratios), " + ", ".join(LOSS_WEIGHT_PRESETS)
-                     + ", or modality=weight pairs (image=0.15,audio=0.55)")
-
-
-def check_loss_weights(v):
-    """``auto``, a preset name, or ``{modality: weight}`` with finite weights >= 0 (keys: modality names)."""
-    if isinstance(v, str) and (v == "auto" or v in LOSS_WEIGHT_PRESETS):
-        return v
-    if isinstance(v, dict) and v:
-        for k, w in v.items():
-            _mod_id(k)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"must give finite weights >= 0, got {k}={w!r}")
-        return {MODALITY_NAMES[_mod_id(k)]: w for k, w in v.items()}
-    raise ValueError(f"must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or modality=weight pairs, got {v!r}")
-
-
-def parse_loss_weights(text: str):
-    """The flag's text: a name, or ``image=0.15,audio=0.55``."""
-    if "=" not in text:
-        return text
-    try:
-        return {k.strip(): float(w) for k, w in (item.split("=") for item in text.split(","))}
-    except ValueError:
-        raise ValueError(f"expected e.g. image=0.15,audio=0.55, got {text!r}") from None
-
-
 def check_rank(v):
     """A ratio in [0, 1] of min(in, out), or an absolute rank (an integer > 1)."""
     opt.real(0)(v)
@@ -369,27 +340,11 @@ class MASQuant(QuantMethod):
 
     # -- set-up ------------------------------------------------------------------------------------
     def prepare(self, model, adapter, samples=None) -> None:
-        from .gradients import modality_gradient_ratios
-        from ...models.modality import input_modality_ids
-
-        present = set()
-        for s in samples or []:
-            present |= set(input_modality_ids(s, adapter.modality_token_ids, decode=False).unique().tolist())
-        self.present = sorted(m for m in present if m in (TEXT, IMAGE, AUDIO))
-        spec = self.options.loss_weights
-        if isinstance(spec, dict):
-            weights = {IMAGE: 1.0, AUDIO: 1.0, **{_mod_id(k): float(v) for k, v in spec.items()}}
-        elif spec in LOSS_WEIGHT_PRESETS:
-            weights = dict(LOSS_WEIGHT_PRESETS[spec])
-        elif spec == "auto":
-            if any(m != TEXT for m in self.present):
-                ratios = modality_gradient_ratios(model, adapter, samples[: self.probe_samples])
-                weights = {m: ratios.get(m, 1.0) for m in (IMAGE, AUDIO)}
-                self.summary["gradient_ratios"] = {MODALITY_NAMES[m]: v for m, v in ratios.items()}
-            else:
-                weights = {IMAGE: 1.0, AUDIO: 1.0}
-        else:
-            raise ValueError(f"loss_weights must be auto, {', '.join(LOSS_WEIGHT_PRESETS)} or a dict, got {spec!r}")
+        self.present = modalities_present(samples, adapter)
+        weights, ratios = resolve_loss_weights(self.options.loss_weights, model, adapter, samples, self.probe_samples)
+        if ratios is not None:
+            self.summary["gradient_ratios"] = {MODALITY_NAMES[m]: v for m, v in ratios.items()}
+        weights = {IMAGE: 1.0, AUDIO: 1.0, **weights}  # a modality without a weight counts as text
         self.loss_weights = {TEXT: 1.0, **weights}
         self.summary["loss_weights"] = {MODALITY_NAMES[m]: round(v, 4) for m, v in self.loss_weights.items()}
         self.summary["modalities"] = [MODALITY_NAMES[m] for m in self.present]
@@ -451,7 +406,12 @@ class MASQuant(QuantMethod):
             "tokens": {MODALITY_NAMES[m]: n for m, n in stats[groups[0].name].count.items()},
             "divergence": {p: _divergence(w.smoothing.detach(), self.present) for p, w in wrappers.items()},
         }
-        self._account(layer, adapter)
+
+    def observed(self, ctx: LayerContext) -> None:
+        self._account(ctx.layer, ctx.adapter)  # after the step: the layer in the model dtype, as it is saved
+
+    def replayed(self, ctx: LayerContext) -> None:
+        self._account(ctx.layer, ctx.adapter)  # a finished layer of a resumed run counts as in the first run
 
     def _train(self, ctx: LayerContext, wrappers: dict) -> list[float]:
         params = list({id(w.smoothing): w.smoothing for w in wrappers.values() if isinstance(w.smoothing, nn.Parameter)}.values())
@@ -570,15 +530,6 @@ class MASQuant(QuantMethod):
 
     def method_summary(self) -> dict | None:
         return self.summary
-
-
-def _mod_id(key) -> int:
-    if isinstance(key, int):
-        return key
-    names = {"text": TEXT, "image": IMAGE, "vision": IMAGE, "audio": AUDIO}
-    if key not in names:
-        raise ValueError(f"unknown modality {key!r} in loss weights")
-    return names[key]
 
 
 def _group_of(adapter, path: str) -> str:

@@ -21,7 +21,7 @@ import torch
 from ...models.modality import MODALITY_NAMES, TEXT
 from ... import options as opt
 from .awq import ScaleSearch, ScaleSearchOptions
-from .masquant import LOSS_WEIGHTS_HELP, check_loss_weights, parse_loss_weights
+from .gradients import LOSS_WEIGHTS_HELP, check_loss_weights, parse_loss_weights, resolve_loss_weights
 from .smoothquant import DEFAULT_GROUPS, smoothing_factors
 
 
@@ -42,19 +42,8 @@ class MBQ(ScaleSearch):
         self.summary = {}
 
     def prepare(self, model, adapter, samples=None) -> None:
-        from .gradients import modality_gradient_ratios
-        from .masquant import LOSS_WEIGHT_PRESETS, _mod_id
-
-        spec = self.options.loss_weights
-        if isinstance(spec, dict):
-            self.loss_weights = {TEXT: 1.0, **{_mod_id(k): float(v) for k, v in spec.items()}}
-        elif spec in LOSS_WEIGHT_PRESETS:
-            self.loss_weights = {TEXT: 1.0, **LOSS_WEIGHT_PRESETS[spec]}
-        elif spec == "auto":
-            ratios = modality_gradient_ratios(model, adapter, (samples or [])[: self.probe_samples]) if adapter.routed else {}
-            self.loss_weights = {TEXT: 1.0, **ratios}
-        else:
-            raise ValueError(f"loss_weights must be auto, a preset or a dict, got {spec!r}")
+        self.loss_weights, _ = resolve_loss_weights(self.options.loss_weights, model, adapter, samples,
+                                                    self.probe_samples)
         self.summary["loss_weights"] = {MODALITY_NAMES[m]: round(v, 4) for m, v in self.loss_weights.items()}
 
     def method_summary(self) -> dict | None:

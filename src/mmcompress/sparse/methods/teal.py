@@ -180,6 +180,10 @@ class GreedyAllocation(Method):
         return {"method": self.name, "sparsity": self.sparsity, "delta": self.delta, "tail": self.tail,
                 "search_samples": self.search_samples, "prefill": self.prefill}
 
+    @property
+    def resumable(self) -> bool:
+        return False  # the magnitude samples of every layer draw from one generator: a replay cannot restore it
+
     def prepare(self, model, adapter, samples=None) -> None:
         self.shapes = plans.layer_shapes(adapter)
 

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ... import options as opt
 from ...models.adapters import UnsupportedModelError, projection_name
 from .. import plan as plans
-from ..merge import block_input_norm, inner_layer, rotate_block_input
+from ..merge import block_input_norm, inner_layer, rotate_block_input, rotate_rows
 from ...engine import Method, run_layerwise
 from ...specs import register_sparse_module
 from .base import SparseMethod, SparseOptions
@@ -114,7 +114,7 @@ def orthogonalize_layer(adapter, i: int) -> None:
         src = next(m for p, m in zip(g.readers, readers) if projection_name(p) == source)
         q = torch.linalg.svd(src.weight.data.double() * gamma[None, :], full_matrices=True).Vh.T
         for lin in readers:
-            lin.weight.data.copy_(((lin.weight.data.double() * gamma[None, :]) @ q).to(lin.weight.dtype))
+            rotate_rows(lin.weight.data, q, gamma)  # W diag(γ) Q
         adapter.set_norm_scale(norm, torch.ones_like(gamma))
         rotate_block_input(layer, g, q, d)
 
@@ -161,7 +161,8 @@ class WinaLayers(Method):
     chain for it).  The greedy plan (:class:`.larosa.TopKGreedy`) picks each layer's levels on the first
     ``search_samples`` samples' chain through the orthogonalised dense layers (K = D; a side chain of the
     walk, :class:`..plan.SearchChain`) before the layer is written, as :func:`wina` does over the whole
-    orthogonalised model, with the same result."""
+    orthogonalised model, with the same result.  A resumed greedy run rebuilds the chain and the levels
+    from the finished layers (:meth:`replayed`)."""
 
     name = "wina"
     distributed = True  # the greedy errors are gathered over the ranks (plan.layer_tail_error)
@@ -172,9 +173,25 @@ class WinaLayers(Method):
         self.plan_kind, self.step_size, self.search_samples = plan, float(step), int(search_samples)
         self.data_free = plan == "uniform"
 
-    @property
-    def resumable(self) -> bool:
-        return self.plan_kind == "uniform"  # the greedy search chain is not checkpointed
+    def replayed(self, ctx) -> None:
+        """Resume: the greedy levels of finished layer ``i`` are read back from its modules' K (``1 − K/D``, the
+        achieved level the search stored), and the search chain goes on through the layer with K = D."""
+        if self.plan_kind == "uniform":
+            return
+        i = ctx.index
+        layer, levels = inner_layer(ctx.layer), {}
+        for g in ctx.adapter.layer_groups(i):
+            for path in g.readers:
+                mod = layer.get_submodule(path)
+                levels[projection_name(path)] = 1.0 - mod.keep / mod.in_features
+        self.search.levels.append(levels)
+        self.plan = self._chosen()
+        if i == 0:
+            self.chain.start(ctx, ctx.inputs)
+        apply_plan_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, every token
+        dense = self.chain.outputs(ctx)
+        apply_plan_layer(ctx.adapter, i, self.plan, self.prefill)
+        self.chain.advance(ctx, dense)
 
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "prefill": self.prefill, "transform": self.transform,
