@@ -45,10 +45,11 @@ def main(argv=None) -> int:
                 (f"{f['swapped']} swap(s), gap {f['gap']:.2e} vs input diff {f['diff']:.2e}" if f["kind"] == "topk"
                  else f"{f['codes']} code(s), {f['frac']:.2e} of a step from the boundary, input diff {f['diff']:.2e}"))
             print(f"prompt {p} step {r['step']:2d}: logits {r['logits']:.2e} same token {r['same_token']!s:5s} "
-                  f"first discontinuity: {what}")
+                  f"modules on the same inputs {max(r['modules'].values()):.1e}; first discontinuity: {what}")
     clean = [r["logits"] for r in rows if r["first"] is None]
     flips = [r for r in rows if r["first"] is not None]
-    summary = {"steps": len(rows), "clean_steps": len(clean), "clean_max_logits": max(clean, default=0.0),
+    summary = {"steps": len(rows), "modules_max": {k: max(r["modules"][k] for r in rows if k in r["modules"])
+                                                    for k in rows[0]["modules"]}, "clean_steps": len(clean), "clean_max_logits": max(clean, default=0.0),
                "discontinuous_steps": len(flips),
                "topk_max_gap_over_diff": max((r["first"]["gap"] / max(r["first"]["diff"], 1e-30) for r in flips
                                               if r["first"]["kind"] == "topk"), default=None),

@@ -304,6 +304,11 @@ class FusedStep:
         return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s"), map(float, row)))
                  for ph, row in zip(PHASES, t.tolist())}, int(n))
 
+    def set_unit_cols(self, cols: int = 0) -> None:
+        """Output columns per work unit of the sparse projections and dense adapters (kinds 4, 5 of
+        fused_step.cpp; a multiple of 64; 0: the default).  For measurements."""
+        self._ops.fused_set_unit_cols(self.plan, int(cols))
+
     def set_trace(self, on: bool) -> None:
         """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""
         self._ops.fused_set_trace(self.plan, bool(on))

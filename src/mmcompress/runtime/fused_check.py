@@ -13,7 +13,9 @@ by module, the first *discontinuity* between them is reported:
   ``frac`` = how far the Python step's scaled value ``v / s`` is from the rounding boundary (``k + 1/2``),
   in code steps; ``diff`` as above.
 
-A step with no discontinuity must agree to round-off.  CLI: ``benchmarks/fused_divergence.py``.
+A step with no discontinuity must agree to round-off.  And whatever the step met, every module of the
+Python step fed the fused step's inputs (same inputs into one layer) must give the fused step's outputs to
+round-off (:func:`layer_mismatch`): that separates a wrong kernel from a discontinuity.  CLI: ``benchmarks/fused_divergence.py``.
 """
 
 from __future__ import annotations
@@ -79,8 +81,44 @@ def explained(first: dict, diff_bound: float) -> bool:
     return first["frac"] <= 2 * 127 * first["diff"]
 
 
+def layer_mismatch(py, fu, trace: list[dict], tok: int, pos: int) -> dict:
+    """The same inputs into one layer: every module of the Python engine ``py`` applied to what the fused
+    step fed the next module (its trace; the K/V caches of the fused engine ``fu`` after the step), against
+    what the fused step computed from them.  Per quantity the largest relative difference over the layers
+    (relative to the quantity's largest magnitude): ``x1`` (ln1 of the stream), ``kv`` (k after RoPE and v,
+    against the cache entries the step wrote), ``attn`` (attention over the cache), ``x2`` (ln2 of the stream
+    after o_proj), ``act`` (SiLU(gate) * up), ``h_mlp`` (the stream after down_proj), ``h`` (after the
+    residual adapter).  Round-off-sized whatever discontinuities the step met: each module's selection and
+    codes come from its input, which here is the same on both sides."""
+    import torch.nn.functional as F
+
+    dt = py.dtype
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    worst: dict = {}
+    put = lambda k, v: worst.__setitem__(k, max(worst.get(k, 0.0), v))  # noqa: E731
+    h = py.embed(torch.tensor([[tok]]))
+    cos, sin = py.cos[pos:pos + 1][None, None], py.sin[pos:pos + 1][None, None]
+    for i, (l, tr) in enumerate(zip(py.layers, trace)):
+        f = {k: v.to(dt)[None, None] for k, v in tr.items()}
+        put("x1", rel(l.ln1(h), f["x1"]))
+        q, k, v = py._attn_qkv(l, f["x1"], cos, sin, 1)
+        kc, vc = fu._kc[i][:, :, :pos + 1], fu._vc[i][:, :, :pos + 1]
+        put("kv", max(rel(k[:, :, 0], kc[:, :, pos]), rel(v[:, :, 0], vc[:, :, pos])))
+        a = F.scaled_dot_product_attention(q, kc, vc, scale=l.scaling, enable_gqa=py.gqa)
+        put("attn", rel(a.transpose(1, 2).reshape(1, 1, -1), f["attn"]))
+        ha = h + l.o(f["attn"])
+        put("x2", rel(l.ln2(ha), f["x2"]))
+        put("act", rel(l.act(l.mlp.gate_proj(f["x2"])) * l.mlp.up_proj(f["x2"]), f["act"]))
+        put("h_mlp", rel(ha + l.down(f["act"]), f["h_mlp"]))
+        if l.adapt is not None:
+            put("h", rel(l.adapt(f["h_mlp"]), f["h"]))
+        h = f["h"]
+    return worst
+
+
 def compare(py, fu, ids: torch.Tensor, steps: int, tok0: int = 5) -> list[dict]:
-    """Per step: ``logits`` (relative difference) and ``first`` (:func:`first_discontinuity`)."""
+    """Per step: ``logits`` (relative difference), ``first`` (:func:`first_discontinuity`) and ``modules``
+    (:func:`layer_mismatch`)."""
     caps: dict = {}
     hooks = [m.register_forward_hook(lambda m, i, o, key=(n, name): caps.__setitem__(key, i[0].detach().reshape(-1)))
              for n, l in enumerate(py.layers)
@@ -101,8 +139,10 @@ def compare(py, fu, ids: torch.Tensor, steps: int, tok0: int = 5) -> list[dict]:
                 caps.clear()
                 lp, lf = py._step(t, L + s), fu._step(t, L + s)
                 err = ((lp.float() - lf.float()).abs().max() / lp.float().abs().max()).item()
+                tr = fu._fused.trace()
+                first = first_discontinuity(py.layers, caps, tr)
                 out.append({"step": s, "logits": err, "same_token": int(lp.argmax()) == int(lf.argmax()),
-                            "first": first_discontinuity(py.layers, caps, fu._fused.trace())})
+                            "first": first, "modules": layer_mismatch(py, fu, tr, int(t), L + s)})
                 t = lp.argmax(-1, keepdim=True)
     finally:
         for h in hooks:
@@ -111,4 +151,4 @@ def compare(py, fu, ids: torch.Tensor, steps: int, tok0: int = 5) -> list[dict]:
     return out
 
 
-__all__ = ["compare", "explained", "first_discontinuity"]
+__all__ = ["compare", "explained", "first_discontinuity", "layer_mismatch"]

@@ -62,6 +62,7 @@ inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }
 
 struct Lin {
   int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0, keep = 0;
+  int64_t cols = 64;  // output features per work unit (kinds 4, 5: columns of WT; see fused_set_unit_cols)
   bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 or kind-4 weight stored as bf16
   at::Tensor w, scale, zero;   // w: dense weight [N, K], packed codes, or (kinds 4, 5) WT [K, N]
   std::vector<float> bias;     // empty: none (values of the model dtype)
@@ -105,7 +106,9 @@ struct Local {  // one thread's buffers
 };
 
 constexpr int NPHASE = 7;  // qkv, attention, o_proj, gate/up, down, head, residual adapter
-constexpr int64_t UNIT = 64;
+constexpr int64_t UNIT = 64;    // output rows per work unit of the row-major kinds 0..3
+constexpr int64_t MAXCOLS = 1024;  // the widest unit (kinds 4, 5)
+constexpr int64_t DEFAULT_SPARSE_COLS = 256;  // docs/runtime.md: 1.4x faster than 64 on smollm2 joint, one thread
 
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
@@ -277,7 +280,7 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
       else
         gemv_block<float, 1>(l.w.data_ptr<float>(), l.N, p.rows.data(), p.vals.data(), nk, n0, n1, y);
     } else {
-      int32_t acc[UNIT];
+      int32_t acc[MAXCOLS];
       std::fill(acc, acc + rows, 0);
       int8_block<1>(l.w.data_ptr<uint8_t>(), l.N, p.rows.data(), p.qp.data(), p.ngroups, n0, n1, acc);
       int8_dequant(acc, n0, rows, l.zero.data_ptr<int32_t>(), p.qsum, p.sa, l.scale.data_ptr<float>(), y);
@@ -441,6 +444,7 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
               "fused_plan: dense weights float32 or bfloat16");
   l.wbf16 = (l.kind == 0 || l.kind == 4) && l.w.scalar_type() == at::kBFloat16;
   if (l.kind >= 4) {
+    l.cols = DEFAULT_SPARSE_COLS;
     TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.K && l.w.size(1) == l.N, "fused_plan: WT [K, N] shape");
     TORCH_CHECK(l.keep >= 1, "fused_plan: Top-K keeps at least one channel");
     if (l.kind == 4) {
@@ -590,6 +594,7 @@ inline void take(std::atomic<int64_t>& next, int64_t units, const F& fn) {
 }
 
 inline int64_t units_of(int64_t n) { return (n + UNIT - 1) / UNIT; }
+inline int64_t units_of(const Lin& l) { return (l.N + l.cols - 1) / l.cols; }
 
 // the inputs of consecutive linears l[0..n) (a later one reuses the earlier preparation when "share")
 inline const Input* prepare_group(const Plan& P, Local& L, const Lin* const* l, int n, const float* x, const Input** out) {
@@ -626,8 +631,8 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
     prepare(P, lin, x, L.prep[0]);
     tm.mark(phase, 0);
-    take(P.next[ph++], units_of(H), [&](int64_t u) {
-      linear_rows(P, lin, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
+    take(P.next[ph++], units_of(lin), [&](int64_t u) {
+      linear_rows(P, lin, L.prep[0], u * lin.cols, std::min(H, (u + 1) * lin.cols), L.y.data(), P.t.data() + u * lin.cols);
     });
     barrier(phase);
     for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
@@ -648,12 +653,12 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     prepare_group(P, L, qkv, 3, L.x.data(), pp);
     tm.mark(0, 0);
     {
-      const int64_t uq = units_of(l.q.N), uk = units_of(l.k.N), uv = units_of(l.v.N);
+      const int64_t uq = units_of(l.q), uk = units_of(l.k), uv = units_of(l.v);
       float* outs[3] = {P.q.data(), P.k.data(), P.v.data()};
       take(P.next[ph++], uq + uk + uv, [&](int64_t u) {
         const int i = u < uq ? 0 : (u < uq + uk ? 1 : 2);
-        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * UNIT;
-        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + UNIT), L.y.data(), outs[i] + b);
+        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * qkv[i]->cols;
+        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + qkv[i]->cols), L.y.data(), outs[i] + b);
       });
     }
     barrier(0);
@@ -673,9 +678,9 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     const Lin* gu[2] = {&l.gate, &l.up};
     prepare_group(P, L, gu, 2, L.x.data(), pp);
     tm.mark(3, 0);
-    take(P.next[ph++], units_of(P.I), [&](int64_t u) {
-      const int64_t b = u * UNIT, e = std::min(P.I, b + UNIT);
-      float gbuf[UNIT], ubuf[UNIT];
+    take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
+      const int64_t b = u * l.gate.cols, e = std::min(P.I, b + l.gate.cols);
+      float gbuf[MAXCOLS], ubuf[MAXCOLS];
       linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
       linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
       for (int64_t n = b; n < e; ++n) {
@@ -690,8 +695,9 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     if (l.has_adapt) {  // LaRoSA's residual adapter: the stream becomes h A (its own output buffer t2)
       prepare(P, l.adapt, L.h.data(), L.prep[0]);
       tm.mark(6, 0);
-      take(P.next[ph++], units_of(H), [&](int64_t u) {
-        linear_rows(P, l.adapt, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t2.data() + u * UNIT);
+      const int64_t c = l.adapt.cols;
+      take(P.next[ph++], units_of(l.adapt), [&](int64_t u) {
+        linear_rows(P, l.adapt, L.prep[0], u * c, std::min(H, (u + 1) * c), L.y.data(), P.t2.data() + u * c);
       });
       barrier(6);
       std::memcpy(L.h.data(), P.t2.data(), H * sizeof(float));
@@ -726,7 +732,7 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
     const int64_t big = std::max({P.H, P.I, P.nh * P.hd});
     L->h.resize(P.H);
     L->x.resize(big);
-    L->y.resize(UNIT);
+    L->y.resize(MAXCOLS);
     P.local.push_back(std::move(L));
   }
   for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
@@ -757,6 +763,17 @@ at::Tensor fused_trace(int64_t id) {
   return t;
 }
 
+// Output columns per work unit of the sparse kinds 4 and 5 (multiples of 64, <= MAXCOLS; 0: the default,
+// DEFAULT_SPARSE_COLS).  A wider unit streams longer runs of each kept row of WT [K, N] (64 columns of int8
+// codes are one cache line per row), a narrower one shares the work more evenly.  For measurements.
+void fused_set_unit_cols(int64_t id, int64_t cols) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(cols == 0 || (cols > 0 && cols % 64 == 0 && cols <= MAXCOLS), "fused_set_unit_cols: 0 or a multiple of 64 up to ", MAXCOLS);
+  for (Layer& l : P.layers)
+    for (Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.adapt})
+      if (p->kind >= 4) p->cols = cols ? cols : DEFAULT_SPARSE_COLS;
+}
+
 void fused_set_profile(int64_t id, bool on) {
   Plan& P = get_plan(id);
   P.profile = on;
@@ -781,5 +798,6 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_set_profile(int plan, bool on) -> ()", &fused_set_profile);
   m.def("fused_profile(int plan) -> (Tensor, int)", &fused_profile);
   m.def("fused_set_trace(int plan, bool on) -> ()", &fused_set_trace);
+  m.def("fused_set_unit_cols(int plan, int cols) -> ()", &fused_set_unit_cols);
   m.def("fused_trace(int plan) -> Tensor", &fused_trace);
 }
