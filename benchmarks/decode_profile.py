@@ -1,15 +1,17 @@
 """Where the time of one fused decode step goes: per phase (q/k/v, attention, o_proj, gate/up, down,
-LM head) the milliseconds per token and the bytes each phase reads, for docs/runtime.md.
+LM head, LaRoSA's residual adapters) the milliseconds per token and the bytes each phase reads, for docs/runtime.md.
 
     PYTHONPATH=src python benchmarks/decode_profile.py /tmp/lc-cmp/art-w8a8 --head int8 \\
         --threads 2 --prompt 16 --tokens 64 --rounds 3
 
 MODEL: an artifact, or a plain model directory with ``--dtype``.  The fused step's own clock (thread 0,
 ``FusedStep.set_profile``): per phase, thread 0's small ops (residual add, RMSNorm, smoothing and
-activation quantization of the phase's input — every thread computes these itself), its share of the
+activation quantization of the phase's input, LaRoSA's Top-K selections — every thread computes these
+itself), its share of the
 phase's row units (attention: query heads; includes RoPE and the K/V cache write), and its wait at the
 barrier that ends the phase (the other thread still working, or descheduled).  Bytes: the weights the
-phase's linears read (codes, step sizes, zero points of asymmetric codes, bias; dense weights), and for
+phase's linears read (codes, step sizes, zero points of asymmetric codes, bias; dense weights; for
+LaRoSA / joint projections the kept rows' share), and for
 attention the K/V cache read at the mean position of the run.  GB/s = bytes / the phase's total time.
 The best round (lowest total) is printed; the last line is JSON with every round.
 """
@@ -23,9 +25,19 @@ import torch
 
 
 def linear_bytes(m) -> int:
+    """Bytes one decode step reads of ``m`` (sparse projections: the kept rows' share of the weight)."""
     from mmcompress.quant.deployed import IntLinear
+    from mmcompress.runtime.fused import _sparse_keep
+    from mmcompress.sparse.joint import SparseInt8Linear
+    from mmcompress.sparse.linear import SparseLinear
 
-    if isinstance(m, IntLinear):
+    if m is None:
+        return 0
+    if isinstance(m, SparseInt8Linear):
+        n = round(m.weight_q.numel() * _sparse_keep(m) / m.in_features) + 8 * m.out_features  # + scale, zero corr.
+    elif isinstance(m, SparseLinear):
+        n = round(m.weight.numel() * m.weight.element_size() * _sparse_keep(m) / m.in_features)
+    elif isinstance(m, IntLinear):
         n = m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
         if not m.scheme.sym:
             n += m.weight_zero.numel() * 4
@@ -72,6 +84,7 @@ def main():
         "gate_up": sum(linear_bytes(l.mlp.gate_proj) + linear_bytes(l.mlp.up_proj) for l in L),
         "down": sum(linear_bytes(l.down) for l in L),
         "head": fs.head_bytes,
+        "adapter": sum(linear_bytes(l.adapter) for l in L),  # LaRoSA's residual adapters
     }
     rounds = []
     for _ in range(a.rounds):

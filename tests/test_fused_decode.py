@@ -12,6 +12,7 @@ import mmcompress
 from mmcompress.data import CalibrationSet
 from mmcompress.runtime import fused
 from mmcompress.runtime.decode import DecodeEngine
+from mmcompress.runtime.fused_check import compare, explained
 
 from .conftest import text_samples, tiny_model
 
@@ -150,3 +151,137 @@ def test_packed_head_without_the_fused_step_says_so(tmp_path, tokenizer, capsys)
     assert len(err) == 1 and "needs the fused decode step" in err[0]
     with pytest.raises(ValueError, match="unknown head"):
         DecodeEngine(model, max_len=16, head="fp8")
+
+
+# -- LaRoSA (residual adapters, Top-K SparseLinear) and LaRoSA + W8A8 (SparseInt8Linear) ---------------
+
+SPARSE_KINDS = {
+    "larosa": [{"kind": "sparsify", "method": "larosa", "sparsity": 0.4}],
+    "joint": [{"kind": "sparsify", "method": "larosa", "sparsity": 0.4},
+              {"kind": "quantize", "method": "rtn", "scheme": "w8a8"}],
+    "joint-w8a16-adapters": [{"kind": "sparsify", "method": "larosa", "sparsity": 0.4},
+                             {"kind": "quantize", "method": "rtn", "scheme": "w8a8", "adapters": "w8a16"}],
+}
+
+
+def _sparse_model(tmp_path, tokenizer, arch, kind, dtype):
+    from mmcompress.runtime.generate import prepare
+
+    model, tok = tiny_model(arch, tokenizer=tokenizer, tie=(arch == "qwen2"), dtype=dtype, hidden=128,
+                            intermediate=256)
+    mmcompress.apply_recipe(model, CalibrationSet(text_samples(tok, n=2)), SPARSE_KINDS[kind], progress=False)
+    model = prepare(mmcompress.load(mmcompress.save(model, tmp_path / f"{arch}-{kind}")), quiet=True)
+    return model, tok
+
+
+def _stepwise_errors(py, fu, ids, steps):
+    """Relative logit differences of the fused and the Python step (runtime/fused_check.py: every step from
+    the same caches, teacher-forced with the Python step's tokens)."""
+    return [r["logits"] for r in compare(py, fu, ids, steps)]
+
+
+# a step's module inputs may differ by round-off: fp32 a few ulps; bf16 up to two ulps of the largest value
+# (2^-7 each relative to it; SiLU(gate) * up is rounded twice)
+DIFF = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(SPARSE_KINDS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_step_runs_larosa_and_joint_models(tmp_path, tokenizer, arch, kind, dtype):
+    """The fused step takes LaRoSA's residual adapters, its Top-K SparseLinear projections and the joint
+    artifact's SparseInt8Linear (also with 8-bit adapters) and gives the Python step's logits to round-off."""
+    from mmcompress.quant.deployed import IntLinear
+    from mmcompress.sparse.joint import SparseInt8Linear
+    from mmcompress.sparse.linear import SparseLinear
+
+    model, tok = _sparse_model(tmp_path, tokenizer, arch, kind, dtype)
+    py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40, fused=True)
+    assert fu.fused, fused.fused_problem(fu)
+    l0 = fu.layers[0]
+    proj = SparseLinear if kind == "larosa" else SparseInt8Linear
+    assert all(isinstance(m, proj) for m in (l0.q, l0.k, l0.v, l0.o, l0.mlp.gate_proj, l0.mlp.up_proj, l0.down))
+    assert l0.adapter is not None and (type(l0.adapter) is IntLinear) == (kind == "joint-w8a16-adapters")
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    rows = compare(py, fu, ids, 16)
+    # a step in which no Top-K set and no activation code differs gives the same logits to round-off; a
+    # step in which one does (bf16: an input one ulp apart moves a code across its rounding boundary) must
+    # part there only because of round-off-sized input differences (runtime/fused_check.py)
+    clean = [r["logits"] for r in rows if r["first"] is None]
+    assert len(clean) >= len(rows) // 2 and max(clean) < TOL[dtype], rows
+    assert all(explained(r["first"], DIFF[dtype]) for r in rows if r["first"] is not None), rows
+    # and, discontinuities or not, each module on the fused step's own inputs gives its outputs
+    assert all(max(r["modules"].values()) <= DIFF[dtype] for r in rows), rows
+    if dtype == torch.float32:  # and a whole generation gives the same tokens
+        assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
+
+
+def test_fused_step_divides_joint_inputs_by_their_smoothing_row(tmp_path, tokenizer):
+    """A SparseInt8Linear's smoothing row (kept values / s before the int8 codes): RTN and SmoothQuant after
+    LaRoSA fold theirs into the weights, so the rows are set here, the same on both steps' modules."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", "joint", torch.float32)
+    py = DecodeEngine(model, max_len=40, fused=False)
+    g = torch.Generator().manual_seed(7)
+    for l in py.layers:
+        for group in ((l.q, l.k, l.v), (l.mlp.gate_proj, l.mlp.up_proj), (l.o,), (l.down,)):
+            s = torch.rand(1, group[0].in_features, generator=g) * 4 + 0.25
+            for m in group:
+                m.input_smoothing = s
+    fu = DecodeEngine(model, max_len=40)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    rows = compare(py, fu, ids, 8)
+    assert all(r["first"] is None and r["logits"] < TOL[torch.float32] for r in rows), rows
+    for l in py.layers:  # without its rows the fused plan would compute another model
+        for m in (l.q, l.k, l.v, l.o, l.mlp.gate_proj, l.mlp.up_proj, l.down):
+            m.input_smoothing = None
+    assert max(_stepwise_errors(DecodeEngine(model, max_len=40, fused=False), fu, ids, 4)) > 100 * TOL[torch.float32]
+
+
+def test_fused_sparse_step_notices_a_wrong_k_or_a_missing_adapter(tmp_path, tokenizer, monkeypatch):
+    """The comparison above discriminates: a fused plan that keeps one channel fewer per Top-K, or one
+    that skips the residual adapters, is far outside its tolerance."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", "joint", torch.float32)
+    py = DecodeEngine(model, max_len=40, fused=False)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    good = max(_stepwise_errors(py, DecodeEngine(model, max_len=40), ids, 6))
+    assert good < TOL[torch.float32]
+    keep = fused._sparse_keep
+    monkeypatch.setattr(fused, "_sparse_keep", lambda m: keep(m) - 1)
+    assert max(_stepwise_errors(py, DecodeEngine(model, max_len=40), ids, 6)) > 100 * TOL[torch.float32]
+    monkeypatch.setattr(fused, "_sparse_keep", keep)
+    fu = DecodeEngine(model, max_len=40)
+    for layer in fu.layers:
+        layer.adapter = None  # the plan is made at the first step: without adapters
+    assert max(_stepwise_errors(py, fu, ids, 6)) > 100 * TOL[torch.float32]
+
+
+def test_fused_trace_is_the_python_steps_module_inputs(tmp_path, tokenizer):
+    """FusedStep.trace (the module-by-module comparison of docs/runtime.md) records, per layer, the inputs
+    of q/k/v, o_proj, gate/up and down_proj and the residual stream after the adapter: they equal what the
+    Python step feeds its modules, to round-off."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", "joint", torch.float32)
+    py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, key=(n, name): seen.__setitem__(key, i[0].reshape(-1)))
+             for n, l in enumerate(py.layers)
+             for name, m in (("x1", l.q), ("attn", l.o), ("x2", l.mlp.gate_proj), ("act", l.down))]
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            for e in (py, fu):
+                e._reset()
+                e._forward(ids, 0)
+            fu._step(torch.tensor([[5]]), 39)  # makes the plan (writes only position 39 of the caches)
+            fu._fused.set_trace(True)
+            py._step(torch.tensor([[5]]), 9)
+            fu._step(torch.tensor([[5]]), 9)
+            tr = fu._fused.trace()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(tr) == len(py.layers)
+    for (n, name), x in seen.items():
+        assert (tr[n][name] - x).abs().max() <= 1e-5 * x.abs().max(), (n, name)
+    # the adapter phase: h = h_mlp A (the layer's own adapter forward on the traced stream)
+    a = fu.layers[0].adapt(tr[0]["h_mlp"][None, None]).reshape(-1)
+    assert (a - tr[0]["h"]).abs().max() <= 1e-5 * a.abs().max() and not torch.allclose(tr[0]["h"], tr[0]["h_mlp"])

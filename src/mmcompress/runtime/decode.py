@@ -131,15 +131,16 @@ class _SharedInput:
 class _Layer:
     """What the fast path needs of one decoder layer (references into the model; no copies)."""
 
-    __slots__ = ("ln1", "q", "k", "v", "o", "ln2", "mlp", "adapt", "scaling", "hd", "qkv", "gate_up", "act",
-                 "down", "o1", "down1")
+    __slots__ = ("ln1", "q", "k", "v", "o", "ln2", "mlp", "adapt", "adapter", "scaling", "hd", "qkv", "gate_up",
+                 "act", "down", "o1", "down1")
 
     def __init__(self, layer: nn.Module):
         from ..sparse.merge import ResidualAdaptedLayer
 
-        self.adapt = None
+        self.adapt = self.adapter = None  # LaRoSA's residual adapter: its forward (h -> h A) and its module
         if isinstance(layer, ResidualAdaptedLayer):
-            self.adapt = layer._adapt if layer.residual_adapter is not None else None
+            if layer.residual_adapter is not None:
+                self.adapt, self.adapter = layer._adapt, layer.residual_adapter
             layer = layer.layer
         att = layer.self_attn
         self.ln1, self.ln2, self.mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp

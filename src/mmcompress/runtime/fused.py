@@ -18,9 +18,17 @@ step).  The logits then differ from the model's by the head's rounding: per logi
 ``2^-8 * sum_k |w_k x_k|`` (bf16) or ``(max_k |w_k| / 254) * sum_k |x_k|`` (int8) plus float round-off,
 checked in tests/test_fused_decode.py; what it does to tokens and perplexity: docs/runtime.md.
 
+LaRoSA models (``sparse/merge.py``'s residual-adapted layers with ``SparseLinear`` projections) and the
+joint artifact (LaRoSA then W8A8: ``sparse/joint.py``'s ``SparseInt8Linear``) run on the step too: each
+sparse projection selects the Top-K of its input with ``sparse_gemv.cpp``'s selection (the tie policy of
+``sparse/topk.py``; q/k/v and gate/up share one selection, as in the Python step) and runs that file's
+sparse GEMV (float weight rows skipped) or sparse int8 GEMV (per-token int8 codes of the kept values,
+exact int32 sums) on the kept rows; each residual adapter ``r ← r A`` is one more phase after its layer
+(dense, on the same float GEMV at 0 %, or the integer kernel of an 8-bit weight-only adapter).
+
 Built with the kernels' machinery (``sparse.kernels.cpu.compile_and_load``; the step includes
-``quant/kernels/int_gemm.cpp``'s tile kernels, so the build name hashes both sources), needs the
-integer kernels' CPU (AVX-512 VNNI).  :func:`fused_problem` says why a model cannot take it (the engine
+``quant/kernels/int_gemm.cpp``'s tile kernels and ``sparse/kernels/sparse_gemv.cpp``'s sparse kernels, so
+the build name hashes those sources), needs the integer kernels' CPU (AVX-512 VNNI).  :func:`fused_problem` says why a model cannot take it (the engine
 then keeps its Python step).
 """
 
@@ -34,10 +42,12 @@ import torch
 from torch import nn
 
 from ..quant.kernels import cpu as _qcpu
+from ..sparse.kernels import cpu as _scpu
 from ..sparse.kernels.cpu import compile_and_load, extension_name
 
 _SRC = Path(__file__).with_name("fused_step.cpp")
-_INCLUDED = Path(_qcpu.__file__).with_name("int_gemm.cpp")  # #include'd by fused_step.cpp
+_INCLUDED = (Path(_qcpu.__file__).with_name("int_gemm.cpp"),  # #include'd by fused_step.cpp
+             Path(_scpu.__file__).with_name("sparse_gemv.cpp"))
 HEADS = ("model", "bf16", "int8")
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -55,13 +65,51 @@ def load(verbose: bool = False) -> bool:
 
 
 def _build_name() -> str:
-    return extension_name(f"mmcompress_fused_step_{hashlib.sha256(_INCLUDED.read_bytes()).hexdigest()[:8]}", _SRC)
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in _INCLUDED)).hexdigest()[:8]
+    return extension_name(f"mmcompress_fused_step_{h}", _SRC)
+
+
+def _sparse_keep(m: nn.Module) -> int:
+    """K of a decode step of a ``SparseLinear`` / ``SparseInt8Linear`` (``in_features``: dense), as their
+    forwards read it at call time."""
+    from ..sparse.joint import SparseInt8Linear
+
+    if isinstance(m, SparseInt8Linear):
+        sp = m.input_sparsifier
+        if sp is None:
+            return m.keep
+        return m.in_features if sp.mode == "dense" else min(int(sp.keep), m.in_features)
+    return m.in_features if m.mode == "dense" else min(int(m.keep), m.in_features)
 
 
 def _linear_problem(m: nn.Module, dtype) -> str | None:
     from ..quant import kernels
     from ..quant.deployed import IntLinear
+    from ..sparse.joint import SparseInt8Linear
+    from ..sparse.kernels import resolve_backend
+    from ..sparse.linear import SparseLinear
+    from ..sparse.merge import PrefillPolicySparseLinear
 
+    if type(m) in (SparseLinear, PrefillPolicySparseLinear):  # a decode step: Top-K of the token (both)
+        if m.mode not in ("topk", "dense"):
+            return f"a {m.mode} sparsifier (fused step: Top-K)"
+        if not m.kernel_layout:
+            return "a SparseLinear off the CPU kernel layout (backend 'torch')"
+        if m.weight.dtype != dtype:
+            return f"{m.weight.dtype} sparse weight in a {dtype} model"
+        if m.keep < 1 and m.mode == "topk":
+            return "Top-K of 0 channels"
+        return None
+    if type(m) is SparseInt8Linear:
+        sp = m.input_sparsifier
+        if sp is not None and (getattr(sp, "mode", None) not in ("topk", "dense")
+                               or type(sp).sparsify is not SparseLinear.sparsify):
+            return "a SparseInt8Linear whose sparsifier is not a plain Top-K"
+        if resolve_backend(m.backend, m.weight_q.device) != "cpu":
+            return "a SparseInt8Linear off the CPU kernel"
+        if _sparse_keep(m) < 1:
+            return "Top-K of 0 channels"
+        return None
     if type(m) is nn.Linear:
         if not m.weight.is_contiguous():
             return "a non-contiguous weight"
@@ -93,9 +141,20 @@ def fused_problem(engine) -> str | None:
         why = _linear_problem(m, engine.dtype)
         if why:
             return f"{name}: {why}"
+    from ..sparse.merge import ThresholdedActivation
+
     for i, l in enumerate(engine.layers):
-        if l.adapt is not None:
-            return "residual adapters (LaRoSA)"
+        if l.adapter is not None:
+            a = l.adapter
+            if type(a) is nn.Linear:  # row-major, or the sparse kernels' layout (set_adapter_backend)
+                why = (None if a.weight.dtype == engine.dtype else f"{a.weight.dtype} weight in a {engine.dtype} model") \
+                    if a.weight.is_contiguous() or a.weight.t().is_contiguous() else "an adapter off the kernel layout"
+            else:
+                why = _linear_problem(a, engine.dtype)
+            if why:
+                return f"layer {i}: residual adapter: {why}"
+        if isinstance(l.act, ThresholdedActivation):
+            return f"layer {i}: a thresholded activation (CATS)"
         for m in (l.ln1, l.ln2):
             if type(m).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") or m.weight.dtype != engine.dtype:
                 return f"layer {i}: norm {type(m).__name__}"
@@ -113,14 +172,40 @@ def fused_problem(engine) -> str | None:
 _EMPTY = torch.empty(0)
 
 
+def _shares(key, prev) -> bool:
+    """Whether a linear with input key ``key`` reads what the previous one (``prev``) prepared."""
+    if prev is None or key is None or prev[:-1] != key[:-1]:
+        return False
+    s, t = key[-1], prev[-1]
+    return (s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
+
+
 def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
     """(tensors, meta, key) of one projection; ``key`` identifies its prepared input (for sharing)."""
     from ..quant.kernels import KERNEL_BITS, _bf16_ok
+    from ..sparse.joint import SparseInt8Linear
+    from ..sparse.linear import SparseLinear
 
     bias = m.bias.detach() if m.bias is not None else _EMPTY
     if type(m) is nn.Linear:
+        if not m.weight.is_contiguous():  # a residual adapter in the sparse kernels' layout: WT [in, out]
+            key = (4, 0, m.in_features, m.in_features, None)
+            return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
+                    [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, m.in_features], key)
         return ([m.weight.detach(), _EMPTY, _EMPTY, bias, _EMPTY],
-                [0, 0, 0, 1, 0, 0, m.out_features, m.in_features], None)
+                [0, 0, 0, 1, 0, 0, m.out_features, m.in_features, m.in_features], None)
+    if type(m) is SparseInt8Linear:  # LaRoSA + W8A8: Top-K, per-token codes of the kept values
+        keep = _sparse_keep(m)
+        s = m.input_smoothing
+        smooth = s[0].float().contiguous() if s is not None else _EMPTY
+        key = (5, m.abits, m.in_features, keep, s)
+        return ([m.weight_q, m.weight_scale.reshape(-1).float().contiguous(), m.zero_corr, bias, smooth],
+                [5, 8, 0, 1, m.abits, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
+    if isinstance(m, SparseLinear):  # float weight rows behind Top-K (WT [in, out])
+        keep = _sparse_keep(m)
+        key = (4, 0, m.in_features, keep, None)
+        return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
+                [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
     sch = m.scheme
     group = sch.group_size if 0 < sch.group_size < m.in_features else 0
     bits = KERNEL_BITS[sch.wbits]
@@ -132,11 +217,10 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
                    for t in (m.weight_scale, m.weight_zero))
     s = m.input_smoothing
     smooth = s[0].to(dtype) if s is not None else _EMPTY  # IntLinear divides by the row in x's dtype
-    key = (kind, sch.abits, m.in_features, s)
-    share = prev is not None and prev[:3] == key[:3] and (
-        (s is None and prev[3] is None) or (s is not None and prev[3] is not None and torch.equal(s, prev[3])))
+    key = (kind, sch.abits, m.in_features, m.in_features, s)
     return ([m.weight_codes, scale, zero, bias, smooth],
-            [kind, bits, group, int(sch.sym), sch.abits, int(share), m.out_features, m.in_features], key)
+            [kind, bits, group, int(sch.sym), sch.abits, int(_shares(key, prev)), m.out_features, m.in_features,
+             m.in_features], key)
 
 
 def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
@@ -151,11 +235,11 @@ def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
     bias = head.bias.detach() if head.bias is not None else _EMPTY
     N, K = w.shape
     if mode == "bf16":
-        return ([w.to(torch.bfloat16).contiguous(), _EMPTY, _EMPTY, bias, _EMPTY], [0, 0, 0, 1, 0, 0, N, K], mode)
+        return ([w.to(torch.bfloat16).contiguous(), _EMPTY, _EMPTY, bias, _EMPTY], [0, 0, 0, 1, 0, 0, N, K, K], mode)
     if K % 64:
         raise ValueError(f"an int8 head needs a hidden size that is a multiple of 64 (got {K})")
     codes, scale = int8_rows(w)
-    return ([codes, scale, torch.zeros_like(scale), bias, _EMPTY], [2, 8, 0, 1, 16, 0, N, K], mode)
+    return ([codes, scale, torch.zeros_like(scale), bias, _EMPTY], [2, 8, 0, 1, 16, 0, N, K, K], mode)
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +277,16 @@ class FusedStep:
                 t, m, prev = _lin_args(mod, dt, prev)
                 tensors += t
                 meta += m
+            meta.append(int(l.adapter is not None))
+            if l.adapter is not None:
+                t, m, _ = _lin_args(l.adapter, dt, None)
+                tensors += t
+                meta += m
         eps = getattr(engine.norm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6))
         self._tensors = tensors  # keep what the plan points into alive
         self.plan = torch.ops.mmcompress_fused.fused_plan(tensors, meta, [float(eps), float(l0.scaling), _eps(dt)])
         self._ops = torch.ops.mmcompress_fused
+        self._cfg, self._hd = cfg, l0.hd
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         return self._ops.fused_step(self.plan, token, pos)
@@ -214,6 +304,25 @@ class FusedStep:
         return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s"), map(float, row)))
                  for ph, row in zip(PHASES, t.tolist())}, int(n))
 
+    def set_unit_cols(self, cols: int = 0) -> None:
+        """Output columns per work unit of the sparse projections and dense adapters (kinds 4, 5 of
+        fused_step.cpp; a multiple of 64; 0: the default).  For measurements."""
+        self._ops.fused_set_unit_cols(self.plan, int(cols))
+
+    def set_trace(self, on: bool) -> None:
+        """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""
+        self._ops.fused_set_trace(self.plan, bool(on))
+
+    def trace(self) -> list[dict]:
+        """Per layer, of the last step (thread 0's copies, fp32): ``x1`` (input norm's output: q/k/v's
+        input), ``attn`` (attention output: o_proj's input), ``x2`` (post-attention norm's output: gate/up's
+        input), ``act`` (SiLU(gate) * up: down's input), ``h_mlp`` (the residual stream after the MLP) and
+        ``h`` (after the residual adapter; ``h_mlp`` without one)."""
+        cfg, t = self._cfg, self._ops.fused_trace(self.plan)
+        H, A, I = cfg.hidden_size, cfg.num_attention_heads * self._hd, cfg.intermediate_size
+        names, sizes = ("x1", "attn", "x2", "act", "h_mlp", "h"), (H, A, H, I, H, H)
+        return [dict(zip(names, row.split(sizes))) for row in t]
+
     def __del__(self):
         try:
             self._ops.fused_free(self.plan)
@@ -221,6 +330,6 @@ class FusedStep:
             pass
 
 
-PHASES = ("qkv", "attention", "o_proj", "gate_up", "down", "head")  # fused_step.cpp's phases, in order
+PHASES = ("qkv", "attention", "o_proj", "gate_up", "down", "head", "adapter")  # fused_step.cpp's phases, in order
 
 __all__ = ["FusedStep", "HEADS", "PHASES", "fused_problem", "int8_rows", "load"]

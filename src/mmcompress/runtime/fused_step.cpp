@@ -11,12 +11,26 @@
 //           quant/kernels/int_gemm.cpp (the deployed IntLinear's own kernel code, included below);
 //   kind 2  weight-only on float activations: int_gemm.cpp's float tiles;
 //   kind 3  weight-only int4 on bf16 activations: int_gemm.cpp's bf16 tiles.
+//   kind 4  float weight stored input-channel-major WT [K, N] (LaRoSA's SparseLinear, and a residual
+//           adapter in the kernel layout) behind a per-token Top-K of its input (keep < K; keep = K:
+//           dense): sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep channels, ties
+//           to the lowest index, as sparse/topk.py) and its row-group GEMV (gemv_block), on the kept rows;
+//   kind 5  LaRoSA + W8A8 (SparseInt8Linear): the same Top-K, per-token int8 codes of the kept values
+//           (divided by the fp32 smoothing row if any; quantize_values), uint8 codes + 128 [K, N] walked
+//           four kept rows at a time with VNNI (int8_block, exact int32 sums), int8_dequant's epilogue.
+// Kinds 4 and 5 are the deployed modules' own kernel code (sparse_gemv.cpp is included below), so one
+// unit of 64 output columns computes exactly what those kernels compute for the same columns.
 // A smoothing row divides the input first (in the model dtype), as IntLinear does; linears that read
-// the same smoothed input (q/k/v, gate/up) quantize it once (flag "share").
+// the same smoothed input (q/k/v, gate/up) quantize it once (flag "share"; kinds 4 and 5: one Top-K
+// selection and, kind 5, one set of activation codes).
+//
+// LaRoSA's residual adapter (r <- r A after a layer, ResidualAdaptedLayer) is one more phase at the end
+// of that layer: a linear on the residual stream (kind 4 dense, or a kind 0/2 linear) whose output
+// replaces the stream.
 //
 // Threads: the whole step is ONE OpenMP parallel region (not one per op).  Per layer five phases,
-// separated by `omp barrier`: q/k/v, attention (heads), o_proj, gate/up (+ SiLU * up), down; then the
-// LM head.  Within a phase the threads take 64-row units (attention: heads) from an atomic counter of
+// separated by `omp barrier`: q/k/v, attention (heads), o_proj, gate/up (+ SiLU * up), down (and the
+// residual adapter, if the layer has one); then the LM head.  Within a phase the threads take 64-row units (attention: heads) from an atomic counter of
 // that phase, so a descheduled thread does not hold a fixed share.  What every thread needs whole — the
 // residual stream, the norms, the smoothing and activation quantization of a linear's input — each
 // thread computes itself into its own buffers (a few microseconds; identical values on every thread),
@@ -30,6 +44,8 @@
 
 #define MMCOMPRESS_INT_GEMM_KERNELS_ONLY
 #include "../quant/kernels/int_gemm.cpp"  // int_tile, float_tile, bf16_tile, quantize_rows (anonymous namespace)
+#define MMCOMPRESS_SPARSE_GEMV_KERNELS_ONLY
+#include "../sparse/kernels/sparse_gemv.cpp"  // topk_row, gemv_block, quantize_values, pack_groups, int8_block, int8_dequant
 
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -45,16 +61,19 @@ inline float to_bf16_value(float f) { return static_cast<float>(c10::BFloat16(f)
 inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }
 
 struct Lin {
-  int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0;
-  bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 weight stored as bf16
-  at::Tensor w, scale, zero;   // w: dense weight [N, K] or packed codes
+  int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0, keep = 0;
+  int64_t cols = 64;  // output features per work unit (kinds 4, 5: columns of WT; see fused_set_unit_cols)
+  bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 or kind-4 weight stored as bf16
+  at::Tensor w, scale, zero;   // w: dense weight [N, K], packed codes, or (kinds 4, 5) WT [K, N]
   std::vector<float> bias;     // empty: none (values of the model dtype)
-  std::vector<float> smooth;   // empty: none (values of the model dtype)
+  std::vector<float> smooth;   // empty: none (values of the model dtype; kind 5: the module's fp32 row)
 };
 
 struct Layer {
   std::vector<float> ln1, ln2;
   Lin q, k, v, o, gate, up, down;
+  bool has_adapt = false;
+  Lin adapt;          // LaRoSA's residual adapter r <- r A (N = K = H)
   at::Tensor kc, vc;  // [1, kv_heads, max_len, head_dim], model dtype, contiguous
 };
 
@@ -69,6 +88,15 @@ struct Input {
   std::vector<c10::BFloat16> xt;  // kind 1 in a bf16 model: the quantizer's input
   std::vector<int8_t> xq0;     // kind 1: codes in natural order
   float sx = 1.f;
+  // kinds 4, 5: the Top-K selection (sparse_gemv.cpp's topk_row) and what the kernels take
+  std::vector<int32_t> rows;   // kept channels, ascending (kind 5: padded to a multiple of 4)
+  std::vector<float> vals;     // their values (kind 5: divided by the smoothing row)
+  std::vector<int8_t> qa;      // kind 5: activation codes of the kept values
+  std::vector<uint32_t> qp;    // kind 5: the codes packed per group of four rows
+  std::vector<uint32_t> keys, cand;  // topk_row's scratch
+  int64_t ngroups = 0;
+  int32_t qsum = 0;
+  float sa = 1.f;
 };
 
 struct Local {  // one thread's buffers
@@ -77,8 +105,10 @@ struct Local {  // one thread's buffers
   float qt[1024], kt[1024], acc[1024];
 };
 
-constexpr int NPHASE = 6;  // qkv, attention, o_proj, gate/up, down, head
-constexpr int64_t UNIT = 64;
+constexpr int NPHASE = 7;  // qkv, attention, o_proj, gate/up, down, head, residual adapter
+constexpr int64_t UNIT = 64;    // output rows per work unit of the row-major kinds 0..3
+constexpr int64_t MAXCOLS = 1024;  // the widest unit (kinds 4, 5)
+constexpr int64_t DEFAULT_SPARSE_COLS = 256;  // docs/runtime.md: 1.4x faster than 64 on smollm2 joint, one thread
 
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
@@ -90,15 +120,18 @@ struct Plan {
   Lin head;
   std::vector<Layer> layers;
   // shared between the threads of a step
-  std::vector<float> q, k, v, a, g, t;  // t: o_proj / down output
+  std::vector<float> q, k, v, a, g, t, t2;  // t: o_proj / down output; t2: the residual adapter's
   std::vector<float> scores;           // [nh, max_len]
   std::unique_ptr<std::atomic<int64_t>[]> next;  // one work counter per phase of a step
-  int64_t nphases = 0;
+  int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
   // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
   bool profile = false;
   double prof[NPHASE][3] = {};
   int64_t prof_steps = 0;
+  // trace (fused_set_trace): per layer, what thread 0 saw of the last step (see fused_trace)
+  bool trace = false;
+  std::vector<float> tr;
 };
 
 std::mutex g_mu;
@@ -159,6 +192,23 @@ constexpr bool kBf16Dot = false;
 
 void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
   const int64_t K = l.K;
+  if (l.kind >= 4) {  // Top-K of x (exactly keep channels, ties to the lowest index; keep >= K: all)
+    p.rows.clear();
+    topk_row(x, K, l.keep, p.keys, p.cand, p.rows);
+    const int64_t n = static_cast<int64_t>(p.rows.size());
+    p.vals.resize(n);
+    for (int64_t j = 0; j < n; ++j) p.vals[j] = x[p.rows[j]];
+    if (l.kind == 5) {  // int8_from_selection's activation codes, one token
+      if (!l.smooth.empty())
+        for (int64_t j = 0; j < n; ++j) p.vals[j] = p.vals[j] / l.smooth[p.rows[j]];
+      p.qa.resize(n);
+      p.sa = quantize_values(p.vals.data(), n, (1 << (l.abits - 1)) - 1, p.qa.data());
+      p.qsum = 0;
+      for (int8_t v : p.qa) p.qsum += v;
+      p.ngroups = pack_groups(p.rows, p.qa.data(), 1, p.qp);
+    }
+    return;
+  }
   p.xs.resize(K);
   if (!l.smooth.empty())
     for (int64_t k = 0; k < K; ++k) p.xs[k] = rnd(P, x[k] / l.smooth[k]);
@@ -220,6 +270,24 @@ void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
 // out[0 .. n1 - n0); y: scratch of n1 - n0 floats
 void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_t n1, float* y, float* out) {
   const int64_t K = l.K, G = l.G, gs = l.gs, rows = n1 - n0;
+  if (l.kind >= 4) {  // columns [n0, n1) of the sparse kernels (sparse_gemv.cpp), bias, one rounding
+    if (l.kind == 4) {
+      std::fill(y, y + rows, 0.f);
+      const int64_t nk = static_cast<int64_t>(p.rows.size());
+      if (l.wbf16)
+        gemv_block<uint16_t, 1>(reinterpret_cast<const uint16_t*>(l.w.data_ptr()), l.N, p.rows.data(), p.vals.data(),
+                                nk, n0, n1, y);
+      else
+        gemv_block<float, 1>(l.w.data_ptr<float>(), l.N, p.rows.data(), p.vals.data(), nk, n0, n1, y);
+    } else {
+      int32_t acc[MAXCOLS];
+      std::fill(acc, acc + rows, 0);
+      int8_block<1>(l.w.data_ptr<uint8_t>(), l.N, p.rows.data(), p.qp.data(), p.ngroups, n0, n1, acc);
+      int8_dequant(acc, n0, rows, l.zero.data_ptr<int32_t>(), p.qsum, p.sa, l.scale.data_ptr<float>(), y);
+    }
+    for (int64_t r = 0; r < rows; ++r) out[r] = rnd(P, l.bias.empty() ? y[r] : y[r] + l.bias[n0 + r]);
+    return;
+  }
   if (l.kind == 0) {
     auto run = [&](auto* w, auto&& rows4, auto&& rows1) {
       int64_t r = 0;
@@ -363,18 +431,33 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   l.share = meta[mi++] != 0;
   l.N = meta[mi++];
   l.K = meta[mi++];
+  l.keep = meta[mi++];
   l.w = ts[ti++];
   l.scale = ts[ti++];
   l.zero = ts[ti++];
   l.bias = floats(ts[ti++]);
   l.smooth = floats(ts[ti++]);
   TORCH_CHECK(l.w.is_contiguous(), "fused_plan: weights must be contiguous");
-  TORCH_CHECK(l.kind >= 0 && l.kind <= 3, "fused_plan: linear kind 0..3");
+  TORCH_CHECK(l.kind >= 0 && l.kind <= 5, "fused_plan: linear kind 0..5");
   TORCH_CHECK(l.kind != 0 || (l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == l.K), "fused_plan: dense weight shape");
   TORCH_CHECK(l.kind != 0 || l.w.scalar_type() == at::kFloat || l.w.scalar_type() == at::kBFloat16,
               "fused_plan: dense weights float32 or bfloat16");
-  l.wbf16 = l.kind == 0 && l.w.scalar_type() == at::kBFloat16;
-  if (l.kind != 0) {
+  l.wbf16 = (l.kind == 0 || l.kind == 4) && l.w.scalar_type() == at::kBFloat16;
+  if (l.kind >= 4) {
+    l.cols = DEFAULT_SPARSE_COLS;
+    TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.K && l.w.size(1) == l.N, "fused_plan: WT [K, N] shape");
+    TORCH_CHECK(l.keep >= 1, "fused_plan: Top-K keeps at least one channel");
+    if (l.kind == 4) {
+      TORCH_CHECK(l.w.scalar_type() == at::kFloat || l.w.scalar_type() == at::kBFloat16,
+                  "fused_plan: sparse float weights float32 or bfloat16");
+    } else {
+      TORCH_CHECK(l.w.scalar_type() == at::kByte, "fused_plan: sparse int8 codes uint8 (code + 128)");
+      TORCH_CHECK(l.scale.scalar_type() == at::kFloat && l.scale.is_contiguous() && l.scale.numel() == l.N &&
+                      l.zero.scalar_type() == at::kInt && l.zero.is_contiguous() && l.zero.numel() == l.N,
+                  "fused_plan: sparse int8 scale float [N], zero correction int32 [N]");
+      TORCH_CHECK(l.abits >= 2 && l.abits <= 8, "fused_plan: activation bits 2..8");
+    }
+  } else if (l.kind != 0) {
     TORCH_CHECK(l.bits == 8 || l.bits == 4, "fused_plan: 4- or 8-bit codes");
     TORCH_CHECK(l.K % 64 == 0, "fused_plan: K must be a multiple of 64");
     TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
@@ -398,7 +481,8 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
 // tensors: embed, final norm, cos [max_len, hd], sin, head (5), then per layer: ln1, ln2, kc, vc, and
 // q, k, v, o, gate, up, down (5 each: weight, scale, zero, bias, smoothing; empty tensors for none).
 // meta: H, nh, nkv, hd, L, max_len, V, I, bf16, then per linear (head first) kind, bits, group, sym,
-// abits, share, N, K.  fmeta: rms eps, attention scaling, quantizer eps.
+// abits, share, N, K, keep; after each layer's seven linears a flag "has a residual adapter" and, if set,
+// the adapter's linear (5 tensors after the layer's 35, and its meta).  fmeta: rms eps, attention scaling, quantizer eps.
 int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& meta, const std::vector<double>& fmeta) {
   auto P = std::make_unique<Plan>();
   size_t ti = 0, mi = 0;
@@ -434,7 +518,15 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                 "fused_plan: K/V cache layout");
     for (Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
       *p = make_lin(ts, ti, meta, mi);
-      TORCH_CHECK(p->kind != 0 || p->w.scalar_type() == dt, "fused_plan: layer weights in the model dtype");
+      TORCH_CHECK((p->kind != 0 && p->kind != 4) || p->w.scalar_type() == dt,
+                  "fused_plan: layer weights in the model dtype");
+    }
+    l.has_adapt = meta[mi++] != 0;
+    if (l.has_adapt) {
+      l.adapt = make_lin(ts, ti, meta, mi);
+      TORCH_CHECK(l.adapt.N == P->H && l.adapt.K == P->H && !l.adapt.share, "fused_plan: residual adapter shape");
+      TORCH_CHECK(l.adapt.kind != 4 || l.adapt.keep >= l.adapt.K, "fused_plan: a residual adapter is dense");
+      P->nadapt++;
     }
     const int64_t H = P->H, qd = P->nh * P->hd, kd = P->nkv * P->hd, I = P->I;
     TORCH_CHECK(l.q.K == H && l.q.N == qd && l.k.K == H && l.k.N == kd && l.v.K == H && l.v.N == kd &&
@@ -442,7 +534,8 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                     l.down.K == I && l.down.N == H && static_cast<int64_t>(l.ln1.size()) == H &&
                     static_cast<int64_t>(l.ln2.size()) == H,
                 "fused_plan: layer shapes");
-    TORCH_CHECK(!l.k.share || l.q.kind == l.k.kind, "fused_plan: shared input of different kinds");
+    for (const Lin* p : {&l.k, &l.v, &l.up})
+      TORCH_CHECK(!p->share || (p - 1)->kind == p->kind, "fused_plan: shared input of different kinds");
     P->layers.push_back(std::move(l));
   }
   TORCH_CHECK(ti == ts.size() && mi == meta.size(), "fused_plan: argument count");
@@ -456,8 +549,9 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
   P->v.resize(P->nkv * P->hd);
   P->g.resize(P->I);
   P->t.resize(P->H);
+  P->t2.resize(P->H);
   P->scores.resize(P->nh * P->max_len);
-  P->nphases = 5 * P->L + 1;
+  P->nphases = 5 * P->L + P->nadapt + 1;
   P->next.reset(new std::atomic<int64_t>[P->nphases]);
   std::lock_guard<std::mutex> lock(g_mu);
   g_plans.push_back(std::move(P));
@@ -500,6 +594,7 @@ inline void take(std::atomic<int64_t>& next, int64_t units, const F& fn) {
 }
 
 inline int64_t units_of(int64_t n) { return (n + UNIT - 1) / UNIT; }
+inline int64_t units_of(const Lin& l) { return (l.N + l.cols - 1) / l.cols; }
 
 // the inputs of consecutive linears l[0..n) (a later one reuses the earlier preparation when "share")
 inline const Input* prepare_group(const Plan& P, Local& L, const Lin* const* l, int n, const float* x, const Input** out) {
@@ -536,26 +631,34 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
     prepare(P, lin, x, L.prep[0]);
     tm.mark(phase, 0);
-    take(P.next[ph++], units_of(H), [&](int64_t u) {
-      linear_rows(P, lin, L.prep[0], u * UNIT, std::min(H, (u + 1) * UNIT), L.y.data(), P.t.data() + u * UNIT);
+    take(P.next[ph++], units_of(lin), [&](int64_t u) {
+      linear_rows(P, lin, L.prep[0], u * lin.cols, std::min(H, (u + 1) * lin.cols), L.y.data(), P.t.data() + u * lin.cols);
     });
     barrier(phase);
     for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
   };
   const Input* pp[3];
+  const bool tracing = P.trace && tid == 0;
+  float* trp = tracing ? P.tr.data() : nullptr;
+  auto trace = [&](const float* v, int64_t n) {  // thread 0 appends v[0..n) to the trace
+    if (!tracing) return;
+    std::memcpy(trp, v, n * sizeof(float));
+    trp += n;
+  };
   for (Layer& l : P.layers) {
     // q / k / v
     rms_norm(P, L.h.data(), l.ln1, L.x.data());
+    trace(L.x.data(), H);
     const Lin* qkv[3] = {&l.q, &l.k, &l.v};
     prepare_group(P, L, qkv, 3, L.x.data(), pp);
     tm.mark(0, 0);
     {
-      const int64_t uq = units_of(l.q.N), uk = units_of(l.k.N), uv = units_of(l.v.N);
+      const int64_t uq = units_of(l.q), uk = units_of(l.k), uv = units_of(l.v);
       float* outs[3] = {P.q.data(), P.k.data(), P.v.data()};
       take(P.next[ph++], uq + uk + uv, [&](int64_t u) {
         const int i = u < uq ? 0 : (u < uq + uk ? 1 : 2);
-        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * UNIT;
-        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + UNIT), L.y.data(), outs[i] + b);
+        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * qkv[i]->cols;
+        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + qkv[i]->cols), L.y.data(), outs[i] + b);
       });
     }
     barrier(0);
@@ -567,15 +670,17 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
         attend_head<float>(P, l, L, h, pos);
     });
     barrier(1);
+    trace(P.a.data(), P.nh * P.hd);
     residual_linear(2, l.o, P.a.data());  // o_proj
     // gate / up, SiLU(gate) * up for the same rows
     rms_norm(P, L.h.data(), l.ln2, L.x.data());
+    trace(L.x.data(), H);
     const Lin* gu[2] = {&l.gate, &l.up};
     prepare_group(P, L, gu, 2, L.x.data(), pp);
     tm.mark(3, 0);
-    take(P.next[ph++], units_of(P.I), [&](int64_t u) {
-      const int64_t b = u * UNIT, e = std::min(P.I, b + UNIT);
-      float gbuf[UNIT], ubuf[UNIT];
+    take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
+      const int64_t b = u * l.gate.cols, e = std::min(P.I, b + l.gate.cols);
+      float gbuf[MAXCOLS], ubuf[MAXCOLS];
       linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
       linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
       for (int64_t n = b; n < e; ++n) {
@@ -584,7 +689,20 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
       }
     });
     barrier(3);
+    trace(P.g.data(), P.I);
     residual_linear(4, l.down, P.g.data());  // down
+    trace(L.h.data(), H);
+    if (l.has_adapt) {  // LaRoSA's residual adapter: the stream becomes h A (its own output buffer t2)
+      prepare(P, l.adapt, L.h.data(), L.prep[0]);
+      tm.mark(6, 0);
+      const int64_t c = l.adapt.cols;
+      take(P.next[ph++], units_of(l.adapt), [&](int64_t u) {
+        linear_rows(P, l.adapt, L.prep[0], u * c, std::min(H, (u + 1) * c), L.y.data(), P.t2.data() + u * c);
+      });
+      barrier(6);
+      std::memcpy(L.h.data(), P.t2.data(), H * sizeof(float));
+    }
+    trace(L.h.data(), H);
   }
   // final norm and the LM head, straight into the output tensor
   rms_norm(P, L.h.data(), P.norm, L.x.data());
@@ -614,7 +732,7 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
     const int64_t big = std::max({P.H, P.I, P.nh * P.hd});
     L->h.resize(P.H);
     L->x.resize(big);
-    L->y.resize(UNIT);
+    L->y.resize(MAXCOLS);
     P.local.push_back(std::move(L));
   }
   for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
@@ -626,6 +744,34 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
   step_thread(P, token, pos, od, prof);
   if (prof) ++P.prof_steps;
   return out;
+}
+
+// Trace the following steps (on): per layer, thread 0's ln1 output, attention output, ln2 output, SiLU * up,
+// the residual stream after down and after the residual adapter (= after down without one): fp32
+// [L, 4H + nh*hd + I].  For the module-by-module comparisons of docs/runtime.md (tests, scripts), not timing.
+void fused_set_trace(int64_t id, bool on) {
+  Plan& P = get_plan(id);
+  P.trace = on;
+  P.tr.assign(on ? P.L * (4 * P.H + P.nh * P.hd + P.I) : 0, 0.f);
+}
+
+at::Tensor fused_trace(int64_t id) {
+  Plan& P = get_plan(id);
+  at::Tensor t = at::empty({P.L, 4 * P.H + P.nh * P.hd + P.I}, at::TensorOptions().dtype(at::kFloat));
+  TORCH_CHECK(P.trace, "fused_trace: tracing is off");
+  std::memcpy(t.data_ptr<float>(), P.tr.data(), P.tr.size() * sizeof(float));
+  return t;
+}
+
+// Output columns per work unit of the sparse kinds 4 and 5 (multiples of 64, <= MAXCOLS; 0: the default,
+// DEFAULT_SPARSE_COLS).  A wider unit streams longer runs of each kept row of WT [K, N] (64 columns of int8
+// codes are one cache line per row), a narrower one shares the work more evenly.  For measurements.
+void fused_set_unit_cols(int64_t id, int64_t cols) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(cols == 0 || (cols > 0 && cols % 64 == 0 && cols <= MAXCOLS), "fused_set_unit_cols: 0 or a multiple of 64 up to ", MAXCOLS);
+  for (Layer& l : P.layers)
+    for (Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.adapt})
+      if (p->kind >= 4) p->cols = cols ? cols : DEFAULT_SPARSE_COLS;
 }
 
 void fused_set_profile(int64_t id, bool on) {
@@ -651,4 +797,7 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_free(int plan) -> ()", &fused_free);
   m.def("fused_set_profile(int plan, bool on) -> ()", &fused_set_profile);
   m.def("fused_profile(int plan) -> (Tensor, int)", &fused_profile);
+  m.def("fused_set_trace(int plan, bool on) -> ()", &fused_set_trace);
+  m.def("fused_set_unit_cols(int plan, int cols) -> ()", &fused_set_unit_cols);
+  m.def("fused_trace(int plan) -> Tensor", &fused_trace);
 }

@@ -570,6 +570,38 @@ constexpr bool kInt8Permuted = true;
 constexpr bool kInt8Permuted = false;
 #endif
 
+// Rows kept by one or more tokens (ascending) and their codes qr [nrows, B] -> rows padded to a multiple of
+// 4 (padding rows repeat rows[0] and carry code 0) and qp[g*B + b] = the four codes of group g, token b
+// (byte r = row 4g + r), as int8_block reads them.  Returns the number of groups.
+inline int64_t pack_groups(std::vector<int32_t>& rows, const int8_t* qr, int64_t B, std::vector<uint32_t>& qp) {
+  const int64_t nr = static_cast<int64_t>(rows.size());
+  const int64_t ngroups = (nr + 3) / 4;
+  const int32_t pad_row = nr > 0 ? rows[0] : 0;
+  rows.resize(ngroups * 4, pad_row);
+  qp.assign(ngroups * B, 0u);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t b = 0; b < B; ++b)
+      qp[(r / 4) * B + b] |= static_cast<uint32_t>(static_cast<uint8_t>(qr[r * B + b])) << (8 * (r % 4));
+  return ngroups;
+}
+
+// One token's int32 sums a (int8_block's order: its full 64-column chunks in lane order, then the tail in
+// column order) of columns [j0, j0 + len) -> out[j] = (a_j - zc_j * qsum) * (sa * dw_j), before the bias.
+inline void int8_dequant(const int32_t* a, int64_t j0, int64_t len, const int32_t* zp, int32_t qsum, float sa,
+                         const float* dw, float* out) {
+  const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
+  // column 16L + 4m + i of a 64-column chunk sits at 16m + 4L + i
+  for (int64_t c = 0; c < full; c += 64)
+    for (int m = 0; m < 4; ++m)
+      for (int L = 0; L < 4; ++L)
+        for (int i = 0; i < 4; ++i) {
+          const int64_t j = c + 16 * L + 4 * m + i;
+          out[j] = static_cast<float>(a[c + 16 * m + 4 * L + i] - zp[j0 + j] * qsum);
+        }
+  for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum);
+  for (int64_t j = 0; j < len; ++j) out[j] = out[j] * (sa * dw[j0 + j]);
+}
+
 using int8_fn = void (*)(const uint8_t*, int64_t, const int32_t*, const uint32_t*, int64_t, int64_t, int64_t, int32_t*);
 
 int8_fn pick_int8(int64_t B) {
@@ -627,14 +659,8 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   std::vector<int32_t> rows;
   std::vector<int8_t> qr;  // [nrows, B]
   build_union(sel, q, d, rows, qr);
-  const int64_t nr = static_cast<int64_t>(rows.size());
-  const int64_t ngroups = (nr + 3) / 4;
-  const int32_t pad_row = nr > 0 ? rows[0] : 0;
-  rows.resize(ngroups * 4, pad_row);
-  std::vector<uint32_t> qp(ngroups * B, 0u);
-  for (int64_t r = 0; r < nr; ++r)
-    for (int64_t b = 0; b < B; ++b)
-      qp[(r / 4) * B + b] |= static_cast<uint32_t>(static_cast<uint8_t>(qr[r * B + b])) << (8 * (r % 4));
+  std::vector<uint32_t> qp;
+  const int64_t ngroups = pack_groups(rows, qr.data(), B, qp);
 
   at::Tensor y = at::empty({B, n}, wq.options().dtype(out_dtype));
   const int nt = std::max<int>(1, at::get_num_threads());
@@ -659,7 +685,6 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   std::vector<int32_t> part(static_cast<size_t>(rp * B * n), 0);
   auto epilogue = [&](int64_t t) {  // sum the row parts of column block t, undo the lane order, scale
     const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-    const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
     std::vector<int32_t> a(len);
     std::vector<float> out(len);
     for (int64_t b = 0; b < B; ++b) {
@@ -668,17 +693,9 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
         const int32_t* q = part.data() + (p * B + b) * n + j0;
         for (int64_t j = 0; j < len; ++j) a[j] += q[j];
       }
-      // column 16L + 4m + i of a 64-column chunk sits at 16m + 4L + i
-      for (int64_t c = 0; c < full; c += 64)
-        for (int m = 0; m < 4; ++m)
-          for (int L = 0; L < 4; ++L)
-            for (int i = 0; i < 4; ++i) {
-              const int64_t j = c + 16 * L + 4 * m + i;
-              out[j] = static_cast<float>(a[c + 16 * m + 4 * L + i] - zp[j0 + j] * qsum[b]);
-            }
-      for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum[b]);
+      int8_dequant(a.data(), j0, len, zp, qsum[b], sa[b], dw, out.data());
       for (int64_t j = 0; j < len; ++j) {
-        float v = out[j] * (sa[b] * dw[j0 + j]);
+        float v = out[j];
         if (bptr)
           v += bias_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(bptr)[j0 + j])
                          : static_cast<const float*>(bptr)[j0 + j];
@@ -728,6 +745,7 @@ at::Tensor indexed_int8_gemv(const at::Tensor& idx, const at::Tensor& values, co
 
 }  // namespace
 
+#ifndef MMCOMPRESS_SPARSE_GEMV_KERNELS_ONLY  // fused_step.cpp includes the kernels without the ops
 TORCH_LIBRARY(mmcompress_sparse, m) {
   m.def("topk_gemv(Tensor x, Tensor wt, int k, Tensor? bias=None) -> Tensor");
   m.def("threshold_gemv(Tensor x, Tensor wt, float thr, Tensor? bias=None) -> Tensor");
@@ -746,3 +764,4 @@ TORCH_LIBRARY_IMPL(mmcompress_sparse, CPU, m) {
   m.impl("topk_int8_gemv", &topk_int8_gemv);
   m.impl("indexed_int8_gemv", &indexed_int8_gemv);
 }
+#endif  // MMCOMPRESS_SPARSE_GEMV_KERNELS_ONLY
