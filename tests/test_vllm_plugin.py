@@ -394,3 +394,128 @@ def test_masquant_plugin_vl_mini_image_qa(tmp_path, vllm_py):
     assert s["image_qa"]["plain_vs_ours_text_path"]["answers_identical_ids"] >= 0.95, s
     eff = s["modality_effect_image_prompts"]
     assert eff["vllm_max"] > 1e-3 and eff["ours_max"] > 1e-3, eff
+
+
+# -- Qwen2.5-Omni: thinker-only exports in the full Omni model's layout ----------------------------------------
+
+OMNI_IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|> the quick brown fox"
+OMNI_AUDIO_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|> the quick brown fox"
+
+
+def _omni_requests(root: Path) -> list[dict]:
+    """A text prompt, an image prompt and an audio prompt (pixels and samples: vLLM's own towers encode them)."""
+    from .conftest import write_wav
+
+    make_image(3).save(root / "image.png")
+    write_wav(root / "audio.wav", 1.5)
+    return [{"prompt": TEXT_PROMPT}, {"prompt": OMNI_IMAGE_PROMPT, "image": str(root / "image.png")},
+            {"prompt": OMNI_AUDIO_PROMPT, "audio": str(root / "audio.wav")}]
+
+
+def _omni_model():
+    from .tiny_models import tiny_model, tiny_processor
+
+    model, tok = tiny_model("qwen2_5_omni", hidden=128, intermediate=256, heads=4, kv_heads=4, layers=2)
+    with torch.no_grad():  # sharpen the random model's next-token distributions (lm_head is not quantized)
+        model.lm_head.weight.mul_(4)
+    return model, tok, tiny_processor("qwen2_5_omni", tok)
+
+
+@torch.no_grad()
+def _omni_ours(model, proc, requests: list[dict], vllm_ids: list[list[int]]) -> list[dict]:
+    """Prompt log-probs and greedy tokens of ``model`` (transformers or ``mmcompress.load``) on ``requests``,
+    the processor's output passed whole: transformers' Omni thinker builds M-RoPE positions only when it is
+    given ``attention_mask`` (without it, 1-D positions: up to 0.05 nats per token on the image prompt)."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    from mmcompress.models.modality import modality_context
+
+    out = []
+    for r, ids in zip(requests, vllm_ids):
+        kw = {}
+        if r.get("image"):
+            kw["images"] = [Image.open(r["image"]).convert("RGB")]
+        if r.get("audio"):
+            with wave.open(r["audio"]) as w:
+                kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+        enc = dict(proc(text=[r["prompt"]], return_tensors="pt", **kw))
+        assert enc["input_ids"][0].tolist() == ids, "our processor and vLLM's expanded the prompt differently"
+        with modality_context(None):
+            lp = torch.log_softmax(model(**enc).logits[0, :-1].float(), -1)
+            gen = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=0)
+        out.append({"prompt_logprobs": lp.gather(-1, enc["input_ids"][0, 1:, None])[:, 0].tolist(),
+                    "greedy": gen[0, enc["input_ids"].shape[1]:].tolist()})
+    return out
+
+
+def _assert_omni_layout(export: Path) -> None:
+    from safetensors import safe_open
+
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5OmniForConditionalGeneration"] and cfg["model_type"] == "qwen2_5_omni"
+    assert cfg["thinker_config"]["model_type"] == "qwen2_5_omni_thinker" and cfg["enable_audio_output"] is False
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("thinker.") for k in f.keys())
+    if "quantization_config" in cfg:  # the vision tower's fused attn.qkv stays unquantized (else NaN in vLLM)
+        ignore = cfg["quantization_config"]["ignore"]
+        assert all(n.startswith("thinker.") for n in ignore) and "thinker.visual.blocks.0.attn.qkv" in ignore
+
+
+def test_omni_dense_thinker_in_vllm(tmp_path, vllm_py):
+    """A dense thinker-only Qwen2.5-Omni checkpoint rewritten into the full Omni model's layout
+    (:func:`nest_in_container`) loads in vLLM as ``Qwen2_5OmniForConditionalGeneration``; its text, image and
+    audio prompts (vLLM's own vision and audio towers) equal transformers' thinker position by position
+    (float32; measured 3e-6 nats) with identical greedy tokens."""
+    from mmcompress.export.compressed_tensors import nest_in_container
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.models.processing import save_processor
+
+    model, tok, proc = _omni_model()
+    export = tmp_path / "omni-dense"
+    model.save_pretrained(export)
+    save_processor(proc, export)
+    nest_in_container(export, get_adapter(model).container)
+    _assert_omni_layout(export)
+    requests = _omni_requests(tmp_path)
+    res = _run(vllm_py, export, requests, None, "dense")
+    ours = _omni_ours(model, proc, requests, [r["prompt_token_ids"] for r in res["results"]])
+    gaps = {kind: _gap(res["results"][k], ours[k]) for k, kind in enumerate(("text", "image", "audio"))}
+    print(f"\n[vllm omni dense] {json.dumps(gaps)}")
+    for kind, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
+
+
+def _omni_artifact(root: Path, method: str, **kw):
+    from mmcompress.models.processing import save_processor
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    model, tok, proc = _omni_model()
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(4)])
+    mmcompress.quantize(model, calib, method, resolve_scheme("w8a8"), progress=False, **kw)
+    art = mmcompress.save(model, root / f"omni-{method}-w8a8")
+    save_processor(proc, art)
+    return art, proc
+
+
+def test_omni_w8a8_export_in_vllm(tmp_path, vllm_py):
+    """An RTN W8A8 export of the thinker (in the Omni layout) loads in vLLM with compressed-tensors' W8A8 int8
+    scheme; text, image and audio prompts equal our runtime on the same artifact (float32, 1e-4 nats)."""
+    from mmcompress.export.compressed_tensors import export_compressed_tensors
+
+    art, proc = _omni_artifact(tmp_path, "rtn")
+    report = export_compressed_tensors(art, tmp_path / "ct")
+    assert report["container"]["architecture"] == "Qwen2_5OmniForConditionalGeneration", report
+    _assert_omni_layout(tmp_path / "ct")
+    requests = _omni_requests(tmp_path)
+    res = _run(vllm_py, tmp_path / "ct", requests, None, "w8a8")
+    assert res["quantization"] == "compressed-tensors", res["quantization"]
+    ours = _omni_ours(mmcompress.load(art).float().eval(), proc, requests,
+                      [r["prompt_token_ids"] for r in res["results"]])
+    gaps = {kind: _gap(res["results"][k], ours[k]) for k, kind in enumerate(("text", "image", "audio"))}
+    print(f"\n[vllm omni w8a8] {json.dumps(gaps)}")
+    for kind, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
