@@ -519,3 +519,46 @@ def test_omni_w8a8_export_in_vllm(tmp_path, vllm_py):
     print(f"\n[vllm omni w8a8] {json.dumps(gaps)}")
     for kind, g in gaps.items():
         assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
+
+
+def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
+    """MASQuant W8A8 (tied vectors, CMC) of the tiny Omni thinker, exported in the Omni layout: vLLM picks the
+    plugin, its Omni subclass publishes image and audio rows (both modalities' side tensors are exercised),
+    the text prompt is bit-identical to the plain export, and every prompt equals our runtime position by
+    position (plugin vs ours with the modality path, plain vs ours on the text path; float32, 1e-4 nats)."""
+    from mmcompress.export.compressed_tensors import export_compressed_tensors, read_export_config
+
+    art, proc = _omni_artifact(tmp_path, "masquant", epochs=1, tie=True)
+    export_compressed_tensors(art, tmp_path / "ct")
+    _assert_omni_layout(tmp_path / "ct")
+    section = read_export_config(tmp_path / "ct")["mmcompress_masquant"]
+    assert section["cmc_linears"] > 0 and section["modalities"] == ["image", "audio"], section
+    requests = _omni_requests(tmp_path)
+    plugin = _run(vllm_py, tmp_path / "ct", requests, None, "plugin")
+    plain = _run(vllm_py, tmp_path / "ct", requests, "compressed-tensors", "plain")
+    assert plugin["quantization"] == "mmcompress-masquant" and plain["quantization"] == "compressed-tensors"
+    assert plugin["plugin"]["wrapped"] == 2 * 3  # per layer: qkv_proj, o_proj, gate_up_proj (down_proj: s = 1)
+    assert plugin["plugin"]["modality_calls"] > 0 and plain["plugin"]["modality_calls"] == 0
+    ids = [r["prompt_token_ids"] for r in plugin["results"]]
+    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    model = mmcompress.load(art).float().eval()
+    ours = _omni_ours(model, proc, requests, ids)
+    for h in model._mmcompress_router:  # our text path: the router off
+        h.remove()
+    model._mmcompress_router = None
+    ours_text = _omni_ours(model, proc, requests, ids)
+    kinds = ("text", "image", "audio")
+    gaps = {f"{which} vs ours {kind}": _gap(res["results"][k], ref[k])
+            for which, res, ref in (("plugin", plugin, ours), ("plain", plain, ours_text)) for k, kind in enumerate(kinds)}
+    effect = {kind: {"vllm_max": max(abs(a - b) for a, b in zip(plugin["results"][k]["prompt_logprobs"],
+                                                                plain["results"][k]["prompt_logprobs"])),
+                     "ours_max": max(abs(a - b) for a, b in zip(ours[k]["prompt_logprobs"],
+                                                               ours_text[k]["prompt_logprobs"]))}
+              for k, kind in enumerate(kinds) if k}
+    print(f"\n[vllm plugin omni] " + json.dumps({**gaps, "modality_effect": effect, "plugin": plugin["plugin"]}))
+    assert plugin["results"][0]["prompt_logprobs"] == plain["results"][0]["prompt_logprobs"]
+    assert plugin["results"][0]["greedy"] == plain["results"][0]["greedy"]
+    for kind in ("image", "audio"):  # the modality path changes both in vLLM and in ours
+        assert effect[kind]["vllm_max"] > 1e-3 and effect[kind]["ours_max"] > 1e-3, effect
+    for name, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (name, gaps)
