@@ -249,6 +249,37 @@ def test_multimodal_keeps_towers_unquantized(tmp_path, tokenizer):
     assert all(f"{n}.weight" in keys for n in ignore)  # ignore names are checkpoint names
 
 
+def test_omni_thinker_exports_in_the_full_omni_layout(tmp_path, tokenizer):
+    """vLLM serves the Qwen2.5-Omni thinker only as Qwen2_5OmniForConditionalGeneration (docs/vllm_plugin.md):
+    the export nests the thinker config, prefixes every tensor and ``ignore`` entry with ``thinker.``, names
+    the vision tower's fused ``attn.qkv`` in ``ignore`` (vLLM does not resolve it to q/k/v) and keeps the
+    same tensors otherwise (tests/test_vllm_plugin.py serves it)."""
+    from safetensors import safe_open
+
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer, hidden=128, intermediate=256, heads=4, kv_heads=4)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2, seqlen=16)), "rtn", "w8a8", progress=False)
+    art = mmcompress.save(model, tmp_path / "omni")
+    rep = export_compressed_tensors(art, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5OmniForConditionalGeneration"] == [rep["container"]["architecture"]]
+    assert cfg["model_type"] == "qwen2_5_omni" and cfg["enable_audio_output"] is False
+    inner = cfg["thinker_config"]
+    assert inner["model_type"] == "qwen2_5_omni_thinker" and "quantization_config" not in inner
+    assert inner["text_config"]["num_hidden_layers"] == 2
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text()) \
+        if (tmp_path / "ct" / "model.safetensors.index.json").is_file() else None
+    assert keys and all(k.startswith("thinker.") for k in keys)
+    assert index is None or set(index["weight_map"]) == keys
+    assert {"thinker.model.layers.0.self_attn.q_proj.weight_scale", "thinker.lm_head.weight"} <= keys
+    ignore = cfg["quantization_config"]["ignore"]
+    assert ignore == rep["ignore"] and all(n.startswith("thinker.") for n in ignore)
+    assert "thinker.visual.blocks.0.attn.qkv" in ignore and "thinker.visual.blocks.1.attn.qkv" in ignore
+    assert all(f"{n}.weight" in keys for n in ignore if not n.endswith(".attn.qkv"))
+    assert not any(n.startswith("thinker.model.layers") for n in ignore)
+
+
 def test_cli_check_and_export(tmp_path, tokenizer, capsys):
     from mmcompress.cli import main
 

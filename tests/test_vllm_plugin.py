@@ -394,3 +394,325 @@ def test_masquant_plugin_vl_mini_image_qa(tmp_path, vllm_py):
     assert s["image_qa"]["plain_vs_ours_text_path"]["answers_identical_ids"] >= 0.95, s
     eff = s["modality_effect_image_prompts"]
     assert eff["vllm_max"] > 1e-3 and eff["ours_max"] > 1e-3, eff
+
+
+# -- Qwen2.5-Omni: thinker-only exports in the full Omni model's layout ----------------------------------------
+
+OMNI_IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|> the quick brown fox"
+OMNI_AUDIO_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|> the quick brown fox"
+
+
+def _omni_requests(root: Path) -> list[dict]:
+    """A text prompt, an image prompt and an audio prompt (pixels and samples: vLLM's own towers encode them)."""
+    from .conftest import write_wav
+
+    make_image(3).save(root / "image.png")
+    write_wav(root / "audio.wav", 1.5)
+    return [{"prompt": TEXT_PROMPT}, {"prompt": OMNI_IMAGE_PROMPT, "image": str(root / "image.png")},
+            {"prompt": OMNI_AUDIO_PROMPT, "audio": str(root / "audio.wav")}]
+
+
+def _omni_model():
+    from .tiny_models import tiny_model, tiny_processor
+
+    model, tok = tiny_model("qwen2_5_omni", hidden=128, intermediate=256, heads=4, kv_heads=4, layers=2)
+    with torch.no_grad():  # sharpen the random model's next-token distributions (lm_head is not quantized)
+        model.lm_head.weight.mul_(4)
+    return model, tok, tiny_processor("qwen2_5_omni", tok)
+
+
+@torch.no_grad()
+def _omni_ours(model, proc, requests: list[dict], vllm_ids: list[list[int]]) -> list[dict]:
+    """Prompt log-probs and greedy tokens of ``model`` (transformers or ``mmcompress.load``) on ``requests``,
+    the processor's output passed whole: transformers' Omni thinker builds M-RoPE positions only when it is
+    given ``attention_mask`` (without it, 1-D positions: up to 0.05 nats per token on the image prompt)."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    from mmcompress.models.modality import modality_context
+
+    out = []
+    for r, ids in zip(requests, vllm_ids):
+        kw = {}
+        if r.get("image"):
+            kw["images"] = [Image.open(r["image"]).convert("RGB")]
+        if r.get("audio"):
+            with wave.open(r["audio"]) as w:
+                kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+        enc = dict(proc(text=[r["prompt"]], return_tensors="pt", **kw))
+        assert enc["input_ids"][0].tolist() == ids, "our processor and vLLM's expanded the prompt differently"
+        with modality_context(None):
+            lp = torch.log_softmax(model(**enc).logits[0, :-1].float(), -1)
+            gen = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=0)
+        out.append({"prompt_logprobs": lp.gather(-1, enc["input_ids"][0, 1:, None])[:, 0].tolist(),
+                    "greedy": gen[0, enc["input_ids"].shape[1]:].tolist()})
+    return out
+
+
+def _assert_omni_layout(export: Path) -> None:
+    from safetensors import safe_open
+
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5OmniForConditionalGeneration"] and cfg["model_type"] == "qwen2_5_omni"
+    assert cfg["thinker_config"]["model_type"] == "qwen2_5_omni_thinker" and cfg["enable_audio_output"] is False
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("thinker.") for k in f.keys())
+    if "quantization_config" in cfg:  # the vision tower's fused attn.qkv stays unquantized (else NaN in vLLM)
+        ignore = cfg["quantization_config"]["ignore"]
+        assert all(n.startswith("thinker.") for n in ignore) and "thinker.visual.blocks.0.attn.qkv" in ignore
+
+
+def test_omni_dense_thinker_in_vllm(tmp_path, vllm_py):
+    """A dense thinker-only Qwen2.5-Omni checkpoint rewritten into the full Omni model's layout
+    (:func:`nest_in_container`) loads in vLLM as ``Qwen2_5OmniForConditionalGeneration``; its text, image and
+    audio prompts (vLLM's own vision and audio towers) equal transformers' thinker position by position
+    (float32; measured 3e-6 nats) with identical greedy tokens."""
+    from mmcompress.export.compressed_tensors import nest_in_container
+    from mmcompress.models.adapters import get_adapter
+    from mmcompress.models.processing import save_processor
+
+    model, tok, proc = _omni_model()
+    export = tmp_path / "omni-dense"
+    model.save_pretrained(export)
+    save_processor(proc, export)
+    nest_in_container(export, get_adapter(model).container)
+    _assert_omni_layout(export)
+    requests = _omni_requests(tmp_path)
+    res = _run(vllm_py, export, requests, None, "dense")
+    ours = _omni_ours(model, proc, requests, [r["prompt_token_ids"] for r in res["results"]])
+    gaps = {kind: _gap(res["results"][k], ours[k]) for k, kind in enumerate(("text", "image", "audio"))}
+    print(f"\n[vllm omni dense] {json.dumps(gaps)}")
+    for kind, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
+
+
+def _omni_artifact(root: Path, method: str, **kw):
+    from mmcompress.models.processing import save_processor
+    from mmcompress.quant.quantizer import resolve_scheme
+
+    model, tok, proc = _omni_model()
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(4)])
+    mmcompress.quantize(model, calib, method, resolve_scheme("w8a8"), progress=False, **kw)
+    art = mmcompress.save(model, root / f"omni-{method}-w8a8")
+    save_processor(proc, art)
+    return art, proc
+
+
+def test_omni_w8a8_export_in_vllm(tmp_path, vllm_py):
+    """An RTN W8A8 export of the thinker (in the Omni layout) loads in vLLM with compressed-tensors' W8A8 int8
+    scheme; text, image and audio prompts equal our runtime on the same artifact (float32, 1e-4 nats)."""
+    from mmcompress.export.compressed_tensors import export_compressed_tensors
+
+    art, proc = _omni_artifact(tmp_path, "rtn")
+    report = export_compressed_tensors(art, tmp_path / "ct")
+    assert report["container"]["architecture"] == "Qwen2_5OmniForConditionalGeneration", report
+    _assert_omni_layout(tmp_path / "ct")
+    requests = _omni_requests(tmp_path)
+    res = _run(vllm_py, tmp_path / "ct", requests, None, "w8a8")
+    assert res["quantization"] == "compressed-tensors", res["quantization"]
+    ours = _omni_ours(mmcompress.load(art).float().eval(), proc, requests,
+                      [r["prompt_token_ids"] for r in res["results"]])
+    gaps = {kind: _gap(res["results"][k], ours[k]) for k, kind in enumerate(("text", "image", "audio"))}
+    print(f"\n[vllm omni w8a8] {json.dumps(gaps)}")
+    for kind, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
+
+
+def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
+    """MASQuant W8A8 (tied vectors, CMC) of the tiny Omni thinker, exported in the Omni layout: vLLM picks the
+    plugin, its Omni subclass publishes image and audio rows (both modalities' side tensors are exercised),
+    the text prompt is bit-identical to the plain export, and every prompt equals our runtime position by
+    position (plugin vs ours with the modality path, plain vs ours on the text path; float32, 1e-4 nats)."""
+    from mmcompress.export.compressed_tensors import export_compressed_tensors, read_export_config
+
+    art, proc = _omni_artifact(tmp_path, "masquant", epochs=1, tie=True)
+    export_compressed_tensors(art, tmp_path / "ct")
+    _assert_omni_layout(tmp_path / "ct")
+    section = read_export_config(tmp_path / "ct")["mmcompress_masquant"]
+    assert section["cmc_linears"] > 0 and section["modalities"] == ["image", "audio"], section
+    requests = _omni_requests(tmp_path)
+    plugin = _run(vllm_py, tmp_path / "ct", requests, None, "plugin")
+    plain = _run(vllm_py, tmp_path / "ct", requests, "compressed-tensors", "plain")
+    assert plugin["quantization"] == "mmcompress-masquant" and plain["quantization"] == "compressed-tensors"
+    assert plugin["plugin"]["wrapped"] == 2 * 3  # per layer: qkv_proj, o_proj, gate_up_proj (down_proj: s = 1)
+    assert plugin["plugin"]["modality_calls"] > 0 and plain["plugin"]["modality_calls"] == 0
+    ids = [r["prompt_token_ids"] for r in plugin["results"]]
+    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    model = mmcompress.load(art).float().eval()
+    ours = _omni_ours(model, proc, requests, ids)
+    for h in model._mmcompress_router:  # our text path: the router off
+        h.remove()
+    model._mmcompress_router = None
+    ours_text = _omni_ours(model, proc, requests, ids)
+    kinds = ("text", "image", "audio")
+    gaps = {f"{which} vs ours {kind}": _gap(res["results"][k], ref[k])
+            for which, res, ref in (("plugin", plugin, ours), ("plain", plain, ours_text)) for k, kind in enumerate(kinds)}
+    effect = {kind: {"vllm_max": max(abs(a - b) for a, b in zip(plugin["results"][k]["prompt_logprobs"],
+                                                                plain["results"][k]["prompt_logprobs"])),
+                     "ours_max": max(abs(a - b) for a, b in zip(ours[k]["prompt_logprobs"],
+                                                               ours_text[k]["prompt_logprobs"]))}
+              for k, kind in enumerate(kinds) if k}
+    print(f"\n[vllm plugin omni] " + json.dumps({**gaps, "modality_effect": effect, "plugin": plugin["plugin"]}))
+    assert plugin["results"][0]["prompt_logprobs"] == plain["results"][0]["prompt_logprobs"]
+    assert plugin["results"][0]["greedy"] == plain["results"][0]["greedy"]
+    for kind in ("image", "audio"):  # the modality path changes both in vLLM and in ours
+        assert effect[kind]["vllm_max"] > 1e-3 and effect[kind]["ours_max"] > 1e-3, effect
+    for name, g in gaps.items():
+        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (name, gaps)
+
+
+# -- a real testbed model: omni-mini (Qwen2.5-Omni thinker) on image-qa-test and speech-test digits ----------------
+
+OMNI_MAX_TOKENS = 12  # greedy, stopping at end-of-sequence: enough for a VQA answer or a short digit string
+
+
+def omni_mini_case(root: Path) -> tuple[Path, Path] | None:
+    """omni-mini's MASQuant W8A8 artifact (:data:`VL_QUANTIZE`) and its compressed-tensors export (``--requantize``:
+    9 heads / 3 KV heads, like vl-mini) under ``root``, both reused when present; None without omni-mini."""
+    import sys
+
+    from mmcompress_testbed import registry
+
+    if not (registry.cache_root() / "omni-mini" / "testbed.json").is_file():
+        return None
+    src = registry.fetch("omni-mini", progress=False)
+    art, export = root / "omni-mini-masquant-w8a8", root / "omni-mini-masquant-w8a8-ct"
+    cli = [sys.executable, "-m", "mmcompress.cli"]
+    if not (art / "mmcompress.json").is_file():
+        subprocess.run(cli + ["quantize", str(src), *VL_QUANTIZE, "--no-progress", "--json", "-o", str(art)],
+                       check=True)
+    if not (export / "config.json").is_file():
+        subprocess.run(cli + ["export", str(art), "--format", "compressed-tensors", "--requantize", "--json",
+                              "-o", str(export)], check=True)
+    return art, export
+
+
+def omni_requests(root: Path, vqa_items: list[dict], speech_items: list[dict]) -> list[dict]:
+    """Image-QA prompts (eval/vqa.py's template, images as PNGs), then transcription prompts (eval/asr.py's,
+    clips as 16 kHz WAVs)."""
+    import wave
+
+    import numpy as np
+
+    from mmcompress.eval.asr import AUDIO_PROMPT
+    from mmcompress.eval.vqa import IMAGE_PROMPT
+
+    (root / "omni-media").mkdir(parents=True, exist_ok=True)
+    reqs = []
+    for k, it in enumerate(vqa_items):
+        png = root / "omni-media" / f"{k:03d}.png"
+        it["image"].save(png)
+        reqs.append({"prompt": IMAGE_PROMPT.format(question=it["question"]), "image": str(png)})
+    for k, it in enumerate(speech_items):
+        wav = root / "omni-media" / f"{k:03d}.wav"
+        pcm = (np.clip(np.asarray(it["audio"], dtype=np.float32), -1, 1) * 32767).astype(np.int16)
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(pcm.tobytes())
+        reqs.append({"prompt": AUDIO_PROMPT, "audio": str(wav)})
+    return reqs
+
+
+@torch.no_grad()
+def omni_ours(art: Path, requests: list[dict], vllm_ids: list[list[int]], modalities: bool = True) -> dict:
+    """Our runtime (``mmcompress.load``, float32, integer path) on the same requests: greedy answers of at most
+    :data:`OMNI_MAX_TOKENS` tokens stopping at end-of-sequence, the processor's output passed whole (the WAV
+    read back, so both sides hear the same 16-bit samples); ``modalities=False``: the text path everywhere."""
+    import time
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    from mmcompress.eval._inputs import to_model
+    from mmcompress.models.modality import modality_context
+    from mmcompress.models.processing import load_processor
+
+    proc = load_processor(art)
+    model = mmcompress.load(art).float().eval()
+    if not modalities:
+        for h in model._mmcompress_router:
+            h.remove()
+        model._mmcompress_router = None
+    results, t0 = [], time.perf_counter()
+    for r, ids in zip(requests, vllm_ids):
+        kw = {}
+        if r.get("image"):
+            kw["images"] = [Image.open(r["image"]).convert("RGB")]
+        if r.get("audio"):
+            with wave.open(r["audio"]) as w:
+                kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+        enc = to_model(model, proc(text=[r["prompt"]], return_tensors="pt", **kw))
+        if enc["input_ids"][0].tolist() != ids:
+            raise AssertionError(f"our processor and vLLM's expanded {r['prompt']!r} differently")
+        with modality_context(None):
+            gen = model.generate(**enc, max_new_tokens=OMNI_MAX_TOKENS, do_sample=False)
+        new = gen[0, enc["input_ids"].shape[1]:].tolist()
+        results.append({"greedy": new, "prompt_logprobs": [], "text": proc.tokenizer.decode(new, skip_special_tokens=True)})
+    return {"results": results, "run_s": time.perf_counter() - t0}
+
+
+def omni_compare(art: Path, export: Path, vqa_items: list[dict], speech_items: list[dict], root: Path,
+                 vllm_py: str) -> dict:
+    """vLLM with the plugin and plain (float32, images and audio through vLLM's own towers) against our runtime
+    with and without its modality path, on image-QA and transcription prompts; answers compared token for token
+    up to end-of-sequence."""
+    reqs = omni_requests(root, vqa_items, speech_items)
+    job = {"quantization": None, "requests": reqs, "max_tokens": OMNI_MAX_TOKENS, "dtype": "float32",
+           "ignore_eos": False, "prompt_logprobs": False}
+    plugin = run_job(vllm_py, RUNNER, dict(job, model=str(export)), root / "omni-plugin", timeout=3600)
+    plain = run_job(vllm_py, RUNNER, dict(job, model=str(export), quantization="compressed-tensors"),
+                    root / "omni-plain", timeout=3600)
+    ids = [r["prompt_token_ids"] for r in plugin["results"]]
+    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    ours = omni_ours(art, reqs, ids)
+    ours_text = omni_ours(art, reqs, ids, modalities=False)
+    eos = json.loads((export / "generation_config.json").read_text()).get("eos_token_id")
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    n = len(vqa_items)
+    parts = {"image_qa": slice(0, n), "speech": slice(n, len(reqs))}
+    summary = {"n_image_qa": n, "n_speech": len(speech_items), "dtype": "float32",
+               "quantization": {"plugin": plugin["quantization"], "plain": plain["quantization"]},
+               "plugin_counters": plugin["plugin"], "cpu_int8_kernel": plugin["cpu_int8_kernel"],
+               "seconds": {"vllm_plugin_load": plugin["load_s"], "vllm_plugin_run": plugin["run_s"],
+                           "vllm_plain_load": plain["load_s"], "vllm_plain_run": plain["run_s"],
+                           "ours_run": ours["run_s"], "ours_text_path_run": ours_text["run_s"]}}
+    for part, sl in parts.items():
+        pr, pl, o, ot = (x["results"][sl] for x in (plugin, plain, ours, ours_text))
+        summary[part] = {"plugin_vs_ours": vqa_agreement(pr, o, eos), "plain_vs_ours_text_path": vqa_agreement(pl, ot, eos),
+                         "plugin_vs_plain": vqa_agreement(pr, pl, eos), "ours_vs_ours_text_path": vqa_agreement(o, ot, eos),
+                         "answers": [{"plugin": a["text"], "ours": b["text"], "plain": c["text"]}
+                                     for a, b, c in zip(pr, o, pl)]}
+    return {"summary": summary, "runs": {"plugin": plugin, "plain": plain, "ours": ours, "ours_text_path": ours_text}}
+
+
+@pytest.mark.real
+def test_masquant_plugin_omni_mini(tmp_path, vllm_py):
+    """omni-mini (SmolLM2-135M decoder, trained Qwen2.5-Omni vision tower and audio connector), MASQuant W8A8
+    (:data:`VL_QUANTIZE`), exported with ``--requantize`` in the Omni layout: 4 image-qa-test questions (one per
+    type) and 4 speech-test digit clips, float32, pixels and samples through vLLM's own towers.  Asserted: vLLM
+    picks the plugin and takes the modality path; answers of vLLM + plugin identical to our runtime's (token
+    ids) on every prompt, and the plain export's to our text path's.  Not asserted per position: as on vl-mini
+    the export's o_proj is re-quantized after an inexact fold (grouped-query attention)."""
+    from mmcompress.eval.asr import load_speech_set
+    from mmcompress.eval.vqa import _first_per_type, load_vqa_set
+
+    work = Path(os.environ.get("MMCOMPRESS_VLLM_WORK") or tmp_path)
+    case = omni_mini_case(work)
+    if case is None:
+        pytest.skip("omni-mini not in the cache (run `mmcompress testbed fetch omni-mini`)")
+    art, export = case
+    vqa_items = _first_per_type(load_vqa_set("image-qa-test"), 1)
+    speech_items = [it for it in load_speech_set("speech-test") if it.get("kind") == "digits"][:4]
+    s = omni_compare(art, export, vqa_items, speech_items, tmp_path, vllm_py)["summary"]
+    print("\n[vllm plugin omni-mini] " + json.dumps(s))
+    assert s["quantization"] == {"plugin": "mmcompress-masquant", "plain": "compressed-tensors"}, s
+    assert s["plugin_counters"]["modality_calls"] > 0, s
+    for part in ("image_qa", "speech"):
+        assert s[part]["plugin_vs_ours"]["answers_identical_ids"] == 1.0, (part, s[part])
+        assert s[part]["plain_vs_ours_text_path"]["answers_identical_ids"] == 1.0, (part, s[part])

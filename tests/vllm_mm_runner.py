@@ -4,7 +4,8 @@
 
 ``JOB.json``: ``model`` (export directory), ``quantization`` (``null``: what vLLM/the plugin picks;
 ``"compressed-tensors"``: the plain export even with the mmcompress plugin installed), ``requests``
-(``{"prompt": text, "image": PNG path or null, "image_embeds": safetensors path or null}``; the
+(``{"prompt": text, "image": PNG path or null, "image_embeds": safetensors path or null, "audio": 16 kHz mono
+16-bit WAV path or null}``; the
 latter holds ``image_embeds`` ``[tokens, hidden]`` and ``image_grid_thw`` ``[1, 3]``), ``max_tokens``, ``dtype``;
 optional ``prompt_logprobs`` (default true), ``ignore_eos`` (default true: exactly ``max_tokens`` tokens;
 false: stop at the model's end-of-sequence token, as ``generate`` does), ``max_model_len`` (512).
@@ -18,6 +19,17 @@ Imports nothing from mmcompress except, when installed, the plugin's counters.
 import json
 import sys
 import time
+
+
+def _wav(path: str):
+    """A 16-bit PCM WAV file as (float32 samples in [-1, 1], sampling rate), what vLLM's audio input takes."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(path, "rb") as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+        return pcm.astype(np.float32) / 32767, w.getframerate()
 
 
 def main(job_path: str, result_path: str) -> None:
@@ -44,7 +56,7 @@ def main(job_path: str, result_path: str) -> None:
     kwargs = {"quantization": job["quantization"]} if job.get("quantization") else {}
     llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
               dtype=job.get("dtype", "float32"), seed=0, distributed_executor_backend="uni",
-              limit_mm_per_prompt={"image": 1, "video": 0}, enable_mm_embeds=True, **kwargs)
+              limit_mm_per_prompt={"image": 1, "video": 0, "audio": 1}, enable_mm_embeds=True, **kwargs)
     load_s = time.perf_counter() - t0
     inputs = []
     for r in job["requests"]:
@@ -55,6 +67,8 @@ def main(job_path: str, result_path: str) -> None:
             item["multi_modal_data"] = {"image": load_file(r["image_embeds"])}
         elif r.get("image"):
             item["multi_modal_data"] = {"image": Image.open(r["image"]).convert("RGB")}
+        if r.get("audio"):
+            item.setdefault("multi_modal_data", {})["audio"] = _wav(r["audio"])
         inputs.append(item)
     t0 = time.perf_counter()
     want_lps = job.get("prompt_logprobs", True)

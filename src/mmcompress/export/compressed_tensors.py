@@ -45,7 +45,10 @@ attribute ``"dequantize": true`` in ``quantization_config`` (vLLM ignores it), a
 ``L_m R_m`` cannot be expressed in compressed-tensors: the exported model is the text path (every
 token, image and audio tokens included, uses the text smoothing, as decode always does).  The report
 and the ``README.md`` written next to the weights say so.  Vision and audio towers stay unquantized
-(listed in ``ignore``) and the architecture name is the artifact's.
+(listed in ``ignore``) and the architecture name is the artifact's, except for a family that vLLM serves only
+inside a larger model (``ModelAdapter.container``; the Qwen2.5-Omni thinker): its export is written in that
+model's layout (:func:`nest_in_container`: ``Qwen2_5OmniForConditionalGeneration``, our config as
+``thinker_config`` with ``enable_audio_output: false``, tensors and ``ignore`` entries prefixed ``thinker.``).
 """
 
 from __future__ import annotations
@@ -392,6 +395,54 @@ def _set_loading_attribute(config_json: Path, key: str, value) -> None:
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+# -- serving layout: a family vLLM serves only inside a larger model ---------------------------------------
+
+
+def nest_in_container(directory, container) -> dict:
+    """Rewrite the checkpoint in ``directory`` (``save_pretrained`` output, optionally with a
+    ``quantization_config``) into ``container``'s layout (:class:`~mmcompress.models.adapters.ServingContainer`),
+    in place: ``config.json`` becomes the container's config with ours under ``container.config_key`` (its
+    ``quantization_config`` stays at the top, ``ignore`` entries prefixed and, where vLLM fuses shards under a name it
+    does not resolve, the fused name added: ``container.fused_ignore``), and every tensor of the weight files
+    the index lists is renamed ``container.prefix + name`` (the index too).  Other files (the plugin's side
+    file, processor files) are left as they are.  Returns ``{"architecture", "config_key", "prefix"}``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    inner = json.loads(cfg_path.read_text())
+    qcfg = inner.pop("quantization_config", None)
+    outer = {"architectures": [container.architecture], "model_type": container.model_type,
+             container.config_key: inner, **dict(container.extra)}
+    for key in ("transformers_version", "dtype", "torch_dtype"):
+        if key in inner:
+            outer[key] = inner[key]
+    if qcfg is not None:
+        ignore = list(qcfg.get("ignore") or [])
+        for shards, fused in container.fused_ignore:
+            parents = {n[: -len(shards[0])] for n in ignore if n.endswith("." + shards[0])}
+            ignore += sorted(p + fused for p in parents if all(p + s in ignore for s in shards))
+        qcfg = dict(qcfg, ignore=[container.prefix + n for n in ignore])
+        outer["quantization_config"] = qcfg
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        index, files = None, ["model.safetensors"]
+    for fname in files:
+        with safe_open(str(directory / fname), "pt") as f:
+            meta = f.metadata()
+            tensors = {container.prefix + k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(directory / fname), metadata=meta)
+    if index is not None:
+        index["weight_map"] = {container.prefix + k: v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+    cfg_path.write_text(json.dumps(outer, indent=2, sort_keys=True) + "\n")
+    return {"architecture": container.architecture, "config_key": container.config_key, "prefix": container.prefix}
+
+
 # -- the export -----------------------------------------------------------------------------------------
 
 
@@ -570,6 +621,9 @@ def export_compressed_tensors(src, output=None, *, requantize: bool = False, tp:
         for fname in _PROCESSOR_FILES:
             if (src / fname).is_file():
                 shutil.copyfile(src / fname, tmp / fname)
+        if adapter.container is not None:  # vLLM serves the family only inside a larger model
+            report["container"] = nest_in_container(tmp, adapter.container)
+            report["ignore"] = read_export_config(tmp)["ignore"]
         drop_line = f"* **{'Text path without the plugin' if present else 'Text path only'}.** {dropped['note']}.\n" if dropped["note"] else ""
         (tmp / "README.md").write_text(_README.format(
             name=output.name, version=__version__, source=src, method=report["method"], scheme=scheme.name, fmt=fmt,
@@ -598,4 +652,4 @@ def read_export_config(path) -> dict:
 
 
 __all__ = ["ExportError", "KERNELS", "EXPORTABLE", "classify", "kernel_table", "format_kernel_table", "preflight",
-           "plan_folds", "export_compressed_tensors", "read_export_config"]
+           "plan_folds", "export_compressed_tensors", "nest_in_container", "read_export_config"]

@@ -87,6 +87,34 @@ class LayerKind:
         return [r for g in self.groups for r in g.readers]
 
 
+@dataclass(frozen=True)
+class ServingContainer:
+    """The model a checkpoint of this family is served inside, where vLLM registers the family only as part
+    of a larger model (vLLM 0.32 serves the Qwen2.5-Omni thinker only as ``Qwen2_5OmniForConditionalGeneration``:
+    it reads ``config.thinker_config`` and ``thinker.``-prefixed tensor names).  A serving export nests the
+    family's config under ``config_key`` of a ``model_type`` config (plus ``extra``), names it
+    ``architecture`` and prefixes every tensor (and ``ignore`` entry) with ``prefix``."""
+
+    model_type: str
+    architecture: str
+    config_key: str
+    prefix: str
+    extra: tuple = ()  # (key, value) pairs of the container config
+    # (shard suffixes, fused suffix): linears vLLM fuses under a name its ``ignore`` matching does not resolve
+    # to the shards, so an ``ignore`` list naming every shard also names the fused layer
+    fused_ignore: tuple = ()
+
+
+#: Qwen2.5-Omni without the talker: vLLM's Omni classes build only the thinker
+QWEN2_5_OMNI_CONTAINER = ServingContainer("qwen2_5_omni", "Qwen2_5OmniForConditionalGeneration", "thinker_config",
+                                          "thinker.", (("enable_audio_output", False),),
+                                          # vLLM 0.32 fuses the vision tower's attn.q/k/v into attn.qkv, but its
+                                          # compressed-tensors ignore matching looks up the fused mapping by the
+                                          # last name component ("qkv", mapped as "attn.qkv"): unlisted, the
+                                          # unquantized tower is built as W8A8 and computes NaN
+                                          fused_ignore=((("attn.q", "attn.k", "attn.v"), "attn.qkv"),))
+
+
 @dataclass
 class ModelAdapter:
     """Architecture knowledge for one loaded model (see module docstring)."""
@@ -106,6 +134,7 @@ class ModelAdapter:
     image_spans: bool = False  # image positions come from the inputs' ``image_bound`` spans (MiniCPM-V 2.x)
     router_path: str = ""  # the module the modality router sits on ("": the model)
     moe: bool = False  # sparse MoE blocks whose experts are per-expert linears (:mod:`.moe`)
+    container: ServingContainer | None = None  # how serving exports wrap the checkpoint (None: as it is)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -327,6 +356,7 @@ class Family:
     router_path: str = ""
     call_convention: str | None = None  # how keyword inputs reach the model (:func:`install_call_convention`)
     moe: bool = False  # fused experts split into per-expert linears (:func:`~.moe.unfuse_experts`)
+    container: ServingContainer | None = None  # the model vLLM serves the family inside (:class:`ServingContainer`)
 
     def kinds(self, config, n_layers: int) -> list[LayerKind]:
         if isinstance(self.layers, LayerKind):
@@ -368,7 +398,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_omni_thinker": Family(  # transformers >= 5.2x nests the text model; 5.17 puts it at `model`
         "qwen2_5_omni_thinker", ("model.language_model", "model"), LLAMA_LAYER,
         {"image": "image_token_index", "video": "video_token_index", "audio": "audio_token_index"},
-        embedding_writers=("visual.merger.mlp.2", "audio_tower.proj"),
+        embedding_writers=("visual.merger.mlp.2", "audio_tower.proj"), container=QWEN2_5_OMNI_CONTAINER,
     ),
     "qwen3_vl": Family("qwen3_vl", "model.language_model", LLAMA_LAYER, _QWEN_VL_TOKENS,
                        embedding_writers=("visual.merger.linear_fc2",), merged_blocker=DEEPSTACK),
@@ -441,7 +471,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         embedding_writers=fam.embedding_writers, embedding_matrices=fam.embedding_matrices,
         merged_blocker=fam.merged_blocker,
         sparsity_blocker=fam.sparsity_blocker, head_path=fam.head_path, image_spans=fam.image_spans,
-        router_path=fam.router_path, moe=fam.moe,
+        router_path=fam.router_path, moe=fam.moe, container=fam.container,
     )
 
 

@@ -9,7 +9,7 @@ vLLM starts it calls :func:`register` in every process; that registers
   compressed-tensors checkpoints carrying the block: each quantized linear runs vLLM's own
   compressed-tensors kernel; image / audio tokens first get their input multiplied by ``s_T / s_m``
   and add the low-rank correction ``(x / s_m) L_m R_m``; text and decode tokens take the plain path;
-* subclasses of the multimodal models it supports (Qwen2.5-VL) that publish, per scheduled token, its
+* subclasses of the multimodal models it supports (Qwen2.5-VL, the Qwen2.5-Omni thinker) that publish, per scheduled token, its
   modality (placeholder token id of a position that vLLM fills with encoder embeddings).
 
 Serve without the plugin's modality path: ``LLM(..., quantization="compressed-tensors")`` (or

@@ -39,7 +39,7 @@ SECTION = "mmcompress_masquant"
 FORMAT_VERSION = 1
 ROW_OF = {"image": 1, "audio": 2}
 #: architectures whose vLLM class gets a subclass that publishes token modalities (``_models``)
-MODEL_SUBCLASSES = ("Qwen2_5_VLForConditionalGeneration",)
+MODEL_SUBCLASSES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration")
 
 
 class PluginError(ValueError):

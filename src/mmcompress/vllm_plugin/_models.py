@@ -8,6 +8,9 @@ by :func:`mmcompress.vllm_plugin.register`; without an mmcompress-masquant check
 
 from __future__ import annotations
 
+from vllm.model_executor.models.qwen2_5_omni_thinker import (
+    Qwen2_5OmniThinkerForConditionalGeneration as _Qwen2_5OmniThinker,
+)
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as _Qwen2_5_VL
 
 from ._impl import clear, publish
@@ -26,4 +29,14 @@ class _PublishesModality:
 
 
 class Qwen2_5_VLForConditionalGeneration(_PublishesModality, _Qwen2_5_VL):
+    pass
+
+
+# vLLM registers the Qwen2.5-Omni thinker under both names of the full Omni model (it builds only the thinker);
+# mmcompress exports a thinker-only artifact in that layout (``ModelAdapter.container``)
+class Qwen2_5OmniModel(_PublishesModality, _Qwen2_5OmniThinker):
+    pass
+
+
+class Qwen2_5OmniForConditionalGeneration(_PublishesModality, _Qwen2_5OmniThinker):
     pass
