@@ -205,22 +205,7 @@ def vl_mini_case(root: Path) -> tuple[Path, Path] | None:
     grouped-query attention (9 heads, 3 KV heads), so o_proj's smoothing cannot be folded exactly into
     v_proj's rows; the export re-quantizes o_proj with a common vector (listed in ``inexact_linears``).
     None when vl-mini is not in the testbed cache."""
-    import sys
-
-    from mmcompress_testbed import registry
-
-    if not (registry.cache_root() / "vl-mini" / "testbed.json").is_file():
-        return None
-    src = registry.fetch("vl-mini", progress=False)
-    art, export = root / "vl-mini-masquant-w8a8", root / "vl-mini-masquant-w8a8-ct"
-    cli = [sys.executable, "-m", "mmcompress.cli"]
-    if not (art / "mmcompress.json").is_file():
-        subprocess.run(cli + ["quantize", str(src), *VL_QUANTIZE, "--no-progress", "--json", "-o", str(art)],
-                       check=True)
-    if not (export / "config.json").is_file():
-        subprocess.run(cli + ["export", str(art), "--format", "compressed-tensors", "--requantize", "--json",
-                              "-o", str(export)], check=True)
-    return art, export
+    return masquant_w8a8_case(root, "vl-mini")
 
 
 def vqa_requests(root: Path, items: list[dict]) -> list[dict]:
@@ -569,17 +554,17 @@ def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
 OMNI_MAX_TOKENS = 12  # greedy, stopping at end-of-sequence: enough for a VQA answer or a short digit string
 
 
-def omni_mini_case(root: Path) -> tuple[Path, Path] | None:
-    """omni-mini's MASQuant W8A8 artifact (:data:`VL_QUANTIZE`) and its compressed-tensors export (``--requantize``:
-    9 heads / 3 KV heads, like vl-mini) under ``root``, both reused when present; None without omni-mini."""
+def masquant_w8a8_case(root: Path, model: str) -> tuple[Path, Path] | None:
+    """The testbed model ``model``'s MASQuant W8A8 artifact and its ``--requantize`` compressed-tensors export
+    under ``root``, both reused when present; None when ``model`` is not in the testbed cache."""
     import sys
 
     from mmcompress_testbed import registry
 
-    if not (registry.cache_root() / "omni-mini" / "testbed.json").is_file():
+    if not (registry.cache_root() / model / "testbed.json").is_file():
         return None
-    src = registry.fetch("omni-mini", progress=False)
-    art, export = root / "omni-mini-masquant-w8a8", root / "omni-mini-masquant-w8a8-ct"
+    src = registry.fetch(model, progress=False)
+    art, export = root / f"{model}-masquant-w8a8", root / f"{model}-masquant-w8a8-ct"
     cli = [sys.executable, "-m", "mmcompress.cli"]
     if not (art / "mmcompress.json").is_file():
         subprocess.run(cli + ["quantize", str(src), *VL_QUANTIZE, "--no-progress", "--json", "-o", str(art)],
@@ -588,6 +573,12 @@ def omni_mini_case(root: Path) -> tuple[Path, Path] | None:
         subprocess.run(cli + ["export", str(art), "--format", "compressed-tensors", "--requantize", "--json",
                               "-o", str(export)], check=True)
     return art, export
+
+
+def omni_mini_case(root: Path) -> tuple[Path, Path] | None:
+    """omni-mini's MASQuant W8A8 artifact (:data:`VL_QUANTIZE`) and its compressed-tensors export (``--requantize``:
+    9 heads / 3 KV heads, like vl-mini) under ``root``, both reused when present; None without omni-mini."""
+    return masquant_w8a8_case(root, "omni-mini")
 
 
 def omni_requests(root: Path, vqa_items: list[dict], speech_items: list[dict]) -> list[dict]:
