@@ -135,13 +135,7 @@ def test_masquant_plugin_serves_the_modality_path(tmp_path, vllm_py, scheme, ker
     requests = [{"prompt": TEXT_PROMPT, "image": None},
                 {"prompt": IMAGE_PROMPT, "image": str(image), "image_embeds": str(embeds)}]
 
-    plugin = _run(vllm_py, tmp_path / "ct", requests, None, "plugin")
-    plain = _run(vllm_py, tmp_path / "ct", requests, "compressed-tensors", "plain")
-    assert plugin["quantization"] == "mmcompress-masquant" and plain["quantization"] == "compressed-tensors"
-    assert plugin["plugin"]["wrapped"] == 2 * 3  # per layer: qkv_proj, o_proj, gate_up_proj (down_proj: s = 1)
-    assert plugin["plugin"]["modality_calls"] > 0 and plain["plugin"]["modality_calls"] == 0
-    ids = [r["prompt_token_ids"] for r in plugin["results"]]
-    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    plugin, plain, ids = _plugin_and_plain(vllm_py, tmp_path / "ct", requests)
     ours = _ours(art, proc, requests, ids)
     ours_text = _ours(art, proc, requests, ids, modalities=False)
     gaps = {f"{which} {kind}": _gap(res["results"][k], ours[k])
@@ -407,25 +401,44 @@ def _omni_model():
 
 
 @torch.no_grad()
-def _omni_ours(model, proc, requests: list[dict], vllm_ids: list[list[int]]) -> list[dict]:
-    """Prompt log-probs and greedy tokens of ``model`` (transformers or ``mmcompress.load``) on ``requests``,
-    the processor's output passed whole: transformers' Omni thinker builds M-RoPE positions only when it is
-    given ``attention_mask`` (without it, 1-D positions: up to 0.05 nats per token on the image prompt)."""
+def _plugin_and_plain(vllm_py, export: Path, requests: list[dict]):
+    """The tiny 2-layer export served with the plugin and plain: both results and the prompts' token ids,
+    after checking that the plugin wrapped every smoothed linear and took the modality path (plain did not)."""
+    plugin = _run(vllm_py, export, requests, None, "plugin")
+    plain = _run(vllm_py, export, requests, "compressed-tensors", "plain")
+    assert plugin["quantization"] == "mmcompress-masquant" and plain["quantization"] == "compressed-tensors"
+    assert plugin["plugin"]["wrapped"] == 2 * 3  # per layer: qkv_proj, o_proj, gate_up_proj (down_proj: s = 1)
+    assert plugin["plugin"]["modality_calls"] > 0 and plain["plugin"]["modality_calls"] == 0
+    ids = [r["prompt_token_ids"] for r in plugin["results"]]
+    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    return plugin, plain, ids
+
+
+def _omni_media(request: dict) -> dict:
+    """The processor's image / audio arguments of one request (a PNG, a 16-bit WAV)."""
     import wave
 
     import numpy as np
     from PIL import Image
 
+    kw = {}
+    if request.get("image"):
+        kw["images"] = [Image.open(request["image"]).convert("RGB")]
+    if request.get("audio"):
+        with wave.open(request["audio"]) as w:
+            kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+    return kw
+
+
+def _omni_ours(model, proc, requests: list[dict], vllm_ids: list[list[int]]) -> list[dict]:
+    """Prompt log-probs and greedy tokens of ``model`` (transformers or ``mmcompress.load``) on ``requests``,
+    the processor's output passed whole: transformers' Omni thinker builds M-RoPE positions only when it is
+    given ``attention_mask`` (without it, 1-D positions: up to 0.05 nats per token on the image prompt)."""
     from mmcompress.models.modality import modality_context
 
     out = []
     for r, ids in zip(requests, vllm_ids):
-        kw = {}
-        if r.get("image"):
-            kw["images"] = [Image.open(r["image"]).convert("RGB")]
-        if r.get("audio"):
-            with wave.open(r["audio"]) as w:
-                kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+        kw = _omni_media(r)
         enc = dict(proc(text=[r["prompt"]], return_tensors="pt", **kw))
         assert enc["input_ids"][0].tolist() == ids, "our processor and vLLM's expanded the prompt differently"
         with modality_context(None):
@@ -519,13 +532,7 @@ def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
     section = read_export_config(tmp_path / "ct")["mmcompress_masquant"]
     assert section["cmc_linears"] > 0 and section["modalities"] == ["image", "audio"], section
     requests = _omni_requests(tmp_path)
-    plugin = _run(vllm_py, tmp_path / "ct", requests, None, "plugin")
-    plain = _run(vllm_py, tmp_path / "ct", requests, "compressed-tensors", "plain")
-    assert plugin["quantization"] == "mmcompress-masquant" and plain["quantization"] == "compressed-tensors"
-    assert plugin["plugin"]["wrapped"] == 2 * 3  # per layer: qkv_proj, o_proj, gate_up_proj (down_proj: s = 1)
-    assert plugin["plugin"]["modality_calls"] > 0 and plain["plugin"]["modality_calls"] == 0
-    ids = [r["prompt_token_ids"] for r in plugin["results"]]
-    assert ids == [r["prompt_token_ids"] for r in plain["results"]]
+    plugin, plain, ids = _plugin_and_plain(vllm_py, tmp_path / "ct", requests)
     model = mmcompress.load(art).float().eval()
     ours = _omni_ours(model, proc, requests, ids)
     for h in model._mmcompress_router:  # our text path: the router off
@@ -615,10 +622,6 @@ def omni_ours(art: Path, requests: list[dict], vllm_ids: list[list[int]], modali
     :data:`OMNI_MAX_TOKENS` tokens stopping at end-of-sequence, the processor's output passed whole (the WAV
     read back, so both sides hear the same 16-bit samples); ``modalities=False``: the text path everywhere."""
     import time
-    import wave
-
-    import numpy as np
-    from PIL import Image
 
     from mmcompress.eval._inputs import to_model
     from mmcompress.models.modality import modality_context
@@ -632,12 +635,7 @@ def omni_ours(art: Path, requests: list[dict], vllm_ids: list[list[int]], modali
         model._mmcompress_router = None
     results, t0 = [], time.perf_counter()
     for r, ids in zip(requests, vllm_ids):
-        kw = {}
-        if r.get("image"):
-            kw["images"] = [Image.open(r["image"]).convert("RGB")]
-        if r.get("audio"):
-            with wave.open(r["audio"]) as w:
-                kw["audio"] = [np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32767]
+        kw = _omni_media(r)
         enc = to_model(model, proc(text=[r["prompt"]], return_tensors="pt", **kw))
         if enc["input_ids"][0].tolist() != ids:
             raise AssertionError(f"our processor and vLLM's expanded {r['prompt']!r} differently")
