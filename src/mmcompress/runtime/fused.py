@@ -180,6 +180,13 @@ def _shares(key, prev) -> bool:
     return (s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
 
 
+def _float_rows(m: nn.Module, bias, keep: int, prev) -> tuple[list, list, tuple]:
+    """Kind 4: a float weight stored as ``WT [in, out]`` (the sparse kernels' layout), ``keep`` rows per token."""
+    key = (4, 0, m.in_features, keep, None)
+    return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
+            [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
+
+
 def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
     """(tensors, meta, key) of one projection; ``key`` identifies its prepared input (for sharing)."""
     from ..quant.kernels import KERNEL_BITS, _bf16_ok
@@ -189,9 +196,7 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
     bias = m.bias.detach() if m.bias is not None else _EMPTY
     if type(m) is nn.Linear:
         if not m.weight.is_contiguous():  # a residual adapter in the sparse kernels' layout: WT [in, out]
-            key = (4, 0, m.in_features, m.in_features, None)
-            return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
-                    [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, m.in_features], key)
+            return _float_rows(m, bias, m.in_features, prev)
         return ([m.weight.detach(), _EMPTY, _EMPTY, bias, _EMPTY],
                 [0, 0, 0, 1, 0, 0, m.out_features, m.in_features, m.in_features], None)
     if type(m) is SparseInt8Linear:  # LaRoSA + W8A8: Top-K, per-token codes of the kept values
@@ -202,10 +207,7 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
         return ([m.weight_q, m.weight_scale.reshape(-1).float().contiguous(), m.zero_corr, bias, smooth],
                 [5, 8, 0, 1, m.abits, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
     if isinstance(m, SparseLinear):  # float weight rows behind Top-K (WT [in, out])
-        keep = _sparse_keep(m)
-        key = (4, 0, m.in_features, keep, None)
-        return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
-                [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
+        return _float_rows(m, bias, _sparse_keep(m), prev)
     sch = m.scheme
     group = sch.group_size if 0 < sch.group_size < m.in_features else 0
     bits = KERNEL_BITS[sch.wbits]
