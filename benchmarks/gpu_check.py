@@ -18,7 +18,7 @@
    (4 torch.topk selections per layer, shared by q/k/v and gate/up) vs the fused path
    (``topk_sparse_gemv`` per matrix: 7 threshold kernels per layer) vs shared thresholds (4 threshold
    kernels per layer + masked GEMVs), at 0%, 40% and 50% — the linear-layer part of decode;
-4. eager decode: ``mmcompress.bench.synthetic_decode_benchmark`` (HF LlamaDecoderLayer stack, KV
+4. eager decode: ``synthetic_decode_benchmark`` of ``benchmarks/stack_decode.py`` (HF LlamaDecoderLayer stack, KV
    cache, eager PyTorch, so launch overheads included) dense vs sparse.
 
 Every check / section is guarded: an exception is logged (and counted as a failure in section 1) and
@@ -408,7 +408,7 @@ def main():
             f"rejected {t['rejected'] or 'none'}")
     if not a.skip_decode and time.time() - T0 < a.budget_s:
         def decode():
-            from mmcompress.bench import synthetic_decode_benchmark
+            from stack_decode import synthetic_decode_benchmark  # benchmarks/, this script's directory
 
             out = {}
             for s in (0.4, 0.5):

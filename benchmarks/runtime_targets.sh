@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's speed and memory targets in one go (an idle machine; 2 threads; ~15 minutes).
 #   bash benchmarks/runtime_targets.sh [OUT_DIR]
-# Writes OUT_DIR/decode-*.json (the last JSON line of each `mmcompress bench decode`), OUT_DIR/table.md
+# Writes OUT_DIR/decode-*.json (the JSON line of each benchmarks/stack_decode.py run), OUT_DIR/table.md
 # (benchmarks/runtime_table.py on smollm2-135m) and prints a summary.  The load average is recorded
 # with every run: figures from a loaded machine measure the scheduler, not the kernels.
 set -euo pipefail
@@ -11,7 +11,7 @@ export PYTHONPATH=${PYTHONPATH:-$(cd "$(dirname "$0")/.." && pwd)/src}
 run() {  # name, args...
   local name=$1; shift
   local load; load=$(cut -d' ' -f1 /proc/loadavg)
-  python -m mmcompress.cli bench decode llama2-7b:4 --tokens 16 --threads 2 --json "$@" | tail -1 > "$out/decode-$name.json"
+  python "$(dirname "$0")/stack_decode.py" llama2-7b:4 --tokens 16 --threads 2 --json "$@" | tail -1 > "$out/decode-$name.json"
   python - "$out/decode-$name.json" "$name" "$load" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))

@@ -3,8 +3,9 @@ product never imports the lab.
 
 Every ``import`` and ``from ... import`` counts, wherever it sits (module level, function bodies,
 ``if`` blocks): an import moved into a function to dodge a cycle is still an edge.  The check covers
-the product (``src/mmcompress``, its synthetic benchmark stack ``bench.py`` included) and the lab
-package ``src/mmcompress_testbed`` (testbed models and data, connector weights, the demo).
+the product (``src/mmcompress``) and the lab package ``src/mmcompress_testbed`` (testbed models and data,
+connector weights, the demo).  The lab's benchmark scripts (``benchmarks/``) import the product and are
+not a package: nothing in src/ can import them.
 """
 
 from __future__ import annotations
@@ -139,9 +140,8 @@ def test_no_import_cycle():
     assert not cycles, "import cycles in src/:\n" + "\n".join(_describe(c, graph) for c in cycles)
 
 
-# the lab: the testbed package, and the synthetic benchmark stack and its command line (kept in the product's
-# tree: `mmcompress bench` runs it next to `bench decode ARTIFACT`, the user's model)
-LAB = ("mmcompress_testbed", "mmcompress.bench", "mmcompress.bench_cli", "mmcompress.quant.bench_decode")
+# the lab inside src/: the testbed package (the kernel and synthetic-stack benchmarks are scripts in benchmarks/)
+LAB = ("mmcompress_testbed",)
 
 
 def _in(module: str, prefixes) -> bool:
@@ -154,10 +154,25 @@ def test_product_does_not_import_the_lab():
     wrong = [f"{a} -> {b} (line {line})" for a, edges in sorted(graph.items()) if not _in(a, LAB)
              for b, line in sorted(edges.items()) if _in(b, LAB)]
     assert not wrong, "product modules importing lab code:\n" + "\n".join(wrong)
-    # and no module of src/mmcompress, the bench stack included, imports the testbed package
+    # and no module of src/mmcompress imports the testbed package
     wrong = [f"{a} -> {b}" for a, edges in graph.items() if _in(a, ["mmcompress"])
              for b in edges if _in(b, ["mmcompress_testbed"])]
     assert not wrong and any(_in(b, ["mmcompress"]) for b in graph["mmcompress_testbed.demo"]), wrong
+
+
+def test_product_does_not_import_the_benchmark_scripts():
+    """``benchmarks/*.py`` (the kernel and synthetic-stack benchmarks among them) run the product; no module
+    of src/mmcompress imports one of them (they would be found only when run from benchmarks/)."""
+    scripts = {p.stem for p in (PACKAGE.parent.parent / "benchmarks").glob("*.py")} | {"benchmarks", "tests"}
+    assert {"kernel_bench", "stack_decode", "speed_common"} <= scripts
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            wrong += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {n}" for n in names
+                      if n.split(".")[0] in scripts]
+    assert not wrong, "product modules importing benchmark scripts:\n" + "\n".join(wrong)
 
 
 # Layers, lowest first: a module imports only from its own layer or lower ones.  A package or module not

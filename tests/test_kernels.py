@@ -1,7 +1,8 @@
 """Sparse decode kernels: the C++ CPU kernel and SparseLinear backends vs the PyTorch reference.
 
-No timing assertions here (speed lives in ``mmcompress bench``).  The C++ extension is built once per
-session (module fixture); without a C++ compiler the kernel tests skip, with one they must build.
+No timing assertions here (speed lives in ``benchmarks/kernel_bench.py`` and ``benchmarks/stack_decode.py``).
+The C++ extension is built once per session (module fixture); without a C++ compiler the kernel tests
+skip, with one they must build.
 """
 
 import shutil
@@ -252,43 +253,6 @@ def test_enable_sparse_decode(cpu_kernel):
     assert _rel(block(dec), ref_dec) < 1e-5
 
 
-# -- bench (functional only, no timing assertions) ----------------------------------------------------
-
-
-def test_bench_parsing():
-    from mmcompress.bench import parse_decode_spec, parse_shape
-
-    assert parse_shape("4096x11008") == (4096, 11008)
-    with pytest.raises(ValueError):
-        parse_shape("4096")
-    assert parse_decode_spec("llama2-7b:3") == ("llama2-7b", 3)
-    assert parse_decode_spec("llama2-7b") == ("llama2-7b", 4)
-    assert parse_decode_spec("/some/model") is None
-
-
-def test_bench_cli_small(cpu_kernel, capsys):
-    import json
-
-    from mmcompress.cli import main
-
-    rc = main(["bench", "kernel", "--shape", "96x200", "--sparsity", "0.5", "--dtype", "fp32", "--repeats", "2",
-               "--cache-mb", "1", "--json"])
-    assert rc == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["keep"] == 100 and res["backend"] == "cpu" and res["max_rel_err"] < 1e-5
-    assert {"dense_us", "sparse_us", "ratio", "topk_share", "kernel_at_0pct_ratio"} <= set(res)
-    assert main(["bench", "kernel", "--shape", "nonsense"]) == 1
-    assert main(["bench", "decode", "no/such/dir", "--tokens", "2"]) == 1
-
-
-def test_bench_decode_synthetic_tiny(cpu_kernel):
-    from mmcompress.bench import synthetic_decode_benchmark
-
-    res = synthetic_decode_benchmark("tiny", 1, sparsity=0.5, tokens=2, prompt=3, rounds=1, backend="cpu")
-    assert res["backend"] == "cpu" and res["topk_calls_per_token"] == 4  # qkv, o, gate/up, down
-    assert res["dense_tok_s"] > 0 and res["sparse_tok_s"] > 0 and "adapter_ms_per_token" in res
-
-
 # -- Triton (needs CUDA) ------------------------------------------------------------------------------
 
 
@@ -350,7 +314,7 @@ def test_triton_threshold_mode_and_sparse_linear_module():
 
 
 def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
-    from mmcompress.bench import model_decode_benchmark
+    from mmcompress_testbed.decode_speed import model_decode_benchmark
     from .tiny_models import tiny_model
 
     model, _ = tiny_model("llama", tokenizer=tokenizer)

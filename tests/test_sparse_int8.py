@@ -1,7 +1,7 @@
 """The sparse int8 GEMV (Top-K, then W8A8) and the deployed LaRoSA + W8A8 module vs their references.
 
-No timing assertions (speed lives in ``mmcompress bench``).  Without a C++ compiler the kernel tests
-skip; with one the kernel must build.
+No timing assertions (speed lives in ``benchmarks/kernel_bench.py`` and ``benchmarks/stack_decode.py``).
+Without a C++ compiler the kernel tests skip; with one the kernel must build.
 """
 
 import copy
@@ -235,49 +235,6 @@ def test_joint_deploy_w4a8_and_ineligible(cpu_kernel, tokenizer, stable_topk):
     # a group-wise scheme is left to the reference forward
     lin = QuantLinear(64, 32, False, __import__("mmcompress.quant.quantizer", fromlist=["x"]).QuantScheme(4, 16, 32))
     assert "group-wise" in SparseInt8Linear.eligible(lin.pack()) or SparseInt8Linear.eligible(lin) is not None
-
-
-# -- benchmarks (plumbing only: no timing assertions) --------------------------------------------------
-
-
-def test_bench_kernel_int8_and_best_dense(cpu_kernel):
-    from mmcompress.bench import kernel_benchmark
-
-    res = kernel_benchmark(96, 200, 0.5, "bf16", batch=2, backend="cpu", repeats=1, cache_mb=1, scheme="w8a8")
-    assert res["int8_max_rel_err"] < 1e-5 and res["keep"] == 100
-    assert res["best_dense"] in ("torch_bf16", "torch_fp32", "kernel_at_0pct")
-    assert res["best_dense_us"] == min(res["torch_bf16_us"], res["torch_fp32_us"], res["kernel_at_0pct_us"])
-    assert {"sparse_vs_best_dense", "sparse_vs_torch_bf16", "int8_sparse_vs_best_dense",
-            "int8_sparse_vs_torch_bf16"} <= set(res)
-    with pytest.raises(ValueError, match="w8a8"):
-        kernel_benchmark(96, 200, 0.5, scheme="w4a16", cache_mb=1)
-
-
-def test_bench_decode_joint_tiny(cpu_kernel, capsys):
-    import json
-
-    from mmcompress.cli import main
-
-    rc = main(["bench", "decode", "tiny:1", "--sparsity", "0.5", "--scheme", "w8a8", "--tokens", "2", "--prompt", "10",
-               "--rounds", "1", "--json"])
-    assert rc == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"tok_s", "dense_tok_s", "speedup", "dense_baseline", "weight_bytes", "dense_weight_bytes",
-            "peak_rss_bytes"} <= set(res)
-    assert res["compressed"] == "joint" and res["dense_baseline"] in ("torch_bf16", "kernel_at_0pct")
-    # tiny: hidden 256, intermediate 688; int8 codes + per-output-channel fp32 scale and int32 zero correction,
-    # plus the bf16 256x256 adapter (the recipe's default), vs the bf16 projections
-    proj = 4 * 256 * 256 + 3 * 256 * 688
-    outs = 4 * 256 + 2 * 688 + 256  # q, k, v, o | gate, up | down
-    assert res["dense_weight_bytes"] == 2 * proj
-    assert res["joint_adapters"] == "float"
-    assert res["weight_bytes"] == proj + 8 * outs + 2 * 256 * 256
-    # adapters: w8a16 (int8 codes, fp32 scale and zero point per output)
-    rc = main(["bench", "decode", "tiny:1", "--sparsity", "0.5", "--scheme", "w8a8", "--tokens", "2", "--prompt", "10",
-               "--rounds", "1", "--json", "--joint-adapters", "w8a16"])
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rc == 0 and res["joint_adapters"] == "w8a16"
-    assert res["weight_bytes"] == proj + 8 * outs + 256 * 256 + 8 * 256
 
 
 def test_recipe_quantizes_residual_adapters(cpu_kernel, tokenizer, tmp_path, stable_topk):

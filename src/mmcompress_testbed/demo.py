@@ -150,7 +150,7 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
     del base
 
     # -- 2. activation sparsity -----------------------------------------------------------------
-    from mmcompress.bench import model_decode_benchmark
+    from .decode_speed import model_decode_benchmark
     from mmcompress.sparse.api import measure_sparsity, sparsify
 
     _log(f"fetching {text_model}")

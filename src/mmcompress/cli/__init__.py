@@ -119,10 +119,10 @@ def _not_installed(modname: str):
 
 
 def _plugins():
-    """Subcommands that live next to their feature (sparsify, bench, export, lm-eval)."""
-    modules = [import_optional(m) for m in ("mmcompress.sparse.cli", "mmcompress.bench_cli", "mmcompress.export.cli",
+    """Subcommands that live next to their feature (sparsify, export, lm-eval, generate and bench)."""
+    modules = [import_optional(m) for m in ("mmcompress.sparse.cli", "mmcompress.export.cli",
                                             "mmcompress.eval.lm_eval_adapter",
-                                            "mmcompress.runtime.cli")]  # generate
+                                            "mmcompress.runtime.cli")]  # generate, bench
     return [m.register for m in modules if m is not None]
 
 

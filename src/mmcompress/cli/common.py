@@ -1,7 +1,7 @@
 """What the subcommands share: the one-line error, the common arguments, ``--calib`` / named sets, and the
 method flags generated from the methods' options (:func:`add_method_flags`, :func:`method_options`).
 
-Subcommand modules (``sparse/cli.py``, ``export/cli.py``, ``bench_cli.py``, ...) import these; the
+Subcommand modules (``sparse/cli.py``, ``export/cli.py``, ``runtime/cli.py``, ...) import these; the
 parser itself is :func:`mmcompress.cli.build_parser`.
 """
 

@@ -1,5 +1,11 @@
-"""``mmcompress generate MODEL_DIR --prompt TEXT``: text from an artifact or a plain model directory on the
-decode engine (batch 1, greedy unless ``--temperature``), streamed to stdout token by token (a CLI plugin)."""
+"""The decode engine's commands (a CLI plugin):
+
+``mmcompress generate MODEL_DIR --prompt TEXT``: text from an artifact or a plain model directory on the
+decode engine (batch 1, greedy unless ``--temperature``), streamed to stdout token by token.
+
+``mmcompress bench decode MODEL_DIR``: tokens/s of the engine on the user's model (``runtime/bench_decode.py``).
+The kernel and synthetic-stack benchmarks are lab scripts: ``benchmarks/kernel_bench.py`` and
+``benchmarks/stack_decode.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +18,16 @@ import torch
 from ..cli.common import CLIError, add_common, add_trust
 
 
+_LAB_BENCHMARKS = ("the kernel and synthetic-stack benchmarks are lab scripts: python benchmarks/kernel_bench.py, "
+                   "python benchmarks/stack_decode.py llama2-7b:4")
+
+
 def register(subparsers) -> None:
+    _register_generate(subparsers)
+    _register_bench(subparsers)
+
+
+def _register_generate(subparsers) -> None:
     g = subparsers.add_parser("generate", help="generate text from an artifact or model directory on the decode engine "
                                                "(batch 1, streamed)")
     g.add_argument("model", help="mmcompress artifact or local Hugging Face model directory")
@@ -38,6 +53,60 @@ def register(subparsers) -> None:
     add_common(g)
     add_trust(g)
     g.set_defaults(func=cmd_generate)
+
+
+def _register_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="decode speed of an artifact or model directory",
+                              description="Decode speed of the user's model; " + _LAB_BENCHMARKS + ".")
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    d = sub.add_parser("decode", help="decode tokens/s of an artifact or model directory: the decode engine on it vs "
+                                      "on the dense model vs HF generate")
+    d.add_argument("model", help="a model directory: an mmcompress artifact or a plain Hugging Face model")
+    d.add_argument("--sparsity", type=float, default=None, help="input sparsity of every Top-K projection (overrides K)")
+    d.add_argument("--tokens", type=int, default=16, help="decoded tokens per run (default 16)")
+    d.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    d.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default 3)")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--compile", action="store_true", help="capture the compressed model's decode step with torch.compile")
+    add_common(d)
+    add_trust(d)
+    d.set_defaults(func=cmd_bench_decode)
+    # the old `bench kernel ...`: unlisted, takes any arguments, answers with where it went
+    k = sub.add_parser("kernel", add_help=False, prefix_chars="\0")
+    k.add_argument("args", nargs="*")
+    k.set_defaults(func=_cmd_bench_none)
+    p.set_defaults(func=_cmd_bench_none)
+
+
+def _cmd_bench_none(args):
+    if getattr(args, "bench_command", None) == "kernel":
+        raise CLIError("bench kernel is a lab script now: python benchmarks/kernel_bench.py " + " ".join(args.args))
+    raise CLIError("choose a benchmark: mmcompress bench decode MODEL_DIR (" + _LAB_BENCHMARKS + ")")
+
+
+def cmd_bench_decode(args) -> dict:
+    from .bench_decode import engine_decode_benchmark
+
+    if args.tokens < 1:
+        raise CLIError("--tokens must be >= 1")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.threads:
+        if args.threads < 1:
+            raise CLIError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    path = Path(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{args.model} is not a model directory ({_LAB_BENCHMARKS})")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} is not a model directory (no config.json)")
+    if args.device != "cpu":
+        raise CLIError("bench decode of a model directory runs on the CPU")
+    if args.prompt < 1:
+        raise CLIError("--prompt must be >= 1")
+    return engine_decode_benchmark(path, prompt=args.prompt, tokens=args.tokens, rounds=args.rounds,
+                                   compile=args.compile, sparsity=args.sparsity,
+                                   trust_remote_code=args.trust_remote_code, log=sys.stderr)
 
 
 def _check_args(args) -> None:
@@ -167,4 +236,4 @@ def _hf_generate(model, ids, n, sample, args, stream):
     return type(model).generate(model, ids.to(dev), max_new_tokens=n, streamer=_Streamer(), **kw).cpu()
 
 
-__all__ = ["cmd_generate", "register"]
+__all__ = ["cmd_bench_decode", "cmd_generate", "register"]

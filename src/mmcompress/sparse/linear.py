@@ -69,7 +69,8 @@ class _SelectionCache:
 _SELECTION = _SelectionCache()
 
 # Optional profiler: when a dict, the CPU path adds Top-K selection seconds / calls to it
-# (used by ``mmcompress bench decode`` to report the Top-K overhead).
+# (the lab's decode benchmarks read it to report the Top-K overhead: ``benchmarks/stack_decode.py``,
+# the demo's ``mmcompress_testbed/decode_speed.py``).
 PROFILE: dict | None = None
 
 
@@ -241,7 +242,7 @@ def dense_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         backend: str = "auto") -> torch.Tensor:
     """``F.linear(x, weight, bias)``; decode calls (<= 8 tokens) of a kernel-layout weight on the CPU
     run our GEMV kernel at 0 % sparsity (no selection), which streams a bf16 weight faster than
-    torch's GEMV on this class of CPU (``mmcompress bench kernel``).  Used for LaRoSA's residual
+    torch's GEMV on this class of CPU (``benchmarks/kernel_bench.py``).  Used for LaRoSA's residual
     adapters."""
     tokens = x.numel() // max(1, x.shape[-1])
     if backend != "torch" and 1 <= tokens <= 8 and x.device.type == "cpu" and weight.t().is_contiguous() \
