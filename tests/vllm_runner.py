@@ -48,6 +48,10 @@ def main(job_path: str, result_path: str) -> None:
     greedy = [list(o.outputs[0].token_ids) for o in outs]
     result = {"vllm_version": vllm.__version__, "prompt_logprobs": logprobs, "greedy": greedy,
               "load_s": load_s, "run_s": time.perf_counter() - t0}
+    try:  # the quantization method vLLM picked (the MASQuant plugin's name for a MASQuant export)
+        result["quantization"] = llm.llm_engine.vllm_config.model_config.quantization
+    except AttributeError:
+        pass
     if job.get("throughput"):
         tp = job["throughput"]
         greedy_params = SamplingParams(max_tokens=tp.get("max_tokens", job["max_tokens"]), temperature=0.0,
