@@ -227,7 +227,9 @@ def serve(work: Path, models, schemes, batch: int, tokens: int, threads: int) ->
                 job, res = work / f"{model}-{name}.serve.job.json", work / f"{model}-{name}.serve.tmp.json"
                 tp = {"prompts": prompts, "batches": [1, batch]}
                 job.write_text(json.dumps({"model": str(export), "windows": [], "prompts": [], "max_tokens": tokens,
-                                           "dtype": "bfloat16", "throughput": tp}))
+                                           "dtype": "bfloat16", "throughput": tp,
+                                           # vLLM's Qwen2.5-Omni processor refuses to start without a tokenizer
+                                           "skip_tokenizer_init": model != "omni-mini"}))
                 load = _load()
                 p = subprocess.run([py, str(ROOT / "tests" / "vllm_runner.py"), str(job), str(res)],
                                    capture_output=True, text=True, env=dict(_env(), OMP_NUM_THREADS=str(threads)))
