@@ -4,7 +4,8 @@
 
 ``JOB.json``: ``model`` (a compressed-tensors export directory), ``windows`` (token-id lists whose
 prompt log-probs are wanted), ``prompts`` (token-id lists continued greedily), ``max_tokens``,
-``dtype`` (vLLM's ``dtype``), optional ``max_model_len`` (512).  ``RESULT.json``: ``prompt_logprobs``
+``dtype`` (vLLM's ``dtype``), optional ``max_model_len`` (512) and ``skip_tokenizer_init`` (default true; a
+multimodal model's processor needs the tokenizer, e.g. Qwen2.5-Omni).  ``RESULT.json``: ``prompt_logprobs``
 (per window, the log-prob of tokens 1..n-1 given their prefix), ``greedy`` (generated ids per prompt),
 ``vllm_version``, ``load_s``, ``run_s``. Optional ``throughput``: ``{"prompts": [...], "batches": [1, 8]}``:
 per batch size ``b``, ``prompts[:b]`` are generated together (``max_tokens`` new tokens each,
@@ -33,7 +34,7 @@ def main(job_path: str, result_path: str) -> None:
     job = json.loads(open(job_path).read())
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 512), enforce_eager=True,
-              dtype=job.get("dtype", "auto"), skip_tokenizer_init=True, seed=0, distributed_executor_backend="uni")
+              dtype=job.get("dtype", "auto"), skip_tokenizer_init=job.get("skip_tokenizer_init", True), seed=0, distributed_executor_backend="uni")
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
@@ -48,6 +49,10 @@ def main(job_path: str, result_path: str) -> None:
     greedy = [list(o.outputs[0].token_ids) for o in outs]
     result = {"vllm_version": vllm.__version__, "prompt_logprobs": logprobs, "greedy": greedy,
               "load_s": load_s, "run_s": time.perf_counter() - t0}
+    try:  # the quantization method vLLM picked (the MASQuant plugin's name for a MASQuant export)
+        result["quantization"] = llm.llm_engine.vllm_config.model_config.quantization
+    except AttributeError:
+        pass
     if job.get("throughput"):
         tp = job["throughput"]
         greedy_params = SamplingParams(max_tokens=tp.get("max_tokens", job["max_tokens"]), temperature=0.0,
