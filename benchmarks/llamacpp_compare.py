@@ -27,6 +27,9 @@ The JSON (stdout, and ``--out``) also holds llama.cpp's system-info line (``AMX_
 build with ggml's AMX buffer type, which crashes on Q8_0/Q4_0 in 0.3.36: docs/runtime.md), the greedy
 token ids of each llama.cpp file's first run, and, for a llama.cpp variant whose process died, its error
 (that variant is then left out of the later rounds instead of ending the comparison).
+
+With ``--only`` only the files and models its variants need are made and loaded (a 1.2 B model's fp32
+copy alone is 5 GB); ``--build-only`` makes them and stops.
 """
 
 import argparse
@@ -66,12 +69,21 @@ def run(cmd, **kw):
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 
-def build(model: Path, work: Path, venv: Path) -> dict[str, Path]:
+def build(model: Path, work: Path, venv: Path, only: set[str] = frozenset()) -> dict[str, Path]:
+    """Our artifacts and the GGUF files in ``work`` (made when missing); with ``only`` (``--only``'s
+    variant names) just those its variants need."""
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ)
+    exports = {"w8a8": "llama.cpp Q8_0, our w8a8 export", "w4a16": "llama.cpp Q4_0, our w4a16 export"}
+
+    def wanted(*variants: str) -> bool:
+        return not only or any(v in only for v in variants)
+
     arts = {}
     for name, flags in OURS.items():
+        if not wanted(f"ours {name}", f"ours {name} (python step)", exports.get(name, "")):
+            continue
         out = work / f"art-{name}"
         if not out.exists():
             run([py, "-m", "mmcompress.cli", "quantize", model, "--method", "rtn", *flags, "--output", out,
@@ -79,20 +91,26 @@ def build(model: Path, work: Path, venv: Path) -> dict[str, Path]:
         arts[name] = out
     ggufs = {}
     convert = next((venv / "src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    for t in ("bf16", "q8_0"):
+    for t, needed_by in (("bf16", ("llama.cpp BF16", "llama.cpp Q4_0")), ("q8_0", ("llama.cpp Q8_0",))):
         f = work / f"llamacpp-{t}.gguf"
+        if not wanted(*needed_by):
+            continue
         if not f.exists():
             run([venv / "bin/python", convert, model, "--outtype", t, "--outfile", f], stdout=subprocess.DEVNULL)
-        ggufs[f"llama.cpp {t.upper()}"] = f
+        if wanted(needed_by[0]):
+            ggufs[needed_by[0]] = f
     f = work / "llamacpp-q4_0.gguf"
-    if not f.exists():
-        run([venv / "bin/python", HERE / "llamacpp_run.py", "quantize", work / "llamacpp-bf16.gguf", f, "q4_0"])
-    ggufs["llama.cpp Q4_0"] = f
-    for name, t in (("w8a8", "Q8_0"), ("w4a16", "Q4_0")):
+    if wanted("llama.cpp Q4_0"):
+        if not f.exists():
+            run([venv / "bin/python", HERE / "llamacpp_run.py", "quantize", work / "llamacpp-bf16.gguf", f, "q4_0"])
+        ggufs["llama.cpp Q4_0"] = f
+    for name, v in exports.items():
         f = work / f"ours-{name}.gguf"
+        if not wanted(v):
+            continue
         if not f.exists():
             run([py, "-m", "mmcompress.cli", "export", arts[name], "--format", "gguf", "--output", f], env=env)
-        ggufs[f"llama.cpp {t}, our {name} export"] = f
+        ggufs[v] = f
     return {"artifacts": arts, "gguf": ggufs}
 
 
@@ -117,6 +135,9 @@ def main():
     ap.add_argument("--llamacpp-no-extra-bufts", action="store_true",
                     help="load llama.cpp's files with use_extra_bufts=false (no Q4_0 repack, no AMX buffers)")
     ap.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    ap.add_argument("--build-only", action="store_true",
+                    help="make the files in --work that the run needs (artifacts, GGUF) and stop: run this "
+                         "niced before a timing sitting, so the sitting only times")
     a = ap.parse_args()
 
     import mmcompress
@@ -124,17 +145,25 @@ def main():
     from mmcompress.runtime.decode import DecodeEngine
 
     torch.set_num_threads(a.threads)
-    files = build(a.model, a.work, a.llamacpp_venv)
+    only = set(filter(None, a.only.split(",")))
+    files = build(a.model, a.work, a.llamacpp_venv, only)
+    if a.build_only:
+        print(json.dumps({k: {n: str(p) for n, p in v.items()} for k, v in files.items()}))
+        return 0
     tok = load_tokenizer(a.model)
     text = "The history of the city begins in the early medieval period, when a small settlement grew around " * 4
     text *= 1 + a.prompt // 64  # about 80 tokens per 4 repeats: enough for any --prompt (512 for the prefill row)
     ids = torch.tensor([tok(text).input_ids[: a.prompt]])
     assert ids.shape[1] == a.prompt, f"the prompt text has only {ids.shape[1]} tokens"
     n = a.prompt + a.tokens
-    ours = {"dense_fp32": load_hf_model(a.model, dtype=torch.float32),
-            "dense_bf16": load_hf_model(a.model, dtype=torch.bfloat16)}
+    def ours_wanted(k: str) -> bool:  # with --only, load only the models its variants time
+        return not only or f"ours {k}" in only or f"ours {k} (python step)" in only
+
+    ours = {k: load_hf_model(a.model, dtype=dt) for k, dt in
+            (("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)) if ours_wanted(k)}
     extra = dict(e.split("=", 1) for e in a.extra)
-    ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()})
+    ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()
+                 if ours_wanted(name)})
     engines = {k: DecodeEngine(m, max_len=n, head="model" if k.startswith("dense") else a.head)
                for k, m in ours.items()}
     if a.python_step:
@@ -145,9 +174,8 @@ def main():
         e.generate(ids, 2)
     heads = {k: (e._fused.head if e._fused is not None else "model") for k, e in engines.items()}
     variants = [f"ours {k}" for k in engines] + list(files["gguf"])
-    if a.only:
-        keep = set(a.only.split(","))
-        variants = [v for v in variants if v in keep]
+    if only:
+        variants = [v for v in variants if v in only]
 
     lc_info, lc_failed = {}, {}
 
