@@ -29,7 +29,7 @@
 // replaces the stream.
 //
 // Threads: the whole step is ONE OpenMP parallel region (not one per op).  Per layer five phases,
-// separated by `omp barrier`: q/k/v, attention (heads), o_proj, gate/up (+ SiLU * up), down (and the
+// separated by a barrier (`phase_barrier`, below): q/k/v, attention (heads), o_proj, gate/up (+ SiLU * up), down (and the
 // residual adapter, if the layer has one); then the LM head.  Within a phase the threads take 64-row units (attention: heads) from an atomic counter of
 // that phase, so a descheduled thread does not hold a fixed share.  What every thread needs whole — the
 // residual stream, the norms, the smoothing and activation quantization of a linear's input — each
@@ -54,6 +54,7 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <thread>
 
 namespace {
 
@@ -123,6 +124,7 @@ struct Plan {
   std::vector<float> q, k, v, a, g, t, t2;  // t: o_proj / down output; t2: the residual adapter's
   std::vector<float> scores;           // [nh, max_len]
   std::unique_ptr<std::atomic<int64_t>[]> next;  // one work counter per phase of a step
+  std::atomic<int> bar_count{0}, bar_gen{0};     // phase_barrier's arrivals and generation
   int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
   // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
@@ -593,6 +595,30 @@ inline void take(std::atomic<int64_t>& next, int64_t units, const F& fn) {
     fn(u);
 }
 
+// The barrier between phases: spin briefly, then yield the core.  libgomp's `omp barrier` spins for
+// about 3 ms before it sleeps (GOMP_SPINCOUNT's default), so when the step's threads share fewer cores
+// than there are threads (another process busy on this machine), the thread that arrived first held the
+// core the late one needed at every barrier: qwen2.5-0.5b W8A8 decoded 6x slower next to one busy
+// process (430 against 77 ms per token; with GOMP_SPINCOUNT=0 or OMP_PROC_BIND=true, 75 and 88 ms).
+inline void phase_barrier(Plan& P, int nt) {
+  const int gen = P.bar_gen.load(std::memory_order_acquire);
+  if (P.bar_count.fetch_add(1, std::memory_order_acq_rel) == nt - 1) {
+    P.bar_count.store(0, std::memory_order_relaxed);
+    P.bar_gen.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  for (int i = 0; P.bar_gen.load(std::memory_order_acquire) == gen; ++i) {
+    if (i < 2000)
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#else
+      ;
+#endif
+    else
+      std::this_thread::yield();
+  }
+}
+
 inline int64_t units_of(int64_t n) { return (n + UNIT - 1) / UNIT; }
 inline int64_t units_of(const Lin& l) { return (l.N + l.cols - 1) / l.cols; }
 
@@ -615,9 +641,10 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   const int64_t H = P.H;
   Timer tm{P, prof_on && tid == 0, Clock::now()};
   int64_t ph = 0;  // phase counter index
+  const int nt = omp_get_num_threads();
   auto barrier = [&](int phase) {
     tm.mark(phase, 1);
-#pragma omp barrier
+    phase_barrier(P, nt);
     tm.mark(phase, 2);
   };
   // the residual stream: every thread keeps its own (identical) copy
