@@ -1,12 +1,13 @@
 """Distributed calibration under torchrun (gloo, 2 CPU ranks) against one process.
 
 Launches of ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (marked ``dist``:
-about two minutes together on 2 idle cores, run by .ci/run with ``pytest -m dist``): the CLI, streamed as in
-one process (RTN and SmoothQuant W8A8, float32 and bf16 with tied embeddings, a WINA + SmoothQuant recipe,
-LaRoSA's grid and greedy plans and WINA's greedy plan, and ``--in-memory``: the artifact must be byte-identical, rank 0 alone writes and prints) and
-tests/_dist_methods.py (RTN, SmoothQuant, AWQ, MBQ, MASQuant text-only and
-with image tokens, LaRoSA).  Both sides run with one thread per process, so that per-sample kernels
-are the same.
+about two minutes together on 2 idle cores, the three TEAL/CATS cases 60 s more on the shared machine,
+run by .ci/run with ``pytest -m dist``): the CLI, streamed as in one process (RTN and SmoothQuant W8A8,
+float32 and bf16 with tied embeddings, a WINA + SmoothQuant recipe, LaRoSA's grid and greedy plans,
+WINA's greedy plan, TEAL (uniform, greedy) and CATS, and ``--in-memory``: the artifact must be
+byte-identical, rank 0 alone writes and prints) and tests/_dist_methods.py (RTN, SmoothQuant, AWQ,
+MBQ, MASQuant text-only and with image tokens, LaRoSA).  Both sides run with one thread per process,
+so that per-sample kernels are the same.
 """
 
 from __future__ import annotations
@@ -108,6 +109,38 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # rank 0's checkpoint directory is gone
 
 
+@pytest.mark.dist
+@pytest.mark.parametrize("method, plan", [("teal", "uniform"), ("teal", "greedy"), ("cats", "exact")])
+def test_cli_two_ranks_threshold_methods_byte_identical(method, plan, tmp_path, capsys):
+    """TEAL (uniform, greedy) and CATS under ``torchrun --nproc-per-node 2``: their seeded ``|x|`` samples
+    are the one process's draws (each rank advances the generator past the other ranks' samples) and the
+    values are gathered before the quantile, so the thresholds and the artifact have the single-process
+    bytes.  600 tokens per sample: the 64-wide activations are kept whole (38400 values, under the 52429
+    per call of 5 samples) and the 128-wide ones drawn from; the greedy plan draws from every one."""
+    from .tiny_models import save_tiny
+
+    model = save_tiny(tmp_path / "tiny-llama", "llama", layers=3)
+    common = ["sparsify", str(model), "--method", method, "--plan", plan, "--sparsity", "0.5",
+              "--calib", str(_diverse_text(tmp_path)), "--nsamples", "5", "--seqlen", "600", "--no-progress", "--json"]
+    with one_thread():
+        assert cli.main(common + ["--output", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = torchrun("-m", "mmcompress.cli", *common, "--output", tmp_path / "two", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, r.stdout
+    two = json.loads(lines[0])
+    assert one["rank_tokens"] == [5 * 600] and two["rank_tokens"] == [3 * 600, 2 * 600]  # split, not repeated
+    assert two["model_sparsity"] == one["model_sparsity"]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    for name in files:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        if name == "mmcompress.json":
+            a, b = (_timeless(json.loads(x)) for x in (a, b))
+        assert a == b, name
+
+
 def _diverse_text(tmp_path):
     """Text of random tokens: calib_text's 16 words give LaRoSA's layer-0 moment H a rank below the width,
     whose PCA basis is then not unique (a sum in another order picks another one, as on one process with
@@ -183,16 +216,20 @@ def test_world_blocks_split_contiguously():
 
 
 def test_method_without_distributed_support_refused():
-    from mmcompress.engine import run_layerwise
+    from mmcompress.engine import Method, run_layerwise
     from mmcompress.models.adapters import get_adapter
     from .tiny_models import tiny_model
-    from mmcompress.sparse.methods.teal import MagnitudeSampler
+
+    class Local(Method):
+        name = "local-statistic"
+
+        def step(self, ctx):
+            pass
 
     model, tok = tiny_model("llama")
     samples = [{"input_ids": torch.arange(8)[None]}] * 2
-    with pytest.raises(DistributedError, match="magnitude-sampler does not support distributed calibration"):
-        run_layerwise(model, get_adapter(model), MagnitudeSampler(lambda layer, adapter: {}), samples,
-                      world=World(0, 2), progress=False)
+    with pytest.raises(DistributedError, match="local-statistic does not support distributed calibration"):
+        run_layerwise(model, get_adapter(model), Local(), samples, world=World(0, 2), progress=False)
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -10,8 +10,9 @@ ends every layer with the same weights as a single process would:
   :meth:`World.sum` — equal up to the order of the float64 additions: each rank sums its samples in
   order, then the partial sums are added; the relative difference of a sum of ``n`` per-sample terms
   is at most about ``n · 2⁻⁵³ · Σ|terms| / |Σ terms|`` (exact for integer counts);
-* token subsets (AWQ/MBQ's scale search): :meth:`World.gather_rows` — the rows each rank holds,
-  placed at their global positions: exact;
+* token subsets (AWQ/MBQ's scale search) and seeded samples of ``|x|`` (TEAL/CATS thresholds, each rank
+  drawing from where one process's generator would stand): :meth:`World.gather_rows` — the rows each
+  rank holds, placed at their global positions: exact;
 * sequential training (MASQuant's per-sample AdamW steps): the rank holding sample ``j`` computes its
   gradient and :meth:`World.share_gradients` broadcasts it, so every rank takes the same step in the
   same order as one process: exact.

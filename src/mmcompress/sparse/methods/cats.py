@@ -23,7 +23,8 @@ from .teal import ThresholdLayers, calibrate_magnitudes, quantile
 
 
 def _cats_select(layer, adapter):
-    return {"gate_act": (layer.get_submodule(adapter.mlp_activation(adapter.layer_index)), "output")}
+    gate = next(layer.get_submodule(g.readers[0]) for g in adapter.groups if g.name == "mlp_in")
+    return {"gate_act": (layer.get_submodule(adapter.mlp_activation(adapter.layer_index)), "output", gate.out_features)}
 
 
 def cats(model, adapter, samples, sparsity: float, *, prefill: str = "all", max_mlp_sparsity: float = 0.99,

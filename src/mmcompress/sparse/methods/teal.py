@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import options as opt
+from ...distributed import DistributedError
 from ...engine import Method, run_layerwise
 from .. import plan as plans
 from ..merge import inner_layer
@@ -39,35 +40,91 @@ from .base import SparseMethod, SparseOptions
 from .larosa import PREFILL_POLICIES, make_sparse_linear
 
 
+class Draws:
+    """The seeded random sample of ``|x|`` taken of each activation call, from one generator that runs
+    through the whole walk (layer by layer, sample by sample): at most ``per_call`` values per call.
+
+    Under ``torchrun`` a rank holds a block of the samples (``first`` is its first global index): it
+    advances the generator past the draws one process makes for the samples before its block
+    (:meth:`__init__`) and after it (:meth:`finish`), and the values of every rank are gathered
+    (:meth:`World.gather_rows`, bits moved), so every rank gets the one-process sample.  A sample's draws
+    follow from its token count and the activations' ``widths`` (one call each, ``tokens × width``
+    values), which each rank checks on its own samples."""
+
+    def __init__(self, gen, per_call: int, widths: dict[str, int], world=None, tokens=(), first: int = 0,
+                 total: int = 0):
+        self.gen, self.per_call, self.widths, self.world = gen, per_call, widths, world
+        self.values: dict[str, list[torch.Tensor]] = {key: [] for key in widths}
+        if world is None or world.size == 1:
+            self.world = None
+            return
+        mine = torch.tensor([int(t) for t in tokens], dtype=torch.int64)
+        self.tokens = world.gather_rows(mine, torch.arange(first, first + len(mine)), total).tolist()
+        self.first, self.stop = first, first + len(mine)
+        self.expect = {key: [t * w for t in self.tokens[first:self.stop]] for key, w in widths.items()}
+        self._skip(self.tokens[:first])
+
+    def _skip(self, tokens) -> None:
+        for t in tokens:
+            for w in self.widths.values():
+                if t * w > self.per_call:
+                    torch.randint(0, t * w, (self.per_call,), generator=self.gen)
+
+    def take(self, key: str, t: torch.Tensor) -> None:
+        a = t.detach().reshape(-1).abs().float().cpu()
+        if self.world is not None and (not self.expect[key] or self.expect[key].pop(0) != a.numel()):
+            raise DistributedError(f"the {key} activation is not one call of tokens × {self.widths[key]} values per "
+                                   "sample: its random sample cannot be split across ranks; run it in one process")
+        if a.numel() > self.per_call:
+            a = a[torch.randint(0, a.numel(), (self.per_call,), generator=self.gen)]
+        self.values[key].append(a)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The sorted sample of each activation (over all ranks)."""
+        out = {k: torch.cat(v) if v else torch.zeros(0) for k, v in self.values.items()}
+        if self.world is not None:
+            if any(self.expect.values()):
+                raise DistributedError("an activation was not observed on every sample: its random sample "
+                                       "cannot be split across ranks; run it in one process")
+            self._skip(self.tokens[self.stop:])
+            for k, v in out.items():
+                counts = self.world.gather_ints(v.numel())
+                start = sum(counts[: self.world.rank])
+                out[k] = self.world.gather_rows(v, torch.arange(start, start + v.numel()), sum(counts))
+        return {k: torch.sort(v).values for k, v in out.items()}
+
+
+def _draws(ctx, gen, per_call: int, widths: dict[str, int], inputs, total: int) -> Draws:
+    """:class:`Draws` for this rank's ``inputs`` (the first of its block), of ``total`` samples over all ranks."""
+    first = ctx.sample_ids.start if ctx.sample_ids is not None else 0
+    return Draws(gen, per_call, widths, ctx.world, [x.shape[-2] for x in inputs], first, total)
+
+
 class MagnitudeSampler(Method):
     """Engine method that only observes: a seeded sample of ``|x|`` per named module input/output,
     through the layer context's observers (:meth:`Method.observers`)."""
 
     name = "magnitude-sampler"
+    distributed = True  # the draws are those of one process, the samples gathered over the ranks (Draws)
 
     def __init__(self, select, max_values: int = 1 << 18, seed: int = 0, nsamples: int = 1):
-        self.select = select  # (layer, adapter) -> {key: (module, "input" | "output")}
+        self.select = select  # (layer, adapter) -> {key: (module, "input" | "output", width)}
         self.per_call = max(1024, max_values // max(nsamples, 1) + 1)
         self.gen = torch.Generator().manual_seed(seed)
         self.values: list[dict[str, torch.Tensor]] = []
-        self._cur: dict | None = None
-
-    def _take(self, key, t):
-        a = t.detach().reshape(-1).abs().float().cpu()
-        if a.numel() > self.per_call:
-            a = a[torch.randint(0, a.numel(), (self.per_call,), generator=self.gen)]
-        self._cur[key].append(a)
+        self._cur: Draws | None = None
 
     def step(self, ctx) -> None:
         pass  # the layer is not changed: everything happens in the observers
 
     def observers(self, ctx):
         selected = self.select(inner_layer(ctx.layer), ctx.adapter)
-        self._cur = {key: [] for key in selected}
-        return [(mod, where, lambda t, key=key: self._take(key, t)) for key, (mod, where) in selected.items()]
+        self._cur = _draws(ctx, self.gen, self.per_call, {key: s[2] for key, s in selected.items()}, ctx.inputs,
+                           ctx.n_samples)
+        return [(mod, where, lambda t, key=key: self._cur.take(key, t)) for key, (mod, where, _) in selected.items()]
 
     def observed(self, ctx) -> None:
-        self.values.append({k: torch.sort(torch.cat(v)).values for k, v in self._cur.items()})
+        self.values.append(self._cur.finish())
         self._cur = None
 
 
@@ -82,7 +139,8 @@ def quantile(sorted_values: torch.Tensor, level: float) -> float:
 def _teal_select(layer, adapter):
     out = {}
     for g in adapter.groups:
-        out[plans.GROUP_ACTIVATION[g.name]] = (layer.get_submodule(g.readers[0]), "input")
+        reader = layer.get_submodule(g.readers[0])
+        out[plans.GROUP_ACTIVATION[g.name]] = (reader, "input", reader.in_features)
     return out
 
 
@@ -162,6 +220,7 @@ class GreedyAllocation(Method):
     """Engine method for TEAL's block-wise greedy allocation (see the module docstring)."""
 
     name = "teal-greedy"
+    distributed = True  # the magnitude samples (Draws) and the layer errors (plan.layer_tail_error) are gathered
     needs_fp_chain = True  # the search runs each layer on its dense inputs against its dense outputs
 
     def __init__(self, sparsity: float, step: float = 0.02, tail: float = 0.25, search_samples: int = 4,
@@ -196,26 +255,22 @@ class GreedyAllocation(Method):
                 "note": "threshold sparsity: the realised per-token sparsity fluctuates around the target; "
                         "levels per projection from TEAL's block-wise greedy search"}
 
-    def _magnitudes(self, ctx, layer, groups, n) -> dict[str, torch.Tensor]:
-        """Sorted seeded samples of ``|x|`` per projection input (the projections of a group share one)."""
-        vals: dict[str, list[torch.Tensor]] = {}
-        per_call = max(1024, self.max_values // max(n, 1) + 1)
-
-        def take(name, x, ids):
-            a = x.detach().reshape(-1).abs().float().cpu()
-            if a.numel() > per_call:
-                a = a[torch.randint(0, a.numel(), (per_call,), generator=self.gen)]
-            vals.setdefault(name, []).append(a)
-
-        ctx.collect({g.name: layer.get_submodule(g.readers[0]) for g in groups}, take, inputs=ctx.fp_inputs[:n])
-        return {name: torch.sort(torch.cat(v)).values for name, v in vals.items()}
+    def _magnitudes(self, ctx, layer, groups, n, total) -> dict[str, torch.Tensor]:
+        """Sorted seeded samples of ``|x|`` per projection input (the projections of a group share one) on
+        the first ``n`` samples of ``ctx.fp_inputs`` (``total`` over all ranks)."""
+        readers = {g.name: layer.get_submodule(g.readers[0]) for g in groups}
+        per_call = max(1024, self.max_values // max(total, 1) + 1)
+        draws = _draws(ctx, self.gen, per_call, {name: m.in_features for name, m in readers.items()},
+                       ctx.fp_inputs[:n], total)
+        ctx.collect(readers, lambda name, x, ids: draws.take(name, x), inputs=ctx.fp_inputs[:n])
+        return draws.finish()
 
     @torch.no_grad()
     def step(self, ctx) -> None:
         layer, adapter = inner_layer(ctx.layer), ctx.adapter
-        n = min(self.search_samples, len(ctx.fp_inputs))
+        n, total = plans.search_count(ctx, self.search_samples)  # this rank's share of the search samples
         groups = list(adapter.groups)
-        mags = self._magnitudes(ctx, layer, groups, n)
+        mags = self._magnitudes(ctx, layer, groups, n, total)
         masses, group_of, modules = {}, {}, {}
         for g in groups:
             for path in g.readers:
@@ -231,8 +286,8 @@ class GreedyAllocation(Method):
             for p, lv in levels.items():
                 modules[p][1].selector = Threshold(quantile(mags[group_of[p]], lv))
 
-        levels, err = plans.greedy_levels(masses, self.sparsity, self.delta, lambda: plans.layer_tail_error(ctx, n, self.tail),
-                                          apply)
+        levels, err = plans.greedy_levels(masses, self.sparsity, self.delta,
+                                          lambda: plans.layer_tail_error(ctx, n, self.tail, total), apply)
         errs = {} if err is None else {"error": err}
         final = {}
         for p, (path, sparse) in modules.items():
