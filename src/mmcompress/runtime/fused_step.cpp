@@ -124,7 +124,8 @@ struct Plan {
   std::vector<float> q, k, v, a, g, t, t2;  // t: o_proj / down output; t2: the residual adapter's
   std::vector<float> scores;           // [nh, max_len]
   std::unique_ptr<std::atomic<int64_t>[]> next;  // one work counter per phase of a step
-  std::atomic<int> bar_count{0}, bar_gen{0};     // phase_barrier's arrivals and generation
+  alignas(64) std::atomic<int> bar_count{0};     // phase_barrier's arrivals
+  alignas(64) std::atomic<int> bar_gen{0};       // and generation, each on its own cache line
   int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
   // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
