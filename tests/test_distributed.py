@@ -82,14 +82,7 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     common = [*command, "--calib", str(calib_text), "--nsamples", "5", "--seqlen", "32", "--no-progress", "--json"]
     if case == "in-memory":
         common.append("--in-memory")
-    with one_thread():
-        assert cli.main(common + ["--output", str(tmp_path / "one")]) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    r = torchrun("-m", "mmcompress.cli", *common, "--output", tmp_path / "two", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, r.stdout  # printed once, by rank 0
-    two = json.loads(lines[0])
+    one, two, r = _one_and_two_ranks(common, tmp_path, capsys)
     done = {"quantize": "quantized ", "compress": "compressed ", "sparsify": "sparsified "}[command[0]]
     assert r.stderr.count(done) == 1, r.stderr
     assert "notice:" not in r.stderr, r.stderr  # streamed on every rank (or --in-memory, as asked)
@@ -99,13 +92,7 @@ def test_cli_two_ranks_byte_identical(case, calib_text, tmp_path, capsys):
     assert sum(two["rank_tokens"]) == sum(one["rank_tokens"])
     if command[0] == "quantize":
         assert two["calibration"] == one["calibration"]
-    files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
-    for name in files:
-        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
-        if name == "mmcompress.json":  # equal but for the run's seconds
-            a, b = (_timeless(json.loads(x)) for x in (a, b))
-        assert a == b, name
+    _assert_same_artifact(tmp_path / "one", tmp_path / "two")
     assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # rank 0's checkpoint directory is gone
 
 
@@ -122,20 +109,32 @@ def test_cli_two_ranks_threshold_methods_byte_identical(method, plan, tmp_path, 
     model = save_tiny(tmp_path / "tiny-llama", "llama", layers=3)
     common = ["sparsify", str(model), "--method", method, "--plan", plan, "--sparsity", "0.5",
               "--calib", str(_diverse_text(tmp_path)), "--nsamples", "5", "--seqlen", "600", "--no-progress", "--json"]
+    one, two, _ = _one_and_two_ranks(common, tmp_path, capsys)
+    assert one["rank_tokens"] == [5 * 600] and two["rank_tokens"] == [3 * 600, 2 * 600]  # split, not repeated
+    assert two["model_sparsity"] == one["model_sparsity"]
+    _assert_same_artifact(tmp_path / "one", tmp_path / "two")
+
+
+def _one_and_two_ranks(common, tmp_path, capsys):
+    """``mmcompress COMMON`` in this process (one thread) into tmp_path/one, then under ``torchrun
+    --nproc-per-node 2`` into tmp_path/two: both ``--json`` results (the 2-rank one printed once, by rank 0) and
+    torchrun's completed process."""
     with one_thread():
         assert cli.main(common + ["--output", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = torchrun("-m", "mmcompress.cli", *common, "--output", tmp_path / "two", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, r.stdout
-    two = json.loads(lines[0])
-    assert one["rank_tokens"] == [5 * 600] and two["rank_tokens"] == [3 * 600, 2 * 600]  # split, not repeated
-    assert two["model_sparsity"] == one["model_sparsity"]
-    files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    assert len(lines) == 1, r.stdout  # printed once, by rank 0
+    return one, json.loads(lines[0]), r
+
+
+def _assert_same_artifact(one, two):
+    """The same files with the same bytes (``mmcompress.json``: equal but for the run's seconds)."""
+    files = sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == files
     for name in files:
-        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        a, b = (one / name).read_bytes(), (two / name).read_bytes()
         if name == "mmcompress.json":
             a, b = (_timeless(json.loads(x)) for x in (a, b))
         assert a == b, name
