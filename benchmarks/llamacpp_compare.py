@@ -69,6 +69,16 @@ def run(cmd, **kw):
     return subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 
+def wanted(only: set[str], *variants: str) -> bool:
+    """Whether ``--only`` (empty: everything) keeps any of ``variants``."""
+    return not only or any(v in only for v in variants)
+
+
+def ours_variants(name: str) -> tuple[str, str]:
+    """The variant names that time our model ``name``: the fused step and ``--python-step``'s."""
+    return f"ours {name}", f"ours {name} (python step)"
+
+
 def build(model: Path, work: Path, venv: Path, only: set[str] = frozenset()) -> dict[str, Path]:
     """Our artifacts and the GGUF files in ``work`` (made when missing); with ``only`` (``--only``'s
     variant names) just those its variants need."""
@@ -77,12 +87,9 @@ def build(model: Path, work: Path, venv: Path, only: set[str] = frozenset()) -> 
     env = dict(os.environ)
     exports = {"w8a8": "llama.cpp Q8_0, our w8a8 export", "w4a16": "llama.cpp Q4_0, our w4a16 export"}
 
-    def wanted(*variants: str) -> bool:
-        return not only or any(v in only for v in variants)
-
     arts = {}
     for name, flags in OURS.items():
-        if not wanted(f"ours {name}", f"ours {name} (python step)", exports.get(name, "")):
+        if not wanted(only, *ours_variants(name), exports.get(name, "")):
             continue
         out = work / f"art-{name}"
         if not out.exists():
@@ -93,20 +100,20 @@ def build(model: Path, work: Path, venv: Path, only: set[str] = frozenset()) -> 
     convert = next((venv / "src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
     for t, needed_by in (("bf16", ("llama.cpp BF16", "llama.cpp Q4_0")), ("q8_0", ("llama.cpp Q8_0",))):
         f = work / f"llamacpp-{t}.gguf"
-        if not wanted(*needed_by):
+        if not wanted(only, *needed_by):
             continue
         if not f.exists():
             run([venv / "bin/python", convert, model, "--outtype", t, "--outfile", f], stdout=subprocess.DEVNULL)
-        if wanted(needed_by[0]):
+        if wanted(only, needed_by[0]):
             ggufs[needed_by[0]] = f
     f = work / "llamacpp-q4_0.gguf"
-    if wanted("llama.cpp Q4_0"):
+    if wanted(only, "llama.cpp Q4_0"):
         if not f.exists():
             run([venv / "bin/python", HERE / "llamacpp_run.py", "quantize", work / "llamacpp-bf16.gguf", f, "q4_0"])
         ggufs["llama.cpp Q4_0"] = f
     for name, v in exports.items():
         f = work / f"ours-{name}.gguf"
-        if not wanted(v):
+        if not wanted(only, v):
             continue
         if not f.exists():
             run([py, "-m", "mmcompress.cli", "export", arts[name], "--format", "gguf", "--output", f], env=env)
@@ -156,14 +163,12 @@ def main():
     ids = torch.tensor([tok(text).input_ids[: a.prompt]])
     assert ids.shape[1] == a.prompt, f"the prompt text has only {ids.shape[1]} tokens"
     n = a.prompt + a.tokens
-    def ours_wanted(k: str) -> bool:  # with --only, load only the models its variants time
-        return not only or f"ours {k}" in only or f"ours {k} (python step)" in only
-
+    # with --only, load only the models its variants time
     ours = {k: load_hf_model(a.model, dtype=dt) for k, dt in
-            (("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)) if ours_wanted(k)}
+            (("dense_fp32", torch.float32), ("dense_bf16", torch.bfloat16)) if wanted(only, *ours_variants(k))}
     extra = dict(e.split("=", 1) for e in a.extra)
     ours.update({name: mmcompress.load(p) for name, p in {**files["artifacts"], **extra}.items()
-                 if ours_wanted(name)})
+                 if wanted(only, *ours_variants(name))})
     engines = {k: DecodeEngine(m, max_len=n, head="model" if k.startswith("dense") else a.head)
                for k, m in ours.items()}
     if a.python_step:
