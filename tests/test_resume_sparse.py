@@ -74,7 +74,7 @@ CASES = {
     "teal-uniform": ("sparsify", ["--method", "teal", "--sparsity", "0.4"], False),
     "teal-greedy": ("sparsify", ["--method", "teal", "--sparsity", "0.1", "--plan", "greedy"], False),
     "cats": ("sparsify", ["--method", "cats", "--sparsity", "0.3"], False),
-    "recipe-larosa-rtn": ("compress", [], False),
+    "recipe-larosa-rtn": ("compress", [], True),
     "recipe-larosa-rtn-in-memory": ("compress", ["--in-memory"], False),
 }
 
