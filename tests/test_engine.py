@@ -127,18 +127,26 @@ def test_resumed_run_describes_every_layer(tmp_path, tokenizer, method, options)
         assert a["method_summary"]["linear_macs_per_token"] > 0
 
 
-def test_teal_greedy_refuses_to_resume(tmp_path, tokenizer):
-    """TEAL's greedy search samples magnitudes from one generator across the layers, which a replay of the
-    finished layers cannot restore: a resumed run would pick other thresholds, so it is refused."""
+def test_teal_greedy_resumes_with_the_same_draws(tmp_path, tokenizer):
+    """TEAL's greedy search draws each layer's magnitude sample with a generator of that layer's own (the
+    run's seed and the layer index) and checkpoints its chosen levels: a resumed run picks the same
+    thresholds as an uninterrupted one and describes every layer."""
+    import copy
+
     from mmcompress.engine import run_layerwise
     from mmcompress.sparse.methods.teal import GreedyAllocation
 
     model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer)
     samples = text_samples(tok, n=2)
+    ref = GreedyAllocation(0.2)
+    m = copy.deepcopy(model)
+    run_layerwise(m, get_adapter(m), ref, samples, progress=False)
     ck = tmp_path / "ck"
-    _interrupted(lambda stop: run_layerwise(model, get_adapter(model), GreedyAllocation(0.4), samples,
-                                            checkpoint_dir=ck, on_layer_done=stop, progress=False), 0)
-    model, _ = tiny_model("llama", layers=3, tokenizer=tokenizer)
-    with pytest.raises(RuntimeError, match="teal-greedy runs cannot be resumed"):
-        run_layerwise(model, get_adapter(model), GreedyAllocation(0.4), samples, checkpoint_dir=ck, resume=True,
-                      progress=False)
+    m = copy.deepcopy(model)
+    _interrupted(lambda stop: run_layerwise(m, get_adapter(m), GreedyAllocation(0.2), samples,
+                                            checkpoint_dir=ck, on_layer_done=stop, progress=False), 1)
+    again = GreedyAllocation(0.2)
+    m = copy.deepcopy(model)
+    run_layerwise(m, get_adapter(m), again, samples, checkpoint_dir=ck, resume=True, progress=False)
+    assert again.description() == ref.description()
+    assert again.thresholds == ref.thresholds and len(again.thresholds) == 3

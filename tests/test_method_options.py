@@ -101,6 +101,19 @@ def test_every_sparse_option_is_in_the_json_and_the_cli(method, field):
     assert method_options(args, SPARSE_METHODS, method) == {"sparsity": 0.5, field.name: changed.options.values()[field.name]}
 
 
+@pytest.mark.parametrize("method,field", SPARSE_FIELDS, ids=[f"{m}.{f.name}" for m, f in SPARSE_FIELDS])
+def test_every_sparse_option_is_in_the_resume_fingerprint(method, field):
+    """``sparsify --resume`` with another value of any option is refused: the walk's digest changes."""
+    base = make_sparse_method(method, sparsity=0.5)
+    changed = make_sparse_method(method, **{"sparsity": 0.5, field.name: _other_value(field)})
+    walks = base.layer_method(), changed.layer_method()
+    if None in walks:  # whole-model stages (LaRoSA merged, basis both): not resumable, refused with --resume
+        return
+    assert _method_digest(walks[1], False) != _method_digest(walks[0], False)
+    again = make_sparse_method(method, sparsity=0.5).layer_method()
+    assert _method_digest(again, False) == _method_digest(walks[0], False)  # stable across objects
+
+
 def test_flags_keep_their_names():
     """The flags the README and the scripts use (the hand-written CLI's), now generated from the fields."""
     q = _help("quantize")

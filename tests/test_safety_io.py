@@ -131,13 +131,16 @@ def test_sparsify_and_export_refuse_and_take_overwrite(tmp_path, assets, capsys,
     assert keep.read_text() == SENTINEL and _tree(art) == before
 
 
-def test_sparsify_leaves_an_unrelated_ckpt_directory_alone(tmp_path, assets, capsys):
+def test_sparsify_refuses_an_unrelated_ckpt_directory_and_leaves_it_alone(tmp_path, assets, capsys):
+    """``sparsify`` keeps its resumable checkpoints in OUTPUT.ckpt, as ``quantize``: a directory there that is not
+    ours is refused in one line, untouched."""
     model, calib = assets
     keep = _sentinel(tmp_path / "out.ckpt")
-    assert main(["sparsify", str(model), "--method", "teal", "--sparsity", "0.3", "--calib", str(calib),
-                 "--nsamples", "2", "--seqlen", "16", "--no-progress", "--output", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "mmcompress.json").is_file()
-    assert keep.read_text() == SENTINEL
+    assert _main(capsys, ["sparsify", str(model), "--method", "teal", "--sparsity", "0.3", "--calib", str(calib),
+                          "--nsamples", "2", "--seqlen", "16", "--no-progress", "--output", str(tmp_path / "out")]) == 1
+    _one_error(capsys, "not an mmcompress checkpoint directory")
+    assert keep.read_text() == SENTINEL and sorted(os.listdir(tmp_path / "out.ckpt")) == ["keep.txt"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_overwrite_replaces_an_unrelated_output_and_cleans_up(tmp_path, assets):

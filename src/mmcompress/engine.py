@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -251,6 +252,9 @@ class LayerContext:
     world: World = field(default_factory=World)  # the ranks sharing the calibration (mmcompress.distributed)
     sample_ids: range | None = None  # global indices of the samples in ``inputs`` (this rank's block)
     total_samples: int | None = None  # calibration samples over all ranks
+    # What the method records about this layer for a resumed run (plain JSON values: a greedy search's
+    # chosen levels, an installed threshold): checkpointed with the layer, given back to replayed()
+    state: dict = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
@@ -368,7 +372,9 @@ class Method:
     # Calibrates on the model it was given, then changes the layer: its observers watch the pass of the
     # unchanged layer (which computes the next layer's inputs), and observed() changes the layer.  The
     # activation chain it carries is thus the one of its input model (a sparsity method's dense chain),
-    # in one pass per layer.  Such a run cannot be resumed (a replay would rebuild another chain).
+    # in one pass per layer.  A resumed run replays it the same way: the chain goes through the unchanged
+    # layer (read from the input weights), the observers hooked on, then replayed() (not observed()) with
+    # the finished layer from the checkpoint.
     observe_then_change = False
     data_free = False  # step() reads no activations (no inputs, no observers): a Sequence keeps no chain for it
     # The layers it writes are final but for settings fixed in finalize() from what the whole walk saw
@@ -404,7 +410,11 @@ class Method:
     @property
     def resumable(self) -> bool:
         """Whether a checkpointed run can be resumed (:func:`_replay_layer` rebuilds its chains)."""
-        return not self.observe_then_change
+        return True
+
+    # replayed() runs or reads ctx.layer (a search chain through the layer it leaves): as a step before
+    # another in a recipe, whose layer state between the two steps is not checkpointed, it cannot replay
+    replay_uses_layer = False
 
     def layer_structure(self, layer: nn.Module) -> dict:
         """Specs of the modules this method put into ``layer`` (path -> spec), for resume/load."""
@@ -413,11 +423,19 @@ class Method:
     def rebuild_layer(self, layer: nn.Module, structure: dict) -> None:
         apply_specs(layer, structure)
 
+    def replay_unchanged(self, ctx: LayerContext) -> None:
+        """A resumed run replays finished layer ``ctx.index``: the unchanged layer (the input weights) is
+        ``ctx.layer``, before the finished one replaces it; a method that carries chains through it (a
+        recipe's dense chain, :class:`Sequence`) advances them here."""
+
     def replayed(self, ctx: LayerContext) -> None:
         """A resumed run restored finished layer ``ctx.index`` from its checkpoint (``ctx.layer`` as the walk
-        left it, on the device; ``ctx.inputs``: its inputs): a method that carries something across the
-        layers (a search's side chain, its choices, totals for its summary) rebuilds it here, as its step
-        and observers had left it.  The per-layer infos (``ctx.info``) come back from the checkpoint."""
+        left it, on the device; ``ctx.inputs``: its inputs, before the pass that computes the next layer's;
+        ``ctx.state``: what the walk recorded there for this layer): a method that carries something across
+        the layers (a search's side chain, its choices, totals for its summary) rebuilds it here, as its
+        step and observers had left it (an ``observe_then_change`` method: its observers have just watched
+        the unchanged layer's pass, as in the walk).  The per-layer infos (``ctx.info``) come back from the
+        checkpoint."""
 
     def finalize(self, model: nn.Module, adapter: ModelAdapter) -> None:
         """Called once after the last layer."""
@@ -469,6 +487,10 @@ class Compose(_Steps):
         for m in self.methods:
             m.observed(ctx)
 
+    def replay_unchanged(self, ctx: LayerContext) -> None:
+        for m in self.methods:
+            m.replay_unchanged(ctx)
+
     def replayed(self, ctx: LayerContext) -> None:
         for m in self.methods:
             m.replayed(ctx)
@@ -494,7 +516,11 @@ class Sequence(_Steps):
     separate walks ran the same two, in two walks), LaRoSA then SmoothQuant three (SmoothQuant's
     statistics are taken on the sparse model's chain, as its own walk would).  The engine carries the
     last chain (``c_n``, or ``c_{n-1}`` when the last step observes then changes); the others live here.
-    Side sets are not supported, nor is resuming a run (the inner chains are not checkpointed)."""
+    Side sets are not supported.  A run resumes (:meth:`resumable`) when the only chain it keeps is the input
+    model's ``c_0`` and its last step does not observe then change: a replay passes ``c_0`` through the
+    input layer (step 1's observers hooked on, :meth:`replay_unchanged`) and the engine's chain through the
+    finished layer; a chain through a layer state between two steps (``L^k``, ``0 < k < n``) cannot be
+    rebuilt from the checkpoint, which holds ``L^n`` alone."""
 
     side_sets = ()
 
@@ -514,13 +540,45 @@ class Sequence(_Steps):
                       or (k >= 1 and not step[k].observe_then_change and not step[k].data_free)]
         self._chains: dict[int, list] | None = None
         self._subs: dict[int, LayerContext] = {}
+        self._replay = None
 
     @property
     def resumable(self) -> bool:
-        return len(self.methods) == 1 and self.methods[0].resumable
+        """See the class docstring: no chain through a layer state between two steps, and no step before
+        the last whose replay runs its own layer state (a greedy search's side chain)."""
+        return (set(self._kept) <= {0} and self._engine_chain == len(self.methods)
+                and all(m.resumable for m in self.methods)
+                and not any(m.replay_uses_layer for m in self.methods[:-1]))
+
+    def replay_unchanged(self, ctx: LayerContext) -> None:
+        """Resume: ``c_0`` through the input layer ``L^0``, step 1's observers hooked on if it observes then
+        changes (its random draws and moments, as the walk took them)."""
+        if self._chains is None:
+            self._chains = {k: list(ctx.inputs) for k in self._kept}
+        self._replay = None
+        if 0 in self._kept:
+            m = self.methods[0]
+            sub = self._sub(ctx, 0, step=1)
+            self._replay = (sub, self._pass(ctx, 0, m.observers(sub) if m.observe_then_change else []))
 
     def replayed(self, ctx: LayerContext) -> None:
-        self.methods[0].replayed(ctx)  # resumable with one step alone
+        """Resume: every step's :meth:`~Method.replayed` in order on its view of the finished layer (``ctx.layer``,
+        ``L^n``), the first layer's inputs mapped as in :meth:`step`, then ``c_0`` advanced."""
+        sub0, out0 = self._replay or (None, None)
+        for k, m in enumerate(self.methods, 1):
+            if m.observe_then_change:  # step 1 (see resumable): it watched c_0 in replay_unchanged
+                sub0.layer = ctx.layer
+                m.replayed(sub0)
+            else:
+                fp = k - 1 if m.needs_fp_chain else None  # k == 1 (see resumable)
+                m.replayed(self._sub(ctx, k, fp, out0 if fp is not None else None, step=k))
+            if ctx.index == 0:
+                for j in [j for j in self._kept if j >= k]:
+                    self._chains[j] = m.first_inputs(self._chains[j])
+                ctx.inputs = m.first_inputs(ctx.inputs)  # the engine's chain is c_n (see resumable)
+        if out0 is not None:
+            self._chains[0] = [ctx.captured.after_layer(s, ctx.index, o) for s, o in enumerate(out0)]
+        self._replay = None
 
     def prepare(self, model, adapter, samples=None) -> None:
         self._chains = None
@@ -532,12 +590,13 @@ class Sequence(_Steps):
             return ctx.inputs
         return self._chains.get(k, [])  # not kept: a data-free step's, never read
 
-    def _sub(self, ctx: LayerContext, k: int, fp: int | None = None, fp_outputs=None) -> LayerContext:
-        """Step ``k``'s view of this layer: chain ``c_k`` as inputs, ``c_fp`` as the full-precision chain."""
+    def _sub(self, ctx: LayerContext, k: int, fp: int | None = None, fp_outputs=None, *, step: int) -> LayerContext:
+        """Step ``step``'s view of this layer: chain ``c_k`` as inputs, ``c_fp`` as the full-precision chain, its
+        own part of the layer's resume state (``ctx.state[str(step)]``)."""
         from dataclasses import replace
 
         return replace(ctx, inputs=self._chain(ctx, k), fp_inputs=None if fp is None else self._chain(ctx, fp),
-                       fp_outputs=fp_outputs)
+                       fp_outputs=fp_outputs, state=ctx.state.setdefault(str(step), {}))
 
     @torch.no_grad()
     def _pass(self, ctx: LayerContext, k: int, observers) -> list:
@@ -559,7 +618,7 @@ class Sequence(_Steps):
             m, prev = steps[k], steps.get(k - 1)
             watching = prev is not None and not prev.observe_then_change  # step k-1's observers: on c_{k-1}
             if k - 1 in self._kept:  # advance c_{k-1} through L^{k-1}, the only time this layer state exists
-                sub = self._sub(ctx, k - 1)
+                sub = self._sub(ctx, k - 1, step=k)
                 self._subs[k] = sub
                 if m.observe_then_change:
                     m.step(sub)
@@ -571,11 +630,11 @@ class Sequence(_Steps):
                 if m.observe_then_change:
                     m.observed(sub)
             elif m.observe_then_change:  # the last step, on the engine's chain: hooked by observers()
-                sub = self._subs[k] = self._sub(ctx, k - 1)
+                sub = self._subs[k] = self._sub(ctx, k - 1, step=k)
                 m.step(sub)
             if not m.observe_then_change:
                 fp = k - 1 if m.needs_fp_chain else None
-                sub = self._subs[k] = self._sub(ctx, k, fp, outs.get(k - 1) if fp is not None else None)
+                sub = self._subs[k] = self._sub(ctx, k, fp, outs.get(k - 1) if fp is not None else None, step=k)
                 m.step(sub)
                 if k < self._engine_chain and k not in self._kept:  # data-free: no pass over its chain
                     m.observed(sub)
@@ -737,15 +796,18 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             start = state["next_layer"]
             done_infos = [state.get("infos", {}).get(str(i), {"layer": i}) for i in range(start)]
             if start and not method.resumable:
-                raise RuntimeError(f"{method.name} runs cannot be resumed (the activations it calibrates on are "
-                                   "not those of the finished layers); run without --resume")
+                raise RuntimeError(f"{method.name} runs cannot be resumed (a chain it calibrates on passes through a "
+                                   "layer state the checkpoint does not hold); run without --resume")
             # no activations are kept on disk: replay the finished layers to recompute them
             for i in tqdm(range(start), desc="resume", unit="layer", disable=not progress or start < 2):
                 structure, tensors = _finished_layer(ckdir, state, i, fingerprint, adapter)
-                inputs, fp_inputs = _replay_layer(i, layers[i], adapter, method, captured, inputs, fp_inputs, sides,
+                inputs, fp_inputs = _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides,
                                                   device, world, mine, len(samples), model_dtype, structure, tensors,
-                                                  stream)
+                                                  stream, state.get("states", {}).get(str(i), {}))
         else:  # start afresh: our files only
+            if resume:
+                print(f"nothing to resume in {ckdir} (no layer was finished): starting from the first layer",
+                      file=sys.stderr)
             for p in ckdir.iterdir():
                 if p.is_file() and is_checkpoint_file(p.name):
                     p.unlink()
@@ -799,7 +861,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         info = {"layer": i, **ctx.info}
         infos.append(info)
         if ckpt is not None:
-            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream, info)
+            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream, info, ctx.state)
         if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
             layer.to("meta")
             stream.released_layer(i)
@@ -819,7 +881,7 @@ def _count_tokens(model: nn.Module, world: World, tokens: int) -> None:
 
 
 def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json: str, stream=None,
-                  info: dict | None = None) -> None:
+                  info: dict | None = None, resume_state: dict | None = None) -> None:
     """Write layer ``i``'s state, then commit it by replacing ``state.json``.  The activations are not
     written: a resumed run recomputes them through the finished layers (:func:`_replay_layer`), so the
     bytes a run writes are its layers, not its layers plus one activation set per layer.  A streamed
@@ -836,8 +898,11 @@ def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json
     if place is not None:  # no layer file to carry it
         structures = {**structures, str(i): structure}
     infos = {**prev.get("infos", {}), str(i): json.loads(json.dumps(info or {"layer": i}, default=str))}
+    states = prev.get("states", {})
+    if resume_state:  # what the method recorded for a resumed run (LayerContext.state)
+        states = {**states, str(i): json.loads(json.dumps(resume_state))}
     state = {"next_layer": i + 1, "fingerprint": fingerprint, "where": {**prev.get("where", {}), str(i): place or "file"},
-             "structures": structures, "infos": infos}
+             "structures": structures, "infos": infos, **({"states": states} if states else {})}
     fileio.step(f"checkpoint.layer:{i}")
     fileio.atomic_write_json(ckdir / "state.json", state, indent=1, sort_keys=True)
     fileio.step(f"checkpoint.state:{i}")
@@ -907,18 +972,22 @@ def _advance(ctx, sides, outputs, side_outputs, fp_inputs):
     return inputs, fp_inputs
 
 
-def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides, device, world, mine, total,
-                  model_dtype, structure, tensors, stream):
-    """Resume: recompute what finished layer ``i`` passed on, as the walk computed it (the uncompressed
-    outputs from the input weights, in float32 where the method's step ran there; the compressed
-    outputs from the checkpointed layer), and leave the finished layer in place (a streamed one freed)."""
+def _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides, device, world, mine, total,
+                  model_dtype, structure, tensors, stream, state):
+    """Resume: recompute what finished layer ``i`` passed on, as the walk computed it, and leave the finished
+    layer in place (a streamed one freed).  Through the input weights: the uncompressed chain (in float32
+    where the method's step ran there), and the chain of a method that observes then changes (its
+    observers hooked on, as in the walk); through the checkpointed layer: the compressed chain.  The
+    method's :meth:`~Method.replay_unchanged` sees the input layer, :meth:`~Method.replayed` the finished
+    one, with ``ctx.state`` as the walk recorded it (``state``)."""
+    layer = layers[i]
     if stream is not None:
         stream.load_layer(i, layer)
     orig_device = next(layer.parameters()).device
     layer.to(device)
     ad = adapter.at_layer(i)
     ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs, world=world, sample_ids=mine,
-                       total_samples=total)
+                       total_samples=total, state=state)
     ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
     contexts = [ctx, *ctx.sides.values()]
     if any(c.fp_inputs is not None for c in contexts):
@@ -931,12 +1000,19 @@ def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides,
         if upcast is not None:
             upcast.__exit__(None, None, None)
         _end_fp32(contexts, model_dtype if upcast is not None else None)
+    outputs = side_outputs = None
+    if method.observe_then_change:  # the walk's chain went through the unchanged layer, observed
+        outputs, side_outputs = _outputs(ctx, sides, method)
+    method.replay_unchanged(ctx)
     layer.to(orig_device)
-    method.rebuild_layer(layer, structure)
+    layer = _rebuild_finished(layers, i, layer, method, structure)
     layer.load_state_dict(tensors, strict=True)
     layer.to(device)
-    outputs, side_outputs = _outputs(ctx, sides)
+    for c in contexts:
+        c.layer = layer
     method.replayed(ctx)
+    if outputs is None:
+        outputs, side_outputs = _outputs(ctx, sides)
     inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
     for mod in layer.modules():
         if hasattr(mod, "clear_cache"):
@@ -946,6 +1022,16 @@ def _replay_layer(i, layer, adapter, method, captured, inputs, fp_inputs, sides,
         layer.to("meta")
         stream.released_layer(i)
     return inputs, fp_inputs
+
+
+def _rebuild_finished(layers, i: int, layer, method, structure: dict):
+    """The finished layer's modules from their specs; a wrapper of the whole layer (path ``""``: LaRoSA's
+    residual adapter) takes the layer's place in ``layers``."""
+    if "" in structure:
+        apply_specs(layers, {str(i): structure[""]})
+        return layers[i]
+    method.rebuild_layer(layer, structure)
+    return layer
 
 
 def _check_fingerprint(found, expected: dict, ckdir: Path) -> None:
@@ -1006,8 +1092,14 @@ def _model_digest(model: nn.Module, adapter: ModelAdapter, stream=None) -> str:
 
 def _method_digest(method: Method, fp_chain: bool) -> str:
     """The method's configuration and every plain attribute of it (a seed a config() forgot counts too)."""
-    plain = (int, float, str, bool, type(None), list, tuple, dict)
-    attrs = {k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and isinstance(v, plain)}
+    def plain(v) -> bool:  # JSON all the way down (a recipe's list of step objects is not: its config() is)
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return isinstance(v, (int, float, str, bool, type(None)))
+
+    attrs = {k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and plain(v)}
     blob = json.dumps({"class": f"{type(method).__module__}.{type(method).__qualname__}", "config": method.config(),
                        "attrs": attrs, "fp_chain": fp_chain}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -101,7 +101,8 @@ def _check_step(kind: str, opts: dict, where: str) -> dict:
     return {"method": method, **opts, **checked, **({"adapters": adapters} if adapters is not None else {})}
 
 
-def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True, checkpoint_dir=None):
+def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True, checkpoint_dir=None,
+                 resume: bool = False):
     """Apply the steps in order, in one layer-by-layer walk; the model's description lists every step's
     own description.
 
@@ -113,7 +114,8 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
     (layer l's residual adapter needs the basis of layer l+1, fitted to that layer's MLP input too) and
     MBQ with gradient-probed loss weights on multimodal data (its probe must see the sparse model).
     LaRoSA's ``grid`` plan picks its K after its walk (``chooses_at_end``): the steps after it walk again.
-    ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one).
+    ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one); ``resume``: continue
+    the walk checkpointed there (a recipe of one walk; see :attr:`~mmcompress.engine.Sequence.resumable`).
     """
     import time
 
@@ -158,6 +160,9 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
     if streamed and staged:
         raise ValueError(f"{made[min(staged)][1].name} with these options needs the whole model in memory")
     walks = [w for w in walks if w]
+    if resume and (staged or len(walks) > 1):
+        raise ValueError(f"this recipe runs in {len(walks) + len(staged)} stages (a step needs the whole model or a "
+                         "walk of its own), which cannot be resumed; run without --resume")
     descriptions: dict[int, dict] = {}
     t_start, done = time.time(), set()
     timing = []
@@ -175,7 +180,7 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
         methods = [p for _, p in group]
         walk = methods[0] if len(methods) == 1 else Sequence(*methods)
         infos = run_layerwise(model, adapter, walk, calib.samples, device=device, progress=progress,
-                              checkpoint_dir=checkpoint_dir)
+                              checkpoint_dir=checkpoint_dir, resume=resume)
         for k in dict.fromkeys(k for k, _ in group):
             kind, m, w, parts = made[k]
             if kind == "sparsify":

@@ -18,7 +18,7 @@ from .common import CLIError, load_calibration
 # the shared helpers under the short names this module has always used
 from .common import add_calib as _add_calib, add_common as _add_common, add_overwrite as _add_overwrite
 from .common import add_trust as _add_trust, check_calib_spec as _check_calib_spec, input_paths as _inputs
-from .common import add_method_flags, add_streaming, method_options, named_set as _named_set, on_ranks
+from .common import add_method_flags, add_resume, add_streaming, check_not_on_ranks, method_options, named_set as _named_set, on_ranks
 from .common import write_artifact
 from ..plugins import commands as plugin_commands, import_optional
 
@@ -59,8 +59,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     _add_calib(q, required=False)
     q.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     _add_overwrite(q)
-    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    q.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
+    add_resume(q)
     q.add_argument("--no-progress", action="store_true")
     add_streaming(q)
     _add_common(q)
@@ -73,6 +72,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     _add_calib(c)
     c.add_argument("--output", "-o", required=True)
     _add_overwrite(c)
+    add_resume(c)
     c.add_argument("--no-progress", action="store_true")
     add_streaming(c)
     _add_common(c)
@@ -348,6 +348,7 @@ def cmd_compress(args) -> dict:
     if launched():  # torchrun: each rank calibrates on its block of the samples, rank 0 writes
         return on_ranks(cmd_compress, args)
     world = current()
+    check_not_on_ranks(args, world)
     inputs = _inputs(args.model, args.calib) + [args.recipe]
 
     def compute(model, ck):
@@ -355,9 +356,10 @@ def cmd_compress(args) -> dict:
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=trust)
         apply_recipe(model, calib, steps, device=world.device if world.size > 1 else args.device,
-                     progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck)
+                     progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, resume=args.resume)
 
-    model = write_artifact(args, "compress", inputs, compute, lambda adapter: _recipe_not_streamable(steps, adapter))
+    model = write_artifact(args, "compress", inputs, compute, lambda adapter: _recipe_not_streamable(steps, adapter),
+                           resumable=True)
     desc = model._mmcompress_description
     print(f"compressed {args.model} with {len(steps)} steps in {len(desc['walks'])} walk(s) -> {args.output} "
           f"({desc['seconds']} s)", file=sys.stderr)

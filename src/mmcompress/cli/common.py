@@ -226,6 +226,19 @@ def method_options(args, methods: dict, method: str) -> dict:
         raise CLIError(e.message(flag_of_key.get(e.key, e.key), valid)) from None
 
 
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--checkpoint-dir", help="per-layer checkpoints (default: OUTPUT.ckpt)")
+
+
+def check_not_on_ranks(args, world) -> None:
+    """``--resume`` and ``--checkpoint-dir`` are one-process features: refused under ``torchrun``."""
+    if world.size > 1:
+        for flag, value in (("--resume", args.resume), ("--checkpoint-dir", args.checkpoint_dir)):
+            if value:
+                raise CLIError(f"{flag} is not supported under torchrun yet")
+
+
 def add_streaming(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="the default: read one decoder layer at a time from the checkpoint (peak memory: one layer "

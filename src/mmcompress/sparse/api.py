@@ -27,7 +27,7 @@ from .methods.base import SparseMethod
 
 def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 0.4, *, plan: str | None = None,
              mode: str | None = None, prefill: str | None = None, device="cpu", progress: bool = True,
-             checkpoint_dir=None, **options) -> nn.Module:
+             checkpoint_dir=None, resume: bool = False, **options) -> nn.Module:
     """Sparsify ``model`` in place and return it (see module docstring).
 
     ``method``: a name of :data:`~.methods.SPARSE_METHODS`; ``sparsity`` and the other options are
@@ -38,7 +38,7 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     ``prefill``: ``all`` (paper protocol) | ``none`` (dense prefill) | ``last_half`` (TEAL protocol).
     One layer-by-layer walk (:meth:`~.methods.base.SparseMethod.layer_method`; the plan searches too) except
     for LaRoSA merged with ``basis="both"``; ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model
-    needs one).
+    needs one); ``resume``: continue the run checkpointed there (the one-walk form only).
     """
     m = make_sparse_method(method, sparsity=sparsity, plan=plan, mode=mode, prefill=prefill, **options)
     adapter = get_adapter(model)
@@ -50,7 +50,8 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     finite.check_module(model, "input weight")
     t0 = time.time()
     model.eval()
-    info = m.apply(model, adapter, calib.samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    info = m.apply(model, adapter, calib.samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                   resume=resume)
     finite.check_module(model, f"the {m.name} result")
     model._mmcompress_description = {
         "kind": "activation_sparsity",

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from ..cli.common import CLIError, add_calib, add_common, add_method_flags, add_overwrite, add_trust, check_calib_spec
-from ..cli.common import add_streaming, input_paths, load_calibration, method_options, on_ranks
+from ..cli.common import add_resume, add_streaming, check_not_on_ranks, input_paths, load_calibration, method_options
+from ..cli.common import on_ranks
 from ..cli.common import write_artifact
 from .methods import SPARSE_METHODS
 
@@ -22,6 +23,7 @@ def register(subparsers) -> None:
     p.set_defaults(nsamples=16, seqlen=1024)
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     add_overwrite(p)
+    add_resume(p)
     p.add_argument("--no-progress", action="store_true")
     add_streaming(p)
     add_common(p)
@@ -46,6 +48,7 @@ def cmd_sparsify(args) -> dict:
     if launched():  # torchrun: each rank calibrates on its block of the samples, rank 0 writes
         return on_ranks(cmd_sparsify, args)
     world = current()
+    check_not_on_ranks(args, world)
     inputs = input_paths(args.model, args.calib)
 
     def compute(model, ck):
@@ -59,13 +62,16 @@ def cmd_sparsify(args) -> dict:
         calib = load_calibration(args.calib, model, args.model, args.nsamples, args.seqlen, args.seed,
                                  trust_remote_code=args.trust_remote_code)
         sparsify(model, calib, args.method, device=world.device if world.size > 1 else args.device,
-                 progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, **options)
+                 progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, resume=args.resume, **options)
 
     out = Path(args.output)
     walk = make_sparse_method(args.method, **options).layer_method()
+    if walk is None and args.resume:
+        raise CLIError("--resume: these options run in whole-model stages (LaRoSA merged --basis both), which cannot "
+                       "be resumed; run without --resume")
     model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
                            "these options need a rotation walk over the whole model first (LaRoSA merged --basis "
-                           "both)")
+                           "both)", resumable=True)
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,

@@ -59,15 +59,21 @@ class SparseMethod:
     def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
         raise NotImplementedError
 
-    def apply(self, model, adapter, samples, *, device="cpu", progress=True, checkpoint_dir=None) -> dict:
+    def apply(self, model, adapter, samples, *, device="cpu", progress=True, checkpoint_dir=None,
+              resume: bool = False) -> dict:
         """Sparsify ``model`` in place; returns the description saved as ``mmcompress.json``'s ``method``.
-        A streamed model (:mod:`mmcompress.streaming`) needs the one-walk form and ``checkpoint_dir``."""
+        A streamed model (:mod:`mmcompress.streaming`) needs the one-walk form and ``checkpoint_dir``;
+        ``resume``: continue the walk checkpointed there (the engine's fingerprinted resume)."""
         from ...engine import run_layerwise
 
         walk = self.layer_method()
         if walk is None:
             if getattr(model, "_mmcompress_stream", None) is not None:
                 raise ValueError(f"{self.name} with these options needs the whole model in memory")
+            if resume:
+                raise ValueError(f"{self.name} with these options runs in whole-model stages, which cannot be "
+                                 "resumed; run without --resume")
             return self.apply_staged(model, adapter, samples, device=device, progress=progress)
-        run_layerwise(model, adapter, walk, samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+        run_layerwise(model, adapter, walk, samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                      resume=resume)
         return walk.description()

@@ -95,5 +95,5 @@ class CATS(SparseMethod):
         layers = ThresholdLayers(
             "cats", _cats_select,
             lambda adapter, i, mags: install_threshold(adapter, i, layers.shapes[i], mags, sparsity, prefill, cap),
-            lambda shapes, installed: _description(shapes, installed, sparsity, prefill, cap))
+            lambda shapes, installed: _description(shapes, installed, sparsity, prefill, cap), config=self.config())
         return layers

@@ -375,14 +375,21 @@ class LaRoSALayers(Method):
             out.append((ctx.layer, "output", lambda y, obs=obs: obs(y[0] if isinstance(y, tuple) else y)))
         return out
 
+    @property
+    def replay_uses_layer(self) -> bool:
+        return self.plan_kind in ("grid", "greedy")  # the search chains go on through the finished layer
+
     @torch.no_grad()
-    def observed(self, ctx) -> None:
+    def _seen(self, ctx):
+        """What the observers saw of this layer's pass: the moments, the token count, ``Q_l`` (and ``Q_{l+1}``,
+        merged mode); ``(q, q_next)``."""
         cur, self._cur = self._cur, None
         i, world = ctx.index, ctx.world
         h = world.sum(cur["H"]).cpu() if cur["H"] is not None else self._next
         if cur["n"]:
             self.tokens = world.sum(cur["n"])
         q, _ = rotation_from_moment(h, self.damping)
+        q_next = None
         if self.mode == "merged":
             self._next = world.sum(cur["next"]).cpu() if cur["next"] is not None else None
             q_next = None if self._next is None else rotation_from_moment(self._next, self.damping)[0]
@@ -390,13 +397,24 @@ class LaRoSALayers(Method):
                 self.q_first = q
             if q_next is None:
                 self.q_last = q
+        if i == 0:
+            self._world, self._start = world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
+        return q, q_next
+
+    def _start_chains(self, ctx) -> None:
+        if ctx.index == 0:  # the search chains start from the inputs of the rotated model
+            for chain in self._chains.values():
+                chain.start(ctx, self.first_inputs(ctx.inputs[: chain.wanted]))
+
+    @torch.no_grad()
+    def observed(self, ctx) -> None:
+        i = ctx.index
+        q, q_next = self._seen(ctx)
+        if self.mode == "merged":
             ctx.layer = merge_layer(ctx.adapter, i, q, q_next, column_scale=self.column_scale)
         else:
             rotate_reference_layer(ctx.adapter, i, q)
-        if i == 0:  # the search chains start from the inputs of the rotated model
-            self._world, self._start = world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
-            for chain in self._chains.values():
-                chain.start(ctx, self.first_inputs(ctx.inputs[: chain.wanted]))
+        self._start_chains(ctx)
         if self.plan_kind == "grid":
             for r, candidate in self._candidates.items():  # K = the last candidate's until finalize() picks
                 apply_topk_layer(ctx.adapter, i, candidate, self.prefill)
@@ -406,12 +424,36 @@ class LaRoSALayers(Method):
         else:
             apply_topk_layer(ctx.adapter, i, self.plan, self.prefill)
 
+    @torch.no_grad()
+    def replayed(self, ctx) -> None:
+        """Resume: the observers have watched the input layer's pass (moments, token count, ``Q_1``, ``Q_L``);
+        the grid's chains go on through the finished layer at each candidate's K (the last one's stays, as
+        in the walk), the greedy levels come back from the checkpoint (``ctx.state``) and its chain goes on
+        through the finished layer at K = D."""
+        i = ctx.index
+        self._seen(ctx)
+        self._start_chains(ctx)
+        if self.plan_kind == "grid":
+            for r, candidate in self._candidates.items():
+                apply_topk_layer(ctx.adapter, i, candidate, self.prefill)
+                self._chains[r].advance(ctx, self._chains[r].outputs(ctx))
+        elif self.plan_kind == "greedy":
+            self.search.levels.append(dict(ctx.state["levels"]))
+            readers = [mod for _, _, mod, _ in plan_readers(ctx.adapter, i, plans.exact(self.shapes, 0.0))]
+            keep = [mod.keep for mod in readers]
+            apply_topk_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, as the search's chain
+            dense = self._chains[0].outputs(ctx)
+            for mod, k in zip(readers, keep):
+                mod.keep = k
+            self._chains[0].advance(ctx, dense)
+
     def _greedy(self, ctx) -> None:
         """This layer's greedy levels on the chain through the rotated dense layers (as :func:`greedy_plan`)."""
         i, chain = ctx.index, self._chains[0]
         apply_topk_layer(ctx.adapter, i, plans.exact(self.shapes, 0.0), "all")  # K = D, every token
         dense = chain.outputs(ctx)
         self.search.search(replace(ctx, fp_inputs=chain.x, fp_outputs=dense), chain.here, chain.total)
+        ctx.state["levels"] = self.search.levels[-1]  # for a resumed run (replayed)
         if self.prefill != "all":  # the requested prefill policy (the search sparsified every token)
             _set_prefill(ctx.adapter, i, self.prefill)
         chain.advance(ctx, dense)

@@ -22,6 +22,8 @@ Allocation (``plan``):
   its seven matrices differs.  TEAL steps by ``base_step/weight_j`` up to 0.9 and reads the row
   closest to ``p`` at run time; we step to ``p`` directly (``δ = p / ⌈p / step⌉``, default
   ``step = 0.02``, on 4 calibration samples), and use a plain squared error (TEAL's takes a norm over the sequence axis first).
+  The magnitudes a layer's thresholds come from are a random sample drawn with a generator of that layer's
+  own (:func:`layer_generator`: the run's seed and the layer index), so a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from .larosa import PREFILL_POLICIES, make_sparse_linear
 
 
 class Draws:
-    """The seeded random sample of ``|x|`` taken of each activation call, from one generator that runs
-    through the whole walk (layer by layer, sample by sample): at most ``per_call`` values per call.
+    """The seeded random sample of ``|x|`` taken of each activation call from ``gen`` (the magnitude
+    sampler's runs through the whole walk, layer by layer, sample by sample; TEAL greedy's is one per
+    layer, :func:`layer_generator`): at most ``per_call`` values per call.
 
     Under ``torchrun`` a rank holds a block of the samples (``first`` is its first global index): it
     advances the generator past the draws one process makes for the samples before its block
@@ -193,14 +196,22 @@ class ThresholdLayers(MagnitudeSampler):
     """A threshold method (TEAL's uniform plan, CATS) as an engine method, one pass per layer: the
     observers sample magnitudes on the pass of the unchanged layer (the dense chain, as
     :func:`calibrate_magnitudes`), then :meth:`observed` installs the layer's thresholds
-    (``observe_then_change``); ``install(adapter, i, magnitudes)`` returns what the description lists."""
+    (``observe_then_change``); ``install(adapter, i, magnitudes)`` returns what the description lists
+    (JSON values: the resume state keeps it).  ``config``: the sparsity method's options (the resume
+    fingerprint; ``install`` and ``describe`` close over them).  A resumed run's replay hooks the observers
+    on the same pass, so the one generator draws as in the walk."""
 
     observe_then_change = True
 
-    def __init__(self, name: str, select, install, describe, max_values: int = 1 << 18, seed: int = 0):
+    def __init__(self, name: str, select, install, describe, max_values: int = 1 << 18, seed: int = 0,
+                 config: dict | None = None):
         super().__init__(select, max_values=max_values, seed=seed)
         self.name, self.install, self.describe = name, install, describe
         self.max_values, self.seed = max_values, seed
+        self._config = dict(config or {"method": name})
+
+    def config(self) -> dict:
+        return {**self._config, "max_values": self.max_values, "seed": self.seed}
 
     def prepare(self, model, adapter, samples=None) -> None:
         self.per_call = max(1024, self.max_values // max(len(samples or ()), 1) + 1)
@@ -211,9 +222,24 @@ class ThresholdLayers(MagnitudeSampler):
     def observed(self, ctx) -> None:
         super().observed(ctx)
         self.installed.append(self.install(ctx.adapter, ctx.index, self.values.pop()))
+        ctx.state["installed"] = self.installed[-1]
+
+    def replayed(self, ctx) -> None:
+        """Resume: the observers drew this layer's sample (the generator advances as in the walk); what was
+        installed comes back from the checkpoint."""
+        super().observed(ctx)
+        self.values.pop()
+        got = ctx.state["installed"]
+        self.installed.append(tuple(got) if isinstance(got, list) else got)
 
     def description(self) -> dict:
         return self.describe(self.shapes, self.installed)
+
+
+def layer_generator(seed: int, i: int) -> torch.Generator:
+    """The generator of decoder layer ``i``'s random draws, from the run's ``seed`` and ``i`` alone (a
+    resumed run draws the same for the layers it has left)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % (1 << 63))
 
 
 class GreedyAllocation(Method):
@@ -230,21 +256,23 @@ class GreedyAllocation(Method):
             raise ValueError(f"greedy step must be in (0, 0.5], got {step}")
         self.sparsity, self.tail, self.search_samples = float(sparsity), float(tail), int(search_samples)
         self.moves, self.delta = plans.greedy_moves(self.sparsity, step)
-        self.max_values, self.prefill = max_values, prefill
-        self.gen = torch.Generator().manual_seed(seed)
+        self.max_values, self.prefill, self.seed = max_values, prefill, int(seed)
         self.levels: list[dict[str, float]] = []
         self.thresholds: list[dict[str, float]] = []
 
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "delta": self.delta, "tail": self.tail,
-                "search_samples": self.search_samples, "prefill": self.prefill}
-
-    @property
-    def resumable(self) -> bool:
-        return False  # the magnitude samples of every layer draw from one generator: a replay cannot restore it
+                "search_samples": self.search_samples, "prefill": self.prefill, "max_values": self.max_values,
+                "seed": self.seed}
 
     def prepare(self, model, adapter, samples=None) -> None:
         self.shapes = plans.layer_shapes(adapter)
+        self.levels, self.thresholds = [], []
+
+    def replayed(self, ctx) -> None:
+        """Resume: the finished layer's levels and thresholds come back from the checkpoint (``ctx.state``)."""
+        self.levels.append(dict(ctx.state["levels"]))
+        self.thresholds.append(dict(ctx.state["thresholds"]))
 
     def description(self) -> dict:
         chosen = plans.per_projection(self.shapes, self.levels, "greedy", self.sparsity)
@@ -260,7 +288,7 @@ class GreedyAllocation(Method):
         the first ``n`` samples of ``ctx.fp_inputs`` (``total`` over all ranks)."""
         readers = {g.name: layer.get_submodule(g.readers[0]) for g in groups}
         per_call = max(1024, self.max_values // max(total, 1) + 1)
-        draws = _draws(ctx, self.gen, per_call, {name: m.in_features for name, m in readers.items()},
+        draws = _draws(ctx, layer_generator(self.seed, ctx.index), per_call, {name: m.in_features for name, m in readers.items()},
                        ctx.fp_inputs[:n], total)
         ctx.collect(readers, lambda name, x, ids: draws.take(name, x), inputs=ctx.fp_inputs[:n])
         return draws.finish()
@@ -296,6 +324,7 @@ class GreedyAllocation(Method):
                 layer.set_submodule(path, make_sparse_linear(sparse, sparse.selector, self.prefill))
         self.levels.append(dict(levels))
         self.thresholds.append(final)
+        ctx.state.update(levels=dict(levels), thresholds=dict(final))  # for a resumed run (replayed)
         ctx.info["teal_greedy"] = {"levels": {p: round(v, 4) for p, v in levels.items()},
                                    "effective": round(sum(levels[p] * masses[p] for p in levels)
                                                       / sum(masses.values()), 4), **errs}
@@ -328,4 +357,5 @@ class TEAL(SparseMethod):
             return GreedyAllocation(sparsity, prefill=prefill)
         return ThresholdLayers("teal", _teal_select,
                                lambda adapter, i, mags: install_thresholds(adapter, i, mags, sparsity, prefill),
-                               lambda shapes, installed: _description(shapes, sparsity, prefill, installed))
+                               lambda shapes, installed: _description(shapes, sparsity, prefill, installed),
+                               config=self.config())
