@@ -307,3 +307,37 @@ def test_work_split_keeps_results(cpu_kernel):
             torch.testing.assert_close(sparse_linear(x, wt, 400, backend="cpu"), reff, rtol=1e-5, atol=1e-4)
     finally:
         cpu_kernel.set_row_split(prev)
+
+
+def _exact_int8_gemv(x, codes, scale, zc, k, bias):
+    """The kernel's arithmetic in torch: exact int32 sums over the kept rows, then its fp32 epilogue."""
+    idx, vals = topk_select(x, k, backend="cpu")
+    sa = (vals.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-10)
+    qa = torch.clamp(torch.round(vals / sa), -127, 127).long()
+    u = codes.long().t() + 128  # the stored uint8 codes [in, out]
+    acc = torch.stack([qa[b] @ u[idx[b]] for b in range(x.shape[0])])
+    a = (acc - zc.long() * qa.sum(-1, keepdim=True)).float()
+    return a * (sa * scale.float()) + bias
+
+
+@pytest.mark.parametrize("batch", range(1, 9))
+def test_int8_row_passes_and_tails_exact(cpu_kernel, batch):
+    """Kept-row counts that leave every remainder of the multi-group passes (int8_block walks up to four
+    4-row interleaves per pass, then single groups; rows padded to a multiple of 4), 64-column chunks with a
+    tail, batch 1..8 and every row split: the output equals the exact integer sum + the fp32 epilogue.
+    8250 columns: an accumulator too large for L1, so the multi-group passes run (kInt8L1Acc)."""
+    din, dout = 160, 8250
+    _, codes, scale, zero, wq, zc = _weights(din, dout, seed=batch)
+    g = torch.Generator().manual_seed(100 + batch)
+    x = torch.randn(batch, din, generator=g)
+    bias = torch.randn(dout, generator=g)
+    prev = cpu_kernel.set_row_split(0)
+    try:
+        for k in (1, 3, 4, 5, 8, 12, 15, 16, 17, 20, 28, 31, 32, 33, 36, 47, 64, 65, 159, 160):
+            want = _exact_int8_gemv(x, codes, scale, zc, k, bias)
+            for parts in (0, 1, 2, 3):
+                cpu_kernel.set_row_split(parts)
+                got = sparse_int8_linear(x, wq, scale, zc, k, bias, backend="cpu")
+                assert torch.equal(got, want), (k, parts)
+    finally:
+        cpu_kernel.set_row_split(prev)

@@ -17,7 +17,8 @@
 //           to the lowest index, as sparse/topk.py) and its row-group GEMV (gemv_block), on the kept rows;
 //   kind 5  LaRoSA + W8A8 (SparseInt8Linear): the same Top-K, per-token int8 codes of the kept values
 //           (divided by the fp32 smoothing row if any; quantize_values), uint8 codes + 128 [K, N] walked
-//           four kept rows at a time with VNNI (int8_block, exact int32 sums), int8_dequant's epilogue.
+//           four kept rows at a time with VNNI (int8_block: a unit's accumulator of <= MAXCOLS columns stays
+//           in L1, so one interleave per pass; exact int32 sums), int8_dequant's epilogue.
 // Kinds 4 and 5 are the deployed modules' own kernel code (sparse_gemv.cpp is included below), so one
 // unit of 64 output columns computes exactly what those kernels compute for the same columns.
 // A smoothing row divides the input first (in the model dtype), as IntLinear does; linears that read

@@ -13,7 +13,8 @@
 // streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
 // accumulator for its columns and walks its rows in groups (8 rows at batch 1, else 4; the next
 // group's rows prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row
-// parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way.  Blocks are handed out from an atomic counter to the
+// parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way, in
+// passes of 4 to 16 kept rows (int8_block).  Blocks are handed out from an atomic counter to the
 // threads of ATen's OpenMP team (share_work.h, through parallel_tasks).
 //
 // Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
@@ -490,8 +491,9 @@ std::tuple<at::Tensor, at::Tensor> topk_select(const at::Tensor& x, int64_t k) {
 // operand: sum qa * u = sum qa * c + 128 * sum qa, so the offset is removed with one per-token sum
 // (zc_j = 128 + z_j, z_j = the zero point in code units; 0 for symmetric weights).
 // vpdpbusd sums 4 consecutive bytes of each 32-bit lane, so four kept rows are interleaved in
-// registers (two unpack stages); the accumulator of each 64-column chunk is kept in that lane order
-// and put back in column order in the epilogue.  Accumulation is exact in int32 (|sum| <= 255 * 127 * in).
+// registers (two unpack stages); up to four such interleaves (16 rows) are added into the accumulator
+// registers per load/store of it (int8_pass); the accumulator of each 64-column chunk is kept in that
+// lane order and put back in column order in the epilogue.  Accumulation is exact in int32 (|sum| <= 255 * 127 * in).
 
 inline float quantize_values(const float* v, int64_t n, int qmax, int8_t* q) {
   float amax = 0.f;
@@ -506,62 +508,112 @@ inline float quantize_values(const float* v, int64_t n, int qmax, int8_t* q) {
   return scale;
 }
 
-// acc[b*len + ...] += sum over 4-row groups; rows padded to a multiple of 4 (padding rows carry code 0).
-// qp[g*B + b] packs the four activation codes of group g, token b (byte r = row 4g + r).
-template <int B>
-void int8_block(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
-                int64_t j0, int64_t j1, int32_t* __restrict acc) {
-  const int64_t len = j1 - j0;
-  const int64_t full = len / 64 * 64;
-  for (int64_t g = 0; g < ngroups; ++g) {
-    const int32_t* rg = rows + 4 * g;
-    const uint8_t* w0 = wt + static_cast<int64_t>(rg[0]) * n + j0;
-    const uint8_t* w1 = wt + static_cast<int64_t>(rg[1]) * n + j0;
-    const uint8_t* w2 = wt + static_cast<int64_t>(rg[2]) * n + j0;
-    const uint8_t* w3 = wt + static_cast<int64_t>(rg[3]) * n + j0;
-    const bool pf = g + 1 < ngroups;
-    const int32_t* rn = pf ? rg + 4 : rg;
-    const uint8_t* p0 = wt + static_cast<int64_t>(rn[0]) * n + j0;
-    const uint8_t* p1 = wt + static_cast<int64_t>(rn[1]) * n + j0;
-    const uint8_t* p2 = wt + static_cast<int64_t>(rn[2]) * n + j0;
-    const uint8_t* p3 = wt + static_cast<int64_t>(rn[3]) * n + j0;
+// One pass over G consecutive 4-row groups (4G kept rows, rg; qp[g*B + b] packs the four activation codes
+// of group g, token b, byte r = row 4g + r) for columns [j0, j0 + len): acc[b*len + ...] += their sums.
+// Each 64-column chunk loads the accumulator once, adds all G interleaves (vpdpbusd into the same
+// registers) and stores it once, so the int32 accumulator (4 bytes per column) is read and written once
+// per 4G rows instead of once per 4: at G = 1 accumulator traffic equals weight traffic.  nx: the next
+// npf rows (a multiple of 4, <= 4G) to prefetch at the same column offset, one line per row per chunk.
+template <int B, int G>
+inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg, const uint32_t* qp,
+                      const int32_t* nx, int npf, int64_t j0, int64_t len, int32_t* __restrict acc) {
+  const uint8_t* w[4 * G];
+  const uint8_t* p[4 * G];
+  for (int r = 0; r < 4 * G; ++r) {
+    w[r] = wt + static_cast<int64_t>(rg[r]) * n + j0;
+    p[r] = r < npf ? wt + static_cast<int64_t>(nx[r]) * n + j0 : w[r];
+  }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    __m512i qb[B];
-    for (int b = 0; b < B; ++b) qb[b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
-    for (int64_t c = 0; c < full; c += 64) {
-      if (pf) {
-        _mm_prefetch(reinterpret_cast<const char*>(p0 + c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p1 + c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p2 + c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p3 + c), _MM_HINT_T0);
-      }
-      const __m512i r0 = _mm512_loadu_si512(w0 + c), r1 = _mm512_loadu_si512(w1 + c);
-      const __m512i r2 = _mm512_loadu_si512(w2 + c), r3 = _mm512_loadu_si512(w3 + c);
+  const int64_t full = len / 64 * 64;
+  __m512i qb[G][B];
+  for (int g = 0; g < G; ++g)
+    for (int b = 0; b < B; ++b) qb[g][b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
+  for (int64_t c = 0; c < full; c += 64) {
+    for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + c), _MM_HINT_T0);
+    __m512i e[G][4];
+    for (int g = 0; g < G; ++g) {
+      const __m512i r0 = _mm512_loadu_si512(w[4 * g] + c), r1 = _mm512_loadu_si512(w[4 * g + 1] + c);
+      const __m512i r2 = _mm512_loadu_si512(w[4 * g + 2] + c), r3 = _mm512_loadu_si512(w[4 * g + 3] + c);
       const __m512i a = _mm512_unpacklo_epi8(r0, r1), bb = _mm512_unpackhi_epi8(r0, r1);
       const __m512i cc = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
-      const __m512i e0 = _mm512_unpacklo_epi16(a, cc), e1 = _mm512_unpackhi_epi16(a, cc);
-      const __m512i e2 = _mm512_unpacklo_epi16(bb, d), e3 = _mm512_unpackhi_epi16(bb, d);
-      for (int b = 0; b < B; ++b) {
-        int32_t* ac = acc + b * len + c;
-        _mm512_storeu_si512(ac, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac), e0, qb[b]));
-        _mm512_storeu_si512(ac + 16, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 16), e1, qb[b]));
-        _mm512_storeu_si512(ac + 32, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 32), e2, qb[b]));
-        _mm512_storeu_si512(ac + 48, _mm512_dpbusd_epi32(_mm512_loadu_si512(ac + 48), e3, qb[b]));
-      }
+      e[g][0] = _mm512_unpacklo_epi16(a, cc);
+      e[g][1] = _mm512_unpackhi_epi16(a, cc);
+      e[g][2] = _mm512_unpacklo_epi16(bb, d);
+      e[g][3] = _mm512_unpackhi_epi16(bb, d);
     }
-    const int64_t tail0 = full;
+    for (int b = 0; b < B; ++b) {
+      int32_t* ac = acc + b * len + c;
+      __m512i s0 = _mm512_loadu_si512(ac), s1 = _mm512_loadu_si512(ac + 16);
+      __m512i s2 = _mm512_loadu_si512(ac + 32), s3 = _mm512_loadu_si512(ac + 48);
+      for (int g = 0; g < G; ++g) {
+        s0 = _mm512_dpbusd_epi32(s0, e[g][0], qb[g][b]);
+        s1 = _mm512_dpbusd_epi32(s1, e[g][1], qb[g][b]);
+        s2 = _mm512_dpbusd_epi32(s2, e[g][2], qb[g][b]);
+        s3 = _mm512_dpbusd_epi32(s3, e[g][3], qb[g][b]);
+      }
+      _mm512_storeu_si512(ac, s0);
+      _mm512_storeu_si512(ac + 16, s1);
+      _mm512_storeu_si512(ac + 32, s2);
+      _mm512_storeu_si512(ac + 48, s3);
+    }
+  }
+  const int64_t tail0 = full;
 #else
-    (void)p0; (void)p1; (void)p2; (void)p3; (void)pf;
-    const int64_t tail0 = 0;  // no VNNI: every column in natural order (the epilogue is told so)
+  (void)p;
+  const int64_t tail0 = 0;  // no VNNI: every column in natural order (the epilogue is told so)
 #endif
+  for (int g = 0; g < G; ++g)
     for (int b = 0; b < B; ++b) {
       const uint32_t q4 = qp[g * B + b];
       const int32_t q0 = static_cast<int8_t>(q4 & 0xff), q1 = static_cast<int8_t>((q4 >> 8) & 0xff);
       const int32_t q2 = static_cast<int8_t>((q4 >> 16) & 0xff), q3 = static_cast<int8_t>(q4 >> 24);
+      const uint8_t *w0 = w[4 * g], *w1 = w[4 * g + 1], *w2 = w[4 * g + 2], *w3 = w[4 * g + 3];
       int32_t* ac = acc + b * len;
       for (int64_t j = tail0; j < len; ++j) ac[j] += q0 * w0[j] + q1 * w1[j] + q2 * w2[j] + q3 * w3[j];
     }
+}
+
+// Groups of 4 kept rows per VNNI interleave (rows padded to a multiple of 4, padding rows carry code 0),
+// walked G interleaves per pass (see int8_pass), then the remaining groups one at a time; each pass
+// prefetches the next pass's rows.
+template <int B, int G>
+void int8_walk(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
+               int64_t j0, int64_t len, int32_t* __restrict acc) {
+  int64_t g = 0;
+  for (; g + G <= ngroups; g += G) {
+    const int npf = static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4;
+    int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc);
   }
+  if constexpr (G > 1) {
+    for (; g < ngroups; ++g) {
+      const int npf = g + 1 < ngroups ? 4 : 0;
+      int8_pass<B, 1>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + 1), npf, j0, len, acc);
+    }
+  }
+}
+
+// Interleaves per pass: several (kInt8Groups) only when the accumulator [B, len] int32 is larger than
+// kInt8L1Acc bytes, i.e. does not stay in L1 and every load/store of it goes to L2 (gate/up: 11008
+// columns, 43 KB).  A 4096-column accumulator (16 KB) stays in L1, and there 16 rows per pass measured
+// 9-13 % slower than 4 on the down projection (docs/sparse_int8.md "Kernel").
+#ifndef MMC_INT8_GROUPS
+#define MMC_INT8_GROUPS 4
+#endif
+#ifndef MMC_INT8_L1_ACC
+#define MMC_INT8_L1_ACC 32768
+#endif
+template <int B>
+constexpr int kInt8Groups = B == 1 ? MMC_INT8_GROUPS : (B <= 4 ? 2 : 1);
+constexpr int64_t kInt8L1Acc = MMC_INT8_L1_ACC;
+
+template <int B>
+void int8_block(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
+                int64_t j0, int64_t j1, int32_t* __restrict acc) {
+  const int64_t len = j1 - j0;
+  if (B * len * static_cast<int64_t>(sizeof(int32_t)) > kInt8L1Acc)
+    int8_walk<B, kInt8Groups<B>>(wt, n, rows, qp, ngroups, j0, len, acc);
+  else
+    int8_walk<B, 1>(wt, n, rows, qp, ngroups, j0, len, acc);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -591,6 +643,31 @@ inline void int8_dequant(const int32_t* a, int64_t j0, int64_t len, const int32_
                          const float* dw, float* out) {
   const int64_t full = kInt8Permuted ? len / 64 * 64 : 0;
   // column 16L + 4m + i of a 64-column chunk sits at 16m + 4L + i
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // the same arithmetic 16 columns at a time: a 4x4 transpose of the chunk's 128-bit lanes puts them back
+  // in column order; then (a - zc * qsum) -> float, times the float product sa * dw (two roundings, no FMA)
+  const __m512i vq = _mm512_set1_epi32(qsum);
+  const __m512 vsa = _mm512_set1_ps(sa);
+  for (int64_t c = 0; c < full; c += 64) {
+    const __m512i s0 = _mm512_loadu_si512(a + c), s1 = _mm512_loadu_si512(a + c + 16);
+    const __m512i s2 = _mm512_loadu_si512(a + c + 32), s3 = _mm512_loadu_si512(a + c + 48);
+    const __m512i t0 = _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t1 = _mm512_shuffle_i32x4(s2, s3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t2 = _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i t3 = _mm512_shuffle_i32x4(s2, s3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i o[4] = {_mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)),
+                          _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1))};
+    for (int L = 0; L < 4; ++L) {
+      const int64_t j = c + 16 * L;
+      const __m512i v = _mm512_sub_epi32(o[L], _mm512_mullo_epi32(_mm512_loadu_si512(zp + j0 + j), vq));
+      const __m512 sc = _mm512_mul_ps(vsa, _mm512_loadu_ps(dw + j0 + j));
+      _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_cvtepi32_ps(v), sc));
+    }
+  }
+  for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum) * (sa * dw[j0 + j]);
+#else
   for (int64_t c = 0; c < full; c += 64)
     for (int m = 0; m < 4; ++m)
       for (int L = 0; L < 4; ++L)
@@ -600,6 +677,7 @@ inline void int8_dequant(const int32_t* a, int64_t j0, int64_t len, const int32_
         }
   for (int64_t j = full; j < len; ++j) out[j] = static_cast<float>(a[j] - zp[j0 + j] * qsum);
   for (int64_t j = 0; j < len; ++j) out[j] = out[j] * (sa * dw[j0 + j]);
+#endif
 }
 
 using int8_fn = void (*)(const uint8_t*, int64_t, const int32_t*, const uint32_t*, int64_t, int64_t, int64_t, int32_t*);
@@ -681,19 +759,17 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
   const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
   void* yptr = y.data_ptr();
-  // partial sums of row part p, column block t: part[(p * B + b) * n + j0 + (j - j0)] (chunk lane order)
-  std::vector<int32_t> part(static_cast<size_t>(rp * B * n), 0);
-  auto epilogue = [&](int64_t t) {  // sum the row parts of column block t, undo the lane order, scale
+  // Partial int32 sums of row part p: part[(p * B + b) * n + j] (chunk lane order within each column block).
+  // Not zero-filled here: every task clears its own slice.  At batch 1, or with one column block, a task's
+  // [B, len] accumulator is that slice itself (no scratch copy).
+  const bool direct = B == 1 || nblocks == 1;
+  std::unique_ptr<int32_t[]> part(new int32_t[static_cast<size_t>(rp * B * n)]);
+  // sums a[b * lda + (j - j0)] of column block t -> y (undo the lane order, scale, bias, output dtype)
+  auto epilogue = [&](int64_t t, const int32_t* a, int64_t lda) {
     const int64_t j0 = t * blk, j1 = std::min(n, j0 + blk), len = j1 - j0;
-    std::vector<int32_t> a(len);
-    std::vector<float> out(len);
+    std::unique_ptr<float[]> out(new float[len]);
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(a.data(), part.data() + b * n + j0, len * sizeof(int32_t));
-      for (int64_t p = 1; p < rp; ++p) {
-        const int32_t* q = part.data() + (p * B + b) * n + j0;
-        for (int64_t j = 0; j < len; ++j) a[j] += q[j];
-      }
-      int8_dequant(a.data(), j0, len, zp, qsum[b], sa[b], dw, out.data());
+      int8_dequant(a + b * lda, j0, len, zp, qsum[b], sa[b], dw, out.get());
       for (int64_t j = 0; j < len; ++j) {
         float v = out[j];
         if (bptr)
@@ -708,14 +784,29 @@ at::Tensor int8_from_selection(std::vector<std::vector<int32_t>>& sel, std::vect
   };
   parallel_tasks<int32_t>(rp, blk, n, nt, [&](int64_t p, int64_t t, int64_t j0, int64_t j1, std::vector<int32_t>& acc) {
     const int64_t len = j1 - j0, g0 = ngroups * p / rp, g1 = ngroups * (p + 1) / rp;
-    acc.assign(B * len, 0);
-    fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, acc.data());
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(part.data() + (p * B + b) * n + j0, acc.data() + b * len, len * sizeof(int32_t));
-    if (rp == 1) epilogue(t);
+    int32_t* slice = part.get() + p * B * n + j0;  // token b's columns at slice + b * n
+    int32_t* a = slice;
+    if (direct) {
+      std::fill(a, a + B * len, 0);
+    } else {
+      acc.assign(B * len, 0);
+      a = acc.data();
+    }
+    fn(wp, n, rows.data() + 4 * g0, qp.data() + g0 * B, g1 - g0, j0, j1, a);
+    if (rp == 1) {
+      epilogue(t, a, len);
+    } else if (!direct) {
+      for (int64_t b = 0; b < B; ++b) std::memcpy(slice + b * n, a + b * len, len * sizeof(int32_t));
+    }
   });
-  if (rp > 1)
-    for (int64_t t = 0; t < nblocks; ++t) epilogue(t);
+  if (rp > 1) {  // add the row parts into part 0, then the epilogue of every column block
+    int32_t* p0 = part.get();
+    for (int64_t p = 1; p < rp; ++p) {
+      const int32_t* q = part.get() + p * B * n;
+      for (int64_t i = 0; i < B * n; ++i) p0[i] += q[i];
+    }
+    for (int64_t t = 0; t < nblocks; ++t) epilogue(t, p0 + t * blk, n);
+  }
   return y;
 }
 
