@@ -313,3 +313,50 @@ def test_cli_whitening_and_held_out_report(omni_dir, tmp_path, capsys):
         rc = main(["quantize", str(omni_dir), "--calib", calib, "--output", str(tmp_path / "bad"), *args])
         assert rc == 1 and msg in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_reference_cache_shares_the_uncompressed_work_and_changes_nothing(tokenizer, tmp_path):
+    """RTN, SmoothQuant and MASQuant on copies of one model with one ``ReferenceCache``: the same reports
+    and weights, bit for bit, as three runs without it; the later runs take the captures and the held-out
+    uncompressed chain from the cache; a changed input model takes nothing from it."""
+    from mmcompress.engine import ReferenceCache
+
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(2)])
+    held = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s, text=" a held out prompt here")[0]
+                           for s in (5, 6)], source="held")
+    runs = (("rtn", {}), ("smoothquant", {"runtime_smoothing": True}), ("masquant", {"epochs": 1}))
+    n_layers = len(get_adapter(model).layers)
+
+    def run_all(tag, cache):
+        out = {}
+        for method, opts in runs:
+            m = copy.deepcopy(model)
+            before = 0 if cache is None else cache.hits
+            mmcompress.quantize(m, calib, method, "w4a8", progress=False, report_dir=tmp_path / tag,
+                                report_calib=held, reference_cache=cache, **opts)
+            rep = json.loads((tmp_path / tag / f"diagnostics-{method}-w4a8.json").read_text())
+            rep.pop("seconds", None)
+            out[method] = (rep, m.state_dict(), None if cache is None else cache.hits - before)
+        return out
+
+    plain, cached = run_all("plain", None), run_all("cached", ReferenceCache())
+    for method, _ in runs:
+        assert cached[method][0] == plain[method][0], method
+        a, b = plain[method][1], cached[method][1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+    assert cached["rtn"][2] == 0
+    # the two captures and the held-out chain of every layer from RTN's run; SmoothQuant computes the
+    # calibration set's uncompressed chain (its statistics' inputs), which MASQuant then takes too
+    assert cached["smoothquant"][2] == 2 + n_layers
+    assert cached["masquant"][2] == 2 + 2 * n_layers
+
+    cache = ReferenceCache()
+    mmcompress.quantize(copy.deepcopy(model), calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / "x",
+                        report_calib=held, reference_cache=cache)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        get_adapter(other).layers[-1].mlp.down_proj.weight.mul_(1.5)
+    mmcompress.quantize(other, calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / "y",
+                        report_calib=held, reference_cache=cache)
+    assert cache.hits == 0

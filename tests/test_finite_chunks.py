@@ -8,10 +8,10 @@ from mmcompress import finite
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_non_finite_found_in_any_chunk(dtype):
-    t = torch.zeros(3 * finite._CHUNK + 17, dtype=dtype)
+    t = torch.zeros(5 * finite._CHUNK + 17, dtype=dtype)  # the float scan reads 4 * _CHUNK at a time
     assert finite.first_non_finite([("w", t)]) is None
     for where, value in [(0, "nan"), (finite._CHUNK - 1, "inf"), (finite._CHUNK, "-inf"), (3 * finite._CHUNK + 5, "nan"),
-                         (-1, "inf")]:
+                         (4 * finite._CHUNK - 1, "-inf"), (4 * finite._CHUNK, "nan"), (-1, "inf")]:
         t[where] = float(value)
         assert finite.first_non_finite([("ok", torch.ones(3)), ("w", t.view(-1, 1))]) == "w", (where, value)
         t[where] = 0

@@ -116,6 +116,69 @@ class SideSet:
             self.inputs = [self.captured.after_layer(j, i, o) for j, o in enumerate(outputs)]
 
 
+class ReferenceCache:
+    """What the uncompressed input model computes during a walk, kept for later walks over the same model
+    and samples (``run_layerwise(reference_cache=...)``, ``quantize(reference_cache=...)``): the captured
+    layer-0 inputs of each sample set, and the uncompressed chain of every context that keeps one (the
+    held-out set of the diagnostics, a method's full-precision targets), layer by layer.  Several methods
+    compared on one model (``mmcompress demo``: RTN, SmoothQuant, MASQuant on the same calibration and
+    held-out sets) then run the towers and the uncompressed layers once instead of once per method.
+
+    Entries are keyed by a digest of the whole input model (configuration and every parameter and buffer:
+    :func:`_tensor_digest`, as the checkpoint fingerprint), of the samples (their tensors' bytes), the
+    device and the dtype the layer ran in, so a changed model or sample set misses the cache instead of
+    reading another run's activations.  A cached result is the one the first walk computed, so a later walk
+    gives the same outputs bit for bit as if it had recomputed them (the computation is deterministic on
+    the CPU).  Not used for a streamed model or under ``torchrun``.  Memory: one activation set per layer
+    and per cached chain (omni-mini, 8 held-out samples of 192 tokens: about 100 MB)."""
+
+    def __init__(self):
+        self._captures: dict[tuple, CapturedInputs] = {}
+        self._chains: dict[tuple, list[torch.Tensor]] = {}
+        self.hits = 0  # cached results handed out (for tests and reports)
+
+    def capture(self, key: tuple, compute: Callable[[], CapturedInputs]) -> CapturedInputs:
+        if key in self._captures:
+            self.hits += 1
+            return self._captures[key]
+        cap = self._captures[key] = compute()
+        return cap
+
+    def chain(self, key: tuple) -> list[torch.Tensor] | None:
+        out = self._chains.get(key)
+        if out is not None:
+            self.hits += 1
+        return out
+
+    def keep_chain(self, key: tuple, outputs: list[torch.Tensor]) -> None:
+        self._chains[key] = outputs
+
+
+def _full_model_digest(model: nn.Module) -> str:
+    """Configuration plus a digest of every parameter and buffer (towers and embeddings too: the capture
+    runs them)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict(keep_vars=False).items():
+        _tensor_digest(h, name, t)
+    return h.hexdigest()[:32]
+
+
+def _samples_digest(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s):
+            v = s[k]
+            if isinstance(v, torch.Tensor):
+                _hash_tensor(h, k, v)
+            else:
+                h.update(f"{k}={v!r};".encode())
+    return h.hexdigest()[:32]
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, adapter: ModelAdapter, samples, device="cpu", desc="capture",
                    progress: bool = True) -> CapturedInputs:
@@ -713,6 +776,7 @@ def run_layerwise(
     diagnostics=None,
     side_sets: dict[str, list] | None = None,
     world: World | None = None,
+    reference_cache: ReferenceCache | None = None,
 ) -> list[dict]:
     """Apply ``method`` to every decoder layer of ``model``; returns per-layer info dicts.
 
@@ -721,7 +785,10 @@ def run_layerwise(
     diagnostics measure on instead of the calibration samples.
 
     ``world`` (default: the initialised ``torch.distributed`` process group, else one process): every
-    rank passes the same ``samples`` and runs its own block of them (:mod:`mmcompress.distributed`)."""
+    rank passes the same ``samples`` and runs its own block of them (:mod:`mmcompress.distributed`).
+
+    ``reference_cache``: a :class:`ReferenceCache` shared by several walks over the same input model: the
+    captures and the uncompressed chains come from it where an earlier walk computed them."""
     device = torch.device(device)
     model.eval()
     world = current_world() if world is None else world
@@ -743,14 +810,14 @@ def run_layerwise(
         own_lock = False
     try:
         return _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done,
-                              diagnostics, side_sets or {}, world)
+                              diagnostics, side_sets or {}, world, reference_cache)
     finally:
         if own_lock:
             ckpt.close()
 
 
 def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progress, on_layer_done, diagnostics,
-                   side_samples, world):
+                   side_samples, world, cache=None):
     unknown = sorted(set(side_samples) - set(method.side_sets))
     if unknown:
         raise ValueError(f"{method.name} does not use the side set(s) {', '.join(unknown)}")
@@ -764,7 +831,15 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     samples = list(samples)
     mine = world.block(len(samples)) if world.size > 1 else range(len(samples))
     method.prepare(model, adapter, samples)  # every rank sees every sample here (e.g. gradient probes)
-    captured = capture_inputs(model, adapter, [samples[j] for j in mine], device=device, progress=progress)
+    if stream is not None or world.size > 1:
+        cache = None
+    ref_key = (_full_model_digest(model), str(device)) if cache is not None else None
+
+    def capture(ss, desc="capture"):
+        run = lambda: capture_inputs(model, adapter, ss, device=device, desc=desc, progress=progress)
+        return run() if cache is None else cache.capture((*ref_key, "capture", _samples_digest(ss)), run)
+
+    captured = capture([samples[j] for j in mine])
     _count_tokens(model, world, sum(int(h.shape[1]) for h in captured.hidden))
     inputs = captured.hidden
     layers_path = finite.module_path(model, adapter.layers)
@@ -777,7 +852,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         side_samples[HELDOUT] = diagnostics.samples
     sides: dict[str, SideSet] = {}
     for name, ss in side_samples.items():
-        cap = capture_inputs(model, adapter, ss, device=device, desc=f"capture {name}", progress=progress)
+        cap = capture(ss, f"capture {name}")
         finite.check_activations(cap.hidden, f"at the input of decoder layer 0 ({layers_path}.0), {name} set")
         sides[name] = SideSet(cap, list(cap.hidden), list(cap.hidden) if name == HELDOUT else None)
     if stream is not None:
@@ -813,6 +888,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                     p.unlink()
         fp_json = json.dumps(fingerprint, sort_keys=True)
     infos: list[dict] = list(done_infos)  # a resumed run's finished layers come back from state.json
+    chain_keys = {None: _samples_digest([samples[j] for j in mine]),
+                  **{n: _samples_digest(ss) for n, ss in side_samples.items()}} if cache is not None else {}
     bar = tqdm(range(start, len(layers)), desc=f"{method.name}", unit="layer", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
@@ -828,6 +905,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
         contexts = [ctx, *ctx.sides.values()]
+        to_keep = _cached_chains(cache, ref_key, chain_keys, layer, i, contexts, [None, *ctx.sides],
+                                 upcast is not None) if cache is not None else []
         if upcast is not None:
             upcast.__enter__()
             for c in contexts:
@@ -837,6 +916,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         if upcast is not None:
             upcast.__exit__(None, None, None)
         _end_fp32(contexts, model_dtype if upcast is not None else None)
+        for key, c in to_keep:
+            cache.keep_chain(key, list(c.fp_outputs))
         layer = ctx.layer  # a step may wrap the layer (a recipe's LaRoSA step adds the residual adapter)
         finite.check_module(layer, f"the {method.name} result", prefix=f"{layers_path}.{i}")
         dctx = ctx.sides.get(HELDOUT, ctx)  # diagnostics: on the held-out set when there is one
@@ -924,11 +1005,31 @@ def _finished_layer(ckdir: Path, state: dict, i: int, fingerprint: dict, adapter
     return json.loads(meta["structure"]), tensors
 
 
+def _cached_chains(cache, ref_key, chain_keys, layer, i, contexts, names, upcast: bool) -> list:
+    """Set ``fp_outputs`` of the contexts whose uncompressed chain ``cache`` holds for layer ``i`` (the layer
+    as it is now, before the step); return ``(key, context)`` for the others, to keep once computed."""
+    lh = hashlib.sha256()
+    for name, t in layer.state_dict().items():
+        _tensor_digest(lh, name, t)
+    missing = []
+    for c, n in zip(contexts, names):
+        if c.fp_inputs is None:
+            continue
+        key = (*ref_key, "chain", chain_keys[n], i, lh.hexdigest()[:32], upcast)
+        got = cache.chain(key)
+        if got is None:
+            missing.append((key, c))
+        else:
+            c.fp_outputs = list(got)
+    return missing
+
+
 def _fp_outputs(contexts) -> None:
-    """The uncompressed layer's outputs on every context that keeps an uncompressed chain."""
+    """The uncompressed layer's outputs on every context that keeps an uncompressed chain (and has not
+    got them yet: from a :class:`ReferenceCache`)."""
     with torch.no_grad():
         for c in contexts:
-            if c.fp_inputs is not None:
+            if c.fp_inputs is not None and c.fp_outputs is None:
                 c.fp_outputs = [c.run(j, c.fp_inputs[j]).to("cpu") for j in range(len(c.fp_inputs))]
 
 

@@ -132,13 +132,16 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
         return row
 
     rows.append(evaluate_mm(base, "fp32 (dense)", {}))
+    from mmcompress.engine import ReferenceCache
+
+    reference = ReferenceCache()  # the three methods share base's captures and uncompressed chains
     # SmoothQuant as MASQuant's baseline: o_proj smoothed too (a run-time division under GQA)
     for method, opts in (("rtn", {}), ("smoothquant", {"runtime_smoothing": True}), ("masquant", dict(cfg["masquant"]))):
         _log(f"{method} W4A8 on {multimodal_model}")
         model = copy.deepcopy(base)
         t0 = time.time()
         quantize(model, calib, method, "w4a8", device=device, progress=progress, report_dir=out, report_calib=held,
-                 **opts)
+                 reference_cache=reference, **opts)
         secs = round(time.time() - t0, 1)
         deploy(model, runtime, quiet=True)  # evaluated the way `mmcompress.load` would run the artifact
         report = json.loads(Path(model._mmcompress_description["report"]).read_text())
@@ -147,7 +150,7 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
                  **{f"sqnr_{m}": round(v, 2) for m, v in sqnr.items()}}
         rows.append(evaluate_mm(model, method, extra))
         del model
-    del base
+    del base, reference
 
     # -- 2. activation sparsity -----------------------------------------------------------------
     from .decode_speed import model_decode_benchmark

@@ -74,7 +74,7 @@ def whole_model_prepare(m, adapter) -> bool:
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
              checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, report_calib=None,
-             whitening=None, **options):
+             whitening=None, reference_cache=None, **options):
     """Quantize ``model`` in place with ``method`` and return it.
 
     ``calib`` is a :class:`~mmcompress.data.CalibrationSet` (or a list of model-input dicts);
@@ -85,6 +85,9 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     calibration samples.  ``whitening`` (MASQuant): a separate whitening set, e.g. image-only and
     audio-only samples as in the paper; CMC's covariance of modality ``m`` then comes from its tokens
     of modality ``m`` instead of the calibration set's.
+    ``reference_cache``: an :class:`mmcompress.engine.ReferenceCache` shared by several ``quantize`` calls
+    on copies of the same input model (methods compared on the same calibration and held-out sets): the
+    captures and the uncompressed chains are computed once (same results).
     """
     if isinstance(scheme, str):
         scheme = resolve_scheme(scheme)
@@ -117,7 +120,8 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
                                   None if report_calib is None else report_calib.source)
     t0 = time.time()
     infos = run_layerwise(model, adapter, m, calib.samples, device=device, checkpoint_dir=checkpoint_dir,
-                          resume=resume, progress=progress, diagnostics=diagnostics, side_sets=side_sets)
+                          resume=resume, progress=progress, diagnostics=diagnostics, side_sets=side_sets,
+                          reference_cache=reference_cache)
     model._mmcompress_description = describe(m, calib, adapter, infos, extra, seconds=round(time.time() - t0, 2))
     finite.check_module(model, f"the {m.name} result")
     if diagnostics is not None:
