@@ -4,6 +4,7 @@ LaRoSA's merged form, vs LaRoSA + W8A8, or the deployed integer path vs the fast
 
     python benchmarks/stack_decode.py llama2-7b:4 --sparsity 0.4 [--scheme w8a8 [--joint-adapters w8a16]] --json
     python benchmarks/stack_decode.py llama2-7b:4 --scheme w4a8 --json     # integer path, no sparsity
+    python benchmarks/stack_decode.py llama2-7b:4 --scheme w4a8 --step fused --json   # on DecodeEngine's fused step
 
 ``SPEC`` is ``NAME[:L]``: L decoder layers (``llama2-7b`` alone = 4) of transformers' ``LlamaDecoderLayer``
 with hidden 4096, intermediate 11008, 32 heads, random bf16 weights, a KV cache, greedy single-token
@@ -23,6 +24,15 @@ LaRoSA + W8A8 deployed on the sparse int8 kernel (``SparseInt8Linear``, built as
 Integer path (``--scheme`` without ``--sparsity``): dense torch bf16, dense torch fp32, our dense bf16
 GEMV kernel (the sparse kernel at 0 %) and the deployed quantized stack (``IntLinear`` on all seven
 projections, RTN codes of the random weights).
+
+``--step fused``: the product's own decode path for Llama-family artifacts instead of the layers stepped
+in Python.  Every variant, the dense baselines included, is a ``LlamaForCausalLM`` of the same L layers
+with a 256-token vocabulary (embedding and head negligible, the same in every variant) decoded by
+``DecodeEngine(model, fused=True)``: one C++ call per token (``runtime/fused.py``).  Dense candidates:
+``dense_bf16`` (``nn.Linear``: the step's row-major GEMV), ``own_kernel_0pct`` (``SparseLinear`` at 0 %,
+the sparse kernels' layout) and, with ``--fp32``, ``dense_fp32``; compressed: the ``IntLinear`` stack,
+LaRoSA (``sparse``; ``sparse_no_adapter``) and the joint stack.  A variant the fused step cannot run is an
+error naming ``fused_problem``'s reason; the JSON says which step every variant ran (``variants_step``).
 
 All variants decode the same tokens in lockstep in one process (order rotating every step), so that
 machine noise hits them alike.  The CPU from the command line (``synthetic_decode_benchmark`` also takes
