@@ -4,6 +4,7 @@ LaRoSA's merged form, vs LaRoSA + W8A8, or the deployed integer path vs the fast
 
     python benchmarks/stack_decode.py llama2-7b:4 --sparsity 0.4 [--scheme w8a8 [--joint-adapters w8a16]] --json
     python benchmarks/stack_decode.py llama2-7b:4 --scheme w4a8 --json     # integer path, no sparsity
+    python benchmarks/stack_decode.py llama2-7b:4 --scheme w4a8 --step fused --json   # on DecodeEngine's fused step
 
 ``SPEC`` is ``NAME[:L]``: L decoder layers (``llama2-7b`` alone = 4) of transformers' ``LlamaDecoderLayer``
 with hidden 4096, intermediate 11008, 32 heads, random bf16 weights, a KV cache, greedy single-token
@@ -24,6 +25,15 @@ Integer path (``--scheme`` without ``--sparsity``): dense torch bf16, dense torc
 GEMV kernel (the sparse kernel at 0 %) and the deployed quantized stack (``IntLinear`` on all seven
 projections, RTN codes of the random weights).
 
+``--step fused``: the product's own decode path for Llama-family artifacts instead of the layers stepped
+in Python.  Every variant, the dense baselines included, is a ``LlamaForCausalLM`` of the same L layers
+with a 256-token vocabulary (embedding and head negligible, the same in every variant) decoded by
+``DecodeEngine(model, fused=True)``: one C++ call per token (``runtime/fused.py``).  Dense candidates:
+``dense_bf16`` (``nn.Linear``: the step's row-major GEMV), ``own_kernel_0pct`` (``SparseLinear`` at 0 %,
+the sparse kernels' layout) and, with ``--fp32``, ``dense_fp32``; compressed: the ``IntLinear`` stack,
+LaRoSA (``sparse``; ``sparse_no_adapter``) and the joint stack.  A variant the fused step cannot run is an
+error naming ``fused_problem``'s reason; the JSON says which step every variant ran (``variants_step``).
+
 All variants decode the same tokens in lockstep in one process (order rotating every step), so that
 machine noise hits them alike.  The CPU from the command line (``synthetic_decode_benchmark`` also takes
 ``device="cuda"``: ``benchmarks/gpu_check.py``).  On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``
@@ -42,7 +52,7 @@ import time
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from mmcompress.quant.deployed import IntLinear
@@ -62,6 +72,8 @@ SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
     # a small shape for smoke tests (not a real model)
     "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
+    # the same with an intermediate size the integer kernels take (in_features % 64, bf16 int4: % 128)
+    "tiny64": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=4),
 }
 DEFAULT_LAYERS = 4
 
@@ -422,6 +434,194 @@ def quant_decode_benchmark(name: str = "llama2-7b", layers: int = 4, scheme: str
     return res
 
 
+# -- the fused step: every variant a minimal LlamaForCausalLM decoded by DecodeEngine(fused=True) ----
+
+FUSED_VOCAB = 256
+
+
+@torch.no_grad()
+def _causal_lm(name: str, layers: list, dtype, vocab: int = FUSED_VOCAB, seed: int = 0):
+    """A ``LlamaForCausalLM`` around ``layers`` (decoder layers as built above, plain or LaRoSA's
+    ``ResidualAdaptedLayer``): transformers' model with no layers of its own (embedding, final norm, head
+    of ``vocab`` rows, rotary table), the given layers put in.  The same shell for every variant."""
+    cfg = _llama_config(name, 0, dtype)
+    cfg.vocab_size = vocab
+    torch.manual_seed(seed)  # the shell's own init (embedding, head): the same for every variant
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.model.layers = nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    return model.eval()
+
+
+def _shell_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for m in (model.model.embed_tokens, model.lm_head, model.model.norm)
+               for t in m.parameters())
+
+
+@torch.no_grad()
+def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, scheme: str | None = None,
+                           sparsity: float | None = None, tokens: int = 16, prompt: int = 16, rounds: int = 3,
+                           seed: int = 0, vocab: int = FUSED_VOCAB, fp32: bool = False, adapter_bits: int = 16,
+                           log=None) -> dict:
+    """Every variant — the dense baselines included — as a ``LlamaForCausalLM`` of the same ``layers``
+    decoder layers and a ``vocab``-token embedding/head (:func:`_causal_lm`), decoded by the product's
+    ``DecodeEngine(model, fused=True)``: one C++ call per token (``runtime/fused.py``).  A variant the
+    fused step cannot run is an error (``fused_problem`` says why), never a silent Python step.
+
+    Dense candidates (the fastest is ``dense_baseline``): ``dense_bf16`` (``nn.Linear`` bf16: the step's
+    row-major GEMV), ``own_kernel_0pct`` (the projections as ``SparseLinear`` at 0 %, the sparse kernels'
+    layout) and, with ``fp32``, ``dense_fp32``.  Compressed: ``scheme`` alone → the deployed ``IntLinear``
+    stack; ``sparsity`` → LaRoSA (``sparse``, with its bf16 residual adapters; ``sparse_no_adapter``
+    for the adapters' cost), plus with ``scheme`` the joint stack (``SparseInt8Linear``, reported as
+    ``tok_s``).  All engines step the same tokens in lockstep (own KV caches, order rotating)."""
+    from mmcompress.runtime.decode import DecodeEngine
+    from mmcompress.runtime.fused import fused_problem
+
+    if scheme is None and sparsity is None:
+        raise ValueError("--step fused needs --scheme and/or --sparsity")
+    bf16 = torch.bfloat16
+    cfg = _llama_config(name, layers, bf16)
+    d = cfg.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    be = resolve_backend("auto", "cpu")
+    if be != "cpu":
+        raise ValueError("--step fused needs the CPU kernels (resolve_backend gave 'torch')")
+    t0 = time.time()
+    models: dict[str, nn.Module] = {}
+    setting: dict[str, tuple] = {}  # variant -> (keep sparsity, adapters on) of the shared LaRoSA model
+
+    def stack(dt, build=lambda layer: layer):
+        return [build(_random_layer(cfg, i, dt, gen)) for i in range(layers)]
+
+    models["dense_bf16"] = _causal_lm(name, stack(bf16), bf16, vocab, seed)
+    if fp32:
+        models["dense_fp32"] = _causal_lm(name, stack(torch.float32), torch.float32, vocab, seed)
+
+    def adapter():
+        a = nn.Linear(d, d, bias=False, dtype=bf16)
+        a.weight.requires_grad_(False)
+        a.weight.normal_(0.0, d ** -0.5, generator=gen)
+        return a
+
+    sch = resolve_scheme(scheme) if scheme else None
+    if sparsity is None:  # the integer path
+        models["own_kernel_0pct"] = _causal_lm(name, stack(bf16, lambda l: dense_kernel_layer(l, 0.0, be)), bf16,
+                                               vocab, seed)
+        models[sch.name] = _causal_lm(name, stack(bf16, lambda l: _quantize_layer(l, sch)), bf16, vocab, seed)
+        comp = sch.name
+    else:  # LaRoSA: one model, three settings (the kernel at 0 % without adapters is the third dense path)
+        lar = _causal_lm(name, [_adapted(dense_kernel_layer(_random_layer(cfg, i, bf16, gen), sparsity, be),
+                                         adapter(), be) for i in range(layers)], bf16, vocab, seed)
+        for n, st in (("own_kernel_0pct", (0.0, False)), ("sparse", (sparsity, True)),
+                      ("sparse_no_adapter", (sparsity, False))):
+            models[n], setting[n] = lar, st
+        comp = "sparse"
+        if sch is not None:
+            def int8_adapter():
+                return IntLinear(QuantLinear.from_linear(adapter(), resolve_scheme("w8a16")).pack())
+
+            models["joint"] = _causal_lm(name, [_adapted(_joint_layer(_random_layer(cfg, i, bf16, gen), sparsity,
+                                                                      scheme, be),
+                                                         int8_adapter() if adapter_bits == 8 else adapter(), be)
+                                                for i in range(layers)], bf16, vocab, seed)
+            comp = "joint"
+    lar_adapters = [l.residual_adapter for l in models["sparse"].model.layers] if setting else []
+
+    def configure(n):
+        if n in setting:
+            keep_sp, adapters_on = setting[n]
+            _set_keep(models[n], keep_sp)
+            for l, a in zip(models[n].model.layers, lar_adapters):
+                l.residual_adapter = a if adapters_on else None
+
+    engines = {}
+    for n in models:
+        configure(n)  # the engine takes the adapters as they are now; the plan takes K at its first step
+        eng = DecodeEngine(models[n], max_len=prompt + tokens + 1, fused=True)
+        if not eng.fused:
+            why = fused_problem(eng) if eng.path == "fast" else (eng.why_hf or f"path {eng.path}")
+            raise RuntimeError(f"--step fused: variant {n!r} would fall back to the Python step "
+                               f"(fused_problem: {why})")
+        engines[n] = eng
+    build_s = time.time() - t0
+    tok_gen = torch.Generator().manual_seed(seed + 1)
+    prompt_ids = torch.randint(0, vocab, (1, prompt), generator=tok_gen)
+    step_ids = torch.randint(0, vocab, (tokens + 1, 1, 1), generator=tok_gen)
+    names = list(engines)
+    per_tok = {n: [] for n in names}
+    # Lockstep, as the Python mode: each engine prefills the prompt (its Python forward, untimed), one
+    # untimed step (which builds its fused plan), then every token goes through all engines in turn.
+    # The engine's own stepping (the calls DecodeEngine.generate makes), so every step is one fused call.
+    for r in range(rounds):
+        for n in names:
+            configure(n)
+            engines[n]._reset()
+            engines[n]._forward(prompt_ids, 0)
+            engines[n]._step(step_ids[0], prompt)
+        for t in range(tokens):
+            rot = (t + r) % len(names)
+            for n in names[rot:] + names[:rot]:
+                configure(n)
+                e = engines[n]
+                s0 = time.perf_counter()
+                e._step(step_ids[t + 1], prompt + 1 + t)
+                per_tok[n].append(time.perf_counter() - s0)
+    steps_taken = {}
+    for n, e in engines.items():  # every step went through the fused plan
+        if not (e.fused and e._fused is not None and e._step == e._fused_step):
+            raise RuntimeError(f"--step fused: variant {n!r} did not run the fused step")
+        steps_taken[n] = "fused"
+    med = {n: statistics.median(v) for n, v in per_tok.items()}
+    best = {n: min(v) for n, v in per_tok.items()}
+    dense_names = [n for n in ("dense_bf16", "dense_fp32", "own_kernel_0pct") if n in med]
+    base = min(dense_names, key=med.get)
+
+    def lyr(n):
+        return models[n].model.layers
+
+    if sparsity is None:
+        wbytes, dense_wbytes = (_tensor_bytes(_proj_modules(lyr(n))) for n in (comp, "dense_bf16"))
+    else:
+        configure("sparse")
+        dense_wbytes, wbytes = _linear_bytes(lyr("dense_bf16")), _linear_bytes(lyr(comp))
+    res = {
+        "spec": f"{name}:{layers}", "layers": layers, "step": "fused", "variants_step": steps_taken,
+        "fused_problem": None, "vocab": vocab, "scheme": sch.name if sch else None, "sparsity": sparsity,
+        "joint_adapters": ("w8a16" if adapter_bits == 8 else "float") if comp == "joint" else None,
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "tokens": tokens, "prompt": prompt, "rounds": rounds, "build_s": round(build_s, 1),
+        "compressed": comp, "tok_s": round(1 / med[comp], 3), "dense_tok_s": round(1 / med[base], 3),
+        "dense_baseline": base, "speedup": round(med[base] / med[comp], 3),
+        "speedup_best_of_n": round(min(best[n] for n in dense_names) / best[comp], 3),
+        "speedup_paired_median": round(statistics.median(a / b for a, b in zip(per_tok[base], per_tok[comp])), 3),
+        "weight_bytes": wbytes, "dense_weight_bytes": dense_wbytes, "weight_bytes_ratio": round(wbytes / dense_wbytes, 4),
+        "shell_bytes": _shell_bytes(models["dense_bf16"]),
+        "shell_note": f"embedding + final norm + {vocab}-row head (bf16), the same in every variant; not in weight_bytes",
+        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_note": "whole process: every variant's weights resident",
+        "variants_tok_s": {n: round(1 / v, 3) for n, v in med.items()},
+        "ms_per_token": {n: round(1e3 * v, 2) for n, v in med.items()},
+        "best_ms_per_token": {n: round(1e3 * v, 2) for n, v in best.items()},
+    }
+    if sparsity is not None:
+        adapter_ms = 1e3 * (med["sparse"] - med["sparse_no_adapter"])
+        res.update({"sparse_tok_s": round(1 / med["sparse"], 3), "sparse_speedup": round(med[base] / med["sparse"], 3),
+                    "speedup_without_adapters": round(med[base] / med["sparse_no_adapter"], 3),
+                    "adapter_ms_per_token": round(adapter_ms, 2),
+                    "adapter_share": round(adapter_ms / (1e3 * med["sparse"]), 4)})
+    if log is not None:
+        print(f"{res['spec']} decode on the fused step (DecodeEngine(fused=True), vocab {vocab}), {tokens} tokens "
+              f"after {prompt}, {rounds} rounds, {res['threads']} threads (built in {res['build_s']} s)", file=log)
+        for n, v in med.items():
+            print(f"  {n:18s} {1e3 * v:9.2f} ms/token (best {1e3 * best[n]:8.2f})  {1 / v:7.3f} tok/s  [{steps_taken[n]}]",
+                  file=log)
+        extra = (f"; LaRoSA alone {res['sparse_speedup']:.3f}x (without adapters {res['speedup_without_adapters']:.3f}x, "
+                 f"adapters {res['adapter_ms_per_token']:.2f} ms/token)" if sparsity is not None else "")
+        print(f"  {comp} vs fastest dense ({base}): {res['speedup']:.3f}x (best-of-n {res['speedup_best_of_n']:.3f}x)"
+              f"{extra}; weights {wbytes / 1e6:.0f} MB vs {dense_wbytes / 1e6:.0f} MB bf16; peak RSS "
+              f"{res['peak_rss_bytes'] / 1e9:.2f} GB", file=log)
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="decode tokens/s of a synthetic LLaMA-2-7B-shaped stack (the product's "
                                             "modules): dense vs sparse, joint, or the integer path")
@@ -442,6 +642,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint-adapters", choices=("float", "w8a16"), default="float",
                    help="--sparsity with --scheme: LaRoSA's residual adapters in the stack's dtype (the recipe "
                         "default) or 8-bit weight-only (a recipe with adapters: w8a16)")
+    p.add_argument("--step", choices=("python", "fused"), default="python",
+                   help="python (default): the layers stepped in Python, as above; fused: every variant, dense "
+                        "baselines included, a LlamaForCausalLM of the same layers (vocabulary %d) decoded by "
+                        "DecodeEngine(fused=True), one C++ call per token (an error if a variant cannot take it)"
+                        % FUSED_VOCAB)
+    p.add_argument("--fp32", action="store_true",
+                   help="--step fused: also the fp32 dense model among the dense baselines (off by default: "
+                        "slower than bf16 on the fused step, docs/runtime.md, and 2x the memory)")
     add_run_args(p)
     return p
 
@@ -455,13 +663,25 @@ def _bench(args) -> dict:
     if spec is None:
         raise ValueError(f"{args.spec!r} is not a shape spec ({', '.join(s + ':LAYERS' for s in SHAPES)}); "
                          "a model directory: mmcompress bench decode DIR")
-    if args.scheme and args.sparsity is None:  # the dense integer path
-        return quant_decode_benchmark(spec[0], spec[1], args.scheme, tokens=args.tokens, prompt=args.prompt,
-                                      rounds=args.rounds, log=sys.stderr)
-    return synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
-                                      tokens=args.tokens, prompt=args.prompt, rounds=args.rounds, backend=args.backend,
-                                      dtype=args.dtype, scheme=args.scheme, log=sys.stderr,
+    if args.step == "fused":
+        if args.dtype not in ("bf16", "bfloat16") or args.backend not in ("auto", "cpu"):
+            raise ValueError("--step fused: bf16 stacks on the CPU kernels (no --dtype / --backend)")
+        sparsity = 0.4 if args.sparsity is None and not args.scheme else args.sparsity  # as the Python mode
+        return fused_decode_benchmark(spec[0], spec[1], args.scheme, sparsity, tokens=args.tokens,
+                                      prompt=args.prompt, rounds=args.rounds, fp32=args.fp32, log=sys.stderr,
                                       adapter_bits=8 if args.joint_adapters == "w8a16" else 16)
+    if args.fp32:
+        raise ValueError("--fp32 is for --step fused (the Python step's integer mode always has torch fp32)")
+    if args.scheme and args.sparsity is None:  # the dense integer path
+        res = quant_decode_benchmark(spec[0], spec[1], args.scheme, tokens=args.tokens, prompt=args.prompt,
+                                     rounds=args.rounds, log=sys.stderr)
+    else:
+        res = synthetic_decode_benchmark(spec[0], spec[1], 0.4 if args.sparsity is None else args.sparsity,
+                                         tokens=args.tokens, prompt=args.prompt, rounds=args.rounds,
+                                         backend=args.backend, dtype=args.dtype, scheme=args.scheme, log=sys.stderr,
+                                         adapter_bits=8 if args.joint_adapters == "w8a16" else 16)
+    res.update(step="python", variants_step={n: "python" for n in res["ms_per_token"]})
+    return res
 
 
 def main(argv=None) -> int:

@@ -138,3 +138,35 @@ def test_product_bench_points_to_the_scripts(capsys):
     assert listed == ["decode"]
     for script in ("kernel_bench.py", "stack_decode.py"):
         assert (BENCHMARKS / script).is_file()
+
+
+def test_stack_decode_fused_step_tiny(cpu_kernel, scripts, capsys):
+    """``--step fused``: every variant, dense baselines included, is a model on DecodeEngine's fused step;
+    one that would fall back to the Python step is an error naming ``fused_problem``'s reason."""
+    from mmcompress.runtime import fused
+
+    if not fused.load():
+        pytest.skip("no fused CPU kernel here")
+    _, stack_decode = scripts
+    base = ["--tokens", "2", "--prompt", "4", "--rounds", "1", "--step", "fused", "--json"]
+    assert stack_decode.main(["tiny64:1", "--scheme", "w8a8"] + base) == 0
+    res = _json_line(capsys)
+    assert res["step"] == "fused" and res["fused_problem"] is None
+    assert res["variants_step"] == {n: "fused" for n in ("dense_bf16", "own_kernel_0pct", "w8a8")}
+    assert res["dense_baseline"] in ("dense_bf16", "own_kernel_0pct") and res["compressed"] == "w8a8"
+    proj = 4 * 256 * 256 + 3 * 256 * 768
+    assert res["dense_weight_bytes"] == 2 * proj and proj < res["weight_bytes"] < 1.1 * proj
+    assert res["shell_bytes"] == 2 * (2 * 256 * 256 + 256)  # embedding, head (vocab 256), final norm: bf16
+    assert stack_decode.main(["tiny64:1", "--sparsity", "0.5", "--scheme", "w8a8", "--fp32"] + base) == 0
+    res = _json_line(capsys)
+    assert res["variants_step"] == {n: "fused" for n in ("dense_bf16", "dense_fp32", "own_kernel_0pct", "sparse",
+                                                         "sparse_no_adapter", "joint")}
+    assert res["compressed"] == "joint" and {"sparse_speedup", "adapter_ms_per_token"} <= set(res)
+    # tiny's down projection (in 688) is off the integer kernel: W8A8 cannot take the fused step -> an error
+    with pytest.raises(RuntimeError, match=r"fall back.*fused_problem: layer 0: w8a8"):
+        stack_decode.main(["tiny:1", "--scheme", "w8a8"] + base)
+    # the Python mode says which step it ran
+    assert stack_decode.main(["tiny64:1", "--scheme", "w8a8", "--tokens", "1", "--prompt", "4", "--rounds", "1",
+                              "--json"]) == 0
+    res = _json_line(capsys)
+    assert res["step"] == "python" and set(res["variants_step"].values()) == {"python"}
