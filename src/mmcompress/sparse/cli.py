@@ -62,10 +62,8 @@ def cmd_sparsify(args) -> dict:
                  progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, **options)
 
     out = Path(args.output)
-    walk = make_sparse_method(args.method, **options).layer_method()
-    model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
-                           "these options need a rotation walk over the whole model first (LaRoSA merged --basis "
-                           "both)")
+    make_sparse_method(args.method, **options)  # the options checked before the model is read
+    model = write_artifact(args, "sparsify", inputs, compute)
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,
