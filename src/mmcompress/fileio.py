@@ -13,6 +13,8 @@ Rules (see the README's "Bad input" paragraph):
   one renamed in), then the work directory (holding the old output) is deleted.  A kill at any
   instant leaves the old or the new artifact complete at the output path (on the fallback path the
   next run renames the old one back if the kill fell between the two renames).
+* **Work directories** that a run needs until it ends (:class:`WorkDir`: a streamed recipe's
+  intermediate model) are the same marked, locked siblings of the output, removed at the end.
 * **Nothing without our marker is deleted.**  Stale work directories (marker present, lock free,
   owner pid dead) next to an output are cleaned by the next run that writes that output.
 * **Checkpoint directories** (:class:`CheckpointDir`): a marker file says they are ours, an
