@@ -131,3 +131,30 @@ def test_staged_plans_run_apart_and_adapters_quantize_in_the_walk(tokenizer, mon
     walks = grid._mmcompress_description["walks"]
     assert [w["steps"] for w in walks] == [[1], [2]] and walks[0]["walk"] == "one layer-by-layer walk"
     assert len(captures) == 2  # the grid's walk (K set after it), then the quantization walk
+
+
+def test_streamed_recipe_walks_again_from_an_intermediate_it_removes(tmp_path, tokenizer):
+    """The Python API on a streamed model (no CLI work directory): the walk after LaRoSA's ``basis: both`` step
+    streams its result from a work directory of ours beside the checkpoint directory, deleted when the stream
+    is closed (by ``save_streamed``); the artifact equals the in-memory recipe's."""
+    from mmcompress.export.serialization import load_model, save
+    from mmcompress.fileio import CheckpointDir
+    from mmcompress.streaming import load_streamed, save_streamed
+
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "src", "llama", layers=3, tokenizer=tokenizer)
+    calib = CalibrationSet(text_samples(tokenizer, n=3, seqlen=32))
+    steps = parse_recipe({"steps": [{"sparsify": {"method": "larosa", "sparsity": 0.4, "basis": "both"}},
+                                    {"quantize": {"method": "rtn", "scheme": "w8a8"}}]})
+    model = load_streamed(src)
+    with CheckpointDir(tmp_path / "work" / "ck") as ck:
+        apply_recipe(model, calib, steps, progress=False, checkpoint_dir=ck)
+        assert model._mmcompress_stream.intermediate.parent.name.startswith(".ck.mmcompress-")
+        save_streamed(model, tmp_path / "streamed", ck.path)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["ck"]
+    ref = load_model(src, runtime="reference")  # as `compress --in-memory` loads it
+    apply_recipe(ref, calib, steps, progress=False)
+    save(ref, tmp_path / "memory", source_dir=src)
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "memory" / "model.safetensors").read_bytes()

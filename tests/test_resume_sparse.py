@@ -148,8 +148,10 @@ def test_resume_with_nothing_to_resume_starts_afresh_with_a_notice(tmp_path, src
 
 
 @pytest.mark.parametrize("cmd, extra, message", [
-    ("sparsify", ["--method", "larosa", "--sparsity", "0.4", "--basis", "both", "--in-memory"], "whole-model stages"),
-    ("compress", ["--in-memory"], "stages"),
+    ("sparsify", ["--method", "larosa", "--sparsity", "0.4", "--basis", "both", "--in-memory"], "one layer late"),
+    ("sparsify", ["--method", "larosa", "--sparsity", "0.4", "--basis", "both"], "one layer late"),
+    ("compress", ["--in-memory"], "2 walks"),
+    ("compress", [], "2 walks"),
 ])
 def test_runs_in_stages_refuse_resume_in_one_line(tmp_path, src, calib_text, capsys, cmd, extra, message):
     if cmd == "compress":  # a grid step before another walks twice

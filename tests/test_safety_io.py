@@ -203,6 +203,29 @@ def test_stale_work_dirs_are_cleaned_only_with_our_marker(tmp_path, tokenizer):
     assert not stale.exists() and keep.read_text() == SENTINEL
 
 
+def test_a_work_dir_is_ours_and_goes_with_the_run(tmp_path, tokenizer):
+    """``fileio.WorkDir`` (a streamed recipe's intermediate model): a marked, locked sibling of the output that
+    does not count as another run writing it, deletes its own directories and nothing else, and a killed
+    run's is cleaned by the next run on that output."""
+    out = tmp_path / "art"
+    work = fileio.WorkDir(out)
+    sub = work.create("walk-1")
+    (sub / "model.safetensors").write_bytes(b"x")
+    keep = _sentinel(tmp_path / "mine")
+    model, _ = tiny_model("llama", layers=1, tokenizer=tokenizer)
+    mmcompress.save(model, out)  # this run's own work directory is no other writer
+    assert sub.is_dir() and sub.parent.name.startswith(".art.mmcompress-")
+    work.discard(keep.parent)  # not one of its directories
+    assert keep.read_text() == SENTINEL
+    work.remove()
+    assert not sub.parent.exists() and keep.read_text() == SENTINEL and (out / "model.safetensors").is_file()
+    dead = tmp_path / ".art.mmcompress-999999-dead"  # a killed run's
+    (dead / "walk-1").mkdir(parents=True)
+    (dead / fileio.MARKER).write_text(json.dumps({"pid": 999999, "output": "art", "work": True}))
+    mmcompress.save(model, out, overwrite=True)
+    assert not dead.exists() and keep.read_text() == SENTINEL
+
+
 def test_fallback_swap_killed_between_renames_restores_the_old_output(tmp_path, assets):
     """Without renameat2(RENAME_EXCHANGE): old renamed aside, then killed; the next run puts it back."""
     model, calib = assets

@@ -91,21 +91,42 @@ def _manifest(path):
     ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--plan", "greedy", "--prefill", "last_half"],
     ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--plan", "grid", "--mode", "reference"],
     ["sparsify", "--method", "wina", "--sparsity", "0.4", "--plan", "greedy"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.4", "--basis", "both"],
+    ["sparsify", "--method", "larosa", "--sparsity", "0.5", "--basis", "both", "--plan", "greedy"],
     ["compress", "--recipe", "larosa-sq"],
     ["compress", "--recipe", "teal-rtn"],
-])
+    ["compress", "--recipe", "grid-rtn"],
+    ["compress", "--recipe", "both-grid-rtn"],
+], ids=lambda argv: "-".join(a.lstrip("-") for a in argv))
 def test_streamed_sparsify_and_compress_write_the_in_memory_artifact(tmp_path, calib_text, capsys, argv):
-    """``sparsify`` and ``compress`` stream by default (one decoder layer in memory, LaRoSA's embedding and
-    head folded after the walk from the checkpoint's tensors); ``--in-memory`` gives the same files
-    (tied embeddings: the merged model unties them in both)."""
+    """``sparsify`` and ``compress`` stream by default (one decoder layer in memory, two for LaRoSA merged with
+    ``--basis both``; LaRoSA's embedding and head folded after the walk from the checkpoint's tensors; a recipe
+    whose steps walk again after LaRoSA's grid plan or basis both streams the second walk from the first one's
+    result, written beside the output and removed after); ``--in-memory`` gives the same files (tied
+    embeddings: the merged model unties them in both)."""
     from .tiny_models import save_tiny
 
-    src = save_tiny(tmp_path / "tied", "llama", layers=3, tie=True)
-    recipes = {"larosa-sq": "steps:\n  - sparsify: {method: larosa, sparsity: 0.4}\n"
-                            "  - quantize: {method: smoothquant, scheme: w8a8}\n",
-               "teal-rtn": "steps:\n  - sparsify: {method: teal, sparsity: 0.4}\n  - quantize: {method: rtn, scheme: w8a8}\n"}
+    _streamed_equals_in_memory(tmp_path, calib_text, save_tiny(tmp_path / "tied", "llama", layers=3, tie=True), argv)
+
+
+RECIPES = {"larosa-sq": "steps:\n  - sparsify: {method: larosa, sparsity: 0.4}\n"
+                        "  - quantize: {method: smoothquant, scheme: w8a8}\n",
+           "teal-rtn": "steps:\n  - sparsify: {method: teal, sparsity: 0.4}\n  - quantize: {method: rtn, scheme: w8a8}\n",
+           "grid-rtn": "steps:\n  - sparsify: {method: larosa, sparsity: 0.5, plan: grid}\n"
+                       "  - quantize: {method: rtn, scheme: w8a8}\n",
+           "both-grid-rtn": "steps:\n  - sparsify: {method: larosa, sparsity: 0.5, plan: grid, basis: both}\n"
+                            "  - quantize: {method: rtn, scheme: w8a8}\n",
+           "both-sq": "steps:\n  - sparsify: {method: larosa, sparsity: 0.4, basis: both}\n"
+                      "  - quantize: {method: smoothquant, scheme: w8a8}\n"}
+
+
+def _streamed_equals_in_memory(tmp_path, calib_text, src, argv):
+    """``argv`` (a command and its method options, or ``compress --recipe NAME`` of :data:`RECIPES`) on ``src``
+    streamed and in memory: the same files."""
+    recipe = None
     if argv[0] == "compress":
-        (tmp_path / "r.yaml").write_text(recipes[argv[2]])
+        recipe = argv[2]
+        (tmp_path / "r.yaml").write_text(RECIPES[recipe])
         argv = ["compress", "--recipe", str(tmp_path / "r.yaml")]
     common = [str(src), *argv[1:], "--calib", str(calib_text), "--nsamples", "3", "--seqlen", "32", "--json",
               "--no-progress"]
@@ -119,3 +140,19 @@ def test_streamed_sparsify_and_compress_write_the_in_memory_artifact(tmp_path, c
         else:
             assert a[name] == b[name], name
     assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # the run's own directory is gone
+    assert not [p.name for p in tmp_path.iterdir() if ".mmcompress-" in p.name]  # so is the intermediate's
+    if recipe in ("grid-rtn", "both-grid-rtn", "both-sq"):  # two walks, the second streamed from the first's result
+        assert [w["steps"] for w in _manifest(tmp_path / "streamed")["walks"]] == [[1], [2]]
+
+
+@pytest.mark.parametrize("argv", [["sparsify", "--method", "larosa", "--sparsity", "0.4", "--basis", "both"],
+                                  ["compress", "--recipe", "both-sq"]], ids=["sparsify", "recipe"])
+def test_streamed_basis_both_on_a_bf16_qwen2_writes_the_in_memory_artifact(tmp_path, calib_text, argv):
+    """LaRoSA merged with ``--basis both`` on a bfloat16 Qwen2 (q/k/v biases, tied embeddings), alone and then
+    SmoothQuant from its streamed result: streamed and in memory, the same files."""
+    import torch
+
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "qwen2", "qwen2", layers=3, tie=True, dtype=torch.bfloat16)
+    _streamed_equals_in_memory(tmp_path, calib_text, src, argv)

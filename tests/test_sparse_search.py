@@ -57,6 +57,29 @@ def test_larosa_search_plans_in_one_walk_match_the_staged_search(tokenizer, kind
     assert len(set(_keeps(module_specs(b)))) > 2
 
 
+@pytest.mark.parametrize("kind, tie, prefill, column_scale", [("llama", False, "all", False),
+                                                              ("qwen2", True, "last_half", True)])
+@pytest.mark.parametrize("plan", ["exact", "grid", "greedy"])
+def test_larosa_basis_both_in_one_walk_matches_the_rotation_walk_first(tokenizer, kind, tie, prefill, column_scale,
+                                                                       plan):
+    """Merged mode with ``basis="both"``: the one walk holds layer l until layer l+1's pass has given Q_{l+1}
+    (``lookahead``), and gives what the staged path gives (a rotation walk over the dense model, then the
+    merge of every layer, then the plan)."""
+    model, tok = tiny_model(kind, layers=3, tie=tie, tokenizer=tokenizer)
+    samples = text_samples(tok, n=6, seqlen=40)
+    opts = {"plan": plan, "mode": "merged", "basis": "both", "prefill": prefill, "column_scale": column_scale}
+    a, da, b, db = _both(model, lambda m, ad, s: larosa(m, ad, s, 0.5, progress=False, **opts),
+                         {"method": "larosa", "sparsity": 0.5, **opts}, samples)
+    assert make_sparse_method("larosa", sparsity=0.5, **opts).layer_method().lookahead
+    assert da == db and da["basis"] == "both"
+    _same_model(a, b)
+    # basis "both" is not basis "attn": the rotations (hence the weights) differ
+    c = copy.deepcopy(model)
+    larosa(c, get_adapter(c), samples, 0.5, progress=False, **{**opts, "basis": "attn"})
+    k = next(k for k in c.state_dict() if k.endswith("layers.1.layer.self_attn.q_proj.weight"))
+    assert not torch.equal(c.state_dict()[k], b.state_dict()[k])
+
+
 def _keeps(specs):
     for s in specs.values():
         if "keep" in s:
@@ -101,3 +124,27 @@ def test_streamed_search_holds_one_layer(tmp_path, calib_text, monkeypatch, meth
     assert sorted({i for i, _, _ in seen}) == [0, 1, 2]
     for i, others, current_meta in seen:
         assert all(others) and not current_meta, i
+
+
+def test_streamed_basis_both_holds_two_layers(tmp_path, calib_text, monkeypatch):
+    """Streamed LaRoSA merged with ``--basis both``: when decoder layer i is read, layer i-1 alone is still in
+    memory (unwritten until layer i's pass gives Q_i), every other layer is on the meta device."""
+    from mmcompress.cli import main
+    from mmcompress.streaming import LayerStream
+
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "model", "llama", layers=4)
+    seen = []
+    real = LayerStream.load_layer
+
+    def spy(self, i, layer):
+        seen.append((i, [k for k, other in enumerate(self.adapter.layers)
+                         if not all(p.is_meta for p in other.parameters())]))
+        return real(self, i, layer)
+
+    monkeypatch.setattr(LayerStream, "load_layer", spy)
+    assert main(["sparsify", str(src), "--method", "larosa", "--sparsity", "0.5", "--basis", "both", "--plan", "grid",
+                 "--calib", str(calib_text), "--nsamples", "3", "--seqlen", "24", "--no-progress", "--stream",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert seen == [(0, []), (1, [0]), (2, [1]), (3, [2])]

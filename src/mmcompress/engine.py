@@ -443,6 +443,11 @@ class Method:
     # The layers it writes are final but for settings fixed in finalize() from what the whole walk saw
     # (LaRoSA's grid plan: the layers' K, in their module specs): no later step may share its walk.
     chooses_at_end = False
+    # Layer i is finished by observed() of layer i + 1 (LaRoSA merged with basis "both": layer i's residual
+    # adapter needs layer i + 1's rotation, fitted on that layer's own pass): the engine keeps layer i in
+    # memory, unwritten, until then (ctx.layer of layer i's context is what it writes); the last layer's
+    # observed() finishes that layer too.  Peak: two layers.  Such a method walks alone.
+    lookahead = False
 
     def config(self) -> dict:
         return {"method": self.name}
@@ -516,6 +521,9 @@ class _Steps(Method):
     def __init__(self, *methods: Method):
         if not methods:
             raise ValueError(f"{type(self).__name__} needs at least one method")
+        ahead = [m.name for m in methods if getattr(m, "lookahead", False)]
+        if ahead and len(methods) > 1:
+            raise ValueError(f"{ahead[0]} finishes each layer after the next one's pass; it needs a walk of its own")
         self.methods = list(methods)
         self.name = "+".join(m.name for m in methods)
         self.float32_math = any(m.float32_math for m in methods)
@@ -802,6 +810,9 @@ def run_layerwise(
                                    "streamed model's rank 0 keeps its finished layers in one, not resumable)")
         if diagnostics is not None:
             raise DistributedError("diagnostics (--report) are not supported under torchrun yet")
+    if resume and method.lookahead:
+        raise ValueError(f"{method.name} finishes each layer one layer late (LaRoSA merged, basis both), which "
+                         "cannot be resumed; run without --resume")
     ckpt = checkpoint_dir
     if ckpt is not None and not isinstance(ckpt, fileio.CheckpointDir):
         ckpt = fileio.CheckpointDir(ckpt).open()
@@ -890,6 +901,24 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     infos: list[dict] = list(done_infos)  # a resumed run's finished layers come back from state.json
     chain_keys = {None: _samples_digest([samples[j] for j in mine]),
                   **{n: _samples_digest(ss) for n, ss in side_samples.items()}} if cache is not None else {}
+
+    def finish(i, ctx, orig_device):  # layer i is done: back to its device, committed, freed if streamed
+        layer = ctx.layer
+        for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
+            if hasattr(mod, "clear_cache"):
+                mod.clear_cache()
+        layer.to(orig_device)
+        info = {"layer": i, **ctx.info}
+        infos.append(info)
+        if ckpt is not None:
+            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream, info, ctx.state)
+        if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
+            layer.to("meta")
+            stream.released_layer(i)
+        if on_layer_done is not None:
+            on_layer_done(i, info)
+
+    held = None  # a lookahead method's layer waiting for the next one: (index, context, device)
     bar = tqdm(range(start, len(layers)), desc=f"{method.name}", unit="layer", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
@@ -935,19 +964,15 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             d_out = outputs if dctx is ctx else side_outputs[HELDOUT]
             diagnostics.accumulated(i, d_out, dctx.fp_outputs, dctx.captured.modality)
         inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
-        for mod in layer.modules():  # caches of dequantized weights are rebuilt on demand
-            if hasattr(mod, "clear_cache"):
-                mod.clear_cache()
-        layer.to(orig_device)
-        info = {"layer": i, **ctx.info}
-        infos.append(info)
-        if ckpt is not None:
-            _commit_layer(ckdir, i, layer, method, fingerprint, fp_json, stream, info, ctx.state)
-        if stream is not None:  # written to the artifact (or layer_i.safetensors): free it
-            layer.to("meta")
-            stream.released_layer(i)
-        if on_layer_done is not None:
-            on_layer_done(i, info)
+        if getattr(method, "lookahead", False):  # observed() finished the layer held before this one; hold this one
+            if held is not None:
+                finite.check_module(held[1].layer, f"the {method.name} result", prefix=f"{layers_path}.{held[0]}")
+                finish(*held)
+            held = (i, ctx, orig_device)
+            if i + 1 < len(layers):
+                continue
+            held = None
+        finish(i, ctx, orig_device)
     method.finalize(model, adapter)
     return infos
 

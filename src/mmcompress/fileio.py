@@ -13,6 +13,8 @@ Rules (see the README's "Bad input" paragraph):
   one renamed in), then the work directory (holding the old output) is deleted.  A kill at any
   instant leaves the old or the new artifact complete at the output path (on the fallback path the
   next run renames the old one back if the kill fell between the two renames).
+* **Work directories** that a run needs until it ends (:class:`WorkDir`: a streamed recipe's
+  intermediate model) are the same marked, locked siblings of the output, removed at the end.
 * **Nothing without our marker is deleted.**  Stale work directories (marker present, lock free,
   owner pid dead) next to an output are cleaned by the next run that writes that output.
 * **Checkpoint directories** (:class:`CheckpointDir`): a marker file says they are ours, an
@@ -247,9 +249,12 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _live_writers(real: Path) -> list[int | None]:
-    """Pids of live runs writing ``real`` (their work directory's marker is locked)."""
+    """Pids of live runs writing ``real`` (their work directory's marker is locked); this run's own
+    :class:`WorkDir` does not count."""
     live = []
     for work in _work_dirs(real):
+        if work in _OWN_WORK_DIRS:
+            continue
         fd = _try_lock(work / MARKER)
         if fd is None:
             live.append(_read_pid(work / MARKER))
@@ -402,6 +407,51 @@ def _check_exists(real: Path, output, overwrite: bool, flag: str) -> None:
     if (real.exists() or real.is_symlink()) and not overwrite and (not real.is_dir() or any(real.iterdir())):
         raise OutputError(f"{flag} {output} was written by another run while this one was working; "
                           "pass --overwrite to replace it or choose another directory")
+
+
+_OWN_WORK_DIRS: set[Path] = set()  # this process's live WorkDirs
+
+
+class WorkDir:
+    """A directory of ours beside ``output`` for files a run needs until it ends (a streamed recipe's
+    intermediate model, :func:`mmcompress.streaming.restream`): ``.NAME.mmcompress-PID-XXXX/`` with our
+    marker, locked while the run lives, as :func:`atomic_output_dir`'s work directory, so a killed run's
+    is removed by the next run that writes ``output`` (:func:`clean_stale`).  Created on first use
+    (:meth:`create`); :meth:`remove` deletes it and nothing else."""
+
+    def __init__(self, output):
+        self.output = _real(output)
+        self.path: Path | None = None
+        self._fd: int | None = None
+
+    def create(self, name: str) -> Path:
+        """A new empty directory ``name`` inside the work directory (made now if it is not there yet)."""
+        if self.path is None:
+            real = self.output
+            real.parent.mkdir(parents=True, exist_ok=True)
+            work = real.parent / f".{real.name}.mmcompress-{os.getpid()}-{secrets.token_hex(4)}"
+            work.mkdir()
+            self._fd = _try_lock(work / MARKER)
+            os.write(self._fd, json.dumps({"pid": os.getpid(), "output": real.name, "work": True}).encode())
+            self.path = work
+            _OWN_WORK_DIRS.add(work)
+        sub = self.path / name
+        sub.mkdir()
+        return sub
+
+    def discard(self, sub: Path) -> None:
+        """Delete ``sub``, a directory :meth:`create` made (nothing outside the work directory)."""
+        sub = Path(sub)
+        if self.path is not None and sub.parent == self.path and sub.is_dir() and not sub.is_symlink():
+            shutil.rmtree(sub)
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        _OWN_WORK_DIRS.discard(self.path)
+        os.close(self._fd)
+        self.path = self._fd = None
 
 
 # -- checkpoint directories ----------------------------------------------------------------------

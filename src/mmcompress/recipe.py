@@ -109,11 +109,13 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
     The steps run as one :class:`~mmcompress.engine.Sequence`: one capture, and for each decoder layer
     every step in order, each seeing what a walk of its own over the previous steps' model would give it
     (so the artifact is the one the steps would make one after another).  Passes per layer: see
-    :class:`~mmcompress.engine.Sequence` (LaRoSA then RTN: two, LaRoSA then SmoothQuant: three).  A step
-    that needs the whole model ends the walk before it and runs apart: LaRoSA merged with ``basis: both``
-    (layer l's residual adapter needs the basis of layer l+1, fitted to that layer's MLP input too) and
-    MBQ with gradient-probed loss weights on multimodal data (its probe must see the sparse model).
-    LaRoSA's ``grid`` plan picks its K after its walk (``chooses_at_end``): the steps after it walk again.
+    :class:`~mmcompress.engine.Sequence` (LaRoSA then RTN: two, LaRoSA then SmoothQuant: three).  Some steps
+    end the walk: MBQ with gradient-probed loss weights on multimodal data starts a new one (its probe
+    before the walk must see the sparse model); LaRoSA's ``grid`` plan picks its K after its walk
+    (``chooses_at_end``), so the steps after it walk again; LaRoSA merged with ``basis: both`` finishes layer
+    l after layer l+1's pass (``lookahead``: layer l's residual adapter needs the basis of layer l+1, fitted
+    to that layer's MLP input too) and walks alone.  A streamed model walks again from the previous walk's
+    result, written as an intermediate model (:func:`mmcompress.streaming.restream`).
     ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one); ``resume``: continue
     the walk checkpointed there (a recipe of one walk; see :attr:`~mmcompress.engine.Sequence.resumable`).
     """
@@ -132,7 +134,7 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
         calib = CalibrationSet(list(calib))
     model.eval()
     walks: list[list] = [[]]  # runs of (step index, engine method) sharing one walk
-    staged, made = {}, []
+    made = []
     for n, step in enumerate(steps):
         opts = {k: v for k, v in step.items() if k != "kind"}
         method = opts.pop("method")
@@ -140,7 +142,7 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
             m = make_sparse_method(method, sparsity=opts.pop("sparsity", 0.4), **opts)
             check_sparsifiable(adapter, m)
             walk = m.layer_method()
-            parts = [walk] if walk is not None else []
+            parts = [walk]
         else:
             scheme = resolve_scheme(opts.pop("scheme", "w8a8"))
             adapters = opts.pop("adapters", "float")
@@ -149,20 +151,16 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
                 walks.append([])
             parts = [m] + ([ResidualAdapterQuant(adapters)] if adapters != "float" else [])
         made.append((step["kind"], m, walk, parts))
-        if walk is None:
-            staged[n] = m
+        if walk.lookahead and walks[-1]:  # it walks alone
             walks.append([])
-        else:
-            walks[-1].extend((n, p) for p in parts)
-            if walk.chooses_at_end:  # its layers' K is set after the walk: the next steps walk again
-                walks.append([])
+        walks[-1].extend((n, p) for p in parts)
+        if walk.chooses_at_end or walk.lookahead:  # its layers are set after the walk: the next steps walk again
+            walks.append([])
     streamed = getattr(model, "_mmcompress_stream", None) is not None
-    if streamed and staged:
-        raise ValueError(f"{made[min(staged)][1].name} with these options needs the whole model in memory")
     walks = [w for w in walks if w]
-    if resume and (staged or len(walks) > 1):
-        raise ValueError(f"this recipe runs in {len(walks) + len(staged)} stages (a step needs the whole model or a "
-                         "walk of its own), which cannot be resumed; run without --resume")
+    if resume and len(walks) > 1:
+        raise ValueError(f"this recipe runs in {len(walks)} walks (a step needs a walk of its own), which cannot be "
+                         "resumed; run without --resume")
     descriptions: dict[int, dict] = {}
     t_start, done = time.time(), set()
     timing = []
@@ -170,13 +168,11 @@ def apply_recipe(model, calib, steps: list[dict], *, device="cpu", progress=True
         if n in done:
             continue
         t0 = time.time()
-        if n in staged:
-            info = staged[n].apply_staged(model, adapter, calib.samples, device=device, progress=progress)
-            descriptions[n] = _sparse_description(info, calib, adapter)
-            done.add(n)
-            timing.append({"steps": [n + 1], "seconds": round(time.time() - t0, 2), "walk": "staged"})
-            continue
         group = next(w for w in walks if w[0][0] == n)
+        if streamed and group is not walks[0]:  # the next walk streams what the previous one made
+            from .streaming import restream
+
+            restream(model, checkpoint_dir)
         methods = [p for _, p in group]
         walk = methods[0] if len(methods) == 1 else Sequence(*methods)
         infos = run_layerwise(model, adapter, walk, calib.samples, device=device, progress=progress,

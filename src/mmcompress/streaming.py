@@ -20,9 +20,13 @@ during the capture pass, whichever is larger), independent of depth; each layer 
 artifact has the same bytes as the in-memory path's.  ``sparsify`` and ``compress`` stream too: LaRoSA's
 merged mode folds its rotations into the embedding and head after the walk, reading them from the
 checkpoint then (:meth:`LayerStream.materialize`; a tied head is saved under its own name,
-:meth:`LayerStream.untie`).  Not streamed: methods that need the whole model before the layer walk
-(gradient probes of ``--loss-weights auto`` on multimodal data, LaRoSA merged with ``basis="both"``).
-The sparsity plan searches (LaRoSA grid/greedy, WINA/TEAL greedy) run in the walk and stream.  Under ``torchrun`` every rank streams the layers from the
+:meth:`LayerStream.untie`); with ``basis="both"`` a layer is written once the next one's pass has fitted
+the next basis (two layers in memory).  A recipe whose steps walk again (after LaRoSA's ``grid`` plan or
+``basis="both"``) streams the next walk from the previous one's result, written as shards into a work
+directory of ours (:func:`restream`; in one process: under ``torchrun`` such a recipe loads the whole
+model).  Not streamed: methods that need the whole model before the layer
+walk (gradient probes of ``--loss-weights auto`` on multimodal data).  The sparsity plan searches (LaRoSA
+grid/greedy, WINA/TEAL greedy) run in the walk and stream.  Under ``torchrun`` every rank streams the layers from the
 checkpoint itself (no weights are sent between ranks) and only rank 0 writes them
 (:func:`mmcompress.cli.common.write_artifact`).
 """
@@ -46,12 +50,17 @@ class StreamError(ValueError):
 class LayerStream:
     """Reads a model's tensors from its safetensors checkpoint on demand."""
 
-    def __init__(self, model_dir, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype):
+    def __init__(self, model_dir, model: nn.Module, adapter: ModelAdapter, dtype: torch.dtype, *,
+                 renamed: bool = True):
         from .export.datafree import checkpoint_tensors
 
         self.model_dir, self.dtype, self.adapter = Path(model_dir), dtype, adapter
         self.sources = checkpoint_tensors(model_dir)
-        self.stored = _loaded_names(model, self.sources)  # {model's name: checkpoint's name} where they differ
+        # {model's name: checkpoint's name} where they differ (``renamed=False``: saved from this model, as is)
+        self.stored = _loaded_names(model, self.sources) if renamed else {}
+        self.workdir = None  # a fileio.WorkDir for intermediate models (restream), the caller's to remove
+        self.intermediate = None  # the directory of ours this stream reads from (restream), if any
+        self._owned = False  # the workdir is this stream's to remove when closed (restream made it)
         self.readers: dict = {}
         self.tied = _tied_names(model)  # saved once (the artifact drops all but one name)
         self.aliases = self.tied  # read from one stored tensor
@@ -131,6 +140,9 @@ class LayerStream:
         for r in self.readers.values():
             r.close()
         self.readers = {}
+        if self._owned:
+            self.workdir.remove()
+            self._owned = False
 
 
 def trim_heap() -> None:
@@ -197,16 +209,27 @@ def _stored_names(model: nn.Module) -> list[str]:
 
 
 def _materialize(root: nn.Module, prefix: str, read) -> None:
+    """Read every meta parameter of ``root`` (and every meta buffer: a layer that went back to the meta device
+    after a walk, read again from an intermediate model, :func:`restream`)."""
     prefix = prefix + "." if prefix else ""
     done: dict[int, nn.Parameter] = {}
     for mname, mod in root.named_modules():
+        where = f"{prefix}{mname + '.' if mname else ''}"
         for pname, p in list(mod._parameters.items()):
             if p is None or not p.is_meta:
                 continue
             if id(p) not in done:
-                done[id(p)] = nn.Parameter(read(f"{prefix}{mname + '.' if mname else ''}{pname}", p.dtype),
-                                           requires_grad=p.requires_grad)
+                done[id(p)] = nn.Parameter(read(where + pname, p.dtype), requires_grad=p.requires_grad)
             mod._parameters[pname] = done[id(p)]
+        for bname, b in list(mod._buffers.items()):
+            if b is None or not b.is_meta:
+                continue
+            if bname in mod._non_persistent_buffers_set:  # not saved: only an empty one can be rebuilt
+                if b.numel():
+                    raise StreamError(f"{where}{bname}: a buffer that is not saved went to the meta device")
+                mod._buffers[bname] = torch.empty(b.shape, dtype=b.dtype)
+            else:
+                mod._buffers[bname] = read(where + bname, b.dtype)
 
 
 def _in_layers(adapter: ModelAdapter):
@@ -229,7 +252,15 @@ def load_streamed(model_dir, dtype="auto", *, trust_remote_code: bool = False) -
     model.eval()
     adapter = get_adapter(model)
     stream = LayerStream(model_dir, model, adapter, dtype)
-    # the capture pass stops at the final norm: it and the output head stay on the meta device
+    _read_for_capture(model, adapter, stream)
+    model._mmcompress_stream = stream
+    model._mmcompress_source = str(model_dir)
+    return model
+
+
+def _read_for_capture(model: nn.Module, adapter: ModelAdapter, stream: LayerStream) -> None:
+    """Read the meta parameters the capture pass runs: everything outside the decoder layers but the final
+    norm and an untied output head (the capture stops before them)."""
     skip = _in_layers(adapter) | {id(m) for m in adapter.final_norm.modules()}
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
@@ -244,9 +275,46 @@ def load_streamed(model_dir, dtype="auto", *, trust_remote_code: bool = False) -
                     done[id(p)] = nn.Parameter(stream.read(f"{mname}.{pname}" if mname else pname, p.dtype),
                                                requires_grad=p.requires_grad)
                 mod._parameters[pname] = done[id(p)]
-    model._mmcompress_stream = stream
-    model._mmcompress_source = str(model_dir)
-    return model
+
+
+def restream(model: nn.Module, checkpoint_dir, workdir=None) -> None:
+    """Stream ``model`` on from what a finished walk made, for the next walk (a recipe's steps after a LaRoSA
+    ``grid`` step or a ``basis: both`` one walk again): the walk's artifact (its layers from
+    ``checkpoint_dir``, what the method changed outside them from memory, the rest from the current source)
+    is written as shards into a new directory of ``workdir`` (a :class:`mmcompress.fileio.WorkDir`; default:
+    the stream's, else one beside the checkpoint directory that the stream removes when closed), every
+    parameter outside the layers goes back to the meta device, and the model is streamed from those shards
+    as from an input checkpoint (the capture pass's parameters read at once, each layer before its step).
+    The previous intermediate, if any, is deleted.  Bytes written: the intermediate model, once (its shards
+    are hard links of the walk's planned artifact where every layer fit the plan)."""
+    from contextlib import nullcontext
+
+    from . import fileio
+
+    old: LayerStream = model._mmcompress_stream
+    work = workdir or old.workdir
+    own = work is None
+    if own:
+        work = fileio.WorkDir(Path(getattr(checkpoint_dir, "path", checkpoint_dir)))
+    n = 1 if old.intermediate is None else int(old.intermediate.name.rpartition("-")[2]) + 1
+    target = work.create(f"walk-{n}")
+    try:
+        _write_shards(model, Path(getattr(checkpoint_dir, "path", checkpoint_dir)), lambda: nullcontext(target))
+        release_non_layers(model, old.adapter)
+        new = LayerStream(target, model, old.adapter, old.dtype, renamed=False)
+    except BaseException:
+        work.discard(target)
+        if own:
+            work.remove()
+        raise
+    owned, old._owned = own or old._owned, False
+    old.close()
+    if old.intermediate is not None:
+        work.discard(old.intermediate)
+    new.workdir, new.intermediate, new._owned = work, target, owned
+    _read_for_capture(model, old.adapter, new)
+    model._mmcompress_stream = new
+    trim_heap()
 
 
 def release_non_layers(model: nn.Module, adapter: ModelAdapter) -> None:
@@ -350,7 +418,9 @@ class ArtifactLayout:
         offsets = {}
         for fname, shard, header in zip(names, shards, headers):
             pos = len(header)
-            with open(Path(ckdir) / _part_name(fname), "wb") as f:
+            part = Path(ckdir) / _part_name(fname)
+            part.unlink(missing_ok=True)  # a new file: an old one's data may live on under another name (restream)
+            with open(part, "wb") as f:
                 f.write(header)
                 for n, dt, sh, _ in shard:
                     offsets[n] = [fname, pos, _ST_DTYPES[dt], list(sh)]
@@ -409,14 +479,29 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
     went into the planned artifact (:class:`ArtifactLayout`), the other tensors are written into it from the
     input checkpoint and its shards are linked into the output; otherwise the artifact is written tensor
     by tensor from the layers' places (the planned shards or ``layer_i.safetensors``) and the input."""
-    from . import fileio
-    from .export.serialization import build_manifest, safetensors_header, write_side_files
+    from .export.serialization import build_manifest, write_side_files
     from .fileio import atomic_output_dir
+
+    manifest = build_manifest(model, description)
+    output = Path(output)
+    try:
+        _write_shards(model, Path(checkpoint_dir),
+                      lambda: atomic_output_dir(output, overwrite=overwrite, inputs=[p for p in [source_dir, *inputs] if p]),
+                      lambda tmp: write_side_files(tmp, model, manifest, source_dir))
+    finally:
+        model._mmcompress_stream.close()
+    return output
+
+
+def _write_shards(model: nn.Module, ckdir: Path, open_dir, then=None) -> None:
+    """The safetensors shards (and index) of a streamed run's artifact, in the directory ``open_dir()`` yields
+    (``then(dir)`` adds files to it before it closes): see :func:`save_streamed`."""
+    from . import fileio
+    from .export.serialization import safetensors_header
     from .export.datafree import MAX_SHARD_BYTES, _header, _nbytes, _ShardReader, _ST_DTYPES, split_shards
 
     stream: LayerStream = model._mmcompress_stream
     dtypes = {v: k for k, v in _ST_DTYPES.items()}
-    ckdir = Path(checkpoint_dir)
     state = json.loads((ckdir / "state.json").read_text()) if (ckdir / "state.json").is_file() else {}
     where = state.get("where", {})
     layout = ArtifactLayout.load(ckdir) if any(w == "artifact" for w in where.values()) else None
@@ -435,9 +520,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
         and len(where) == len(stream.adapter.layers) and \
         all(layout.offsets.get(n, [None])[0] == f for f, shard in zip(names, shards) for n, *_ in shard) and \
         len(entries) == len(layout.offsets)
-    manifest = build_manifest(model, description)
     readers: dict[Path, _ShardReader] = {}
-    output = Path(output)
 
     def read(src, dt):
         if src[0] == "src":
@@ -456,7 +539,7 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
                     raise RuntimeError(f"{n}: read another dtype or shape than planned")
             layout.sync()
             fileio.step("artifact.filled")
-        with atomic_output_dir(output, overwrite=overwrite, inputs=[p for p in [source_dir, *inputs] if p]) as tmp:
+        with open_dir() as tmp:
             weight_map, total = {}, 0
             for fname, shard in zip(names, shards):
                 if in_place:
@@ -476,9 +559,8 @@ def save_streamed(model: nn.Module, output, checkpoint_dir, *, description: dict
             if len(names) > 1:
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-            write_side_files(tmp, model, manifest, source_dir)
+            if then is not None:
+                then(tmp)
     finally:
         for r in readers.values():
             r.close()
-        stream.close()
-    return output

@@ -371,6 +371,7 @@ def cmd_compress(args) -> dict:
 
 def _recipe_not_streamable(steps, adapter) -> str | None:
     """Why a streamed recipe would not match the in-memory one (a step that needs the whole model), or ``None``."""
+    from ..distributed import current
     from ..quant.api import make_method, whole_model_prepare
     from ..quant.quantizer import resolve_scheme
     from ..sparse.api import make_sparse_method
@@ -378,11 +379,9 @@ def _recipe_not_streamable(steps, adapter) -> str | None:
     for n, step in enumerate(steps, 1):
         opts = {k: v for k, v in step.items() if k not in ("kind", "method", "scheme", "adapters")}
         walk = make_sparse_method(step["method"], **opts).layer_method() if step["kind"] == "sparsify" else None
-        if step["kind"] == "sparsify" and walk is None:
-            return f"recipe step {n} ({step['method']} with these options) needs whole-model passes"
-        if walk is not None and walk.chooses_at_end and n < len(steps):
-            return (f"recipe step {n} ({step['method']} with these options) sets its layers' K after its walk, "
-                    "so the steps after it walk the model again")
+        if walk is not None and (walk.chooses_at_end or walk.lookahead) and n < len(steps) and current().size > 1:
+            return (f"recipe step {n} ({step['method']} with these options) sets its layers after its walk, so the "
+                    "steps after it walk again from its result, which is streamed in one process only")
         if step["kind"] == "quantize" and whole_model_prepare(
                 make_method(step["method"], resolve_scheme(step.get("scheme", "w8a8")), **opts), adapter):
             return f"recipe step {n} ({step['method']} with loss_weights auto) probes gradients through the whole model"

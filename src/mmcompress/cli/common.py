@@ -280,7 +280,9 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
     run's finished layers, and a resumable run's checkpoints (``None`` is passed for an in-memory run that
     is not resumable): ``--checkpoint-dir``, else ``OUTPUT.ckpt`` for a resumable run and a new hidden
     directory next to the output for the others.  Its files are removed once the artifact is written, or
-    on failure unless a resumable run left something to resume.
+    on failure unless a resumable run left something to resume.  A streamed recipe whose steps walk more
+    than once writes the previous walk's result as an intermediate model into a work directory of ours
+    beside the output (:class:`mmcompress.fileio.WorkDir`), removed at the end whatever happens.
 
     Under ``torchrun`` (:mod:`mmcompress.distributed`) every rank loads the model the same way (streamed:
     each rank reads each decoder layer from the input shards itself) and calibrates on its block of the
@@ -289,7 +291,7 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
     from ..distributed import current
     from ..engine import is_checkpoint_file
     from ..export.serialization import load_model, save
-    from ..fileio import CheckpointDir, check_output
+    from ..fileio import CheckpointDir, WorkDir, check_output
 
     world = current()
     writer = world.rank == 0
@@ -313,9 +315,12 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
         ckpt = private = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.ckpt-", dir=real_out.parent))
     if ckpt is not None:  # rank 0's only: it keeps the finished layers
         ck = CheckpointDir(ckpt).open()  # ours alone and locked: a second run on the same output stops here
+    work = None  # beside the output: a streamed recipe's intermediate model (streaming.restream), removed after
     try:
         model = load_streamed(args, command, why_not)
         streamed = model is not None
+        if streamed and writer:
+            work = model._mmcompress_stream.workdir = WorkDir(real_out)
         if not streamed:
             model = load_model(args.model, dtype=args.dtype, runtime="reference",
                                trust_remote_code=args.trust_remote_code)
@@ -336,6 +341,8 @@ def write_artifact(args, command: str, inputs: list, compute, why_not=lambda ada
             ck.remove(is_checkpoint_file)
         raise
     finally:
+        if work is not None:
+            work.remove()
         if ck is not None:
             ck.close()
         if private is not None and private.is_dir() and not any(private.iterdir()):

@@ -36,9 +36,9 @@ def sparsify(model: nn.Module, calib, method: str = "larosa", sparsity: float = 
     TEAL ``uniform`` (default) | ``greedy``; WINA ``uniform`` | ``greedy``; CATS has none.
     ``mode`` (LaRoSA only): ``merged`` | ``reference``.
     ``prefill``: ``all`` (paper protocol) | ``none`` (dense prefill) | ``last_half`` (TEAL protocol).
-    One layer-by-layer walk (:meth:`~.methods.base.SparseMethod.layer_method`; the plan searches too) except
-    for LaRoSA merged with ``basis="both"``; ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model
-    needs one); ``resume``: continue the run checkpointed there (the one-walk form only).
+    One layer-by-layer walk (:meth:`~.methods.base.SparseMethod.layer_method`; the plan searches too);
+    ``checkpoint_dir``: the engine's per-layer checkpoints (a streamed model needs one); ``resume``: continue
+    the run checkpointed there (not LaRoSA merged with ``basis="both"``, which finishes each layer one late).
     """
     m = make_sparse_method(method, sparsity=sparsity, plan=plan, mode=mode, prefill=prefill, **options)
     adapter = get_adapter(model)

@@ -65,13 +65,11 @@ def cmd_sparsify(args) -> dict:
                  progress=not args.no_progress and world.rank == 0, checkpoint_dir=ck, resume=args.resume, **options)
 
     out = Path(args.output)
-    walk = make_sparse_method(args.method, **options).layer_method()
-    if walk is None and args.resume:
-        raise CLIError("--resume: these options run in whole-model stages (LaRoSA merged --basis both), which cannot "
-                       "be resumed; run without --resume")
-    model = write_artifact(args, "sparsify", inputs, compute, lambda adapter: None if walk is not None else
-                           "these options need a rotation walk over the whole model first (LaRoSA merged --basis "
-                           "both)", resumable=True)
+    walk = make_sparse_method(args.method, **options).layer_method()  # the options checked before the model is read
+    if walk.lookahead and args.resume:
+        raise CLIError("--resume: LaRoSA merged --basis both finishes each layer one layer late, which cannot be "
+                       "resumed; run without --resume")
+    model = write_artifact(args, "sparsify", inputs, compute, resumable=True)
     desc = model._mmcompress_description
     info = desc["method"]
     result = {"output": str(out), "method": args.method, "target": config.sparsity,

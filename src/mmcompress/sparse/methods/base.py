@@ -52,28 +52,16 @@ class SparseMethod:
     def layer_method(self):
         """This method as an engine method (:class:`mmcompress.engine.Method`) that sparsifies the model in
         one layer-by-layer walk, alone or as a step of a recipe's walk (:class:`mmcompress.engine.Sequence`),
-        with a ``description()`` once the walk is done; ``None`` where the options need whole-model stages
-        (:meth:`apply_staged`: LaRoSA merged with ``basis="both"``)."""
-        return None
-
-    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
+        with a ``description()`` once the walk is done."""
         raise NotImplementedError
 
     def apply(self, model, adapter, samples, *, device="cpu", progress=True, checkpoint_dir=None,
               resume: bool = False) -> dict:
         """Sparsify ``model`` in place; returns the description saved as ``mmcompress.json``'s ``method``.
-        A streamed model (:mod:`mmcompress.streaming`) needs the one-walk form and ``checkpoint_dir``;
-        ``resume``: continue the walk checkpointed there (the engine's fingerprinted resume)."""
+        A streamed model (:mod:`mmcompress.streaming`) needs ``checkpoint_dir``; ``resume``: continue the walk
+        checkpointed there (the engine's fingerprinted resume)."""
         from ...engine import run_layerwise
 
-        walk = self.layer_method()
-        if walk is None:
-            if getattr(model, "_mmcompress_stream", None) is not None:
-                raise ValueError(f"{self.name} with these options needs the whole model in memory")
-            if resume:
-                raise ValueError(f"{self.name} with these options runs in whole-model stages, which cannot be "
-                                 "resumed; run without --resume")
-            return self.apply_staged(model, adapter, samples, device=device, progress=progress)
-        run_layerwise(model, adapter, walk, samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
-                      resume=resume)
+        run_layerwise(model, adapter, self.layer_method(), samples, device=device, progress=progress,
+                      checkpoint_dir=checkpoint_dir, resume=resume)
         return walk.description()

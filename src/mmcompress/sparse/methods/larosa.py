@@ -249,8 +249,8 @@ def larosa(model, adapter, samples, sparsity: float, *, plan: str = "exact", mod
     """Apply LaRoSA in place, in stages over the whole model (rotation walk, merge, plan); returns a
     description (mode, plan, achieved model-level sparsity).  The ``grid`` plan runs whole-model forwards
     of the merged model, ``greedy`` a search walk over it.  Every plan runs in one walk as
-    :class:`LaRoSALayers` with the same result (tests/test_sparse_search.py), one layer in memory; these
-    stages remain for merged mode with ``basis="both"`` and for given ``rotations``.
+    :class:`LaRoSALayers` with the same result (tests/test_sparse_search.py), one layer in memory (two in
+    merged mode with ``basis="both"``); these stages remain for given ``rotations``.
 
     ``column_scale`` (merged mode only; ours): Top-K ranks rotated coordinates by |x̃_i|·‖W'_{:,i}‖
     (see :mod:`..merge`)."""
@@ -290,8 +290,12 @@ class LaRoSALayers(Method):
 
     Mode M's residual adapter after layer ``l`` needs ``Q_{l+1}`` before layer ``l`` is written:
     ``H_{l+1} = Σ RMS(r)ᵀRMS(r)`` of the next layer's input ``r`` is this layer's output, so the same
-    pass observes it (and layer ``l+1`` reuses it; ``basis="both"`` would also need layer ``l+1``'s MLP
-    input, hence a separate rotation walk: :func:`larosa`).  The first layer's inputs of the merged model
+    pass observes it (and layer ``l+1`` reuses it).  With ``basis="both"`` ``H_{l+1}`` also sums layer
+    ``l+1``'s MLP input, which only layer ``l+1``'s own pass produces: layer ``l`` is kept in memory,
+    unchanged and unwritten, until then (``lookahead``, :class:`~mmcompress.engine.Method`): the pass of
+    layer ``l+1`` gives ``Q_{l+1}``, and :meth:`observed` finishes layer ``l`` (merge with ``Q_l`` and
+    ``A_l = Q_lᵀQ_{l+1}``, its Top-K, the search chains through it) before the engine writes it; two
+    layers in memory, not the model.  The first layer's inputs of the merged model
     are ``x Q_1`` (:meth:`first_inputs`); the embedding, the towers' output projections and the head are
     folded after the walk (:meth:`finalize`, :func:`..merge.merge_outside`).
 
@@ -318,12 +322,13 @@ class LaRoSALayers(Method):
                  grid_samples: int = 4):
         if plan not in ("exact", "uniform", "grid", "greedy"):
             raise ValueError(f"unknown plan {plan!r}; choose exact, uniform, grid or greedy")
-        if mode == "merged" and basis != "attn":
-            raise ValueError("merged mode with basis='both' needs a rotation walk first (larosa())")
+        if basis not in ("attn", "both"):
+            raise ValueError(f"basis must be 'attn' or 'both', got {basis!r}")
         self.sparsity, self.plan_kind, self.mode, self.prefill = float(sparsity), plan, mode, prefill
         self.basis, self.ratio_in, self.column_scale, self.damping = basis, ratio_in, column_scale, damping
         self.grid_samples = int(grid_samples)
         self.chooses_at_end = plan == "grid"  # K is known after the last layer (see Method.chooses_at_end)
+        self.lookahead = mode == "merged" and basis == "both"  # layer l is finished once Q_{l+1} is known
 
     def config(self) -> dict:
         return {"method": self.name, "sparsity": self.sparsity, "plan": self.plan_kind, "mode": self.mode,
@@ -348,7 +353,8 @@ class LaRoSALayers(Method):
             self.plan = build_plan(self.plan_kind, self.shapes, self.sparsity, ratio_in=self.ratio_in)
         self.dtype = adapter.embed_tokens.weight.dtype
         self.q_first = self.q_last = None
-        self._next = None  # H of the next layer's input (merged mode)
+        self._next = None  # H of the next layer's input (merged mode, basis attn)
+        self._pending = None  # (context, Q) of the layer waiting for the next one's Q (lookahead)
         self.tokens = 0
         if self.mode == "merged":
             untie_head(model, adapter)
@@ -367,7 +373,7 @@ class LaRoSALayers(Method):
             for gname in ["attn_in"] + (["mlp_in"] if self.basis == "both" else []):
                 norm = ctx.layer.get_submodule(groups[gname].producer)
                 out.append(norm_moment_observer(norm, self.mode, cur, "H", count=gname == "attn_in"))
-        if self.mode == "merged" and i + 1 < n:  # the next layer's H from this layer's output
+        if self.mode == "merged" and not self.lookahead and i + 1 < n:  # the next layer's H from this layer's output
             cur["next"] = torch.zeros(d, d, dtype=torch.float64, device=ctx.device)
             g = {g.name: g for g in self.adapter.at_layer(i + 1).groups}["attn_in"]
             norm = inner_layer(self.adapter.layers[i + 1]).get_submodule(g.producer)
@@ -381,8 +387,8 @@ class LaRoSALayers(Method):
 
     @torch.no_grad()
     def _seen(self, ctx):
-        """What the observers saw of this layer's pass: the moments, the token count, ``Q_l`` (and ``Q_{l+1}``,
-        merged mode); ``(q, q_next)``."""
+        """What the observers saw of this layer's pass: the moments, the token count, ``Q_l`` (and, merged
+        mode with ``basis="attn"``, ``Q_{l+1}`` from this layer's output); ``(q, q_next)``."""
         cur, self._cur = self._cur, None
         i, world = ctx.index, ctx.world
         h = world.sum(cur["H"]).cpu() if cur["H"] is not None else self._next
@@ -390,16 +396,21 @@ class LaRoSALayers(Method):
             self.tokens = world.sum(cur["n"])
         q, _ = rotation_from_moment(h, self.damping)
         q_next = None
-        if self.mode == "merged":
+        if self.mode == "merged" and not self.lookahead:
             self._next = world.sum(cur["next"]).cpu() if cur["next"] is not None else None
             q_next = None if self._next is None else rotation_from_moment(self._next, self.damping)[0]
-            if i == 0:
+        return q, q_next
+
+    def _ends(self, ctx, q, q_next) -> None:
+        """``Q_1`` and ``Q_L`` (merged mode: folded into the embedding and head), and the search's world and
+        first sample (from the first layer)."""
+        if self.mode == "merged":
+            if ctx.index == 0:
                 self.q_first = q
             if q_next is None:
                 self.q_last = q
-        if i == 0:
-            self._world, self._start = world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
-        return q, q_next
+        if ctx.index == 0:
+            self._world, self._start = ctx.world, (ctx.sample_ids.start if ctx.sample_ids is not None else 0)
 
     def _start_chains(self, ctx) -> None:
         if ctx.index == 0:  # the search chains start from the inputs of the rotated model
@@ -408,8 +419,22 @@ class LaRoSALayers(Method):
 
     @torch.no_grad()
     def observed(self, ctx) -> None:
-        i = ctx.index
         q, q_next = self._seen(ctx)
+        if self.lookahead:  # Q_i completes the held layer i-1; layer i waits for Q_{i+1} (the last one: none)
+            pending, self._pending = self._pending, (ctx, q)
+            if pending is not None:
+                self._finish(*pending, q)
+            if ctx.index + 1 == len(self.adapter.layers):
+                self._pending = None
+                self._finish(ctx, q, None)
+            return
+        self._finish(ctx, q, q_next)
+
+    def _finish(self, ctx, q, q_next) -> None:
+        """Rotate layer ``ctx.index`` with ``Q`` (merged: with the residual adapter to ``q_next``, none after
+        the last layer), run the search chains through it and install its Top-K."""
+        i = ctx.index
+        self._ends(ctx, q, q_next)
         if self.mode == "merged":
             ctx.layer = merge_layer(ctx.adapter, i, q, q_next, column_scale=self.column_scale)
         else:
@@ -431,7 +456,7 @@ class LaRoSALayers(Method):
         in the walk), the greedy levels come back from the checkpoint (``ctx.state``) and its chain goes on
         through the finished layer at K = D."""
         i = ctx.index
-        self._seen(ctx)
+        self._ends(ctx, *self._seen(ctx))
         self._start_chains(ctx)
         if self.plan_kind == "grid":
             for r, candidate in self._candidates.items():
@@ -512,11 +537,5 @@ class LaRoSA(SparseMethod):
     rotating = True
     Options = LaRoSAOptions
 
-    def layer_method(self) -> LaRoSALayers | None:
-        o = self.kwargs()
-        if o["mode"] == "merged" and o["basis"] != "attn":
-            return None  # a rotation walk first: larosa()
-        return LaRoSALayers(self.sparsity, **o)
-
-    def apply_staged(self, model, adapter, samples, *, device="cpu", progress=True) -> dict:
-        return larosa(model, adapter, samples, self.sparsity, device=device, progress=progress, **self.kwargs())
+    def layer_method(self) -> LaRoSALayers:
+        return LaRoSALayers(self.sparsity, **self.kwargs())
