@@ -62,6 +62,7 @@ class SparseMethod:
         checkpointed there (the engine's fingerprinted resume)."""
         from ...engine import run_layerwise
 
-        run_layerwise(model, adapter, self.layer_method(), samples, device=device, progress=progress,
-                      checkpoint_dir=checkpoint_dir, resume=resume)
+        walk = self.layer_method()
+        run_layerwise(model, adapter, walk, samples, device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                      resume=resume)
         return walk.description()
