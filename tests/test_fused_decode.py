@@ -216,6 +216,26 @@ def test_fused_step_runs_larosa_and_joint_models(tmp_path, tokenizer, arch, kind
         assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
 
 
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_sparse_units_of_any_width_give_the_same_logits(tmp_path, tokenizer, kind):
+    """The sparse kinds' work units (output columns of WT per unit: 64 up to the 4096 maximum; the default
+    widens with the output width, ``sparse_cols``) split the columns only: every output's sum over the kept
+    rows runs in the same order (int8: exact int32 sums), so the logits are bit-identical."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, torch.float32)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for cols in (0, 64, 128, 4096):
+        fu = DecodeEngine(model, max_len=40, fused=True)
+        fu._reset()
+        fu._forward(ids, 0)  # the prefill (Python), then fused single-token steps
+        fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+        torch.ops.mmcompress_fused.fused_set_unit_cols(fu._fused.plan, cols)
+        logits[cols] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
+    assert all(torch.equal(logits[0], v) for v in logits.values())
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.mmcompress_fused.fused_set_unit_cols(fu._fused.plan, 8192)
+
+
 def test_fused_step_divides_joint_inputs_by_their_smoothing_row(tmp_path, tokenizer):
     """A SparseInt8Linear's smoothing row (kept values / s before the int8 codes): RTN and SmoothQuant after
     LaRoSA fold theirs into the weights, so the rows are set here, the same on both steps' modules."""

@@ -109,8 +109,17 @@ struct Local {  // one thread's buffers
 
 constexpr int NPHASE = 7;  // qkv, attention, o_proj, gate/up, down, head, residual adapter
 constexpr int64_t UNIT = 64;    // output rows per work unit of the row-major kinds 0..3
-constexpr int64_t MAXCOLS = 1024;  // the widest unit (kinds 4, 5)
+constexpr int64_t MAXCOLS = 4096;  // the widest unit (kinds 4, 5)
 constexpr int64_t DEFAULT_SPARSE_COLS = 256;  // docs/runtime.md: 1.4x faster than 64 on smollm2 joint, one thread
+
+// Output columns per work unit of a sparse kind (4, 5) of N outputs on nt threads: about two units per thread,
+// at least DEFAULT_SPARSE_COLS, at most MAXCOLS, a multiple of 64.  A unit streams a run of `cols` columns of
+// every kept row of WT [K, N]; at 7B widths (N = 4096, 11008) 256-column runs (512 bytes of bf16, 256 of
+// int8 codes) left the step's sparse GEMVs at half the Python step's speed (docs/runtime.md).
+inline int64_t sparse_cols(int64_t N, int nt) {
+  const int64_t want = (N + 2 * nt - 1) / (2 * nt);
+  return std::min(MAXCOLS, std::max(DEFAULT_SPARSE_COLS, (want + 63) / 64 * 64));
+}
 
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
@@ -448,7 +457,7 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
               "fused_plan: dense weights float32 or bfloat16");
   l.wbf16 = (l.kind == 0 || l.kind == 4) && l.w.scalar_type() == at::kBFloat16;
   if (l.kind >= 4) {
-    l.cols = DEFAULT_SPARSE_COLS;
+    l.cols = sparse_cols(l.N, std::max(1, at::get_num_threads()));
     TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.K && l.w.size(1) == l.N, "fused_plan: WT [K, N] shape");
     TORCH_CHECK(l.keep >= 1, "fused_plan: Top-K keeps at least one channel");
     if (l.kind == 4) {
@@ -793,14 +802,14 @@ at::Tensor fused_trace(int64_t id) {
 }
 
 // Output columns per work unit of the sparse kinds 4 and 5 (multiples of 64, <= MAXCOLS; 0: the default,
-// DEFAULT_SPARSE_COLS).  A wider unit streams longer runs of each kept row of WT [K, N] (64 columns of int8
+// sparse_cols).  A wider unit streams longer runs of each kept row of WT [K, N] (64 columns of int8
 // codes are one cache line per row), a narrower one shares the work more evenly.  For measurements.
 void fused_set_unit_cols(int64_t id, int64_t cols) {
   Plan& P = get_plan(id);
   TORCH_CHECK(cols == 0 || (cols > 0 && cols % 64 == 0 && cols <= MAXCOLS), "fused_set_unit_cols: 0 or a multiple of 64 up to ", MAXCOLS);
   for (Layer& l : P.layers)
     for (Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down, &l.adapt})
-      if (p->kind >= 4) p->cols = cols ? cols : DEFAULT_SPARSE_COLS;
+      if (p->kind >= 4) p->cols = cols ? cols : sparse_cols(p->N, std::max(1, at::get_num_threads()));
 }
 
 void fused_set_profile(int64_t id, bool on) {
