@@ -922,14 +922,9 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     bar = tqdm(range(start, len(layers)), desc=f"{method.name}", unit="layer", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
-        layer = layers[i]
-        if stream is not None:
-            stream.load_layer(i, layer)
-        orig_device = next(layer.parameters()).device
-        layer.to(device)
-        ad = adapter.at_layer(i)
-        ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs, world=world,
-                           sample_ids=mine, total_samples=len(samples))
+        layer, orig_device, ctx = _open_layer(i, layers, adapter, stream, device, captured, inputs, fp_inputs,
+                                              world, mine, len(samples))
+        ad = ctx.adapter
         ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
         fp_layer = copy.deepcopy(layer) if diagnostics is not None else None
         upcast = upcast_layer(layer, model_dtype) if method.float32_math and model_dtype != torch.float32 else None
@@ -1098,6 +1093,18 @@ def _advance(ctx, sides, outputs, side_outputs, fp_inputs):
     return inputs, fp_inputs
 
 
+def _open_layer(i, layers, adapter, stream, device, captured, inputs, fp_inputs, world, mine, total, state=None):
+    """Layer ``i`` read (streamed) and moved to ``device``: ``(layer, its original device, its context)``."""
+    layer = layers[i]
+    if stream is not None:
+        stream.load_layer(i, layer)
+    orig_device = next(layer.parameters()).device
+    layer.to(device)
+    ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs, world=world,
+                       sample_ids=mine, total_samples=total, **({} if state is None else {"state": state}))
+    return layer, orig_device, ctx
+
+
 def _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides, device, world, mine, total,
                   model_dtype, structure, tensors, stream, state):
     """Resume: recompute what finished layer ``i`` passed on, as the walk computed it, and leave the finished
@@ -1106,14 +1113,9 @@ def _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides
     observers hooked on, as in the walk); through the checkpointed layer: the compressed chain.  The
     method's :meth:`~Method.replay_unchanged` sees the input layer, :meth:`~Method.replayed` the finished
     one, with ``ctx.state`` as the walk recorded it (``state``)."""
-    layer = layers[i]
-    if stream is not None:
-        stream.load_layer(i, layer)
-    orig_device = next(layer.parameters()).device
-    layer.to(device)
-    ad = adapter.at_layer(i)
-    ctx = LayerContext(i, layer, ad, captured, inputs, device, fp_inputs=fp_inputs, world=world, sample_ids=mine,
-                       total_samples=total, state=state)
+    layer, orig_device, ctx = _open_layer(i, layers, adapter, stream, device, captured, inputs, fp_inputs, world,
+                                          mine, total, state)
+    ad = ctx.adapter
     ctx.sides = {n: sd.context(i, layer, ad, device) for n, sd in sides.items()}
     contexts = [ctx, *ctx.sides.values()]
     if any(c.fp_inputs is not None for c in contexts):
