@@ -17,7 +17,6 @@ GB/s of codes read (N * K / 2 bytes; ``--kernels w8a8`` adds the int8 kernel for
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -27,14 +26,11 @@ import torch
 
 from mmcompress.quant.kernels import cpu as qcpu
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
-from kernel_variants import build_variant, interleaved_times, report
+from kernel_variants import build_renamed, finish, warm_time_report
 
 
 def build(label: str, text: str):
-    ns = f"int4_variants_{label}"
-    text = text.replace("TORCH_LIBRARY(mmcompress_int,", f"TORCH_LIBRARY({ns},").replace(
-        "TORCH_LIBRARY_IMPL(mmcompress_int,", f"TORCH_LIBRARY_IMPL({ns},")
-    return build_variant(ns, text, "int8_act_gemm")
+    return build_renamed(f"int4_variants_{label}", text, "mmcompress_int", "int8_act_gemm")
 
 
 def packed(W: torch.Tensor, group: int, sym: bool):
@@ -107,19 +103,9 @@ def main() -> None:
                     if err > 1e-5:
                         raise SystemExit(f"{label} {kern}: wrong result")
                 fns[f"{kern}_{label}"] = (f, ncopy, 2 * nbytes if kern == "w8a8" else nbytes)
-        names = list(fns)
-        for n in names:  # warm-up (and first-touch of the copies)
-            for i in range(fns[n][1]):
-                fns[n][0](i)
-        times = interleaved_times({n: (lambda i, n=n: fns[n][0](i % fns[n][1])) for n in names}, ncopy, a.repeats, clock)
-        res["rows"] += report(shape, times, {n: fns[n][2] for n in names}, 18)
-    res["loadavg_after"] = os.getloadavg()
-    print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s), "
-          f"batch {a.batch})")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
-
+        res["rows"] += warm_time_report(shape, {n: v[0] for n, v in fns.items()}, {n: v[1] for n, v in fns.items()},
+                                        {n: v[2] for n, v in fns.items()}, a.repeats, clock, 18)
+    finish(res, a, f"batch {a.batch}")
 
 if __name__ == "__main__":
     main()

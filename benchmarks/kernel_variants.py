@@ -1,9 +1,11 @@
 """Build a renamed copy of one of our C++ kernel sources as its own torch extension (for A/B benchmarks).
 
-Shared by ``gemv_prefetch.py`` and ``int4_variants.py``: the source text (already renamed to the op
+Shared by ``gemv_prefetch.py``, ``int4_variants.py`` and ``sparse_int8_variants.py``: the source text (already renamed to the op
 namespace ``ns``) is written under the kernels' build directory and compiled once (cached by content).
 """
 
+import json
+import os
 import statistics
 
 import torch
@@ -22,6 +24,13 @@ def build_variant(ns: str, text: str, probe: str):
     if err:
         raise SystemExit(f"build of {ns} failed: {err}")
     return getattr(torch.ops, ns)
+
+
+def build_renamed(ns: str, text: str, lib: str, probe: str):
+    """:func:`build_variant` of a kernel source whose op library ``lib`` is renamed to ``ns``."""
+    text = text.replace(f"TORCH_LIBRARY({lib},", f"TORCH_LIBRARY({ns},").replace(
+        f"TORCH_LIBRARY_IMPL({lib},", f"TORCH_LIBRARY_IMPL({ns},")
+    return build_variant(ns, text, probe)
 
 
 def interleaved_times(calls: dict, ncopy: int, repeats: int, clock) -> dict[str, list[float]]:
@@ -50,3 +59,24 @@ def report(shape: str, times: dict[str, list[float]], nbytes: dict[str, int], wi
         print(f"{shape:>11} {n:<{width}} median {row['median_us']:9.1f} us {row['gb_s_median']:6.2f} GB/s   "
               f"best {row['best_us']:9.1f} us {row['gb_s_best']:6.2f} GB/s", flush=True)
     return rows
+
+
+def warm_time_report(shape: str, calls: dict, copies: dict[str, int], nbytes: dict[str, int], repeats: int, clock,
+                     width: int) -> list[dict]:
+    """Warm every ``calls[name](i)`` over its ``copies[name]`` weight copies (first touch), time them
+    interleaved (:func:`interleaved_times`, call ``i`` on copy ``i % copies[name]``) and :func:`report`."""
+    for n, f in calls.items():
+        for i in range(copies[n]):
+            f(i)
+    wrapped = {n: (lambda i, n=n: calls[n](i % copies[n])) for n in calls}
+    return report(shape, interleaved_times(wrapped, max(copies.values()), repeats, clock), nbytes, width)
+
+
+def finish(res: dict, args, what: str) -> None:
+    """The load average after the run, one summary line, and the JSON file if asked for."""
+    res["loadavg_after"] = os.getloadavg()
+    print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({args.clock} clock, {args.threads} "
+          f"thread(s), {what})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)

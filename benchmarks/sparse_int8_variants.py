@@ -22,7 +22,6 @@ GB/s of the kept rows' codes (keep * OUT bytes).
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,17 +29,14 @@ import time
 
 import torch
 
-from kernel_variants import build_variant, interleaved_times, report
+from kernel_variants import build_renamed, finish, warm_time_report
 from mmcompress.quant.quantizer import quantize_weight
 from mmcompress.sparse.kernels import cpu, pack_int8_weight, topk_select
 from mmcompress.sparse.topk import keep_count
 
 
 def build(label: str, text: str):
-    ns = f"sparse_int8_variants_{label}"
-    text = text.replace("TORCH_LIBRARY(mmcompress_sparse,", f"TORCH_LIBRARY({ns},").replace(
-        "TORCH_LIBRARY_IMPL(mmcompress_sparse,", f"TORCH_LIBRARY_IMPL({ns},")
-    return build_variant(ns, text, "indexed_int8_gemv")
+    return build_renamed(f"sparse_int8_variants_{label}", text, "mmcompress_sparse", "indexed_int8_gemv")
 
 
 def huge_copy(t: torch.Tensor) -> torch.Tensor:
@@ -122,18 +118,9 @@ def main() -> None:
                 elif not torch.equal(y, ref):
                     raise SystemExit(f"{label}{suffix}: output differs from the first version's (must be bit-identical)")
                 fns[label + suffix] = f
-        for n in fns:  # warm-up (and first-touch of the copies)
-            for i in range(ncopy):
-                fns[n](i)
-        times = interleaved_times({n: (lambda i, n=n: fns[n](i % ncopy)) for n in fns}, ncopy, a.repeats, clock)
-        res["rows"] += report(shape, times, {n: nbytes for n in fns}, 8)
-    res["loadavg_after"] = os.getloadavg()
-    print(f"load average {res['loadavg_before']} -> {res['loadavg_after']} ({a.clock} clock, {a.threads} thread(s), "
-          f"batch {a.batch}, sparsity {a.sparsity})")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
-
+        res["rows"] += warm_time_report(shape, fns, {n: ncopy for n in fns}, {n: nbytes for n in fns}, a.repeats,
+                                        clock, 8)
+    finish(res, a, f"batch {a.batch}, sparsity {a.sparsity}")
 
 if __name__ == "__main__":
     main()

@@ -1101,7 +1101,7 @@ def _open_layer(i, layers, adapter, stream, device, captured, inputs, fp_inputs,
     orig_device = next(layer.parameters()).device
     layer.to(device)
     ctx = LayerContext(i, layer, adapter.at_layer(i), captured, inputs, device, fp_inputs=fp_inputs, world=world,
-                       sample_ids=mine, total_samples=total, **({} if state is None else {"state": state}))
+                       sample_ids=mine, total_samples=total, state={} if state is None else state)
     return layer, orig_device, ctx
 
 
