@@ -164,11 +164,11 @@ SPARSE_KINDS = {
 }
 
 
-def _sparse_model(tmp_path, tokenizer, arch, kind, dtype):
+def _sparse_model(tmp_path, tokenizer, arch, kind, dtype, hidden=128, intermediate=256):
     from mmcompress.runtime.generate import prepare
 
-    model, tok = tiny_model(arch, tokenizer=tokenizer, tie=(arch == "qwen2"), dtype=dtype, hidden=128,
-                            intermediate=256)
+    model, tok = tiny_model(arch, tokenizer=tokenizer, tie=(arch == "qwen2"), dtype=dtype, hidden=hidden,
+                            intermediate=intermediate)
     mmcompress.apply_recipe(model, CalibrationSet(text_samples(tok, n=2)), SPARSE_KINDS[kind], progress=False)
     model = prepare(mmcompress.load(mmcompress.save(model, tmp_path / f"{arch}-{kind}")), quiet=True)
     return model, tok
@@ -218,8 +218,8 @@ def test_fused_step_runs_larosa_and_joint_models(tmp_path, tokenizer, arch, kind
 
 @pytest.mark.parametrize("kind", ["larosa", "joint"])
 def test_fused_sparse_units_of_any_width_give_the_same_logits(tmp_path, tokenizer, kind):
-    """The sparse kinds' work units (output columns of WT per unit: 64 up to the 4096 maximum; the default
-    widens with the output width, ``sparse_cols``) split the columns only: every output's sum over the kept
+    """The sparse kinds' column work units (output columns of WT per unit: 64 up to the 4096 maximum; the
+    default widens with the output width, ``sparse_cols``; the split forced to columns) split the columns only: every output's sum over the kept
     rows runs in the same order (int8: exact int32 sums), so the logits are bit-identical."""
     model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, torch.float32)
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -230,10 +230,118 @@ def test_fused_sparse_units_of_any_width_give_the_same_logits(tmp_path, tokenize
         fu._forward(ids, 0)  # the prefill (Python), then fused single-token steps
         fu._fused = fused.FusedStep(fu, head=fu.head_mode)
         torch.ops.mmcompress_fused.fused_set_unit_cols(fu._fused.plan, cols)
+        assert fu._fused.set_split(1) == 0  # the column units (not split-K)
         logits[cols] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
     assert all(torch.equal(logits[0], v) for v in logits.values())
     with pytest.raises(RuntimeError, match="multiple of 64"):
         torch.ops.mmcompress_fused.fused_set_unit_cols(fu._fused.plan, 8192)
+
+
+def _split_rows(m) -> int:
+    """Kept rows a fused-step projection splits by (split-K): a sparse projection's Top-K (SparseInt8Linear:
+    padded to groups of four), a residual adapter in the kernels' layout all of its rows; 0: not a sparse kind."""
+    from torch import nn
+
+    from mmcompress.sparse.joint import SparseInt8Linear
+    from mmcompress.sparse.linear import SparseLinear
+
+    if isinstance(m, SparseInt8Linear):
+        return (fused._sparse_keep(m) + 3) // 4 * 4
+    if isinstance(m, SparseLinear):
+        return fused._sparse_keep(m)
+    if type(m) is nn.Linear and not m.weight.is_contiguous():
+        return m.in_features
+    return 0
+
+
+def _fused_steps(model, ids, split, parts=1):
+    """Logits of four fused single-token steps after the Python prefill, the sparse work split forced
+    (``FusedStep.set_split``); and how many projections took split-K."""
+    fu = DecodeEngine(model, max_len=40, fused=True)
+    fu._reset()
+    fu._forward(ids, 0)
+    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+    n = fu._fused.set_split(split, parts)
+    return torch.stack([fu._fused.step(int(t), ids.shape[1] + i).float() for i, t in enumerate([5, 17, 3, 8])]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_split_k_gives_the_python_steps_logits(tmp_path, tokenizer, kind, dtype, monkeypatch):
+    """Split-K in the fused step's sparse phases (row parts with partial sums, then a reduction over column
+    units that applies the epilogue): on odd widths (hidden 168: q 168, k/v 84 outputs; intermediate 333:
+    64-column tails of 40, 20, 13; Top-K of 101 and 200 rows), 1 and 2 threads, one and two parts per thread,
+    the logits are the Python step's to round-off (as the column split's), and the column split's to a bound
+    measured at <= 3.1e-7 (fp32, relative to the largest logit; bf16: equal); one part is the column split's
+    order exactly."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, dtype, hidden=168, intermediate=333)
+    n_proj = sum(7 + (_split_rows(l.adapter) > 0) for l in DecodeEngine(model, max_len=40).layers)  # + adapters
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            cols, n_cols = _fused_steps(model, ids, 1)
+            assert n_cols == 0
+            for parts in (1, 2):
+                split, n_split = _fused_steps(model, ids, 2, parts)
+                assert n_split == n_proj
+                err = ((split - cols).abs().max() / cols.abs().max()).item()
+                if nt * parts == 1:  # one part: every sum in the column split's order
+                    assert torch.equal(split, cols)
+                elif dtype == torch.float32:
+                    assert 0 < err < 1e-6, err  # another order (not bit-equal: the split-K path ran)
+            # the rule: at these widths every projection's part gets >= 16 kept rows
+            assert _fused_steps(model, ids, 0, 1)[1] == n_proj
+            # against the Python step, step by step (as test_fused_step_runs_larosa_and_joint_models)
+            real = fused.FusedStep
+
+            class SplitK(real):
+                def __init__(self, *a, **kw):
+                    super().__init__(*a, **kw)
+                    assert self.set_split(2, 2) == n_proj
+
+            monkeypatch.setattr(fused, "FusedStep", SplitK)
+            py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40, fused=True)
+            rows = compare(py, fu, ids, 8)
+            monkeypatch.setattr(fused, "FusedStep", real)
+            assert isinstance(fu._fused, SplitK)
+            clean = [r["logits"] for r in rows if r["first"] is None]
+            assert len(clean) >= len(rows) // 2 and max(clean) < TOL[dtype], rows
+            assert all(explained(r["first"], DIFF[dtype]) for r in rows if r["first"] is not None), rows
+            assert all(max(r["modules"].values()) <= DIFF[dtype] for r in rows), rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_split_k_rule_counts_kept_rows_per_part(tmp_path, tokenizer, kind):
+    """The default split (mode 0): split-K for a projection when each of its row parts gets >= 16 kept rows
+    (joint: >= 4 groups of four), gate and up only together; else the column units."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, torch.float32)
+    fu = DecodeEngine(model, max_len=40, fused=True)
+    fu._reset()
+    fu._forward(torch.tensor([[1, 2, 3]]), 0)
+    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+
+    threads = torch.get_num_threads()
+    try:
+        seen = set()
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for parts in (1, 2, 4, 8, 16):
+                np_ = nt * parts
+                want = 0
+                for l in fu.layers:
+                    rows = [_split_rows(m) for m in (l.q, l.k, l.v, l.o, l.down, l.adapter)]
+                    want += sum(r > 0 and r >= 16 * np_ for r in rows)
+                    want += 2 * all(_split_rows(m) >= 16 * np_ for m in (l.mlp.gate_proj, l.mlp.up_proj))
+                got = fu._fused.set_split(0, parts)
+                assert got == want, (nt, parts)
+                seen.add(got)
+        assert len(seen) >= 3  # the rule both ways (all, some, none of the projections)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fused_step_divides_joint_inputs_by_their_smoothing_row(tmp_path, tokenizer):

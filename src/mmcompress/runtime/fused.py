@@ -311,6 +311,14 @@ class FusedStep:
         fused_step.cpp; a multiple of 64; 0: the default).  For measurements."""
         self._ops.fused_set_unit_cols(self.plan, int(cols))
 
+    def set_split(self, mode: int = 0, parts_per_thread: int = 1) -> int:
+        """Work split of the sparse projections (kinds 4, 5): ``mode`` 0 = per projection by fused_step.cpp's
+        rule (split-K, i.e. row parts with partial sums and a reduction, when every part gets >= 16 kept
+        rows), 1 = output-column units only, 2 = split-K always; ``parts_per_thread`` row parts per thread.
+        For measurements and tests.  Returns how many projections (adapters included) a step at torch's
+        current thread count splits by rows."""
+        return int(self._ops.fused_set_split(self.plan, int(mode), int(parts_per_thread)))
+
     def set_trace(self, on: bool) -> None:
         """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""
         self._ops.fused_set_trace(self.plan, bool(on))

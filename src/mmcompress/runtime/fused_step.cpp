@@ -121,6 +121,16 @@ inline int64_t sparse_cols(int64_t N, int nt) {
   return std::min(MAXCOLS, std::max(DEFAULT_SPARSE_COLS, (want + 63) / 64 * 64));
 }
 
+// Split-K (session 33): a sparse phase's units are row parts instead — part p of `nparts` sums its range of
+// the kept rows (kind 5: groups of four) over ALL N columns into its own partial [N] (sparse_part), the
+// Python-stepped kernels' split (sparse_gemv.cpp run_gemv / int8_from_selection with rp = threads): each
+// unit streams whole kept rows of WT, the longest contiguous runs the layout has.  A second phase, parallel
+// over REDUCE_COLS-column units, adds the parts in order (p = 0, 1, ...) and applies the epilogue
+// (sparse_reduce).  The rule: split-K when every part gets at least SPLITK_MIN_ROWS kept rows, else the
+// column units above (fused_set_split forces either, for measurements and tests).
+constexpr int64_t REDUCE_COLS = 512;    // columns per reduction unit (a multiple of 64: int8 lane order)
+constexpr int64_t SPLITK_MIN_ROWS = 16;
+
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
   bool bf16 = false;
@@ -138,6 +148,12 @@ struct Plan {
   alignas(64) std::atomic<int> bar_gen{0};       // and generation, each on its own cache line
   int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
+  // split-K of the sparse kinds (see sparse_part): the row parts' partial sums, [3 linears][parts][pstride]
+  // (fp32 for kind 4, int32 for kind 5), allocated when the step first needs more parts, not per step
+  int split_mode = 0;          // 0: per linear by splitk_rule; 1: output columns only; 2: split-K always
+  int64_t parts_per_thread = 1;
+  int64_t nparts_alloc = 0, pstride = 0;
+  std::unique_ptr<int32_t[]> parts;
   // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
   bool profile = false;
   double prof[NPHASE][3] = {};
@@ -362,6 +378,73 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     out[r] = l.bias.empty() ? rnd(P, y[r]) : rnd(P, rnd(P, y[r]) + l.bias[n0 + r]);
 }
 
+// ---- split-K of the sparse kinds (4, 5) ------------------------------------------------------------
+
+// kept rows a linear's Top-K gives (kind 5: groups of four rows, the int8 walk's unit)
+inline int64_t kept_units(const Lin& l) {
+  const int64_t k = std::min(l.keep, l.K);
+  return l.kind == 5 ? (k + 3) / 4 : k;
+}
+
+// split-K for linear l with nparts row parts: a sparse kind whose every part gets >= SPLITK_MIN_ROWS kept rows
+// (fused_set_split's mode 1 / 2: never / always)
+inline bool use_splitk(const Plan& P, const Lin& l, int64_t nparts) {
+  if (l.kind < 4 || P.split_mode == 1) return false;
+  if (P.split_mode == 2) return true;
+  const int64_t rows = l.kind == 5 ? 4 * kept_units(l) : kept_units(l);
+  return rows >= SPLITK_MIN_ROWS * nparts;
+}
+
+// Row part `part` of `nparts` of linear l's kept rows (as run_gemv / int8_from_selection split them: rows
+// [nk * p / np, nk * (p + 1) / np), kind 5 in groups of four) summed over all N columns into dst [N]: fp32
+// (kind 4, gemv_block, 8-row groups with the next group prefetched) or int32 in int8_block's lane order
+// (kind 5; 16-row passes when the N-column accumulator outgrows L1, as there).
+void sparse_part(const Lin& l, const Input& p, int64_t part, int64_t nparts, int32_t* dst) {
+  const int64_t N = l.N;
+  if (l.kind == 4) {
+    float* acc = reinterpret_cast<float*>(dst);
+    const int64_t nk = static_cast<int64_t>(p.rows.size()), r0 = nk * part / nparts, r1 = nk * (part + 1) / nparts;
+    std::fill(acc, acc + N, 0.f);
+    if (l.wbf16)
+      gemv_block<uint16_t, 1>(reinterpret_cast<const uint16_t*>(l.w.data_ptr()), N, p.rows.data() + r0,
+                              p.vals.data() + r0, r1 - r0, 0, N, acc);
+    else
+      gemv_block<float, 1>(l.w.data_ptr<float>(), N, p.rows.data() + r0, p.vals.data() + r0, r1 - r0, 0, N, acc);
+  } else {
+    const int64_t g0 = p.ngroups * part / nparts, g1 = p.ngroups * (part + 1) / nparts;
+    std::fill(dst, dst + N, 0);
+    int8_block<1>(l.w.data_ptr<uint8_t>(), N, p.rows.data() + 4 * g0, p.qp.data() + g0, g1 - g0, 0, N, dst);
+  }
+}
+
+// columns [c0, c1) (c0 a multiple of 64) of linear l from its nparts partial sums parts[p * stride + j]: the
+// sum in part order (as run_gemv adds its row parts), kind 5 int8_dequant's epilogue, then what linear_rows
+// does after its sum (bias, one rounding) into out[0 .. c1 - c0); y: scratch of c1 - c0 floats
+void sparse_reduce(const Plan& P, const Lin& l, const Input& p, const int32_t* parts, int64_t nparts, int64_t stride,
+                   int64_t c0, int64_t c1, float* y, float* out) {
+  const int64_t len = c1 - c0;
+  if (l.kind == 4) {
+    const float* a = reinterpret_cast<const float*>(parts) + c0;
+    std::memcpy(y, a, len * sizeof(float));
+    for (int64_t q = 1; q < nparts; ++q) {
+      const float* b = a + q * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) y[j] += b[j];
+    }
+  } else {
+    int32_t acc[REDUCE_COLS];
+    const int32_t* a = parts + c0;
+    std::memcpy(acc, a, len * sizeof(int32_t));
+    for (int64_t q = 1; q < nparts; ++q) {
+      const int32_t* b = a + q * stride;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) acc[j] += b[j];
+    }
+    int8_dequant(acc, c0, len, l.zero.data_ptr<int32_t>(), p.qsum, p.sa, l.scale.data_ptr<float>(), y);
+  }
+  for (int64_t r = 0; r < len; ++r) out[r] = rnd(P, l.bias.empty() ? y[r] : y[r] + l.bias[c0 + r]);
+}
+
 // ---- the small ops -------------------------------------------------------------------------------
 
 void rms_norm(const Plan& P, const float* h, const std::vector<float>& w, float* out) {
@@ -564,7 +647,8 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
   P->t.resize(P->H);
   P->t2.resize(P->H);
   P->scores.resize(P->nh * P->max_len);
-  P->nphases = 5 * P->L + P->nadapt + 1;
+  P->nphases = 2 * (5 * P->L + P->nadapt) + 1;  // a split-K phase takes two counters (its parts, its reduction)
+  P->pstride = (std::max({P->H, P->I, P->nh * P->hd}) + 15) / 16 * 16;
   P->next.reset(new std::atomic<int64_t>[P->nphases]);
   std::lock_guard<std::mutex> lock(g_mu);
   g_plans.push_back(std::move(P));
@@ -665,13 +749,52 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   } else {
     std::memcpy(L.h.data(), P.embed.data_ptr<float>() + token * H, H * sizeof(float));
   }
+  // split-K row parts of this step (the partial buffers hold at least this many, see fused_step)
+  const int64_t np = nt * P.parts_per_thread;
+  int32_t* const parts = P.parts.get();
+  // the linears lin[0..n) on their prepared inputs into outs[i][0 .. N): each one's column units or, split-K
+  // (use_splitk), its row parts (partials of linear i at parts + (i * np + p) * pstride); if any was split-K,
+  // a barrier and the reduction units.  The caller ends the phase with its barrier.
+  auto run_linears = [&](int phase, int n, const Lin* const* lins, const Input* const* ins, float* const* outs) {
+    bool sk[3];
+    int64_t cu[3], total = 0;
+    bool any = false;
+    for (int i = 0; i < n; ++i) {
+      sk[i] = use_splitk(P, *lins[i], np);
+      cu[i] = sk[i] ? np : units_of(*lins[i]);
+      total += cu[i];
+      any = any || sk[i];
+    }
+    take(P.next[ph++], total, [&](int64_t u) {
+      int i = 0;
+      while (u >= cu[i]) u -= cu[i++];
+      const Lin& l = *lins[i];
+      if (sk[i]) {
+        sparse_part(l, *ins[i], u, np, parts + (i * np + u) * P.pstride);
+      } else {
+        const int64_t b = u * l.cols;
+        linear_rows(P, l, *ins[i], b, std::min(l.N, b + l.cols), L.y.data(), outs[i] + b);
+      }
+    });
+    if (!any) return;
+    barrier(phase);
+    total = 0;
+    for (int i = 0; i < n; ++i) total += cu[i] = sk[i] ? (lins[i]->N + REDUCE_COLS - 1) / REDUCE_COLS : 0;
+    take(P.next[ph++], total, [&](int64_t u) {
+      int i = 0;
+      while (u >= cu[i]) u -= cu[i++];
+      const int64_t c0 = u * REDUCE_COLS, c1 = std::min(lins[i]->N, c0 + REDUCE_COLS);
+      sparse_reduce(P, *lins[i], *ins[i], parts + i * np * P.pstride, np, P.pstride, c0, c1, L.y.data(), outs[i] + c0);
+    });
+  };
   // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down)
   auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
     prepare(P, lin, x, L.prep[0]);
     tm.mark(phase, 0);
-    take(P.next[ph++], units_of(lin), [&](int64_t u) {
-      linear_rows(P, lin, L.prep[0], u * lin.cols, std::min(H, (u + 1) * lin.cols), L.y.data(), P.t.data() + u * lin.cols);
-    });
+    const Lin* ls[1] = {&lin};
+    const Input* in[1] = {&L.prep[0]};
+    float* out[1] = {P.t.data()};
+    run_linears(phase, 1, ls, in, out);
     barrier(phase);
     for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
   };
@@ -691,13 +814,8 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     prepare_group(P, L, qkv, 3, L.x.data(), pp);
     tm.mark(0, 0);
     {
-      const int64_t uq = units_of(l.q), uk = units_of(l.k), uv = units_of(l.v);
       float* outs[3] = {P.q.data(), P.k.data(), P.v.data()};
-      take(P.next[ph++], uq + uk + uv, [&](int64_t u) {
-        const int i = u < uq ? 0 : (u < uq + uk ? 1 : 2);
-        const int64_t b = (i == 0 ? u : (i == 1 ? u - uq : u - uq - uk)) * qkv[i]->cols;
-        linear_rows(P, *qkv[i], *pp[i], b, std::min(qkv[i]->N, b + qkv[i]->cols), L.y.data(), outs[i] + b);
-      });
+      run_linears(0, 3, qkv, pp, outs);
     }
     barrier(0);
     // attention, one query head per unit
@@ -716,16 +834,34 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     const Lin* gu[2] = {&l.gate, &l.up};
     prepare_group(P, L, gu, 2, L.x.data(), pp);
     tm.mark(3, 0);
-    take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
-      const int64_t b = u * l.gate.cols, e = std::min(P.I, b + l.gate.cols);
-      float gbuf[MAXCOLS], ubuf[MAXCOLS];
-      linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
-      linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
-      for (int64_t n = b; n < e; ++n) {
-        const float g = gbuf[n - b];
-        P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
-      }
-    });
+    if (use_splitk(P, l.gate, np) && use_splitk(P, l.up, np)) {  // gate's row parts, up's, then per column unit
+      take(P.next[ph++], 2 * np, [&](int64_t u) {               // both reductions and SiLU * up
+        const int64_t i = u / np, part = u % np;
+        sparse_part(i ? l.up : l.gate, *pp[i], part, np, parts + (i * np + part) * P.pstride);
+      });
+      barrier(3);
+      take(P.next[ph++], (P.I + REDUCE_COLS - 1) / REDUCE_COLS, [&](int64_t u) {
+        const int64_t b = u * REDUCE_COLS, e = std::min(P.I, b + REDUCE_COLS);
+        float gbuf[REDUCE_COLS], ubuf[REDUCE_COLS];
+        sparse_reduce(P, l.gate, *pp[0], parts, np, P.pstride, b, e, L.y.data(), gbuf);
+        sparse_reduce(P, l.up, *pp[1], parts + np * P.pstride, np, P.pstride, b, e, L.y.data(), ubuf);
+        for (int64_t n = b; n < e; ++n) {
+          const float g = gbuf[n - b];
+          P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
+        }
+      });
+    } else {
+      take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
+        const int64_t b = u * l.gate.cols, e = std::min(P.I, b + l.gate.cols);
+        float gbuf[MAXCOLS], ubuf[MAXCOLS];
+        linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
+        linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
+        for (int64_t n = b; n < e; ++n) {
+          const float g = gbuf[n - b];
+          P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
+        }
+      });
+    }
     barrier(3);
     trace(P.g.data(), P.I);
     residual_linear(4, l.down, P.g.data());  // down
@@ -733,10 +869,10 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     if (l.has_adapt) {  // LaRoSA's residual adapter: the stream becomes h A (its own output buffer t2)
       prepare(P, l.adapt, L.h.data(), L.prep[0]);
       tm.mark(6, 0);
-      const int64_t c = l.adapt.cols;
-      take(P.next[ph++], units_of(l.adapt), [&](int64_t u) {
-        linear_rows(P, l.adapt, L.prep[0], u * c, std::min(H, (u + 1) * c), L.y.data(), P.t2.data() + u * c);
-      });
+      const Lin* ls[1] = {&l.adapt};
+      const Input* in[1] = {&L.prep[0]};
+      float* out[1] = {P.t2.data()};
+      run_linears(6, 1, ls, in, out);
       barrier(6);
       std::memcpy(L.h.data(), P.t2.data(), H * sizeof(float));
     }
@@ -772,6 +908,10 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
     L->x.resize(big);
     L->y.resize(MAXCOLS);
     P.local.push_back(std::move(L));
+  }
+  if (nt * P.parts_per_thread > P.nparts_alloc) {  // split-K partial sums: 3 linears x parts x pstride
+    P.nparts_alloc = nt * P.parts_per_thread;
+    P.parts.reset(new int32_t[static_cast<size_t>(3 * P.nparts_alloc * P.pstride)]);
   }
   for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
   at::Tensor out = at::empty({1, P.V}, at::TensorOptions().dtype(P.bf16 ? at::kBFloat16 : at::kFloat));
@@ -812,6 +952,26 @@ void fused_set_unit_cols(int64_t id, int64_t cols) {
       if (p->kind >= 4) p->cols = cols ? cols : sparse_cols(p->N, std::max(1, at::get_num_threads()));
 }
 
+// The sparse kinds' work split (see "Split-K" above): mode 0 = per linear by the rule (use_splitk), 1 = output
+// columns only (the session-32 units), 2 = split-K always; parts_per_thread >= 1 row parts per thread.  For
+// measurements and tests.  Returns how many of the plan's linears a step on ATen's current thread count
+// splits by rows (gate and up count only together: both split-K or neither).
+int64_t fused_set_split(int64_t id, int64_t mode, int64_t parts_per_thread) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(mode >= 0 && mode <= 2 && parts_per_thread >= 1 && parts_per_thread <= 16,
+              "fused_set_split: mode 0..2, 1..16 parts per thread");
+  P.split_mode = static_cast<int>(mode);
+  P.parts_per_thread = parts_per_thread;
+  const int64_t np = std::max(1, at::get_num_threads()) * parts_per_thread;
+  int64_t n = 0;
+  for (const Layer& l : P.layers) {
+    for (const Lin* p : {&l.q, &l.k, &l.v, &l.o, &l.down}) n += use_splitk(P, *p, np);
+    if (use_splitk(P, l.gate, np) && use_splitk(P, l.up, np)) n += 2;
+    if (l.has_adapt) n += use_splitk(P, l.adapt, np);
+  }
+  return n;
+}
+
 void fused_set_profile(int64_t id, bool on) {
   Plan& P = get_plan(id);
   P.profile = on;
@@ -838,4 +998,5 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_set_trace(int plan, bool on) -> ()", &fused_set_trace);
   m.def("fused_set_unit_cols(int plan, int cols) -> ()", &fused_set_unit_cols);
   m.def("fused_trace(int plan) -> Tensor", &fused_trace);
+  m.def("fused_set_split(int plan, int mode, int parts_per_thread) -> int", &fused_set_split);
 }
