@@ -156,3 +156,58 @@ def test_streamed_basis_both_on_a_bf16_qwen2_writes_the_in_memory_artifact(tmp_p
 
     src = save_tiny(tmp_path / "qwen2", "qwen2", layers=3, tie=True, dtype=torch.bfloat16)
     _streamed_equals_in_memory(tmp_path, calib_text, src, argv)
+
+
+@pytest.mark.parametrize("argv", [["sparsify", "--method", "larosa", "--sparsity", "0.4"],
+                                  ["sparsify", "--method", "larosa", "--sparsity", "0.4", "--basis", "both"],
+                                  ["compress", "--recipe", "grid-rtn"]],
+                         ids=["attn", "both", "grid-rtn"])
+def test_streamed_larosa_writes_each_layer_once_in_place(tmp_path, calib_text, monkeypatch, argv):
+    """Issue 21: a streamed LaRoSA run (and a recipe's second walk over a LaRoSA result) plans every layer's
+    place in the artifact at the first finished layer, the last layer's (no residual adapter) too, so every
+    layer is written there, once: no layer file, no second writing of the artifact from the layers' places
+    at the end (the artifact's shards are linked into the output), and the bytes the whole run writes (the
+    kernel's count for this process, /proc/self/io) stay within 1.5x the artifact."""
+    import os
+
+    from mmcompress import engine, fileio, streaming
+    from .test_streaming import _write_bytes
+    from .tiny_models import save_tiny
+
+    src = save_tiny(tmp_path / "model", "llama", layers=4, hidden=256, intermediate=512)
+    recipe = []
+    if argv[0] == "compress":
+        (tmp_path / "r.yaml").write_text(RECIPES[argv[2]])
+        recipe = ["--recipe", str(tmp_path / "r.yaml")]
+        argv = argv[:1]
+    files, steps, walks_out = [], [], []
+    real, real_link = engine._atomic_save_tensors, streaming._link_or_copy
+
+    def layer_file(tensors, path, meta=None):
+        files.append(path.name)
+        return real(tensors, path, meta)
+
+    def link(src, dst):  # a walk's planned artifact becomes the next walk's input (restream) or the output
+        if dst.parent.name.startswith("walk-"):
+            walks_out.append(src.stat().st_size)
+        return real_link(src, dst)
+
+    monkeypatch.setattr(engine, "_atomic_save_tensors", layer_file)
+    monkeypatch.setattr(streaming, "_link_or_copy", link)
+    out = tmp_path / "out"
+    os.sync()
+    before = _write_bytes()
+    with fileio.step_hook(steps.append):
+        assert main([argv[0], str(src), *argv[1:], *recipe, "--calib", str(calib_text), "--nsamples", "3",
+                     "--seqlen", "32", "--no-progress", "--stream", "--output", str(out)]) == 0
+    written = _write_bytes() - before
+    assert files == []  # every layer went into the planned artifact
+    walks = 2 if recipe else 1
+    assert steps.count("checkpoint.planned") == walks and steps.count("artifact.filled") == walks, steps
+    if written == 0:
+        pytest.skip(f"{tmp_path} is on a file system that counts no written bytes (tmpfs)")
+    artifact = (out / "model.safetensors").stat().st_size
+    side_files = sum(p.stat().st_size for p in out.iterdir() if p.name != "model.safetensors")
+    assert len(walks_out) == walks - 1
+    intermediate = sum(walks_out)  # a recipe's first walk's result, written once (the next walk's input)
+    assert written <= 1.5 * artifact + intermediate + side_files + 64 * 1024, (written, artifact, intermediate)

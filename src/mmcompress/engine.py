@@ -491,6 +491,13 @@ class Method:
     def rebuild_layer(self, layer: nn.Module, structure: dict) -> None:
         apply_specs(layer, structure)
 
+    def planned_state(self, i: int, n: int, state: dict) -> dict:
+        """The tensors finished layer ``i`` (of ``n``) will have, ``{name in the layer: (dtype, shape)}``, told
+        from ``state``: those of another finished layer whose input had the same tensors.  A streamed run
+        plans its whole artifact from the first finished layer (:class:`mmcompress.streaming.ArtifactLayout`);
+        a layer that comes out otherwise is written twice.  Default: the same tensors."""
+        return state
+
     def replay_unchanged(self, ctx: LayerContext) -> None:
         """A resumed run replays finished layer ``ctx.index``: the unchanged layer (the input weights) is
         ``ctx.layer``, before the finished one replaces it; a method that carries chains through it (a
@@ -531,6 +538,11 @@ class _Steps(Method):
 
     def config(self) -> dict:
         return {"method": self.name, "steps": [m.config() for m in self.methods]}
+
+    def planned_state(self, i: int, n: int, state: dict) -> dict:
+        for m in self.methods:  # each part's change of the layer, in order
+            state = m.planned_state(i, n, state)
+        return state
 
 
 class Compose(_Steps):
@@ -986,12 +998,14 @@ def _commit_layer(ckdir: Path, i: int, layer, method, fingerprint: dict, fp_json
     """Write layer ``i``'s state, then commit it by replacing ``state.json``.  The activations are not
     written: a resumed run recomputes them through the finished layers (:func:`_replay_layer`), so the
     bytes a run writes are its layers, not its layers plus one activation set per layer.  A streamed
-    model's stream may write the layer into the artifact it is building instead (``stream.write_layer``:
-    then the layer is written once in the whole run)."""
+    model's stream may write the layer into the artifact it is building instead (``stream.write_layer``,
+    which plans it from this layer and ``method.planned_state``: then the layer is written once in the
+    whole run)."""
     structure = json.dumps(method.layer_structure(layer), sort_keys=True)
     old = ckdir / "state.json"
     prev = json.loads(old.read_text()) if i and old.exists() else {}
-    place = stream.write_layer(ckdir, i, layer) if stream is not None and hasattr(stream, "write_layer") else None
+    place = stream.write_layer(ckdir, i, layer, method) if stream is not None and hasattr(stream, "write_layer") \
+        else None
     if place is None:
         _atomic_save_tensors({k: v.detach().cpu() for k, v in layer.state_dict().items()},
                              ckdir / f"layer_{i:04d}.safetensors", {"structure": structure, "fingerprint": fp_json})

@@ -65,6 +65,8 @@ class LayerStream:
         self.tied = _tied_names(model)  # saved once (the artifact drops all but one name)
         self.aliases = self.tied  # read from one stored tensor
         self.model, self.layout = model, None
+        # each layer's tensors as read, {name in the layer: (dtype, shape)} (the layer's artifact plan, planned_state)
+        self.inputs = [_tensor_shapes(layer) for layer in adapter.layers]
         absent = [k for k in _stored_names(model) if self._stored_as(k) is None]
         if absent:
             raise StreamError(f"the checkpoint stores no tensor {absent[0]} under the model's names "
@@ -127,14 +129,32 @@ class LayerStream:
         """Layer ``i`` went back to the meta device: give its memory back to the system (:func:`trim_heap`)."""
         trim_heap()
 
-    def write_layer(self, ckdir, i: int, layer: nn.Module) -> str | None:
-        """Write finished layer ``i`` into the artifact being built in ``ckdir`` (:class:`ArtifactLayout`);
-        ``"artifact"``, or ``None`` when the layer does not fit the layout (the engine then writes a file)."""
+    def write_layer(self, ckdir, i: int, layer: nn.Module, method=None) -> str | None:
+        """Write finished layer ``i`` into the artifact being built in ``ckdir`` (:class:`ArtifactLayout`, planned
+        at the first finished layer with :meth:`planned_state`); ``"artifact"``, or ``None`` when the layer does
+        not fit the layout (the engine then writes a file)."""
         prefix = self.adapter.layer_prefix(i) + "."
         state = {prefix + k: v.detach().cpu() for k, v in layer.state_dict().items()}
         if self.layout is None:
-            self.layout = ArtifactLayout.load(ckdir) or ArtifactLayout.plan(ckdir, self, i, state)
+            self.layout = ArtifactLayout.load(ckdir) or ArtifactLayout.plan(ckdir, self, i, state, method)
         return "artifact" if self.layout.write(state, prefix) else None
+
+    def planned_state(self, i: int, done: int, state: dict, method=None) -> dict:
+        """The tensors layer ``i`` will have once finished (``{name in the layer: (dtype, shape)}``), told from
+        those of finished layer ``done`` (``state``): the same, less those of the modules whose tensors layer
+        ``done``'s input had and layer ``i``'s has not (a walk over a LaRoSA result: the last layer has no
+        residual adapter), then as the ``method`` changes them (``planned_state`` of
+        :class:`mmcompress.engine.Method`: LaRoSA adds no residual adapter to the last layer).  A layer whose
+        input has other tensors still (a model with two kinds of layers) is planned as layer ``done``: it will
+        not fit the plan, and the artifact is written again at the end (correct, not in place)."""
+        a, b = self.inputs[done], self.inputs[i]
+        if a != b:
+            mods = lambda names: {n.rpartition(".")[0] for n in names}  # noqa: E731
+            gone = [m + "." for m in mods(a) - mods(b) if m]
+            state = {k: v for k, v in state.items() if not k.startswith(tuple(gone))}
+        if method is not None and hasattr(method, "planned_state"):
+            state = method.planned_state(i, len(self.adapter.layers), state)
+        return state
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -198,6 +218,11 @@ def _tied_names(model: nn.Module) -> dict[str, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
     return {n: [o for o in names if o != n] for names in names_of.values() if len(names) > 1 for n in names}
+
+
+def _tensor_shapes(module: nn.Module) -> dict[str, tuple]:
+    """``{name: (dtype, shape)}`` of ``module``'s state dict (on the meta device too)."""
+    return {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict(keep_vars=True).items()}
 
 
 def _stored_names_of(module: nn.Module, prefix: str) -> list[str]:
@@ -379,9 +404,11 @@ def _artifact_entries(model: nn.Module, stream: "LayerStream", layer_entries) ->
 class ArtifactLayout:
     """The artifact of a streamed run, written in place while the layers are processed.
 
-    At the first finished layer every tensor's place in the output shards is planned (the other layers
-    are assumed to come out with the same tensor names, dtypes and shapes as that one; the tensors
-    outside the layers are known from the skeleton), the shards are created at their full size with
+    At the first finished layer every tensor's place in the output shards is planned (the other layers'
+    tensor names, dtypes and shapes are told from that one's, :meth:`LayerStream.planned_state`: the
+    same, but for a layer whose input lacks modules that layer's had, or that the method finishes
+    otherwise, such as LaRoSA's last layer without a residual adapter; the tensors outside the layers
+    are known from the skeleton), the shards are created at their full size with
     their final headers (``artifact-*.part`` in the checkpoint directory; unwritten regions are holes),
     and each finished layer is written at its offsets.  :func:`save_streamed` then fills in the tensors
     outside the layers and links the shards into the output.  So the layers are written once in the
@@ -402,14 +429,18 @@ class ArtifactLayout:
         return cls(ckdir, d["files"], d["offsets"])
 
     @classmethod
-    def plan(cls, ckdir, stream: "LayerStream", done: int, state: dict) -> "ArtifactLayout":
+    def plan(cls, ckdir, stream: "LayerStream", done: int, state: dict, method=None) -> "ArtifactLayout":
         from . import fileio
         from .export.datafree import MAX_SHARD_BYTES, _header, _nbytes, _ST_DTYPES, split_shards
 
         p_done = stream.adapter.layer_prefix(done) + "."
-        mine = [(k[len(p_done):], v.dtype, tuple(v.shape)) for k, v in state.items()]
-        entries, dropped = _artifact_entries(stream.model, stream,
-                                             lambda i, prefix: [(prefix + k, dt, sh, None) for k, dt, sh in mine])
+        mine = {k[len(p_done):]: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+
+        def layer(i, prefix):
+            tensors = mine if i == done else stream.planned_state(i, done, mine, method)
+            return [(prefix + k, dt, sh, None) for k, (dt, sh) in tensors.items()]
+
+        entries, dropped = _artifact_entries(stream.model, stream, layer)
         shards, names = split_shards(entries, lambda e: _nbytes((e[1], e[2])), MAX_SHARD_BYTES)
         headers = [_header([(n, dt, sh) for n, dt, sh, _ in shard],
                            dict(sorted(dropped.items()))) for shard in shards]

@@ -381,6 +381,12 @@ class LaRoSALayers(Method):
             out.append((ctx.layer, "output", lambda y, obs=obs: obs(y[0] if isinstance(y, tuple) else y)))
         return out
 
+    def planned_state(self, i: int, n: int, state: dict) -> dict:
+        """Merged mode: the last layer has no residual adapter (there is no ``Q_{L+1}``)."""
+        if self.mode == "merged" and i == n - 1:
+            return {k: v for k, v in state.items() if not k.startswith("residual_adapter.")}
+        return state
+
     @property
     def replay_uses_layer(self) -> bool:
         return self.plan_kind in ("grid", "greedy")  # the search chains go on through the finished layer
