@@ -8,6 +8,8 @@ layouts), an all-ones attention mask, and nothing in the generation config or th
 tokens (no sampling, beams, repetition penalties, logits processors, stopping criteria, streamers,
 multimodal inputs, dict outputs).  Everything else goes to transformers' ``generate`` unchanged, so the
 tokens are the same either way.  ``type(model).generate(model, ...)`` always reaches transformers'.
+Greedy generation with audio/image inputs (Qwen2.5-Omni thinker, Qwen2.5-VL) has its own route:
+:mod:`mmcompress.runtime.mmgenerate` (transformers' prefill, the engine's decode steps).
 """
 
 from __future__ import annotations
