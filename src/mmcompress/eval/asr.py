@@ -85,10 +85,12 @@ def transcribe(model, processor, audio, *, prompt: str | None = None, max_new_to
     default the one the model directory names in ``mm_testbed.json``, else :data:`AUDIO_PROMPT`)."""
     import torch
 
+    from ..runtime.mmgenerate import greedy_generate
+
     prompt = prompt or testbed_prompt(model, "audio", AUDIO_PROMPT)
     inputs = to_model(model, processor(text=[prompt], audio=[audio], return_tensors="pt"))
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = greedy_generate(model, **inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seq = out.sequences if hasattr(out, "sequences") else out
     new = seq[0, inputs["input_ids"].shape[1]:]
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -33,11 +33,13 @@ def answer(model, processor, image, question: str, *, prompt: str | None = None,
     :data:`IMAGE_PROMPT`)."""
     import torch
 
+    from ..runtime.mmgenerate import greedy_generate
+
     template = prompt or testbed_prompt(model, "image", IMAGE_PROMPT)
     inputs = processor(text=[template.format(question=question)], images=[image], return_tensors="pt")
     inputs = to_model(model, inputs)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = greedy_generate(model, **inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seq = out.sequences if hasattr(out, "sequences") else out
     return processor.tokenizer.decode(seq[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

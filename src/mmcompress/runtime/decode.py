@@ -54,6 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FAST_FAMILIES = ("llama", "qwen2", "mistral")
+# The text decoders of Qwen2.5-Omni's thinker and Qwen2.5-VL: Qwen2 layers under multimodal RoPE.  Only for
+# :mod:`mmcompress.runtime.mmgenerate` (HF prefill, engine decode), which hands the engine the RoPE rows.
+MROPE_TEXT_FAMILIES = ("qwen2_5_omni_text", "qwen2_5_vl_text")
 
 
 def _text_config(model):
@@ -153,12 +156,12 @@ class _Layer:
         self.o1, self.down1 = _SharedInput.make([self.o]), _SharedInput.make([self.down])  # one-module "groups"
 
 
-def fast_path_problem(model: nn.Module) -> str | None:
+def fast_path_problem(model: nn.Module, families: tuple = FAST_FAMILIES) -> str | None:
     """``None`` if the fast path runs ``model``, else why not (the engine then uses the ``"hf"`` path)."""
     cfg = _text_config(model)
     mt = getattr(cfg, "model_type", None)
-    if mt not in FAST_FAMILIES:
-        return f"model type {mt!r} (fast path: {', '.join(FAST_FAMILIES)})"
+    if mt not in families:
+        return f"model type {mt!r} (fast path: {', '.join(families)})"
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "not a plain decoder-only layout (model.model.{embed_tokens,layers,norm,rotary_emb})"
@@ -243,7 +246,7 @@ class DecodeEngine:
     new tokens; ``path="auto" | "fast" | "hf"``."""
 
     def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False,
-                 fused: bool | None = None, head: str = "model"):
+                 fused: bool | None = None, head: str = "model", families: tuple = FAST_FAMILIES):
         from .fused import HEADS
 
         if path not in ("auto", "fast", "hf"):
@@ -254,7 +257,7 @@ class DecodeEngine:
         self.model = model.eval()
         self.max_len = int(max_len)
         self.cfg = _text_config(model)
-        problem = fast_path_problem(model)
+        problem = fast_path_problem(model, families)
         if path == "fast" and problem:
             raise ValueError(f"the fast decode path cannot run this model: {problem}")
         self.path = "hf" if (path == "hf" or problem) else "fast"
@@ -488,4 +491,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **k
     return eng.generate(input_ids, max_new_tokens, **kw)
 
 
-__all__ = ["DecodeEngine", "FAST_FAMILIES", "fast_path_problem", "generate"]
+__all__ = ["DecodeEngine", "FAST_FAMILIES", "MROPE_TEXT_FAMILIES", "fast_path_problem", "generate"]

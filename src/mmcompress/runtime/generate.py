@@ -8,6 +8,8 @@ layouts), an all-ones attention mask, and nothing in the generation config or th
 tokens (no sampling, beams, repetition penalties, logits processors, stopping criteria, streamers,
 multimodal inputs, dict outputs).  Everything else goes to transformers' ``generate`` unchanged, so the
 tokens are the same either way.  ``type(model).generate(model, ...)`` always reaches transformers'.
+Greedy generation with audio/image inputs (Qwen2.5-Omni thinker, Qwen2.5-VL) has its own route:
+:mod:`mmcompress.runtime.mmgenerate` (transformers' prefill, the engine's decode steps).
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def _engine_plan(model: nn.Module, inputs, kwargs: dict) -> dict | None:
     mask = kw.pop("attention_mask", None)
     if mask is not None and not bool((mask == 1).all()):
         return None
+    return greedy_settings(model, ids, kw)
+
+
+def greedy_settings(model: nn.Module, ids: torch.Tensor, kw: dict) -> dict | None:
+    """The engine's arguments for greedy ``generate`` of ``ids`` ``[1, L]`` with the generation settings
+    ``kw`` (the call's keyword arguments less its model inputs; may hold ``generation_config``), or
+    ``None`` when anything in them (or in the model's generation config) changes the tokens in a way the
+    engine does not reproduce, or when the length is transformers' own default."""
+    kw = dict(kw)
     base = kw.pop("generation_config", None) or getattr(model, "generation_config", None)
     if base is None:
         return None
@@ -123,4 +134,4 @@ def prepare(model: nn.Module, quiet: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["install_engine_generate", "kernel_notice", "prepare"]
+__all__ = ["greedy_settings", "install_engine_generate", "kernel_notice", "prepare"]

@@ -1,0 +1,207 @@
+"""Greedy multimodal generation: transformers' prefill, the decode engine's steps.
+
+:func:`greedy_generate` ``(model, **inputs, max_new_tokens=..., do_sample=False)`` returns what
+``model.generate(...)`` returns (the ``[1, L + n]`` token tensor) for a Qwen2.5-Omni thinker or a
+Qwen2.5-VL model, batch 1, greedy, with audio and/or image inputs:
+
+* **Prefill**: the model's own ``generate`` with one new token (its audio/vision towers, the embedding
+  merge, the 3D multimodal-RoPE positions, ``rope_deltas``, a ``DynamicCache``), asked for the prefill's
+  raw logits.  The first new token is their argmax (end-of-sequence tokens at ``-inf`` before
+  ``min_new_tokens``, as transformers' processor does).
+* **Decode**: the prefill's keys and values are copied into a
+  :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, Python step) on the text decoder, and every
+  further token is one engine step calling the model's own modules (embedding, norms, projections —
+  plain, fake-quant or MASQuant —, MLP, head).  The RoPE of step ``k`` (``k = 1, 2, ...`` after the
+  prefill) is the model's rotary module at the positions transformers passes: its ``_update_model_kwargs_for_generation``
+  extends ``position_ids`` ``[4, 1, L]`` (a text row and the three mRoPE rows) by ``last + k`` per row.
+  The prompts here end in text, where the three rows agree and equal ``cache_position + rope_deltas``,
+  so this is plain RoPE at that position; the rows are computed with the same call, shapes and dtype as
+  transformers' step, so the engine's cos/sin are transformers' own.
+* **Modality**: a decode step's token is text.  Where a modality router is installed
+  (:func:`~mmcompress.models.modality.install_router`), transformers' step publishes all-text ids
+  ``[1, 1]`` through it; the engine publishes the same ids around each step, so per-modality modules
+  (MASQuant's rows and CMC terms) take the shared text path exactly as there.
+
+Everything else goes to ``model.generate`` unchanged (:func:`mm_plan` says when): sampling, beams,
+processors, stopping criteria, streamers, dict outputs, a padded mask, batches, video inputs, another
+model class, a subclass, an instance ``generate``, forward hooks on the modules the engine steps around,
+or a text decoder the engine's fast path does not run.  The generation settings are checked as strictly
+as :func:`mmcompress.runtime.generate._engine_plan` (the same :func:`~mmcompress.runtime.generate.greedy_settings`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .decode import MROPE_TEXT_FAMILIES, DecodeEngine, fast_path_problem
+from .generate import greedy_settings
+
+# model class -> its transformers module: these classes exactly, not subclasses (their forward is known)
+_CLASSES = {
+    "Qwen2_5OmniThinkerForConditionalGeneration": "transformers.models.qwen2_5_omni.modeling_qwen2_5_omni",
+    "Qwen2_5_VLForConditionalGeneration": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+}
+# model inputs the prefill takes besides input_ids / attention_mask (audio and images, and the token-type
+# ids Qwen2.5-VL's processor adds for its position computation; no video)
+_MM_INPUTS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+class _TextLM:
+    """A multimodal model's text decoder and head as the decode engine reads a causal LM."""
+
+    training = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.config = self.model.config
+
+    def eval(self):
+        return self
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+
+def _class_ok(model) -> bool:
+    cls = type(model)
+    return _CLASSES.get(cls.__name__) == cls.__module__
+
+
+def _hooks_problem(model) -> str | None:
+    """Forward hooks on a module the engine's step does not call (the model, its inner models, the
+    decoder layers and their attention, the rotary module), other than the modality router's."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return "global forward hooks"
+    router = getattr(model, "_mmcompress_router", None) or ()
+    allowed = {h.id for h in router if hasattr(h, "id")}
+    lm = model.model.language_model
+    mods = [model, model.model, lm, lm.rotary_emb]
+    for layer in lm.layers:
+        mods += [layer, layer.self_attn]
+    for m in mods:
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            if any(k not in allowed for k in d):
+                return f"forward hooks on {type(m).__name__}"
+    return None
+
+
+def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
+    """The plan for ``greedy_generate(model, **kwargs)`` on the engine, or ``None`` when
+    ``model.generate`` must run it (see the module docstring)."""
+    if not _class_ok(model) or model.training or "generate" in model.__dict__:
+        return None
+    kw = dict(kwargs)
+    ids = kw.pop("input_ids", None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        return None
+    if ids.dtype not in (torch.int64, torch.int32):
+        return None
+    mask = kw.pop("attention_mask", None)
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape
+                             or not bool((mask == 1).all())):
+        return None
+    mm = {k: kw.pop(k) for k in _MM_INPUTS if k in kw}
+    if any(v is not None and not isinstance(v, torch.Tensor) for v in mm.values()):
+        return None
+    plan = greedy_settings(model, ids, kw)  # anything left that is not a generation setting: None
+    if plan is None:
+        return None
+    if _hooks_problem(model) is not None or fast_path_problem(_TextLM(model), MROPE_TEXT_FAMILIES) is not None:
+        return None
+    plan["prefill"] = {"input_ids": ids, **({"attention_mask": mask} if mask is not None else {}),
+                       **{k: v for k, v in mm.items() if v is not None}}
+    if "generation_config" in kw:
+        plan["prefill"]["generation_config"] = kw["generation_config"]
+    return plan
+
+
+def greedy_generate(model: nn.Module, **kwargs):
+    """``model.generate(**kwargs)``'s tokens, with the decode steps on the engine where :func:`mm_plan`
+    allows it (else ``model.generate(**kwargs)`` itself)."""
+    plan = mm_plan(model, kwargs)
+    if plan is None:
+        return model.generate(**kwargs)
+    return _run(model, plan)
+
+
+def _cache_kv(cache, i):
+    layer = cache.layers[i]
+    return layer.keys, layer.values
+
+
+@torch.no_grad()
+def _run(model, plan, logits_out: list | None = None):
+    from ..models.modality import modality_context
+
+    ids, new, min_new = plan["ids"], plan["max_new_tokens"], plan["min_new_tokens"]
+    eos_id = plan["eos_token_id"]
+    eos = sorted(set([eos_id] if isinstance(eos_id, int) else (eos_id or [])))
+    L = ids.shape[1]
+    lm = model.model.language_model
+    seen = []
+
+    def grab(mod, args, kw):
+        seen.append(kw.get("position_ids"))
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = type(model).generate(model, **plan["prefill"], max_new_tokens=1, min_new_tokens=None, min_length=0,
+                                   do_sample=False, num_beams=1, use_cache=True, return_dict_in_generate=True,
+                                   output_logits=True)
+    finally:
+        handle.remove()
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    pos = seen[0] if len(seen) == 1 else None
+    if cache is None or out.logits is None or not isinstance(pos, torch.Tensor) or pos.dim() != 3 \
+            or pos.shape[-1] != L or pos.shape[0] not in (3, 4):
+        raise RuntimeError("mmcompress: unexpected prefill from transformers' generate "
+                           f"(cache {type(cache).__name__}, {len(seen)} text-model calls)")
+
+    def pick(lg, i):
+        if logits_out is not None:
+            logits_out.append(lg.detach().float().clone())
+        if eos and i < min_new:
+            lg = lg.clone()
+            lg[..., eos] = float("-inf")
+        return lg.argmax(-1, keepdim=True)
+
+    nxt = pick(out.logits[0], 0).to(ids.device)
+    toks = [ids, nxt]
+    if new == 1 or int(nxt) in eos:
+        return torch.cat(toks, dim=1)
+    eng = DecodeEngine(_TextLM(model), max_len=L + new, path="fast", fused=False, families=MROPE_TEXT_FAMILIES)
+    eng._reset()
+    for i in range(len(eng.layers)):
+        k, v = _cache_kv(cache, i)
+        eng._kc[i][:, :, :L].copy_(k)
+        eng._vc[i][:, :, :L].copy_(v)
+    # RoPE rows of the decode steps: transformers' position_ids for step k are the prompt's last + k (per row),
+    # of which the text model's rotary module reads the three mRoPE rows
+    last = pos[..., -1:]
+    rows = last[1:] if last.shape[0] == 4 else last
+    cos, sin = eng.cos.clone(), eng.sin.clone()
+    dummy = torch.empty(1, 1, 0, dtype=eng.dtype, device=eng.device)
+    for k in range(1, new):
+        c, s = lm.rotary_emb(dummy, rows + k)
+        cos[L + k - 1], sin[L + k - 1] = c[0, 0], s[0, 0]
+    eng.cos, eng.sin = cos, sin
+    routed = getattr(model, "_mmcompress_router", None) is not None
+    text = torch.zeros(1, 1, dtype=torch.int8, device=eng.device)  # a decode step's ids under the router
+    for i in range(1, new):
+        if routed:
+            with modality_context(text):
+                lg = eng._step(nxt.to(eng.device), L + i - 1)
+        else:
+            lg = eng._step(nxt.to(eng.device), L + i - 1)
+        nxt = pick(lg, i).to(ids.device)
+        toks.append(nxt)
+        if int(nxt) in eos:
+            break
+    return torch.cat(toks, dim=1)
+
+
+__all__ = ["greedy_generate", "mm_plan"]
