@@ -117,3 +117,34 @@ def test_dying_rank_ends_the_run(tiny_llama_dir, calib_text, tmp_path):
     assert time.time() - t0 < 300
     assert not (tmp_path / "out").exists()
     assert not [p.name for p in tmp_path.iterdir() if ".ckpt" in p.name]  # nor rank 0's (streamed) layers
+
+
+def test_sigterm_cleans_up(tiny_llama_dir, calib_text, tmp_path):
+    """A SIGTERM (``kill``, torchrun stopping the ranks left when one dies, a batch scheduler's time limit) in the
+    middle of a streamed walk: the command says so in one line, exits 128 + 15, and removes what it made — its
+    hidden checkpoint directory with the partly written artifact — and writes no output."""
+    import signal
+    from pathlib import Path
+
+    entry = Path(__file__).with_name("_term_entry.py")
+    marker = tmp_path / "written"
+    run = tmp_path / "run"
+    run.mkdir()
+    cmd = [sys.executable, str(entry), str(marker), "quantize", str(tiny_llama_dir), *CALIBRATED, "--calib",
+           str(calib_text), "--output", str(run / "out")]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not marker.exists():
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.time() - t0 < 300
+            time.sleep(0.05)
+        assert [q.name for q in run.iterdir() if ".ckpt" in q.name]  # the walk's directory exists now ...
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "mmcompress quantize: terminated (SIGTERM)", err[-3000:]
+    assert list(run.iterdir()) == []  # ... and is gone, with no output

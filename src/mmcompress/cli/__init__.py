@@ -9,9 +9,12 @@ for a traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .common import CLIError, load_calibration
@@ -399,6 +402,32 @@ def cmd_report(args) -> dict:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compress": cmd_compress, "report": cmd_report}
 
 
+class Terminated(BaseException):
+    """SIGTERM (a ``kill``, torchrun stopping the other ranks when one dies, a scheduler's time limit) as an
+    exception, so that the command's cleanup runs — its own hidden checkpoint and work directories and
+    half-written files are removed — as for Ctrl-C.  A ``BaseException``, like ``KeyboardInterrupt``, so that
+    no ``except Exception`` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    """While a command runs in the main thread: SIGTERM raises :class:`Terminated` (only where SIGTERM has its
+    default action, so a program that handles it itself keeps its handler); the previous handler after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the cleanup ends the process
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -412,10 +441,14 @@ def main(argv=None) -> int:
 
         set_default_runtime(args.runtime)
     try:
-        result = fn(args)
+        with _terminate_as_exception():
+            result = fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mmcompress {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as e:  # one line for the user; a traceback only on request
         if os.environ.get("MMCOMPRESS_DEBUG"):
             raise
