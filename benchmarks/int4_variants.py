@@ -16,17 +16,15 @@ with ``--threads 1`` only); ``--clock wall`` with ``--threads 2``.  Prints media
 GB/s of codes read (N * K / 2 bytes; ``--kernels w8a8`` adds the int8 kernel for reference, N * K).
 """
 
-import argparse
 import math
 import os
 import re
-import time
 
 import torch
 
 from mmcompress.quant.kernels import cpu as qcpu
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
-from kernel_variants import build_renamed, finish, warm_time_report
+from kernel_variants import build_renamed, clock_of, common_args, finish, warm_time_report
 
 
 def build(label: str, text: str):
@@ -41,20 +39,11 @@ def packed(W: torch.Tensor, group: int, sym: bool):
 
 @torch.no_grad()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE")
-    ap.add_argument("--no-cur", action="store_true", help="time only the --source files")
-    ap.add_argument("--shapes", default="4096x11008,11008x4096", help="OUTxIN as nn.Linear.weight")
-    ap.add_argument("--batch", type=int, default=1)
+    ap = common_args(__doc__, "4096x11008,11008x4096", "time only the --source files")
     ap.add_argument("--kernels", default="w4a8,w4a16")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
-    ap.add_argument("--cache-mb", type=float, default=600.0)
-    ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    clock = clock_of(a)
     ops = {} if a.no_cur else {"cur": build("cur", qcpu._SRC.read_text())}
     for spec in a.source:
         label, _, path = spec.partition("=")

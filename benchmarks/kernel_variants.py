@@ -4,9 +4,11 @@ Shared by ``gemv_prefetch.py``, ``int4_variants.py`` and ``sparse_int8_variants.
 namespace ``ns``) is written under the kernels' build directory and compiled once (cached by content).
 """
 
+import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -80,3 +82,24 @@ def finish(res: dict, args, what: str) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def common_args(doc: str, shapes: str, no_cur_help: str) -> argparse.ArgumentParser:
+    """The A/B scripts' shared flags: the versions to time (``--source``, ``--no-cur``), the shapes, batch,
+    threads, clock, the cache flush, repeats and ``--json``; a script adds its own before ``parse_args``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE")
+    ap.add_argument("--no-cur", action="store_true", help=no_cur_help)
+    ap.add_argument("--shapes", default=shapes, help="OUTxIN as nn.Linear.weight")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
+    ap.add_argument("--cache-mb", type=float, default=600.0)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def clock_of(args):
+    """The timer ``--clock`` names."""
+    return time.thread_time if args.clock == "thread" else time.perf_counter

@@ -21,15 +21,13 @@ with ``--threads 1`` only); ``--clock wall`` with ``--threads 2``.  Prints media
 GB/s of the kept rows' codes (keep * OUT bytes).
 """
 
-import argparse
 import math
 import os
 import re
-import time
 
 import torch
 
-from kernel_variants import build_renamed, finish, warm_time_report
+from kernel_variants import build_renamed, clock_of, common_args, finish, warm_time_report
 from mmcompress.quant.quantizer import quantize_weight
 from mmcompress.sparse.kernels import cpu, pack_int8_weight, topk_select
 from mmcompress.sparse.topk import keep_count
@@ -58,23 +56,14 @@ def huge_copy(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", action="append", default=[], metavar="LABEL=FILE")
+    ap = common_args(__doc__, "4096x4096,11008x4096,4096x11008", "no plain cur build")
     ap.add_argument("--groups", default="", help="build cur once per MMC_INT8_GROUPS value (comma list)")
-    ap.add_argument("--no-cur", action="store_true", help="no plain cur build")
-    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="OUTxIN as nn.Linear.weight")
     ap.add_argument("--sparsity", type=float, default=0.4)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
-    ap.add_argument("--cache-mb", type=float, default=600.0)
-    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--thp", action="store_true",
                     help="also time every version on copies in transparent huge pages (madvise), as LABEL_thp")
-    ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    clock = clock_of(a)
     src = cpu._SRC.read_text()
     ops = {}
     for spec in a.source:
