@@ -41,14 +41,18 @@ def _engine_plan(model: nn.Module, inputs, kwargs: dict) -> dict | None:
         return None
     kw = dict(kwargs)
     ids = inputs if inputs is not None else kw.pop("input_ids", None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        return None
-    if ids.dtype not in (torch.int64, torch.int32):
-        return None
-    mask = kw.pop("attention_mask", None)
-    if mask is not None and not bool((mask == 1).all()):
+    if not plain_prompt(ids, kw.pop("attention_mask", None)):
         return None
     return greedy_settings(model, ids, kw)
+
+
+def plain_prompt(ids, mask) -> bool:
+    """``ids`` is one prompt ``[1, L]`` of integer tokens and ``mask`` is absent or all ones of its shape."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        return False
+    if ids.dtype not in (torch.int64, torch.int32):
+        return False
+    return mask is None or (isinstance(mask, torch.Tensor) and mask.shape == ids.shape and bool((mask == 1).all()))
 
 
 def greedy_settings(model: nn.Module, ids: torch.Tensor, kw: dict) -> dict | None:

@@ -31,11 +31,13 @@ as :func:`mmcompress.runtime.generate._engine_plan` (the same :func:`~mmcompress
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .decode import MROPE_TEXT_FAMILIES, DecodeEngine, fast_path_problem
-from .generate import greedy_settings
+from .generate import greedy_settings, plain_prompt
 
 # model class -> its transformers module: these classes exactly, not subclasses (their forward is known)
 _CLASSES = {
@@ -95,14 +97,8 @@ def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
     if not _class_ok(model) or model.training or "generate" in model.__dict__:
         return None
     kw = dict(kwargs)
-    ids = kw.pop("input_ids", None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        return None
-    if ids.dtype not in (torch.int64, torch.int32):
-        return None
-    mask = kw.pop("attention_mask", None)
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape
-                             or not bool((mask == 1).all())):
+    ids, mask = kw.pop("input_ids", None), kw.pop("attention_mask", None)
+    if not plain_prompt(ids, mask):
         return None
     mm = {k: kw.pop(k) for k in _MM_INPUTS if k in kw}
     if any(v is not None and not isinstance(v, torch.Tensor) for v in mm.values()):
@@ -192,10 +188,7 @@ def _run(model, plan, logits_out: list | None = None):
     routed = getattr(model, "_mmcompress_router", None) is not None
     text = torch.zeros(1, 1, dtype=torch.int8, device=eng.device)  # a decode step's ids under the router
     for i in range(1, new):
-        if routed:
-            with modality_context(text):
-                lg = eng._step(nxt.to(eng.device), L + i - 1)
-        else:
+        with modality_context(text) if routed else contextlib.nullcontext():
             lg = eng._step(nxt.to(eng.device), L + i - 1)
         nxt = pick(lg, i).to(ids.device)
         toks.append(nxt)
