@@ -447,6 +447,14 @@ void sparse_reduce(const Plan& P, const Lin& l, const Input& p, const int32_t* p
 
 // ---- the small ops -------------------------------------------------------------------------------
 
+// the MLP's SiLU(gate) * up for columns [b, e) of the gate/up phase (gbuf, ubuf: those columns) into P.g
+inline void silu_mul(Plan& P, const float* gbuf, const float* ubuf, int64_t b, int64_t e) {
+  for (int64_t n = b; n < e; ++n) {
+    const float g = gbuf[n - b];
+    P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
+  }
+}
+
 void rms_norm(const Plan& P, const float* h, const std::vector<float>& w, float* out) {
   float ss = 0.f;
   for (int64_t i = 0; i < P.H; ++i) ss += h[i] * h[i];
@@ -845,10 +853,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
         float gbuf[REDUCE_COLS], ubuf[REDUCE_COLS];
         sparse_reduce(P, l.gate, *pp[0], parts, np, P.pstride, b, e, L.y.data(), gbuf);
         sparse_reduce(P, l.up, *pp[1], parts + np * P.pstride, np, P.pstride, b, e, L.y.data(), ubuf);
-        for (int64_t n = b; n < e; ++n) {
-          const float g = gbuf[n - b];
-          P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
-        }
+        silu_mul(P, gbuf, ubuf, b, e);
       });
     } else {
       take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
@@ -856,10 +861,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
         float gbuf[MAXCOLS], ubuf[MAXCOLS];
         linear_rows(P, l.gate, *pp[0], b, e, L.y.data(), gbuf);
         linear_rows(P, l.up, *pp[1], b, e, L.y.data(), ubuf);
-        for (int64_t n = b; n < e; ++n) {
-          const float g = gbuf[n - b];
-          P.g[n] = rnd(P, rnd(P, g / (1.f + std::exp(-g))) * ubuf[n - b]);
-        }
+        silu_mul(P, gbuf, ubuf, b, e);
       });
     }
     barrier(3);
