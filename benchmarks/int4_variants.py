@@ -18,13 +18,12 @@ GB/s of codes read (N * K / 2 bytes; ``--kernels w8a8`` adds the int8 kernel for
 
 import math
 import os
-import re
 
 import torch
 
 from mmcompress.quant.kernels import cpu as qcpu
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
-from kernel_variants import build_renamed, clock_of, common_args, finish, warm_time_report
+from kernel_variants import build_renamed, build_sources, clock_of, common_args, finish, warm_time_report
 
 
 def build(label: str, text: str):
@@ -45,12 +44,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     clock = clock_of(a)
     ops = {} if a.no_cur else {"cur": build("cur", qcpu._SRC.read_text())}
-    for spec in a.source:
-        label, _, path = spec.partition("=")
-        if not re.fullmatch(r"\w+", label) or not path or label in ops:
-            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
-        with open(path) as f:
-            ops[label] = build(label, f.read())
+    build_sources(a, build, ops)
     kernels = a.kernels.split(",")
     res = {"clock": a.clock, "threads": a.threads, "batch": a.batch, "loadavg_before": os.getloadavg(), "rows": []}
     for shape in a.shapes.split(","):

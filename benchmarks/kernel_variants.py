@@ -7,6 +7,7 @@ namespace ``ns``) is written under the kernels' build directory and compiled onc
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 
@@ -103,3 +104,14 @@ def common_args(doc: str, shapes: str, no_cur_help: str) -> argparse.ArgumentPar
 def clock_of(args):
     """The timer ``--clock`` names."""
     return time.thread_time if args.clock == "thread" else time.perf_counter
+
+
+def build_sources(args, build, ops: dict) -> dict:
+    """Each ``--source LABEL=FILE`` built with ``build(label, text)`` into ``ops`` (returned)."""
+    for spec in args.source:
+        label, _, path = spec.partition("=")
+        if not re.fullmatch(r"\w+", label) or not path or label in ops:
+            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
+        with open(path) as f:
+            ops[label] = build(label, f.read())
+    return ops

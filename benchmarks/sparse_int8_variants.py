@@ -23,11 +23,10 @@ GB/s of the kept rows' codes (keep * OUT bytes).
 
 import math
 import os
-import re
 
 import torch
 
-from kernel_variants import build_renamed, clock_of, common_args, finish, warm_time_report
+from kernel_variants import build_renamed, build_sources, clock_of, common_args, finish, warm_time_report
 from mmcompress.quant.quantizer import quantize_weight
 from mmcompress.sparse.kernels import cpu, pack_int8_weight, topk_select
 from mmcompress.sparse.topk import keep_count
@@ -66,12 +65,7 @@ def main() -> None:
     clock = clock_of(a)
     src = cpu._SRC.read_text()
     ops = {}
-    for spec in a.source:
-        label, _, path = spec.partition("=")
-        if not re.fullmatch(r"\w+", label) or not path or label in ops:
-            raise SystemExit(f"--source wants a new LABEL=FILE (LABEL: letters, digits, _), got {spec!r}")
-        with open(path) as f:
-            ops[label] = build(label, f.read())
+    build_sources(a, build, ops)
     if not a.no_cur:
         ops["cur"] = build("cur", src)
     for gv in filter(None, a.groups.split(",")):
