@@ -4,6 +4,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests never write the user's token cache (~/.cache/mmcompress/tokens); tests/test_token_cache.py turns it
+# on in a temporary MMCOMPRESS_CACHE
+os.environ["MMCOMPRESS_NO_TOKEN_CACHE"] = "1"
 # remote code that tests load with trust_remote_code (tests/_remote.py) is copied here, not into ~/.cache
 os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), f"mmcompress-tests-hf-modules-{os.getuid()}"))
 

@@ -67,24 +67,30 @@ TOKENIZERS = {"gpt2-style": tiny_tokenizer, "qwen-style": _qwen_style, "sentence
 
 
 class _Counting:
-    """Wraps a tokenizer and records the length of every piece it tokenizes into a tensor (not the small calls
-    that check a cut)."""
+    """Wraps a tokenizer and records the length of every piece it tokenizes for the ids (a list of pieces, or
+    one text into a tensor; not the small calls that check a cut) and the number of pieces of each such call."""
 
     def __init__(self, tok):
-        self.tok, self.lengths = tok, []
+        self.tok, self.lengths, self.batches = tok, [], []
 
     def __call__(self, text, **kw):
-        if kw.get("return_tensors"):
+        if isinstance(text, list):
+            self.lengths.extend(len(t) for t in text)
+            self.batches.append(len(text))
+        elif kw.get("return_tensors"):
             self.lengths.append(len(text))
+            self.batches.append(1)
         return self.tok(text, **kw)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", sorted(TOKENIZERS))
-def test_pieces_give_the_ids_of_one_call(kind):
+def test_pieces_give_the_ids_of_one_call(kind, batch, monkeypatch):
     tok = TOKENIZERS[kind]()
     text = _text()
     whole = _whole(text, tok)
     counting = _Counting(tok)
+    monkeypatch.setattr(calibration, "_batch_size", lambda: batch)
     ids = tokenize_text(text, counting, chunk_chars=2000)
     assert ids.dtype == torch.int64 and torch.equal(ids, whole)
     assert sum(counting.lengths) == len(text)
@@ -92,6 +98,20 @@ def test_pieces_give_the_ids_of_one_call(kind):
         assert counting.lengths == [len(text)]  # no verified cut: the whole text in one call, as before
     else:
         assert len(counting.lengths) > 5 and max(counting.lengths) < 2 * 2000 + 500  # pieces of about chunk_chars
+        assert max(counting.batches) == batch and sum(counting.batches) == len(counting.lengths)
+
+
+def test_batch_size(monkeypatch):
+    """As many pieces per call as CPUs, at most TOKENIZE_MAX_BATCH; one where tokenizers' parallelism is off."""
+    monkeypatch.setattr(calibration.os, "sched_getaffinity", lambda pid: set(range(64)))
+    for off in ("false", "0", "OFF"):
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", off)
+        assert calibration._batch_size() == 1
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    assert calibration._batch_size() == calibration.TOKENIZE_MAX_BATCH
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setattr(calibration.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert calibration._batch_size() == 2
 
 
 @pytest.mark.parametrize("kind", ["gpt2-style", "qwen-style"])

@@ -121,6 +121,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# -- cache ---------------------------------------------------------------------------------------
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$MMCOMPRESS_CACHE`` (unset or empty: ``~/.cache/mmcompress``) joined with ``parts``: the one
+    place the product resolves its cache (compiled kernels under ``torch_extensions/``, token ids under
+    ``tokens/``).  Nothing is created."""
+    env = os.environ.get("MMCOMPRESS_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "mmcompress"
+    return root.joinpath(*parts)
+
+
 # -- atomic files --------------------------------------------------------------------------------
 
 

@@ -7,8 +7,10 @@ them), each with batch size 1, on the CPU.  Sampling is seeded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import unicodedata
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write, cache_dir
 from ..models.modality import input_modality_ids, token_counts
 
 log = logging.getLogger(__name__)
@@ -138,8 +141,11 @@ class CalibrationSet:
         return cls.from_records(records, processor, nsamples, seqlen, seed, source=str(path), base_dir=path.parent)
 
 
-TOKENIZE_CHUNK_CHARS = 1 << 18  # characters per tokenizer call of a long text
+TOKENIZE_CHUNK_CHARS = 1 << 18  # characters per piece of a long text
+TOKENIZE_MAX_BATCH = 4  # pieces per tokenizer call (a fast tokenizer encodes a batch's pieces in parallel)
 _CUT_CONTEXT = 4096  # characters either side of a cut that must tokenize the same cut and uncut
+TOKEN_CACHE_MIN_CHARS = 1 << 20  # texts at least this long have their ids cached on disk (see token_cache_path)
+_TOKEN_CACHE_FORMAT = "1"
 
 
 def tokenize_text(text: str, tokenizer, chunk_chars: int | None = None) -> torch.Tensor:
@@ -149,14 +155,140 @@ def tokenize_text(text: str, tokenizer, chunk_chars: int | None = None) -> torch
     paragraph breaks (``"\\n\\n"``), each cut only where the text around it tokenizes to the same ids
     cut and uncut (tried before, inside and after the break, since tokenizers attach a newline run to the
     text before or after it); a tokenizer that changes the start of a piece (SentencePiece's prefix space)
-    passes no such check, and gets the whole text in one call as before."""
-    chunk_chars = chunk_chars or TOKENIZE_CHUNK_CHARS
-    ids, start = [], 0
+    passes no such check, and gets the whole text in one call as before.  Up to :func:`_batch_size`
+    pieces go to the tokenizer in one call (one list), which a fast tokenizer encodes in parallel.
+
+    A text of at least :data:`TOKEN_CACHE_MIN_CHARS` characters tokenized by a fast tokenizer has its ids
+    cached on disk (:func:`token_cache_path`), so later processes skip the tokenizer."""
+    path = token_cache_path(text, tokenizer) if len(text) >= TOKEN_CACHE_MIN_CHARS else None
+    if path is not None:
+        ids = _read_token_cache(path)
+        if ids is not None:
+            return ids
+    ids = _tokenize_pieces(text, tokenizer, chunk_chars or TOKENIZE_CHUNK_CHARS)
+    if path is not None:
+        _write_token_cache(path, ids)
+    return ids
+
+
+def _tokenize_pieces(text: str, tokenizer, chunk_chars: int) -> torch.Tensor:
+    bounds, start = [], 0
     while start < len(text):
         end = _cut(text, tokenizer, start, chunk_chars)
-        ids.append(tokenizer(text[start:end], return_tensors="pt", add_special_tokens=False)["input_ids"][0])
+        bounds.append((start, end))
         start = end
-    return ids[0] if len(ids) == 1 else torch.cat(ids)
+    if len(bounds) == 1:
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids, batch = [], _batch_size()
+    for i in range(0, len(bounds), batch):
+        pieces = [text[a:b] for a, b in bounds[i:i + batch]]
+        ids.extend(torch.tensor(p, dtype=torch.int64)
+                   for p in tokenizer(pieces, add_special_tokens=False)["input_ids"])
+    return torch.cat(ids)
+
+
+def _batch_size() -> int:
+    """Pieces per tokenizer call: the CPUs this process may use (at most :data:`TOKENIZE_MAX_BATCH`: each
+    piece in flight holds its per-token state), 1 where ``TOKENIZERS_PARALLELISM`` turns parallelism off."""
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").strip().lower() in ("off", "false", "f", "no", "n", "0"):
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, TOKENIZE_MAX_BATCH))
+
+
+# -- token cache -----------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A digest of what decides ``tokenizer(text, add_special_tokens=False)``'s ids: the fast tokenizer's
+    serialized backend (normalizer, pre-tokenizer, model, added tokens, post-processor; truncation and
+    padding, which that call turns off, left out), its class, ``split_special_tokens`` and the transformers
+    and tokenizers versions.  ``None`` (not cached) for a tokenizer without a serializable backend or whose
+    class changes the text or the call in Python (overrides ``__call__`` or ``_encode_plus``)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "to_str", None)):
+        return None
+    cls = type(tokenizer)
+    call, encode = getattr(cls, "__call__", None), getattr(cls, "_encode_plus", None)
+    if (getattr(call, "__module__", None) != "transformers.tokenization_utils_base"
+            or getattr(encode, "__module__", None) not in ("transformers.tokenization_utils_tokenizers",
+                                                          "transformers.tokenization_utils_fast")):
+        return None
+    try:
+        import tokenizers
+        import transformers
+
+        serialized = backend.to_str()
+        if backend.truncation is not None or backend.padding is not None:
+            state = json.loads(serialized)
+            state["truncation"] = state["padding"] = None
+            serialized = json.dumps(state, sort_keys=True)
+        head = json.dumps({"class": f"{cls.__module__}.{cls.__qualname__}",
+                           "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+                           "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+                          sort_keys=True)
+    except Exception as e:  # an unusual backend: tokenize without the cache
+        log.debug(f"token cache: no fingerprint for {cls.__name__} ({e})")
+        return None
+    h = hashlib.sha256(head.encode())
+    h.update(b"\0")
+    h.update(serialized.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def token_cache_path(text: str, tokenizer) -> Path | None:
+    """``$MMCOMPRESS_CACHE/tokens/<sha256 of the text and the tokenizer fingerprint>.safetensors``, or
+    ``None`` where there is no cache: ``MMCOMPRESS_NO_TOKEN_CACHE`` set (to anything but ``0``), or no
+    :func:`tokenizer_fingerprint`."""
+    if os.environ.get("MMCOMPRESS_NO_TOKEN_CACHE", "0").strip() not in ("", "0"):
+        return None
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp is None:
+        return None
+    h = hashlib.sha256(f"mmcompress-tokens-{_TOKEN_CACHE_FORMAT}\0{fp}\0".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return cache_dir("tokens", f"{h.hexdigest()}.safetensors")
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_token_cache(path: Path) -> torch.Tensor | None:
+    """The cached ids (int64), or ``None`` when the entry is missing or unreadable (it is then rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            ids = f.get_tensor("input_ids")
+        if (meta.get("format") != _TOKEN_CACHE_FORMAT or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64)
+                or meta.get("sha256") != _ids_digest(ids)):
+            raise ValueError("not a token cache entry, or its ids do not match their digest")
+    except Exception as e:  # corrupt, truncated, foreign: recompute and rewrite
+        log.debug(f"token cache: ignoring {path} ({e})")
+        return None
+    return ids.to(torch.int64)
+
+
+def _write_token_cache(path: Path, ids: torch.Tensor) -> None:
+    """Store ``ids`` (int32 where they fit) atomically; a cache that cannot be written is skipped."""
+    try:
+        from safetensors.torch import save_file
+
+        info = torch.iinfo(torch.int32)
+        small = ids.numel() == 0 or (int(ids.min()) >= info.min and int(ids.max()) <= info.max)
+        stored = ids.to(torch.int32) if small else ids
+        meta = {"format": _TOKEN_CACHE_FORMAT, "sha256": _ids_digest(stored)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"input_ids": stored.contiguous()}, str(tmp), metadata=meta))
+    except Exception as e:
+        log.debug(f"token cache: could not write {path} ({e})")
 
 
 def _cut(text: str, tokenizer, start: int, chunk_chars: int, tries: int = 8) -> int:

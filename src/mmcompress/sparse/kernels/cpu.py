@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ...fileio import cache_dir
+
 _SRC = Path(__file__).with_name("sparse_gemv.cpp")
 HEADERS = Path(__file__).parent  # the headers every extension may include (share_work.h): on the include path
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++20", "-Wno-unused-function"]
@@ -59,8 +61,7 @@ def build_name() -> str:
 
 
 def build_dir(name: str | None = None) -> Path:
-    root = Path(os.environ.get("MMCOMPRESS_CACHE", Path.home() / ".cache" / "mmcompress"))
-    return root / "torch_extensions" / (name or build_name())
+    return cache_dir("torch_extensions", name or build_name())
 
 
 def compile_and_load(name: str, src: Path, probe, verbose: bool = False) -> str | None:
