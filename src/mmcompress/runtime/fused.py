@@ -298,12 +298,13 @@ class FusedStep:
         self._ops.fused_set_profile(self.plan, bool(on))
 
     def profile(self) -> tuple[dict, int]:
-        """``({phase: {"own_ops_s", "units_s", "wait_s"}}, steps)``: seconds of thread 0 per phase, summed
-        over the steps since :meth:`set_profile` — its own small ops (residual, norm, smoothing,
-        activation quantization of the phase's input), its share of the phase's row units (attention:
-        heads), and its wait at the barrier that ends the phase."""
+        """``({phase: {"own_ops_s", "units_s", "wait_s", "reduce_s"}}, steps)``: seconds of thread 0 per phase,
+        summed over the steps since :meth:`set_profile` — its own small ops (residual, norm, smoothing,
+        activation quantization and Top-K selection of the phase's input), its share of the phase's row units
+        (attention: heads; split-K: its row parts), its waits at the phase's barriers, and its share of the
+        split-K reduction units (the sub-phase after the row parts)."""
         t, n = self._ops.fused_profile(self.plan)
-        return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s"), map(float, row)))
+        return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s", "reduce_s"), map(float, row)))
                  for ph, row in zip(PHASES, t.tolist())}, int(n))
 
     def set_unit_cols(self, cols: int = 0) -> None:
@@ -318,6 +319,12 @@ class FusedStep:
         For measurements and tests.  Returns how many projections (adapters included) a step at torch's
         current thread count splits by rows."""
         return int(self._ops.fused_set_split(self.plan, int(mode), int(parts_per_thread)))
+
+    def set_select(self, mode: int = 0) -> None:
+        """Top-K selection of the sparse projections: 0 = the step's AVX-512 selection (default,
+        ``topk_select``), 1 = ``sparse_gemv.cpp``'s ``topk_row`` (the one before session 34).  Both keep
+        the same channels (ties to the lowest index), so the logits are bit-identical; for measurements."""
+        self._ops.fused_set_select(self.plan, int(mode))
 
     def set_trace(self, on: bool) -> None:
         """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""
