@@ -13,7 +13,9 @@ default rule (``rule``).  Prints the median ms per (variant, split) and JSON.
 
 ``--ab select`` times the Top-K selections instead (session 34): ``topk_row`` (``set_select(1)``: sparse_gemv.cpp's
 selection) against ``topk_select`` (``set_select(0)``: the step's AVX-512 one, the default), both on the default
-split.  ``--profile`` adds, per (variant, setting), thread 0's per-phase own ops / units / barrier waits / split-K
+split; ``--ab reduce``: the split-K residual linears (o_proj, down, adapter) reduced by shared units and a barrier
+(``set_reduce(0)``, session 33) against by every thread itself, no barrier (``set_reduce(1)``, the default);
+``--ab s34``: neither change (``before``), each alone, both (``after``).  ``--profile`` adds, per (variant, setting), thread 0's per-phase own ops / units / barrier waits / split-K
 reduction (``FusedStep.profile``, ms per step, medians over the steps).
 """
 from __future__ import annotations
@@ -36,9 +38,13 @@ sd.SHAPES.setdefault("smollm2-135m", dict(hidden_size=576, intermediate_size=153
 SPLITS = {"cols": (1, 1), "splitk": (2, 1), "splitk2": (2, 2), "rule": (0, 1)}
 # --ab: the settings compared, each a list of (FusedStep method, args) applied before its step
 SETTINGS = {
-    "split": {n: [("set_split", v), ("set_select", (0,))] for n, v in SPLITS.items()},
-    "select": {"topk_row": [("set_split", (0, 1)), ("set_select", (1,))],
-               "topk_select": [("set_split", (0, 1)), ("set_select", (0,))]},
+    "split": {n: [("set_split", v), ("set_select", (0,)), ("set_reduce", (1,))] for n, v in SPLITS.items()},
+    "select": {"topk_row": [("set_split", (0, 1)), ("set_select", (1,)), ("set_reduce", (0,))],
+               "topk_select": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (0,))]},
+    "reduce": {"shared": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (0,))],
+               "own": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (1,))]},
+    "s34": {n: [("set_split", (0, 1)), ("set_select", (sel,)), ("set_reduce", (red,))]
+            for n, sel, red in (("before", 1, 0), ("select_only", 0, 0), ("reduce_only", 1, 1), ("after", 0, 1))},
 }
 
 

@@ -469,3 +469,37 @@ def test_fused_topk_select_gives_the_same_logits_as_topk_row(tmp_path, tokenizer
     assert torch.equal(logits[0], logits[1])
     with pytest.raises(RuntimeError, match="fused_set_select"):
         fu._fused.set_select(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_residual_linears_reduced_by_every_thread_give_the_same_logits(tmp_path, tokenizer, kind, dtype):
+    """Split-K o_proj, down and residual adapter reduced by every thread itself with no barrier after
+    (``set_reduce(1)``, the default) add the same partial sums in the same order as the shared reduction
+    units (``set_reduce(0)``): bit-identical logits, at 1 and 2 threads, 1 and 2 parts per thread (the
+    partial-sum slots of consecutive phases must not overlap, or a fast thread overwrites what a slow one
+    still adds)."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, dtype, hidden=168, intermediate=333)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for parts in (1, 2):
+                logits = {}
+                for mode in (0, 1):
+                    fu = DecodeEngine(model, max_len=40, fused=True)
+                    fu._reset()
+                    fu._forward(ids, 0)
+                    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+                    assert fu._fused.set_split(2, parts) > 0
+                    fu._fused.set_reduce(mode)
+                    fu._fused.set_profile(True)
+                    logits[mode] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
+                    prof, steps = fu._fused.profile()
+                    assert steps == 4 and prof["down"]["reduce_s"] > 0 and prof["adapter"]["reduce_s"] > 0
+                assert torch.equal(logits[0], logits[1]), (nt, parts)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="fused_set_reduce"):
+        fu._fused.set_reduce(2)

@@ -20,8 +20,9 @@ checked in tests/test_fused_decode.py; what it does to tokens and perplexity: do
 
 LaRoSA models (``sparse/merge.py``'s residual-adapted layers with ``SparseLinear`` projections) and the
 joint artifact (LaRoSA then W8A8: ``sparse/joint.py``'s ``SparseInt8Linear``) run on the step too: each
-sparse projection selects the Top-K of its input with ``sparse_gemv.cpp``'s selection (the tie policy of
-``sparse/topk.py``; q/k/v and gate/up share one selection, as in the Python step) and runs that file's
+sparse projection selects the Top-K of its input (the channels of ``sparse_gemv.cpp``'s selection, the tie
+policy of ``sparse/topk.py``, by the step's AVX-512 radix select; q/k/v and gate/up share one selection, as in
+the Python step) and runs that file's
 sparse GEMV (float weight rows skipped) or sparse int8 GEMV (per-token int8 codes of the kept values,
 exact int32 sums) on the kept rows; each residual adapter ``r ← r A`` is one more phase after its layer
 (dense, on the same float GEMV at 0 %, or the integer kernel of an 8-bit weight-only adapter).
@@ -325,6 +326,12 @@ class FusedStep:
         ``topk_select``), 1 = ``sparse_gemv.cpp``'s ``topk_row`` (the one before session 34).  Both keep
         the same channels (ties to the lowest index), so the logits are bit-identical; for measurements."""
         self._ops.fused_set_select(self.plan, int(mode))
+
+    def set_reduce(self, mode: int = 1) -> None:
+        """How the split-K residual linears (o_proj, down, the residual adapter) are reduced: 1 = every thread
+        adds all the row parts itself and goes on without a barrier (default), 0 = the shared reduction units
+        and a barrier (session 33).  Same values either way; for measurements."""
+        self._ops.fused_set_reduce(self.plan, int(mode))
 
     def set_trace(self, on: bool) -> None:
         """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""

@@ -13,8 +13,9 @@
 //   kind 3  weight-only int4 on bf16 activations: int_gemm.cpp's bf16 tiles.
 //   kind 4  float weight stored input-channel-major WT [K, N] (LaRoSA's SparseLinear, and a residual
 //           adapter in the kernel layout) behind a per-token Top-K of its input (keep < K; keep = K:
-//           dense): sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep channels, ties
-//           to the lowest index, as sparse/topk.py) and its row-group GEMV (gemv_block), on the kept rows;
+//           dense): the channels of sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep
+//           channels, ties to the lowest index, as sparse/topk.py), selected by topk_select (below, the
+//           same radix select in AVX-512), and that file's row-group GEMV (gemv_block) on the kept rows;
 //   kind 5  LaRoSA + W8A8 (SparseInt8Linear): the same Top-K, per-token int8 codes of the kept values
 //           (divided by the fp32 smoothing row if any; quantize_values), uint8 codes + 128 [K, N] walked
 //           four kept rows at a time with VNNI (int8_block: a unit's accumulator of <= MAXCOLS columns stays
@@ -102,7 +103,8 @@ struct Input {
 };
 
 struct Local {  // one thread's buffers
-  std::vector<float> h, x, y, y2;
+  std::vector<float> h, x, y;
+  std::vector<float> t;  // [H]: a residual linear's whole output, reduced by this thread (see own_reduce)
   Input prep[3];
   float qt[1024], kt[1024], acc[1024];
 };
@@ -126,10 +128,17 @@ inline int64_t sparse_cols(int64_t N, int nt) {
 // Python-stepped kernels' split (sparse_gemv.cpp run_gemv / int8_from_selection with rp = threads): each
 // unit streams whole kept rows of WT, the longest contiguous runs the layout has.  A second phase, parallel
 // over REDUCE_COLS-column units, adds the parts in order (p = 0, 1, ...) and applies the epilogue
-// (sparse_reduce).  The rule: split-K when every part gets at least SPLITK_MIN_ROWS kept rows, else the
+// (sparse_reduce).  o_proj, down and the residual adapter, whose outputs every thread adds to its own residual
+// stream, skip that sub-phase and its barrier (session 34, own_reduce): each thread adds all the parts itself,
+// in the same order (fused_set_reduce(0) gives back the shared units).  The rule: split-K when every part gets at least SPLITK_MIN_ROWS kept rows, else the
 // column units above (fused_set_split forces either, for measurements and tests).
 constexpr int64_t REDUCE_COLS = 512;    // columns per reduction unit (a multiple of 64: int8 lane order)
 constexpr int64_t SPLITK_MIN_ROWS = 16;
+// Slots of partial sums (each [parts][pstride]): q/k/v 0..2, gate/up 0..1, o_proj 3, down 4 before a residual
+// adapter (else 3), the adapter 3.  A residual linear reduced by every thread itself (own_reduce) ends
+// without a barrier, so a fast thread may already write the next split-K phase's parts while a slow one
+// still reads these: the slots are chosen so that a residual linear's never is the next phase's.
+constexpr int64_t PSLOTS = 5;
 
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
@@ -148,9 +157,10 @@ struct Plan {
   alignas(64) std::atomic<int> bar_gen{0};       // and generation, each on its own cache line
   int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
-  // split-K of the sparse kinds (see sparse_part): the row parts' partial sums, [3 linears][parts][pstride]
+  // split-K of the sparse kinds (see sparse_part): the row parts' partial sums, [PSLOTS][parts][pstride]
   // (fp32 for kind 4, int32 for kind 5), allocated when the step first needs more parts, not per step
   int select_mode = 0;         // Top-K: 0 topk_select, 1 sparse_gemv.cpp's topk_row (fused_set_select)
+  int own_reduce = 1;          // split-K residual linears reduced by every thread, no barrier (fused_set_reduce)
   int split_mode = 0;          // 0: per linear by splitk_rule; 1: output columns only; 2: split-K always
   int64_t parts_per_thread = 1;
   int64_t nparts_alloc = 0, pstride = 0;
@@ -918,16 +928,35 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     });
     tm.mark(phase, 3);
   };
-  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down)
-  auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
+  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down).  Split-K
+  // with own_reduce (the default): the row parts (partials in slot `slot`), one barrier, then EVERY thread adds
+  // all the parts itself (sparse_reduce over the whole output, the same order and epilogue as the shared
+  // reduction units: the same values) into its own buffer and its residual stream — no second barrier and no
+  // shared output; 2-3 us of redundant adds per thread at H = 4096 instead of a barrier.
+  auto own_reduced = [&](int phase, const Lin& lin, const Input& in, int64_t slot) -> const float* {
+    if (!P.own_reduce || !use_splitk(P, lin, np)) return nullptr;
+    int32_t* ps = parts + slot * np * P.pstride;
+    take(P.next[ph++], np, [&](int64_t u) { sparse_part(lin, in, u, np, ps + u * P.pstride); });
+    barrier(phase);
+    ph++;  // the shared reduction's counter, unused
+    for (int64_t c0 = 0; c0 < lin.N; c0 += REDUCE_COLS)
+      sparse_reduce(P, lin, in, ps, np, P.pstride, c0, std::min(lin.N, c0 + REDUCE_COLS), L.y.data(), L.t.data() + c0);
+    tm.mark(phase, 3);
+    return L.t.data();
+  };
+  auto residual_linear = [&](int phase, const Lin& lin, const float* x, int64_t slot) {
     prepare(P, lin, x, L.prep[0]);
     tm.mark(phase, 0);
-    const Lin* ls[1] = {&lin};
-    const Input* in[1] = {&L.prep[0]};
-    float* out[1] = {P.t.data()};
-    run_linears(phase, 1, ls, in, out);
-    barrier(phase);
-    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+    const float* t = own_reduced(phase, lin, L.prep[0], slot);
+    if (!t) {
+      const Lin* ls[1] = {&lin};
+      const Input* in[1] = {&L.prep[0]};
+      float* out[1] = {P.t.data()};
+      run_linears(phase, 1, ls, in, out);
+      barrier(phase);
+      t = P.t.data();
+    }
+    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + t[i]);
   };
   const Input* pp[3];
   const bool tracing = P.trace && tid == 0;
@@ -958,7 +987,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     });
     barrier(1);
     trace(P.a.data(), P.nh * P.hd);
-    residual_linear(2, l.o, P.a.data());  // o_proj
+    residual_linear(2, l.o, P.a.data(), 3);  // o_proj
     // gate / up, SiLU(gate) * up for the same rows
     rms_norm(P, L.h.data(), l.ln2, L.x.data());
     trace(L.x.data(), H);
@@ -990,17 +1019,21 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     }
     barrier(3);
     trace(P.g.data(), P.I);
-    residual_linear(4, l.down, P.g.data());  // down
+    residual_linear(4, l.down, P.g.data(), l.has_adapt ? 4 : 3);  // down
     trace(L.h.data(), H);
     if (l.has_adapt) {  // LaRoSA's residual adapter: the stream becomes h A (its own output buffer t2)
       prepare(P, l.adapt, L.h.data(), L.prep[0]);
       tm.mark(6, 0);
-      const Lin* ls[1] = {&l.adapt};
-      const Input* in[1] = {&L.prep[0]};
-      float* out[1] = {P.t2.data()};
-      run_linears(6, 1, ls, in, out);
-      barrier(6);
-      std::memcpy(L.h.data(), P.t2.data(), H * sizeof(float));
+      const float* t = own_reduced(6, l.adapt, L.prep[0], 3);
+      if (!t) {
+        const Lin* ls[1] = {&l.adapt};
+        const Input* in[1] = {&L.prep[0]};
+        float* out[1] = {P.t2.data()};
+        run_linears(6, 1, ls, in, out);
+        barrier(6);
+        t = P.t2.data();
+      }
+      std::memcpy(L.h.data(), t, H * sizeof(float));
     }
     trace(L.h.data(), H);
   }
@@ -1032,12 +1065,13 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
     const int64_t big = std::max({P.H, P.I, P.nh * P.hd});
     L->h.resize(P.H);
     L->x.resize(big);
+    L->t.resize(P.H);
     L->y.resize(MAXCOLS);
     P.local.push_back(std::move(L));
   }
-  if (nt * P.parts_per_thread > P.nparts_alloc) {  // split-K partial sums: 3 linears x parts x pstride
+  if (nt * P.parts_per_thread > P.nparts_alloc) {  // split-K partial sums: PSLOTS x parts x pstride
     P.nparts_alloc = nt * P.parts_per_thread;
-    P.parts.reset(new int32_t[static_cast<size_t>(3 * P.nparts_alloc * P.pstride)]);
+    P.parts.reset(new int32_t[static_cast<size_t>(PSLOTS * P.nparts_alloc * P.pstride)]);
   }
   for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
   at::Tensor out = at::empty({1, P.V}, at::TensorOptions().dtype(P.bf16 ? at::kBFloat16 : at::kFloat));
@@ -1128,6 +1162,15 @@ std::tuple<at::Tensor, at::Tensor> fused_topk(const at::Tensor& x, int64_t k, in
   return {r, v};
 }
 
+// How the split-K residual linears (o_proj, down, the residual adapter) are reduced: mode 1 = every thread adds all
+// the parts itself, no barrier after (own_reduce, the default since session 34), 0 = shared reduction units and a
+// barrier (session 33).  Both give the same values; for measurements and tests.
+void fused_set_reduce(int64_t id, int64_t mode) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(mode == 0 || mode == 1, "fused_set_reduce: mode 0 (shared units) or 1 (every thread)");
+  P.own_reduce = static_cast<int>(mode);
+}
+
 void fused_set_profile(int64_t id, bool on) {
   Plan& P = get_plan(id);
   P.profile = on;
@@ -1157,5 +1200,6 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_trace(int plan) -> Tensor", &fused_trace);
   m.def("fused_set_split(int plan, int mode, int parts_per_thread) -> int", &fused_set_split);
   m.def("fused_set_select(int plan, int mode) -> ()", &fused_set_select);
+  m.def("fused_set_reduce(int plan, int mode) -> ()", &fused_set_reduce);
   m.def("fused_topk(Tensor x, int k, int mode) -> (Tensor, Tensor)", &fused_topk);
 }
