@@ -130,8 +130,9 @@ inline int64_t sparse_cols(int64_t N, int nt) {
 // over REDUCE_COLS-column units, adds the parts in order (p = 0, 1, ...) and applies the epilogue
 // (sparse_reduce).  o_proj, down and the residual adapter, whose outputs every thread adds to its own residual
 // stream, skip that sub-phase and its barrier (session 34, own_reduce): each thread adds all the parts itself,
-// in the same order (fused_set_reduce(0) gives back the shared units).  The rule: split-K when every part gets at least SPLITK_MIN_ROWS kept rows, else the
-// column units above (fused_set_split forces either, for measurements and tests).
+// in the same order (fused_set_reduce(0) gives back the shared units).  The rule: split-K when every part gets
+// at least SPLITK_MIN_ROWS kept rows, else the column units above (fused_set_split forces either, for
+// measurements and tests).
 constexpr int64_t REDUCE_COLS = 512;    // columns per reduction unit (a multiple of 64: int8 lane order)
 constexpr int64_t SPLITK_MIN_ROWS = 16;
 // Slots of partial sums (each [parts][pstride]): q/k/v 0..2, gate/up 0..1, o_proj 3, down 4 before a residual
@@ -240,7 +241,7 @@ constexpr bool kBf16Dot = false;
 // output pass compresses the indices and values of the kept lanes (no data-dependent branch per channel;
 // ties at the threshold taken from the lowest lanes with pdep).  Each thread selects for itself (every
 // thread needs the whole selection), so the selection is on the step's critical path: 16 per token on
-// the 7B stack, 3x (4096 channels) to 3-10x (11008) faster than topk_row (docs/runtime.md).
+// the 7B stack, 0.41-0.43 ms/token less than with topk_row there (docs/runtime.md, session 34).
 void topk_select(const float* x, int64_t d, int64_t k, std::vector<uint32_t>& keyv, std::vector<uint32_t>& candv,
                  std::vector<int32_t>& rows, std::vector<float>& vals) {
   if (k >= d || k <= 0) {
