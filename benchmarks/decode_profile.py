@@ -99,17 +99,17 @@ def main():
     print(f"{a.model} ({eng.dtype}, head {fs.head}): {best['wall_ms_per_token']:.3f} ms/token wall "
           f"({1e3 / best['wall_ms_per_token']:.1f} tok/s), {a.threads} threads, best of {a.rounds}; "
           f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", file=sys.stderr)
-    print(f"  {'phase':10s} {'own ops':>8s} {'units':>8s} {'wait':>8s} {'total':>8s} ms   {'MB':>7s} {'GB/s':>6s}",
+    print(f"  {'phase':10s} {'own ops':>8s} {'units':>8s} {'wait':>8s} {'reduce':>8s} {'total':>8s} ms   {'MB':>7s} {'GB/s':>6s}",
           file=sys.stderr)
     tot = 0.0
     for p in PHASES:
         d = best["phases_ms_per_token"][p]
         t = sum(d.values())
         tot += t
-        print(f"  {p:10s} {d['own_ops_s']:8.3f} {d['units_s']:8.3f} {d['wait_s']:8.3f} {t:8.3f}      "
+        print(f"  {p:10s} {d['own_ops_s']:8.3f} {d['units_s']:8.3f} {d['wait_s']:8.3f} {d.get('reduce_s', 0):8.3f} {t:8.3f}      "
               f"{nbytes[p] / 1e6:7.2f} {nbytes[p] / 1e6 / t if t else 0:6.1f}", file=sys.stderr)
     allb = sum(nbytes.values())
-    print(f"  {'all':10s} {'':8s} {'':8s} {'':8s} {tot:8.3f}      {allb / 1e6:7.2f} {allb / 1e6 / tot:6.1f}",
+    print(f"  {'all':10s} {'':8s} {'':8s} {'':8s} {'':8s} {tot:8.3f}      {allb / 1e6:7.2f} {allb / 1e6 / tot:6.1f}",
           file=sys.stderr)
     print(json.dumps({"model": str(a.model), "dtype": str(eng.dtype), "head": fs.head, "threads": a.threads,
                       "prompt": a.prompt, "tokens": a.tokens, "bytes_per_token": nbytes, "rounds": rounds}))

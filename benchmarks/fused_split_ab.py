@@ -10,6 +10,13 @@ Builds the LaRoSA stack (``sparse``: SparseLinear + bf16 residual adapters), its
 position rewrites the same K/V), rotating over the splits ``cols`` (set_split(1): session 32's column
 units), ``splitk`` (set_split(2, 1): one row part per thread) and ``splitk2`` (two per thread), and the
 default rule (``rule``).  Prints the median ms per (variant, split) and JSON.
+
+``--ab select`` times the Top-K selections instead (session 34): ``topk_row`` (``set_select(1)``: sparse_gemv.cpp's
+selection) against ``topk_select`` (``set_select(0)``: the step's AVX-512 one, the default), both on the default
+split; ``--ab reduce``: the split-K residual linears (o_proj, down, adapter) reduced by shared units and a barrier
+(``set_reduce(0)``, session 33) against by every thread itself, no barrier (``set_reduce(1)``, the default);
+``--ab s34``: neither change (``before``), each alone, both (``after``).  ``--profile`` adds, per (variant, setting), thread 0's per-phase own ops / units / barrier waits / split-K
+reduction (``FusedStep.profile``, ms per step, medians over the steps).
 """
 from __future__ import annotations
 
@@ -29,6 +36,16 @@ import stack_decode as sd  # noqa: E402
 sd.SHAPES.setdefault("smollm2-135m", dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                           num_key_value_heads=3))
 SPLITS = {"cols": (1, 1), "splitk": (2, 1), "splitk2": (2, 2), "rule": (0, 1)}
+# --ab: the settings compared, each a list of (FusedStep method, args) applied before its step
+SETTINGS = {
+    "split": {n: [("set_split", v), ("set_select", (0,)), ("set_reduce", (1,))] for n, v in SPLITS.items()},
+    "select": {"topk_row": [("set_split", (0, 1)), ("set_select", (1,)), ("set_reduce", (0,))],
+               "topk_select": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (0,))]},
+    "reduce": {"shared": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (0,))],
+               "own": [("set_split", (0, 1)), ("set_select", (0,)), ("set_reduce", (1,))]},
+    "s34": {n: [("set_split", (0, 1)), ("set_select", (sel,)), ("set_reduce", (red,))]
+            for n, sel, red in (("before", 1, 0), ("select_only", 0, 0), ("reduce_only", 1, 1), ("after", 0, 1))},
+}
 
 
 def main(argv=None) -> int:
@@ -38,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--sparsity", type=float, default=0.4)
     ap.add_argument("--variants", default="own_kernel_0pct,sparse,joint")
+    ap.add_argument("--ab", choices=sorted(SETTINGS), default="split")
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from mmcompress.runtime.decode import DecodeEngine
@@ -78,25 +97,46 @@ def main(argv=None) -> int:
         e._forward(prompt, 0)
         e._step(torch.tensor([[3]]), 8)  # builds the plan
         engines[n] = e
-    times = {(n, s): [] for n in engines for s in SPLITS}
+    settings = SETTINGS[a.ab]
+    times = {(n, s): [] for n in engines for s in settings}
+    prof = {k: [] for k in times}
     keys = list(times)
     nsplit = {}
+    print(f"load average before {os.getloadavg()}", flush=True)
     for i in range(a.steps):
         for j in range(len(keys)):
             n, s = keys[(i + j) % len(keys)]
             f = engines[n]._fused
-            nsplit[(n, s)] = f.set_split(*SPLITS[s])
+            for meth, args in settings[s]:
+                r = getattr(f, meth)(*args)
+                if meth == "set_split":
+                    nsplit[(n, s)] = r
+            if a.profile:
+                f.set_profile(True)
             t0 = time.perf_counter()
             f.step(3, 8)
             times[(n, s)].append(time.perf_counter() - t0)
+            if a.profile:
+                prof[(n, s)].append(f.profile()[0])
+                f.set_profile(False)
+    print(f"load average after {os.getloadavg()}", flush=True)
     res = {}
     for (n, s), v in times.items():
         v = v[2:]  # the first steps after a split change warm caches
         res[f"{n}/{s}"] = {"median_ms": 1e3 * statistics.median(v), "best_ms": 1e3 * min(v),
                            "split_k_projections": nsplit[(n, s)]}
-        print(f"  {n:16s} {s:8s} median {1e3 * statistics.median(v):8.2f} ms  best {1e3 * min(v):8.2f} ms  "
+        print(f"  {n:16s} {s:12s} median {1e3 * statistics.median(v):8.2f} ms  best {1e3 * min(v):8.2f} ms  "
               f"(split-K projections {nsplit[(n, s)]})")
-    print(json.dumps({"spec": a.spec, "threads": a.threads, "steps": a.steps, "results": res}))
+        if a.profile:
+            ph = {p: {q: 1e3 * statistics.median(st[p][q] for st in prof[(n, s)][2:]) for q in st0}
+                  for p, st0 in prof[(n, s)][0].items()}
+            res[f"{n}/{s}"]["profile_ms"] = ph
+            tot = {q: sum(ph[p][q] for p in ph) for q in ("own_ops_s", "units_s", "wait_s", "reduce_s")}
+            print("      " + "  ".join(f"{p}: {d['own_ops_s']:.3f}/{d['units_s']:.2f}/{d['wait_s']:.3f}/{d['reduce_s']:.3f}"
+                                       for p, d in ph.items() if sum(d.values()) > 0)
+                  + f"  | own {tot['own_ops_s']:.3f} units {tot['units_s']:.2f} wait {tot['wait_s']:.3f} "
+                  f"reduce {tot['reduce_s']:.3f} ms")
+    print(json.dumps({"spec": a.spec, "threads": a.threads, "steps": a.steps, "ab": a.ab, "results": res}))
     return 0
 
 

@@ -413,3 +413,93 @@ def test_fused_trace_is_the_python_steps_module_inputs(tmp_path, tokenizer):
     # the adapter phase: h = h_mlp A (the layer's own adapter forward on the traced stream)
     a = fu.layers[0].adapt(tr[0]["h_mlp"][None, None]).reshape(-1)
     assert (a - tr[0]["h"]).abs().max() <= 1e-5 * a.abs().max() and not torch.allclose(tr[0]["h"], tr[0]["h_mlp"])
+
+
+def test_fused_topk_selection_keeps_topk_rows_channels():
+    """The fused step's AVX-512 Top-K (``topk_select``, session 34) keeps exactly the channels of
+    sparse_gemv.cpp's ``topk_row`` and of ``sparse/topk.py`` (NaN largest, ±0 equal, ties at the K-th magnitude
+    to the lowest index), with their values: widths with and without a 16-lane tail, ties (bf16 values,
+    coarse rounding: the pdep path), bins of more than 256 keys (the two extra radix levels), K = 1, D - 1,
+    D and above."""
+    from mmcompress.sparse.topk import topk_indices
+
+    assert fused.load()
+    op = torch.ops.mmcompress_fused.fused_topk
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for d in (1, 7, 16, 17, 333, 4096, 11008):
+        for k in sorted({1, max(1, d // 3), max(1, 6 * d // 10), max(1, d - 1), d, d + 5}):
+            for kind in ("normal", "rounded", "bf16", "cubed", "special"):
+                x = torch.randn(d, generator=g)
+                if kind == "rounded":
+                    x = (x * 4).round() / 4  # few distinct magnitudes: many ties at the threshold
+                elif kind == "bf16":
+                    x = x.bfloat16().float()
+                elif kind == "cubed":
+                    x = x ** 3  # heavy tails: most keys in a few bins
+                    x[::7] = 0.0
+                elif kind == "special" and d > 3:
+                    x[0], x[1], x[2] = -0.0, float("nan"), float("-inf")
+                rows, vals = op(x, k, 0)
+                ref_rows, ref_vals = op(x, k, 1)
+                assert torch.equal(rows, ref_rows), (d, k, kind)
+                assert torch.equal(rows.long(), topk_indices(x[None], min(k, d))[0]), (d, k, kind)
+                assert torch.equal(vals, x[rows.long()]) or kind == "special", (d, k, kind)
+                assert torch.equal(vals.isnan(), x[rows.long()].isnan())
+                checked += 1
+    assert checked > 150
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_topk_select_gives_the_same_logits_as_topk_row(tmp_path, tokenizer, kind, dtype):
+    """The step's Top-K (``set_select(0)``, the default) and the selection before it (``set_select(1)``:
+    sparse_gemv.cpp's ``topk_row``) keep the same channels, so four steps give bit-identical logits (bf16
+    activations tie often: the tie policy is exercised)."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, dtype, hidden=168, intermediate=333)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for mode in (1, 0):
+        fu = DecodeEngine(model, max_len=40, fused=True)
+        fu._reset()
+        fu._forward(ids, 0)
+        fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+        fu._fused.set_select(mode)
+        logits[mode] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
+    assert torch.equal(logits[0], logits[1])
+    with pytest.raises(RuntimeError, match="fused_set_select"):
+        fu._fused.set_select(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["larosa", "joint"])
+def test_fused_residual_linears_reduced_by_every_thread_give_the_same_logits(tmp_path, tokenizer, kind, dtype):
+    """Split-K o_proj, down and residual adapter reduced by every thread itself with no barrier after
+    (``set_reduce(1)``, the default) add the same partial sums in the same order as the shared reduction
+    units (``set_reduce(0)``): bit-identical logits, at 1 and 2 threads, 1 and 2 parts per thread (the
+    partial-sum slots of consecutive phases must not overlap, or a fast thread overwrites what a slow one
+    still adds)."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, dtype, hidden=168, intermediate=333)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for parts in (1, 2):
+                logits = {}
+                for mode in (0, 1):
+                    fu = DecodeEngine(model, max_len=40, fused=True)
+                    fu._reset()
+                    fu._forward(ids, 0)
+                    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+                    assert fu._fused.set_split(2, parts) > 0
+                    fu._fused.set_reduce(mode)
+                    fu._fused.set_profile(True)
+                    logits[mode] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
+                    prof, steps = fu._fused.profile()
+                    assert steps == 4 and prof["down"]["reduce_s"] > 0 and prof["adapter"]["reduce_s"] > 0
+                assert torch.equal(logits[0], logits[1]), (nt, parts)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="fused_set_reduce"):
+        fu._fused.set_reduce(2)

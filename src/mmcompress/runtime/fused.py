@@ -20,8 +20,9 @@ checked in tests/test_fused_decode.py; what it does to tokens and perplexity: do
 
 LaRoSA models (``sparse/merge.py``'s residual-adapted layers with ``SparseLinear`` projections) and the
 joint artifact (LaRoSA then W8A8: ``sparse/joint.py``'s ``SparseInt8Linear``) run on the step too: each
-sparse projection selects the Top-K of its input with ``sparse_gemv.cpp``'s selection (the tie policy of
-``sparse/topk.py``; q/k/v and gate/up share one selection, as in the Python step) and runs that file's
+sparse projection selects the Top-K of its input (the channels of ``sparse_gemv.cpp``'s selection, the tie
+policy of ``sparse/topk.py``, by the step's AVX-512 radix select; q/k/v and gate/up share one selection, as in
+the Python step) and runs that file's
 sparse GEMV (float weight rows skipped) or sparse int8 GEMV (per-token int8 codes of the kept values,
 exact int32 sums) on the kept rows; each residual adapter ``r ← r A`` is one more phase after its layer
 (dense, on the same float GEMV at 0 %, or the integer kernel of an 8-bit weight-only adapter).
@@ -298,12 +299,13 @@ class FusedStep:
         self._ops.fused_set_profile(self.plan, bool(on))
 
     def profile(self) -> tuple[dict, int]:
-        """``({phase: {"own_ops_s", "units_s", "wait_s"}}, steps)``: seconds of thread 0 per phase, summed
-        over the steps since :meth:`set_profile` — its own small ops (residual, norm, smoothing,
-        activation quantization of the phase's input), its share of the phase's row units (attention:
-        heads), and its wait at the barrier that ends the phase."""
+        """``({phase: {"own_ops_s", "units_s", "wait_s", "reduce_s"}}, steps)``: seconds of thread 0 per phase,
+        summed over the steps since :meth:`set_profile` — its own small ops (residual, norm, smoothing,
+        activation quantization and Top-K selection of the phase's input), its share of the phase's row units
+        (attention: heads; split-K: its row parts), its waits at the phase's barriers, and its share of the
+        split-K reduction units (the sub-phase after the row parts)."""
         t, n = self._ops.fused_profile(self.plan)
-        return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s"), map(float, row)))
+        return ({ph: dict(zip(("own_ops_s", "units_s", "wait_s", "reduce_s"), map(float, row)))
                  for ph, row in zip(PHASES, t.tolist())}, int(n))
 
     def set_unit_cols(self, cols: int = 0) -> None:
@@ -318,6 +320,18 @@ class FusedStep:
         For measurements and tests.  Returns how many projections (adapters included) a step at torch's
         current thread count splits by rows."""
         return int(self._ops.fused_set_split(self.plan, int(mode), int(parts_per_thread)))
+
+    def set_select(self, mode: int = 0) -> None:
+        """Top-K selection of the sparse projections: 0 = the step's AVX-512 selection (default,
+        ``topk_select``), 1 = ``sparse_gemv.cpp``'s ``topk_row`` (the one before session 34).  Both keep
+        the same channels (ties to the lowest index), so the logits are bit-identical; for measurements."""
+        self._ops.fused_set_select(self.plan, int(mode))
+
+    def set_reduce(self, mode: int = 1) -> None:
+        """How the split-K residual linears (o_proj, down, the residual adapter) are reduced: 1 = every thread
+        adds all the row parts itself and goes on without a barrier (default), 0 = the shared reduction units
+        and a barrier (session 33).  Same values either way; for measurements."""
+        self._ops.fused_set_reduce(self.plan, int(mode))
 
     def set_trace(self, on: bool) -> None:
         """Record (on) what the next steps compute per layer, for :meth:`trace` (a debugging aid)."""

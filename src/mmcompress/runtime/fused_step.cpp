@@ -13,8 +13,9 @@
 //   kind 3  weight-only int4 on bf16 activations: int_gemm.cpp's bf16 tiles.
 //   kind 4  float weight stored input-channel-major WT [K, N] (LaRoSA's SparseLinear, and a residual
 //           adapter in the kernel layout) behind a per-token Top-K of its input (keep < K; keep = K:
-//           dense): sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep channels, ties
-//           to the lowest index, as sparse/topk.py) and its row-group GEMV (gemv_block), on the kept rows;
+//           dense): the channels of sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep
+//           channels, ties to the lowest index, as sparse/topk.py), selected by topk_select (below, the
+//           same radix select in AVX-512), and that file's row-group GEMV (gemv_block) on the kept rows;
 //   kind 5  LaRoSA + W8A8 (SparseInt8Linear): the same Top-K, per-token int8 codes of the kept values
 //           (divided by the fp32 smoothing row if any; quantize_values), uint8 codes + 128 [K, N] walked
 //           four kept rows at a time with VNNI (int8_block: a unit's accumulator of <= MAXCOLS columns stays
@@ -102,7 +103,8 @@ struct Input {
 };
 
 struct Local {  // one thread's buffers
-  std::vector<float> h, x, y, y2;
+  std::vector<float> h, x, y;
+  std::vector<float> t;  // [H]: a residual linear's whole output, reduced by this thread (see own_reduce)
   Input prep[3];
   float qt[1024], kt[1024], acc[1024];
 };
@@ -126,10 +128,18 @@ inline int64_t sparse_cols(int64_t N, int nt) {
 // Python-stepped kernels' split (sparse_gemv.cpp run_gemv / int8_from_selection with rp = threads): each
 // unit streams whole kept rows of WT, the longest contiguous runs the layout has.  A second phase, parallel
 // over REDUCE_COLS-column units, adds the parts in order (p = 0, 1, ...) and applies the epilogue
-// (sparse_reduce).  The rule: split-K when every part gets at least SPLITK_MIN_ROWS kept rows, else the
-// column units above (fused_set_split forces either, for measurements and tests).
+// (sparse_reduce).  o_proj, down and the residual adapter, whose outputs every thread adds to its own residual
+// stream, skip that sub-phase and its barrier (session 34, own_reduce): each thread adds all the parts itself,
+// in the same order (fused_set_reduce(0) gives back the shared units).  The rule: split-K when every part gets
+// at least SPLITK_MIN_ROWS kept rows, else the column units above (fused_set_split forces either, for
+// measurements and tests).
 constexpr int64_t REDUCE_COLS = 512;    // columns per reduction unit (a multiple of 64: int8 lane order)
 constexpr int64_t SPLITK_MIN_ROWS = 16;
+// Slots of partial sums (each [parts][pstride]): q/k/v 0..2, gate/up 0..1, o_proj 3, down 4 before a residual
+// adapter (else 3), the adapter 3.  A residual linear reduced by every thread itself (own_reduce) ends
+// without a barrier, so a fast thread may already write the next split-K phase's parts while a slow one
+// still reads these: the slots are chosen so that a residual linear's never is the next phase's.
+constexpr int64_t PSLOTS = 5;
 
 struct Plan {
   int64_t H = 0, nh = 0, nkv = 0, hd = 0, L = 0, max_len = 0, V = 0, I = 0;
@@ -148,15 +158,18 @@ struct Plan {
   alignas(64) std::atomic<int> bar_gen{0};       // and generation, each on its own cache line
   int64_t nphases = 0, nadapt = 0;
   std::vector<std::unique_ptr<Local>> local;
-  // split-K of the sparse kinds (see sparse_part): the row parts' partial sums, [3 linears][parts][pstride]
+  // split-K of the sparse kinds (see sparse_part): the row parts' partial sums, [PSLOTS][parts][pstride]
   // (fp32 for kind 4, int32 for kind 5), allocated when the step first needs more parts, not per step
+  int select_mode = 0;         // Top-K: 0 topk_select, 1 sparse_gemv.cpp's topk_row (fused_set_select)
+  int own_reduce = 1;          // split-K residual linears reduced by every thread, no barrier (fused_set_reduce)
   int split_mode = 0;          // 0: per linear by splitk_rule; 1: output columns only; 2: split-K always
   int64_t parts_per_thread = 1;
   int64_t nparts_alloc = 0, pstride = 0;
   std::unique_ptr<int32_t[]> parts;
-  // profile: [phase][own small ops, own units, barrier wait] seconds of thread 0, and steps
+  // profile: [phase][own small ops, own units, barrier wait, own split-K reduction units] seconds of thread 0,
+  // and steps
   bool profile = false;
-  double prof[NPHASE][3] = {};
+  double prof[NPHASE][4] = {};
   int64_t prof_steps = 0;
   // trace (fused_set_trace): per layer, what thread 0 saw of the last step (see fused_trace)
   bool trace = false;
@@ -217,16 +230,136 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
+// ---- Top-K selection (session 34) ----------------------------------------------------------------
+
+// The Top-K of one token's input x [d] by magnitude, exactly sparse_gemv.cpp's topk_row (keep k channels;
+// key = |x| as the bits of a non-negative float, so NaN counts as largest; ties at the K-th key keep the
+// lowest indices) and its kept values: rows ascending, vals[j] = x[rows[j]].  topk_row's radix pre-pass,
+// in AVX-512: one pass for the keys (and their maximum, where the bin search starts), a 2048-bin histogram
+// of the top 11 key bits, the K-th key's bin gathered with a compress; inside a bin of more than 256 keys
+// two more histogram levels (bits 9..19, then 0..8) give the K-th key exactly instead of nth_element; the
+// output pass compresses the indices and values of the kept lanes (no data-dependent branch per channel;
+// ties at the threshold taken from the lowest lanes with pdep).  Each thread selects for itself (every
+// thread needs the whole selection), so the selection is on the step's critical path: 16 per token on
+// the 7B stack, 0.41-0.43 ms/token less than with topk_row there (docs/runtime.md, session 34).
+void topk_select(const float* x, int64_t d, int64_t k, std::vector<uint32_t>& keyv, std::vector<uint32_t>& candv,
+                 std::vector<int32_t>& rows, std::vector<float>& vals) {
+  if (k >= d || k <= 0) {
+    const int64_t n = k <= 0 ? 0 : d;
+    rows.resize(n);
+    vals.resize(n);
+    for (int64_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
+    if (n) std::memcpy(vals.data(), x, n * sizeof(float));
+    return;
+  }
+  keyv.resize(d + 16);
+  uint32_t* keys = keyv.data();
+  uint32_t hist[2048];
+  std::memset(hist, 0, sizeof(hist));
+  const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+  __m512i vmax = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i < d; i += 16) {
+    const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+    const __m512i kv = _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + i), absm);
+    _mm512_mask_storeu_epi32(keys + i, m, kv);
+    vmax = _mm512_max_epu32(vmax, kv);
+  }
+  for (i = 0; i + 4 <= d; i += 4) {
+    hist[keys[i] >> 20]++;
+    hist[keys[i + 1] >> 20]++;
+    hist[keys[i + 2] >> 20]++;
+    hist[keys[i + 3] >> 20]++;
+  }
+  for (; i < d; ++i) hist[keys[i] >> 20]++;
+  int64_t above = 0;
+  int bin = static_cast<int>(_mm512_reduce_max_epu32(vmax) >> 20);
+  for (; bin >= 0; --bin) {
+    if (above + hist[bin] >= k) break;
+    above += hist[bin];
+  }
+  candv.resize(hist[bin] + 16);
+  uint32_t* cand = candv.data();
+  int64_t nc = 0;
+  const __m512i vb = _mm512_set1_epi32(bin);
+  for (i = 0; i < d; i += 16) {
+    const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+    const __m512i kv = _mm512_maskz_loadu_epi32(m, keys + i);
+    const __mmask16 e = _mm512_mask_cmpeq_epi32_mask(m, _mm512_srli_epi32(kv, 20), vb);
+    _mm512_storeu_si512(cand + nc, _mm512_maskz_compress_epi32(e, kv));
+    nc += __builtin_popcount(e);
+  }
+  const int64_t r = k - above;  // rank of the K-th key inside its bin (1-based, from the top)
+  uint32_t tau;
+  int64_t gt = above;
+  if (nc > 256) {  // two more radix levels (bits 9..19, then 0..8) instead of nth_element on a big bin
+    uint32_t h2[2048];
+    std::memset(h2, 0, sizeof(h2));
+    for (int64_t j = 0; j < nc; ++j) h2[(cand[j] >> 9) & 0x7ff]++;
+    int b2 = 2047;
+    for (; b2 >= 0; --b2) {
+      if (gt + h2[b2] >= k) break;
+      gt += h2[b2];
+    }
+    uint32_t h3[512];
+    std::memset(h3, 0, sizeof(h3));
+    for (int64_t j = 0; j < nc; ++j)
+      if (((cand[j] >> 9) & 0x7ff) == static_cast<uint32_t>(b2)) h3[cand[j] & 0x1ff]++;
+    int b3 = 511;
+    for (; b3 >= 0; --b3) {
+      if (gt + h3[b3] >= k) break;
+      gt += h3[b3];
+    }
+    tau = (static_cast<uint32_t>(bin) << 20) | (static_cast<uint32_t>(b2) << 9) | static_cast<uint32_t>(b3);
+  } else {
+    std::nth_element(cand, cand + (r - 1), cand + nc, std::greater<uint32_t>());
+    tau = cand[r - 1];
+    for (int64_t j = 0; j < r - 1; ++j) gt += cand[j] > tau;  // elements before the pivot are >= tau
+  }
+  uint32_t ties = static_cast<uint32_t>(k - gt);
+  rows.resize(k + 16);
+  vals.resize(k + 16);
+  int32_t* ro = rows.data();
+  float* vo = vals.data();
+  int64_t n = 0;
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(tau));
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  for (i = 0; i < d; i += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+    const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+    const __m512i kv = _mm512_maskz_loadu_epi32(m, keys + i);
+    __mmask16 keep = _mm512_mask_cmpgt_epu32_mask(m, kv, vt);
+    if (ties) {
+      const uint32_t eq = _mm512_mask_cmpeq_epi32_mask(m, kv, vt);
+      if (eq) {
+        const uint32_t c = static_cast<uint32_t>(__builtin_popcount(eq));
+        const uint32_t take = c <= ties ? eq : _pdep_u32((1u << ties) - 1, eq);
+        ties -= c <= ties ? c : ties;
+        keep |= static_cast<__mmask16>(take);
+      }
+    }
+    _mm512_storeu_si512(ro + n, _mm512_maskz_compress_epi32(keep, idx));
+    _mm512_storeu_ps(vo + n, _mm512_maskz_compress_ps(keep, _mm512_maskz_loadu_ps(m, x + i)));
+    n += __builtin_popcount(keep);
+  }
+  rows.resize(n);
+  vals.resize(n);
+}
+
 // ---- a linear's input, per thread (the deployed linear's and its kernel's preparation, for one token)
 
 void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
   const int64_t K = l.K;
   if (l.kind >= 4) {  // Top-K of x (exactly keep channels, ties to the lowest index; keep >= K: all)
-    p.rows.clear();
-    topk_row(x, K, l.keep, p.keys, p.cand, p.rows);
+    if (P.select_mode == 0) {
+      topk_select(x, K, l.keep, p.keys, p.cand, p.rows, p.vals);
+    } else {  // fused_set_select(1): sparse_gemv.cpp's topk_row, then the values (the reference)
+      p.rows.clear();
+      topk_row(x, K, l.keep, p.keys, p.cand, p.rows);
+      p.vals.resize(p.rows.size());
+      for (size_t j = 0; j < p.rows.size(); ++j) p.vals[j] = x[p.rows[j]];
+    }
     const int64_t n = static_cast<int64_t>(p.rows.size());
-    p.vals.resize(n);
-    for (int64_t j = 0; j < n; ++j) p.vals[j] = x[p.rows[j]];
     if (l.kind == 5) {  // int8_from_selection's activation codes, one token
       if (!l.smooth.empty())
         for (int64_t j = 0; j < n; ++j) p.vals[j] = p.vals[j] / l.smooth[p.rows[j]];
@@ -794,17 +927,37 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
       const int64_t c0 = u * REDUCE_COLS, c1 = std::min(lins[i]->N, c0 + REDUCE_COLS);
       sparse_reduce(P, *lins[i], *ins[i], parts + i * np * P.pstride, np, P.pstride, c0, c1, L.y.data(), outs[i] + c0);
     });
+    tm.mark(phase, 3);
   };
-  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down)
-  auto residual_linear = [&](int phase, const Lin& lin, const float* x) {
+  // a linear [H <- K] on the whole input x whose output is added to the residual stream (o_proj, down).  Split-K
+  // with own_reduce (the default): the row parts (partials in slot `slot`), one barrier, then EVERY thread adds
+  // all the parts itself (sparse_reduce over the whole output, the same order and epilogue as the shared
+  // reduction units: the same values) into its own buffer and its residual stream — no second barrier and no
+  // shared output; 2-3 us of redundant adds per thread at H = 4096 instead of a barrier.
+  auto own_reduced = [&](int phase, const Lin& lin, const Input& in, int64_t slot) -> const float* {
+    if (!P.own_reduce || !use_splitk(P, lin, np)) return nullptr;
+    int32_t* ps = parts + slot * np * P.pstride;
+    take(P.next[ph++], np, [&](int64_t u) { sparse_part(lin, in, u, np, ps + u * P.pstride); });
+    barrier(phase);
+    ph++;  // the shared reduction's counter, unused
+    for (int64_t c0 = 0; c0 < lin.N; c0 += REDUCE_COLS)
+      sparse_reduce(P, lin, in, ps, np, P.pstride, c0, std::min(lin.N, c0 + REDUCE_COLS), L.y.data(), L.t.data() + c0);
+    tm.mark(phase, 3);
+    return L.t.data();
+  };
+  auto residual_linear = [&](int phase, const Lin& lin, const float* x, int64_t slot) {
     prepare(P, lin, x, L.prep[0]);
     tm.mark(phase, 0);
-    const Lin* ls[1] = {&lin};
-    const Input* in[1] = {&L.prep[0]};
-    float* out[1] = {P.t.data()};
-    run_linears(phase, 1, ls, in, out);
-    barrier(phase);
-    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + P.t[i]);
+    const float* t = own_reduced(phase, lin, L.prep[0], slot);
+    if (!t) {
+      const Lin* ls[1] = {&lin};
+      const Input* in[1] = {&L.prep[0]};
+      float* out[1] = {P.t.data()};
+      run_linears(phase, 1, ls, in, out);
+      barrier(phase);
+      t = P.t.data();
+    }
+    for (int64_t i = 0; i < H; ++i) L.h[i] = rnd(P, L.h[i] + t[i]);
   };
   const Input* pp[3];
   const bool tracing = P.trace && tid == 0;
@@ -835,7 +988,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     });
     barrier(1);
     trace(P.a.data(), P.nh * P.hd);
-    residual_linear(2, l.o, P.a.data());  // o_proj
+    residual_linear(2, l.o, P.a.data(), 3);  // o_proj
     // gate / up, SiLU(gate) * up for the same rows
     rms_norm(P, L.h.data(), l.ln2, L.x.data());
     trace(L.x.data(), H);
@@ -855,6 +1008,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
         sparse_reduce(P, l.up, *pp[1], parts + np * P.pstride, np, P.pstride, b, e, L.y.data(), ubuf);
         silu_mul(P, gbuf, ubuf, b, e);
       });
+      tm.mark(3, 3);
     } else {
       take(P.next[ph++], units_of(l.gate), [&](int64_t u) {
         const int64_t b = u * l.gate.cols, e = std::min(P.I, b + l.gate.cols);
@@ -866,17 +1020,21 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     }
     barrier(3);
     trace(P.g.data(), P.I);
-    residual_linear(4, l.down, P.g.data());  // down
+    residual_linear(4, l.down, P.g.data(), l.has_adapt ? 4 : 3);  // down
     trace(L.h.data(), H);
     if (l.has_adapt) {  // LaRoSA's residual adapter: the stream becomes h A (its own output buffer t2)
       prepare(P, l.adapt, L.h.data(), L.prep[0]);
       tm.mark(6, 0);
-      const Lin* ls[1] = {&l.adapt};
-      const Input* in[1] = {&L.prep[0]};
-      float* out[1] = {P.t2.data()};
-      run_linears(6, 1, ls, in, out);
-      barrier(6);
-      std::memcpy(L.h.data(), P.t2.data(), H * sizeof(float));
+      const float* t = own_reduced(6, l.adapt, L.prep[0], 3);
+      if (!t) {
+        const Lin* ls[1] = {&l.adapt};
+        const Input* in[1] = {&L.prep[0]};
+        float* out[1] = {P.t2.data()};
+        run_linears(6, 1, ls, in, out);
+        barrier(6);
+        t = P.t2.data();
+      }
+      std::memcpy(L.h.data(), t, H * sizeof(float));
     }
     trace(L.h.data(), H);
   }
@@ -908,12 +1066,13 @@ at::Tensor fused_step(int64_t id, int64_t token, int64_t pos) {
     const int64_t big = std::max({P.H, P.I, P.nh * P.hd});
     L->h.resize(P.H);
     L->x.resize(big);
+    L->t.resize(P.H);
     L->y.resize(MAXCOLS);
     P.local.push_back(std::move(L));
   }
-  if (nt * P.parts_per_thread > P.nparts_alloc) {  // split-K partial sums: 3 linears x parts x pstride
+  if (nt * P.parts_per_thread > P.nparts_alloc) {  // split-K partial sums: PSLOTS x parts x pstride
     P.nparts_alloc = nt * P.parts_per_thread;
-    P.parts.reset(new int32_t[static_cast<size_t>(3 * P.nparts_alloc * P.pstride)]);
+    P.parts.reset(new int32_t[static_cast<size_t>(PSLOTS * P.nparts_alloc * P.pstride)]);
   }
   for (int64_t i = 0; i < P.nphases; ++i) P.next[i].store(0, std::memory_order_relaxed);
   at::Tensor out = at::empty({1, P.V}, at::TensorOptions().dtype(P.bf16 ? at::kBFloat16 : at::kFloat));
@@ -974,6 +1133,45 @@ int64_t fused_set_split(int64_t id, int64_t mode, int64_t parts_per_thread) {
   return n;
 }
 
+// The Top-K selection of the sparse kinds: mode 0 = topk_select (default), 1 = sparse_gemv.cpp's topk_row (the
+// selection before session 34).  Both keep the same channels; for measurements (A/B in one process) and tests.
+void fused_set_select(int64_t id, int64_t mode) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(mode == 0 || mode == 1, "fused_set_select: mode 0 (topk_select) or 1 (topk_row)");
+  P.select_mode = static_cast<int>(mode);
+}
+
+// The kept channels (int32, ascending) and their values of one fp32 row x [d] by either selection (mode as
+// fused_set_select), for the selection's tests.
+std::tuple<at::Tensor, at::Tensor> fused_topk(const at::Tensor& x, int64_t k, int64_t mode) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "fused_topk: a contiguous fp32 row");
+  TORCH_CHECK(mode == 0 || mode == 1, "fused_topk: mode 0 or 1");
+  const int64_t d = x.numel();
+  std::vector<uint32_t> keys, cand;
+  std::vector<int32_t> rows;
+  std::vector<float> vals;
+  if (mode == 0) {
+    topk_select(x.data_ptr<float>(), d, k, keys, cand, rows, vals);
+  } else {
+    topk_row(x.data_ptr<float>(), d, k, keys, cand, rows);
+    for (int32_t r : rows) vals.push_back(x.data_ptr<float>()[r]);
+  }
+  at::Tensor r = at::empty({static_cast<int64_t>(rows.size())}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor v = at::empty({static_cast<int64_t>(vals.size())}, at::TensorOptions().dtype(at::kFloat));
+  if (!rows.empty()) std::memcpy(r.data_ptr<int32_t>(), rows.data(), rows.size() * sizeof(int32_t));
+  if (!vals.empty()) std::memcpy(v.data_ptr<float>(), vals.data(), vals.size() * sizeof(float));
+  return {r, v};
+}
+
+// How the split-K residual linears (o_proj, down, the residual adapter) are reduced: mode 1 = every thread adds all
+// the parts itself, no barrier after (own_reduce, the default since session 34), 0 = shared reduction units and a
+// barrier (session 33).  Both give the same values; for measurements and tests.
+void fused_set_reduce(int64_t id, int64_t mode) {
+  Plan& P = get_plan(id);
+  TORCH_CHECK(mode == 0 || mode == 1, "fused_set_reduce: mode 0 (shared units) or 1 (every thread)");
+  P.own_reduce = static_cast<int>(mode);
+}
+
 void fused_set_profile(int64_t id, bool on) {
   Plan& P = get_plan(id);
   P.profile = on;
@@ -981,10 +1179,11 @@ void fused_set_profile(int64_t id, bool on) {
   P.prof_steps = 0;
 }
 
-// [phase, part] seconds summed over the profiled steps (thread 0), and the number of steps
+// [phase, part] seconds summed over the profiled steps (thread 0; parts: own small ops, units, barrier waits,
+// split-K reduction units), and the number of steps
 std::tuple<at::Tensor, int64_t> fused_profile(int64_t id) {
   Plan& P = get_plan(id);
-  at::Tensor t = at::empty({NPHASE, 3}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor t = at::empty({NPHASE, 4}, at::TensorOptions().dtype(at::kDouble));
   std::memcpy(t.data_ptr<double>(), P.prof, sizeof(P.prof));
   return {t, P.prof_steps};
 }
@@ -1001,4 +1200,7 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_set_unit_cols(int plan, int cols) -> ()", &fused_set_unit_cols);
   m.def("fused_trace(int plan) -> Tensor", &fused_trace);
   m.def("fused_set_split(int plan, int mode, int parts_per_thread) -> int", &fused_set_split);
+  m.def("fused_set_select(int plan, int mode) -> ()", &fused_set_select);
+  m.def("fused_set_reduce(int plan, int mode) -> ()", &fused_set_reduce);
+  m.def("fused_topk(Tensor x, int k, int mode) -> (Tensor, Tensor)", &fused_topk);
 }
