@@ -197,8 +197,8 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
                      "decode_baseline": speed.get("dense_baseline"), "decode_path": _path_cell(speed),
                      "decode_speedup_same_dtype": _r(speed.get("speedup_same_dtype")), "calib_s": secs})
         _log(f"{method}: ppl {rows[-1]['wiki_ppl']}, sparsity {rows[-1]['sparsity']}, "
-             f"decode speed-up {rows[-1]['decode_speedup']} ({rows[-1]['decode_path']} step vs "
-             f"{rows[-1]['decode_baseline']}; tok/s {speed.get('variants_tok_s')})")
+             f"decode speed-up {rows[-1]['decode_speedup']} vs {rows[-1]['decode_baseline']} "
+             f"(step: {rows[-1]['decode_path']}; tok/s {speed.get('variants_tok_s')})")
         del model
     del baselines
     result = {"rows": rows, "settings": cfg, "quick": quick, "seconds": round(time.time() - t_start, 1),
