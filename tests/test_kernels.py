@@ -5,6 +5,8 @@ The C++ extension is built once per session (module fixture); without a C++ comp
 skip, with one they must build.
 """
 
+import copy
+import math
 import shutil
 import warnings
 
@@ -313,24 +315,44 @@ def test_triton_threshold_mode_and_sparse_linear_module():
     assert _rel(m(x), ref) < 1e-2
 
 
-def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
-    from mmcompress_testbed.decode_speed import model_decode_benchmark
+def _sparsified_tiny_llama(tokenizer, selector):
     from .tiny_models import tiny_model
 
     model, _ = tiny_model("llama", tokenizer=tokenizer)
-    n = 0
+    dense = copy.deepcopy(model)
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 lin = getattr(parent, name)
-                setattr(parent, name, SparseLinear.from_linear(lin, keep_count(lin.in_features, 0.5)))
-                n += 1
+                setattr(parent, name, SparseLinear.from_linear(lin, selector(lin)))
+    return model, dense
+
+
+def test_model_decode_speedup_runs_the_product_engine_against_the_fastest_dense_path(cpu_kernel, tokenizer):
+    """The demo's decode figure (``bench_decode.model_decode_speedup``): the sparsified model as
+    ``mmcompress.load`` runs it, on the decode engine (the fused step where it can), interleaved with the
+    dense variants of the original model; the fastest of those is the baseline."""
+    from mmcompress.runtime import fused
+    from mmcompress.runtime.bench_decode import dense_variants, model_decode_speedup
+
+    model, dense = _sparsified_tiny_llama(tokenizer, lambda lin: keep_count(lin.in_features, 0.5))
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
-    res = model_decode_benchmark(model, tokens=3, prompt_ids=ids, rounds=1, backend="cpu")
-    assert res["modules"] == n and res["backend"] == "cpu" and res["dense_tok_s"] > 0
-    assert all(m.backend == "cpu" and m.mode == "topk" and m.kernel_layout for m in
-               model.modules() if isinstance(m, SparseLinear))
+    baselines = dense_variants(dense)
+    assert set(baselines) == {"engine_fp32", "engine_bf16", "engine_own_kernel_0pct"}
+    res = model_decode_speedup(model, ids, tokens=3, rounds=1, baselines=baselines)
+    assert res["variants_tok_s"].keys() == {"compressed", *baselines}
+    tok_s = res["variants_tok_s"]
+    assert res["dense_baseline"] == max(baselines, key=tok_s.get)  # the fastest dense path, never a slower one
+    assert res["dense_tok_s"] == tok_s[res["dense_baseline"]] and res["tok_s"] == tok_s["compressed"]
+    assert math.isclose(res["speedup"], res["tok_s"] / res["dense_tok_s"], rel_tol=0.01)
+    if fused.load():
+        assert res["decode_path"] == "fused" and res["fused_problem"] is None
+    else:
+        assert res["decode_path"] == "python" and res["fused_problem"]
+    # left as mmcompress.load runs a sparse artifact: kernel layout, dense prefill
+    assert all(m.backend == "cpu" and m.mode == "topk" and m.kernel_layout and not m.sparse_prefill
+               for m in model.modules() if isinstance(m, SparseLinear))
     # decode steps on the kernel give the same logits as the reference path
     for m in model.modules():
         if isinstance(m, SparseLinear):
@@ -340,6 +362,22 @@ def test_model_decode_benchmark_on_tiny_sparse_model(cpu_kernel, tokenizer):
     disable_sparse_decode(model)  # the PyTorch reference path
     with torch.no_grad():
         assert _rel(model(input_ids=ids[:, -1:]).logits, last) < 1e-4
+
+
+def test_model_decode_speedup_says_when_the_sparse_model_is_not_on_the_fused_step(cpu_kernel, tokenizer):
+    """TEAL's threshold sparsifier has no fused step: the row says so (Python step, and why)."""
+    from mmcompress.runtime import fused
+    from mmcompress.runtime.bench_decode import model_decode_speedup
+    from mmcompress.sparse.topk import Threshold
+
+    if not fused.load():
+        pytest.skip("no fused decode step on this CPU")
+    model, dense = _sparsified_tiny_llama(tokenizer, lambda lin: Threshold(0.05))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    res = model_decode_speedup(model, ids, tokens=3, rounds=1)  # baselines: the model's own dense form
+    assert res["decode_path"] == "python" and "threshold" in res["fused_problem"]
+    assert res["variants_step"]["compressed"] == "python"
+    assert res["variants_step"][res["dense_baseline"]] == "fused"
 
 
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_one(cpu_kernel):

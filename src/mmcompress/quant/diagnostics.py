@@ -52,6 +52,40 @@ def _sqnr(signal: float, noise: float) -> float | None:
     return 10.0 * math.log10(signal / noise)
 
 
+class _Groups:
+    """The tokens of each modality in flat ids ``[T]`` (one ``bincount``, one host sync): ``present``
+    (the ids with tokens, ascending), ``n`` (one more than the largest id) and ``index[m]`` (the token
+    positions of ``m``; ``None`` when one modality has every token)."""
+
+    __slots__ = ("ids", "present", "n", "index")
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        counts = torch.bincount(ids).tolist() if ids.numel() else []
+        self.present = [m for m, c in enumerate(counts) if c]
+        self.n = len(counts)
+        self.index = None if len(self.present) < 2 else {m: (ids == m).nonzero().squeeze(1) for m in self.present}
+
+    def rows(self, t: torch.Tensor, m: int) -> torch.Tensor:
+        """The rows of ``t`` ``[T, ...]`` that belong to modality ``m``."""
+        return t if self.index is None else t.index_select(0, self.index[m])
+
+
+def _energies(ref: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token ``||ref_t||²`` and ``||out_t − ref_t||²`` (float64 ``[T]``).  Each token's sum is taken in
+    the inputs' precision (float32 for 16-bit inputs; float64 inputs stay float64), only the ``[T]``
+    results in float64: the accumulation over tokens and the SQNR's ratio are the float64 part, so the
+    figures differ from an all-float64 computation by float32 round-off of one token's sum."""
+    ref = ref.detach().reshape(-1, ref.shape[-1])
+    out = out.detach().reshape(-1, out.shape[-1])
+    if ref.dtype != torch.float64:
+        ref, out = ref.float(), out.float()  # no copy for float32
+    else:
+        out = out.double()
+    d = out - ref
+    return torch.linalg.vecdot(ref, ref).double(), torch.linalg.vecdot(d, d).double()
+
+
 class _Acc:
     def __init__(self, per_token: bool = False):
         self.signal: dict[int, float] = {}
@@ -59,17 +93,21 @@ class _Acc:
         self.per_token = per_token
         self.token_db: dict[int, list[torch.Tensor]] = {}
 
-    def add(self, ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor):
-        ref = ref.detach().double().reshape(-1, ref.shape[-1])
-        err = (out.detach().double().reshape(-1, out.shape[-1]) - ref).pow(2).sum(-1)
-        sig = ref.pow(2).sum(-1)
-        for m in ids.unique().tolist():
-            sel = ids == m
-            self.signal[m] = self.signal.get(m, 0.0) + float(sig[sel].sum())
-            self.noise[m] = self.noise.get(m, 0.0) + float(err[sel].sum())
-            if self.per_token:
-                db = 10.0 * torch.log10(sig[sel].clamp(min=1e-30) / err[sel].clamp(min=1e-30))
-                self.token_db.setdefault(m, []).append(db.float().cpu())
+    def add(self, ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, groups: _Groups | None = None):
+        """Add the tokens of ``out`` against ``ref`` (``[..., d]``, modality ids ``ids`` ``[T]``; ``groups``:
+        ``_Groups(ids)`` when the caller already has it)."""
+        g = groups if groups is not None else _Groups(ids)
+        sig, err = _energies(ref, out)
+        sums = torch.zeros(g.n, 2, dtype=torch.float64, device=sig.device)
+        sums.index_add_(0, g.ids.to(sig.device), torch.stack([sig, err], 1))
+        sums = sums.tolist()  # one host sync for every modality
+        for m in g.present:
+            self.signal[m] = self.signal.get(m, 0.0) + sums[m][0]
+            self.noise[m] = self.noise.get(m, 0.0) + sums[m][1]
+        if self.per_token:
+            db = 10.0 * torch.log10(sig.clamp(min=1e-30) / err.clamp(min=1e-30))
+            for m in g.present:
+                self.token_db.setdefault(m, []).append(g.rows(db, m).float().cpu())
 
     def result(self) -> dict:
         return {MODALITY_NAMES[m]: _sqnr(self.signal[m], self.noise[m]) for m in sorted(self.signal)}
@@ -81,6 +119,31 @@ class _Acc:
 def _flat_ids(ids: torch.Tensor) -> torch.Tensor:
     ids = ids.reshape(-1).long()
     return method_modalities(ids)
+
+
+class _InputStats:
+    """What the diagnostics take from a linear's input, computed once per input tensor: q/k/v (and
+    gate/up) read the same one.  ``groups`` of its tokens' ids and per modality the per-channel absmax."""
+
+    def __init__(self):
+        self.clear()
+
+    def of(self, x: torch.Tensor, src_ids: torch.Tensor) -> tuple[_Groups, dict[int, torch.Tensor]]:
+        """``(groups, {modality: per-channel max |x| over its tokens})`` of input ``x`` whose tokens have
+        the (unflattened) ids ``src_ids``."""
+        if x is not self.x or src_ids is not self.src or x._version != self.version:
+            g = _Groups(_flat_ids(src_ids).to(x.device))
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            amax = {}
+            for m in g.present:
+                lo, hi = torch.aminmax(g.rows(x2, m), dim=0)  # max |x| = max(max x, −min x): no |x| copy
+                amax[m] = torch.maximum(hi, lo.neg()).abs_()  # abs_: +0.0 where a channel is all zeros
+            # holding x and the ids keeps the identity check sound (no other tensor can take their ids)
+            self.x, self.src, self.version, self.value = x, src_ids, x._version, (g, amax)
+        return self.value
+
+    def clear(self):
+        self.x = self.src = self.version = self.value = None
 
 
 class Diagnostics:
@@ -102,25 +165,26 @@ class Diagnostics:
         """Record layer ``ctx.index`` (compressed ``ctx.layer`` against ``fp_layer``) and return the
         compressed layer's outputs on ``ctx``'s samples (on the CPU), which the engine carries on instead
         of running the layer a second time."""
+        from ..models.modality import modality_context
         from .linear import QuantLinear
 
         layer = ctx.layer
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        fp_linears = {n: fp_layer.get_submodule(n) for n in linears}
         accs = {n: _Acc() for n in linears}
-        act: dict[str, dict[int, torch.Tensor]] = {n: {} for n in linears}
+        act: dict[str, dict[int, torch.Tensor]] = {n: {} for n in linears}  # running per-channel absmax
         current = {}
+        seen = _InputStats()
 
         def hook(name):
             def h(mod, args, output):
                 x = args[0]
-                ids = _flat_ids(ids_of_tokens(x, current["ids"]))  # an MoE expert: its routed tokens
-                ref = fp_layer.get_submodule(name)(x)
-                accs[name].add(ref, output, ids)
-                xf = x.detach().reshape(-1, x.shape[-1]).abs()
-                for m in ids.unique().tolist():
-                    amax = xf[ids == m].amax(0).double().cpu()
-                    prev = act[name].get(m)
-                    act[name][m] = amax if prev is None else torch.maximum(prev, amax)
+                g, amax = seen.of(x, ids_of_tokens(x, current["ids"]))  # an MoE expert: its routed tokens
+                accs[name].add(fp_linears[name](x), output, g.ids, g)
+                run = act[name]
+                for m, a in amax.items():
+                    prev = run.get(m)
+                    run[m] = a.clone() if prev is None else torch.maximum(prev, a, out=prev)
             return h
 
         handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -131,9 +195,8 @@ class Diagnostics:
                 ids = _flat_ids(ctx.modality_ids[j]).to(ctx.device)
                 current["ids"] = ids
                 out = ctx.run(j)
+                seen.clear()
                 outputs.append(out.to("cpu"))
-                from ..models.modality import modality_context
-
                 with modality_context(ctx.modality_ids[j].to(ctx.device)):
                     ref = fp_layer(ctx.inputs[j].to(ctx.device), **ctx.kwargs(j))
                 ref = ref[0] if isinstance(ref, tuple) else ref
@@ -145,6 +208,7 @@ class Diagnostics:
         for name, mod in linears.items():
             stats = {}
             for m, amax in act[name].items():
+                amax = amax.double().cpu()
                 med = float(amax.median())
                 stats[MODALITY_NAMES[m]] = {"absmax": float(amax.max()), "median_channel_absmax": med,
                                             "outlier_ratio": float(amax.max()) / med if med > 0 else None}

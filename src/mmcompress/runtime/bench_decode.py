@@ -21,6 +21,11 @@ rotates every round, so machine noise hits them alike):
 Per-token times are the decode steps after the first new token (the prefill).  ``tok_s`` = 1 / median
 step time of the compressed variant; ``tok_s_best_run`` = the best round's steps / their total time
 (the "best of N" convention of issue 22's table).
+
+:func:`model_decode_speedup` is the same comparison for a compressed model held in memory (the demo's
+decode figure): that model on the engine as ``mmcompress.load`` would run it against :func:`dense_variants`
+(of the original model when the caller has it), with the same interleaved rounds
+(:func:`interleaved_steps`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import copy
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -123,6 +129,126 @@ def _own_kernel(model: nn.Module) -> nn.Module | None:
     return model
 
 
+def dense_variants(model: nn.Module) -> dict[str, nn.Module]:
+    """The dense candidates a decode speed-up is quoted against (the fastest of them), built from ``model``
+    (a plain model, or a compressed one in its reference form: :func:`densify`): ``engine_fp32``,
+    ``engine_bf16`` and, on a CPU with the sparse kernels, ``engine_own_kernel_0pct`` (bf16, the seven
+    projections of every layer on our dense GEMV).  Copies; ``model`` is not changed."""
+    out = {"engine_fp32": densify(model, torch.float32), "engine_bf16": densify(model, torch.bfloat16)}
+    own = _own_kernel(densify(model, torch.bfloat16))
+    if own is not None:
+        out["engine_own_kernel_0pct"] = own
+    return out
+
+
+def engine_run(engine: DecodeEngine, ids: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, list[float]]]:
+    """``n -> (ids followed by n greedy tokens, the decode steps' seconds)`` of ``engine`` on prompt ``ids``."""
+    def run(n):
+        tm = {}
+        out = engine.generate(ids, n, timings=tm)
+        return out, tm["step_s"]
+    return run
+
+
+def interleaved_steps(variants: dict[str, Callable[[int], tuple[torch.Tensor, list[float]]]], tokens: int,
+                      rounds: int, prompt: int) -> tuple[dict, dict, dict]:
+    """Each variant ``run(n) -> (ids [1, prompt + n], step seconds)`` once for warm-up (``min(tokens, 4)``
+    tokens: first-call dispatch, kernel builds), then ``rounds`` rounds of ``tokens`` tokens, the order
+    rotating every round so that machine noise hits the variants alike.  Returns ``(steps, runs, tokens)``
+    per variant: every step's seconds, each round's tokens/s, the last round's new token ids."""
+    names = list(variants)
+    steps = {k: [] for k in names}
+    runs = {k: [] for k in names}
+    out_tokens = {}
+    for k in names:
+        variants[k](min(tokens, 4))
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            out, st = variants[k](tokens)
+            steps[k].extend(st)
+            runs[k].append(len(st) / sum(st))
+            out_tokens[k] = out[0, prompt:].tolist()
+    return steps, runs, out_tokens
+
+
+def step_of(engine: DecodeEngine) -> tuple[str, str | None]:
+    """Which single-token step ``engine`` runs (``"fused"``, ``"python"``: the fast path's Python step, or
+    ``"hf"``: the model's own forward) and, when it is not the fused step, why not."""
+    if engine.fused:
+        return "fused", None
+    if engine.path != "fast":
+        return "hf", engine.why_hf or "not on the fast path"
+    if engine.compiled:
+        return "python", "compiled step (torch.compile)"
+    from .fused import fused_problem
+
+    return "python", fused_problem(engine)
+
+
+@torch.no_grad()
+def model_decode_speedup(model: nn.Module, prompt_ids: torch.Tensor | None = None, tokens: int = 16,
+                         rounds: int = 2, *, baselines: dict[str, nn.Module] | None = None, backend: str = "auto",
+                         log=None) -> dict:
+    """Decode speed-up of a compressed model held in memory, measured on what the product runs.
+
+    ``model`` (e.g. just sparsified) is put in the state ``mmcompress.load`` gives its artifact (sparse
+    linears on the kernel ``backend`` for decode steps, dense prefill: ``enable_sparse_decode``; left so)
+    and decoded greedily by :class:`DecodeEngine` (the fused C++ step where ``fused_problem`` allows it,
+    else the Python step), interleaved with the dense ``baselines`` on their own engines (default
+    :func:`dense_variants` of ``model``; a caller that still has the original model passes
+    ``dense_variants(original)``: the original's cost, without e.g. LaRoSA's residual adapters).  Speed-up
+    = median step time of the fastest dense variant / the compressed one's.  ``prompt_ids`` ``[1, L]``
+    (default 16 deterministic ids).  Returns the JSON-ready result: ``tok_s``, ``dense_tok_s``,
+    ``speedup``, ``dense_baseline`` (the fastest dense variant), ``decode_path`` (``"fused"``,
+    ``"python"`` or ``"hf"``) and ``fused_problem`` (why not the fused step; ``None`` when it ran),
+    every variant's tok/s and step, ``speedup_same_dtype`` (against the dense engine in the compressed
+    model's dtype, for information) and the greedy-token agreement with the dense baseline."""
+    from ..sparse.decode import enable_sparse_decode
+    from ..sparse.joint import SparseInt8Linear
+    from ..sparse.kernels import resolve_backend
+    from ..sparse.linear import sparse_linears
+    from ..sparse.merge import ResidualAdaptedLayer
+
+    dev = next(model.parameters()).device
+    be = resolve_backend(backend, dev)
+    if sparse_linears(model) or any(isinstance(m, (ResidualAdaptedLayer, SparseInt8Linear)) for m in model.modules()):
+        enable_sparse_decode(model, be)
+    model.eval()
+    if baselines is None:
+        baselines = dense_variants(model)
+    if not baselines or "compressed" in baselines:
+        raise ValueError("baselines: one or more dense models, none named 'compressed'")
+    if prompt_ids is None:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", 1000)
+        prompt_ids = torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt_ids = prompt_ids.to(dev)
+    L = prompt_ids.shape[1]
+    engines = {k: DecodeEngine(m, max_len=L + tokens) for k, m in {"compressed": model, **baselines}.items()}
+    steps, runs, toks = interleaved_steps({k: engine_run(e, prompt_ids) for k, e in engines.items()},
+                                          tokens, rounds, L)
+    med = {k: statistics.median(v) for k, v in steps.items()}
+    base = min(baselines, key=med.get)
+    path, why = step_of(engines["compressed"])
+    agree = sum(a == b for a, b in zip(toks["compressed"], toks[base])) / max(1, len(toks[base]))
+    same = {torch.float32: "engine_fp32", torch.bfloat16: "engine_bf16"}.get(engines["compressed"].dtype)
+    res = {"tokens": tokens, "rounds": rounds, "prompt": L, "threads": torch.get_num_threads(), "backend": be,
+           "tok_s": round(1 / med["compressed"], 3), "dense_tok_s": round(1 / med[base], 3),
+           "speedup": round(med[base] / med["compressed"], 3), "dense_baseline": base,
+           # against the dense engine in the compressed model's own dtype (not the baseline: for information)
+           "speedup_same_dtype": round(med[same] / med["compressed"], 3) if same in med else None,
+           "decode_path": path, "fused_problem": why,
+           "variants_tok_s": {k: round(1 / v, 3) for k, v in med.items()},
+           "variants_step": {k: step_of(e)[0] for k, e in engines.items()},
+           "greedy_token_agreement": round(agree, 3)}
+    if log is not None:
+        print(f"decode {tokens} tokens after {L}, {rounds} rounds, {res['threads']} threads: compressed on the "
+              f"{path} step{f' ({why})' if why else ''}", file=log)
+        for k, v in med.items():
+            print(f"  {k:24s} {1e3 * v:8.2f} ms/token  {1 / v:8.2f} tok/s  ({res['variants_step'][k]} step)", file=log)
+        print(f"  compressed vs {base}: {res['speedup']:.3f}x; greedy tokens agree {100 * agree:.0f}%", file=log)
+    return res
+
+
 class _StepClock:
     """A logits processor that timestamps every decoding step of HF ``generate``."""
 
@@ -176,11 +302,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     models = {"compressed": comp}
     if dense:
         ref = load(path, runtime="reference", trust_remote_code=trust_remote_code) if artifact else comp
-        models["engine_fp32"] = densify(ref, torch.float32)
-        models["engine_bf16"] = densify(ref, torch.bfloat16)
-        own = _own_kernel(densify(ref, torch.bfloat16))
-        if own is not None:
-            models["engine_own_kernel_0pct"] = own
+        models.update(dense_variants(ref))
         del ref
     engines = {k: DecodeEngine(m, max_len=n, compile=compile and k == "compressed") for k, m in models.items()}
     if engines["compressed"].fused:  # the same model on the engine's Python step, for the fused step's gain
@@ -188,27 +310,10 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     build_s = time.time() - t0
     vocab = getattr(comp.get_input_embeddings(), "num_embeddings", 1000)
     ids = _prompt_ids(path, prompt, vocab, trust_remote_code)
-    names = list(engines) + (["hf_generate"] if hf else [])
-    steps = {k: [] for k in names}
-    runs = {k: [] for k in names}
-    out_tokens = {}
-    for k in names:  # warm-up (first-call dispatch, kernel builds, compilation)
-        if k == "hf_generate":
-            _hf_generate(comp, ids, 2)
-        else:
-            engines[k].generate(ids, min(tokens, 4))
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            if k == "hf_generate":
-                out, st = _hf_generate(comp, ids, tokens)
-            else:
-                tm = {}
-                out = engines[k].generate(ids, tokens, timings=tm)
-                st = tm["step_s"]
-            steps[k].extend(st)
-            runs[k].append(len(st) / sum(st))
-            out_tokens[k] = out[0, prompt:].tolist()
+    variants = {k: engine_run(e, ids) for k, e in engines.items()}
+    if hf:
+        variants["hf_generate"] = lambda n: _hf_generate(comp, ids, n)
+    steps, runs, out_tokens = interleaved_steps(variants, tokens, rounds, prompt)
     med = {k: statistics.median(v) for k, v in steps.items()}
     wb = _tensor_bytes(_layer_linears(comp))
     res = {
@@ -249,4 +354,5 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     return res
 
 
-__all__ = ["densify", "engine_decode_benchmark"]
+__all__ = ["dense_variants", "densify", "engine_decode_benchmark", "engine_run", "interleaved_steps",
+           "model_decode_speedup", "step_of"]

@@ -69,8 +69,7 @@ class _SelectionCache:
 _SELECTION = _SelectionCache()
 
 # Optional profiler: when a dict, the CPU path adds Top-K selection seconds / calls to it
-# (the lab's decode benchmarks read it to report the Top-K overhead: ``benchmarks/stack_decode.py``,
-# the demo's ``mmcompress_testbed/decode_speed.py``).
+# (the lab's decode benchmark ``benchmarks/stack_decode.py`` reads it to report the Top-K overhead).
 PROFILE: dict | None = None
 
 
