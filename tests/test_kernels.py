@@ -417,3 +417,19 @@ def test_cpu_kernels_use_no_non_temporal_prefetch():
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if nta.search(line.split("//")[0])]
     assert not hits, "non-temporal prefetch in a CPU kernel:\n" + "\n".join(hits)
+
+
+def test_demo_decodes_a_bf16_copy_and_keeps_the_evaluated_model(cpu_kernel, tokenizer):
+    """The demo's decode row: the sparse model in bf16, the dtype it is served in (a copy: the model the demo
+    evaluates stays fp32 and unchanged); the dense row's baseline is the fastest dense path."""
+    from mmcompress_testbed.demo import _decode_speed
+
+    model, dense = _sparsified_tiny_llama(tokenizer, lambda lin: keep_count(lin.in_features, 0.5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    speed, baselines = _decode_speed(model, dense, {"tokens": 3})
+    assert set(baselines) == {"engine_fp32", "engine_bf16", "engine_own_kernel_0pct"}
+    assert speed["dense_baseline"] == max(baselines, key=speed["variants_tok_s"].get)
+    assert speed["dtype"] == "bfloat16"
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

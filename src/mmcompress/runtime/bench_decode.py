@@ -199,8 +199,8 @@ def model_decode_speedup(model: nn.Module, prompt_ids: torch.Tensor | None = Non
     ``dense_variants(original)``: the original's cost, without e.g. LaRoSA's residual adapters).  Speed-up
     = median step time of the fastest dense variant / the compressed one's.  ``prompt_ids`` ``[1, L]``
     (default 16 deterministic ids).  Returns the JSON-ready result: ``tok_s``, ``dense_tok_s``,
-    ``speedup``, ``dense_baseline`` (the fastest dense variant), ``decode_path`` (``"fused"``,
-    ``"python"`` or ``"hf"``) and ``fused_problem`` (why not the fused step; ``None`` when it ran),
+    ``speedup``, ``dense_baseline`` (the fastest dense variant), ``dtype`` (the compressed model's),
+    ``decode_path`` (``"fused"``, ``"python"`` or ``"hf"``) and ``fused_problem`` (why not the fused step; ``None`` when it ran),
     every variant's tok/s and step, ``speedup_same_dtype`` (against the dense engine in the compressed
     model's dtype, for information) and the greedy-token agreement with the dense baseline."""
     from ..sparse.decode import enable_sparse_decode
@@ -232,6 +232,7 @@ def model_decode_speedup(model: nn.Module, prompt_ids: torch.Tensor | None = Non
     agree = sum(a == b for a, b in zip(toks["compressed"], toks[base])) / max(1, len(toks[base]))
     same = {torch.float32: "engine_fp32", torch.bfloat16: "engine_bf16"}.get(engines["compressed"].dtype)
     res = {"tokens": tokens, "rounds": rounds, "prompt": L, "threads": torch.get_num_threads(), "backend": be,
+           "dtype": str(engines["compressed"].dtype).removeprefix("torch."),
            "tok_s": round(1 / med["compressed"], 3), "dense_tok_s": round(1 / med[base], 3),
            "speedup": round(med[base] / med["compressed"], 3), "dense_baseline": base,
            # against the dense engine in the compressed model's own dtype (not the baseline: for information)
