@@ -32,6 +32,7 @@ as :func:`mmcompress.runtime.generate._engine_plan` (the same :func:`~mmcompress
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -115,13 +116,36 @@ def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
     return plan
 
 
-def greedy_generate(model: nn.Module, **kwargs):
+def greedy_generate(model: nn.Module, *, fused: bool | None = None, **kwargs):
     """``model.generate(**kwargs)``'s tokens, with the decode steps on the engine where :func:`mm_plan`
-    allows it (else ``model.generate(**kwargs)`` itself)."""
+    allows it (else ``model.generate(**kwargs)`` itself).  ``fused``: the engine's fused C++ step where
+    :func:`step_problem` allows it (``None``, default: silently; ``True``: one line on stderr when it falls
+    back), or the engine's Python step (``False``: transformers' step logits bit for bit)."""
     plan = mm_plan(model, kwargs)
     if plan is None:
         return model.generate(**kwargs)
-    return _run(model, plan)
+    return _run(model, plan, fused=fused)
+
+
+def _step_hooks_problem(model) -> str | None:
+    """Forward hooks on a module of the text decoder or the head, which the fused step does not call."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return "global forward hooks"
+    for root in (model.model.language_model, model.lm_head):
+        for name, m in root.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return f"forward hooks on {type(m).__name__}"
+    return None
+
+
+def step_problem(engine, model) -> str | None:
+    """``None`` if the fused step runs ``engine`` (built by the route, ``text_only=True``) on ``model``'s text
+    decoder, else why not (the route then keeps the Python step)."""
+    from .fused import fused_problem
+
+    return _step_hooks_problem(model) or fused_problem(engine)
 
 
 def _cache_kv(cache, i):
@@ -130,7 +154,7 @@ def _cache_kv(cache, i):
 
 
 @torch.no_grad()
-def _run(model, plan, logits_out: list | None = None):
+def _run(model, plan, logits_out: list | None = None, fused: bool | None = None):
     from ..models.modality import modality_context
 
     ids, new, min_new = plan["ids"], plan["max_new_tokens"], plan["min_new_tokens"]
@@ -169,7 +193,16 @@ def _run(model, plan, logits_out: list | None = None):
     toks = [ids, nxt]
     if new == 1 or int(nxt) in eos:
         return torch.cat(toks, dim=1)
-    eng = DecodeEngine(_TextLM(model), max_len=L + new, path="fast", fused=False, families=MROPE_TEXT_FAMILIES)
+    # text_only: every decode step's token is text (module docstring), which lets the fused step run MASQuant's
+    # deployed layers on their text row; the engine decides on the fused step below, not at construction
+    eng = DecodeEngine(_TextLM(model), max_len=L + new, path="fast", fused=False, families=MROPE_TEXT_FAMILIES,
+                       text_only=True)
+    if fused is not False:  # the fused plan is built at the first step, after the RoPE rows below
+        hooks = _step_hooks_problem(model)
+        if hooks is None:
+            eng._use_fused(notice=fused is True)
+        elif fused:
+            print(f"mmcompress: fused decode step unavailable ({hooks}); Python step", file=sys.stderr)
     eng._reset()
     for i in range(len(eng.layers)):
         k, v = _cache_kv(cache, i)
@@ -179,13 +212,10 @@ def _run(model, plan, logits_out: list | None = None):
     # of which the text model's rotary module reads the three mRoPE rows
     last = pos[..., -1:]
     rows = last[1:] if last.shape[0] == 4 else last
-    cos, sin = eng.cos.clone(), eng.sin.clone()
     dummy = torch.empty(1, 1, 0, dtype=eng.dtype, device=eng.device)
-    for k in range(1, new):
-        c, s = lm.rotary_emb(dummy, rows + k)
-        cos[L + k - 1], sin[L + k - 1] = c[0, 0], s[0, 0]
-    eng.cos, eng.sin = cos, sin
-    routed = getattr(model, "_mmcompress_router", None) is not None
+    cs = [lm.rotary_emb(dummy, rows + k) for k in range(1, new)]
+    eng.set_rope(L, torch.stack([c[0, 0] for c, _ in cs]), torch.stack([s[0, 0] for _, s in cs]))
+    routed = getattr(model, "_mmcompress_router", None) is not None and not eng.fused  # the fused step calls no module
     text = torch.zeros(1, 1, dtype=torch.int8, device=eng.device)  # a decode step's ids under the router
     for i in range(1, new):
         with modality_context(text) if routed else contextlib.nullcontext():
