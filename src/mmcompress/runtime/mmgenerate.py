@@ -9,18 +9,30 @@ Qwen2.5-VL model, batch 1, greedy, with audio and/or image inputs:
   raw logits.  The first new token is their argmax (end-of-sequence tokens at ``-inf`` before
   ``min_new_tokens``, as transformers' processor does).
 * **Decode**: the prefill's keys and values are copied into a
-  :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, Python step) on the text decoder, and every
-  further token is one engine step calling the model's own modules (embedding, norms, projections —
-  plain, fake-quant or MASQuant —, MLP, head).  The RoPE of step ``k`` (``k = 1, 2, ...`` after the
+  :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, ``text_only=True``) on the text decoder, and
+  every further token is one engine step: the **fused C++ step** (:mod:`mmcompress.runtime.fused`, one call
+  per token, reading the engine's caches and RoPE table) where it runs the decoder — fp32/bf16 dense and
+  deployed integer projections (``IntLinear``: RTN, SmoothQuant with run-time smoothing rows; MASQuant's
+  ``IntMASLinear``, see Modality), Qwen2.5-Omni/VL RMSNorms, no forward hooks inside the text decoder or
+  on the head (:func:`step_problem`) — else the **Python step**, calling the model's own modules
+  (embedding, norms, projections — plain, fake-quant or MASQuant —, MLP, head).  ``greedy_generate(...,
+  fused=False)`` keeps the Python step (its logits are transformers' bit for bit); the fused step's equal
+  the Python step's to float round-off (tests/test_mm_generate.py states the bound), so greedy tokens can
+  differ only where two logits are within that round-off.  The RoPE of step ``k`` (``k = 1, 2, ...`` after the
   prefill) is the model's rotary module at the positions transformers passes: its ``_update_model_kwargs_for_generation``
   extends ``position_ids`` ``[4, 1, L]`` (a text row and the three mRoPE rows) by ``last + k`` per row.
   The prompts here end in text, where the three rows agree and equal ``cache_position + rope_deltas``,
   so this is plain RoPE at that position; the rows are computed with the same call, shapes and dtype as
-  transformers' step, so the engine's cos/sin are transformers' own.
+  transformers' step, so the engine's cos/sin are transformers' own
+  (:meth:`~mmcompress.runtime.decode.DecodeEngine.set_rope`, before the fused step's plan copies the table).
 * **Modality**: a decode step's token is text.  Where a modality router is installed
   (:func:`~mmcompress.models.modality.install_router`), transformers' step publishes all-text ids
-  ``[1, 1]`` through it; the engine publishes the same ids around each step, so per-modality modules
-  (MASQuant's rows and CMC terms) take the shared text path exactly as there.
+  ``[1, 1]`` through it; the Python step publishes the same ids around each step, so per-modality modules
+  (MASQuant's rows and CMC terms) take the shared text path exactly as there.  That path is
+  ``x / s[TEXT]`` (row 0 of ``input_smoothing``, o_proj's run-time division included) and no low-rank
+  correction (``cmc_correction`` is ``None`` for all-text ids), which is what the fused step computes for
+  those layers; the route says so with ``DecodeEngine(text_only=True)``, the one condition under which the
+  fused step accepts per-modality layers (a plain text engine keeps its Python step for them).
 
 Everything else goes to ``model.generate`` unchanged (:func:`mm_plan` says when): sampling, beams,
 processors, stopping criteria, streamers, dict outputs, a padded mask, batches, video inputs, another
@@ -227,4 +239,4 @@ def _run(model, plan, logits_out: list | None = None, fused: bool | None = None)
     return torch.cat(toks, dim=1)
 
 
-__all__ = ["greedy_generate", "mm_plan"]
+__all__ = ["greedy_generate", "mm_plan", "step_problem"]
