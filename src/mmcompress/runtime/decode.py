@@ -26,7 +26,8 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
 
 ``fused`` (default ``None``: when supported, silently): the fast path's single-token steps run in one
 C++ call per token (:mod:`mmcompress.runtime.fused`) when every layer is a plain Llama/Qwen2/Mistral layer
-with ``nn.Linear`` or deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
+(or a Qwen2.5-Omni/VL text layer, on :mod:`~mmcompress.runtime.mmgenerate`'s route) with ``nn.Linear`` or
+deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
 ``fused=True`` asks for it and prints one line when it falls back to the Python step; ``fused=False``
 keeps the Python step.  Logits equal the Python step's to float round-off (tests/test_fused_decode.py).
 ``head="bf16" | "int8"`` gives the fused step its own packed copy of a dense LM head (runtime/fused.py:
