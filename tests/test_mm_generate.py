@@ -1,7 +1,9 @@
 """Greedy multimodal generation with transformers' prefill and the decode engine's steps
-(mmcompress.runtime.mmgenerate): the same tokens as ``model.generate`` (and bitwise the same step logits)
-on tiny Qwen2.5-Omni thinkers and Qwen2.5-VL models with audio and image inputs, fp32, MASQuant's
-fake-quant and deployed forms; transformers keeps every call the engine does not reproduce."""
+(mmcompress.runtime.mmgenerate): the same tokens as ``model.generate`` (and, with the engine's Python step,
+bitwise the same step logits) on tiny Qwen2.5-Omni thinkers and Qwen2.5-VL models with audio and image
+inputs, fp32, MASQuant's fake-quant and deployed forms; the fused C++ step (the default where it runs) on
+dense, RTN, SmoothQuant (run-time smoothing) and MASQuant deployed models: transformers' tokens, and step
+logits within round-off of the Python step's; transformers keeps every call the engine does not reproduce."""
 
 import copy
 
@@ -53,8 +55,8 @@ def test_tokens_and_step_logits_equal_transformers(models, tokenizer, kind, spy)
         ref = _hf(model, x, 12, return_dict_in_generate=True, output_logits=True)
         assert torch.equal(mg.greedy_generate(model, **x, max_new_tokens=12, do_sample=False), ref.sequences)
         assert spy[-1]
-        logits = []
-        got = mg._run(model, mg.mm_plan(model, dict(x, max_new_tokens=12, do_sample=False)), logits)
+        logits = []  # the Python step (fused=False): bitwise
+        got = mg._run(model, mg.mm_plan(model, dict(x, max_new_tokens=12, do_sample=False)), logits, fused=False)
         assert torch.equal(got, ref.sequences) and len(logits) == len(ref.logits) == 12
         # the prefill's and every engine step's logits are transformers' own, bit for bit
         assert all(torch.equal(a, b) for a, b in zip(logits, ref.logits)), seed
@@ -197,3 +199,130 @@ def test_eval_generation_goes_through_the_engine(models, tokenizer, spy, monkeyp
     assert spy[-2:] == [True, True]
     monkeypatch.setattr(mg, "mm_plan", lambda *a: None)  # transformers' generate throughout
     assert (transcribe(model, proc, audio, max_new_tokens=8), answer(model, proc, image, "what color?")) == got
+
+
+# -- the fused step on the route ----------------------------------------------------------------------
+
+# Per step, |fused - Python| <= FUSED_TOL * max |Python logit| (fp32).  Both steps compute the same fp32
+# operations from the same caches, RoPE rows and weights; they differ in summation order (the GEMVs, the norms'
+# mean of squares, attention's softmax sums), about 1e-7 relative per reduction, which three layers and the head
+# carry to the logits: measured at most 5.2e-7 over dense/RTN/SmoothQuant/MASQuant x Omni/VL x 3 inputs x 11
+# steps (/tmp/s34-mmfused/probe2.py).  The integer rows quantize the same activations to the same codes unless a
+# value lies within that round-off of a rounding boundary; such a flip would show as a difference of a code
+# step (far above this bound, and explained by mmcompress.runtime.fused_check), and none occurs on these inputs.
+FUSED_TOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def deployed(models, tokenizer):
+    """Per kind: dense, and RTN / SmoothQuant (run-time smoothing) / MASQuant W4A8 on the integer runtime."""
+    from mmcompress.quant.deployed import deploy
+
+    out = {}
+    for kind, base in models.items():
+        calib = CalibrationSet([mm_inputs(kind, tokenizer, seed=s)[0] for s in range(3)])
+        out[kind, "dense"] = base
+        for method, opts in (("rtn", {}), ("smoothquant", {"runtime_smoothing": True}), ("masquant", {"epochs": 1})):
+            m = copy.deepcopy(base)
+            mmcompress.quantize(m, calib, method, "w4a8", progress=False, **opts)
+            out[kind, method] = deploy(m, "int", quiet=True)
+    return out
+
+
+@pytest.fixture
+def fused_steps(monkeypatch):
+    """How many decode steps ran on the fused step (FusedStep.step calls)."""
+    from mmcompress.runtime.fused import FusedStep
+
+    calls = [0]
+    step = FusedStep.step
+
+    def counted(self, *a):
+        calls[0] += 1
+        return step(self, *a)
+
+    monkeypatch.setattr(FusedStep, "step", counted)
+    return calls
+
+
+def _check_layers(model, method):
+    """What the deployed rows are, so the test covers what it says (smoothing shapes, the MASQuant class)."""
+    from mmcompress.quant.deployed import IntLinear, IntMASLinear
+
+    lm = model.model.language_model
+    lins = [m for m in lm.modules() if isinstance(m, IntLinear)]
+    if method == "dense":
+        assert not lins
+        return
+    assert len(lins) == 7 * len(lm.layers)
+    o = lm.layers[0].self_attn.o_proj
+    if method == "rtn":
+        assert all(type(m) is IntLinear and m.input_smoothing is None for m in lins)
+    elif method == "smoothquant":  # runtime smoothing: o_proj divides by its row at run time
+        assert type(o) is IntLinear and o.input_smoothing is not None and o.input_smoothing.shape[0] == 1
+    else:  # per-modality rows that differ (text row 0), a low-rank correction for image/audio tokens
+        q = lm.layers[0].self_attn.q_proj
+        assert type(q) is IntMASLinear and q.input_smoothing.shape[0] > 1 and q.cmc_left is not None
+        assert not torch.equal(q.input_smoothing[0], q.input_smoothing[1])
+
+
+@pytest.mark.parametrize("method", ["dense", "rtn", "smoothquant", "masquant"])
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "qwen2_5_vl"])
+def test_fused_step_route_tokens_as_transformers_logits_as_python_step(deployed, tokenizer, kind, method, spy,
+                                                                       fused_steps):
+    from mmcompress.runtime.fused import load
+
+    if not load():
+        pytest.skip("no fused CPU kernel here")
+    model = deployed[kind, method]
+    _check_layers(model, method)
+    for seed in range(2):
+        x = _inputs(kind, tokenizer, seed)
+        ref = _hf(model, x, 12)
+        before = fused_steps[0]
+        assert torch.equal(mg.greedy_generate(model, **x, max_new_tokens=12, do_sample=False), ref), seed
+        assert spy[-1] and fused_steps[0] - before == 11  # every decode step on the fused step
+        plan = mg.mm_plan(model, dict(x, max_new_tokens=12, do_sample=False))
+        fu, py = [], []
+        assert torch.equal(mg._run(model, plan, fu, fused=True), ref)
+        assert torch.equal(mg._run(model, plan, py, fused=False), ref)
+        assert len(fu) == len(py) == 12 and torch.equal(fu[0], py[0])  # the prefill's logits: transformers'
+        for i, (a, b) in enumerate(zip(fu[1:], py[1:]), start=1):
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            assert err <= FUSED_TOL, (seed, i, err)
+
+
+def test_fused_step_needs_the_route_for_per_modality_layers(deployed):
+    """MASQuant's deployed layers take the fused step only in a text_only engine (the route's); the plain
+    engine keeps its Python step for them, and runs RTN's on the fused step either way."""
+    from mmcompress.runtime.decode import MROPE_TEXT_FAMILIES, DecodeEngine
+    from mmcompress.runtime.fused import fused_problem, load
+
+    if not load():
+        pytest.skip("no fused CPU kernel here")
+    for method, plain in (("masquant", "IntMASLinear layers"), ("rtn", None)):
+        lm = mg._TextLM(deployed["qwen2_5_omni", method])
+        e = DecodeEngine(lm, max_len=32, path="fast", families=MROPE_TEXT_FAMILIES)
+        assert (fused_problem(e) is None) == (plain is None) and e.fused == (plain is None)
+        if plain:
+            assert plain in fused_problem(e)
+        e = DecodeEngine(lm, max_len=32, path="fast", families=MROPE_TEXT_FAMILIES, text_only=True)
+        assert fused_problem(e) is None and e.fused
+
+
+def test_fused_route_keeps_the_python_step_for_hooks_and_when_asked(deployed, tokenizer, fused_steps, capsys):
+    """A forward hook on a module inside the text decoder (which the fused step would not call): the Python
+    step, and the hook runs at every decode step; ``fused=False`` likewise."""
+    model = deployed["qwen2_5_omni", "rtn"]
+    x = _inputs("qwen2_5_omni", tokenizer, 0)
+    ref = _hf(model, x, 6)
+    calls = []
+    h = model.model.language_model.layers[1].post_attention_layernorm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = mg.greedy_generate(model, **x, max_new_tokens=6, fused=True)
+    finally:
+        h.remove()
+    assert torch.equal(got, ref) and fused_steps[0] == 0 and len(calls) == 6  # the prefill and 5 steps
+    assert "fused decode step unavailable (forward hooks on Qwen2_5OmniRMSNorm)" in capsys.readouterr().err
+    assert torch.equal(mg.greedy_generate(model, **x, max_new_tokens=6, fused=False), ref) and fused_steps[0] == 0
+    assert torch.equal(mg.greedy_generate(model, **x, max_new_tokens=6), ref) and fused_steps[0] == 5

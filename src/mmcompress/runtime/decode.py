@@ -26,13 +26,20 @@ Two paths, chosen once per model (:attr:`DecodeEngine.path`):
 
 ``fused`` (default ``None``: when supported, silently): the fast path's single-token steps run in one
 C++ call per token (:mod:`mmcompress.runtime.fused`) when every layer is a plain Llama/Qwen2/Mistral layer
-with ``nn.Linear`` or deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
+(or a Qwen2.5-Omni/VL text layer, on :mod:`~mmcompress.runtime.mmgenerate`'s route) with ``nn.Linear`` or
+deployed integer projections (fp32 or bf16 model, CPU with the integer kernels);
 ``fused=True`` asks for it and prints one line when it falls back to the Python step; ``fused=False``
 keeps the Python step.  Logits equal the Python step's to float round-off (tests/test_fused_decode.py).
 ``head="bf16" | "int8"`` gives the fused step its own packed copy of a dense LM head (runtime/fused.py:
 2 or 1 bytes per weight read per step instead of the model's; the logits then differ by the head's
 rounding, bounded there); ``"model"`` (default) keeps the model's head.  Without the fused step the head
 is the model's (one line on stderr says so when another was asked for).
+
+``text_only=True`` declares that every token the engine steps is a text token (set by
+:mod:`mmcompress.runtime.mmgenerate`, whose decode steps are all text under the modality router).  The fused
+step then also runs MASQuant's deployed layers (``IntMASLinear``: per-modality smoothing rows, a low-rank
+correction for image/audio tokens) with the text row and no correction, which is what those layers compute
+for all-text ids.  It is never inferred: without it a per-modality layer keeps the Python step.
 
 ``compile=True`` additionally captures the fast path's single-token step with ``torch.compile`` (the
 integer kernels and the activation quantizer ``quantize_act`` are registered with fake implementations so
@@ -246,7 +253,8 @@ class DecodeEngine:
     new tokens; ``path="auto" | "fast" | "hf"``."""
 
     def __init__(self, model: nn.Module, max_len: int = 2048, *, path: str = "auto", compile: bool = False,
-                 fused: bool | None = None, head: str = "model", families: tuple = FAST_FAMILIES):
+                 fused: bool | None = None, head: str = "model", families: tuple = FAST_FAMILIES,
+                 text_only: bool = False):
         from .fused import HEADS
 
         if path not in ("auto", "fast", "hf"):
@@ -254,6 +262,7 @@ class DecodeEngine:
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
         self.head_mode = head
+        self.text_only = bool(text_only)  # every stepped token is text (module docstring)
         self.model = model.eval()
         self.max_len = int(max_len)
         self.cfg = _text_config(model)
@@ -296,6 +305,15 @@ class DecodeEngine:
             self._step = self._fused_step
         elif notice:
             print(f"mmcompress: fused decode step unavailable ({problem}); Python step", file=sys.stderr)
+
+    def set_rope(self, start: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Replace the RoPE rows ``start, start + 1, ...`` (``cos``/``sin`` ``[n, head_dim]``) of the table the
+        steps read (a fused plan, which copies the table, is rebuilt at the next step)."""
+        end = start + cos.shape[0]
+        self.cos, self.sin = self.cos.clone(), self.sin.clone()  # the rotary module's output may be a view
+        self.cos[start:end] = cos
+        self.sin[start:end] = sin
+        self._fused = None
 
     def _fused_step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         if self._fused is None:

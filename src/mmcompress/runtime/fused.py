@@ -83,9 +83,21 @@ def _sparse_keep(m: nn.Module) -> int:
     return m.in_features if m.mode == "dense" else min(int(m.keep), m.in_features)
 
 
-def _linear_problem(m: nn.Module, dtype) -> str | None:
+# RMSNorm classes the step computes (the same forward: fp32 mean of squares, rsqrt(var + eps), weight * x):
+# Llama/Qwen2/Mistral's, and the text decoders' of Qwen2.5-Omni's thinker and Qwen2.5-VL (mmgenerate's route)
+NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen2_5OmniRMSNorm", "Qwen2_5_VLRMSNorm")
+
+
+def _norm_problem(m: nn.Module, dtype) -> str | None:
+    cls = type(m)
+    if cls.__name__ not in NORMS or not cls.__module__.startswith("transformers.models."):
+        return f"norm {cls.__name__}"
+    return None if m.weight.dtype == dtype else f"norm {cls.__name__} with {m.weight.dtype} weights"
+
+
+def _linear_problem(m: nn.Module, dtype, text_only: bool = False) -> str | None:
     from ..quant import kernels
-    from ..quant.deployed import IntLinear
+    from ..quant.deployed import IntLinear, IntMASLinear
     from ..sparse.joint import SparseInt8Linear
     from ..sparse.kernels import resolve_backend
     from ..sparse.linear import SparseLinear
@@ -115,12 +127,15 @@ def _linear_problem(m: nn.Module, dtype) -> str | None:
         if not m.weight.is_contiguous():
             return "a non-contiguous weight"
         return None if m.weight.dtype == dtype else f"{m.weight.dtype} weight in a {dtype} model"
-    if type(m) is IntLinear:
+    if type(m) is IntLinear or (text_only and type(m) is IntMASLinear):
+        # text_only (an engine whose every step is a text token: mmgenerate's decode steps): a per-modality
+        # layer computes x / s[TEXT] and no low-rank correction there (quant/linear.py's smooth with all-text
+        # ids, masquant.cmc_correction's None), which is what the step computes with row 0 (TEXT = 0)
         if m.input_sparsifier is not None:
             return "an input sparsifier"
         s = m.input_smoothing
-        if s is not None and s.shape[0] != 1:
-            return "per-modality smoothing"
+        if s is not None and s.shape[0] != 1 and not text_only:
+            return "per-modality smoothing (fused step: text_only engines)"
         if kernels.path_for(m.scheme, m.in_features, m.weight_codes.device, 1) != "cpu":
             return f"{m.scheme.name} is not on the CPU kernel"
         return None
@@ -136,10 +151,11 @@ def fused_problem(engine) -> str | None:
     if engine.dtype not in _DTYPES:
         return f"dtype {engine.dtype} (fused step: float32, bfloat16)"
     cfg = engine.cfg
+    text_only = bool(getattr(engine, "text_only", False))
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r}"
     for name, m in (("lm_head", engine.head),):
-        why = _linear_problem(m, engine.dtype)
+        why = _linear_problem(m, engine.dtype, text_only)
         if why:
             return f"{name}: {why}"
     from ..sparse.merge import ThresholdedActivation
@@ -151,20 +167,22 @@ def fused_problem(engine) -> str | None:
                 why = (None if a.weight.dtype == engine.dtype else f"{a.weight.dtype} weight in a {engine.dtype} model") \
                     if a.weight.is_contiguous() or a.weight.t().is_contiguous() else "an adapter off the kernel layout"
             else:
-                why = _linear_problem(a, engine.dtype)
+                why = _linear_problem(a, engine.dtype, text_only)
             if why:
                 return f"layer {i}: residual adapter: {why}"
         if isinstance(l.act, ThresholdedActivation):
             return f"layer {i}: a thresholded activation (CATS)"
         for m in (l.ln1, l.ln2):
-            if type(m).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") or m.weight.dtype != engine.dtype:
-                return f"layer {i}: norm {type(m).__name__}"
-        for m in (l.q, l.k, l.v, l.o, l.mlp.gate_proj, l.mlp.up_proj, l.down):
-            why = _linear_problem(m, engine.dtype)
+            why = _norm_problem(m, engine.dtype)
             if why:
                 return f"layer {i}: {why}"
-    if type(engine.norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"):
-        return f"final norm {type(engine.norm).__name__}"
+        for m in (l.q, l.k, l.v, l.o, l.mlp.gate_proj, l.mlp.up_proj, l.down):
+            why = _linear_problem(m, engine.dtype, text_only)
+            if why:
+                return f"layer {i}: {why}"
+    why = _norm_problem(engine.norm, engine.dtype)
+    if why:
+        return f"final {why}"
     if not load():
         return f"the fused kernel is unavailable ({_STATE['error']})"
     return None

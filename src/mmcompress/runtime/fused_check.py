@@ -1,4 +1,4 @@
-"""Where the fused decode step and the Python step part (LaRoSA / joint models): the module-by-module
+"""Where the fused decode step and the Python step part (LaRoSA / joint / integer models): the module-by-module
 comparison behind docs/runtime.md's "Fused step on LaRoSA and joint models" and tests/test_fused_decode.py.
 
 Both steps start every token from the same K/V caches (the Python engine's, copied into the fused
@@ -9,7 +9,8 @@ by module, the first *discontinuity* between them is reported:
 * ``topk``: the two inputs keep different Top-K sets.  ``gap`` = the largest distance of a swapped
   channel's magnitude from the K-th magnitude, ``diff`` = the largest difference of the two inputs, both
   relative to the input's largest magnitude: a swap that round-off can cause has ``gap <= diff``.
-* ``code`` (joint): the same kept set but an activation code differs (the per-token int8 quantizer):
+* ``code`` (joint; deployed integer linears, ``IntLinear``): the same kept set (all of the input) but an
+  activation code differs (the per-token int8 quantizer):
   ``frac`` = how far the Python step's scaled value ``v / s`` is from the rounding boundary (``k + 1/2``),
   in code steps; ``diff`` as above.
 
@@ -37,10 +38,24 @@ def _codes(m, x):
     return idx, torch.clamp(torch.round(r), -qmax, qmax), r
 
 
+def _int_codes(m, x):
+    """(codes, v / s) of a deployed integer linear ``m`` (``IntLinear``, ``IntMASLinear`` on its text row)
+    on the input ``x``: its per-token activation quantizer, as the kernels compute it."""
+    from ..quant.kernels import quantize_act
+
+    v = x.reshape(1, -1)
+    if m.input_smoothing is not None:
+        v = v / m.input_smoothing[0].to(v.dtype)
+    q, sx = quantize_act(v, m.scheme.abits)
+    return q.reshape(-1).float(), (v.float() / sx.clamp_min(1e-30)).reshape(-1)
+
+
 def first_discontinuity(py_layers, caps: dict, trace: list[dict]) -> dict | None:
     """The first module (in the step's order) whose two inputs select or quantize differently, or ``None``."""
     from .fused import _sparse_keep
+    from ..quant.deployed import IntLinear
     from ..sparse.joint import SparseInt8Linear
+    from ..sparse.linear import SparseLinear
     from ..sparse.topk import topk_mask
 
     for i, l in enumerate(py_layers):
@@ -50,6 +65,17 @@ def first_discontinuity(py_layers, caps: dict, trace: list[dict]) -> dict | None
             amax = xp.abs().max().clamp_min(1e-30)
             diff = ((xp - xf).abs().max() / amax).item()
             for m in mods:
+                if isinstance(m, IntLinear) and not m.scheme.weight_only:  # per-token codes of the whole input
+                    cp, rp = _int_codes(m, xp)
+                    cf, _ = _int_codes(m, xf)
+                    if not torch.equal(cp, cf):
+                        d = cp != cf
+                        frac = ((rp - rp.floor() - 0.5).abs()[d]).min().item()
+                        return {"layer": i, "input": name, "module": type(m).__name__, "kind": "code",
+                                "codes": int(d.sum()), "frac": frac, "diff": diff}
+                    continue
+                if not isinstance(m, (SparseLinear, SparseInt8Linear)):
+                    continue
                 k = _sparse_keep(m)
                 mp, mf = topk_mask(xp, k), topk_mask(xf, k)
                 if not torch.equal(mp, mf):
@@ -120,6 +146,11 @@ def compare(py, fu, ids: torch.Tensor, steps: int, tok0: int = 5) -> list[dict]:
     """Per step: ``logits`` (relative difference), ``first`` (:func:`first_discontinuity`) and ``modules``
     (:func:`layer_mismatch`)."""
     caps: dict = {}
+    # the Python step's single-token groups of deployed linears call the kernels, not the modules: off here
+    # (bit-identical to the modules' forwards), so that the hooks see every module's input
+    groups = [(l, l.qkv, l.gate_up, l.o1, l.down1) for l in py.layers]
+    for l in py.layers:
+        l.qkv = l.gate_up = l.o1 = l.down1 = None
     hooks = [m.register_forward_hook(lambda m, i, o, key=(n, name): caps.__setitem__(key, i[0].detach().reshape(-1)))
              for n, l in enumerate(py.layers)
              for name, m in (("x1", l.q), ("attn", l.o), ("x2", l.mlp.gate_proj), ("act", l.down))]
@@ -145,6 +176,8 @@ def compare(py, fu, ids: torch.Tensor, steps: int, tok0: int = 5) -> list[dict]:
                             "first": first, "modules": layer_mismatch(py, fu, tr, int(t), L + s)})
                 t = lp.argmax(-1, keepdim=True)
     finally:
+        for l, *g in groups:
+            l.qkv, l.gate_up, l.o1, l.down1 = g
         for h in hooks:
             h.remove()
         fu._fused.set_trace(False)

@@ -9,18 +9,30 @@ Qwen2.5-VL model, batch 1, greedy, with audio and/or image inputs:
   raw logits.  The first new token is their argmax (end-of-sequence tokens at ``-inf`` before
   ``min_new_tokens``, as transformers' processor does).
 * **Decode**: the prefill's keys and values are copied into a
-  :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, Python step) on the text decoder, and every
-  further token is one engine step calling the model's own modules (embedding, norms, projections —
-  plain, fake-quant or MASQuant —, MLP, head).  The RoPE of step ``k`` (``k = 1, 2, ...`` after the
+  :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, ``text_only=True``) on the text decoder, and
+  every further token is one engine step: the **fused C++ step** (:mod:`mmcompress.runtime.fused`, one call
+  per token, reading the engine's caches and RoPE table) where it runs the decoder — fp32/bf16 dense and
+  deployed integer projections (``IntLinear``: RTN, SmoothQuant with run-time smoothing rows; MASQuant's
+  ``IntMASLinear``, see Modality), Qwen2.5-Omni/VL RMSNorms, no forward hooks inside the text decoder or
+  on the head (:func:`step_problem`) — else the **Python step**, calling the model's own modules
+  (embedding, norms, projections — plain, fake-quant or MASQuant —, MLP, head).  ``greedy_generate(...,
+  fused=False)`` keeps the Python step (its logits are transformers' bit for bit); the fused step's equal
+  the Python step's to float round-off (tests/test_mm_generate.py states the bound), so greedy tokens can
+  differ only where two logits are within that round-off.  The RoPE of step ``k`` (``k = 1, 2, ...`` after the
   prefill) is the model's rotary module at the positions transformers passes: its ``_update_model_kwargs_for_generation``
   extends ``position_ids`` ``[4, 1, L]`` (a text row and the three mRoPE rows) by ``last + k`` per row.
   The prompts here end in text, where the three rows agree and equal ``cache_position + rope_deltas``,
   so this is plain RoPE at that position; the rows are computed with the same call, shapes and dtype as
-  transformers' step, so the engine's cos/sin are transformers' own.
+  transformers' step, so the engine's cos/sin are transformers' own
+  (:meth:`~mmcompress.runtime.decode.DecodeEngine.set_rope`, before the fused step's plan copies the table).
 * **Modality**: a decode step's token is text.  Where a modality router is installed
   (:func:`~mmcompress.models.modality.install_router`), transformers' step publishes all-text ids
-  ``[1, 1]`` through it; the engine publishes the same ids around each step, so per-modality modules
-  (MASQuant's rows and CMC terms) take the shared text path exactly as there.
+  ``[1, 1]`` through it; the Python step publishes the same ids around each step, so per-modality modules
+  (MASQuant's rows and CMC terms) take the shared text path exactly as there.  That path is
+  ``x / s[TEXT]`` (row 0 of ``input_smoothing``, o_proj's run-time division included) and no low-rank
+  correction (``cmc_correction`` is ``None`` for all-text ids), which is what the fused step computes for
+  those layers; the route says so with ``DecodeEngine(text_only=True)``, the one condition under which the
+  fused step accepts per-modality layers (a plain text engine keeps its Python step for them).
 
 Everything else goes to ``model.generate`` unchanged (:func:`mm_plan` says when): sampling, beams,
 processors, stopping criteria, streamers, dict outputs, a padded mask, batches, video inputs, another
@@ -32,6 +44,7 @@ as :func:`mmcompress.runtime.generate._engine_plan` (the same :func:`~mmcompress
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -115,13 +128,36 @@ def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
     return plan
 
 
-def greedy_generate(model: nn.Module, **kwargs):
+def greedy_generate(model: nn.Module, *, fused: bool | None = None, **kwargs):
     """``model.generate(**kwargs)``'s tokens, with the decode steps on the engine where :func:`mm_plan`
-    allows it (else ``model.generate(**kwargs)`` itself)."""
+    allows it (else ``model.generate(**kwargs)`` itself).  ``fused``: the engine's fused C++ step where
+    :func:`step_problem` allows it (``None``, default: silently; ``True``: one line on stderr when it falls
+    back), or the engine's Python step (``False``: transformers' step logits bit for bit)."""
     plan = mm_plan(model, kwargs)
     if plan is None:
         return model.generate(**kwargs)
-    return _run(model, plan)
+    return _run(model, plan, fused=fused)
+
+
+def _step_hooks_problem(model) -> str | None:
+    """Forward hooks on a module of the text decoder or the head, which the fused step does not call."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return "global forward hooks"
+    for root in (model.model.language_model, model.lm_head):
+        for name, m in root.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return f"forward hooks on {type(m).__name__}"
+    return None
+
+
+def step_problem(engine, model) -> str | None:
+    """``None`` if the fused step runs ``engine`` (built by the route, ``text_only=True``) on ``model``'s text
+    decoder, else why not (the route then keeps the Python step)."""
+    from .fused import fused_problem
+
+    return _step_hooks_problem(model) or fused_problem(engine)
 
 
 def _cache_kv(cache, i):
@@ -130,7 +166,7 @@ def _cache_kv(cache, i):
 
 
 @torch.no_grad()
-def _run(model, plan, logits_out: list | None = None):
+def _run(model, plan, logits_out: list | None = None, fused: bool | None = None):
     from ..models.modality import modality_context
 
     ids, new, min_new = plan["ids"], plan["max_new_tokens"], plan["min_new_tokens"]
@@ -169,7 +205,16 @@ def _run(model, plan, logits_out: list | None = None):
     toks = [ids, nxt]
     if new == 1 or int(nxt) in eos:
         return torch.cat(toks, dim=1)
-    eng = DecodeEngine(_TextLM(model), max_len=L + new, path="fast", fused=False, families=MROPE_TEXT_FAMILIES)
+    # text_only: every decode step's token is text (module docstring), which lets the fused step run MASQuant's
+    # deployed layers on their text row; the engine decides on the fused step below, not at construction
+    eng = DecodeEngine(_TextLM(model), max_len=L + new, path="fast", fused=False, families=MROPE_TEXT_FAMILIES,
+                       text_only=True)
+    if fused is not False:  # the fused plan is built at the first step, after the RoPE rows below
+        hooks = _step_hooks_problem(model)
+        if hooks is None:
+            eng._use_fused(notice=fused is True)
+        elif fused:
+            print(f"mmcompress: fused decode step unavailable ({hooks}); Python step", file=sys.stderr)
     eng._reset()
     for i in range(len(eng.layers)):
         k, v = _cache_kv(cache, i)
@@ -179,13 +224,10 @@ def _run(model, plan, logits_out: list | None = None):
     # of which the text model's rotary module reads the three mRoPE rows
     last = pos[..., -1:]
     rows = last[1:] if last.shape[0] == 4 else last
-    cos, sin = eng.cos.clone(), eng.sin.clone()
     dummy = torch.empty(1, 1, 0, dtype=eng.dtype, device=eng.device)
-    for k in range(1, new):
-        c, s = lm.rotary_emb(dummy, rows + k)
-        cos[L + k - 1], sin[L + k - 1] = c[0, 0], s[0, 0]
-    eng.cos, eng.sin = cos, sin
-    routed = getattr(model, "_mmcompress_router", None) is not None
+    cs = [lm.rotary_emb(dummy, rows + k) for k in range(1, new)]
+    eng.set_rope(L, torch.stack([c[0, 0] for c, _ in cs]), torch.stack([s[0, 0] for _, s in cs]))
+    routed = getattr(model, "_mmcompress_router", None) is not None and not eng.fused  # the fused step calls no module
     text = torch.zeros(1, 1, dtype=torch.int8, device=eng.device)  # a decode step's ids under the router
     for i in range(1, new):
         with modality_context(text) if routed else contextlib.nullcontext():
@@ -197,4 +239,4 @@ def _run(model, plan, logits_out: list | None = None):
     return torch.cat(toks, dim=1)
 
 
-__all__ = ["greedy_generate", "mm_plan"]
+__all__ = ["greedy_generate", "mm_plan", "step_problem"]
