@@ -31,6 +31,7 @@ decode figure): that model on the engine as ``mmcompress.load`` would run it aga
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from pathlib import Path
@@ -319,6 +320,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     wb = _tensor_bytes(_layer_linears(comp))
     res = {
         "model": str(path), "artifact": artifact, "threads": torch.get_num_threads(), "prompt": prompt,
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0"),  # the CLI's (cli.huge_pages_for)
         "tokens": tokens, "rounds": rounds, "build_s": round(build_s, 1),
         "decode_path": engines["compressed"].path, "compiled": engines["compressed"].compiled,
         "fused": engines["compressed"].fused, "variants_fused": {k: e.fused for k, e in engines.items()},
