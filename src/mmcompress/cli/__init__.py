@@ -428,13 +428,14 @@ def _terminate_as_exception():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# Commands whose time is the decode engine streaming weights: their process backs every torch allocation of
-# >= 2 MiB with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, read once, at torch's first
-# allocation).  With 4 KiB pages the sparse kernels' scattered rows and the dense GEMV's long streams miss
-# the TLB: the 7B-shaped stack decodes 8-16 % faster with them (docs/runtime.md, "Huge pages").  The
-# quantize/sparsify commands keep 4 KiB pages: their peak-memory figures (docs/scaling.md) were measured so,
-# and a huge page rounds every touched allocation up to 2 MiB.  THP_MEM_ALLOC_ENABLE=0 turns it off.
-HUGE_PAGE_COMMANDS = ("generate", "bench", "eval", "lm-eval", "demo")
+# The commands whose time is the decode engine streaming weights back every torch allocation of >= 2 MiB
+# with transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, read once, at torch's first allocation).  With
+# 4 KiB pages the sparse kernels' scattered rows and the dense GEMV's long streams miss the TLB: the
+# 7B-shaped stack decodes 6-16 % faster on them (docs/runtime.md, "Huge pages").  Not the others: `demo`
+# (calibration, allocation churn) measured 2-3 s slower with them (more system time zeroing 2 MiB pages), and
+# quantize/sparsify's peak-memory figures (docs/scaling.md) were measured on 4 KiB pages (a touched huge page
+# rounds an allocation up to 2 MiB).  THP_MEM_ALLOC_ENABLE=0 turns it off.
+HUGE_PAGE_COMMANDS = ("generate", "bench")
 
 
 def huge_pages_for(command: str | None, environ=os.environ) -> bool:
