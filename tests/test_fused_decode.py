@@ -225,10 +225,7 @@ def test_fused_sparse_units_of_any_width_give_the_same_logits(tmp_path, tokenize
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(2))
     logits = {}
     for cols in (0, 64, 128, 4096):
-        fu = DecodeEngine(model, max_len=40, fused=True)
-        fu._reset()
-        fu._forward(ids, 0)  # the prefill (Python), then fused single-token steps
-        fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+        fu = _prefilled(model, ids)  # the prefill (Python), then fused single-token steps
         torch.ops.mmcompress_fused.fused_set_unit_cols(fu._fused.plan, cols)
         assert fu._fused.set_split(1) == 0  # the column units (not split-K)
         logits[cols] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
@@ -254,13 +251,19 @@ def _split_rows(m) -> int:
     return 0
 
 
-def _fused_steps(model, ids, split, parts=1):
-    """Logits of four fused single-token steps after the Python prefill, the sparse work split forced
-    (``FusedStep.set_split``); and how many projections took split-K."""
+def _prefilled(model, ids):
+    """A fused-step engine after the Python prefill of ``ids``, its :class:`FusedStep` built (not yet stepped)."""
     fu = DecodeEngine(model, max_len=40, fused=True)
     fu._reset()
     fu._forward(ids, 0)
     fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+    return fu
+
+
+def _fused_steps(model, ids, split, parts=1):
+    """Logits of four fused single-token steps after the Python prefill, the sparse work split forced
+    (``FusedStep.set_split``); and how many projections took split-K."""
+    fu = _prefilled(model, ids)
     n = fu._fused.set_split(split, parts)
     return torch.stack([fu._fused.step(int(t), ids.shape[1] + i).float() for i, t in enumerate([5, 17, 3, 8])]), n
 
@@ -319,10 +322,7 @@ def test_fused_split_k_rule_counts_kept_rows_per_part(tmp_path, tokenizer, kind)
     """The default split (mode 0): split-K for a projection when each of its row parts gets >= 16 kept rows
     (joint: >= 4 groups of four), gate and up only together; else the column units."""
     model, tok = _sparse_model(tmp_path, tokenizer, "llama", kind, torch.float32)
-    fu = DecodeEngine(model, max_len=40, fused=True)
-    fu._reset()
-    fu._forward(torch.tensor([[1, 2, 3]]), 0)
-    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+    fu = _prefilled(model, torch.tensor([[1, 2, 3]]))
 
     threads = torch.get_num_threads()
     try:
@@ -460,10 +460,7 @@ def test_fused_topk_select_gives_the_same_logits_as_topk_row(tmp_path, tokenizer
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(4))
     logits = {}
     for mode in (1, 0):
-        fu = DecodeEngine(model, max_len=40, fused=True)
-        fu._reset()
-        fu._forward(ids, 0)
-        fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+        fu = _prefilled(model, ids)
         fu._fused.set_select(mode)
         logits[mode] = torch.stack([fu._fused.step(int(t), 9 + n) for n, t in enumerate([5, 17, 3, 8])])
     assert torch.equal(logits[0], logits[1])
@@ -488,10 +485,7 @@ def test_fused_residual_linears_reduced_by_every_thread_give_the_same_logits(tmp
             for parts in (1, 2):
                 logits = {}
                 for mode in (0, 1):
-                    fu = DecodeEngine(model, max_len=40, fused=True)
-                    fu._reset()
-                    fu._forward(ids, 0)
-                    fu._fused = fused.FusedStep(fu, head=fu.head_mode)
+                    fu = _prefilled(model, ids)
                     assert fu._fused.set_split(2, parts) > 0
                     fu._fused.set_reduce(mode)
                     fu._fused.set_profile(True)
