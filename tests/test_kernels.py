@@ -433,3 +433,17 @@ def test_demo_decodes_a_bf16_copy_and_keeps_the_evaluated_model(cpu_kernel, toke
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_extension_build_dirs_are_per_source_path(tmp_path):
+    """Two copies of the same source (two installs, two checkouts) get their own build directories: torch's
+    build.ninja records the source path, so a shared one was rebuilt by each in turn."""
+    a, b = tmp_path / "a" / "k.cpp", tmp_path / "b" / "k.cpp"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_text("int f() { return 1; }\n")
+    assert cpu_backend.extension_name("x", a) == cpu_backend.extension_name("x", a)
+    assert cpu_backend.extension_name("x", a) != cpu_backend.extension_name("x", b)
+    before = cpu_backend.extension_name("x", b)
+    b.write_text("int f() { return 2; }\n")  # and a changed source still changes the name
+    assert cpu_backend.extension_name("x", b) != before

@@ -47,11 +47,13 @@ def _cpu_signature() -> str:
 def extension_name(prefix: str, src: Path) -> str:
     """``prefix_<hash>``: the hash covers the source, the shared headers (:data:`HEADERS`), the flags,
     torch, Python and the CPU, so a build made for another CPU or toolchain, or before a header changed,
-    is never reused."""
+    is never reused; and the source's path: torch's ``build.ninja`` records the path it compiled, so two
+    installs (or checkouts) of the same source sharing one directory rebuilt it in turn, ≈ 20 s per
+    extension inside whatever the process was doing."""
     h = hashlib.sha256()
     headers = [p.read_bytes() for p in sorted(HEADERS.glob("*.h"))]
     for part in (src.read_bytes(), *headers, " ".join(_FLAGS).encode(), torch.__version__.encode(),
-                 sys.version.encode(), _cpu_signature().encode()):
+                 sys.version.encode(), _cpu_signature().encode(), str(src.resolve()).encode()):
         h.update(part)
     return f"{prefix}_{h.hexdigest()[:12]}"
 
