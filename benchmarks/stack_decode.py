@@ -51,6 +51,7 @@ import sys
 import time
 
 from mmcompress.cli import huge_pages_for
+from mmcompress.runtime import huge_pages_on
 
 huge_pages_for("bench")  # the decode commands' huge pages (THP_MEM_ALLOC_ENABLE=0 to compare without), before torch
 import torch  # noqa: E402
@@ -415,7 +416,7 @@ def quant_decode_benchmark(name: str = "llama2-7b", layers: int = 4, scheme: str
     dense_wbytes = _tensor_bytes(_proj_modules(stacks["torch_bf16" if "torch_bf16" in stacks else baseline]))
     res = {
         "spec": f"{name}:{layers}", "scheme": sch.name, "threads": torch.get_num_threads(), "tokens": tokens,
-        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0"),
+        "huge_pages": huge_pages_on(),
         "prompt": prompt, "rounds": rounds, "build_s": round(build_s, 1),
         "tok_s": round(1 / q_ms, 3), "dense_tok_s": round(1 / d_ms, 3), "speedup": round(d_ms / q_ms, 3),
         "dense_baseline": baseline,

@@ -443,7 +443,9 @@ def huge_pages_for(command: str | None, environ=os.environ) -> bool:
     ``True`` if they are on for this process.  No effect once torch has allocated memory."""
     if command in HUGE_PAGE_COMMANDS and "torch" not in sys.modules:
         environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    return environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
+    from ..runtime import huge_pages_on
+
+    return huge_pages_on(environ)
 
 
 def main(argv=None) -> int:

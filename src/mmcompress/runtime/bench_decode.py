@@ -31,7 +31,6 @@ decode figure): that model on the engine as ``mmcompress.load`` would run it aga
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import huge_pages_on
 from .decode import DecodeEngine
 
 _TEXT = ("The history of the city begins in the early medieval period, when a small settlement grew around the "
@@ -320,7 +320,7 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
     wb = _tensor_bytes(_layer_linears(comp))
     res = {
         "model": str(path), "artifact": artifact, "threads": torch.get_num_threads(), "prompt": prompt,
-        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0"),  # the CLI's (cli.huge_pages_for)
+        "huge_pages": huge_pages_on(),  # the CLI's (cli.huge_pages_for)
         "tokens": tokens, "rounds": rounds, "build_s": round(build_s, 1),
         "decode_path": engines["compressed"].path, "compiled": engines["compressed"].compiled,
         "fused": engines["compressed"].fused, "variants_fused": {k: e.fused for k, e in engines.items()},

@@ -14,7 +14,7 @@ Qwen2.5-VL model, batch 1, greedy, with audio and/or image inputs:
   per token, reading the engine's caches and RoPE table) where it runs the decoder — fp32/bf16 dense and
   deployed integer projections (``IntLinear``: RTN, SmoothQuant with run-time smoothing rows; MASQuant's
   ``IntMASLinear``, see Modality), Qwen2.5-Omni/VL RMSNorms, no forward hooks inside the text decoder or
-  on the head (:func:`step_problem`) — else the **Python step**, calling the model's own modules
+  on the head (``_step_hooks_problem``) — else the **Python step**, calling the model's own modules
   (embedding, norms, projections — plain, fake-quant or MASQuant —, MLP, head).  ``greedy_generate(...,
   fused=False)`` keeps the Python step (its logits are transformers' bit for bit); the fused step's equal
   the Python step's to float round-off (tests/test_mm_generate.py states the bound), so greedy tokens can
@@ -84,24 +84,28 @@ def _class_ok(model) -> bool:
     return _CLASSES.get(cls.__name__) == cls.__module__
 
 
-def _hooks_problem(model) -> str | None:
-    """Forward hooks on a module the engine's step does not call (the model, its inner models, the
-    decoder layers and their attention, the rotary module), other than the modality router's."""
+def _hooks_on(mods, allowed=frozenset()) -> str | None:
+    """Global forward hooks, or hooks on one of ``mods`` other than ``allowed`` (hook ids)."""
     from torch.nn.modules import module as _m
 
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
         return "global forward hooks"
-    router = getattr(model, "_mmcompress_router", None) or ()
-    allowed = {h.id for h in router if hasattr(h, "id")}
-    lm = model.model.language_model
-    mods = [model, model.model, lm, lm.rotary_emb]
-    for layer in lm.layers:
-        mods += [layer, layer.self_attn]
     for m in mods:
         for d in (m._forward_hooks, m._forward_pre_hooks):
             if any(k not in allowed for k in d):
                 return f"forward hooks on {type(m).__name__}"
     return None
+
+
+def _hooks_problem(model) -> str | None:
+    """Forward hooks on a module the engine's step does not call (the model, its inner models, the
+    decoder layers and their attention, the rotary module), other than the modality router's."""
+    router = getattr(model, "_mmcompress_router", None) or ()
+    lm = model.model.language_model
+    mods = [model, model.model, lm, lm.rotary_emb]
+    for layer in lm.layers:
+        mods += [layer, layer.self_attn]
+    return _hooks_on(mods, {h.id for h in router if hasattr(h, "id")})
 
 
 def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
@@ -131,7 +135,7 @@ def mm_plan(model: nn.Module, kwargs: dict) -> dict | None:
 def greedy_generate(model: nn.Module, *, fused: bool | None = None, **kwargs):
     """``model.generate(**kwargs)``'s tokens, with the decode steps on the engine where :func:`mm_plan`
     allows it (else ``model.generate(**kwargs)`` itself).  ``fused``: the engine's fused C++ step where
-    :func:`step_problem` allows it (``None``, default: silently; ``True``: one line on stderr when it falls
+    ``fused_problem`` and ``_step_hooks_problem`` allow it (``None``, default: silently; ``True``: one line on stderr when it falls
     back), or the engine's Python step (``False``: transformers' step logits bit for bit)."""
     plan = mm_plan(model, kwargs)
     if plan is None:
@@ -141,23 +145,8 @@ def greedy_generate(model: nn.Module, *, fused: bool | None = None, **kwargs):
 
 def _step_hooks_problem(model) -> str | None:
     """Forward hooks on a module of the text decoder or the head, which the fused step does not call."""
-    from torch.nn.modules import module as _m
-
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
-        return "global forward hooks"
-    for root in (model.model.language_model, model.lm_head):
-        for name, m in root.named_modules():
-            if m._forward_hooks or m._forward_pre_hooks:
-                return f"forward hooks on {type(m).__name__}"
-    return None
-
-
-def step_problem(engine, model) -> str | None:
-    """``None`` if the fused step runs ``engine`` (built by the route, ``text_only=True``) on ``model``'s text
-    decoder, else why not (the route then keeps the Python step)."""
-    from .fused import fused_problem
-
-    return _step_hooks_problem(model) or fused_problem(engine)
+    lm = model.model.language_model
+    return _hooks_on([*lm.modules(), *model.lm_head.modules()])
 
 
 def _cache_kv(cache, i):
@@ -239,4 +228,4 @@ def _run(model, plan, logits_out: list | None = None, fused: bool | None = None)
     return torch.cat(toks, dim=1)
 
 
-__all__ = ["greedy_generate", "mm_plan", "step_problem"]
+__all__ = ["greedy_generate", "mm_plan"]
