@@ -99,3 +99,77 @@ def test_quantlinear_pack_matches_fake_quant(scheme):
     rebuilt = QuantLinear.from_spec(q.spec())
     rebuilt.load_state_dict(q.state_dict())
     assert torch.equal(rebuilt(x), q(x))
+
+
+def _quant_cases():
+    """Inputs that exercise the absmax quantizer's corners: ties of max|x| (split gradient), an all-zero
+    row (step size clamped to eps: no gradient to the statistics), values on the rounding grid, several
+    bit widths, group views with padding, float32 and float64."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(48):
+        shape = [(7, 33), (3, 5, 64), (64, 1, 96), (12, 4, 32), (1, 1), (40, 96)][i % 6]
+        dtype = torch.float64 if i % 5 == 0 else torch.float32
+        x = torch.randn(*shape, generator=g, dtype=dtype) * 10.0 ** (i % 5 - 2)
+        if i % 7 == 0:
+            x[..., 0] = x.abs().amax(-1)
+            x[..., -1] = -x[..., 0]
+        if i % 11 == 0:
+            x[0] = 0
+        if i % 13 == 0:
+            x = torch.round(x * 4) / 4
+        yield x, (torch.rand(shape[-1], generator=g, dtype=dtype) + 0.5), [7, 127, 31, 1][i % 4], torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def test_absmax_fake_quant_is_the_composition_bit_for_bit():
+    """The one-node quantizer gives the values and the gradients (to its input and, through ``x·s``, to a
+    smoothing vector) of the torch-op composition it replaces, exactly: MASQuant's trained smoothing
+    vectors do not move by a bit."""
+    from mmcompress.quant.quantizer import _absmax_fake_quant_reference, _eps, absmax_fake_quant
+
+    for x, s, qmax, g in _quant_cases():
+        eps = _eps(x.dtype)
+        got = []
+        for f in (_absmax_fake_quant_reference, absmax_fake_quant):
+            sp = s.clone().requires_grad_(True)
+            xs = (x * sp).detach().requires_grad_(True)
+            y = f(xs, qmax, eps)
+            y.backward(g)
+            y2 = f(x * sp, qmax, eps)
+            y2.backward(g)
+            got.append((y.detach(), xs.grad, sp.grad))
+        with torch.no_grad():
+            got.append((absmax_fake_quant(x * s, qmax, eps),) * 3)
+        (ref_y, ref_gx, ref_gs), (y, gx, gs), (y_ng, _, _) = got
+        assert torch.equal(y, ref_y) and torch.equal(y_ng, ref_y)
+        assert torch.equal(gx, ref_gx) and torch.equal(gs, ref_gs)
+        assert gx.abs().sum() > 0
+
+
+def test_fake_quantize_weight_and_activation_match_the_composition():
+    """Group views (with a padded last group) and per-token activations: values and gradients."""
+    from mmcompress.quant.quantizer import _absmax_fake_quant_reference, _eps
+
+    base = torch.randn(48, 80)
+    for group in (0, 32):
+        got = []
+        for fq in (lambda w: fake_quantize_weight(w, 4, group, True),
+                   lambda w: _absmax_fake_quant_reference(
+                       torch.nn.functional.pad(w, (0, (-80) % group)).reshape(48, -1, group) if group else w[:, None],
+                       7, _eps(w.dtype)).reshape(48, -1)[:, :80]):
+            w = base.clone().requires_grad_(True)
+            y = fq(w)
+            (y * torch.arange(80.0)).sum().backward()
+            got.append((y.detach(), w.grad))
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    x = torch.randn(5, 80)
+    assert torch.equal(fake_quantize_activation(x, 8), _absmax_fake_quant_reference(x, 127, _eps(x.dtype)))
+
+
+def test_absmax_is_exact():
+    from mmcompress.quant.quantizer import absmax
+
+    x = torch.randn(30, 17)
+    x[3, 4] = -100.0
+    for dim in (0, -1):
+        assert torch.equal(absmax(x, dim), x.abs().amax(dim))
+    assert torch.isnan(absmax(torch.tensor([1.0, float("nan")]), 0))

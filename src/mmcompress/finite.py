@@ -23,10 +23,12 @@ def _bad(t: torch.Tensor) -> bool:
     if flat.dim() != 1:
         return not bool(torch.isfinite(t).all())
     if t.is_floating_point() and flat.numel():
-        # min and max in one pass, no temporaries: NaN propagates into both, ±inf is one of them
-        # (8-14x less CPU than isfinite().all() on a 28M-element embedding; whole-model checks run per quantize)
+        # min and max, no temporaries: NaN propagates into both, ±inf is one of them (whole-model checks
+        # run per quantize).  amin and amax apart, not aminmax: on torch 2.13's CPU build the fused
+        # aminmax is 5-10x slower than the two reductions together (docs/runtime.md, "aminmax")
         for s in range(0, flat.numel(), 4 * _CHUNK):
-            lo, hi = torch.aminmax(flat[s:s + 4 * _CHUNK])
+            chunk = flat[s:s + 4 * _CHUNK]
+            lo, hi = chunk.amin(), chunk.amax()
             if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
                 return True
         return False

@@ -42,6 +42,7 @@ import torch
 
 from ..fileio import atomic_write, atomic_write_text
 from ..models.modality import MODALITY_NAMES, TEXT, ids_of_tokens, method_modalities
+from .quantizer import absmax
 
 
 def _sqnr(signal: float, noise: float) -> float | None:
@@ -136,8 +137,7 @@ class _InputStats:
             x2 = x.detach().reshape(-1, x.shape[-1])
             amax = {}
             for m in g.present:
-                lo, hi = torch.aminmax(g.rows(x2, m), dim=0)  # max |x| = max(max x, −min x): no |x| copy
-                amax[m] = torch.maximum(hi, lo.neg()).abs_()  # abs_: +0.0 where a channel is all zeros
+                amax[m] = absmax(g.rows(x2, m), 0).abs_()  # abs_: +0.0 where a channel is all zeros
             # holding x and the ids keeps the identity check sound (no other tensor can take their ids)
             self.x, self.src, self.version, self.value = x, src_ids, x._version, (g, amax)
         return self.value
