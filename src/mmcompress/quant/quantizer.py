@@ -55,7 +55,9 @@ class _AbsmaxFakeQuant(torch.autograd.Function):
     ``mul``, ``clamp``, ``div``, ``clamp_min``, ``amax`` and ``abs`` (derivatives.yaml) op for op: the
     same elementwise operations on the same operands and the same reductions (``sum`` over the last
     dimension); where autograd adds two contributions to one gradient, float addition is commutative.
-    ``(−g)·y`` summed is ``−Σ g·y`` exactly (rounding is symmetric), which saves a pass."""
+    ``(−g)·y`` summed is ``−Σ g·y`` exactly (rounding is symmetric), and the ``amax`` part, zero
+    except at each row's maxima, is added there only (elsewhere autograd adds a signed zero, which may
+    turn a ``−0.0`` into ``+0.0``: equal as numbers, the one difference)."""
 
     @staticmethod
     def forward(ctx, x, qmax, eps):
@@ -63,29 +65,40 @@ class _AbsmaxFakeQuant(torch.autograd.Function):
         amax = ax.amax(-1, keepdim=True)
         pre = amax / qmax
         scale = pre.clamp(min=eps)
-        r = x / scale
-        rr = torch.round(r)
-        q = rr.clamp(-qmax, qmax)
+        q = torch.div(x, scale).round_()  # r = x/Δ, rounded in place (the backward recomputes r)
+        # With a finite max|x| the clamp is the identity: |x/Δ| ≤ q(1 + 2u) rounds to at most q.  Then its
+        # backward mask is all true and neither is computed; otherwise both are, as autograd would.
+        mask = None
+        if not bool(torch.isfinite(amax).all()):
+            mask = q.abs() <= qmax  # clamp's backward mask, on its input (NaN: False)
+            q.clamp_(-qmax, qmax)
         out = q * scale
         if ctx.needs_input_grad[0]:
-            mask = (rr >= -qmax).logical_and_(rr <= qmax)  # clamp's backward mask, on its input
-            ctx.save_for_backward(x, ax, r, q, mask, amax, pre, scale)
+            ctx.save_for_backward(x, ax, q, amax, pre, scale, mask)
             ctx.qmax, ctx.eps = qmax, eps
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, ax, r, q, mask, amax, pre, scale = ctx.saved_tensors
+        x, ax, q, amax, pre, scale, mask = ctx.saved_tensors
         qmax, eps = ctx.qmax, ctx.eps
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
         grad_s = (g * q).sum(-1, keepdim=True)  # out = q·Δ, the Δ part (summed to Δ's shape)
-        grad_r = torch.where(mask, g * scale, torch.zeros((), dtype=g.dtype, device=g.device))  # clamp
+        grad_r = g * scale  # out = q·Δ, the q part; clamp passes it where its mask is true
+        if mask is not None:
+            grad_r = torch.where(mask, grad_r, zero)
         grad_x = grad_r / scale  # r = x/Δ, the x part (round_ste passes the gradient through)
-        grad_s = grad_s + (-(grad_r * ((r / scale))).sum(-1, keepdim=True))  # r = x/Δ, the Δ part: −g·(x/Δ)/Δ
-        grad_s = torch.where(pre >= eps, grad_s, torch.zeros((), dtype=g.dtype, device=g.device))  # clamp_min
+        t = torch.div(x, scale).div_(scale)  # (x/Δ)/Δ
+        grad_s = grad_s + (-grad_r.mul_(t).sum(-1, keepdim=True))  # r = x/Δ, the Δ part: −g·(x/Δ)/Δ
+        grad_s = torch.where(pre >= eps, grad_s, zero)  # clamp_min
         grad_amax = grad_s / qmax
-        hit = ax == amax  # amax's backward: the gradient split evenly over the maxima
-        grad_abs = (grad_amax / hit.sum(-1, keepdim=True)) * hit
-        return grad_x + grad_abs * x.sgn(), None, None
+        # amax's backward, (g/count)·1[|x| = max]·sgn(x), is zero off the maxima: added only where it is not
+        hit = ax == amax
+        count = hit.sum(-1, keepdim=True)
+        idx = hit.nonzero(as_tuple=True)
+        per_row = (grad_amax / count).expand_as(x)[idx]
+        grad_x.index_put_(idx, per_row * x[idx].sgn(), accumulate=True)
+        return grad_x, None, None
 
 
 def _absmax_fake_quant_reference(x: torch.Tensor, qmax: int, eps: float) -> torch.Tensor:
