@@ -57,9 +57,9 @@ def _first_whitening_moments(model, calib, monkeypatch, **kw):
     calls = []
     real = mq.whitened_low_rank
 
-    def spy(delta_w, moment, rank, damping=1e-6):
+    def spy(delta_w, moment, rank, damping=1e-6, factor=None):
         calls.append(moment.clone())
-        return real(delta_w, moment, rank, damping)
+        return real(delta_w, moment, rank, damping, factor)
 
     monkeypatch.setattr(mq, "whitened_low_rank", spy)
     m = copy.deepcopy(model)

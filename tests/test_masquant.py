@@ -245,3 +245,36 @@ def test_cmc_overhead_counts_the_bytes_saved_on_a_bf16_model(tokenizer):
     assert cmc and {m.cmc_left.dtype for m in cmc} == {torch.bfloat16} and summary["modalities"] == ["text", "image"]
     assert summary["cmc_bytes"] == sum(m.cmc_left.element_size() * m.rank * (m.in_features + m.out_features)
                                        for m in cmc)
+
+
+def test_whitening_is_computed_once_per_group_and_modality(omni, monkeypatch):
+    """With ``tie`` q/k/v (one smoothing) share the factor of C_m, and gate/up theirs; a given factor
+    changes nothing, bit for bit."""
+    import mmcompress.quant.methods.masquant as mq
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 48, dtype=torch.float64)
+    c, dw = x.T @ x, torch.randn(40, 48, dtype=torch.float64)
+    fresh = whitened_low_rank(dw, c, 8)
+    given = whitened_low_rank(dw, c, 8, factor=mq.whitening(c))
+    assert all(torch.equal(a, b) for a, b in zip(fresh, given))
+
+    calls = {"whitening": 0, "fits": 0}
+    real_w, real_fit = mq.whitening, mq.whitened_low_rank
+
+    def count_w(*a, **k):
+        calls["whitening"] += 1
+        return real_w(*a, **k)
+
+    def count_fit(*a, **k):
+        calls["fits"] += 1
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(mq, "whitening", count_w)
+    monkeypatch.setattr(mq, "whitened_low_rank", count_fit)
+    model, calib, _ = omni
+    m = copy.deepcopy(model)
+    mmcompress.quantize(m, calib, "masquant", "w4a8", progress=False, epochs=0, tie=True)
+    masl = [mod for mod in m.modules() if isinstance(mod, MASLinear) and mod.rank]
+    # per layer and non-text modality: q, k, v (attn_in), gate, up (mlp_in), o (attn_out): 6 fits, 3 factors
+    assert calls["fits"] == len(masl) * 2 and calls["fits"] == 2 * calls["whitening"]

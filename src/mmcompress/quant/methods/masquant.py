@@ -60,6 +60,7 @@ trained with the reconstruction loss).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -219,16 +220,37 @@ def top_svd(a: torch.Tensor, rank: int, *, oversample: int = 16, power_iters: in
     if 4 * q >= full:
         p, s, qh = torch.linalg.svd(a, full_matrices=False)
         return p[:, :rank], s[:rank], qh[:rank]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    omega = torch.randn(a.shape[1], q, generator=g, dtype=a.dtype).to(a.device)
-    y = torch.linalg.qr(a @ omega).Q
+    y = torch.linalg.qr(a @ _sketch(a.shape[1], q, a.dtype, a.device)).Q
     for _ in range(power_iters):
         y = torch.linalg.qr(a @ torch.linalg.qr(a.T @ y).Q).Q
     ub, s, qh = torch.linalg.svd(y.T @ a, full_matrices=False)
     return (y @ ub)[:, :rank], s[:rank], qh[:rank]
 
 
-def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float = 1e-6):
+@functools.lru_cache(maxsize=16)
+def _sketch(n: int, q: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The range finder's Gaussian test matrix ``[n, q]``, seed 0 (the same for every call of a shape:
+    drawn once; callers only read it)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(n, q, generator=g, dtype=dtype).to(device)
+
+
+def whitening(moment: torch.Tensor, damping: float = 1e-6) -> tuple:
+    """The factor ``T`` (``TᵀT = C + λ·mean(diag C)·I``) of :func:`whitened_low_rank`, as
+    ``("chol", T)`` or, when the Cholesky factorisation fails, ``("eig", U, Σ^{1/2})``: computed once per
+    (group, modality) and shared by the group's readers, which see the same ``C_m`` and smoothing row."""
+    c = moment.double()
+    c = c + damping * c.diagonal().mean().clamp(min=1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0:
+        return ("chol", chol.T)  # upper triangular, tᵀt = C
+    evals, u = torch.linalg.eigh(c)
+    sq = evals.clamp(min=max(damping, 1e-12) * evals.clamp(min=0).mean().clamp(min=1e-30)).sqrt()
+    return ("eig", u, sq)
+
+
+def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float = 1e-6,
+                      factor: tuple | None = None):
     """Factors ``L [in×r]``, ``R [r×out]`` minimising ``||X̃ (ΔWᵀ − L R)||_F`` given ``C = X̃ᵀX̃``
     (``moment``; ``None`` = plain SVD, the no-whitening ablation).  All in float64.
 
@@ -237,21 +259,18 @@ def whitened_low_rank(delta_w: torch.Tensor, moment: torch.Tensor | None, rank: 
     ``R = Σ_r Q_rᵀ``.  Damping rule: ``T = Uᵀ`` from the Cholesky factor of ``C + λ·mean(diag C)·I``
     (``λ`` = ``damping``); when that fails (``λ = 0`` and ``C`` rank-deficient) an eigen-decomposition
     with eigenvalues floored at ``max(λ, 1e-12)·mean(eigenvalues)`` is the fallback, so the factors
-    stay finite."""
+    stay finite.  ``factor``: :func:`whitening` of ``moment`` computed before (shared by readers)."""
     dwt = delta_w.double().T  # [in, out]
     if moment is None:
         p, s, qh = top_svd(dwt, rank)
         return p, s[:, None] * qh
-    c = moment.double()
-    c = c + damping * c.diagonal().mean().clamp(min=1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    chol, info = torch.linalg.cholesky_ex(c)
-    if int(info) == 0:
-        t = chol.T  # upper triangular, tᵀt = C
+    factor = factor if factor is not None else whitening(moment, damping)
+    if factor[0] == "chol":
+        t = factor[1]
         p, s, qh = top_svd(t @ dwt, rank)
         left = torch.linalg.solve_triangular(t, p, upper=True)
         return left, s[:, None] * qh
-    evals, u = torch.linalg.eigh(c)
-    sq = evals.clamp(min=max(damping, 1e-12) * evals.clamp(min=0).mean().clamp(min=1e-30)).sqrt()
+    _, u, sq = factor
     p, s, qh = top_svd((sq[:, None] * u.T) @ dwt, rank)  # T = Σ^{1/2} Uᵀ
     return (u / sq[None, :]) @ p, s[:, None] * qh
 
@@ -397,8 +416,9 @@ class MASQuant(QuantMethod):
             layer, next(g for g in adapter.groups if path in g.readers))
                          for path, w in wrappers.items()}
         losses = self._train(ctx, wrappers) if self.epochs > 0 else []
+        whitenings = {}  # (group stats, smoothing, modality) -> (C_m, its whitening factor), this layer's
         for path, w in wrappers.items():
-            layer.set_submodule(path, self._deploy(originals[path], w, stats[_group_of(adapter, path)]))
+            layer.set_submodule(path, self._deploy(originals[path], w, stats[_group_of(adapter, path)], whitenings))
         for path in others:
             layer.get_submodule(path).pack()
         ctx.info["masquant"] = {
@@ -464,7 +484,7 @@ class MASQuant(QuantMethod):
                 project_divergence(p.data, self.present, k)
 
     @torch.no_grad()
-    def _deploy(self, original: nn.Module, trained: MASTrainLinear, st) -> MASLinear:
+    def _deploy(self, original: nn.Module, trained: MASTrainLinear, st, whitenings: dict) -> MASLinear:
         scheme = self.scheme
         s = trained.smoothing.detach().double()  # [ROWS, in]
         w = original.weight.detach().double()
@@ -493,10 +513,14 @@ class MASQuant(QuantMethod):
             target = w * s[m]
             if self.cmc_target == "quantized":
                 target = fake_quantize_weight(target.float(), scheme.wbits, scheme.group_size, scheme.sym).double()
-            moment = None
+            moment = factor = None
             if self.cmc == "whitened":
-                moment = st.moment[m].to(s.device) / s[m][:, None] / s[m][None, :]  # C_m of X̃_m = X_m / s_m (E11)
-            left, right = whitened_low_rank(target - w_hat, moment, rank, self.damping)
+                key = (id(st), id(trained.smoothing), m)  # readers of a group with one (tied) smoothing share it
+                if key not in whitenings:
+                    moment = st.moment[m].to(s.device) / s[m][:, None] / s[m][None, :]  # C_m of X̃_m = X_m / s_m (E11)
+                    whitenings[key] = (moment, whitening(moment, self.damping))
+                moment, factor = whitenings[key]
+            left, right = whitened_low_rank(target - w_hat, moment, rank, self.damping, factor)
             if self.cmc_bits < 16:
                 left = fake_quantize_weight(left.T.float(), self.cmc_bits).T.double()
                 right = fake_quantize_weight(right.float(), self.cmc_bits).double()
