@@ -33,6 +33,10 @@ with a 256-token vocabulary (embedding and head negligible, the same in every va
 the sparse kernels' layout) and, with ``--fp32``, ``dense_fp32``; compressed: the ``IntLinear`` stack,
 LaRoSA (``sparse``; ``sparse_no_adapter``) and the joint stack.  A variant the fused step cannot run is an
 error naming ``fused_problem``'s reason; the JSON says which step every variant ran (``variants_step``).
+``--teal`` (with ``--step fused``) adds TEAL at the same level: the projections as threshold ``SparseLinear``
+(no adapters), each threshold the ``--sparsity`` quantile of its input's magnitudes in a dense forward of 64
+random calibration ids (TEAL's calibration on the dense chain, ``sparse/methods/teal.py``); its kept fraction
+varies per token, so the JSON gives the weight rows it read (``teal_rows_read``, measured on 4 untimed steps).
 
 All variants decode the same tokens in lockstep in one process (order rotating every step), so that
 machine noise hits them alike.  The CPU from the command line (``synthetic_decode_benchmark`` also takes
@@ -464,10 +468,51 @@ def _shell_bytes(model) -> int:
 
 
 @torch.no_grad()
+def _teal_thresholds(model, ids: torch.Tensor, sparsity: float) -> None:
+    """TEAL on ``model``'s ``SparseLinear`` projections (kernel layout, at 0 %): each keeps ``|x| >= t``, ``t``
+    the ``sparsity`` quantile of its input's magnitudes in a dense forward of ``ids`` (``teal.quantile``; q/k/v
+    read one input, so they get one threshold, as gate/up)."""
+    from mmcompress.sparse.methods.teal import quantile
+    from mmcompress.sparse.topk import Threshold
+
+    mods = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0].detach().abs().float().reshape(-1)))
+             for m in mods]
+    try:
+        model(input_ids=ids, use_cache=False)  # dense: keep = in_features, multi-token calls dense
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in mods:
+        m.selector = Threshold(quantile(torch.sort(seen[m]).values, sparsity))
+
+
+def _teal_rows_read(engine, steps_ids, pos: int) -> float:
+    """The fraction of the TEAL projections' weight rows that ``len(steps_ids)`` fused steps from ``pos`` read
+    (the kernels' rule on the traced inputs; each row is ``out_features`` weights)."""
+    read = total = 0
+    engine._fused.set_trace(True)
+    try:
+        for i, t in enumerate(steps_ids):
+            engine._step(t, pos + i)
+            for tr, l in zip(engine._fused.trace(), engine.layers):
+                for name, mods in (("x1", (l.q, l.k, l.v)), ("attn", (l.o,)), ("x2", (l.mlp.gate_proj, l.mlp.up_proj)),
+                                   ("act", (l.down,))):
+                    for m in mods:
+                        kept = int((~(tr[name].abs() < torch.tensor(m.threshold, dtype=torch.float32))).sum())
+                        read += kept * m.out_features
+                        total += m.in_features * m.out_features
+    finally:
+        engine._fused.set_trace(False)
+    return read / total
+
+
+@torch.no_grad()
 def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, scheme: str | None = None,
                            sparsity: float | None = None, tokens: int = 16, prompt: int = 16, rounds: int = 3,
                            seed: int = 0, vocab: int = FUSED_VOCAB, fp32: bool = False, adapter_bits: int = 16,
-                           log=None) -> dict:
+                           teal: bool = False, log=None) -> dict:
     """Every variant — the dense baselines included — as a ``LlamaForCausalLM`` of the same ``layers``
     decoder layers and a ``vocab``-token embedding/head (:func:`_causal_lm`), decoded by the product's
     ``DecodeEngine(model, fused=True)``: one C++ call per token (``runtime/fused.py``).  A variant the
@@ -478,12 +523,16 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
     layout) and, with ``fp32``, ``dense_fp32``.  Compressed: ``scheme`` alone → the deployed ``IntLinear``
     stack; ``sparsity`` → LaRoSA (``sparse``, with its bf16 residual adapters; ``sparse_no_adapter``
     for the adapters' cost), plus with ``scheme`` the joint stack (``SparseInt8Linear``, reported as
-    ``tok_s``).  All engines step the same tokens in lockstep (own KV caches, order rotating)."""
+    ``tok_s``).  ``teal`` (with ``sparsity``): also TEAL at that level (``teal``: threshold ``SparseLinear``,
+    :func:`_teal_thresholds`; reported as ``teal_tok_s`` / ``teal_speedup``, not ``tok_s``).  All engines step
+    the same tokens in lockstep (own KV caches, order rotating)."""
     from mmcompress.runtime.decode import DecodeEngine
     from mmcompress.runtime.fused import fused_problem
 
     if scheme is None and sparsity is None:
         raise ValueError("--step fused needs --scheme and/or --sparsity")
+    if teal and sparsity is None:
+        raise ValueError("--teal needs --sparsity")
     bf16 = torch.bfloat16
     cfg = _llama_config(name, layers, bf16)
     d = cfg.hidden_size
@@ -530,6 +579,10 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
                                                          int8_adapter() if adapter_bits == 8 else adapter(), be)
                                                 for i in range(layers)], bf16, vocab, seed)
             comp = "joint"
+        if teal:
+            models["teal"] = _causal_lm(name, stack(bf16, lambda l: dense_kernel_layer(l, 0.0, be)), bf16, vocab, seed)
+            _teal_thresholds(models["teal"], torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(
+                seed + 2)), sparsity)
     lar_adapters = [l.residual_adapter for l in models["sparse"].model.layers] if setting else []
 
     def configure(n):
@@ -576,6 +629,7 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
         if not (e.fused and e._fused is not None and e._step == e._fused_step):
             raise RuntimeError(f"--step fused: variant {n!r} did not run the fused step")
         steps_taken[n] = "fused"
+    teal_read = _teal_rows_read(engines["teal"], step_ids[1:5], prompt + 1) if teal else None  # positions re-written
     med = {n: statistics.median(v) for n, v in per_tok.items()}
     best = {n: min(v) for n, v in per_tok.items()}
     dense_names = [n for n in ("dense_bf16", "dense_fp32", "own_kernel_0pct") if n in med]
@@ -613,6 +667,13 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
                     "speedup_without_adapters": round(med[base] / med["sparse_no_adapter"], 3),
                     "adapter_ms_per_token": round(adapter_ms, 2),
                     "adapter_share": round(adapter_ms / (1e3 * med["sparse"]), 4)})
+    if teal:
+        res.update({"teal_tok_s": round(1 / med["teal"], 3), "teal_speedup": round(med[base] / med["teal"], 3),
+                    "teal_speedup_best_of_n": round(min(best[n] for n in dense_names) / best["teal"], 3),
+                    "teal_rows_read": round(teal_read, 4),
+                    "teal_note": "threshold per projection: the --sparsity quantile of its input's |x| on 64 random "
+                                 "calibration ids (dense forward); teal_rows_read: the fraction of its weight rows 4 "
+                                 "untimed steps read"})
     if log is not None:
         print(f"{res['spec']} decode on the fused step (DecodeEngine(fused=True), vocab {vocab}), {tokens} tokens "
               f"after {prompt}, {rounds} rounds, {res['threads']} threads (built in {res['build_s']} s)", file=log)
@@ -624,6 +685,9 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
         print(f"  {comp} vs fastest dense ({base}): {res['speedup']:.3f}x (best-of-n {res['speedup_best_of_n']:.3f}x)"
               f"{extra}; weights {wbytes / 1e6:.0f} MB vs {dense_wbytes / 1e6:.0f} MB bf16; peak RSS "
               f"{res['peak_rss_bytes'] / 1e9:.2f} GB", file=log)
+        if teal:
+            print(f"  TEAL vs fastest dense ({base}): {res['teal_speedup']:.3f}x (best-of-n "
+                  f"{res['teal_speedup_best_of_n']:.3f}x), weight rows read {res['teal_rows_read']:.4f}", file=log)
     return res
 
 
@@ -652,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "baselines included, a LlamaForCausalLM of the same layers (vocabulary %d) decoded by "
                         "DecodeEngine(fused=True), one C++ call per token (an error if a variant cannot take it)"
                         % FUSED_VOCAB)
+    p.add_argument("--teal", action="store_true",
+                   help="--step fused with --sparsity: also TEAL at that level (threshold SparseLinear, thresholds "
+                        "calibrated on a dense forward of random ids; no adapters)")
     p.add_argument("--fp32", action="store_true",
                    help="--step fused: also the fp32 dense model among the dense baselines (off by default: "
                         "slower than bf16 on the fused step, docs/runtime.md, and 2x the memory)")
@@ -674,7 +741,9 @@ def _bench(args) -> dict:
         sparsity = 0.4 if args.sparsity is None and not args.scheme else args.sparsity  # as the Python mode
         return fused_decode_benchmark(spec[0], spec[1], args.scheme, sparsity, tokens=args.tokens,
                                       prompt=args.prompt, rounds=args.rounds, fp32=args.fp32, log=sys.stderr,
-                                      adapter_bits=8 if args.joint_adapters == "w8a16" else 16)
+                                      adapter_bits=8 if args.joint_adapters == "w8a16" else 16, teal=args.teal)
+    if args.teal:
+        raise ValueError("--teal is for --step fused")
     if args.fp32:
         raise ValueError("--fp32 is for --step fused (the Python step's integer mode always has torch fp32)")
     if args.scheme and args.sparsity is None:  # the dense integer path

@@ -162,6 +162,14 @@ def test_stack_decode_fused_step_tiny(cpu_kernel, scripts, capsys):
     assert res["variants_step"] == {n: "fused" for n in ("dense_bf16", "dense_fp32", "own_kernel_0pct", "sparse",
                                                          "sparse_no_adapter", "joint")}
     assert res["compressed"] == "joint" and {"sparse_speedup", "adapter_ms_per_token"} <= set(res)
+    # --teal: TEAL at the same level on the fused step too (thresholds from a dense calibration forward)
+    assert stack_decode.main(["tiny64:1", "--sparsity", "0.5", "--teal"] + base) == 0
+    res = _json_line(capsys)
+    assert res["variants_step"]["teal"] == "fused" and res["compressed"] == "sparse"
+    assert 0.2 < res["teal_rows_read"] < 0.8 and res["teal_speedup"] > 0
+    with pytest.raises(SystemExit):  # a usage error
+        stack_decode.main(["tiny64:1", "--sparsity", "0.5", "--teal", "--tokens", "1", "--rounds", "1"])
+    assert "--teal is for --step fused" in capsys.readouterr().err
     # tiny's down projection (in 688) is off the integer kernel: W8A8 cannot take the fused step -> an error
     with pytest.raises(RuntimeError, match=r"fall back.*fused_problem: layer 0: w8a8"):
         stack_decode.main(["tiny:1", "--scheme", "w8a8"] + base)

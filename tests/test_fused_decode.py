@@ -164,12 +164,21 @@ SPARSE_KINDS = {
 }
 
 
+# TEAL: threshold SparseLinear on every projection; uniform: q/k/v (gate/up) share one threshold, greedy: each
+# projection its own (the tiny models' greedy plan gives q, k and v three different ones, v's 0: keeps all)
+TEAL_KINDS = {
+    "teal": [{"kind": "sparsify", "method": "teal", "sparsity": 0.4}],
+    "teal-greedy": [{"kind": "sparsify", "method": "teal", "sparsity": 0.4, "plan": "greedy"}],
+}
+
+
 def _sparse_model(tmp_path, tokenizer, arch, kind, dtype, hidden=128, intermediate=256):
     from mmcompress.runtime.generate import prepare
 
     model, tok = tiny_model(arch, tokenizer=tokenizer, tie=(arch == "qwen2"), dtype=dtype, hidden=hidden,
                             intermediate=intermediate)
-    mmcompress.apply_recipe(model, CalibrationSet(text_samples(tok, n=2)), SPARSE_KINDS[kind], progress=False)
+    recipe = {**SPARSE_KINDS, **TEAL_KINDS}[kind]
+    mmcompress.apply_recipe(model, CalibrationSet(text_samples(tok, n=2)), recipe, progress=False)
     model = prepare(mmcompress.load(mmcompress.save(model, tmp_path / f"{arch}-{kind}")), quiet=True)
     return model, tok
 
@@ -497,3 +506,166 @@ def test_fused_residual_linears_reduced_by_every_thread_give_the_same_logits(tmp
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="fused_set_reduce"):
         fu._fused.set_reduce(2)
+
+
+# -- TEAL (SparseLinear in mode "threshold": keep |x| >= t) -------------------------------------------------
+
+
+def _projections(layer):
+    return (layer.q, layer.k, layer.v, layer.o, layer.mlp.gate_proj, layer.mlp.up_proj, layer.down)
+
+
+def _kept_fraction(fu, py_layers) -> float:
+    """The fraction of the channels the fused step's last traced step kept, over every projection input (the
+    kernels' rule on the traced inputs)."""
+    kept = total = 0
+    for tr, l in zip(fu._fused.trace(), py_layers):
+        for name, mods in (("x1", (l.q, l.k, l.v)), ("attn", (l.o,)), ("x2", (l.mlp.gate_proj, l.mlp.up_proj)),
+                           ("act", (l.down,))):
+            for m in mods:
+                kept += int((~(tr[name].abs() < torch.tensor(m.threshold, dtype=torch.float32))).sum())
+                total += tr[name].numel()
+    return kept / total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(TEAL_KINDS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_step_runs_teal_models(tmp_path, tokenizer, arch, kind, dtype):
+    """TEAL's threshold SparseLinear runs on the fused step (it fell back to the Python step before session 35)
+    and gives the Python step's logits under the Top-K tests' bounds: the same kept channels (the kernels'
+    rule |x| >= t on the same fp32 values and float32 t) and the same sparse GEMV on them, so a step without a
+    discontinuity agrees to round-off (TOL: the summation order of the split-K parts and of the other ops, as
+    for Top-K), a channel that flips is within the inputs' round-off of t (fused_check ``threshold``), and
+    every module on the fused step's own inputs gives its outputs (DIFF); fp32: the same greedy tokens."""
+    from mmcompress.sparse.linear import SparseLinear
+
+    model, tok = _sparse_model(tmp_path, tokenizer, arch, kind, dtype)
+    py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40, fused=True)
+    assert fu.fused, fused.fused_problem(fu)
+    l0 = fu.layers[0]
+    assert all(type(m) is SparseLinear and m.mode == "threshold" and m.backend == "cpu" for m in _projections(l0))
+    thr = [m.threshold for m in (l0.q, l0.k, l0.v)]
+    assert (len(set(thr)) == 1) == (kind == "teal")  # shared (one selection) / three selections
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    rows = compare(py, fu, ids, 16)
+    clean = [r["logits"] for r in rows if r["first"] is None]
+    assert len(clean) >= len(rows) // 2 and max(clean) < TOL[dtype], rows
+    assert all(explained(r["first"], DIFF[dtype]) for r in rows if r["first"] is not None), rows
+    assert all(max(r["modules"].values()) <= DIFF[dtype] for r in rows), rows
+    fu._fused.set_trace(True)
+    fu._step(torch.tensor([[7]]), 30)  # one traced step: the thresholds really drop channels, not all
+    assert 0.3 < _kept_fraction(fu, py.layers) < 0.9
+    fu._fused.set_trace(False)
+    if dtype == torch.float32:
+        assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
+
+
+def test_fused_threshold_selection_is_the_kernels_rule():
+    """The fused step's threshold selection (``threshold_select``) keeps exactly the channels with ``|x| >= t``
+    as the Python step's kernel decides it (``sparse_gemv.cpp``'s ``threshold_row``: ``!(|x| < t)`` in fp32,
+    ``t`` rounded to float32, NaN kept), with their values: values exactly at ±t (kept: ``>=``, not ``>``),
+    one float32 ulp below t (dropped), ±0, ±inf, NaN, bf16 values, widths with and without a 16-lane tail,
+    t = 0 (keeps all), t = inf (keeps only ±inf and NaN), a t that is not a float32 (rounded as the kernel
+    rounds it); and the Python step's op on an identity weight keeps the same channels."""
+    assert fused.load()
+    op = torch.ops.mmcompress_fused.fused_threshold
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for d in (1, 5, 16, 17, 333, 4096):
+        for kind in ("normal", "bf16", "special"):
+            x = torch.randn(d, generator=g)
+            if kind == "bf16":
+                x = x.bfloat16().float()
+            t_exact = float(x.abs().median())  # exactly some channels' magnitude: ties at t
+            if kind == "special" and d > 7:
+                below = torch.nextafter(torch.tensor(t_exact), torch.tensor(0.0)).item()
+                x[:8] = torch.tensor([t_exact, -t_exact, below, -0.0, 0.0, float("inf"), float("-inf"), float("nan")])
+            for t in (t_exact, 0.0, float("inf"), t_exact + 1e-12, 0.1):
+                rows, vals = op(x, t)
+                t32 = torch.tensor(t, dtype=torch.float32)
+                want = (~(x.abs() < t32)).nonzero().flatten()
+                assert torch.equal(rows.long(), want), (d, kind, t)
+                assert torch.equal(vals.isnan(), x[want].isnan())
+                assert torch.equal(vals.nan_to_num(), x[want].nan_to_num()), (d, kind, t)
+                if kind == "special" and d > 7 and t == t_exact:
+                    assert rows[:2].tolist() == [0, 1] and 2 not in rows.tolist()  # >= t kept, below t dropped
+                checked += 1
+    assert checked >= 80
+    # the Python step's kernel (SparseLinear's threshold decode path): the same channels on an identity weight
+    from mmcompress.sparse.kernels import sparse_linear
+
+    x = torch.randn(1, 300, generator=g)
+    t = float(x.abs()[0, 7])
+    y = sparse_linear(x, torch.eye(300), backend="cpu", threshold=t)
+    rows, _ = op(x[0].contiguous(), t)
+    assert torch.equal((y[0] != 0).nonzero().flatten(), rows.long())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_teal_thresholds_keeping_no_channel_or_all(tmp_path, tokenizer, dtype):
+    """Thresholds that keep no channel of a token (t = inf: the projection gives its bias; the first layer's
+    q/k/v and down) and all of them (t = 0: layer 1's o_proj and gate/up), on the column split, split-K forced
+    (row parts of zero rows) and the default: the Python step's logits (TOL) and, fp32, tokens."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "qwen2", "teal", dtype)  # qwen2: q/k/v bias
+    py = DecodeEngine(model, max_len=40, fused=False)
+    l0, l1 = py.layers[0], py.layers[1]
+    for m in (l0.q, l0.k, l0.v, l0.down):
+        m.threshold = float("inf")
+    for m in (l1.o, l1.mlp.gate_proj, l1.mlp.up_proj):
+        m.threshold = 0.0
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(2))
+    real = fused.FusedStep
+    for split in (0, 1, 2):
+        class Split(real):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.set_split(split, 2)
+
+        fused.FusedStep = Split
+        try:
+            fu = DecodeEngine(model, max_len=40)
+            rows = compare(py, fu, ids, 6)
+        finally:
+            fused.FusedStep = real
+        assert isinstance(fu._fused, Split)
+        assert all(r["first"] is None and r["logits"] < TOL[dtype] for r in rows), (split, rows)
+    fu = DecodeEngine(model, max_len=40)
+    if dtype == torch.float32:
+        assert torch.equal(fu.generate(ids, 12), py.generate(ids, 12))
+    # the zero-kept projections really gave only their bias: layer 0's V cache rows of the two fused steps'
+    # positions (9, 10) are bias_v, whatever the token
+    fu.generate(ids, 3)
+    v_rows = fu._vc[0][0, :, 9:11].transpose(0, 1).reshape(2, -1)
+    assert torch.equal(v_rows[0], v_rows[1]) and torch.equal(v_rows[0], l0.v.bias.reshape(-1))
+
+
+def test_fused_teal_step_notices_a_wrong_threshold(tmp_path, tokenizer, monkeypatch):
+    """The TEAL comparison discriminates: a plan whose thresholds are 10 % off (or that ignores them: all
+    channels kept) is far outside the bound; the exact ones are within it."""
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", "teal", torch.float32)
+    py = DecodeEngine(model, max_len=40, fused=False)
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert max(_stepwise_errors(py, DecodeEngine(model, max_len=40), ids, 6)) < TOL[torch.float32]
+    bits = fused.f32_bits
+    monkeypatch.setattr(fused, "f32_bits", lambda t: bits(1.1 * t))
+    assert max(_stepwise_errors(py, DecodeEngine(model, max_len=40), ids, 6)) > 100 * TOL[torch.float32]
+    monkeypatch.setattr(fused, "f32_bits", lambda t: bits(0.0))
+    assert max(_stepwise_errors(py, DecodeEngine(model, max_len=40), ids, 6)) > 100 * TOL[torch.float32]
+
+
+def test_fused_step_refuses_what_it_does_not_run(tmp_path, tokenizer):
+    """What stays on the Python step, with its reason: CATS's thresholded activation, a threshold
+    SparseLinear left on the torch backend."""
+    from mmcompress.sparse.merge import ThresholdedActivation
+
+    model, tok = _sparse_model(tmp_path, tokenizer, "llama", "teal", torch.float32)
+    fu = DecodeEngine(model, max_len=40)
+    assert fu.fused and fused.fused_problem(fu) is None
+    model.model.layers[1].mlp.act_fn = ThresholdedActivation(model.model.layers[1].mlp.act_fn, 0.01)
+    assert fused.fused_problem(DecodeEngine(model, max_len=40, fused=False)) == \
+        "layer 1: a thresholded activation (CATS)"
+    model.model.layers[1].mlp.act_fn = model.model.layers[1].mlp.act_fn.act
+    model.model.layers[0].self_attn.o_proj.set_backend("torch")
+    assert fused.fused_problem(DecodeEngine(model, max_len=40, fused=False)) == \
+        "layer 0: a SparseLinear off the CPU kernel layout (backend 'torch')"

@@ -365,17 +365,24 @@ def test_model_decode_speedup_runs_the_product_engine_against_the_fastest_dense_
 
 
 def test_model_decode_speedup_says_when_the_sparse_model_is_not_on_the_fused_step(cpu_kernel, tokenizer):
-    """TEAL's threshold sparsifier has no fused step: the row says so (Python step, and why)."""
+    """TEAL's threshold sparsifier runs on the fused step (since session 35); CATS's thresholded activation
+    has none: the row says so (Python step, and why)."""
     from mmcompress.runtime import fused
-    from mmcompress.runtime.bench_decode import model_decode_speedup
+    from mmcompress.runtime.bench_decode import dense_variants, model_decode_speedup
+    from mmcompress.sparse.merge import ThresholdedActivation
     from mmcompress.sparse.topk import Threshold
 
     if not fused.load():
         pytest.skip("no fused decode step on this CPU")
     model, dense = _sparsified_tiny_llama(tokenizer, lambda lin: Threshold(0.05))
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
-    res = model_decode_speedup(model, ids, tokens=3, rounds=1)  # baselines: the model's own dense form
-    assert res["decode_path"] == "python" and "threshold" in res["fused_problem"]
+    baselines = dense_variants(dense)
+    res = model_decode_speedup(model, ids, tokens=3, rounds=1, baselines=baselines)
+    assert res["decode_path"] == "fused" and res["fused_problem"] is None
+    mlp = model.model.layers[1].mlp
+    mlp.act_fn = ThresholdedActivation(mlp.act_fn, 0.01)
+    res = model_decode_speedup(model, ids, tokens=3, rounds=1, baselines=baselines)
+    assert res["decode_path"] == "python" and "thresholded activation" in res["fused_problem"]
     assert res["variants_step"]["compressed"] == "python"
     assert res["variants_step"][res["dense_baseline"]] == "fused"
 

@@ -27,6 +27,13 @@ sparse GEMV (float weight rows skipped) or sparse int8 GEMV (per-token int8 code
 exact int32 sums) on the kept rows; each residual adapter ``r ← r A`` is one more phase after its layer
 (dense, on the same float GEMV at 0 %, or the integer kernel of an 8-bit weight-only adapter).
 
+TEAL models (``SparseLinear`` in mode ``"threshold"``, ``sparse/methods/teal.py``) run on the step too: such a
+projection keeps channel ``i`` of the token iff ``|x_i| >= t`` — exactly the Python step's rule, which is
+``sparse_gemv.cpp``'s ``threshold_row`` (``!(|x_i| < t)`` on the fp32 values of the token, ``t`` rounded to
+float32, NaN kept) — by the step's AVX-512 compare-and-compress (``threshold_select``), however many channels
+that is (0 to all), and runs the same sparse GEMV on the kept rows.  q/k/v (gate/up) with the same threshold
+select once.  CATS's thresholded activation and a threshold ``SparseInt8Linear`` are not on the step.
+
 Built with the kernels' machinery (``sparse.kernels.cpu.compile_and_load``; the step includes
 ``quant/kernels/int_gemm.cpp``'s tile kernels and ``sparse/kernels/sparse_gemv.cpp``'s sparse kernels, so
 the build name hashes those sources), needs the integer kernels' CPU (AVX-512 VNNI).  :func:`fused_problem` says why a model cannot take it (the engine
@@ -103,9 +110,9 @@ def _linear_problem(m: nn.Module, dtype, text_only: bool = False) -> str | None:
     from ..sparse.linear import SparseLinear
     from ..sparse.merge import PrefillPolicySparseLinear
 
-    if type(m) in (SparseLinear, PrefillPolicySparseLinear):  # a decode step: Top-K of the token (both)
-        if m.mode not in ("topk", "dense"):
-            return f"a {m.mode} sparsifier (fused step: Top-K)"
+    if type(m) in (SparseLinear, PrefillPolicySparseLinear):  # a decode step: all of the token's selection (both)
+        if m.mode not in ("topk", "dense", "threshold"):
+            return f"a {m.mode} sparsifier (fused step: Top-K, threshold)"
         if not m.kernel_layout:
             return "a SparseLinear off the CPU kernel layout (backend 'torch')"
         if m.weight.dtype != dtype:
@@ -199,11 +206,22 @@ def _shares(key, prev) -> bool:
     return (s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
 
 
-def _float_rows(m: nn.Module, bias, keep: int, prev) -> tuple[list, list, tuple]:
-    """Kind 4: a float weight stored as ``WT [in, out]`` (the sparse kernels' layout), ``keep`` rows per token."""
-    key = (4, 0, m.in_features, keep, None)
+NO_THRESHOLD = -1  # a linear's last meta entry when it has no threshold selection
+
+
+def f32_bits(t: float) -> int:
+    """The bits of ``t`` rounded to float32 (as ``sparse_gemv.cpp``'s ``threshold_gemv`` rounds its threshold),
+    as an unsigned int: the plan's meta entry of a threshold selection."""
+    return int(torch.tensor(float(t), dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
+
+
+def _float_rows(m: nn.Module, bias, keep: int, prev, threshold: float | None = None) -> tuple[list, list, tuple]:
+    """Kind 4: a float weight stored as ``WT [in, out]`` (the sparse kernels' layout), ``keep`` rows per token
+    (Top-K), or the channels with ``|x| >= threshold`` (TEAL; ``keep`` unused)."""
+    thr = NO_THRESHOLD if threshold is None else f32_bits(threshold)
+    key = (4, 0, m.in_features, keep, None) if threshold is None else (4, "threshold", m.in_features, thr, None)
     return ([m.weight.detach().t(), _EMPTY, _EMPTY, bias, _EMPTY],
-            [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
+            [4, 0, 0, 1, 0, int(_shares(key, prev)), m.out_features, m.in_features, keep, thr], key)
 
 
 def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
@@ -217,16 +235,17 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
         if not m.weight.is_contiguous():  # a residual adapter in the sparse kernels' layout: WT [in, out]
             return _float_rows(m, bias, m.in_features, prev)
         return ([m.weight.detach(), _EMPTY, _EMPTY, bias, _EMPTY],
-                [0, 0, 0, 1, 0, 0, m.out_features, m.in_features, m.in_features], None)
+                [0, 0, 0, 1, 0, 0, m.out_features, m.in_features, m.in_features, NO_THRESHOLD], None)
     if type(m) is SparseInt8Linear:  # LaRoSA + W8A8: Top-K, per-token codes of the kept values
         keep = _sparse_keep(m)
         s = m.input_smoothing
         smooth = s[0].float().contiguous() if s is not None else _EMPTY
         key = (5, m.abits, m.in_features, keep, s)
         return ([m.weight_q, m.weight_scale.reshape(-1).float().contiguous(), m.zero_corr, bias, smooth],
-                [5, 8, 0, 1, m.abits, int(_shares(key, prev)), m.out_features, m.in_features, keep], key)
-    if isinstance(m, SparseLinear):  # float weight rows behind Top-K (WT [in, out])
-        return _float_rows(m, bias, _sparse_keep(m), prev)
+                [5, 8, 0, 1, m.abits, int(_shares(key, prev)), m.out_features, m.in_features, keep, NO_THRESHOLD],
+                key)
+    if isinstance(m, SparseLinear):  # float weight rows behind Top-K or a threshold (WT [in, out])
+        return _float_rows(m, bias, _sparse_keep(m), prev, m.threshold if m.mode == "threshold" else None)
     sch = m.scheme
     group = sch.group_size if 0 < sch.group_size < m.in_features else 0
     bits = KERNEL_BITS[sch.wbits]
@@ -241,7 +260,7 @@ def _lin_args(m: nn.Module, dtype, prev) -> tuple[list, list, tuple]:
     key = (kind, sch.abits, m.in_features, m.in_features, s)
     return ([m.weight_codes, scale, zero, bias, smooth],
             [kind, bits, group, int(sch.sym), sch.abits, int(_shares(key, prev)), m.out_features, m.in_features,
-             m.in_features], key)
+             m.in_features, NO_THRESHOLD], key)
 
 
 def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
@@ -256,11 +275,12 @@ def _head_args(head: nn.Module, dtype, mode: str) -> tuple[list, list, str]:
     bias = head.bias.detach() if head.bias is not None else _EMPTY
     N, K = w.shape
     if mode == "bf16":
-        return ([w.to(torch.bfloat16).contiguous(), _EMPTY, _EMPTY, bias, _EMPTY], [0, 0, 0, 1, 0, 0, N, K, K], mode)
+        return ([w.to(torch.bfloat16).contiguous(), _EMPTY, _EMPTY, bias, _EMPTY],
+                [0, 0, 0, 1, 0, 0, N, K, K, NO_THRESHOLD], mode)
     if K % 64:
         raise ValueError(f"an int8 head needs a hidden size that is a multiple of 64 (got {K})")
     codes, scale = int8_rows(w)
-    return ([codes, scale, torch.zeros_like(scale), bias, _EMPTY], [2, 8, 0, 1, 16, 0, N, K, K], mode)
+    return ([codes, scale, torch.zeros_like(scale), bias, _EMPTY], [2, 8, 0, 1, 16, 0, N, K, K, NO_THRESHOLD], mode)
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

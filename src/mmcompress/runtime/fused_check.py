@@ -1,4 +1,4 @@
-"""Where the fused decode step and the Python step part (LaRoSA / joint / integer models): the module-by-module
+"""Where the fused decode step and the Python step part (LaRoSA / TEAL / joint / integer models): the module-by-module
 comparison behind docs/runtime.md's "Fused step on LaRoSA and joint models" and tests/test_fused_decode.py.
 
 Both steps start every token from the same K/V caches (the Python engine's, copied into the fused
@@ -9,6 +9,9 @@ by module, the first *discontinuity* between them is reported:
 * ``topk``: the two inputs keep different Top-K sets.  ``gap`` = the largest distance of a swapped
   channel's magnitude from the K-th magnitude, ``diff`` = the largest difference of the two inputs, both
   relative to the input's largest magnitude: a swap that round-off can cause has ``gap <= diff``.
+* ``threshold`` (TEAL's ``SparseLinear``): the two inputs keep different channels under the projection's
+  threshold ``t`` (``|x| >= t``, the kernels' rule).  ``gap`` = the largest distance of a flipped channel's
+  magnitude from ``t``, ``diff`` as above: round-off can flip only channels with ``gap <= diff``.
 * ``code`` (joint; deployed integer linears, ``IntLinear``): the same kept set (all of the input) but an
   activation code differs (the per-token int8 quantizer):
   ``frac`` = how far the Python step's scaled value ``v / s`` is from the rounding boundary (``k + 1/2``),
@@ -76,6 +79,15 @@ def first_discontinuity(py_layers, caps: dict, trace: list[dict]) -> dict | None
                     continue
                 if not isinstance(m, (SparseLinear, SparseInt8Linear)):
                     continue
+                if isinstance(m, SparseLinear) and m.mode == "threshold":  # the kernels' rule: !(|x| < t) in fp32
+                    t = torch.tensor(m.threshold, dtype=torch.float32)
+                    mp, mf = ~(xp.abs() < t), ~(xf.abs() < t)
+                    if not torch.equal(mp, mf):
+                        fl = (mp != mf).nonzero().flatten()
+                        gap = ((xp.abs()[fl] - t).abs().max() / amax).item()
+                        return {"layer": i, "input": name, "module": type(m).__name__, "kind": "threshold",
+                                "flipped": len(fl), "gap": gap, "diff": diff}
+                    continue
                 k = _sparse_keep(m)
                 mp, mf = topk_mask(xp, k), topk_mask(xf, k)
                 if not torch.equal(mp, mf):
@@ -98,11 +110,12 @@ def first_discontinuity(py_layers, caps: dict, trace: list[dict]) -> dict | None
 def explained(first: dict, diff_bound: float) -> bool:
     """Whether a discontinuity is one that round-off of the size ``diff_bound`` (relative to the input's
     largest magnitude) can cause: the two inputs differ by at most that, and a Top-K swap is within the
-    inputs' difference of the K-th magnitude, or an activation code within ``2 * qmax * diff`` code steps
-    of its rounding boundary (v / s moves by at most about that when v and s both move by ``diff``)."""
+    inputs' difference of the K-th magnitude (a threshold flip: of the threshold), or an activation code
+    within ``2 * qmax * diff`` code steps of its rounding boundary (v / s moves by at most about that when v
+    and s both move by ``diff``)."""
     if first["diff"] > diff_bound:
         return False
-    if first["kind"] == "topk":
+    if first["kind"] in ("topk", "threshold"):
         return first["gap"] <= first["diff"]
     return first["frac"] <= 2 * 127 * first["diff"]
 

@@ -16,6 +16,9 @@
 //           dense): the channels of sparse/kernels/sparse_gemv.cpp's selection (topk_row: exactly keep
 //           channels, ties to the lowest index, as sparse/topk.py), selected by topk_select (below, the
 //           same radix select in AVX-512), and that file's row-group GEMV (gemv_block) on the kept rows;
+//           or (TEAL's SparseLinear, mode "threshold") behind a fixed magnitude threshold t instead: keep
+//           channel i iff !(|x_i| < t) (sparse_gemv.cpp's threshold_row, the Python step's kernel: |x| >= t
+//           in fp32, NaN kept), a variable number of kept rows per token (threshold_select, below);
 //   kind 5  LaRoSA + W8A8 (SparseInt8Linear): the same Top-K, per-token int8 codes of the kept values
 //           (divided by the fp32 smoothing row if any; quantize_values), uint8 codes + 128 [K, N] walked
 //           four kept rows at a time with VNNI (int8_block: a unit's accumulator of <= MAXCOLS columns stays
@@ -24,7 +27,7 @@
 // unit of 64 output columns computes exactly what those kernels compute for the same columns.
 // A smoothing row divides the input first (in the model dtype), as IntLinear does; linears that read
 // the same smoothed input (q/k/v, gate/up) quantize it once (flag "share"; kinds 4 and 5: one Top-K
-// selection and, kind 5, one set of activation codes).
+// selection and, kind 5, one set of activation codes; a shared threshold selection needs the same t).
 //
 // LaRoSA's residual adapter (r <- r A after a layer, ResidualAdaptedLayer) is one more phase at the end
 // of that layer: a linear on the residual stream (kind 4 dense, or a kind 0/2 linear) whose output
@@ -67,6 +70,8 @@ struct Lin {
   int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0, keep = 0;
   int64_t cols = 64;  // output features per work unit (kinds 4, 5: columns of WT; see fused_set_unit_cols)
   bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 or kind-4 weight stored as bf16
+  bool thresh = false;  // kind 4: keep |x| >= thr (TEAL) instead of the Top-K of keep channels
+  float thr = 0.f;
   at::Tensor w, scale, zero;   // w: dense weight [N, K], packed codes, or (kinds 4, 5) WT [K, N]
   std::vector<float> bias;     // empty: none (values of the model dtype)
   std::vector<float> smooth;   // empty: none (values of the model dtype; kind 5: the module's fp32 row)
@@ -91,7 +96,7 @@ struct Input {
   std::vector<c10::BFloat16> xt;  // kind 1 in a bf16 model: the quantizer's input
   std::vector<int8_t> xq0;     // kind 1: codes in natural order
   float sx = 1.f;
-  // kinds 4, 5: the Top-K selection (sparse_gemv.cpp's topk_row) and what the kernels take
+  // kinds 4, 5: the Top-K (sparse_gemv.cpp's topk_row) or threshold selection and what the kernels take
   std::vector<int32_t> rows;   // kept channels, ascending (kind 5: padded to a multiple of 4)
   std::vector<float> vals;     // their values (kind 5: divided by the smoothing row)
   std::vector<int8_t> qa;      // kind 5: activation codes of the kept values
@@ -346,12 +351,41 @@ void topk_select(const float* x, int64_t d, int64_t k, std::vector<uint32_t>& ke
   vals.resize(n);
 }
 
+// TEAL's selection of one token's input x [d]: the channels with !(|x_i| < thr), i.e. |x_i| >= thr with NaN
+// kept (sparse_gemv.cpp's threshold_row, which the Python step's threshold_gemv runs: the same comparison on
+// the same fp32 values, the threshold rounded to float32 as there), ascending, with their values.  One pass:
+// |x| (sign bit cleared), an unordered not-less-than compare, the kept lanes' indices and values compressed.
+void threshold_select(const float* x, int64_t d, float thr, std::vector<int32_t>& rows, std::vector<float>& vals) {
+  rows.resize(d + 16);
+  vals.resize(d + 16);
+  int32_t* ro = rows.data();
+  float* vo = vals.data();
+  int64_t n = 0;
+  const __m512 vt = _mm512_set1_ps(thr);
+  const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  for (int64_t i = 0; i < d; i += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+    const __mmask16 m = d - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (d - i)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 av = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(xv), absm));
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, av, vt, _CMP_NLT_UQ);
+    _mm512_storeu_si512(ro + n, _mm512_maskz_compress_epi32(keep, idx));
+    _mm512_storeu_ps(vo + n, _mm512_maskz_compress_ps(keep, xv));
+    n += __builtin_popcount(keep);
+  }
+  rows.resize(n);
+  vals.resize(n);
+}
+
 // ---- a linear's input, per thread (the deployed linear's and its kernel's preparation, for one token)
 
 void prepare(const Plan& P, const Lin& l, const float* x, Input& p) {
   const int64_t K = l.K;
   if (l.kind >= 4) {  // Top-K of x (exactly keep channels, ties to the lowest index; keep >= K: all)
-    if (P.select_mode == 0) {
+    if (l.thresh) {  // TEAL: |x| >= thr, however many that is (kind 4 only)
+      threshold_select(x, K, l.thr, p.rows, p.vals);
+    } else if (P.select_mode == 0) {
       topk_select(x, K, l.keep, p.keys, p.cand, p.rows, p.vals);
     } else {  // fused_set_select(1): sparse_gemv.cpp's topk_row, then the values (the reference)
       p.rows.clear();
@@ -520,11 +554,14 @@ inline int64_t kept_units(const Lin& l) {
 }
 
 // split-K for linear l with nparts row parts: a sparse kind whose every part gets >= SPLITK_MIN_ROWS kept rows
-// (fused_set_split's mode 1 / 2: never / always)
-inline bool use_splitk(const Plan& P, const Lin& l, int64_t nparts) {
+// (fused_set_split's mode 1 / 2: never / always).  A threshold linear's kept rows are this token's (`in`, its
+// prepared input: the same selection on every thread, so every thread decides alike); without `in` (the count
+// of fused_set_split) its keep, K.
+inline bool use_splitk(const Plan& P, const Lin& l, int64_t nparts, const Input* in = nullptr) {
   if (l.kind < 4 || P.split_mode == 1) return false;
   if (P.split_mode == 2) return true;
-  const int64_t rows = l.kind == 5 ? 4 * kept_units(l) : kept_units(l);
+  const int64_t rows = l.kind == 5 ? 4 * kept_units(l)
+                                   : (l.thresh && in ? static_cast<int64_t>(in->rows.size()) : kept_units(l));
   return rows >= SPLITK_MIN_ROWS * nparts;
 }
 
@@ -669,6 +706,13 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   l.N = meta[mi++];
   l.K = meta[mi++];
   l.keep = meta[mi++];
+  const int64_t thr_bits = meta[mi++];  // -1: Top-K (or not sparse); else the float32 bits of a threshold
+  TORCH_CHECK(thr_bits >= -1 && thr_bits <= 0xFFFFFFFFLL, "fused_plan: threshold bits");
+  if (thr_bits >= 0) {
+    const uint32_t b = static_cast<uint32_t>(thr_bits);
+    l.thresh = true;
+    std::memcpy(&l.thr, &b, sizeof(float));
+  }
   l.w = ts[ti++];
   l.scale = ts[ti++];
   l.zero = ts[ti++];
@@ -683,7 +727,7 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   if (l.kind >= 4) {
     l.cols = sparse_cols(l.N, std::max(1, at::get_num_threads()));
     TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.K && l.w.size(1) == l.N, "fused_plan: WT [K, N] shape");
-    TORCH_CHECK(l.keep >= 1, "fused_plan: Top-K keeps at least one channel");
+    TORCH_CHECK(l.thresh || l.keep >= 1, "fused_plan: Top-K keeps at least one channel");
     if (l.kind == 4) {
       TORCH_CHECK(l.w.scalar_type() == at::kFloat || l.w.scalar_type() == at::kBFloat16,
                   "fused_plan: sparse float weights float32 or bfloat16");
@@ -709,6 +753,7 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
                 "fused_plan: the bf16 kernel needs AVX512_BF16, int4 codes, K and group multiples of 128");
     TORCH_CHECK(l.kind != 1 || (l.abits >= 2 && l.abits <= 8), "fused_plan: activation bits 2..8");
   }
+  TORCH_CHECK(!l.thresh || l.kind == 4, "fused_plan: a threshold selection is kind 4 (float weight rows)");
   TORCH_CHECK((l.bias.empty() || static_cast<int64_t>(l.bias.size()) == l.N) &&
                   (l.smooth.empty() || static_cast<int64_t>(l.smooth.size()) == l.K),
               "fused_plan: bias or smoothing shape");
@@ -718,8 +763,9 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
 // tensors: embed, final norm, cos [max_len, hd], sin, head (5), then per layer: ln1, ln2, kc, vc, and
 // q, k, v, o, gate, up, down (5 each: weight, scale, zero, bias, smoothing; empty tensors for none).
 // meta: H, nh, nkv, hd, L, max_len, V, I, bf16, then per linear (head first) kind, bits, group, sym,
-// abits, share, N, K, keep; after each layer's seven linears a flag "has a residual adapter" and, if set,
-// the adapter's linear (5 tensors after the layer's 35, and its meta).  fmeta: rms eps, attention scaling, quantizer eps.
+// abits, share, N, K, keep, thr (-1: none; kind 4: the float32 bits of a TEAL threshold, keep unused); after
+// each layer's seven linears a flag "has a residual adapter" and, if set, the adapter's linear (5 tensors after
+// the layer's 35, and its meta).  fmeta: rms eps, attention scaling, quantizer eps.
 int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& meta, const std::vector<double>& fmeta) {
   auto P = std::make_unique<Plan>();
   size_t ti = 0, mi = 0;
@@ -762,7 +808,8 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
     if (l.has_adapt) {
       l.adapt = make_lin(ts, ti, meta, mi);
       TORCH_CHECK(l.adapt.N == P->H && l.adapt.K == P->H && !l.adapt.share, "fused_plan: residual adapter shape");
-      TORCH_CHECK(l.adapt.kind != 4 || l.adapt.keep >= l.adapt.K, "fused_plan: a residual adapter is dense");
+      TORCH_CHECK(l.adapt.kind != 4 || (l.adapt.keep >= l.adapt.K && !l.adapt.thresh),
+                  "fused_plan: a residual adapter is dense");
       P->nadapt++;
     }
     const int64_t H = P->H, qd = P->nh * P->hd, kd = P->nkv * P->hd, I = P->I;
@@ -772,7 +819,9 @@ int64_t fused_plan(const std::vector<at::Tensor>& ts, const std::vector<int64_t>
                     static_cast<int64_t>(l.ln2.size()) == H,
                 "fused_plan: layer shapes");
     for (const Lin* p : {&l.k, &l.v, &l.up})
-      TORCH_CHECK(!p->share || (p - 1)->kind == p->kind, "fused_plan: shared input of different kinds");
+      TORCH_CHECK(!p->share || ((p - 1)->kind == p->kind && (p - 1)->thresh == p->thresh &&
+                                (!p->thresh || std::memcmp(&(p - 1)->thr, &p->thr, sizeof(float)) == 0)),
+                  "fused_plan: shared input of different kinds or thresholds");
     P->layers.push_back(std::move(l));
   }
   TORCH_CHECK(ti == ts.size() && mi == meta.size(), "fused_plan: argument count");
@@ -901,7 +950,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     int64_t cu[3], total = 0;
     bool any = false;
     for (int i = 0; i < n; ++i) {
-      sk[i] = use_splitk(P, *lins[i], np);
+      sk[i] = use_splitk(P, *lins[i], np, ins[i]);
       cu[i] = sk[i] ? np : units_of(*lins[i]);
       total += cu[i];
       any = any || sk[i];
@@ -935,7 +984,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
   // reduction units: the same values) into its own buffer and its residual stream — no second barrier and no
   // shared output; 2-3 us of redundant adds per thread at H = 4096 instead of a barrier.
   auto own_reduced = [&](int phase, const Lin& lin, const Input& in, int64_t slot) -> const float* {
-    if (!P.own_reduce || !use_splitk(P, lin, np)) return nullptr;
+    if (!P.own_reduce || !use_splitk(P, lin, np, &in)) return nullptr;
     int32_t* ps = parts + slot * np * P.pstride;
     take(P.next[ph++], np, [&](int64_t u) { sparse_part(lin, in, u, np, ps + u * P.pstride); });
     barrier(phase);
@@ -995,7 +1044,7 @@ void step_thread(Plan& P, int64_t token, int64_t pos, void* logits_out, bool& pr
     const Lin* gu[2] = {&l.gate, &l.up};
     prepare_group(P, L, gu, 2, L.x.data(), pp);
     tm.mark(3, 0);
-    if (use_splitk(P, l.gate, np) && use_splitk(P, l.up, np)) {  // gate's row parts, up's, then per column unit
+    if (use_splitk(P, l.gate, np, pp[0]) && use_splitk(P, l.up, np, pp[1])) {  // gate's row parts, up's, then per column unit
       take(P.next[ph++], 2 * np, [&](int64_t u) {               // both reductions and SiLU * up
         const int64_t i = u / np, part = u % np;
         sparse_part(i ? l.up : l.gate, *pp[i], part, np, parts + (i * np + part) * P.pstride);
@@ -1116,7 +1165,8 @@ void fused_set_unit_cols(int64_t id, int64_t cols) {
 // The sparse kinds' work split (see "Split-K" above): mode 0 = per linear by the rule (use_splitk), 1 = output
 // columns only (the session-32 units), 2 = split-K always; parts_per_thread >= 1 row parts per thread.  For
 // measurements and tests.  Returns how many of the plan's linears a step on ATen's current thread count
-// splits by rows (gate and up count only together: both split-K or neither).
+// splits by rows (gate and up count only together: both split-K or neither; a threshold linear counted at its
+// keep, K: a step decides it per token by the kept rows).
 int64_t fused_set_split(int64_t id, int64_t mode, int64_t parts_per_thread) {
   Plan& P = get_plan(id);
   TORCH_CHECK(mode >= 0 && mode <= 2 && parts_per_thread >= 1 && parts_per_thread <= 16,
@@ -1156,6 +1206,20 @@ std::tuple<at::Tensor, at::Tensor> fused_topk(const at::Tensor& x, int64_t k, in
     topk_row(x.data_ptr<float>(), d, k, keys, cand, rows);
     for (int32_t r : rows) vals.push_back(x.data_ptr<float>()[r]);
   }
+  at::Tensor r = at::empty({static_cast<int64_t>(rows.size())}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor v = at::empty({static_cast<int64_t>(vals.size())}, at::TensorOptions().dtype(at::kFloat));
+  if (!rows.empty()) std::memcpy(r.data_ptr<int32_t>(), rows.data(), rows.size() * sizeof(int32_t));
+  if (!vals.empty()) std::memcpy(v.data_ptr<float>(), vals.data(), vals.size() * sizeof(float));
+  return {r, v};
+}
+
+// The kept channels (int32, ascending) and their values of one fp32 row x [d] by the step's threshold selection
+// (threshold_select; thr rounded to float32 as the plan does), for the selection's tests.
+std::tuple<at::Tensor, at::Tensor> fused_threshold(const at::Tensor& x, double thr) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "fused_threshold: a contiguous fp32 row");
+  std::vector<int32_t> rows;
+  std::vector<float> vals;
+  threshold_select(x.data_ptr<float>(), x.numel(), static_cast<float>(thr), rows, vals);
   at::Tensor r = at::empty({static_cast<int64_t>(rows.size())}, at::TensorOptions().dtype(at::kInt));
   at::Tensor v = at::empty({static_cast<int64_t>(vals.size())}, at::TensorOptions().dtype(at::kFloat));
   if (!rows.empty()) std::memcpy(r.data_ptr<int32_t>(), rows.data(), rows.size() * sizeof(int32_t));
@@ -1203,4 +1267,5 @@ TORCH_LIBRARY(mmcompress_fused, m) {
   m.def("fused_set_select(int plan, int mode) -> ()", &fused_set_select);
   m.def("fused_set_reduce(int plan, int mode) -> ()", &fused_set_reduce);
   m.def("fused_topk(Tensor x, int k, int mode) -> (Tensor, Tensor)", &fused_topk);
+  m.def("fused_threshold(Tensor x, float thr) -> (Tensor, Tensor)", &fused_threshold);
 }
