@@ -391,7 +391,7 @@ def test_calibration_builders(tmp_path, monkeypatch):
         def __call__(self, text, return_tensors=None, add_special_tokens=False):
             return {"input_ids": torch.tensor([list(text.encode())])}
 
-    monkeypatch.setattr(tbdata, "_tokenizer_for", lambda model_dir: ByteTok())
+    monkeypatch.setattr(tbdata, "tokenizer_for", lambda model_dir: ByteTok())
     cs = tbdata.calibration_set("wiki", None, "unused", nsamples=3, seqlen=16, seed=0)
     assert len(cs) == 3 and all(s["input_ids"].shape == (1, 16) for s in cs)
     cal = tbdata.calibration_text("wiki").encode()
@@ -488,3 +488,17 @@ def test_speech_rendering_is_repeatable(monkeypatch):
         pytest.skip("espeak-ng / sox not installed")
     a, b = synthesize("one two three four"), synthesize("one two three four")
     assert a.size > 1000 and np.array_equal(a, b)
+
+
+def test_tokenizer_is_loaded_once_per_directory_and_again_when_rewritten(tokenizer, tmp_path):
+    import os
+
+    from mmcompress_testbed import data as tbdata
+
+    tokenizer.save_pretrained(tmp_path)
+    a, b = tbdata.tokenizer_for(tmp_path), tbdata.tokenizer_for(str(tmp_path) + "/.")
+    assert a is b and a("hello").input_ids == tokenizer("hello").input_ids
+    cfg = tmp_path / "tokenizer_config.json"
+    st = cfg.stat()
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert tbdata.tokenizer_for(tmp_path) is not a

@@ -95,12 +95,11 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
 
     from mmcompress.eval.perplexity import text_perplexity
     from mmcompress.eval.report import render_report
-    from mmcompress.models.loading import load_hf_model, load_tokenizer
-    from mmcompress.models.processing import load_processor
+    from mmcompress.models.loading import load_hf_model
     from mmcompress.quant.api import quantize
     from mmcompress.quant.deployed import deploy
 
-    from .data import calibration_set, eval_text
+    from .data import calibration_set, eval_text, processor_for, tokenizer_for
     from .registry import fetch
 
     cfg = SETTINGS["quick" if quick else "full"]
@@ -115,8 +114,8 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
     _log(f"fetching {multimodal_model}")
     mm_dir = fetch(multimodal_model, progress=progress)
     base = load_hf_model(mm_dir, device=device)
-    proc = load_processor(mm_dir)
-    tok = load_tokenizer(mm_dir)
+    proc = processor_for(mm_dir)
+    tok = tokenizer_for(mm_dir)
     calib = calibration_set("testbed", base, mm_dir, nsamples=cfg["nsamples"], seqlen=cfg["seqlen"], seed=0)
     counts = calib.token_counts(__import__("mmcompress.models.adapters", fromlist=["get_adapter"]).get_adapter(base).modality_token_ids)
     _log(f"calibration: {len(calib)} samples, tokens per modality {counts}")
@@ -164,7 +163,7 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
     _log(f"fetching {text_model}")
     tx_dir = fetch(text_model, progress=progress)
     dense = load_hf_model(tx_dir, device=device)
-    ttok = load_tokenizer(tx_dir)
+    ttok = tokenizer_for(tx_dir)
     scal = calibration_set("wiki", dense, tx_dir, nsamples=cfg["sparse_nsamples"], seqlen=cfg["seqlen"], seed=0)
     ppl_dense = text_perplexity(dense, ttok, wiki, seqlen=cfg["seqlen"], max_windows=cfg["ppl_windows"], device=device,
                                 progress=False)["ppl"]

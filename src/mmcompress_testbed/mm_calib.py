@@ -62,14 +62,13 @@ def testbed_multimodal_calibration(model, model_dir, nsamples: int = 128, seqlen
     if kind is None:
         return tb_data.wiki_calibration(model, model_dir, nsamples, seqlen, seed, cache)
     from mmcompress.data.calibration import CalibrationSet
-    from mmcompress.models.processing import load_processor
 
     n_text = max(1, nsamples // 2)
     n_mm = nsamples - n_text
     n_audio = n_mm // 2 if kind == "omni" else 0
     n_img = n_mm - n_audio
     text = tb_data.wiki_calibration(model, model_dir, n_text, seqlen, seed, cache)
-    proc = load_processor(model_dir)
+    proc = tb_data.processor_for(model_dir)
     mm = CalibrationSet.from_records(calibration_records(kind, n_img, n_audio, seed), proc, seed=seed,
                                      source="testbed:mm")
     samples = list(text.samples) + list(mm.samples)
@@ -107,15 +106,15 @@ def whitening_records(kind: str, n_images: int, n_audio: int, seed: int = 0) -> 
 
 def testbed_whitening(model, model_dir, nsamples: int = 128, seqlen: int = 512, seed: int = 0, cache=None):
     """``--whiten-calib testbed-whiten``: image-only (and, for Omni, audio-only) samples."""
+    from . import data as tb_data
     from mmcompress.data.calibration import CalibrationError, CalibrationSet
-    from mmcompress.models.processing import load_processor
 
     kind = _kind(model_dir)
     if kind is None:
         raise CalibrationError("testbed-whiten is for the multimodal testbed models (Qwen2.5-VL / Omni)")
     n_audio = nsamples // 2 if kind == "omni" else 0
     recs = whitening_records(kind, nsamples - n_audio, n_audio, seed)
-    cs = CalibrationSet.from_records(recs, load_processor(model_dir), seed=seed, source="testbed:whiten")
+    cs = CalibrationSet.from_records(recs, tb_data.processor_for(model_dir), seed=seed, source="testbed:whiten")
     return CalibrationSet(cs.samples, source=f"testbed:{kind} whitening (image-only"
                           + (" + audio-only" if n_audio else "") + f", v{CALIB_VERSION})",
                           meta={"seed": seed, "n_images": nsamples - n_audio, "n_audio": n_audio})
@@ -127,11 +126,10 @@ def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, see
     image-qa-test images with their question + answer and speech-test clips with their transcript."""
     from . import data as tb_data
     from mmcompress.data.calibration import CalibrationSet
-    from mmcompress.models.processing import load_processor
 
     kind = _kind(model_dir)
     n_text = nsamples if kind is None else max(1, nsamples // 2)
-    text = CalibrationSet.from_text(tb_data.eval_text("wiki", cache), tb_data._tokenizer_for(model_dir), n_text,
+    text = CalibrationSet.from_text(tb_data.eval_text("wiki", cache), tb_data.tokenizer_for(model_dir), n_text,
                                     seqlen, seed, source="testbed:wiki (evaluation split)")
     if kind is None:
         return text
@@ -149,7 +147,7 @@ def testbed_heldout(model, model_dir, nsamples: int = 16, seqlen: int = 512, see
         speech = D.speech_test()
         recs += [{"text": AUDIO_PROMPT + " " + it["transcript"], "audio": [it["audio"]]}
                  for it in rng.sample(speech, min(len(speech), n_audio))]
-    mm = CalibrationSet.from_records(recs, load_processor(model_dir), seed=seed)
+    mm = CalibrationSet.from_records(recs, tb_data.processor_for(model_dir), seed=seed)
     return CalibrationSet(list(text.samples) + list(mm.samples),
                           source=f"testbed:{kind} held-out (wiki test + image-qa-test"
                           + (" + speech-test" if n_audio else "") + ")",
