@@ -119,8 +119,13 @@ class MASTrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _token_rows(x).reshape(-1)
         xf = x.reshape(-1, x.shape[-1]).float()
-        out = xf.new_zeros(xf.shape[0], self.weight.shape[0])
-        for m in rows.unique().tolist():
+        present = rows.unique().tolist()
+        if len(present) == 1:  # one modality (a text-only sample): every row, no gather/scatter (same values)
+            m = present[0]
+            out = fake_quantize_activation(xf / self.smoothing[m], self.scheme.abits) @ self.quantized_weight(m).T
+        else:
+            out = xf.new_zeros(xf.shape[0], self.weight.shape[0])
+        for m in present if len(present) > 1 else ():
             sel = rows == m
             xm = fake_quantize_activation(xf[sel] / self.smoothing[m], self.scheme.abits)
             out = out.index_put((sel.nonzero().squeeze(1),), xm @ self.quantized_weight(m).T)
