@@ -211,16 +211,27 @@ def test_fused_step_runs_larosa_and_joint_models(tmp_path, tokenizer, arch, kind
     proj = SparseLinear if kind == "larosa" else SparseInt8Linear
     assert all(isinstance(m, proj) for m in (l0.q, l0.k, l0.v, l0.o, l0.mlp.gate_proj, l0.mlp.up_proj, l0.down))
     assert l0.adapter is not None and (type(l0.adapter) is IntLinear) == (kind == "joint-w8a16-adapters")
+    _assert_steps_match(py, fu, tok, dtype)
+
+
+def _assert_steps_match(py, fu, tok, dtype, traced=None):
+    """16 greedy steps of the Python and the fused step compared (``runtime/fused_check.py``); ``traced``:
+    a check run on one traced fused step before the whole-generation comparison."""
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
     rows = compare(py, fu, ids, 16)
-    # a step in which no Top-K set and no activation code differs gives the same logits to round-off; a
-    # step in which one does (bf16: an input one ulp apart moves a code across its rounding boundary) must
-    # part there only because of round-off-sized input differences (runtime/fused_check.py)
+    # a step in which no selected set and no activation code differs gives the same logits to round-off;
+    # a step in which one does (bf16: an input one ulp apart moves a code across its rounding boundary)
+    # must part there only because of round-off-sized input differences (runtime/fused_check.py)
     clean = [r["logits"] for r in rows if r["first"] is None]
     assert len(clean) >= len(rows) // 2 and max(clean) < TOL[dtype], rows
     assert all(explained(r["first"], DIFF[dtype]) for r in rows if r["first"] is not None), rows
     # and, discontinuities or not, each module on the fused step's own inputs gives its outputs
     assert all(max(r["modules"].values()) <= DIFF[dtype] for r in rows), rows
+    if traced is not None:
+        fu._fused.set_trace(True)
+        fu._step(torch.tensor([[7]]), 30)
+        traced()
+        fu._fused.set_trace(False)
     if dtype == torch.float32:  # and a whole generation gives the same tokens
         assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
 
@@ -547,18 +558,11 @@ def test_fused_step_runs_teal_models(tmp_path, tokenizer, arch, kind, dtype):
     assert all(type(m) is SparseLinear and m.mode == "threshold" and m.backend == "cpu" for m in _projections(l0))
     thr = [m.threshold for m in (l0.q, l0.k, l0.v)]
     assert (len(set(thr)) == 1) == (kind == "teal")  # shared (one selection) / three selections
-    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
-    rows = compare(py, fu, ids, 16)
-    clean = [r["logits"] for r in rows if r["first"] is None]
-    assert len(clean) >= len(rows) // 2 and max(clean) < TOL[dtype], rows
-    assert all(explained(r["first"], DIFF[dtype]) for r in rows if r["first"] is not None), rows
-    assert all(max(r["modules"].values()) <= DIFF[dtype] for r in rows), rows
-    fu._fused.set_trace(True)
-    fu._step(torch.tensor([[7]]), 30)  # one traced step: the thresholds really drop channels, not all
-    assert 0.3 < _kept_fraction(fu, py.layers) < 0.9
-    fu._fused.set_trace(False)
-    if dtype == torch.float32:
-        assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
+
+    def kept():  # one traced step: the thresholds really drop channels, not all
+        assert 0.3 < _kept_fraction(fu, py.layers) < 0.9
+
+    _assert_steps_match(py, fu, tok, dtype, traced=kept)
 
 
 def test_fused_threshold_selection_is_the_kernels_rule():
