@@ -179,6 +179,12 @@ def test_diagnostics_measure_on_the_held_out_set(tokenizer, tmp_path):
     rep2 = json.loads((tmp_path / "c" / "diagnostics-smoothquant-w4a8.json").read_text())
     assert rep2["sqnr_data"]["set"] == "calibration (in-sample)"
     assert abs(rep2["layers"][0]["sqnr_accumulated"]["text"] - expect) > 1e-3
+    # the plot is drawn with the JSON, unless the caller renders the report itself at the end
+    assert (tmp_path / "h" / "sqnr_by_modality.png").is_file()
+    mmcompress.quantize(copy.deepcopy(model), calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / "n",
+                        report_plot=False)
+    assert (tmp_path / "n" / "diagnostics-rtn-w4a8.json").is_file()
+    assert not (tmp_path / "n" / "sqnr_by_modality.png").exists()
 
     with pytest.raises(CalibrationError, match="shares 1 of its 2 samples"):
         mmcompress.quantize(copy.deepcopy(model), calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / "x",

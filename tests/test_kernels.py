@@ -426,17 +426,29 @@ def test_cpu_kernels_use_no_non_temporal_prefetch():
     assert not hits, "non-temporal prefetch in a CPU kernel:\n" + "\n".join(hits)
 
 
-def test_demo_decodes_a_bf16_copy_and_keeps_the_evaluated_model(cpu_kernel, tokenizer):
-    """The demo's decode row: the sparse model in bf16, the dtype it is served in (a copy: the model the demo
-    evaluates stays fp32 and unchanged); the dense row's baseline is the fastest dense path."""
-    from mmcompress_testbed.demo import _decode_speed
+def test_demo_decodes_bf16_copies_together_and_keeps_the_evaluated_model(cpu_kernel, tokenizer):
+    """The demo's decode rows: the sparse models in bf16, the dtype they are served in (copies: the models the
+    demo evaluates stay fp32 and unchanged), decoded in one interleaved run with the original's dense
+    variants (``models_decode_speedup``: one set of baseline runs for both); the baseline is the fastest."""
+    import copy
+
+    from mmcompress_testbed.demo import _decode_speeds
 
     model, dense = _sparsified_tiny_llama(tokenizer, lambda lin: keep_count(lin.in_features, 0.5))
+    other, _ = _sparsified_tiny_llama(tokenizer, lambda lin: keep_count(lin.in_features, 0.25))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    speed, baselines = _decode_speed(model, dense, {"tokens": 3})
-    assert set(baselines) == {"engine_fp32", "engine_bf16", "engine_own_kernel_0pct"}
-    assert speed["dense_baseline"] == max(baselines, key=speed["variants_tok_s"].get)
-    assert speed["dtype"] == "bfloat16"
+    served = {"half": copy.deepcopy(model).to(torch.bfloat16), "quarter": copy.deepcopy(other).to(torch.bfloat16)}
+    speeds = _decode_speeds(served, dense, {"tokens": 3})
+    assert set(speeds) == {"half", "quarter"}
+    for name, speed in speeds.items():
+        tok_s = speed["variants_tok_s"]
+        assert set(tok_s) == {"compressed", "half", "quarter", "engine_fp32", "engine_bf16",
+                              "engine_own_kernel_0pct"} - {name}
+        baselines = {k: v for k, v in tok_s.items() if k.startswith("engine_")}
+        assert speed["dense_baseline"] == max(baselines, key=baselines.get)
+        assert speed["dtype"] == "bfloat16" and speed["speedup"] == pytest.approx(  # each rounded to 3 places
+            tok_s["compressed"] / baselines[speed["dense_baseline"]], rel=1e-2, abs=2e-3)
+    assert speeds["half"]["dense_tok_s"] == speeds["quarter"]["dense_tok_s"]  # one set of baseline runs
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

@@ -8,8 +8,8 @@
    perplexity (in fp32), achieved sparsity and decode speed-up: the sparsified model in bf16 (the dtype it
    is served in) as the product decodes it (``DecodeEngine``: the fused C++ step where the model allows
    it, else the Python step) against the fastest dense path of the original model on the same machine
-   (engine fp32, bf16, or bf16 on our GEMV kernel at 0 %), interleaved in one process
-   (``mmcompress.runtime.bench_decode.model_decode_speedup``); the row says which dense path was fastest
+   (engine fp32, bf16, or bf16 on our GEMV kernel at 0 %), TEAL, LaRoSA and the dense variants interleaved in
+   one run (``mmcompress.runtime.bench_decode.models_decode_speedup``); the row says which dense path was fastest
    (``decode_baseline``, the dense row's 1.0) and which step the sparse model took (``decode_path``, with
    the reason when it was not the fused step).
 
@@ -146,7 +146,7 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
         model = copy.deepcopy(base)
         t0 = time.time()
         quantize(model, calib, method, "w4a8", device=device, progress=progress, report_dir=out, report_calib=held,
-                 reference_cache=reference, **opts)
+                 report_plot=False, reference_cache=reference, **opts)  # render_report draws the plot at the end
         secs = round(time.time() - t0, 1)
         deploy(model, runtime, quiet=True)  # evaluated the way `mmcompress.load` would run the artifact
         report = json.loads(Path(model._mmcompress_description["report"]).read_text())
@@ -171,7 +171,7 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
     dense_row = {"part": "sparsity", "model": text_model, "method": "dense", "sparsity": 0.0,
                  "wiki_ppl": round(ppl_dense, 3), "decode_speedup": 1.0}
     rows.append(dense_row)
-    baselines = None  # the original model's dense decode variants, built once for both methods
+    served = {}  # bf16 copies of the sparsified models, decoded together at the end (one interleaved run)
     for method in ("teal", "larosa"):
         _log(f"{method} 40% on {text_model}")
         model = copy.deepcopy(dense)
@@ -181,23 +181,28 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
         ppl = text_perplexity(model, ttok, wiki, seqlen=cfg["seqlen"], max_windows=cfg["ppl_windows"], device=device,
                               progress=False)["ppl"]
         achieved = measure_sparsity(model, scal.samples[:1])["model_sparsity"]
-        speed = {}
-        try:
-            speed, baselines = _decode_speed(model, dense, cfg, baselines)
-        except Exception as e:  # report instead of failing the demo
-            _log(f"decode benchmark skipped: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        rows.append({"part": "sparsity", "model": text_model, "method": method, "sparsity": round(achieved, 4),
+                     "wiki_ppl": round(ppl, 3), "decode_speedup": None, "decode_baseline": None, "decode_path": None,
+                     "decode_speedup_same_dtype": None, "calib_s": secs})
+        _log(f"{method}: ppl {rows[-1]['wiki_ppl']}, sparsity {rows[-1]['sparsity']}")
+        served[method] = copy.deepcopy(model).to(torch.bfloat16)  # the evaluation stays in the model's dtype
+        del model
+    speeds = {}
+    try:
+        speeds = _decode_speeds(served, dense, cfg)
+    except Exception as e:  # report instead of failing the demo
+        _log(f"decode benchmark skipped: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    for row in rows[-len(served):]:
+        speed = speeds.get(row["method"], {})
+        row.update(decode_speedup=_r(speed.get("speedup")), decode_baseline=speed.get("dense_baseline"),
+                   decode_path=_path_cell(speed), decode_speedup_same_dtype=_r(speed.get("speedup_same_dtype")))
         if speed and dense_row.get("decode_baseline") is None:
             dense_row.update(decode_baseline=speed["dense_baseline"],
                              decode_path=speed["variants_step"][speed["dense_baseline"]])
-        rows.append({"part": "sparsity", "model": text_model, "method": method, "sparsity": round(achieved, 4),
-                     "wiki_ppl": round(ppl, 3), "decode_speedup": _r(speed.get("speedup")),
-                     "decode_baseline": speed.get("dense_baseline"), "decode_path": _path_cell(speed),
-                     "decode_speedup_same_dtype": _r(speed.get("speedup_same_dtype")), "calib_s": secs})
-        _log(f"{method}: ppl {rows[-1]['wiki_ppl']}, sparsity {rows[-1]['sparsity']}, "
-             f"decode speed-up {rows[-1]['decode_speedup']} vs {rows[-1]['decode_baseline']} "
-             f"(step: {rows[-1]['decode_path']}; tok/s {speed.get('variants_tok_s')})")
-        del model
-    del baselines
+        if speed:
+            _log(f"{row['method']}: decode speed-up {row['decode_speedup']} vs {row['decode_baseline']} "
+                 f"(step: {row['decode_path']}; tok/s {speed.get('variants_tok_s')})")
+    del served
     result = {"rows": rows, "settings": cfg, "quick": quick, "seconds": round(time.time() - t_start, 1),
               "calibration_tokens": counts, "threads": torch.get_num_threads(),
               "notes": ["W4A8 = per-channel symmetric 4-bit weights, per-token dynamic 8-bit activations "
@@ -214,18 +219,14 @@ def _run_demo(out: Path, quick, device, multimodal_model, text_model, progress, 
     return result
 
 
-def _decode_speed(model, dense, cfg, baselines=None) -> tuple[dict, dict]:
-    """The sparsified ``model``'s decode speed-up on the product's engine, in bf16 (a copy: the evaluation
-    stays in the model's dtype), against the fastest dense variant of the original ``dense``
-    (``baselines``: built from it when ``None``, returned for reuse)."""
-    import torch
+def _decode_speeds(served: dict, dense, cfg) -> dict[str, dict]:
+    """The decode speed-ups of the sparsified models ``served`` (bf16 copies) on the product's engine,
+    against the fastest dense variant of the original ``dense``, all in one interleaved run
+    (:func:`mmcompress.runtime.bench_decode.models_decode_speedup`: the dense variants are decoded once per
+    round for all of them)."""
+    from mmcompress.runtime.bench_decode import dense_variants, models_decode_speedup
 
-    from mmcompress.runtime.bench_decode import dense_variants, model_decode_speedup
-
-    if baselines is None:
-        baselines = dense_variants(dense)
-    served = copy.deepcopy(model).to(torch.bfloat16)
-    return model_decode_speedup(served, tokens=cfg["tokens"], rounds=2, baselines=baselines), baselines
+    return models_decode_speedup(served, tokens=cfg["tokens"], rounds=2, baselines=dense_variants(dense))
 
 
 def _path_cell(speed: dict) -> str | None:

@@ -74,7 +74,7 @@ def whole_model_prepare(m, adapter) -> bool:
 
 def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a8", *, device="cpu",
              checkpoint_dir=None, resume=False, progress=True, report_dir=None, report_tag=None, report_calib=None,
-             whitening=None, reference_cache=None, **options):
+             report_plot=True, whitening=None, reference_cache=None, **options):
     """Quantize ``model`` in place with ``method`` and return it.
 
     ``calib`` is a :class:`~mmcompress.data.CalibrationSet` (or a list of model-input dicts);
@@ -82,7 +82,8 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
     Extra keyword ``options`` go to the method (e.g. ``alpha=0.5`` for SmoothQuant).
     ``report_dir``: write per-modality diagnostics (JSON) and the SQNR-by-modality plot there;
     ``report_calib``: held-out samples (disjoint from ``calib``) to measure them on, instead of the
-    calibration samples.  ``whitening`` (MASQuant): a separate whitening set, e.g. image-only and
+    calibration samples; ``report_plot=False``: the JSON only, for a caller that renders the report once at
+    the end (``mmcompress.eval.report.render_report`` draws the plot).  ``whitening`` (MASQuant): a separate whitening set, e.g. image-only and
     audio-only samples as in the paper; CMC's covariance of modality ``m`` then comes from its tokens
     of modality ``m`` instead of the calibration set's.
     ``reference_cache``: an :class:`mmcompress.engine.ReferenceCache` shared by several ``quantize`` calls
@@ -128,6 +129,6 @@ def quantize(model, calib, method: str = "rtn", scheme: str | QuantScheme = "w8a
         from .diagnostics import write_report
 
         desc = dict(model._mmcompress_description, report_tag=report_tag)
-        model._mmcompress_description["report"] = str(write_report(report_dir, diagnostics, desc))
+        model._mmcompress_description["report"] = str(write_report(report_dir, diagnostics, desc, plot=report_plot))
     adapter.install_router()
     return model

@@ -243,8 +243,8 @@ class Diagnostics:
         return out
 
 
-def write_report(report_dir, diagnostics: Diagnostics, description: dict) -> Path:
-    """Write this run's JSON and redraw the comparison plot of all runs in ``report_dir``."""
+def write_report(report_dir, diagnostics: Diagnostics, description: dict, plot: bool = True) -> Path:
+    """Write this run's JSON and (``plot``) redraw the comparison plot of all runs in ``report_dir``."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     method = description.get("method", {}).get("method", "run") if isinstance(description.get("method"), dict) else "run"
@@ -256,7 +256,8 @@ def write_report(report_dir, diagnostics: Diagnostics, description: dict) -> Pat
             "sqnr_data": diagnostics.data(), "summary": diagnostics.summary(), "layers": diagnostics.layers}
     path = report_dir / f"{name}.json"
     atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
-    plot_sqnr(report_dir)
+    if plot:
+        plot_sqnr(report_dir)
     return path
 
 

@@ -204,51 +204,74 @@ def model_decode_speedup(model: nn.Module, prompt_ids: torch.Tensor | None = Non
     ``decode_path`` (``"fused"``, ``"python"`` or ``"hf"``) and ``fused_problem`` (why not the fused step; ``None`` when it ran),
     every variant's tok/s and step, ``speedup_same_dtype`` (against the dense engine in the compressed
     model's dtype, for information) and the greedy-token agreement with the dense baseline."""
+    return models_decode_speedup({"compressed": model}, prompt_ids, tokens, rounds, baselines=baselines,
+                                 backend=backend, log=log)["compressed"]
+
+
+@torch.no_grad()
+def models_decode_speedup(models: dict[str, nn.Module], prompt_ids: torch.Tensor | None = None, tokens: int = 16,
+                          rounds: int = 2, *, baselines: dict[str, nn.Module] | None = None, backend: str = "auto",
+                          log=None) -> dict[str, dict]:
+    """:func:`model_decode_speedup` of several compressed models (e.g. TEAL and LaRoSA of one original) in
+    one interleaved run: every round decodes each compressed model and each dense baseline once, so they
+    share the baselines' runs (and the machine's noise).  ``{name: result}``; ``variants_tok_s`` and
+    ``variants_step`` of each result name the model itself ``"compressed"`` and the others by their names.
+    ``baselines`` defaults to :func:`dense_variants` of the first model."""
     from ..sparse.decode import enable_sparse_decode
     from ..sparse.joint import SparseInt8Linear
     from ..sparse.kernels import resolve_backend
     from ..sparse.linear import sparse_linears
     from ..sparse.merge import ResidualAdaptedLayer
 
-    dev = next(model.parameters()).device
+    if not models:
+        raise ValueError("models: one or more compressed models")
+    first = next(iter(models.values()))
+    dev = next(first.parameters()).device
     be = resolve_backend(backend, dev)
-    if sparse_linears(model) or any(isinstance(m, (ResidualAdaptedLayer, SparseInt8Linear)) for m in model.modules()):
-        enable_sparse_decode(model, be)
-    model.eval()
+    for model in models.values():
+        if sparse_linears(model) or any(isinstance(m, (ResidualAdaptedLayer, SparseInt8Linear)) for m in model.modules()):
+            enable_sparse_decode(model, be)
+        model.eval()
     if baselines is None:
-        baselines = dense_variants(model)
-    if not baselines or "compressed" in baselines:
-        raise ValueError("baselines: one or more dense models, none named 'compressed'")
+        baselines = dense_variants(first)
+    if not baselines or set(baselines) & (set(models) | {"compressed"}):
+        raise ValueError("baselines: one or more dense models, named apart from the compressed ones and 'compressed'")
     if prompt_ids is None:
-        vocab = getattr(model.get_input_embeddings(), "num_embeddings", 1000)
+        vocab = getattr(first.get_input_embeddings(), "num_embeddings", 1000)
         prompt_ids = torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
     prompt_ids = prompt_ids.to(dev)
     L = prompt_ids.shape[1]
-    engines = {k: DecodeEngine(m, max_len=L + tokens) for k, m in {"compressed": model, **baselines}.items()}
+    engines = {k: DecodeEngine(m, max_len=L + tokens) for k, m in {**models, **baselines}.items()}
     steps, runs, toks = interleaved_steps({k: engine_run(e, prompt_ids) for k, e in engines.items()},
                                           tokens, rounds, L)
     med = {k: statistics.median(v) for k, v in steps.items()}
     base = min(baselines, key=med.get)
-    path, why = step_of(engines["compressed"])
-    agree = sum(a == b for a, b in zip(toks["compressed"], toks[base])) / max(1, len(toks[base]))
-    same = {torch.float32: "engine_fp32", torch.bfloat16: "engine_bf16"}.get(engines["compressed"].dtype)
-    res = {"tokens": tokens, "rounds": rounds, "prompt": L, "threads": torch.get_num_threads(), "backend": be,
-           "dtype": str(engines["compressed"].dtype).removeprefix("torch."),
-           "tok_s": round(1 / med["compressed"], 3), "dense_tok_s": round(1 / med[base], 3),
-           "speedup": round(med[base] / med["compressed"], 3), "dense_baseline": base,
-           # against the dense engine in the compressed model's own dtype (not the baseline: for information)
-           "speedup_same_dtype": round(med[same] / med["compressed"], 3) if same in med else None,
-           "decode_path": path, "fused_problem": why,
-           "variants_tok_s": {k: round(1 / v, 3) for k, v in med.items()},
-           "variants_step": {k: step_of(e)[0] for k, e in engines.items()},
-           "greedy_token_agreement": round(agree, 3)}
-    if log is not None:
-        print(f"decode {tokens} tokens after {L}, {rounds} rounds, {res['threads']} threads: compressed on the "
-              f"{path} step{f' ({why})' if why else ''}", file=log)
-        for k, v in med.items():
-            print(f"  {k:24s} {1e3 * v:8.2f} ms/token  {1 / v:8.2f} tok/s  ({res['variants_step'][k]} step)", file=log)
-        print(f"  compressed vs {base}: {res['speedup']:.3f}x; greedy tokens agree {100 * agree:.0f}%", file=log)
-    return res
+    out = {}
+    for name in models:
+        path, why = step_of(engines[name])
+        agree = sum(a == b for a, b in zip(toks[name], toks[base])) / max(1, len(toks[base]))
+        same = {torch.float32: "engine_fp32", torch.bfloat16: "engine_bf16"}.get(engines[name].dtype)
+        label = {name: "compressed"}
+        res = {"tokens": tokens, "rounds": rounds, "prompt": L, "threads": torch.get_num_threads(), "backend": be,
+               "dtype": str(engines[name].dtype).removeprefix("torch."),
+               "tok_s": round(1 / med[name], 3), "dense_tok_s": round(1 / med[base], 3),
+               "speedup": round(med[base] / med[name], 3), "dense_baseline": base,
+               # against the dense engine in the compressed model's own dtype (not the baseline: for information)
+               "speedup_same_dtype": round(med[same] / med[name], 3) if same in med else None,
+               "decode_path": path, "fused_problem": why,
+               "variants_tok_s": {label.get(k, k): round(1 / v, 3) for k, v in med.items()},
+               "variants_step": {label.get(k, k): step_of(e)[0] for k, e in engines.items()},
+               "greedy_token_agreement": round(agree, 3)}
+        out[name] = res
+        if log is not None:
+            print(f"decode {tokens} tokens after {L}, {rounds} rounds, {res['threads']} threads: {name} on the "
+                  f"{path} step{f' ({why})' if why else ''}", file=log)
+            if name == next(iter(models)):
+                for k, v in med.items():
+                    print(f"  {label.get(k, k):24s} {1e3 * v:8.2f} ms/token  {1 / v:8.2f} tok/s  "
+                          f"({step_of(engines[k])[0]} step)", file=log)
+            print(f"  {name} vs {base}: {res['speedup']:.3f}x; greedy tokens agree {100 * agree:.0f}%", file=log)
+    return out
 
 
 class _StepClock:
@@ -358,4 +381,4 @@ def engine_decode_benchmark(path, prompt: int = 16, tokens: int = 64, rounds: in
 
 
 __all__ = ["dense_variants", "densify", "engine_decode_benchmark", "engine_run", "interleaved_steps",
-           "model_decode_speedup", "step_of"]
+           "model_decode_speedup", "models_decode_speedup", "step_of"]
