@@ -112,8 +112,13 @@ def absmax_fake_quant(x: torch.Tensor, qmax: int, eps: float) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _AbsmaxFakeQuant.apply(x, qmax, eps)
     with torch.no_grad():
-        scale = (absmax(x, -1, keepdim=True) / qmax).clamp_(min=eps)
+        scale = _absmax_scale(x, qmax, eps)
         return torch.div(x, scale).round_().clamp_(-qmax, qmax).mul_(scale)
+
+
+def _absmax_scale(x: torch.Tensor, qmax: int, eps: float) -> torch.Tensor:
+    """Per-row step size ``clamp(max|x| / q, min=eps)`` over the last dimension (``[..., 1]``)."""
+    return (absmax(x, -1, keepdim=True) / qmax).clamp(min=eps)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -283,7 +288,7 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def activation_scale(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token step size ``max|x_t| / (2^{b−1} − 1)`` (``[..., 1]``, in ``x``'s dtype)."""
-    return (x.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=_eps(x.dtype))
+    return _absmax_scale(x, 2 ** (bits - 1) - 1, _eps(x.dtype))
 
 
 def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -125,10 +125,10 @@ class MASTrainLinear(nn.Module):
             out = fake_quantize_activation(xf / self.smoothing[m], self.scheme.abits) @ self.quantized_weight(m).T
         else:
             out = xf.new_zeros(xf.shape[0], self.weight.shape[0])
-        for m in present if len(present) > 1 else ():
-            sel = rows == m
-            xm = fake_quantize_activation(xf[sel] / self.smoothing[m], self.scheme.abits)
-            out = out.index_put((sel.nonzero().squeeze(1),), xm @ self.quantized_weight(m).T)
+            for m in present:
+                sel = rows == m
+                xm = fake_quantize_activation(xf[sel] / self.smoothing[m], self.scheme.abits)
+                out = out.index_put((sel.nonzero().squeeze(1),), xm @ self.quantized_weight(m).T)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
