@@ -89,3 +89,41 @@ def test_larosa_greedy_plan_hits_the_target_with_uneven_levels(tokenizer):
     e_greedy = (model(**samples[0]).logits - ref).pow(2).mean()
     e_exact = (exact(**samples[0]).logits - ref).pow(2).mean()
     assert e_greedy <= 1.5 * e_exact
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 1 << 18])
+def test_quantile_selects_the_element_a_sort_would_index(n):
+    """``quantile`` (a selection, for one level) and ``quantile(is_sorted=True)`` (an index into the sorted
+    sample, for TEAL greedy's many levels) give the same threshold: ties, inf and NaN included."""
+    from mmcompress.sparse.methods.teal import quantile
+
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g).abs()
+    v[::3] = v[0]  # ties
+    if n > 5:
+        v[2], v[5] = float("inf"), float("nan")
+    s = torch.sort(v).values
+    same = lambda a, b: a == b or (a != a and b != b)  # noqa: E731  (NaN sorts last: the top level's)
+    for level in (0.0, 1e-4, 0.3, 0.4, 0.5, 0.99, 0.9999, 1.0):
+        a, b = quantile(v, level), quantile(s, level, is_sorted=True)
+        assert same(a, b), (level, a, b)
+        assert same(b, float(s[min(n - 1, int(level * n))]) if level > 0 else 0.0)
+
+
+@pytest.mark.parametrize("method", ["larosa", "teal"])
+def test_measure_sparsity_selects_once_per_projection_call(tokenizer, monkeypatch, method):
+    """``measure_sparsity`` counts the zeros of the input each projection's forward sparsifies, without
+    selecting a second time (a Top-K on every prefill token is most of the measurement)."""
+    from mmcompress.sparse.linear import SparseLinear, sparse_linears
+
+    model, tok = tiny_model("llama", tokenizer=tokenizer, layers=2)
+    samples = text_samples(tok, n=2, seqlen=48)
+    sparsify(model, samples, method, 0.4, progress=False)
+    calls = []
+    real = SparseLinear.sparsify
+    monkeypatch.setattr(SparseLinear, "sparsify", lambda self, x: (calls.append(1), real(self, x))[1])
+    got = measure_sparsity(model, samples)
+    assert len(calls) == len(sparse_linears(model)) * len(samples)
+    planned = model._mmcompress_description["method"]["model_sparsity"]
+    assert got["model_sparsity"] == pytest.approx(planned, abs=1e-3 if method == "larosa" else 0.05)
+    assert "sparsify" not in vars(sparse_linears(model)[0])  # the counting wrapper is gone

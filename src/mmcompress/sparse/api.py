@@ -99,33 +99,53 @@ def measure_sparsity(model: nn.Module, samples, adapter=None) -> dict:
     adapter = adapter or get_adapter(model)
     shapes = plans.layer_shapes(adapter)
     counts = [{p: [0.0, 0] for p in sh.masses} for sh in shapes]
-    handles = []
+    handles, wrapped = [], []
+    pending: dict[nn.Module, torch.Tensor] = {}  # a projection's input until its effective input is counted
     for i, layer in enumerate(adapter.layers):
         layer = inner_layer(layer)
         cats_gate = any(isinstance(m, ThresholdedActivation) for m in layer.modules())
         for g in adapter.layer_groups(i):
             for path in g.readers:
                 proj = plans.projection_name(path)
+                if cats_gate and proj == "up":  # counted from the gate's zeros at the down input
+                    continue
                 mod = layer.get_submodule(path)
+                projs = (proj, "up") if (cats_gate and proj == "down") else (proj,)
 
-                def hook(m, args, i=i, proj=proj, cats_gate=cats_gate):
-                    if cats_gate and proj == "up":  # counted from the gate's zeros at the down input
-                        return
-                    x = args[0]
-                    if hasattr(m, "sparsify"):  # SparseLinear, WinaLinear
-                        x = m.sparsify(x)
+                def count(x, i=i, projs=projs):
                     z = float((x == 0).sum())
-                    for p in ((proj, "up") if (cats_gate and proj == "down") else (proj,)):
+                    for p in projs:
                         counts[i][p][0] += z
                         counts[i][p][1] += x.numel()
 
-                handles.append(mod.register_forward_pre_hook(hook))
+                def before(m, args):
+                    pending[m] = args[0]
+
+                def after(m, args, output, count=count):
+                    x = pending.pop(m, None)
+                    if x is not None:  # not counted in its forward: a plain linear, or a kernel path
+                        count(type(m).sparsify(m, x) if hasattr(m, "sparsify") else x)
+
+                if hasattr(mod, "sparsify"):  # SparseLinear, WinaLinear: count the result its forward computes
+                    def sparsify(x, m=mod, count=count):
+                        out = type(m).sparsify(m, x)
+                        if pending.get(m) is x:
+                            del pending[m]
+                            count(out)
+                        return out
+
+                    mod.sparsify = sparsify  # an instance attribute over the method, removed below
+                    wrapped.append(mod)
+                handles += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
     try:
         for s in samples:
             model(**s, use_cache=False)
     finally:
         for h in handles:
             h.remove()
+        for m in wrapped:
+            del m.sparsify
+        pending.clear()
     levels = [{p: (c[0] / c[1] if c[1] else 0.0) for p, c in lc.items()} for lc in counts]
     pl = plans.per_projection(shapes, levels, "measured", 0.0)
     per_act = {a: sum(pl.level(i, a) for i in range(len(shapes))) / len(shapes) for a in plans.READERS_OF}

@@ -79,7 +79,7 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     keys = magnitude_keys(x)
-    tau = keys.topk(k, dim=-1).values[..., -1:]  # the k-th largest key
+    tau = keys.kthvalue(d - k + 1, dim=-1, keepdim=True).values  # the k-th largest key (a selection: no sort)
     above = keys > tau
     tied = keys == tau
     need = k - above.sum(-1, keepdim=True)  # >= 1 tied entries to keep, lowest index first
