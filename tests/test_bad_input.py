@@ -213,11 +213,14 @@ def test_non_finite_input_weight_stops_before_writing(tmp_path, tiny_llama_dir, 
 
 
 def test_non_finite_activations_name_the_layer(tokenizer):
+    """A method that calibrates on the activations (SmoothQuant; RTN reads none, so its walk runs no layer on
+    the calibration data: ``Method.data_free``) stops at the layer whose output is not finite."""
     model, tok = tiny_model("llama", layers=3, tokenizer=tokenizer)
     # finite weights whose layer overflows: the MLP output of layer 0 becomes infinite
     model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * torch.inf)
     with pytest.raises(NonFiniteError, match=r"output of decoder layer 0 \(model\.layers\.0\)"):
-        mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2, seqlen=16)), "rtn", "w8a8", progress=False)
+        mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2, seqlen=16)), "smoothquant", "w8a8",
+                            progress=False)
 
 
 def test_non_finite_method_result_names_the_tensor(tokenizer, monkeypatch):

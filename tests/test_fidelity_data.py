@@ -366,3 +366,34 @@ def test_reference_cache_shares_the_uncompressed_work_and_changes_nothing(tokeni
     mmcompress.quantize(other, calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / "y",
                         report_calib=held, reference_cache=cache)
     assert cache.hits == 0
+
+
+def test_data_free_rtn_runs_no_calibration_chain(tokenizer, tmp_path, monkeypatch):
+    """RTN reads no activations: with the diagnostics on a held-out set the walk runs no layer on the
+    calibration samples (``Method.data_free``), and the weights and the report are the ones of a walk that
+    does, bit for bit."""
+    from mmcompress.engine import LayerContext
+    from mmcompress.quant.methods.rtn import RTN
+
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
+    held = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s, text=" a held out prompt here")[0]
+                           for s in (5, 6)], source="held")
+    n_layers = len(get_adapter(model).layers)
+    runs = []
+    real_run = LayerContext.run
+    monkeypatch.setattr(LayerContext, "run", lambda self, j, x=None: (runs.append(1), real_run(self, j, x))[1])
+
+    def quantize(tag, data_free):
+        monkeypatch.setattr(RTN, "data_free", data_free)
+        runs.clear()
+        m = copy.deepcopy(model)
+        mmcompress.quantize(m, calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / tag, report_calib=held)
+        rep = json.loads((tmp_path / tag / "diagnostics-rtn-w4a8.json").read_text())
+        rep.pop("seconds", None)
+        return m.state_dict(), rep, len(runs)
+
+    (sd_free, rep_free, n_free), (sd_chain, rep_chain, n_chain) = quantize("free", True), quantize("chain", False)
+    assert rep_free == rep_chain
+    assert sd_free.keys() == sd_chain.keys() and all(torch.equal(sd_free[k], sd_chain[k]) for k in sd_free)
+    assert n_chain - n_free == n_layers * len(calib)

@@ -427,9 +427,10 @@ def test_cpu_kernels_use_no_non_temporal_prefetch():
 
 
 def test_demo_decodes_bf16_copies_together_and_keeps_the_evaluated_model(cpu_kernel, tokenizer):
-    """The demo's decode rows: the sparse models in bf16, the dtype they are served in (copies: the models the
-    demo evaluates stay fp32 and unchanged), decoded in one interleaved run with the original's dense
-    variants (``models_decode_speedup``: one set of baseline runs for both); the baseline is the fastest."""
+    """The demo's decode rows: the sparse models in bf16, the dtype they are served in (the demo converts each
+    after its fp32 evaluation; here bf16 copies, so that the fp32 originals can be checked untouched), decoded
+    in one interleaved run with the original's dense variants (``models_decode_speedup``: one set of baseline
+    runs for both); the baseline is the fastest."""
     import copy
 
     from mmcompress_testbed.demo import _decode_speeds

@@ -870,6 +870,11 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
     model_dtype = inputs[0].dtype if inputs else torch.float32
     held_out = diagnostics is not None and bool(getattr(diagnostics, "samples", None))
     fp_inputs = list(inputs) if (method.needs_fp_chain or (diagnostics is not None and not held_out)) else None
+    # A data-free step (RTN) reads no activations: when nothing else reads the calibration chain either (no
+    # uncompressed targets, the diagnostics on a held-out set or none) the layers are not run on it
+    chain = not (method.data_free and fp_inputs is None and not method.observe_then_change)
+    if not chain:
+        inputs = []
     side_samples = dict(side_samples)
     if held_out:
         side_samples[HELDOUT] = diagnostics.samples
@@ -901,7 +906,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
                 structure, tensors = _finished_layer(ckdir, state, i, fingerprint, adapter)
                 inputs, fp_inputs = _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides,
                                                   device, world, mine, len(samples), model_dtype, structure, tensors,
-                                                  stream, state.get("states", {}).get(str(i), {}))
+                                                  stream, state.get("states", {}).get(str(i), {}), chain)
         else:  # start afresh: our files only
             if resume:
                 print(f"nothing to resume in {ckdir} (no layer was finished): starting from the first layer",
@@ -961,7 +966,7 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
         if diagnostics is not None:
             known[HELDOUT if dctx is not ctx else None] = diagnostics.layer(dctx, fp_layer)
             del fp_layer
-        outputs, side_outputs = _outputs(ctx, sides, method, known)
+        outputs, side_outputs = _outputs(ctx, sides, method, known, chain)
         method.observed(ctx)
         if method.observe_then_change or ctx.layer is not layer:
             layer = ctx.layer
@@ -1075,14 +1080,16 @@ def _end_fp32(contexts, model_dtype) -> None:
 
 
 @torch.no_grad()
-def _outputs(ctx, sides, method=None, known=None):
-    """The stepped layer's outputs on the calibration samples (``method``'s observers hooked on) and on
-    the side sets that keep a compressed chain; ``known``: ``{side name, or None for the calibration set:
-    outputs}`` already computed on the same inputs (the diagnostics'), reused unless observers must see
-    the pass."""
+def _outputs(ctx, sides, method=None, known=None, chain: bool = True):
+    """The stepped layer's outputs on the calibration samples (``method``'s observers hooked on; none
+    without a calibration ``chain``) and on the side sets that keep a compressed chain; ``known``: ``{side
+    name, or None for the calibration set: outputs}`` already computed on the same inputs (the
+    diagnostics'), reused unless observers must see the pass."""
     known = known or {}
     observers = method.observers(ctx) if method is not None else []
-    if None in known and not observers:
+    if not chain:
+        outputs = []
+    elif None in known and not observers:
         outputs = known[None]
     else:
         handles = _hook_observers(observers)
@@ -1120,7 +1127,7 @@ def _open_layer(i, layers, adapter, stream, device, captured, inputs, fp_inputs,
 
 
 def _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides, device, world, mine, total,
-                  model_dtype, structure, tensors, stream, state):
+                  model_dtype, structure, tensors, stream, state, chain: bool = True):
     """Resume: recompute what finished layer ``i`` passed on, as the walk computed it, and leave the finished
     layer in place (a streamed one freed).  Through the input weights: the uncompressed chain (in float32
     where the method's step ran there), and the chain of a method that observes then changes (its
@@ -1154,7 +1161,7 @@ def _replay_layer(i, layers, adapter, method, captured, inputs, fp_inputs, sides
         c.layer = layer
     method.replayed(ctx)
     if outputs is None:
-        outputs, side_outputs = _outputs(ctx, sides)
+        outputs, side_outputs = _outputs(ctx, sides, chain=chain)
     inputs, fp_inputs = _advance(ctx, sides, outputs, side_outputs, fp_inputs)
     for mod in layer.modules():
         if hasattr(mod, "clear_cache"):

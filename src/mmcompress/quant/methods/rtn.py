@@ -9,6 +9,7 @@ from .base import QuantMethod, quantize_layer_linears
 class RTN(QuantMethod):
     name = "rtn"
     distributed = True  # no statistics: every rank quantizes the same weights
+    data_free = True  # the walk runs no calibration chain for it (only the diagnostics' held-out one, if any)
 
     def step(self, ctx: LayerContext) -> None:
         quantize_layer_linears(ctx.layer, ctx.adapter, self.scheme)
