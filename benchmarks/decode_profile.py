@@ -11,7 +11,8 @@ itself), its share of the
 phase's row units (attention: query heads; includes RoPE and the K/V cache write), and its wait at the
 barrier that ends the phase (the other thread still working, or descheduled).  Bytes: the weights the
 phase's linears read (codes, step sizes, zero points of asymmetric codes, bias; dense weights; for
-LaRoSA / joint projections the kept rows' share), and for
+LaRoSA / joint projections the kept rows' share; for TEAL's threshold projections the mean share of a traced
+run, ``threshold_shares``), and for
 attention the K/V cache read at the mean position of the run.  GB/s = bytes / the phase's total time.
 The best round (lowest total) is printed; the last line is JSON with every round.
 """
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 
 
-def linear_bytes(m) -> int:
-    """Bytes one decode step reads of ``m`` (sparse projections: the kept rows' share of the weight)."""
+def linear_bytes(m, threshold_share: dict | None = None) -> int:
+    """Bytes one decode step reads of ``m`` (sparse projections: the kept rows' share of the weight; for a
+    threshold projection, TEAL's, whose kept rows vary per token, the mean share ``threshold_share[id(m)]``
+    measured by :func:`threshold_shares`)."""
     from mmcompress.quant.deployed import IntLinear
     from mmcompress.runtime.fused import _sparse_keep
     from mmcompress.sparse.joint import SparseInt8Linear
@@ -36,7 +39,8 @@ def linear_bytes(m) -> int:
     if isinstance(m, SparseInt8Linear):
         n = round(m.weight_q.numel() * _sparse_keep(m) / m.in_features) + 8 * m.out_features  # + scale, zero corr.
     elif isinstance(m, SparseLinear):
-        n = round(m.weight.numel() * m.weight.element_size() * _sparse_keep(m) / m.in_features)
+        share = (threshold_share or {}).get(id(m), _sparse_keep(m) / m.in_features)
+        n = round(m.weight.numel() * m.weight.element_size() * share)
     elif isinstance(m, IntLinear):
         n = m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
         if not m.scheme.sym:
@@ -44,6 +48,46 @@ def linear_bytes(m) -> int:
     else:
         n = m.weight.numel() * m.weight.element_size()
     return n + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+
+
+def threshold_kept(fs, layers) -> dict[int, tuple[object, int]]:
+    """Of the fused step ``fs``'s last traced step (``FusedStep.trace``), per threshold projection (a
+    ``SparseLinear`` in mode ``threshold``: TEAL) of the engine's ``layers``: ``{id(module): (module, rows
+    kept)}``, by the kernels' rule (``topk.threshold_keep``) on the input the step traced."""
+    from mmcompress.sparse.linear import SparseLinear
+    from mmcompress.sparse.topk import threshold_keep
+
+    readers = {"x1": lambda l: (l.q, l.k, l.v), "attn": lambda l: (l.o,),
+               "x2": lambda l: (l.mlp.gate_proj, l.mlp.up_proj), "act": lambda l: (l.down,)}
+    out = {}
+    for tr, l in zip(fs.trace(), layers):
+        for name, mods in readers.items():
+            for m in mods(l):
+                if isinstance(m, SparseLinear) and m.mode == "threshold":
+                    out[id(m)] = (m, int(threshold_keep(tr[name], m.threshold).sum()))
+    return out
+
+
+def threshold_shares(eng, ids: torch.Tensor, tokens: int) -> dict[int, float]:
+    """The mean share of the rows each threshold projection reads over the ``tokens - 1`` fused decode steps
+    after the prompt ``ids`` (:func:`threshold_kept` of each step); ``{id(module): share}``."""
+    fs = eng._fused
+    kept: dict[int, list[float]] = {}
+    calls = []
+
+    def seen(_token):
+        calls.append(1)
+        if len(calls) == 1:  # the prefill's token: no decode step traced yet
+            return
+        for key, (m, n) in threshold_kept(fs, eng.layers).items():
+            kept.setdefault(key, []).append(n / m.in_features)
+
+    fs.set_trace(True)
+    try:
+        eng.generate(ids, tokens, on_token=seen)
+    finally:
+        fs.set_trace(False)
+    return {k: sum(v) / len(v) for k, v in kept.items()}
 
 
 def main():
@@ -61,9 +105,11 @@ def main():
     from mmcompress.models.loading import load_hf_model, load_tokenizer
     from mmcompress.runtime.decode import DecodeEngine
     from mmcompress.runtime.fused import PHASES
+    from mmcompress.runtime.generate import prepare
 
     torch.set_num_threads(a.threads)
     model = load_hf_model(a.model, dtype=getattr(torch, a.dtype)) if a.dtype else mmcompress.load(a.model)
+    prepare(model)  # sparse layers on the decode kernels, as `mmcompress generate` runs them
     tok = load_tokenizer(a.model)
     text = "The history of the city begins in the early medieval period, when a small settlement grew around " * 4
     ids = torch.tensor([tok(text).input_ids[: a.prompt]])
@@ -77,14 +123,16 @@ def main():
     elt = eng.dtype.itemsize
     mean_ctx = a.prompt + a.tokens / 2
     kv = sum(2 * eng.kv_heads * l.hd * mean_ctx * elt for l in L)
+    share = threshold_shares(eng, ids, a.tokens)
+    lb = lambda m: linear_bytes(m, share)  # noqa: E731
     nbytes = {
-        "qkv": sum(linear_bytes(l.q) + linear_bytes(l.k) + linear_bytes(l.v) for l in L),
+        "qkv": sum(lb(l.q) + lb(l.k) + lb(l.v) for l in L),
         "attention": kv,
-        "o_proj": sum(linear_bytes(l.o) for l in L),
-        "gate_up": sum(linear_bytes(l.mlp.gate_proj) + linear_bytes(l.mlp.up_proj) for l in L),
-        "down": sum(linear_bytes(l.down) for l in L),
+        "o_proj": sum(lb(l.o) for l in L),
+        "gate_up": sum(lb(l.mlp.gate_proj) + lb(l.mlp.up_proj) for l in L),
+        "down": sum(lb(l.down) for l in L),
         "head": fs.head_bytes,
-        "adapter": sum(linear_bytes(l.adapter) for l in L),  # LaRoSA's residual adapters
+        "adapter": sum(lb(l.adapter) for l in L),  # LaRoSA's residual adapters
     }
     rounds = []
     for _ in range(a.rounds):

@@ -485,24 +485,22 @@ def _teal_thresholds(model, ids: torch.Tensor, sparsity: float) -> None:
         for h in hooks:
             h.remove()
     for m in mods:
-        m.selector = Threshold(quantile(torch.sort(seen[m]).values, sparsity))
+        m.selector = Threshold(quantile(seen[m], sparsity))
 
 
 def _teal_rows_read(engine, steps_ids, pos: int) -> float:
     """The fraction of the TEAL projections' weight rows that ``len(steps_ids)`` fused steps from ``pos`` read
-    (the kernels' rule on the traced inputs; each row is ``out_features`` weights)."""
+    (``decode_profile.threshold_kept`` of each step; each row is ``out_features`` weights)."""
+    from decode_profile import threshold_kept
+
     read = total = 0
     engine._fused.set_trace(True)
     try:
         for i, t in enumerate(steps_ids):
             engine._step(t, pos + i)
-            for tr, l in zip(engine._fused.trace(), engine.layers):
-                for name, mods in (("x1", (l.q, l.k, l.v)), ("attn", (l.o,)), ("x2", (l.mlp.gate_proj, l.mlp.up_proj)),
-                                   ("act", (l.down,))):
-                    for m in mods:
-                        kept = int((~(tr[name].abs() < torch.tensor(m.threshold, dtype=torch.float32))).sum())
-                        read += kept * m.out_features
-                        total += m.in_features * m.out_features
+            for m, kept in threshold_kept(engine._fused, engine.layers).values():
+                read += kept * m.out_features
+                total += m.in_features * m.out_features
     finally:
         engine._fused.set_trace(False)
     return read / total

@@ -103,6 +103,32 @@ def test_indexed_and_threshold_paths(cpu_kernel):
         sparse_linear(x, wt, backend="cpu", indices=torch.tensor([[0, 300]] * 2), values=torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_threshold_rule_of_prefill_is_the_kernels(cpu_kernel, dtype):
+    """A multi-token call (prefill: ``topk.select``) and the CPU kernel (decode) keep the same channels of a
+    vector: ``not |x| < t`` in float32, ``t`` rounded to float32.  The values at stake are the ones that
+    round to ``t`` in a half-precision dtype without equalling it (the Python rule used to compare in
+    ``x``'s dtype, with ``t`` rounded there, and kept them); NaN is kept by both."""
+    from mmcompress.sparse.topk import Threshold, select, threshold_keep
+
+    t = 0.7  # not representable in bf16/fp16: dtype(t) is on one side of t
+    near = torch.tensor([t], dtype=dtype)
+    ints = torch.int32 if dtype == torch.float32 else torch.int16
+    nxt = (near.view(ints) + 1).view(dtype)  # the next value of the dtype above dtype(t)
+    vals = torch.tensor([t, -t, 0.69, 0.71, 0.0, 5.0, -5.0, 1e-3], dtype=dtype)  # finite: inf·0 is NaN
+    x = torch.cat([vals, near, -near, nxt, -nxt]).reshape(1, -1)
+    d = x.shape[-1]
+    wt = torch.eye(d, dtype=dtype)  # the kernel's output is then x with the dropped channels zeroed
+    kept_kernel = sparse_linear(x, wt, backend="cpu", threshold=t) != 0
+    keep = threshold_keep(x, t)
+    assert torch.equal(keep, kept_kernel)  # (no kept value is 0)
+    assert torch.equal(select(x, Threshold(t)), torch.where(keep, x, torch.zeros((), dtype=dtype)))
+    at_t = float(near) >= float(torch.tensor(t))  # dtype(t) >= float32(t): bf16 no, fp16 and fp32 yes
+    assert keep.tolist()[0] == [at_t] * 2 + [False, True, False, True, True, False] + [at_t] * 2 + [True] * 2
+    inf = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert threshold_keep(inf, t).all()
+
+
 def test_leading_dims_batch8_and_prefill_fallback(cpu_kernel):
     g = torch.Generator().manual_seed(3)
     wt = torch.randn(256, 96, generator=g)

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..specs import apply_specs, module_class, module_specs, register_sparse_module
 from .linear import SparseLinear
+from .topk import threshold_keep
 
 
 def _dtype_name(dtype) -> str:
@@ -154,7 +155,8 @@ class RotatedNorm(nn.Module):
 
 @register_sparse_module
 class ThresholdedActivation(nn.Module):
-    """CATS: ``z = act(x)``, then ``z · 1[|z| ≥ t]`` (wraps the MLP's activation module)."""
+    """CATS: ``z = act(x)``, then ``z · 1[|z| ≥ t]`` (wraps the MLP's activation module; the comparison is
+    :func:`~mmcompress.sparse.topk.threshold_keep`'s, as TEAL's)."""
 
     def __init__(self, act: nn.Module, threshold: float = 0.0):
         super().__init__()
@@ -166,7 +168,7 @@ class ThresholdedActivation(nn.Module):
         z = self.act(x)
         if not self.sparse_prefill and z.dim() >= 2 and z.shape[-2] > 1:
             return z
-        return z * (z.abs() >= self.threshold)
+        return z * threshold_keep(z, self.threshold)
 
     def spec(self) -> dict:
         return {"class": type(self).__name__, "threshold": self.threshold, "sparse_prefill": self.sparse_prefill}

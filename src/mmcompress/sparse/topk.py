@@ -43,7 +43,7 @@ class TopK:
 
 @dataclass(frozen=True)
 class Threshold:
-    """Selector (TEAL): keep the entries with ``|x_i| >= t``."""
+    """Selector (TEAL): keep the entries with ``|x_i| >= t`` (:func:`threshold_keep`)."""
 
     t: float
 
@@ -56,10 +56,20 @@ class Dense:
 Selector = TopK | Threshold | Dense
 
 
+def threshold_keep(x: torch.Tensor, t: float) -> torch.Tensor:
+    """Boolean mask of the entries a magnitude threshold ``t`` keeps: ``not |x_i| < t``, compared in float32
+    with ``t`` rounded to float32, the CPU kernels' rule (``sparse_gemv.cpp``'s ``threshold_row``, the fused
+    step's ``threshold_select``).  So a bf16 or fp16 ``x`` is compared exactly (its values are float32
+    values), not against ``t`` rounded to its own dtype, and NaN is kept (it propagates, as in a dense
+    model): prefill and the decode kernels keep the same channels of the same vector."""
+    t32 = torch.tensor(t, dtype=torch.float32).item()  # float32(t), exactly, as a Python float
+    return ~(x.abs().float() < t32)
+
+
 def select(x: torch.Tensor, selector: Selector) -> torch.Tensor:
     """``x`` with the entries the selector drops set to zero."""
     if isinstance(selector, Threshold):
-        return x * (x.abs() >= selector.t)
+        return x * threshold_keep(x, selector.t)
     if isinstance(selector, TopK):
         return topk_sparsify(x, selector.k)
     return x
