@@ -203,6 +203,36 @@ def test_load_generate_routes_only_what_the_engine_reproduces(tmp_path, monkeypa
     assert not used[-1] and hasattr(out, "sequences")
 
 
+def test_load_generate_puts_sparse_layers_on_the_decode_kernels(tmp_path):
+    """A sparsified artifact's ``load(...).generate`` runs as ``mmcompress generate`` does: its sparse layers
+    on the CPU kernels (prepared once, by the first call), so the engine takes its fused step, and the tokens
+    are transformers' greedy ones on the same layers."""
+    from mmcompress.runtime import fused
+    from mmcompress.sparse.kernels import cpu as scpu
+    from mmcompress.sparse.linear import sparse_linears
+
+    if not scpu.available():
+        pytest.skip(f"no CPU sparse kernel: {scpu.error()}")
+    path = _build(tmp_path, "larosa")
+    model = mmcompress.load(path)
+    assert {m.backend for m in sparse_linears(model)} == {"torch"}  # loaded as saved (the reference layout)
+    ids = _prompt_ids(path)
+    engines = []
+    real = DecodeEngine.generate
+
+    def spy(eng, *a, **kw):
+        engines.append(eng)
+        return real(eng, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DecodeEngine, "generate", spy)
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert {m.backend for m in sparse_linears(model)} == {"cpu"}
+    assert len(engines) == 1 and engines[0].fused == fused.load()
+    _, ref = _reference(path, ids, 8)
+    assert torch.equal(got, ref)
+
+
 def test_other_families_keep_transformers_generate(tmp_path, tokenizer):
     from .tiny_models import tiny_model
 

@@ -87,7 +87,13 @@ def greedy_settings(model: nn.Module, ids: torch.Tensor, kw: dict) -> dict | Non
 
 
 def _engine_generate(self, inputs=None, **kwargs):
-    """``generate`` of a model loaded by :func:`mmcompress.load` (see the module docstring)."""
+    """``generate`` of a model loaded by :func:`mmcompress.load` (see the module docstring).  The first call
+    puts the sparse layers on the decode kernels (:func:`prepare`, as ``mmcompress generate`` runs them:
+    their decode steps on the CPU kernels, so the engine can take its fused step), whichever of the engine
+    and transformers then runs it."""
+    if not getattr(self, "_mmcompress_prepared", False):
+        prepare(self)
+        self._mmcompress_prepared = True
     plan = _engine_plan(self, inputs, kwargs)
     if plan is None:  # inputs only when given: remote-code generate()s name their first argument otherwise
         return type(self).generate(self, **kwargs) if inputs is None else type(self).generate(self, inputs, **kwargs)
