@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..memory import trim_heap
 from ..quant.deployed import deployed_form
 from ..quant.linear import QuantLinear
 from .joint import SparseInt8Linear, deploy
@@ -33,6 +34,8 @@ def set_sparse_backend(model: nn.Module, backend: str = "auto", sparse_prefill: 
         elif isinstance(m, SparseInt8Linear):
             m.backend = backend
     _SELECTION.clear()
+    if mods:
+        trim_heap()  # the weights the new layout replaced: back to the system, not left in the resident set
     return len(mods)
 
 
