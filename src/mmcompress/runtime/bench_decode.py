@@ -110,6 +110,7 @@ def densify(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _own_kernel(model: nn.Module) -> nn.Module | None:
     """``model`` (bf16, dense) with the seven projections of every layer on our dense GEMV kernel."""
     from .dense import PROJECTIONS, dense_kernel_layer
+    from ..memory import trim_heap
     from ..models.adapters import get_adapter
     from ..sparse.kernels import resolve_backend
     from ..sparse.merge import ResidualAdaptedLayer
@@ -127,6 +128,7 @@ def _own_kernel(model: nn.Module) -> nn.Module | None:
                 layer.set_adapter_backend(be)
     except (AttributeError, ValueError):
         return None
+    trim_heap()  # the row-major weights the kernel layout replaced: back to the system, not left resident
     return model
 
 
