@@ -487,6 +487,25 @@ def test_omni_dense_thinker_in_vllm(tmp_path, vllm_py):
         assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
 
 
+# A quantized Omni export's image and audio prompts reach vLLM's own towers, whose outputs differ from
+# transformers' at float round-off; per-token int8 activation codes can turn that into whole-code flips.  Measured
+# on this file's MASQuant artifact with our own runtime, both towers' outputs scaled by 1 + 1e-7·N(0, 1)
+# (``python benchmarks/omni_tower_roundoff.py``, three seeds): up to 0.0114 nats at one position and a mean of at
+# most 7.7e-4 over a prompt (audio on the modality path, image on the text path; 0–11 of 42 positions above
+# 1e-4), which is, to the digit, what vLLM's towers gave on an AMD EPYC (session 37).  Removing the modality
+# path (what the plugin tests must catch) moves the mean by 5.0e-3 (audio) and 1.3e-2 (image).  So those
+# prompts are held to a mean below TOWER_MEAN_NATS and identical greedy tokens; text prompts (no tower) to 1e-4
+# at every position.
+TOWER_MEAN_NATS = 2e-3
+
+
+def _assert_close(kind: str, g: dict, gaps: dict) -> None:
+    """A prompt's gap within round-off: ``kind`` "text" to 1e-4 nats at every position, an image or audio
+    prompt of a quantized export to a mean of ``TOWER_MEAN_NATS`` (above); greedy tokens identical."""
+    ok = g["max_abs_dlogp"] < 1e-4 if kind == "text" else g["mean_abs_dlogp"] < TOWER_MEAN_NATS
+    assert ok and g["greedy_identical"], (kind, gaps)
+
+
 def _omni_artifact(root: Path, method: str, **kw):
     from mmcompress.models.processing import save_processor
     from mmcompress.quant.quantizer import resolve_scheme
@@ -501,7 +520,8 @@ def _omni_artifact(root: Path, method: str, **kw):
 
 def test_omni_w8a8_export_in_vllm(tmp_path, vllm_py):
     """An RTN W8A8 export of the thinker (in the Omni layout) loads in vLLM with compressed-tensors' W8A8 int8
-    scheme; text, image and audio prompts equal our runtime on the same artifact (float32, 1e-4 nats)."""
+    scheme; text, image and audio prompts equal our runtime on the same artifact (float32; the text prompt to
+    1e-4 nats, the image and audio prompts within the towers' round-off: ``_assert_close``)."""
     from mmcompress.export.compressed_tensors import export_compressed_tensors
 
     art, proc = _omni_artifact(tmp_path, "rtn")
@@ -516,14 +536,15 @@ def test_omni_w8a8_export_in_vllm(tmp_path, vllm_py):
     gaps = {kind: _gap(res["results"][k], ours[k]) for k, kind in enumerate(("text", "image", "audio"))}
     print(f"\n[vllm omni w8a8] {json.dumps(gaps)}")
     for kind, g in gaps.items():
-        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (kind, gaps)
+        _assert_close(kind, g, gaps)
 
 
 def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
     """MASQuant W8A8 (tied vectors, CMC) of the tiny Omni thinker, exported in the Omni layout: vLLM picks the
     plugin, its Omni subclass publishes image and audio rows (both modalities' side tensors are exercised),
-    the text prompt is bit-identical to the plain export, and every prompt equals our runtime position by
-    position (plugin vs ours with the modality path, plain vs ours on the text path; float32, 1e-4 nats)."""
+    the text prompt is bit-identical to the plain export, and every prompt equals our runtime (plugin vs ours
+    with the modality path, plain vs ours on the text path; float32; the text prompt to 1e-4 nats at every
+    position, the image and audio prompts within the towers' round-off: ``_assert_close``)."""
     from mmcompress.export.compressed_tensors import export_compressed_tensors, read_export_config
 
     art, proc = _omni_artifact(tmp_path, "masquant", epochs=1, tie=True)
@@ -553,7 +574,7 @@ def test_omni_masquant_plugin_serves_image_and_audio(tmp_path, vllm_py):
     for kind in ("image", "audio"):  # the modality path changes both in vLLM and in ours
         assert effect[kind]["vllm_max"] > 1e-3 and effect[kind]["ours_max"] > 1e-3, effect
     for name, g in gaps.items():
-        assert g["max_abs_dlogp"] < 1e-4 and g["greedy_identical"], (name, gaps)
+        _assert_close(name.rsplit(" ", 1)[-1], g, gaps)
 
 
 # -- a real testbed model: omni-mini (Qwen2.5-Omni thinker) on image-qa-test and speech-test digits ----------------
