@@ -4,9 +4,11 @@
                                        [--sparsity 0,0.4] [--threads 1] [--clock thread] [--json FILE]
                                        [--source LABEL=FILE ...]
 
-Builds the current ``sparse_gemv.cpp`` once per hint, each under its own op namespace: ``t0`` as it is (the
-next row group prefetched with ``__builtin_prefetch(p, 0, 3)``), ``nta`` with locality 0 (PREFETCHNTA: the
-kernel before the fix of docs/runtime.md "Why sitting D was slow"), ``none`` without the prefetch.  Then
+Builds the current ``sparse_gemv.cpp`` once per hint, each under its own op namespace and with the prefetch on
+whatever the CPU (``g_prefetch_rows`` forced true): ``t0`` as it is (the next row group prefetched with
+``__builtin_prefetch(p, 0, 3)``, in ``gemv_group`` and ``gemv_group_dot``), ``nta`` with locality 0
+(PREFETCHNTA: the kernel before the fix of docs/runtime.md "Why sitting D was slow"), ``none`` without the
+prefetch.  Then
 times ``topk_gemv`` at each sparsity and torch bf16 / fp32 ``F.linear`` on the row-major weight, all
 interleaved over enough weight copies (``--cache-mb``) that every call streams its weight from DRAM.
 ``--source LABEL=FILE`` adds another version of ``sparse_gemv.cpp`` as it is (e.g. an older one from
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from kernel_variants import build_variant, interleaved_times, report
 from mmcompress.sparse.kernels import cpu
 
-PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # gemv_group's next-group prefetch
+PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # the next-group prefetches
+DEFAULT = "const bool g_prefetch_rows = default_prefetch_rows();"
 
 
 def rename(src: str, label: str) -> str:
@@ -43,8 +46,10 @@ def rename(src: str, label: str) -> str:
 def variant_source(hint: str) -> str:
     src = cpu._SRC.read_text()
     n = len(PREFETCH.findall(src))
-    if n != 1:
-        raise SystemExit(f"expected gemv_group's one T0 prefetch in {cpu._SRC}, found {n}")
+    if n != 2 or DEFAULT not in src:
+        raise SystemExit(f"expected the two T0 prefetches (gemv_group, gemv_group_dot) and {DEFAULT!r} in "
+                         f"{cpu._SRC}, found {n} prefetches")
+    src = src.replace(DEFAULT, "const bool g_prefetch_rows = true;")
     if hint == "nta":
         src = PREFETCH.sub(r"__builtin_prefetch(\1, 0, 0);", src)
     elif hint == "none":

@@ -129,6 +129,49 @@ def test_threshold_rule_of_prefill_is_the_kernels(cpu_kernel, dtype):
     assert threshold_keep(inf, t).all()
 
 
+@pytest.mark.parametrize("din,dout", [(1000, 129), (64, 4096), (37, 200)])
+def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dout):
+    """A bf16 weight at batch 1 with bf16-valued inputs goes through the pair-of-rows VDPBF16PS groups where
+    the CPU has them (``gemv_group_dot``), other inputs through the fp32-widening groups: either way the sum
+    of the exact products in fp32, so an fp32 output agrees with float64 to fp32 round-off.  Were the
+    pair path used for inputs that are not bf16 values, their truncation would leave ~1e-3 (tested: fp32
+    values that are not bf16 values, 1e-5)."""
+    g = torch.Generator().manual_seed(din + dout)
+    wt = torch.randn(din, dout, generator=g).bfloat16()
+    idx = torch.arange(0, din, 1).unsqueeze(0)  # every row: groups of 8, then 4, then single rows
+    for vals in (torch.randn(1, din, generator=g).bfloat16().float(), torch.randn(1, din, generator=g)):
+        y = cpu_kernel.indexed_gemv(idx, vals, wt, None, torch.float32)
+        ref = vals.double() @ wt.double()
+        assert y.dtype == torch.float32
+        assert _rel(y, ref) < 1e-5, (din, dout)
+
+
+def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
+    """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | none) changes only the prefetch hints of the float kernels, never
+    a value: the same GEMVs in two fresh processes, one per setting, give identical bytes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from mmcompress.sparse.kernels import cpu\n"
+        "assert cpu.load(), cpu.error()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "out = []\n"
+        "for dt in (torch.bfloat16, torch.float32):\n"
+        "    x = torch.randn(3, 700, generator=g).to(dt)\n"
+        "    wt = torch.randn(700, 300, generator=g).to(dt)\n"
+        "    out += [cpu.ops().topk_gemv(x[:1], wt, 420, None).float(), cpu.ops().topk_gemv(x, wt, 420, None).float()]\n"
+        "torch.save(out, sys.argv[1])\n")
+    res = {}
+    for mode in ("rows", "none"):
+        env = {**__import__("os").environ, "MMCOMPRESS_KERNEL_PREFETCH": mode}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / mode)], check=True, env=env)
+        res[mode] = torch.load(tmp_path / mode)
+    for a, b in zip(res["rows"], res["none"]):
+        assert torch.equal(a, b)
+
+
 def test_leading_dims_batch8_and_prefill_fallback(cpu_kernel):
     g = torch.Generator().manual_seed(3)
     wt = torch.randn(256, 96, generator=g)

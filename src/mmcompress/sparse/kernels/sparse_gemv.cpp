@@ -11,11 +11,12 @@
 // Parallelism: the kept rows are split into one part per thread (split-K, default; set_row_split(1)
 // gives the former split of the output columns into one contiguous block per thread), so each thread
 // streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
-// accumulator for its columns and walks its rows in groups (8 rows at batch 1, else 4; the next
-// group's rows prefetched) with an inner SIMD loop; bf16 weights are widened to fp32 on load; the row
-// parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv, below) works the same way, in
-// passes of 4 to 16 kept rows (int8_block).  Blocks are handed out from an atomic counter to the
-// threads of ATen's OpenMP team (share_work.h, through parallel_tasks).
+// accumulator for its columns and walks its rows in groups (8 rows at batch 1, else 4; the next group's
+// rows prefetched where that pays, g_prefetch_rows) with an inner SIMD loop; bf16 weights are widened to
+// fp32 on load, or at batch 1 with bf16-valued inputs multiplied in pairs of rows by VDPBF16PS
+// (gemv_group_dot); the row parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv,
+// below) works the same way, in passes of 4 to 16 kept rows (int8_block).  Blocks are handed out from an
+// atomic counter to the threads of ATen's OpenMP team (share_work.h, through parallel_tasks).
 //
 // Registered as torch.ops.mmcompress_sparse.* (no pybind: faster to compile).
 
@@ -34,8 +35,10 @@
 #include <memory>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifndef MMC_SPLIT
@@ -153,17 +156,35 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
 
-// acc[b*len + j] += sum_{q<R} xv[b][q] * WT[rg[q], j0 + j] for j in [0, len): one group of R kept rows
-// (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows to prefetch, or null.
+// Whether the float block kernels (gemv_group, gemv_group_dot) prefetch the next group's kept rows.  Skipped
+// rows break the hardware prefetchers' streams at every kept row, so the next group's rows can be prefetched
+// at the same column offset while this group is processed (one line per row per step, about one group
+// ahead).  Whether that pays depends on the CPU: on an Intel Xeon (sitting D, one thread) it was 5-15 %
+// faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) 4-12 % slower, and a hint for the
+// first lines of each next row only, issued near the end of the current rows, no faster than none
+// (docs/runtime.md "Prefetch by CPU").  So: none on AMD, the rows elsewhere; MMCOMPRESS_KERNEL_PREFETCH=rows
+// or =none overrides the choice (read once, when the library loads).  The hints carry no data: the results are
+// the same either way.
 //
-// Skipped rows break the hardware prefetcher's stream at every kept row, so the next group's rows are
-// prefetched at the same column offset while this group is processed (one line per row per step), i.e.
-// about one group ahead.  The hint must be T0 (into L1 and L2), not non-temporal: one group ahead is
-// R rows x len columns (64 KB of bf16 at R = 8, len 4096), more than L1 holds, and PREFETCHNTA
-// (__builtin_prefetch(p, 0, 0)) on an Intel Xeon (AVX-512 BF16, AMX) made the bf16 GEMV 2.2x slower than
-// no prefetch at all (5.5 vs 12.2 GB/s, T0 12.6-14.6 GB/s, one thread; docs/runtime.md "Why sitting D
-// was slow"): the NTA lines are evidently dropped before use and fetched again.  The AMD EPYC of the
-// earlier sittings hid it.
+// The hint must be T0 (into L1 and L2), not non-temporal: one group ahead is R rows x len columns (64 KB of
+// bf16 at R = 8, len 4096), more than L1 holds, and PREFETCHNTA (__builtin_prefetch(p, 0, 0)) on an Intel Xeon
+// (AVX-512 BF16, AMX) made the bf16 GEMV 2.2x slower than no prefetch at all (5.5 vs 12.2 GB/s, T0 12.6-14.6
+// GB/s, one thread; docs/runtime.md "Why sitting D was slow"): the NTA lines are evidently dropped before use
+// and fetched again.
+bool default_prefetch_rows() {
+  if (const char* e = std::getenv("MMCOMPRESS_KERNEL_PREFETCH")) {
+    if (!std::strcmp(e, "rows")) return true;
+    if (!std::strcmp(e, "none")) return false;
+  }
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("amd");
+}
+
+const bool g_prefetch_rows = default_prefetch_rows();
+
+// acc[b*len + j] += sum_{q<R} xv[b][q] * WT[rg[q], j0 + j] for j in [0, len): one group of R kept rows
+// (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows to prefetch, or null
+// (see g_prefetch_rows).
 template <typename W, int B, int R>
 inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx, const float* vals,
                        int64_t j0, int64_t len, float* __restrict acc) {
@@ -196,6 +217,56 @@ inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, con
     }
 }
 
+#ifdef __AVX512BF16__
+// gemv_group at batch 1 for bf16 weights and bf16-valued inputs (a bf16 model's activations): VDPBF16PS on
+// pairs of kept rows.  One 64-byte line of rows q and q+1 (32 columns each) is interleaved into column pairs
+// (WT[q, j], WT[q+1, j]) by two permutes, and one VDPBF16PS per 16 columns adds
+// x[q+1]·WT[q+1, j] + x[q]·WT[q, j] to acc[j] (exact bf16 products, fp32 sums rounded to nearest even, in that
+// order; denormals flushed, as the instruction does): three instructions per pair of lines where widening
+// each line to fp32 first takes six.  xp[q/2]: the pair (x[q], x[q+1]) as two bf16 codes; len: a multiple of
+// 32 (gemv_block does the rest); nx: as gemv_group.
+template <int R>
+inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx,
+                           const uint32_t* xp, int64_t j0, int64_t len, float* __restrict acc) {
+  static_assert(R % 2 == 0, "pairs of rows");
+  const uint16_t* w[R];
+  const uint16_t* p[R];
+  for (int q = 0; q < R; ++q) {
+    w[q] = wt + static_cast<int64_t>(rg[q]) * n + j0;
+    p[q] = nx ? wt + static_cast<int64_t>(nx[q]) * n + j0 : w[q];
+  }
+  __m512bh xb[R / 2];
+  for (int q = 0; q < R / 2; ++q) xb[q] = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xp[q]));
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22,
+                                      53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int64_t c = 0; c < len; c += 32) {
+    if (nx)
+      for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
+    __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
+    for (int q = 0; q < R; q += 2) {
+      const __m512i u = _mm512_loadu_si512(w[q] + c), v = _mm512_loadu_si512(w[q + 1] + c);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_permutex2var_epi16(u, lo, v), xb[q / 2]);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_permutex2var_epi16(u, hi, v), xb[q / 2]);
+    }
+    _mm512_storeu_ps(acc + c, a0);
+    _mm512_storeu_ps(acc + c + 16, a1);
+  }
+}
+#endif
+
+// Whether every value is a bf16 value (its low 16 bits zero): gemv_block's test for gemv_group_dot.
+inline bool bf16_valued(const float* v, int64_t n) {
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, v + i, 4);
+    low |= u & 0xffffu;
+  }
+  return low == 0;
+}
+
 // acc[b*len + (j - j0)] += sum_r vals[r*B + b] * WT[rows[r], j]  for j in [j0, j1): groups of 8 rows at
 // batch 1 (4 above: measured at batch 1 only, one thread, loaded: 8-row groups 2-9 % faster than 4,
 // docs/runtime.md), then one group of 4 and single rows for the rest.
@@ -204,9 +275,32 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
                 int64_t j1, float* __restrict acc) {
   constexpr int R = B == 1 ? 8 : 4;
   const int64_t len = j1 - j0;
+  // the next group's rows, if any and if prefetched (g_prefetch_rows)
+  auto next = [&](int64_t r) { return g_prefetch_rows && r + 2 * R <= nrows ? rows + r + R : nullptr; };
   int64_t r = 0;
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<W, uint16_t> && B == 1) {
+    const int64_t len32 = len / 32 * 32, ng = nrows / R * R;
+    if (len32 && ng && bf16_valued(vals, ng)) {  // the groups of R rows on VDPBF16PS, their last columns below
+      uint32_t xp[R / 2];
+      for (; r + R <= nrows; r += R) {
+        for (int q = 0; q < R / 2; ++q) {
+          uint32_t a, b;
+          std::memcpy(&a, vals + r + 2 * q, 4);
+          std::memcpy(&b, vals + r + 2 * q + 1, 4);
+          xp[q] = (a >> 16) | (b & 0xffff0000u);
+        }
+        gemv_group_dot<R>(wt, n, rows + r, next(r), xp, j0, len32, acc);
+      }
+      for (int64_t q = 0; q < ng && len32 < len; ++q) {
+        const uint16_t* w0 = wt + static_cast<int64_t>(rows[q]) * n + j0;
+        for (int64_t j = len32; j < len; ++j) acc[j] += vals[q] * ldw(w0, j);
+      }
+    }
+  }
+#endif
   for (; r + R <= nrows; r += R)
-    gemv_group<W, B, R>(wt, n, rows + r, r + 2 * R <= nrows ? rows + r + R : nullptr, vals + r * B, j0, len, acc);
+    gemv_group<W, B, R>(wt, n, rows + r, next(r), vals + r * B, j0, len, acc);
   if constexpr (R > 4) {
     if (r + 4 <= nrows) {
       gemv_group<W, B, 4>(wt, n, rows + r, nullptr, vals + r * B, j0, len, acc);
