@@ -160,7 +160,7 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
 // rows break the hardware prefetchers' streams at every kept row, so the next group's rows can be prefetched
 // at the same column offset while this group is processed (one line per row per step, about one group
 // ahead).  Whether that pays depends on the CPU: on an Intel Xeon (sitting D, one thread) it was 5-15 %
-// faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) 4-12 % slower, and a hint for the
+// faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) 0-11 % slower, and a hint for the
 // first lines of each next row only, issued near the end of the current rows, no faster than none
 // (docs/runtime.md "Prefetch by CPU").  So: none on AMD, the rows elsewhere; MMCOMPRESS_KERNEL_PREFETCH=rows
 // or =none overrides the choice (read once, when the library loads).  The hints carry no data: the results are
