@@ -147,8 +147,8 @@ def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dou
 
 
 def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
-    """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | none) changes only the prefetch hints of the float kernels, never
-    a value: the same GEMVs in two fresh processes, one per setting, give identical bytes."""
+    """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | none) changes only the kernels' prefetch hints, never a value: the
+    same float and int8 GEMVs in two fresh processes, one per setting, give identical bytes."""
     import subprocess
     import sys
 
@@ -162,6 +162,12 @@ def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
         "    x = torch.randn(3, 700, generator=g).to(dt)\n"
         "    wt = torch.randn(700, 300, generator=g).to(dt)\n"
         "    out += [cpu.ops().topk_gemv(x[:1], wt, 420, None).float(), cpu.ops().topk_gemv(x, wt, 420, None).float()]\n"
+        "from mmcompress.sparse.kernels import pack_int8_weight\n"
+        "codes = torch.randint(-127, 128, (11008, 700), generator=g, dtype=torch.int8)\n"
+        "wq, zc = pack_int8_weight(codes)\n"
+        "scale = torch.rand(11008, generator=g) + 0.5\n"
+        "for b in (1, 3):\n"
+        "    out.append(cpu.ops().topk_int8_gemv(torch.randn(b, 700, generator=g), wq, scale, zc, 420, None, None, 8))\n"
         "torch.save(out, sys.argv[1])\n")
     res = {}
     for mode in ("rows", "none"):

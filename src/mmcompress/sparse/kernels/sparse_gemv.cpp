@@ -156,15 +156,16 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
 
-// Whether the float block kernels (gemv_group, gemv_group_dot) prefetch the next group's kept rows.  Skipped
-// rows break the hardware prefetchers' streams at every kept row, so the next group's rows can be prefetched
-// at the same column offset while this group is processed (one line per row per step, about one group
-// ahead).  Whether that pays depends on the CPU: on an Intel Xeon (sitting D, one thread) it was 5-15 %
-// faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) 0-11 % slower, and a hint for the
-// first lines of each next row only, issued near the end of the current rows, no faster than none
-// (docs/runtime.md "Prefetch by CPU").  So: none on AMD, the rows elsewhere; MMCOMPRESS_KERNEL_PREFETCH=rows
-// or =none overrides the choice (read once, when the library loads).  The hints carry no data: the results are
-// the same either way.
+// Whether the block kernels (gemv_group, gemv_group_dot, and int8_walk's passes) prefetch the next group's
+// kept rows.  Skipped rows break the hardware prefetchers' streams at every kept row, so the next group's rows
+// can be prefetched at the same column offset while this group is processed (one line per row per step,
+// about one group ahead).  Whether that pays depends on the CPU: on an Intel Xeon (sitting D, one thread) it
+// was 5-15 % faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) the bf16 kernel was
+// 0-11 % slower with it, a hint for the first lines of each next row only, issued near the end of the current
+// rows, no faster than none, and the int8 kernel 12-20 % slower with it on 11008-column rows, the same on
+// 4096 (docs/runtime.md "Prefetch by CPU").  So: none on AMD, the rows elsewhere;
+// MMCOMPRESS_KERNEL_PREFETCH=rows or =none overrides the choice (read once, when the library loads).  The
+// hints carry no data: the results are the same either way.
 //
 // The hint must be T0 (into L1 and L2), not non-temporal: one group ahead is R rows x len columns (64 KB of
 // bf16 at R = 8, len 4096), more than L1 holds, and PREFETCHNTA (__builtin_prefetch(p, 0, 0)) on an Intel Xeon
@@ -675,12 +676,12 @@ void int8_walk(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, con
                int64_t j0, int64_t len, int32_t* __restrict acc) {
   int64_t g = 0;
   for (; g + G <= ngroups; g += G) {
-    const int npf = static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4;
+    const int npf = g_prefetch_rows ? static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4 : 0;
     int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc);
   }
   if constexpr (G > 1) {
     for (; g < ngroups; ++g) {
-      const int npf = g + 1 < ngroups ? 4 : 0;
+      const int npf = g_prefetch_rows && g + 1 < ngroups ? 4 : 0;
       int8_pass<B, 1>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + 1), npf, j0, len, acc);
     }
   }
