@@ -149,6 +149,7 @@ def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dou
 def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
     """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | none) changes only the kernels' prefetch hints, never a value: the
     same float and int8 GEMVs in two fresh processes, one per setting, give identical bytes."""
+    import os
     import subprocess
     import sys
 
@@ -171,7 +172,7 @@ def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
         "torch.save(out, sys.argv[1])\n")
     res = {}
     for mode in ("rows", "none"):
-        env = {**__import__("os").environ, "MMCOMPRESS_KERNEL_PREFETCH": mode}
+        env = {**os.environ, "MMCOMPRESS_KERNEL_PREFETCH": mode}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / mode)], check=True, env=env)
         res[mode] = torch.load(tmp_path / mode)
     for a, b in zip(res["rows"], res["none"]):

@@ -293,10 +293,11 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
         }
         gemv_group_dot<R>(wt, n, rows + r, next(r), xp, j0, len32, acc);
       }
-      for (int64_t q = 0; q < ng && len32 < len; ++q) {
-        const uint16_t* w0 = wt + static_cast<int64_t>(rows[q]) * n + j0;
-        for (int64_t j = len32; j < len; ++j) acc[j] += vals[q] * ldw(w0, j);
-      }
+      if (len32 < len)
+        for (int64_t q = 0; q < ng; ++q) {
+          const uint16_t* w0 = wt + static_cast<int64_t>(rows[q]) * n + j0;
+          for (int64_t j = len32; j < len; ++j) acc[j] += vals[q] * ldw(w0, j);
+        }
     }
   }
 #endif
