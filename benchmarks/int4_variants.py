@@ -7,7 +7,8 @@ several versions side by side, one GEMV at batch 1 (docs/runtime.md "The int4 ke
 ``cur`` is the working tree's ``int_gemm.cpp``; each ``--source LABEL=FILE`` adds another version (e.g.
 ``git show main:src/mmcompress/quant/kernels/int_gemm.cpp > /tmp/old.cpp``), each built under its own op
 namespace.  Per shape the W4A8 scheme (int4 per channel, symmetric) and the W4A16 scheme (int4, groups of
-128, asymmetric) of one random weight are packed once, copied until the copies exceed ``--cache-mb`` (every
+128, asymmetric; ``w4a16_tiled``: its codes tiled as deployed, ``kernels.tile_int4``, timed on the versions
+that read tiled codes) of one random weight are packed once, copied until the copies exceed ``--cache-mb`` (every
 call streams its codes from DRAM), and every version is timed on the same calls, interleaved (the order
 reversed every other repeat).  Each version's output is checked against the working tree's first.
 
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from mmcompress.quant.kernels import cpu as qcpu
+from mmcompress.quant.kernels import cpu as qcpu, tile_int4
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
 from kernel_variants import build_renamed, build_sources, clock_of, common_args, finish, warm_time_report
 
@@ -39,7 +40,7 @@ def packed(W: torch.Tensor, group: int, sym: bool):
 @torch.no_grad()
 def main() -> None:
     ap = common_args(__doc__, "4096x11008,11008x4096", "time only the --source files")
-    ap.add_argument("--kernels", default="w4a8,w4a16")
+    ap.add_argument("--kernels", default="w4a8,w4a16,w4a16_tiled")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     clock = clock_of(a)
@@ -68,16 +69,23 @@ def main() -> None:
                 w, s, z = packed(W, 0, True)
                 copies = [w] + [w.clone() for _ in range(ncopy - 1)]
                 mk = lambda o, copies=copies, s=s, z=z: lambda i: o.int8_act_gemm(xq, sx, copies[i], s, z, 4, 0, True)
-            elif kern == "w4a16":
+            elif kern in ("w4a16", "w4a16_tiled"):
                 w, s, z = packed(W, 128, False)
+                w = tile_int4(w) if kern == "w4a16_tiled" else w
                 copies = [w] + [w.clone() for _ in range(ncopy - 1)]
                 mk = lambda o, copies=copies, s=s, z=z: lambda i: o.bf16_act_gemm(xb, copies[i], s, z, 4, 128, False)
             else:
-                raise SystemExit(f"unknown kernel {kern!r}: w4a8 or w4a16")
+                raise SystemExit(f"unknown kernel {kern!r}: w8a8, w4a8, w4a16 or w4a16_tiled")
             ref = None
             for label, o in ops.items():
                 f = mk(o)
-                y = f(0)
+                try:
+                    y = f(0)
+                except RuntimeError as e:  # an older version that reads row-major codes only
+                    if kern != "w4a16_tiled":
+                        raise
+                    print(f"note: {label} does not take tiled codes ({str(e).splitlines()[0]})")
+                    continue
                 if ref is None:
                     ref = y
                 elif not torch.equal(y, ref):

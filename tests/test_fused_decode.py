@@ -70,6 +70,33 @@ def test_bf16_int4_weight_only_uses_the_bf16_kernel(tmp_path, tokenizer):
         assert _lin_args(mod, torch.bfloat16, None)[1][0] == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_int4_codes_give_the_row_major_logits(tmp_path, tokenizer, monkeypatch, dtype):
+    """W4A16 codes tiled in memory (the default on the CPU kernel) and row-major: the fused step's logits
+    are identical (fp32: kind 2, bf16: kind 3), and the tiled model saves the artifact's bytes."""
+    model, tok = tiny_model("llama", tokenizer=tokenizer, dtype=dtype, hidden=128, intermediate=256)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w4a16", progress=False)
+    art = mmcompress.save(model, tmp_path / "art")
+    logits = {}
+    for layout in ("rows", "tiles"):
+        monkeypatch.setenv("MMCOMPRESS_INT4_LAYOUT", layout)
+        m = mmcompress.load(art)
+        dims = {mod.weight_codes.dim() for mod in m.modules() if hasattr(mod, "weight_codes")}
+        assert dims == ({2} if layout == "rows" else {4})
+        fu = DecodeEngine(m, max_len=24)
+        assert fu.fused
+        ids = torch.randint(0, len(tok) - 10, (1, 7), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            fu._reset()
+            fu._forward(ids, 0)
+            logits[layout] = torch.cat([fu._step(torch.tensor([[5 + i]]), 7 + i) for i in range(8)])
+        if layout == "tiles":
+            saved = mmcompress.save(m, tmp_path / "again")
+            for f in ("model.safetensors",):
+                assert (saved / f).read_bytes() == (art / f).read_bytes()
+    assert torch.equal(logits["tiles"], logits["rows"])
+
+
 def test_unsupported_layers_fall_back_with_a_notice_only_when_asked(tmp_path, tokenizer, capsys):
     model, tok = tiny_model("llama", tokenizer=tokenizer)
     model.model.layers[1].mlp.down_proj = torch.nn.Sequential(model.model.layers[1].mlp.down_proj)

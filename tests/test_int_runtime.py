@@ -328,3 +328,84 @@ def test_bf16_activation_int4_kernel_one_token_row_walk(group, sym):
     exact = x.double() @ w.double().t()
     assert _rel_max(y1, exact) <= TOL
     assert _rel_max(y1, y3) <= TOL
+
+
+# -- tiled int4 codes (weight-only, CPU kernel): the same bytes in the kernel's streaming order ----------
+
+def _int_linear(q, layout, monkeypatch):
+    monkeypatch.setenv("MMCOMPRESS_INT4_LAYOUT", layout)
+    return IntLinear(copy.deepcopy(q))
+
+
+@pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, 128, False), QuantScheme(4, 16, 0, True),
+                                    QuantScheme(4, 16, 64, False), QuantScheme(3, 16, 128, True)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_codes_give_the_row_major_results_bit_for_bit(scheme, dtype, monkeypatch):
+    """Tiling reorders the bytes, not the arithmetic: every output identical to the row-major codes' at
+    one token (8-row tiles), a few (4-row tiles) and prefill (the torch path un-tiles a temporary)."""
+    q = _packed(48, 384, scheme).to(dtype)
+    rows, tiles = _int_linear(q, "rows", monkeypatch), _int_linear(q, "tiles", monkeypatch)
+    assert rows.weight_codes.shape == (48, 192)
+    assert tiles.weight_codes.shape == (6, 3, 8, 64)
+    assert torch.equal(kernels.untile_int4(tiles.weight_codes), rows.weight_codes)
+    for tokens in (1, 3, 16, 40):
+        x = (torch.randn(tokens, 384) * 3).to(dtype)
+        y_rows, y_tiles = rows(x), tiles(x)
+        assert torch.equal(y_tiles, y_rows), tokens
+        assert _rel_max(y_tiles, q(x)) <= (TOL if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
+def test_tiled_codes_are_read_in_tile_order(monkeypatch):
+    """A changed byte of tiled codes changes the output of the row it belongs to, and only that row."""
+    q = _packed(16, 256, QuantScheme(4, 16, 128, False), bias=False)
+    d = _int_linear(q, "tiles", monkeypatch)
+    x = torch.randn(1, 256)
+    y0 = d(x)
+    d.weight_codes[1, 1, 5, 7] ^= 0x11  # tile 1 (rows 8..15), block 1 (codes 128..255), row 8 + 5
+    diff = (d(x) - y0).abs()[0]
+    assert diff[13] > 0 and torch.count_nonzero(diff) == 1
+
+
+@pytest.mark.parametrize("out_f,in_f,scheme", [(60, 256, QuantScheme(4, 16, 128, False)),  # N % 8 != 0
+                                               (48, 192, QuantScheme(4, 16, 64, False)),   # K % 128 != 0
+                                               (48, 256, QuantScheme(4, 8, 128, False)),   # int8 activations
+                                               (48, 256, QuantScheme(8, 16, 128, False))])  # int8 codes
+def test_codes_stay_row_major_where_tiles_do_not_apply(out_f, in_f, scheme, monkeypatch):
+    d = _int_linear(_packed(out_f, in_f, scheme), "tiles", monkeypatch)
+    assert d.weight_codes.dim() == 2
+
+
+def test_int4_layout_setting_is_checked(monkeypatch):
+    q = _packed(48, 256, QuantScheme(4, 16, 128, False))
+    assert _int_linear(q, "rows", monkeypatch).weight_codes.dim() == 2
+    with pytest.raises(ValueError, match="MMCOMPRESS_INT4_LAYOUT must be 'tiles' or 'rows', got 'tiled'"):
+        _int_linear(q, "tiled", monkeypatch)
+
+
+@pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
+def test_tiled_codes_save_row_major_and_load_back(monkeypatch):
+    q = _packed(48, 384, QuantScheme(4, 16, 128, False))
+    d = _int_linear(q, "tiles", monkeypatch)
+    sd = d.state_dict()
+    assert torch.equal(sd["weight_codes"], q.weight_codes)  # the artifact's layout
+    assert d.weight_codes.dim() == 4  # the module keeps its tiles
+    fresh = _int_linear(_packed(48, 384, QuantScheme(4, 16, 128, False), seed=1), "tiles", monkeypatch)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.weight_codes, d.weight_codes)
+    x = torch.randn(2, 384)
+    assert torch.equal(fresh(x), d(x))
+
+
+@pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
+def test_tiled_codes_only_where_a_kernel_reads_them(monkeypatch):
+    q = _packed(48, 256, QuantScheme(4, 16, 128, False))
+    t = kernels.tile_int4(q.weight_codes)
+    xq = torch.zeros(1, 256, dtype=torch.int8)
+    s, z = q.weight_scale.float().contiguous(), q.weight_zero.float().contiguous()
+    with pytest.raises(RuntimeError, match="row-major codes only"):
+        torch.ops.mmcompress_int.int8_act_gemm(xq, torch.ones(1), t, s, z, 4, 128, False)
+    with pytest.raises(RuntimeError, match=r"tiled int4 codes: \[N/8, K/128, 8, 64\]"):
+        torch.ops.mmcompress_int.float_act_gemm(torch.zeros(1, 256), t.reshape(6, 1, 16, 64), s, z, 4, 128, False)

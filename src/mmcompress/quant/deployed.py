@@ -6,7 +6,9 @@ integer codes (int8, or int4 two per byte), step sizes, zero points, bias, smoot
 accumulation, scales applied afterwards.  It never materialises a float copy of its weight (the
 weight-only prefill path builds one per call and drops it).  The buffers keep the packed
 ``QuantLinear``'s names and :meth:`spec` returns its spec, so a deployed model saves to the same
-artifact.
+artifact.  Int4 weight-only codes on the CPU kernel are held tiled in memory
+(:func:`~mmcompress.quant.kernels.tile_int4`: the same bytes in the order the kernel streams them) and
+saved row-major.
 
 :class:`IntMASLinear` is MASQuant's E17 on that path: every token goes through the one shared integer
 weight with its own modality's smoothing row; image/audio tokens add ``(x/s_m) L_m R_m`` in floating
@@ -43,7 +45,10 @@ class IntLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.scheme = q.in_features, q.out_features, q.scheme
         self._spec = q.spec()
-        self.register_buffer("weight_codes", q.weight_codes)
+        codes = q.weight_codes
+        if kernels.tiled_codes(q.scheme, q.in_features, q.out_features, codes.device):
+            codes = kernels.tile_int4(codes)
+        self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", q.weight_scale)
         self.register_buffer("weight_zero", q.weight_zero)
         self.bias = q.bias
@@ -52,6 +57,21 @@ class IntLinear(nn.Module):
 
     def spec(self) -> dict:
         return dict(self._spec)
+
+    # the artifact holds row-major codes: tiled ones are un-tiled on save and tiled again on load
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight_codes"
+        if key in destination and destination[key].dim() == 4:
+            destination[key] = kernels.untile_int4(destination[key])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_codes"
+        v = state_dict.get(key)
+        if self.weight_codes is not None and self.weight_codes.dim() == 4 and v is not None and v.dim() == 2:
+            state_dict[key] = kernels.tile_int4(v) if v.shape[0] % kernels.TILE_ROWS == 0 and \
+                v.shape[1] % 64 == 0 else v  # a wrong shape is left for the shape check's error
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def correction(self, xs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
         return None

@@ -70,6 +70,7 @@ struct Lin {
   int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0, keep = 0;
   int64_t cols = 64;  // output features per work unit (kinds 4, 5: columns of WT; see fused_set_unit_cols)
   bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 or kind-4 weight stored as bf16
+  bool tiled = false;   // kinds 2, 3: int4 codes tiled [N/8, K/128, 8, 64] (int_gemm.cpp)
   bool thresh = false;  // kind 4: keep |x| >= thr (TEAL) instead of the Top-K of keep channels
   float thr = 0.f;
   at::Tensor w, scale, zero;   // w: dense weight [N, K], packed codes, or (kinds 4, 5) WT [K, N]
@@ -509,8 +510,8 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     for (int64_t r = 0; r < rows; ++r) out[r] = rnd(P, l.bias.empty() ? y[r] : y[r] + l.bias[n0 + r]);
     return;
   }
-  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr()) + n0 * l.w.size(1);
-  const int64_t ws = l.w.size(1);
+  const int64_t ws = l.bits == 4 ? K / 2 : K;  // bytes per row of codes (tiled: a tile is 8 ws bytes)
+  const uint8_t* w = static_cast<const uint8_t*>(l.w.data_ptr()) + n0 * ws;  // tiled: n0 % 8 == 0 (units of 64)
   const float* sc = l.scale.data_ptr<float>() + n0 * G;
   const float* ze = l.zero.data_ptr<float>() + n0 * G;
   auto tiles = [&](auto&& tile4, auto&& tile1) {
@@ -531,14 +532,21 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     if (l.bits == 8)
       tiles([&](int64_t r) { float_tile<8, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { float_tile<8, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
+    else if (l.tiled)  // N % 8 == 0: whole tiles
+      for (int64_t r = 0; r < rows; r += 8)
+        float_tile<4, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
     else
       tiles([&](int64_t r) { float_tile<4, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { float_tile<4, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
   } else {
 #ifdef __AVX512BF16__
-    paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {  // as bf16_act_gemm at one token
-      bf16_tile<RR, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
-    });
+    if (l.tiled)  // as bf16_act_gemm at one token
+      for (int64_t r = 0; r < rows; r += 8)
+        bf16_tile<8, 1, true>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, 1);
+    else
+      paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {
+        bf16_tile<RR, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
+      });
 #endif
   }
   for (int64_t r = 0; r < rows; ++r)
@@ -741,8 +749,15 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   } else if (l.kind != 0) {
     TORCH_CHECK(l.bits == 8 || l.bits == 4, "fused_plan: 4- or 8-bit codes");
     TORCH_CHECK(l.K % 64 == 0, "fused_plan: K must be a multiple of 64");
-    TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
-                "fused_plan: weight codes shape");
+    l.tiled = l.w.dim() == 4;  // int_gemm.cpp's tiled int4 codes [N/8, K/128, 8, 64]
+    if (l.tiled) {
+      TORCH_CHECK((l.kind == 2 || l.kind == 3) && l.bits == 4 && l.N % 8 == 0 && l.K % 128 == 0 &&
+                      l.w.size(0) * 8 == l.N && l.w.size(1) * 128 == l.K && l.w.size(2) == 8 && l.w.size(3) == 64,
+                  "fused_plan: tiled int4 codes [N/8, K/128, 8, 64] (weight-only kinds)");
+    } else {
+      TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
+                  "fused_plan: weight codes shape");
+    }
     l.gs = l.group > 0 ? l.group : l.K;
     TORCH_CHECK(l.gs % 64 == 0, "fused_plan: group size must be a multiple of 64");
     l.G = (l.K + l.gs - 1) / l.gs;

@@ -25,6 +25,12 @@
 // tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4;
 // int4 rows every other row (paired_rows), in tiles of 8 rows at one token.
 //
+// Tiled int4 codes (float_act_gemm, bf16_act_gemm: the weight-only kernels).  The codes may also come as
+// a 4-D tensor [N/8, K/128, 8, 64]: the 64 bytes of 128-code block kb of rows 8t..8t+7 side by side, so a
+// tile of 8 rows reads one contiguous stream (rows of K = 4096 are 2 KB: eight row streams restart every
+// 32 lines and the weight-only kernels, compute-heavy per byte, do not hide those restarts; docs/runtime.md
+// "Tiled int4 codes").  Same arithmetic, bit-identical results; needs K % 128 == 0 and N % 8 == 0.
+//
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
 
 #include <ATen/Parallel.h>
@@ -65,13 +71,26 @@ inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight
   }
 }
 
+// Int4 codes, row-major [N, K/2] or tiled (above): the first byte of row n (row-major) or of row n's lines
+// (tiled), and the offset from it of the byte holding code k (k a multiple of 64).
+template <bool TILED>
+inline const uint8_t* w4_row(const uint8_t* w, int64_t wstride, int64_t n) {
+  return TILED ? w + (n / 8) * 8 * wstride + (n % 8) * 64 : w + n * wstride;
+}
+template <bool TILED>
+inline int64_t w4_off(int64_t k) {
+  return TILED ? (k / 128) * 512 + (k % 128) / 2 : k / 2;
+}
+
+// 16 unsigned codes of sub-block q of the 64 codes at `blk` (int8: the codes' bytes; int4: the block's 32
+// bytes), as float
 template <int BITS>
-inline __m512 load16_w_f32(const uint8_t* row, int64_t k, int q) {  // 16 unsigned codes of sub-block q, as float
+inline __m512 load16_w_f32(const uint8_t* blk, int q) {
   __m128i b;
   if constexpr (BITS == 8) {
-    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16 * q)), _mm_set1_epi8((char)0x80));
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * q)), _mm_set1_epi8((char)0x80));
   } else {  // q = 0, 1: low nibbles of bytes 0..15, 16..31 (even k); q = 2, 3: high nibbles (odd k)
-    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2 + 16 * (q & 1))),
+    b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * (q & 1))),
                       _mm_set1_epi8((char)0x88));
     if (q >= 2) b = _mm_srli_epi16(b, 4);
     b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
@@ -137,12 +156,22 @@ void paired_rows(int64_t n0, int64_t end, const F& tile) {
 }
 
 // PAIRS (int4 weights): one token through paired_rows; more tokens in blocks of 2 R rows walked as two
-// R-row tiles of every other row, like paired_rows' second stage
+// R-row tiles of every other row, like paired_rows' second stage.  `tiled` (tiled int4 codes, N % 8 == 0):
+// one token in tiles of 2 R = 8 rows (one stream each), more tokens in tiles of R rows.
 template <int BITS, bool PAIRS = false, typename F>
-void run_tiles(int64_t B, int64_t N, const F& tile) {
+void run_tiles(int64_t B, int64_t N, const F& tile, bool tiled = false) {
   share_work((N + UNIT_ROWS - 1) / UNIT_ROWS, [&](int64_t u) {
     const int64_t end = std::min(N, (u + 1) * UNIT_ROWS);
     int64_t n0 = u * UNIT_ROWS;
+    if constexpr (BITS == 4) {
+      if (tiled) {
+        if (B == 1)
+          for (; n0 < end; n0 += 2 * R) tile.template operator()<BITS, 2 * R, 1>(n0, 0, 1);
+        else
+          for (; n0 < end; n0 += R) token_tiles<BITS, R>(B, n0, tile);
+        return;
+      }
+    }
     if constexpr (PAIRS) {
       if (B == 1) {
         paired_rows(n0, end, [&]<int RR>(int64_t n, int64_t rs) { tile.template operator()<BITS, RR, 1>(n, 0, rs); });
@@ -165,21 +194,28 @@ void run_tiles(int64_t B, int64_t N, const F& tile) {
 
 struct Dims {
   int64_t B, K, N, G, gs;
+  bool tiled;  // int4 codes tiled [N/8, K/128, 8, 64]
 };
 
 Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                 int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "activations: contiguous [B, K]");
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 4 or 8");
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
+  const bool tiled = w.dim() == 4;
+  const int64_t B = x.size(0), K = x.size(1), N = tiled ? 8 * w.size(0) : w.size(0);
   TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
   const int64_t gs = group > 0 ? group : K;
   TORCH_CHECK(gs % 64 == 0, "group size must be a multiple of 64");
   const int64_t G = (K + gs - 1) / gs;  // a shorter last group when gs does not divide K (still a multiple of 64)
-  TORCH_CHECK(w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
+  if (tiled) {
+    TORCH_CHECK(bits == 4 && K % 128 == 0 && w.is_contiguous() && w.size(1) * 128 == K && w.size(2) == 8 &&
+                    w.size(3) == 64, "tiled int4 codes: [N/8, K/128, 8, 64] with K % 128 == 0");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
+  }
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
   TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
-  return {B, K, N, G, gs};
+  return {B, K, N, G, gs, tiled};
 }
 
 // The float epilogue the grouped tiles share.  In the group loop only one vector op per output:
@@ -329,7 +365,8 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
                          const at::Tensor& zero, int64_t bits, int64_t group, bool sym) {
   TORCH_CHECK(xq.scalar_type() == at::kChar, "xq: int8");
   TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == xq.size(0), "sx: float [B]");
-  const auto [B, K, N, G, gs] = check_args(xq, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, tiled] = check_args(xq, w, scale, zero, bits, group);
+  TORCH_CHECK(!tiled, "int8_act_gemm: row-major codes only");
   Prep p;
   p.xp.resize(B * K);
   if (bits == 4) permute_int8_w4(xq.data_ptr<int8_t>(), p.xp.data(), B, K, gs);
@@ -357,15 +394,16 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
 
 // ---- float activations (weight-only) -------------------------------------------------------------
 
-template <int BITS, int RR, int T>
+template <int BITS, int RR, int T, bool TILED = false>
 void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
                 const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
                 int64_t N) {
   // per group: lanes accumulate sum x * u (u = unsigned code, exact in float); at the group end
   // y += scale * lanes, and the scalar scale * zc * sum x is removed at the end.
+  static_assert(BITS == 4 || !TILED, "tiled codes are int4");
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r) * wstride;
+  for (int r = 0; r < RR; ++r) rows[r] = BITS == 8 ? w + (n0 + r) * wstride : w4_row<TILED>(w, wstride, n0 + r);
   GroupSums<RR, T> sums;
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[RR][T];
@@ -377,7 +415,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
         __m512 xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(xp + (b0 + t) * K + k + 16 * q);
         for (int r = 0; r < RR; ++r) {
-          __m512 wf = load16_w_f32<BITS>(rows[r], k, q);
+          __m512 wf = load16_w_f32<BITS>(rows[r] + (BITS == 8 ? k : w4_off<TILED>(k)), q);
           for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xv[t], acc[r][t]);
         }
       }
@@ -393,7 +431,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
 at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                           int64_t bits, int64_t group, bool sym) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x: float32");
-  const auto [B, K, N, G, gs] = check_args(x, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, tiled] = check_args(x, w, scale, zero, bits, group);
   std::vector<float> xp(B * K);
   permute_rows(x.data_ptr<float>(), xp.data(), B, K, bits == 4);
   std::vector<float> xsum(B * G, 0.f);
@@ -405,14 +443,17 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
     }
   at::Tensor y = at::empty({B, N}, x.options());
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = w.size(1);
+  const int64_t ws = bits == 8 ? K : K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t) {  // rs = 1 (no PAIRS)
+    if constexpr (BITS == 4) {
+      if (tiled) return float_tile<4, RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+    }
     float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
   };
   if (bits == 8) run_tiles<8>(B, N, tile);
-  else run_tiles<4>(B, N, tile);
+  else run_tiles<4>(B, N, tile, tiled);
   return y;
 }
 
@@ -429,41 +470,39 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
 #ifdef __AVX512BF16__
 constexpr bool kHaveBf16 = true;
 
-template <int RR, int T>
+template <int RR, int T, bool TILED = false>
 void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t wstride, const float* scale,
                const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
                int64_t N, int64_t rs = 1) {
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
+  for (int r = 0; r < RR; ++r) rows[r] = w4_row<TILED>(w, wstride, n0 + r * rs);  // rs = 1 when TILED
   GroupSums<RR, T> sums;
   // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
   // 128 + u (| 0x4300) in one ternary-logic op
   const __m512i nib = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4308);
-  constexpr int A = T == 1 ? 2 : 1;  // independent accumulators per output (short dependency chains)
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[RR][T][A];
+    __m512 acc[RR][T];  // one accumulator per output: a second one (shorter chains) cost register spills
     for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < T; ++t)
-        for (int a = 0; a < A; ++a) acc[r][t][a] = _mm512_setzero_ps();
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); k += 128) {
       __m512bh xv[4][T];
       for (int i = 0; i < 4; ++i)
         for (int t = 0; t < T; ++t)
           xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (b0 + t) * K + k + 32 * i);
       for (int r = 0; r < RR; ++r) {
-        const __m512i wv = _mm512_loadu_si512(rows[r] + k / 2);
+        __m512i wv = _mm512_loadu_si512(rows[r] + w4_off<TILED>(k));
+        __asm__("" : "+v"(wv));  // one load per row: GCC otherwise re-reads the line for each shift (and spills)
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
           const __m512i sh = i == 0 ? wv : _mm512_srli_epi16(wv, 4 * i);
           const __m512bh wb = (__m512bh)_mm512_ternarylogic_epi32(sh, nib, magic, 0x6A);  // (a & b) ^ c
-          for (int t = 0; t < T; ++t) acc[r][t][i % A] = _mm512_dpbf16_ps(acc[r][t][i % A], wb, xv[i][t]);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wb, xv[i][t]);
         }
       }
     }
     for (int r = 0; r < RR; ++r) {
       const float sc = scale[(n0 + r * rs) * G + g];
-      for (int t = 0; t < T; ++t)
-        sums.add(r, t, A == 1 ? acc[r][t][0] : _mm512_add_ps(acc[r][t][0], acc[r][t][A - 1]), sc);
+      for (int t = 0; t < T; ++t) sums.add(r, t, acc[r][t], sc);
     }
   }
   sums.store(y, N, n0, b0, scale, zero, sym, 128.0, 8.0, xsum, G, nullptr, rs);
@@ -477,7 +516,7 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(kHaveBf16, "bf16_act_gemm: built without AVX512_BF16");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: bfloat16");
   TORCH_CHECK(bits == 4, "bf16_act_gemm: int4 weights only");
-  const auto [B, K, N, G, gs] = check_args(x, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, tiled] = check_args(x, w, scale, zero, bits, group);
   TORCH_CHECK(K % 128 == 0 && gs % 128 == 0, "bf16_act_gemm: K and group must be multiples of 128");
   at::Tensor y = at::empty({B, N}, x.options().dtype(at::kFloat));
 #ifdef __AVX512BF16__
@@ -500,13 +539,14 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
     }
   }
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = w.size(1);
+  const int64_t ws = K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
-    bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
+    if (tiled) bf16_tile<RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, 1);
+    else bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
-  run_tiles<4, true>(B, N, tile);
+  run_tiles<4, true>(B, N, tile, tiled);
 #endif
   return y;
 }
