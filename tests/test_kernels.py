@@ -179,6 +179,21 @@ def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_an_unknown_prefetch_setting_gets_one_line(monkeypatch):
+    """A value other than rows / none is ignored by the kernels; the loader says so (the check it runs)."""
+    from mmcompress.sparse.kernels import cpu
+
+    for ok in (None, "rows", "none"):
+        if ok is None:
+            monkeypatch.delenv("MMCOMPRESS_KERNEL_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("MMCOMPRESS_KERNEL_PREFETCH", ok)
+        assert cpu.prefetch_setting_notice() is None
+    monkeypatch.setenv("MMCOMPRESS_KERNEL_PREFETCH", "Rows")
+    notice = cpu.prefetch_setting_notice()
+    assert notice.startswith("mmcompress: MMCOMPRESS_KERNEL_PREFETCH='Rows' ignored") and "\n" not in notice
+
+
 def test_leading_dims_batch8_and_prefill_fallback(cpu_kernel):
     g = torch.Generator().manual_seed(3)
     wt = torch.randn(256, 96, generator=g)

@@ -121,9 +121,25 @@ def warn_once(state: dict, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+PREFETCH_SETTINGS = ("rows", "none")  # MMCOMPRESS_KERNEL_PREFETCH: sparse_gemv.cpp's default_prefetch_rows
+
+
+def prefetch_setting_notice() -> str | None:
+    """One line when ``MMCOMPRESS_KERNEL_PREFETCH`` is set to something the kernel ignores, else ``None``."""
+    v = os.environ.get("MMCOMPRESS_KERNEL_PREFETCH")
+    if v is None or v in PREFETCH_SETTINGS:
+        return None
+    return (f"mmcompress: MMCOMPRESS_KERNEL_PREFETCH={v!r} ignored (expected 'rows' or 'none'); "
+            "the sparse kernels use this CPU's default")
+
+
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the extension; ``True`` if ``torch.ops.mmcompress_sparse`` is usable."""
-    return load_extension(_STATE, build_name, _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv, verbose)
+    first = not (_STATE["loaded"] or _STATE["error"] is not None)
+    ok = load_extension(_STATE, build_name, _SRC, lambda: torch.ops.mmcompress_sparse.topk_gemv, verbose)
+    if first and ok and (notice := prefetch_setting_notice()):
+        print(notice, file=sys.stderr)
+    return ok
 
 
 def available() -> bool:
