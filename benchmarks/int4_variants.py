@@ -7,7 +7,7 @@ several versions side by side, one GEMV at batch 1 (docs/runtime.md "The int4 ke
 ``cur`` is the working tree's ``int_gemm.cpp``; each ``--source LABEL=FILE`` adds another version (e.g.
 ``git show main:src/mmcompress/quant/kernels/int_gemm.cpp > /tmp/old.cpp``), each built under its own op
 namespace.  Per shape the W4A8 scheme (int4 per channel, symmetric) and the W4A16 scheme (int4, groups of
-128, asymmetric; ``w4a16_tiled``: its codes tiled as deployed, ``kernels.tile_int4``, timed on the versions
+128, asymmetric; ``w4a16_tiled``: its codes tiled as deployed, ``kernels.tile_codes``, timed on the versions
 that read tiled codes) of one random weight are packed once, copied until the copies exceed ``--cache-mb`` (every
 call streams its codes from DRAM), and every version is timed on the same calls, interleaved (the order
 reversed every other repeat).  Each version's output is checked against the working tree's first.
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from mmcompress.quant.kernels import cpu as qcpu, tile_int4
+from mmcompress.quant.kernels import cpu as qcpu, tile_codes
 from mmcompress.quant.quantizer import pack_int4, quantize_weight
 from kernel_variants import build_renamed, build_sources, clock_of, common_args, finish, warm_time_report
 
@@ -71,7 +71,7 @@ def main() -> None:
                 mk = lambda o, copies=copies, s=s, z=z: lambda i: o.int8_act_gemm(xq, sx, copies[i], s, z, 4, 0, True)
             elif kern in ("w4a16", "w4a16_tiled"):
                 w, s, z = packed(W, 128, False)
-                w = tile_int4(w) if kern == "w4a16_tiled" else w
+                w = tile_codes(w) if kern == "w4a16_tiled" else w
                 copies = [w] + [w.clone() for _ in range(ncopy - 1)]
                 mk = lambda o, copies=copies, s=s, z=z: lambda i: o.bf16_act_gemm(xb, copies[i], s, z, 4, 128, False)
             else:

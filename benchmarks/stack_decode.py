@@ -510,7 +510,7 @@ def _teal_rows_read(engine, steps_ids, pos: int) -> float:
 def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS, scheme: str | None = None,
                            sparsity: float | None = None, tokens: int = 16, prompt: int = 16, rounds: int = 3,
                            seed: int = 0, vocab: int = FUSED_VOCAB, fp32: bool = False, adapter_bits: int = 16,
-                           teal: bool = False, int4_rows: bool = False, log=None) -> dict:
+                           teal: bool = False, rows_layout: bool = False, log=None) -> dict:
     """Every variant — the dense baselines included — as a ``LlamaForCausalLM`` of the same ``layers``
     decoder layers and a ``vocab``-token embedding/head (:func:`_causal_lm`), decoded by the product's
     ``DecodeEngine(model, fused=True)``: one C++ call per token (``runtime/fused.py``).  A variant the
@@ -523,8 +523,8 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
     for the adapters' cost), plus with ``scheme`` the joint stack (``SparseInt8Linear``, reported as
     ``tok_s``).  ``teal`` (with ``sparsity``): also TEAL at that level (``teal``: threshold ``SparseLinear``,
     :func:`_teal_thresholds`; reported as ``teal_tok_s`` / ``teal_speedup``, not ``tok_s``).  All engines step
-    the same tokens in lockstep (own KV caches, order rotating).  ``int4_rows`` (int4 weight-only ``scheme``):
-    also the same scheme with its codes row-major (``MMCOMPRESS_INT4_LAYOUT=rows``; the deployed default tiles
+    the same tokens in lockstep (own KV caches, order rotating).  ``rows_layout`` (``scheme`` without ``sparsity``):
+    also the same scheme with its codes row-major (``MMCOMPRESS_CODE_LAYOUT=rows``; the deployed default tiles
     them), reported as ``rows_layout_tok_s`` and ``tiled_over_rows``."""
     from mmcompress.runtime.decode import DecodeEngine
     from mmcompress.runtime.fused import fused_problem
@@ -533,9 +533,8 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
         raise ValueError("--step fused needs --scheme and/or --sparsity")
     if teal and sparsity is None:
         raise ValueError("--teal needs --sparsity")
-    if int4_rows and (sparsity is not None or not resolve_scheme(scheme).weight_only or
-                      resolve_scheme(scheme).wbits > 4):
-        raise ValueError("--int4-rows is for an int4 weight-only --scheme (w4a16) without --sparsity")
+    if rows_layout and (sparsity is not None or scheme is None):
+        raise ValueError("--rows-layout is for --scheme without --sparsity")
     bf16 = torch.bfloat16
     cfg = _llama_config(name, layers, bf16)
     d = cfg.hidden_size
@@ -566,17 +565,17 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
                                                vocab, seed)
         models[sch.name] = _causal_lm(name, stack(bf16, lambda l: _quantize_layer(l, sch)), bf16, vocab, seed)
         comp = sch.name
-        if int4_rows:  # the same scheme, codes kept row-major at deployment
-            prev = os.environ.get("MMCOMPRESS_INT4_LAYOUT")
-            os.environ["MMCOMPRESS_INT4_LAYOUT"] = "rows"
+        if rows_layout:  # the same scheme, codes kept row-major at deployment
+            prev = os.environ.get("MMCOMPRESS_CODE_LAYOUT")
+            os.environ["MMCOMPRESS_CODE_LAYOUT"] = "rows"
             try:
                 models[f"{sch.name}_rows"] = _causal_lm(name, stack(bf16, lambda l: _quantize_layer(l, sch)), bf16,
                                                         vocab, seed)
             finally:
                 if prev is None:
-                    os.environ.pop("MMCOMPRESS_INT4_LAYOUT")
+                    os.environ.pop("MMCOMPRESS_CODE_LAYOUT")
                 else:
-                    os.environ["MMCOMPRESS_INT4_LAYOUT"] = prev
+                    os.environ["MMCOMPRESS_CODE_LAYOUT"] = prev
     else:  # LaRoSA: one model, three settings (the kernel at 0 % without adapters is the third dense path)
         lar = _causal_lm(name, [_adapted(dense_kernel_layer(_random_layer(cfg, i, bf16, gen), sparsity, be),
                                          adapter(), be) for i in range(layers)], bf16, vocab, seed)
@@ -681,7 +680,7 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
                     "speedup_without_adapters": round(med[base] / med["sparse_no_adapter"], 3),
                     "adapter_ms_per_token": round(adapter_ms, 2),
                     "adapter_share": round(adapter_ms / (1e3 * med["sparse"]), 4)})
-    if int4_rows:
+    if rows_layout:
         rn = f"{sch.name}_rows"
         res.update({"rows_layout_tok_s": round(1 / med[rn], 3), "tiled_over_rows": round(med[rn] / med[comp], 3),
                     "rows_layout_speedup": round(med[base] / med[rn], 3)})
@@ -737,9 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teal", action="store_true",
                    help="--step fused with --sparsity: also TEAL at that level (threshold SparseLinear, thresholds "
                         "calibrated on a dense forward of random ids; no adapters)")
-    p.add_argument("--int4-rows", action="store_true",
-                   help="--step fused with an int4 weight-only --scheme: also the scheme with its codes row-major "
-                        "(MMCOMPRESS_INT4_LAYOUT=rows) in the same run, against the deployed tiled codes")
+    p.add_argument("--rows-layout", action="store_true",
+                   help="--step fused with --scheme: also the scheme with its codes row-major "
+                        "(MMCOMPRESS_CODE_LAYOUT=rows) in the same run, against the deployed tiled codes")
     p.add_argument("--fp32", action="store_true",
                    help="--step fused: also the fp32 dense model among the dense baselines (off by default: "
                         "slower than bf16 on the fused step, docs/runtime.md, and 2x the memory)")
@@ -763,11 +762,11 @@ def _bench(args) -> dict:
         return fused_decode_benchmark(spec[0], spec[1], args.scheme, sparsity, tokens=args.tokens,
                                       prompt=args.prompt, rounds=args.rounds, fp32=args.fp32, log=sys.stderr,
                                       adapter_bits=8 if args.joint_adapters == "w8a16" else 16, teal=args.teal,
-                                      int4_rows=args.int4_rows)
+                                      rows_layout=args.rows_layout)
     if args.teal:
         raise ValueError("--teal is for --step fused")
-    if args.int4_rows:
-        raise ValueError("--int4-rows is for --step fused")
+    if args.rows_layout:
+        raise ValueError("--rows-layout is for --step fused")
     if args.fp32:
         raise ValueError("--fp32 is for --step fused (the Python step's integer mode always has torch fp32)")
     if args.scheme and args.sparsity is None:  # the dense integer path

@@ -71,15 +71,16 @@ def test_bf16_int4_weight_only_uses_the_bf16_kernel(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_int4_codes_give_the_row_major_logits(tmp_path, tokenizer, monkeypatch, dtype):
-    """W4A16 codes tiled in memory (the default on the CPU kernel) and row-major: the fused step's logits
-    are identical (fp32: kind 2, bf16: kind 3), and the tiled model saves the artifact's bytes."""
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "w4a8"])
+def test_tiled_codes_give_the_row_major_logits(tmp_path, tokenizer, monkeypatch, scheme, dtype):
+    """Codes tiled in memory (the default on the CPU kernel) and row-major: the fused step's logits are
+    identical (kinds 1, 2, 3), and the tiled model saves the artifact's bytes."""
     model, tok = tiny_model("llama", tokenizer=tokenizer, dtype=dtype, hidden=128, intermediate=256)
-    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w4a16", progress=False)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", scheme, progress=False)
     art = mmcompress.save(model, tmp_path / "art")
     logits = {}
     for layout in ("rows", "tiles"):
-        monkeypatch.setenv("MMCOMPRESS_INT4_LAYOUT", layout)
+        monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", layout)
         m = mmcompress.load(art)
         dims = {mod.weight_codes.dim() for mod in m.modules() if hasattr(mod, "weight_codes")}
         assert dims == ({2} if layout == "rows" else {4})

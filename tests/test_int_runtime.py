@@ -98,7 +98,10 @@ def test_integer_path_differs_from_a_wrong_weight():
     q = _packed(16, 128, QuantScheme(8, 8))
     x = torch.randn(3, 128)
     d = IntLinear(copy.deepcopy(q))
-    d.weight_codes[3, 7] += 1
+    if d.weight_codes.dim() == 4:  # tiled (the CPU kernel's layout): row 3's byte 7 is in tile 0, line 0
+        d.weight_codes[0, 0, 3, 7] += 1
+    else:
+        d.weight_codes[3, 7] += 1
     assert _rel_max(d(x), q(x)) > 10 * TOL
 
 
@@ -330,26 +333,31 @@ def test_bf16_activation_int4_kernel_one_token_row_walk(group, sym):
     assert _rel_max(y1, y3) <= TOL
 
 
-# -- tiled int4 codes (weight-only, CPU kernel): the same bytes in the kernel's streaming order ----------
+# -- tiled codes (CPU kernel): the same bytes in the order the kernels stream them ----------------------
 
 def _int_linear(q, layout, monkeypatch):
-    monkeypatch.setenv("MMCOMPRESS_INT4_LAYOUT", layout)
+    monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", layout)
     return IntLinear(copy.deepcopy(q))
 
 
+TILED_SCHEMES = [QuantScheme(4, 16, 128, False), QuantScheme(4, 16, 0, True), QuantScheme(4, 16, 64, False),
+                 QuantScheme(8, 8), QuantScheme(8, 8, 64, False),
+                 QuantScheme(4, 8), QuantScheme(4, 8, 128, False), QuantScheme(4, 6, 64, True),
+                 QuantScheme(8, 16, 128, False)]
+
+
 @pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, 128, False), QuantScheme(4, 16, 0, True),
-                                    QuantScheme(4, 16, 64, False), QuantScheme(3, 16, 128, True)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", TILED_SCHEMES, ids=lambda s: s.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiled_codes_give_the_row_major_results_bit_for_bit(scheme, dtype, monkeypatch):
     """Tiling reorders the bytes, not the arithmetic: every output identical to the row-major codes' at
     one token (8-row tiles), a few (4-row tiles) and prefill (the torch path un-tiles a temporary)."""
     q = _packed(48, 384, scheme).to(dtype)
     rows, tiles = _int_linear(q, "rows", monkeypatch), _int_linear(q, "tiles", monkeypatch)
-    assert rows.weight_codes.shape == (48, 192)
-    assert tiles.weight_codes.shape == (6, 3, 8, 64)
-    assert torch.equal(kernels.untile_int4(tiles.weight_codes), rows.weight_codes)
+    width = 384 if scheme.wbits == 8 else 192
+    assert rows.weight_codes.shape == (48, width)
+    assert tiles.weight_codes.shape == (6, width // 64, 8, 64)
+    assert torch.equal(kernels.untile_codes(tiles.weight_codes), rows.weight_codes)
     for tokens in (1, 3, 16, 40):
         x = (torch.randn(tokens, 384) * 3).to(dtype)
         y_rows, y_tiles = rows(x), tiles(x)
@@ -358,41 +366,44 @@ def test_tiled_codes_give_the_row_major_results_bit_for_bit(scheme, dtype, monke
 
 
 @pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
-def test_tiled_codes_are_read_in_tile_order(monkeypatch):
+@pytest.mark.parametrize("scheme,line,row", [(QuantScheme(4, 16, 128, False), 1, 5), (QuantScheme(8, 8), 3, 2),
+                                             (QuantScheme(4, 8), 0, 7)], ids=lambda v: getattr(v, "name", str(v)))
+def test_tiled_codes_are_read_in_tile_order(scheme, line, row, monkeypatch):
     """A changed byte of tiled codes changes the output of the row it belongs to, and only that row."""
-    q = _packed(16, 256, QuantScheme(4, 16, 128, False), bias=False)
+    q = _packed(16, 256, scheme, bias=False)
     d = _int_linear(q, "tiles", monkeypatch)
     x = torch.randn(1, 256)
     y0 = d(x)
-    d.weight_codes[1, 1, 5, 7] ^= 0x11  # tile 1 (rows 8..15), block 1 (codes 128..255), row 8 + 5
+    d.weight_codes[1, line, row, 7] ^= 0x11  # tile 1 (rows 8..15), its 64-byte line `line`, row 8 + row
     diff = (d(x) - y0).abs()[0]
-    assert diff[13] > 0 and torch.count_nonzero(diff) == 1
+    assert diff[8 + row] > 0 and torch.count_nonzero(diff) == 1
 
 
 @pytest.mark.parametrize("out_f,in_f,scheme", [(60, 256, QuantScheme(4, 16, 128, False)),  # N % 8 != 0
-                                               (48, 192, QuantScheme(4, 16, 64, False)),   # K % 128 != 0
-                                               (48, 256, QuantScheme(4, 8, 128, False)),   # int8 activations
-                                               (48, 256, QuantScheme(8, 16, 128, False))])  # int8 codes
+                                               (48, 192, QuantScheme(4, 16, 64, False)),   # int4 rows of 96 bytes
+                                               (48, 200, QuantScheme(8, 8)),                # no kernel (K % 64)
+                                               (48, 256, QuantScheme(3, 16, 128, True))])   # no kernel (3 bits)
 def test_codes_stay_row_major_where_tiles_do_not_apply(out_f, in_f, scheme, monkeypatch):
     d = _int_linear(_packed(out_f, in_f, scheme), "tiles", monkeypatch)
     assert d.weight_codes.dim() == 2
 
 
-def test_int4_layout_setting_is_checked(monkeypatch):
+def test_code_layout_setting_is_checked(monkeypatch):
     q = _packed(48, 256, QuantScheme(4, 16, 128, False))
     assert _int_linear(q, "rows", monkeypatch).weight_codes.dim() == 2
-    with pytest.raises(ValueError, match="MMCOMPRESS_INT4_LAYOUT must be 'tiles' or 'rows', got 'tiled'"):
+    with pytest.raises(ValueError, match="MMCOMPRESS_CODE_LAYOUT must be 'tiles' or 'rows', got 'tiled'"):
         _int_linear(q, "tiled", monkeypatch)
 
 
 @pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
-def test_tiled_codes_save_row_major_and_load_back(monkeypatch):
-    q = _packed(48, 384, QuantScheme(4, 16, 128, False))
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, 128, False), QuantScheme(8, 8)], ids=lambda s: s.name)
+def test_tiled_codes_save_row_major_and_load_back(scheme, monkeypatch):
+    q = _packed(48, 384, scheme)
     d = _int_linear(q, "tiles", monkeypatch)
     sd = d.state_dict()
     assert torch.equal(sd["weight_codes"], q.weight_codes)  # the artifact's layout
     assert d.weight_codes.dim() == 4  # the module keeps its tiles
-    fresh = _int_linear(_packed(48, 384, QuantScheme(4, 16, 128, False), seed=1), "tiles", monkeypatch)
+    fresh = _int_linear(_packed(48, 384, scheme, seed=1), "tiles", monkeypatch)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.weight_codes, d.weight_codes)
     x = torch.randn(2, 384)
@@ -400,12 +411,11 @@ def test_tiled_codes_save_row_major_and_load_back(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
-def test_tiled_codes_only_where_a_kernel_reads_them(monkeypatch):
+def test_tiled_codes_of_the_wrong_shape_are_refused():
     q = _packed(48, 256, QuantScheme(4, 16, 128, False))
-    t = kernels.tile_int4(q.weight_codes)
-    xq = torch.zeros(1, 256, dtype=torch.int8)
+    t = kernels.tile_codes(q.weight_codes)
     s, z = q.weight_scale.float().contiguous(), q.weight_zero.float().contiguous()
-    with pytest.raises(RuntimeError, match="row-major codes only"):
-        torch.ops.mmcompress_int.int8_act_gemm(xq, torch.ones(1), t, s, z, 4, 128, False)
-    with pytest.raises(RuntimeError, match=r"tiled int4 codes: \[N/8, K/128, 8, 64\]"):
+    with pytest.raises(RuntimeError, match=r"tiled codes: \[N/8, C/64, 8, 64\]"):
         torch.ops.mmcompress_int.float_act_gemm(torch.zeros(1, 256), t.reshape(6, 1, 16, 64), s, z, 4, 128, False)
+    with pytest.raises(RuntimeError, match=r"tiled codes: \[N/8, C/64, 8, 64\]"):  # int4 bytes read as int8
+        torch.ops.mmcompress_int.float_act_gemm(torch.zeros(1, 256), t, s, z, 8, 128, False)

@@ -6,8 +6,8 @@ integer codes (int8, or int4 two per byte), step sizes, zero points, bias, smoot
 accumulation, scales applied afterwards.  It never materialises a float copy of its weight (the
 weight-only prefill path builds one per call and drops it).  The buffers keep the packed
 ``QuantLinear``'s names and :meth:`spec` returns its spec, so a deployed model saves to the same
-artifact.  Int4 weight-only codes on the CPU kernel are held tiled in memory
-(:func:`~mmcompress.quant.kernels.tile_int4`: the same bytes in the order the kernel streams them) and
+artifact.  Codes that the CPU kernel runs are held tiled in memory
+(:func:`~mmcompress.quant.kernels.tile_codes`: the same bytes in the order the kernel streams them) and
 saved row-major.
 
 :class:`IntMASLinear` is MASQuant's E17 on that path: every token goes through the one shared integer
@@ -47,7 +47,7 @@ class IntLinear(nn.Module):
         self._spec = q.spec()
         codes = q.weight_codes
         if kernels.tiled_codes(q.scheme, q.in_features, q.out_features, codes.device):
-            codes = kernels.tile_int4(codes)
+            codes = kernels.tile_codes(codes)
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", q.weight_scale)
         self.register_buffer("weight_zero", q.weight_zero)
@@ -63,14 +63,14 @@ class IntLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight_codes"
         if key in destination and destination[key].dim() == 4:
-            destination[key] = kernels.untile_int4(destination[key])
+            destination[key] = kernels.untile_codes(destination[key])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight_codes"
         v = state_dict.get(key)
         if self.weight_codes is not None and self.weight_codes.dim() == 4 and v is not None and v.dim() == 2:
-            state_dict[key] = kernels.tile_int4(v) if v.shape[0] % kernels.TILE_ROWS == 0 and \
-                v.shape[1] % 64 == 0 else v  # a wrong shape is left for the shape check's error
+            state_dict[key] = kernels.tile_codes(v) if v.shape[0] % kernels.TILE_ROWS == 0 and \
+                v.shape[1] % kernels.TILE_BYTES == 0 else v  # a wrong shape is left for the shape check's error
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def correction(self, xs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -70,7 +70,7 @@ struct Lin {
   int64_t kind = 0, bits = 8, group = 0, abits = 8, N = 0, K = 0, G = 1, gs = 0, keep = 0;
   int64_t cols = 64;  // output features per work unit (kinds 4, 5: columns of WT; see fused_set_unit_cols)
   bool sym = true, share = false, wbf16 = false;  // wbf16: a kind-0 or kind-4 weight stored as bf16
-  bool tiled = false;   // kinds 2, 3: int4 codes tiled [N/8, K/128, 8, 64] (int_gemm.cpp)
+  bool tiled = false;   // kinds 1-3: codes tiled [N/8, C/64, 8, 64], C = bytes per row (int_gemm.cpp)
   bool thresh = false;  // kind 4: keep |x| >= thr (TEAL) instead of the Top-K of keep channels
   float thr = 0.f;
   at::Tensor w, scale, zero;   // w: dense weight [N, K], packed codes, or (kinds 4, 5) WT [K, N]
@@ -520,7 +520,14 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     for (; r < rows; ++r) tile1(r);
   };
   // the kernels write y[(b0 + t) * N + n0 + r]: called with b0 = 0 and N = rows, n0 = r (rows offset above)
-  if (l.kind == 1) {
+  if (l.kind == 1 && l.tiled) {  // whole tiles of 8 rows (N % 8 == 0, units of 64 rows)
+    for (int64_t r = 0; r < rows; r += 8) {
+      if (l.bits == 8)
+        int_tile<8, 8, 1, true>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+      else
+        int_tile<4, 8, 1, true>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+    }
+  } else if (l.kind == 1) {
     if (l.bits == 8)
       tiles([&](int64_t r) { int_tile<8, 4, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { int_tile<8, 1, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
@@ -529,7 +536,10 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
         int_tile<4, RR, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
       });
   } else if (l.kind == 2) {
-    if (l.bits == 8)
+    if (l.bits == 8 && l.tiled)
+      for (int64_t r = 0; r < rows; r += 8)
+        float_tile<8, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+    else if (l.bits == 8)
       tiles([&](int64_t r) { float_tile<8, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { float_tile<8, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
     else if (l.tiled)  // N % 8 == 0: whole tiles
@@ -749,11 +759,11 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
   } else if (l.kind != 0) {
     TORCH_CHECK(l.bits == 8 || l.bits == 4, "fused_plan: 4- or 8-bit codes");
     TORCH_CHECK(l.K % 64 == 0, "fused_plan: K must be a multiple of 64");
-    l.tiled = l.w.dim() == 4;  // int_gemm.cpp's tiled int4 codes [N/8, K/128, 8, 64]
+    l.tiled = l.w.dim() == 4;  // int_gemm.cpp's tiled codes [N/8, C/64, 8, 64]
+    const int64_t C = l.bits == 8 ? l.K : l.K / 2;
     if (l.tiled) {
-      TORCH_CHECK((l.kind == 2 || l.kind == 3) && l.bits == 4 && l.N % 8 == 0 && l.K % 128 == 0 &&
-                      l.w.size(0) * 8 == l.N && l.w.size(1) * 128 == l.K && l.w.size(2) == 8 && l.w.size(3) == 64,
-                  "fused_plan: tiled int4 codes [N/8, K/128, 8, 64] (weight-only kinds)");
+      TORCH_CHECK(l.N % 8 == 0 && C % 64 == 0 && l.w.size(0) * 8 == l.N && l.w.size(1) * 64 == C &&
+                      l.w.size(2) == 8 && l.w.size(3) == 64, "fused_plan: tiled codes [N/8, C/64, 8, 64]");
     } else {
       TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
                   "fused_plan: weight codes shape");

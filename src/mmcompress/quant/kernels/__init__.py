@@ -21,11 +21,11 @@ Paths (chosen per call; measurements in ``docs/runtime.md``):
   codes, also exact, where ``_int_mm`` refuses a shape), weight-only by a temporary dequantized weight
   that is dropped after the call.  This is the CUDA path (untuned).
 
-Code layouts: ``codes`` is row-major (``[N, K]`` / ``[N, K/2]``, as saved) or, for int4 weight-only
-codes deployed on the CPU kernel, tiled ``[N/8, K/128, 8, 64]`` (:func:`tile_int4`: the 64 bytes of a
-128-code block of eight rows side by side, one memory stream per 8-row tile instead of eight;
-:func:`tiled_codes` decides, ``MMCOMPRESS_INT4_LAYOUT=rows`` keeps them row-major).  The kernels read
-either; the torch path un-tiles into a temporary.
+Code layouts: ``codes`` is row-major (``[N, K]`` / ``[N, K/2]``, as saved) or, deployed on the CPU
+kernel, tiled ``[N/8, C/64, 8, 64]`` with ``C`` bytes per row (:func:`tile_codes`: line ``j`` of eight rows
+side by side, one memory stream per 8-row tile instead of eight; :func:`tiled_codes` decides,
+``MMCOMPRESS_CODE_LAYOUT=rows`` keeps them row-major).  The kernels read either; the torch path un-tiles
+into a temporary.
 """
 
 from __future__ import annotations
@@ -64,33 +64,34 @@ def path_for(scheme: QuantScheme, in_features: int, device, rows: int = 1) -> st
     return "cpu"
 
 
-TILE_ROWS, TILE_CODES = 8, 128  # tiled int4 codes: blocks of 128 codes of 8 rows side by side
+TILE_ROWS, TILE_BYTES = 8, 64  # tiled codes: 64-byte lines of 8 rows side by side
 
 
-def tile_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Row-major int4 codes ``[N, K/2]`` → tiled ``[N/8, K/128, 8, 64]`` (a new tensor)."""
-    n, half = codes.shape
-    return codes.reshape(n // TILE_ROWS, TILE_ROWS, half // 64, 64).transpose(1, 2).contiguous()
+def tile_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Row-major codes ``[N, C]`` (``C`` bytes per row, a multiple of 64; ``N`` of 8) → tiled
+    ``[N/8, C/64, 8, 64]`` (a new tensor)."""
+    n, c = codes.shape
+    return codes.reshape(n // TILE_ROWS, TILE_ROWS, c // TILE_BYTES, TILE_BYTES).transpose(1, 2).contiguous()
 
 
-def untile_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Tiled int4 codes → row-major ``[N, K/2]`` (a new tensor); row-major codes as they are."""
+def untile_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Tiled codes → row-major ``[N, C]`` (a new tensor); row-major codes as they are."""
     if codes.dim() == 2:
         return codes
-    t, blocks, rows, width = codes.shape
-    return codes.transpose(1, 2).reshape(t * rows, blocks * width)
+    t, lines, rows, width = codes.shape
+    return codes.transpose(1, 2).reshape(t * rows, lines * width)
 
 
 def tiled_codes(scheme: QuantScheme, in_features: int, out_features: int, device) -> bool:
-    """Whether a deployed linear keeps its codes tiled: int4 weight-only codes on our CPU kernel with
-    ``K % 128 == 0`` and ``N % 8 == 0`` (every row in a whole tile), unless ``MMCOMPRESS_INT4_LAYOUT=rows``."""
-    layout = os.environ.get("MMCOMPRESS_INT4_LAYOUT", "tiles")
+    """Whether a deployed linear keeps its codes tiled: codes that our CPU kernel runs at decode, rows of a
+    multiple of 64 bytes (``K % 64 == 0`` for int8, ``K % 128 == 0`` for int4) and ``N % 8 == 0`` (every row
+    in a whole tile), unless ``MMCOMPRESS_CODE_LAYOUT=rows``."""
+    layout = os.environ.get("MMCOMPRESS_CODE_LAYOUT", "tiles")
     if layout not in ("tiles", "rows"):
-        raise ValueError(f"MMCOMPRESS_INT4_LAYOUT must be 'tiles' or 'rows', got {layout!r}")
-    group = scheme.group_size if 0 < scheme.group_size < in_features else in_features
-    return (layout == "tiles" and scheme.weight_only and KERNEL_BITS[scheme.wbits] == 4
-            and in_features % TILE_CODES == 0 and out_features % TILE_ROWS == 0 and group % 64 == 0
-            and torch.device(device).type == "cpu" and _cpu.available())
+        raise ValueError(f"MMCOMPRESS_CODE_LAYOUT must be 'tiles' or 'rows', got {layout!r}")
+    row_bytes = in_features if KERNEL_BITS[scheme.wbits] == 8 else in_features // 2
+    return (layout == "tiles" and in_features % 64 == 0 and row_bytes % TILE_BYTES == 0
+            and out_features % TILE_ROWS == 0 and path_for(scheme, in_features, device, 1) == "cpu")
 
 
 _QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,7 +128,8 @@ def int_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
             return ops.float_act_gemm(x.float().contiguous(), codes, scale, zero, bits, group, scheme.sym)
         xq, sx = quantize_act(x, scheme.abits)
         return ops.int8_act_gemm(xq, sx, codes, scale, zero, bits, group, scheme.sym)
-    q = unpack_int4(untile_int4(codes), in_features) if bits == 4 else codes
+    codes = untile_codes(codes)
+    q = unpack_int4(codes, in_features) if bits == 4 else codes
     if scheme.weight_only:  # a temporary dequantized weight, freed on return
         w = dequantize_weight(q, scale, zero, scheme.wbits, scheme.group_size, scheme.sym)
         return (x @ w.to(x.dtype).t()).float()

@@ -25,11 +25,11 @@
 // tokens: units of 64 output rows are shared by the threads (share_work), tokens walked in tiles of up to 4;
 // int4 rows every other row (paired_rows), in tiles of 8 rows at one token.
 //
-// Tiled int4 codes (float_act_gemm, bf16_act_gemm: the weight-only kernels).  The codes may also come as
-// a 4-D tensor [N/8, K/128, 8, 64]: the 64 bytes of 128-code block kb of rows 8t..8t+7 side by side, so a
-// tile of 8 rows reads one contiguous stream (rows of K = 4096 are 2 KB: eight row streams restart every
-// 32 lines and the weight-only kernels, compute-heavy per byte, do not hide those restarts; docs/runtime.md
-// "Tiled int4 codes").  Same arithmetic, bit-identical results; needs K % 128 == 0 and N % 8 == 0.
+// Tiled codes.  Every kernel also takes the codes as a 4-D tensor [N/8, C/64, 8, 64] (C = bytes per row:
+// K for int8, K/2 for int4): line j (64 bytes) of rows 8t..8t+7 side by side, so a tile of 8 rows reads one
+// contiguous stream instead of eight (rows of K = 4096 int4 codes are 2 KB: eight streams that restart every
+// 32 lines, which the compute-heavy int4 kernels did not hide; docs/runtime.md "Tiled codes").  Same
+// arithmetic, bit-identical results; needs C % 64 == 0 and N % 8 == 0.  One token: tiles of 8 rows.
 //
 // Registered as torch.ops.mmcompress_int.* (no pybind: faster to compile).
 
@@ -57,12 +57,13 @@ constexpr int64_t UNIT_ROWS = 64;  // output rows per work unit
 
 constexpr int R = 4;  // output rows per register tile (paired_rows: 2 R at one token)
 
+// 64 unsigned weight codes k..k+63 from their bytes at p (int8: 64 bytes; int4: 32 bytes)
 template <int BITS>
-inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight bytes for k..k+63
+inline __m512i load_w_u8(const uint8_t* p) {
   if constexpr (BITS == 8) {
-    return _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8((char)0x80));
+    return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8((char)0x80));
   } else {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x88));
     const __m256i m = _mm256_set1_epi8(0x0F);
     __m256i lo = _mm256_and_si256(b, m);
@@ -71,15 +72,15 @@ inline __m512i load_w_u8(const uint8_t* row, int64_t k) {  // 64 unsigned weight
   }
 }
 
-// Int4 codes, row-major [N, K/2] or tiled (above): the first byte of row n (row-major) or of row n's lines
-// (tiled), and the offset from it of the byte holding code k (k a multiple of 64).
+// Codes row-major [N, ws] (ws bytes per row) or tiled (above): the first byte of row n (tiled: of its first
+// line), and the address of its byte `off` (a read from there stays within one 64-byte line).
 template <bool TILED>
-inline const uint8_t* w4_row(const uint8_t* w, int64_t wstride, int64_t n) {
-  return TILED ? w + (n / 8) * 8 * wstride + (n % 8) * 64 : w + n * wstride;
+inline const uint8_t* row_at(const uint8_t* w, int64_t ws, int64_t n) {
+  return TILED ? w + (n / 8) * 8 * ws + (n % 8) * 64 : w + n * ws;
 }
 template <bool TILED>
-inline int64_t w4_off(int64_t k) {
-  return TILED ? (k / 128) * 512 + (k % 128) / 2 : k / 2;
+inline const uint8_t* byte_at(const uint8_t* row, int64_t off) {
+  return TILED ? row + (off / 64) * 512 + off % 64 : row + off;
 }
 
 // 16 unsigned codes of sub-block q of the 64 codes at `blk` (int8: the codes' bytes; int4: the block's 32
@@ -156,21 +157,19 @@ void paired_rows(int64_t n0, int64_t end, const F& tile) {
 }
 
 // PAIRS (int4 weights): one token through paired_rows; more tokens in blocks of 2 R rows walked as two
-// R-row tiles of every other row, like paired_rows' second stage.  `tiled` (tiled int4 codes, N % 8 == 0):
+// R-row tiles of every other row, like paired_rows' second stage.  `tiled` (tiled codes, N % 8 == 0):
 // one token in tiles of 2 R = 8 rows (one stream each), more tokens in tiles of R rows.
 template <int BITS, bool PAIRS = false, typename F>
 void run_tiles(int64_t B, int64_t N, const F& tile, bool tiled = false) {
   share_work((N + UNIT_ROWS - 1) / UNIT_ROWS, [&](int64_t u) {
     const int64_t end = std::min(N, (u + 1) * UNIT_ROWS);
     int64_t n0 = u * UNIT_ROWS;
-    if constexpr (BITS == 4) {
-      if (tiled) {
-        if (B == 1)
-          for (; n0 < end; n0 += 2 * R) tile.template operator()<BITS, 2 * R, 1>(n0, 0, 1);
-        else
-          for (; n0 < end; n0 += R) token_tiles<BITS, R>(B, n0, tile);
-        return;
-      }
+    if (tiled) {
+      if (B == 1)
+        for (; n0 < end; n0 += 2 * R) tile.template operator()<BITS, 2 * R, 1>(n0, 0, 1);
+      else
+        for (; n0 < end; n0 += R) token_tiles<BITS, R>(B, n0, tile);
+      return;
     }
     if constexpr (PAIRS) {
       if (B == 1) {
@@ -194,7 +193,7 @@ void run_tiles(int64_t B, int64_t N, const F& tile, bool tiled = false) {
 
 struct Dims {
   int64_t B, K, N, G, gs;
-  bool tiled;  // int4 codes tiled [N/8, K/128, 8, 64]
+  bool tiled;  // codes tiled [N/8, C/64, 8, 64]
 };
 
 Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
@@ -208,8 +207,9 @@ Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   TORCH_CHECK(gs % 64 == 0, "group size must be a multiple of 64");
   const int64_t G = (K + gs - 1) / gs;  // a shorter last group when gs does not divide K (still a multiple of 64)
   if (tiled) {
-    TORCH_CHECK(bits == 4 && K % 128 == 0 && w.is_contiguous() && w.size(1) * 128 == K && w.size(2) == 8 &&
-                    w.size(3) == 64, "tiled int4 codes: [N/8, K/128, 8, 64] with K % 128 == 0");
+    const int64_t C = bits == 8 ? K : K / 2;
+    TORCH_CHECK(C % 64 == 0 && w.is_contiguous() && w.size(1) * 64 == C && w.size(2) == 8 && w.size(3) == 64,
+                "tiled codes: [N/8, C/64, 8, 64] with C = bytes per row (K, or K/2 for int4) a multiple of 64");
   } else {
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
   }
@@ -271,7 +271,7 @@ struct GroupSums {
 // adds at most 4 * 240 * 128 per step, so a group may hold up to 2^31 / 122880 * 128 > 2 million codes.
 inline bool w4_block128(int64_t K, int64_t gs) { return K % 128 == 0 && gs % 128 == 0; }
 
-template <int RR, int T>
+template <int RR, int T, bool TILED>
 inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, int64_t k0, int64_t k1,
                           __m512i (&acc)[RR][T]) {
   const __m512i mlo = _mm512_set1_epi8(0x0F), olo = _mm512_set1_epi8(0x08);
@@ -286,7 +286,7 @@ inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, i
       xo[t] = _mm512_loadu_si512(xr[t] + k + 64);
     }
     for (int r = 0; r < RR; ++r) {
-      const __m512i b = _mm512_loadu_si512(rows[r] + k / 2);
+      const __m512i b = _mm512_loadu_si512(byte_at<TILED>(rows[r], k / 2));
       const __m512i lo = _mm512_ternarylogic_epi32(b, mlo, olo, 0x6A);  // (b & m) ^ o
       const __m512i hi = _mm512_ternarylogic_epi32(b, mhi, ohi, 0x6A);
       for (int t = 0; t < T; ++t) {
@@ -299,13 +299,13 @@ inline void int4_group128(const int8_t* const* xr, const uint8_t* const* rows, i
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_srai_epi32(acc16[r][t], 4));
 }
 
-template <int BITS, int RR, int T>
+template <int BITS, int RR, int T, bool TILED = false>
 void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint8_t* w, int64_t wstride,
               const float* scale, const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G,
               int64_t gs, float* y, int64_t N, int64_t rs = 1) {
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w + (n0 + r * rs) * wstride;
+  for (int r = 0; r < RR; ++r) rows[r] = row_at<TILED>(w, wstride, n0 + r * rs);  // rs = 1 when TILED
   const int8_t* xr[T];
   for (int t = 0; t < T; ++t) xr[t] = xp + (b0 + t) * K;
   const bool b128 = BITS == 4 && w4_block128(K, gs);
@@ -316,13 +316,13 @@ void int_tile(const int8_t* xp, const int32_t* xsum, const float* sx, const uint
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     const int64_t k0 = g * gs, k1 = std::min(K, k0 + gs);
     if (b128) {
-      int4_group128<RR, T>(xr, rows, k0, k1, acc);
+      int4_group128<RR, T, TILED>(xr, rows, k0, k1, acc);
     } else {
       for (int64_t k = k0; k < k1; k += 64) {
         __m512i xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(xr[t] + k);
         for (int r = 0; r < RR; ++r) {
-          __m512i wv = load_w_u8<BITS>(rows[r], k);
+          __m512i wv = load_w_u8<BITS>(byte_at<TILED>(rows[r], BITS == 8 ? k : k / 2));
           for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, xv[t]);
         }
       }
@@ -366,7 +366,6 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
   TORCH_CHECK(xq.scalar_type() == at::kChar, "xq: int8");
   TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == xq.size(0), "sx: float [B]");
   const auto [B, K, N, G, gs, tiled] = check_args(xq, w, scale, zero, bits, group);
-  TORCH_CHECK(!tiled, "int8_act_gemm: row-major codes only");
   Prep p;
   p.xp.resize(B * K);
   if (bits == 4) permute_int8_w4(xq.data_ptr<int8_t>(), p.xp.data(), B, K, gs);
@@ -381,14 +380,15 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
     }
   at::Tensor y = at::empty({B, N}, xq.options().dtype(at::kFloat));
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = w.size(1);
+  const int64_t ws = bits == 8 ? K : K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(), *sxd = sx.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
-    int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
+    if (tiled) int_tile<BITS, RR, T, true>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, 1);
+    else int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
-  if (bits == 8) run_tiles<8>(B, N, tile);
-  else run_tiles<4, true>(B, N, tile);
+  if (bits == 8) run_tiles<8>(B, N, tile, tiled);
+  else run_tiles<4, true>(B, N, tile, tiled);
   return y;
 }
 
@@ -400,10 +400,9 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
                 int64_t N) {
   // per group: lanes accumulate sum x * u (u = unsigned code, exact in float); at the group end
   // y += scale * lanes, and the scalar scale * zc * sum x is removed at the end.
-  static_assert(BITS == 4 || !TILED, "tiled codes are int4");
   constexpr int OFF = BITS == 8 ? 128 : 8;
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = BITS == 8 ? w + (n0 + r) * wstride : w4_row<TILED>(w, wstride, n0 + r);
+  for (int r = 0; r < RR; ++r) rows[r] = row_at<TILED>(w, wstride, n0 + r);
   GroupSums<RR, T> sums;
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[RR][T];
@@ -415,7 +414,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
         __m512 xv[T];
         for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(xp + (b0 + t) * K + k + 16 * q);
         for (int r = 0; r < RR; ++r) {
-          __m512 wf = load16_w_f32<BITS>(rows[r] + (BITS == 8 ? k : w4_off<TILED>(k)), q);
+          __m512 wf = load16_w_f32<BITS>(byte_at<TILED>(rows[r], BITS == 8 ? k : k / 2), q);
           for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xv[t], acc[r][t]);
         }
       }
@@ -447,12 +446,10 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t) {  // rs = 1 (no PAIRS)
-    if constexpr (BITS == 4) {
-      if (tiled) return float_tile<4, RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
-    }
-    float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+    if (tiled) float_tile<BITS, RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
+    else float_tile<BITS, RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N);
   };
-  if (bits == 8) run_tiles<8>(B, N, tile);
+  if (bits == 8) run_tiles<8>(B, N, tile, tiled);
   else run_tiles<4>(B, N, tile, tiled);
   return y;
 }
@@ -475,7 +472,7 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
                const float* zero, bool sym, int64_t n0, int64_t b0, int64_t K, int64_t G, int64_t gs, float* y,
                int64_t N, int64_t rs = 1) {
   const uint8_t* rows[RR];
-  for (int r = 0; r < RR; ++r) rows[r] = w4_row<TILED>(w, wstride, n0 + r * rs);  // rs = 1 when TILED
+  for (int r = 0; r < RR; ++r) rows[r] = row_at<TILED>(w, wstride, n0 + r * rs);  // rs = 1 when TILED
   GroupSums<RR, T> sums;
   // (nibble & 0xF) ^ 0x4308: the stored two's complement nibble made unsigned (^ 8) and the bf16 of
   // 128 + u (| 0x4300) in one ternary-logic op
@@ -490,7 +487,7 @@ void bf16_tile(const uint16_t* xp, const float* xsum, const uint8_t* w, int64_t 
         for (int t = 0; t < T; ++t)
           xv[i][t] = (__m512bh)_mm512_loadu_si512(xp + (b0 + t) * K + k + 32 * i);
       for (int r = 0; r < RR; ++r) {
-        __m512i wv = _mm512_loadu_si512(rows[r] + w4_off<TILED>(k));
+        __m512i wv = _mm512_loadu_si512(byte_at<TILED>(rows[r], k / 2));
         __asm__("" : "+v"(wv));  // one load per row: GCC otherwise re-reads the line for each shift (and spills)
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
