@@ -186,8 +186,15 @@ def test_densify_keeps_the_function(tmp_path, tokenizer):
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "smoothquant", "w8a16", progress=False)
     path = mmcompress.save(model, tmp_path / "sq")
     ref = mmcompress.load(path, runtime="reference")
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
     dense = densify(ref, torch.float32)
     assert not any(type(m).__name__ in ("QuantLinear", "IntLinear") for m in dense.modules())
+    ptrs = {t.data_ptr() for t in list(ref.parameters()) + list(ref.buffers())}
+    assert not any(t.data_ptr() in ptrs for t in list(dense.parameters()) + list(dense.buffers()))  # a copy
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # the model untouched
+    half = densify(ref, torch.bfloat16)
+    assert {t.dtype for t in half.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a.bfloat16(), b) for a, b in zip(dense.parameters(), half.parameters()))
     ids = _prompt(tok, 12)
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, dense(input_ids=ids).logits

@@ -85,7 +85,20 @@ def densify(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     from ..quant.linear import QuantLinear
     from ..sparse.linear import SparseLinear
 
-    model = copy.deepcopy(model)
+    # deepcopy with a memo: the tensors of the linears replaced below are shared (only read), every other
+    # floating tensor is copied straight into ``dtype`` (no full-precision copy first; tied weights stay tied)
+    memo = {}
+    for m in model.modules():
+        swapped = isinstance(m, (QuantLinear, SparseLinear))
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if id(t) in memo or t is None:
+                continue
+            if swapped:
+                memo[id(t)] = t
+            elif t.is_floating_point():
+                c = t.detach().to(dtype, copy=True)
+                memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    model = copy.deepcopy(model, memo)
     swaps = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
