@@ -520,12 +520,20 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
     for (; r < rows; ++r) tile1(r);
   };
   // the kernels write y[(b0 + t) * N + n0 + r]: called with b0 = 0 and N = rows, n0 = r (rows offset above)
-  if (l.kind == 1 && l.tiled) {  // whole tiles of 8 rows (N % 8 == 0, units of 64 rows)
+  if (l.tiled) {  // whole tiles of 8 rows, one stream each (N % 8 == 0, units of 64 rows)
     for (int64_t r = 0; r < rows; r += 8) {
-      if (l.bits == 8)
+      if (l.kind == 1 && l.bits == 8)
         int_tile<8, 8, 1, true>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
-      else
+      else if (l.kind == 1)
         int_tile<4, 8, 1, true>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+      else if (l.kind == 2 && l.bits == 8)
+        float_tile<8, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+      else if (l.kind == 2)
+        float_tile<4, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
+#ifdef __AVX512BF16__
+      else  // as bf16_act_gemm at one token
+        bf16_tile<8, 1, true>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, 1);
+#endif
     }
   } else if (l.kind == 1) {
     if (l.bits == 8)
@@ -536,27 +544,17 @@ void linear_rows(const Plan& P, const Lin& l, const Input& p, int64_t n0, int64_
         int_tile<4, RR, 1>(p.xq.data(), p.xsi.data(), &p.sx, w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
       });
   } else if (l.kind == 2) {
-    if (l.bits == 8 && l.tiled)
-      for (int64_t r = 0; r < rows; r += 8)
-        float_tile<8, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
-    else if (l.bits == 8)
+    if (l.bits == 8)
       tiles([&](int64_t r) { float_tile<8, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { float_tile<8, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
-    else if (l.tiled)  // N % 8 == 0: whole tiles
-      for (int64_t r = 0; r < rows; r += 8)
-        float_tile<4, 8, 1, true>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows);
     else
       tiles([&](int64_t r) { float_tile<4, 4, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); },
             [&](int64_t r) { float_tile<4, 1, 1>(p.xf.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows); });
   } else {
 #ifdef __AVX512BF16__
-    if (l.tiled)  // as bf16_act_gemm at one token
-      for (int64_t r = 0; r < rows; r += 8)
-        bf16_tile<8, 1, true>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, 1);
-    else
-      paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {
-        bf16_tile<RR, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
-      });
+    paired_rows(0, rows, [&]<int RR>(int64_t r, int64_t rs) {  // as bf16_act_gemm at one token
+      bf16_tile<RR, 1>(p.xb.data(), p.xsf.data(), w, ws, sc, ze, l.sym, r, 0, K, G, gs, y, rows, rs);
+    });
 #endif
   }
   for (int64_t r = 0; r < rows; ++r)
@@ -765,8 +763,7 @@ Lin make_lin(const std::vector<at::Tensor>& ts, size_t& ti, const std::vector<in
       TORCH_CHECK(l.N % 8 == 0 && C % 64 == 0 && l.w.size(0) * 8 == l.N && l.w.size(1) * 64 == C &&
                       l.w.size(2) == 8 && l.w.size(3) == 64, "fused_plan: tiled codes [N/8, C/64, 8, 64]");
     } else {
-      TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == (l.bits == 8 ? l.K : l.K / 2),
-                  "fused_plan: weight codes shape");
+      TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == l.N && l.w.size(1) == C, "fused_plan: weight codes shape");
     }
     l.gs = l.group > 0 ? l.group : l.K;
     TORCH_CHECK(l.gs % 64 == 0, "fused_plan: group size must be a multiple of 64");

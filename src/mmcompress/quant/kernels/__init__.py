@@ -89,9 +89,9 @@ def tiled_codes(scheme: QuantScheme, in_features: int, out_features: int, device
     layout = os.environ.get("MMCOMPRESS_CODE_LAYOUT", "tiles")
     if layout not in ("tiles", "rows"):
         raise ValueError(f"MMCOMPRESS_CODE_LAYOUT must be 'tiles' or 'rows', got {layout!r}")
-    row_bytes = in_features if KERNEL_BITS[scheme.wbits] == 8 else in_features // 2
-    return (layout == "tiles" and in_features % 64 == 0 and row_bytes % TILE_BYTES == 0
-            and out_features % TILE_ROWS == 0 and path_for(scheme, in_features, device, 1) == "cpu")
+    if layout == "rows" or out_features % TILE_ROWS or path_for(scheme, in_features, device, 1) != "cpu":
+        return False
+    return (in_features if KERNEL_BITS[scheme.wbits] == 8 else in_features // 2) % TILE_BYTES == 0
 
 
 _QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -193,7 +193,8 @@ void run_tiles(int64_t B, int64_t N, const F& tile, bool tiled = false) {
 
 struct Dims {
   int64_t B, K, N, G, gs;
-  bool tiled;  // codes tiled [N/8, C/64, 8, 64]
+  int64_t ws;  // bytes of codes per row: K, or K/2 for int4
+  bool tiled;  // codes tiled [N/8, ws/64, 8, 64]
 };
 
 Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
@@ -206,16 +207,16 @@ Dims check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
   const int64_t gs = group > 0 ? group : K;
   TORCH_CHECK(gs % 64 == 0, "group size must be a multiple of 64");
   const int64_t G = (K + gs - 1) / gs;  // a shorter last group when gs does not divide K (still a multiple of 64)
+  const int64_t ws = bits == 8 ? K : K / 2;
   if (tiled) {
-    const int64_t C = bits == 8 ? K : K / 2;
-    TORCH_CHECK(C % 64 == 0 && w.is_contiguous() && w.size(1) * 64 == C && w.size(2) == 8 && w.size(3) == 64,
+    TORCH_CHECK(ws % 64 == 0 && w.is_contiguous() && w.size(1) * 64 == ws && w.size(2) == 8 && w.size(3) == 64,
                 "tiled codes: [N/8, C/64, 8, 64] with C = bytes per row (K, or K/2 for int4) a multiple of 64");
   } else {
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (bits == 8 ? K : K / 2), "weight codes shape");
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == ws, "weight codes shape");
   }
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * G, "scale: float [N, G]");
   TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == N * G, "zero: float [N, G]");
-  return {B, K, N, G, gs, tiled};
+  return {B, K, N, G, gs, ws, tiled};
 }
 
 // The float epilogue the grouped tiles share.  In the group loop only one vector op per output:
@@ -365,7 +366,7 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
                          const at::Tensor& zero, int64_t bits, int64_t group, bool sym) {
   TORCH_CHECK(xq.scalar_type() == at::kChar, "xq: int8");
   TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == xq.size(0), "sx: float [B]");
-  const auto [B, K, N, G, gs, tiled] = check_args(xq, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, ws, tiled] = check_args(xq, w, scale, zero, bits, group);
   Prep p;
   p.xp.resize(B * K);
   if (bits == 4) permute_int8_w4(xq.data_ptr<int8_t>(), p.xp.data(), B, K, gs);
@@ -380,11 +381,10 @@ at::Tensor int8_act_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::T
     }
   at::Tensor y = at::empty({B, N}, xq.options().dtype(at::kFloat));
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = bits == 8 ? K : K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>(), *sxd = sx.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
-    if (tiled) int_tile<BITS, RR, T, true>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, 1);
+    if (tiled) int_tile<BITS, RR, T, true>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
     else int_tile<BITS, RR, T>(p.xp.data(), p.xsum.data(), sxd, wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
   if (bits == 8) run_tiles<8>(B, N, tile, tiled);
@@ -430,7 +430,7 @@ void float_tile(const float* xp, const float* xsum, const uint8_t* w, int64_t ws
 at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                           int64_t bits, int64_t group, bool sym) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x: float32");
-  const auto [B, K, N, G, gs, tiled] = check_args(x, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, ws, tiled] = check_args(x, w, scale, zero, bits, group);
   std::vector<float> xp(B * K);
   permute_rows(x.data_ptr<float>(), xp.data(), B, K, bits == 4);
   std::vector<float> xsum(B * G, 0.f);
@@ -442,7 +442,6 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
     }
   at::Tensor y = at::empty({B, N}, x.options());
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = bits == 8 ? K : K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t) {  // rs = 1 (no PAIRS)
@@ -513,7 +512,7 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(kHaveBf16, "bf16_act_gemm: built without AVX512_BF16");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: bfloat16");
   TORCH_CHECK(bits == 4, "bf16_act_gemm: int4 weights only");
-  const auto [B, K, N, G, gs, tiled] = check_args(x, w, scale, zero, bits, group);
+  const auto [B, K, N, G, gs, ws, tiled] = check_args(x, w, scale, zero, bits, group);
   TORCH_CHECK(K % 128 == 0 && gs % 128 == 0, "bf16_act_gemm: K and group must be multiples of 128");
   at::Tensor y = at::empty({B, N}, x.options().dtype(at::kFloat));
 #ifdef __AVX512BF16__
@@ -536,11 +535,10 @@ at::Tensor bf16_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Ten
     }
   }
   const uint8_t* wd = static_cast<const uint8_t*>(w.data_ptr());
-  const int64_t ws = K / 2;
   const float *sc = scale.data_ptr<float>(), *ze = zero.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   auto tile = [&]<int BITS, int RR, int T>(int64_t n0, int64_t b0, int64_t rs) {
-    if (tiled) bf16_tile<RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, 1);
+    if (tiled) bf16_tile<RR, T, true>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
     else bf16_tile<RR, T>(xp.data(), xsum.data(), wd, ws, sc, ze, sym, n0, b0, K, G, gs, yd, N, rs);
   };
   run_tiles<4, true>(B, N, tile, tiled);
