@@ -72,6 +72,7 @@ from ... import options as opt
 from ...engine import LayerContext
 from ...models.modality import AUDIO, IMAGE, MODALITY_NAMES, TEXT, current_modality_ids
 from ...specs import register_quant_module
+from ..kernels.fake_quant_cpu import smoothed_fake_quant_weight
 from ..linear import QuantLinear, modality_rows
 from ..quantizer import QuantScheme, fake_quantize_activation, fake_quantize_weight
 from .base import QuantMethod, weight_column_absmax
@@ -113,8 +114,9 @@ class MASTrainLinear(nn.Module):
             self.register_buffer("smoothing", init.float().clone())
 
     def quantized_weight(self, m: int) -> torch.Tensor:
+        """``Q_w(W ⊙ s_m)``, differentiable in ``s_m`` (one pass per row where the kernel takes it)."""
         s = self.scheme
-        return fake_quantize_weight(self.weight * self.smoothing[m], s.wbits, s.group_size, s.sym)
+        return smoothed_fake_quant_weight(self.weight, self.smoothing[m], s.wbits, s.group_size, s.sym)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _token_rows(x).reshape(-1)
