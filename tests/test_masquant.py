@@ -189,6 +189,47 @@ def test_randomized_top_svd_is_near_optimal_and_reproducible():
     assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(c2, c3)
 
 
+def test_top_svd_with_a_left_factor_equals_the_multiplied_matrix():
+    """``top_svd(a, r, left=T)`` applies ``T`` on the fly (randomized branch) or multiplies it in (exact branch, or
+    when that is cheaper): the same triplets as ``top_svd(T @ a, r)`` to float64 round-off."""
+    from mmcompress.quant.methods.masquant import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out, rank in ((300, 900, 8), (300, 200, 8), (120, 100, 32)):  # on the fly / cheaper multiplied / exact
+        t = torch.linalg.cholesky(torch.cov(torch.randn(n_in, 4 * n_in, generator=g, dtype=torch.float64))).T
+        a = torch.randn(n_in, n_out, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n_out, dtype=torch.float64)
+        p1, s1, q1 = top_svd(a, rank, left=t)
+        p2, s2, q2 = top_svd(t @ a, rank)
+        assert torch.allclose(s1, s2, rtol=1e-10, atol=0)
+        lr1, lr2 = (p1 * s1) @ q1, (p2 * s2) @ q2
+        assert float((lr1 - lr2).norm() / lr2.norm()) < 1e-10, (n_in, n_out)
+
+
+def test_orthonormal_blocks_cholesky_qr2_and_its_fallback(monkeypatch):
+    """A well-conditioned block: CholeskyQR2 (orthonormal to round-off, y = QR).  A rank-deficient or badly
+    conditioned one: Householder QR, the same two properties."""
+    from mmcompress.quant.methods.masquant import _orthonormal
+
+    g = torch.Generator().manual_seed(1)
+    good = torch.randn(500, 40, generator=g, dtype=torch.float64)
+    bad = good.clone()
+    bad[:, 7] = bad[:, 3]  # rank deficient: Cholesky of yᵀy fails
+    worse = good * torch.logspace(0, -9, 40, dtype=torch.float64)  # condition number ~1e9: the checks refuse it
+    for y in (good, bad, worse):
+        q, r = _orthonormal(y)
+        assert torch.allclose(q.T @ q, torch.eye(40, dtype=torch.float64), atol=1e-12)
+        assert float((q @ r - y).norm() / y.norm()) < 1e-13
+        assert torch.equal(r, r.triu())
+    calls = []
+    real = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda y: calls.append(y.shape) or real(y))
+    _orthonormal(good)
+    assert calls == []
+    _orthonormal(bad)
+    _orthonormal(worse)
+    assert len(calls) == 2
+
+
 def test_project_divergence_keeps_k_channels():
     from mmcompress.quant.methods.masquant import project_divergence
 
