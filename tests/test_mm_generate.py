@@ -286,10 +286,30 @@ def test_fused_step_route_tokens_as_transformers_logits_as_python_step(deployed,
         fu, py = [], []
         assert torch.equal(mg._run(model, plan, fu, fused=True), ref)
         assert torch.equal(mg._run(model, plan, py, fused=False), ref)
-        assert len(fu) == len(py) == 12 and torch.equal(fu[0], py[0])  # the prefill's logits: transformers'
-        for i, (a, b) in enumerate(zip(fu[1:], py[1:]), start=1):
+        assert len(fu) == len(py) == 12
+        # the prefill's logits: the head on the last position only (fused route) against transformers' head on
+        # every position (Python route): one row of the same GEMM, summed in another order
+        for i, (a, b) in enumerate(zip(fu, py)):
             err = ((a - b).abs().max() / b.abs().max()).item()
             assert err <= FUSED_TOL, (seed, i, err)
+
+
+def test_the_prefill_runs_the_head_on_the_last_position_unless_fused_is_false(models, tokenizer):
+    """transformers' prefill reads one row of the logits: the head sees that row alone, except with
+    ``fused=False`` (transformers' logits bit for bit), and the cut leaves no hook behind."""
+    model = models["qwen2_5_omni"]
+    x = _inputs("qwen2_5_omni", tokenizer, 0)
+    plan = mg.mm_plan(model, dict(x, max_new_tokens=1, do_sample=False))
+    L = x["input_ids"].shape[1]
+    for fused, rows in ((None, 1), (True, 1), (False, L)):
+        seen = []
+        spy = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+        try:
+            mg._run(model, plan, fused=fused)
+        finally:
+            spy.remove()
+        assert seen == [rows], (fused, seen)
+        assert not model.lm_head._forward_pre_hooks
 
 
 def test_fused_step_needs_the_route_for_per_modality_layers(deployed):

@@ -7,7 +7,9 @@ Qwen2.5-VL model, batch 1, greedy, with audio and/or image inputs:
 * **Prefill**: the model's own ``generate`` with one new token (its audio/vision towers, the embedding
   merge, the 3D multimodal-RoPE positions, ``rope_deltas``, a ``DynamicCache``), asked for the prefill's
   raw logits.  The first new token is their argmax (end-of-sequence tokens at ``-inf`` before
-  ``min_new_tokens``, as transformers' processor does).
+  ``min_new_tokens``, as transformers' processor does).  Unless ``fused=False``, the head runs on the last
+  prompt position only (the only row generate reads): its logits then equal transformers' to float
+  round-off (a one-row GEMM sums in another order), like the fused step's below.
 * **Decode**: the prefill's keys and values are copied into a
   :class:`~mmcompress.runtime.decode.DecodeEngine` (fast path, ``text_only=True``) on the text decoder, and
   every further token is one engine step: the **fused C++ step** (:mod:`mmcompress.runtime.fused`, one call
@@ -149,6 +151,13 @@ def _step_hooks_problem(model) -> str | None:
     return _hooks_on([*lm.modules(), *model.lm_head.modules()])
 
 
+def _last_position(mod, args):
+    """The head's input cut to the last position: transformers' prefill reads only that row of the
+    logits, and the head over every prompt position is a fifth of the prefill's work at 49k tokens of
+    vocabulary (the Omni thinker's forward takes no ``logits_to_keep``)."""
+    return (args[0][:, -1:], *args[1:])
+
+
 def _cache_kv(cache, i):
     layer = cache.layers[i]
     return layer.keys, layer.values
@@ -168,13 +177,16 @@ def _run(model, plan, logits_out: list | None = None, fused: bool | None = None)
     def grab(mod, args, kw):
         seen.append(kw.get("position_ids"))
 
-    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [lm.register_forward_pre_hook(grab, with_kwargs=True)]
+    if fused is not False:  # the head on the last position only (the model's forward has no logits_to_keep)
+        handles.append(model.lm_head.register_forward_pre_hook(_last_position))
     try:
         out = type(model).generate(model, **plan["prefill"], max_new_tokens=1, min_new_tokens=None, min_length=0,
                                    do_sample=False, num_beams=1, use_cache=True, return_dict_in_generate=True,
                                    output_logits=True)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     pos = seen[0] if len(seen) == 1 else None
     if cache is None or out.logits is None or not isinstance(pos, torch.Tensor) or pos.dim() != 3 \
