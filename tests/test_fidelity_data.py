@@ -397,3 +397,39 @@ def test_data_free_rtn_runs_no_calibration_chain(tokenizer, tmp_path, monkeypatc
     assert rep_free == rep_chain
     assert sd_free.keys() == sd_chain.keys() and all(torch.equal(sd_free[k], sd_chain[k]) for k in sd_free)
     assert n_chain - n_free == n_layers * len(calib)
+
+
+@pytest.mark.parametrize("method,opts", [("smoothquant", {"runtime_smoothing": True}), ("masquant", {"epochs": 1})])
+def test_statistics_gathered_on_the_uncompressed_pass_save_a_pass_and_change_nothing(tokenizer, tmp_path, monkeypatch,
+                                                                                     method, opts):
+    """SmoothQuant's and MASQuant's statistics of the uncompressed chain come from the engine's pass that
+    computes that chain's outputs (``Method.fp_observers``): one layer pass per sample fewer, and the weights and
+    the report of a walk that gathers them in a pass of its own, bit for bit."""
+    from mmcompress.engine import LayerContext
+    from mmcompress.quant.methods import QUANT_METHODS
+
+    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
+    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
+    held = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s, text=" a held out prompt here")[0]
+                           for s in (5, 6)], source="held")
+    n_layers = len(get_adapter(model).layers)
+    runs = []
+    real_run = LayerContext.run
+    monkeypatch.setattr(LayerContext, "run", lambda self, j, x=None: (runs.append(1), real_run(self, j, x))[1])
+    cls = QUANT_METHODS[method]
+    real_obs = cls.fp_observers
+
+    def quantize(tag, on_fp_pass):
+        monkeypatch.setattr(cls, "fp_observers", real_obs if on_fp_pass else lambda self, ctx: [])
+        runs.clear()
+        m = copy.deepcopy(model)
+        mmcompress.quantize(m, calib, method, "w4a8", progress=False, report_dir=tmp_path / tag, report_calib=held,
+                            **opts)
+        rep = json.loads((tmp_path / tag / f"diagnostics-{method}-w4a8.json").read_text())
+        rep.pop("seconds", None)
+        return m.state_dict(), rep, len(runs)
+
+    (sd_fp, rep_fp, n_fp), (sd_own, rep_own, n_own) = quantize("fp", True), quantize("own", False)
+    assert rep_fp == rep_own
+    assert sd_fp.keys() == sd_own.keys() and all(torch.equal(sd_fp[k], sd_own[k]) for k in sd_fp)
+    assert n_own - n_fp == n_layers * len(calib)

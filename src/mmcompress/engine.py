@@ -38,6 +38,7 @@ measured out of sample).  ``ctx.sides[name]`` is a :class:`LayerContext` over th
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -318,6 +319,7 @@ class LayerContext:
     # What the method records about this layer for a resumed run (plain JSON values: a greedy search's
     # chosen levels, an installed threshold): checkpointed with the layer, given back to replayed()
     state: dict = field(default_factory=dict)
+    fp_observed: bool = False  # the method's fp_observers watched the pass that computed fp_outputs
 
     @property
     def n_samples(self) -> int:
@@ -351,22 +353,33 @@ class LayerContext:
         ``[1, L, in]`` of each named module (``ids`` are the sample's modality ids ``[1, L]``; for a
         module that sees a subset of the tokens, such as an MoE expert's linear, the ids of that subset
         as the module's caller narrowed them with ``modality_context``)."""
+        self.watch([(m, functools.partial(fn, name)) for name, m in modules.items()], inputs)
+
+    @torch.no_grad()
+    def watch(self, observers, inputs=None, keep: bool = False) -> list[torch.Tensor] | None:
+        """Run every sample (of ``inputs``, default ``self.inputs``) through the layer with ``observers``
+        (``(module, fn(x, ids))``, as :meth:`collect`'s) hooked on the modules' inputs; the outputs (on the
+        CPU) when ``keep``."""
         inputs = self.inputs if inputs is None else inputs
         current = {}
 
-        def hook(name):
+        def hook(fn):
             def h(mod, args):
-                fn(name, args[0], ids_of_tokens(args[0], current["ids"]))
+                fn(args[0], ids_of_tokens(args[0], current["ids"]))
             return h
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        handles = [m.register_forward_pre_hook(hook(fn)) for m, fn in observers]
+        outputs = []
         try:
             for j in range(len(inputs)):
                 current["ids"] = self.captured.modality[j].to(self.device)
-                self.run(j, inputs[j])
+                out = self.run(j, inputs[j])
+                if keep:
+                    outputs.append(out.to("cpu"))
         finally:
             for h in handles:
                 h.remove()
+        return outputs if keep else None
 
 
 def _cast_floating(obj, dtype):
@@ -457,6 +470,15 @@ class Method:
 
     def step(self, ctx: LayerContext) -> None:
         raise NotImplementedError
+
+    def fp_observers(self, ctx: LayerContext) -> list[tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], None]]]:
+        """Observers of the uncompressed pass: ``(module, fn(x, ids))``, hooked on ``module``'s input (``ids``
+        as :meth:`LayerContext.collect` gives them) while the engine runs the calibration samples' uncompressed
+        chain through the layer before :meth:`step` (``ctx.fp_inputs`` → ``ctx.fp_outputs``).  A step that takes
+        its statistics on that chain gathers them here instead of in a pass of its own; it reads
+        ``ctx.fp_observed`` to know whether the pass ran (it does not when a :class:`ReferenceCache` held the
+        outputs).  Asked only when that pass will run."""
+        return []
 
     def observers(self, ctx: LayerContext) -> list[tuple[nn.Module, str, Callable[[torch.Tensor], None]]]:
         """Observers of this layer: ``(module, "input" | "output", fn)``.  The engine hooks them on after
@@ -952,7 +974,8 @@ def _run_layerwise(model, adapter, method, samples, device, ckpt, resume, progre
             upcast.__enter__()
             for c in contexts:
                 c.compute_dtype = torch.float32
-        _fp_outputs(contexts)
+        watch = method.fp_observers(ctx) if ctx.fp_inputs is not None and ctx.fp_outputs is None else []
+        _fp_outputs(contexts, watch)
         method.step(ctx)
         if upcast is not None:
             upcast.__exit__(None, None, None)
@@ -1063,13 +1086,16 @@ def _cached_chains(cache, ref_key, chain_keys, layer, i, contexts, names, upcast
     return missing
 
 
-def _fp_outputs(contexts) -> None:
+def _fp_outputs(contexts, watch=()) -> None:
     """The uncompressed layer's outputs on every context that keeps an uncompressed chain (and has not
-    got them yet: from a :class:`ReferenceCache`)."""
+    got them yet: from a :class:`ReferenceCache`); ``watch``: the method's :meth:`~Method.fp_observers`, hooked
+    on for the first context's (the calibration samples') pass."""
     with torch.no_grad():
-        for c in contexts:
+        for n, c in enumerate(contexts):
             if c.fp_inputs is not None and c.fp_outputs is None:
-                c.fp_outputs = [c.run(j, c.fp_inputs[j]).to("cpu") for j in range(len(c.fp_inputs))]
+                observers = list(watch) if n == 0 else []
+                c.fp_outputs = c.watch(observers, c.fp_inputs, keep=True)
+                c.fp_observed = bool(observers)
 
 
 def _end_fp32(contexts, model_dtype) -> None:

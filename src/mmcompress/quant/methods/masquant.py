@@ -79,7 +79,7 @@ from .base import QuantMethod, weight_column_absmax
 from .gradients import (LOSS_WEIGHTS_HELP, check_loss_weights, modalities_present, parse_loss_weights,
                         resolve_loss_weights)
 from .smoothquant import smoothing_factors
-from .stats import collect_group_stats
+from .stats import GroupStatsCollector, collect_group_stats
 
 log = logging.getLogger(__name__)
 
@@ -415,12 +415,27 @@ class MASQuant(QuantMethod):
             self.summary["whitening"] = {"set": "separate", "tokens": self.whitening_tokens}
 
     # -- one decoder layer ------------------------------------------------------------------------
-    def step(self, ctx: LayerContext) -> None:
-        layer, adapter, scheme = ctx.layer, ctx.adapter, self.scheme
-        groups = [g for g in adapter.groups if g.role in SMOOTHED_GROUPS]
+    def _stats_plan(self, ctx: LayerContext):
+        """The smoothed groups, whether C_m is needed, and the whitening set's context (or ``None``)."""
+        groups = [g for g in ctx.adapter.groups if g.role in SMOOTHED_GROUPS]
         need_moments = self.cmc in ("whitened",) and any(m != TEXT for m in self.present)
         wctx = ctx.sides.get("whitening") if self.whitening == "separate" else None
-        stats = collect_group_stats(ctx, groups, moments=need_moments and wctx is None, inputs=ctx.fp_inputs)
+        return groups, need_moments, wctx
+
+    def fp_observers(self, ctx: LayerContext):
+        """The statistics of the uncompressed chain, gathered on the engine's pass that computes its outputs."""
+        groups, need_moments, wctx = self._stats_plan(ctx)
+        self._fp_stats = (ctx, GroupStatsCollector(groups, moments=need_moments and wctx is None))
+        return self._fp_stats[1].observers(ctx.layer)
+
+    def step(self, ctx: LayerContext) -> None:
+        layer, adapter, scheme = ctx.layer, ctx.adapter, self.scheme
+        groups, need_moments, wctx = self._stats_plan(ctx)
+        pending, self._fp_stats = getattr(self, "_fp_stats", None), None
+        if pending is not None and pending[0] is ctx and ctx.fp_observed:  # gathered on the fp pass
+            stats = pending[1].result(ctx)
+        else:
+            stats = collect_group_stats(ctx, groups, moments=need_moments and wctx is None, inputs=ctx.fp_inputs)
         if need_moments and wctx is not None:  # C_m from the whitening set's own tokens of modality m
             wstats = collect_group_stats(wctx, groups, moments=True, inputs=wctx.fp_inputs)
             for g in groups:

@@ -19,6 +19,7 @@ does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,23 @@ class SmoothQuant(QuantMethod):
     needs_fp_chain = True  # statistics of the full-precision model, as the reference and every method here
     Options = SmoothQuantOptions
 
+    def _groups(self, ctx: LayerContext) -> list:
+        return [g for g in ctx.adapter.groups if g.role in self.groups
+                and (self.runtime_smoothing or smoothing_foldable(ctx.layer, g, None))]
+
+    def fp_observers(self, ctx: LayerContext):
+        """The activation maxima, gathered on the engine's pass of the uncompressed chain."""
+        self._fp_absmax = (ctx, AbsmaxCollector(self._groups(ctx)))
+        return self._fp_absmax[1].observers(ctx.layer)
+
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter
-        groups = [g for g in adapter.groups if g.role in self.groups
-                  and (self.runtime_smoothing or smoothing_foldable(layer, g, None))]
-        act_absmax = collect_absmax(ctx, groups)
+        groups = self._groups(ctx)
+        pending, self._fp_absmax = getattr(self, "_fp_absmax", None), None
+        if pending is not None and pending[0] is ctx and ctx.fp_observed:
+            act_absmax = pending[1].result(ctx)
+        else:
+            act_absmax = collect_absmax(ctx, groups)
         unseen = [g.name for g in groups if not bool(act_absmax[g.name].gt(0).any())]  # an expert no token reached
         groups = [g for g in groups if g.name not in unseen]
         quantize_layer_linears(layer, adapter, self.scheme, pack=False)
@@ -71,15 +84,32 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
+class AbsmaxCollector:
+    """Per-input-channel ``max |x|`` of each group's input over every token it is given (:meth:`record`)."""
+
+    def __init__(self, groups):
+        self.groups = list(groups)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def record(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
+        self.stats[name] = m if name not in self.stats else torch.maximum(self.stats[name], m)
+
+    def modules(self, layer) -> dict:
+        return {g.name: g.input_module(layer) for g in self.groups}
+
+    def observers(self, layer) -> list:
+        return [(mod, functools.partial(self.record, name)) for name, mod in self.modules(layer).items()]
+
+    def result(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
+        """Every rank's maxima; zeros for a group no token reached (an MoE expert the router never chose)."""
+        zeros = {g.name: torch.zeros(g.modules(ctx.layer)[0].in_features, dtype=torch.float64) for g in self.groups}
+        return {g.name: ctx.world.max(self.stats.get(g.name, zeros[g.name])) for g in self.groups}
+
+
 def collect_absmax(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` of each group's input over all tokens of all samples (of every rank),
     on the full-precision chain; zeros for a group no token reached (an MoE expert the router never chose)."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def record(name, x, ids):
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
-        stats[name] = m if name not in stats else torch.maximum(stats[name], m)
-
-    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record, inputs=ctx.fp_inputs)
-    zeros = {g.name: torch.zeros(g.modules(ctx.layer)[0].in_features, dtype=torch.float64) for g in groups}
-    return {g.name: ctx.world.max(stats.get(g.name, zeros[g.name])) for g in groups}
+    collector = AbsmaxCollector(groups)
+    ctx.collect(collector.modules(ctx.layer), collector.record, inputs=ctx.fp_inputs)
+    return collector.result(ctx)

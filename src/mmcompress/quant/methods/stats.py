@@ -12,6 +12,7 @@ Modality ids follow :mod:`mmcompress.models.modality`; video is counted as text 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,29 +46,47 @@ class GroupStats:
                 self.moment[m] = world.sum(self.moment.get(m, torch.zeros(self.dim, self.dim, dtype=torch.float64)))
 
 
-def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inputs=None) -> dict[str, GroupStats]:
-    """Run the calibration samples through ``ctx.layer`` and gather per-modality input statistics."""
-    stats: dict[str, GroupStats] = {}
+class GroupStatsCollector:
+    """Gathers :class:`GroupStats` of ``groups`` from the inputs its :meth:`record` is given: by
+    :func:`collect_group_stats`'s pass, or hooked on the engine's uncompressed pass
+    (:meth:`~mmcompress.engine.Method.fp_observers`, :meth:`observers`)."""
 
-    def record(name, x, ids):
+    def __init__(self, groups, moments: bool = False):
+        self.groups, self.moments = list(groups), moments
+        self.stats: dict[str, GroupStats] = {}
+
+    def record(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         ids = ids.reshape(-1).to(x.device)
         ids = method_modalities(ids)
-        st = stats.setdefault(name, GroupStats(x.shape[-1]))
+        st = self.stats.setdefault(name, GroupStats(x.shape[-1]))
         for m in ids.unique().tolist():
             xm = x[ids == m]
             amax = xm.abs().amax(0).double().cpu()
             st.absmax[m] = amax if m not in st.absmax else torch.maximum(st.absmax[m], amax)
             st.count[m] = st.count.get(m, 0) + xm.shape[0]
-            if moments:
+            if self.moments:
                 xd = xm.double()
                 g = (xd.T @ xd).cpu()
                 st.moment[m] = g if m not in st.moment else st.moment[m] + g
 
-    ctx.collect({g.name: g.input_module(ctx.layer) for g in groups}, record, inputs=inputs)
-    for g in groups:  # a group no token reached (an MoE expert the router never chose): empty statistics
-        stats.setdefault(g.name, GroupStats(g.modules(ctx.layer)[0].in_features))
-    if ctx.world.size > 1:
-        for g in groups:
-            stats[g.name].all_reduce(ctx.world, moments)
-    return stats
+    def modules(self, layer) -> dict:
+        return {g.name: g.input_module(layer) for g in self.groups}
+
+    def observers(self, layer) -> list:
+        return [(mod, functools.partial(self.record, name)) for name, mod in self.modules(layer).items()]
+
+    def result(self, ctx: LayerContext) -> dict[str, GroupStats]:
+        for g in self.groups:  # a group no token reached (an MoE expert the router never chose): empty statistics
+            self.stats.setdefault(g.name, GroupStats(g.modules(ctx.layer)[0].in_features))
+        if ctx.world.size > 1:
+            for g in self.groups:
+                self.stats[g.name].all_reduce(ctx.world, self.moments)
+        return self.stats
+
+
+def collect_group_stats(ctx: LayerContext, groups, *, moments: bool = False, inputs=None) -> dict[str, GroupStats]:
+    """Run the calibration samples through ``ctx.layer`` and gather per-modality input statistics."""
+    collector = GroupStatsCollector(groups, moments)
+    ctx.collect(collector.modules(ctx.layer), collector.record, inputs=inputs)
+    return collector.result(ctx)
