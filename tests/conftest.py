@@ -24,6 +24,17 @@ from .tiny_models import tiny_model, tiny_processor, tiny_tokenizer  # noqa: E40
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Every test starts with the session's torch thread count: an in-process CLI call with ``--threads``
+    (``bench decode``, ``generate``) sets it for the process, and the numbers of every later test that runs
+    float GEMMs (a calibration's round-off) would depend on the order the tests ran in."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     from importlib.metadata import entry_points
 
