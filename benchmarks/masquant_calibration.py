@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="calibration seed")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.threads is not None and a.threads < 1:
+        ap.error(f"--threads must be >= 1, got {a.threads}")
     if a.threads:
         torch.set_num_threads(a.threads)
     d = fetch("omni-mini", progress=False)

@@ -368,59 +368,23 @@ def test_reference_cache_shares_the_uncompressed_work_and_changes_nothing(tokeni
     assert cache.hits == 0
 
 
-def test_data_free_rtn_runs_no_calibration_chain(tokenizer, tmp_path, monkeypatch):
-    """RTN reads no activations: with the diagnostics on a held-out set the walk runs no layer on the
-    calibration samples (``Method.data_free``), and the weights and the report are the ones of a walk that
-    does, bit for bit."""
+def _counted_walks(tokenizer, tmp_path, monkeypatch, method, opts, variant):
+    """Quantize a tiny Omni model twice with ``method`` (held-out diagnostics on), once under ``variant(True)``
+    and once under ``variant(False)`` (each a setting it applies with ``monkeypatch``); per walk the state
+    dict, the diagnostics report and the number of ``LayerContext.run`` calls; and the product of the layer and
+    calibration-sample counts."""
     from mmcompress.engine import LayerContext
-    from mmcompress.quant.methods.rtn import RTN
 
     model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
     calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
     held = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s, text=" a held out prompt here")[0]
                            for s in (5, 6)], source="held")
-    n_layers = len(get_adapter(model).layers)
     runs = []
     real_run = LayerContext.run
     monkeypatch.setattr(LayerContext, "run", lambda self, j, x=None: (runs.append(1), real_run(self, j, x))[1])
 
-    def quantize(tag, data_free):
-        monkeypatch.setattr(RTN, "data_free", data_free)
-        runs.clear()
-        m = copy.deepcopy(model)
-        mmcompress.quantize(m, calib, "rtn", "w4a8", progress=False, report_dir=tmp_path / tag, report_calib=held)
-        rep = json.loads((tmp_path / tag / "diagnostics-rtn-w4a8.json").read_text())
-        rep.pop("seconds", None)
-        return m.state_dict(), rep, len(runs)
-
-    (sd_free, rep_free, n_free), (sd_chain, rep_chain, n_chain) = quantize("free", True), quantize("chain", False)
-    assert rep_free == rep_chain
-    assert sd_free.keys() == sd_chain.keys() and all(torch.equal(sd_free[k], sd_chain[k]) for k in sd_free)
-    assert n_chain - n_free == n_layers * len(calib)
-
-
-@pytest.mark.parametrize("method,opts", [("smoothquant", {"runtime_smoothing": True}), ("masquant", {"epochs": 1})])
-def test_statistics_gathered_on_the_uncompressed_pass_save_a_pass_and_change_nothing(tokenizer, tmp_path, monkeypatch,
-                                                                                     method, opts):
-    """SmoothQuant's and MASQuant's statistics of the uncompressed chain come from the engine's pass that
-    computes that chain's outputs (``Method.fp_observers``): one layer pass per sample fewer, and the weights and
-    the report of a walk that gathers them in a pass of its own, bit for bit."""
-    from mmcompress.engine import LayerContext
-    from mmcompress.quant.methods import QUANT_METHODS
-
-    model, tok = tiny_model("qwen2_5_omni", tokenizer=tokenizer)
-    calib = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s)[0] for s in range(3)])
-    held = CalibrationSet([mm_inputs("qwen2_5_omni", tok, seed=s, text=" a held out prompt here")[0]
-                           for s in (5, 6)], source="held")
-    n_layers = len(get_adapter(model).layers)
-    runs = []
-    real_run = LayerContext.run
-    monkeypatch.setattr(LayerContext, "run", lambda self, j, x=None: (runs.append(1), real_run(self, j, x))[1])
-    cls = QUANT_METHODS[method]
-    real_obs = cls.fp_observers
-
-    def quantize(tag, on_fp_pass):
-        monkeypatch.setattr(cls, "fp_observers", real_obs if on_fp_pass else lambda self, ctx: [])
+    def walk(tag, on):
+        variant(on)
         runs.clear()
         m = copy.deepcopy(model)
         mmcompress.quantize(m, calib, method, "w4a8", progress=False, report_dir=tmp_path / tag, report_calib=held,
@@ -429,7 +393,38 @@ def test_statistics_gathered_on_the_uncompressed_pass_save_a_pass_and_change_not
         rep.pop("seconds", None)
         return m.state_dict(), rep, len(runs)
 
-    (sd_fp, rep_fp, n_fp), (sd_own, rep_own, n_own) = quantize("fp", True), quantize("own", False)
-    assert rep_fp == rep_own
-    assert sd_fp.keys() == sd_own.keys() and all(torch.equal(sd_fp[k], sd_own[k]) for k in sd_fp)
-    assert n_own - n_fp == n_layers * len(calib)
+    return walk("on", True), walk("off", False), len(get_adapter(model).layers) * len(calib)
+
+
+def _same_walk(a, b):
+    assert a[1] == b[1]
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def test_data_free_rtn_runs_no_calibration_chain(tokenizer, tmp_path, monkeypatch):
+    """RTN reads no activations: with the diagnostics on a held-out set the walk runs no layer on the
+    calibration samples (``Method.data_free``), and the weights and the report are the ones of a walk that
+    does, bit for bit."""
+    from mmcompress.quant.methods.rtn import RTN
+
+    free, chain, passes = _counted_walks(tokenizer, tmp_path, monkeypatch, "rtn", {},
+                                         lambda on: monkeypatch.setattr(RTN, "data_free", on))
+    _same_walk(free, chain)
+    assert chain[2] - free[2] == passes
+
+
+@pytest.mark.parametrize("method,opts", [("smoothquant", {"runtime_smoothing": True}), ("masquant", {"epochs": 1})])
+def test_statistics_gathered_on_the_uncompressed_pass_save_a_pass_and_change_nothing(tokenizer, tmp_path, monkeypatch,
+                                                                                     method, opts):
+    """SmoothQuant's and MASQuant's statistics of the uncompressed chain come from the engine's pass that
+    computes that chain's outputs (``Method.fp_observers``): one layer pass per sample fewer, and the weights and
+    the report of a walk that gathers them in a pass of its own, bit for bit."""
+    from mmcompress.quant.methods import QUANT_METHODS
+
+    cls = QUANT_METHODS[method]
+    real = cls.fp_observers
+    on_fp, own, passes = _counted_walks(
+        tokenizer, tmp_path, monkeypatch, method, opts,
+        lambda on: monkeypatch.setattr(cls, "fp_observers", real if on else lambda self, ctx: []))
+    _same_walk(on_fp, own)
+    assert own[2] - on_fp[2] == passes

@@ -480,6 +480,18 @@ class Method:
         outputs).  Asked only when that pass will run."""
         return []
 
+    def watch_fp_pass(self, ctx: LayerContext, collector) -> list:
+        """:meth:`fp_observers` for a ``collector`` (``observers(layer)``, ``record(name, x, ids)``): remembered
+        for ``ctx``'s step, which takes it back with :meth:`fp_collected`."""
+        self._fp_pending = (ctx, collector)
+        return collector.observers(ctx.layer)
+
+    def fp_collected(self, ctx: LayerContext):
+        """The collector that watched ``ctx``'s uncompressed pass, or ``None`` when that pass did not run (the
+        step then gathers its statistics itself); forgotten either way."""
+        pending, self._fp_pending = getattr(self, "_fp_pending", None), None
+        return pending[1] if pending is not None and pending[0] is ctx and ctx.fp_observed else None
+
     def observers(self, ctx: LayerContext) -> list[tuple[nn.Module, str, Callable[[torch.Tensor], None]]]:
         """Observers of this layer: ``(module, "input" | "output", fn)``.  The engine hooks them on after
         :meth:`step` for the one pass that computes the next layer's inputs (every calibration sample

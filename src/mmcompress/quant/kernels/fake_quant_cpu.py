@@ -54,13 +54,14 @@ def _kernel_takes(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, 
 
 class _SmoothedWeightFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, w, qmax, group):
-        w, s_c = w.contiguous(), s.contiguous()
-        out, q, scale, amax, ok = torch.ops.mmcompress_fq.smoothed_weight_fq(w, s_c, float(qmax), group)
-        ctx.qmax, ctx.group, ctx.ok = qmax, group, ok
-        ctx.save_for_backward(s_c, w, q, scale, amax)
+    def forward(ctx, s, w, bits, group):
+        w, s = w.contiguous(), s.contiguous()
+        qmax = float(2 ** (bits - 1) - 1)
+        out, q, scale, amax, ok = torch.ops.mmcompress_fq.smoothed_weight_fq(w, s, qmax, group)
+        ctx.bits, ctx.qmax, ctx.group, ctx.ok = bits, qmax, group, ok
+        ctx.save_for_backward(s, w, q, scale, amax)
         if not ok:  # NaN or inf in W ⊙ s: the torch chain's values (and, in backward, its gradient)
-            return _chain(w, s_c, qmax, group)
+            return fake_quantize_weight(w * s, bits, group, True)
         return out
 
     @staticmethod
@@ -69,15 +70,10 @@ class _SmoothedWeightFakeQuant(torch.autograd.Function):
         if not ctx.ok:
             with torch.enable_grad():
                 s_ = s.detach().requires_grad_()
-                (gs,) = torch.autograd.grad(_chain(w, s_, ctx.qmax, ctx.group), s_, g)
+                (gs,) = torch.autograd.grad(fake_quantize_weight(w * s_, ctx.bits, ctx.group, True), s_, g)
             return gs, None, None, None
-        gs = torch.ops.mmcompress_fq.smoothed_weight_fq_backward(g, w, s, q, scale, amax, float(ctx.qmax), ctx.group)
+        gs = torch.ops.mmcompress_fq.smoothed_weight_fq_backward(g, w, s, q, scale, amax, ctx.qmax, ctx.group)
         return gs, None, None, None
-
-
-def _chain(w, s, qmax, group):
-    bits = int(qmax).bit_length() + 1  # qmax = 2^(b-1) - 1
-    return fake_quantize_weight(w * s, bits, group, True)
 
 
 def smoothed_fake_quant_weight(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int = 0,
@@ -86,4 +82,4 @@ def smoothed_fake_quant_weight(w: torch.Tensor, s: torch.Tensor, bits: int, grou
     the kernel where it takes the call (see the module docstring)."""
     if bits >= 16 or not _kernel_takes(w, s, bits, group_size, sym):
         return fake_quantize_weight(w * s, bits, group_size, sym)
-    return _SmoothedWeightFakeQuant.apply(s, w, 2 ** (bits - 1) - 1, group_size)
+    return _SmoothedWeightFakeQuant.apply(s, w, bits, group_size)

@@ -425,17 +425,14 @@ class MASQuant(QuantMethod):
     def fp_observers(self, ctx: LayerContext):
         """The statistics of the uncompressed chain, gathered on the engine's pass that computes its outputs."""
         groups, need_moments, wctx = self._stats_plan(ctx)
-        self._fp_stats = (ctx, GroupStatsCollector(groups, moments=need_moments and wctx is None))
-        return self._fp_stats[1].observers(ctx.layer)
+        return self.watch_fp_pass(ctx, GroupStatsCollector(groups, moments=need_moments and wctx is None))
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter, scheme = ctx.layer, ctx.adapter, self.scheme
         groups, need_moments, wctx = self._stats_plan(ctx)
-        pending, self._fp_stats = getattr(self, "_fp_stats", None), None
-        if pending is not None and pending[0] is ctx and ctx.fp_observed:  # gathered on the fp pass
-            stats = pending[1].result(ctx)
-        else:
-            stats = collect_group_stats(ctx, groups, moments=need_moments and wctx is None, inputs=ctx.fp_inputs)
+        seen = self.fp_collected(ctx)  # gathered on the engine's uncompressed pass, if it ran
+        stats = seen.result(ctx) if seen is not None else \
+            collect_group_stats(ctx, groups, moments=need_moments and wctx is None, inputs=ctx.fp_inputs)
         if need_moments and wctx is not None:  # C_m from the whitening set's own tokens of modality m
             wstats = collect_group_stats(wctx, groups, moments=True, inputs=wctx.fp_inputs)
             for g in groups:

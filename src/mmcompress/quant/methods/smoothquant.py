@@ -19,7 +19,6 @@ does.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from ... import options as opt
 from ...engine import LayerContext
 from .base import QuantMethod, apply_smoothing, quantize_layer_linears, smoothing_foldable, weight_column_absmax
+from .stats import InputCollector
 
 ALL_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 DEFAULT_GROUPS = ("attn_in", "attn_out", "mlp_in")
@@ -53,17 +53,13 @@ class SmoothQuant(QuantMethod):
 
     def fp_observers(self, ctx: LayerContext):
         """The activation maxima, gathered on the engine's pass of the uncompressed chain."""
-        self._fp_absmax = (ctx, AbsmaxCollector(self._groups(ctx)))
-        return self._fp_absmax[1].observers(ctx.layer)
+        return self.watch_fp_pass(ctx, AbsmaxCollector(self._groups(ctx)))
 
     def step(self, ctx: LayerContext) -> None:
         layer, adapter = ctx.layer, ctx.adapter
         groups = self._groups(ctx)
-        pending, self._fp_absmax = getattr(self, "_fp_absmax", None), None
-        if pending is not None and pending[0] is ctx and ctx.fp_observed:
-            act_absmax = pending[1].result(ctx)
-        else:
-            act_absmax = collect_absmax(ctx, groups)
+        seen = self.fp_collected(ctx)
+        act_absmax = seen.result(ctx) if seen is not None else collect_absmax(ctx, groups)
         unseen = [g.name for g in groups if not bool(act_absmax[g.name].gt(0).any())]  # an expert no token reached
         groups = [g for g in groups if g.name not in unseen]
         quantize_layer_linears(layer, adapter, self.scheme, pack=False)
@@ -84,22 +80,12 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
-class AbsmaxCollector:
+class AbsmaxCollector(InputCollector):
     """Per-input-channel ``max |x|`` of each group's input over every token it is given (:meth:`record`)."""
-
-    def __init__(self, groups):
-        self.groups = list(groups)
-        self.stats: dict[str, torch.Tensor] = {}
 
     def record(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
         self.stats[name] = m if name not in self.stats else torch.maximum(self.stats[name], m)
-
-    def modules(self, layer) -> dict:
-        return {g.name: g.input_module(layer) for g in self.groups}
-
-    def observers(self, layer) -> list:
-        return [(mod, functools.partial(self.record, name)) for name, mod in self.modules(layer).items()]
 
     def result(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
         """Every rank's maxima; zeros for a group no token reached (an MoE expert the router never chose)."""

@@ -46,14 +46,31 @@ class GroupStats:
                 self.moment[m] = world.sum(self.moment.get(m, torch.zeros(self.dim, self.dim, dtype=torch.float64)))
 
 
-class GroupStatsCollector:
-    """Gathers :class:`GroupStats` of ``groups`` from the inputs its :meth:`record` is given: by
-    :func:`collect_group_stats`'s pass, or hooked on the engine's uncompressed pass
-    (:meth:`~mmcompress.engine.Method.fp_observers`, :meth:`observers`)."""
+class InputCollector:
+    """Statistics of the inputs of groups of linears, from what :meth:`record` ``(group name, x, ids)`` is given:
+    in a pass of its own (``ctx.collect(c.modules(layer), c.record, ...)``) or hooked on the engine's
+    uncompressed pass (:meth:`observers`, :meth:`~mmcompress.engine.Method.watch_fp_pass`)."""
+
+    def __init__(self, groups):
+        self.groups = list(groups)
+        self.stats: dict = {}
+
+    def record(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def modules(self, layer) -> dict:
+        return {g.name: g.input_module(layer) for g in self.groups}
+
+    def observers(self, layer) -> list:
+        return [(mod, functools.partial(self.record, name)) for name, mod in self.modules(layer).items()]
+
+
+class GroupStatsCollector(InputCollector):
+    """Gathers :class:`GroupStats` of ``groups`` (``moments``: with ``C_m``)."""
 
     def __init__(self, groups, moments: bool = False):
-        self.groups, self.moments = list(groups), moments
-        self.stats: dict[str, GroupStats] = {}
+        super().__init__(groups)
+        self.moments = moments
 
     def record(self, name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
@@ -69,12 +86,6 @@ class GroupStatsCollector:
                 xd = xm.double()
                 g = (xd.T @ xd).cpu()
                 st.moment[m] = g if m not in st.moment else st.moment[m] + g
-
-    def modules(self, layer) -> dict:
-        return {g.name: g.input_module(layer) for g in self.groups}
-
-    def observers(self, layer) -> list:
-        return [(mod, functools.partial(self.record, name)) for name, mod in self.modules(layer).items()]
 
     def result(self, ctx: LayerContext) -> dict[str, GroupStats]:
         for g in self.groups:  # a group no token reached (an MoE expert the router never chose): empty statistics
