@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import __version__
 from ..fileio import atomic_output_dir
+from ..memory import trim_heap
 from ..models.adapters import get_adapter
 from ..models.loading import load_hf_model, model_class_for, read_config
 from ..models import moe as _moe  # noqa: F401  (registers ExpertLinears, the per-expert MoE linears)
@@ -220,18 +221,28 @@ def load(path, device: str | torch.device = "cpu", runtime: str | None = None, *
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors in model.safetensors: {unexpected[:5]}")
     if missing:
-        current = model.state_dict()
-        loaded = {current[k].data_ptr() for k in state if k in current}
-        really_missing = [k for k in missing if current[k].data_ptr() not in loaded]
-        if really_missing:
-            raise ValueError(f"{path}: missing tensors in model.safetensors: {really_missing[:5]}")
+        _check_missing_are_tied(model, state, missing, path)
+    del state  # the artifact's tensors, copied into the model
     model.eval().to(device)
     model._mmcompress_description = {k: v for k, v in manifest.items() if k != "modules"}
     model._mmcompress_source = str(path)
     _install_runtime(model)
     from ..runtime.generate import install_engine_generate  # model.generate on the decode engine where exact
 
-    return install_engine_generate(deploy(model, runtime))
+    model = install_engine_generate(deploy(model, runtime))
+    trim_heap()  # the row-major codes the deployed layouts replaced: back to the system, not left resident
+    return model
+
+
+def _check_missing_are_tied(model: nn.Module, state: dict, missing: list[str], path) -> None:
+    """``ValueError`` unless every tensor ``load_state_dict`` reported missing shares its storage with a loaded
+    one (a tied pair is stored once).  A function of its own: its state dict of the model holds every packed
+    tensor, and must not outlive the check (the codes a deployed layer re-lays would stay resident)."""
+    current = model.state_dict()
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    really_missing = [k for k in missing if current[k].data_ptr() not in loaded]
+    if really_missing:
+        raise ValueError(f"{path}: missing tensors in model.safetensors: {really_missing[:5]}")
 
 
 def load_model(path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
