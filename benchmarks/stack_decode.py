@@ -525,7 +525,7 @@ def fused_decode_benchmark(name: str = "llama2-7b", layers: int = DEFAULT_LAYERS
     :func:`_teal_thresholds`; reported as ``teal_tok_s`` / ``teal_speedup``, not ``tok_s``).  All engines step
     the same tokens in lockstep (own KV caches, order rotating).  ``rows_layout`` (``scheme`` without ``sparsity``):
     also the same scheme with its codes row-major (``MMCOMPRESS_CODE_LAYOUT=rows``; the deployed default tiles
-    them), reported as ``rows_layout_tok_s`` and ``tiled_over_rows``."""
+    int4 codes, ``MMCOMPRESS_CODE_LAYOUT=tiles`` in the environment int8 codes too), reported as ``rows_layout_tok_s`` and ``tiled_over_rows``."""
     from mmcompress.runtime.decode import DecodeEngine
     from mmcompress.runtime.fused import fused_problem
 
@@ -738,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated on a dense forward of random ids; no adapters)")
     p.add_argument("--rows-layout", action="store_true",
                    help="--step fused with --scheme: also the scheme with its codes row-major "
-                        "(MMCOMPRESS_CODE_LAYOUT=rows) in the same run, against the deployed tiled codes")
+                        "(MMCOMPRESS_CODE_LAYOUT=rows) in the same run, against the deployed layout (int4 tiled, "
+                        "int8 row-major; MMCOMPRESS_CODE_LAYOUT=tiles in the environment tiles int8 codes too)")
     p.add_argument("--fp32", action="store_true",
                    help="--step fused: also the fp32 dense model among the dense baselines (off by default: "
                         "slower than bf16 on the fused step, docs/runtime.md, and 2x the memory)")

@@ -73,8 +73,8 @@ def test_bf16_int4_weight_only_uses_the_bf16_kernel(tmp_path, tokenizer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "w4a8"])
 def test_tiled_codes_give_the_row_major_logits(tmp_path, tokenizer, monkeypatch, scheme, dtype):
-    """Codes tiled in memory (the default on the CPU kernel) and row-major: the fused step's logits are
-    identical (kinds 1, 2, 3), and the tiled model saves the artifact's bytes."""
+    """Codes tiled in memory (``MMCOMPRESS_CODE_LAYOUT=tiles``; the default for int4 codes) and row-major: the
+    fused step's logits are identical (kinds 1, 2, 3), and the tiled model saves the artifact's bytes."""
     model, tok = tiny_model("llama", tokenizer=tokenizer, dtype=dtype, hidden=128, intermediate=256)
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", scheme, progress=False)
     art = mmcompress.save(model, tmp_path / "art")
@@ -701,3 +701,27 @@ def test_fused_step_refuses_what_it_does_not_run(tmp_path, tokenizer):
     model.model.layers[0].self_attn.o_proj.set_backend("torch")
     assert fused.fused_problem(DecodeEngine(model, max_len=40, fused=False)) == \
         "layer 0: a SparseLinear off the CPU kernel layout (backend 'torch')"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_int8_rows_in_tiles_of_eight_four_and_one(tmp_path, tokenizer, dtype):
+    """The fused step walks row-major int8 codes in 8-row tiles, then 4, then single rows: k/v projections of
+    12 rows (one KV head of 12) take the 8- and the 4-row tile, the logits equal the Python step's."""
+    model, tok = tiny_model("llama", tokenizer=tokenizer, dtype=dtype, hidden=192, heads=16, kv_heads=1)
+    mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w8a8", progress=False)
+    model = mmcompress.load(mmcompress.save(model, tmp_path / "w8a8"))
+    kv = model.model.layers[0].self_attn.k_proj
+    assert kv.out_features == 12 and kv.weight_codes.dim() == 2  # row-major int8 codes (the default layout)
+    py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40)
+    assert fu.fused
+    ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for e in (py, fu):
+            e._reset()
+            e._forward(ids, 0)
+        t = torch.tensor([[5]])
+        for i in range(8):
+            lp, lf = py._step(t, 9 + i), fu._step(t, 9 + i)
+            err = (lp.float() - lf.float()).abs().max() / lp.float().abs().max()
+            assert err < TOL[dtype], (i, err.item())
+            t = lp.argmax(-1, keepdim=True)

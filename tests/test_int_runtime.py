@@ -389,10 +389,22 @@ def test_codes_stay_row_major_where_tiles_do_not_apply(out_f, in_f, scheme, monk
     assert d.weight_codes.dim() == 2
 
 
+@pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
+@pytest.mark.parametrize("scheme,tiled", [(QuantScheme(4, 16, 128, False), True), (QuantScheme(4, 8), True),
+                                          (QuantScheme(8, 8), False), (QuantScheme(8, 16, 128, False), False)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_default_layout_tiles_int4_codes_and_keeps_int8_codes_row_major(scheme, tiled, monkeypatch):
+    """``auto`` (the default): int4 codes tiled, int8 codes row-major (the faster layout of each at decode)."""
+    monkeypatch.delenv("MMCOMPRESS_CODE_LAYOUT", raising=False)
+    d = IntLinear(_packed(48, 256, scheme))
+    assert d.weight_codes.dim() == (4 if tiled else 2)
+    assert _int_linear(_packed(48, 256, scheme), "auto", monkeypatch).weight_codes.dim() == (4 if tiled else 2)
+
+
 def test_code_layout_setting_is_checked(monkeypatch):
     q = _packed(48, 256, QuantScheme(4, 16, 128, False))
     assert _int_linear(q, "rows", monkeypatch).weight_codes.dim() == 2
-    with pytest.raises(ValueError, match="MMCOMPRESS_CODE_LAYOUT must be 'tiles' or 'rows', got 'tiled'"):
+    with pytest.raises(ValueError, match="MMCOMPRESS_CODE_LAYOUT must be 'auto', 'tiles' or 'rows', got 'tiled'"):
         _int_linear(q, "tiled", monkeypatch)
 
 
@@ -435,6 +447,7 @@ def test_load_gives_back_the_codes_the_tiles_replaced(tmp_path, tokenizer, monke
     model, tok = tiny_model("llama", tokenizer=tokenizer, tie=True)
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w8a8", progress=False)
     art = mmcompress.save(model, tmp_path / "art")
+    monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", "tiles")  # int8 codes re-laid too (the default keeps them row-major)
     replaced, deployed, alive_at_trim = [], [], []  # weak references to the packed codes' storages
     real_deploy, real_trim = serialization.deploy, serialization.trim_heap
 

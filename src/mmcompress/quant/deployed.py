@@ -6,9 +6,10 @@ integer codes (int8, or int4 two per byte), step sizes, zero points, bias, smoot
 accumulation, scales applied afterwards.  It never materialises a float copy of its weight (the
 weight-only prefill path builds one per call and drops it).  The buffers keep the packed
 ``QuantLinear``'s names and :meth:`spec` returns its spec, so a deployed model saves to the same
-artifact.  Codes that the CPU kernel runs are held tiled in memory
+artifact.  Int4 codes that the CPU kernel runs are held tiled in memory
 (:func:`~mmcompress.quant.kernels.tile_codes`: the same bytes in the order the kernel streams them) and
-saved row-major.
+saved row-major; int8 codes stay row-major, which the decode step reads faster
+(:func:`~mmcompress.quant.kernels.tiled_codes`).
 
 :class:`IntMASLinear` is MASQuant's E17 on that path: every token goes through the one shared integer
 weight with its own modality's smoothing row; image/audio tokens add ``(x/s_m) L_m R_m`` in floating

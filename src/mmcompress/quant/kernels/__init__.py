@@ -23,9 +23,10 @@ Paths (chosen per call; measurements in ``docs/runtime.md``):
 
 Code layouts: ``codes`` is row-major (``[N, K]`` / ``[N, K/2]``, as saved) or, deployed on the CPU
 kernel, tiled ``[N/8, C/64, 8, 64]`` with ``C`` bytes per row (:func:`tile_codes`: line ``j`` of eight rows
-side by side, one memory stream per 8-row tile instead of eight; :func:`tiled_codes` decides,
-``MMCOMPRESS_CODE_LAYOUT=rows`` keeps them row-major).  The kernels read either; the torch path un-tiles
-into a temporary.
+side by side, one memory stream per 8-row tile instead of eight).  :func:`tiled_codes` decides: int4 codes
+tiled, int8 codes row-major (measured in the fused decode step, docs/runtime.md "Sitting W");
+``MMCOMPRESS_CODE_LAYOUT=tiles`` or ``rows`` sets one layout for both.  The kernels read either; the torch
+path un-tiles into a temporary.
 """
 
 from __future__ import annotations
@@ -82,16 +83,23 @@ def untile_codes(codes: torch.Tensor) -> torch.Tensor:
     return codes.transpose(1, 2).reshape(t * rows, lines * width)
 
 
+CODE_LAYOUTS = ("auto", "tiles", "rows")
+
+
 def tiled_codes(scheme: QuantScheme, in_features: int, out_features: int, device) -> bool:
     """Whether a deployed linear keeps its codes tiled: codes that our CPU kernel runs at decode, rows of a
     multiple of 64 bytes (``K % 64 == 0`` for int8, ``K % 128 == 0`` for int4) and ``N % 8 == 0`` (every row
-    in a whole tile), unless ``MMCOMPRESS_CODE_LAYOUT=rows``."""
-    layout = os.environ.get("MMCOMPRESS_CODE_LAYOUT", "tiles")
-    if layout not in ("tiles", "rows"):
-        raise ValueError(f"MMCOMPRESS_CODE_LAYOUT must be 'tiles' or 'rows', got {layout!r}")
-    if layout == "rows" or out_features % TILE_ROWS or path_for(scheme, in_features, device, 1) != "cpu":
+    in a whole tile) — by default (``MMCOMPRESS_CODE_LAYOUT=auto``) int4 codes only: the fused decode step reads
+    int8 codes 9-14 % faster row-major (four rows' streams at once) and int4 codes 0-5 % faster tiled
+    (docs/runtime.md "Sitting W").  ``tiles`` tiles both, ``rows`` neither."""
+    layout = os.environ.get("MMCOMPRESS_CODE_LAYOUT", "auto")
+    if layout not in CODE_LAYOUTS:
+        raise ValueError(f"MMCOMPRESS_CODE_LAYOUT must be 'auto', 'tiles' or 'rows', got {layout!r}")
+    int8 = KERNEL_BITS[scheme.wbits] == 8
+    if layout == "rows" or (layout == "auto" and int8) or out_features % TILE_ROWS \
+            or path_for(scheme, in_features, device, 1) != "cpu":
         return False
-    return (in_features if KERNEL_BITS[scheme.wbits] == 8 else in_features // 2) % TILE_BYTES == 0
+    return (in_features if int8 else in_features // 2) % TILE_BYTES == 0
 
 
 _QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
