@@ -711,7 +711,7 @@ def test_fused_int8_rows_in_tiles_of_eight_four_and_one(tmp_path, tokenizer, dty
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w8a8", progress=False)
     model = mmcompress.load(mmcompress.save(model, tmp_path / "w8a8"))
     kv = model.model.layers[0].self_attn.k_proj
-    assert kv.out_features == 12 and kv.weight_codes.dim() == 2  # row-major int8 codes (the default layout)
+    assert kv.out_features == 12 and kv.weight_codes.dim() == 2  # 12 rows: not whole tiles, row-major
     py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40)
     assert fu.fused
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))

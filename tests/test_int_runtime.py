@@ -390,15 +390,16 @@ def test_codes_stay_row_major_where_tiles_do_not_apply(out_f, in_f, scheme, monk
 
 
 @pytest.mark.skipif(not kernels._cpu.available(), reason="no CPU integer kernel here")
-@pytest.mark.parametrize("scheme,tiled", [(QuantScheme(4, 16, 128, False), True), (QuantScheme(4, 8), True),
-                                          (QuantScheme(8, 8), False), (QuantScheme(8, 16, 128, False), False)],
+@pytest.mark.parametrize("scheme,K,tiled", [(QuantScheme(4, 16, 128, False), 4096, True), (QuantScheme(4, 8), 4096, True),
+                                            (QuantScheme(8, 8), 4096, False), (QuantScheme(8, 16, 128, False), 4096, False),
+                                            (QuantScheme(8, 8), 1536, True), (QuantScheme(8, 8), 256, True)],
                          ids=lambda v: getattr(v, "name", str(v)))
-def test_default_layout_tiles_int4_codes_and_keeps_int8_codes_row_major(scheme, tiled, monkeypatch):
-    """``auto`` (the default): int4 codes tiled, int8 codes row-major (the faster layout of each at decode)."""
+def test_default_layout_keeps_only_long_int8_rows_row_major(scheme, K, tiled, monkeypatch):
+    """``auto`` (the default): int4 codes tiled; int8 codes row-major from ``INT8_ROWS_FROM`` (4096) bytes per
+    row, tiled below (the faster layout of each at decode)."""
     monkeypatch.delenv("MMCOMPRESS_CODE_LAYOUT", raising=False)
-    d = IntLinear(_packed(48, 256, scheme))
-    assert d.weight_codes.dim() == (4 if tiled else 2)
-    assert _int_linear(_packed(48, 256, scheme), "auto", monkeypatch).weight_codes.dim() == (4 if tiled else 2)
+    assert IntLinear(_packed(16, K, scheme)).weight_codes.dim() == (4 if tiled else 2)
+    assert _int_linear(_packed(16, K, scheme), "auto", monkeypatch).weight_codes.dim() == (4 if tiled else 2)
 
 
 def test_code_layout_setting_is_checked(monkeypatch):
@@ -447,7 +448,7 @@ def test_load_gives_back_the_codes_the_tiles_replaced(tmp_path, tokenizer, monke
     model, tok = tiny_model("llama", tokenizer=tokenizer, tie=True)
     mmcompress.quantize(model, CalibrationSet(text_samples(tok, n=2)), "rtn", "w8a8", progress=False)
     art = mmcompress.save(model, tmp_path / "art")
-    monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", "tiles")  # int8 codes re-laid too (the default keeps them row-major)
+    monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", "tiles")  # every code matrix re-laid (the default, too, at this K)
     replaced, deployed, alive_at_trim = [], [], []  # weak references to the packed codes' storages
     real_deploy, real_trim = serialization.deploy, serialization.trim_heap
 

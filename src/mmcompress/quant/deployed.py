@@ -8,7 +8,7 @@ weight-only prefill path builds one per call and drops it).  The buffers keep th
 ``QuantLinear``'s names and :meth:`spec` returns its spec, so a deployed model saves to the same
 artifact.  Int4 codes that the CPU kernel runs are held tiled in memory
 (:func:`~mmcompress.quant.kernels.tile_codes`: the same bytes in the order the kernel streams them) and
-saved row-major; int8 codes stay row-major, which the decode step reads faster
+saved row-major; int8 codes with long rows (K >= 4096) stay row-major, which the decode step reads faster
 (:func:`~mmcompress.quant.kernels.tiled_codes`).
 
 :class:`IntMASLinear` is MASQuant's E17 on that path: every token goes through the one shared integer

@@ -24,7 +24,8 @@ Paths (chosen per call; measurements in ``docs/runtime.md``):
 Code layouts: ``codes`` is row-major (``[N, K]`` / ``[N, K/2]``, as saved) or, deployed on the CPU
 kernel, tiled ``[N/8, C/64, 8, 64]`` with ``C`` bytes per row (:func:`tile_codes`: line ``j`` of eight rows
 side by side, one memory stream per 8-row tile instead of eight).  :func:`tiled_codes` decides: int4 codes
-tiled, int8 codes row-major (measured in the fused decode step, docs/runtime.md "Sitting W");
+tiled, int8 codes row-major when their rows are long (measured in the fused decode step, docs/runtime.md
+"Sitting W");
 ``MMCOMPRESS_CODE_LAYOUT=tiles`` or ``rows`` sets one layout for both.  The kernels read either; the torch
 path un-tiles into a temporary.
 """
@@ -84,20 +85,22 @@ def untile_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 CODE_LAYOUTS = ("auto", "tiles", "rows")
+INT8_ROWS_FROM = 4096  # auto: int8 codes with rows this long stay row-major (measured at 4096 and 11008; 576 and 1536 tiled)
 
 
 def tiled_codes(scheme: QuantScheme, in_features: int, out_features: int, device) -> bool:
     """Whether a deployed linear keeps its codes tiled: codes that our CPU kernel runs at decode, rows of a
     multiple of 64 bytes (``K % 64 == 0`` for int8, ``K % 128 == 0`` for int4) and ``N % 8 == 0`` (every row
-    in a whole tile) — by default (``MMCOMPRESS_CODE_LAYOUT=auto``) int4 codes only: the fused decode step reads
-    int8 codes 9-14 % faster row-major (four rows' streams at once) and int4 codes 0-5 % faster tiled
+    in a whole tile) — by default (``MMCOMPRESS_CODE_LAYOUT=auto``) int4 codes, and int8 codes with rows shorter
+    than ``INT8_ROWS_FROM``: the fused decode step reads the 7B stack's int8 codes (K = 4096, 11008) faster
+    row-major (eight rows' streams at once), smollm2's (K = 576, 1536) and every int4 layout faster tiled
     (docs/runtime.md "Sitting W").  ``tiles`` tiles both, ``rows`` neither."""
     layout = os.environ.get("MMCOMPRESS_CODE_LAYOUT", "auto")
     if layout not in CODE_LAYOUTS:
         raise ValueError(f"MMCOMPRESS_CODE_LAYOUT must be 'auto', 'tiles' or 'rows', got {layout!r}")
     int8 = KERNEL_BITS[scheme.wbits] == 8
-    if layout == "rows" or (layout == "auto" and int8) or out_features % TILE_ROWS \
-            or path_for(scheme, in_features, device, 1) != "cpu":
+    if layout == "rows" or (layout == "auto" and int8 and in_features >= INT8_ROWS_FROM) \
+            or out_features % TILE_ROWS or path_for(scheme, in_features, device, 1) != "cpu":
         return False
     return (in_features if int8 else in_features // 2) % TILE_BYTES == 0
 
