@@ -35,23 +35,29 @@ def _engines(tmp_path, tokenizer, kind, scheme, dtype, **kw):
 TOL = {torch.float32: 2e-5, torch.bfloat16: 5e-2}
 
 
+def _steps_agree(py, fu, ids, steps, tol):
+    """The same prefill fills both engines' caches, then ``steps`` decode steps teacher-forced with the Python
+    step's greedy tokens: the fused step's logits within ``tol`` (relative to the largest) of the Python step's."""
+    with torch.no_grad():
+        for e in (py, fu):
+            e._reset()
+            e._forward(ids, 0)
+        t = torch.tensor([[5]])
+        for i in range(steps):
+            lp, lf = py._step(t, ids.shape[1] + i), fu._step(t, ids.shape[1] + i)
+            assert lf.dtype == lp.dtype and lf.shape == lp.shape
+            err = (lp.float() - lf.float()).abs().max() / lp.float().abs().max()
+            assert err < tol, (i, err.item())
+            t = lp.argmax(-1, keepdim=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", [None, "w8a8", "w4a8", "w4a16"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_fused_step_logits_equal_python_step(tmp_path, tokenizer, kind, scheme, dtype):
     model, tok, py, fu = _engines(tmp_path, tokenizer, kind, scheme, dtype)
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for e in (py, fu):
-            e._reset()
-            e._forward(ids, 0)  # the same prefill fills both caches
-        t = torch.tensor([[5]])
-        for i in range(24):  # teacher-forced with the Python step's greedy tokens
-            lp, lf = py._step(t, 9 + i), fu._step(t, 9 + i)
-            assert lf.dtype == lp.dtype and lf.shape == lp.shape
-            err = (lp.float() - lf.float()).abs().max() / lp.float().abs().max()
-            assert err < TOL[dtype], (i, err.item())
-            t = lp.argmax(-1, keepdim=True)
+    _steps_agree(py, fu, ids, 24, TOL[dtype])
     if dtype == torch.float32:  # and the whole generation gives the same tokens
         assert torch.equal(fu.generate(ids, 16), py.generate(ids, 16))
 
@@ -715,13 +721,4 @@ def test_fused_int8_rows_in_tiles_of_eight_four_and_one(tmp_path, tokenizer, dty
     py, fu = DecodeEngine(model, max_len=40, fused=False), DecodeEngine(model, max_len=40)
     assert fu.fused
     ids = torch.randint(0, len(tok) - 10, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for e in (py, fu):
-            e._reset()
-            e._forward(ids, 0)
-        t = torch.tensor([[5]])
-        for i in range(8):
-            lp, lf = py._step(t, 9 + i), fu._step(t, 9 + i)
-            err = (lp.float() - lf.float()).abs().max() / lp.float().abs().max()
-            assert err < TOL[dtype], (i, err.item())
-            t = lp.argmax(-1, keepdim=True)
+    _steps_agree(py, fu, ids, 8, TOL[dtype])
