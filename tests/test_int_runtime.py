@@ -319,7 +319,7 @@ def test_int4_kernel_row_walk_is_exact(K, group, sym):
 def test_bf16_activation_int4_kernel_one_token_row_walk(group, sym):
     """bf16_act_gemm at one token (``paired_rows``' 8-row tiles of every other row down to single rows;
     N = 95) against float64 on the same inputs, and each token equal to its row of a 3-token call to
-    fp32 round-off (the 3-token tiles use one accumulator per output, one token two)."""
+    fp32 round-off (bit for bit: the next test)."""
     from mmcompress.quant.quantizer import dequantize_weight, unpack_int4
 
     scheme = QuantScheme(4, 16, group, sym)
@@ -339,6 +339,24 @@ def test_bf16_activation_int4_kernel_one_token_row_walk(group, sym):
 def _int_linear(q, layout, monkeypatch):
     monkeypatch.setenv("MMCOMPRESS_CODE_LAYOUT", layout)
     return IntLinear(copy.deepcopy(q))
+
+
+@pytest.mark.skipif(not kernels._cpu.bf16_available(), reason="needs the CPU kernel built with AVX512_BF16")
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+@pytest.mark.parametrize("group,sym", [(128, False), (128, True), (256, False), (0, True)])
+def test_bf16_int4_one_token_equals_its_row_of_a_batch_bit_for_bit(group, sym, layout, monkeypatch):
+    """One token of groups of 128 takes its own walk in ``bf16_tile`` (each row's group sum into its float
+    accumulator at once; tiled codes prefetched ahead): the same sums in the same order as the tiles of several
+    tokens, so each token's outputs are bit-identical to its row of a 4-token call, in both code layouts (other
+    groups: the same walk for any number of tokens)."""
+    scheme = QuantScheme(4, 16, group, sym)
+    lin = _int_linear(_packed(96, 1024, scheme, bias=False), layout, monkeypatch)
+    assert lin.weight_codes.dim() == (4 if layout == "tiles" else 2)
+    x = (torch.randn(4, 1024) * 2).bfloat16()
+    args = (lin.weight_codes, lin.weight_scale, lin.weight_zero, scheme, 1024)
+    y4 = kernels.int_matmul(x, *args)
+    for b in range(4):
+        assert torch.equal(kernels.int_matmul(x[b:b + 1], *args), y4[b:b + 1])
 
 
 TILED_SCHEMES = [QuantScheme(4, 16, 128, False), QuantScheme(4, 16, 0, True), QuantScheme(4, 16, 64, False),
