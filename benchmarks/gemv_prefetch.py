@@ -1,14 +1,15 @@
 """The sparse bf16 GEMV (``sparse_gemv.cpp``) with each software-prefetch hint, against torch, one GEMV at batch 1.
 
-    python benchmarks/gemv_prefetch.py [--hints t0,nta,none] [--shapes 4096x11008,11008x4096]
+    python benchmarks/gemv_prefetch.py [--hints t0,nta,none,ahead] [--shapes 4096x11008,11008x4096]
                                        [--sparsity 0,0.4] [--threads 1] [--clock thread] [--json FILE]
                                        [--source LABEL=FILE ...]
 
 Builds the current ``sparse_gemv.cpp`` once per hint, each under its own op namespace and with the prefetch on
-whatever the CPU (``g_prefetch_rows`` forced true): ``t0`` as it is (the next row group prefetched with
+whatever the CPU (``g_prefetch`` forced to ``rows``): ``t0`` as it is (the next row group prefetched with
 ``__builtin_prefetch(p, 0, 3)``, in ``gemv_group`` and ``gemv_group_dot``), ``nta`` with locality 0
 (PREFETCHNTA: the kernel before the fix of docs/runtime.md "Why sitting D was slow"), ``none`` without the
-prefetch.  Then
+prefetch; ``ahead`` is the source with ``g_prefetch`` forced to ``ahead`` (each row prefetched ``ROW_AHEAD``
+bytes ahead within itself, the default on AMD).  Then
 times ``topk_gemv`` at each sparsity and torch bf16 / fp32 ``F.linear`` on the row-major weight, all
 interleaved over enough weight copies (``--cache-mb``) that every call streams its weight from DRAM.
 ``--source LABEL=FILE`` adds another version of ``sparse_gemv.cpp`` as it is (e.g. an older one from
@@ -34,7 +35,7 @@ from kernel_variants import build_variant, interleaved_times, report
 from mmcompress.sparse.kernels import cpu
 
 PREFETCH = re.compile(r"__builtin_prefetch\((p\[q\] \+ c), 0, 3\);")  # the next-group prefetches
-DEFAULT = "const bool g_prefetch_rows = default_prefetch_rows();"
+DEFAULT = "const Prefetch g_prefetch = default_prefetch();"
 
 
 def rename(src: str, label: str) -> str:
@@ -49,13 +50,13 @@ def variant_source(hint: str) -> str:
     if n != 2 or DEFAULT not in src:
         raise SystemExit(f"expected the two T0 prefetches (gemv_group, gemv_group_dot) and {DEFAULT!r} in "
                          f"{cpu._SRC}, found {n} prefetches")
-    src = src.replace(DEFAULT, "const bool g_prefetch_rows = true;")
+    src = src.replace(DEFAULT, f"const Prefetch g_prefetch = Prefetch::{'ahead' if hint == 'ahead' else 'rows'};")
     if hint == "nta":
         src = PREFETCH.sub(r"__builtin_prefetch(\1, 0, 0);", src)
     elif hint == "none":
         src = PREFETCH.sub(";", src)
-    elif hint != "t0":
-        raise SystemExit(f"unknown hint {hint!r}: t0, nta or none")
+    elif hint not in ("t0", "ahead"):
+        raise SystemExit(f"unknown hint {hint!r}: t0, nta, none or ahead")
     return rename(src, hint)
 
 
@@ -66,7 +67,7 @@ def build(label: str, text: str):
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hints", default="t0,nta,none", help="comma-separated; empty: only the --source files")
+    ap.add_argument("--hints", default="t0,nta,none,ahead", help="comma-separated; empty: only the --source files")
     ap.add_argument("--shapes", default="4096x11008,11008x4096", help="OUTxIN as nn.Linear.weight")
     ap.add_argument("--sparsity", default="0,0.4")
     ap.add_argument("--threads", type=int, default=1)

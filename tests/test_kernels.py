@@ -147,8 +147,8 @@ def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dou
 
 
 def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
-    """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | none) changes only the kernels' prefetch hints, never a value: the
-    same float and int8 GEMVs in two fresh processes, one per setting, give identical bytes."""
+    """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | ahead | none) changes only the kernels' prefetch hints, never a value:
+    the same float and int8 GEMVs in fresh processes, one per setting, give identical bytes."""
     import os
     import subprocess
     import sys
@@ -171,19 +171,20 @@ def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
         "    out.append(cpu.ops().topk_int8_gemv(torch.randn(b, 700, generator=g), wq, scale, zc, 420, None, None, 8))\n"
         "torch.save(out, sys.argv[1])\n")
     res = {}
-    for mode in ("rows", "none"):
+    for mode in ("rows", "ahead", "none"):
         env = {**os.environ, "MMCOMPRESS_KERNEL_PREFETCH": mode}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / mode)], check=True, env=env)
         res[mode] = torch.load(tmp_path / mode)
-    for a, b in zip(res["rows"], res["none"]):
-        assert torch.equal(a, b)
+    for other in ("ahead", "none"):
+        for a, b in zip(res["rows"], res[other]):
+            assert torch.equal(a, b)
 
 
 def test_an_unknown_prefetch_setting_gets_one_line(monkeypatch):
-    """A value other than rows / none is ignored by the kernels; the loader says so (the check it runs)."""
+    """A value other than rows / ahead / none is ignored by the kernels; the loader says so (the check it runs)."""
     from mmcompress.sparse.kernels import cpu
 
-    for ok in (None, "rows", "none"):
+    for ok in (None, "rows", "ahead", "none"):
         if ok is None:
             monkeypatch.delenv("MMCOMPRESS_KERNEL_PREFETCH", raising=False)
         else:

@@ -121,7 +121,7 @@ def warn_once(state: dict, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-PREFETCH_SETTINGS = ("rows", "none")  # MMCOMPRESS_KERNEL_PREFETCH: sparse_gemv.cpp's default_prefetch_rows
+PREFETCH_SETTINGS = ("rows", "ahead", "none")  # MMCOMPRESS_KERNEL_PREFETCH: sparse_gemv.cpp's default_prefetch
 
 
 def prefetch_setting_notice() -> str | None:
@@ -129,7 +129,7 @@ def prefetch_setting_notice() -> str | None:
     v = os.environ.get("MMCOMPRESS_KERNEL_PREFETCH")
     if v is None or v in PREFETCH_SETTINGS:
         return None
-    return (f"mmcompress: MMCOMPRESS_KERNEL_PREFETCH={v!r} ignored (expected 'rows' or 'none'); "
+    return (f"mmcompress: MMCOMPRESS_KERNEL_PREFETCH={v!r} ignored (expected 'rows', 'ahead' or 'none'); "
             "the sparse kernels use this CPU's default")
 
 

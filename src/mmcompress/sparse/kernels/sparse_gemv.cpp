@@ -12,7 +12,7 @@
 // gives the former split of the output columns into one contiguous block per thread), so each thread
 // streams whole kept rows, the longest contiguous runs the layout allows; each task keeps an fp32
 // accumulator for its columns and walks its rows in groups (8 rows at batch 1, else 4; the next group's
-// rows prefetched where that pays, g_prefetch_rows) with an inner SIMD loop; bf16 weights are widened to
+// rows prefetched where that pays, g_prefetch) with an inner SIMD loop; bf16 weights are widened to
 // fp32 on load, or at batch 1 with bf16-valued inputs multiplied in pairs of rows by VDPBF16PS
 // (gemv_group_dot); the row parts' partial sums are added at the end.  The int8 variant (topk_int8_gemv,
 // below) works the same way, in passes of 4 to 16 kept rows (int8_block).  Blocks are handed out from an
@@ -156,36 +156,48 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
     for (size_t j = 0; j < sel[b].size(); ++j) vals[pos[sel[b][j]] * B + b] = val[b][j];
 }
 
-// Whether the block kernels (gemv_group, gemv_group_dot, and int8_walk's passes) prefetch the next group's
-// kept rows.  Skipped rows break the hardware prefetchers' streams at every kept row, so the next group's rows
-// can be prefetched at the same column offset while this group is processed (one line per row per step,
-// about one group ahead).  Whether that pays depends on the CPU: on an Intel Xeon (sitting D, one thread) it
-// was 5-15 % faster than no prefetch; on the AMD EPYC Zen 4 of session 38 (2 threads) the bf16 kernel was
-// 0-11 % slower with it, a hint for the first lines of each next row only, issued near the end of the current
-// rows, no faster than none, and the int8 kernel 12-20 % slower with it on 11008-column rows, the same on
-// 4096 (docs/runtime.md "Prefetch by CPU").  So: none on AMD, the rows elsewhere;
-// MMCOMPRESS_KERNEL_PREFETCH=rows or =none overrides the choice (read once, when the library loads).  The
-// hints carry no data: the results are the same either way.
+// How the block kernels prefetch (MMCOMPRESS_KERNEL_PREFETCH = rows | ahead | none, read once when the library
+// loads; the hints carry no data: the results are the same either way).
 //
-// The hint must be T0 (into L1 and L2), not non-temporal: one group ahead is R rows x len columns (64 KB of
-// bf16 at R = 8, len 4096), more than L1 holds, and PREFETCHNTA (__builtin_prefetch(p, 0, 0)) on an Intel Xeon
-// (AVX-512 BF16, AMX) made the bf16 GEMV 2.2x slower than no prefetch at all (5.5 vs 12.2 GB/s, T0 12.6-14.6
-// GB/s, one thread; docs/runtime.md "Why sitting D was slow"): the NTA lines are evidently dropped before use
-// and fetched again.
-bool default_prefetch_rows() {
+// rows: gemv_group, gemv_group_dot and int8_walk's passes prefetch the next group's kept rows.  Skipped rows
+// break the hardware prefetchers' streams at every kept row, so the next group's rows can be prefetched at the
+// same column offset while this group is processed (one line per row per step, about one group ahead).  On an
+// Intel Xeon (sitting D, one thread) 5-15 % faster than no prefetch: the default on CPUs other than AMD.
+//
+// ahead: gemv_group_dot (bf16 rows at one token) and int8_pass prefetch each of their current rows
+// ROW_AHEAD bytes ahead of the line they read (PREFETCHT2), within the row.  On the AMD EPYC Zen 4 of sessions
+// 37-42 (2 threads) the next group's rows cost 0-11 % (bf16) and 12-20 % (int8 at 11008 columns) (docs/runtime.md
+// "Prefetch by CPU"); in the fused decode step on the 7B stack the rows 1 KB ahead made the dense kernel at 0 %
+// 0.4-8.7 % faster, LaRoSA 40 % and its joint form with W8A8 1-8 % (docs/runtime.md "W4A16 at decode (session
+// 42)"): the default on AMD.
+//
+// none: no software prefetch.
+//
+// The hints must be T0/T1/T2, never non-temporal: one group ahead is R rows x len columns (64 KB of bf16 at
+// R = 8, len 4096), more than L1 holds, and PREFETCHNTA (__builtin_prefetch(p, 0, 0)) on an Intel Xeon (AVX-512
+// BF16, AMX) made the bf16 GEMV 2.2x slower than no prefetch at all (5.5 vs 12.2 GB/s, T0 12.6-14.6 GB/s, one
+// thread; docs/runtime.md "Why sitting D was slow"): the NTA lines are evidently dropped before use and fetched
+// again.
+enum class Prefetch { none, rows, ahead };
+
+Prefetch default_prefetch() {
   if (const char* e = std::getenv("MMCOMPRESS_KERNEL_PREFETCH")) {
-    if (!std::strcmp(e, "rows")) return true;
-    if (!std::strcmp(e, "none")) return false;
+    if (!std::strcmp(e, "rows")) return Prefetch::rows;
+    if (!std::strcmp(e, "ahead")) return Prefetch::ahead;
+    if (!std::strcmp(e, "none")) return Prefetch::none;
   }
   __builtin_cpu_init();
-  return !__builtin_cpu_is("amd");
+  return __builtin_cpu_is("amd") ? Prefetch::ahead : Prefetch::rows;
 }
 
-const bool g_prefetch_rows = default_prefetch_rows();
+const Prefetch g_prefetch = default_prefetch();
+const bool g_prefetch_rows = g_prefetch == Prefetch::rows;
+const bool g_prefetch_ahead = g_prefetch == Prefetch::ahead;
+constexpr int64_t ROW_AHEAD = 1024;  // bytes ahead within a row (ahead)
 
 // acc[b*len + j] += sum_{q<R} xv[b][q] * WT[rg[q], j0 + j] for j in [0, len): one group of R kept rows
 // (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows to prefetch, or null
-// (see g_prefetch_rows).
+// (see g_prefetch: rows).
 template <typename W, int B, int R>
 inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx, const float* vals,
                        int64_t j0, int64_t len, float* __restrict acc) {
@@ -245,6 +257,8 @@ inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32
   for (int64_t c = 0; c < len; c += 32) {
     if (nx)
       for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
+    if (g_prefetch_ahead && c + ROW_AHEAD / 2 < len)
+      for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(w[q] + c + ROW_AHEAD / 2), _MM_HINT_T2);
     __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
     for (int q = 0; q < R; q += 2) {
       const __m512i u = _mm512_loadu_si512(w[q] + c), v = _mm512_loadu_si512(w[q + 1] + c);
@@ -626,6 +640,8 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
     for (int b = 0; b < B; ++b) qb[g][b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
   for (int64_t c = 0; c < full; c += 64) {
     for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + c), _MM_HINT_T0);
+    if (g_prefetch_ahead && c + ROW_AHEAD < full)
+      for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + ROW_AHEAD), _MM_HINT_T2);
     __m512i e[G][4];
     for (int g = 0; g < G; ++g) {
       const __m512i r0 = _mm512_loadu_si512(w[4 * g] + c), r1 = _mm512_loadu_si512(w[4 * g + 1] + c);
