@@ -704,10 +704,13 @@ void int8_walk(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, con
   }
 }
 
-// Interleaves per pass: several (kInt8Groups) only when the accumulator [B, len] int32 is larger than
-// kInt8L1Acc bytes, i.e. does not stay in L1 and every load/store of it goes to L2 (gate/up: 11008
-// columns, 43 KB).  A 4096-column accumulator (16 KB) stays in L1, and there 16 rows per pass measured
-// 9-13 % slower than 4 on the down projection (docs/sparse_int8.md "Kernel").
+// Interleaves per pass: at one token always several (kInt8Groups: 16 kept rows per pass); at more tokens
+// several only when the accumulator [B, len] int32 is larger than kInt8L1Acc bytes, i.e. does not stay in L1
+// and every load/store of it goes to L2 (gate/up: 11008 columns, 43 KB).  A 4096-column accumulator (16 KB)
+// stays in L1, and there 16 rows per pass once measured 9-13 % slower than 4 on the down projection
+// (docs/sparse_int8.md "Kernel"); since the rows are prefetched ahead on AMD (g_prefetch), one token's 16 rows
+// per pass are the faster walk there: 11-13 % per GEMV with 4096 outputs, and the joint model's decode step on
+// the 7B stack 13-20 % faster (docs/runtime.md "W4A16 at decode (session 42)").  More tokens: unmeasured, as before.
 #ifndef MMC_INT8_GROUPS
 #define MMC_INT8_GROUPS 4
 #endif
@@ -722,7 +725,7 @@ template <int B>
 void int8_block(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
                 int64_t j0, int64_t j1, int32_t* __restrict acc) {
   const int64_t len = j1 - j0;
-  if (B * len * static_cast<int64_t>(sizeof(int32_t)) > kInt8L1Acc)
+  if (B == 1 || B * len * static_cast<int64_t>(sizeof(int32_t)) > kInt8L1Acc)
     int8_walk<B, kInt8Groups<B>>(wt, n, rows, qp, ngroups, j0, len, acc);
   else
     int8_walk<B, 1>(wt, n, rows, qp, ngroups, j0, len, acc);
