@@ -6,8 +6,9 @@ in several versions side by side, one call at batch 1..8 (docs/sparse_int8.md "K
         [--clock thread] [--thp] [--json FILE]
 
 ``cur`` is the working tree's ``sparse_gemv.cpp``; ``--groups G,...`` builds it once per value of
-``MMC_INT8_GROUPS`` (VNNI interleaves of 4 kept rows per pass at batch 1, when the accumulator exceeds
-``MMC_INT8_L1_ACC`` bytes; ``--groups 4:0`` sets that to 0) as ``gG`` / ``gG_A``; each
+``MMC_INT8_GROUPS`` (VNNI interleaves of 4 kept rows per pass at batch 1 — every pass since session 42; before,
+and at batch 2-8 still, only when the accumulator exceeds ``MMC_INT8_L1_ACC`` bytes; ``--groups 4:0`` sets that to
+0) as ``gG`` / ``gG_A``; each
 ``--source LABEL=FILE`` adds another version (e.g. ``git show main:src/mmcompress/sparse/kernels/sparse_gemv.cpp
 > /tmp/old.cpp``).  Every version is built under its own op namespace.  Per shape (OUTxIN, as
 ``nn.Linear.weight``) one random weight is quantized (int8, symmetric per channel), packed and copied until

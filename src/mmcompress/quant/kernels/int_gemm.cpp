@@ -467,7 +467,6 @@ at::Tensor float_act_gemm(const at::Tensor& x, const at::Tensor& w, const at::Te
 #ifdef __AVX512BF16__
 constexpr bool kHaveBf16 = true;
 
-//
 // One token, groups of 128 (W4A16 g128, the usual weight-only scheme): a group is one 128-code step, and each
 // row's step goes into its float accumulator at once (no accumulator per row held across the rows), and an
 // 8-row tile of tiled codes prefetches its stream TILE_PREFETCH bytes ahead (PREFETCHT2).  Both measured in
