@@ -77,7 +77,7 @@ inline __m512i load_w_u8(const uint8_t* p) {
 constexpr int TILE_ROWS = 8;  // rows per tile of tiled codes
 template <bool TILED>
 inline const uint8_t* row_at(const uint8_t* w, int64_t ws, int64_t n) {
-  return TILED ? w + (n / 8) * 8 * ws + (n % 8) * 64 : w + n * ws;
+  return TILED ? w + (n / TILE_ROWS) * TILE_ROWS * ws + (n % TILE_ROWS) * 64 : w + n * ws;
 }
 template <bool TILED>
 inline const uint8_t* byte_at(const uint8_t* row, int64_t off) {
