@@ -148,7 +148,8 @@ def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dou
 
 def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
     """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | ahead | none) changes only the kernels' prefetch hints, never a value:
-    the same float and int8 GEMVs in fresh processes, one per setting, give identical bytes."""
+    the same float and int8 GEMVs in fresh processes, one per setting, give identical bytes (bf16 rows of 1100
+    columns: ``ahead`` prefetches within them and, over their last 1 KB, into the next group's rows)."""
     import os
     import subprocess
     import sys
@@ -159,9 +160,9 @@ def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
         "assert cpu.load(), cpu.error()\n"
         "g = torch.Generator().manual_seed(0)\n"
         "out = []\n"
-        "for dt in (torch.bfloat16, torch.float32):\n"
+        "for dt, n in ((torch.bfloat16, 300), (torch.bfloat16, 1100), (torch.float32, 300)):\n"
         "    x = torch.randn(3, 700, generator=g).to(dt)\n"
-        "    wt = torch.randn(700, 300, generator=g).to(dt)\n"
+        "    wt = torch.randn(700, n, generator=g).to(dt)\n"
         "    out += [cpu.ops().topk_gemv(x[:1], wt, 420, None).float(), cpu.ops().topk_gemv(x, wt, 420, None).float()]\n"
         "from mmcompress.sparse.kernels import pack_int8_weight\n"
         "codes = torch.randint(-127, 128, (11008, 700), generator=g, dtype=torch.int8)\n"

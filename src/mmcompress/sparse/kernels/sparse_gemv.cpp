@@ -169,7 +169,9 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
 // 37-42 (2 threads) the next group's rows cost 0-11 % (bf16) and 12-20 % (int8 at 11008 columns) (docs/runtime.md
 // "Prefetch by CPU"); in the fused decode step on the 7B stack the rows 1 KB ahead made the dense kernel at 0 %
 // 0.4-8.7 % faster, LaRoSA 40 % and its joint form with W8A8 1-8 % (docs/runtime.md "W4A16 at decode (session
-// 42)"): the default on AMD.
+// 42)"): the default on AMD.  In gemv_group_dot the stream runs on into the next group's rows: over a row's last
+// ROW_AHEAD bytes it prefetches the first ROW_AHEAD bytes of the row that follows it in the walk (LaRoSA 40 %
+// 0.5-4.8 % faster in eight of eight processes, docs/runtime.md "Session 43").
 //
 // none: no software prefetch.
 //
@@ -237,7 +239,8 @@ inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, con
 // x[q+1]·WT[q+1, j] + x[q]·WT[q, j] to acc[j] (exact bf16 products, fp32 sums rounded to nearest even, in that
 // order; denormals flushed, as the instruction does): three instructions per pair of lines where widening
 // each line to fp32 first takes six.  xp[q/2]: the pair (x[q], x[q+1]) as two bf16 codes; len: a multiple of
-// 32 (gemv_block does the rest); nx: as gemv_group.
+// 32 (gemv_block does the rest); nx: the next group's R rows, or null (the last group): prefetched along with
+// this group's (g_prefetch rows) or where this group's rows end (ahead).
 template <int R>
 inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx,
                            const uint32_t* xp, int64_t j0, int64_t len, float* __restrict acc) {
@@ -255,10 +258,15 @@ inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32
   const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22,
                                       53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int64_t c = 0; c < len; c += 32) {
-    if (nx)
+    if (g_prefetch_rows && nx)
       for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
-    if (g_prefetch_ahead && c + ROW_AHEAD / 2 < len)
-      for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(w[q] + c + ROW_AHEAD / 2), _MM_HINT_T2);
+    if (g_prefetch_ahead) {
+      const int64_t ca = c + ROW_AHEAD / 2;  // the column ROW_AHEAD bytes ahead
+      if (ca < len)
+        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(w[q] + ca), _MM_HINT_T2);
+      else if (nx && ca - len < len)  // past this row's end: the same distance into the next group's row q
+        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(p[q] + (ca - len)), _MM_HINT_T2);
+    }
     __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
     for (int q = 0; q < R; q += 2) {
       const __m512i u = _mm512_loadu_si512(w[q] + c), v = _mm512_loadu_si512(w[q + 1] + c);
@@ -292,6 +300,7 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
   const int64_t len = j1 - j0;
   // the next group's rows, if any and if prefetched (g_prefetch_rows)
   auto next = [&](int64_t r) { return g_prefetch_rows && r + 2 * R <= nrows ? rows + r + R : nullptr; };
+  auto next_dot = [&](int64_t r) { return r + 2 * R <= nrows ? rows + r + R : nullptr; };  // gemv_group_dot's nx
   int64_t r = 0;
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<W, uint16_t> && B == 1) {
@@ -305,7 +314,7 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
           std::memcpy(&b, vals + r + 2 * q + 1, 4);
           xp[q] = (a >> 16) | (b & 0xffff0000u);
         }
-        gemv_group_dot<R>(wt, n, rows + r, next(r), xp, j0, len32, acc);
+        gemv_group_dot<R>(wt, n, rows + r, next_dot(r), xp, j0, len32, acc);
       }
       if (len32 < len)
         for (int64_t q = 0; q < ng; ++q) {
