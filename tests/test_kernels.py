@@ -149,7 +149,8 @@ def test_bf16_weights_at_batch1_fp32_sums_of_exact_products(cpu_kernel, din, dou
 def test_the_prefetch_choice_does_not_change_results(cpu_kernel, tmp_path):
     """``MMCOMPRESS_KERNEL_PREFETCH`` (rows | ahead | none) changes only the kernels' prefetch hints, never a value:
     the same float and int8 GEMVs in fresh processes, one per setting, give identical bytes (bf16 rows of 1100
-    columns: ``ahead`` prefetches within them and, over their last 1 KB, into the next group's rows)."""
+    columns and int8 rows of 11008: ``ahead`` prefetches within them and, over their last 1 KB, into the next
+    group's or pass's rows)."""
     import os
     import subprocess
     import sys

@@ -632,15 +632,21 @@ inline float quantize_values(const float* v, int64_t n, int qmax, int8_t* q) {
 // Each 64-column chunk loads the accumulator once, adds all G interleaves (vpdpbusd into the same
 // registers) and stores it once, so the int32 accumulator (4 bytes per column) is read and written once
 // per 4G rows instead of once per 4: at G = 1 accumulator traffic equals weight traffic.  nx: the next
-// npf rows (a multiple of 4, <= 4G) to prefetch at the same column offset, one line per row per chunk.
+// npf rows (a multiple of 4, <= 4G) to prefetch at the same column offset, one line per row per chunk
+// (g_prefetch rows).  ax: the next pass's 4G rows, or null: where this pass's rows end, the ROW_AHEAD stream
+// runs on into them (g_prefetch ahead, as gemv_group_dot; the joint model's step on the 7B stack 1-4.6 %
+// faster in five of six processes, docs/runtime.md "Session 43").
 template <int B, int G>
 inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg, const uint32_t* qp,
-                      const int32_t* nx, int npf, int64_t j0, int64_t len, int32_t* __restrict acc) {
+                      const int32_t* nx, int npf, int64_t j0, int64_t len, int32_t* __restrict acc,
+                      const int32_t* ax = nullptr) {
   const uint8_t* w[4 * G];
   const uint8_t* p[4 * G];
+  const uint8_t* a[4 * G];
   for (int r = 0; r < 4 * G; ++r) {
     w[r] = wt + static_cast<int64_t>(rg[r]) * n + j0;
     p[r] = r < npf ? wt + static_cast<int64_t>(nx[r]) * n + j0 : w[r];
+    a[r] = ax ? wt + static_cast<int64_t>(ax[r]) * n + j0 : w[r];
   }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const int64_t full = len / 64 * 64;
@@ -649,8 +655,13 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
     for (int b = 0; b < B; ++b) qb[g][b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
   for (int64_t c = 0; c < full; c += 64) {
     for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + c), _MM_HINT_T0);
-    if (g_prefetch_ahead && c + ROW_AHEAD < full)
-      for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + c + ROW_AHEAD), _MM_HINT_T2);
+    if (g_prefetch_ahead) {
+      const int64_t ca = c + ROW_AHEAD;
+      if (ca < full)
+        for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ca), _MM_HINT_T2);
+      else if (ax && ca - full < full)  // past this row's end: the same distance into the next pass's row r
+        for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(a[r] + (ca - full)), _MM_HINT_T2);
+    }
     __m512i e[G][4];
     for (int g = 0; g < G; ++g) {
       const __m512i r0 = _mm512_loadu_si512(w[4 * g] + c), r1 = _mm512_loadu_si512(w[4 * g + 1] + c);
@@ -681,6 +692,7 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
   const int64_t tail0 = full;
 #else
   (void)p;
+  (void)a;
   const int64_t tail0 = 0;  // no VNNI: every column in natural order (the epilogue is told so)
 #endif
   for (int g = 0; g < G; ++g)
@@ -696,14 +708,15 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
 
 // Groups of 4 kept rows per VNNI interleave (rows padded to a multiple of 4, padding rows carry code 0),
 // walked G interleaves per pass (see int8_pass), then the remaining groups one at a time; each pass
-// prefetches the next pass's rows.
+// prefetches the next pass's rows (g_prefetch rows: along with its own; ahead: where its own end).
 template <int B, int G>
 void int8_walk(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
                int64_t j0, int64_t len, int32_t* __restrict acc) {
   int64_t g = 0;
   for (; g + G <= ngroups; g += G) {
     const int npf = g_prefetch_rows ? static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4 : 0;
-    int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc);
+    const int32_t* ax = g_prefetch_ahead && g + 2 * G <= ngroups ? rows + 4 * (g + G) : nullptr;
+    int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc, ax);
   }
   if constexpr (G > 1) {
     for (; g < ngroups; ++g) {
