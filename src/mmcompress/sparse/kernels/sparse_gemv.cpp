@@ -171,7 +171,7 @@ void build_union(const std::vector<std::vector<int32_t>>& sel, const std::vector
 // 0.4-8.7 % faster, LaRoSA 40 % and its joint form with W8A8 1-8 % (docs/runtime.md "W4A16 at decode (session
 // 42)"): the default on AMD.  In gemv_group_dot the stream runs on into the next group's rows: over a row's last
 // ROW_AHEAD bytes it prefetches the first ROW_AHEAD bytes of the row that follows it in the walk (LaRoSA 40 %
-// 0.5-4.8 % faster in eight of eight processes, docs/runtime.md "Session 43").
+// 0.5-5.0 % faster in eight of eight processes, docs/runtime.md "Session 43").
 //
 // none: no software prefetch.
 //
