@@ -197,9 +197,19 @@ const bool g_prefetch_rows = g_prefetch == Prefetch::rows;
 const bool g_prefetch_ahead = g_prefetch == Prefetch::ahead;
 constexpr int64_t ROW_AHEAD = 1024;  // bytes ahead within a row (ahead)
 
+// g_prefetch ahead for NR rows walked together: the line at element ca of each current row (cur) while ca < len,
+// then the same distance into the rows the walk takes next (next, or null: none), within their first len elements
+template <int NR, typename T>
+inline void prefetch_ahead(const T* const* cur, const T* const* next, int64_t ca, int64_t len) {
+  if (ca < len)
+    for (int q = 0; q < NR; ++q) _mm_prefetch(reinterpret_cast<const char*>(cur[q] + ca), _MM_HINT_T2);
+  else if (next && ca - len < len)
+    for (int q = 0; q < NR; ++q) _mm_prefetch(reinterpret_cast<const char*>(next[q] + (ca - len)), _MM_HINT_T2);
+}
+
 // acc[b*len + j] += sum_{q<R} xv[b][q] * WT[rg[q], j0 + j] for j in [0, len): one group of R kept rows
-// (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows to prefetch, or null
-// (see g_prefetch: rows).
+// (rg), walked one 64-byte line of every row at a time; nx: the next group's R rows, or null (the last group),
+// prefetched along with this group's (g_prefetch rows).
 template <typename W, int B, int R>
 inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx, const float* vals,
                        int64_t j0, int64_t len, float* __restrict acc) {
@@ -214,7 +224,7 @@ inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, con
   constexpr int64_t CH = 64 / sizeof(W);  // elements per cache line
   int64_t c = 0;
   for (; c + CH <= len; c += CH) {
-    if (nx)
+    if (g_prefetch_rows && nx)
       for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
 #pragma omp simd
     for (int64_t j = c; j < c + CH; ++j)
@@ -239,8 +249,8 @@ inline void gemv_group(const W* __restrict wt, int64_t n, const int32_t* rg, con
 // x[q+1]·WT[q+1, j] + x[q]·WT[q, j] to acc[j] (exact bf16 products, fp32 sums rounded to nearest even, in that
 // order; denormals flushed, as the instruction does): three instructions per pair of lines where widening
 // each line to fp32 first takes six.  xp[q/2]: the pair (x[q], x[q+1]) as two bf16 codes; len: a multiple of
-// 32 (gemv_block does the rest); nx: the next group's R rows, or null (the last group): prefetched along with
-// this group's (g_prefetch rows) or where this group's rows end (ahead).
+// 32 (gemv_block does the rest); nx: as gemv_group, and with g_prefetch ahead prefetched where this group's rows
+// end.
 template <int R>
 inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32_t* rg, const int32_t* nx,
                            const uint32_t* xp, int64_t j0, int64_t len, float* __restrict acc) {
@@ -260,13 +270,7 @@ inline void gemv_group_dot(const uint16_t* __restrict wt, int64_t n, const int32
   for (int64_t c = 0; c < len; c += 32) {
     if (g_prefetch_rows && nx)
       for (int q = 0; q < R; ++q) __builtin_prefetch(p[q] + c, 0, 3);
-    if (g_prefetch_ahead) {
-      const int64_t ca = c + ROW_AHEAD / 2;  // the column ROW_AHEAD bytes ahead
-      if (ca < len)
-        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(w[q] + ca), _MM_HINT_T2);
-      else if (nx && ca - len < len)  // past this row's end: the same distance into the next group's row q
-        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(p[q] + (ca - len)), _MM_HINT_T2);
-    }
+    if (g_prefetch_ahead) prefetch_ahead<R>(w, nx ? p : nullptr, c + ROW_AHEAD / 2, len);  // ROW_AHEAD bytes ahead
     __m512 a0 = _mm512_loadu_ps(acc + c), a1 = _mm512_loadu_ps(acc + c + 16);
     for (int q = 0; q < R; q += 2) {
       const __m512i u = _mm512_loadu_si512(w[q] + c), v = _mm512_loadu_si512(w[q + 1] + c);
@@ -298,9 +302,8 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
                 int64_t j1, float* __restrict acc) {
   constexpr int R = B == 1 ? 8 : 4;
   const int64_t len = j1 - j0;
-  // the next group's rows, if any and if prefetched (g_prefetch_rows)
-  auto next = [&](int64_t r) { return g_prefetch_rows && r + 2 * R <= nrows ? rows + r + R : nullptr; };
-  auto next_dot = [&](int64_t r) { return r + 2 * R <= nrows ? rows + r + R : nullptr; };  // gemv_group_dot's nx
+  // the next group's rows, if it is a full group
+  auto next = [&](int64_t r) { return r + 2 * R <= nrows ? rows + r + R : nullptr; };
   int64_t r = 0;
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<W, uint16_t> && B == 1) {
@@ -314,7 +317,7 @@ void gemv_block(const W* __restrict wt, int64_t n, const int32_t* rows, const fl
           std::memcpy(&b, vals + r + 2 * q + 1, 4);
           xp[q] = (a >> 16) | (b & 0xffff0000u);
         }
-        gemv_group_dot<R>(wt, n, rows + r, next_dot(r), xp, j0, len32, acc);
+        gemv_group_dot<R>(wt, n, rows + r, next(r), xp, j0, len32, acc);
       }
       if (len32 < len)
         for (int64_t q = 0; q < ng; ++q) {
@@ -631,22 +634,18 @@ inline float quantize_values(const float* v, int64_t n, int qmax, int8_t* q) {
 // of group g, token b, byte r = row 4g + r) for columns [j0, j0 + len): acc[b*len + ...] += their sums.
 // Each 64-column chunk loads the accumulator once, adds all G interleaves (vpdpbusd into the same
 // registers) and stores it once, so the int32 accumulator (4 bytes per column) is read and written once
-// per 4G rows instead of once per 4: at G = 1 accumulator traffic equals weight traffic.  nx: the next
-// npf rows (a multiple of 4, <= 4G) to prefetch at the same column offset, one line per row per chunk
-// (g_prefetch rows).  ax: the next pass's 4G rows, or null: where this pass's rows end, the ROW_AHEAD stream
-// runs on into them (g_prefetch ahead, as gemv_group_dot; the joint model's step on the 7B stack 1-4.6 %
-// faster in five of six processes, docs/runtime.md "Session 43").
+// per 4G rows instead of once per 4: at G = 1 accumulator traffic equals weight traffic.  nx: the next npf
+// rows (a multiple of 4, <= 4G), prefetched at the same column offset, one line per row per chunk (g_prefetch
+// rows), or, when they are a whole pass of 4G, where this pass's rows end (g_prefetch ahead, as gemv_group_dot;
+// the joint model's step on the 7B stack 1-4.6 % faster in five of six processes, docs/runtime.md "Session 43").
 template <int B, int G>
 inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg, const uint32_t* qp,
-                      const int32_t* nx, int npf, int64_t j0, int64_t len, int32_t* __restrict acc,
-                      const int32_t* ax = nullptr) {
+                      const int32_t* nx, int npf, int64_t j0, int64_t len, int32_t* __restrict acc) {
   const uint8_t* w[4 * G];
   const uint8_t* p[4 * G];
-  const uint8_t* a[4 * G];
   for (int r = 0; r < 4 * G; ++r) {
     w[r] = wt + static_cast<int64_t>(rg[r]) * n + j0;
     p[r] = r < npf ? wt + static_cast<int64_t>(nx[r]) * n + j0 : w[r];
-    a[r] = ax ? wt + static_cast<int64_t>(ax[r]) * n + j0 : w[r];
   }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const int64_t full = len / 64 * 64;
@@ -654,14 +653,9 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
   for (int g = 0; g < G; ++g)
     for (int b = 0; b < B; ++b) qb[g][b] = _mm512_set1_epi32(static_cast<int32_t>(qp[g * B + b]));
   for (int64_t c = 0; c < full; c += 64) {
-    for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + c), _MM_HINT_T0);
-    if (g_prefetch_ahead) {
-      const int64_t ca = c + ROW_AHEAD;
-      if (ca < full)
-        for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ca), _MM_HINT_T2);
-      else if (ax && ca - full < full)  // past this row's end: the same distance into the next pass's row r
-        for (int r = 0; r < 4 * G; ++r) _mm_prefetch(reinterpret_cast<const char*>(a[r] + (ca - full)), _MM_HINT_T2);
-    }
+    if (g_prefetch_rows)
+      for (int r = 0; r < npf; ++r) _mm_prefetch(reinterpret_cast<const char*>(p[r] + c), _MM_HINT_T0);
+    if (g_prefetch_ahead) prefetch_ahead<4 * G>(w, npf == 4 * G ? p : nullptr, c + ROW_AHEAD, full);
     __m512i e[G][4];
     for (int g = 0; g < G; ++g) {
       const __m512i r0 = _mm512_loadu_si512(w[4 * g] + c), r1 = _mm512_loadu_si512(w[4 * g + 1] + c);
@@ -692,7 +686,6 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
   const int64_t tail0 = full;
 #else
   (void)p;
-  (void)a;
   const int64_t tail0 = 0;  // no VNNI: every column in natural order (the epilogue is told so)
 #endif
   for (int g = 0; g < G; ++g)
@@ -708,15 +701,14 @@ inline void int8_pass(const uint8_t* __restrict wt, int64_t n, const int32_t* rg
 
 // Groups of 4 kept rows per VNNI interleave (rows padded to a multiple of 4, padding rows carry code 0),
 // walked G interleaves per pass (see int8_pass), then the remaining groups one at a time; each pass
-// prefetches the next pass's rows (g_prefetch rows: along with its own; ahead: where its own end).
+// prefetches the next pass's rows (g_prefetch rows: along with its own; ahead: where its own end, full passes only).
 template <int B, int G>
 void int8_walk(const uint8_t* __restrict wt, int64_t n, const int32_t* rows, const uint32_t* qp, int64_t ngroups,
                int64_t j0, int64_t len, int32_t* __restrict acc) {
   int64_t g = 0;
   for (; g + G <= ngroups; g += G) {
-    const int npf = g_prefetch_rows ? static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4 : 0;
-    const int32_t* ax = g_prefetch_ahead && g + 2 * G <= ngroups ? rows + 4 * (g + G) : nullptr;
-    int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc, ax);
+    const int npf = static_cast<int>(std::min<int64_t>(G, ngroups - g - G)) * 4;
+    int8_pass<B, G>(wt, n, rows + 4 * g, qp + g * B, rows + 4 * (g + G), npf, j0, len, acc);
   }
   if constexpr (G > 1) {
     for (; g < ngroups; ++g) {
